@@ -1,0 +1,904 @@
+//! Loading, validating and storing graph and task definitions, and turning a graph plus
+//! run options into the [`Plan`] a workflow executes.
+//!
+//! Two sources of definitions exist: the shipped library (read-only, given at start) and
+//! definitions users store through the API (in the store, surviving restarts). A user
+//! definition with a library name shadows the library one; the library never overwrites a
+//! user's definition.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use metalgraph_store::{Batch, Store};
+use petgraph::graphmap::DiGraphMap;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::job::{JobRegistry, value_to_duration};
+use crate::keys;
+use crate::model::{
+    Definition, GraphDefinition, GraphTask, RunOptions, TaskDefinition, WaitOn, WaitState,
+    parse_duration,
+};
+
+/// Labels a graph task may not use: they are keys with a meaning of their own.
+pub const RESERVED_LABELS: &[&str] = &["defaults", "anyOf"];
+
+/// One thing wrong with a definition, naming where it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub graph: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl Problem {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            file: None,
+            graph: None,
+            task: None,
+            label: None,
+            field: None,
+            message: message.into(),
+        }
+    }
+
+    fn graph(mut self, g: &str) -> Self {
+        self.graph = Some(g.to_owned());
+        self
+    }
+
+    fn label(mut self, l: &str) -> Self {
+        self.label = Some(l.to_owned());
+        self
+    }
+
+    fn field(mut self, f: impl Into<String>) -> Self {
+        self.field = Some(f.into());
+        self
+    }
+
+    fn task(mut self, t: &str) -> Self {
+        self.task = Some(t.to_owned());
+        self
+    }
+
+    pub fn in_file(mut self, f: &str) -> Self {
+        self.file = Some(f.to_owned());
+        self
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(x) = &self.file {
+            parts.push(x.clone());
+        }
+        if let Some(x) = &self.graph {
+            parts.push(format!("graph {x}"));
+        }
+        if let Some(x) = &self.task {
+            parts.push(format!("task definition {x}"));
+        }
+        if let Some(x) = &self.label {
+            parts.push(format!("task '{x}'"));
+        }
+        if let Some(x) = &self.field {
+            parts.push(format!("field '{x}'"));
+        }
+        if parts.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", parts.join(", "), self.message)
+        }
+    }
+}
+
+/// A list of problems, displayed one per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problems(pub Vec<Problem>);
+
+impl std::fmt::Display for Problems {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses one file's text (YAML, or JSON, which is YAML) into definitions. A file may hold
+/// several YAML documents separated by `---`, or a list of definitions. Each definition is
+/// a graph when it has `tasks` and a task definition when it has `implementsTask`.
+pub fn parse(text: &str, file: &str) -> Result<Vec<Definition>, Problem> {
+    use serde::Deserialize as _;
+    let mut out = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let value = Value::deserialize(doc)
+            .map_err(|e| Problem::new(format!("not valid YAML or JSON: {e}")).in_file(file))?;
+        match value {
+            Value::Null => {}
+            Value::Array(items) => {
+                for item in items {
+                    out.push(parse_value(item, file)?);
+                }
+            }
+            other => out.push(parse_value(other, file)?),
+        }
+    }
+    if out.is_empty() {
+        return Err(Problem::new("holds no definition").in_file(file));
+    }
+    Ok(out)
+}
+
+/// Parses one definition from a JSON value.
+pub fn parse_value(value: Value, file: &str) -> Result<Definition, Problem> {
+    let Some(obj) = value.as_object() else {
+        return Err(Problem::new("a definition must be a mapping").in_file(file));
+    };
+    let name = obj
+        .get("injectableName")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    if obj.contains_key("tasks") {
+        let g: GraphDefinition = serde_json::from_value(value).map_err(|e| {
+            Problem::new(e.to_string()).in_file(file).graph(&name)
+        })?;
+        Ok(Definition::Graph(g))
+    } else if obj.contains_key("implementsTask") {
+        let t: TaskDefinition = serde_json::from_value(value)
+            .map_err(|e| Problem::new(e.to_string()).in_file(file).task(&name))?;
+        Ok(Definition::Task(t))
+    } else {
+        Err(Problem::new(
+            "neither a graph (no 'tasks') nor a task definition (no 'implementsTask')",
+        )
+        .in_file(file))
+    }
+}
+
+/// Where a definition comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Library,
+    User,
+}
+
+/// The shipped, read-only definitions.
+#[derive(Debug, Clone, Default)]
+pub struct Library {
+    pub graphs: BTreeMap<String, GraphDefinition>,
+    pub tasks: BTreeMap<String, TaskDefinition>,
+}
+
+impl Library {
+    /// Builds the library from `(file name, text)` pairs; any problem is returned, since a
+    /// broken shipped library is a bug.
+    pub fn from_texts<'a>(
+        files: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, Problem> {
+        let mut lib = Library::default();
+        for (file, text) in files {
+            for def in parse(text, file)? {
+                lib.add(def);
+            }
+        }
+        Ok(lib)
+    }
+
+    pub fn add(&mut self, def: Definition) {
+        match def {
+            Definition::Graph(g) => {
+                self.graphs.insert(g.injectable_name.clone(), g);
+            }
+            Definition::Task(t) => {
+                self.tasks.insert(t.injectable_name.clone(), t);
+            }
+        }
+    }
+}
+
+/// Finds task definitions by name, for validation and planning.
+pub trait TaskLookup {
+    fn task(&self, name: &str) -> Option<TaskDefinition>;
+}
+
+impl TaskLookup for Library {
+    fn task(&self, name: &str) -> Option<TaskDefinition> {
+        self.tasks.get(name).cloned()
+    }
+}
+
+/// A task resolved for execution: everything the scheduler needs, snapshotted into the
+/// workflow record so that later changes to definitions never affect a running workflow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedTask {
+    pub label: String,
+    pub task_name: String,
+    pub job: String,
+    /// Merged options, not yet rendered.
+    pub options: Map<String, Value>,
+    pub wait_on: WaitOn,
+    #[serde(default)]
+    pub ignore_failure: bool,
+    #[serde(default)]
+    pub retries: u32,
+    #[serde(default)]
+    pub backoff_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// A graph resolved for execution.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    pub graph: String,
+    pub tasks: Vec<PlannedTask>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The longest backoff between retries.
+pub const MAX_BACKOFF_MS: u64 = 300_000;
+
+/// Validates a graph and resolves it against task definitions and jobs. With `run` given,
+/// the run request's options are merged in and required options are enforced.
+pub fn resolve(
+    graph: &GraphDefinition,
+    lookup: &dyn TaskLookup,
+    jobs: &JobRegistry,
+    run: Option<&RunOptions>,
+) -> Result<Plan, Problems> {
+    let g = graph.injectable_name.as_str();
+    let mut problems = Vec::new();
+    let p = |m: String| Problem::new(m).graph(g);
+    if g.trim().is_empty() {
+        problems.push(Problem::new("graph has no injectableName").field("injectableName"));
+    }
+    if graph.tasks.is_empty() {
+        problems.push(p("graph has no tasks".into()).field("tasks"));
+    }
+
+    // Labels.
+    let mut labels = BTreeSet::new();
+    for t in &graph.tasks {
+        let l = t.label.as_str();
+        if l.trim().is_empty() {
+            problems.push(p("a task has an empty label".into()).field("label"));
+        } else if RESERVED_LABELS.contains(&l) {
+            problems.push(p(format!("label '{l}' is reserved")).label(l).field("label"));
+        } else if l.contains('/') {
+            problems.push(p(format!("label '{l}' may not contain '/'")).label(l).field("label"));
+        } else if !labels.insert(l) {
+            problems.push(p(format!("duplicate label '{l}'")).label(l).field("label"));
+        }
+    }
+
+    // Graph option layers: `defaults` and existing labels only, each a mapping.
+    for (key, v) in &graph.options {
+        if key != "defaults" && !labels.contains(key.as_str()) {
+            problems.push(
+                p(format!("options name '{key}', which is not a task label of this graph"))
+                    .field(format!("options.{key}")),
+            );
+        } else if !v.is_object() {
+            problems.push(p("must be a mapping".into()).field(format!("options.{key}")));
+        }
+    }
+    if let Some(run) = run {
+        for key in run.keys() {
+            if key != "defaults" && !labels.contains(key.as_str()) {
+                problems.push(
+                    p(format!("run options name '{key}', which is not a task label of this graph"))
+                        .field(format!("options.{key}")),
+                );
+            }
+        }
+    }
+    let graph_timeout_ms = match &graph.timeout {
+        None => None,
+        Some(s) => match parse_duration(s) {
+            Ok(d) => Some(d.as_millis() as u64),
+            Err(e) => {
+                problems.push(p(e).field("timeout"));
+                None
+            }
+        },
+    };
+
+    let mut planned = Vec::new();
+    let mut edges = Vec::new();
+    for t in &graph.tasks {
+        match resolve_task(graph, t, lookup, jobs, run, &labels) {
+            Ok(pt) => {
+                for dep in pt.wait_on.labels() {
+                    edges.push((dep.to_owned(), pt.label.clone()));
+                }
+                planned.push(pt);
+            }
+            Err(mut ps) => problems.append(&mut ps),
+        }
+    }
+
+    if problems.is_empty() {
+        if let Some(cycle) = find_cycle(&planned) {
+            problems.push(
+                p(format!("waitOn forms a cycle: {}", cycle.join(" -> ")))
+                    .label(&cycle[0])
+                    .field("waitOn"),
+            );
+        }
+    }
+
+    if let (Some(run), true) = (run, problems.is_empty()) {
+        problems.extend(check_required(graph, &planned, run, jobs));
+    }
+
+    if problems.is_empty() {
+        Ok(Plan {
+            graph: g.to_owned(),
+            tasks: planned,
+            timeout_ms: graph_timeout_ms,
+        })
+    } else {
+        Err(Problems(problems))
+    }
+}
+
+fn resolve_task(
+    graph: &GraphDefinition,
+    t: &GraphTask,
+    lookup: &dyn TaskLookup,
+    jobs: &JobRegistry,
+    run: Option<&RunOptions>,
+    labels: &BTreeSet<&str>,
+) -> Result<PlannedTask, Vec<Problem>> {
+    let g = graph.injectable_name.as_str();
+    let l = t.label.as_str();
+    let p = |m: String| Problem::new(m).graph(g).label(l);
+    let mut problems = Vec::new();
+
+    let def = match (&t.task_name, &t.task_definition) {
+        (Some(_), Some(_)) => {
+            problems.push(p("give exactly one of taskName and taskDefinition, not both".into()).field("taskName"));
+            None
+        }
+        (None, None) => {
+            problems.push(p("give exactly one of taskName and taskDefinition".into()).field("taskName"));
+            None
+        }
+        (Some(name), None) => match lookup.task(name) {
+            Some(d) => Some(d),
+            None => {
+                problems.push(p(format!("unknown task {name}")).field("taskName"));
+                None
+            }
+        },
+        (None, Some(inline)) => Some(inline.clone()),
+    };
+
+    let wait_on = match &t.wait_on {
+        None => WaitOn::default(),
+        Some(w) => match parse_wait_on(w, l, labels) {
+            Ok(w) => w,
+            Err((field, msg)) => {
+                problems.push(p(msg).field(field));
+                WaitOn::default()
+            }
+        },
+    };
+
+    let (retries, backoff_ms) = match &t.retries {
+        None => (0, 0),
+        Some(r) => {
+            let backoff = match &r.backoff {
+                None => 1_000,
+                Some(v) => match value_to_duration(v) {
+                    Ok(d) => (d.as_millis() as u64).min(MAX_BACKOFF_MS),
+                    Err(e) => {
+                        problems.push(p(e).field("retries.backoff"));
+                        0
+                    }
+                },
+            };
+            (r.max, backoff)
+        }
+    };
+
+    let Some(def) = def else {
+        return Err(problems);
+    };
+    let Some(job) = jobs.get(&def.implements_task) else {
+        problems.push(
+            p(format!(
+                "task {} implements unknown job {} (known jobs: {})",
+                if def.injectable_name.is_empty() { "(inline)" } else { &def.injectable_name },
+                def.implements_task,
+                jobs.names().collect::<Vec<_>>().join(", ")
+            ))
+            .field("implementsTask"),
+        );
+        return Err(problems);
+    };
+
+    // Option precedence, lowest first.
+    let mut options = job.schema().defaults();
+    merge(&mut options, &def.options);
+    merge(&mut options, &t.option_overrides);
+    for layer in ["defaults", l] {
+        if let Some(Value::Object(m)) = graph.options.get(layer) {
+            merge(&mut options, m);
+        }
+    }
+    if let Some(run) = run {
+        for layer in ["defaults", l] {
+            if let Some(m) = run.get(layer) {
+                merge(&mut options, m);
+            }
+        }
+    }
+    if let Err((field, msg)) = job.schema().check(&options, false) {
+        problems.push(p(format!("option {msg}")).field(format!("options.{field}")));
+    }
+
+    let timeout_ms = match &t.timeout {
+        Some(v) => match value_to_duration(v) {
+            Ok(d) => Some(d.as_millis() as u64),
+            Err(e) => {
+                problems.push(p(e).field("timeout"));
+                None
+            }
+        },
+        // RackHD's `_taskTimeout`, in milliseconds; negative means none.
+        None => match options.get("_taskTimeout") {
+            Some(Value::Number(n)) if n.as_i64().is_some_and(|v| v > 0) => n.as_u64(),
+            Some(Value::Number(_)) | None | Some(Value::Null) => None,
+            Some(other) => {
+                problems.push(
+                    p(format!("_taskTimeout must be milliseconds, got {other}"))
+                        .field("options._taskTimeout"),
+                );
+                None
+            }
+        },
+    };
+
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(PlannedTask {
+        label: l.to_owned(),
+        task_name: t
+            .task_name
+            .clone()
+            .unwrap_or_else(|| non_empty_or(&def.injectable_name, "(inline)")),
+        job: def.implements_task.clone(),
+        options,
+        wait_on,
+        ignore_failure: t.ignore_failure,
+        retries,
+        backoff_ms,
+        timeout_ms,
+    })
+}
+
+fn non_empty_or(s: &str, fallback: &str) -> String {
+    if s.is_empty() { fallback.to_owned() } else { s.to_owned() }
+}
+
+/// Shallow merge: keys of `layer` replace those of `into`.
+fn merge(into: &mut Map<String, Value>, layer: &Map<String, Value>) {
+    for (k, v) in layer {
+        into.insert(k.clone(), v.clone());
+    }
+}
+
+fn parse_states(v: &Value) -> Result<Vec<WaitState>, String> {
+    let one = |s: &Value| -> Result<WaitState, String> {
+        s.as_str().and_then(WaitState::parse).ok_or_else(|| {
+            format!(
+                "unknown state {s} (expected succeeded, failed, timeout, cancelled, skipped or finished)"
+            )
+        })
+    };
+    match v {
+        Value::Array(items) if !items.is_empty() => items.iter().map(one).collect(),
+        Value::Array(_) => Err("an empty list of states can never be met".to_owned()),
+        other => Ok(vec![one(other)?]),
+    }
+}
+
+fn parse_wait_on(
+    w: &Map<String, Value>,
+    own: &str,
+    labels: &BTreeSet<&str>,
+) -> Result<WaitOn, (String, String)> {
+    let mut out = WaitOn::default();
+    let check_label = |label: &str, field: &str| -> Result<(), (String, String)> {
+        if label == own {
+            Err((field.to_owned(), format!("task waits on itself ('{label}')")))
+        } else if !labels.contains(label) {
+            Err((field.to_owned(), format!("waits on unknown label '{label}'")))
+        } else {
+            Ok(())
+        }
+    };
+    for (key, v) in w {
+        if key == "anyOf" {
+            let Some(any) = v.as_object() else {
+                return Err(("waitOn.anyOf".into(), "anyOf must map labels to states".into()));
+            };
+            if any.is_empty() {
+                return Err(("waitOn.anyOf".into(), "anyOf is empty".into()));
+            }
+            for (label, states) in any {
+                let field = format!("waitOn.anyOf.{label}");
+                check_label(label, &field)?;
+                out.any
+                    .push((label.clone(), parse_states(states).map_err(|e| (field, e))?));
+            }
+        } else {
+            let field = format!("waitOn.{key}");
+            check_label(key, &field)?;
+            out.all.push((key.clone(), parse_states(v).map_err(|e| (field, e))?));
+        }
+    }
+    Ok(out)
+}
+
+/// A cycle among `waitOn` edges, as labels with the first repeated at the end.
+fn find_cycle(tasks: &[PlannedTask]) -> Option<Vec<String>> {
+    let mut g = DiGraphMap::<usize, ()>::new();
+    let index: BTreeMap<&str, usize> =
+        tasks.iter().enumerate().map(|(i, t)| (t.label.as_str(), i)).collect();
+    for (i, t) in tasks.iter().enumerate() {
+        g.add_node(i);
+        for dep in t.wait_on.labels() {
+            if let Some(&d) = index.get(dep) {
+                g.add_edge(d, i, ());
+            }
+        }
+    }
+    if petgraph::algo::toposort(&g, None).is_ok() {
+        return None;
+    }
+    // Walk inside a strongly connected component with more than one node to name a cycle.
+    for scc in petgraph::algo::tarjan_scc(&g) {
+        if scc.len() < 2 {
+            continue;
+        }
+        let members: BTreeSet<usize> = scc.iter().copied().collect();
+        let start = *members.iter().next()?;
+        let mut path = vec![start];
+        let mut seen = BTreeSet::from([start]);
+        let mut cur = start;
+        loop {
+            let next = g.neighbors(cur).filter(|n| members.contains(n)).min()?;
+            if let Some(pos) = path.iter().position(|&x| x == next) {
+                let mut cycle: Vec<String> =
+                    path[pos..].iter().map(|&i| tasks[i].label.clone()).collect();
+                cycle.push(tasks[next].label.clone());
+                return Some(cycle);
+            }
+            seen.insert(next);
+            path.push(next);
+            cur = next;
+        }
+    }
+    None
+}
+
+fn check_required(
+    graph: &GraphDefinition,
+    planned: &[PlannedTask],
+    run: &RunOptions,
+    jobs: &JobRegistry,
+) -> Vec<Problem> {
+    let g = graph.injectable_name.as_str();
+    let mut problems = Vec::new();
+    // A graph-level default of null must be given in the run request.
+    if let Some(Value::Object(defaults)) = graph.options.get("defaults") {
+        for (k, v) in defaults {
+            let given = run
+                .get("defaults")
+                .and_then(|m| m.get(k))
+                .is_some_and(|v| !v.is_null());
+            if v.is_null() && !given {
+                problems.push(
+                    Problem::new(format!("option '{k}' is required: give it in options.defaults"))
+                        .graph(g)
+                        .field(format!("options.defaults.{k}")),
+                );
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return problems;
+    }
+    for t in planned {
+        let schema = jobs.get(&t.job).map(|j| j.schema());
+        for (k, v) in &t.options {
+            if v.is_null() && !k.starts_with('_') {
+                let declared_optional = schema
+                    .and_then(|s| s.options.get(k.as_str()))
+                    .is_some_and(|spec| !spec.required);
+                if !declared_optional {
+                    problems.push(
+                        Problem::new(format!(
+                            "option '{k}' is required: give it in options.{} or options.defaults",
+                            t.label
+                        ))
+                        .graph(g)
+                        .label(&t.label)
+                        .field(format!("options.{k}")),
+                    );
+                }
+            }
+        }
+        if let Some(schema) = schema {
+            for (k, spec) in &schema.options {
+                if spec.required && !t.options.contains_key(*k) {
+                    problems.push(
+                        Problem::new(format!("option '{k}' is required ({})", spec.doc))
+                            .graph(g)
+                            .label(&t.label)
+                            .field(format!("options.{k}")),
+                    );
+                }
+            }
+        }
+    }
+    problems
+}
+
+/// Validates a task definition against the job registry.
+pub fn validate_task(def: &TaskDefinition, jobs: &JobRegistry) -> Result<(), Problems> {
+    let name = def.injectable_name.as_str();
+    let mut problems = Vec::new();
+    if name.trim().is_empty() {
+        problems.push(Problem::new("task definition has no injectableName").field("injectableName"));
+    }
+    match jobs.get(&def.implements_task) {
+        None => problems.push(
+            Problem::new(format!(
+                "unknown job {} (known jobs: {})",
+                def.implements_task,
+                jobs.names().collect::<Vec<_>>().join(", ")
+            ))
+            .task(name)
+            .field("implementsTask"),
+        ),
+        Some(job) => {
+            let mut opts = job.schema().defaults();
+            merge(&mut opts, &def.options);
+            if let Err((field, msg)) = job.schema().check(&opts, false) {
+                problems.push(
+                    Problem::new(format!("option {msg}"))
+                        .task(name)
+                        .field(format!("options.{field}")),
+                );
+            }
+        }
+    }
+    if problems.is_empty() { Ok(()) } else { Err(Problems(problems)) }
+}
+
+/// Why a definitions operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Invalid(Problems),
+    #[error("{0}")]
+    BadOptions(Problems),
+    #[error("{kind} {name} not found")]
+    NotFound { kind: &'static str, name: String },
+    #[error("{kind} {name} is part of the shipped library and cannot be deleted")]
+    LibraryReadOnly { kind: &'static str, name: String },
+    #[error(transparent)]
+    Store(#[from] metalgraph_store::Error),
+    #[error("stored {kind} {name} is unreadable: {message}")]
+    Corrupt {
+        kind: &'static str,
+        name: String,
+        message: String,
+    },
+}
+
+/// The definitions an engine runs: the library plus users' stored definitions.
+#[derive(Clone)]
+pub struct Definitions {
+    store: Arc<dyn Store>,
+    library: Arc<Library>,
+    jobs: Arc<JobRegistry>,
+}
+
+impl std::fmt::Debug for Definitions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Definitions")
+            .field("library_graphs", &self.library.graphs.len())
+            .field("library_tasks", &self.library.tasks.len())
+            .finish()
+    }
+}
+
+struct StoreLookup<'a>(&'a Definitions);
+
+impl TaskLookup for StoreLookup<'_> {
+    fn task(&self, name: &str) -> Option<TaskDefinition> {
+        self.0.get_task(name).ok().flatten().map(|(t, _)| t)
+    }
+}
+
+impl Definitions {
+    pub fn new(store: Arc<dyn Store>, library: Library, jobs: Arc<JobRegistry>) -> Self {
+        Self {
+            store,
+            library: Arc::new(library),
+            jobs,
+        }
+    }
+
+    pub fn jobs(&self) -> &JobRegistry {
+        &self.jobs
+    }
+
+    pub fn library(&self) -> &Library {
+        &self.library
+    }
+
+    fn read<T: serde::de::DeserializeOwned>(
+        &self,
+        ks: &str,
+        kind: &'static str,
+        name: &str,
+    ) -> Result<Option<T>, Error> {
+        match self.store.get(ks, name.as_bytes())? {
+            None => Ok(None),
+            Some(raw) => serde_json::from_slice(&raw).map(Some).map_err(|e| Error::Corrupt {
+                kind,
+                name: name.to_owned(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    fn list<T: serde::de::DeserializeOwned>(&self, ks: &str, kind: &'static str) -> Result<Vec<T>, Error> {
+        self.store
+            .scan_prefix(ks, b"")?
+            .into_iter()
+            .map(|(k, v)| {
+                serde_json::from_slice(&v).map_err(|e| Error::Corrupt {
+                    kind,
+                    name: String::from_utf8_lossy(&k).into_owned(),
+                    message: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    pub fn get_graph(&self, name: &str) -> Result<Option<(GraphDefinition, Source)>, Error> {
+        if let Some(g) = self.read(keys::GRAPHS, "graph", name)? {
+            return Ok(Some((g, Source::User)));
+        }
+        Ok(self.library.graphs.get(name).map(|g| (g.clone(), Source::Library)))
+    }
+
+    pub fn get_task(&self, name: &str) -> Result<Option<(TaskDefinition, Source)>, Error> {
+        if let Some(t) = self.read(keys::TASKDEFS, "task", name)? {
+            return Ok(Some((t, Source::User)));
+        }
+        Ok(self.library.tasks.get(name).map(|t| (t.clone(), Source::Library)))
+    }
+
+    /// Every graph, user definitions shadowing library ones, ordered by name.
+    pub fn list_graphs(&self) -> Result<Vec<(GraphDefinition, Source)>, Error> {
+        let mut all: BTreeMap<String, (GraphDefinition, Source)> = self
+            .library
+            .graphs
+            .iter()
+            .map(|(k, g)| (k.clone(), (g.clone(), Source::Library)))
+            .collect();
+        for g in self.list::<GraphDefinition>(keys::GRAPHS, "graph")? {
+            all.insert(g.injectable_name.clone(), (g, Source::User));
+        }
+        Ok(all.into_values().collect())
+    }
+
+    /// Every task definition, user definitions shadowing library ones, ordered by name.
+    pub fn list_tasks(&self) -> Result<Vec<(TaskDefinition, Source)>, Error> {
+        let mut all: BTreeMap<String, (TaskDefinition, Source)> = self
+            .library
+            .tasks
+            .iter()
+            .map(|(k, t)| (k.clone(), (t.clone(), Source::Library)))
+            .collect();
+        for t in self.list::<TaskDefinition>(keys::TASKDEFS, "task")? {
+            all.insert(t.injectable_name.clone(), (t, Source::User));
+        }
+        Ok(all.into_values().collect())
+    }
+
+    /// Validates a graph against the current task definitions without storing it.
+    pub fn validate_graph(&self, graph: &GraphDefinition) -> Result<Plan, Problems> {
+        resolve(graph, &StoreLookup(self), &self.jobs, None)
+    }
+
+    /// Validates and stores (creates or replaces) a user graph.
+    pub fn put_graph(&self, graph: GraphDefinition) -> Result<(), Error> {
+        self.validate_graph(&graph).map_err(Error::Invalid)?;
+        let mut b = Batch::new();
+        b.put(
+            keys::GRAPHS,
+            graph.injectable_name.as_bytes(),
+            serde_json::to_vec(&graph).unwrap_or_default(),
+        );
+        self.store.commit(b)?;
+        Ok(())
+    }
+
+    /// Validates and stores (creates or replaces) a user task definition.
+    pub fn put_task(&self, def: TaskDefinition) -> Result<(), Error> {
+        validate_task(&def, &self.jobs).map_err(Error::Invalid)?;
+        let mut b = Batch::new();
+        b.put(
+            keys::TASKDEFS,
+            def.injectable_name.as_bytes(),
+            serde_json::to_vec(&def).unwrap_or_default(),
+        );
+        self.store.commit(b)?;
+        Ok(())
+    }
+
+    /// Deletes a user graph. Library graphs cannot be deleted; deleting a user graph that
+    /// shadows a library one brings the library one back.
+    pub fn delete_graph(&self, name: &str) -> Result<(), Error> {
+        if self.store.get(keys::GRAPHS, name.as_bytes())?.is_none() {
+            return Err(if self.library.graphs.contains_key(name) {
+                Error::LibraryReadOnly {
+                    kind: "graph",
+                    name: name.to_owned(),
+                }
+            } else {
+                Error::NotFound {
+                    kind: "graph",
+                    name: name.to_owned(),
+                }
+            });
+        }
+        let mut b = Batch::new();
+        b.delete(keys::GRAPHS, name.as_bytes());
+        self.store.commit(b)?;
+        Ok(())
+    }
+
+    /// Resolves graph `name` with run options into a plan, enforcing required options.
+    /// A graph that is itself invalid gives [`Error::Invalid`]; run options that are wrong or
+    /// missing give [`Error::BadOptions`].
+    pub fn plan(&self, name: &str, run: &RunOptions) -> Result<Plan, Error> {
+        let (graph, _) = self.get_graph(name)?.ok_or_else(|| Error::NotFound {
+            kind: "graph",
+            name: name.to_owned(),
+        })?;
+        let lookup = StoreLookup(self);
+        resolve(&graph, &lookup, &self.jobs, None).map_err(Error::Invalid)?;
+        resolve(&graph, &lookup, &self.jobs, Some(run)).map_err(Error::BadOptions)
+    }
+}

@@ -1,0 +1,35 @@
+//! The store keyspaces the engine uses, in one place so that their layout is visible.
+//!
+//! | keyspace | key | value |
+//! |---|---|---|
+//! | `graphs` | injectable name | a user's graph definition (JSON) |
+//! | `taskdefs` | injectable name | a user's task definition (JSON) |
+//! | `workflows` | workflow id | the workflow record with its plan (JSON) |
+//! | `tasks` | `{workflow id}/{index:05}` | one task's record (JSON) |
+//! | `active` | workflow id | empty: the index of unfinished workflows, read on start |
+//! | `node_locks` | node id | the id of the workflow running on the node |
+//! | `children` | `{task id}/{retry}` | the id of the subgraph workflow a `graph.run` task started |
+//! | `nodes` | node id | the node record (JSON, OBM password included) |
+//! | `node_idents` | identifier (MAC) | the id of the node that owns it |
+//! | `catalogs` | `{node id}/{source}` | one inventory document (JSON) |
+
+pub const GRAPHS: &str = "graphs";
+pub const TASKDEFS: &str = "taskdefs";
+pub const WORKFLOWS: &str = "workflows";
+pub const TASKS: &str = "tasks";
+pub const ACTIVE: &str = "active";
+pub const NODE_LOCKS: &str = "node_locks";
+pub const CHILDREN: &str = "children";
+pub const NODES: &str = "nodes";
+pub const NODE_IDENTS: &str = "node_idents";
+pub const CATALOGS: &str = "catalogs";
+
+/// The key of task `index` of workflow `id`.
+pub fn task_key(id: &str, index: usize) -> Vec<u8> {
+    format!("{id}/{index:05}").into_bytes()
+}
+
+/// The prefix of every task key of workflow `id`.
+pub fn task_prefix(id: &str) -> Vec<u8> {
+    format!("{id}/").into_bytes()
+}

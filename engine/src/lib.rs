@@ -1,0 +1,32 @@
+//! metalgraph's engine: the graph and task-definition model, validation, option
+//! templating, the durable scheduler and crash recovery.
+//!
+//! Architecture invariant: this crate knows nothing of HTTP, gRPC, sled or Redfish. It
+//! talks to storage only through `metalgraph_store::Store` and to the world only through
+//! the jobs it is given.
+
+pub mod clock;
+pub mod definitions;
+mod engine;
+pub mod job;
+pub mod keys;
+pub mod model;
+pub mod nodes;
+pub mod template;
+pub mod workflow;
+
+pub use definitions::{Definitions, Library, Plan, Problem, Problems};
+pub use engine::{ApiUrls, Engine, EngineOptions, Error, GraphRunJob, ListFilter, RunRequest};
+pub use job::{Job, JobContext, JobError, JobRegistry, JobResult, OptionKind, OptionSchema};
+pub use model::{GraphDefinition, TaskDefinition, TaskState, WorkflowStatus};
+pub use workflow::{Event, WorkflowView};
+
+/// A new random identifier (a UUID v4).
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A new random token for node callbacks (128 bits, hex).
+pub fn new_token() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}

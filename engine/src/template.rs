@@ -1,0 +1,132 @@
+//! Option templating: every string option that holds `{{ ... }}` or `{% ... %}` is rendered
+//! with minijinja, with strict undefined, when its task starts.
+//!
+//! The variables are `options` (the task's merged options), `context` (each finished task's
+//! output under its label), `node` (never a secret), `task` (id, label, workflow id, token)
+//! and `api` (base URLs of the management and node-facing endpoints).
+
+use minijinja::{Environment, UndefinedBehavior};
+use serde_json::{Map, Value};
+
+/// A configured template environment, built once per engine.
+pub struct Renderer {
+    env: Environment<'static>,
+}
+
+impl std::fmt::Debug for Renderer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Renderer")
+    }
+}
+
+impl Default for Renderer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Whether a string holds template syntax.
+pub fn is_template(s: &str) -> bool {
+    s.contains("{{") || s.contains("{%")
+}
+
+impl Renderer {
+    pub fn new() -> Self {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_keep_trailing_newline(true);
+        Self { env }
+    }
+
+    /// Renders one template string over `vars`.
+    pub fn render_str(&self, template: &str, vars: &Value) -> Result<String, String> {
+        self.env
+            .render_str(template, vars)
+            .map_err(|e| describe(&e))
+    }
+
+    /// Renders every template string inside `options` (recursively through objects and
+    /// lists). Errors name the option path at fault.
+    pub fn render_options(&self, options: &Map<String, Value>, vars: &Value) -> Result<Map<String, Value>, String> {
+        let mut out = Map::new();
+        for (k, v) in options {
+            out.insert(k.clone(), self.render_value(v, vars, k)?);
+        }
+        Ok(out)
+    }
+
+    fn render_value(&self, v: &Value, vars: &Value, path: &str) -> Result<Value, String> {
+        Ok(match v {
+            Value::String(s) if is_template(s) => Value::String(
+                self.render_str(s, vars)
+                    .map_err(|e| format!("option '{path}': {e}"))?,
+            ),
+            Value::Array(items) => Value::Array(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| self.render_value(x, vars, &format!("{path}[{i}]")))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Value::Object(m) => Value::Object(
+                m.iter()
+                    .map(|(k, x)| Ok((k.clone(), self.render_value(x, vars, &format!("{path}.{k}"))?)))
+                    .collect::<Result<_, String>>()?,
+            ),
+            other => other.clone(),
+        })
+    }
+
+    /// Evaluates an expression (`context.probe.status == 200`) to a boolean, or renders a
+    /// template and reads `true`/`false`.
+    pub fn truthy(&self, template: &str, vars: &Value) -> Result<bool, String> {
+        let rendered = if is_template(template) {
+            self.render_str(template, vars)?
+        } else {
+            let expr = self
+                .env
+                .compile_expression(template)
+                .map_err(|e| describe(&e))?;
+            let v = expr.eval(vars).map_err(|e| describe(&e))?;
+            return Ok(v.is_true());
+        };
+        match rendered.trim() {
+            "true" | "True" => Ok(true),
+            "false" | "False" | "" => Ok(false),
+            other => Err(format!("condition rendered {other:?}, expected true or false")),
+        }
+    }
+}
+
+fn describe(e: &minijinja::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn renders_nested_and_fails_strictly() {
+        let r = Renderer::new();
+        let vars = json!({"options": {"imageUrl": "http://x/a.iso"}, "context": {"probe": {"n": 3}}});
+        let opts = json!({"image": "{{ options.imageUrl }}", "list": ["{{ context.probe.n }}", 1], "plain": "x"});
+        let out = r.render_options(opts.as_object().unwrap(), &vars).unwrap();
+        assert_eq!(Value::Object(out), json!({"image": "http://x/a.iso", "list": ["3", 1], "plain": "x"}));
+        let bad = json!({"image": "{{ options.missing }}"});
+        let err = r.render_options(bad.as_object().unwrap(), &vars).unwrap_err();
+        assert!(err.contains("option 'image'"), "{err}");
+        assert!(err.contains("undefined"), "{err}");
+        assert!(r.truthy("context.probe.n == 3", &vars).unwrap());
+        assert!(!r.truthy("{{ context.probe.n > 5 }}", &vars).unwrap());
+        assert!(r.truthy("{{ 'maybe' }}", &vars).is_err());
+    }
+}

@@ -1,0 +1,222 @@
+//! The persisted records of a workflow and its tasks, and the view the outside world gets.
+//!
+//! A workflow is one record (its plan, status and stop reason) plus one record per task
+//! (state, attempts, deadline, output), so that a transition rewrites only what changed.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::clock::rfc3339;
+use crate::definitions::Plan;
+use crate::model::{RunOptions, TaskState, WorkflowStatus};
+
+/// Why a workflow stops before every task has run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StopReason {
+    /// A user (or a parent workflow) cancelled it.
+    Cancel,
+    /// A task failed and nothing handled the failure (fail-fast).
+    Failure,
+    /// The workflow's deadline passed.
+    Deadline,
+}
+
+/// The subgraph relation: which task of which workflow started this one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentRef {
+    pub workflow_id: String,
+    pub task_id: String,
+}
+
+/// A workflow as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkflowRecord {
+    pub id: String,
+    pub plan: Plan,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub status: WorkflowStatus,
+    /// The run request's options, as given.
+    #[serde(default)]
+    pub options: RunOptions,
+    pub created_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<u64>,
+    /// The workflow's own deadline (epoch ms), if its graph has a timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<StopReason>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
+    /// Why the workflow failed or was cancelled, in a sentence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A task as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskRecord {
+    pub id: String,
+    pub state: TaskState,
+    /// How many times the job was started (retries and restarts after a crash included).
+    #[serde(default)]
+    pub attempts: u32,
+    /// How many attempts ended in failure or timeout (the retry budget counts these).
+    #[serde(default)]
+    pub failures: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<u64>,
+    /// The current attempt's deadline (epoch ms), kept across restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<u64>,
+    /// When a failed task may be retried (epoch ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<u64>,
+    /// The token a node's notification for this task must carry.
+    #[serde(default)]
+    pub token: String,
+}
+
+impl TaskRecord {
+    pub fn new(id: String, token: String) -> Self {
+        Self {
+            id,
+            state: TaskState::Pending,
+            attempts: 0,
+            failures: 0,
+            error: None,
+            output: None,
+            started_at: None,
+            finished_at: None,
+            deadline: None,
+            retry_at: None,
+            token,
+        }
+    }
+}
+
+/// A workflow as the API shows it (RackHD's field names where RackHD has them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkflowView {
+    pub instance_id: String,
+    pub name: String,
+    #[serde(default)]
+    pub node: Option<String>,
+    pub status: WorkflowStatus,
+    #[serde(default)]
+    pub options: RunOptions,
+    #[serde(default)]
+    pub context: Map<String, Value>,
+    pub created_at: String,
+    #[serde(default)]
+    pub finished_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
+    pub tasks: Vec<TaskView>,
+}
+
+/// A task as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskView {
+    pub id: String,
+    pub label: String,
+    pub task_name: String,
+    pub job: String,
+    pub state: TaskState,
+    pub attempts: u32,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub started_at: Option<String>,
+    #[serde(default)]
+    pub finished_at: Option<String>,
+}
+
+/// The context templates see: each succeeded task's output under its label.
+pub fn context_of(plan: &Plan, tasks: &[TaskRecord]) -> Map<String, Value> {
+    plan.tasks
+        .iter()
+        .zip(tasks)
+        .filter_map(|(p, t)| t.output.clone().map(|o| (p.label.clone(), o)))
+        .collect()
+}
+
+impl WorkflowView {
+    pub fn build(rec: &WorkflowRecord, tasks: &[TaskRecord]) -> Self {
+        WorkflowView {
+            instance_id: rec.id.clone(),
+            name: rec.plan.graph.clone(),
+            node: rec.node.clone(),
+            status: rec.status,
+            options: rec.options.clone(),
+            context: context_of(&rec.plan, tasks),
+            created_at: rfc3339(rec.created_at),
+            finished_at: rec.finished_at.map(rfc3339),
+            error: rec.error.clone(),
+            parent: rec.parent.clone(),
+            tasks: rec
+                .plan
+                .tasks
+                .iter()
+                .zip(tasks)
+                .map(|(p, t)| TaskView {
+                    id: t.id.clone(),
+                    label: p.label.clone(),
+                    task_name: p.task_name.clone(),
+                    job: p.job.clone(),
+                    state: t.state,
+                    attempts: t.attempts,
+                    error: t.error.clone(),
+                    started_at: t.started_at.map(rfc3339),
+                    finished_at: t.finished_at.map(rfc3339),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A change the engine made, published after it was committed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Event {
+    #[serde(rename_all = "camelCase")]
+    Workflow {
+        workflow_id: String,
+        graph: String,
+        node: Option<String>,
+        status: WorkflowStatus,
+        error: Option<String>,
+    },
+    #[serde(rename_all = "camelCase")]
+    Task {
+        workflow_id: String,
+        label: String,
+        index: usize,
+        state: TaskState,
+        attempts: u32,
+        error: Option<String>,
+    },
+}
+
+impl Event {
+    pub fn workflow_id(&self) -> &str {
+        match self {
+            Event::Workflow { workflow_id, .. } | Event::Task { workflow_id, .. } => workflow_id,
+        }
+    }
+}

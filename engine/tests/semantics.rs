@@ -1,0 +1,596 @@
+//! The scheduling rules of DESIGN.md section 2, one graph per rule: each case gives a graph
+//! and the expected final state of every task and of the workflow.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use metalgraph_engine::nodes::Node;
+use metalgraph_engine::{Error, RunRequest, WorkflowStatus};
+use metalgraph_store::MemStore;
+use serde_json::json;
+
+struct Case {
+    name: &'static str,
+    graph: &'static str,
+    options: serde_json::Value,
+    status: WorkflowStatus,
+    states: &'static str,
+}
+
+fn cases() -> Vec<Case> {
+    use WorkflowStatus::*;
+    vec![
+        Case {
+            name: "chain",
+            graph: r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Noop}
+  - {label: b, taskName: Task.Noop, waitOn: {a: succeeded}}
+  - {label: c, taskName: Task.Noop, waitOn: {b: succeeded}}
+"#,
+            options: json!({}),
+            status: Succeeded,
+            states: "a=succeeded b=succeeded c=succeeded",
+        },
+        Case {
+            name: "waitOn AND needs every key",
+            graph: r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Noop}
+  - {label: b, taskName: Task.Fail, ignoreFailure: true}
+  - {label: c, taskName: Task.Noop, waitOn: {a: succeeded, b: succeeded}}
+"#,
+            options: json!({}),
+            status: Succeeded,
+            states: "a=succeeded b=failed c=skipped",
+        },
+        Case {
+            name: "a list of states means any of them",
+            graph: r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Fail}
+  - {label: b, taskName: Task.Noop, waitOn: {a: [failed, timeout]}}
+"#,
+            options: json!({}),
+            status: Succeeded,
+            states: "a=failed b=succeeded",
+        },
+        Case {
+            name: "anyOf needs one key",
+            graph: r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Fail, ignoreFailure: true}
+  - {label: b, taskName: Task.Noop}
+  - {label: c, taskName: Task.Noop, waitOn: {anyOf: {a: succeeded, b: succeeded}}}
+"#,
+            options: json!({}),
+            status: Succeeded,
+            states: "a=failed b=succeeded c=succeeded",
+        },
+        Case {
+            name: "anyOf that can no longer hold skips",
+            graph: r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Fail, ignoreFailure: true}
+  - {label: b, taskName: Task.Fail, ignoreFailure: true}
+  - {label: c, taskName: Task.Noop, waitOn: {anyOf: {a: succeeded, b: succeeded}}}
+"#,
+            options: json!({}),
+            status: Succeeded,
+            states: "a=failed b=failed c=skipped",
+        },
+        Case {
+            name: "an unmet wait skips, and skips propagate",
+            graph: r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Noop}
+  - {label: on-failure, taskName: Task.Noop, waitOn: {a: failed}}
+  - {label: after, taskName: Task.Noop, waitOn: {on-failure: succeeded}}
+  - {label: always, taskName: Task.Noop, waitOn: {on-failure: finished}}
+"#,
+            options: json!({}),
+            status: Succeeded,
+            states: "a=succeeded on-failure=skipped after=skipped always=succeeded",
+        },
+        Case {
+            name: "ignoreFailure handles a failure",
+            graph: r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Fail, ignoreFailure: true}
+  - {label: b, taskName: Task.Noop, waitOn: {a: finished}}
+"#,
+            options: json!({}),
+            status: Succeeded,
+            states: "a=failed b=succeeded",
+        },
+        Case {
+            name: "a waiter on failed handles the failure",
+            graph: r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Fail}
+  - {label: cleanup, taskName: Task.Noop, waitOn: {a: failed}}
+  - {label: next, taskName: Task.Noop, waitOn: {a: succeeded}}
+"#,
+            options: json!({}),
+            status: Succeeded,
+            states: "a=failed cleanup=succeeded next=skipped",
+        },
+        Case {
+            name: "an unhandled failure fails fast",
+            graph: r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Fail}
+  - {label: slow, taskName: Task.Hang}
+  - {label: b, taskName: Task.Noop, waitOn: {a: succeeded}}
+  - {label: c, taskName: Task.Noop, waitOn: {slow: succeeded}}
+"#,
+            options: json!({}),
+            status: Failed,
+            states: "a=failed slow=cancelled b=skipped c=skipped",
+        },
+        Case {
+            name: "a timeout is a failure",
+            graph: r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Hang, timeout: 2s}
+  - {label: b, taskName: Task.Noop, waitOn: {a: succeeded}}
+"#,
+            options: json!({}),
+            status: Failed,
+            states: "a=timeout b=skipped",
+        },
+        Case {
+            name: "RackHD's _taskTimeout is honoured and a waiter on timeout handles it",
+            graph: r#"
+injectableName: G
+options: {a: {_taskTimeout: 1500}}
+tasks:
+  - {label: a, taskName: Task.Hang}
+  - {label: b, taskName: Task.Noop, waitOn: {a: timeout}}
+"#,
+            options: json!({}),
+            status: Succeeded,
+            states: "a=timeout b=succeeded",
+        },
+        Case {
+            name: "retries until success",
+            graph: r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Flaky, optionOverrides: {failTimes: 2}, retries: {max: 2, backoff: 1s}}
+"#,
+            options: json!({}),
+            status: Succeeded,
+            states: "a=succeeded",
+        },
+        Case {
+            name: "retries run out",
+            graph: r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Flaky, optionOverrides: {failTimes: 3}, retries: {max: 2, backoff: 100ms}}
+"#,
+            options: json!({}),
+            status: Failed,
+            states: "a=failed",
+        },
+        Case {
+            name: "outputs feed later tasks' templates",
+            graph: r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Echo, optionOverrides: {value: hello}}
+  - {label: b, taskName: Task.Echo, optionOverrides: {got: "{{ context.a.value }}-{{ task.label }}"}, waitOn: {a: succeeded}}
+  - {label: check, taskName: Task.Echo, optionOverrides: {count: "{{ context.b.got | length }}"}, waitOn: {b: succeeded}}
+"#,
+            options: json!({}),
+            status: Succeeded,
+            states: "a=succeeded b=succeeded check=succeeded",
+        },
+        Case {
+            name: "an undefined template variable fails the task",
+            graph: r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Echo, optionOverrides: {got: "{{ context.nothing.here }}"}}
+"#,
+            options: json!({}),
+            status: Failed,
+            states: "a=failed",
+        },
+        Case {
+            name: "a rendered value of the wrong type fails the task",
+            graph: r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Echo, optionOverrides: {count: "{{ 'many' }}"}}
+"#,
+            options: json!({}),
+            status: Failed,
+            states: "a=failed",
+        },
+        Case {
+            name: "a subgraph's outcome is the task's",
+            graph: r#"
+injectableName: G
+tasks:
+  - {label: ok, taskName: Task.Graph.Run, optionOverrides: {graphName: Sub.Ok}}
+  - {label: bad, taskName: Task.Graph.Run, optionOverrides: {graphName: Sub.Fail}, waitOn: {ok: succeeded}}
+  - {label: after, taskName: Task.Noop, waitOn: {bad: failed}}
+"#,
+            options: json!({}),
+            status: Succeeded,
+            states: "ok=succeeded bad=failed after=succeeded",
+        },
+        Case {
+            name: "the graph's deadline fails the workflow",
+            graph: r#"
+injectableName: G
+timeout: 3s
+tasks:
+  - {label: a, taskName: Task.Noop}
+  - {label: b, taskName: Task.Hang, waitOn: {a: succeeded}}
+  - {label: c, taskName: Task.Noop, waitOn: {b: succeeded}}
+"#,
+            options: json!({}),
+            status: Failed,
+            states: "a=succeeded b=cancelled c=skipped",
+        },
+    ]
+}
+
+const SUBGRAPHS: &[&str] = &[
+    "{injectableName: Sub.Ok, tasks: [{label: x, taskName: Task.Noop}, {label: y, taskName: Task.Sleep, waitOn: {x: succeeded}}]}",
+    "{injectableName: Sub.Fail, tasks: [{label: x, taskName: Task.Fail}]}",
+];
+
+#[tokio::test(start_paused = true)]
+async fn every_rule_reaches_its_expected_end() {
+    let mut failures = Vec::new();
+    for case in cases() {
+        let mut graphs = vec![case.graph];
+        graphs.extend_from_slice(SUBGRAPHS);
+        let h = start(Arc::new(MemStore::new()), &graphs, |_| {});
+        let v = h.run("G", case.options.clone(), None).await;
+        let end = h.wait(&v.instance_id).await;
+        let got = (end.status, states(&end));
+        if got != (case.status, case.states.to_owned()) {
+            failures.push(format!(
+                "{}: expected {} [{}], got {} [{}] (error: {:?}, tasks: {:?})",
+                case.name,
+                case.status,
+                case.states,
+                got.0,
+                got.1,
+                end.error,
+                end.tasks.iter().map(|t| (&t.label, &t.error)).collect::<Vec<_>>()
+            ));
+        }
+        h.stop().await;
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_count_attempts_and_back_off() {
+    let g = r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Flaky, optionOverrides: {failTimes: 2}, retries: {max: 3, backoff: 10s}}
+"#;
+    let h = start(Arc::new(MemStore::new()), &[g], |_| {});
+    let t0 = tokio::time::Instant::now();
+    let v = h.run("G", json!({}), None).await;
+    let end = h.wait(&v.instance_id).await;
+    assert_eq!(end.status, WorkflowStatus::Succeeded);
+    assert_eq!(end.tasks[0].attempts, 3);
+    // Backoff doubles: 10 s, then 20 s.
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_secs(30) && waited < Duration::from_secs(31), "{waited:?}");
+    assert_eq!(end.context["a"]["retry"], json!(2));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn options_follow_the_precedence_chain() {
+    // Each layer sets its own key and overrides every lower one's `level`.
+    let g = r#"
+injectableName: G
+options:
+  defaults: {level: graph-defaults, graphDefault: 1}
+  b: {level: graph-label}
+tasks:
+  - {label: a, taskName: Task.Echo}
+  - {label: b, taskName: Task.Echo, optionOverrides: {level: override, fromOverride: 1}}
+  - {label: c, taskName: Task.Echo, optionOverrides: {level: override}}
+  - {label: d, taskDefinition: {implementsTask: echo}}
+"#;
+    let h = start(Arc::new(MemStore::new()), &[g], |_| {});
+    let v = h
+        .run("G", json!({"defaults": {"runDefault": 1}, "c": {"level": "run-label"}}), None)
+        .await;
+    let end = h.wait(&v.instance_id).await;
+    assert_eq!(end.status, WorkflowStatus::Succeeded, "{end:#?}");
+    let level = |l: &str| end.context[l]["level"].as_str().unwrap().to_owned();
+    assert_eq!(level("a"), "graph-defaults");
+    assert_eq!(level("b"), "graph-label");
+    assert_eq!(level("c"), "run-label");
+    assert_eq!(level("d"), "graph-defaults");
+    assert_eq!(end.context["b"]["fromOverride"], json!(1));
+    assert_eq!(end.context["a"]["runDefault"], json!(1));
+    h.stop().await;
+
+    // Without graph-level values, the job default and the task definition show through.
+    let g2 = r#"
+injectableName: G2
+tasks:
+  - {label: taskdef, taskName: Task.Echo}
+  - {label: job, taskDefinition: {implementsTask: echo}}
+  - {label: run-defaults, taskName: Task.Echo, optionOverrides: {level: override}}
+"#;
+    let h = start(Arc::new(MemStore::new()), &[g2], |_| {});
+    let v = h.run("G2", json!({"run-defaults": {}}), None).await;
+    let end = h.wait(&v.instance_id).await;
+    assert_eq!(end.context["taskdef"]["level"], json!("taskdef"));
+    assert_eq!(end.context["job"]["level"], json!("job"));
+    assert_eq!(end.context["run-defaults"]["level"], json!("override"));
+    let v = h.run("G2", json!({"defaults": {"level": "run-defaults"}}), None).await;
+    let end = h.wait(&v.instance_id).await;
+    assert_eq!(end.context["run-defaults"]["level"], json!("run-defaults"));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn templates_see_node_task_and_api_but_no_secret() {
+    let g = r#"
+injectableName: G
+tasks:
+  - label: a
+    taskName: Task.Echo
+    optionOverrides:
+      node: "{{ node.name }} {{ node.macs[0] }} {{ node.obmHost }}"
+      task: "{{ task.label }} {{ task.workflowId }}"
+      api: "{{ api.base }}"
+      secret: "{{ node.obm is defined }}-{{ node.password is defined }}"
+"#;
+    let h = start(Arc::new(MemStore::new()), &[g], |o| {
+        o.api.base = "http://mg:8080/api/2.0".into();
+    });
+    let node: Node = serde_json::from_value(json!({
+        "id": "n1", "name": "rack1-u1", "identifiers": ["52:54:00:AA:BB:01"],
+        "obms": [{"service": "redfish-obm-service", "config": {"host": "10.0.0.5", "user": "root", "password": "hunter2"}}]
+    }))
+    .unwrap();
+    h.engine.nodes().create(node).unwrap();
+    let v = h.run("G", json!({}), Some("n1")).await;
+    let end = h.wait(&v.instance_id).await;
+    assert_eq!(end.status, WorkflowStatus::Succeeded, "{end:#?}");
+    let out = &end.context["a"];
+    assert_eq!(out["node"], json!("rack1-u1 52:54:00:aa:bb:01 10.0.0.5"));
+    assert_eq!(out["task"], json!(format!("a {}", v.instance_id)));
+    assert_eq!(out["api"], json!("http://mg:8080/api/2.0"));
+    assert_eq!(out["secret"], json!("False-False"));
+    assert!(!serde_json::to_string(&end).unwrap().contains("hunter2"));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancel_reaches_running_jobs_and_subgraphs() {
+    let g = r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Hang}
+  - {label: sub, taskName: Task.Graph.Run, optionOverrides: {graphName: Sub.Hang}}
+  - {label: b, taskName: Task.Noop, waitOn: {a: succeeded}}
+"#;
+    let sub = "{injectableName: Sub.Hang, tasks: [{label: h, taskName: Task.Hang}]}";
+    let h = start(Arc::new(MemStore::new()), &[g, sub], |_| {});
+    let v = h.run("G", json!({}), None).await;
+    // Let both jobs and the subgraph's job start.
+    while h.probe.running.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let child = h
+        .engine
+        .list(&Default::default())
+        .unwrap()
+        .into_iter()
+        .find(|w| w.name == "Sub.Hang")
+        .expect("subgraph started");
+    h.engine.cancel(&v.instance_id).await.unwrap();
+    let end = h.wait(&v.instance_id).await;
+    assert_eq!(end.status, WorkflowStatus::Cancelled);
+    assert_eq!(states(&end), "a=cancelled sub=cancelled b=skipped");
+    let child_end = h.wait(&child.instance_id).await;
+    assert_eq!(child_end.status, WorkflowStatus::Cancelled);
+    assert_eq!(h.probe.cleaned_up.load(Ordering::SeqCst), 2, "both hanging jobs cleaned up");
+    // Cancelling again is a conflict: it already finished.
+    assert!(matches!(h.engine.cancel(&v.instance_id).await, Err(Error::Conflict(_))));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_active_workflow_per_node() {
+    let g = "{injectableName: G, tasks: [{label: a, taskName: Task.Sleep, optionOverrides: {duration: 5s}}]}";
+    let h = start(Arc::new(MemStore::new()), &[g], |_| {});
+    h.engine
+        .nodes()
+        .create(serde_json::from_value(json!({"id": "n1"})).unwrap())
+        .unwrap();
+    let first = h.run("G", json!({}), Some("n1")).await;
+    let second = h
+        .engine
+        .run(RunRequest {
+            graph: "G".into(),
+            node: Some("n1".into()),
+            options: Default::default(),
+        })
+        .await;
+    match second {
+        Err(Error::Conflict(msg)) => assert!(msg.contains(&first.instance_id), "{msg}"),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let unknown = h
+        .engine
+        .run(RunRequest {
+            graph: "G".into(),
+            node: Some("nope".into()),
+            options: Default::default(),
+        })
+        .await;
+    assert!(matches!(unknown, Err(Error::NotFound { kind: "node", .. })));
+    h.wait(&first.instance_id).await;
+    // Free again once the first finished.
+    let third = h.run("G", json!({}), Some("n1")).await;
+    assert_eq!(h.wait(&third.instance_id).await.status, WorkflowStatus::Succeeded);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_node_lock_is_atomic_under_concurrent_runs() {
+    let g = "{injectableName: G, tasks: [{label: a, taskName: Task.Sleep}]}";
+    let h = start(Arc::new(MemStore::new()), &[g], |_| {});
+    h.engine
+        .nodes()
+        .create(serde_json::from_value(json!({"id": "n1"})).unwrap())
+        .unwrap();
+    let runs = (0..16).map(|_| {
+        let e = h.engine.clone();
+        tokio::spawn(async move {
+            e.run(RunRequest {
+                graph: "G".into(),
+                node: Some("n1".into()),
+                options: Default::default(),
+            })
+            .await
+        })
+    });
+    let results = futures_join(runs).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 1, "exactly one run wins the node");
+    h.stop().await;
+}
+
+async fn futures_join<T: Send + 'static>(
+    handles: impl Iterator<Item = tokio::task::JoinHandle<T>>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn missing_required_options_are_refused_at_run() {
+    let g = r#"
+injectableName: G
+options: {defaults: {imageUrl: null}}
+tasks:
+  - {label: a, taskName: Task.Echo, optionOverrides: {image: "{{ options.imageUrl }}"}}
+  - {label: s, taskName: Task.Sleep, optionOverrides: {duration: null}}
+"#;
+    let h = start(Arc::new(MemStore::new()), &[g], |_| {});
+    let run = |opts: serde_json::Value| {
+        let e = h.engine.clone();
+        async move {
+            e.run(RunRequest {
+                graph: "G".into(),
+                node: None,
+                options: serde_json::from_value(opts).unwrap(),
+            })
+            .await
+        }
+    };
+    match run(json!({})).await {
+        Err(Error::BadRequest(m)) => assert!(m.contains("imageUrl"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    match run(json!({"defaults": {"imageUrl": "http://x/y.iso"}})).await {
+        Err(Error::BadRequest(m)) => {
+            assert!(m.contains("task 's'") && m.contains("duration"), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+    match run(json!({"defaults": {"imageUrl": "u"}, "s": {"duration": "1s"}, "nope": {}})).await {
+        Err(Error::BadRequest(m)) => assert!(m.contains("nope"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let v = run(json!({"defaults": {"imageUrl": "http://x/y.iso"}, "s": {"duration": "1s"}}))
+        .await
+        .unwrap();
+    let end = h.wait(&v.instance_id).await;
+    assert_eq!(end.status, WorkflowStatus::Succeeded);
+    assert_eq!(end.context["a"]["image"], json!("http://x/y.iso"));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_global_job_limit_holds() {
+    let g = r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Sleep}
+  - {label: b, taskName: Task.Sleep}
+  - {label: c, taskName: Task.Sleep}
+  - {label: d, taskName: Task.Sleep}
+  - {label: e, taskName: Task.Sleep}
+  - {label: f, taskName: Task.Sleep}
+"#;
+    let h = start(Arc::new(MemStore::new()), &[g], |o| o.max_running_jobs = 2);
+    let a = h.run("G", json!({}), None).await;
+    let b = h.run("G", json!({}), None).await;
+    assert_eq!(h.wait(&a.instance_id).await.status, WorkflowStatus::Succeeded);
+    assert_eq!(h.wait(&b.instance_id).await.status, WorkflowStatus::Succeeded);
+    assert_eq!(h.probe.peak.load(Ordering::SeqCst), 2);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn events_report_every_transition_once() {
+    let g = r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Noop}
+  - {label: b, taskName: Task.Noop, waitOn: {a: succeeded}}
+"#;
+    let h = start(Arc::new(MemStore::new()), &[g], |_| {});
+    let mut rx = h.engine.subscribe();
+    let v = h.run("G", json!({}), None).await;
+    let mut seen = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .expect("events keep coming")
+            .unwrap();
+        assert_eq!(ev.workflow_id(), v.instance_id);
+        let done = matches!(&ev, metalgraph_engine::Event::Workflow { status, .. } if status.is_terminal());
+        seen.push(match ev {
+            metalgraph_engine::Event::Workflow { status, .. } => format!("wf:{status}"),
+            metalgraph_engine::Event::Task { label, state, .. } => format!("{label}:{state}"),
+        });
+        if done {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.join(" "),
+        "wf:pending wf:running a:running a:succeeded b:running b:succeeded wf:succeeded"
+    );
+    h.stop().await;
+}

@@ -1,0 +1,1 @@
+//! Network boot for metalgraph (DHCP, TFTP, iPXE decisions); not built yet.

@@ -1,0 +1,593 @@
+//! The file backend: an append-only, checksummed journal of commits plus a snapshot, in
+//! plain text that `cat`, `less` and `grep` can read.
+//!
+//! # Layout
+//!
+//! The store directory holds:
+//! - `journal.log`: one record per committed batch, appended in commit order;
+//! - `snapshot`: the whole state as of the last compaction, in records of the same form;
+//! - `snapshot.tmp`: a snapshot being written; present only if a compaction was cut short,
+//!   and deleted on open.
+//!
+//! A record is a header line followed by a payload of exactly `len` bytes:
+//!
+//! ```text
+//! batch 72 96ac38a6
+//! put "nodes" "node-17" "{%22state%22:%22ready%22}"
+//! del "locks" "node-17"
+//! ```
+//!
+//! The header reads `batch <len> <crc>`, where `len` is the payload length in decimal and
+//! `crc` the CRC-32 (IEEE) of the payload in eight hex digits. Each payload line is one op,
+//! in batch order. Keyspaces, keys and values are quoted; inside the quotes, the printable
+//! ASCII characters other than `"` and `%` stand for themselves and every other byte
+//! (space and newline included) is written `%XX`. Preconditions are not journaled: they were checked before the record was
+//! written, and replay only needs the outcome.
+//!
+//! The whole state is also kept in memory; reads never touch the disk.
+//!
+//! # Durability
+//!
+//! A commit, holding the writer lock, checks its preconditions against the in-memory state,
+//! appends its record to the journal with one write, calls `fdatasync`, and only then applies
+//! the ops in memory. So when `commit` returns `Ok` the record is on disk, and no reader
+//! has seen a batch that is not. Since appends are serialised and each waits for its
+//! `fdatasync`, only the last record of the journal can be incomplete after a crash.
+//!
+//! On open, the snapshot is loaded and the journal replayed over it. The first record that
+//! is incomplete or fails its checksum ends the replay. If no valid record follows it, it is
+//! a torn tail: the commit that wrote it never returned `Ok`, so it is discarded, and the
+//! file is truncated to the last good record so that later appends start clean. If a valid
+//! record does follow, committed data lies beyond the damage; open fails with
+//! [`Error::Io`] naming the file and offset rather than silently dropping it. (A last record
+//! damaged after its commit returned cannot be told apart from a torn one, and is dropped.)
+//!
+//! If a journal write or `fdatasync` fails, the store refuses every later commit until it is
+//! reopened: after a failed `fsync` the kernel may have dropped the dirty pages, so nothing
+//! more can be safely appended behind them.
+//!
+//! # Compaction
+//!
+//! [`FileStore::compact`] (also run automatically once the journal outgrows a threshold)
+//! writes the in-memory state to `snapshot.tmp`, fsyncs it, renames it over `snapshot`,
+//! fsyncs the directory, and only then empties the journal and fsyncs it. A crash at any
+//! point reopens to the same state:
+//! - before the rename, the old snapshot and the full journal are intact (the leftover
+//!   `snapshot.tmp` is ignored and deleted);
+//! - after the rename but before the journal is emptied, the new snapshot already contains
+//!   the effect of every journal record, and the journal is replayed over it once more. That
+//!   replay changes nothing: every op is a put or delete of an absolute value, so the value
+//!   of each key after replaying a journal depends only on the last op in it for that key,
+//!   not on the state it started from; keys the journal does not touch keep their snapshot
+//!   value. Replaying a journal over a state that already includes it is the identity.
+//!   This needs the snapshot to include *everything* in the journal, which holds because
+//!   the writer lock is held throughout, so the snapshot is the state after the last record.
+//! - after the journal is emptied, the snapshot alone is the state.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError, RwLock};
+
+use crate::mem::{Keyspaces, validate};
+use crate::{Batch, Bytes, Error, Op, Result, Store, check_keyspace};
+
+const JOURNAL: &str = "journal.log";
+const SNAPSHOT: &str = "snapshot";
+const SNAPSHOT_TMP: &str = "snapshot.tmp";
+
+/// The journal size past which a commit triggers compaction, unless configured otherwise.
+pub const DEFAULT_COMPACT_THRESHOLD: u64 = 64 * 1024 * 1024;
+
+/// How many puts go into one snapshot record, so that a large state does not become one
+/// huge record that must be buffered whole to check its checksum.
+const SNAPSHOT_RECORD_OPS: usize = 1024;
+
+/// A header is `batch <len> <crc>\n`; anything longer without a newline is not a header.
+const MAX_HEADER: usize = 64;
+
+/// A [`Store`] in a directory holding a journal and a snapshot (see the module docs).
+pub struct FileStore {
+    dir: PathBuf,
+    /// The full state, as of the last commit that reached the disk.
+    state: RwLock<Keyspaces>,
+    /// Serialises commits and compactions; owns the journal file.
+    writer: Mutex<Writer>,
+    /// Journal size, in bytes, past which a commit compacts.
+    compact_threshold: u64,
+}
+
+struct Writer {
+    /// The journal, opened for appending.
+    journal: File,
+    /// The journal's length: where the next record starts.
+    len: u64,
+    /// Why commits are refused, after a journal write or sync failed.
+    poisoned: Option<String>,
+}
+
+impl std::fmt::Debug for FileStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileStore")
+            .field("dir", &self.dir)
+            .field("compact_threshold", &self.compact_threshold)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FileStore {
+    /// Opens the store in `dir`, creating the directory and an empty journal if missing,
+    /// loading the snapshot, replaying the journal and cutting off a torn tail.
+    ///
+    /// There is no lock against a second process opening the same directory; the caller
+    /// must ensure one store per directory.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.exists() {
+            fs::create_dir_all(dir).map_err(|e| io_error(dir, "creating", &e))?;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
+
+        let tmp = dir.join(SNAPSHOT_TMP);
+        if tmp.exists() {
+            tracing::warn!(path = %tmp.display(), "removing a snapshot left by an interrupted compaction");
+            fs::remove_file(&tmp).map_err(|e| io_error(&tmp, "removing", &e))?;
+        }
+
+        let mut state = Keyspaces::default();
+        let snapshot = dir.join(SNAPSHOT);
+        match fs::read(&snapshot) {
+            Ok(data) => {
+                let (end, damage) = replay(&data, &snapshot, &mut state)?;
+                // The snapshot is complete whenever it exists (it is only ever renamed into
+                // place whole), so any damage in it is corruption, never a torn tail.
+                if end < data.len() {
+                    return Err(Error::Io(format!(
+                        "{}: corrupt record at offset {end}{}",
+                        snapshot.display(),
+                        damage.map(|d| format!(": {d}")).unwrap_or_default()
+                    )));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(&snapshot, "reading", &e)),
+        }
+
+        let path = dir.join(JOURNAL);
+        let existed = path.exists();
+        let journal = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(|e| io_error(&path, "opening", &e))?;
+        if !existed {
+            sync_dir(dir)?;
+        }
+        let data = fs::read(&path).map_err(|e| io_error(&path, "reading", &e))?;
+        let (end, damage) = replay(&data, &path, &mut state)?;
+        if end < data.len() {
+            tracing::warn!(
+                path = %path.display(),
+                offset = end,
+                discarded = data.len() - end,
+                reason = damage.as_deref().unwrap_or("incomplete record"),
+                "discarding the torn tail of the journal"
+            );
+            journal
+                .set_len(end as u64)
+                .and_then(|()| journal.sync_all())
+                .map_err(|e| io_error(&path, "truncating the torn tail of", &e))?;
+        }
+
+        Ok(FileStore {
+            dir: dir.to_owned(),
+            state: RwLock::new(state),
+            writer: Mutex::new(Writer {
+                journal,
+                len: end as u64,
+                poisoned: None,
+            }),
+            compact_threshold: DEFAULT_COMPACT_THRESHOLD,
+        })
+    }
+
+    /// Sets the journal size, in bytes, past which a commit compacts the store.
+    pub fn with_compact_threshold(mut self, bytes: u64) -> Self {
+        self.compact_threshold = bytes;
+        self
+    }
+
+    /// Writes the whole state into a new snapshot and empties the journal.
+    pub fn compact(&self) -> Result<()> {
+        let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        self.compact_locked(&mut writer)
+    }
+
+    fn compact_locked(&self, writer: &mut Writer) -> Result<()> {
+        if let Some(reason) = &writer.poisoned {
+            return Err(Error::Io(reason.clone()));
+        }
+        let tmp = self.dir.join(SNAPSHOT_TMP);
+        if let Err(e) = self.write_snapshot(&tmp) {
+            // The old snapshot and the journal are untouched, so the store stays usable.
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let snapshot = self.dir.join(SNAPSHOT);
+        fs::rename(&tmp, &snapshot)
+            .map_err(|e| io_error(&snapshot, "renaming the new snapshot to", &e))?;
+        sync_dir(&self.dir)?;
+
+        let path = self.dir.join(JOURNAL);
+        if let Err(e) = writer
+            .journal
+            .set_len(0)
+            .and_then(|()| writer.journal.sync_all())
+        {
+            // The journal may be empty or not; either reopens correctly over the new
+            // snapshot, but appending after a failed sync is not safe.
+            let err = io_error(&path, "emptying", &e);
+            writer.poisoned = Some(format!("refusing commits until reopened: {err}"));
+            return Err(err);
+        }
+        tracing::debug!(journal = %path.display(), compacted_bytes = writer.len, "compacted the store");
+        writer.len = 0;
+        Ok(())
+    }
+
+    /// Writes the current state to `path` and fsyncs it.
+    fn write_snapshot(&self, path: &Path) -> Result<()> {
+        let file = File::create(path).map_err(|e| io_error(path, "creating", &e))?;
+        let mut out = BufWriter::new(file);
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        let mut payload = Vec::new();
+        let mut count = 0;
+        for (keyspace, key, value) in state.iter() {
+            encode_put(&mut payload, keyspace, key, value);
+            count += 1;
+            if count == SNAPSHOT_RECORD_OPS {
+                out.write_all(&frame(&payload))
+                    .map_err(|e| io_error(path, "writing", &e))?;
+                payload.clear();
+                count = 0;
+            }
+        }
+        drop(state);
+        if !payload.is_empty() {
+            out.write_all(&frame(&payload))
+                .map_err(|e| io_error(path, "writing", &e))?;
+        }
+        let file = out
+            .into_inner()
+            .map_err(|e| io_error(path, "writing", e.error()))?;
+        file.sync_all().map_err(|e| io_error(path, "syncing", &e))
+    }
+
+    /// Appends one record to the journal and waits for it to reach the disk.
+    fn append(&self, writer: &mut Writer, record: &[u8]) -> Result<()> {
+        let path = self.dir.join(JOURNAL);
+        let written = writer
+            .journal
+            .write_all(record)
+            .and_then(|()| writer.journal.sync_data());
+        if let Err(e) = written {
+            // Best effort: take a partial record back off the end, so that the failed
+            // commit is not found on reopen. The store is poisoned either way.
+            let _ = writer.journal.set_len(writer.len);
+            let err = io_error(&path, "appending to", &e);
+            writer.poisoned = Some(format!("refusing commits until reopened: {err}"));
+            return Err(err);
+        }
+        writer.len += record.len() as u64;
+        Ok(())
+    }
+}
+
+impl Store for FileStore {
+    fn get(&self, keyspace: &str, key: &[u8]) -> Result<Option<Bytes>> {
+        check_keyspace(keyspace)?;
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        Ok(state.get(keyspace, key))
+    }
+
+    fn scan_prefix(&self, keyspace: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>> {
+        check_keyspace(keyspace)?;
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        Ok(state.scan_prefix(keyspace, prefix))
+    }
+
+    fn commit(&self, batch: Batch) -> Result<()> {
+        validate(&batch)?;
+        // The state changes only under the writer lock, so the preconditions checked here
+        // still hold when the ops are applied below.
+        let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(reason) = &writer.poisoned {
+            return Err(Error::Io(reason.clone()));
+        }
+        self.state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .check(&batch)?;
+        if batch.ops.is_empty() {
+            return Ok(());
+        }
+
+        let mut payload = Vec::new();
+        for op in &batch.ops {
+            match op {
+                Op::Put {
+                    keyspace,
+                    key,
+                    value,
+                } => encode_put(&mut payload, keyspace, key, value),
+                Op::Delete { keyspace, key } => {
+                    payload.extend_from_slice(b"del ");
+                    quote(&mut payload, keyspace.as_bytes());
+                    payload.push(b' ');
+                    quote(&mut payload, key);
+                    payload.push(b'\n');
+                }
+            }
+        }
+        self.append(&mut writer, &frame(&payload))?;
+
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        for op in batch.ops {
+            state.apply(op);
+        }
+        drop(state);
+
+        if writer.len > self.compact_threshold {
+            // The batch is durable already, so a failed compaction must not turn this
+            // commit into an error; the next commit over the threshold tries again.
+            if let Err(e) = self.compact_locked(&mut writer) {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "compaction failed");
+            }
+        }
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        "file"
+    }
+}
+
+fn io_error(path: &Path, doing: &str, e: &dyn std::fmt::Display) -> Error {
+    Error::Io(format!("{doing} {}: {e}", path.display()))
+}
+
+/// Fsyncs a directory, so that files created or renamed in it survive a crash.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error(dir, "syncing directory", &e))
+}
+
+/// Replays the records of `data` (the contents of `path`) into `state`.
+///
+/// Returns the offset just past the last good record and, if it stopped short of the end,
+/// what was wrong with the record there. Fails if a good record follows a bad one, or if a
+/// record with a good checksum does not parse (which no torn write can produce).
+fn replay(data: &[u8], path: &Path, state: &mut Keyspaces) -> Result<(usize, Option<String>)> {
+    let mut pos = 0;
+    while pos < data.len() {
+        match read_record(data, pos) {
+            Ok((payload, end)) => {
+                let ops = decode_payload(payload).map_err(|why| {
+                    Error::Io(format!("{}: record at offset {pos}: {why}", path.display()))
+                })?;
+                for op in ops {
+                    state.apply(op);
+                }
+                pos = end;
+            }
+            Err(damage) => {
+                if let Some(good) = next_good_record(data, pos) {
+                    return Err(Error::Io(format!(
+                        "{}: corrupt record at offset {pos} ({damage}) followed by a valid \
+                         record at offset {good}; refusing to drop committed data",
+                        path.display()
+                    )));
+                }
+                return Ok((pos, Some(damage)));
+            }
+        }
+    }
+    Ok((pos, None))
+}
+
+/// Reads the record at `pos`: its payload and the offset just past it, or what is wrong.
+fn read_record(data: &[u8], pos: usize) -> Result<(&[u8], usize), String> {
+    let rest = &data[pos..];
+    let Some(newline) = rest.iter().take(MAX_HEADER).position(|&b| b == b'\n') else {
+        return Err("no complete header line".to_owned());
+    };
+    let header =
+        std::str::from_utf8(&rest[..newline]).map_err(|_| "header is not text".to_owned())?;
+    let fields: Vec<&str> = header.split(' ').collect();
+    let (len, crc) = match fields.as_slice() {
+        ["batch", len, crc] if crc.len() == 8 => (
+            len.parse::<usize>()
+                .map_err(|_| format!("bad length in header {header:?}"))?,
+            u32::from_str_radix(crc, 16)
+                .map_err(|_| format!("bad checksum in header {header:?}"))?,
+        ),
+        _ => return Err(format!("malformed header {header:?}")),
+    };
+    let start = newline + 1;
+    let payload = rest
+        .get(start..start.saturating_add(len))
+        .ok_or_else(|| format!("payload of {len} bytes is incomplete"))?;
+    if crc32(payload) != crc {
+        return Err("checksum mismatch".to_owned());
+    }
+    Ok((payload, pos + start + len))
+}
+
+/// The offset of the first valid record after `pos`, if any.
+///
+/// Every record starts at the beginning of a line and no payload line starts with
+/// `batch `, so only line starts need to be tried.
+fn next_good_record(data: &[u8], pos: usize) -> Option<usize> {
+    (pos + 1..data.len())
+        .filter(|&i| data[i - 1] == b'\n' && data[i..].starts_with(b"batch "))
+        .find(|&i| read_record(data, i).is_ok())
+}
+
+/// Wraps a payload in a record: its header line, then the payload.
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut record = format!("batch {} {:08x}\n", payload.len(), crc32(payload)).into_bytes();
+    record.extend_from_slice(payload);
+    record
+}
+
+fn encode_put(out: &mut Vec<u8>, keyspace: &str, key: &[u8], value: &[u8]) {
+    out.extend_from_slice(b"put ");
+    quote(out, keyspace.as_bytes());
+    out.push(b' ');
+    quote(out, key);
+    out.push(b' ');
+    quote(out, value);
+    out.push(b'\n');
+}
+
+/// Writes `bytes` as a quoted token: printable ASCII as is, except `"`, `%` and space,
+/// and everything else as `%XX`. The token never contains a space or a newline.
+fn quote(out: &mut Vec<u8>, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.push(b'"');
+    for &b in bytes {
+        if b.is_ascii_graphic() && b != b'"' && b != b'%' {
+            out.push(b);
+        } else {
+            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+        }
+    }
+    out.push(b'"');
+}
+
+fn unquote(token: &str) -> Result<Bytes, String> {
+    let inner = token
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .ok_or_else(|| format!("token {token:?} is not quoted"))?;
+    let bytes = inner.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let byte = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad escape in token {token:?}"))?;
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+fn decode_keyspace(token: &str) -> Result<String, String> {
+    let name = String::from_utf8(unquote(token)?)
+        .map_err(|_| format!("keyspace {token:?} is not UTF-8"))?;
+    check_keyspace(&name).map_err(|e| e.to_string())?;
+    Ok(name)
+}
+
+fn decode_payload(payload: &[u8]) -> Result<Vec<Op>, String> {
+    let text = std::str::from_utf8(payload).map_err(|_| "payload is not text".to_owned())?;
+    let body = text
+        .strip_suffix('\n')
+        .ok_or_else(|| "payload does not end with a newline".to_owned())?;
+    body.split('\n')
+        .map(
+            |line| match line.split(' ').collect::<Vec<_>>().as_slice() {
+                ["put", keyspace, key, value] => Ok(Op::Put {
+                    keyspace: decode_keyspace(keyspace)?,
+                    key: unquote(key)?,
+                    value: unquote(value)?,
+                }),
+                ["del", keyspace, key] => Ok(Op::Delete {
+                    keyspace: decode_keyspace(keyspace)?,
+                    key: unquote(key)?,
+                }),
+                _ => Err(format!("malformed op line {line:?}")),
+            },
+        )
+        .collect()
+}
+
+/// CRC-32 (IEEE 802.3, reflected, as in zlib and `cksum -a crc32b`).
+fn crc32(bytes: &[u8]) -> u32 {
+    const TABLE: [u32; 256] = {
+        let mut table = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut bit = 0;
+            while bit < 8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+                bit += 1;
+            }
+            table[i] = c;
+            i += 1;
+        }
+        table
+    };
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc = TABLE[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
+    }
+    !crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+    }
+
+    #[test]
+    fn quoting_round_trips_every_byte() {
+        let all: Vec<u8> = (0..=255).collect();
+        let mut out = Vec::new();
+        quote(&mut out, &all);
+        let token = String::from_utf8(out).unwrap();
+        assert!(!token.contains(' ') && !token.contains('\n'));
+        assert_eq!(unquote(&token).unwrap(), all);
+        assert_eq!(unquote("\"\"").unwrap(), b"");
+    }
+
+    #[test]
+    fn a_record_reads_back() {
+        let mut payload = Vec::new();
+        encode_put(&mut payload, "nodes", b"node 1", b"{\"a\":1}");
+        let record = frame(&payload);
+        let (read, end) = read_record(&record, 0).unwrap();
+        assert_eq!(end, record.len());
+        let ops = decode_payload(read).unwrap();
+        assert_eq!(
+            ops,
+            vec![Op::Put {
+                keyspace: "nodes".into(),
+                key: b"node 1".to_vec(),
+                value: b"{\"a\":1}".to_vec()
+            }]
+        );
+        assert!(String::from_utf8(record).unwrap().contains("\"node%201\""));
+    }
+}

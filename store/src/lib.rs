@@ -1,0 +1,291 @@
+//! metalgraph's storage: a small, storage-shaped trait and its backends.
+//!
+//! The engine keeps everything it knows in a [`Store`]: named keyspaces mapping byte keys
+//! to byte values, read with point lookups and prefix scans, and written only through
+//! atomic, durable, multi-key [`Batch`] commits guarded by compare-and-swap
+//! [`Precondition`]s. Records (workflows, tasks, nodes, definitions) are serialised above
+//! this layer; the store never interprets values.
+//!
+//! Backends:
+//! - [`SledStore`]: the embedded default, on the `sled` crate.
+//! - [`FileStore`]: a directory holding an append-only, checksummed journal of commits,
+//!   readable with ordinary tools.
+//! - [`MemStore`]: an in-memory map with the same semantics and no durability, for unit
+//!   tests of the layers above and as the reference model of the others.
+//!
+//! Every backend passes the same conformance suite (`tests/conformance.rs`).
+
+mod file;
+mod mem;
+mod sled_store;
+
+use std::fmt;
+
+pub use file::FileStore;
+pub use mem::MemStore;
+pub use sled_store::SledStore;
+
+/// A key or a value: plain bytes.
+pub type Bytes = Vec<u8>;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A precondition of a [`Batch`] did not hold; nothing in the batch was applied.
+    /// Carries the index of the first failing precondition in `Batch::preconditions`.
+    #[error("precondition {index} failed on {keyspace}/{key}")]
+    Conflict {
+        index: usize,
+        keyspace: String,
+        key: String,
+    },
+    /// The backend could not read or write its data (I/O error, corruption that cannot be
+    /// repaired by discarding a torn tail, ...). The message names the path or record.
+    #[error("store I/O error: {0}")]
+    Io(String),
+    /// The keyspace name is not acceptable (empty, or contains `/` or a control character).
+    #[error("invalid keyspace name {0:?}")]
+    InvalidKeyspace(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// One write inside a [`Batch`].
+#[derive(Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Set `keyspace/key` to `value`, creating or replacing it.
+    Put {
+        keyspace: String,
+        key: Bytes,
+        value: Bytes,
+    },
+    /// Remove `keyspace/key`; removing an absent key is not an error.
+    Delete { keyspace: String, key: Bytes },
+}
+
+/// A condition that must hold, against the state before the batch, for a batch to apply.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Precondition {
+    /// `keyspace/key` must not exist.
+    Absent { keyspace: String, key: Bytes },
+    /// `keyspace/key` must exist and hold exactly `value`.
+    Equals {
+        keyspace: String,
+        key: Bytes,
+        value: Bytes,
+    },
+}
+
+impl Precondition {
+    fn target(&self) -> (&str, &[u8]) {
+        match self {
+            Precondition::Absent { keyspace, key } | Precondition::Equals { keyspace, key, .. } => {
+                (keyspace, key)
+            }
+        }
+    }
+
+    /// Whether the condition holds given the key's current value.
+    pub fn holds(&self, current: Option<&[u8]>) -> bool {
+        match self {
+            Precondition::Absent { .. } => current.is_none(),
+            Precondition::Equals { value, .. } => current == Some(value.as_slice()),
+        }
+    }
+
+    /// The [`Error::Conflict`] reported when this condition, at `index`, fails.
+    pub fn conflict(&self, index: usize) -> Error {
+        let (keyspace, key) = self.target();
+        Error::Conflict {
+            index,
+            keyspace: keyspace.to_owned(),
+            key: String::from_utf8_lossy(key).into_owned(),
+        }
+    }
+}
+
+/// An atomic unit of change: every precondition is checked, then every op is applied in
+/// order (a later op on the same key wins), all or nothing.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    pub preconditions: Vec<Precondition>,
+    pub ops: Vec<Op>,
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.preconditions.is_empty() && self.ops.is_empty()
+    }
+
+    pub fn put(
+        &mut self,
+        keyspace: &str,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+    ) -> &mut Self {
+        self.ops.push(Op::Put {
+            keyspace: keyspace.to_owned(),
+            key: key.into(),
+            value: value.into(),
+        });
+        self
+    }
+
+    pub fn delete(&mut self, keyspace: &str, key: impl Into<Bytes>) -> &mut Self {
+        self.ops.push(Op::Delete {
+            keyspace: keyspace.to_owned(),
+            key: key.into(),
+        });
+        self
+    }
+
+    pub fn require_absent(&mut self, keyspace: &str, key: impl Into<Bytes>) -> &mut Self {
+        self.preconditions.push(Precondition::Absent {
+            keyspace: keyspace.to_owned(),
+            key: key.into(),
+        });
+        self
+    }
+
+    pub fn require_equals(
+        &mut self,
+        keyspace: &str,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+    ) -> &mut Self {
+        self.preconditions.push(Precondition::Equals {
+            keyspace: keyspace.to_owned(),
+            key: key.into(),
+            value: value.into(),
+        });
+        self
+    }
+
+    /// Appends another batch's preconditions and ops after this one's.
+    pub fn extend(&mut self, other: Batch) {
+        self.preconditions.extend(other.preconditions);
+        self.ops.extend(other.ops);
+    }
+}
+
+impl fmt::Debug for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::Put {
+                keyspace,
+                key,
+                value,
+            } => write!(
+                f,
+                "Put({keyspace}/{}, {} bytes)",
+                String::from_utf8_lossy(key),
+                value.len()
+            ),
+            Op::Delete { keyspace, key } => {
+                write!(f, "Delete({keyspace}/{})", String::from_utf8_lossy(key))
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Precondition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (keyspace, key) = self.target();
+        let key = String::from_utf8_lossy(key);
+        match self {
+            Precondition::Absent { .. } => write!(f, "Absent({keyspace}/{key})"),
+            Precondition::Equals { value, .. } => {
+                write!(f, "Equals({keyspace}/{key}, {} bytes)", value.len())
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Batch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Batch")
+            .field("preconditions", &self.preconditions)
+            .field("ops", &self.ops)
+            .finish()
+    }
+}
+
+/// Checks a keyspace name: non-empty, at most 64 bytes, no `/`, no control characters.
+pub fn check_keyspace(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.contains('/')
+        && !name.chars().any(char::is_control);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidKeyspace(name.to_owned()))
+    }
+}
+
+/// The storage contract every backend meets.
+///
+/// - **Reads** ([`get`](Store::get), [`scan_prefix`](Store::scan_prefix)) see every batch
+///   whose `commit` has returned, and never a part of a batch.
+/// - **Writes** happen only through [`commit`](Store::commit): all preconditions are checked
+///   against the current state and, if all hold, every op is applied, atomically with respect
+///   to concurrent commits and reads. When `commit` returns `Ok`, the batch is durable: it
+///   survives a process crash (SIGKILL) and an OS crash, within what `fsync` guarantees.
+///   When it returns `Err`, nothing of the batch was applied.
+/// - A keyspace exists implicitly once a key is put into it; reading an unknown keyspace
+///   yields nothing.
+/// - Implementations are safe to share between threads; every method may block on I/O, so
+///   async callers run them where blocking is acceptable.
+pub trait Store: Send + Sync + 'static {
+    /// The value at `keyspace/key`, if any.
+    fn get(&self, keyspace: &str, key: &[u8]) -> Result<Option<Bytes>>;
+
+    /// Every entry of `keyspace` whose key starts with `prefix`, in ascending key order.
+    fn scan_prefix(&self, keyspace: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>>;
+
+    /// Applies `batch` atomically and durably, or not at all (see the trait docs).
+    /// A failed precondition yields [`Error::Conflict`] naming the first one that failed.
+    fn commit(&self, batch: Batch) -> Result<()>;
+
+    /// Flushes anything buffered and releases resources; called on orderly shutdown.
+    /// Commits are already durable, so this is never needed for correctness.
+    fn close(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// A short name of the backend for logs and health output (`"sled"`, `"file"`).
+    fn backend(&self) -> &'static str;
+}
+
+/// Which backend to open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sled,
+    File,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "sled" => Ok(Backend::Sled),
+            "file" => Ok(Backend::File),
+            other => Err(format!(
+                "unknown store backend {other:?} (expected sled or file)"
+            )),
+        }
+    }
+}
+
+/// Opens the chosen backend in `dir` (created if missing).
+pub fn open(backend: Backend, dir: &std::path::Path) -> Result<std::sync::Arc<dyn Store>> {
+    Ok(match backend {
+        Backend::Sled => std::sync::Arc::new(SledStore::open(dir)?),
+        Backend::File => std::sync::Arc::new(FileStore::open(dir)?),
+    })
+}

@@ -1,0 +1,255 @@
+//! The embedded default backend, on the `sled` crate: one sled tree per keyspace.
+//!
+//! # Layout
+//!
+//! Keyspace `k` lives in the sled tree named `ks/k`. The prefix keeps our names apart from
+//! sled's own default tree and from anything added later. Trees are opened when a commit
+//! first writes to a keyspace and cached; a read of a keyspace that has no tree yet answers
+//! "nothing" without creating one.
+//!
+//! # Atomicity and durability
+//!
+//! A commit runs as one sled transaction over every tree the batch touches. sled stages
+//! the writes of all trees of a transaction and seals them into its log as a single batch,
+//! so after a crash either all of them are recovered or none. Preconditions are read inside
+//! the same transaction, and a failing one aborts it, so nothing is written.
+//!
+//! sled lets a plain read observe a transaction half-applied (an iterator takes sled's
+//! concurrency lock per step, not per scan), so the store adds its own `gate`: commits hold
+//! it exclusively, reads share it. The gate also serialises commits, which is what makes
+//! the check of preconditions for keyspaces that have no tree yet race-free.
+//!
+//! `commit` returns only after `Db::flush`, which writes sled's log and fsyncs it; sled's
+//! log is shared by all trees, so one flush covers the whole batch. The flush happens while
+//! the gate is still held so that no reader sees a batch before it is durable.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{PoisonError, RwLock};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use crate::mem::validate;
+use crate::{Batch, Bytes, Error, Op, Result, Store, check_keyspace};
+
+/// Tree names for keyspaces start with this, so they never collide with sled's own trees.
+const TREE_PREFIX: &str = "ks/";
+
+/// A [`Store`] on a sled database in one directory.
+pub struct SledStore {
+    db: sled::Db,
+    /// The database directory, named in error messages.
+    path: PathBuf,
+    /// Trees already opened, by keyspace name. Only commits add to it, under `gate`.
+    trees: RwLock<HashMap<String, sled::Tree>>,
+    /// Makes commits atomic with respect to reads: commits take it exclusively.
+    gate: RwLock<()>,
+}
+
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SledStore {
+    /// Opens (creating if needed) the sled database in `dir`.
+    ///
+    /// sled locks the directory, so a second open of the same directory fails until the
+    /// first store is dropped.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Io(format!("creating sled directory {}: {e}", dir.display())))?;
+        let db = sled::open(dir)
+            .map_err(|e| Error::Io(format!("opening sled database {}: {e}", dir.display())))?;
+        let store = SledStore {
+            db,
+            path: dir.to_owned(),
+            trees: RwLock::new(HashMap::new()),
+            gate: RwLock::new(()),
+        };
+        // Opening every existing keyspace tree now means a missing cache entry really
+        // means "no such keyspace", so reads never have to create trees.
+        let mut trees = HashMap::new();
+        for name in store.db.tree_names() {
+            let Some(keyspace) = name.strip_prefix(TREE_PREFIX.as_bytes()) else {
+                continue;
+            };
+            let keyspace = String::from_utf8(keyspace.to_vec()).map_err(|_| {
+                Error::Io(format!(
+                    "sled database {} has a tree with a non-UTF-8 keyspace name",
+                    dir.display()
+                ))
+            })?;
+            let tree = store.open_tree(&keyspace)?;
+            trees.insert(keyspace, tree);
+        }
+        *store.trees.write().unwrap_or_else(PoisonError::into_inner) = trees;
+        Ok(store)
+    }
+
+    fn open_tree(&self, keyspace: &str) -> Result<sled::Tree> {
+        self.db
+            .open_tree(format!("{TREE_PREFIX}{keyspace}"))
+            .map_err(|e| self.io_error(keyspace, "opening the tree of", &e))
+    }
+
+    /// The cached tree of `keyspace`, if the keyspace has ever been written.
+    fn tree(&self, keyspace: &str) -> Option<sled::Tree> {
+        let trees = self.trees.read().unwrap_or_else(PoisonError::into_inner);
+        trees.get(keyspace).cloned()
+    }
+
+    /// The tree of `keyspace`, created if missing. Called by commits only, under the gate.
+    fn tree_for_write(&self, keyspace: &str) -> Result<sled::Tree> {
+        if let Some(tree) = self.tree(keyspace) {
+            return Ok(tree);
+        }
+        let tree = self.open_tree(keyspace)?;
+        let mut trees = self.trees.write().unwrap_or_else(PoisonError::into_inner);
+        trees.insert(keyspace.to_owned(), tree.clone());
+        Ok(tree)
+    }
+
+    fn io_error(&self, keyspace: &str, doing: &str, e: &dyn std::fmt::Display) -> Error {
+        Error::Io(format!(
+            "{doing} keyspace {keyspace:?} in sled database {}: {e}",
+            self.path.display()
+        ))
+    }
+
+    /// Runs the transaction of a batch whose trees are `trees`, indexed by `slot`.
+    fn transact(
+        &self,
+        batch: &Batch,
+        trees: &[sled::Tree],
+        slot: &HashMap<&str, usize>,
+    ) -> Result<()> {
+        let result: Result<(), TransactionError<Error>> = trees.transaction(|view| {
+            for (index, precondition) in batch.preconditions.iter().enumerate() {
+                let (keyspace, key) = precondition.target();
+                // A keyspace without a tree holds no keys; the gate stops a concurrent
+                // commit from creating it in the meantime.
+                let current = match slot.get(keyspace) {
+                    Some(&i) => view[i].get(key)?,
+                    None => None,
+                };
+                if !precondition.holds(current.as_deref()) {
+                    return Err(ConflictableTransactionError::Abort(
+                        precondition.conflict(index),
+                    ));
+                }
+            }
+            for op in &batch.ops {
+                match op {
+                    Op::Put {
+                        keyspace,
+                        key,
+                        value,
+                    } => {
+                        view[slot[keyspace.as_str()]].insert(key.as_slice(), value.as_slice())?;
+                    }
+                    Op::Delete { keyspace, key } => {
+                        view[slot[keyspace.as_str()]].remove(key.as_slice())?;
+                    }
+                }
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Abort(conflict)) => Err(conflict),
+            Err(TransactionError::Storage(e)) => Err(Error::Io(format!(
+                "committing a batch to sled database {}: {e}",
+                self.path.display()
+            ))),
+        }
+    }
+}
+
+impl Store for SledStore {
+    fn get(&self, keyspace: &str, key: &[u8]) -> Result<Option<Bytes>> {
+        check_keyspace(keyspace)?;
+        let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(tree) = self.tree(keyspace) else {
+            return Ok(None);
+        };
+        let value = tree
+            .get(key)
+            .map_err(|e| self.io_error(keyspace, "reading", &e))?;
+        Ok(value.map(|v| v.to_vec()))
+    }
+
+    fn scan_prefix(&self, keyspace: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>> {
+        check_keyspace(keyspace)?;
+        let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(tree) = self.tree(keyspace) else {
+            return Ok(Vec::new());
+        };
+        tree.scan_prefix(prefix)
+            .map(|entry| {
+                entry
+                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(|e| self.io_error(keyspace, "scanning", &e))
+            })
+            .collect()
+    }
+
+    fn commit(&self, batch: Batch) -> Result<()> {
+        validate(&batch)?;
+        let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+
+        // The transaction spans the trees the ops write (created if new) and the trees of
+        // preconditioned keyspaces that already exist. Each gets a slot in `trees`.
+        let mut trees = Vec::new();
+        let mut slot: HashMap<&str, usize> = HashMap::new();
+        for op in &batch.ops {
+            let (Op::Put { keyspace, .. } | Op::Delete { keyspace, .. }) = op;
+            if !slot.contains_key(keyspace.as_str()) {
+                slot.insert(keyspace, trees.len());
+                trees.push(self.tree_for_write(keyspace)?);
+            }
+        }
+        for precondition in &batch.preconditions {
+            let keyspace = precondition.target().0;
+            if !slot.contains_key(keyspace)
+                && let Some(tree) = self.tree(keyspace)
+            {
+                slot.insert(keyspace, trees.len());
+                trees.push(tree);
+            }
+        }
+
+        if trees.is_empty() {
+            // Nothing to write and no tree to read: every precondition names a keyspace
+            // that holds no keys.
+            return crate::mem::Keyspaces::default().check(&batch);
+        }
+        self.transact(&batch, &trees, &slot)?;
+        if batch.ops.is_empty() {
+            return Ok(());
+        }
+        self.db.flush().map_err(|e| {
+            Error::Io(format!(
+                "flushing sled database {} after a commit: {e}",
+                self.path.display()
+            ))
+        })?;
+        Ok(())
+    }
+
+    fn close(&self) -> Result<()> {
+        self.db.flush().map(drop).map_err(|e| {
+            Error::Io(format!(
+                "flushing sled database {}: {e}",
+                self.path.display()
+            ))
+        })
+    }
+
+    fn backend(&self) -> &'static str {
+        "sled"
+    }
+}
