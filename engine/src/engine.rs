@@ -361,10 +361,11 @@ impl Engine {
             status: rec.status,
             error: None,
         });
-        self.inner
-            .tx
-            .send(Msg::Load(Box::new((rec, tasks))))
-            .map_err(|_| Error::Unavailable("the engine has stopped".into()))?;
+        // The workflow is durable from here on: if the scheduler has just stopped, the next
+        // start recovers it, so the caller is still told it was created.
+        if self.inner.tx.send(Msg::Load(Box::new((rec, tasks)))).is_err() {
+            warn!(workflow_id = %id, "scheduler stopped; the workflow resumes on the next start");
+        }
         Ok(view)
     }
 

@@ -77,7 +77,7 @@ const SNAPSHOT: &str = "snapshot";
 const SNAPSHOT_TMP: &str = "snapshot.tmp";
 
 /// The journal size past which a commit triggers compaction, unless configured otherwise.
-pub const DEFAULT_COMPACT_THRESHOLD: u64 = 64 * 1024 * 1024;
+const DEFAULT_COMPACT_THRESHOLD: u64 = 64 * 1024 * 1024;
 
 /// How many puts go into one snapshot record, so that a large state does not become one
 /// huge record that must be buffered whole to check its checksum.
@@ -193,7 +193,8 @@ impl FileStore {
         })
     }
 
-    /// Sets the journal size, in bytes, past which a commit compacts the store.
+    /// Sets the journal size, in bytes, past which a commit compacts the store (64 MiB
+    /// unless set).
     pub fn with_compact_threshold(mut self, bytes: u64) -> Self {
         self.compact_threshold = bytes;
         self
@@ -523,7 +524,7 @@ fn decode_payload(payload: &[u8]) -> Result<Vec<Op>, String> {
         .collect()
 }
 
-/// CRC-32 (IEEE 802.3, reflected, as in zlib and `cksum -a crc32b`).
+/// CRC-32 (IEEE 802.3, reflected, as in zlib and gzip).
 fn crc32(bytes: &[u8]) -> u32 {
     const TABLE: [u32; 256] = {
         let mut table = [0u32; 256];
@@ -570,6 +571,20 @@ mod tests {
         assert!(!token.contains(' ') && !token.contains('\n'));
         assert_eq!(unquote(&token).unwrap(), all);
         assert_eq!(unquote("\"\"").unwrap(), b"");
+    }
+
+    #[test]
+    fn the_module_docs_show_a_real_record() {
+        let mut payload = Vec::new();
+        encode_put(&mut payload, "nodes", b"node-17", br#"{"state":"ready"}"#);
+        payload.extend_from_slice(b"del \"locks\" \"node-17\"\n");
+        let record = String::from_utf8(frame(&payload)).unwrap();
+        let docs = include_str!("file.rs");
+        let shown: String = record.lines().map(|line| format!("//! {line}\n")).collect();
+        assert!(
+            docs.contains(&shown),
+            "update the module docs to:\n{record}"
+        );
     }
 
     #[test]
