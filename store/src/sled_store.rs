@@ -214,9 +214,10 @@ impl Store for SledStore {
         }
         for precondition in &batch.preconditions {
             let keyspace = precondition.target().0;
-            if !slot.contains_key(keyspace)
-                && let Some(tree) = self.tree(keyspace)
-            {
+            if slot.contains_key(keyspace) {
+                continue;
+            }
+            if let Some(tree) = self.tree(keyspace) {
                 slot.insert(keyspace, trees.len());
                 trees.push(tree);
             }
@@ -231,9 +232,13 @@ impl Store for SledStore {
         if batch.ops.is_empty() {
             return Ok(());
         }
+        // sled has no way to take a committed transaction back, so if the flush fails the
+        // batch stays applied in memory and may or may not survive a crash. The error says
+        // so; the caller should treat the store as failed.
         self.db.flush().map_err(|e| {
             Error::Io(format!(
-                "flushing sled database {} after a commit: {e}",
+                "flushing sled database {} after a commit (the batch is applied but may not \
+                 be durable): {e}",
                 self.path.display()
             ))
         })?;
