@@ -75,6 +75,7 @@ use crate::{Batch, Bytes, Error, Op, Result, Store, check_keyspace};
 const JOURNAL: &str = "journal.log";
 const SNAPSHOT: &str = "snapshot";
 const SNAPSHOT_TMP: &str = "snapshot.tmp";
+const LOCK: &str = "LOCK";
 
 /// The journal size past which a commit triggers compaction, unless configured otherwise.
 const DEFAULT_COMPACT_THRESHOLD: u64 = 64 * 1024 * 1024;
@@ -95,6 +96,9 @@ pub struct FileStore {
     writer: Mutex<Writer>,
     /// Journal size, in bytes, past which a commit compacts.
     compact_threshold: u64,
+    /// An exclusive advisory lock on `LOCK`, held while the store is open, so that two
+    /// processes never append to one journal.
+    _lock: File,
 }
 
 struct Writer {
@@ -128,6 +132,20 @@ impl FileStore {
                 sync_dir(parent)?;
             }
         }
+
+        let lock_path = dir.join(LOCK);
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io_error(&lock_path, "opening", &e))?;
+        lock.try_lock().map_err(|_| {
+            Error::Io(format!(
+                "{}: the store is in use by another process",
+                dir.display()
+            ))
+        })?;
 
         let tmp = dir.join(SNAPSHOT_TMP);
         if tmp.exists() {
@@ -182,6 +200,7 @@ impl FileStore {
         }
 
         Ok(FileStore {
+            _lock: lock,
             dir: dir.to_owned(),
             state: RwLock::new(state),
             writer: Mutex::new(Writer {
