@@ -889,6 +889,27 @@ impl Definitions {
         Ok(())
     }
 
+    /// Deletes a user task definition; library ones cannot be deleted.
+    pub fn delete_task(&self, name: &str) -> Result<(), Error> {
+        if self.store.get(keys::TASKDEFS, name.as_bytes())?.is_none() {
+            return Err(if self.library.tasks.contains_key(name) {
+                Error::LibraryReadOnly {
+                    kind: "task",
+                    name: name.to_owned(),
+                }
+            } else {
+                Error::NotFound {
+                    kind: "task",
+                    name: name.to_owned(),
+                }
+            });
+        }
+        let mut b = Batch::new();
+        b.delete(keys::TASKDEFS, name.as_bytes());
+        self.store.commit(b)?;
+        Ok(())
+    }
+
     /// Resolves graph `name` with run options into a plan, enforcing required options.
     /// A graph that is itself invalid gives [`Error::Invalid`]; run options that are wrong or
     /// missing give [`Error::BadOptions`].

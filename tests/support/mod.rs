@@ -1,0 +1,209 @@
+//! Starting the real `metalgraph` binary for end-to-end tests: a free port, the address read
+//! from its first stdout line, and a guard that kills it when the test ends.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A running `metalgraph serve`.
+pub struct Server {
+    child: Child,
+    pub base: String,
+    pub node_base: Option<String>,
+}
+
+impl Server {
+    /// Starts `metalgraph serve` on a free loopback port with the given data dir, store and
+    /// extra arguments, and waits until it listens.
+    pub fn start(data_dir: &Path, store: &str, extra: &[&str]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_metalgraph"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--store", store])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("the metalgraph binary starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            // Forward every line, then keep draining so the child never blocks on a full pipe.
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let wants_node = extra.iter().any(|a| *a == "--node-listen" || *a == "--demo");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut got: (Option<String>, Option<String>) = (None, None);
+        while Instant::now() < deadline && (got.0.is_none() || (wants_node && got.1.is_none())) {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => {
+                    if let Some(rest) = line.split("node-facing listening on ").nth(1) {
+                        got.1 = Some(rest.trim().to_owned());
+                    } else if let Some(rest) = line.split("listening on ").nth(1) {
+                        got.0.get_or_insert_with(|| rest.trim().to_owned());
+                    }
+                }
+                Err(_) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        panic!("metalgraph exited early: {status}");
+                    }
+                }
+            }
+        }
+        let base = got.0.expect("metalgraph printed its listening address");
+        Server {
+            child,
+            base,
+            node_base: got.1,
+        }
+    }
+
+    /// Kills the process with SIGKILL, as a crash would, and reaps it.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for an orderly exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                panic!("metalgraph did not exit within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base.trim_end_matches('/'), path)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A small HTTP client for the management API.
+pub struct Api {
+    pub http: reqwest::Client,
+    pub base: String,
+}
+
+impl Api {
+    pub fn new(base: &str) -> Api {
+        Api {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            base: base.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.http.get(format!("{}{path}", self.base)).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn send(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.http.request(m, format!("{}{path}", self.base));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn put_yaml(&self, path: &str, yaml: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .header("content-type", "application/yaml")
+            .body(yaml.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Polls a workflow until it is finished, or panics after `limit`.
+    pub async fn wait(&self, id: &str, limit: Duration) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let (code, v) = self.get(&format!("/api/2.0/workflows/{id}")).await;
+            assert_eq!(code, 200, "GET workflow {id}: {v}");
+            if matches!(v["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "workflow {id} did not finish: {v:#}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// `label=state` pairs of a workflow view, in plan order.
+pub fn states(v: &Value) -> String {
+    v["tasks"]
+        .as_array()
+        .map(|ts| {
+            ts.iter()
+                .map(|t| format!("{}={}", t["label"].as_str().unwrap_or("?"), t["state"].as_str().unwrap_or("?")))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+/// A small deterministic pseudo-random generator (xorshift64*), seeded per test run.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn from_env_or_time() -> Rng {
+        let seed = std::env::var("METALGRAPH_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            });
+        eprintln!("random seed: METALGRAPH_TEST_SEED={seed}");
+        Rng(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `lo..hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo).max(1)
+    }
+}
