@@ -90,8 +90,10 @@ async fn setup(api: &Api) {
             .send(
                 "POST",
                 "/api/2.0/nodes",
-                Some(json!({"id": format!("crash-{i:02}"), "name": format!("crash-{i:02}"),
-                            "identifiers": [format!("02:00:00:00:10:{i:02x}")]})),
+                Some(
+                    json!({"id": format!("crash-{i:02}"), "name": format!("crash-{i:02}"),
+                            "identifiers": [format!("02:00:00:00:10:{i:02x}")]}),
+                ),
             )
             .await;
         assert_eq!(code, 201, "POST node: {body}");
@@ -117,7 +119,9 @@ async fn launch(api: &Api, launched: &mut Vec<(String, &'static str)>, rng: &mut
             return; // Killed mid-request: an unacknowledged run may or may not exist.
         };
         let code = r.status().as_u16();
-        let Ok(body) = r.json::<Value>().await else { return };
+        let Ok(body) = r.json::<Value>().await else {
+            return;
+        };
         match code {
             201 => launched.push((body["instanceId"].as_str().unwrap().to_owned(), graph)),
             409 => {} // The node is busy with an earlier workflow.
@@ -132,19 +136,40 @@ fn observe(api_views: &[Value], seen: &mut HashMap<(String, String), String>) {
         let id = v["instanceId"].as_str().unwrap_or_default().to_owned();
         let wf_key = (id.clone(), "(workflow)".to_owned());
         let wf_status = v["status"].as_str().unwrap_or_default().to_owned();
-        check_monotonic(seen, wf_key, wf_status, &["succeeded", "failed", "cancelled"]);
+        check_monotonic(
+            seen,
+            wf_key,
+            wf_status,
+            &["succeeded", "failed", "cancelled"],
+        );
         for t in v["tasks"].as_array().into_iter().flatten() {
-            let key = (id.clone(), t["label"].as_str().unwrap_or_default().to_owned());
+            let key = (
+                id.clone(),
+                t["label"].as_str().unwrap_or_default().to_owned(),
+            );
             let state = t["state"].as_str().unwrap_or_default().to_owned();
-            check_monotonic(seen, key, state, &["succeeded", "failed", "timeout", "cancelled", "skipped"]);
+            check_monotonic(
+                seen,
+                key,
+                state,
+                &["succeeded", "failed", "timeout", "cancelled", "skipped"],
+            );
         }
     }
 }
 
-fn check_monotonic(seen: &mut HashMap<(String, String), String>, key: (String, String), now: String, terminal: &[&str]) {
+fn check_monotonic(
+    seen: &mut HashMap<(String, String), String>,
+    key: (String, String),
+    now: String,
+    terminal: &[&str],
+) {
     if let Some(before) = seen.get(&key) {
         if terminal.contains(&before.as_str()) && *before != now {
-            panic!("{} of workflow {} was reported {before} and later {now}", key.1, key.0);
+            panic!(
+                "{} of workflow {} was reported {before} and later {now}",
+                key.1, key.0
+            );
         }
     }
     seen.insert(key, now);
@@ -162,10 +187,17 @@ async fn crash_loop(store: &str) {
     let mut server = Some(server);
 
     for kill in 0..KILLS {
-        let s = server.take().unwrap_or_else(|| Server::start(dir.path(), store, &[]));
+        let s = server
+            .take()
+            .unwrap_or_else(|| Server::start(dir.path(), store, &[]));
         let api = Api::new(&s.base);
         launch(&api, &mut launched, &mut rng).await;
-        if let Ok(r) = api.http.get(format!("{}/api/2.0/workflows", api.base)).send().await {
+        if let Ok(r) = api
+            .http
+            .get(format!("{}/api/2.0/workflows", api.base))
+            .send()
+            .await
+        {
             if let Ok(Value::Array(views)) = r.json::<Value>().await {
                 observe(&views, &mut seen);
             }
@@ -187,23 +219,38 @@ async fn crash_loop(store: &str) {
         launch(&api, &mut launched, &mut rng).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let expected: HashMap<&str, (&str, &str)> =
-        GRAPHS.iter().map(|(g, _, st, ts)| (*g, (*st, *ts))).collect();
+    let expected: HashMap<&str, (&str, &str)> = GRAPHS
+        .iter()
+        .map(|(g, _, st, ts)| (*g, (*st, *ts)))
+        .collect();
     let mut wrong = Vec::new();
     for (id, graph) in &launched {
         let v = api.wait(id, Duration::from_secs(120)).await;
         let (status, task_states) = expected[graph];
         if v["status"] != status || states(&v) != task_states {
-            wrong.push(format!("{graph} {id}: {} [{}], expected {status} [{task_states}]", v["status"], states(&v)));
+            wrong.push(format!(
+                "{graph} {id}: {} [{}], expected {status} [{task_states}]",
+                v["status"],
+                states(&v)
+            ));
         }
     }
     let (_, all) = api.get("/api/2.0/workflows").await;
     observe(all.as_array().unwrap(), &mut seen);
-    assert!(wrong.is_empty(), "{} wrong:\n{}", wrong.len(), wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "{} wrong:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
     // No node is left locked: every node takes a new workflow.
     for i in 0..NODES {
         let (code, body) = api
-            .send("POST", &format!("/api/2.0/nodes/crash-{i:02}/workflows"), Some(json!({"name": "Crash.Chain"})))
+            .send(
+                "POST",
+                &format!("/api/2.0/nodes/crash-{i:02}/workflows"),
+                Some(json!({"name": "Crash.Chain"})),
+            )
             .await;
         assert_eq!(code, 201, "node crash-{i:02} still locked: {body}");
     }

@@ -156,9 +156,8 @@ pub fn parse_value(value: Value, file: &str) -> Result<Definition, Problem> {
         .unwrap_or("")
         .to_owned();
     if obj.contains_key("tasks") {
-        let g: GraphDefinition = serde_json::from_value(value).map_err(|e| {
-            Problem::new(e.to_string()).in_file(file).graph(&name)
-        })?;
+        let g: GraphDefinition = serde_json::from_value(value)
+            .map_err(|e| Problem::new(e.to_string()).in_file(file).graph(&name))?;
         Ok(Definition::Graph(g))
     } else if obj.contains_key("implementsTask") {
         let t: TaskDefinition = serde_json::from_value(value)
@@ -284,9 +283,17 @@ pub fn resolve(
         if l.trim().is_empty() {
             problems.push(p("a task has an empty label".into()).field("label"));
         } else if RESERVED_LABELS.contains(&l) {
-            problems.push(p(format!("label '{l}' is reserved")).label(l).field("label"));
+            problems.push(
+                p(format!("label '{l}' is reserved"))
+                    .label(l)
+                    .field("label"),
+            );
         } else if l.contains('/') {
-            problems.push(p(format!("label '{l}' may not contain '/'")).label(l).field("label"));
+            problems.push(
+                p(format!("label '{l}' may not contain '/'"))
+                    .label(l)
+                    .field("label"),
+            );
         } else if !labels.insert(l) {
             problems.push(p(format!("duplicate label '{l}'")).label(l).field("label"));
         }
@@ -296,8 +303,10 @@ pub fn resolve(
     for (key, v) in &graph.options {
         if key != "defaults" && !labels.contains(key.as_str()) {
             problems.push(
-                p(format!("options name '{key}', which is not a task label of this graph"))
-                    .field(format!("options.{key}")),
+                p(format!(
+                    "options name '{key}', which is not a task label of this graph"
+                ))
+                .field(format!("options.{key}")),
             );
         } else if !v.is_object() {
             problems.push(p("must be a mapping".into()).field(format!("options.{key}")));
@@ -307,8 +316,10 @@ pub fn resolve(
         for key in run.keys() {
             if key != "defaults" && !labels.contains(key.as_str()) {
                 problems.push(
-                    p(format!("run options name '{key}', which is not a task label of this graph"))
-                        .field(format!("options.{key}")),
+                    p(format!(
+                        "run options name '{key}', which is not a task label of this graph"
+                    ))
+                    .field(format!("options.{key}")),
                 );
             }
         }
@@ -338,14 +349,14 @@ pub fn resolve(
         }
     }
 
-    if problems.is_empty() {
-        if let Some(cycle) = find_cycle(&planned) {
-            problems.push(
-                p(format!("waitOn forms a cycle: {}", cycle.join(" -> ")))
-                    .label(&cycle[0])
-                    .field("waitOn"),
-            );
-        }
+    if problems.is_empty()
+        && let Some(cycle) = find_cycle(&planned)
+    {
+        problems.push(
+            p(format!("waitOn forms a cycle: {}", cycle.join(" -> ")))
+                .label(&cycle[0])
+                .field("waitOn"),
+        );
     }
 
     if let (Some(run), true) = (run, problems.is_empty()) {
@@ -378,11 +389,16 @@ fn resolve_task(
 
     let def = match (&t.task_name, &t.task_definition) {
         (Some(_), Some(_)) => {
-            problems.push(p("give exactly one of taskName and taskDefinition, not both".into()).field("taskName"));
+            problems.push(
+                p("give exactly one of taskName and taskDefinition, not both".into())
+                    .field("taskName"),
+            );
             None
         }
         (None, None) => {
-            problems.push(p("give exactly one of taskName and taskDefinition".into()).field("taskName"));
+            problems.push(
+                p("give exactly one of taskName and taskDefinition".into()).field("taskName"),
+            );
             None
         }
         (Some(name), None) => match lookup.task(name) {
@@ -430,7 +446,11 @@ fn resolve_task(
         problems.push(
             p(format!(
                 "task {} implements unknown job {} (known jobs: {})",
-                if def.injectable_name.is_empty() { "(inline)" } else { &def.injectable_name },
+                if def.injectable_name.is_empty() {
+                    "(inline)"
+                } else {
+                    &def.injectable_name
+                },
                 def.implements_task,
                 jobs.names().collect::<Vec<_>>().join(", ")
             ))
@@ -501,7 +521,11 @@ fn resolve_task(
 }
 
 fn non_empty_or(s: &str, fallback: &str) -> String {
-    if s.is_empty() { fallback.to_owned() } else { s.to_owned() }
+    if s.is_empty() {
+        fallback.to_owned()
+    } else {
+        s.to_owned()
+    }
 }
 
 /// Shallow merge: keys of `layer` replace those of `into`.
@@ -534,9 +558,15 @@ fn parse_wait_on(
     let mut out = WaitOn::default();
     let check_label = |label: &str, field: &str| -> Result<(), (String, String)> {
         if label == own {
-            Err((field.to_owned(), format!("task waits on itself ('{label}')")))
+            Err((
+                field.to_owned(),
+                format!("task waits on itself ('{label}')"),
+            ))
         } else if !labels.contains(label) {
-            Err((field.to_owned(), format!("waits on unknown label '{label}'")))
+            Err((
+                field.to_owned(),
+                format!("waits on unknown label '{label}'"),
+            ))
         } else {
             Ok(())
         }
@@ -544,7 +574,10 @@ fn parse_wait_on(
     for (key, v) in w {
         if key == "anyOf" {
             let Some(any) = v.as_object() else {
-                return Err(("waitOn.anyOf".into(), "anyOf must map labels to states".into()));
+                return Err((
+                    "waitOn.anyOf".into(),
+                    "anyOf must map labels to states".into(),
+                ));
             };
             if any.is_empty() {
                 return Err(("waitOn.anyOf".into(), "anyOf is empty".into()));
@@ -558,7 +591,8 @@ fn parse_wait_on(
         } else {
             let field = format!("waitOn.{key}");
             check_label(key, &field)?;
-            out.all.push((key.clone(), parse_states(v).map_err(|e| (field, e))?));
+            out.all
+                .push((key.clone(), parse_states(v).map_err(|e| (field, e))?));
         }
     }
     Ok(out)
@@ -567,8 +601,11 @@ fn parse_wait_on(
 /// A cycle among `waitOn` edges, as labels with the first repeated at the end.
 fn find_cycle(tasks: &[PlannedTask]) -> Option<Vec<String>> {
     let mut g = DiGraphMap::<usize, ()>::new();
-    let index: BTreeMap<&str, usize> =
-        tasks.iter().enumerate().map(|(i, t)| (t.label.as_str(), i)).collect();
+    let index: BTreeMap<&str, usize> = tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.label.as_str(), i))
+        .collect();
     for (i, t) in tasks.iter().enumerate() {
         g.add_node(i);
         for dep in t.wait_on.labels() {
@@ -593,8 +630,10 @@ fn find_cycle(tasks: &[PlannedTask]) -> Option<Vec<String>> {
         loop {
             let next = g.neighbors(cur).filter(|n| members.contains(n)).min()?;
             if let Some(pos) = path.iter().position(|&x| x == next) {
-                let mut cycle: Vec<String> =
-                    path[pos..].iter().map(|&i| tasks[i].label.clone()).collect();
+                let mut cycle: Vec<String> = path[pos..]
+                    .iter()
+                    .map(|&i| tasks[i].label.clone())
+                    .collect();
                 cycle.push(tasks[next].label.clone());
                 return Some(cycle);
             }
@@ -623,9 +662,11 @@ fn check_required(
                 .is_some_and(|v| !v.is_null());
             if v.is_null() && !given {
                 problems.push(
-                    Problem::new(format!("option '{k}' is required: give it in options.defaults"))
-                        .graph(g)
-                        .field(format!("options.defaults.{k}")),
+                    Problem::new(format!(
+                        "option '{k}' is required: give it in options.defaults"
+                    ))
+                    .graph(g)
+                    .field(format!("options.defaults.{k}")),
                 );
             }
         }
@@ -674,7 +715,8 @@ pub fn validate_task(def: &TaskDefinition, jobs: &JobRegistry) -> Result<(), Pro
     let name = def.injectable_name.as_str();
     let mut problems = Vec::new();
     if name.trim().is_empty() {
-        problems.push(Problem::new("task definition has no injectableName").field("injectableName"));
+        problems
+            .push(Problem::new("task definition has no injectableName").field("injectableName"));
     }
     match jobs.get(&def.implements_task) {
         None => problems.push(
@@ -698,7 +740,11 @@ pub fn validate_task(def: &TaskDefinition, jobs: &JobRegistry) -> Result<(), Pro
             }
         }
     }
-    if problems.is_empty() { Ok(()) } else { Err(Problems(problems)) }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Problems(problems))
+    }
 }
 
 /// Why a definitions operation failed.
@@ -772,15 +818,21 @@ impl Definitions {
     ) -> Result<Option<T>, Error> {
         match self.store.get(ks, name.as_bytes())? {
             None => Ok(None),
-            Some(raw) => serde_json::from_slice(&raw).map(Some).map_err(|e| Error::Corrupt {
-                kind,
-                name: name.to_owned(),
-                message: e.to_string(),
-            }),
+            Some(raw) => serde_json::from_slice(&raw)
+                .map(Some)
+                .map_err(|e| Error::Corrupt {
+                    kind,
+                    name: name.to_owned(),
+                    message: e.to_string(),
+                }),
         }
     }
 
-    fn list<T: serde::de::DeserializeOwned>(&self, ks: &str, kind: &'static str) -> Result<Vec<T>, Error> {
+    fn list<T: serde::de::DeserializeOwned>(
+        &self,
+        ks: &str,
+        kind: &'static str,
+    ) -> Result<Vec<T>, Error> {
         self.store
             .scan_prefix(ks, b"")?
             .into_iter()
@@ -798,14 +850,22 @@ impl Definitions {
         if let Some(g) = self.read(keys::GRAPHS, "graph", name)? {
             return Ok(Some((g, Source::User)));
         }
-        Ok(self.library.graphs.get(name).map(|g| (g.clone(), Source::Library)))
+        Ok(self
+            .library
+            .graphs
+            .get(name)
+            .map(|g| (g.clone(), Source::Library)))
     }
 
     pub fn get_task(&self, name: &str) -> Result<Option<(TaskDefinition, Source)>, Error> {
         if let Some(t) = self.read(keys::TASKDEFS, "task", name)? {
             return Ok(Some((t, Source::User)));
         }
-        Ok(self.library.tasks.get(name).map(|t| (t.clone(), Source::Library)))
+        Ok(self
+            .library
+            .tasks
+            .get(name)
+            .map(|t| (t.clone(), Source::Library)))
     }
 
     /// Every graph, user definitions shadowing library ones, ordered by name.

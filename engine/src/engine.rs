@@ -284,18 +284,22 @@ impl Engine {
         self.create(req, None).await
     }
 
-    async fn create(&self, req: RunRequest, parent: Option<(ParentRef, String)>) -> Result<WorkflowView, Error> {
+    async fn create(
+        &self,
+        req: RunRequest,
+        parent: Option<(ParentRef, String)>,
+    ) -> Result<WorkflowView, Error> {
         if !self.is_healthy() || self.inner.shutdown.is_cancelled() {
             return Err(Error::Unavailable("the engine is shutting down".into()));
         }
         let plan = self.inner.defs.plan(&req.graph, &req.options)?;
-        if let Some(node) = &req.node {
-            if self.inner.nodes.get(node)?.is_none() {
-                return Err(Error::NotFound {
-                    kind: "node",
-                    id: node.clone(),
-                });
-            }
+        if let Some(node) = &req.node
+            && self.inner.nodes.get(node)?.is_none()
+        {
+            return Err(Error::NotFound {
+                kind: "node",
+                id: node.clone(),
+            });
         }
         let now = self.inner.clock.now_ms();
         let id = crate::new_id();
@@ -363,7 +367,12 @@ impl Engine {
         });
         // The workflow is durable from here on: if the scheduler has just stopped, the next
         // start recovers it, so the caller is still told it was created.
-        if self.inner.tx.send(Msg::Load(Box::new((rec, tasks)))).is_err() {
+        if self
+            .inner
+            .tx
+            .send(Msg::Load(Box::new((rec, tasks))))
+            .is_err()
+        {
             warn!(workflow_id = %id, "scheduler stopped; the workflow resumes on the next start");
         }
         Ok(view)
@@ -430,7 +439,10 @@ impl Engine {
             }
             out.push((rec.created_at, WorkflowView::build(&rec, &tasks)));
         }
-        out.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.instance_id.cmp(&b.1.instance_id)));
+        out.sort_by(|a, b| {
+            b.0.cmp(&a.0)
+                .then_with(|| a.1.instance_id.cmp(&b.1.instance_id))
+        });
         Ok(out.into_iter().map(|(_, v)| v).collect())
     }
 
@@ -674,7 +686,11 @@ impl Scheduler {
             })
             .collect();
         for id in orphans {
-            self.stop(&id, StopReason::Cancel, "its parent workflow no longer waits for it".into());
+            self.stop(
+                &id,
+                StopReason::Cancel,
+                "its parent workflow no longer waits for it".into(),
+            );
         }
         self.start_queued();
         self.flush_sync()?;
@@ -800,16 +816,21 @@ impl Scheduler {
                 outcome,
             } => self.job_done(&wf, idx, attempt, outcome),
             Msg::RetryDue { wf, idx } => {
-                if let Some(w) = self.wfs.get_mut(&wf) {
-                    if w.tasks[idx].state == TaskState::Pending && w.tasks[idx].retry_at.is_some() {
-                        w.tasks[idx].retry_at = None;
-                        self.advance(&wf);
-                    }
+                if let Some(w) = self.wfs.get_mut(&wf)
+                    && w.tasks[idx].state == TaskState::Pending
+                    && w.tasks[idx].retry_at.is_some()
+                {
+                    w.tasks[idx].retry_at = None;
+                    self.advance(&wf);
                 }
             }
             Msg::Deadline { wf } => {
                 if self.wfs.contains_key(&wf) {
-                    self.stop(&wf, StopReason::Deadline, "the workflow's deadline passed".into());
+                    self.stop(
+                        &wf,
+                        StopReason::Deadline,
+                        "the workflow's deadline passed".into(),
+                    );
                 }
             }
         }
@@ -832,8 +853,10 @@ impl Scheduler {
             restart: vec![false; n],
         };
         if let Some(d) = w.rec.deadline {
-            self.effects
-                .push(Effect::Timer(self.instant_at(d), Msg::Deadline { wf: id.clone() }));
+            self.effects.push(Effect::Timer(
+                self.instant_at(d),
+                Msg::Deadline { wf: id.clone() },
+            ));
         }
         for i in 0..n {
             let t = &mut w.tasks[i];
@@ -874,7 +897,9 @@ impl Scheduler {
     /// workflow when every task is terminal.
     fn advance(&mut self, id: &str) {
         let now = self.clock.now_ms();
-        let Some(w) = self.wfs.get_mut(id) else { return };
+        let Some(w) = self.wfs.get_mut(id) else {
+            return;
+        };
         loop {
             let mut changed = false;
             for i in 0..w.tasks.len() {
@@ -893,7 +918,8 @@ impl Scheduler {
                         t.retry_at = None;
                         t.finished_at = Some(now);
                         write_task(&mut self.batch, id, i, t);
-                        self.effects.push(Effect::Event(task_event(id, i, &w.rec.plan, t)));
+                        self.effects
+                            .push(Effect::Event(task_event(id, i, &w.rec.plan, t)));
                         changed = true;
                     }
                     Readiness::Ready if w.tasks[i].retry_at.is_none() => {
@@ -913,7 +939,9 @@ impl Scheduler {
     }
 
     fn finish_workflow(&mut self, id: &str) {
-        let Some(mut w) = self.wfs.remove(id) else { return };
+        let Some(mut w) = self.wfs.remove(id) else {
+            return;
+        };
         let status = w.outcome();
         w.rec.status = status;
         w.rec.finished_at = Some(self.clock.now_ms());
@@ -941,7 +969,9 @@ impl Scheduler {
 
     /// Stops a workflow early: records why, signals running jobs, skips pending tasks.
     fn stop(&mut self, id: &str, reason: StopReason, why: String) {
-        let Some(w) = self.wfs.get_mut(id) else { return };
+        let Some(w) = self.wfs.get_mut(id) else {
+            return;
+        };
         if w.rec.stop.is_some() {
             return;
         }
@@ -972,7 +1002,9 @@ impl Scheduler {
 
     fn start_task(&mut self, id: &str, idx: usize, job: Option<Arc<dyn Job>>, slot: bool) {
         let now = self.clock.now_ms();
-        let Some(w) = self.wfs.get_mut(id) else { return };
+        let Some(w) = self.wfs.get_mut(id) else {
+            return;
+        };
         w.queued[idx] = false;
         let restart = std::mem::take(&mut w.restart[idx]);
         if w.rec.stop.is_some() {
@@ -992,7 +1024,10 @@ impl Scheduler {
         let planned = &w.rec.plan.tasks[idx];
         // Render the options now, over the context as it stands.
         let rendered = match &job {
-            None => Err(format!("job {} is not available in this engine", planned.job)),
+            None => Err(format!(
+                "job {} is not available in this engine",
+                planned.job
+            )),
             Some(job) => {
                 let vars = json!({
                     "options": planned.options,
@@ -1040,7 +1075,12 @@ impl Scheduler {
                 error: None,
             }));
         }
-        self.effects.push(Effect::Event(task_event(id, idx, &w.rec.plan, &w.tasks[idx])));
+        self.effects.push(Effect::Event(task_event(
+            id,
+            idx,
+            &w.rec.plan,
+            &w.tasks[idx],
+        )));
         let attempt = w.tasks[idx].attempts;
         match rendered {
             Ok(options) => {
@@ -1109,7 +1149,9 @@ impl Scheduler {
 
     fn job_done(&mut self, id: &str, idx: usize, attempt: u32, outcome: Outcome) {
         let now = self.clock.now_ms();
-        let Some(w) = self.wfs.get_mut(id) else { return };
+        let Some(w) = self.wfs.get_mut(id) else {
+            return;
+        };
         if w.tasks[idx].state != TaskState::Running || w.tasks[idx].attempts != attempt {
             return; // A stale result from an attempt that no longer counts.
         }
@@ -1153,7 +1195,8 @@ impl Scheduler {
             t.retry_at = Some(now + delay);
             t.deadline = None;
             write_task(&mut self.batch, id, idx, t);
-            self.effects.push(Effect::Event(task_event(id, idx, &w.rec.plan, t)));
+            self.effects
+                .push(Effect::Event(task_event(id, idx, &w.rec.plan, t)));
             self.effects.push(Effect::Timer(
                 Instant::now() + Duration::from_millis(delay),
                 Msg::RetryDue {
@@ -1170,14 +1213,12 @@ impl Scheduler {
         t.state = state;
         t.finished_at = Some(now);
         write_task(&mut self.batch, id, idx, t);
-        self.effects.push(Effect::Event(task_event(id, idx, &w.rec.plan, t)));
+        self.effects
+            .push(Effect::Event(task_event(id, idx, &w.rec.plan, t)));
         if state.is_failure() {
             warn!(workflow_id = %id, label = %label, error = ?error, %state, "task failed");
             if !w.handled(idx, state) {
-                let why = format!(
-                    "task '{label}' {state}: {}",
-                    error.unwrap_or_default()
-                );
+                let why = format!("task '{label}' {state}: {}", error.unwrap_or_default());
                 self.stop(id, StopReason::Failure, why);
             }
         }
@@ -1186,7 +1227,11 @@ impl Scheduler {
 }
 
 fn fmt_ms(ms: u64) -> String {
-    if ms % 1000 == 0 { format!("{}s", ms / 1000) } else { format!("{ms}ms") }
+    if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
 }
 
 fn task_event(id: &str, idx: usize, plan: &Plan, t: &TaskRecord) -> Event {
@@ -1228,7 +1273,11 @@ async fn supervise(
         _ = sleep => { token.cancel(); true }
     };
     let _ = tokio::time::timeout(grace, &mut fut).await;
-    if timed_out { Outcome::Timeout } else { Outcome::Cancelled }
+    if timed_out {
+        Outcome::Timeout
+    } else {
+        Outcome::Cancelled
+    }
 }
 
 /// What the engine lends to jobs.
@@ -1255,7 +1304,11 @@ impl JobServices for Services {
         Box::pin(async move {
             let (tx, rx) = oneshot::channel();
             {
-                let mut waiters = engine.inner.waiters.lock().unwrap_or_else(|e| e.into_inner());
+                let mut waiters = engine
+                    .inner
+                    .waiters
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 waiters.insert(
                     ctx.task_id.clone(),
                     Waiter {
@@ -1286,7 +1339,12 @@ impl JobServices for Services {
     }
 }
 
-async fn run_subgraph(engine: Engine, ctx: JobContext, graph: String, options: Options) -> JobResult {
+async fn run_subgraph(
+    engine: Engine,
+    ctx: JobContext,
+    graph: String,
+    options: Options,
+) -> JobResult {
     use crate::job::JobError;
     let child_key = format!("{}/{}", ctx.task_id, ctx.retry);
     let mut events = engine.subscribe();
@@ -1333,20 +1391,22 @@ async fn run_subgraph(engine: Engine, ctx: JobContext, graph: String, options: O
         }
     };
     loop {
-        if let Some(view) = engine.get(&child_id).map_err(|e| JobError::new(e.to_string()))? {
-            if view.status.is_terminal() {
-                return match view.status {
-                    WorkflowStatus::Succeeded => Ok(json!({
-                        "workflowId": child_id,
-                        "status": view.status,
-                        "context": Value::Object(view.context),
-                    })),
-                    s => Err(JobError::new(format!(
-                        "subgraph {graph} ({child_id}) ended {s}: {}",
-                        view.error.unwrap_or_default()
-                    ))),
-                };
-            }
+        if let Some(view) = engine
+            .get(&child_id)
+            .map_err(|e| JobError::new(e.to_string()))?
+            && view.status.is_terminal()
+        {
+            return match view.status {
+                WorkflowStatus::Succeeded => Ok(json!({
+                    "workflowId": child_id,
+                    "status": view.status,
+                    "context": Value::Object(view.context),
+                })),
+                s => Err(JobError::new(format!(
+                    "subgraph {graph} ({child_id}) ended {s}: {}",
+                    view.error.unwrap_or_default()
+                ))),
+            };
         }
         tokio::select! {
             ev = events.recv() => match ev {
@@ -1373,7 +1433,11 @@ impl Default for GraphRunJob {
         use crate::job::{OptionKind, OptionSchema};
         Self {
             schema: OptionSchema::new()
-                .required("graphName", OptionKind::String, "the graph to run as a subgraph")
+                .required(
+                    "graphName",
+                    OptionKind::String,
+                    "the graph to run as a subgraph",
+                )
                 .optional(
                     "graphOptions",
                     OptionKind::Object,

@@ -75,15 +75,19 @@ impl JobContext {
 
     /// A boolean option, with a default.
     pub fn bool_or(&self, key: &str, default: bool) -> bool {
-        self.options.get(key).and_then(Value::as_bool).unwrap_or(default)
+        self.options
+            .get(key)
+            .and_then(Value::as_bool)
+            .unwrap_or(default)
     }
 
     /// A duration option (`"250ms"`, `"2s"`, or a number of milliseconds), with a default.
     pub fn duration_or(&self, key: &str, default: Duration) -> Result<Duration, JobError> {
         match self.options.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => value_to_duration(v)
-                .map_err(|e| JobError::new(format!("option '{key}': {e}"))),
+            Some(v) => {
+                value_to_duration(v).map_err(|e| JobError::new(format!("option '{key}': {e}")))
+            }
         }
     }
 }

@@ -212,7 +212,10 @@ pub struct WaitOn {
 impl WaitOn {
     /// Every label this wait names.
     pub fn labels(&self) -> impl Iterator<Item = &str> {
-        self.all.iter().chain(self.any.iter()).map(|(l, _)| l.as_str())
+        self.all
+            .iter()
+            .chain(self.any.iter())
+            .map(|(l, _)| l.as_str())
     }
 
     /// Whether some entry naming `label` accepts `state` (so a failure of `label` in that
@@ -293,7 +296,9 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
         }
         let n: f64 = rest[..num_end].parse().map_err(|_| bad())?;
         rest = &rest[num_end..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let factor_ms = match &rest[..unit_end] {
             "ms" => 1.0,
             "s" => 1_000.0,
@@ -356,16 +361,27 @@ mod tests {
                 ("c".into(), vec![WaitState::Finished]),
             ],
         };
-        let st = |a, b, c| move |l: &str| match l {
-            "a" => a,
-            "b" => b,
-            _ => c,
+        let st = |a, b, c| {
+            move |l: &str| match l {
+                "a" => a,
+                "b" => b,
+                _ => c,
+            }
         };
         assert_eq!(w.decide(st(Pending, Pending, Pending)), Readiness::Waiting);
-        assert_eq!(w.decide(st(Succeeded, Pending, Pending)), Readiness::Waiting);
-        assert_eq!(w.decide(st(Succeeded, Succeeded, Pending)), Readiness::Waiting);
+        assert_eq!(
+            w.decide(st(Succeeded, Pending, Pending)),
+            Readiness::Waiting
+        );
+        assert_eq!(
+            w.decide(st(Succeeded, Succeeded, Pending)),
+            Readiness::Waiting
+        );
         assert_eq!(w.decide(st(Succeeded, Failed, Pending)), Readiness::Ready);
-        assert_eq!(w.decide(st(Succeeded, Succeeded, Skipped)), Readiness::Ready);
+        assert_eq!(
+            w.decide(st(Succeeded, Succeeded, Skipped)),
+            Readiness::Ready
+        );
         assert_eq!(w.decide(st(Failed, Failed, Skipped)), Readiness::Never);
         assert!(w.accepts("b", Failed));
         assert!(!w.accepts("b", Timeout));

@@ -134,13 +134,18 @@ pub fn redact_obm(obm: &mut Value) {
 pub fn looks_like_mac(s: &str) -> bool {
     s.len() == 17
         && s.split(':').count() == 6
-        && s.split(':').all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+        && s.split(':')
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// Normalises a MAC-like identifier to lower case with colons; other identifiers unchanged.
 pub fn normalize_identifier(s: &str) -> String {
     let t = s.trim().replace('-', ":").to_ascii_lowercase();
-    if looks_like_mac(&t) { t } else { s.trim().to_owned() }
+    if looks_like_mac(&t) {
+        t
+    } else {
+        s.trim().to_owned()
+    }
 }
 
 /// Why a node operation failed.
@@ -224,7 +229,11 @@ impl Nodes {
         if node.id.is_empty() {
             node.id = crate::new_id();
         }
-        node.identifiers = node.identifiers.iter().map(|i| normalize_identifier(i)).collect();
+        node.identifiers = node
+            .identifiers
+            .iter()
+            .map(|i| normalize_identifier(i))
+            .collect();
         node.identifiers.dedup();
         let now = now_rfc3339();
         node.created_at = now.clone();
@@ -246,13 +255,19 @@ impl Nodes {
     /// Replaces a node (optimistically: fails with `Conflict` if it changed meanwhile).
     /// `update` receives the stored node and changes it in place.
     pub fn update(&self, id: &str, update: impl FnOnce(&mut Node)) -> Result<Node, Error> {
-        let (old, raw) = self.read(id)?.ok_or_else(|| Error::NotFound(id.to_owned()))?;
+        let (old, raw) = self
+            .read(id)?
+            .ok_or_else(|| Error::NotFound(id.to_owned()))?;
         let mut node = old.clone();
         update(&mut node);
         node.id = old.id.clone();
         node.created_at = old.created_at.clone();
         node.updated_at = now_rfc3339();
-        node.identifiers = node.identifiers.iter().map(|i| normalize_identifier(i)).collect();
+        node.identifiers = node
+            .identifiers
+            .iter()
+            .map(|i| normalize_identifier(i))
+            .collect();
         node.identifiers.dedup();
         let mut batch = Batch::new();
         batch.require_equals(keys::NODES, id.as_bytes(), raw);
@@ -267,7 +282,9 @@ impl Nodes {
 
     /// Deletes a node with its catalogs. Refused while a workflow runs on it.
     pub fn delete(&self, id: &str) -> Result<(), Error> {
-        let (node, raw) = self.read(id)?.ok_or_else(|| Error::NotFound(id.to_owned()))?;
+        let (node, raw) = self
+            .read(id)?
+            .ok_or_else(|| Error::NotFound(id.to_owned()))?;
         if let Some(wf) = self.store.get(keys::NODE_LOCKS, id.as_bytes())? {
             return Err(Error::Busy {
                 id: id.to_owned(),
@@ -280,7 +297,10 @@ impl Nodes {
         for ident in &node.identifiers {
             batch.delete(keys::NODE_IDENTS, ident.as_bytes());
         }
-        for (k, _) in self.store.scan_prefix(keys::CATALOGS, &catalog_prefix(id))? {
+        for (k, _) in self
+            .store
+            .scan_prefix(keys::CATALOGS, &catalog_prefix(id))?
+        {
             batch.delete(keys::CATALOGS, k);
         }
         batch.delete(keys::NODES, id.as_bytes());
@@ -295,7 +315,12 @@ impl Nodes {
         }
     }
 
-    fn index_identifiers(&self, batch: &mut Batch, node: &Node, old: &[String]) -> Result<(), Error> {
+    fn index_identifiers(
+        &self,
+        batch: &mut Batch,
+        node: &Node,
+        old: &[String],
+    ) -> Result<(), Error> {
         for ident in old.iter().filter(|i| !node.identifiers.contains(i)) {
             batch.delete(keys::NODE_IDENTS, ident.as_bytes());
         }
@@ -311,7 +336,11 @@ impl Nodes {
                 }
             }
             batch.require_absent(keys::NODE_IDENTS, ident.as_bytes());
-            batch.put(keys::NODE_IDENTS, ident.as_bytes(), node.id.as_bytes().to_vec());
+            batch.put(
+                keys::NODE_IDENTS,
+                ident.as_bytes(),
+                node.id.as_bytes().to_vec(),
+            );
         }
         Ok(())
     }
@@ -330,7 +359,11 @@ impl Nodes {
         let mut key = catalog_prefix(id);
         key.extend_from_slice(source.as_bytes());
         let mut batch = Batch::new();
-        batch.put(keys::CATALOGS, key, serde_json::to_vec(&record).unwrap_or_default());
+        batch.put(
+            keys::CATALOGS,
+            key,
+            serde_json::to_vec(&record).unwrap_or_default(),
+        );
         self.store.commit(batch)?;
         Ok(())
     }

@@ -47,7 +47,11 @@ impl Renderer {
 
     /// Renders every template string inside `options` (recursively through objects and
     /// lists). Errors name the option path at fault.
-    pub fn render_options(&self, options: &Map<String, Value>, vars: &Value) -> Result<Map<String, Value>, String> {
+    pub fn render_options(
+        &self,
+        options: &Map<String, Value>,
+        vars: &Value,
+    ) -> Result<Map<String, Value>, String> {
         let mut out = Map::new();
         for (k, v) in options {
             out.insert(k.clone(), self.render_value(v, vars, k)?);
@@ -70,7 +74,12 @@ impl Renderer {
             ),
             Value::Object(m) => Value::Object(
                 m.iter()
-                    .map(|(k, x)| Ok((k.clone(), self.render_value(x, vars, &format!("{path}.{k}"))?)))
+                    .map(|(k, x)| {
+                        Ok((
+                            k.clone(),
+                            self.render_value(x, vars, &format!("{path}.{k}"))?,
+                        ))
+                    })
                     .collect::<Result<_, String>>()?,
             ),
             other => other.clone(),
@@ -93,7 +102,9 @@ impl Renderer {
         match rendered.trim() {
             "true" | "True" => Ok(true),
             "false" | "False" | "" => Ok(false),
-            other => Err(format!("condition rendered {other:?}, expected true or false")),
+            other => Err(format!(
+                "condition rendered {other:?}, expected true or false"
+            )),
         }
     }
 }
@@ -117,12 +128,18 @@ mod tests {
     #[test]
     fn renders_nested_and_fails_strictly() {
         let r = Renderer::new();
-        let vars = json!({"options": {"imageUrl": "http://x/a.iso"}, "context": {"probe": {"n": 3}}});
+        let vars =
+            json!({"options": {"imageUrl": "http://x/a.iso"}, "context": {"probe": {"n": 3}}});
         let opts = json!({"image": "{{ options.imageUrl }}", "list": ["{{ context.probe.n }}", 1], "plain": "x"});
         let out = r.render_options(opts.as_object().unwrap(), &vars).unwrap();
-        assert_eq!(Value::Object(out), json!({"image": "http://x/a.iso", "list": ["3", 1], "plain": "x"}));
+        assert_eq!(
+            Value::Object(out),
+            json!({"image": "http://x/a.iso", "list": ["3", 1], "plain": "x"})
+        );
         let bad = json!({"image": "{{ options.missing }}"});
-        let err = r.render_options(bad.as_object().unwrap(), &vars).unwrap_err();
+        let err = r
+            .render_options(bad.as_object().unwrap(), &vars)
+            .unwrap_err();
         assert!(err.contains("option 'image'"), "{err}");
         assert!(err.contains("undefined"), "{err}");
         assert!(r.truthy("context.probe.n == 3", &vars).unwrap());

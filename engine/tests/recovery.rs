@@ -95,9 +95,18 @@ fn outcomes(engine: &metalgraph_engine::Engine) -> BTreeMap<String, (WorkflowSta
         .collect()
 }
 
-fn count_successes(events: &mut tokio::sync::broadcast::Receiver<Event>, seen: &mut HashMap<(String, String), usize>) {
+fn count_successes(
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    seen: &mut HashMap<(String, String), usize>,
+) {
     while let Ok(ev) = events.try_recv() {
-        if let Event::Task { workflow_id, label, state: TaskState::Succeeded, .. } = ev {
+        if let Event::Task {
+            workflow_id,
+            label,
+            state: TaskState::Succeeded,
+            ..
+        } = ev
+        {
             *seen.entry((workflow_id, label)).or_default() += 1;
         }
     }
@@ -174,7 +183,10 @@ async fn every_commit_point_recovers_to_the_same_end() {
     let (expected, commits) = reference().await;
     assert_eq!(expected.len(), RUNS.len());
     assert_eq!(expected["G.failfast"].0, WorkflowStatus::Failed);
-    assert_eq!(expected["G.failfast"].1, "a=succeeded boom=failed slow=cancelled never=skipped");
+    assert_eq!(
+        expected["G.failfast"].1,
+        "a=succeeded boom=failed slow=cancelled never=skipped"
+    );
     assert_eq!(expected["G.timeout"].1, "h=timeout on-timeout=succeeded");
     assert!(commits > 20, "the scenario makes {commits} commits");
 
@@ -195,7 +207,10 @@ async fn every_commit_point_recovers_to_the_same_end() {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(4 * 3600);
         while h.engine.is_healthy() && tokio::time::Instant::now() < deadline {
             let all_done = ids.iter().all(|id| {
-                h.engine.get(id).unwrap().is_some_and(|v| v.status.is_terminal())
+                h.engine
+                    .get(id)
+                    .unwrap()
+                    .is_some_and(|v| v.status.is_terminal())
             });
             if all_done {
                 break;
@@ -210,34 +225,62 @@ async fn every_commit_point_recovers_to_the_same_end() {
 
         let h2 = s.engine(s.store.clone());
         let mut events = h2.engine.subscribe();
-        let all: Vec<String> = h2.engine.list(&Default::default()).unwrap().into_iter().map(|w| w.instance_id).collect();
+        let all: Vec<String> = h2
+            .engine
+            .list(&Default::default())
+            .unwrap()
+            .into_iter()
+            .map(|w| w.instance_id)
+            .collect();
         assert!(all.len() >= ids.len());
         wait_all(&h2, &all).await;
         tokio::time::sleep(Duration::from_millis(10)).await;
         count_successes(&mut events, &mut successes);
         let got = outcomes(&h2.engine);
         for (graph, end) in &got {
-            assert_eq!(Some(end), expected.get(graph), "crash at commit {budget}: {graph}");
+            assert_eq!(
+                Some(end),
+                expected.get(graph),
+                "crash at commit {budget}: {graph}"
+            );
         }
         if let Some(((wf, label), n)) = successes.iter().find(|(_, n)| **n > 1) {
             panic!("crash at commit {budget}: task {label} of {wf} reported succeeded {n} times");
         }
         // Nothing is left locked or active.
         for n in ["n1", "n2", "n3"] {
-            assert_eq!(h2.engine.nodes().active_workflow(n).unwrap(), None, "crash at {budget}");
+            assert_eq!(
+                h2.engine.nodes().active_workflow(n).unwrap(),
+                None,
+                "crash at {budget}"
+            );
         }
-        assert!(h2.engine.list(&metalgraph_engine::ListFilter { active: Some(true), node: None }).unwrap().is_empty());
+        assert!(
+            h2.engine
+                .list(&metalgraph_engine::ListFilter {
+                    active: Some(true),
+                    node: None
+                })
+                .unwrap()
+                .is_empty()
+        );
         h2.stop().await;
     }
     // Group commit makes the number of commits vary a little from run to run; nearly every
     // budget short of the whole scenario must really have cut the engine off.
-    assert!(crashed * 4 >= commits * 3, "of {commits} crash points, only {crashed} crashed");
+    assert!(
+        crashed * 4 >= commits * 3,
+        "of {commits} crash points, only {crashed} crashed"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn stops_at_many_moments_recover_to_the_same_end() {
     let (expected, _) = reference().await;
-    for ms in [0u64, 1, 5, 20, 300, 999, 1_000, 1_001, 1_500, 2_000, 2_500, 3_000, 4_000, 4_999, 5_000, 6_000] {
+    for ms in [
+        0u64, 1, 5, 20, 300, 999, 1_000, 1_001, 1_500, 2_000, 2_500, 3_000, 4_000, 4_999, 5_000,
+        6_000,
+    ] {
         let s = Scenario::new();
         let h = s.engine(s.store.clone());
         s.nodes(&h);
@@ -267,7 +310,10 @@ async fn deadlines_and_attempts_carry_over_a_restart() {
     let h2 = start(s.store.clone(), &[g], |o| o.clock = clock);
     let end = h2.wait(&v.instance_id).await;
     assert_eq!(end.tasks[0].state, TaskState::Timeout);
-    assert_eq!(end.tasks[0].attempts, 2, "the restart raised the attempt count");
+    assert_eq!(
+        end.tasks[0].attempts, 2,
+        "the restart raised the attempt count"
+    );
     let took = t0.elapsed();
     assert!(
         took >= Duration::from_secs(10) && took < Duration::from_secs(11),
@@ -291,6 +337,9 @@ async fn a_retry_waiting_at_a_crash_keeps_its_schedule() {
     assert_eq!(end.status, WorkflowStatus::Succeeded);
     assert_eq!(end.tasks[0].attempts, 2);
     let took = t0.elapsed();
-    assert!(took >= Duration::from_secs(30) && took < Duration::from_secs(31), "{took:?}");
+    assert!(
+        took >= Duration::from_secs(30) && took < Duration::from_secs(31),
+        "{took:?}"
+    );
     h2.stop().await;
 }

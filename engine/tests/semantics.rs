@@ -277,7 +277,10 @@ async fn every_rule_reaches_its_expected_end() {
                 got.0,
                 got.1,
                 end.error,
-                end.tasks.iter().map(|t| (&t.label, &t.error)).collect::<Vec<_>>()
+                end.tasks
+                    .iter()
+                    .map(|t| (&t.label, &t.error))
+                    .collect::<Vec<_>>()
             ));
         }
         h.stop().await;
@@ -300,7 +303,10 @@ tasks:
     assert_eq!(end.tasks[0].attempts, 3);
     // Backoff doubles: 10 s, then 20 s.
     let waited = t0.elapsed();
-    assert!(waited >= Duration::from_secs(30) && waited < Duration::from_secs(31), "{waited:?}");
+    assert!(
+        waited >= Duration::from_secs(30) && waited < Duration::from_secs(31),
+        "{waited:?}"
+    );
     assert_eq!(end.context["a"]["retry"], json!(2));
     h.stop().await;
 }
@@ -321,7 +327,11 @@ tasks:
 "#;
     let h = start(Arc::new(MemStore::new()), &[g], |_| {});
     let v = h
-        .run("G", json!({"defaults": {"runDefault": 1}, "c": {"level": "run-label"}}), None)
+        .run(
+            "G",
+            json!({"defaults": {"runDefault": 1}, "c": {"level": "run-label"}}),
+            None,
+        )
         .await;
     let end = h.wait(&v.instance_id).await;
     assert_eq!(end.status, WorkflowStatus::Succeeded, "{end:#?}");
@@ -348,7 +358,9 @@ tasks:
     assert_eq!(end.context["taskdef"]["level"], json!("taskdef"));
     assert_eq!(end.context["job"]["level"], json!("job"));
     assert_eq!(end.context["run-defaults"]["level"], json!("override"));
-    let v = h.run("G2", json!({"defaults": {"level": "run-defaults"}}), None).await;
+    let v = h
+        .run("G2", json!({"defaults": {"level": "run-defaults"}}), None)
+        .await;
     let end = h.wait(&v.instance_id).await;
     assert_eq!(end.context["run-defaults"]["level"], json!("run-defaults"));
     h.stop().await;
@@ -418,9 +430,16 @@ tasks:
     assert_eq!(states(&end), "a=cancelled sub=cancelled b=skipped");
     let child_end = h.wait(&child.instance_id).await;
     assert_eq!(child_end.status, WorkflowStatus::Cancelled);
-    assert_eq!(h.probe.cleaned_up.load(Ordering::SeqCst), 2, "both hanging jobs cleaned up");
+    assert_eq!(
+        h.probe.cleaned_up.load(Ordering::SeqCst),
+        2,
+        "both hanging jobs cleaned up"
+    );
     // Cancelling again is a conflict: it already finished.
-    assert!(matches!(h.engine.cancel(&v.instance_id).await, Err(Error::Conflict(_))));
+    assert!(matches!(
+        h.engine.cancel(&v.instance_id).await,
+        Err(Error::Conflict(_))
+    ));
     h.stop().await;
 }
 
@@ -457,7 +476,10 @@ async fn one_active_workflow_per_node() {
     h.wait(&first.instance_id).await;
     // Free again once the first finished.
     let third = h.run("G", json!({}), Some("n1")).await;
-    assert_eq!(h.wait(&third.instance_id).await.status, WorkflowStatus::Succeeded);
+    assert_eq!(
+        h.wait(&third.instance_id).await.status,
+        WorkflowStatus::Succeeded
+    );
     h.stop().await;
 }
 
@@ -555,8 +577,14 @@ tasks:
     let h = start(Arc::new(MemStore::new()), &[g], |o| o.max_running_jobs = 2);
     let a = h.run("G", json!({}), None).await;
     let b = h.run("G", json!({}), None).await;
-    assert_eq!(h.wait(&a.instance_id).await.status, WorkflowStatus::Succeeded);
-    assert_eq!(h.wait(&b.instance_id).await.status, WorkflowStatus::Succeeded);
+    assert_eq!(
+        h.wait(&a.instance_id).await.status,
+        WorkflowStatus::Succeeded
+    );
+    assert_eq!(
+        h.wait(&b.instance_id).await.status,
+        WorkflowStatus::Succeeded
+    );
     assert_eq!(h.probe.peak.load(Ordering::SeqCst), 2);
     h.stop().await;
 }

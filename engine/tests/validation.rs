@@ -97,7 +97,10 @@ fn invalid_graphs_are_named_precisely() {
             "{injectableName: G, tasks: [{label: a, taskName: Task.Noop, waitOn: {anyOf: {}}}]}",
             "field 'waitOn.anyOf': anyOf is empty",
         ),
-        ("{injectableName: G, tasks: []}", "graph G, field 'tasks': graph has no tasks"),
+        (
+            "{injectableName: G, tasks: []}",
+            "graph G, field 'tasks': graph has no tasks",
+        ),
     ];
     let mut bad = Vec::new();
     for (yaml, want) in cases {
@@ -118,7 +121,10 @@ fn unparsable_files_name_the_file() {
         ("tasks: [unclosed", "test.yaml: not valid YAML or JSON"),
         ("just a string", "test.yaml: a definition must be a mapping"),
         ("{friendlyName: x}", "neither a graph"),
-        ("{injectableName: G, tasks: {a: 1}}", "test.yaml, graph G: invalid type"),
+        (
+            "{injectableName: G, tasks: {a: 1}}",
+            "test.yaml, graph G: invalid type",
+        ),
         ("", "test.yaml: holds no definition"),
     ];
     for (yaml, want) in cases {
@@ -174,7 +180,10 @@ fn a_rackhd_graph_loads_unchanged() {
     // Required options surface when it is run without them.
     let run = Default::default();
     let err = resolve(g, &lib, &common::jobs(&probe), Some(&run)).unwrap_err();
-    assert!(err.to_string().contains("option 'version' is required"), "{err}");
+    assert!(
+        err.to_string().contains("option 'version' is required"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -1039,7 +1039,7 @@ mod file_journal {
 fn a_file_store_is_opened_by_one_owner_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
     let first = metalgraph_store::FileStore::open(dir.path()).unwrap();
-    let err = metalgraph_store::FileStore::open(dir.path()).err().expect("second open refused");
+    let err = metalgraph_store::FileStore::open(dir.path()).expect_err("second open refused");
     assert!(err.to_string().contains("in use"), "{err}");
     drop(first);
     metalgraph_store::FileStore::open(dir.path()).expect("reopens once released");

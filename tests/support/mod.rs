@@ -38,7 +38,9 @@ impl Server {
                 let _ = tx.send(line);
             }
         });
-        let wants_node = extra.iter().any(|a| *a == "--node-listen" || *a == "--demo");
+        let wants_node = extra
+            .iter()
+            .any(|a| *a == "--node-listen" || *a == "--demo");
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut got: (Option<String>, Option<String>) = (None, None);
         while Instant::now() < deadline && (got.0.is_none() || (wants_node && got.1.is_none())) {
@@ -117,7 +119,12 @@ impl Api {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.http.get(format!("{}{path}", self.base)).send().await.unwrap();
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
@@ -152,10 +159,16 @@ impl Api {
         loop {
             let (code, v) = self.get(&format!("/api/2.0/workflows/{id}")).await;
             assert_eq!(code, 200, "GET workflow {id}: {v}");
-            if matches!(v["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+            if matches!(
+                v["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
                 return v;
             }
-            assert!(Instant::now() < deadline, "workflow {id} did not finish: {v:#}");
+            assert!(
+                Instant::now() < deadline,
+                "workflow {id} did not finish: {v:#}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -167,7 +180,13 @@ pub fn states(v: &Value) -> String {
         .as_array()
         .map(|ts| {
             ts.iter()
-                .map(|t| format!("{}={}", t["label"].as_str().unwrap_or("?"), t["state"].as_str().unwrap_or("?")))
+                .map(|t| {
+                    format!(
+                        "{}={}",
+                        t["label"].as_str().unwrap_or("?"),
+                        t["state"].as_str().unwrap_or("?")
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(" ")
         })

@@ -94,7 +94,11 @@ async fn run_test_job(name: &str, ctx: &JobContext, probe: &Probe) -> JobResult 
         }
         // Fails while fewer than `failTimes` earlier attempts have failed.
         "flaky" => {
-            let n = ctx.options.get("failTimes").and_then(Value::as_u64).unwrap_or(1);
+            let n = ctx
+                .options
+                .get("failTimes")
+                .and_then(Value::as_u64)
+                .unwrap_or(1);
             if u64::from(ctx.retry) < n {
                 Err(JobError::new(format!("flaky failure {}", ctx.retry + 1)))
             } else {
@@ -113,8 +117,10 @@ pub fn jobs(probe: &Arc<Probe>) -> JobRegistry {
         probe: probe.clone(),
     };
     let mut echo = OptionSchema::new();
-    echo.options.insert("level", spec(OptionKind::String, Some(json!("job"))));
-    echo.options.insert("count", spec(OptionKind::Integer, None));
+    echo.options
+        .insert("level", spec(OptionKind::String, Some(json!("job"))));
+    echo.options
+        .insert("count", spec(OptionKind::Integer, None));
     reg.register(mk("noop", OptionSchema::new()));
     reg.register(mk("echo", echo));
     reg.register(mk(
@@ -160,7 +166,11 @@ pub struct Harness {
     pub probe: Arc<Probe>,
 }
 
-pub fn start(store: Arc<dyn Store>, graphs: &[&str], tweak: impl FnOnce(&mut EngineOptions)) -> Harness {
+pub fn start(
+    store: Arc<dyn Store>,
+    graphs: &[&str],
+    tweak: impl FnOnce(&mut EngineOptions),
+) -> Harness {
     start_with_probe(store, graphs, Arc::new(Probe::default()), tweak)
 }
 
