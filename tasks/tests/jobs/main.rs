@@ -1,0 +1,86 @@
+//! Tests of the basic jobs, each run through `Job::run` with a hand-built `JobContext`,
+//! and of the shipped task definitions that name them.
+
+mod basic;
+mod definitions;
+mod http;
+
+use std::sync::Arc;
+
+use metalgraph_engine::job::{BoxFuture, JobContext, JobServices, Options};
+use metalgraph_engine::nodes::Nodes;
+use metalgraph_engine::{Job, JobError, JobResult};
+use metalgraph_store::MemStore;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// Engine services for jobs that need none: subgraphs and notifications are refused, and
+/// nodes live in memory.
+struct TestServices {
+    nodes: Nodes,
+}
+
+impl JobServices for TestServices {
+    fn run_subgraph(
+        &self,
+        _ctx: &JobContext,
+        graph_name: &str,
+        options: Options,
+    ) -> BoxFuture<'static, JobResult> {
+        // Echoes the request, so a test can see what `graph.run` asked for.
+        let out = json!({ "graphName": graph_name, "options": options });
+        Box::pin(async move { Ok(out) })
+    }
+
+    fn wait_notification(&self, _ctx: &JobContext) -> BoxFuture<'static, JobResult> {
+        Box::pin(async { Err(JobError::new("no notifications in tests")) })
+    }
+
+    fn nodes(&self) -> &Nodes {
+        &self.nodes
+    }
+}
+
+/// A context holding exactly `options`, bypassing the schema, for testing how a job
+/// treats options the engine would have refused.
+fn raw_ctx(options: Value, cancel: CancellationToken) -> JobContext {
+    let Value::Object(options) = options else {
+        panic!("options must be an object, got {options}");
+    };
+    JobContext {
+        options,
+        node: None,
+        workflow_id: "wf-1".to_owned(),
+        task_id: "task-1".to_owned(),
+        label: "under-test".to_owned(),
+        attempt: 1,
+        retry: 0,
+        token: "token-1".to_owned(),
+        cancel,
+        services: Arc::new(TestServices {
+            nodes: Nodes::new(Arc::new(MemStore::new())),
+        }),
+    }
+}
+
+/// A context as the engine would build it: the job's defaults under `options`, rendered
+/// strings coerced to their declared kinds, and the result checked against the schema.
+fn ctx_for(job: &dyn Job, options: Value, cancel: CancellationToken) -> JobContext {
+    let schema = job.schema();
+    let mut merged = schema.defaults();
+    let Value::Object(given) = options else {
+        panic!("options must be an object, got {options}");
+    };
+    merged.extend(given);
+    schema.coerce(&mut merged);
+    if let Err((field, msg)) = schema.check(&merged, true) {
+        panic!("{}: option {field} {msg}", job.name());
+    }
+    raw_ctx(Value::Object(merged), cancel)
+}
+
+/// Runs `job` once with `options` (checked as the engine would) and no cancellation.
+async fn run(job: &dyn Job, options: Value) -> JobResult {
+    job.run(ctx_for(job, options, CancellationToken::new()))
+        .await
+}
