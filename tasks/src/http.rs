@@ -403,11 +403,26 @@ fn status_code(value: &Value) -> Result<u16, String> {
     }
 }
 
+/// Response headers that carry credentials; the output keeps their names (so a graph can
+/// see that a session was issued) but never their values, since outputs are stored and
+/// shown in the workflow context.
+const SECRET_HEADERS: &[&str] = &[
+    "set-cookie",
+    "x-auth-token",
+    "authorization",
+    "proxy-authorization",
+    "x-subject-token",
+];
+
 /// Response headers as `{name: value}` with lower-case names; repeated headers are joined
-/// with `, ` as HTTP allows.
+/// with `, ` as HTTP allows, and credential-bearing headers are redacted.
 fn headers_to_json(headers: &HeaderMap) -> Value {
     let mut out = Map::new();
     for name in headers.keys() {
+        if SECRET_HEADERS.contains(&name.as_str()) {
+            out.insert(name.as_str().to_owned(), Value::from("<redacted>"));
+            continue;
+        }
         let values: Vec<String> = headers
             .get_all(name)
             .iter()
@@ -495,6 +510,18 @@ fn show_duration(d: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn credential_headers_are_redacted_in_outputs() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("x-auth-token", "abc123".parse().unwrap());
+        h.insert("set-cookie", "session=s3cret".parse().unwrap());
+        h.insert("content-type", "application/json".parse().unwrap());
+        let v = super::headers_to_json(&h);
+        assert_eq!(v["x-auth-token"], "<redacted>");
+        assert_eq!(v["set-cookie"], "<redacted>");
+        assert_eq!(v["content-type"], "application/json");
+    }
+
     use super::*;
 
     #[test]
