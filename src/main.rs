@@ -1,1 +1,397 @@
-fn main() {}
+//! The `metalgraph` command: `serve` runs the engine and its APIs; the other subcommands are
+//! a client of a running server, except `validate`, which checks files offline.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use metalgraph::client::{Client, NodeSpec, seg};
+use metalgraph::config::{Config, LogFormat, ServeArgs};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// A durable workflow engine for bare-metal provisioning.
+#[derive(Debug, Parser)]
+#[command(name = "metalgraph", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the engine with its management API (and, if configured, the node-facing API).
+    Serve(ServeArgs),
+    /// Graph definitions on a server.
+    Graphs {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        action: GraphsCmd,
+    },
+    /// Task definitions on a server.
+    Tasks {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        action: TasksCmd,
+    },
+    /// Nodes on a server.
+    Nodes {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        action: NodesCmd,
+    },
+    /// Workflows on a server.
+    Workflows {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        action: WorkflowsCmd,
+    },
+    /// Run a graph, optionally on a node, and optionally follow it to its end.
+    Run {
+        #[command(flatten)]
+        remote: Remote,
+        /// The graph's injectableName.
+        graph: String,
+        /// The node to run on.
+        #[arg(long)]
+        node: Option<String>,
+        /// A run option: KEY=VALUE (into options.defaults) or LABEL.KEY=VALUE (into one
+        /// task's options). VALUE is JSON when it parses as JSON, else a string.
+        #[arg(long = "option", short = 'o', value_name = "[LABEL.]KEY=VALUE")]
+        options: Vec<String>,
+        /// Follow the workflow, printing each task state change; exit 0 only when it
+        /// succeeded.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Check definition files offline against the shipped library and each other.
+    Validate {
+        /// YAML or JSON files holding graphs and task definitions.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+/// Where the server is.
+#[derive(Debug, Args)]
+struct Remote {
+    /// The server's URL.
+    #[arg(
+        long,
+        global = true,
+        env = "METALGRAPH_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    server: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum GraphsCmd {
+    /// List every graph (library and user).
+    List,
+    /// Show one graph.
+    Get { name: String },
+    /// Create or replace the graphs in the files.
+    Put {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Delete a user graph.
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum TasksCmd {
+    /// List every task definition (library and user).
+    List,
+    /// Show one task definition.
+    Get { name: String },
+    /// Create or replace the task definitions in the files.
+    Put {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Delete a user task definition.
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodesCmd {
+    /// List nodes.
+    List,
+    /// Show one node.
+    Get { id: String },
+    /// Register a node.
+    Create {
+        /// The node's name.
+        #[arg(long)]
+        name: String,
+        /// The node's id (a UUID is generated when absent).
+        #[arg(long)]
+        id: Option<String>,
+        /// A MAC address of the node (repeatable).
+        #[arg(long = "mac")]
+        macs: Vec<String>,
+        /// A tag (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// The OBM service: redfish-obm-service, ipmi-obm-service or sim-obm-service.
+        #[arg(long)]
+        obm_service: Option<String>,
+        /// The BMC's host (for Redfish, possibly a base URL).
+        #[arg(long)]
+        obm_host: Option<String>,
+        /// The BMC user.
+        #[arg(long)]
+        obm_user: Option<String>,
+        /// The environment variable holding the BMC password (never given on the command
+        /// line, where `ps` would show it).
+        #[arg(long, value_name = "VAR")]
+        obm_password_env: Option<String>,
+    },
+    /// Delete a node (refused while a workflow runs on it).
+    Delete { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum WorkflowsCmd {
+    /// List workflows, newest first.
+    List {
+        /// Only unfinished workflows.
+        #[arg(long)]
+        active: bool,
+        /// Only workflows of this node.
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Show one workflow.
+    Get { id: String },
+    /// Cancel a workflow.
+    Cancel { id: String },
+    /// Delete a finished workflow.
+    Delete { id: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve(args) => serve(args).await,
+        Command::Validate { files } => validate(&files),
+        Command::Graphs { remote, action } => {
+            let c = Client::new(&remote.server)?;
+            match action {
+                GraphsCmd::List => c.print_get("/workflows/graphs").await,
+                GraphsCmd::Get { name } => {
+                    c.print_get(&format!("/workflows/graphs/{}", seg(&name)))
+                        .await
+                }
+                GraphsCmd::Put { files } => c.put_definitions(&files, true).await,
+                GraphsCmd::Delete { name } => {
+                    c.delete(
+                        &format!("/workflows/graphs/{}", seg(&name)),
+                        &format!("graph {name}"),
+                    )
+                    .await
+                }
+            }
+        }
+        Command::Tasks { remote, action } => {
+            let c = Client::new(&remote.server)?;
+            match action {
+                TasksCmd::List => c.print_get("/workflows/tasks").await,
+                TasksCmd::Get { name } => {
+                    c.print_get(&format!("/workflows/tasks/{}", seg(&name)))
+                        .await
+                }
+                TasksCmd::Put { files } => c.put_definitions(&files, false).await,
+                TasksCmd::Delete { name } => {
+                    c.delete(
+                        &format!("/workflows/tasks/{}", seg(&name)),
+                        &format!("task {name}"),
+                    )
+                    .await
+                }
+            }
+        }
+        Command::Nodes { remote, action } => {
+            let c = Client::new(&remote.server)?;
+            match action {
+                NodesCmd::List => c.print_get("/nodes").await,
+                NodesCmd::Get { id } => c.print_get(&format!("/nodes/{}", seg(&id))).await,
+                NodesCmd::Create {
+                    name,
+                    id,
+                    macs,
+                    tags,
+                    obm_service,
+                    obm_host,
+                    obm_user,
+                    obm_password_env,
+                } => {
+                    c.create_node(NodeSpec {
+                        id,
+                        name,
+                        macs,
+                        tags,
+                        obm_service,
+                        obm_host,
+                        obm_user,
+                        obm_password_env,
+                    })
+                    .await
+                }
+                NodesCmd::Delete { id } => {
+                    c.delete(&format!("/nodes/{}", seg(&id)), &format!("node {id}"))
+                        .await
+                }
+            }
+        }
+        Command::Workflows { remote, action } => {
+            let c = Client::new(&remote.server)?;
+            match action {
+                WorkflowsCmd::List { active, node } => {
+                    let mut query = Vec::new();
+                    if active {
+                        query.push("active=true".to_owned());
+                    }
+                    if let Some(n) = node {
+                        query.push(format!("node={}", seg(&n)));
+                    }
+                    let path = if query.is_empty() {
+                        "/workflows".to_owned()
+                    } else {
+                        format!("/workflows?{}", query.join("&"))
+                    };
+                    c.print_get(&path).await
+                }
+                WorkflowsCmd::Get { id } => c.print_get(&format!("/workflows/{}", seg(&id))).await,
+                WorkflowsCmd::Cancel { id } => c.cancel(&id).await,
+                WorkflowsCmd::Delete { id } => {
+                    c.delete(
+                        &format!("/workflows/{}", seg(&id)),
+                        &format!("workflow {id}"),
+                    )
+                    .await
+                }
+            }
+        }
+        Command::Run {
+            remote,
+            graph,
+            node,
+            options,
+            wait,
+        } => {
+            Client::new(&remote.server)?
+                .run(&graph, node.as_deref(), &options, wait)
+                .await
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&args, &|k| std::env::var(k).ok())?;
+    init_logging(config.log_format);
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            wait_for_signal().await;
+            info!("shutdown requested");
+            shutdown.cancel();
+        }
+    });
+    metalgraph::server::serve(config, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Logs go to stderr, as text or JSON, at the level `RUST_LOG` names (default `info`).
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal as _;
+
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn validate(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let mut texts = Vec::new();
+    for f in files {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        texts.push((f.display().to_string(), text));
+    }
+    let library = metalgraph::library::library()?;
+    let reports = metalgraph::validate::validate(&texts, &library, &metalgraph::server::jobs());
+    let mut ok = true;
+    for r in reports {
+        if r.problems.is_empty() {
+            println!("ok {}", r.file);
+        } else {
+            ok = false;
+            for p in r.problems {
+                println!("{p}");
+            }
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -7,17 +7,25 @@
 //! secret. Options reach a job merged, rendered, coerced and checked against its schema,
 //! so the jobs only re-check what the schema cannot express.
 
+pub mod bmc;
 mod condition;
 mod fail;
 mod http;
 mod noop;
+mod provision;
 mod sleep;
 
 pub use condition::EvaluateConditionJob;
 pub use fail::FailJob;
 pub use http::{HttpRequestJob, MAX_RESPONSE_BYTES};
 pub use noop::NoopJob;
+pub use provision::{
+    BootDeviceJob, CatalogRedfishJob, DiscoveryRedfishJob, PowerJob, VirtualMediaEjectJob,
+    VirtualMediaInsertJob, WaitNotificationJob,
+};
 pub use sleep::SleepJob;
+
+use std::sync::Arc;
 
 use metalgraph_engine::{GraphRunJob, JobRegistry};
 
@@ -30,4 +38,18 @@ pub fn register_basic(reg: &mut JobRegistry) {
         .register(EvaluateConditionJob::default())
         .register(HttpRequestJob::default())
         .register(GraphRunJob::default());
+}
+
+/// Registers the provisioning jobs (`obm.power`, `obm.boot-device`,
+/// `virtual-media.insert`, `virtual-media.eject`, `catalog.redfish`, `discovery.redfish`,
+/// `wait.notification`), which share `drivers` and with it one connection pool and
+/// concurrency limit per BMC.
+pub fn register_provisioning(reg: &mut JobRegistry, drivers: Arc<bmc::Drivers>) {
+    reg.register(PowerJob::new(drivers.clone()))
+        .register(BootDeviceJob::new(drivers.clone()))
+        .register(VirtualMediaInsertJob::new(drivers.clone()))
+        .register(VirtualMediaEjectJob::new(drivers.clone()))
+        .register(CatalogRedfishJob::new(drivers.clone()))
+        .register(DiscoveryRedfishJob::new(drivers))
+        .register(WaitNotificationJob::default());
 }

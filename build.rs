@@ -1,0 +1,60 @@
+//! Embeds the shipped graph library (`graphs/`) into the binary: every `*.yaml`, `*.yml`
+//! and `*.json` file below `graphs/` becomes one `(relative path, text)` entry of
+//! `LIBRARY_FILES` in `$OUT_DIR/library.rs`, which `src/library.rs` includes.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+fn main() {
+    let root =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let graphs = root.join("graphs");
+    // Cargo watches a directory recursively when told about it, so new, changed and
+    // removed files all trigger a rebuild.
+    println!("cargo:rerun-if-changed=graphs");
+
+    let mut files = Vec::new();
+    if graphs.is_dir() {
+        collect(&graphs, &mut files);
+    }
+    // A stable order keeps the generated file, and so the build, reproducible.
+    files.sort();
+
+    let mut out =
+        String::from("/// The shipped library: `(path relative to the repository, text)`.\n");
+    out.push_str("pub static LIBRARY_FILES: &[(&str, &str)] = &[\n");
+    for path in &files {
+        let rel = path
+            .strip_prefix(&root)
+            .expect("library files lie below the manifest directory")
+            .to_string_lossy()
+            .replace('\\', "/");
+        let abs = path.to_string_lossy();
+        writeln!(out, "    ({rel:?}, include_str!({abs:?})),")
+            .expect("writing to a String cannot fail");
+    }
+    out.push_str("];\n");
+
+    let dest =
+        PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("library.rs");
+    std::fs::write(&dest, out).unwrap_or_else(|e| panic!("cannot write {}: {e}", dest.display()));
+}
+
+/// Collects library files below `dir`, recursively.
+fn collect(dir: &Path, files: &mut Vec<PathBuf>) {
+    let entries =
+        std::fs::read_dir(dir).unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()));
+    for entry in entries {
+        let path = entry
+            .unwrap_or_else(|e| panic!("cannot read an entry of {}: {e}", dir.display()))
+            .path();
+        if path.is_dir() {
+            collect(&path, files);
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        ) {
+            files.push(path);
+        }
+    }
+}

@@ -1,0 +1,601 @@
+//! The DHCP server, on tokio UDP: proxyDHCP (boot information only, beside another DHCP
+//! server; ports 67 and 4011) or full DHCP (addresses from a pool, leases stored through
+//! the `BootPlanner`).
+//!
+//! It answers only network-boot clients (PXE vendor class, or iPXE by option 175 or user
+//! class) and only when the planner says so; everything else is dropped with a log line
+//! saying why. Replies go where RFC 2131 §4.1 says: to the relay (giaddr) when there is one,
+//! to `ciaddr` when the client has an address, else broadcast. A client without an address
+//! that did not ask for broadcast should get a unicast to `yiaddr`/`chaddr`, which needs a
+//! raw socket or an ARP entry; we broadcast instead, which every client accepts.
+
+pub mod boot;
+pub mod packet;
+pub mod pool;
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dhcproto::v4::MessageType;
+use tokio::net::UdpSocket;
+use tokio::sync::{Mutex, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+pub use boot::BootFiles;
+use packet::{ReplyFields, Request};
+use pool::{Pool, Timers};
+
+use crate::planner::{BootPlanner, ClientInfo, Decision, Lease, MacAddr};
+
+/// Why the DHCP server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listening socket could not be set up.
+    #[error("DHCP cannot listen on {addr}{}: {source}", interface.as_deref().map(|i| format!(" (interface {i})")).unwrap_or_default())]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The interface it was bound to, if any.
+        interface: Option<String>,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Stored leases could not be loaded, so full mode would risk duplicate addresses.
+    #[error("DHCP cannot load stored leases: {0}")]
+    LoadLeases(String),
+}
+
+/// The UDP ports the server uses; tests use high ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ports {
+    /// Where requests arrive (67).
+    pub server: u16,
+    /// Where clients listen (68).
+    pub client: u16,
+    /// ProxyDHCP's PXE boot-server port (4011); proxy mode only.
+    pub proxy: u16,
+    /// Where relays listen for replies (67; perfdhcp-style test relays use another port).
+    pub relay: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports {
+            server: 67,
+            client: 68,
+            proxy: 4011,
+            relay: 67,
+        }
+    }
+}
+
+/// Settings of full DHCP mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FullOptions {
+    /// First address of the dynamic pool.
+    pub first: Ipv4Addr,
+    /// Last address of the dynamic pool (inclusive).
+    pub last: Ipv4Addr,
+    /// Option 1.
+    pub subnet_mask: Ipv4Addr,
+    /// Option 3, if the network has a router.
+    pub router: Option<Ipv4Addr>,
+    /// Option 6.
+    pub dns: Vec<Ipv4Addr>,
+    /// Lease, offer and decline durations.
+    pub timers: Timers,
+}
+
+impl FullOptions {
+    /// A pool `first..=last` in a /24, with default timers and no router or DNS.
+    pub fn new(first: Ipv4Addr, last: Ipv4Addr) -> Self {
+        FullOptions {
+            first,
+            last,
+            subnet_mask: Ipv4Addr::new(255, 255, 255, 0),
+            router: None,
+            dns: Vec::new(),
+            timers: Timers::default(),
+        }
+    }
+}
+
+/// Proxy or full DHCP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// ProxyDHCP: boot information only; another server hands out addresses.
+    Proxy,
+    /// Full DHCP with an address pool.
+    Full(FullOptions),
+}
+
+/// Everything the DHCP server needs to know.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Proxy or full.
+    pub mode: Mode,
+    /// The address nodes reach metalgraph at: server identifier (option 54), next-server
+    /// (`siaddr`) and TFTP server name (option 66). It must be this host's address on the
+    /// served network.
+    pub boot_address: Ipv4Addr,
+    /// The address to listen on; `0.0.0.0` to receive broadcasts.
+    pub listen: Ipv4Addr,
+    /// The interface to serve (SO_BINDTODEVICE); needed to send broadcasts on a host
+    /// with several interfaces, and to keep DHCP off every other one.
+    pub interface: Option<String>,
+    /// Ports.
+    pub ports: Ports,
+    /// Boot file names for PXE firmware.
+    pub boot_files: BootFiles,
+    /// How long a planner call may take before it counts as "stay silent" (or, for
+    /// lease storage, as a failure).
+    pub planner_timeout: Duration,
+    /// Requests handled at once; more are dropped (clients retry).
+    pub max_in_flight: usize,
+}
+
+impl Options {
+    /// Defaults for `mode` at `boot_address`: all addresses, standard ports.
+    pub fn new(mode: Mode, boot_address: Ipv4Addr) -> Self {
+        Options {
+            mode,
+            boot_address,
+            listen: Ipv4Addr::UNSPECIFIED,
+            interface: None,
+            ports: Ports::default(),
+            boot_files: BootFiles::default(),
+            planner_timeout: Duration::from_secs(2),
+            max_in_flight: 256,
+        }
+    }
+}
+
+/// A reply and where to send it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// Destination.
+    pub to: SocketAddr,
+    /// Encoded DHCP message.
+    pub bytes: Vec<u8>,
+}
+
+/// The socket a request arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// The DHCP server port (67).
+    Server,
+    /// The proxyDHCP boot-server port (4011).
+    Proxy,
+}
+
+/// The request handler: everything except the sockets, so tests can drive it directly.
+pub struct Handler {
+    options: Options,
+    planner: Arc<dyn BootPlanner>,
+    pool: Option<Mutex<Pool>>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Handler {
+    /// A handler; in full mode it loads the stored leases first.
+    pub async fn new(options: Options, planner: Arc<dyn BootPlanner>) -> Result<Self, Error> {
+        let pool = match &options.mode {
+            Mode::Proxy => None,
+            Mode::Full(full) => {
+                let mut pool = Pool::new(full.first, full.last, full.timers);
+                let leases = tokio::time::timeout(options.planner_timeout, planner.load_leases())
+                    .await
+                    .map_err(|_| Error::LoadLeases("the planner timed out".to_owned()))?
+                    .map_err(|e| Error::LoadLeases(e.to_string()))?;
+                info!(count = leases.len(), "loaded stored DHCP leases");
+                pool.restore(leases);
+                Some(Mutex::new(pool))
+            }
+        };
+        Ok(Handler {
+            options,
+            planner,
+            pool,
+        })
+    }
+
+    /// Handles one datagram from `src` that arrived on `port`, at wall-clock `now` (Unix
+    /// seconds). Returns the reply to send, if any. Never panics.
+    pub async fn handle(&self, bytes: &[u8], src: SocketAddr, port: Port, now: u64) -> Option<Reply> {
+        let req = match packet::parse(bytes) {
+            Ok(req) => req,
+            Err(e) => {
+                debug!(%src, len = bytes.len(), error = %e, "dropped malformed DHCP packet");
+                return None;
+            }
+        };
+        let mac = req.mac;
+        let xid = req.msg.xid();
+        let msg_type = req.msg_type;
+        // RELEASE and DECLINE come from clients that already hold our lease; they need no
+        // boot decision, and some clients omit the vendor class in them.
+        match (&self.pool, msg_type, port) {
+            (Some(pool), MessageType::Release, Port::Server) => {
+                self.release(pool, &req).await;
+                return None;
+            }
+            (Some(pool), MessageType::Decline, Port::Server) => {
+                self.decline(pool, &req, now).await;
+                return None;
+            }
+            _ => {}
+        }
+        let wanted = match (&self.options.mode, msg_type, port) {
+            (Mode::Proxy, MessageType::Discover, Port::Server) => true,
+            (Mode::Proxy, MessageType::Request, Port::Proxy) => true,
+            (Mode::Full(_), MessageType::Discover | MessageType::Request, Port::Server) => true,
+            _ => false,
+        };
+        if !wanted {
+            debug!(%mac, xid, ?msg_type, ?port, "ignored DHCP message this mode does not answer");
+            return None;
+        }
+        let client = match boot::classify(&req) {
+            Ok(c) => c,
+            Err(reason) => {
+                debug!(%mac, xid, ?msg_type, reason, "silent");
+                return None;
+            }
+        };
+        let profile_url = match self.decide(&client).await {
+            Decision::Answer { profile_url } => profile_url,
+            Decision::Silent { reason } => {
+                info!(%mac, xid, ?msg_type, firmware = ?client.firmware, reason, "silent: the planner says so");
+                return None;
+            }
+        };
+        let boot_file = match boot::boot_file(&client, &self.options.boot_files, &profile_url) {
+            Ok(f) => f,
+            Err(reason) => {
+                info!(%mac, xid, ?msg_type, arch = ?client.arch, reason, "silent");
+                return None;
+            }
+        };
+        let fields = match &self.pool {
+            None => self.proxy_fields(msg_type, boot_file),
+            Some(pool) => self.full_fields(pool, &req, boot_file, now).await?,
+        };
+        let bytes = match packet::encode_reply(&req, &fields) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(%mac, xid, error = %e, "could not encode a DHCP reply");
+                return None;
+            }
+        };
+        let to = self.destination(&req, src, port, &fields);
+        info!(
+            %mac, xid, request = ?msg_type, reply = ?fields.msg_type, %to,
+            yiaddr = ?fields.yiaddr, boot_file = fields.boot_file.as_deref().unwrap_or(""),
+            firmware = ?client.firmware, arch = ?client.arch,
+            "answered"
+        );
+        Some(Reply { to, bytes })
+    }
+
+    async fn decide(&self, client: &ClientInfo) -> Decision {
+        match tokio::time::timeout(self.options.planner_timeout, self.planner.decide(client)).await {
+            Ok(d) => d,
+            Err(_) => Decision::Silent {
+                reason: format!(
+                    "the planner did not decide within {:?}",
+                    self.options.planner_timeout
+                ),
+            },
+        }
+    }
+
+    fn proxy_fields(&self, msg_type: MessageType, boot_file: String) -> ReplyFields {
+        ReplyFields {
+            msg_type: Some(if msg_type == MessageType::Discover {
+                MessageType::Offer
+            } else {
+                MessageType::Ack
+            }),
+            server_id: self.options.boot_address,
+            boot_file: Some(boot_file),
+            pxe_vendor: true,
+            ..ReplyFields::default()
+        }
+    }
+
+    async fn full_fields(
+        &self,
+        pool: &Mutex<Pool>,
+        req: &Request,
+        boot_file: String,
+        now: u64,
+    ) -> Option<ReplyFields> {
+        let Mode::Full(full) = &self.options.mode else {
+            return None;
+        };
+        let mac = req.mac;
+        let xid = req.msg.xid();
+        let reserved =
+            tokio::time::timeout(self.options.planner_timeout, self.planner.reservation(&mac))
+                .await
+                .unwrap_or_else(|_| {
+                    warn!(%mac, "the planner's reservation lookup timed out; using the pool");
+                    None
+                });
+        let lease_secs = u32::try_from(full.timers.lease_secs).unwrap_or(u32::MAX);
+        let base = ReplyFields {
+            server_id: self.options.boot_address,
+            boot_file: Some(boot_file),
+            lease_secs: Some(lease_secs),
+            subnet_mask: Some(full.subnet_mask),
+            router: full.router,
+            dns: full.dns.clone(),
+            ..ReplyFields::default()
+        };
+        // Holding the pool lock across storage serialises grants, so two clients can never
+        // both be acknowledged for one address.
+        let mut pool = pool.lock().await;
+        if req.msg_type == MessageType::Discover {
+            return match pool.offer(mac, req.requested_ip, reserved, now) {
+                Ok(ip) => Some(ReplyFields {
+                    msg_type: Some(MessageType::Offer),
+                    yiaddr: Some(ip),
+                    ..base
+                }),
+                Err(e) => {
+                    warn!(%mac, xid, error = %e, "cannot offer an address");
+                    None
+                }
+            };
+        }
+        // REQUEST: SELECTING names a server; INIT-REBOOT names an address; RENEWING and
+        // REBINDING use ciaddr.
+        if let Some(sid) = req.server_id
+            && sid != self.options.boot_address
+        {
+            debug!(%mac, xid, server = %sid, "client chose another DHCP server");
+            pool.forget_offer(&mac);
+            return None;
+        }
+        let ciaddr = Some(req.msg.ciaddr()).filter(|a| !a.is_unspecified());
+        let Some(ip) = req.requested_ip.or(ciaddr) else {
+            debug!(%mac, xid, "REQUEST names no address (option 50 or ciaddr)");
+            return None;
+        };
+        let grant = match pool.ack(mac, ip, reserved, now) {
+            Ok(g) => g,
+            Err(e) => {
+                info!(%mac, xid, %ip, error = %e, "NAK");
+                return Some(ReplyFields {
+                    msg_type: Some(MessageType::Nak),
+                    server_id: self.options.boot_address,
+                    message: Some(e.to_string()),
+                    broadcast: !req.msg.giaddr().is_unspecified(),
+                    ..ReplyFields::default()
+                });
+            }
+        };
+        if let Some(evicted) = grant.evicts
+            && let Err(e) = self.store_delete(&evicted).await
+        {
+            warn!(%mac, xid, %ip, evicted = %evicted, error = %e, "cannot delete the expired lease being replaced; not answering");
+            return None;
+        }
+        if let Err(e) = self.store_save(&grant.lease).await {
+            warn!(%mac, xid, %ip, error = %e, "cannot store the lease; not answering");
+            return None;
+        }
+        pool.commit(&grant);
+        Some(ReplyFields {
+            msg_type: Some(MessageType::Ack),
+            yiaddr: Some(ip),
+            ..base
+        })
+    }
+
+    async fn store_save(&self, lease: &Lease) -> Result<(), String> {
+        match tokio::time::timeout(self.options.planner_timeout, self.planner.save_lease(lease)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("the planner timed out saving the lease".to_owned()),
+        }
+    }
+
+    async fn store_delete(&self, mac: &MacAddr) -> Result<(), String> {
+        match tokio::time::timeout(self.options.planner_timeout, self.planner.delete_lease(mac)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("the planner timed out deleting the lease".to_owned()),
+        }
+    }
+
+    async fn release(&self, pool: &Mutex<Pool>, req: &Request) {
+        let mac = req.mac;
+        let ip = req.msg.ciaddr();
+        let mut pool = pool.lock().await;
+        match pool.lease_of(&mac) {
+            Some(l) if l.ip == ip => {}
+            _ => {
+                debug!(%mac, %ip, "RELEASE of an address the client does not hold");
+                return;
+            }
+        }
+        // Storage first: if deleting fails, the lease stays in memory and in storage alike.
+        if let Err(e) = self.store_delete(&mac).await {
+            warn!(%mac, %ip, error = %e, "cannot delete the released lease");
+            return;
+        }
+        pool.release(&mac, ip);
+        info!(%mac, %ip, "released");
+    }
+
+    async fn decline(&self, pool: &Mutex<Pool>, req: &Request, now: u64) {
+        let mac = req.mac;
+        let Some(ip) = req.requested_ip else {
+            debug!(%mac, "DECLINE without option 50");
+            return;
+        };
+        let mut pool = pool.lock().await;
+        let held = pool.lease_of(&mac).is_some_and(|l| l.ip == ip);
+        if held && let Err(e) = self.store_delete(&mac).await {
+            warn!(%mac, %ip, error = %e, "cannot delete the declined lease");
+            return;
+        }
+        if pool.decline(&mac, ip, now).is_some() || !held {
+            info!(%mac, %ip, "declined; the address is quarantined if it was ours to give");
+        }
+    }
+
+    fn destination(&self, req: &Request, src: SocketAddr, port: Port, f: &ReplyFields) -> SocketAddr {
+        let ports = self.options.ports;
+        let giaddr = req.msg.giaddr();
+        let ciaddr = req.msg.ciaddr();
+        let nak = f.msg_type == Some(MessageType::Nak);
+        if port == Port::Proxy {
+            // Boot-server replies go back to wherever the request came from (PXE spec).
+            src
+        } else if !giaddr.is_unspecified() {
+            SocketAddr::V4(SocketAddrV4::new(giaddr, ports.relay))
+        } else if !ciaddr.is_unspecified() && !nak {
+            SocketAddr::V4(SocketAddrV4::new(ciaddr, ports.client))
+        } else {
+            SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::BROADCAST, ports.client))
+        }
+    }
+}
+
+/// A bound DHCP server; `run` serves until cancelled.
+pub struct Server {
+    handler: Arc<Handler>,
+    server: Arc<UdpSocket>,
+    proxy: Option<Arc<UdpSocket>>,
+    max_in_flight: usize,
+}
+
+fn bind(addr: SocketAddrV4, interface: Option<&str>) -> Result<UdpSocket, Error> {
+    let err = |source| Error::Bind {
+        addr: SocketAddr::V4(addr),
+        interface: interface.map(str::to_owned),
+        source,
+    };
+    let std = std::net::UdpSocket::bind(addr).map_err(err)?;
+    std.set_nonblocking(true).map_err(err)?;
+    std.set_broadcast(true).map_err(err)?;
+    let socket = UdpSocket::from_std(std).map_err(err)?;
+    if let Some(ifname) = interface {
+        // Without SO_BINDTODEVICE a limited broadcast has no route to follow, and we would
+        // answer on every interface of the host.
+        socket.bind_device(Some(ifname.as_bytes())).map_err(err)?;
+    }
+    Ok(socket)
+}
+
+impl Server {
+    /// Binds the sockets (67, and 4011 in proxy mode) and, in full mode, loads the leases.
+    pub async fn bind(options: Options, planner: Arc<dyn BootPlanner>) -> Result<Self, Error> {
+        let ifname = options.interface.clone();
+        let server = bind(
+            SocketAddrV4::new(options.listen, options.ports.server),
+            ifname.as_deref(),
+        )?;
+        let proxy = match options.mode {
+            Mode::Proxy => Some(Arc::new(bind(
+                SocketAddrV4::new(options.listen, options.ports.proxy),
+                ifname.as_deref(),
+            )?)),
+            Mode::Full(_) => None,
+        };
+        let max_in_flight = options.max_in_flight.max(1);
+        let handler = Arc::new(Handler::new(options, planner).await?);
+        Ok(Server {
+            handler,
+            server: Arc::new(server),
+            proxy,
+            max_in_flight,
+        })
+    }
+
+    /// The address of the server socket (useful with port 0 in tests).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.server.local_addr()
+    }
+
+    /// The address of the proxyDHCP socket, in proxy mode.
+    pub fn proxy_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.proxy.as_ref().map(|s| s.local_addr())
+    }
+
+    /// Serves until `cancel` fires, then waits for requests in progress.
+    pub async fn run(self, cancel: CancellationToken) {
+        let limit = Arc::new(Semaphore::new(self.max_in_flight));
+        let mut loops = JoinSet::new();
+        loops.spawn(serve(
+            self.server.clone(),
+            Port::Server,
+            self.handler.clone(),
+            limit.clone(),
+            cancel.clone(),
+        ));
+        if let Some(proxy) = &self.proxy {
+            loops.spawn(serve(
+                proxy.clone(),
+                Port::Proxy,
+                self.handler.clone(),
+                limit,
+                cancel.clone(),
+            ));
+        }
+        while loops.join_next().await.is_some() {}
+    }
+}
+
+async fn serve(
+    socket: Arc<UdpSocket>,
+    port: Port,
+    handler: Arc<Handler>,
+    limit: Arc<Semaphore>,
+    cancel: CancellationToken,
+) {
+    let mut tasks = JoinSet::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (len, src) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // ICMP errors from earlier sends surface here on Linux; they do not
+                    // affect the socket.
+                    debug!(?port, error = %e, "DHCP receive error");
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            warn!(%src, "DHCP request dropped: too many requests in progress");
+            continue;
+        };
+        let bytes = buf[..len].to_vec();
+        let (handler, socket) = (handler.clone(), socket.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            if let Some(reply) = handler.handle(&bytes, src, port, unix_now()).await
+                && let Err(e) = socket.send_to(&reply.bytes, reply.to).await
+            {
+                warn!(to = %reply.to, error = %e, "cannot send DHCP reply");
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,54 @@
+#!/bin/sh
+# Installs the real peers metalgraph's BMC tests run against, on a fresh Debian machine, as
+# root. Idempotent: what is already installed is skipped, so CI can run it on every job.
+#
+#   - OpenIPMI's `ipmi_sim` (package openipmi) and `ipmitool`: the IPMI BMC and the client
+#     the `ipmi-obm-service` driver runs (tasks/tests/bmc_ipmi.rs).
+#   - openssl: self-signed certificates for the Redfish TLS tests.
+#   - sushy-tools in a Python venv: the stateful Redfish BMC emulator
+#     (tasks/tests/bmc_redfish.rs). Its dependency `bcrypt` also writes the htpasswd file
+#     for the Basic-auth tests.
+#
+# The venv lives under ${METALGRAPH_PEERS:-$HOME/.cache/metalgraph-peers}; the tests look
+# there (or wherever METALGRAPH_PEERS points).
+set -eu
+
+PEERS="${METALGRAPH_PEERS:-$HOME/.cache/metalgraph-peers}"
+VENV="$PEERS/venv"
+
+need_apt=""
+command -v ipmi_sim >/dev/null 2>&1 || need_apt="$need_apt openipmi"
+command -v ipmitool >/dev/null 2>&1 || need_apt="$need_apt ipmitool"
+command -v openssl >/dev/null 2>&1 || need_apt="$need_apt openssl"
+command -v python3 >/dev/null 2>&1 || need_apt="$need_apt python3"
+# The venv module is a separate package on Debian; probe it rather than guess.
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    need_apt="$need_apt python3-venv"
+fi
+
+if [ -n "$need_apt" ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "install-peers: need root to apt-get install:$need_apt" >&2
+        exit 1
+    fi
+    echo "install-peers: apt-get install$need_apt"
+    apt-get update -q
+    # shellcheck disable=SC2086 # the list is meant to split into words
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need_apt
+fi
+
+if [ -x "$VENV/bin/sushy-emulator" ] && "$VENV/bin/python" -c 'import sushy_tools, bcrypt' >/dev/null 2>&1; then
+    echo "install-peers: sushy-tools already installed in $VENV"
+else
+    echo "install-peers: creating $VENV with sushy-tools"
+    mkdir -p "$PEERS"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check sushy-tools
+fi
+
+echo "install-peers: done"
+echo "  ipmi_sim        $(command -v ipmi_sim)"
+echo "  ipmitool        $(command -v ipmitool) ($(ipmitool -V 2>&1 | head -n1))"
+echo "  openssl         $(command -v openssl)"
+echo "  sushy-emulator  $VENV/bin/sushy-emulator ($("$VENV/bin/pip" show sushy-tools 2>/dev/null | sed -n 's/^Version: //p'))"
+echo "  peers dir       $PEERS (export METALGRAPH_PEERS to move it)"

@@ -1,0 +1,736 @@
+//! The management router (`app`) and the node-facing router (`node_app`): RackHD's 2.0
+//! paths, request bodies and status words (DESIGN.md section 6).
+//!
+//! Handlers translate between HTTP and the engine and nothing else. Store reads and writes
+//! block, so they run on the blocking pool. Request bodies are never logged: they may hold
+//! OBM passwords.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post, put};
+use metalgraph_engine::definitions::{self, Source};
+use metalgraph_engine::model::{Definition, RunOptions};
+use metalgraph_engine::nodes::{Node, Obm};
+use metalgraph_engine::{ListFilter, RunRequest, WorkflowView};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use tracing::debug;
+
+use super::extract::{Body, Path, Query, decode};
+use super::{ApiError, AppState};
+
+type Result<T, E = ApiError> = std::result::Result<T, E>;
+
+/// The management API.
+pub fn app(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/health", get(health))
+        .route("/workflows/graphs", get(list_graphs).put(put_graph))
+        .route(
+            "/workflows/graphs/{name}",
+            get(get_graph).delete(delete_graph),
+        )
+        .route("/workflows/tasks", get(list_tasks).put(put_task))
+        .route("/workflows/tasks/{name}", get(get_task).delete(delete_task))
+        .route("/workflows", get(list_workflows).post(run_workflow))
+        .route("/workflows/{id}", get(get_workflow).delete(delete_workflow))
+        .route("/workflows/{id}/action", put(workflow_action))
+        .route("/nodes", get(list_nodes).post(create_node))
+        .route(
+            "/nodes/{id}",
+            get(get_node).patch(patch_node).delete(delete_node),
+        )
+        .route(
+            "/nodes/{id}/workflows",
+            post(run_on_node).get(list_node_workflows),
+        )
+        .route("/nodes/{id}/obm", get(get_obm).put(put_obm))
+        .route("/nodes/{id}/catalogs", get(list_catalogs))
+        .route("/nodes/{id}/catalogs/{source}", get(get_catalog));
+    finish(Router::new().nest("/api/2.0", api), state)
+}
+
+/// The node-facing API: what booting nodes and their installers call.
+pub fn node_app(state: AppState) -> Router {
+    let api = Router::new().route("/notification", post(notification));
+    finish(Router::new().nest("/api/2.0", api), state)
+}
+
+/// The layers both routers share: JSON fallbacks, the body limit and request logging.
+fn finish(router: Router<AppState>, state: AppState) -> Router {
+    router
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.body_limit))
+        .layer(middleware::from_fn(log_request))
+        .with_state(state)
+}
+
+/// Logs each request's method, path (never the query, which may hold a token), status and
+/// duration; never its body.
+async fn log_request(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let start = Instant::now();
+    let response = next.run(req).await;
+    debug!(
+        %method,
+        %path,
+        status = response.status().as_u16(),
+        elapsed_ms = start.elapsed().as_millis() as u64,
+        "request"
+    );
+    response
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {method} {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// Runs blocking store work on the blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format_args!("a blocking task failed: {e}")))?
+}
+
+// ---------------------------------------------------------------------------------------
+// Health
+
+async fn health(State(s): State<AppState>) -> Result<Json<Value>> {
+    let store = s.engine.store().backend();
+    if s.engine.is_healthy() {
+        Ok(Json(json!({"status": "ok", "store": store})))
+    } else {
+        Err(ApiError::unavailable(format!(
+            "the engine is stopped (store {store}); the server log says why"
+        )))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Graph and task definitions
+
+/// A definition as the API shows it: its own fields plus `source`.
+fn with_source(def: impl serde::Serialize, source: Source) -> Value {
+    let mut v = serde_json::to_value(def).unwrap_or(Value::Null);
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert(
+            "source".to_owned(),
+            serde_json::to_value(source).unwrap_or(Value::Null),
+        );
+    }
+    v
+}
+
+/// Parses a body into one definition; a body that is no definition is a 422 naming why.
+fn parse_definition(body: Value, expected: &str) -> Result<Definition> {
+    if body.is_null() {
+        return Err(ApiError::bad_request(format!(
+            "the request body is empty; send a {expected}"
+        )));
+    }
+    // Unlike files, the API takes one definition per request, so `source` (which list and
+    // get add) is dropped here: a definition fetched from the API can be stored unchanged.
+    let mut body = body;
+    if let Some(obj) = body.as_object_mut() {
+        obj.remove("source");
+    }
+    definitions::parse_value(body, "request body").map_err(ApiError::invalid_one)
+}
+
+async fn list_graphs(State(s): State<AppState>) -> Result<Json<Vec<Value>>> {
+    blocking(move || {
+        let graphs = s.engine.definitions().list_graphs()?;
+        Ok(Json(
+            graphs
+                .into_iter()
+                .map(|(g, src)| with_source(g, src))
+                .collect(),
+        ))
+    })
+    .await
+}
+
+async fn get_graph(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>> {
+    blocking(move || match s.engine.definitions().get_graph(&name)? {
+        Some((g, src)) => Ok(Json(with_source(g, src))),
+        None => Err(ApiError::not_found("graph", &name)),
+    })
+    .await
+}
+
+async fn put_graph(
+    State(s): State<AppState>,
+    Body(body): Body,
+) -> Result<(StatusCode, Json<Value>)> {
+    let graph = match parse_definition(body, "graph definition")? {
+        Definition::Graph(g) => g,
+        Definition::Task(t) => {
+            return Err(ApiError::bad_request(format!(
+                "{} is a task definition (it has implementsTask); PUT it to /api/2.0/workflows/tasks",
+                t.injectable_name
+            )));
+        }
+    };
+    blocking(move || {
+        let defs = s.engine.definitions();
+        let existed = matches!(
+            defs.get_graph(&graph.injectable_name)?,
+            Some((_, Source::User))
+        );
+        defs.put_graph(graph.clone())?;
+        let status = if existed {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
+        };
+        Ok((status, Json(with_source(graph, Source::User))))
+    })
+    .await
+}
+
+async fn delete_graph(State(s): State<AppState>, Path(name): Path<String>) -> Result<StatusCode> {
+    blocking(move || {
+        s.engine.definitions().delete_graph(&name)?;
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
+
+async fn list_tasks(State(s): State<AppState>) -> Result<Json<Vec<Value>>> {
+    blocking(move || {
+        let tasks = s.engine.definitions().list_tasks()?;
+        Ok(Json(
+            tasks
+                .into_iter()
+                .map(|(t, src)| with_source(t, src))
+                .collect(),
+        ))
+    })
+    .await
+}
+
+async fn get_task(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>> {
+    blocking(move || match s.engine.definitions().get_task(&name)? {
+        Some((t, src)) => Ok(Json(with_source(t, src))),
+        None => Err(ApiError::not_found("task", &name)),
+    })
+    .await
+}
+
+async fn delete_task(State(s): State<AppState>, Path(name): Path<String>) -> Result<StatusCode> {
+    blocking(move || {
+        s.engine.definitions().delete_task(&name)?;
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
+
+async fn put_task(
+    State(s): State<AppState>,
+    Body(body): Body,
+) -> Result<(StatusCode, Json<Value>)> {
+    let task = match parse_definition(body, "task definition")? {
+        Definition::Task(t) => t,
+        Definition::Graph(g) => {
+            return Err(ApiError::bad_request(format!(
+                "{} is a graph (it has tasks); PUT it to /api/2.0/workflows/graphs",
+                g.injectable_name
+            )));
+        }
+    };
+    blocking(move || {
+        let defs = s.engine.definitions();
+        let existed = matches!(
+            defs.get_task(&task.injectable_name)?,
+            Some((_, Source::User))
+        );
+        defs.put_task(task.clone())?;
+        let status = if existed {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
+        };
+        Ok((status, Json(with_source(task, Source::User))))
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------
+// Workflows
+
+/// `?name=` on run requests, as RackHD accepts it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameQuery {
+    name: Option<String>,
+}
+
+/// `POST /workflows`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunBody {
+    name: Option<String>,
+    #[serde(default)]
+    options: Value,
+    node: Option<String>,
+}
+
+/// `POST /nodes/{id}/workflows`: the node comes from the path.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeRunBody {
+    name: Option<String>,
+    #[serde(default)]
+    options: Value,
+}
+
+/// Checks run options: `{defaults: {...}, <label>: {...}}`, each layer an object.
+fn run_options(v: Value) -> Result<RunOptions> {
+    let obj = match v {
+        Value::Null => return Ok(RunOptions::new()),
+        Value::Object(o) => o,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "field 'options' must be an object {{defaults: {{...}}, <label>: {{...}}}}, got {}",
+                kind_of(&other)
+            )));
+        }
+    };
+    let mut out = RunOptions::new();
+    for (k, v) in obj {
+        match v {
+            Value::Object(m) => {
+                out.insert(k, m);
+            }
+            Value::Null => {}
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "field 'options.{k}' must be an object of options, got {}",
+                    kind_of(&other)
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn graph_name(body: Option<String>, query: Option<String>) -> Result<String> {
+    body.or(query)
+        .filter(|n| !n.trim().is_empty())
+        .ok_or_else(|| ApiError::bad_request("field 'name' is required: the graph to run"))
+}
+
+async fn run_workflow(
+    State(s): State<AppState>,
+    Query(q): Query<NameQuery>,
+    Body(body): Body,
+) -> Result<(StatusCode, Json<WorkflowView>)> {
+    let body: RunBody = decode(body, "run request")?;
+    let req = RunRequest {
+        graph: graph_name(body.name, q.name)?,
+        node: body.node.filter(|n| !n.is_empty()),
+        options: run_options(body.options)?,
+    };
+    let view = s.engine.run(req).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn run_on_node(
+    State(s): State<AppState>,
+    Path(node): Path<String>,
+    Query(q): Query<NameQuery>,
+    Body(body): Body,
+) -> Result<(StatusCode, Json<WorkflowView>)> {
+    let body: NodeRunBody = decode(body, "run request")?;
+    let req = RunRequest {
+        graph: graph_name(body.name, q.name)?,
+        node: Some(node),
+        options: run_options(body.options)?,
+    };
+    let view = s.engine.run(req).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// `GET /workflows?active=&node=`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    active: Option<bool>,
+    node: Option<String>,
+}
+
+async fn list_workflows(
+    State(s): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<WorkflowView>>> {
+    let filter = ListFilter {
+        active: q.active,
+        node: q.node.filter(|n| !n.is_empty()),
+    };
+    blocking(move || Ok(Json(s.engine.list(&filter)?))).await
+}
+
+/// `GET /nodes/{id}/workflows?active=`: RackHD's per-node listing.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeListQuery {
+    active: Option<bool>,
+}
+
+async fn list_node_workflows(
+    State(s): State<AppState>,
+    Path(node): Path<String>,
+    Query(q): Query<NodeListQuery>,
+) -> Result<Json<Vec<WorkflowView>>> {
+    blocking(move || {
+        if s.engine.nodes().get(&node)?.is_none() {
+            return Err(ApiError::not_found("node", &node));
+        }
+        let filter = ListFilter {
+            active: q.active,
+            node: Some(node),
+        };
+        Ok(Json(s.engine.list(&filter)?))
+    })
+    .await
+}
+
+async fn get_workflow(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<WorkflowView>> {
+    blocking(move || match s.engine.get(&id)? {
+        Some(v) => Ok(Json(v)),
+        None => Err(ApiError::not_found("workflow", &id)),
+    })
+    .await
+}
+
+async fn delete_workflow(State(s): State<AppState>, Path(id): Path<String>) -> Result<StatusCode> {
+    blocking(move || {
+        s.engine.delete(&id)?;
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
+
+/// `PUT /workflows/{id}/action`: RackHD's `{"command": "cancel", "options": {}}`.
+#[derive(Debug, Deserialize)]
+struct ActionBody {
+    command: Option<String>,
+}
+
+async fn workflow_action(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Body(body): Body,
+) -> Result<(StatusCode, Json<WorkflowView>)> {
+    let action: ActionBody = decode(body, "workflow action")?;
+    match action.command.as_deref() {
+        Some("cancel") => {
+            let view = s.engine.cancel(&id).await?;
+            Ok((StatusCode::ACCEPTED, Json(view)))
+        }
+        Some(other) => Err(ApiError::bad_request(format!(
+            "unknown command '{other}' for workflow {id} (expected cancel)"
+        ))),
+        None => Err(ApiError::bad_request(
+            "field 'command' is required (expected cancel)",
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Nodes
+
+/// `POST /nodes`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeInput {
+    /// A caller-chosen id; a UUID is generated when absent.
+    id: Option<String>,
+    name: Option<String>,
+    #[serde(default)]
+    identifiers: Vec<String>,
+    #[serde(rename = "type")]
+    node_type: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    obms: Vec<Obm>,
+}
+
+/// `PATCH /nodes/{id}`: every field given replaces the stored one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodePatch {
+    name: Option<String>,
+    identifiers: Option<Vec<String>>,
+    #[serde(rename = "type")]
+    node_type: Option<String>,
+    tags: Option<Vec<String>>,
+    obms: Option<Vec<Obm>>,
+}
+
+fn check_obms(obms: &[Obm]) -> Result<()> {
+    for (i, obm) in obms.iter().enumerate() {
+        if obm.service.trim().is_empty() {
+            return Err(ApiError::bad_request(format!(
+                "field 'obms[{i}].service' must name an OBM service (redfish-obm-service, ipmi-obm-service, sim-obm-service)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Replaces `old` OBMs by `new` ones. A new OBM given without a password keeps the stored
+/// password of the OBM with the same service and host, so that clients can round-trip what
+/// they read (passwords are never read back) without erasing the secret.
+fn merge_obms(old: &[Obm], new: Vec<Obm>) -> Vec<Obm> {
+    new.into_iter()
+        .map(|mut obm| {
+            if obm.config.password.is_none() {
+                obm.config.password = old
+                    .iter()
+                    .find(|o| o.service == obm.service && o.config.host == obm.config.host)
+                    .and_then(|o| o.config.password.clone());
+            }
+            obm
+        })
+        .collect()
+}
+
+async fn list_nodes(State(s): State<AppState>) -> Result<Json<Vec<Value>>> {
+    blocking(move || {
+        let nodes = s.engine.nodes().list()?;
+        Ok(Json(nodes.iter().map(Node::public).collect()))
+    })
+    .await
+}
+
+async fn create_node(
+    State(s): State<AppState>,
+    Body(body): Body,
+) -> Result<(StatusCode, Json<Value>)> {
+    let input: NodeInput = decode(body, "node")?;
+    let name = input
+        .name
+        .filter(|n| !n.trim().is_empty())
+        .ok_or_else(|| ApiError::bad_request("field 'name' is required"))?;
+    check_obms(&input.obms)?;
+    let node = Node {
+        id: input.id.unwrap_or_default(),
+        name,
+        identifiers: input.identifiers,
+        node_type: input.node_type.unwrap_or_else(|| "compute".to_owned()),
+        tags: input.tags,
+        obms: input.obms,
+        created_at: String::new(),
+        updated_at: String::new(),
+    };
+    blocking(move || {
+        let node = s.engine.nodes().create(node)?;
+        Ok((StatusCode::CREATED, Json(node.public())))
+    })
+    .await
+}
+
+async fn get_node(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>> {
+    blocking(move || match s.engine.nodes().get(&id)? {
+        Some(n) => Ok(Json(n.public())),
+        None => Err(ApiError::not_found("node", &id)),
+    })
+    .await
+}
+
+async fn patch_node(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Body(body): Body,
+) -> Result<Json<Value>> {
+    let patch: NodePatch = decode(body, "node patch")?;
+    if patch.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+        return Err(ApiError::bad_request("field 'name' must not be empty"));
+    }
+    if let Some(obms) = &patch.obms {
+        check_obms(obms)?;
+    }
+    blocking(move || {
+        let node = s.engine.nodes().update(&id, |n| {
+            if let Some(name) = patch.name {
+                n.name = name;
+            }
+            if let Some(identifiers) = patch.identifiers {
+                n.identifiers = identifiers;
+            }
+            if let Some(t) = patch.node_type {
+                n.node_type = t;
+            }
+            if let Some(tags) = patch.tags {
+                n.tags = tags;
+            }
+            if let Some(obms) = patch.obms {
+                n.obms = merge_obms(&n.obms, obms);
+            }
+        })?;
+        Ok(Json(node.public()))
+    })
+    .await
+}
+
+async fn delete_node(State(s): State<AppState>, Path(id): Path<String>) -> Result<StatusCode> {
+    blocking(move || {
+        s.engine.nodes().delete(&id)?;
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
+
+/// A node's OBMs as the outside world may see them (passwords redacted).
+fn public_obms(node: &Node) -> Value {
+    node.public()
+        .get("obms")
+        .cloned()
+        .unwrap_or(Value::Array(Vec::new()))
+}
+
+async fn get_obm(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>> {
+    blocking(move || match s.engine.nodes().get(&id)? {
+        Some(n) => Ok(Json(public_obms(&n))),
+        None => Err(ApiError::not_found("node", &id)),
+    })
+    .await
+}
+
+/// `PUT /nodes/{id}/obm`: sets one OBM. It replaces the node's OBM with the same service,
+/// or is added after the existing ones.
+async fn put_obm(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Body(body): Body,
+) -> Result<Json<Value>> {
+    let obm: Obm = decode(body, "OBM")?;
+    check_obms(std::slice::from_ref(&obm))?;
+    blocking(move || {
+        let node = s.engine.nodes().update(&id, |n| {
+            let merged = merge_obms(&n.obms, vec![obm]).remove(0);
+            match n.obms.iter_mut().find(|o| o.service == merged.service) {
+                Some(slot) => *slot = merged,
+                None => n.obms.push(merged),
+            }
+        })?;
+        Ok(Json(public_obms(&node)))
+    })
+    .await
+}
+
+async fn list_catalogs(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<Value>>> {
+    blocking(move || {
+        let nodes = s.engine.nodes();
+        if nodes.get(&id)?.is_none() {
+            return Err(ApiError::not_found("node", &id));
+        }
+        Ok(Json(nodes.catalogs(&id)?))
+    })
+    .await
+}
+
+async fn get_catalog(
+    State(s): State<AppState>,
+    Path((id, source)): Path<(String, String)>,
+) -> Result<Json<Value>> {
+    blocking(move || {
+        let nodes = s.engine.nodes();
+        if nodes.get(&id)?.is_none() {
+            return Err(ApiError::not_found("node", &id));
+        }
+        nodes
+            .catalogs(&id)?
+            .into_iter()
+            .find(|c| c.get("source").and_then(Value::as_str) == Some(source.as_str()))
+            .map(Json)
+            .ok_or_else(|| {
+                ApiError::not_found(&format!("catalog of node {id} from source"), &source)
+            })
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------
+// Node-facing
+
+/// `POST /notification?nodeId=&token=`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NotificationQuery {
+    node_id: Option<String>,
+    token: Option<String>,
+}
+
+async fn notification(
+    State(s): State<AppState>,
+    Query(q): Query<NotificationQuery>,
+    Body(body): Body,
+) -> Result<Json<Value>> {
+    let mut body = match body {
+        Value::Null => Map::new(),
+        Value::Object(m) => m,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "a notification body must be an object, got {}",
+                kind_of(&other)
+            )));
+        }
+    };
+    // The token authenticates the callback; it is taken out so that it never lands in the
+    // task's output, which workflows show.
+    let body_token = body.remove("token");
+    let token = q
+        .token
+        .or_else(|| body_token.and_then(|t| t.as_str().map(str::to_owned)))
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "a notification needs a token (query parameter or body field 'token')",
+            )
+        })?;
+    let node = q.node_id.filter(|n| !n.is_empty());
+    let label = s
+        .engine
+        .notify(node.as_deref(), &token, Value::Object(body))?;
+    Ok(Json(json!({"status": "delivered", "task": label})))
+}

@@ -1,0 +1,431 @@
+//! The command-line client: `metalgraph graphs|tasks|nodes|workflows|run ...` talk to a
+//! server's management API over HTTP and print what it answers (pretty JSON for reads).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use metalgraph_engine::definitions;
+use metalgraph_engine::model::{Definition, TaskState};
+use metalgraph_engine::{Problem, WorkflowStatus, WorkflowView};
+use reqwest::{Method, StatusCode};
+use serde_json::{Map, Value, json};
+
+/// How often `run --wait` polls the workflow.
+const POLL_INTERVAL: Duration = Duration::from_millis(300);
+
+/// A management API client.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    /// The server's URL, without a trailing slash.
+    server: String,
+}
+
+impl Client {
+    pub fn new(server: &str) -> anyhow::Result<Self> {
+        let server = server.trim_end_matches('/').to_owned();
+        if !(server.starts_with("http://") || server.starts_with("https://")) {
+            bail!("server URL {server:?} must start with http:// or https://");
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Self { http, server })
+    }
+
+    /// Calls `method /api/2.0{path}` and returns the status and JSON body (`null` when
+    /// empty). A non-success answer is an error carrying the server's message and details.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        let url = format!("{}/api/2.0{path}", self.server);
+        let mut req = self.http.request(method.clone(), &url);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach metalgraph at {}", self.server))?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .with_context(|| format!("cannot read the answer to {method} {url}"))?;
+        let value: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        if status.is_success() {
+            Ok((status, value))
+        } else {
+            Err(anyhow::anyhow!(describe_error(status, &value)))
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        Ok(self.call(Method::GET, path, None).await?.1)
+    }
+
+    /// GETs `path` and prints the answer as pretty JSON.
+    pub async fn print_get(&self, path: &str) -> anyhow::Result<ExitCode> {
+        print_json(&self.get(path).await?);
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// DELETEs `path` and says what was deleted.
+    pub async fn delete(&self, path: &str, what: &str) -> anyhow::Result<ExitCode> {
+        self.call(Method::DELETE, path, None).await?;
+        println!("deleted {what}");
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// `graphs put` and `tasks put`: stores every definition of the given kind found in the
+    /// files (a file may hold several), saying for each whether it was created or replaced.
+    pub async fn put_definitions(
+        &self,
+        files: &[PathBuf],
+        graphs: bool,
+    ) -> anyhow::Result<ExitCode> {
+        let (kind, path) = if graphs {
+            ("graph", "/workflows/graphs")
+        } else {
+            ("task", "/workflows/tasks")
+        };
+        for file in files {
+            let shown = file.display().to_string();
+            let text =
+                std::fs::read_to_string(file).with_context(|| format!("cannot read {shown}"))?;
+            let defs = definitions::parse(&text, &shown).map_err(|p| anyhow::anyhow!("{p}"))?;
+            for def in defs {
+                let (name, value) = match (&def, graphs) {
+                    (Definition::Graph(g), true) => {
+                        (g.injectable_name.clone(), serde_json::to_value(g)?)
+                    }
+                    (Definition::Task(t), false) => {
+                        (t.injectable_name.clone(), serde_json::to_value(t)?)
+                    }
+                    (Definition::Graph(g), false) => bail!(
+                        "{shown}: {} is a graph; store it with `metalgraph graphs put`",
+                        g.injectable_name
+                    ),
+                    (Definition::Task(t), true) => bail!(
+                        "{shown}: {} is a task definition; store it with `metalgraph tasks put`",
+                        t.injectable_name
+                    ),
+                };
+                let (status, _) = self.call(Method::PUT, path, Some(&value)).await?;
+                let verb = if status == StatusCode::CREATED {
+                    "created"
+                } else {
+                    "replaced"
+                };
+                println!("{verb} {kind} {name}");
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// `nodes create`.
+    pub async fn create_node(&self, spec: NodeSpec) -> anyhow::Result<ExitCode> {
+        let mut node = json!({
+            "name": spec.name,
+            "identifiers": spec.macs,
+            "tags": spec.tags,
+        });
+        if let Some(id) = spec.id {
+            node["id"] = json!(id);
+        }
+        if let Some(service) = spec.obm_service {
+            let mut config = Map::new();
+            config.insert("host".into(), json!(spec.obm_host.unwrap_or_default()));
+            if let Some(user) = spec.obm_user {
+                config.insert("user".into(), json!(user));
+            }
+            if let Some(var) = spec.obm_password_env {
+                // The password comes from the environment so that it never shows in `ps`.
+                let password = std::env::var(&var).with_context(|| {
+                    format!("environment variable {var} (the OBM password) is not set")
+                })?;
+                config.insert("password".into(), json!(password));
+            }
+            node["obms"] = json!([{ "service": service, "config": config }]);
+        } else if spec.obm_host.is_some()
+            || spec.obm_user.is_some()
+            || spec.obm_password_env.is_some()
+        {
+            bail!("--obm-host, --obm-user and --obm-password-env need --obm-service");
+        }
+        let (_, created) = self.call(Method::POST, "/nodes", Some(&node)).await?;
+        print_json(&created);
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// `workflows cancel`.
+    pub async fn cancel(&self, id: &str) -> anyhow::Result<ExitCode> {
+        let (_, view) = self
+            .call(
+                Method::PUT,
+                &format!("/workflows/{}/action", seg(id)),
+                Some(&json!({"command": "cancel"})),
+            )
+            .await?;
+        print_json(&view);
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// `run GRAPH`: starts a workflow; with `wait`, follows it to its end and exits 0 only
+    /// when it succeeded.
+    pub async fn run(
+        &self,
+        graph: &str,
+        node: Option<&str>,
+        options: &[String],
+        wait: bool,
+    ) -> anyhow::Result<ExitCode> {
+        let mut body = json!({ "name": graph, "options": run_options(options)? });
+        if let Some(n) = node {
+            body["node"] = json!(n);
+        }
+        let (_, created) = self.call(Method::POST, "/workflows", Some(&body)).await?;
+        if !wait {
+            print_json(&created);
+            return Ok(ExitCode::SUCCESS);
+        }
+        let view: WorkflowView = serde_json::from_value(created)
+            .context("the server answered with something that is not a workflow")?;
+        let id = view.instance_id.clone();
+        match &view.node {
+            Some(n) => println!("workflow {id} ({graph} on node {n}) created"),
+            None => println!("workflow {id} ({graph}) created"),
+        }
+        self.follow(&id).await
+    }
+
+    /// Polls a workflow, printing a line per task state change, until it ends.
+    async fn follow(&self, id: &str) -> anyhow::Result<ExitCode> {
+        let start = Instant::now();
+        let mut seen: HashMap<String, (TaskState, u32)> = HashMap::new();
+        loop {
+            let value = self.get(&format!("/workflows/{}", seg(id))).await?;
+            let view: WorkflowView = serde_json::from_value(value)
+                .context("the server answered with something that is not a workflow")?;
+            for line in progress_lines(&view, &mut seen, start.elapsed()) {
+                println!("{line}");
+            }
+            if view.status.is_terminal() {
+                match &view.error {
+                    Some(e) => println!("workflow {id} {}: {e}", view.status),
+                    None => println!("workflow {id} {}", view.status),
+                }
+                return Ok(if view.status == WorkflowStatus::Succeeded {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+}
+
+/// What `nodes create` was given.
+#[derive(Debug, Clone, Default)]
+pub struct NodeSpec {
+    pub id: Option<String>,
+    pub name: String,
+    pub macs: Vec<String>,
+    pub tags: Vec<String>,
+    pub obm_service: Option<String>,
+    pub obm_host: Option<String>,
+    pub obm_user: Option<String>,
+    /// The environment variable holding the OBM password.
+    pub obm_password_env: Option<String>,
+}
+
+/// Percent-encodes a path segment (graph names and ids are plain, but a name may hold a
+/// character URLs reserve).
+pub fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Builds run options from `k=v` (into `defaults`) and `label.k=v` (into that task's
+/// layer). A value that parses as JSON (`3`, `true`, `{"a":1}`) is taken as such; anything
+/// else is a string.
+pub fn run_options(options: &[String]) -> anyhow::Result<Value> {
+    let mut layers: Map<String, Value> = Map::new();
+    for opt in options {
+        let Some((key, raw)) = opt.split_once('=') else {
+            bail!("--option {opt:?} must be KEY=VALUE or LABEL.KEY=VALUE");
+        };
+        let (layer, key) = key.split_once('.').unwrap_or(("defaults", key));
+        if layer.is_empty() || key.is_empty() {
+            bail!("--option {opt:?} must be KEY=VALUE or LABEL.KEY=VALUE");
+        }
+        let value = serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()));
+        layers
+            .entry(layer.to_owned())
+            .or_insert_with(|| Value::Object(Map::new()))
+            .as_object_mut()
+            .expect("layers are objects")
+            .insert(key.to_owned(), value);
+    }
+    Ok(Value::Object(layers))
+}
+
+/// The progress lines for tasks whose state or attempt changed since `seen`; a task not
+/// seen before counts as pending.
+pub fn progress_lines(
+    view: &WorkflowView,
+    seen: &mut HashMap<String, (TaskState, u32)>,
+    elapsed: Duration,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    for t in &view.tasks {
+        let now = (t.state, t.attempts);
+        let before = seen
+            .insert(t.label.clone(), now)
+            .unwrap_or((TaskState::Pending, 0));
+        if before == now {
+            continue;
+        }
+        let detail = match t.state {
+            TaskState::Running => format!(" (attempt {})", t.attempts),
+            _ => t
+                .error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default(),
+        };
+        lines.push(format!(
+            "[{:>5.1}s] {:<16} {}{detail}",
+            elapsed.as_secs_f64(),
+            t.label,
+            t.state
+        ));
+    }
+    lines
+}
+
+/// Renders an error answer: status, code, message, and one line per detail.
+fn describe_error(status: StatusCode, body: &Value) -> String {
+    let err = body.get("error");
+    let message = err
+        .and_then(|e| e.get("message"))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_else(|| match body {
+            Value::Null => status.canonical_reason().unwrap_or("error").to_owned(),
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        });
+    let code = err
+        .and_then(|e| e.get("code"))
+        .and_then(Value::as_str)
+        .unwrap_or("error");
+    let details = err
+        .and_then(|e| e.get("details"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    // A single problem is the message itself; several are listed one per line instead.
+    let mut out = if details.len() > 1 {
+        format!("{} ({code}): {} problems", status.as_u16(), details.len())
+    } else {
+        format!("{} ({code}): {message}", status.as_u16())
+    };
+    if details.len() > 1 {
+        for d in details {
+            let line = serde_json::from_value::<Problem>(d.clone())
+                .map(|p| p.to_string())
+                .unwrap_or_else(|_| d.to_string());
+            out.push_str(&format!("\n  - {line}"));
+        }
+    }
+    out
+}
+
+fn print_json(v: &Value) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(_) => println!("{v}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_go_to_defaults_or_a_label() {
+        let opts: Vec<String> = [
+            "imageUrl=http://x/a.iso",
+            "count=3",
+            "reboot.force=true",
+            "flag=yes",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        assert_eq!(
+            run_options(&opts).expect("valid"),
+            json!({
+                "defaults": {"imageUrl": "http://x/a.iso", "count": 3, "flag": "yes"},
+                "reboot": {"force": true},
+            })
+        );
+        assert!(run_options(&["novalue".to_owned()]).is_err());
+        assert!(run_options(&[".k=v".to_owned()]).is_err());
+    }
+
+    #[test]
+    fn progress_prints_only_changes() {
+        let mut view: WorkflowView = serde_json::from_value(json!({
+            "instanceId": "w", "name": "G", "status": "running", "createdAt": "t",
+            "tasks": [
+                {"id": "w.0", "label": "reboot", "taskName": "T", "job": "noop", "state": "running", "attempts": 1},
+                {"id": "w.1", "label": "after", "taskName": "T", "job": "noop", "state": "pending", "attempts": 0},
+            ]
+        }))
+        .expect("a view");
+        let mut seen = HashMap::new();
+        let lines = progress_lines(&view, &mut seen, Duration::from_millis(1200));
+        assert_eq!(lines, vec!["[  1.2s] reboot           running (attempt 1)"]);
+        assert!(progress_lines(&view, &mut seen, Duration::from_secs(2)).is_empty());
+        view.tasks[0].state = TaskState::Failed;
+        view.tasks[0].error = Some("boom".into());
+        let lines = progress_lines(&view, &mut seen, Duration::from_secs(3));
+        assert_eq!(lines, vec!["[  3.0s] reboot           failed: boom"]);
+    }
+
+    #[test]
+    fn errors_show_code_message_and_details() {
+        let body = json!({"error": {"code": "invalid_definition", "message": "two problems", "details": [
+            {"graph": "G", "label": "a", "field": "waitOn.x", "message": "waits on unknown label 'x'"},
+            {"graph": "G", "label": "b", "field": "taskName", "message": "unknown task T"},
+        ]}});
+        assert_eq!(
+            describe_error(StatusCode::UNPROCESSABLE_ENTITY, &body),
+            "422 (invalid_definition): 2 problems\n  - graph G, task 'a', field 'waitOn.x': waits on unknown label 'x'\n  - graph G, task 'b', field 'taskName': unknown task T"
+        );
+        assert_eq!(seg("Graph.A b/c"), "Graph.A%20b%2Fc");
+    }
+}

@@ -1,0 +1,500 @@
+//! metalgraph's configuration, layered lowest first: built-in defaults, a TOML file
+//! (`--config FILE` or `METALGRAPH_CONFIG`), `METALGRAPH_*` environment variables, then the
+//! flags of `metalgraph serve`.
+//!
+//! Every layer may set every field. The environment is passed in as a function so that tests
+//! can layer configurations without touching the process environment.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The environment variable naming the config file when `--config` is not given.
+pub const CONFIG_ENV: &str = "METALGRAPH_CONFIG";
+
+/// Where `--demo` puts the node-facing listener unless one is configured.
+pub const DEMO_NODE_LISTEN: &str = "127.0.0.1:8090";
+
+/// Why a configuration could not be loaded. Each message names the file, variable or field
+/// at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}={value:?} is invalid: {message}")]
+    Env {
+        var: String,
+        value: String,
+        message: String,
+    },
+    #[error("config field {field} is invalid: {message}")]
+    Field {
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// Which store backend keeps metalgraph's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// The embedded sled database (the default).
+    Sled,
+    /// A directory holding an append-only, checksummed journal.
+    File,
+}
+
+impl StoreKind {
+    pub fn backend(self) -> metalgraph_store::Backend {
+        match self {
+            StoreKind::Sled => metalgraph_store::Backend::Sled,
+            StoreKind::File => metalgraph_store::Backend::File,
+        }
+    }
+}
+
+impl FromStr for StoreKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "sled" => Ok(StoreKind::Sled),
+            "file" => Ok(StoreKind::File),
+            other => Err(format!("unknown store {other:?} (expected sled or file)")),
+        }
+    }
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!(
+                "unknown log format {other:?} (expected text or json)"
+            )),
+        }
+    }
+}
+
+/// The server's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The management API's address (`METALGRAPH_LISTEN`, `--listen`). Port 0 picks a free
+    /// port; the bound address is printed as `metalgraph listening on http://ADDR`.
+    pub listen: SocketAddr,
+    /// The node-facing API's address (`METALGRAPH_NODE_LISTEN`, `--node-listen`): node
+    /// callbacks and boot profiles. Off unless set; `--demo` sets `127.0.0.1:8090`.
+    pub node_listen: Option<SocketAddr>,
+    /// The gRPC API's address (`METALGRAPH_GRPC_LISTEN`, `--grpc-listen`). Off unless set.
+    pub grpc_listen: Option<SocketAddr>,
+    /// Where the store keeps its data (`METALGRAPH_DATA_DIR`, `--data-dir`).
+    pub data_dir: PathBuf,
+    /// The store backend, `sled` or `file` (`METALGRAPH_STORE`, `--store`).
+    pub store: StoreKind,
+    /// Registers eight simulated nodes (`demo-node-01` to `demo-node-08`, driven by the
+    /// simulated BMC) and turns the node-facing API on (`METALGRAPH_DEMO`, `--demo`).
+    pub demo: bool,
+    /// `text` or `json` (`METALGRAPH_LOG_FORMAT`, `--log-format`). The level comes from
+    /// `RUST_LOG` (default `info`).
+    pub log_format: LogFormat,
+    /// The most jobs that run at once; further ready tasks wait for a slot
+    /// (`METALGRAPH_MAX_RUNNING_JOBS`).
+    pub max_running_jobs: usize,
+    /// The largest request body the APIs accept, in bytes; larger ones get 413
+    /// (`METALGRAPH_BODY_LIMIT_BYTES`, or `METALGRAPH_BODY_LIMIT`).
+    pub body_limit_bytes: usize,
+    /// How long a cancelled or timed-out job gets to clean up before it is dropped, in
+    /// milliseconds (`METALGRAPH_CANCEL_GRACE_MS`).
+    pub cancel_grace_ms: u64,
+    /// The management API's base URL as templates see it (`api.base`), e.g.
+    /// `http://10.0.0.1:8080/api/2.0` (`METALGRAPH_API_BASE_URL`). Defaults to the bound
+    /// `listen` address.
+    pub api_base_url: Option<String>,
+    /// The node-facing API's base URL as templates see it (`api.nodeBase`), which is what
+    /// installers call back (`METALGRAPH_NODE_API_BASE_URL`). Defaults to the bound
+    /// `node_listen` address; empty when the node-facing API is off.
+    pub node_api_base_url: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            node_listen: None,
+            grpc_listen: None,
+            data_dir: PathBuf::from("./metalgraph-data"),
+            store: StoreKind::Sled,
+            demo: false,
+            log_format: LogFormat::Text,
+            max_running_jobs: 256,
+            body_limit_bytes: 1024 * 1024,
+            cancel_grace_ms: 5_000,
+            api_base_url: None,
+            node_api_base_url: None,
+        }
+    }
+}
+
+/// The flags of `metalgraph serve`; each one given overrides every other layer.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// The config file (TOML); defaults to $METALGRAPH_CONFIG when set.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The management API's address (default 127.0.0.1:8080; port 0 picks a free one).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// The node-facing API's address (off by default).
+    #[arg(long, value_name = "ADDR")]
+    pub node_listen: Option<SocketAddr>,
+    /// The gRPC API's address (off by default).
+    #[arg(long, value_name = "ADDR")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// Where the store keeps its data (default ./metalgraph-data).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The store backend.
+    #[arg(long, value_enum)]
+    pub store: Option<StoreKind>,
+    /// Register simulated nodes and turn the node-facing API on.
+    #[arg(long)]
+    pub demo: bool,
+    /// The log format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    /// Loads the configuration: defaults, the config file (`flags.config`, else the file
+    /// named by `METALGRAPH_CONFIG`), the environment, then the flags.
+    pub fn load(flags: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, Error> {
+        let file = flags
+            .config
+            .clone()
+            .or_else(|| env(CONFIG_ENV).filter(|s| !s.is_empty()).map(PathBuf::from));
+        let mut config = match file {
+            Some(path) => Config::from_file(&path)?,
+            None => Config::default(),
+        };
+        config.apply_env(env)?;
+        config.apply_flags(flags);
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Reads a TOML config file; fields it leaves out keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|message| Error::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses TOML text; unknown keys are an error naming the key.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// Applies `METALGRAPH_*` variables. An empty value, or `off`, turns an optional
+    /// listener or URL off.
+    pub fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), Error> {
+        let var = |name: &str| {
+            let var = format!("METALGRAPH_{name}");
+            env(&var).map(|value| (var, value))
+        };
+        if let Some((v, s)) = var("LISTEN") {
+            self.listen = parse(&v, &s)?;
+        }
+        if let Some((v, s)) = var("NODE_LISTEN") {
+            self.node_listen = parse_optional(&v, &s)?;
+        }
+        if let Some((v, s)) = var("GRPC_LISTEN") {
+            self.grpc_listen = parse_optional(&v, &s)?;
+        }
+        if let Some((_, s)) = var("DATA_DIR") {
+            self.data_dir = PathBuf::from(s);
+        }
+        if let Some((v, s)) = var("STORE") {
+            self.store = parse(&v, &s)?;
+        }
+        if let Some((v, s)) = var("DEMO") {
+            self.demo = parse_bool(&v, &s)?;
+        }
+        if let Some((v, s)) = var("LOG_FORMAT") {
+            self.log_format = parse(&v, &s)?;
+        }
+        if let Some((v, s)) = var("MAX_RUNNING_JOBS") {
+            self.max_running_jobs = parse(&v, &s)?;
+        }
+        // The short name comes first so that the field's own name wins when both are set.
+        for name in ["BODY_LIMIT", "BODY_LIMIT_BYTES"] {
+            if let Some((v, s)) = var(name) {
+                self.body_limit_bytes = parse(&v, &s)?;
+            }
+        }
+        if let Some((v, s)) = var("CANCEL_GRACE_MS") {
+            self.cancel_grace_ms = parse(&v, &s)?;
+        }
+        if let Some((v, s)) = var("API_BASE_URL") {
+            self.api_base_url = parse_optional(&v, &s)?;
+        }
+        if let Some((v, s)) = var("NODE_API_BASE_URL") {
+            self.node_api_base_url = parse_optional(&v, &s)?;
+        }
+        Ok(())
+    }
+
+    /// Applies the flags that were given.
+    pub fn apply_flags(&mut self, flags: &ServeArgs) {
+        if let Some(a) = flags.listen {
+            self.listen = a;
+        }
+        if let Some(a) = flags.node_listen {
+            self.node_listen = Some(a);
+        }
+        if let Some(a) = flags.grpc_listen {
+            self.grpc_listen = Some(a);
+        }
+        if let Some(d) = &flags.data_dir {
+            self.data_dir = d.clone();
+        }
+        if let Some(s) = flags.store {
+            self.store = s;
+        }
+        if flags.demo {
+            self.demo = true;
+        }
+        if let Some(f) = flags.log_format {
+            self.log_format = f;
+        }
+    }
+
+    /// Checks values no type can express.
+    fn check(&self) -> Result<(), Error> {
+        if self.max_running_jobs == 0 {
+            return Err(Error::Field {
+                field: "max_running_jobs",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.body_limit_bytes < 1024 {
+            return Err(Error::Field {
+                field: "body_limit_bytes",
+                message: format!("must be at least 1024, got {}", self.body_limit_bytes),
+            });
+        }
+        for (field, url) in [
+            ("api_base_url", &self.api_base_url),
+            ("node_api_base_url", &self.node_api_base_url),
+        ] {
+            if let Some(u) = url
+                && !(u.starts_with("http://") || u.starts_with("https://"))
+            {
+                return Err(Error::Field {
+                    field,
+                    message: format!("{u:?} is not an http:// or https:// URL"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The node-facing listener's address: the configured one, or the demo's default.
+    pub fn effective_node_listen(&self) -> Option<SocketAddr> {
+        self.node_listen.or_else(|| {
+            self.demo
+                .then(|| DEMO_NODE_LISTEN.parse().expect("the demo address is valid"))
+        })
+    }
+}
+
+fn parse<T: FromStr>(var: &str, value: &str) -> Result<T, Error>
+where
+    T::Err: std::fmt::Display,
+{
+    value.trim().parse().map_err(|e: T::Err| Error::Env {
+        var: var.to_owned(),
+        value: value.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn parse_optional<T: FromStr>(var: &str, value: &str) -> Result<Option<T>, Error>
+where
+    T::Err: std::fmt::Display,
+{
+    match value.trim() {
+        "" | "off" => Ok(None),
+        _ => parse(var, value).map(Some),
+    }
+}
+
+fn parse_bool(var: &str, value: &str) -> Result<bool, Error> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "" | "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(Error::Env {
+            var: var.to_owned(),
+            value: value.to_owned(),
+            message: "expected true or false".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../metalgraph.example.toml");
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn the_example_file_parses_and_names_every_field() {
+        let config = Config::from_toml(EXAMPLE).expect("the example parses");
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+        let example: toml::Table = toml::from_str(EXAMPLE).expect("the example is TOML");
+        let fields = serde_json::to_value(Config::default()).expect("serialises");
+        for field in fields.as_object().expect("an object").keys() {
+            assert!(
+                example.contains_key(field),
+                "the example file lacks field {field}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_minimal_file_keeps_the_defaults() {
+        let config = Config::from_toml("listen = \"0.0.0.0:9000\"\n").expect("parses");
+        assert_eq!(
+            config,
+            Config {
+                listen: "0.0.0.0:9000".parse().expect("an address"),
+                ..Config::default()
+            }
+        );
+        assert_eq!(Config::from_toml("").expect("parses"), Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::from_toml("listne = \"0.0.0.0:9000\"\n").expect_err("an unknown key");
+        assert!(err.contains("listne"), "{err}");
+        let err = Config::from_toml("store = \"postgres\"\n").expect_err("an unknown store");
+        assert!(err.contains("postgres"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_the_file_and_flags_override_env() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("m.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:1000\"\nstore = \"file\"\nmax_running_jobs = 3\n\
+             node_listen = \"127.0.0.1:1001\"\n",
+        )
+        .expect("written");
+        let env = env_of(&[
+            ("METALGRAPH_CONFIG", path.to_str().expect("utf-8")),
+            ("METALGRAPH_LISTEN", "127.0.0.1:2000"),
+            ("METALGRAPH_MAX_RUNNING_JOBS", "7"),
+            ("METALGRAPH_NODE_LISTEN", "off"),
+            ("METALGRAPH_BODY_LIMIT", "4096"),
+            ("METALGRAPH_LOG_FORMAT", "json"),
+        ]);
+
+        let config = Config::load(&ServeArgs::default(), &env).expect("loads");
+        assert_eq!(config.listen.to_string(), "127.0.0.1:2000");
+        assert_eq!(config.store, StoreKind::File, "the file's value stays");
+        assert_eq!(config.max_running_jobs, 7);
+        assert_eq!(
+            config.node_listen, None,
+            "off in the environment turns it off"
+        );
+        assert_eq!(config.body_limit_bytes, 4096);
+        assert_eq!(config.log_format, LogFormat::Json);
+
+        let flags = ServeArgs {
+            listen: Some("127.0.0.1:3000".parse().expect("an address")),
+            store: Some(StoreKind::Sled),
+            demo: true,
+            ..ServeArgs::default()
+        };
+        let config = Config::load(&flags, &env).expect("loads");
+        assert_eq!(config.listen.to_string(), "127.0.0.1:3000");
+        assert_eq!(config.store, StoreKind::Sled);
+        assert!(config.demo);
+        assert_eq!(
+            config
+                .effective_node_listen()
+                .map(|a| a.to_string())
+                .as_deref(),
+            Some(DEMO_NODE_LISTEN)
+        );
+        assert_eq!(
+            config.max_running_jobs, 7,
+            "no flag, so the environment's value stays"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_source() {
+        let err = Config::load(
+            &ServeArgs::default(),
+            &env_of(&[("METALGRAPH_LISTEN", "nowhere")]),
+        )
+        .expect_err("a bad address");
+        assert!(err.to_string().contains("METALGRAPH_LISTEN"), "{err}");
+        let err = Config::load(
+            &ServeArgs {
+                config: Some(PathBuf::from("/nonexistent/metalgraph.toml")),
+                ..ServeArgs::default()
+            },
+            &env_of(&[]),
+        )
+        .expect_err("a missing file");
+        assert!(
+            err.to_string().contains("/nonexistent/metalgraph.toml"),
+            "{err}"
+        );
+        let err = Config::load(
+            &ServeArgs::default(),
+            &env_of(&[("METALGRAPH_MAX_RUNNING_JOBS", "0")]),
+        )
+        .expect_err("zero jobs");
+        assert!(err.to_string().contains("max_running_jobs"), "{err}");
+    }
+}

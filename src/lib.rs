@@ -1,0 +1,10 @@
+//! The `metalgraph` binary's library: configuration, the HTTP APIs, the server wiring, and
+//! the command-line client. The binary (`main.rs`) only parses flags and calls in here, so
+//! that tests can drive every piece directly.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod library;
+pub mod server;
+pub mod validate;

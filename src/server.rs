@@ -1,0 +1,250 @@
+//! `metalgraph serve`: opens the store, starts the engine, serves the APIs, and shuts down
+//! in order when the root token is cancelled: stop accepting and drain requests, stop the
+//! engine (running jobs are left `running` in the store and resume on the next start), then
+//! close the store.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use metalgraph_engine::nodes::{Node, Obm, ObmConfig};
+use metalgraph_engine::{ApiUrls, Engine, EngineOptions, JobRegistry};
+use metalgraph_store::Store;
+use metalgraph_tasks::bmc::Drivers;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+
+/// How long open connections get to finish once shutdown begins.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many simulated nodes `--demo` registers.
+const DEMO_NODES: usize = 8;
+
+/// The jobs this build can run: the basic ones and the provisioning ones with their BMC
+/// drivers (Redfish, IPMI, simulated). `serve` and `validate` both use it, so that offline
+/// validation judges graphs exactly as the server does.
+pub fn jobs() -> JobRegistry {
+    let mut jobs = JobRegistry::new();
+    metalgraph_tasks::register_basic(&mut jobs);
+    metalgraph_tasks::register_provisioning(&mut jobs, Arc::new(Drivers::default()));
+    jobs
+}
+
+/// Runs the server until `shutdown` is cancelled, then shuts down in order.
+pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if let Some(addr) = config.grpc_listen {
+        warn!(%addr, "the gRPC API is not part of this build yet; grpc_listen is ignored");
+    }
+
+    let store = open_store(&config).await?;
+    let library = crate::library::library()?;
+
+    let mgmt = bind(config.listen, "management API").await?;
+    let mgmt_addr = mgmt
+        .local_addr()
+        .context("the management listener has no address")?;
+    let node = match config.effective_node_listen() {
+        Some(addr) => Some(bind(addr, "node-facing API").await?),
+        None => None,
+    };
+    let node_addr = match &node {
+        Some(l) => Some(
+            l.local_addr()
+                .context("the node-facing listener has no address")?,
+        ),
+        None => None,
+    };
+
+    let mut opts = EngineOptions::new(store.clone(), jobs(), library);
+    opts.max_running_jobs = config.max_running_jobs;
+    opts.cancel_grace = Duration::from_millis(config.cancel_grace_ms);
+    opts.api = ApiUrls {
+        base: config
+            .api_base_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{mgmt_addr}/api/2.0")),
+        node_base: config
+            .node_api_base_url
+            .clone()
+            .or_else(|| node_addr.map(|a| format!("http://{a}/api/2.0")))
+            .unwrap_or_default(),
+    };
+    // The engine has its own token: it must keep running while the listeners drain, so that
+    // requests in flight (a cancel, a run) are answered rather than refused.
+    let engine_stop = CancellationToken::new();
+    let (engine, engine_task) =
+        Engine::start(opts, engine_stop.clone()).context("the engine could not start")?;
+    check_library(&engine);
+    if config.demo {
+        register_demo_nodes(&engine).await?;
+    }
+
+    let state = AppState::new(engine.clone(), config.body_limit_bytes);
+    let mut servers = JoinSet::new();
+    servers.spawn(run_http(
+        "management API",
+        mgmt,
+        api::app(state.clone()),
+        shutdown.clone(),
+    ));
+    announce(&format!("metalgraph listening on http://{mgmt_addr}"));
+    info!(addr = %mgmt_addr, store = store.backend(), data_dir = %config.data_dir.display(), "management API listening");
+    if let (Some(listener), Some(addr)) = (node, node_addr) {
+        servers.spawn(run_http(
+            "node-facing API",
+            listener,
+            api::node_app(state),
+            shutdown.clone(),
+        ));
+        announce(&format!(
+            "metalgraph node-facing listening on http://{addr}"
+        ));
+        info!(%addr, "node-facing API listening");
+    }
+
+    let mut result = Ok(());
+    while let Some(joined) = servers.join_next().await {
+        let outcome =
+            joined.unwrap_or_else(|e| Err(anyhow::anyhow!("an HTTP server task failed: {e}")));
+        if let Err(e) = outcome {
+            error!(error = %format!("{e:#}"), "an HTTP server stopped; shutting down");
+            shutdown.cancel();
+            if result.is_ok() {
+                result = Err(e);
+            }
+        }
+    }
+
+    info!("listeners closed; stopping the engine");
+    engine_stop.cancel();
+    if let Err(e) = engine_task.await {
+        error!(error = %e, "the engine task failed");
+    }
+    drop(engine);
+    let closing = store.clone();
+    tokio::task::spawn_blocking(move || closing.close())
+        .await
+        .context("closing the store failed")?
+        .context("closing the store failed")?;
+    info!("stopped");
+    result
+}
+
+/// Prints a line tests and scripts read (`metalgraph listening on http://ADDR`) to stdout,
+/// flushed at once so that a pipe reader sees it while the server runs.
+fn announce(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let backend = config.store.backend();
+    let dir = config.data_dir.clone();
+    let shown = dir.display().to_string();
+    tokio::task::spawn_blocking(move || metalgraph_store::open(backend, &dir))
+        .await
+        .context("opening the store failed")?
+        .with_context(|| format!("cannot open the {:?} store in {shown}", config.store))
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for the {what}"))
+}
+
+/// Serves one router until `shutdown`; connections still open `DRAIN_TIMEOUT` after that
+/// are dropped.
+async fn run_http(
+    what: &'static str,
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let server = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .into_future();
+    let drained = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(DRAIN_TIMEOUT).await;
+    };
+    tokio::select! {
+        r = server => r.with_context(|| format!("the {what} failed")),
+        () = drained => {
+            warn!(what, timeout_s = DRAIN_TIMEOUT.as_secs(), "connections still open after the drain timeout; dropping them");
+            Ok(())
+        }
+    }
+}
+
+/// Logs every shipped definition that does not validate against this build's jobs: such a
+/// definition exists but cannot run.
+fn check_library(engine: &Engine) {
+    let defs = engine.definitions();
+    for task in defs.library().tasks.values() {
+        if let Err(problems) = metalgraph_engine::definitions::validate_task(task, defs.jobs()) {
+            warn!(task = %task.injectable_name, problems = %problems, "a shipped task definition cannot run in this build");
+        }
+    }
+    for graph in defs.library().graphs.values() {
+        if let Err(problems) = defs.validate_graph(graph) {
+            warn!(graph = %graph.injectable_name, problems = %problems, "a shipped graph cannot run in this build");
+        }
+    }
+}
+
+/// The id of the `i`th demo node, counting from 1.
+pub fn demo_node_id(i: usize) -> String {
+    format!("demo-node-{i:02}")
+}
+
+/// Registers the demo's simulated nodes unless they exist, so restarts with `--demo` keep
+/// them (and their catalogs) as they are.
+pub async fn register_demo_nodes(engine: &Engine) -> anyhow::Result<()> {
+    let nodes = engine.nodes().clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        for i in 1..=DEMO_NODES {
+            let id = demo_node_id(i);
+            if nodes.get(&id)?.is_some() {
+                continue;
+            }
+            let node = Node {
+                id: id.clone(),
+                name: id.clone(),
+                identifiers: vec![format!("02:00:00:00:00:{i:02x}")],
+                node_type: "compute".to_owned(),
+                tags: vec!["demo".to_owned()],
+                obms: vec![Obm {
+                    service: "sim-obm-service".to_owned(),
+                    config: ObmConfig {
+                        host: "sim".to_owned(),
+                        ..ObmConfig::default()
+                    },
+                }],
+                created_at: String::new(),
+                updated_at: String::new(),
+            };
+            match nodes.create(node) {
+                Ok(_) | Err(metalgraph_engine::nodes::Error::Exists(_)) => {}
+                Err(e) => {
+                    return Err(
+                        anyhow::Error::new(e).context(format!("cannot register demo node {id}"))
+                    );
+                }
+            }
+        }
+        info!(nodes = DEMO_NODES, "demo nodes ready");
+        Ok(())
+    })
+    .await
+    .context("registering demo nodes failed")?
+}

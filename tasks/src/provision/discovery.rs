@@ -1,0 +1,241 @@
+//! `discovery.redfish`: walks a Redfish service's Systems and, for each ComputerSystem,
+//! creates or updates a node with its OBM settings and `redfish` catalog.
+//!
+//! Nodes are matched by the system's UUID and MACs (node identifiers), so running
+//! discovery again updates the same nodes instead of creating duplicates. The `password`
+//! option is stored in the OBMs it writes and appears nowhere else: not in the output, not
+//! in errors, not in logs.
+
+use std::sync::Arc;
+
+use metalgraph_engine::job::{BoxFuture, JobContext, JobResult};
+use metalgraph_engine::nodes::{self, Node, Obm, ObmConfig, Secret, Nodes};
+use metalgraph_engine::{Job, JobError, OptionKind, OptionSchema};
+use serde_json::{Map, Value, json};
+
+use super::catalog::{SOURCE, summary};
+use super::until_cancelled;
+use crate::bmc::{Bmc, Drivers, REDFISH_SERVICE, RedfishBmc};
+
+/// How the discovering "node" is named in driver messages, since there is none yet.
+const DISCOVERY: &str = "(discovery)";
+
+/// How often a node update is tried again when another writer changed the node meanwhile.
+const UPDATE_ATTEMPTS: usize = 3;
+
+/// Discovers the ComputerSystems behind a Redfish service as nodes.
+pub struct DiscoveryRedfishJob {
+    schema: OptionSchema,
+    drivers: Arc<Drivers>,
+}
+
+impl std::fmt::Debug for DiscoveryRedfishJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DiscoveryRedfishJob")
+    }
+}
+
+impl DiscoveryRedfishJob {
+    pub fn new(drivers: Arc<Drivers>) -> Self {
+        Self {
+            schema: OptionSchema::new()
+                .required(
+                    "uri",
+                    OptionKind::String,
+                    "the Redfish service's base URL (https://bmc.example:8443)",
+                )
+                .optional("username", OptionKind::String, None, "the BMC user")
+                .optional(
+                    "password",
+                    OptionKind::String,
+                    None,
+                    "the BMC password; stored in the nodes' OBMs, shown nowhere",
+                )
+                .optional(
+                    "verifySSL",
+                    OptionKind::Bool,
+                    Some(Value::Bool(true)),
+                    "whether to verify the BMC's TLS certificate",
+                ),
+            drivers,
+        }
+    }
+}
+
+impl Job for DiscoveryRedfishJob {
+    fn name(&self) -> &'static str {
+        "discovery.redfish"
+    }
+
+    fn schema(&self) -> &OptionSchema {
+        &self.schema
+    }
+
+    fn run(&self, ctx: JobContext) -> BoxFuture<'static, JobResult> {
+        let prepared = (|| {
+            let uri = ctx.str_required("uri")?.to_owned();
+            let config = ObmConfig {
+                host: uri,
+                user: ctx.str_opt("username").map(str::to_owned),
+                password: ctx.str_opt("password").map(|p| Secret(p.to_owned())),
+                verify_ssl: Some(ctx.bool_or("verifySSL", true)),
+                ..ObmConfig::default()
+            };
+            let service = self
+                .drivers
+                .redfish(DISCOVERY, &config)
+                .map_err(|e| JobError::new(e.to_string()))?;
+            Ok::<_, JobError>((service, config))
+        })();
+        Box::pin(async move {
+            let (service, config) = prepared?;
+            let what = format!("discovery of {}", service.base_url());
+            let nodes = ctx.services.nodes().clone();
+            until_cancelled(&ctx.cancel, || what, discover(service, config, nodes)).await
+        })
+    }
+}
+
+async fn discover(service: RedfishBmc, mut config: ObmConfig, nodes: Nodes) -> JobResult {
+    // The OBM keeps the normalised base URL: the given one may carry credentials, and the
+    // host is visible to templates and the API.
+    config.host = service.base_url();
+    let systems = service
+        .systems()
+        .await
+        .map_err(|e| JobError::new(e.to_string()))?;
+    let mut found = Vec::new();
+    let mut failures = Vec::new();
+    for path in &systems {
+        match discover_one(&service.for_system(path), &config, &nodes).await {
+            Ok(entry) => found.push(entry),
+            Err(e) => {
+                tracing::warn!(service = %service.base_url(), system = %path, error = %e, "discovery of a system failed");
+                failures.push(format!("{path}: {e}"));
+            }
+        }
+    }
+    if !failures.is_empty() {
+        return Err(JobError::new(format!(
+            "discovery of {}: {} of {} systems failed: {}",
+            service.base_url(),
+            failures.len(),
+            systems.len(),
+            failures.join("; ")
+        )));
+    }
+    let ids: Vec<Value> = found.iter().map(|f| f["id"].clone()).collect();
+    Ok(json!({ "nodes": ids, "systems": found }))
+}
+
+/// Creates or updates the node of one ComputerSystem and stores its catalog.
+async fn discover_one(bmc: &RedfishBmc, config: &ObmConfig, nodes: &Nodes) -> Result<Value, JobError> {
+    let inventory = bmc.inventory().await.map_err(|e| JobError::new(e.to_string()))?;
+    let system_id = inventory
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| JobError::new(format!("the system at {} has no Id", bmc.endpoint())))?
+        .to_owned();
+    let mut identifiers: Vec<String> = Vec::new();
+    if let Some(uuid) = inventory.get("uuid").and_then(Value::as_str).filter(|u| !u.is_empty()) {
+        identifiers.push(uuid.to_ascii_lowercase());
+    }
+    for mac in inventory
+        .get("macs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+    {
+        identifiers.push(nodes::normalize_identifier(mac));
+    }
+    let name = inventory
+        .get("name")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .unwrap_or(&system_id)
+        .to_owned();
+    let obm = Obm {
+        service: REDFISH_SERVICE.to_owned(),
+        config: ObmConfig {
+            system_id: Some(system_id.clone()),
+            extra: Map::new(),
+            ..config.clone()
+        },
+    };
+    let (node, created) = upsert(nodes, &name, &identifiers, obm)?;
+    nodes
+        .put_catalog(&node.id, SOURCE, &inventory)
+        .map_err(|e| JobError::new(format!("node {}: cannot store the catalog: {e}", node.id)))?;
+    let mut entry = summary(&inventory);
+    if let Value::Object(m) = &mut entry {
+        m.insert("id".into(), Value::from(node.id.clone()));
+        m.insert("name".into(), Value::from(node.name.clone()));
+        m.insert("created".into(), Value::Bool(created));
+    }
+    Ok(entry)
+}
+
+/// The node owning any of `identifiers`, updated with the OBM and identifiers, or a new
+/// node. Returns the node and whether it was created.
+fn upsert(
+    nodes: &Nodes,
+    name: &str,
+    identifiers: &[String],
+    obm: Obm,
+) -> Result<(Node, bool), JobError> {
+    let store_err = |e: nodes::Error| JobError::new(e.to_string());
+    for _ in 0..UPDATE_ATTEMPTS {
+        let mut existing = None;
+        for ident in identifiers {
+            if let Some(n) = nodes.by_identifier(ident).map_err(store_err)? {
+                existing = Some(n);
+                break;
+            }
+        }
+        let creating = existing.is_none();
+        let result = match existing {
+            Some(node) => nodes
+                .update(&node.id, |n| {
+                    for ident in identifiers {
+                        if !n.identifiers.contains(ident) {
+                            n.identifiers.push(ident.clone());
+                        }
+                    }
+                    if n.name.is_empty() {
+                        n.name = name.to_owned();
+                    }
+                    // Replace the node's Redfish OBM (the BMC's address or credentials may
+                    // have changed) and keep any other OBM it has.
+                    match n.obms.iter_mut().find(|o| o.service == REDFISH_SERVICE) {
+                        Some(o) => *o = obm.clone(),
+                        None => n.obms.insert(0, obm.clone()),
+                    }
+                })
+                .map(|n| (n, false)),
+            None => nodes
+                .create(Node {
+                    id: String::new(),
+                    name: name.to_owned(),
+                    identifiers: identifiers.to_vec(),
+                    node_type: "compute".to_owned(),
+                    tags: Vec::new(),
+                    obms: vec![obm.clone()],
+                    created_at: String::new(),
+                    updated_at: String::new(),
+                })
+                .map(|n| (n, true)),
+        };
+        match result {
+            // Another writer changed the node, or created it (a concurrent discovery)
+            // between our lookup and our write: look again.
+            Err(nodes::Error::Conflict(_)) => {}
+            Err(nodes::Error::IdentifierTaken { .. }) if creating => {}
+            other => return other.map_err(store_err),
+        }
+    }
+    Err(JobError::new(format!(
+        "node for system {name} kept changing concurrently; run discovery again"
+    )))
+}

@@ -1,0 +1,268 @@
+//! The provisioning jobs' contract, checked against the simulated BMC (no peer needed):
+//! idempotency, cancellation, clear errors without a node or with an unknown OBM service,
+//! secrets kept out of outputs and errors; and the shipped OBM task definitions and graphs.
+
+mod bmc_support;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bmc_support::{World, obm};
+use metalgraph_engine::definitions::{Definitions, Library, parse, validate_task};
+use metalgraph_engine::model::Definition;
+use metalgraph_engine::{Job, JobRegistry};
+use metalgraph_store::MemStore;
+use metalgraph_tasks::bmc::{Drivers, SIM_SERVICE};
+use metalgraph_tasks::{
+    BootDeviceJob, CatalogRedfishJob, PowerJob, VirtualMediaEjectJob, VirtualMediaInsertJob,
+    WaitNotificationJob, register_basic, register_provisioning,
+};
+use serde_json::json;
+
+const SECRET: &str = "Sim-Secret-Passw0rd";
+
+fn sim_node(world: &World, name: &str) -> metalgraph_engine::nodes::Node {
+    world.node(name, obm(SIM_SERVICE, "sim", "admin", SECRET, None))
+}
+
+#[tokio::test]
+async fn power_jobs_against_the_simulator() {
+    let world = World::default();
+    let node = sim_node(&world, "sim-power");
+    let job = PowerJob::new(Arc::new(Drivers::default()));
+    let run = |action: &str| {
+        world.run(
+            &job,
+            json!({ "action": action, "pollInterval": "10ms", "waitTimeout": "5s" }),
+            Some(&node),
+        )
+    };
+    assert_eq!(run("status").await.unwrap(), json!({ "powerState": "Off" }));
+    let out = run("on").await.unwrap();
+    assert_eq!(out["powerState"], "On");
+    assert_eq!(out["changed"], true);
+    assert_eq!(run("on").await.unwrap()["changed"], false);
+    assert_eq!(run("reboot").await.unwrap()["powerState"], "On");
+    assert_eq!(run("soft-off").await.unwrap()["powerState"], "Off");
+    assert_eq!(run("off").await.unwrap()["changed"], false);
+    for out in [run("status").await.unwrap()] {
+        assert!(!out.to_string().contains(SECRET));
+    }
+}
+
+#[tokio::test]
+async fn boot_and_media_jobs_are_idempotent() {
+    let world = World::default();
+    let node = sim_node(&world, "sim-media");
+    let drivers = Arc::new(Drivers::default());
+    let out = world
+        .run(&BootDeviceJob::new(drivers.clone()), json!({ "device": "bios" }), Some(&node))
+        .await
+        .unwrap();
+    assert_eq!(out["readback"]["device"], "bios");
+    let insert = VirtualMediaInsertJob::new(drivers.clone());
+    let eject = VirtualMediaEjectJob::new(drivers.clone());
+    let image = json!({ "image": "http://images/a.iso" });
+    assert_eq!(world.run(&insert, image.clone(), Some(&node)).await.unwrap()["changed"], true);
+    assert_eq!(world.run(&insert, image, Some(&node)).await.unwrap()["changed"], false);
+    let out = world
+        .run(&insert, json!({ "image": "http://images/b.iso" }), Some(&node))
+        .await
+        .unwrap();
+    assert_eq!(out["replaced"], "http://images/a.iso");
+    assert_eq!(world.run(&eject, json!({}), Some(&node)).await.unwrap()["changed"], true);
+    assert_eq!(world.run(&eject, json!({}), Some(&node)).await.unwrap()["changed"], false);
+
+    let out = world
+        .run(&CatalogRedfishJob::new(drivers), json!({}), Some(&node))
+        .await
+        .unwrap();
+    assert_eq!(out["source"], "redfish");
+    assert_eq!(world.nodes().catalogs(&node.id).unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn jobs_need_a_node_and_a_known_obm_service() {
+    let world = World::default();
+    let drivers = Arc::new(Drivers::default());
+    let job = PowerJob::new(drivers.clone());
+    let err = world
+        .run(&job, json!({ "action": "on" }), None)
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("task under-test: obm.power needs a node"), "{err}");
+    let err = world
+        .run(&WaitNotificationJob::default(), json!({}), None)
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("wait.notification needs a node"), "{err}");
+
+    let node = world.node("odd", obm("snmp-obm-service", "10.0.0.1", "admin", SECRET, None));
+    let err = world
+        .run(&job, json!({ "action": "on" }), Some(&node))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.contains(&format!("node {} (odd): unknown OBM service 'snmp-obm-service'", node.id)),
+        "{err}"
+    );
+    assert!(!err.message.contains(SECRET));
+
+    let mut bare = sim_node(&world, "bare");
+    bare.obms.clear();
+    let err = world
+        .run(&job, json!({ "action": "on" }), Some(&bare))
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("has no OBM settings"), "{err}");
+}
+
+#[tokio::test]
+async fn bmc_errors_name_node_and_operation_without_the_secret() {
+    let world = World::default();
+    let mut o = obm(SIM_SERVICE, "sim", "admin", SECRET, None);
+    o.config.extra.insert("fail".into(), json!("fan tray missing"));
+    let node = world.node("broken", o);
+    let err = world
+        .run(&PowerJob::new(Arc::new(Drivers::default())), json!({ "action": "on" }), Some(&node))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.message,
+        format!(
+            "node {} (broken): read power state on BMC sim:{}: fan tray missing",
+            node.id, node.id
+        )
+    );
+}
+
+#[tokio::test]
+async fn cancellation_stops_a_waiting_power_job_promptly() {
+    let world = World::default();
+    // A power change that takes an hour to show.
+    let mut o = obm(SIM_SERVICE, "sim", "admin", SECRET, None);
+    o.config.extra.insert("delay".into(), json!("1h"));
+    let node = world.node("slow", o);
+    let job = PowerJob::new(Arc::new(Drivers::default()));
+    let ctx = world.ctx(&job, json!({ "action": "on", "pollInterval": "10ms" }), Some(&node));
+    let cancel = ctx.cancel.clone();
+    let started = Instant::now();
+    let handle = tokio::spawn(job.run(ctx));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    cancel.cancel();
+    let err = handle.await.unwrap().unwrap_err();
+    assert!(err.message.contains("power on: cancelled"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn wait_notification_returns_the_callback_and_takes_no_slot() {
+    let world = World::default();
+    let node = sim_node(&world, "waiter");
+    *world.services.notification.lock().unwrap() = Some(json!({ "installed": true }));
+    let job = WaitNotificationJob::default();
+    assert!(!job.occupies_slot());
+    let out = world.run(&job, json!({}), Some(&node)).await.unwrap();
+    assert_eq!(out, json!({ "installed": true }));
+}
+
+fn graphs_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../graphs")
+}
+
+fn registry() -> JobRegistry {
+    let mut jobs = JobRegistry::new();
+    register_basic(&mut jobs);
+    register_provisioning(&mut jobs, Arc::new(Drivers::default()));
+    jobs
+}
+
+#[test]
+fn shipped_obm_task_definitions_are_valid() {
+    let jobs = registry();
+    let expected = [
+        ("Task.Obm.Node.PowerOn", "obm.power", Some(("action", "on"))),
+        ("Task.Obm.Node.PowerOff", "obm.power", Some(("action", "off"))),
+        ("Task.Obm.Node.Reboot", "obm.power", Some(("action", "reboot"))),
+        ("Task.Obm.Node.Reset", "obm.power", Some(("action", "reset"))),
+        ("Task.Obm.Node.SoftOff", "obm.power", Some(("action", "soft-off"))),
+        ("Task.Obm.Node.PowerStatus", "obm.power", Some(("action", "status"))),
+        ("Task.Obm.Node.PxeBoot", "obm.boot-device", Some(("device", "pxe"))),
+        ("Task.Obm.Node.SetBootCd", "obm.boot-device", Some(("device", "cd"))),
+        ("Task.Obm.Node.SetBootHdd", "obm.boot-device", Some(("device", "hdd"))),
+        ("Task.VirtualMedia.Insert", "virtual-media.insert", None),
+        ("Task.VirtualMedia.Eject", "virtual-media.eject", None),
+        ("Task.Redfish.Discovery", "discovery.redfish", None),
+        ("Task.Catalog.Redfish", "catalog.redfish", None),
+        ("Task.Wait.Notification", "wait.notification", None),
+    ];
+    for (name, job, option) in expected {
+        let file = format!("{name}.yaml");
+        let path = graphs_dir().join("tasks").join(&file);
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let defs = parse(&text, &file).unwrap_or_else(|p| panic!("{file}: {p:?}"));
+        let [Definition::Task(def)] = defs.as_slice() else {
+            panic!("{file} must hold exactly one task definition");
+        };
+        assert_eq!(def.injectable_name, name, "{file}");
+        assert_eq!(def.implements_task, job, "{file}");
+        if let Some((key, value)) = option {
+            assert_eq!(def.options.get(key), Some(&json!(value)), "{file}");
+        }
+        if let Err(problems) = validate_task(def, &jobs) {
+            panic!("{file}: {problems:?}");
+        }
+    }
+}
+
+#[test]
+fn shipped_obm_graphs_are_valid() {
+    let mut files = Vec::new();
+    for dir in [graphs_dir(), graphs_dir().join("tasks")] {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                files.push((name, std::fs::read_to_string(&path).unwrap()));
+            }
+        }
+    }
+    let library = Library::from_texts(files.iter().map(|(n, t)| (n.as_str(), t.as_str())))
+        .unwrap_or_else(|p| panic!("{p:?}"));
+    let defs = Definitions::new(Arc::new(MemStore::new()), library.clone(), Arc::new(registry()));
+    let ours = [
+        "Graph.PowerOn.Node",
+        "Graph.PowerOff.Node",
+        "Graph.Reboot.Node",
+        "Graph.Set.Boot.Pxe",
+        "Graph.Redfish.Discovery",
+        "Graph.Catalog.Redfish",
+        "Graph.InstallOS.VirtualMedia",
+    ];
+    for name in ours {
+        let graph = library
+            .graphs
+            .get(name)
+            .unwrap_or_else(|| panic!("graph {name} is not shipped"));
+        let plan = defs
+            .validate_graph(graph)
+            .unwrap_or_else(|p| panic!("{name}: {p:?}"));
+        assert!(!plan.tasks.is_empty(), "{name}");
+    }
+    let install = defs
+        .validate_graph(&library.graphs["Graph.InstallOS.VirtualMedia"])
+        .unwrap();
+    let labels: Vec<&str> = install.tasks.iter().map(|t| t.label.as_str()).collect();
+    for label in [
+        "eject-stale",
+        "insert-media",
+        "boot-cd",
+        "reboot",
+        "wait-installed",
+        "eject-media",
+    ] {
+        assert!(labels.contains(&label), "{labels:?}");
+    }
+}

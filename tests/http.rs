@@ -1,0 +1,968 @@
+//! The management and node-facing HTTP APIs, driven through `app()` / `node_app()` with
+//! `oneshot`, over a real engine on a temporary sled store.
+
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use metalgraph::api::{AppState, app, node_app};
+use metalgraph_engine::job::{BoxFuture, JobContext, JobResult};
+use metalgraph_engine::{Engine, EngineOptions, Job, OptionSchema};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
+
+/// The body limit the tests run with.
+const LIMIT: usize = 64 * 1024;
+
+/// A job that waits for the node's notification, as `wait.notification` does.
+#[derive(Default)]
+struct WaitForNode {
+    schema: OptionSchema,
+}
+
+impl Job for WaitForNode {
+    fn name(&self) -> &'static str {
+        "test.wait-for-node"
+    }
+
+    fn schema(&self) -> &OptionSchema {
+        &self.schema
+    }
+
+    fn run(&self, ctx: JobContext) -> BoxFuture<'static, JobResult> {
+        let services = ctx.services.clone();
+        Box::pin(async move { services.wait_notification(&ctx).await })
+    }
+
+    fn occupies_slot(&self) -> bool {
+        false
+    }
+}
+
+struct Harness {
+    app: Router,
+    node_app: Router,
+    engine: Engine,
+    _dir: tempfile::TempDir,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+async fn harness() -> Harness {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let store = metalgraph_store::open(metalgraph_store::Backend::Sled, dir.path())
+        .expect("the store opens");
+    let mut jobs = metalgraph::server::jobs();
+    jobs.register(WaitForNode::default());
+    let library = metalgraph::library::library().expect("the library loads");
+    let stop = CancellationToken::new();
+    let (engine, _task) = Engine::start(EngineOptions::new(store, jobs, library), stop.clone())
+        .expect("the engine starts");
+    let state = AppState::new(engine.clone(), LIMIT);
+    let h = Harness {
+        app: app(state.clone()),
+        node_app: node_app(state),
+        engine,
+        _dir: dir,
+        _stop: stop.drop_guard(),
+    };
+    // Every test builds on these task definitions, so that none depends on what the shipped
+    // library holds.
+    for (name, job, options) in [
+        ("Test.Noop", "noop", json!({})),
+        ("Test.Nap", "sleep", json!({"duration": "50ms"})),
+        ("Test.Long", "sleep", json!({"duration": "30s"})),
+        ("Test.WaitForNode", "test.wait-for-node", json!({})),
+    ] {
+        let def = json!({"injectableName": name, "implementsTask": job, "options": options});
+        let (status, body) = h.put("/api/2.0/workflows/tasks", &def).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    h
+}
+
+/// One request: method, URI, optional content type, raw body.
+async fn send(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    content_type: Option<&str>,
+    body: impl Into<Body>,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(ct) = content_type {
+        req = req.header(header::CONTENT_TYPE, ct);
+    }
+    let resp = app
+        .clone()
+        .oneshot(req.body(body.into()).expect("a request"))
+        .await
+        .expect("the router answers");
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .expect("a body");
+    let value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            panic!(
+                "{method} {uri}: a non-JSON body ({e}): {}",
+                String::from_utf8_lossy(&bytes)
+            )
+        })
+    };
+    (status, value)
+}
+
+impl Harness {
+    async fn get(&self, uri: &str) -> (StatusCode, Value) {
+        send(&self.app, "GET", uri, None, Body::empty()).await
+    }
+
+    async fn delete(&self, uri: &str) -> (StatusCode, Value) {
+        send(&self.app, "DELETE", uri, None, Body::empty()).await
+    }
+
+    async fn json(&self, method: &str, uri: &str, body: &Value) -> (StatusCode, Value) {
+        send(
+            &self.app,
+            method,
+            uri,
+            Some("application/json"),
+            body.to_string(),
+        )
+        .await
+    }
+
+    async fn put(&self, uri: &str, body: &Value) -> (StatusCode, Value) {
+        self.json("PUT", uri, body).await
+    }
+
+    async fn post(&self, uri: &str, body: &Value) -> (StatusCode, Value) {
+        self.json("POST", uri, body).await
+    }
+
+    async fn put_graph(&self, graph: &Value) {
+        let (status, body) = self.put("/api/2.0/workflows/graphs", graph).await;
+        assert!(status.is_success(), "{status}: {body}");
+    }
+
+    /// Runs a graph and returns the workflow's id.
+    async fn run(&self, uri: &str, body: &Value) -> String {
+        let (status, view) = self.post(uri, body).await;
+        assert_eq!(status, StatusCode::CREATED, "{view}");
+        view["instanceId"]
+            .as_str()
+            .expect("an instance id")
+            .to_owned()
+    }
+
+    /// Polls a workflow until `done` holds of it.
+    async fn wait_for(&self, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, view) = self.get(&format!("/api/2.0/workflows/{id}")).await;
+            assert_eq!(status, StatusCode::OK, "{view}");
+            if done(&view) {
+                return view;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "workflow {id} never got there: {view}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_status(&self, id: &str, status: &str) -> Value {
+        self.wait_for(id, |v| v["status"] == status || is_terminal(v))
+            .await
+    }
+}
+
+fn is_terminal(view: &Value) -> bool {
+    matches!(
+        view["status"].as_str(),
+        Some("succeeded" | "failed" | "cancelled")
+    )
+}
+
+/// Checks the error shape and code, and returns the message.
+fn error_of(body: &Value, code: &str) -> String {
+    let err = &body["error"];
+    assert_eq!(err["code"], code, "{body}");
+    assert!(err["details"].is_array(), "{body}");
+    err["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no message: {body}"))
+        .to_owned()
+}
+
+fn one_task_graph(name: &str, task: &str) -> Value {
+    json!({"injectableName": name, "tasks": [{"label": "only", "taskName": task}]})
+}
+
+fn chain_graph(name: &str) -> Value {
+    json!({
+        "injectableName": name,
+        "friendlyName": "first, nap, last",
+        "tasks": [
+            {"label": "first", "taskName": "Test.Noop"},
+            {"label": "nap", "taskName": "Test.Nap", "waitOn": {"first": "succeeded"}},
+            {"label": "last", "taskName": "Test.Noop", "waitOn": {"nap": "succeeded"}},
+        ]
+    })
+}
+
+#[tokio::test]
+async fn health_reports_the_store() {
+    let h = harness().await;
+    let (status, body) = h.get("/api/2.0/health").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({"status": "ok", "store": "sled"}));
+}
+
+#[tokio::test]
+async fn graphs_are_created_replaced_read_listed_and_deleted() {
+    let h = harness().await;
+    let graph = chain_graph("Graph.Test.Chain");
+    let (status, body) = h.put("/api/2.0/workflows/graphs", &graph).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["source"], "user");
+    assert_eq!(body["injectableName"], "Graph.Test.Chain");
+    let (status, body) = h.put("/api/2.0/workflows/graphs", &graph).await;
+    assert_eq!(status, StatusCode::OK, "a second PUT replaces: {body}");
+
+    let (status, body) = h.get("/api/2.0/workflows/graphs/Graph.Test.Chain").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["tasks"].as_array().map(Vec::len), Some(3));
+    assert_eq!(body["source"], "user");
+
+    let (status, list) = h.get("/api/2.0/workflows/graphs").await;
+    assert_eq!(status, StatusCode::OK);
+    let mine = list
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|g| g["injectableName"] == "Graph.Test.Chain")
+        .expect("listed");
+    assert_eq!(mine["source"], "user");
+
+    // What GET returns can be stored back unchanged.
+    let (status, _) = h.put("/api/2.0/workflows/graphs", &body).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (status, body) = h.delete("/api/2.0/workflows/graphs/Graph.Test.Chain").await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let (status, body) = h.get("/api/2.0/workflows/graphs/Graph.Test.Chain").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(error_of(&body, "not_found").contains("Graph.Test.Chain"));
+    let (status, body) = h.delete("/api/2.0/workflows/graphs/Graph.Test.Chain").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    error_of(&body, "not_found");
+}
+
+#[tokio::test]
+async fn graphs_upload_as_yaml() {
+    let h = harness().await;
+    let yaml = "injectableName: Graph.Test.Yaml\n\
+                options:\n  defaults: {}\n\
+                tasks:\n  - label: a\n    taskName: Test.Noop\n  - label: b\n    taskName: Test.Nap\n    waitOn: {a: finished}\n";
+    for (i, ct) in [
+        "application/yaml",
+        "application/x-yaml",
+        "text/yaml; charset=utf-8",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (status, body) = send(&h.app, "PUT", "/api/2.0/workflows/graphs", Some(ct), yaml).await;
+        let want = if i == 0 {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        assert_eq!(status, want, "{ct}: {body}");
+        assert_eq!(body["tasks"][1]["waitOn"], json!({"a": "finished"}));
+    }
+}
+
+#[tokio::test]
+async fn task_definitions_are_stored_and_read() {
+    let h = harness().await;
+    let (status, list) = h.get("/api/2.0/workflows/tasks").await;
+    assert_eq!(status, StatusCode::OK);
+    let list = list.as_array().expect("a list");
+    assert!(
+        list.iter()
+            .any(|t| t["injectableName"] == "Test.Nap" && t["source"] == "user")
+    );
+    assert!(
+        list.iter()
+            .all(|t| t["source"] == "user" || t["source"] == "library"),
+        "every task names its source"
+    );
+
+    let def = json!({"injectableName": "Test.Nap", "implementsTask": "sleep", "options": {"duration": "10ms"}});
+    let (status, body) = h.put("/api/2.0/workflows/tasks", &def).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = h.get("/api/2.0/workflows/tasks/Test.Nap").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["options"]["duration"], "10ms");
+    assert_eq!(body["source"], "user");
+
+    let (status, body) = h.get("/api/2.0/workflows/tasks/Test.Missing").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    error_of(&body, "not_found");
+
+    let (status, body) = h
+        .put(
+            "/api/2.0/workflows/tasks",
+            &json!({"injectableName": "Test.Gone", "implementsTask": "noop"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, _) = h.delete("/api/2.0/workflows/tasks/Test.Gone").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = h.delete("/api/2.0/workflows/tasks/Test.Gone").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    error_of(&body, "not_found");
+    let (status, body) = h.delete("/api/2.0/workflows/tasks/Task.Noop").await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "library definitions are read-only: {body}"
+    );
+    error_of(&body, "conflict");
+
+    let bad = json!({"injectableName": "Test.Bad", "implementsTask": "no.such.job"});
+    let (status, body) = h.put("/api/2.0/workflows/tasks", &bad).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    error_of(&body, "invalid_definition");
+    assert_eq!(body["error"]["details"][0]["field"], "implementsTask");
+    assert_eq!(body["error"]["details"][0]["task"], "Test.Bad");
+
+    let bad = json!({"injectableName": "Test.BadOption", "implementsTask": "sleep", "options": {"duration": "soon"}});
+    let (status, body) = h.put("/api/2.0/workflows/tasks", &bad).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["details"][0]["field"], "options.duration");
+}
+
+#[tokio::test]
+async fn invalid_graphs_are_422_naming_graph_label_and_field() {
+    let h = harness().await;
+    let unknown_label = json!({
+        "injectableName": "Graph.Test.BadWait",
+        "tasks": [
+            {"label": "a", "taskName": "Test.Noop"},
+            {"label": "b", "taskName": "Test.Noop", "waitOn": {"zzz": "succeeded"}},
+        ]
+    });
+    let (status, body) = h.put("/api/2.0/workflows/graphs", &unknown_label).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let message = error_of(&body, "invalid_definition");
+    assert!(message.contains("zzz"), "{message}");
+    let detail = &body["error"]["details"][0];
+    assert_eq!(detail["graph"], "Graph.Test.BadWait");
+    assert_eq!(detail["label"], "b");
+    assert_eq!(detail["field"], "waitOn.zzz");
+
+    let cycle = json!({
+        "injectableName": "Graph.Test.Cycle",
+        "tasks": [
+            {"label": "a", "taskName": "Test.Noop", "waitOn": {"c": "succeeded"}},
+            {"label": "b", "taskName": "Test.Noop", "waitOn": {"a": "succeeded"}},
+            {"label": "c", "taskName": "Test.Noop", "waitOn": {"b": "succeeded"}},
+        ]
+    });
+    let (status, body) = h.put("/api/2.0/workflows/graphs", &cycle).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        error_of(&body, "invalid_definition").contains("cycle"),
+        "{body}"
+    );
+    assert_eq!(body["error"]["details"][0]["field"], "waitOn");
+    assert!(body["error"]["details"][0]["label"].is_string());
+
+    let unknown_task = one_task_graph("Graph.Test.NoTask", "Task.Does.Not.Exist");
+    let (status, body) = h.put("/api/2.0/workflows/graphs", &unknown_task).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["error"]["details"][0]["field"], "taskName");
+
+    // A body that is a mapping but not a graph's shape is a 422 naming the graph.
+    let shapeless = json!({"injectableName": "Graph.Test.Shapeless", "tasks": "not a list"});
+    let (status, body) = h.put("/api/2.0/workflows/graphs", &shapeless).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["details"][0]["graph"], "Graph.Test.Shapeless");
+
+    let (status, body) = h.get("/api/2.0/workflows/graphs/Graph.Test.Cycle").await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "nothing invalid was stored: {body}"
+    );
+}
+
+#[tokio::test]
+async fn bad_bodies_get_400_413_and_415_in_the_error_shape() {
+    let h = harness().await;
+    let uri = "/api/2.0/workflows/graphs";
+
+    let (status, body) = send(
+        &h.app,
+        "PUT",
+        uri,
+        Some("application/json"),
+        "{\"injectableName\": ",
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        error_of(&body, "bad_request").contains("malformed JSON"),
+        "{body}"
+    );
+
+    let (status, body) = send(
+        &h.app,
+        "PUT",
+        uri,
+        Some("application/yaml"),
+        "tasks: [a, b\nfoo: : :",
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        error_of(&body, "bad_request").contains("malformed YAML"),
+        "{body}"
+    );
+
+    let (status, body) = send(&h.app, "PUT", uri, Some("text/plain"), "hello").await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert!(error_of(&body, "unsupported_media_type").contains("text/plain"));
+
+    let (status, body) = send(&h.app, "PUT", uri, None, "{}").await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    error_of(&body, "unsupported_media_type");
+
+    let huge = json!({"injectableName": "Graph.Test.Huge", "friendlyName": "x".repeat(LIMIT + 1), "tasks": []});
+    let (status, body) = h.put(uri, &huge).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(error_of(&body, "payload_too_large").contains(&LIMIT.to_string()));
+
+    let (status, body) = send(&h.app, "PUT", uri, Some("application/json"), "").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "an empty body: {body}");
+    error_of(&body, "bad_request");
+
+    let (status, body) = h
+        .put(
+            uri,
+            &json!({"injectableName": "Task.X", "implementsTask": "noop"}),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "a task sent to graphs: {body}"
+    );
+
+    let (status, body) = h.get("/api/2.0/workflows?active=maybe").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    error_of(&body, "bad_request");
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_in_the_error_shape() {
+    let h = harness().await;
+    let (status, body) = h.get("/api/2.0/nothing-here").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(error_of(&body, "not_found").contains("/api/2.0/nothing-here"));
+    let (status, body) = h.delete("/api/2.0/workflows/tasks").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    error_of(&body, "method_not_allowed");
+}
+
+#[tokio::test]
+async fn a_small_graph_runs_to_success() {
+    let h = harness().await;
+    h.put_graph(&chain_graph("Graph.Test.Chain")).await;
+    let (status, created) = h
+        .post(
+            "/api/2.0/workflows",
+            &json!({"name": "Graph.Test.Chain", "options": {}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["name"], "Graph.Test.Chain");
+    assert!(matches!(
+        created["status"].as_str(),
+        Some("pending" | "running")
+    ));
+    let id = created["instanceId"].as_str().expect("an id").to_owned();
+
+    let view = h.wait_for(&id, is_terminal).await;
+    assert_eq!(view["status"], "succeeded", "{view}");
+    let states: Vec<&str> = view["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .map(|t| t["state"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(states, ["succeeded"; 3]);
+    assert!(view["finishedAt"].is_string());
+
+    let (_, finished) = h.get("/api/2.0/workflows?active=false").await;
+    assert!(
+        finished
+            .as_array()
+            .expect("a list")
+            .iter()
+            .any(|w| w["instanceId"] == id)
+    );
+    let (_, active) = h.get("/api/2.0/workflows?active=true").await;
+    assert!(
+        !active
+            .as_array()
+            .expect("a list")
+            .iter()
+            .any(|w| w["instanceId"] == id)
+    );
+
+    let (status, _) = h.delete(&format!("/api/2.0/workflows/{id}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = h.get(&format!("/api/2.0/workflows/{id}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    error_of(&body, "not_found");
+
+    // RackHD clients may name the graph in the query.
+    let id = h
+        .run("/api/2.0/workflows?name=Graph.Test.Chain", &json!({}))
+        .await;
+    assert_eq!(h.wait_for(&id, is_terminal).await["status"], "succeeded");
+}
+
+#[tokio::test]
+async fn run_requests_are_checked() {
+    let h = harness().await;
+    h.put_graph(&json!({
+        "injectableName": "Graph.Test.NeedsUrl",
+        "options": {"defaults": {"imageUrl": null}},
+        "tasks": [{"label": "only", "taskName": "Test.Noop"}],
+    }))
+    .await;
+
+    let (status, body) = h
+        .post(
+            "/api/2.0/workflows",
+            &json!({"name": "Graph.Test.NeedsUrl"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        error_of(&body, "bad_request").contains("imageUrl"),
+        "{body}"
+    );
+
+    let ok = json!({"name": "Graph.Test.NeedsUrl", "options": {"defaults": {"imageUrl": "http://x/a.iso"}}});
+    let id = h.run("/api/2.0/workflows", &ok).await;
+    assert_eq!(h.wait_for(&id, is_terminal).await["status"], "succeeded");
+
+    for (body, what) in [
+        (
+            json!({"name": "Graph.Test.NeedsUrl", "options": [1, 2]}),
+            "options",
+        ),
+        (
+            json!({"name": "Graph.Test.NeedsUrl", "options": {"defaults": 3}}),
+            "options.defaults",
+        ),
+        (json!({"options": {}}), "name"),
+        (
+            json!({"name": "Graph.Test.NeedsUrl", "optoins": {}}),
+            "optoins",
+        ),
+    ] {
+        let (status, resp) = h.post("/api/2.0/workflows", &body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {resp}");
+        assert!(error_of(&resp, "bad_request").contains(what), "{resp}");
+    }
+
+    let (status, body) = h
+        .post("/api/2.0/workflows", &json!({"name": "Graph.Test.Nope"}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(error_of(&body, "not_found").contains("Graph.Test.Nope"));
+
+    let (status, body) = h
+        .post(
+            "/api/2.0/nodes/no-such-node/workflows",
+            &json!({"name": "Graph.Test.NeedsUrl", "options": {"defaults": {"imageUrl": "x"}}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(error_of(&body, "not_found").contains("no-such-node"));
+}
+
+#[tokio::test]
+async fn a_running_workflow_is_cancelled_and_cannot_be_deleted_before() {
+    let h = harness().await;
+    h.put_graph(&one_task_graph("Graph.Test.Long", "Test.Long"))
+        .await;
+    let id = h
+        .run("/api/2.0/workflows", &json!({"name": "Graph.Test.Long"}))
+        .await;
+    h.wait_for(&id, |v| v["tasks"][0]["state"] == "running")
+        .await;
+
+    let (status, body) = h.delete(&format!("/api/2.0/workflows/{id}")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(error_of(&body, "conflict").contains(&id));
+
+    let action = format!("/api/2.0/workflows/{id}/action");
+    let (status, body) = h.put(&action, &json!({"command": "pause"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_of(&body, "bad_request").contains("pause"));
+
+    let (status, view) = h.put(&action, &json!({"command": "cancel"})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{view}");
+    assert_eq!(view["instanceId"], id);
+    let view = h.wait_for(&id, is_terminal).await;
+    assert_eq!(view["status"], "cancelled", "{view}");
+    assert_eq!(view["tasks"][0]["state"], "cancelled");
+
+    let (status, body) = h.put(&action, &json!({"command": "cancel"})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "a finished workflow: {body}");
+    let (status, _) = h.delete(&format!("/api/2.0/workflows/{id}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    let (status, body) = h
+        .put(
+            "/api/2.0/workflows/no-such-id/action",
+            &json!({"command": "cancel"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    error_of(&body, "not_found");
+}
+
+#[tokio::test]
+async fn a_busy_node_refuses_a_second_workflow() {
+    let h = harness().await;
+    h.put_graph(&one_task_graph("Graph.Test.Long", "Test.Long"))
+        .await;
+    let (status, node) = h
+        .post(
+            "/api/2.0/nodes",
+            &json!({"id": "n1", "name": "rack1-u1", "identifiers": ["AA-BB-CC-DD-EE-01"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{node}");
+    assert_eq!(node["identifiers"], json!(["aa:bb:cc:dd:ee:01"]));
+
+    let id = h
+        .run(
+            "/api/2.0/nodes/n1/workflows",
+            &json!({"name": "Graph.Test.Long", "options": {}}),
+        )
+        .await;
+    let (status, body) = h
+        .post(
+            "/api/2.0/nodes/n1/workflows",
+            &json!({"name": "Graph.Test.Long"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(error_of(&body, "conflict").contains("n1"));
+    let (status, body) = h
+        .post(
+            "/api/2.0/workflows",
+            &json!({"name": "Graph.Test.Long", "node": "n1"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+
+    let (status, body) = h.delete("/api/2.0/nodes/n1").await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a busy node is not deleted: {body}"
+    );
+
+    for uri in [
+        "/api/2.0/workflows?node=n1",
+        "/api/2.0/workflows?active=true&node=n1",
+        "/api/2.0/nodes/n1/workflows",
+    ] {
+        let (status, list) = h.get(uri).await;
+        assert_eq!(status, StatusCode::OK);
+        let ids: Vec<&Value> = list
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|w| &w["instanceId"])
+            .collect();
+        assert_eq!(ids, [&json!(id)], "{uri}");
+    }
+    let (_, others) = h.get("/api/2.0/workflows?node=n2").await;
+    assert_eq!(others, json!([]));
+
+    let (status, _) = h
+        .put(
+            &format!("/api/2.0/workflows/{id}/action"),
+            &json!({"command": "cancel"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(h.wait_status(&id, "cancelled").await["status"], "cancelled");
+    let (status, body) = h.delete("/api/2.0/nodes/n1").await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+}
+
+#[tokio::test]
+async fn nodes_are_managed_and_obm_passwords_never_shown() {
+    const SECRET: &str = "s3cret-Passw0rd";
+    let h = harness().await;
+    let shown = |v: &Value| v.to_string().contains(SECRET);
+
+    let node = json!({
+        "id": "bmc-1",
+        "name": "rack1-u2",
+        "identifiers": ["52:54:00:00:00:02"],
+        "tags": ["rack1"],
+        "obms": [{"service": "redfish-obm-service", "config": {"host": "https://10.0.0.2", "user": "root", "password": SECRET}}],
+    });
+    let (status, created) = h.post("/api/2.0/nodes", &node).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert!(!shown(&created));
+    assert_eq!(created["obms"][0]["config"]["passwordSet"], true);
+    assert_eq!(created["type"], "compute");
+
+    let (status, body) = h.post("/api/2.0/nodes", &node).await;
+    assert_eq!(status, StatusCode::CONFLICT, "the id is taken: {body}");
+    assert!(!shown(&body));
+
+    let (status, body) = h.get("/api/2.0/nodes/bmc-1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!shown(&body));
+    assert_eq!(body["obms"][0]["config"]["user"], "root");
+    let (status, body) = h.get("/api/2.0/nodes").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.as_array().map(Vec::len), Some(1));
+    assert!(!shown(&body));
+    let (status, body) = h.get("/api/2.0/nodes/bmc-1/obm").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!shown(&body));
+    assert_eq!(body[0]["config"]["passwordSet"], true);
+
+    // A PATCH that round-trips the OBM without its password keeps the stored one.
+    let patch = json!({"name": "rack1-u2-renamed", "tags": ["rack1", "gpu"], "obms": body});
+    let (status, patched) = send(
+        &h.app,
+        "PATCH",
+        "/api/2.0/nodes/bmc-1",
+        Some("application/json"),
+        patch.to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{patched}");
+    assert_eq!(patched["name"], "rack1-u2-renamed");
+    assert_eq!(patched["tags"], json!(["rack1", "gpu"]));
+    assert_eq!(
+        patched["identifiers"],
+        json!(["52:54:00:00:00:02"]),
+        "fields not given stay"
+    );
+    assert_eq!(patched["obms"][0]["config"]["passwordSet"], true);
+    assert!(!shown(&patched));
+    let stored = h
+        .engine
+        .nodes()
+        .get("bmc-1")
+        .expect("readable")
+        .expect("present");
+    assert_eq!(
+        stored.obms[0].config.password.as_ref().map(|p| p.expose()),
+        Some(SECRET)
+    );
+
+    // PUT obm without a password keeps it for the same host, drops it for a new host.
+    let same = json!({"service": "redfish-obm-service", "config": {"host": "https://10.0.0.2", "user": "admin"}});
+    let (status, obms) = h.put("/api/2.0/nodes/bmc-1/obm", &same).await;
+    assert_eq!(status, StatusCode::OK, "{obms}");
+    assert_eq!(obms[0]["config"]["user"], "admin");
+    assert_eq!(obms[0]["config"]["passwordSet"], true);
+    let moved = json!({"service": "redfish-obm-service", "config": {"host": "https://10.0.0.9"}});
+    let (_, obms) = h.put("/api/2.0/nodes/bmc-1/obm", &moved).await;
+    assert_eq!(obms[0]["config"]["passwordSet"], false);
+    let ipmi =
+        json!({"service": "ipmi-obm-service", "config": {"host": "10.0.1.9", "password": SECRET}});
+    let (status, obms) = h.put("/api/2.0/nodes/bmc-1/obm", &ipmi).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!shown(&obms));
+    assert_eq!(obms.as_array().map(Vec::len), Some(2));
+    assert_eq!(obms[1]["config"]["passwordSet"], true);
+
+    let (status, body) = h
+        .put(
+            "/api/2.0/nodes/bmc-1/obm",
+            &json!({"config": {"host": "x"}}),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "an OBM needs a service: {body}"
+    );
+
+    // Catalogs.
+    let (status, body) = h.get("/api/2.0/nodes/bmc-1/catalogs").await;
+    assert_eq!((status, body), (StatusCode::OK, json!([])));
+    h.engine
+        .nodes()
+        .put_catalog("bmc-1", "redfish", &json!({"Model": "R650"}))
+        .expect("a catalog is stored");
+    let (status, body) = h.get("/api/2.0/nodes/bmc-1/catalogs").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body[0]["source"], "redfish");
+    let (status, body) = h.get("/api/2.0/nodes/bmc-1/catalogs/redfish").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["data"]["Model"], "R650");
+    let (status, body) = h.get("/api/2.0/nodes/bmc-1/catalogs/dmi").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(error_of(&body, "not_found").contains("dmi"));
+
+    // Bad input and unknown nodes.
+    let (status, body) = h.post("/api/2.0/nodes", &json!({"identifiers": []})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_of(&body, "bad_request").contains("name"));
+    let (status, body) = h
+        .post(
+            "/api/2.0/nodes",
+            &json!({"name": "other", "identifiers": ["52:54:00:00:00:02"]}),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a MAC belongs to one node: {body}"
+    );
+    for (method, uri) in [
+        ("GET", "/api/2.0/nodes/ghost"),
+        ("DELETE", "/api/2.0/nodes/ghost"),
+        ("GET", "/api/2.0/nodes/ghost/obm"),
+        ("GET", "/api/2.0/nodes/ghost/catalogs"),
+        ("GET", "/api/2.0/nodes/ghost/catalogs/redfish"),
+        ("GET", "/api/2.0/nodes/ghost/workflows"),
+    ] {
+        let (status, body) = send(&h.app, method, uri, None, Body::empty()).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {uri}");
+        assert!(error_of(&body, "not_found").contains("ghost"), "{body}");
+    }
+    let (status, _) = send(
+        &h.app,
+        "PATCH",
+        "/api/2.0/nodes/ghost",
+        Some("application/json"),
+        "{\"name\": \"x\"}",
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = h.put("/api/2.0/nodes/ghost/obm", &same).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (status, _) = h.delete("/api/2.0/nodes/bmc-1").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = h.get("/api/2.0/nodes/bmc-1").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn node_notifications_reach_the_waiting_task() {
+    let h = harness().await;
+    let notify = |query: &str, body: Value| {
+        let app = h.node_app.clone();
+        let uri = format!("/api/2.0/notification{query}");
+        async move {
+            send(
+                &app,
+                "POST",
+                &uri,
+                Some("application/json"),
+                body.to_string(),
+            )
+            .await
+        }
+    };
+
+    let (status, body) = notify("?nodeId=n1", json!({})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "no token: {body}");
+    error_of(&body, "bad_request");
+    let (status, body) = notify("?nodeId=n1&token=abc", json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "nothing waits: {body}");
+    error_of(&body, "not_found");
+
+    h.put_graph(&one_task_graph("Graph.Test.Callback", "Test.WaitForNode"))
+        .await;
+    let (status, _) = h
+        .post("/api/2.0/nodes", &json!({"id": "n1", "name": "n1"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let id = h
+        .run(
+            "/api/2.0/nodes/n1/workflows",
+            &json!({"name": "Graph.Test.Callback"}),
+        )
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let token = loop {
+        if let Some((_, token)) = h.engine.waiting_token("n1") {
+            break token;
+        }
+        assert!(Instant::now() < deadline, "the task never waited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+
+    let (status, body) = notify("?nodeId=n1&token=wrong", json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "a wrong token: {body}");
+    error_of(&body, "conflict");
+    // The token may come in the body; it never reaches the task's output.
+    let (status, body) = notify("?nodeId=n1", json!({"token": token, "installed": true})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["task"], "only");
+
+    let view = h.wait_for(&id, is_terminal).await;
+    assert_eq!(view["status"], "succeeded", "{view}");
+    assert_eq!(view["context"]["only"], json!({"installed": true}));
+
+    let (status, body) = send(
+        &h.node_app,
+        "GET",
+        "/api/2.0/workflows",
+        None,
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "the node-facing API serves no management paths: {body}"
+    );
+    error_of(&body, "not_found");
+}
+
+#[test]
+fn every_shipped_definition_validates_against_the_registered_jobs() {
+    let library = metalgraph::library::library().expect("the library loads");
+    let files: Vec<(String, String)> = metalgraph::library::LIBRARY_FILES
+        .iter()
+        .map(|(n, t)| ((*n).to_owned(), (*t).to_owned()))
+        .collect();
+    assert!(!files.is_empty(), "the library is embedded");
+    let reports = metalgraph::validate::validate(&files, &library, &metalgraph::server::jobs());
+    let problems: Vec<String> = reports
+        .iter()
+        .flat_map(|r| r.problems.iter().map(ToString::to_string))
+        .collect();
+    assert!(problems.is_empty(), "{problems:#?}");
+}
