@@ -1,4 +1,5 @@
-//! Embeds the shipped graph library (`graphs/`) into the binary: every `*.yaml`, `*.yml`
+//! Compiles `proto/metalgraph.proto` with protox (no `protoc` needed) into tonic code and
+//! an encoded descriptor set for server reflection, and embeds the shipped graph library (`graphs/`) into the binary: every `*.yaml`, `*.yml`
 //! and `*.json` file below `graphs/` becomes one `(relative path, text)` entry of
 //! `LIBRARY_FILES` in `$OUT_DIR/library.rs`, which `src/library.rs` includes.
 
@@ -6,6 +7,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 fn main() {
+    compile_proto();
     let root =
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let graphs = root.join("graphs");
@@ -57,4 +59,20 @@ fn collect(dir: &Path, files: &mut Vec<PathBuf>) {
             files.push(path);
         }
     }
+}
+
+/// Generates the gRPC code and `$OUT_DIR/metalgraph.bin`, the encoded descriptor set.
+fn compile_proto() {
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile(["metalgraph.proto"], ["proto"])
+        .unwrap_or_else(|e| panic!("proto/metalgraph.proto does not compile: {e}"));
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let bin = out.join("metalgraph.bin");
+    std::fs::write(&bin, prost::Message::encode_to_vec(&fds))
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", bin.display()));
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)
+        .unwrap_or_else(|e| panic!("generating gRPC code failed: {e}"));
 }

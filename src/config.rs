@@ -16,6 +16,8 @@ pub const CONFIG_ENV: &str = "METALGRAPH_CONFIG";
 
 /// Where `--demo` puts the node-facing listener unless one is configured.
 pub const DEMO_NODE_LISTEN: &str = "127.0.0.1:8090";
+/// Where `--demo` serves gRPC unless told otherwise.
+const DEMO_GRPC_LISTEN: &str = "127.0.0.1:50051";
 
 /// Why a configuration could not be loaded. Each message names the file, variable or field
 /// at fault.
@@ -52,6 +54,13 @@ pub enum StoreKind {
 }
 
 impl StoreKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::Sled => "sled",
+            StoreKind::File => "file",
+        }
+    }
+
     pub fn backend(self) -> metalgraph_store::Backend {
         match self {
             StoreKind::Sled => metalgraph_store::Backend::Sled,
@@ -325,6 +334,14 @@ impl Config {
     }
 
     /// The node-facing listener's address: the configured one, or the demo's default.
+    /// The gRPC listener: the configured one, or the demo default under `--demo`.
+    pub fn effective_grpc_listen(&self) -> Option<SocketAddr> {
+        self.grpc_listen.or_else(|| {
+            self.demo
+                .then(|| DEMO_GRPC_LISTEN.parse().expect("the demo address is valid"))
+        })
+    }
+
     pub fn effective_node_listen(&self) -> Option<SocketAddr> {
         self.node_listen.or_else(|| {
             self.demo

@@ -40,10 +40,6 @@ pub fn jobs() -> JobRegistry {
 
 /// Runs the server until `shutdown` is cancelled, then shuts down in order.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    if let Some(addr) = config.grpc_listen {
-        warn!(%addr, "the gRPC API is not part of this build yet; grpc_listen is ignored");
-    }
-
     let store = open_store(&config).await?;
     let library = crate::library::library()?;
 
@@ -53,6 +49,10 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .context("the management listener has no address")?;
     let node = match config.effective_node_listen() {
         Some(addr) => Some(bind(addr, "node-facing API").await?),
+        None => None,
+    };
+    let grpc = match config.effective_grpc_listen() {
+        Some(addr) => Some(bind(addr, "gRPC API").await?),
         None => None,
     };
     let node_addr = match &node {
@@ -110,6 +110,23 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         info!(%addr, "node-facing API listening");
     }
 
+    if let Some(listener) = grpc {
+        let addr = listener
+            .local_addr()
+            .context("the gRPC listener has no address")?;
+        let router = api::grpc::router(engine.clone())?;
+        let stop = shutdown.clone();
+        servers.spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+                .context("the gRPC server failed")
+        });
+        announce(&format!("metalgraph grpc listening on http://{addr}"));
+        info!(%addr, "gRPC API listening");
+    }
+
     let mut result = Ok(());
     while let Some(joined) = servers.join_next().await {
         let outcome =
@@ -153,7 +170,7 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     tokio::task::spawn_blocking(move || metalgraph_store::open(backend, &dir))
         .await
         .context("opening the store failed")?
-        .with_context(|| format!("cannot open the {:?} store in {shown}", config.store))
+        .with_context(|| format!("cannot open the {} store in {shown}", config.store.as_str()))
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {

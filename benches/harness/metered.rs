@@ -23,6 +23,7 @@ pub struct Metered {
     /// Puts and deletes in those commits.
     pub ops: u64,
     /// Wall time spent inside `commit`, summed over callers.
+    #[serde(serialize_with = "crate::util::secs")]
     pub commit_time: Duration,
 }
 

@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod extract;
+pub mod grpc;
 pub mod http;
 
 use metalgraph_engine::Engine;

@@ -121,7 +121,14 @@ impl IpmiSim {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let ok = Command::new("ipmitool")
-                .args(["-I", "lanplus", "-H", "127.0.0.1", "-p", &self.port.to_string()])
+                .args([
+                    "-I",
+                    "lanplus",
+                    "-H",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                ])
                 .args(["-U", "admin", "-E", "-C", "3", "-N", "1", "-R", "1"])
                 .args(["chassis", "power", "status"])
                 .env("IPMI_PASSWORD", PASSWORD)
@@ -158,7 +165,8 @@ impl IpmiSim {
 }
 
 fn which(bin: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
 }
 
 fn make_executable(path: &Path) {
@@ -167,7 +175,10 @@ fn make_executable(path: &Path) {
 }
 
 fn node(world: &World, sim: &IpmiSim, password: &str) -> Node {
-    world.node("ipmi-node", obm(IPMI_SERVICE, &sim.host(), "admin", password, None))
+    world.node(
+        "ipmi-node",
+        obm(IPMI_SERVICE, &sim.host(), "admin", password, None),
+    )
 }
 
 fn power(action: &str) -> serde_json::Value {
@@ -196,7 +207,12 @@ async fn power_and_boot_device_through_ipmitool() {
     let before = sim.calls().lines().count();
     let out = world.run(&job, power("reboot"), Some(&node)).await.unwrap();
     assert_eq!(out["powerState"], "On");
-    let after: Vec<String> = sim.calls().lines().skip(before).map(str::to_owned).collect();
+    let after: Vec<String> = sim
+        .calls()
+        .lines()
+        .skip(before)
+        .map(str::to_owned)
+        .collect();
     assert!(after.iter().any(|l| l == "set power 0"), "{after:?}");
     // The job waited for power to come back.
     assert!(after.iter().any(|l| l == "set power 1"), "{after:?}");
@@ -205,7 +221,10 @@ async fn power_and_boot_device_through_ipmitool() {
     world.run(&job, power("reset"), Some(&node)).await.unwrap();
     assert_eq!(sim.state("power"), "1");
 
-    world.run(&job, power("soft-off"), Some(&node)).await.unwrap();
+    world
+        .run(&job, power("soft-off"), Some(&node))
+        .await
+        .unwrap();
     assert_eq!(sim.state("power"), "0");
     assert!(sim.calls().contains("set shutdown 1"));
 
@@ -223,7 +242,11 @@ async fn power_and_boot_device_through_ipmitool() {
     assert_eq!(out["readback"]["raw"], "Force PXE");
 
     let out = world
-        .run(&boot, json!({ "device": "cd", "persistent": true, "uefi": true }), Some(&node))
+        .run(
+            &boot,
+            json!({ "device": "cd", "persistent": true, "uefi": true }),
+            Some(&node),
+        )
         .await
         .unwrap();
     assert_eq!(sim.state("boot"), "cdrom");
@@ -241,7 +264,11 @@ async fn wrong_password_is_a_clear_authentication_error() {
     let wrong = "Wr0ng-ipmi-pw";
     let node = node(&world, &sim, wrong);
     let err = world
-        .run(&PowerJob::new(Arc::new(Drivers::default())), power("on"), Some(&node))
+        .run(
+            &PowerJob::new(Arc::new(Drivers::default())),
+            power("on"),
+            Some(&node),
+        )
         .await
         .unwrap_err();
     eprintln!("wrong IPMI password: {err}");
@@ -262,18 +289,32 @@ async fn unreachable_bmc_and_virtual_media_are_clear_errors() {
     let port = free_udp_port();
     let node = world.node(
         "ghost",
-        obm(IPMI_SERVICE, &format!("127.0.0.1:{port}"), "admin", PASSWORD, None),
+        obm(
+            IPMI_SERVICE,
+            &format!("127.0.0.1:{port}"),
+            "admin",
+            PASSWORD,
+            None,
+        ),
     );
     let drivers = Arc::new(Drivers::new(DriverOptions {
         ipmi_timeout: Duration::from_secs(30),
         ..DriverOptions::default()
     }));
     let err = world
-        .run(&PowerJob::new(drivers.clone()), power("status"), Some(&node))
+        .run(
+            &PowerJob::new(drivers.clone()),
+            power("status"),
+            Some(&node),
+        )
         .await
         .unwrap_err();
     eprintln!("unreachable IPMI BMC: {err}");
-    assert!(err.message.contains("BMC unreachable: no IPMI answer from 127.0.0.1"), "{err}");
+    assert!(
+        err.message
+            .contains("BMC unreachable: no IPMI answer from 127.0.0.1"),
+        "{err}"
+    );
 
     let err = world
         .run(
@@ -283,7 +324,11 @@ async fn unreachable_bmc_and_virtual_media_are_clear_errors() {
         )
         .await
         .unwrap_err();
-    assert!(err.message.contains("not supported: IPMI has no standard virtual media"), "{err}");
+    assert!(
+        err.message
+            .contains("not supported: IPMI has no standard virtual media"),
+        "{err}"
+    );
 
     // ipmitool is killed when the bound expires.
     let drivers = Drivers::new(DriverOptions {

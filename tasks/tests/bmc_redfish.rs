@@ -48,7 +48,13 @@ async fn power_actions_reach_the_state_sushy_reports() {
     let uuid = system_uuid(0);
     let node = world.node(
         "n0",
-        obm(REDFISH_SERVICE, &sushy.base, "admin", "password", Some(&uuid)),
+        obm(
+            REDFISH_SERVICE,
+            &sushy.base,
+            "admin",
+            "password",
+            Some(&uuid),
+        ),
     );
     let job = PowerJob::new(drivers());
 
@@ -74,7 +80,10 @@ async fn power_actions_reach_the_state_sushy_reports() {
     world.run(&job, power("reset"), Some(&node)).await.unwrap();
     assert_eq!(sushy.power_state(0).await, "On");
 
-    world.run(&job, power("soft-off"), Some(&node)).await.unwrap();
+    world
+        .run(&job, power("soft-off"), Some(&node))
+        .await
+        .unwrap();
     assert_eq!(sushy.power_state(0).await, "Off");
 
     world.run(&job, power("on"), Some(&node)).await.unwrap();
@@ -127,7 +136,9 @@ async fn power_on_waits_for_the_delayed_emulator() {
         .await
         .unwrap_err();
     assert!(
-        out.message.contains("did not report power Off within 300ms") && out.message.contains("last reported On"),
+        out.message
+            .contains("did not report power Off within 300ms")
+            && out.message.contains("last reported On"),
         "{out}"
     );
 }
@@ -142,7 +153,10 @@ async fn boot_override_reads_back_from_sushy() {
     .await;
     let world = World::default();
     // The system's name: sushy redirects it (307) to the id.
-    let node = world.node("n1", obm(REDFISH_SERVICE, &sushy.base, "admin", "pw", Some("node-1")));
+    let node = world.node(
+        "n1",
+        obm(REDFISH_SERVICE, &sushy.base, "admin", "pw", Some("node-1")),
+    );
     let job = BootDeviceJob::new(drivers());
 
     let out = world
@@ -155,7 +169,11 @@ async fn boot_override_reads_back_from_sushy() {
     assert_eq!(sys["Boot"]["BootSourceOverrideTarget"], "Cd");
 
     let out = world
-        .run(&job, json!({ "device": "pxe", "persistent": true, "uefi": true }), Some(&node))
+        .run(
+            &job,
+            json!({ "device": "pxe", "persistent": true, "uefi": true }),
+            Some(&node),
+        )
         .await
         .unwrap();
     assert_eq!(out["readback"]["device"], "pxe");
@@ -199,7 +217,10 @@ async fn virtual_media_insert_and_eject_are_idempotent() {
     let (images, downloads) = image_server().await;
     let world = World::default();
     let uuid = system_uuid(0);
-    let node = world.node("n0", obm(REDFISH_SERVICE, &sushy.base, "admin", "pw", Some(&uuid)));
+    let node = world.node(
+        "n0",
+        obm(REDFISH_SERVICE, &sushy.base, "admin", "pw", Some(&uuid)),
+    );
     let d = drivers();
     let insert = VirtualMediaInsertJob::new(d.clone());
     let eject = VirtualMediaEjectJob::new(d.clone());
@@ -218,7 +239,11 @@ async fn virtual_media_insert_and_eject_are_idempotent() {
     let media = sushy.get(&cd, None).await;
     assert_eq!(media["Image"], boot_iso.as_str());
     assert_eq!(media["Inserted"], true);
-    assert_eq!(downloads.load(Ordering::SeqCst), 1, "sushy downloads the image once");
+    assert_eq!(
+        downloads.load(Ordering::SeqCst),
+        1,
+        "sushy downloads the image once"
+    );
 
     // The same image again: nothing to do, no second download.
     let out = world
@@ -246,7 +271,11 @@ async fn virtual_media_insert_and_eject_are_idempotent() {
 
     // An image the BMC cannot fetch: sushy's own complaint reaches the error.
     let err = world
-        .run(&insert, json!({ "image": format!("{images}/missing.iso") }), Some(&node))
+        .run(
+            &insert,
+            json!({ "image": format!("{images}/missing.iso") }),
+            Some(&node),
+        )
         .await
         .unwrap_err();
     assert!(
@@ -271,7 +300,10 @@ async fn discovery_creates_one_node_per_system_and_no_duplicates() {
 
     let out = world.run(&job, options.clone(), None).await.unwrap();
     let text = out.to_string();
-    assert!(!text.contains(password), "the password leaked into the output: {text}");
+    assert!(
+        !text.contains(password),
+        "the password leaked into the output: {text}"
+    );
     let ids: Vec<String> = out["nodes"]
         .as_array()
         .unwrap()
@@ -287,10 +319,17 @@ async fn discovery_creates_one_node_per_system_and_no_duplicates() {
             .by_identifier(&system_mac(i))
             .unwrap()
             .unwrap_or_else(|| panic!("no node for system {i}"));
-        assert!(node.identifiers.contains(&system_uuid(i)), "{:?}", node.identifiers);
+        assert!(
+            node.identifiers.contains(&system_uuid(i)),
+            "{:?}",
+            node.identifiers
+        );
         let obm = node.obm().unwrap();
         assert_eq!(obm.service, REDFISH_SERVICE);
-        assert_eq!(obm.config.system_id.as_deref(), Some(system_uuid(i).as_str()));
+        assert_eq!(
+            obm.config.system_id.as_deref(),
+            Some(system_uuid(i).as_str())
+        );
         assert_eq!(obm.config.user.as_deref(), Some("admin"));
         assert_eq!(obm.config.password.as_ref().unwrap().expose(), password);
         assert_eq!(node.name, format!("node-{i}"));
@@ -314,7 +353,13 @@ async fn discovery_creates_one_node_per_system_and_no_duplicates() {
     ids1.sort();
     ids2.sort();
     assert_eq!(ids1, ids2);
-    assert!(again["systems"].as_array().unwrap().iter().all(|s| s["created"] == false));
+    assert!(
+        again["systems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["created"] == false)
+    );
     assert_eq!(world.nodes().list().unwrap().len(), 3);
 
     // The discovered OBM drives the node.
@@ -336,7 +381,10 @@ async fn discovery_creates_one_node_per_system_and_no_duplicates() {
         .await
         .unwrap_err();
     assert!(err.message.contains("401"), "{err}");
-    assert!(!err.message.contains(wrong) && !err.message.contains(password), "{err}");
+    assert!(
+        !err.message.contains(wrong) && !err.message.contains(password),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,7 +397,10 @@ async fn catalog_is_stored_despite_broken_links() {
     .await;
     let world = World::default();
     let uuid = system_uuid(1);
-    let node = world.node("n1", obm(REDFISH_SERVICE, &sushy.base, "admin", "pw", Some(&uuid)));
+    let node = world.node(
+        "n1",
+        obm(REDFISH_SERVICE, &sushy.base, "admin", "pw", Some(&uuid)),
+    );
     let out = world
         .run(&CatalogRedfishJob::new(drivers()), json!({}), Some(&node))
         .await
@@ -360,13 +411,20 @@ async fn catalog_is_stored_despite_broken_links() {
     let data = &catalogs[0]["data"];
     assert_eq!(data["id"], uuid.as_str());
     assert_eq!(data["name"], "node-1");
-    assert_eq!(data["ethernetInterfaces"][0]["MACAddress"], system_mac(1).as_str());
+    assert_eq!(
+        data["ethernetInterfaces"][0]["MACAddress"],
+        system_mac(1).as_str()
+    );
     assert!(!data["managers"].as_array().unwrap().is_empty(), "{data}");
     // sushy's fake driver answers 501/404/500 for Processors, Memory, Storage and the
     // like; those are recorded, not fatal.
     let errors = data["errors"].as_array().unwrap();
     assert!(!errors.is_empty(), "{data}");
-    assert!(errors.iter().all(|e| e["resource"].is_string() && e["error"].is_string()));
+    assert!(
+        errors
+            .iter()
+            .all(|e| e["resource"].is_string() && e["error"].is_string())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,25 +439,41 @@ async fn basic_auth_right_and_wrong_credentials() {
     .await;
     let world = World::default();
     let job = PowerJob::new(drivers());
-    let good = world.node("good", obm(REDFISH_SERVICE, &sushy.base, "admin", password, None));
+    let good = world.node(
+        "good",
+        obm(REDFISH_SERVICE, &sushy.base, "admin", password, None),
+    );
     let out = world.run(&job, power("on"), Some(&good)).await.unwrap();
     assert_eq!(out["powerState"], "On");
     assert_eq!(
-        sushy.get(&sushy.system_path(0), Some(("admin", password))).await["PowerState"],
+        sushy
+            .get(&sushy.system_path(0), Some(("admin", password)))
+            .await["PowerState"],
         "On"
     );
 
     let wrong = "Not-The-Passw0rd";
-    let bad = world.node("bad", obm(REDFISH_SERVICE, &sushy.base, "admin", wrong, None));
+    let bad = world.node(
+        "bad",
+        obm(REDFISH_SERVICE, &sushy.base, "admin", wrong, None),
+    );
     for action in ["status", "off"] {
-        let err = world.run(&job, power(action), Some(&bad)).await.unwrap_err();
+        let err = world
+            .run(&job, power(action), Some(&bad))
+            .await
+            .unwrap_err();
         let msg = &err.message;
         eprintln!("wrong Basic credentials: {msg}");
         assert!(
-            msg.contains("Redfish authentication failed for user admin (HTTP 401; check user and password)"),
+            msg.contains(
+                "Redfish authentication failed for user admin (HTTP 401; check user and password)"
+            ),
             "{msg}"
         );
-        assert!(msg.contains(&bad.id) && msg.contains(&sushy.base), "names node and BMC: {msg}");
+        assert!(
+            msg.contains(&bad.id) && msg.contains(&sushy.base),
+            "names node and BMC: {msg}"
+        );
         assert!(!msg.contains(wrong), "{msg}");
     }
 }
@@ -425,11 +499,18 @@ async fn tls_self_signed_needs_verify_ssl_false() {
     assert_eq!(out["powerState"], "On");
 
     // Verification is the default, and the self-signed certificate fails it.
-    let strict = world.node("strict", obm(REDFISH_SERVICE, &sushy.base, "admin", "pw", None));
-    let err = world.run(&job, power("status"), Some(&strict)).await.unwrap_err();
+    let strict = world.node(
+        "strict",
+        obm(REDFISH_SERVICE, &sushy.base, "admin", "pw", None),
+    );
+    let err = world
+        .run(&job, power("status"), Some(&strict))
+        .await
+        .unwrap_err();
     eprintln!("self-signed certificate: {err}");
     assert!(
-        err.message.contains("TLS certificate not accepted") && err.message.contains("verifySSL: false"),
+        err.message.contains("TLS certificate not accepted")
+            && err.message.contains("verifySSL: false"),
         "{err}"
     );
     // Port given separately from a bare host: https is implied.
@@ -465,14 +546,21 @@ async fn sushy_killed_mid_operation_gives_a_clear_error() {
     let err = result.unwrap_err();
     eprintln!("killed mid-operation: {err}");
     assert!(
-        err.message.contains("did not report power On within 4s") && err.message.contains("BMC unreachable"),
+        err.message.contains("did not report power On within 4s")
+            && err.message.contains("BMC unreachable"),
         "{err}"
     );
 
     // A fresh call to the dead BMC says it is unreachable, naming node and endpoint.
-    let err = world.run(&job, power("status"), Some(&node)).await.unwrap_err();
+    let err = world
+        .run(&job, power("status"), Some(&node))
+        .await
+        .unwrap_err();
     assert!(err.message.contains("BMC unreachable"), "{err}");
-    assert!(err.message.contains(&node.id) && err.message.contains(&sushy.base), "{err}");
+    assert!(
+        err.message.contains(&node.id) && err.message.contains(&sushy.base),
+        "{err}"
+    );
 }
 
 /// A fake Redfish service with one system whose Reset action fails with a 500 and an
@@ -482,7 +570,9 @@ async fn failing_bmc() -> (String, Arc<AtomicUsize>) {
     let app = Router::new()
         .route(
             "/redfish/v1/",
-            get(|| async { axum::Json(json!({ "Systems": { "@odata.id": "/redfish/v1/Systems" } })) }),
+            get(|| async {
+                axum::Json(json!({ "Systems": { "@odata.id": "/redfish/v1/Systems" } }))
+            }),
         )
         .route(
             "/redfish/v1/Systems",
@@ -540,7 +630,9 @@ async fn a_bmc_error_message_reaches_the_job_error() {
     eprintln!("500 with ExtendedInfo: {err}");
     assert!(
         err.message.contains("HTTP 500")
-            && err.message.contains("The power supply unit 2 reported a fault.")
+            && err
+                .message
+                .contains("The power supply unit 2 reported a fault.")
             && err.message.contains("power on"),
         "{err}"
     );
@@ -564,7 +656,16 @@ async fn a_hanging_bmc_times_out_within_the_bound() {
         ..DriverOptions::default()
     }));
     let world = World::default();
-    let node = world.node("n0", obm(REDFISH_SERVICE, &format!("http://{addr}"), "admin", "pw", None));
+    let node = world.node(
+        "n0",
+        obm(
+            REDFISH_SERVICE,
+            &format!("http://{addr}"),
+            "admin",
+            "pw",
+            None,
+        ),
+    );
     let started = Instant::now();
     let err = world
         .run(&PowerJob::new(drivers), power("status"), Some(&node))
@@ -583,7 +684,10 @@ async fn unknown_systems_and_ambiguous_services_are_named() {
     let mut cfg = obm(REDFISH_SERVICE, &base, "admin", "pw", Some("nope")).config;
     let bmc = d.redfish("n9", &cfg).unwrap();
     let err = bmc.power_state().await.unwrap_err().to_string();
-    assert!(err.contains("no ComputerSystem has the id, name or UUID 'nope' (found: 1)"), "{err}");
+    assert!(
+        err.contains("no ComputerSystem has the id, name or UUID 'nope' (found: 1)"),
+        "{err}"
+    );
     cfg.system_id = Some("/redfish/v1/Systems/1".to_owned());
     let bmc = d.redfish("n9", &cfg).unwrap();
     assert_eq!(bmc.power_state().await.unwrap(), PowerState::Off);
@@ -616,7 +720,11 @@ async fn session_bmc() -> (String, Arc<AtomicUsize>) {
                 |State((logins, _)): State<(Arc<AtomicUsize>, Arc<AtomicUsize>)>,
                  axum::Json(body): axum::Json<Value>| async move {
                     if body["UserName"] != "admin" || body["Password"] != "s3ssion-pw" {
-                        return (StatusCode::UNAUTHORIZED, HeaderMap::new(), "bad credentials")
+                        return (
+                            StatusCode::UNAUTHORIZED,
+                            HeaderMap::new(),
+                            "bad credentials",
+                        )
                             .into_response();
                     }
                     let n = logins.fetch_add(1, Ordering::SeqCst) + 1;
@@ -666,8 +774,17 @@ async fn sessions_log_in_and_log_in_again_on_401() {
 
     cfg.password = Some(metalgraph_engine::nodes::Secret("wrong-s3ssion".into()));
     let other = Drivers::default();
-    let err = other.redfish("n1", &cfg).unwrap().systems().await.unwrap_err().to_string();
-    assert!(err.contains("Redfish session login failed for user admin"), "{err}");
+    let err = other
+        .redfish("n1", &cfg)
+        .unwrap()
+        .systems()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("Redfish session login failed for user admin"),
+        "{err}"
+    );
     assert!(!err.contains("wrong-s3ssion"), "{err}");
 }
 
@@ -680,11 +797,20 @@ async fn driver_level_operations_against_sushy() {
     })
     .await;
     let d = drivers();
-    let cfg = obm(REDFISH_SERVICE, &sushy.base, "admin", "pw", Some(&system_uuid(0))).config;
+    let cfg = obm(
+        REDFISH_SERVICE,
+        &sushy.base,
+        "admin",
+        "pw",
+        Some(&system_uuid(0)),
+    )
+    .config;
     let bmc = d.redfish("n0", &cfg).unwrap();
     bmc.power_action(PowerAction::On).await.unwrap();
     assert_eq!(bmc.power_state().await.unwrap(), PowerState::On);
-    bmc.set_boot_device(BootDevice::Hdd, false, Some(false)).await.unwrap();
+    bmc.set_boot_device(BootDevice::Hdd, false, Some(false))
+        .await
+        .unwrap();
     let b = bmc.boot_override().await.unwrap();
     assert_eq!(b.device, Some(BootDevice::Hdd));
     assert_eq!(b.uefi, Some(false));

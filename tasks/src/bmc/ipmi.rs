@@ -76,11 +76,15 @@ impl IpmiBmc {
             host = h.to_owned();
         }
         if host.is_empty() {
-            return Err(config_err("'host' is empty; give the BMC's address".to_owned()));
+            return Err(config_err(
+                "'host' is empty; give the BMC's address".to_owned(),
+            ));
         }
         if host.starts_with('-') {
             // It would reach ipmitool's argv as an option.
-            return Err(config_err(format!("'host' must not start with '-': {host}")));
+            return Err(config_err(format!(
+                "'host' must not start with '-': {host}"
+            )));
         }
         let cipher_suite = match config.extra.get("cipherSuite") {
             None | Some(Value::Null) => DEFAULT_CIPHER_SUITE.to_owned(),
@@ -125,7 +129,14 @@ impl IpmiBmc {
     /// The ipmitool command for `args`. The password is only in the environment.
     pub(crate) fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.ipmitool);
-        cmd.args(["-I", "lanplus", "-H", &self.host, "-p", &self.port.to_string()]);
+        cmd.args([
+            "-I",
+            "lanplus",
+            "-H",
+            &self.host,
+            "-p",
+            &self.port.to_string(),
+        ]);
         if let Some(user) = &self.user {
             cmd.args(["-U", user]);
         }
@@ -363,7 +374,10 @@ fn parse_boot_flags(out: &str) -> BootOverride {
     let mut raw = String::new();
     let mut persistent = None;
     let mut uefi = None;
-    for line in out.lines().map(|l| l.trim().trim_start_matches("- ").trim()) {
+    for line in out
+        .lines()
+        .map(|l| l.trim().trim_start_matches("- ").trim())
+    {
         if let Some(sel) = line.strip_prefix("Boot Device Selector :") {
             raw = sel.trim().to_owned();
         } else if line.contains("Options apply to all future boots") {
@@ -427,7 +441,12 @@ mod tests {
         assert!(!args.contains(&"-P".to_owned()), "{args:?}");
         let env: Vec<(String, String)> = std
             .get_envs()
-            .filter_map(|(k, v)| Some((k.to_string_lossy().into_owned(), v?.to_string_lossy().into_owned())))
+            .filter_map(|(k, v)| {
+                Some((
+                    k.to_string_lossy().into_owned(),
+                    v?.to_string_lossy().into_owned(),
+                ))
+            })
             .collect();
         assert!(env.contains(&("IPMI_PASSWORD".to_owned(), "s3cret-pw".to_owned())));
         let joined = args.join(" ");
@@ -440,7 +459,10 @@ mod tests {
     #[test]
     fn power_status_parses() {
         assert_eq!(parse_power_status("Chassis Power is on\n"), PowerState::On);
-        assert_eq!(parse_power_status("Chassis Power is off\n"), PowerState::Off);
+        assert_eq!(
+            parse_power_status("Chassis Power is off\n"),
+            PowerState::Off
+        );
         assert!(matches!(parse_power_status("huh"), PowerState::Unknown(_)));
     }
 
@@ -468,8 +490,9 @@ mod tests {
             "> RAKP 2 HMAC is invalid\nError: Unable to establish IPMI v2 / RMCP+ session\n",
         );
         assert!(
-            e.to_string()
-                .contains("IPMI authentication failed for admin@127.0.0.1:6230 (check user and password)"),
+            e.to_string().contains(
+                "IPMI authentication failed for admin@127.0.0.1:6230 (check user and password)"
+            ),
             "{e}"
         );
     }

@@ -173,14 +173,20 @@ pub enum Error {
     },
     #[error("{at}: {message}")]
     Auth { at: At, message: String },
-    #[error("{at}: TLS certificate not accepted ({message}); set verifySSL: false to accept a self-signed certificate")]
+    #[error(
+        "{at}: TLS certificate not accepted ({message}); set verifySSL: false to accept a self-signed certificate"
+    )]
     Tls { at: At, message: String },
     #[error("{at}: BMC unreachable: {message}")]
     Unreachable { at: At, message: String },
     #[error("{at}: no answer within {}", show_duration(*.after))]
     Timeout { at: At, after: Duration },
     #[error("{at}: BMC answered HTTP {status}: {message}")]
-    Http { at: At, status: u16, message: String },
+    Http {
+        at: At,
+        status: u16,
+        message: String,
+    },
     #[error("{at}: {message}")]
     Bmc { at: At, message: String },
     #[error("{at}: not supported: {message}")]
@@ -358,10 +364,16 @@ impl Drivers {
 
     /// A Redfish driver for `config`, also used by discovery before any node exists.
     pub fn redfish(&self, node: &str, config: &ObmConfig) -> Result<RedfishBmc> {
-        RedfishBmc::new(node, config, |base, verify| self.redfish_endpoint(base, verify))
+        RedfishBmc::new(node, config, |base, verify| {
+            self.redfish_endpoint(base, verify)
+        })
     }
 
-    fn redfish_endpoint(&self, base: &str, verify_tls: bool) -> Result<Arc<RedfishEndpoint>, String> {
+    fn redfish_endpoint(
+        &self,
+        base: &str,
+        verify_tls: bool,
+    ) -> Result<Arc<RedfishEndpoint>, String> {
         let mut map = self.redfish.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(ep) = map.get(&(base.to_owned(), verify_tls)) {
             return Ok(ep.clone());
@@ -372,7 +384,10 @@ impl Drivers {
     }
 
     fn ipmi_limit(&self, key: &str) -> Arc<Semaphore> {
-        let mut map = self.ipmi_limits.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self
+            .ipmi_limits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         map.entry(key.to_owned())
             .or_insert_with(|| Arc::new(Semaphore::new(self.options.per_endpoint_limit.max(1))))
             .clone()

@@ -16,8 +16,8 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{OnceCell, Semaphore};
 
 use super::{
-    At, Bmc, BootDevice, BootOverride, DriverOptions, Error, MediaStatus, PowerAction,
-    PowerState, REDFISH_SERVICE, Result,
+    At, Bmc, BootDevice, BootOverride, DriverOptions, Error, MediaStatus, PowerAction, PowerState,
+    REDFISH_SERVICE, Result,
 };
 
 /// The largest reply body read from a BMC; Redfish documents are small, and a reply larger
@@ -26,6 +26,10 @@ const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
 /// How many members of one collection the inventory follows.
 const MAX_MEMBERS: usize = 64;
+
+/// The operation name of an insert, which gets the longer media timeout: BMCs download
+/// the whole image before they answer.
+const INSERT_MEDIA: &str = "insert virtual media";
 
 /// Backoff before each retry of an idempotent request (two retries).
 const RETRY_BACKOFF: [Duration; 2] = [Duration::from_millis(200), Duration::from_millis(600)];
@@ -267,7 +271,7 @@ impl RedfishBmc {
             let token = self.session_token(op).await?;
             let url = self.url(target, op)?;
             let at = || self.at(&format!("{op} ({method} {})", url.path()));
-            let timeout = if op == "insert virtual media" {
+            let timeout = if op == INSERT_MEDIA {
                 self.ep.media_timeout
             } else {
                 self.ep.request_timeout
@@ -291,7 +295,7 @@ impl RedfishBmc {
                 (None, Some(u)) => req.basic_auth(u, Some(self.password.expose())),
                 (None, None) => req,
             };
-            let resp = {
+            let (status, headers, final_url, bytes) = {
                 let _permit = self.ep.limit.acquire().await.map_err(|_| Error::Bmc {
                     at: at(),
                     message: "the driver is shutting down".to_owned(),
@@ -308,7 +312,6 @@ impl RedfishBmc {
                     .map_err(|e| self.transport_error(at(), timeout, &e))?;
                 (status, headers, final_url, bytes)
             };
-            let (status, headers, final_url, bytes) = resp;
             if status == StatusCode::UNAUTHORIZED && token.is_some() && !relogged {
                 // The session expired or the BMC restarted: log in again, once.
                 if let Some(user) = &self.user {
@@ -473,54 +476,53 @@ impl RedfishBmc {
     async fn service_root(&self, op: &str) -> Result<&Value> {
         self.root
             .get_or_try_init(|| async {
-                // The service root is unauthenticated by the standard; read it without
-                // credentials so that session discovery needs none.
-                let url = self.url("/redfish/v1/", op)?;
-                let at = || self.at(&format!("{op} (GET /redfish/v1/)"));
-                let timeout = self.ep.request_timeout;
-                let mut last = None;
-                for backoff in RETRY_BACKOFF.iter().map(Some).chain([None]) {
-                    let result = async {
-                        let _permit = self.ep.limit.acquire().await.ok();
-                        let resp = self
-                            .ep
-                            .client
-                            .get(url.clone())
-                            .header(ACCEPT, "application/json")
-                            .send()
-                            .await
-                            .map_err(|e| self.transport_error(at(), timeout, &e))?;
-                        let status = resp.status();
-                        let bytes = read_body(resp)
-                            .await
-                            .map_err(|e| self.transport_error(at(), timeout, &e))?;
-                        if !status.is_success() {
-                            return Err(Error::Http {
-                                at: at(),
-                                status: status.as_u16(),
-                                message: self.scrub(redfish_message(&bytes)),
-                            });
-                        }
-                        serde_json::from_slice::<Value>(&bytes).map_err(|e| Error::Bmc {
-                            at: at(),
-                            message: format!("the service root is not JSON: {e}"),
-                        })
-                    }
-                    .await;
-                    match result {
-                        Err(e) if retryable(&e) && backoff.is_some() => {
-                            last = Some(e);
-                            tokio::time::sleep(*backoff.unwrap_or(&Duration::ZERO)).await;
+                let mut attempt = 0;
+                loop {
+                    match self.fetch_root(op).await {
+                        Err(e) if attempt < RETRY_BACKOFF.len() && retryable(&e) => {
+                            tokio::time::sleep(RETRY_BACKOFF[attempt]).await;
+                            attempt += 1;
                         }
                         other => return other,
                     }
                 }
-                Err(last.unwrap_or_else(|| Error::Bmc {
-                    at: at(),
-                    message: "no answer".to_owned(),
-                }))
             })
             .await
+    }
+
+    /// Reads the service root once. The standard makes it unauthenticated, so it is read
+    /// without credentials and session discovery needs none.
+    async fn fetch_root(&self, op: &str) -> Result<Value> {
+        let url = self.url("/redfish/v1/", op)?;
+        let at = || self.at(&format!("{op} (GET /redfish/v1/)"));
+        let timeout = self.ep.request_timeout;
+        let _permit = self.ep.limit.acquire().await.map_err(|_| Error::Bmc {
+            at: at(),
+            message: "the driver is shutting down".to_owned(),
+        })?;
+        let resp = self
+            .ep
+            .client
+            .get(url)
+            .header(ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|e| self.transport_error(at(), timeout, &e))?;
+        let status = resp.status();
+        let bytes = read_body(resp)
+            .await
+            .map_err(|e| self.transport_error(at(), timeout, &e))?;
+        if !status.is_success() {
+            return Err(Error::Http {
+                at: at(),
+                status: status.as_u16(),
+                message: self.scrub(redfish_message(&bytes)),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| Error::Bmc {
+            at: at(),
+            message: format!("the service root is not JSON: {e}"),
+        })
     }
 
     /// The Systems collection's path.
@@ -531,7 +533,11 @@ impl RedfishBmc {
 
     /// The paths of every ComputerSystem the service has.
     pub async fn systems(&self) -> Result<Vec<String>> {
-        let op = "list systems";
+        self.systems_for("list systems").await
+    }
+
+    /// [`Self::systems`], with errors naming the operation that needed the list.
+    async fn systems_for(&self, op: &str) -> Result<Vec<String>> {
         let path = self.systems_path(op).await?;
         let coll = self.get(op, &path).await?;
         Ok(members(&coll.body))
@@ -564,12 +570,14 @@ impl RedfishBmc {
                 // follows; other BMCs only know the id, so on 404 match by name or UUID.
                 match self.get(op, url.as_str()).await {
                     Ok(reply) => Ok(canonical(&reply)),
-                    Err(Error::Http { status: 404, .. }) => self.find_system(op, &systems, id).await,
+                    Err(Error::Http { status: 404, .. }) => {
+                        self.find_system(op, &systems, id).await
+                    }
                     Err(e) => Err(e),
                 }
             }
             None => {
-                let all = self.systems().await?;
+                let all = self.systems_for(op).await?;
                 match all.as_slice() {
                     [one] => Ok(one.clone()),
                     [] => Err(Error::Bmc {
@@ -628,7 +636,12 @@ impl RedfishBmc {
             .and_then(|a| a.get("target"))
             .and_then(Value::as_str)
             .map(str::to_owned)
-            .unwrap_or_else(|| format!("{}/Actions/ComputerSystem.Reset", path.trim_end_matches('/')));
+            .unwrap_or_else(|| {
+                format!(
+                    "{}/Actions/ComputerSystem.Reset",
+                    path.trim_end_matches('/')
+                )
+            });
         let allowed: Option<Vec<&str>> = reset
             .and_then(|a| a.get("ResetType@Redfish.AllowableValues"))
             .and_then(Value::as_array)
@@ -666,7 +679,12 @@ impl RedfishBmc {
         .map(drop)
     }
 
-    async fn do_set_boot(&self, device: BootDevice, persistent: bool, uefi: Option<bool>) -> Result<()> {
+    async fn do_set_boot(
+        &self,
+        device: BootDevice,
+        persistent: bool,
+        uefi: Option<bool>,
+    ) -> Result<()> {
         let op = "set boot device";
         let path = self.system_path(op).await?.to_owned();
         let mut boot = Map::new();
@@ -800,12 +818,15 @@ impl RedfishBmc {
     }
 
     async fn do_media_insert(&self, image: String) -> Result<()> {
-        let op = "insert virtual media";
+        let op = INSERT_MEDIA;
         let path = self.cd_path(op).await?.to_owned();
         let doc = self.get(op, &path).await?;
         let body = json!({ "Image": image, "Inserted": true, "WriteProtected": true });
         match action_target(&doc.body, "#VirtualMedia.InsertMedia") {
-            Some(target) => self.call(op, Method::POST, &target, Some(&body), None).await,
+            Some(target) => {
+                self.call(op, Method::POST, &target, Some(&body), None)
+                    .await
+            }
             // Before Redfish 2017.1 media was inserted by patching the resource.
             None => self.call(op, Method::PATCH, &path, Some(&body), None).await,
         }
@@ -817,7 +838,10 @@ impl RedfishBmc {
         let path = self.cd_path(op).await?.to_owned();
         let doc = self.get(op, &path).await?;
         match action_target(&doc.body, "#VirtualMedia.EjectMedia") {
-            Some(target) => self.call(op, Method::POST, &target, Some(&json!({})), None).await,
+            Some(target) => {
+                self.call(op, Method::POST, &target, Some(&json!({})), None)
+                    .await
+            }
             None => {
                 let body = json!({ "Image": null, "Inserted": false });
                 self.call(op, Method::PATCH, &path, Some(&body), None).await
@@ -993,9 +1017,13 @@ fn base_url(host: &str, port: Option<u16>) -> Result<Url, String> {
     } else {
         format!("https://{host}")
     };
-    let mut url = Url::parse(&with_scheme).map_err(|e| format!("'host' is not a usable address: {e}"))?;
+    let mut url =
+        Url::parse(&with_scheme).map_err(|e| format!("'host' is not a usable address: {e}"))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!("'host' must be http:// or https://, got {}://", url.scheme()));
+        return Err(format!(
+            "'host' must be http:// or https://, got {}://",
+            url.scheme()
+        ));
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err("'host' has no host name".to_owned());
@@ -1121,7 +1149,11 @@ mod tests {
             ("10.0.0.5", None, "https://10.0.0.5/"),
             ("10.0.0.5", Some(8443), "https://10.0.0.5:8443/"),
             ("http://127.0.0.1:8000", None, "http://127.0.0.1:8000/"),
-            ("https://admin:pw@bmc.example:8443/redfish/v1", None, "https://bmc.example:8443/"),
+            (
+                "https://admin:pw@bmc.example:8443/redfish/v1",
+                None,
+                "https://bmc.example:8443/",
+            ),
             ("fe80::1", None, "https://[fe80::1]/"),
         ];
         for (host, port, want) in cases {

@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::{
-    At, Bmc, BootDevice, BootOverride, DriverOptions, Error, MediaStatus, PowerAction,
-    PowerState, Result, SIM_SERVICE,
+    At, Bmc, BootDevice, BootOverride, DriverOptions, Error, MediaStatus, PowerAction, PowerState,
+    Result, SIM_SERVICE,
 };
 
 /// One simulated machine.
@@ -124,7 +124,11 @@ impl Bmc for SimBmc {
 
     fn power_state(&self) -> BoxFuture<'_, Result<PowerState>> {
         Self::ready(self.with("read power state", |m| {
-            if m.on { PowerState::On } else { PowerState::Off }
+            if m.on {
+                PowerState::On
+            } else {
+                PowerState::Off
+            }
         }))
     }
 

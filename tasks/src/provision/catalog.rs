@@ -54,7 +54,9 @@ impl Job for CatalogRedfishJob {
                 ctx.services
                     .nodes()
                     .put_catalog(&node.id, SOURCE, &inventory)
-                    .map_err(|e| JobError::new(format!("{label}: cannot store the catalog: {e}")))?;
+                    .map_err(|e| {
+                        JobError::new(format!("{label}: cannot store the catalog: {e}"))
+                    })?;
                 Ok(summary(&inventory))
             };
             until_cancelled(&ctx.cancel, || what.clone(), work).await

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use metalgraph_engine::job::{BoxFuture, JobContext, JobResult};
-use metalgraph_engine::nodes::{self, Node, Obm, ObmConfig, Secret, Nodes};
+use metalgraph_engine::nodes::{self, Node, Nodes, Obm, ObmConfig, Secret};
 use metalgraph_engine::{Job, JobError, OptionKind, OptionSchema};
 use serde_json::{Map, Value, json};
 
@@ -129,8 +129,15 @@ async fn discover(service: RedfishBmc, mut config: ObmConfig, nodes: Nodes) -> J
 }
 
 /// Creates or updates the node of one ComputerSystem and stores its catalog.
-async fn discover_one(bmc: &RedfishBmc, config: &ObmConfig, nodes: &Nodes) -> Result<Value, JobError> {
-    let inventory = bmc.inventory().await.map_err(|e| JobError::new(e.to_string()))?;
+async fn discover_one(
+    bmc: &RedfishBmc,
+    config: &ObmConfig,
+    nodes: &Nodes,
+) -> Result<Value, JobError> {
+    let inventory = bmc
+        .inventory()
+        .await
+        .map_err(|e| JobError::new(e.to_string()))?;
     let system_id = inventory
         .get("id")
         .and_then(Value::as_str)
@@ -138,7 +145,11 @@ async fn discover_one(bmc: &RedfishBmc, config: &ObmConfig, nodes: &Nodes) -> Re
         .ok_or_else(|| JobError::new(format!("the system at {} has no Id", bmc.endpoint())))?
         .to_owned();
     let mut identifiers: Vec<String> = Vec::new();
-    if let Some(uuid) = inventory.get("uuid").and_then(Value::as_str).filter(|u| !u.is_empty()) {
+    if let Some(uuid) = inventory
+        .get("uuid")
+        .and_then(Value::as_str)
+        .filter(|u| !u.is_empty())
+    {
         identifiers.push(uuid.to_ascii_lowercase());
     }
     for mac in inventory

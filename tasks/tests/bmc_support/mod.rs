@@ -287,9 +287,16 @@ impl Sushy {
                 ])
                 .output()
                 .expect("run python bcrypt");
-            assert!(out.status.success(), "bcrypt: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "bcrypt: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             std::fs::write(&htpasswd, &out.stdout).expect("write htpasswd");
-            conf.push_str(&format!("SUSHY_EMULATOR_AUTH_FILE = '{}'\n", htpasswd.display()));
+            conf.push_str(&format!(
+                "SUSHY_EMULATOR_AUTH_FILE = '{}'\n",
+                htpasswd.display()
+            ));
         }
         let scheme = if opts.tls {
             let (cert, key) = self_signed_cert(dir.path());
@@ -381,7 +388,9 @@ fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
     let out = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj"])
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+        ])
         .arg("/CN=127.0.0.1")
         .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
         .arg(&key)
@@ -389,7 +398,11 @@ fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
         .arg(&cert)
         .output()
         .expect("run openssl");
-    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (cert, key)
 }
 

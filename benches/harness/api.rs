@@ -1,0 +1,229 @@
+//! The HTTP API under load: `wrk` on loopback against a real `metalgraph serve`, once on
+//! `GET /api/2.0/workflows/{id}` (a read) and once on `POST /api/2.0/workflows` (running a
+//! graph: one durable commit to create the workflow, then the scheduler runs it).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use metalgraph_store::Backend;
+use serde_json::Value;
+
+use crate::graphs;
+use crate::inproc::runtime;
+use crate::server::{Api, Server};
+
+/// How `wrk` is run.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Load {
+    pub threads: u32,
+    pub connections: u32,
+    pub seconds: u32,
+}
+
+/// One `wrk` run, as `wrk --latency` reported it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WrkResult {
+    pub requests: u64,
+    pub rps: f64,
+    #[serde(serialize_with = "crate::util::secs")]
+    pub p50: Duration,
+    #[serde(serialize_with = "crate::util::secs")]
+    pub p99: Duration,
+    /// Non-2xx answers plus socket errors.
+    pub errors: u64,
+}
+
+/// What the API scenario measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ApiResult {
+    pub load: Load,
+    pub get: WrkResult,
+    pub run: WrkResult,
+    /// `201 Created` answers `wrk` read during the run benchmark.
+    pub created: u64,
+    /// Workflows the server holds afterwards, every one of which ended `succeeded`.
+    pub stored: u64,
+    /// Workflows that did not end `succeeded` (or were answered 201 and are missing).
+    pub lost: u64,
+}
+
+/// Whether `wrk` is on the PATH.
+pub fn wrk_available() -> bool {
+    Command::new("wrk")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| !o.stdout.is_empty() || !o.stderr.is_empty())
+}
+
+/// The Lua script for the run benchmark: POSTs the one-task graph (not bound to a node, so
+/// there is no 409) and counts the 201 answers over every thread.
+const RUN_SCRIPT: &str = r#"
+wrk.method = "POST"
+wrk.body = '{"name": "Bench.One"}'
+wrk.headers["Content-Type"] = "application/json"
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) created = 0 end
+function response(status, headers, body)
+  if status == 201 then created = created + 1 end
+end
+function done(summary, latency, requests)
+  local total = 0
+  for _, t in ipairs(threads) do total = total + t:get("created") end
+  io.write(string.format("created: %d\n", total))
+end
+"#;
+
+pub fn api(
+    backend: Backend,
+    dir: &Path,
+    log: &Path,
+    load: Load,
+    limit: Duration,
+) -> anyhow::Result<ApiResult> {
+    let script = dir.with_extension("run.lua");
+    std::fs::write(&script, RUN_SCRIPT)?;
+    runtime()?.block_on(async {
+        let (server, _) = Server::start(backend, dir, log, &[], limit)?;
+        let api = Api::new(&server.base)?;
+        api.put_graph(&graphs::one()).await?;
+        let id = api.run(graphs::ONE).await?;
+        wait_finished(&api, &id, limit).await?;
+
+        let base = format!("{}/api/2.0", server.base);
+        let get = {
+            let url = format!("{base}/workflows/{id}");
+            tokio::task::spawn_blocking(move || wrk(load, &url, None)).await??
+        };
+        let (run, created) = {
+            let url = format!("{base}/workflows");
+            let script = script.clone();
+            tokio::task::spawn_blocking(move || wrk(load, &url, Some(&script))).await??
+        };
+        let created = created.context("wrk did not report the 201 count")?;
+
+        // Every workflow the run benchmark created must end succeeded, none lost.
+        let deadline = Instant::now() + limit;
+        while !api.workflows(Some(true)).await?.is_empty() {
+            if Instant::now() > deadline {
+                bail!("workflows were still active {limit:?} after the run benchmark");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let all = api.workflows(None).await?;
+        let succeeded = all
+            .iter()
+            .filter(|w| w["status"] == Value::from("succeeded"))
+            .count() as u64;
+        // `wrk` stops reading at the deadline, so the server may have created a few
+        // workflows whose answers were never counted; fewer than counted would be a loss.
+        let stored = all.len() as u64 - 1;
+        let lost = created.saturating_sub(stored) + (all.len() as u64 - succeeded);
+        server.terminate(Duration::from_secs(30))?;
+        let _ = std::fs::remove_file(&script);
+        Ok(ApiResult {
+            load,
+            get,
+            run,
+            created,
+            stored,
+            lost,
+        })
+    })
+}
+
+async fn wait_finished(api: &Api, id: &str, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let w = api.workflow(id).await?;
+        match w["status"].as_str() {
+            Some("succeeded") => return Ok(()),
+            Some("failed" | "cancelled") => bail!("workflow {id} ended {}", w["status"]),
+            _ if Instant::now() > deadline => bail!("workflow {id} did not finish"),
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// Runs `wrk --latency` and parses what it prints; with a script, also the `created:` line
+/// the script writes.
+fn wrk(load: Load, url: &str, script: Option<&Path>) -> anyhow::Result<(WrkResult, Option<u64>)> {
+    let mut cmd = Command::new("wrk");
+    cmd.arg(format!("-t{}", load.threads))
+        .arg(format!("-c{}", load.connections))
+        .arg(format!("-d{}s", load.seconds))
+        .arg("--latency");
+    if let Some(s) = script {
+        cmd.arg("-s").arg(s);
+    }
+    cmd.arg(url);
+    let out = cmd.output().context("cannot run wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "wrk failed: {}\n{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    parse_wrk(&text).map_err(|e| e.context(format!("cannot read wrk's output:\n{text}")))
+}
+
+/// Parses `wrk --latency` output.
+pub fn parse_wrk(text: &str) -> anyhow::Result<(WrkResult, Option<u64>)> {
+    let mut requests = None;
+    let mut rps = None;
+    let mut p50 = None;
+    let mut p99 = None;
+    let mut errors = 0;
+    let mut created = None;
+    for line in text.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["50%", v] => p50 = Some(parse_latency(v)?),
+            ["99%", v] => p99 = Some(parse_latency(v)?),
+            [n, "requests", "in", ..] => requests = Some(n.parse::<u64>()?),
+            ["Requests/sec:", v] => rps = Some(v.parse::<f64>()?),
+            ["Non-2xx", "or", "3xx", "responses:", n] => errors += n.parse::<u64>()?,
+            ["created:", n] => created = Some(n.parse::<u64>()?),
+            ["Socket", "errors:", rest @ ..] => {
+                // `Socket errors: connect 0, read 0, write 0, timeout 0`
+                for pair in rest.chunks(2) {
+                    if let [_, n] = pair {
+                        errors += n.trim_end_matches(',').parse::<u64>()?;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((
+        WrkResult {
+            requests: requests.context("no request count")?,
+            rps: rps.context("no Requests/sec")?,
+            p50: p50.context("no 50% latency")?,
+            p99: p99.context("no 99% latency")?,
+            errors,
+        },
+        created,
+    ))
+}
+
+/// `wrk` latencies: `812.00us`, `1.23ms`, `2.00s`, `1.5m`.
+fn parse_latency(v: &str) -> anyhow::Result<Duration> {
+    let split = v
+        .find(|c: char| c.is_ascii_alphabetic())
+        .with_context(|| format!("latency {v:?} has no unit"))?;
+    let (n, unit) = v.split_at(split);
+    let n: f64 = n.parse()?;
+    let secs = match unit {
+        "us" => n / 1e6,
+        "ms" => n / 1e3,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => bail!("latency {v:?} has an unknown unit"),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}

@@ -1,0 +1,135 @@
+//! metalgraph's benchmark harness: `cargo bench --bench harness` (or `scripts/bench.sh`,
+//! which installs `wrk` and the TaskFlow peer first). Drives the real engine on real stores
+//! and the real binary, prints a Markdown report on stdout, and writes it with the raw
+//! figures (JSON) under `target/tmp/`. See BENCHMARKS.md for what each figure means.
+//!
+//! Flags (after `--`): `--quick` (smaller sizes), `--backends sled,file`,
+//! `--only chain,fanout,recovery,api,peer`, `--dir DIR` (where data directories go; its
+//! disk is what is measured), and size overrides `--chain N`, `--fanout N`,
+//! `--recovery N`, `--api-secs N`, `--peer-chain N`, `--peer-flows N`.
+
+mod api;
+mod fsync;
+mod graphs;
+mod inproc;
+mod machine;
+mod metered;
+mod peer;
+mod recovery;
+mod report;
+mod server;
+mod suite;
+mod util;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use metalgraph_store::Backend;
+
+use crate::suite::{Plan, Scenario, Sizes};
+
+fn parse_args(args: &[String]) -> anyhow::Result<(Plan, bool)> {
+    let mut sizes = if args.iter().any(|a| a == "--quick") {
+        Sizes::quick()
+    } else {
+        Sizes::full()
+    };
+    let mut backends = vec![Backend::Sled, Backend::File];
+    let mut scenarios = Scenario::ALL.to_vec();
+    let mut dir = None;
+    let mut keep = false;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{arg} needs a value"))
+        };
+        let number = |v: String| -> anyhow::Result<usize> {
+            v.replace('_', "")
+                .parse()
+                .with_context(|| format!("{arg} {v}: not a number"))
+        };
+        match arg.as_str() {
+            // `cargo bench` passes `--bench`; the rest are ours.
+            "--bench" | "--quick" => {}
+            "--keep" => keep = true,
+            "--backends" => {
+                backends = value()?
+                    .split(',')
+                    .map(|b| b.parse::<Backend>().map_err(anyhow::Error::msg))
+                    .collect::<anyhow::Result<_>>()?;
+            }
+            "--only" => {
+                scenarios = value()?
+                    .split(',')
+                    .map(|s| Scenario::parse(s).with_context(|| format!("unknown scenario {s:?}")))
+                    .collect::<anyhow::Result<_>>()?;
+            }
+            "--dir" => dir = Some(PathBuf::from(value()?)),
+            "--chain" => sizes.chain = number(value()?)?,
+            "--fanout" => sizes.fanout_workflows = number(value()?)?,
+            "--recovery" => sizes.recovery = number(value()?)?,
+            "--api-secs" => sizes.api.seconds = u32::try_from(number(value()?)?)?,
+            "--peer-chain" => sizes.peer_chain = number(value()?)?,
+            "--peer-flows" => sizes.peer_fanout_flows = number(value()?)?,
+            "-h" | "--help" => {
+                println!("{}", HELP);
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{HELP}"),
+        }
+    }
+    let base = dir.unwrap_or_else(suite::default_dir);
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let plan = Plan {
+        sizes,
+        backends,
+        scenarios,
+        dir: base.join(format!("metalgraph-bench-{stamp}")),
+    };
+    Ok((plan, keep))
+}
+
+const HELP: &str = "usage: cargo bench --bench harness -- [--quick] [--backends sled,file] \
+[--only chain,fanout,recovery,api,peer] [--dir DIR] [--keep] [--chain N] [--fanout N] \
+[--recovery N] [--api-secs N] [--peer-chain N] [--peer-flows N]";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (plan, keep) = match parse_args(&args) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    eprintln!("bench: data under {}", plan.dir.display());
+    let report = suite::run(&plan);
+    let text = report::markdown(&report);
+    println!("{text}");
+
+    let out = suite::default_dir();
+    let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+    for (name, body) in [("metalgraph-bench.md", &text), ("metalgraph-bench.json", &json)] {
+        let path = out.join(name);
+        match std::fs::write(&path, body) {
+            Ok(()) => eprintln!("bench: wrote {}", path.display()),
+            Err(e) => eprintln!("bench: cannot write {}: {e}", path.display()),
+        }
+    }
+    if keep {
+        eprintln!("bench: kept {}", plan.dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&plan.dir);
+    }
+    if report.problems().is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,278 @@
+//! Renders a [`Report`] as Markdown: a header describing the machine and the peer, then one
+//! table per backend with metalgraph's figure, TaskFlow's where it ran the same shape, and
+//! their ratio.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::peer::PeerResult;
+use crate::suite::{BackendReport, Outcome, Report};
+use crate::util::{fmt_count, fmt_dur, fmt_mib, sig3};
+
+/// The report as Markdown.
+pub fn markdown(r: &Report) -> String {
+    let mut out = String::new();
+    let m = &r.machine;
+    let _ = writeln!(out, "### Machine\n");
+    let _ = writeln!(out, "- CPU: {} × {}", m.cpus, m.cpu);
+    let _ = writeln!(out, "- Memory: {:.1} GiB", m.memory_gib);
+    let _ = writeln!(out, "- OS: {} (Linux {})", m.os, m.kernel);
+    let _ = writeln!(
+        out,
+        "- Data directory: {} on {} ({}, {}), mounted at {} with {}",
+        m.fs_type, m.device, m.disk_kind, "block device", m.mount_point, m.mount_options
+    );
+    if !m.rustc.is_empty() {
+        let _ = writeln!(out, "- Toolchain: {}", m.rustc);
+    }
+    match &r.peer {
+        Outcome::Done(p) => {
+            let _ = writeln!(
+                out,
+                "- Peer: TaskFlow {} (SQLAlchemy {}, Python {}), SQLite `journal_mode={}`, \
+                 `synchronous={}`; chain of {} tasks, fan-out of {} flows ({} tasks, {} engine)",
+                p.taskflow,
+                p.sqlalchemy,
+                p.python,
+                p.sqlite_journal_mode,
+                p.sqlite_synchronous,
+                fmt_count(p.chain_tasks as u64),
+                fmt_count(p.fanout_flows as u64),
+                fmt_count(p.fanout_tasks as u64),
+                p.fanout_engine,
+            );
+        }
+        Outcome::Skipped(why) => {
+            let _ = writeln!(out, "- Peer: TaskFlow skipped ({why})");
+        }
+        Outcome::Failed(e) => {
+            let _ = writeln!(out, "- Peer: TaskFlow FAILED: {e}");
+        }
+    }
+    let _ = writeln!(out, "- Whole run: {}", fmt_dur(r.total));
+    for b in &r.backends {
+        out.push('\n');
+        backend_table(&mut out, b, r.peer.done());
+    }
+    let problems = r.problems();
+    if !problems.is_empty() {
+        let _ = writeln!(out, "\n### Problems\n");
+        for p in problems {
+            let _ = writeln!(out, "- {p}");
+        }
+    }
+    out
+}
+
+/// `a / b` as a ratio of times, with how many times slower the slower one is.
+fn ratio(metalgraph: Duration, peer: Duration) -> String {
+    let r = metalgraph.as_secs_f64() / peer.as_secs_f64();
+    if r < 1.0 {
+        format!("{} (TaskFlow {}× slower)", sig3(r), sig3(1.0 / r))
+    } else {
+        format!("{} (metalgraph {}× slower)", sig3(r), sig3(r))
+    }
+}
+
+fn row(out: &mut String, figure: &str, ours: &str, peer: &str, ratio: &str) {
+    let _ = writeln!(out, "| {figure} | {ours} | {peer} | {ratio} |");
+}
+
+fn not_done<T>(o: &Outcome<T>) -> String {
+    match o {
+        Outcome::Done(_) => String::new(),
+        Outcome::Skipped(why) => format!("skipped ({why})"),
+        Outcome::Failed(e) => format!("FAILED: {}", e.lines().next().unwrap_or_default()),
+    }
+}
+
+fn backend_table(out: &mut String, b: &BackendReport, peer: Option<&PeerResult>) {
+    let _ = writeln!(out, "### `{}` backend\n", b.backend);
+    let _ = writeln!(out, "| figure | metalgraph | TaskFlow (SQLite) | metalgraph / TaskFlow |");
+    let _ = writeln!(out, "|---|---|---|---|");
+
+    let floor = b.fsync.done().map(|f| f.median);
+    match &b.fsync {
+        Outcome::Done(f) => row(
+            out,
+            "fsync floor: 4 KiB append + `fdatasync`",
+            &format!("median {}, p99 {} ({} samples)", fmt_dur(f.median), fmt_dur(f.p99), f.samples),
+            "",
+            "",
+        ),
+        other => row(out, "fsync floor", &not_done(other), "", ""),
+    }
+
+    match &b.chain {
+        Outcome::Done(c) => {
+            let peer_chain = peer.filter(|p| p.chain_tasks > 0);
+            row(
+                out,
+                &format!("chain: {} sequential `noop` tasks, wall", fmt_count(c.tasks as u64)),
+                &fmt_dur(c.wall),
+                &peer_chain
+                    .map(|p| format!("{} ({} tasks)", fmt_dur(Duration::from_secs_f64(p.chain_wall_s)), fmt_count(p.chain_tasks as u64)))
+                    .unwrap_or_default(),
+                "",
+            );
+            let commits = c.store.commits as f64 / c.tasks as f64;
+            let in_commit = c.store.commit_time / u32::try_from(c.tasks.max(1)).unwrap_or(u32::MAX);
+            let vs_floor = floor
+                .map(|f| format!("{}× the fsync median; ", sig3(c.per_task.as_secs_f64() / f.as_secs_f64())))
+                .unwrap_or_default();
+            row(
+                out,
+                "chain: time per task",
+                &format!(
+                    "**{}** ({vs_floor}{} commits per task, {} of it inside `commit`)",
+                    fmt_dur(c.per_task),
+                    sig3(commits),
+                    fmt_dur(in_commit)
+                ),
+                &peer_chain.map(|p| fmt_dur(p.chain_per_task())).unwrap_or_default(),
+                &peer_chain.map(|p| ratio(c.per_task, p.chain_per_task())).unwrap_or_default(),
+            );
+        }
+        other => row(out, "chain", &not_done(other), "", ""),
+    }
+
+    match &b.fanout {
+        Outcome::Done(f) => {
+            let peer_fan = peer.filter(|p| p.fanout_tasks > 0);
+            row(
+                out,
+                &format!(
+                    "fan-out: {} workflows × {} tasks on {} simulated nodes, wall",
+                    fmt_count(f.workflows as u64),
+                    f.tasks_per_workflow,
+                    fmt_count(f.workflows as u64)
+                ),
+                &format!("{} (all runs accepted after {})", fmt_dur(f.wall), fmt_dur(f.accept_wall)),
+                &peer_fan
+                    .map(|p| format!("{} ({} flows, {} tasks)", fmt_dur(Duration::from_secs_f64(p.fanout_wall_s)), fmt_count(p.fanout_flows as u64), fmt_count(p.fanout_tasks as u64)))
+                    .unwrap_or_default(),
+                "",
+            );
+            let per_task = f.wall.div_f64(f.tasks.max(1) as f64);
+            row(
+                out,
+                "fan-out: tasks per second",
+                &format!(
+                    "**{}** ({} per task; {} commits, {} ops)",
+                    fmt_count(f.tasks_per_sec.round() as u64),
+                    fmt_dur(per_task),
+                    fmt_count(f.store.commits),
+                    fmt_count(f.store.ops)
+                ),
+                &peer_fan
+                    .map(|p| format!("{} ({} per task)", sig3(p.fanout_tasks_per_sec()), fmt_dur(p.fanout_per_task())))
+                    .unwrap_or_default(),
+                &peer_fan.map(|p| ratio(per_task, p.fanout_per_task())).unwrap_or_default(),
+            );
+            let peak = match (f.peak_rss, f.rss_before) {
+                (Some(peak), Some(before)) => format!(
+                    "**{}** peak RSS{} ({} when the run began)",
+                    fmt_mib(peak),
+                    if f.peak_is_scenario_only { "" } else { " of the whole process" },
+                    fmt_mib(before)
+                ),
+                _ => "not available on this OS".into(),
+            };
+            row(out, "fan-out: memory", &peak, "", "");
+            row(
+                out,
+                "fan-out: workflows succeeded / lost",
+                &format!(
+                    "{} / {}{}",
+                    fmt_count(f.succeeded as u64),
+                    f.lost,
+                    if f.polled { " (end found by polling: events lagged)" } else { "" }
+                ),
+                "",
+                "",
+            );
+            row(
+                out,
+                "fan-out setup (not in the figures): registering nodes",
+                &format!(
+                    "{} per node through `Nodes::create` ({} nodes); the other {} in batches of 1,000: {}",
+                    fmt_dur(f.node_create_time.div_f64(f.node_create_sample.max(1) as f64)),
+                    f.node_create_sample,
+                    fmt_count(f.workflows.saturating_sub(f.node_create_sample) as u64),
+                    fmt_dur(f.node_load)
+                ),
+                "",
+                "",
+            );
+        }
+        other => row(out, "fan-out", &not_done(other), "", ""),
+    }
+
+    match &b.recovery {
+        Outcome::Done(r) => {
+            row(
+                out,
+                &format!(
+                    "recovery: {} unfinished workflows after SIGKILL, start → listening",
+                    fmt_count(r.workflows as u64)
+                ),
+                &format!("**{}**", fmt_dur(r.to_listening)),
+                "",
+                "",
+            );
+            row(
+                out,
+                "recovery: start → API shows every task running again",
+                &format!(
+                    "{} (one listing of all: {}); {} recovered, {} lost",
+                    fmt_dur(r.to_all_running),
+                    fmt_dur(r.listing),
+                    fmt_count(r.recovered as u64),
+                    r.lost
+                ),
+                "",
+                "",
+            );
+        }
+        other => row(out, "recovery", &not_done(other), "", ""),
+    }
+
+    match &b.api {
+        Outcome::Done(a) => {
+            let load = format!("wrk -t{} -c{} -d{}s", a.load.threads, a.load.connections, a.load.seconds);
+            row(
+                out,
+                &format!("API: `GET /api/2.0/workflows/{{id}}` ({load})"),
+                &format!(
+                    "**{} req/s**, p99 {} (p50 {}){}",
+                    fmt_count(a.get.rps.round() as u64),
+                    fmt_dur(a.get.p99),
+                    fmt_dur(a.get.p50),
+                    errors(a.get.errors)
+                ),
+                "",
+                "",
+            );
+            row(
+                out,
+                &format!("API: `POST /api/2.0/workflows` running a one-task graph ({load})"),
+                &format!(
+                    "**{} req/s**, p99 {} (p50 {}){}; {} created, {} lost or not succeeded",
+                    fmt_count(a.run.rps.round() as u64),
+                    fmt_dur(a.run.p99),
+                    fmt_dur(a.run.p50),
+                    errors(a.run.errors),
+                    fmt_count(a.created),
+                    a.lost
+                ),
+                "",
+                "",
+            );
+        }
+        other => row(out, "API", &not_done(other), "", ""),
+    }
+}
+
+fn errors(n: u64) -> String {
+    if n == 0 { String::new() } else { format!(", {n} errors") }
+}

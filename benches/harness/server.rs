@@ -1,0 +1,223 @@
+//! The real `metalgraph serve` binary, for the scenarios that need a process (recovery after
+//! SIGKILL, the HTTP API): starting it on a free loopback port, reading its listening line,
+//! killing it, and a small HTTP client for its management API.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use metalgraph_store::Backend;
+use serde_json::{Value, json};
+
+/// The binary cargo built alongside this harness (release for `cargo bench`).
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_metalgraph"))
+}
+
+pub fn backend_name(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sled => "sled",
+        Backend::File => "file",
+    }
+}
+
+/// A running `metalgraph serve`. Dropping it kills the process, so that no server outlives
+/// the harness.
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts the server on `data_dir` with the `backend` store and extra environment
+    /// `env`, logging to `log` (appended), and waits for its listening line. Returns the
+    /// server and the time from spawning the process to that line.
+    pub fn start(
+        backend: Backend,
+        data_dir: &Path,
+        log: &Path,
+        env: &[(&str, String)],
+        limit: Duration,
+    ) -> anyhow::Result<(Server, Duration)> {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("cannot open {}", log.display()))?;
+        let mut cmd = Command::new(binary());
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--store", backend_name(backend)])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file);
+        // The server's configuration comes from this harness alone, not from whatever
+        // METALGRAPH_* variables the caller's shell holds; logs are at the default level.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("METALGRAPH_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let start = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary().display()))?;
+        let stdout = child.stdout.take().context("the server has no stdout")?;
+        let (tx, rx) = mpsc::channel();
+        // The reader keeps draining stdout after the listening line, so that the server
+        // never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(url) = line.strip_prefix("metalgraph listening on ") {
+                    let _ = tx.send(url.trim().to_owned());
+                }
+            }
+        });
+        let mut server = Server {
+            child,
+            base: String::new(),
+            log: log.to_owned(),
+        };
+        match rx.recv_timeout(limit) {
+            Ok(url) => {
+                let elapsed = start.elapsed();
+                server.base = url;
+                Ok((server, elapsed))
+            }
+            Err(e) => {
+                let status = server.child.try_wait().ok().flatten();
+                bail!(
+                    "metalgraph serve did not print its listening line ({e}; exit status {status:?}); \
+                     the end of its log:\n{}",
+                    server.log_tail()
+                )
+            }
+        }
+    }
+
+    /// The last lines of the server's log, for error messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Kills the server with SIGKILL and reaps it: no shutdown code runs.
+    pub fn kill9(&mut self) -> anyhow::Result<()> {
+        self.child.kill().context("cannot SIGKILL the server")?;
+        self.child.wait().context("cannot reap the server")?;
+        Ok(())
+    }
+
+    /// Asks the server to stop with SIGTERM and waits for it, killing it after `limit`.
+    pub fn terminate(mut self, limit: Duration) -> anyhow::Result<()> {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A client of the management API at `base`.
+#[derive(Clone)]
+pub struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    pub fn new(base: &str) -> anyhow::Result<Api> {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(120))
+            .build()?;
+        Ok(Api {
+            http,
+            base: format!("{base}/api/2.0"),
+        })
+    }
+
+    /// Stores a user graph.
+    pub async fn put_graph(&self, graph: &Value) -> anyhow::Result<()> {
+        let resp = self
+            .http
+            .put(format!("{}/workflows/graphs", self.base))
+            .json(graph)
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            bail!("PUT graph: {} {}", resp.status(), resp.text().await?);
+        }
+        Ok(())
+    }
+
+    /// Runs a graph without a node; returns the workflow's id.
+    pub async fn run(&self, graph: &str) -> anyhow::Result<String> {
+        let resp = self
+            .http
+            .post(format!("{}/workflows", self.base))
+            .json(&json!({"name": graph}))
+            .send()
+            .await?;
+        let status = resp.status();
+        let body: Value = resp.json().await?;
+        if status.as_u16() != 201 {
+            bail!("POST /workflows: {status} {body}");
+        }
+        body["instanceId"]
+            .as_str()
+            .map(str::to_owned)
+            .context("the run reply has no instanceId")
+    }
+
+    /// One workflow.
+    pub async fn workflow(&self, id: &str) -> anyhow::Result<Value> {
+        let resp = self
+            .http
+            .get(format!("{}/workflows/{id}", self.base))
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            bail!("GET workflow {id}: {}", resp.status());
+        }
+        Ok(resp.json().await?)
+    }
+
+    /// `GET /workflows?active=...`.
+    pub async fn workflows(&self, active: Option<bool>) -> anyhow::Result<Vec<Value>> {
+        let url = match active {
+            Some(a) => format!("{}/workflows?active={a}", self.base),
+            None => format!("{}/workflows", self.base),
+        };
+        let resp = self.http.get(url).send().await?;
+        if !resp.status().is_success() {
+            bail!("GET workflows: {}", resp.status());
+        }
+        Ok(resp.json().await?)
+    }
+}

@@ -1,0 +1,381 @@
+//! The whole benchmark: which scenarios run at which sizes on which backends, in what
+//! order, and the report they add up to. `main.rs` runs it at full size; the CI smoke test
+//! (`tests/bench_smoke.rs`) runs the same code at tiny sizes so that it cannot rot.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use metalgraph_store::Backend;
+
+use crate::api::{self, ApiResult, Load};
+use crate::fsync::{self, FsyncFloor};
+use crate::inproc::{self, ChainResult, FanOutResult};
+use crate::machine::Machine;
+use crate::peer::{self, PeerResult};
+use crate::recovery::{self, RecoveryResult};
+use crate::server::backend_name;
+
+/// How big each scenario is.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Sizes {
+    pub fsync_samples: usize,
+    pub chain: usize,
+    pub fanout_workflows: usize,
+    /// The fan-out graph is `first`, `width` parallel tasks, `last`.
+    pub fanout_width: usize,
+    pub recovery: usize,
+    pub api: Load,
+    pub peer_chain: usize,
+    pub peer_fanout_flows: usize,
+    /// The longest any one scenario may take before it counts as failed.
+    #[serde(serialize_with = "crate::util::secs")]
+    pub limit: Duration,
+}
+
+impl Sizes {
+    /// The published figures: what the issue asks for.
+    pub fn full() -> Sizes {
+        Sizes {
+            fsync_samples: 500,
+            chain: 1000,
+            fanout_workflows: 10_000,
+            fanout_width: 8,
+            recovery: 10_000,
+            api: Load {
+                threads: 2,
+                connections: 16,
+                seconds: 5,
+            },
+            // TaskFlow on SQLite takes about 0.1 s per task here, so its chain keeps the
+            // same shape and its fan-out runs 100 flows (1,000 tasks); figures are per task.
+            peer_chain: 1000,
+            peer_fanout_flows: 100,
+            limit: Duration::from_secs(1800),
+        }
+    }
+
+    /// A run of a few minutes, for trying changes.
+    pub fn quick() -> Sizes {
+        Sizes {
+            fsync_samples: 200,
+            chain: 200,
+            fanout_workflows: 1000,
+            recovery: 1000,
+            api: Load {
+                threads: 2,
+                connections: 16,
+                seconds: 2,
+            },
+            peer_chain: 100,
+            peer_fanout_flows: 20,
+            ..Sizes::full()
+        }
+    }
+
+    /// The CI smoke test: every code path, tiny sizes.
+    pub fn smoke() -> Sizes {
+        Sizes {
+            fsync_samples: 20,
+            chain: 20,
+            fanout_workflows: 50,
+            fanout_width: 1,
+            recovery: 50,
+            api: Load {
+                threads: 1,
+                connections: 4,
+                seconds: 1,
+            },
+            peer_chain: 10,
+            peer_fanout_flows: 2,
+            limit: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    Chain,
+    FanOut,
+    Recovery,
+    Api,
+    Peer,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 5] = [
+        Scenario::Chain,
+        Scenario::FanOut,
+        Scenario::Recovery,
+        Scenario::Api,
+        Scenario::Peer,
+    ];
+
+    pub fn parse(s: &str) -> Option<Scenario> {
+        Some(match s {
+            "chain" => Scenario::Chain,
+            "fanout" | "fan-out" => Scenario::FanOut,
+            "recovery" => Scenario::Recovery,
+            "api" => Scenario::Api,
+            "peer" | "taskflow" => Scenario::Peer,
+            _ => return None,
+        })
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub sizes: Sizes,
+    pub backends: Vec<Backend>,
+    pub scenarios: Vec<Scenario>,
+    /// Where the data directories go; their file system is what `fsync` measures.
+    pub dir: PathBuf,
+}
+
+/// A scenario's outcome.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "outcome", content = "result", rename_all = "lowercase")]
+pub enum Outcome<T> {
+    Done(T),
+    Skipped(String),
+    Failed(String),
+}
+
+impl<T> Outcome<T> {
+    pub fn done(&self) -> Option<&T> {
+        match self {
+            Outcome::Done(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    fn from(r: anyhow::Result<T>) -> Outcome<T> {
+        match r {
+            Ok(t) => Outcome::Done(t),
+            Err(e) => Outcome::Failed(format!("{e:#}")),
+        }
+    }
+}
+
+/// One backend's figures.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendReport {
+    pub backend: &'static str,
+    pub fsync: Outcome<FsyncFloor>,
+    pub chain: Outcome<ChainResult>,
+    pub fanout: Outcome<FanOutResult>,
+    pub recovery: Outcome<RecoveryResult>,
+    pub api: Outcome<ApiResult>,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub sizes: Sizes,
+    pub backends: Vec<BackendReport>,
+    pub peer: Outcome<PeerResult>,
+    #[serde(serialize_with = "crate::util::secs")]
+    pub total: Duration,
+}
+
+impl Report {
+    /// Why this run must not be trusted: failed scenarios and lost workflows.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut failed = |what: String, e: Option<&String>| {
+            if let Some(e) = e {
+                out.push(format!("{what} failed: {e}"));
+            }
+        };
+        for b in &self.backends {
+            let name = b.backend;
+            failed(format!("{name} fsync"), failed_of(&b.fsync));
+            failed(format!("{name} chain"), failed_of(&b.chain));
+            failed(format!("{name} fan-out"), failed_of(&b.fanout));
+            failed(format!("{name} recovery"), failed_of(&b.recovery));
+            failed(format!("{name} API"), failed_of(&b.api));
+        }
+        failed("TaskFlow peer".into(), failed_of(&self.peer));
+        for b in &self.backends {
+            if let Some(f) = b.fanout.done()
+                && (f.lost > 0 || f.succeeded != f.workflows)
+            {
+                out.push(format!(
+                    "{} fan-out: {} of {} workflows succeeded, {} lost",
+                    b.backend, f.succeeded, f.workflows, f.lost
+                ));
+            }
+            if let Some(r) = b.recovery.done()
+                && (r.lost > 0 || r.recovered != r.workflows)
+            {
+                out.push(format!(
+                    "{} recovery: {} of {} workflows running again, {} lost",
+                    b.backend, r.recovered, r.workflows, r.lost
+                ));
+            }
+            if let Some(a) = b.api.done()
+                && a.lost > 0
+            {
+                out.push(format!("{} API: {} workflows lost or not succeeded", b.backend, a.lost));
+            }
+        }
+        if self.machine.fsync_is_fake() {
+            out.push(format!(
+                "the data directory is on {}, where fsync does nothing; pass --dir on a real disk",
+                self.machine.fs_type
+            ));
+        }
+        out
+    }
+}
+
+fn failed_of<T>(o: &Outcome<T>) -> Option<&String> {
+    match o {
+        Outcome::Failed(e) => Some(e),
+        _ => None,
+    }
+}
+
+/// Prints progress to stderr, so that stdout holds only the report.
+fn say(msg: &str) {
+    eprintln!("bench: {msg}");
+}
+
+/// Runs the plan. Each scenario gets a fresh directory under `plan.dir`; a failing scenario
+/// is recorded and the rest still run.
+pub fn run(plan: &Plan) -> Report {
+    let start = Instant::now();
+    let sizes = &plan.sizes;
+    let wants = |s: Scenario| plan.scenarios.contains(&s);
+    let skipped = || Outcome::Skipped("not selected".into());
+    let _ = std::fs::create_dir_all(&plan.dir);
+    let machine = Machine::describe(&plan.dir);
+    let mut backends = Vec::new();
+    for &backend in &plan.backends {
+        let name = backend_name(backend);
+        let root = plan.dir.join(name);
+        let _ = std::fs::create_dir_all(&root);
+        let log = |what: &str| root.join(format!("{what}.log"));
+
+        say(&format!("[{name}] fsync floor ({} samples)", sizes.fsync_samples));
+        let fsync = Outcome::from(
+            fsync::measure(&root.join("fsync"), sizes.fsync_samples).map_err(Into::into),
+        );
+        let chain = if wants(Scenario::Chain) {
+            say(&format!("[{name}] chain of {} tasks", sizes.chain));
+            timed(|| inproc::chain(backend, &root.join("chain"), sizes.chain, sizes.limit))
+        } else {
+            skipped()
+        };
+        let fanout = if wants(Scenario::FanOut) {
+            say(&format!(
+                "[{name}] fan-out: {} workflows of {} tasks",
+                sizes.fanout_workflows,
+                sizes.fanout_width + 2
+            ));
+            timed(|| {
+                inproc::fan_out(
+                    backend,
+                    &root.join("fanout"),
+                    sizes.fanout_workflows,
+                    sizes.fanout_width,
+                    sizes.limit,
+                )
+            })
+        } else {
+            skipped()
+        };
+        let recovery = if wants(Scenario::Recovery) {
+            say(&format!("[{name}] recovery of {} workflows after SIGKILL", sizes.recovery));
+            timed(|| {
+                recovery::recovery(
+                    backend,
+                    &root.join("recovery"),
+                    &log("recovery"),
+                    sizes.recovery,
+                    sizes.limit,
+                )
+            })
+        } else {
+            skipped()
+        };
+        let api = if !wants(Scenario::Api) {
+            skipped()
+        } else if !api::wrk_available() {
+            say("wrk is not installed; skipping the API benchmark (scripts/bench.sh installs it)");
+            Outcome::Skipped("wrk is not installed".into())
+        } else {
+            say(&format!("[{name}] API under wrk, {} s per endpoint", sizes.api.seconds));
+            timed(|| api::api(backend, &root.join("api"), &log("api"), sizes.api, sizes.limit))
+        };
+        // The stores are large; only the logs are worth keeping.
+        for sub in ["chain", "fanout", "recovery", "api"] {
+            let _ = std::fs::remove_dir_all(root.join(sub));
+        }
+        backends.push(BackendReport {
+            backend: name,
+            fsync,
+            chain,
+            fanout,
+            recovery,
+            api,
+        });
+    }
+
+    let peer = if !wants(Scenario::Peer) {
+        skipped()
+    } else if let Some(python) = peer::python() {
+        say(&format!(
+            "TaskFlow peer: chain of {} tasks, {} fan-out flows of {} tasks",
+            sizes.peer_chain,
+            sizes.peer_fanout_flows,
+            sizes.fanout_width + 2
+        ));
+        timed(|| {
+            let dir = plan.dir.join("taskflow");
+            let r = peer::run(
+                &python,
+                &dir,
+                sizes.peer_chain,
+                sizes.peer_fanout_flows,
+                sizes.fanout_width,
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+            r
+        })
+    } else {
+        let venv = peer::venv();
+        say(&format!(
+            "no TaskFlow venv at {}; skipping the peer (scripts/bench.sh creates it)",
+            venv.display()
+        ));
+        Outcome::Skipped(format!("no venv at {}", venv.display()))
+    };
+
+    Report {
+        machine,
+        sizes: sizes.clone(),
+        backends,
+        peer,
+        total: start.elapsed(),
+    }
+}
+
+/// Runs one scenario, logging how long it took.
+fn timed<T>(f: impl FnOnce() -> anyhow::Result<T>) -> Outcome<T> {
+    let start = Instant::now();
+    let r = f();
+    match &r {
+        Ok(_) => say(&format!("  done in {:.1} s", start.elapsed().as_secs_f64())),
+        Err(e) => say(&format!("  FAILED after {:.1} s: {e:#}", start.elapsed().as_secs_f64())),
+    }
+    Outcome::from(r)
+}
+
+/// The default base directory for data: cargo's per-target scratch directory, which is on
+/// the same disk as the checkout (unlike `/tmp`, which is often a tmpfs).
+pub fn default_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).to_owned()
+}

@@ -1,0 +1,121 @@
+//! The benchmark harness at tiny sizes, so that it keeps working between the runs that
+//! publish numbers: every scenario (chain, fan-out, recovery after SIGKILL, the API under
+//! `wrk`, the TaskFlow peer) on both backends, the report rendered, and no workflow lost.
+//! `wrk` and the peer's venv are optional here: without them those parts are skipped
+//! with a note, as in the full harness.
+
+// The harness's modules, compiled into this test exactly as `cargo bench` compiles them.
+// Helpers only the harness's command line uses would warn here as dead code.
+#[allow(dead_code)]
+#[path = "../benches/harness/api.rs"]
+mod api;
+#[allow(dead_code)]
+#[path = "../benches/harness/fsync.rs"]
+mod fsync;
+#[allow(dead_code)]
+#[path = "../benches/harness/graphs.rs"]
+mod graphs;
+#[allow(dead_code)]
+#[path = "../benches/harness/inproc.rs"]
+mod inproc;
+#[allow(dead_code)]
+#[path = "../benches/harness/machine.rs"]
+mod machine;
+#[allow(dead_code)]
+#[path = "../benches/harness/metered.rs"]
+mod metered;
+#[allow(dead_code)]
+#[path = "../benches/harness/peer.rs"]
+mod peer;
+#[allow(dead_code)]
+#[path = "../benches/harness/recovery.rs"]
+mod recovery;
+#[allow(dead_code)]
+#[path = "../benches/harness/report.rs"]
+mod report;
+#[allow(dead_code)]
+#[path = "../benches/harness/server.rs"]
+mod server;
+#[allow(dead_code)]
+#[path = "../benches/harness/suite.rs"]
+mod suite;
+#[allow(dead_code)]
+#[path = "../benches/harness/util.rs"]
+mod util;
+
+use metalgraph_store::Backend;
+
+use crate::suite::{Outcome, Plan, Scenario, Sizes};
+
+#[test]
+fn the_harness_runs_every_scenario_at_tiny_sizes() {
+    let dir = tempfile::Builder::new()
+        .prefix("bench-smoke-")
+        .tempdir_in(suite::default_dir())
+        .expect("a scratch directory");
+    let plan = Plan {
+        sizes: Sizes::smoke(),
+        backends: vec![Backend::Sled, Backend::File],
+        scenarios: Scenario::ALL.to_vec(),
+        dir: dir.path().to_owned(),
+    };
+    let report = suite::run(&plan);
+    println!("{}", report::markdown(&report));
+
+    assert!(report.problems().is_empty(), "{:#?}", report.problems());
+    for b in &report.backends {
+        let fsync = b.fsync.done().expect("the fsync floor was measured");
+        assert!(fsync.median > std::time::Duration::ZERO);
+
+        let chain = b.chain.done().expect("the chain ran");
+        assert_eq!(chain.tasks, 20);
+        assert!(
+            chain.store.commits as usize >= chain.tasks,
+            "every transition is committed: {} commits for {} tasks",
+            chain.store.commits,
+            chain.tasks
+        );
+
+        let fanout = b.fanout.done().expect("the fan-out ran");
+        assert_eq!((fanout.succeeded, fanout.lost), (50, 0));
+        assert_eq!(fanout.tasks, 150);
+
+        let recovery = b.recovery.done().expect("the recovery ran");
+        assert_eq!((recovery.recovered, recovery.lost), (50, 0));
+        assert!(recovery.to_listening <= recovery.to_all_running);
+
+        match &b.api {
+            Outcome::Done(a) => {
+                assert!(a.get.requests > 0 && a.run.requests > 0);
+                assert!(a.created > 0);
+                assert_eq!(a.lost, 0);
+            }
+            Outcome::Skipped(why) => println!("note: API benchmark skipped: {why}"),
+            Outcome::Failed(e) => panic!("the API benchmark failed: {e}"),
+        }
+    }
+    match &report.peer {
+        Outcome::Done(p) => {
+            assert_eq!(p.chain_tasks, 10);
+            assert_eq!(p.fanout_tasks, 2 * 3);
+        }
+        Outcome::Skipped(why) => println!("note: TaskFlow peer skipped: {why}"),
+        Outcome::Failed(e) => panic!("the TaskFlow peer failed: {e}"),
+    }
+}
+
+#[test]
+fn wrk_output_is_read() {
+    let text = "Running 1s test @ http://127.0.0.1:1/\n  2 threads and 16 connections\n  \
+        Latency Distribution\n     50%  812.00us\n     75%    1.00ms\n     90%    1.50ms\n     \
+        99%    3.25ms\n  12345 requests in 1.00s, 3.40MB read\n  Socket errors: connect 0, \
+        read 2, write 0, timeout 1\n  Non-2xx or 3xx responses: 4\nRequests/sec:  12345.67\n\
+        Transfer/sec:      3.40MB\ncreated: 99\n";
+    let (r, created) = api::parse_wrk(text).expect("parses");
+    assert_eq!(r.requests, 12345);
+    assert!((r.rps - 12345.67).abs() < 1e-6);
+    assert_eq!(r.p50, std::time::Duration::from_micros(812));
+    assert_eq!(r.p99, std::time::Duration::from_micros(3250));
+    assert_eq!(r.errors, 7);
+    assert_eq!(created, Some(99));
+}
