@@ -52,3 +52,23 @@ echo "  ipmitool        $(command -v ipmitool) ($(ipmitool -V 2>&1 | head -n1))"
 echo "  openssl         $(command -v openssl)"
 echo "  sushy-emulator  $VENV/bin/sushy-emulator ($("$VENV/bin/pip" show sushy-tools 2>/dev/null | sed -n 's/^Version: //p'))"
 echo "  peers dir       $PEERS (export METALGRAPH_PEERS to move it)"
+
+# gRPC clients metalgraph did not write (tests/grpc.rs): Python grpcio with code generated
+# from proto/metalgraph.proto by grpcio-tools, and `buf curl` (npm @bufbuild/buf) for
+# reflection.
+if "$VENV/bin/python" -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
+    echo "install-peers: grpcio already installed in $VENV"
+else
+    echo "install-peers: installing grpcio and grpcio-tools into $VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check grpcio grpcio-tools
+fi
+if [ -x "$PEERS/npm-tools/node_modules/.bin/buf" ]; then
+    echo "install-peers: buf already installed"
+elif command -v npm >/dev/null 2>&1; then
+    echo "install-peers: installing @bufbuild/buf with npm"
+    mkdir -p "$PEERS/npm-tools"
+    (cd "$PEERS/npm-tools" && npm install --no-audit --no-fund --silent @bufbuild/buf >/dev/null)
+else
+    echo "install-peers: npm is missing; the buf reflection test will fail" >&2
+fi
+echo "  buf             $PEERS/npm-tools/node_modules/.bin/buf"

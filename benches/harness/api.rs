@@ -93,7 +93,7 @@ pub fn api(
         wait_finished(&api, &id, limit).await?;
 
         let base = format!("{}/api/2.0", server.base);
-        let get = {
+        let (get, _) = {
             let url = format!("{base}/workflows/{id}");
             tokio::task::spawn_blocking(move || wrk(load, &url, None)).await??
         };
@@ -115,7 +115,7 @@ pub fn api(
         let all = api.workflows(None).await?;
         let succeeded = all
             .iter()
-            .filter(|w| w["status"] == Value::from("succeeded"))
+            .filter(|w| w["status"] == "succeeded")
             .count() as u64;
         // `wrk` stops reading at the deadline, so the server may have created a few
         // workflows whose answers were never counted; fewer than counted would be a loss.

@@ -3,7 +3,7 @@
 //! and the real binary, prints a Markdown report on stdout, and writes it with the raw
 //! figures (JSON) under `target/tmp/`. See BENCHMARKS.md for what each figure means.
 //!
-//! Flags (after `--`): `--quick` (smaller sizes), `--backends sled,file`,
+//! Flags (after `--`): `--quick` (smaller sizes), `--smoke` (the CI smoke test's sizes), `--backends sled,file`,
 //! `--only chain,fanout,recovery,api,peer`, `--dir DIR` (where data directories go; its
 //! disk is what is measured), and size overrides `--chain N`, `--fanout N`,
 //! `--recovery N`, `--api-secs N`, `--peer-chain N`, `--peer-flows N`.
@@ -30,7 +30,9 @@ use metalgraph_store::Backend;
 use crate::suite::{Plan, Scenario, Sizes};
 
 fn parse_args(args: &[String]) -> anyhow::Result<(Plan, bool)> {
-    let mut sizes = if args.iter().any(|a| a == "--quick") {
+    let mut sizes = if args.iter().any(|a| a == "--smoke") {
+        Sizes::smoke()
+    } else if args.iter().any(|a| a == "--quick") {
         Sizes::quick()
     } else {
         Sizes::full()
@@ -53,7 +55,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<(Plan, bool)> {
         };
         match arg.as_str() {
             // `cargo bench` passes `--bench`; the rest are ours.
-            "--bench" | "--quick" => {}
+            "--bench" | "--quick" | "--smoke" => {}
             "--keep" => keep = true,
             "--backends" => {
                 backends = value()?
@@ -95,7 +97,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<(Plan, bool)> {
     Ok((plan, keep))
 }
 
-const HELP: &str = "usage: cargo bench --bench harness -- [--quick] [--backends sled,file] \
+const HELP: &str = "usage: cargo bench --bench harness -- [--quick | --smoke] [--backends sled,file] \
 [--only chain,fanout,recovery,api,peer] [--dir DIR] [--keep] [--chain N] [--fanout N] \
 [--recovery N] [--api-secs N] [--peer-chain N] [--peer-flows N]";
 

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use metalgraph_store::Backend;
-use serde_json::Value;
 
 use crate::graphs;
 use crate::inproc::runtime;
@@ -140,7 +139,7 @@ async fn running_in(api: &Api, attempt: u64) -> anyhow::Result<(HashSet<String>,
             .context("a listed workflow has no instanceId")?
             .to_owned();
         let first = &w["tasks"][0];
-        if first["state"] == Value::from("running") && first["attempts"] == Value::from(attempt) {
+        if first["state"] == "running" && first["attempts"] == attempt {
             running.insert(id.clone());
         }
         active.insert(id);

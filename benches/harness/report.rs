@@ -19,8 +19,8 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(out, "- OS: {} (Linux {})", m.os, m.kernel);
     let _ = writeln!(
         out,
-        "- Data directory: {} on {} ({}, {}), mounted at {} with {}",
-        m.fs_type, m.device, m.disk_kind, "block device", m.mount_point, m.mount_options
+        "- Data directory: {} on {} ({}), mounted at {} with {}",
+        m.fs_type, m.device, m.disk_kind, m.mount_point, m.mount_options
     );
     if !m.rustc.is_empty() {
         let _ = writeln!(out, "- Toolchain: {}", m.rustc);

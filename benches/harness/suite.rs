@@ -249,7 +249,6 @@ pub fn run(plan: &Plan) -> Report {
     let start = Instant::now();
     let sizes = &plan.sizes;
     let wants = |s: Scenario| plan.scenarios.contains(&s);
-    let skipped = || Outcome::Skipped("not selected".into());
     let _ = std::fs::create_dir_all(&plan.dir);
     let machine = Machine::describe(&plan.dir);
     let mut backends = Vec::new();
@@ -267,7 +266,7 @@ pub fn run(plan: &Plan) -> Report {
             say(&format!("[{name}] chain of {} tasks", sizes.chain));
             timed(|| inproc::chain(backend, &root.join("chain"), sizes.chain, sizes.limit))
         } else {
-            skipped()
+            not_selected()
         };
         let fanout = if wants(Scenario::FanOut) {
             say(&format!(
@@ -285,7 +284,7 @@ pub fn run(plan: &Plan) -> Report {
                 )
             })
         } else {
-            skipped()
+            not_selected()
         };
         let recovery = if wants(Scenario::Recovery) {
             say(&format!("[{name}] recovery of {} workflows after SIGKILL", sizes.recovery));
@@ -299,10 +298,10 @@ pub fn run(plan: &Plan) -> Report {
                 )
             })
         } else {
-            skipped()
+            not_selected()
         };
         let api = if !wants(Scenario::Api) {
-            skipped()
+            not_selected()
         } else if !api::wrk_available() {
             say("wrk is not installed; skipping the API benchmark (scripts/bench.sh installs it)");
             Outcome::Skipped("wrk is not installed".into())
@@ -325,7 +324,7 @@ pub fn run(plan: &Plan) -> Report {
     }
 
     let peer = if !wants(Scenario::Peer) {
-        skipped()
+        not_selected()
     } else if let Some(python) = peer::python() {
         say(&format!(
             "TaskFlow peer: chain of {} tasks, {} fan-out flows of {} tasks",
@@ -361,6 +360,10 @@ pub fn run(plan: &Plan) -> Report {
         peer,
         total: start.elapsed(),
     }
+}
+
+fn not_selected<T>() -> Outcome<T> {
+    Outcome::Skipped("not selected".into())
 }
 
 /// Runs one scenario, logging how long it took.

@@ -8,14 +8,6 @@ pub fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error>
     s.serialize_f64(d.as_secs_f64())
 }
 
-/// Like [`secs`], for an optional duration.
-pub fn opt_secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-    match d {
-        Some(d) => s.serialize_f64(d.as_secs_f64()),
-        None => s.serialize_none(),
-    }
-}
-
 /// A duration for a table: microseconds, milliseconds or seconds, three significant digits.
 pub fn fmt_dur(d: Duration) -> String {
     let s = d.as_secs_f64();

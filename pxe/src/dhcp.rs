@@ -210,7 +210,13 @@ impl Handler {
 
     /// Handles one datagram from `src` that arrived on `port`, at wall-clock `now` (Unix
     /// seconds). Returns the reply to send, if any. Never panics.
-    pub async fn handle(&self, bytes: &[u8], src: SocketAddr, port: Port, now: u64) -> Option<Reply> {
+    pub async fn handle(
+        &self,
+        bytes: &[u8],
+        src: SocketAddr,
+        port: Port,
+        now: u64,
+    ) -> Option<Reply> {
         let req = match packet::parse(bytes) {
             Ok(req) => req,
             Err(e) => {
@@ -234,12 +240,16 @@ impl Handler {
             }
             _ => {}
         }
-        let wanted = match (&self.options.mode, msg_type, port) {
-            (Mode::Proxy, MessageType::Discover, Port::Server) => true,
-            (Mode::Proxy, MessageType::Request, Port::Proxy) => true,
-            (Mode::Full(_), MessageType::Discover | MessageType::Request, Port::Server) => true,
-            _ => false,
-        };
+        let wanted = matches!(
+            (&self.options.mode, msg_type, port),
+            (Mode::Proxy, MessageType::Discover, Port::Server)
+                | (Mode::Proxy, MessageType::Request, Port::Proxy)
+                | (
+                    Mode::Full(_),
+                    MessageType::Discover | MessageType::Request,
+                    Port::Server
+                )
+        );
         if !wanted {
             debug!(%mac, xid, ?msg_type, ?port, "ignored DHCP message this mode does not answer");
             return None;
@@ -287,7 +297,8 @@ impl Handler {
     }
 
     async fn decide(&self, client: &ClientInfo) -> Decision {
-        match tokio::time::timeout(self.options.planner_timeout, self.planner.decide(client)).await {
+        match tokio::time::timeout(self.options.planner_timeout, self.planner.decide(client)).await
+        {
             Ok(d) => d,
             Err(_) => Decision::Silent {
                 reason: format!(
@@ -403,14 +414,18 @@ impl Handler {
     }
 
     async fn store_save(&self, lease: &Lease) -> Result<(), String> {
-        match tokio::time::timeout(self.options.planner_timeout, self.planner.save_lease(lease)).await {
+        match tokio::time::timeout(self.options.planner_timeout, self.planner.save_lease(lease))
+            .await
+        {
             Ok(r) => r.map_err(|e| e.to_string()),
             Err(_) => Err("the planner timed out saving the lease".to_owned()),
         }
     }
 
     async fn store_delete(&self, mac: &MacAddr) -> Result<(), String> {
-        match tokio::time::timeout(self.options.planner_timeout, self.planner.delete_lease(mac)).await {
+        match tokio::time::timeout(self.options.planner_timeout, self.planner.delete_lease(mac))
+            .await
+        {
             Ok(r) => r.map_err(|e| e.to_string()),
             Err(_) => Err("the planner timed out deleting the lease".to_owned()),
         }
@@ -453,7 +468,13 @@ impl Handler {
         }
     }
 
-    fn destination(&self, req: &Request, src: SocketAddr, port: Port, f: &ReplyFields) -> SocketAddr {
+    fn destination(
+        &self,
+        req: &Request,
+        src: SocketAddr,
+        port: Port,
+        f: &ReplyFields,
+    ) -> SocketAddr {
         let ports = self.options.ports;
         let giaddr = req.msg.giaddr();
         let ciaddr = req.msg.ciaddr();

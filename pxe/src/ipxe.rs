@@ -9,7 +9,9 @@ use crate::planner::MacAddr;
 pub enum Error {
     /// A URL would end up in a script line but contains whitespace or control characters,
     /// which would let it add commands to the script.
-    #[error("URL {url:?} contains whitespace or control characters and cannot go into an iPXE script")]
+    #[error(
+        "URL {url:?} contains whitespace or control characters and cannot go into an iPXE script"
+    )]
     UnsafeUrl {
         /// The rejected URL.
         url: String,
@@ -79,7 +81,11 @@ pub fn local_boot() -> String {
 
 /// A script that shows `message`, waits `delay_secs`, and then chains to `retry_url` (or
 /// reboots when there is none). Used when the node's profile cannot be rendered yet.
-pub fn error_retry(message: &str, delay_secs: u32, retry_url: Option<&str>) -> Result<String, Error> {
+pub fn error_retry(
+    message: &str,
+    delay_secs: u32,
+    retry_url: Option<&str>,
+) -> Result<String, Error> {
     let message = echo_safe(message);
     let next = match retry_url {
         Some(url) => format!("chain --replace --autofree {} || reboot\n", check_url(url)?),

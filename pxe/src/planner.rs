@@ -51,7 +51,9 @@ impl FromStr for MacAddr {
     type Err = ParseMacError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseMacError { input: s.to_owned() };
+        let err = || ParseMacError {
+            input: s.to_owned(),
+        };
         let mut out = [0u8; 6];
         let mut parts = s.split([':', '-']);
         for byte in &mut out {

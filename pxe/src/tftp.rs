@@ -187,7 +187,9 @@ pub fn parse_request(bytes: &[u8]) -> Result<Request, ParseError> {
         String::from_utf8(bytes.to_vec()).map_err(|_| ParseError::NotUtf8(what))
     };
     let filename = text(
-        strings.first().ok_or(ParseError::Unterminated("file name"))?,
+        strings
+            .first()
+            .ok_or(ParseError::Unterminated("file name"))?,
         "file name",
     )?;
     let mode = text(
@@ -536,7 +538,9 @@ impl Transfer {
             Ok(p) => p,
             Err(refusal) => {
                 info!(%peer, filename, reason = %refusal, "TFTP read refused");
-                let _ = socket.send(&error_packet(code::NOT_FOUND, "file not found")).await;
+                let _ = socket
+                    .send(&error_packet(code::NOT_FOUND, "file not found"))
+                    .await;
                 return;
             }
         };
@@ -558,7 +562,9 @@ impl Transfer {
             }
             Err(e) => {
                 if matches!(e, TransferError::Deadline(_) | TransferError::Cancelled) {
-                    let _ = socket.send(&error_packet(code::UNDEFINED, "transfer aborted")).await;
+                    let _ = socket
+                        .send(&error_packet(code::UNDEFINED, "transfer aborted"))
+                        .await;
                 }
                 warn!(%peer, filename, error = %e, "TFTP transfer failed");
             }
@@ -599,7 +605,11 @@ impl Transfer {
         }
     }
 
-    async fn send(&self, socket: &UdpSocket, path: &Path) -> Result<(u64, Negotiated), TransferError> {
+    async fn send(
+        &self,
+        socket: &UdpSocket,
+        path: &Path,
+    ) -> Result<(u64, Negotiated), TransferError> {
         let mut file = tokio::fs::File::open(path).await?;
         let size = file.metadata().await?.len();
         let n = negotiate(&self.requested, size, &self.options);
@@ -688,7 +698,10 @@ mod tests {
             Ok(Request::Read {
                 filename: f.into(),
                 mode: m,
-                options: o.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                options: o
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
             })
         };
         let cases: Vec<(Vec<u8>, Result<Request, ParseError>)> = vec![
@@ -701,11 +714,17 @@ mod tests {
             ),
             (rrq("a", "mail", &[]), Err(ParseError::Mode("mail".into()))),
             (rrq("", "octet", &[]), Err(ParseError::EmptyName)),
-            (vec![0, 1, b'a', 0, b'o'], Err(ParseError::Unterminated("mode"))),
+            (
+                vec![0, 1, b'a', 0, b'o'],
+                Err(ParseError::Unterminated("mode")),
+            ),
             (vec![0, 1, b'a'], Err(ParseError::Unterminated("file name"))),
             (vec![0], Err(ParseError::TooShort)),
             (vec![0, 4, 0, 1], Err(ParseError::NotARequest(4))),
-            (vec![0, 1, 0xff, 0, b'o', b'c', b't', b'e', b't', 0], Err(ParseError::NotUtf8("file name"))),
+            (
+                vec![0, 1, 0xff, 0, b'o', b'c', b't', b'e', b't', 0],
+                Err(ParseError::NotUtf8("file name")),
+            ),
             (
                 {
                     let mut p = OP_WRQ.to_be_bytes().to_vec();
@@ -736,18 +755,36 @@ mod tests {
         o.max_blksize = 8192;
         o.max_windowsize = 8;
         let s = |v: &[(&str, &str)]| -> Vec<(String, String)> {
-            v.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
         };
         // (requested, blksize, windowsize, oack)
-        let cases: Vec<(Vec<(String, String)>, u16, u16, Vec<(String, String)>)> = vec![
+        type Opts = Vec<(String, String)>;
+        let cases: Vec<(Opts, u16, u16, Opts)> = vec![
             (s(&[]), 512, 1, s(&[])),
-            (s(&[("blksize", "1468")]), 1468, 1, s(&[("blksize", "1468")])),
-            (s(&[("blksize", "65464")]), 8192, 1, s(&[("blksize", "8192")])),
+            (
+                s(&[("blksize", "1468")]),
+                1468,
+                1,
+                s(&[("blksize", "1468")]),
+            ),
+            (
+                s(&[("blksize", "65464")]),
+                8192,
+                1,
+                s(&[("blksize", "8192")]),
+            ),
             (s(&[("blksize", "7")]), 512, 1, s(&[])),
             (s(&[("blksize", "x")]), 512, 1, s(&[])),
             (s(&[("tsize", "0")]), 512, 1, s(&[("tsize", "1000")])),
             (s(&[("windowsize", "4")]), 512, 4, s(&[("windowsize", "4")])),
-            (s(&[("windowsize", "64")]), 512, 8, s(&[("windowsize", "8")])),
+            (
+                s(&[("windowsize", "64")]),
+                512,
+                8,
+                s(&[("windowsize", "8")]),
+            ),
             (s(&[("windowsize", "0")]), 512, 1, s(&[])),
             (s(&[("timeout", "3")]), 512, 1, s(&[("timeout", "3")])),
             (s(&[("timeout", "0")]), 512, 1, s(&[])),
@@ -761,7 +798,11 @@ mod tests {
         ];
         for (req, blk, win, oack) in cases {
             let n = negotiate(&req, 1000, &o);
-            assert_eq!((n.blksize, n.windowsize, &n.oack), (blk, win, &oack), "{req:?}");
+            assert_eq!(
+                (n.blksize, n.windowsize, &n.oack),
+                (blk, win, &oack),
+                "{req:?}"
+            );
         }
     }
 

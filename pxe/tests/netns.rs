@@ -52,7 +52,9 @@ fn helper_pxe_server() {
     };
     let mut options = PxeOptions::new(mode, boot);
     options.interface = get("iface");
-    let planner = Arc::new(MemPlanner::new(format!("http://{boot}:8090/api/2.0/profiles")));
+    let planner = Arc::new(MemPlanner::new(format!(
+        "http://{boot}:8090/api/2.0/profiles"
+    )));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let service = PxeService::bind(options, planner).await.unwrap();
@@ -120,8 +122,14 @@ impl Net {
 
     /// A veth pair between two namespaces; returns the interface names (at most 15 bytes).
     fn veth(&self, a_ns: &str, b_ns: &str, role: &str) -> (String, String) {
-        let (a, b) = (format!("mg{role}a{}", self.tag), format!("mg{role}b{}", self.tag));
-        run("ip", &["link", "add", &a, "type", "veth", "peer", "name", &b]);
+        let (a, b) = (
+            format!("mg{role}a{}", self.tag),
+            format!("mg{role}b{}", self.tag),
+        );
+        run(
+            "ip",
+            &["link", "add", &a, "type", "veth", "peer", "name", &b],
+        );
         run("ip", &["link", "set", &a, "netns", a_ns]);
         run("ip", &["link", "set", &b, "netns", b_ns]);
         for (ns, i) in [(a_ns, &a), (b_ns, &b)] {
@@ -134,15 +142,27 @@ impl Net {
     /// (udhcpc, dhclient) in the other namespace with a partial UDP checksum and are
     /// silently dropped.
     fn tx_off(&self, ns: &str, iface: &str) {
-        run("ip", &["netns", "exec", ns, "ethtool", "-K", iface, "tx", "off"]);
+        run(
+            "ip",
+            &["netns", "exec", ns, "ethtool", "-K", iface, "tx", "off"],
+        );
     }
 
     /// Starts our DHCP server in `ns` and waits until it is bound.
     fn start_server(&mut self, ns: &str, spec: &str) -> PathBuf {
-        let log = self.dir.path().join(format!("server-{}.log", self.children.len()));
+        let log = self
+            .dir
+            .path()
+            .join(format!("server-{}.log", self.children.len()));
         let exe = std::env::current_exe().unwrap();
         let mut child = ns_exec(ns, &[exe.to_str().unwrap()])
-            .args(["helper_pxe_server", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                "helper_pxe_server",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(HELPER_ENV, spec)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -153,7 +173,8 @@ impl Net {
         let mut lines = BufReader::new(stdout).lines();
         loop {
             match lines.next() {
-                Some(Ok(l)) if l.starts_with("READY") => break,
+                // libtest prints "test NAME ... " before the output, on the same line.
+                Some(Ok(l)) if l.contains("READY") => break,
                 Some(Ok(_)) => continue,
                 _ => panic!("the server did not start: {}", read(&log)),
             }
@@ -237,10 +258,15 @@ fn full_mode_serves_udhcpc_dhclient_and_nmap_over_veth() {
     );
 
     // busybox udhcpc announcing itself as a PXE client gets a lease.
-    let o = ns_exec(&c, &["busybox", "udhcpc", "-i", &vc, "-n", "-q", "-f", "-t", "3", "-T", "1"])
-        .args(["-s", "/bin/true", "-V", PXE_VENDOR])
-        .output()
-        .unwrap();
+    let o = ns_exec(
+        &c,
+        &[
+            "busybox", "udhcpc", "-i", &vc, "-n", "-q", "-f", "-t", "3", "-T", "1",
+        ],
+    )
+    .args(["-s", "/bin/true", "-V", PXE_VENDOR])
+    .output()
+    .unwrap();
     let out = text(&o);
     assert!(
         out.contains("lease of 10.77.0.100 obtained from 10.77.0.1"),
@@ -249,28 +275,48 @@ fn full_mode_serves_udhcpc_dhclient_and_nmap_over_veth() {
     );
 
     // The same client without the PXE vendor class is ignored by design.
-    let o = ns_exec(&c, &["busybox", "udhcpc", "-i", &vc, "-n", "-q", "-f", "-t", "1", "-T", "1"])
-        .args(["-s", "/bin/true"])
-        .output()
-        .unwrap();
-    assert!(!o.status.success(), "a non-PXE client must get no lease: {}", text(&o));
-    assert!(read(&log).contains("not a network-boot client"), "{}", read(&log));
+    let o = ns_exec(
+        &c,
+        &[
+            "busybox", "udhcpc", "-i", &vc, "-n", "-q", "-f", "-t", "1", "-T", "1",
+        ],
+    )
+    .args(["-s", "/bin/true"])
+    .output()
+    .unwrap();
+    assert!(
+        !o.status.success(),
+        "a non-PXE client must get no lease: {}",
+        text(&o)
+    );
+    assert!(
+        read(&log).contains("not a network-boot client"),
+        "{}",
+        read(&log)
+    );
 
     // ISC dhclient, in the foreground, until it is bound.
     let conf = net.path("dhclient.conf");
-    std::fs::write(&conf, format!("send vendor-class-identifier \"{PXE_VENDOR}\";\n")).unwrap();
+    std::fs::write(
+        &conf,
+        format!("send vendor-class-identifier \"{PXE_VENDOR}\";\n"),
+    )
+    .unwrap();
     let (leases, pid) = (net.path("dhclient.leases"), net.path("dhclient.pid"));
-    let mut dhclient = ns_exec(&c, &["dhclient", "-d", "-1", "-v", "-sf", "/bin/true", "-cf"])
-        .arg(&conf)
-        .arg("-lf")
-        .arg(&leases)
-        .arg("-pf")
-        .arg(&pid)
-        .arg(&vc)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut dhclient = ns_exec(
+        &c,
+        &["dhclient", "-d", "-1", "-v", "-sf", "/bin/true", "-cf"],
+    )
+    .arg(&conf)
+    .arg("-lf")
+    .arg(&leases)
+    .arg("-pf")
+    .arg(&pid)
+    .arg(&vc)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     let mut seen = String::new();
     let mut bound = false;
     for line in BufReader::new(dhclient.stderr.take().unwrap()).lines() {
@@ -288,12 +334,23 @@ fn full_mode_serves_udhcpc_dhclient_and_nmap_over_veth() {
     let _ = dhclient.kill();
     let _ = dhclient.wait();
     assert!(bound, "dhclient: {seen}\nserver: {}", read(&log));
-    assert!(read(&leases).contains("filename \"undionly.kpxe\""), "{}", read(&leases));
+    assert!(
+        read(&leases).contains("filename \"undionly.kpxe\""),
+        "{}",
+        read(&leases)
+    );
 
     // nmap sees the offer with its boot file.
-    run("ip", &["-n", &c, "addr", "add", "10.77.0.200/24", "dev", &vc]);
+    run(
+        "ip",
+        &["-n", &c, "addr", "add", "10.77.0.200/24", "dev", &vc],
+    );
     let out = nmap_discover(&net, &c, &vc);
-    assert!(out.contains("Bootfile Name: undionly.kpxe"), "nmap: {out}\nserver: {}", read(&log));
+    assert!(
+        out.contains("Bootfile Name: undionly.kpxe"),
+        "nmap: {out}\nserver: {}",
+        read(&log)
+    );
     assert!(out.contains("Server Identifier: 10.77.0.1"), "nmap: {out}");
     assert!(out.contains("IP Offered: 10.77.0.1"), "nmap: {out}");
     eprintln!("full mode over veth: {:?}", started.elapsed());
@@ -316,7 +373,10 @@ fn proxy_mode_beside_kea_gives_the_boot_file_while_kea_gives_the_address() {
         run("ip", &["-n", &s, "link", "set", port, "master", "br0"]);
         net.tx_off(&s, port);
     }
-    run("ip", &["-n", &s, "addr", "add", "10.77.0.1/24", "dev", "br0"]);
+    run(
+        "ip",
+        &["-n", &s, "addr", "add", "10.77.0.1/24", "dev", "br0"],
+    );
     run("ip", &["-n", &s, "link", "set", "br0", "up"]);
     net.tx_off(&s, "br0");
     run("ip", &["-n", &k, "addr", "add", "10.77.0.2/24", "dev", &vk]);
@@ -351,17 +411,29 @@ fn proxy_mode_beside_kea_gives_the_boot_file_while_kea_gives_the_address() {
     net.children.push(kea);
     let deadline = Instant::now() + Duration::from_secs(5);
     while !read(&kea_log).contains("DHCP4_STARTED") {
-        assert!(Instant::now() < deadline, "Kea did not start: {}", read(&kea_log));
+        assert!(
+            Instant::now() < deadline,
+            "Kea did not start: {}",
+            read(&kea_log)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
     let log = net.start_server(&s, "mode=proxy;iface=br0;boot=10.77.0.1");
 
-    run("ip", &["-n", &c, "addr", "add", "10.77.0.250/24", "dev", &vc]);
+    run(
+        "ip",
+        &["-n", &c, "addr", "add", "10.77.0.250/24", "dev", &vc],
+    );
     let out = nmap_discover(&net, &c, &vc);
     // Two responses: Kea's with an address and no boot file, ours with the boot file
     // and no address.
-    assert!(out.contains("Response 2 of 2"), "nmap: {out}\nserver: {}\nkea: {}", read(&log), read(&kea_log));
+    assert!(
+        out.contains("Response 2 of 2"),
+        "nmap: {out}\nserver: {}\nkea: {}",
+        read(&log),
+        read(&kea_log)
+    );
     let responses: Vec<&str> = out.split("Response ").skip(1).collect();
     let kea_offer = responses
         .iter()
@@ -371,10 +443,19 @@ fn proxy_mode_beside_kea_gives_the_boot_file_while_kea_gives_the_address() {
     assert!(!kea_offer.contains("Bootfile Name"), "{kea_offer}");
     let proxy_offer = responses
         .iter()
-        .find(|r| r.contains("Server Identifier: 10.77.0.1\n") || r.contains("Server Identifier: 10.77.0.1\r"))
+        .find(|r| {
+            r.contains("Server Identifier: 10.77.0.1\n")
+                || r.contains("Server Identifier: 10.77.0.1\r")
+        })
         .unwrap_or_else(|| panic!("no proxy offer: {out}"));
-    assert!(proxy_offer.contains("Bootfile Name: undionly.kpxe"), "{proxy_offer}");
-    assert!(proxy_offer.contains("Class Identifier: PXEClient"), "{proxy_offer}");
+    assert!(
+        proxy_offer.contains("Bootfile Name: undionly.kpxe"),
+        "{proxy_offer}"
+    );
+    assert!(
+        proxy_offer.contains("Class Identifier: PXEClient"),
+        "{proxy_offer}"
+    );
     assert!(!proxy_offer.contains("IP Offered: 10."), "{proxy_offer}");
     eprintln!("proxy beside Kea: {:?}", started.elapsed());
 }

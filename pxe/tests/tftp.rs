@@ -97,7 +97,12 @@ fn decode(p: &[u8]) -> Pkt {
                 .split(|b| *b == 0)
                 .map(|s| String::from_utf8_lossy(s).into_owned())
                 .collect();
-            Pkt::Oack(parts.chunks(2).map(|c| (c[0].clone(), c[1].clone())).collect())
+            Pkt::Oack(
+                parts
+                    .chunks(2)
+                    .map(|c| (c[0].clone(), c[1].clone()))
+                    .collect(),
+            )
         }
         _ => panic!("unexpected opcode {op}"),
     }
@@ -171,9 +176,18 @@ async fn plain_and_negotiated_transfers_are_byte_identical() {
     let big = std::fs::read(f.root().join("efi/snponly.efi")).unwrap();
     let exact = std::fs::read(f.root().join("exact.bin")).unwrap();
     // (file, options, expected OACK, expected content)
-    let s = |v: &[(&str, &str)]| v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>();
+    let s = |v: &[(&str, &str)]| {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect::<Vec<_>>()
+    };
     let cases = vec![
-        ("small.txt", vec![], None, b"hello from metalgraph\n".to_vec()),
+        (
+            "small.txt",
+            vec![],
+            None,
+            b"hello from metalgraph\n".to_vec(),
+        ),
         ("efi/snponly.efi", vec![], None, big.clone()),
         ("efi\\snponly.efi", vec![], None, big.clone()),
         // A size that is a multiple of the block size ends with an empty block.
@@ -186,8 +200,18 @@ async fn plain_and_negotiated_transfers_are_byte_identical() {
         ),
         (
             "efi/snponly.efi",
-            vec![("tsize", "0"), ("blksize", "65464"), ("windowsize", "8"), ("timeout", "2")],
-            Some(s(&[("tsize", "100000"), ("blksize", "8192"), ("windowsize", "8"), ("timeout", "2")])),
+            vec![
+                ("tsize", "0"),
+                ("blksize", "65464"),
+                ("windowsize", "8"),
+                ("timeout", "2"),
+            ],
+            Some(s(&[
+                ("tsize", "100000"),
+                ("blksize", "8192"),
+                ("windowsize", "8"),
+                ("timeout", "2"),
+            ])),
             big.clone(),
         ),
         (
@@ -200,7 +224,12 @@ async fn plain_and_negotiated_transfers_are_byte_identical() {
     for (name, opts, want_oack, want) in cases {
         let (oack, data) = fetch(f.addr, name, &opts).await.unwrap();
         assert_eq!(oack, want_oack, "{name} {opts:?}");
-        assert!(data == want, "{name} {opts:?}: content differs ({} vs {} bytes)", data.len(), want.len());
+        assert!(
+            data == want,
+            "{name} {opts:?}: content differs ({} vs {} bytes)",
+            data.len(),
+            want.len()
+        );
     }
 }
 
@@ -221,7 +250,10 @@ async fn refusals_say_file_not_found_and_never_name_a_path() {
     for name in cases {
         let err = fetch(f.addr, name, &[]).await.unwrap_err();
         assert_eq!(err, (1, "file not found".to_owned()), "{name}");
-        assert!(!err.1.contains('/'), "{name}: error text must not contain a path");
+        assert!(
+            !err.1.contains('/'),
+            "{name}: error text must not contain a path"
+        );
     }
 }
 
@@ -229,15 +261,33 @@ async fn refusals_say_file_not_found_and_never_name_a_path() {
 async fn writes_and_unsupported_modes_are_refused() {
     let f = start(|_| {}).await;
     let sock = client().await;
-    sock.send_to(b"\0\x02upload.bin\0octet\0", f.addr).await.unwrap();
-    assert_eq!(recv(&sock).await.0, Pkt::Error(2, "server is read-only".into()));
-    sock.send_to(b"\0\x01small.txt\0mail\0", f.addr).await.unwrap();
-    assert_eq!(recv(&sock).await.0, Pkt::Error(4, "unsupported mode, use octet".into()));
+    sock.send_to(b"\0\x02upload.bin\0octet\0", f.addr)
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(&sock).await.0,
+        Pkt::Error(2, "server is read-only".into())
+    );
+    sock.send_to(b"\0\x01small.txt\0mail\0", f.addr)
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(&sock).await.0,
+        Pkt::Error(4, "unsupported mode, use octet".into())
+    );
     sock.send_to(b"\0\x01small.txt", f.addr).await.unwrap();
-    assert_eq!(recv(&sock).await.0, Pkt::Error(4, "malformed request".into()));
+    assert_eq!(
+        recv(&sock).await.0,
+        Pkt::Error(4, "malformed request".into())
+    );
     // netascii is served as octet.
-    sock.send_to(b"\0\x01small.txt\0netascii\0", f.addr).await.unwrap();
-    assert_eq!(recv(&sock).await.0, Pkt::Data(1, b"hello from metalgraph\n".to_vec()));
+    sock.send_to(b"\0\x01small.txt\0netascii\0", f.addr)
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(&sock).await.0,
+        Pkt::Data(1, b"hello from metalgraph\n".to_vec())
+    );
     assert!(!f.root().join("upload.bin").exists());
 }
 
@@ -247,17 +297,31 @@ async fn uefi_tsize_probe_is_aborted_then_retried_and_frees_its_slot() {
     let f = start(|o| o.max_transfers = 1).await;
     let sock = client().await;
     let opts = [("blksize", "1468"), ("tsize", "0")];
-    sock.send_to(&rrq("efi/snponly.efi", &opts), f.addr).await.unwrap();
+    sock.send_to(&rrq("efi/snponly.efi", &opts), f.addr)
+        .await
+        .unwrap();
     let (p, tid) = recv(&sock).await;
-    assert_eq!(p, Pkt::Oack(vec![("blksize".into(), "1468".into()), ("tsize".into(), "100000".into())]));
+    assert_eq!(
+        p,
+        Pkt::Oack(vec![
+            ("blksize".into(), "1468".into()),
+            ("tsize".into(), "100000".into())
+        ])
+    );
     // EDK2 has what it wanted (the size) and aborts with error 8.
-    sock.send_to(b"\0\x05\0\x08User aborted the transfer\0", tid).await.unwrap();
+    sock.send_to(b"\0\x05\0\x08User aborted the transfer\0", tid)
+        .await
+        .unwrap();
     // The real request, from the same client port, as EDK2 does.
     let mut got = None;
     for _ in 0..20 {
-        sock.send_to(&rrq("efi/snponly.efi", &opts), f.addr).await.unwrap();
+        sock.send_to(&rrq("efi/snponly.efi", &opts), f.addr)
+            .await
+            .unwrap();
         let mut buf = [0u8; 2048];
-        if let Ok(Ok((n, tid2))) = timeout(Duration::from_millis(100), sock.recv_from(&mut buf)).await {
+        if let Ok(Ok((n, tid2))) =
+            timeout(Duration::from_millis(100), sock.recv_from(&mut buf)).await
+        {
             got = Some((decode(&buf[..n]), tid2));
             break;
         }
@@ -273,7 +337,10 @@ async fn uefi_tsize_probe_is_aborted_then_retried_and_frees_its_slot() {
 async fn concurrency_is_bounded_and_dropped_requests_succeed_on_retry() {
     let f = start(|o| o.max_transfers = 1).await;
     let holder = client().await;
-    holder.send_to(&rrq("small.txt", &[("tsize", "0")]), f.addr).await.unwrap();
+    holder
+        .send_to(&rrq("small.txt", &[("tsize", "0")]), f.addr)
+        .await
+        .unwrap();
     let (p, tid) = recv(&holder).await;
     assert!(matches!(p, Pkt::Oack(_)));
     // While the first transfer waits for its ACK, a second request is dropped (not refused,
@@ -281,7 +348,11 @@ async fn concurrency_is_bounded_and_dropped_requests_succeed_on_retry() {
     let other = client().await;
     other.send_to(&rrq("small.txt", &[]), f.addr).await.unwrap();
     let mut buf = [0u8; 1024];
-    assert!(timeout(Duration::from_millis(150), other.recv_from(&mut buf)).await.is_err());
+    assert!(
+        timeout(Duration::from_millis(150), other.recv_from(&mut buf))
+            .await
+            .is_err()
+    );
     // The holder completes; the retry is served.
     holder.send_to(&ack(0), tid).await.unwrap();
     let (p, tid) = recv(&holder).await;
@@ -303,7 +374,10 @@ async fn lost_acks_are_retransmitted_and_silent_clients_are_abandoned() {
     // Stay silent: after 3 retries (~0.8 s) the server gives up and the slot is free again.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let mut buf = [0u8; 1024];
-    while timeout(Duration::from_millis(10), sock.recv_from(&mut buf)).await.is_ok() {}
+    while timeout(Duration::from_millis(10), sock.recv_from(&mut buf))
+        .await
+        .is_ok()
+    {}
     let (_, data) = fetch(f.addr, "small.txt", &[]).await.unwrap();
     assert_eq!(data, b"hello from metalgraph\n");
 }
@@ -314,18 +388,25 @@ async fn block_numbers_roll_over_past_65535() {
     // 70 000 blocks of 8 bytes.
     let content = pattern(8 * 70_000 + 3);
     std::fs::write(f.root().join("long.bin"), &content).unwrap();
-    let (_, data) = fetch(f.addr, "long.bin", &[("blksize", "8"), ("windowsize", "64")])
-        .await
-        .unwrap();
+    let (_, data) = fetch(
+        f.addr,
+        "long.bin",
+        &[("blksize", "8"), ("windowsize", "64")],
+    )
+    .await
+    .unwrap();
     assert!(data == content, "content differs after rollover");
 }
 
 #[tokio::test]
 async fn bind_reports_a_missing_root_by_name() {
-    let err = Server::bind(Options::new("127.0.0.1:0".parse().unwrap(), Path::new("/nonexistent/tftp")))
-        .await
-        .err()
-        .expect("a missing root is an error");
+    let err = Server::bind(Options::new(
+        "127.0.0.1:0".parse().unwrap(),
+        Path::new("/nonexistent/tftp"),
+    ))
+    .await
+    .err()
+    .expect("a missing root is an error");
     assert!(matches!(err, tftp::Error::Root { .. }));
     assert!(err.to_string().contains("/nonexistent/tftp"), "{err}");
 }

@@ -35,9 +35,11 @@ use pb::workflows_server::{Workflows as WorkflowsRpc, WorkflowsServer};
 pub fn router(engine: Engine) -> anyhow::Result<tonic::transport::server::Router> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let reflection_alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let api = GrpcApi { engine };

@@ -48,8 +48,22 @@ fn format_uuid(id: &[u8]) -> Option<String> {
     let g: &[u8; 16] = g.try_into().ok()?;
     Some(format!(
         "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
-        g[3], g[2], g[1], g[0], g[5], g[4], g[7], g[6], g[8], g[9], g[10], g[11], g[12], g[13],
-        g[14], g[15]
+        g[3],
+        g[2],
+        g[1],
+        g[0],
+        g[5],
+        g[4],
+        g[7],
+        g[6],
+        g[8],
+        g[9],
+        g[10],
+        g[11],
+        g[12],
+        g[13],
+        g[14],
+        g[15]
     ))
 }
 
@@ -102,7 +116,11 @@ pub fn classify(req: &Request) -> Result<ClientInfo, &'static str> {
 /// The boot file for `client`: iPXE gets `profile_url`; PXE firmware gets the iPXE binary
 /// for its architecture (a PXE ROM without option 93 is treated as BIOS, as the oldest ROMs
 /// are). Other architectures (ARM, 32-bit UEFI) have no binary to chain to.
-pub fn boot_file(client: &ClientInfo, files: &BootFiles, profile_url: &str) -> Result<String, String> {
+pub fn boot_file(
+    client: &ClientInfo,
+    files: &BootFiles,
+    profile_url: &str,
+) -> Result<String, String> {
     match (client.firmware, client.arch) {
         (Firmware::Ipxe, _) => Ok(profile_url.to_owned()),
         (Firmware::Pxe, None | Some(arch::BIOS)) => Ok(files.bios.clone()),
@@ -122,7 +140,12 @@ mod tests {
 
     const URL: &str = "http://10.0.0.1:8090/api/2.0/profiles?macs=52:54:00:00:00:01";
 
-    fn opts_for(vendor: Option<&str>, arch: Option<u16>, ipxe175: bool, user: Option<&[u8]>) -> Vec<DhcpOption> {
+    fn opts_for(
+        vendor: Option<&str>,
+        arch: Option<u16>,
+        ipxe175: bool,
+        user: Option<&[u8]>,
+    ) -> Vec<DhcpOption> {
         let mut o = Vec::new();
         if let Some(v) = vendor {
             o.push(DhcpOption::ClassIdentifier(v.as_bytes().to_vec()));
@@ -146,25 +169,138 @@ mod tests {
             uefi_x64: "ipxe.efi".into(),
         };
         // (vendor class, arch, option 175, user class, files, expected)
-        let cases: Vec<(Option<&str>, Option<u16>, bool, Option<&[u8]>, BootFiles, Result<&str, &str>)> = vec![
-            (Some("PXEClient:Arch:00000:UNDI:002001"), Some(0), false, None, BootFiles::default(), Ok("undionly.kpxe")),
-            (Some("PXEClient:Arch:00007:UNDI:003000"), Some(7), false, None, BootFiles::default(), Ok("snponly.efi")),
-            (Some("PXEClient:Arch:00009:UNDI:003000"), Some(9), false, None, BootFiles::default(), Ok("snponly.efi")),
-            (Some("PXEClient:Arch:00007:UNDI:003000"), Some(7), false, None, efi.clone(), Ok("ipxe.efi")),
-            (Some("PXEClient"), None, false, None, BootFiles::default(), Ok("undionly.kpxe")),
-            (Some("PXEClient:Arch:00011:UNDI:003000"), Some(11), false, None, BootFiles::default(), Err("architecture 11")),
-            (Some("PXEClient:Arch:00006:UNDI:003000"), Some(6), false, None, BootFiles::default(), Err("architecture 6")),
+        type Case<'a> = (
+            Option<&'a str>,
+            Option<u16>,
+            bool,
+            Option<&'a [u8]>,
+            BootFiles,
+            Result<&'a str, &'a str>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                Some("PXEClient:Arch:00000:UNDI:002001"),
+                Some(0),
+                false,
+                None,
+                BootFiles::default(),
+                Ok("undionly.kpxe"),
+            ),
+            (
+                Some("PXEClient:Arch:00007:UNDI:003000"),
+                Some(7),
+                false,
+                None,
+                BootFiles::default(),
+                Ok("snponly.efi"),
+            ),
+            (
+                Some("PXEClient:Arch:00009:UNDI:003000"),
+                Some(9),
+                false,
+                None,
+                BootFiles::default(),
+                Ok("snponly.efi"),
+            ),
+            (
+                Some("PXEClient:Arch:00007:UNDI:003000"),
+                Some(7),
+                false,
+                None,
+                efi.clone(),
+                Ok("ipxe.efi"),
+            ),
+            (
+                Some("PXEClient"),
+                None,
+                false,
+                None,
+                BootFiles::default(),
+                Ok("undionly.kpxe"),
+            ),
+            (
+                Some("PXEClient:Arch:00011:UNDI:003000"),
+                Some(11),
+                false,
+                None,
+                BootFiles::default(),
+                Err("architecture 11"),
+            ),
+            (
+                Some("PXEClient:Arch:00006:UNDI:003000"),
+                Some(6),
+                false,
+                None,
+                BootFiles::default(),
+                Err("architecture 6"),
+            ),
             // iPXE by option 175, by bare user class, by RFC 3004 user class; arch is irrelevant.
-            (Some("PXEClient:Arch:00000:UNDI:002001"), Some(0), true, Some(b"iPXE"), BootFiles::default(), Ok(URL)),
-            (Some("PXEClient:Arch:00007:UNDI:003000"), Some(7), true, None, BootFiles::default(), Ok(URL)),
-            (None, None, false, Some(b"iPXE"), BootFiles::default(), Ok(URL)),
-            (None, Some(11), false, Some(b"\x04iPXE"), BootFiles::default(), Ok(URL)),
+            (
+                Some("PXEClient:Arch:00000:UNDI:002001"),
+                Some(0),
+                true,
+                Some(b"iPXE"),
+                BootFiles::default(),
+                Ok(URL),
+            ),
+            (
+                Some("PXEClient:Arch:00007:UNDI:003000"),
+                Some(7),
+                true,
+                None,
+                BootFiles::default(),
+                Ok(URL),
+            ),
+            (
+                None,
+                None,
+                false,
+                Some(b"iPXE"),
+                BootFiles::default(),
+                Ok(URL),
+            ),
+            (
+                None,
+                Some(11),
+                false,
+                Some(b"\x04iPXE"),
+                BootFiles::default(),
+                Ok(URL),
+            ),
             (None, None, true, None, BootFiles::default(), Ok(URL)),
             // Not boot clients at all.
-            (None, None, false, None, BootFiles::default(), Err("not a network-boot client")),
-            (Some("udhcp 1.35.0"), None, false, None, BootFiles::default(), Err("not a network-boot client")),
-            (Some("MSFT 5.0"), None, false, Some(b"gPXE"), BootFiles::default(), Err("not a network-boot client")),
-            (Some("pxeclient"), Some(0), false, None, BootFiles::default(), Err("not a network-boot client")),
+            (
+                None,
+                None,
+                false,
+                None,
+                BootFiles::default(),
+                Err("not a network-boot client"),
+            ),
+            (
+                Some("udhcp 1.35.0"),
+                None,
+                false,
+                None,
+                BootFiles::default(),
+                Err("not a network-boot client"),
+            ),
+            (
+                Some("MSFT 5.0"),
+                None,
+                false,
+                Some(b"gPXE"),
+                BootFiles::default(),
+                Err("not a network-boot client"),
+            ),
+            (
+                Some("pxeclient"),
+                Some(0),
+                false,
+                None,
+                BootFiles::default(),
+                Err("not a network-boot client"),
+            ),
         ];
         for (i, (vendor, arch, ipxe, user, files, want)) in cases.into_iter().enumerate() {
             let bytes = build_request(

@@ -109,7 +109,7 @@ fn length_ok(code: u8, len: usize) -> Option<bool> {
         53 => len == 1,
         50 | 54 => len == 4,
         60 | 77 | 97 => len >= 1,
-        93 => len >= 2 && len % 2 == 0,
+        93 => len >= 2 && len.is_multiple_of(2),
         OPT_IPXE_ENCAP => true,
         _ => return None,
     })
@@ -380,7 +380,8 @@ pub fn build_request(
     for o in extra {
         msg.opts_mut().insert(o);
     }
-    msg.to_vec().expect("a request built from typed options encodes")
+    msg.to_vec()
+        .expect("a request built from typed options encodes")
 }
 
 /// Option 175 with iPXE's usual content, for tests.
@@ -449,6 +450,17 @@ mod tests {
         p.pop();
         p.extend_from_slice(&[94, 1, 1, 81, 0, 255]);
         assert!(parse(&p).is_ok());
+    }
+
+    #[test]
+    fn dhcproto_alone_panics_on_a_long_hlen_which_is_why_we_check_first() {
+        let mut p = pxe_discover();
+        p[2] = 17;
+        let direct = std::panic::catch_unwind(|| Message::from_bytes(&p).map(|m| m.chaddr().len()));
+        assert!(
+            direct.is_err(),
+            "if dhcproto stops panicking here, the comment above can go"
+        );
     }
 
     #[test]

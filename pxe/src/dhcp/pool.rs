@@ -171,9 +171,10 @@ impl Pool {
             self.offers.get(&mac).map(|o| o.ip),
             requested,
         ];
-        let preferred = candidates.into_iter().flatten().find(|ip| {
-            self.valid_for(*ip, reserved) && self.check_free(*ip, &mac, now).is_ok()
-        });
+        let preferred = candidates
+            .into_iter()
+            .flatten()
+            .find(|ip| self.valid_for(*ip, reserved) && self.check_free(*ip, &mac, now).is_ok());
         let ip = match preferred {
             Some(ip) => ip,
             None => self.scan(&mac, now)?,

@@ -77,7 +77,7 @@ fn request(
     msg.to_vec().unwrap()
 }
 
-fn opt<'a>(m: &'a Message, code: OptionCode) -> Option<&'a DhcpOption> {
+fn opt(m: &Message, code: OptionCode) -> Option<&DhcpOption> {
     m.opts().get(code)
 }
 
@@ -88,7 +88,12 @@ fn boot_file(m: &Message) -> Option<String> {
     }
 }
 
-async fn exchange(h: &Handler, bytes: Vec<u8>, port: Port, now: u64) -> Option<(SocketAddr, Message)> {
+async fn exchange(
+    h: &Handler,
+    bytes: Vec<u8>,
+    port: Port,
+    now: u64,
+) -> Option<(SocketAddr, Message)> {
     let reply = h.handle(&bytes, src(), port, now).await?;
     assert!(reply.bytes.len() >= 300, "replies are padded to 300 bytes");
     Some((reply.to, decode_reply(&reply.bytes).unwrap()))
@@ -106,19 +111,36 @@ async fn proxy_offers_boot_information_without_an_address() {
         (ipxe(), format!("{BASE}?macs=52:54:00:00:00:01")),
     ];
     for (opts, want) in cases {
-        let (to, m) = exchange(&h, request(MessageType::Discover, mac(1), opts, vec![], None, None), Port::Server, NOW)
-            .await
-            .expect("a PXE client gets a proxy offer");
+        let (to, m) = exchange(
+            &h,
+            request(MessageType::Discover, mac(1), opts, vec![], None, None),
+            Port::Server,
+            NOW,
+        )
+        .await
+        .expect("a PXE client gets a proxy offer");
         assert_eq!(to, broadcast());
         assert_eq!(m.opts().msg_type(), Some(MessageType::Offer));
         assert_eq!(m.yiaddr(), Ipv4Addr::UNSPECIFIED);
         assert_eq!(m.siaddr(), BOOT);
         assert_eq!(m.xid(), 0x1234);
         assert_eq!(boot_file(&m).as_deref(), Some(want.as_str()));
-        assert_eq!(opt(&m, OptionCode::ServerIdentifier), Some(&DhcpOption::ServerIdentifier(BOOT)));
-        assert_eq!(opt(&m, OptionCode::ClassIdentifier), Some(&DhcpOption::ClassIdentifier(b"PXEClient".to_vec())));
-        assert_eq!(opt(&m, OptionCode::VendorExtensions), Some(&DhcpOption::VendorExtensions(vec![6, 1, 8, 255])));
-        assert!(opt(&m, OptionCode::ClientMachineIdentifier).is_some(), "GUID echoed");
+        assert_eq!(
+            opt(&m, OptionCode::ServerIdentifier),
+            Some(&DhcpOption::ServerIdentifier(BOOT))
+        );
+        assert_eq!(
+            opt(&m, OptionCode::ClassIdentifier),
+            Some(&DhcpOption::ClassIdentifier(b"PXEClient".to_vec()))
+        );
+        assert_eq!(
+            opt(&m, OptionCode::VendorExtensions),
+            Some(&DhcpOption::VendorExtensions(vec![6, 1, 8, 255]))
+        );
+        assert!(
+            opt(&m, OptionCode::ClientMachineIdentifier).is_some(),
+            "GUID echoed"
+        );
         assert!(opt(&m, OptionCode::AddressLeaseTime).is_none());
     }
 }
@@ -128,8 +150,18 @@ async fn proxy_answers_requests_on_4011_only_and_unicasts_back() {
     let planner = Arc::new(MemPlanner::new(BASE));
     let h = handler(Mode::Proxy, planner).await;
     let client_ip = Ipv4Addr::new(10, 0, 0, 77);
-    let req = request(MessageType::Request, mac(1), pxe(7), vec![], Some(client_ip), None);
-    assert!(exchange(&h, req.clone(), Port::Server, NOW).await.is_none(), "REQUESTs on 67 belong to the address server");
+    let req = request(
+        MessageType::Request,
+        mac(1),
+        pxe(7),
+        vec![],
+        Some(client_ip),
+        None,
+    );
+    assert!(
+        exchange(&h, req.clone(), Port::Server, NOW).await.is_none(),
+        "REQUESTs on 67 belong to the address server"
+    );
     let from: SocketAddr = "10.0.0.77:4011".parse().unwrap();
     let reply = h.handle(&req, from, Port::Proxy, NOW).await.unwrap();
     assert_eq!(reply.to, from);
@@ -147,22 +179,48 @@ async fn silence_for_non_boot_clients_the_planner_and_unknown_architectures() {
         let h = handler(mode, planner.clone()).await;
         let udhcpc = vec![DhcpOption::ClassIdentifier(b"udhcp 1.35.0".to_vec())];
         let cases = [
-            ("non-boot client", request(MessageType::Discover, mac(1), udhcpc, vec![], None, None)),
-            ("planner silent", request(MessageType::Discover, mac(2), pxe(0), vec![], None, None)),
-            ("ARM64 UEFI", request(MessageType::Discover, mac(3), pxe(11), vec![], None, None)),
+            (
+                "non-boot client",
+                request(MessageType::Discover, mac(1), udhcpc, vec![], None, None),
+            ),
+            (
+                "planner silent",
+                request(MessageType::Discover, mac(2), pxe(0), vec![], None, None),
+            ),
+            (
+                "ARM64 UEFI",
+                request(MessageType::Discover, mac(3), pxe(11), vec![], None, None),
+            ),
             ("an OFFER", {
-                let mut m = Message::from_bytes(&request(MessageType::Offer, mac(1), pxe(0), vec![], None, None)).unwrap();
+                let mut m = Message::from_bytes(&request(
+                    MessageType::Offer,
+                    mac(1),
+                    pxe(0),
+                    vec![],
+                    None,
+                    None,
+                ))
+                .unwrap();
                 m.set_opcode(dhcproto::v4::Opcode::BootReply);
                 m.to_vec().unwrap()
             }),
-            ("an INFORM", request(MessageType::Inform, mac(1), pxe(0), vec![], None, None)),
+            (
+                "an INFORM",
+                request(MessageType::Inform, mac(1), pxe(0), vec![], None, None),
+            ),
         ];
         for (name, bytes) in cases {
-            assert!(exchange(&h, bytes, Port::Server, NOW).await.is_none(), "{name}");
+            assert!(
+                exchange(&h, bytes, Port::Server, NOW).await.is_none(),
+                "{name}"
+            );
         }
     }
     let asked: Vec<MacAddr> = planner.decisions().iter().map(|c| c.mac).collect();
-    assert!(!asked.contains(&mac(1)), "the planner is never asked about non-boot clients");
+    assert!(
+        !asked.contains(&mac(1)),
+        "the planner is never asked about non-boot clients"
+    );
     assert!(asked.contains(&mac(2)));
 }
 
@@ -170,35 +228,76 @@ async fn silence_for_non_boot_clients_the_planner_and_unknown_architectures() {
 async fn full_mode_dora_stores_the_lease_before_acknowledging() {
     let planner = Arc::new(MemPlanner::new(BASE));
     let h = handler(full(), planner.clone()).await;
-    let (to, offer) = exchange(&h, request(MessageType::Discover, mac(1), pxe(0), vec![], None, None), Port::Server, NOW)
-        .await
-        .unwrap();
+    let (to, offer) = exchange(
+        &h,
+        request(MessageType::Discover, mac(1), pxe(0), vec![], None, None),
+        Port::Server,
+        NOW,
+    )
+    .await
+    .unwrap();
     assert_eq!(to, broadcast());
     assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
     let ip = offer.yiaddr();
     assert_eq!(ip, Ipv4Addr::new(10, 0, 0, 10));
     assert_eq!(offer.siaddr(), BOOT);
     // dhcproto returns the fixed-size field up to and including its NUL terminator.
-    assert!(offer.fname().is_some_and(|f| f.starts_with(b"undionly.kpxe\0")));
-    assert_eq!(opt(&offer, OptionCode::TFTPServerName), Some(&DhcpOption::TFTPServerName(b"10.0.0.1".to_vec())));
-    assert_eq!(opt(&offer, OptionCode::AddressLeaseTime), Some(&DhcpOption::AddressLeaseTime(3600)));
-    assert_eq!(opt(&offer, OptionCode::SubnetMask), Some(&DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 255, 0))));
-    assert!(opt(&offer, OptionCode::ClassIdentifier).is_none(), "full mode is plain DHCP, not proxyDHCP");
+    assert!(
+        offer
+            .fname()
+            .is_some_and(|f| f.starts_with(b"undionly.kpxe\0"))
+    );
+    assert_eq!(
+        opt(&offer, OptionCode::TFTPServerName),
+        Some(&DhcpOption::TFTPServerName(b"10.0.0.1".to_vec()))
+    );
+    assert_eq!(
+        opt(&offer, OptionCode::AddressLeaseTime),
+        Some(&DhcpOption::AddressLeaseTime(3600))
+    );
+    assert_eq!(
+        opt(&offer, OptionCode::SubnetMask),
+        Some(&DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 255, 0)))
+    );
+    assert!(
+        opt(&offer, OptionCode::ClassIdentifier).is_none(),
+        "full mode is plain DHCP, not proxyDHCP"
+    );
     assert!(planner.leases().is_empty(), "offers are not stored");
 
-    let selecting = vec![DhcpOption::ServerIdentifier(BOOT), DhcpOption::RequestedIpAddress(ip)];
-    let (to, ack) = exchange(&h, request(MessageType::Request, mac(1), pxe(0), selecting, None, None), Port::Server, NOW)
-        .await
-        .unwrap();
+    let selecting = vec![
+        DhcpOption::ServerIdentifier(BOOT),
+        DhcpOption::RequestedIpAddress(ip),
+    ];
+    let (to, ack) = exchange(
+        &h,
+        request(MessageType::Request, mac(1), pxe(0), selecting, None, None),
+        Port::Server,
+        NOW,
+    )
+    .await
+    .unwrap();
     assert_eq!(to, broadcast());
     assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
     assert_eq!(ack.yiaddr(), ip);
-    assert_eq!(planner.leases(), vec![Lease { mac: mac(1), ip, expires_unix: NOW + 3600 }]);
+    assert_eq!(
+        planner.leases(),
+        vec![Lease {
+            mac: mac(1),
+            ip,
+            expires_unix: NOW + 3600
+        }]
+    );
 
     // Renewal: unicast to ciaddr, lease extended.
-    let (to, ack) = exchange(&h, request(MessageType::Request, mac(1), pxe(0), vec![], Some(ip), None), Port::Server, NOW + 100)
-        .await
-        .unwrap();
+    let (to, ack) = exchange(
+        &h,
+        request(MessageType::Request, mac(1), pxe(0), vec![], Some(ip), None),
+        Port::Server,
+        NOW + 100,
+    )
+    .await
+    .unwrap();
     assert_eq!(to, SocketAddr::new(ip.into(), 68));
     assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
     assert_eq!(planner.leases()[0].expires_unix, NOW + 100 + 3600);
@@ -206,7 +305,14 @@ async fn full_mode_dora_stores_the_lease_before_acknowledging() {
     // Another client asking for that address is refused with a broadcast NAK.
     let (to, nak) = exchange(
         &h,
-        request(MessageType::Request, mac(2), pxe(0), vec![DhcpOption::RequestedIpAddress(ip)], None, None),
+        request(
+            MessageType::Request,
+            mac(2),
+            pxe(0),
+            vec![DhcpOption::RequestedIpAddress(ip)],
+            None,
+            None,
+        ),
         Port::Server,
         NOW + 200,
     )
@@ -217,8 +323,20 @@ async fn full_mode_dora_stores_the_lease_before_acknowledging() {
     assert_eq!(nak.yiaddr(), Ipv4Addr::UNSPECIFIED);
 
     // Release deletes the stored lease.
-    h.handle(&request(MessageType::Release, mac(1), vec![], vec![DhcpOption::ServerIdentifier(BOOT)], Some(ip), None), src(), Port::Server, NOW + 300)
-        .await;
+    h.handle(
+        &request(
+            MessageType::Release,
+            mac(1),
+            vec![],
+            vec![DhcpOption::ServerIdentifier(BOOT)],
+            Some(ip),
+            None,
+        ),
+        src(),
+        Port::Server,
+        NOW + 300,
+    )
+    .await;
     assert!(planner.leases().is_empty());
 }
 
@@ -227,18 +345,58 @@ async fn full_mode_replies_to_relays_and_honours_other_servers_selection() {
     let planner = Arc::new(MemPlanner::new(BASE));
     let h = handler(full(), planner.clone()).await;
     let relay = Ipv4Addr::new(127, 0, 0, 1);
-    let (to, offer) = exchange(&h, request(MessageType::Discover, mac(1), pxe(0), vec![], None, Some(relay)), Port::Server, NOW)
-        .await
-        .unwrap();
+    let (to, offer) = exchange(
+        &h,
+        request(
+            MessageType::Discover,
+            mac(1),
+            pxe(0),
+            vec![],
+            None,
+            Some(relay),
+        ),
+        Port::Server,
+        NOW,
+    )
+    .await
+    .unwrap();
     assert_eq!(to, SocketAddr::new(relay.into(), 1068));
     assert_eq!(offer.giaddr(), relay);
     // The client picked another server: no answer, and our offer is withdrawn.
-    let other = vec![DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 0, 0, 2)), DhcpOption::RequestedIpAddress(offer.yiaddr())];
-    assert!(exchange(&h, request(MessageType::Request, mac(1), pxe(0), other, None, Some(relay)), Port::Server, NOW).await.is_none());
-    let (_, offer2) = exchange(&h, request(MessageType::Discover, mac(2), pxe(0), vec![], None, None), Port::Server, NOW)
+    let other = vec![
+        DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 0, 0, 2)),
+        DhcpOption::RequestedIpAddress(offer.yiaddr()),
+    ];
+    assert!(
+        exchange(
+            &h,
+            request(
+                MessageType::Request,
+                mac(1),
+                pxe(0),
+                other,
+                None,
+                Some(relay)
+            ),
+            Port::Server,
+            NOW
+        )
         .await
-        .unwrap();
-    assert_eq!(offer2.yiaddr(), offer.yiaddr(), "the withdrawn offer's address is free again");
+        .is_none()
+    );
+    let (_, offer2) = exchange(
+        &h,
+        request(MessageType::Discover, mac(2), pxe(0), vec![], None, None),
+        Port::Server,
+        NOW,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        offer2.yiaddr(),
+        offer.yiaddr(),
+        "the withdrawn offer's address is free again"
+    );
 }
 
 #[tokio::test]
@@ -247,7 +405,14 @@ async fn full_mode_does_not_ack_when_the_lease_cannot_be_stored() {
     let h = handler(full(), planner.clone()).await;
     planner.fail_saves(true);
     let ip = Ipv4Addr::new(10, 0, 0, 10);
-    let req = request(MessageType::Request, mac(1), pxe(0), vec![DhcpOption::RequestedIpAddress(ip)], None, None);
+    let req = request(
+        MessageType::Request,
+        mac(1),
+        pxe(0),
+        vec![DhcpOption::RequestedIpAddress(ip)],
+        None,
+        None,
+    );
     assert!(exchange(&h, req.clone(), Port::Server, NOW).await.is_none());
     planner.fail_saves(false);
     let (_, ack) = exchange(&h, req, Port::Server, NOW).await.unwrap();
@@ -258,29 +423,74 @@ async fn full_mode_does_not_ack_when_the_lease_cannot_be_stored() {
 async fn full_mode_decline_reservation_and_restored_leases() {
     let planner = Arc::new(MemPlanner::new(BASE));
     let held = Ipv4Addr::new(10, 0, 0, 10);
-    planner.insert_lease(Lease { mac: mac(9), ip: held, expires_unix: NOW + 1000 });
+    planner.insert_lease(Lease {
+        mac: mac(9),
+        ip: held,
+        expires_unix: NOW + 1000,
+    });
     planner.set_reservation(mac(3), Ipv4Addr::new(10, 0, 0, 200));
     let h = handler(full(), planner.clone()).await;
 
     let offer_ip = |m: MacAddr| {
         let h = &h;
         async move {
-            exchange(h, request(MessageType::Discover, m, pxe(0), vec![], None, None), Port::Server, NOW)
-                .await
-                .map(|(_, o)| o.yiaddr())
+            exchange(
+                h,
+                request(MessageType::Discover, m, pxe(0), vec![], None, None),
+                Port::Server,
+                NOW,
+            )
+            .await
+            .map(|(_, o)| o.yiaddr())
         }
     };
-    assert_eq!(offer_ip(mac(9)).await, Some(held), "a restored lease is offered to its holder");
-    assert_eq!(offer_ip(mac(1)).await, Some(Ipv4Addr::new(10, 0, 0, 11)), "and to no one else");
-    assert_eq!(offer_ip(mac(3)).await, Some(Ipv4Addr::new(10, 0, 0, 200)), "reservations win");
+    assert_eq!(
+        offer_ip(mac(9)).await,
+        Some(held),
+        "a restored lease is offered to its holder"
+    );
+    assert_eq!(
+        offer_ip(mac(1)).await,
+        Some(Ipv4Addr::new(10, 0, 0, 11)),
+        "and to no one else"
+    );
+    assert_eq!(
+        offer_ip(mac(3)).await,
+        Some(Ipv4Addr::new(10, 0, 0, 200)),
+        "reservations win"
+    );
 
     // mac(1) declines its offered address: the next client skips it.
-    h.handle(&request(MessageType::Decline, mac(1), vec![], vec![DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 0, 0, 11))], None, None), src(), Port::Server, NOW)
-        .await;
+    h.handle(
+        &request(
+            MessageType::Decline,
+            mac(1),
+            vec![],
+            vec![DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 0, 0, 11))],
+            None,
+            None,
+        ),
+        src(),
+        Port::Server,
+        NOW,
+    )
+    .await;
     assert_eq!(offer_ip(mac(4)).await, Some(Ipv4Addr::new(10, 0, 0, 12)));
     // mac(9) declines its stored lease: it is deleted from storage.
-    h.handle(&request(MessageType::Decline, mac(9), vec![], vec![DhcpOption::RequestedIpAddress(held)], None, None), src(), Port::Server, NOW)
-        .await;
+    h.handle(
+        &request(
+            MessageType::Decline,
+            mac(9),
+            vec![],
+            vec![DhcpOption::RequestedIpAddress(held)],
+            None,
+            None,
+        ),
+        src(),
+        Port::Server,
+        NOW,
+    )
+    .await;
     assert!(planner.leases().iter().all(|l| l.mac != mac(9)));
 }
 
@@ -288,11 +498,35 @@ fn fuzz_seeds() -> Vec<Vec<u8>> {
     let ip = Ipv4Addr::new(10, 0, 0, 10);
     vec![
         request(MessageType::Discover, mac(1), pxe(0), vec![], None, None),
-        request(MessageType::Discover, mac(1), ipxe(), vec![], None, Some(Ipv4Addr::LOCALHOST)),
-        request(MessageType::Request, mac(1), pxe(7), vec![DhcpOption::ServerIdentifier(BOOT), DhcpOption::RequestedIpAddress(ip)], None, None),
+        request(
+            MessageType::Discover,
+            mac(1),
+            ipxe(),
+            vec![],
+            None,
+            Some(Ipv4Addr::LOCALHOST),
+        ),
+        request(
+            MessageType::Request,
+            mac(1),
+            pxe(7),
+            vec![
+                DhcpOption::ServerIdentifier(BOOT),
+                DhcpOption::RequestedIpAddress(ip),
+            ],
+            None,
+            None,
+        ),
         request(MessageType::Request, mac(1), pxe(7), vec![], Some(ip), None),
         request(MessageType::Release, mac(1), vec![], vec![], Some(ip), None),
-        request(MessageType::Decline, mac(1), vec![], vec![DhcpOption::RequestedIpAddress(ip)], None, None),
+        request(
+            MessageType::Decline,
+            mac(1),
+            vec![],
+            vec![DhcpOption::RequestedIpAddress(ip)],
+            None,
+            None,
+        ),
     ]
 }
 
