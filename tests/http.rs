@@ -563,6 +563,9 @@ async fn run_requests_are_checked() {
         error_of(&body, "bad_request").contains("imageUrl"),
         "{body}"
     );
+    // The details name the graph and the field, for programs.
+    assert_eq!(body["error"]["details"][0]["graph"], "Graph.Test.NeedsUrl", "{body}");
+    assert_eq!(body["error"]["details"][0]["field"], "options.defaults.imageUrl", "{body}");
 
     let ok = json!({"name": "Graph.Test.NeedsUrl", "options": {"defaults": {"imageUrl": "http://x/a.iso"}}});
     let id = h.run("/api/2.0/workflows", &ok).await;

@@ -41,9 +41,13 @@ pub enum Error {
     /// A definition is invalid (HTTP 422).
     #[error("{0}")]
     Invalid(definitions::Problems),
-    /// A request is wrong: missing or bad run options, a bad body (HTTP 400).
+    /// A request is wrong: a bad body or argument (HTTP 400).
     #[error("{0}")]
     BadRequest(String),
+    /// Run options are wrong or missing; each problem names the graph, label and field
+    /// (HTTP 400).
+    #[error("{0}")]
+    BadOptions(definitions::Problems),
     /// The request conflicts with current state: a busy node, a workflow still running or
     /// already finished, a library definition (HTTP 409).
     #[error("{0}")]
@@ -66,7 +70,7 @@ impl From<definitions::Error> for Error {
         use definitions::Error as D;
         match e {
             D::Invalid(p) => Error::Invalid(p),
-            D::BadOptions(p) => Error::BadRequest(p.to_string()),
+            D::BadOptions(p) => Error::BadOptions(p),
             D::NotFound { kind, name } => Error::NotFound { kind, id: name },
             e @ D::LibraryReadOnly { .. } => Error::Conflict(e.to_string()),
             D::Store(e) => e.into(),

@@ -540,17 +540,18 @@ tasks:
         }
     };
     match run(json!({})).await {
-        Err(Error::BadRequest(m)) => assert!(m.contains("imageUrl"), "{m}"),
+        Err(Error::BadOptions(m)) => assert!(m.to_string().contains("imageUrl"), "{m}"),
         other => panic!("{other:?}"),
     }
     match run(json!({"defaults": {"imageUrl": "http://x/y.iso"}})).await {
-        Err(Error::BadRequest(m)) => {
+        Err(Error::BadOptions(m)) => {
+            let m = m.to_string();
             assert!(m.contains("task 's'") && m.contains("duration"), "{m}")
         }
         other => panic!("{other:?}"),
     }
     match run(json!({"defaults": {"imageUrl": "u"}, "s": {"duration": "1s"}, "nope": {}})).await {
-        Err(Error::BadRequest(m)) => assert!(m.contains("nope"), "{m}"),
+        Err(Error::BadOptions(m)) => assert!(m.to_string().contains("nope"), "{m}"),
         other => panic!("{other:?}"),
     }
     let v = run(json!({"defaults": {"imageUrl": "http://x/y.iso"}, "s": {"duration": "1s"}}))

@@ -105,6 +105,10 @@ impl From<metalgraph_engine::Error> for ApiError {
             E::NotFound { kind, id } => Self::not_found(kind, &id),
             E::Invalid(problems) => Self::invalid(problems),
             E::BadRequest(message) => Self::bad_request(message),
+            E::BadOptions(problems) => Self {
+                details: problems.0.iter().map(problem_json).collect(),
+                ..Self::new(StatusCode::BAD_REQUEST, "bad_request", problems.to_string())
+            },
             E::Conflict(message) => Self::new(StatusCode::CONFLICT, "conflict", message),
             E::Unavailable(message) => Self::unavailable(message),
             E::Store(detail) => Self::internal(format_args!("store: {detail}")),

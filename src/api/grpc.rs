@@ -63,7 +63,7 @@ pub fn router(engine: Engine) -> anyhow::Result<tonic::transport::server::Router
 pub fn status(e: Error) -> Status {
     match e {
         Error::NotFound { .. } => Status::not_found(e.to_string()),
-        Error::Invalid(_) | Error::BadRequest(_) => Status::invalid_argument(e.to_string()),
+        Error::Invalid(_) | Error::BadRequest(_) | Error::BadOptions(_) => Status::invalid_argument(e.to_string()),
         Error::Conflict(ref m) if m.contains("busy") => Status::already_exists(e.to_string()),
         Error::Conflict(_) => Status::failed_precondition(e.to_string()),
         Error::Unavailable(_) => Status::unavailable(e.to_string()),
