@@ -25,7 +25,11 @@ tasks:
 "#;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 async fn connect(port: u16) -> Channel {
@@ -45,17 +49,24 @@ fn options(greeting: &str) -> prost_types::Struct {
 }
 
 /// Reads a Watch stream to its end, as `label:state` / `wf:status` strings per workflow.
-async fn collect(mut stream: tonic::Streaming<pb::WatchEvent>, skip_snapshot: bool) -> HashMap<String, Vec<String>> {
+async fn collect(
+    mut stream: tonic::Streaming<pb::WatchEvent>,
+    skip_snapshot: bool,
+) -> HashMap<String, Vec<String>> {
     let mut out: HashMap<String, Vec<String>> = HashMap::new();
     while let Some(ev) = stream.message().await.unwrap() {
         if skip_snapshot && ev.snapshot {
             continue;
         }
         match ev.event.unwrap() {
-            pb::watch_event::Event::Workflow(w) => out.entry(w.workflow_id).or_default().push(format!(
-                "wf:{}",
-                pb::WorkflowStatus::try_from(w.status).unwrap().as_str_name()
-            )),
+            pb::watch_event::Event::Workflow(w) => {
+                out.entry(w.workflow_id).or_default().push(format!(
+                    "wf:{}",
+                    pb::WorkflowStatus::try_from(w.status)
+                        .unwrap()
+                        .as_str_name()
+                ))
+            }
             pb::watch_event::Event::Task(t) => out.entry(t.workflow_id).or_default().push(format!(
                 "{}:{}",
                 t.label,
@@ -79,25 +90,54 @@ async fn every_rpc_and_watch() {
 
     // Definitions.
     let put = defs
-        .put_graph(pb::PutGraphRequest { definition: Some(pb::put_graph_request::Definition::Text(GRAPH.into())) })
+        .put_graph(pb::PutGraphRequest {
+            definition: Some(pb::put_graph_request::Definition::Text(GRAPH.into())),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(put.tasks.len(), 4);
     assert_eq!(put.tasks[3].wait_on.len(), 2);
-    let got = defs.get_graph(pb::GetGraphRequest { name: "Grpc.Demo".into() }).await.unwrap().into_inner();
+    let got = defs
+        .get_graph(pb::GetGraphRequest {
+            name: "Grpc.Demo".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(got.source, pb::Source::User as i32);
     // A typed graph round-trips through PutGraph.
     let mut typed = got.clone();
     typed.injectable_name = "Grpc.Typed".into();
-    defs.put_graph(pb::PutGraphRequest { definition: Some(pb::put_graph_request::Definition::Graph(typed)) })
+    defs.put_graph(pb::PutGraphRequest {
+        definition: Some(pb::put_graph_request::Definition::Graph(typed)),
+    })
+    .await
+    .unwrap();
+    let all = defs
+        .list_graphs(pb::ListGraphsRequest {})
         .await
-        .unwrap();
-    let all = defs.list_graphs(pb::ListGraphsRequest {}).await.unwrap().into_inner();
+        .unwrap()
+        .into_inner();
     assert!(all.graphs.iter().any(|g| g.injectable_name == "Grpc.Typed"));
-    let tasks = defs.list_tasks(pb::ListTasksRequest {}).await.unwrap().into_inner();
-    assert!(tasks.tasks.iter().any(|t| t.injectable_name == "Task.Noop" && t.source == pb::Source::Library as i32));
-    let noop = defs.get_task(pb::GetTaskRequest { name: "Task.Noop".into() }).await.unwrap().into_inner();
+    let tasks = defs
+        .list_tasks(pb::ListTasksRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        tasks
+            .tasks
+            .iter()
+            .any(|t| t.injectable_name == "Task.Noop" && t.source == pb::Source::Library as i32)
+    );
+    let noop = defs
+        .get_task(pb::GetTaskRequest {
+            name: "Task.Noop".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(noop.implements_task, "noop");
     defs.put_task(pb::PutTaskRequest {
         definition: Some(pb::put_task_request::Definition::Text(
@@ -106,11 +146,24 @@ async fn every_rpc_and_watch() {
     })
     .await
     .unwrap();
-    defs.delete_task(pb::DeleteTaskRequest { name: "Task.Grpc.Noop".into() }).await.unwrap();
-    defs.delete_graph(pb::DeleteGraphRequest { name: "Grpc.Typed".into() }).await.unwrap();
+    defs.delete_task(pb::DeleteTaskRequest {
+        name: "Task.Grpc.Noop".into(),
+    })
+    .await
+    .unwrap();
+    defs.delete_graph(pb::DeleteGraphRequest {
+        name: "Grpc.Typed".into(),
+    })
+    .await
+    .unwrap();
 
     // Error codes.
-    let e = defs.get_graph(pb::GetGraphRequest { name: "Nope".into() }).await.unwrap_err();
+    let e = defs
+        .get_graph(pb::GetGraphRequest {
+            name: "Nope".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e}");
     let e = defs
         .put_graph(pb::PutGraphRequest {
@@ -121,14 +174,27 @@ async fn every_rpc_and_watch() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("task 'a'") && e.message().contains("waitOn.zz"), "{}", e.message());
+    assert!(
+        e.message().contains("task 'a'") && e.message().contains("waitOn.zz"),
+        "{}",
+        e.message()
+    );
     let e = wfs
-        .run_graph(pb::RunGraphRequest { name: "Grpc.Demo".into(), node: String::new(), options: None })
+        .run_graph(pb::RunGraphRequest {
+            name: "Grpc.Demo".into(),
+            node: String::new(),
+            options: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("greeting"), "{}", e.message());
-    let e = defs.delete_graph(pb::DeleteGraphRequest { name: "Nope".into() }).await.unwrap_err();
+    let e = defs
+        .delete_graph(pb::DeleteGraphRequest {
+            name: "Nope".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
 
     // Nodes: the password is write-only.
@@ -140,7 +206,12 @@ async fn every_rpc_and_watch() {
                 identifiers: vec!["02:00:00:00:20:01".into()],
                 obms: vec![pb::Obm {
                     service: "sim-obm-service".into(),
-                    config: Some(pb::ObmConfig { host: "sim".into(), user: "admin".into(), password: "hunter2".into(), ..Default::default() }),
+                    config: Some(pb::ObmConfig {
+                        host: "sim".into(),
+                        user: "admin".into(),
+                        password: "hunter2".into(),
+                        ..Default::default()
+                    }),
                 }],
                 ..Default::default()
             }),
@@ -153,30 +224,66 @@ async fn every_rpc_and_watch() {
     let updated = nodes
         .update_obm(pb::UpdateObmRequest {
             id: "grpc-node".into(),
-            obm: Some(pb::Obm { service: "sim-obm-service".into(), config: Some(pb::ObmConfig { host: "sim".into(), user: "root".into(), ..Default::default() }) }),
+            obm: Some(pb::Obm {
+                service: "sim-obm-service".into(),
+                config: Some(pb::ObmConfig {
+                    host: "sim".into(),
+                    user: "root".into(),
+                    ..Default::default()
+                }),
+            }),
         })
         .await
         .unwrap()
         .into_inner();
-    assert!(updated.obms[0].config.as_ref().unwrap().password_set, "an OBM update without a password keeps it");
-    let listed = nodes.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner();
-    assert!(format!("{listed:?}").contains("grpc-node") && !format!("{listed:?}").contains("hunter2"));
-    let e = nodes.get_node(pb::GetNodeRequest { id: "nope".into() }).await.unwrap_err();
+    assert!(
+        updated.obms[0].config.as_ref().unwrap().password_set,
+        "an OBM update without a password keeps it"
+    );
+    let listed = nodes
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        format!("{listed:?}").contains("grpc-node") && !format!("{listed:?}").contains("hunter2")
+    );
+    let e = nodes
+        .get_node(pb::GetNodeRequest { id: "nope".into() })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
 
     // Run on the node and watch it from the start: every transition, in order, none missing.
-    let all_watch = wfs.watch(pb::WatchRequest { workflow_id: String::new() }).await.unwrap().into_inner();
+    let all_watch = wfs
+        .watch(pb::WatchRequest {
+            workflow_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let all_task = tokio::spawn(async move {
         let mut s = all_watch;
         let mut seen: HashMap<String, Vec<String>> = HashMap::new();
         // Read until three workflows have finished.
         let mut finished = 0;
         while finished < 3 {
-            let ev = tokio::time::timeout(Duration::from_secs(30), s.message()).await.unwrap().unwrap().unwrap();
+            let ev = tokio::time::timeout(Duration::from_secs(30), s.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
             if let Some(pb::watch_event::Event::Workflow(w)) = &ev.event {
                 let st = pb::WorkflowStatus::try_from(w.status).unwrap();
-                seen.entry(w.workflow_id.clone()).or_default().push(format!("wf:{}", st.as_str_name()));
-                if matches!(st, pb::WorkflowStatus::Succeeded | pb::WorkflowStatus::Failed | pb::WorkflowStatus::Cancelled) {
+                seen.entry(w.workflow_id.clone())
+                    .or_default()
+                    .push(format!("wf:{}", st.as_str_name()));
+                if matches!(
+                    st,
+                    pb::WorkflowStatus::Succeeded
+                        | pb::WorkflowStatus::Failed
+                        | pb::WorkflowStatus::Cancelled
+                ) {
                     finished += 1;
                 }
             } else if let Some(pb::watch_event::Event::Task(t)) = &ev.event {
@@ -191,26 +298,65 @@ async fn every_rpc_and_watch() {
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let wf = wfs
-        .run_graph(pb::RunGraphRequest { name: "Grpc.Demo".into(), node: "grpc-node".into(), options: Some(options("hi")) })
+        .run_graph(pb::RunGraphRequest {
+            name: "Grpc.Demo".into(),
+            node: "grpc-node".into(),
+            options: Some(options("hi")),
+        })
         .await
         .unwrap()
         .into_inner();
-    let one = wfs.watch(pb::WatchRequest { workflow_id: wf.instance_id.clone() }).await.unwrap().into_inner();
+    let one = wfs
+        .watch(pb::WatchRequest {
+            workflow_id: wf.instance_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let busy = wfs
-        .run_graph(pb::RunGraphRequest { name: "Grpc.Demo".into(), node: "grpc-node".into(), options: Some(options("hi")) })
+        .run_graph(pb::RunGraphRequest {
+            name: "Grpc.Demo".into(),
+            node: "grpc-node".into(),
+            options: Some(options("hi")),
+        })
         .await
         .unwrap_err();
-    assert!(matches!(busy.code(), Code::AlreadyExists | Code::FailedPrecondition), "{busy}");
+    assert!(
+        matches!(busy.code(), Code::AlreadyExists | Code::FailedPrecondition),
+        "{busy}"
+    );
     // Two more unbound workflows in parallel.
-    let w2 = wfs.run_graph(pb::RunGraphRequest { name: "Grpc.Demo".into(), node: String::new(), options: Some(options("2")) }).await.unwrap().into_inner();
-    let w3 = wfs.run_graph(pb::RunGraphRequest { name: "Grpc.Demo".into(), node: String::new(), options: Some(options("3")) }).await.unwrap().into_inner();
+    let w2 = wfs
+        .run_graph(pb::RunGraphRequest {
+            name: "Grpc.Demo".into(),
+            node: String::new(),
+            options: Some(options("2")),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let w3 = wfs
+        .run_graph(pb::RunGraphRequest {
+            name: "Grpc.Demo".into(),
+            node: String::new(),
+            options: Some(options("3")),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let single = collect(one, false).await;
     let events = &single[&wf.instance_id];
-    assert_eq!(events.last().unwrap(), "wf:WORKFLOW_STATUS_SUCCEEDED", "{events:?}");
+    assert_eq!(
+        events.last().unwrap(),
+        "wf:WORKFLOW_STATUS_SUCCEEDED",
+        "{events:?}"
+    );
     // The watch of one workflow: its snapshot (pending), then every change to the end.
     // (A change committed between subscribing and reading the snapshot may show twice.)
-    let done: std::collections::BTreeSet<&String> =
-        events.iter().filter(|e| e.ends_with("TASK_STATE_SUCCEEDED")).collect();
+    let done: std::collections::BTreeSet<&String> = events
+        .iter()
+        .filter(|e| e.ends_with("TASK_STATE_SUCCEEDED"))
+        .collect();
     assert_eq!(done.len(), 4, "{events:?}");
     let seen = all_task.await.unwrap();
     for w in [&wf.instance_id, &w2.instance_id, &w3.instance_id] {
@@ -223,39 +369,94 @@ async fn every_rpc_and_watch() {
         ];
         assert_eq!(&evs[..4], &want, "{w}: {evs:?}");
         for label in ["b", "c", "d"] {
-            let r = evs.iter().position(|e| e == &format!("{label}:TASK_STATE_RUNNING")).unwrap();
-            let s = evs.iter().position(|e| e == &format!("{label}:TASK_STATE_SUCCEEDED")).unwrap();
+            let r = evs
+                .iter()
+                .position(|e| e == &format!("{label}:TASK_STATE_RUNNING"))
+                .unwrap();
+            let s = evs
+                .iter()
+                .position(|e| e == &format!("{label}:TASK_STATE_SUCCEEDED"))
+                .unwrap();
             assert!(r < s, "{w}: {evs:?}");
         }
-        assert_eq!(evs.last().unwrap(), "wf:WORKFLOW_STATUS_SUCCEEDED", "{w}: {evs:?}");
+        assert_eq!(
+            evs.last().unwrap(),
+            "wf:WORKFLOW_STATUS_SUCCEEDED",
+            "{w}: {evs:?}"
+        );
         assert_eq!(evs.len(), 11, "every transition exactly once: {evs:?}");
     }
-    let got = wfs.get_workflow(pb::GetWorkflowRequest { id: wf.instance_id.clone() }).await.unwrap().into_inner();
+    let got = wfs
+        .get_workflow(pb::GetWorkflowRequest {
+            id: wf.instance_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(got.status, pb::WorkflowStatus::Succeeded as i32);
     assert_eq!(got.tasks.len(), 4);
-    let listed = wfs.list_workflows(pb::ListWorkflowsRequest { active: Some(false), node: "grpc-node".into() }).await.unwrap().into_inner();
+    let listed = wfs
+        .list_workflows(pb::ListWorkflowsRequest {
+            active: Some(false),
+            node: "grpc-node".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(listed.workflows.len(), 1);
 
     // Watching a finished workflow sends its final state and ends.
-    let again = wfs.watch(pb::WatchRequest { workflow_id: wf.instance_id.clone() }).await.unwrap().into_inner();
+    let again = wfs
+        .watch(pb::WatchRequest {
+            workflow_id: wf.instance_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let snap = collect(again, false).await;
     assert_eq!(snap[&wf.instance_id].len(), 5);
 
     // Cancel.
     let slow = "{injectableName: Grpc.Slow, tasks: [{label: s, taskName: Task.Wait, optionOverrides: {duration: 1h}}]}";
-    defs.put_graph(pb::PutGraphRequest { definition: Some(pb::put_graph_request::Definition::Text(slow.into())) }).await.unwrap();
-    let s = wfs.run_graph(pb::RunGraphRequest { name: "Grpc.Slow".into(), node: String::new(), options: None }).await.unwrap().into_inner();
+    defs.put_graph(pb::PutGraphRequest {
+        definition: Some(pb::put_graph_request::Definition::Text(slow.into())),
+    })
+    .await
+    .unwrap();
+    let s = wfs
+        .run_graph(pb::RunGraphRequest {
+            name: "Grpc.Slow".into(),
+            node: String::new(),
+            options: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let c = wfs.cancel_workflow(pb::CancelWorkflowRequest { id: s.instance_id.clone() }).await.unwrap().into_inner();
-    assert!(c.status == pb::WorkflowStatus::Cancelled as i32 || c.status == pb::WorkflowStatus::Running as i32);
-    let e = wfs.cancel_workflow(pb::CancelWorkflowRequest { id: "nope".into() }).await.unwrap_err();
+    let c = wfs
+        .cancel_workflow(pb::CancelWorkflowRequest {
+            id: s.instance_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        c.status == pb::WorkflowStatus::Cancelled as i32
+            || c.status == pb::WorkflowStatus::Running as i32
+    );
+    let e = wfs
+        .cancel_workflow(pb::CancelWorkflowRequest { id: "nope".into() })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
 }
 
 fn peers_dir() -> std::path::PathBuf {
     std::env::var_os("METALGRAPH_PEERS")
         .map(Into::into)
-        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/metalgraph-peers"))
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/metalgraph-peers")
+        })
 }
 
 /// Clients metalgraph did not write: Python grpcio code generated from our proto runs a graph
@@ -284,36 +485,92 @@ async fn foreign_clients_python_grpcio_and_buf_curl() {
         .output()
         .await
         .unwrap();
-    assert!(run.status.success(), "python client failed: {}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "python client failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(report["status"], "WORKFLOW_STATUS_SUCCEEDED", "{report}");
     assert_eq!(report["missing"], "NOT_FOUND", "{report}");
-    let events: Vec<&str> = report["events"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect();
-    assert_eq!(events.last(), Some(&"wf:WORKFLOW_STATUS_SUCCEEDED"), "{events:?}");
-    assert!(events.contains(&"second:TASK_STATE_SUCCEEDED"), "{events:?}");
+    let events: Vec<&str> = report["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        events.last(),
+        Some(&"wf:WORKFLOW_STATUS_SUCCEEDED"),
+        "{events:?}"
+    );
+    assert!(
+        events.contains(&"second:TASK_STATE_SUCCEEDED"),
+        "{events:?}"
+    );
 
     let url = format!("http://{addr}");
     let list = tokio::process::Command::new(&buf)
-        .args(["curl", "--protocol", "grpc", "--http2-prior-knowledge", "--list-services", &url])
+        .args([
+            "curl",
+            "--protocol",
+            "grpc",
+            "--http2-prior-knowledge",
+            "--list-services",
+            &url,
+        ])
         .output()
         .await
         .unwrap();
     let services = String::from_utf8_lossy(&list.stdout);
-    assert!(list.status.success(), "buf curl failed: {}", String::from_utf8_lossy(&list.stderr));
-    for s in ["metalgraph.v1.Definitions", "metalgraph.v1.Workflows", "metalgraph.v1.Nodes", "grpc.health.v1.Health"] {
+    assert!(
+        list.status.success(),
+        "buf curl failed: {}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    for s in [
+        "metalgraph.v1.Definitions",
+        "metalgraph.v1.Workflows",
+        "metalgraph.v1.Nodes",
+        "grpc.health.v1.Health",
+    ] {
         assert!(services.contains(s), "{s} missing from {services}");
     }
     let health = tokio::process::Command::new(&buf)
-        .args(["curl", "--protocol", "grpc", "--http2-prior-knowledge", "-d", "{}", &format!("{url}/grpc.health.v1.Health/Check")])
+        .args([
+            "curl",
+            "--protocol",
+            "grpc",
+            "--http2-prior-knowledge",
+            "-d",
+            "{}",
+            &format!("{url}/grpc.health.v1.Health/Check"),
+        ])
         .output()
         .await
         .unwrap();
-    assert!(String::from_utf8_lossy(&health.stdout).contains("SERVING"), "{}", String::from_utf8_lossy(&health.stdout));
+    assert!(
+        String::from_utf8_lossy(&health.stdout).contains("SERVING"),
+        "{}",
+        String::from_utf8_lossy(&health.stdout)
+    );
     let graphs = tokio::process::Command::new(&buf)
-        .args(["curl", "--protocol", "grpc", "--http2-prior-knowledge", "-d", r#"{"name": "Graph.PowerOn.Node"}"#, &format!("{url}/metalgraph.v1.Definitions/GetGraph")])
+        .args([
+            "curl",
+            "--protocol",
+            "grpc",
+            "--http2-prior-knowledge",
+            "-d",
+            r#"{"name": "Graph.PowerOn.Node"}"#,
+            &format!("{url}/metalgraph.v1.Definitions/GetGraph"),
+        ])
         .output()
         .await
         .unwrap();
-    let text = String::from_utf8_lossy(&graphs.stdout).into_owned() + &String::from_utf8_lossy(&graphs.stderr);
-    assert!(text.contains("Graph.PowerOn.Node") && text.contains("SOURCE_LIBRARY"), "{text}");
+    let text = String::from_utf8_lossy(&graphs.stdout).into_owned()
+        + &String::from_utf8_lossy(&graphs.stderr);
+    assert!(
+        text.contains("Graph.PowerOn.Node") && text.contains("SOURCE_LIBRARY"),
+        "{text}"
+    );
 }

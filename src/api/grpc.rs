@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 
 use metalgraph_engine::definitions::{self, Source};
-use metalgraph_engine::model::{Definition, GraphDefinition, GraphTask, RunOptions, TaskDefinition};
+use metalgraph_engine::model::{
+    Definition, GraphDefinition, GraphTask, RunOptions, TaskDefinition,
+};
 use metalgraph_engine::nodes::{self as engine_nodes, Secret};
 use metalgraph_engine::workflow::{TaskRecord, WorkflowRecord};
 use metalgraph_engine::{Engine, Error, Event, ListFilter, RunRequest, TaskState, WorkflowStatus};
@@ -24,7 +26,8 @@ pub mod pb {
     tonic::include_proto!("metalgraph.v1");
 
     /// The encoded descriptors of `proto/metalgraph.proto`, for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/metalgraph.bin"));
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/metalgraph.bin"));
 }
 
 use pb::definitions_server::{Definitions as DefinitionsRpc, DefinitionsServer};
@@ -46,8 +49,12 @@ pub fn router(engine: Engine) -> anyhow::Result<tonic::transport::server::Router
     // The health service reports every metalgraph service as serving while the process runs;
     // the engine's own health is also visible through the HTTP health endpoint.
     tokio::spawn(async move {
-        health_reporter.set_serving::<DefinitionsServer<GrpcApi>>().await;
-        health_reporter.set_serving::<WorkflowsServer<GrpcApi>>().await;
+        health_reporter
+            .set_serving::<DefinitionsServer<GrpcApi>>()
+            .await;
+        health_reporter
+            .set_serving::<WorkflowsServer<GrpcApi>>()
+            .await;
         health_reporter.set_serving::<NodesServer<GrpcApi>>().await;
     });
     Ok(tonic::transport::Server::builder()
@@ -63,7 +70,9 @@ pub fn router(engine: Engine) -> anyhow::Result<tonic::transport::server::Router
 pub fn status(e: Error) -> Status {
     match e {
         Error::NotFound { .. } => Status::not_found(e.to_string()),
-        Error::Invalid(_) | Error::BadRequest(_) | Error::BadOptions(_) => Status::invalid_argument(e.to_string()),
+        Error::Invalid(_) | Error::BadRequest(_) | Error::BadOptions(_) => {
+            Status::invalid_argument(e.to_string())
+        }
         Error::Conflict(ref m) if m.contains("busy") => Status::already_exists(e.to_string()),
         Error::Conflict(_) => Status::failed_precondition(e.to_string()),
         Error::Unavailable(_) => Status::unavailable(e.to_string()),
@@ -124,7 +133,10 @@ pub fn from_pb_value(v: &prost_types::Value) -> Value {
 }
 
 pub fn from_pb_struct(s: &prost_types::Struct) -> Map<String, Value> {
-    s.fields.iter().map(|(k, v)| (k.clone(), from_pb_value(v))).collect()
+    s.fields
+        .iter()
+        .map(|(k, v)| (k.clone(), from_pb_value(v)))
+        .collect()
 }
 
 fn opt_struct(s: &Option<prost_types::Struct>) -> Map<String, Value> {
@@ -175,7 +187,10 @@ fn wait_entries(v: &Map<String, Value>) -> (Vec<pb::WaitOn>, Vec<pb::WaitOn>) {
     let entry = |label: &str, states: &Value| pb::WaitOn {
         label: label.to_owned(),
         states: match states {
-            Value::Array(a) => a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect(),
+            Value::Array(a) => a
+                .iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect(),
             Value::String(s) => vec![s.clone()],
             _ => Vec::new(),
         },
@@ -283,7 +298,8 @@ fn graph_from_pb(g: &pb::Graph) -> GraphDefinition {
                                 .filter(|_| !t.retries_backoff.is_empty()),
                         }
                     }),
-                    timeout: Some(Value::String(t.timeout.clone())).filter(|_| !t.timeout.is_empty()),
+                    timeout: Some(Value::String(t.timeout.clone()))
+                        .filter(|_| !t.timeout.is_empty()),
                     extra: Map::new(),
                 }
             })
@@ -294,7 +310,10 @@ fn graph_from_pb(g: &pb::Graph) -> GraphDefinition {
 fn parse_one(text: &str) -> Result<Definition, Status> {
     let mut defs = definitions::parse(text, "request").map_err(|p| bad(p.to_string()))?;
     if defs.len() != 1 {
-        return Err(bad(format!("the text holds {} definitions; give exactly one", defs.len())));
+        return Err(bad(format!(
+            "the text holds {} definitions; give exactly one",
+            defs.len()
+        )));
     }
     Ok(defs.remove(0))
 }
@@ -305,26 +324,46 @@ impl DefinitionsRpc for GrpcApi {
         &self,
         _: Request<pb::ListGraphsRequest>,
     ) -> Result<Response<pb::ListGraphsResponse>, Status> {
-        let graphs = self.engine.definitions().list_graphs().map_err(|e| status(e.into()))?;
+        let graphs = self
+            .engine
+            .definitions()
+            .list_graphs()
+            .map_err(|e| status(e.into()))?;
         Ok(Response::new(pb::ListGraphsResponse {
             graphs: graphs.iter().map(|(g, s)| graph_to_pb(g, *s)).collect(),
         }))
     }
 
-    async fn get_graph(&self, req: Request<pb::GetGraphRequest>) -> Result<Response<pb::Graph>, Status> {
+    async fn get_graph(
+        &self,
+        req: Request<pb::GetGraphRequest>,
+    ) -> Result<Response<pb::Graph>, Status> {
         let name = req.into_inner().name;
-        match self.engine.definitions().get_graph(&name).map_err(|e| status(e.into()))? {
+        match self
+            .engine
+            .definitions()
+            .get_graph(&name)
+            .map_err(|e| status(e.into()))?
+        {
             Some((g, s)) => Ok(Response::new(graph_to_pb(&g, s))),
-            None => Err(status(Error::NotFound { kind: "graph", id: name })),
+            None => Err(status(Error::NotFound {
+                kind: "graph",
+                id: name,
+            })),
         }
     }
 
-    async fn put_graph(&self, req: Request<pb::PutGraphRequest>) -> Result<Response<pb::Graph>, Status> {
+    async fn put_graph(
+        &self,
+        req: Request<pb::PutGraphRequest>,
+    ) -> Result<Response<pb::Graph>, Status> {
         let graph = match req.into_inner().definition {
             Some(pb::put_graph_request::Definition::Graph(g)) => graph_from_pb(&g),
             Some(pb::put_graph_request::Definition::Text(t)) => match parse_one(&t)? {
                 Definition::Graph(g) => g,
-                Definition::Task(_) => return Err(bad("the text is a task definition, not a graph")),
+                Definition::Task(_) => {
+                    return Err(bad("the text is a task definition, not a graph"));
+                }
             },
             None => return Err(bad("give a graph or its text")),
         };
@@ -352,26 +391,49 @@ impl DefinitionsRpc for GrpcApi {
         &self,
         _: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
-        let tasks = self.engine.definitions().list_tasks().map_err(|e| status(e.into()))?;
+        let tasks = self
+            .engine
+            .definitions()
+            .list_tasks()
+            .map_err(|e| status(e.into()))?;
         Ok(Response::new(pb::ListTasksResponse {
-            tasks: tasks.iter().map(|(t, s)| task_def_to_pb(t, Some(*s))).collect(),
+            tasks: tasks
+                .iter()
+                .map(|(t, s)| task_def_to_pb(t, Some(*s)))
+                .collect(),
         }))
     }
 
-    async fn get_task(&self, req: Request<pb::GetTaskRequest>) -> Result<Response<pb::TaskDefinition>, Status> {
+    async fn get_task(
+        &self,
+        req: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::TaskDefinition>, Status> {
         let name = req.into_inner().name;
-        match self.engine.definitions().get_task(&name).map_err(|e| status(e.into()))? {
+        match self
+            .engine
+            .definitions()
+            .get_task(&name)
+            .map_err(|e| status(e.into()))?
+        {
             Some((t, s)) => Ok(Response::new(task_def_to_pb(&t, Some(s)))),
-            None => Err(status(Error::NotFound { kind: "task", id: name })),
+            None => Err(status(Error::NotFound {
+                kind: "task",
+                id: name,
+            })),
         }
     }
 
-    async fn put_task(&self, req: Request<pb::PutTaskRequest>) -> Result<Response<pb::TaskDefinition>, Status> {
+    async fn put_task(
+        &self,
+        req: Request<pb::PutTaskRequest>,
+    ) -> Result<Response<pb::TaskDefinition>, Status> {
         let task = match req.into_inner().definition {
             Some(pb::put_task_request::Definition::Task(t)) => task_def_from_pb(&t),
             Some(pb::put_task_request::Definition::Text(t)) => match parse_one(&t)? {
                 Definition::Task(t) => t,
-                Definition::Graph(_) => return Err(bad("the text is a graph, not a task definition")),
+                Definition::Graph(_) => {
+                    return Err(bad("the text is a graph, not a task definition"));
+                }
             },
             None => return Err(bad("give a task definition or its text")),
         };
@@ -439,7 +501,11 @@ fn workflow_to_pb(rec: &WorkflowRecord, tasks: &[TaskRecord]) -> pb::Workflow {
         created_at: Some(timestamp(rec.created_at)),
         finished_at: rec.finished_at.map(timestamp),
         error: rec.error.clone().unwrap_or_default(),
-        parent_workflow_id: rec.parent.as_ref().map(|p| p.workflow_id.clone()).unwrap_or_default(),
+        parent_workflow_id: rec
+            .parent
+            .as_ref()
+            .map(|p| p.workflow_id.clone())
+            .unwrap_or_default(),
         tasks: rec
             .plan
             .tasks
@@ -464,7 +530,10 @@ impl GrpcApi {
     fn workflow(&self, id: &str) -> Result<pb::Workflow, Status> {
         match self.engine.load(id).map_err(status)? {
             Some((rec, tasks)) => Ok(workflow_to_pb(&rec, &tasks)),
-            None => Err(status(Error::NotFound { kind: "workflow", id: id.to_owned() })),
+            None => Err(status(Error::NotFound {
+                kind: "workflow",
+                id: id.to_owned(),
+            })),
         }
     }
 
@@ -502,34 +571,49 @@ impl GrpcApi {
 
 fn event_to_pb(ev: &Event) -> pb::WatchEvent {
     let event = match ev {
-        Event::Workflow { workflow_id, graph, node, status, error } => {
-            pb::watch_event::Event::Workflow(pb::WorkflowChanged {
-                workflow_id: workflow_id.clone(),
-                graph: graph.clone(),
-                node: node.clone().unwrap_or_default(),
-                status: workflow_status(*status),
-                error: error.clone().unwrap_or_default(),
-            })
-        }
-        Event::Task { workflow_id, label, index, state, attempts, error } => {
-            pb::watch_event::Event::Task(pb::TaskChanged {
-                workflow_id: workflow_id.clone(),
-                label: label.clone(),
-                index: *index as u32,
-                state: task_state(*state),
-                attempts: *attempts,
-                error: error.clone().unwrap_or_default(),
-            })
-        }
+        Event::Workflow {
+            workflow_id,
+            graph,
+            node,
+            status,
+            error,
+        } => pb::watch_event::Event::Workflow(pb::WorkflowChanged {
+            workflow_id: workflow_id.clone(),
+            graph: graph.clone(),
+            node: node.clone().unwrap_or_default(),
+            status: workflow_status(*status),
+            error: error.clone().unwrap_or_default(),
+        }),
+        Event::Task {
+            workflow_id,
+            label,
+            index,
+            state,
+            attempts,
+            error,
+        } => pb::watch_event::Event::Task(pb::TaskChanged {
+            workflow_id: workflow_id.clone(),
+            label: label.clone(),
+            index: *index as u32,
+            state: task_state(*state),
+            attempts: *attempts,
+            error: error.clone().unwrap_or_default(),
+        }),
     };
-    pb::WatchEvent { snapshot: false, event: Some(event) }
+    pb::WatchEvent {
+        snapshot: false,
+        event: Some(event),
+    }
 }
 
 type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl WorkflowsRpc for GrpcApi {
-    async fn run_graph(&self, req: Request<pb::RunGraphRequest>) -> Result<Response<pb::Workflow>, Status> {
+    async fn run_graph(
+        &self,
+        req: Request<pb::RunGraphRequest>,
+    ) -> Result<Response<pb::Workflow>, Status> {
         let req = req.into_inner();
         let mut options: RunOptions = BTreeMap::new();
         for (layer, v) in opt_struct(&req.options) {
@@ -556,7 +640,10 @@ impl WorkflowsRpc for GrpcApi {
         Ok(Response::new(self.workflow(&view.instance_id)?))
     }
 
-    async fn get_workflow(&self, req: Request<pb::GetWorkflowRequest>) -> Result<Response<pb::Workflow>, Status> {
+    async fn get_workflow(
+        &self,
+        req: Request<pb::GetWorkflowRequest>,
+    ) -> Result<Response<pb::Workflow>, Status> {
         Ok(Response::new(self.workflow(&req.into_inner().id)?))
     }
 
@@ -599,7 +686,10 @@ impl WorkflowsRpc for GrpcApi {
         let (tx, rx) = mpsc::channel::<Result<pb::WatchEvent, Status>>(256);
         let initial: Vec<String> = if id.is_empty() {
             self.engine
-                .list(&ListFilter { active: Some(true), node: None })
+                .list(&ListFilter {
+                    active: Some(true),
+                    node: None,
+                })
                 .map_err(status)?
                 .into_iter()
                 .map(|v| v.instance_id)
@@ -616,7 +706,10 @@ impl WorkflowsRpc for GrpcApi {
                     finished |= !id.is_empty() && done;
                 }
                 None if !id.is_empty() => {
-                    return Err(status(Error::NotFound { kind: "workflow", id: id.clone() }));
+                    return Err(status(Error::NotFound {
+                        kind: "workflow",
+                        id: id.clone(),
+                    }));
                 }
                 None => {}
             }
@@ -639,7 +732,10 @@ impl WorkflowsRpc for GrpcApi {
                         tracing::warn!(missed = n, "a gRPC watcher lagged; resending state");
                         let ids = if id.is_empty() {
                             api.engine
-                                .list(&ListFilter { active: Some(true), node: None })
+                                .list(&ListFilter {
+                                    active: Some(true),
+                                    node: None,
+                                })
                                 .map(|v| v.into_iter().map(|w| w.instance_id).collect())
                                 .unwrap_or_default()
                         } else {
@@ -660,7 +756,9 @@ impl WorkflowsRpc for GrpcApi {
                         continue;
                     }
                     Err(broadcast::error::RecvError::Closed) => {
-                        let _ = tx.send(Err(Status::unavailable("the engine stopped"))).await;
+                        let _ = tx
+                            .send(Err(Status::unavailable("the engine stopped")))
+                            .await;
                         return;
                     }
                 };
@@ -700,7 +798,9 @@ fn obm_to_pb(o: &engine_nodes::Obm) -> pb::Obm {
 
 fn obm_from_pb(o: &pb::Obm) -> Result<engine_nodes::Obm, Status> {
     if o.service.is_empty() {
-        return Err(bad("obm.service is required (redfish-obm-service, ipmi-obm-service or sim-obm-service)"));
+        return Err(bad(
+            "obm.service is required (redfish-obm-service, ipmi-obm-service or sim-obm-service)",
+        ));
     }
     let c = o.config.clone().unwrap_or_default();
     Ok(engine_nodes::Obm {
@@ -709,7 +809,10 @@ fn obm_from_pb(o: &pb::Obm) -> Result<engine_nodes::Obm, Status> {
             host: c.host,
             port: match c.port {
                 0 => None,
-                p => Some(u16::try_from(p).map_err(|_| bad(format!("obm.config.port {p} is out of range")))?),
+                p => Some(
+                    u16::try_from(p)
+                        .map_err(|_| bad(format!("obm.config.port {p} is out of range")))?,
+                ),
             },
             user: Some(c.user).filter(|s| !s.is_empty()),
             password: Some(Secret(c.password)).filter(|s| !s.expose().is_empty()),
@@ -739,34 +842,55 @@ impl GrpcApi {
         let nodes = self.engine.nodes();
         match nodes.get(id).map_err(|e| status(e.into()))? {
             Some(n) => Ok(node_to_pb(&n, nodes.active_workflow(id).ok().flatten())),
-            None => Err(status(Error::NotFound { kind: "node", id: id.to_owned() })),
+            None => Err(status(Error::NotFound {
+                kind: "node",
+                id: id.to_owned(),
+            })),
         }
     }
 }
 
 #[tonic::async_trait]
 impl NodesRpc for GrpcApi {
-    async fn create_node(&self, req: Request<pb::CreateNodeRequest>) -> Result<Response<pb::Node>, Status> {
-        let n = req.into_inner().node.ok_or_else(|| bad("node is required"))?;
+    async fn create_node(
+        &self,
+        req: Request<pb::CreateNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let n = req
+            .into_inner()
+            .node
+            .ok_or_else(|| bad("node is required"))?;
         let node = engine_nodes::Node {
             id: n.id,
             name: n.name,
             identifiers: n.identifiers,
-            node_type: Some(n.r#type).filter(|t| !t.is_empty()).unwrap_or_else(|| "compute".into()),
+            node_type: Some(n.r#type)
+                .filter(|t| !t.is_empty())
+                .unwrap_or_else(|| "compute".into()),
             tags: n.tags,
             obms: n.obms.iter().map(obm_from_pb).collect::<Result<_, _>>()?,
             created_at: String::new(),
             updated_at: String::new(),
         };
-        let created = self.engine.nodes().create(node).map_err(|e| status(e.into()))?;
+        let created = self
+            .engine
+            .nodes()
+            .create(node)
+            .map_err(|e| status(e.into()))?;
         Ok(Response::new(node_to_pb(&created, None)))
     }
 
-    async fn get_node(&self, req: Request<pb::GetNodeRequest>) -> Result<Response<pb::Node>, Status> {
+    async fn get_node(
+        &self,
+        req: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
         Ok(Response::new(self.node(&req.into_inner().id)?))
     }
 
-    async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+    async fn list_nodes(
+        &self,
+        _: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let nodes = self.engine.nodes();
         let list = nodes.list().map_err(|e| status(e.into()))?;
         Ok(Response::new(pb::ListNodesResponse {
@@ -777,21 +901,23 @@ impl NodesRpc for GrpcApi {
         }))
     }
 
-    async fn update_obm(&self, req: Request<pb::UpdateObmRequest>) -> Result<Response<pb::Node>, Status> {
+    async fn update_obm(
+        &self,
+        req: Request<pb::UpdateObmRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
         let req = req.into_inner();
         let mut obm = obm_from_pb(&req.obm.ok_or_else(|| bad("obm is required"))?)?;
         self.engine
             .nodes()
             .update(&req.id, |n| {
                 // An OBM given without a password keeps the stored one for the same BMC.
-                if obm.config.password.is_none() {
-                    if let Some(old) = n
+                if obm.config.password.is_none()
+                    && let Some(old) = n
                         .obms
                         .iter()
                         .find(|o| o.service == obm.service && o.config.host == obm.config.host)
-                    {
-                        obm.config.password = old.config.password.clone();
-                    }
+                {
+                    obm.config.password = old.config.password.clone();
                 }
                 n.obms = vec![obm];
             })
@@ -799,7 +925,10 @@ impl NodesRpc for GrpcApi {
         Ok(Response::new(self.node(&req.id)?))
     }
 
-    async fn delete_node(&self, req: Request<pb::DeleteNodeRequest>) -> Result<Response<pb::DeleteNodeResponse>, Status> {
+    async fn delete_node(
+        &self,
+        req: Request<pb::DeleteNodeRequest>,
+    ) -> Result<Response<pb::DeleteNodeResponse>, Status> {
         self.engine
             .nodes()
             .delete(&req.into_inner().id)
