@@ -72,3 +72,51 @@ else
     echo "install-peers: npm is missing; the buf reflection test will fail" >&2
 fi
 echo "  buf             $PEERS/npm-tools/node_modules/.bin/buf"
+
+# Network boot (pxe/tests, tests/pxe_boot.rs): QEMU boots real PXE firmware (SeaBIOS with
+# the iPXE NIC ROM, and OVMF with EDK2's own PXE) against metalgraph's DHCP, TFTP and HTTP
+# inside a network namespace. `ipxe` provides undionly.kpxe and snponly.efi in
+# /usr/lib/ipxe; dnsmasq is used only as an IPv6 router-advertisement source (no DHCP, no
+# TFTP), which saves iPXE ~13 s of IPv6 autoconfiguration per boot.
+# Debian 12 images that carry qemu-utils from bookworm-backports cannot install bookworm's
+# qemu-system-x86 (qemu-utils Breaks qemu-system-common < 1:8.0), so QEMU comes from
+# bookworm-backports too, whose source is added when missing.
+need_pxe=""
+for pkg in ipxe ovmf iproute2 ethtool dnsmasq-base; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || need_pxe="$need_pxe $pkg"
+done
+if [ -n "$need_pxe" ] || ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "install-peers: need root to install QEMU and:$need_pxe" >&2
+        exit 1
+    fi
+    backports=""
+    if grep -q 'VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null; then
+        backports=/etc/apt/sources.list.d/bookworm-backports.sources
+        if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+            echo "install-peers: adding the bookworm-backports source"
+            cat > "$backports" <<'SOURCES'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SOURCES
+        fi
+    fi
+    apt-get update -q
+    if [ -n "$need_pxe" ]; then
+        # shellcheck disable=SC2086 # the list is meant to split into words
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need_pxe
+    fi
+    if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+        if [ -n "$backports" ]; then
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+                -t bookworm-backports qemu-system-x86
+        else
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends qemu-system-x86
+        fi
+    fi
+fi
+echo "  qemu            $(command -v qemu-system-x86_64) ($(qemu-system-x86_64 --version | head -n1))"
+echo "  ipxe            $(ls /usr/lib/ipxe/undionly.kpxe /usr/lib/ipxe/snponly.efi 2>/dev/null | tr '\n' ' ')"

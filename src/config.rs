@@ -144,6 +144,17 @@ pub struct Config {
     /// installers call back (`METALGRAPH_NODE_API_BASE_URL`). Defaults to the bound
     /// `node_listen` address; empty when the node-facing API is off.
     pub node_api_base_url: Option<String>,
+    /// A directory served read-only on the node-facing API under `/files/` (ISO images,
+    /// kernels, installer files), with HTTP range requests (`METALGRAPH_FILES_DIR`,
+    /// `--files-dir`). Off unless set; nothing outside it is ever served.
+    pub files_dir: Option<PathBuf>,
+    /// A directory of templates (kickstarts, preseeds, scripts) rendered for a node on the
+    /// node-facing API at `/api/2.0/templates/{name}?nodeId=ID`
+    /// (`METALGRAPH_TEMPLATES_DIR`, `--templates-dir`). Off unless set.
+    pub templates_dir: Option<PathBuf>,
+    /// Network boot: DHCP, TFTP and the discovery of unknown machines (the `[boot]`
+    /// section, `METALGRAPH_BOOT_*`, the flags of the same names). Off unless set.
+    pub boot: crate::boot::BootConfig,
 }
 
 impl Default for Config {
@@ -161,6 +172,9 @@ impl Default for Config {
             cancel_grace_ms: 5_000,
             api_base_url: None,
             node_api_base_url: None,
+            files_dir: None,
+            templates_dir: None,
+            boot: crate::boot::BootConfig::default(),
         }
     }
 }
@@ -192,6 +206,15 @@ pub struct ServeArgs {
     /// The log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// A directory served on the node-facing API under /files/ (off by default).
+    #[arg(long, value_name = "DIR")]
+    pub files_dir: Option<PathBuf>,
+    /// A directory of templates rendered on the node-facing API (off by default).
+    #[arg(long, value_name = "DIR")]
+    pub templates_dir: Option<PathBuf>,
+    /// Network boot.
+    #[command(flatten, next_help_heading = "Network boot")]
+    pub boot: crate::boot::BootArgs,
 }
 
 impl Config {
@@ -275,6 +298,13 @@ impl Config {
         if let Some((v, s)) = var("NODE_API_BASE_URL") {
             self.node_api_base_url = parse_optional(&v, &s)?;
         }
+        if let Some((_, s)) = var("FILES_DIR") {
+            self.files_dir = optional_dir(&s);
+        }
+        if let Some((_, s)) = var("TEMPLATES_DIR") {
+            self.templates_dir = optional_dir(&s);
+        }
+        self.boot.apply_env(env)?;
         Ok(())
     }
 
@@ -301,10 +331,18 @@ impl Config {
         if let Some(f) = flags.log_format {
             self.log_format = f;
         }
+        if let Some(d) = &flags.files_dir {
+            self.files_dir = Some(d.clone());
+        }
+        if let Some(d) = &flags.templates_dir {
+            self.templates_dir = Some(d.clone());
+        }
+        self.boot.apply_flags(&flags.boot);
     }
 
     /// Checks values no type can express.
     fn check(&self) -> Result<(), Error> {
+        self.boot.check()?;
         if self.max_running_jobs == 0 {
             return Err(Error::Field {
                 field: "max_running_jobs",
@@ -368,6 +406,14 @@ where
     match value.trim() {
         "" | "off" => Ok(None),
         _ => parse(var, value).map(Some),
+    }
+}
+
+/// A directory from the environment; empty or `off` turns the feature off.
+fn optional_dir(value: &str) -> Option<PathBuf> {
+    match value.trim() {
+        "" | "off" => None,
+        v => Some(PathBuf::from(v)),
     }
 }
 
@@ -451,6 +497,8 @@ mod tests {
             ("METALGRAPH_NODE_LISTEN", "off"),
             ("METALGRAPH_BODY_LIMIT", "4096"),
             ("METALGRAPH_LOG_FORMAT", "json"),
+            ("METALGRAPH_FILES_DIR", "/srv/boot"),
+            ("METALGRAPH_TEMPLATES_DIR", "off"),
         ]);
 
         let config = Config::load(&ServeArgs::default(), &env).expect("loads");
@@ -463,14 +511,18 @@ mod tests {
         );
         assert_eq!(config.body_limit_bytes, 4096);
         assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.files_dir, Some(PathBuf::from("/srv/boot")));
+        assert_eq!(config.templates_dir, None);
 
         let flags = ServeArgs {
             listen: Some("127.0.0.1:3000".parse().expect("an address")),
             store: Some(StoreKind::Sled),
             demo: true,
+            templates_dir: Some(PathBuf::from("./templates")),
             ..ServeArgs::default()
         };
         let config = Config::load(&flags, &env).expect("loads");
+        assert_eq!(config.templates_dir, Some(PathBuf::from("./templates")));
         assert_eq!(config.listen.to_string(), "127.0.0.1:3000");
         assert_eq!(config.store, StoreKind::Sled);
         assert!(config.demo);

@@ -3,6 +3,7 @@
 //! that tests can drive every piece directly.
 
 pub mod api;
+pub mod boot;
 pub mod client;
 pub mod config;
 pub mod library;

@@ -63,6 +63,22 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         None => None,
     };
 
+    for (field, dir) in [
+        ("files_dir", &config.files_dir),
+        ("templates_dir", &config.templates_dir),
+    ] {
+        if let Some(dir) = dir {
+            anyhow::ensure!(
+                dir.is_dir(),
+                "{field} {} is not a directory",
+                dir.display()
+            );
+            if node.is_none() {
+                warn!(field, dir = %dir.display(), "the node-facing API is off, so this directory is not served; set node_listen");
+            }
+        }
+    }
+
     let mut opts = EngineOptions::new(store.clone(), jobs(), library);
     opts.max_running_jobs = config.max_running_jobs;
     opts.cancel_grace = Duration::from_millis(config.cancel_grace_ms);
@@ -74,9 +90,16 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         node_base: config
             .node_api_base_url
             .clone()
-            .or_else(|| node_addr.map(|a| format!("http://{a}/api/2.0")))
+            .or_else(|| {
+                node_addr.map(|a| {
+                    let a = crate::boot::reachable(a, config.boot.boot_address);
+                    format!("http://{a}/api/2.0")
+                })
+            })
             .unwrap_or_default(),
     };
+    let api_urls = opts.api.clone();
+    let node_base = opts.api.node_base.clone();
     // The engine has its own token: it must keep running while the listeners drain, so that
     // requests in flight (a cancel, a run) are answered rather than refused.
     let engine_stop = CancellationToken::new();
@@ -87,8 +110,41 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         register_demo_nodes(&engine).await?;
     }
 
-    let state = AppState::new(engine.clone(), config.body_limit_bytes);
+    let state = AppState {
+        files_dir: config.files_dir.clone(),
+        templates_dir: config.templates_dir.clone(),
+        discovery_graph: config.boot.discovery_graph.clone(),
+        api: api_urls,
+        ..AppState::new(engine.clone(), config.body_limit_bytes)
+    };
+    // Network boot binds before anything is served, so that a port in use or a missing
+    // TFTP root stops the start; the engine is stopped cleanly first.
+    let pxe = match crate::boot::bind_service(&config.boot, &engine, &node_base).await {
+        Ok(pxe) => pxe,
+        Err(e) => {
+            engine_stop.cancel();
+            let _ = engine_task.await;
+            return Err(e);
+        }
+    };
+
     let mut servers = JoinSet::new();
+    if let Some(pxe) = pxe {
+        let (dhcp, tftp) = (pxe.dhcp_addr(), pxe.tftp_addr());
+        // It stops with the listeners, before the engine drains, like every other server.
+        let stop = shutdown.clone();
+        servers.spawn(async move {
+            pxe.run(stop).await;
+            Ok(())
+        });
+        if let Some(addr) = dhcp {
+            announce(&format!("metalgraph dhcp listening on {addr}"));
+        }
+        if let Some(addr) = tftp {
+            announce(&format!("metalgraph tftp listening on {addr}"));
+        }
+        info!(dhcp = ?dhcp, tftp = ?tftp, mode = ?config.boot.dhcp, interface = ?config.boot.dhcp_interface, "network boot serving");
+    }
     servers.spawn(run_http(
         "management API",
         mgmt,

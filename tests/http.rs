@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use metalgraph::api::{AppState, app, node_app};
 use metalgraph_engine::job::{BoxFuture, JobContext, JobResult};
-use metalgraph_engine::{Engine, EngineOptions, Job, OptionSchema};
+use metalgraph_engine::{ApiUrls, Engine, EngineOptions, Job, OptionSchema};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
@@ -952,6 +952,200 @@ async fn node_notifications_reach_the_waiting_task() {
         "the node-facing API serves no management paths: {body}"
     );
     error_of(&body, "not_found");
+}
+
+/// One request answered with its raw status, headers and body.
+async fn raw(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = app
+        .clone()
+        .oneshot(req.body(Body::empty()).expect("a request"))
+        .await
+        .expect("the router answers");
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .expect("a body");
+    (parts.status, parts.headers, bytes.to_vec())
+}
+
+/// The node-facing router with a files and a templates directory.
+fn node_app_with(h: &Harness, files: &std::path::Path, templates: &std::path::Path) -> Router {
+    node_app(AppState {
+        files_dir: Some(files.to_owned()),
+        templates_dir: Some(templates.to_owned()),
+        api: ApiUrls {
+            base: "http://mg:8080/api/2.0".into(),
+            node_base: "http://mg:8090/api/2.0".into(),
+        },
+        ..AppState::new(h.engine.clone(), LIMIT)
+    })
+}
+
+#[tokio::test]
+async fn node_files_serve_ranges_and_stay_inside_the_root() {
+    let h = harness().await;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let root = dir.path().join("files");
+    std::fs::create_dir_all(root.join("sub")).expect("dirs");
+    let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(root.join("boot.img"), &data).expect("a file");
+    std::fs::write(root.join("sub/a.txt"), "a").expect("a file");
+    std::fs::write(dir.path().join("secret"), "top-secret-content").expect("a file");
+    std::os::unix::fs::symlink(dir.path().join("secret"), root.join("out")).expect("a link");
+    let app = node_app_with(&h, &root, dir.path());
+    let header = |h: &axum::http::HeaderMap, k: header::HeaderName| {
+        h.get(k)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+
+    let (status, hs, body) = raw(&app, "GET", "/files/boot.img", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, data);
+    assert_eq!(header(&hs, header::CONTENT_LENGTH), "1000");
+    assert_eq!(header(&hs, header::ACCEPT_RANGES), "bytes");
+    assert_eq!(header(&hs, header::CONTENT_TYPE), "application/octet-stream");
+    let (status, hs, body) = raw(&app, "GET", "/files/sub/a.txt", &[]).await;
+    assert_eq!((status, body.as_slice()), (StatusCode::OK, b"a".as_slice()));
+    assert!(header(&hs, header::CONTENT_TYPE).starts_with("text/plain"));
+
+    for (range, start, end) in [
+        ("bytes=10-19", 10, 19),
+        ("bytes=990-", 990, 999),
+        ("bytes=-5", 995, 999),
+        ("bytes=900-5000", 900, 999),
+    ] {
+        let (status, hs, body) = raw(&app, "GET", "/files/boot.img", &[("range", range)]).await;
+        assert_eq!(status, StatusCode::PARTIAL_CONTENT, "{range}");
+        assert_eq!(body, &data[start..=end], "{range}");
+        assert_eq!(
+            header(&hs, header::CONTENT_RANGE),
+            format!("bytes {start}-{end}/1000"),
+            "{range}"
+        );
+        assert_eq!(
+            header(&hs, header::CONTENT_LENGTH),
+            (end - start + 1).to_string()
+        );
+    }
+    let (status, hs, _) = raw(&app, "GET", "/files/boot.img", &[("range", "bytes=1000-")]).await;
+    assert_eq!(status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(header(&hs, header::CONTENT_RANGE), "bytes */1000");
+    // Several ranges are not served as multipart: the whole file comes back.
+    let (status, _, body) = raw(&app, "GET", "/files/boot.img", &[("range", "bytes=0-1,5-6")]).await;
+    assert_eq!((status, body.len()), (StatusCode::OK, 1000));
+
+    let (status, hs, body) = raw(&app, "HEAD", "/files/boot.img", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.is_empty());
+    assert_eq!(header(&hs, header::CONTENT_LENGTH), "1000");
+    let (status, hs, body) = raw(&app, "HEAD", "/files/boot.img", &[("range", "bytes=0-9")]).await;
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    assert!(body.is_empty());
+    assert_eq!(header(&hs, header::CONTENT_LENGTH), "10");
+
+    for (uri, want) in [
+        ("/files/../secret", StatusCode::FORBIDDEN),
+        ("/files/sub/..%2F..%2Fsecret", StatusCode::FORBIDDEN),
+        ("/files/%2Fetc%2Fpasswd", StatusCode::FORBIDDEN),
+        ("/files/out", StatusCode::FORBIDDEN),
+        ("/files/sub", StatusCode::NOT_FOUND),
+        ("/files/missing.iso", StatusCode::NOT_FOUND),
+    ] {
+        let (status, _, body) = raw(&app, "GET", uri, &[]).await;
+        assert_eq!(status, want, "{uri}: {}", String::from_utf8_lossy(&body));
+        assert!(!String::from_utf8_lossy(&body).contains("top-secret"), "{uri}");
+    }
+    // Without a files directory nothing is served.
+    let (status, _, _) = raw(&h.node_app, "GET", "/files/boot.img", &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn templates_render_for_a_node_with_its_waiting_token() {
+    let h = harness().await;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let kickstart = include_str!("../templates/kickstart-callback.ks");
+    std::fs::write(dir.path().join("kickstart-callback.ks"), kickstart).expect("a template");
+    std::fs::write(
+        dir.path().join("plain.txt"),
+        "{{ node.name }} {{ node.macs[0] }} {{ api.nodeBase }} {{ api.files }}",
+    )
+    .expect("a template");
+    std::fs::write(dir.path().join("broken.txt"), "{{ nope.nothing }}").expect("a template");
+    let app = node_app_with(&h, dir.path(), dir.path());
+    let node = json!({
+        "id": "n1", "name": "rack1-u1", "identifiers": ["52:54:00:aa:bb:01"],
+        "obms": [{"service": "redfish-obm-service", "config": {"host": "10.0.0.5", "user": "root", "password": "hunter2"}}]
+    });
+    let (status, _) = h.post("/api/2.0/nodes", &node).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let text = |b: Vec<u8>| String::from_utf8(b).expect("utf-8");
+
+    let (status, hs, body) = raw(&app, "GET", "/api/2.0/templates/plain.txt?nodeId=n1", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(hs[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/plain"));
+    assert_eq!(
+        text(body),
+        "rack1-u1 52:54:00:aa:bb:01 http://mg:8090/api/2.0 http://mg:8090/files"
+    );
+    for (uri, want) in [
+        ("/api/2.0/templates/plain.txt", StatusCode::BAD_REQUEST),
+        ("/api/2.0/templates/plain.txt?nodeId=ghost", StatusCode::NOT_FOUND),
+        ("/api/2.0/templates/none.ks?nodeId=n1", StatusCode::NOT_FOUND),
+        ("/api/2.0/templates/..%2Fsecret?nodeId=n1", StatusCode::FORBIDDEN),
+        ("/api/2.0/templates/broken.txt?nodeId=n1", StatusCode::UNPROCESSABLE_ENTITY),
+    ] {
+        let (status, _, body) = raw(&app, "GET", uri, &[]).await;
+        assert_eq!(status, want, "{uri}: {}", text(body));
+    }
+    // Nothing waits for the node yet, so the callback cannot be rendered.
+    let ks = "/api/2.0/templates/kickstart-callback.ks?nodeId=n1";
+    let (status, _, body) = raw(&app, "GET", ks, &[]).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let body: Value = serde_json::from_slice(&body).expect("JSON");
+    assert!(error_of(&body, "conflict").contains("notification"), "{body}");
+
+    h.put_graph(&one_task_graph("Graph.Test.Callback", "Test.WaitForNode"))
+        .await;
+    let id = h
+        .run("/api/2.0/nodes/n1/workflows", &json!({"name": "Graph.Test.Callback"}))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let token = loop {
+        if let Some((_, token)) = h.engine.waiting_token("n1") {
+            break token;
+        }
+        assert!(Instant::now() < deadline, "the task never waited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let (status, _, body) = raw(&app, "GET", ks, &[]).await;
+    let rendered = text(body);
+    assert_eq!(status, StatusCode::OK, "{rendered}");
+    assert!(
+        rendered.contains(&format!(
+            "'http://mg:8090/api/2.0/notification?nodeId=n1&token={token}'"
+        )),
+        "{rendered}"
+    );
+    assert!(rendered.contains("--hostname=rack1-u1"), "{rendered}");
+    assert!(!rendered.contains("hunter2"), "{rendered}");
+    assert!(!rendered.contains("{{"), "{rendered}");
+
+    let uri = format!("/api/2.0/notification?nodeId=n1&token={token}");
+    let (status, body) = send(&app, "POST", &uri, Some("application/json"), "{}").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let view = h.wait_for(&id, is_terminal).await;
+    assert_eq!(view["status"], "succeeded", "{view}");
 }
 
 #[test]

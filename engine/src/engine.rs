@@ -512,6 +512,61 @@ impl Engine {
             .find(|w| w.node.as_deref() == Some(node))
             .map(|w| (w.workflow_id.clone(), w.token.clone()))
     }
+
+    /// The unfinished tasks of the top-level workflow running on `node` (running ones first,
+    /// then pending ones, each in plan order), as last committed; empty when no workflow
+    /// runs on it. The node-facing boot endpoints use it to find the node's network-boot
+    /// work (a task with a `profile` option). Tasks of subgraphs are not included.
+    pub fn current_tasks(&self, node: &str) -> Result<Vec<NodeTask>, Error> {
+        let Some(id) = self.inner.nodes.active_workflow(node)? else {
+            return Ok(Vec::new());
+        };
+        let Some((rec, tasks)) = self.load(&id)? else {
+            return Ok(Vec::new());
+        };
+        let context = context_of(&rec.plan, &tasks);
+        let mut out: Vec<NodeTask> = rec
+            .plan
+            .tasks
+            .iter()
+            .zip(&tasks)
+            .filter(|(_, t)| !t.state.is_terminal())
+            .map(|(p, t)| NodeTask {
+                workflow_id: rec.id.clone(),
+                graph: rec.plan.graph.clone(),
+                label: p.label.clone(),
+                task_id: t.id.clone(),
+                job: p.job.clone(),
+                state: t.state,
+                options: p.options.clone(),
+                token: t.token.clone(),
+                context: context.clone(),
+            })
+            .collect();
+        // Stable: plan order is kept within each state.
+        out.sort_by_key(|t| t.state != TaskState::Running);
+        Ok(out)
+    }
+}
+
+/// An unfinished task of a node's workflow, as [`Engine::current_tasks`] reports it.
+#[derive(Debug, Clone)]
+pub struct NodeTask {
+    pub workflow_id: String,
+    /// The workflow's graph.
+    pub graph: String,
+    pub label: String,
+    pub task_id: String,
+    pub job: String,
+    /// `Running` or `Pending`.
+    pub state: TaskState,
+    /// The task's merged options, not yet rendered (the scheduler renders them when the
+    /// task starts; a caller that needs rendered values renders them the same way).
+    pub options: Map<String, Value>,
+    /// The token the node's notification for this task must carry.
+    pub token: String,
+    /// The outputs of the workflow's finished tasks by label (`context` in templates).
+    pub context: Map<String, Value>,
 }
 
 fn load_records(

@@ -16,7 +16,9 @@ pub mod template;
 pub mod workflow;
 
 pub use definitions::{Definitions, Library, Plan, Problem, Problems, Source};
-pub use engine::{ApiUrls, Engine, EngineOptions, Error, GraphRunJob, ListFilter, RunRequest};
+pub use engine::{
+    ApiUrls, Engine, EngineOptions, Error, GraphRunJob, ListFilter, NodeTask, RunRequest,
+};
 pub use job::{Job, JobContext, JobError, JobRegistry, JobResult, OptionKind, OptionSchema};
 pub use model::{GraphDefinition, TaskDefinition, TaskState, WorkflowStatus};
 pub use workflow::{Event, WorkflowView};

@@ -156,15 +156,54 @@ pub fn context_of(plan: &Plan, tasks: &[TaskRecord]) -> Map<String, Value> {
         .collect()
 }
 
+/// What a redacted secret reads as in views.
+pub const REDACTED: &str = "<redacted>";
+
+/// Whether an option or output key names a secret: `password`, `bmcPassword`,
+/// `clientSecret`, `token`, ... (case-insensitive suffixes).
+pub fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "token"]
+        .iter()
+        .any(|s| key.ends_with(s))
+}
+
+/// Replaces, at any depth, every value under a secret key by [`REDACTED`]. The stored
+/// record keeps the real values for the jobs; only what the outside world sees is redacted.
+pub fn redact_secrets(map: &mut Map<String, Value>) {
+    for (k, v) in map.iter_mut() {
+        if is_secret_key(k) && !v.is_null() {
+            *v = Value::from(REDACTED);
+        } else {
+            redact_value(v);
+        }
+    }
+}
+
+fn redact_value(v: &mut Value) {
+    match v {
+        Value::Object(m) => redact_secrets(m),
+        Value::Array(items) => items.iter_mut().for_each(redact_value),
+        _ => {}
+    }
+}
+
 impl WorkflowView {
+    /// The view of a workflow. Run options and context values under secret keys (see
+    /// [`is_secret_key`]) are redacted: a discovery password given as a run option must not
+    /// come back from the API.
     pub fn build(rec: &WorkflowRecord, tasks: &[TaskRecord]) -> Self {
+        let mut options = rec.options.clone();
+        options.values_mut().for_each(redact_secrets);
+        let mut context = context_of(&rec.plan, tasks);
+        redact_secrets(&mut context);
         WorkflowView {
             instance_id: rec.id.clone(),
             name: rec.plan.graph.clone(),
             node: rec.node.clone(),
             status: rec.status,
-            options: rec.options.clone(),
-            context: context_of(&rec.plan, tasks),
+            options,
+            context,
             created_at: rfc3339(rec.created_at),
             finished_at: rec.finished_at.map(rfc3339),
             error: rec.error.clone(),

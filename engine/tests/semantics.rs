@@ -377,7 +377,7 @@ tasks:
       node: "{{ node.name }} {{ node.macs[0] }} {{ node.obmHost }}"
       task: "{{ task.label }} {{ task.workflowId }}"
       api: "{{ api.base }}"
-      secret: "{{ node.obm is defined }}-{{ node.password is defined }}"
+      hidden: "{{ node.obm is defined }}-{{ node.password is defined }}"
 "#;
     let h = start(Arc::new(MemStore::new()), &[g], |o| {
         o.api.base = "http://mg:8080/api/2.0".into();
@@ -395,8 +395,47 @@ tasks:
     assert_eq!(out["node"], json!("rack1-u1 52:54:00:aa:bb:01 10.0.0.5"));
     assert_eq!(out["task"], json!(format!("a {}", v.instance_id)));
     assert_eq!(out["api"], json!("http://mg:8080/api/2.0"));
-    assert_eq!(out["secret"], json!("False-False"));
+    assert_eq!(out["hidden"], json!("False-False"));
     assert!(!serde_json::to_string(&end).unwrap().contains("hunter2"));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn views_redact_secret_options_but_jobs_get_them() {
+    let g = r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Echo}
+"#;
+    let h = start(Arc::new(MemStore::new()), &[g], |_| {});
+    let options = json!({
+        "defaults": {"password": "hunter2", "user": "root", "apiToken": "tok-1"},
+        "a": {"nested": {"bmcPassword": "pw-2", "list": [{"clientSecret": "sec-3"}]}, "tokens": 3}
+    });
+    let v = h.run("G", options, None).await;
+    let end = h.wait(&v.instance_id).await;
+    assert_eq!(end.status, WorkflowStatus::Succeeded, "{end:#?}");
+    let shown = serde_json::to_string(&end).unwrap();
+    for secret in ["hunter2", "tok-1", "pw-2", "sec-3"] {
+        assert!(!shown.contains(secret), "{secret} shown in {shown}");
+    }
+    assert_eq!(end.options["defaults"]["password"], json!("<redacted>"));
+    assert_eq!(end.options["defaults"]["user"], json!("root"));
+    assert_eq!(end.options["a"]["tokens"], json!(3), "only key suffixes count");
+    assert_eq!(
+        end.options["a"]["nested"]["list"][0]["clientSecret"],
+        json!("<redacted>")
+    );
+    assert_eq!(end.context["a"]["password"], json!("<redacted>"));
+    assert_eq!(end.context["a"]["user"], json!("root"));
+    // The record keeps the values, and the job got them.
+    let (rec, tasks) = h.engine.load(&v.instance_id).unwrap().unwrap();
+    assert_eq!(rec.options["defaults"]["password"], json!("hunter2"));
+    assert_eq!(tasks[0].output.as_ref().unwrap()["password"], json!("hunter2"));
+    assert_eq!(
+        tasks[0].output.as_ref().unwrap()["nested"]["bmcPassword"],
+        json!("pw-2")
+    );
     h.stop().await;
 }
 

@@ -14,7 +14,7 @@ use metalgraph_engine::model::{
 };
 use metalgraph_engine::nodes::{self as engine_nodes, Secret};
 use metalgraph_engine::workflow::{TaskRecord, WorkflowRecord};
-use metalgraph_engine::{Engine, Error, Event, ListFilter, RunRequest, TaskState, WorkflowStatus};
+use metalgraph_engine::{Engine, Error, Event, ListFilter, RunRequest, TaskState, WorkflowStatus, WorkflowView};
 use prost_types::value::Kind;
 use serde_json::{Map, Value};
 use tokio::sync::{broadcast, mpsc};
@@ -490,14 +490,15 @@ fn run_options_struct(o: &RunOptions) -> prost_types::Struct {
 }
 
 fn workflow_to_pb(rec: &WorkflowRecord, tasks: &[TaskRecord]) -> pb::Workflow {
-    let context = metalgraph_engine::workflow::context_of(&rec.plan, tasks);
+    // Options and context as the REST view shows them: secrets redacted.
+    let view = WorkflowView::build(rec, tasks);
     pb::Workflow {
         instance_id: rec.id.clone(),
         name: rec.plan.graph.clone(),
         node: rec.node.clone().unwrap_or_default(),
         status: workflow_status(rec.status),
-        options: Some(run_options_struct(&rec.options)),
-        context: Some(to_pb_struct(&context)),
+        options: Some(run_options_struct(&view.options)),
+        context: Some(to_pb_struct(&view.context)),
         created_at: Some(timestamp(rec.created_at)),
         finished_at: rec.finished_at.map(timestamp),
         error: rec.error.clone().unwrap_or_default(),

@@ -12,18 +12,19 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use axum::routing::{get, post, put};
 use metalgraph_engine::definitions::{self, Source};
 use metalgraph_engine::model::{Definition, RunOptions};
 use metalgraph_engine::nodes::{Node, Obm};
+use metalgraph_engine::template::Renderer;
 use metalgraph_engine::{ListFilter, RunRequest, WorkflowView};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tracing::debug;
 
 use super::extract::{Body, Path, Query, decode};
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, files};
 
 type Result<T, E = ApiError> = std::result::Result<T, E>;
 
@@ -56,10 +57,19 @@ pub fn app(state: AppState) -> Router {
     finish(Router::new().nest("/api/2.0", api), state)
 }
 
-/// The node-facing API: what booting nodes and their installers call.
+/// The node-facing API: what booting nodes and their installers call. `/files/...` serves
+/// the files directory; `/api/2.0/templates/{name}` renders a template for a node.
 pub fn node_app(state: AppState) -> Router {
-    let api = Router::new().route("/notification", post(notification));
-    finish(Router::new().nest("/api/2.0", api), state)
+    let api = Router::new()
+        // GET too: stock iPXE cannot POST (its `param` command is not built in by default),
+        // so a profile script reports with GET.
+        .route("/notification", post(notification).get(notification))
+        .route("/profiles", get(super::profiles::profiles))
+        .route("/templates/{name}", get(template));
+    let router = Router::new()
+        .nest("/api/2.0", api)
+        .route("/files/{*path}", get(files::serve_file));
+    finish(router, state)
 }
 
 /// The layers both routers share: JSON fallbacks, the body limit and request logging.
@@ -733,4 +743,108 @@ async fn notification(
         .engine
         .notify(node.as_deref(), &token, Value::Object(body))?;
     Ok(Json(json!({"status": "delivered", "task": label})))
+}
+
+/// `GET /templates/{name}?nodeId=`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TemplateQuery {
+    node_id: Option<String>,
+}
+
+/// Renders template `name` from the templates directory for one node, with strict
+/// undefined, over `node` (never a secret), `api` (`base`, `nodeBase`, `files`) and, while
+/// a task of the node waits for its callback, `notification` (`url`, `token`,
+/// `workflowId`). A template that uses `notification` while nothing waits is a 409 saying
+/// so, rather than a callback URL without a token.
+async fn template(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<TemplateQuery>,
+) -> Result<Response> {
+    let Some(dir) = s.templates_dir.clone() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no templates directory is configured (templates_dir, --templates-dir, METALGRAPH_TEMPLATES_DIR)",
+        ));
+    };
+    let node_id = q.node_id.filter(|n| !n.is_empty()).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "query parameter 'nodeId' is required: the node template {name} is rendered for"
+        ))
+    })?;
+    let path = files::resolve(&dir, &name, "template").await?;
+    let source = tokio::fs::read_to_string(&path)
+        .await
+        .map_err(|e| ApiError::internal(format_args!("cannot read {}: {e}", path.display())))?;
+    let node = {
+        let (s, id) = (s.clone(), node_id.clone());
+        blocking(move || {
+            s.engine
+                .nodes()
+                .get(&id)?
+                .ok_or_else(|| ApiError::not_found("node", &id))
+        })
+        .await?
+    };
+    let node_base = s.api.node_base.trim_end_matches('/').to_owned();
+    let files_base = node_base
+        .strip_suffix("/api/2.0")
+        .map(|root| format!("{root}/files"))
+        .unwrap_or_default();
+    let mut vars = json!({
+        "node": node.template_view(),
+        "api": {"base": s.api.base, "nodeBase": node_base, "files": files_base},
+    });
+    let waiting = s.engine.waiting_token(&node.id);
+    if let Some((workflow_id, token)) = &waiting {
+        vars["notification"] = json!({
+            "url": format!(
+                "{node_base}/notification?nodeId={}&token={}",
+                query_escape(&node.id),
+                query_escape(token)
+            ),
+            "token": token,
+            "workflowId": workflow_id,
+        });
+    }
+    let rendered = Renderer::new().render_str(&source, &vars).map_err(|e| {
+        if waiting.is_none() && source.contains("notification") {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!(
+                    "template {name} uses 'notification', but no task of node {} waits for a \
+                     notification; run a graph with Task.Wait.Notification on the node first ({e})",
+                    node.id
+                ),
+            )
+        } else {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "template_error",
+                format!("template {name} cannot be rendered for node {}: {e}", node.id),
+            )
+        }
+    })?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        rendered,
+    )
+        .into_response())
+}
+
+/// Percent-encodes a query parameter value (everything but RFC 3986's unreserved
+/// characters).
+fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

@@ -3,10 +3,14 @@
 
 pub mod error;
 pub mod extract;
+pub mod files;
 pub mod grpc;
 pub mod http;
+pub mod profiles;
 
-use metalgraph_engine::Engine;
+use std::path::PathBuf;
+
+use metalgraph_engine::{ApiUrls, Engine};
 
 pub use error::ApiError;
 pub use http::{app, node_app};
@@ -17,10 +21,28 @@ pub struct AppState {
     pub engine: Engine,
     /// The largest request body accepted, in bytes.
     pub body_limit: usize,
+    /// The directory served under `/files/` on the node-facing API; none serves nothing.
+    pub files_dir: Option<PathBuf>,
+    /// The directory `/api/2.0/templates/{name}` renders from; none renders nothing.
+    pub templates_dir: Option<PathBuf>,
+    /// The base URLs templates see as `api` (the engine renders task options with the
+    /// same ones).
+    pub api: ApiUrls,
+    /// The graph an unknown machine runs when it asks `/api/2.0/profiles` (`[boot]
+    /// discovery_graph`).
+    pub discovery_graph: String,
 }
 
 impl AppState {
+    /// A state with the node-facing files and templates off.
     pub fn new(engine: Engine, body_limit: usize) -> Self {
-        Self { engine, body_limit }
+        Self {
+            engine,
+            body_limit,
+            files_dir: None,
+            templates_dir: None,
+            api: ApiUrls::default(),
+            discovery_graph: crate::boot::DEFAULT_DISCOVERY_GRAPH.to_owned(),
+        }
     }
 }

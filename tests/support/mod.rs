@@ -1,46 +1,84 @@
 //! Starting the real `metalgraph` binary for end-to-end tests: a free port, the address read
-//! from its first stdout line, and a guard that kills it when the test ends.
+//! from its first stdout line, and a guard that kills it when the test ends. `peers` starts
+//! the BMC peers (sushy-tools, ipmi_sim) the provisioning tests drive.
 #![allow(dead_code)]
 
+pub mod peers;
+
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// A running `metalgraph serve`.
 pub struct Server {
     child: Child,
     pub base: String,
     pub node_base: Option<String>,
+    /// Where stderr goes when the logs are captured.
+    log: Option<PathBuf>,
+    /// Every stdout line so far.
+    stdout: Arc<Mutex<Vec<String>>>,
+}
+
+/// How `Server::launch` runs the binary beyond its data dir and store.
+#[derive(Debug, Default)]
+pub struct Launch {
+    /// Extra arguments of `metalgraph serve`.
+    pub args: Vec<String>,
+    /// `RUST_LOG` (default `warn`).
+    pub rust_log: Option<String>,
+    /// Capture stderr into this file (else it is inherited); see `Server::logs`.
+    pub log: Option<PathBuf>,
 }
 
 impl Server {
     /// Starts `metalgraph serve` on a free loopback port with the given data dir, store and
     /// extra arguments, and waits until it listens.
     pub fn start(data_dir: &Path, store: &str, extra: &[&str]) -> Server {
+        Server::launch(
+            data_dir,
+            store,
+            Launch {
+                args: extra.iter().map(|a| (*a).to_owned()).collect(),
+                ..Launch::default()
+            },
+        )
+    }
+
+    /// `start` with a log level and captured logs.
+    pub fn launch(data_dir: &Path, store: &str, launch: Launch) -> Server {
+        let extra = &launch.args;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_metalgraph"));
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--store", store])
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", launch.rust_log.as_deref().unwrap_or("warn"))
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stdout(Stdio::piped());
+        match &launch.log {
+            Some(path) => cmd.stderr(std::fs::File::create(path).expect("the log file")),
+            None => cmd.stderr(Stdio::inherit()),
+        };
         let mut child = cmd.spawn().expect("the metalgraph binary starts");
         let stdout = child.stdout.take().expect("stdout is piped");
         let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let kept = lines.clone();
         std::thread::spawn(move || {
             // Forward every line, then keep draining so the child never blocks on a full pipe.
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                kept.lock().unwrap().push(line.clone());
                 let _ = tx.send(line);
             }
         });
         let wants_node = extra
             .iter()
-            .any(|a| *a == "--node-listen" || *a == "--demo");
+            .any(|a| a == "--node-listen" || a == "--demo");
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut got: (Option<String>, Option<String>) = (None, None);
         while Instant::now() < deadline && (got.0.is_none() || (wants_node && got.1.is_none())) {
@@ -64,7 +102,25 @@ impl Server {
             child,
             base,
             node_base: got.1,
+            log: launch.log,
+            stdout: lines,
         }
+    }
+
+    /// Everything the server printed so far: stdout lines, then the captured stderr.
+    pub fn logs(&self) -> String {
+        let mut out = self.stdout.lock().unwrap().join("\n");
+        out.push('\n');
+        if let Some(path) = &self.log {
+            out.push_str(&std::fs::read_to_string(path).unwrap_or_default());
+        }
+        out
+    }
+
+    /// A URL on the node-facing listener.
+    pub fn node_url(&self, path: &str) -> String {
+        let base = self.node_base.as_deref().expect("the node-facing API is on");
+        format!("{}{}", base.trim_end_matches('/'), path)
     }
 
     /// Kills the process with SIGKILL, as a crash would, and reaps it.
@@ -151,6 +207,74 @@ impl Api {
             .unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Runs `graph` (on `node` when given) and returns the new workflow's id.
+    pub async fn run(&self, graph: &str, node: Option<&str>, options: Value) -> String {
+        let (code, v) = match node {
+            Some(n) => {
+                self.send(
+                    "POST",
+                    &format!("/api/2.0/nodes/{n}/workflows"),
+                    Some(json!({"name": graph, "options": options})),
+                )
+                .await
+            }
+            None => {
+                self.send(
+                    "POST",
+                    "/api/2.0/workflows",
+                    Some(json!({"name": graph, "options": options})),
+                )
+                .await
+            }
+        };
+        assert_eq!(code, 201, "run {graph} on {node:?}: {v}");
+        v["instanceId"].as_str().expect("an instanceId").to_owned()
+    }
+
+    /// Runs `graph` and waits for its end.
+    pub async fn run_wait(
+        &self,
+        graph: &str,
+        node: Option<&str>,
+        options: Value,
+        limit: Duration,
+    ) -> Value {
+        let id = self.run(graph, node, options).await;
+        self.wait(&id, limit).await
+    }
+
+    /// Registers a node and returns its id.
+    pub async fn create_node(&self, node: Value) -> String {
+        let (code, v) = self.send("POST", "/api/2.0/nodes", Some(node)).await;
+        assert_eq!(code, 201, "create node: {v}");
+        v["id"].as_str().expect("an id").to_owned()
+    }
+
+    /// Polls a workflow until one of its tasks is in `state`.
+    pub async fn wait_task(&self, id: &str, label: &str, state: &str, limit: Duration) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let (code, v) = self.get(&format!("/api/2.0/workflows/{id}")).await;
+            assert_eq!(code, 200, "GET workflow {id}: {v}");
+            let task = v["tasks"]
+                .as_array()
+                .and_then(|ts| ts.iter().find(|t| t["label"] == label))
+                .unwrap_or_else(|| panic!("workflow {id} has no task {label}: {v}"));
+            if task["state"] == state {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline
+                    && !matches!(
+                        v["status"].as_str(),
+                        Some("succeeded" | "failed" | "cancelled")
+                    ),
+                "task {label} of workflow {id} did not reach {state}: {v:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Polls a workflow until it is finished, or panics after `limit`.

@@ -1,0 +1,218 @@
+//! `GET /api/2.0/profiles`: the iPXE script for a booting machine, on the node-facing API.
+//!
+//! iPXE asks with `?macs=${net0/mac}` (DHCP hands it that URL with the MAC filled in), and
+//! may add `mac=`, `uuid=${uuid}`, `platform=${platform}` and `buildarch=${buildarch}`;
+//! `macs` may repeat or hold a comma-separated list. The answer is always `text/plain`:
+//!
+//! - a known node whose running task has a `profile` option gets that template rendered
+//!   (from the templates directory, else the shipped one of that name);
+//! - a known node whose profile task is still pending gets a script that retries shortly;
+//! - a known node with a `boot-profile=NAME` tag gets that profile;
+//! - any other known node gets a script that boots from the local disk;
+//! - an unknown machine becomes a node, runs the discovery graph, and boots locally; when
+//!   the request lacks `platform` (it came straight from DHCP's boot file name), it is first
+//!   told to ask again with iPXE's `${uuid}`, `${platform}` and `${buildarch}`, so that its
+//!   catalog holds them.
+//!
+//! Once a script is due, failures (a template that does not render, a store error) are
+//! answered with an iPXE script that shows a short message and retries, since a booting
+//! machine cannot read a JSON error; the details go to the log.
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use metalgraph_pxe::MacAddr;
+use metalgraph_pxe::ipxe;
+use tracing::{info, warn};
+
+use super::extract::Query;
+use super::{ApiError, AppState, files};
+use crate::boot::{self, BootWork, Enrolled, ProfileVars, Report};
+
+/// How long a machine waits before asking again when its profile is not ready.
+const RETRY_SECS: u32 = 10;
+
+/// `GET /profiles`.
+pub async fn profiles(
+    State(s): State<AppState>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Response, ApiError> {
+    let report = parse_query(&pairs)?;
+    let script = match script_for(&s, &report).await {
+        Ok(script) => script,
+        Err(e) => {
+            warn!(mac = %report.macs[0], error = %e, "cannot answer a profile request; the machine retries");
+            retry_script(
+                &s,
+                &report,
+                "metalgraph cannot serve this machine's profile yet (see the server log)",
+            )
+        }
+    };
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        script,
+    )
+        .into_response())
+}
+
+/// Reads the MACs and what iPXE reported. MACs that do not parse (an iPXE setting that
+/// expanded to nothing, say) are skipped; at least one must remain.
+fn parse_query(pairs: &[(String, String)]) -> Result<Report, ApiError> {
+    let mut report = Report::default();
+    let value = |v: &str| Some(v.trim().to_owned()).filter(|v| !v.is_empty());
+    for (k, v) in pairs {
+        match k.as_str() {
+            "macs" | "mac" => {
+                for m in v.split(',') {
+                    if let Ok(mac) = m.trim().parse::<MacAddr>()
+                        && !report.macs.contains(&mac)
+                    {
+                        report.macs.push(mac);
+                    }
+                }
+            }
+            "uuid" => report.uuid = value(v),
+            "platform" => report.platform = value(v),
+            "buildarch" => report.buildarch = value(v),
+            _ => {}
+        }
+    }
+    if report.macs.is_empty() {
+        return Err(ApiError::bad_request(
+            "query parameter 'macs' (or 'mac') must hold at least one MAC address, e.g. ?macs=${net0/mac}",
+        ));
+    }
+    Ok(report)
+}
+
+/// What the machine should run; errors are turned into a retry script by the caller.
+async fn script_for(s: &AppState, report: &Report) -> anyhow::Result<String> {
+    let (engine, macs) = (s.engine.clone(), report.macs.clone());
+    let found = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let Some(node) = boot::find_node(&engine, &macs)? else {
+            return Ok(None);
+        };
+        let work = boot::boot_work(&engine, &node)?;
+        Ok(Some((node, work)))
+    })
+    .await??;
+    let (node, work) = match found {
+        Some(found) => found,
+        // DHCP's boot file name cannot carry what only iPXE knows (iPXE does not expand
+        // `${...}` there), so an unknown machine is first asked to come back with it.
+        None if report.platform.is_none() => {
+            let url = format!(
+                "{}&uuid=${{uuid}}&platform=${{platform}}&buildarch=${{buildarch}}",
+                boot::profile_url(&s.api.node_base, &report.macs)
+            );
+            return Ok(ipxe::chain(&url)?);
+        }
+        None => {
+            return match boot::enroll(&s.engine, &s.discovery_graph, report).await? {
+                Enrolled::New { node, workflow } => {
+                    info!(node = %node.id, workflow = ?workflow, "new machine: discovery started; it boots locally");
+                    Ok(ipxe::local_boot())
+                }
+                // Enrolled by a concurrent request: this one answers like a known node
+                // would, which is local boot while discovery runs.
+                Enrolled::Existing(node) => {
+                    info!(node = %node.id, "machine enrolled by a concurrent request; it boots locally");
+                    Ok(ipxe::local_boot())
+                }
+            };
+        }
+    };
+    match work {
+        BootWork::Task { task, profile } => render(s, &node, Some(&task), &profile, report).await,
+        BootWork::Always { profile } => render(s, &node, None, &profile, report).await,
+        BootWork::Pending { label, workflow_id } => {
+            info!(node = %node.id, %workflow_id, label, "profile task not started yet; the machine retries");
+            Ok(retry_script(
+                s,
+                report,
+                &format!("waiting for task {label} of workflow {workflow_id} to start"),
+            ))
+        }
+        BootWork::None => Ok(ipxe::local_boot()),
+    }
+}
+
+/// Renders profile `name` for `node`: the templates directory's file of that name, else the
+/// shipped one.
+async fn render(
+    s: &AppState,
+    node: &metalgraph_engine::nodes::Node,
+    task: Option<&metalgraph_engine::NodeTask>,
+    name: &str,
+    report: &Report,
+) -> anyhow::Result<String> {
+    let from_dir = match &s.templates_dir {
+        Some(dir) => match files::resolve(dir, name, "template").await {
+            Ok(path) => Some(tokio::fs::read_to_string(&path).await?),
+            Err(_) => None,
+        },
+        None => None,
+    };
+    let source = match (from_dir, boot::builtin_profile(name)) {
+        (Some(text), _) => text,
+        (None, Some(text)) => text.to_owned(),
+        (None, None) => anyhow::bail!(
+            "profile {name} of node {} is neither in the templates directory nor shipped",
+            node.id
+        ),
+    };
+    let vars = ProfileVars {
+        node,
+        task,
+        profile: name,
+        api_base: &s.api.base,
+        node_base: &s.api.node_base,
+        report,
+    }
+    .build()
+    .map_err(|e| anyhow::anyhow!("profile {name} of node {}: {e}", node.id))?;
+    let script = metalgraph_engine::template::Renderer::new()
+        .render_str(&source, &vars)
+        .map_err(|e| anyhow::anyhow!("profile {name} of node {}: {e}", node.id))?;
+    info!(node = %node.id, profile = name, task = ?task.map(|t| &t.label), "profile served");
+    Ok(script)
+}
+
+/// A script that shows `message` and asks for the profile again after a pause.
+fn retry_script(s: &AppState, report: &Report, message: &str) -> String {
+    let url = boot::profile_url(&s.api.node_base, &report.macs);
+    ipxe::error_retry(message, RETRY_SECS, Some(&url))
+        .unwrap_or_else(|_| ipxe::error_retry(message, RETRY_SECS, None).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
+        q.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn macs_come_from_every_spelling_and_bad_ones_are_skipped() {
+        let r = parse_query(&pairs(&[
+            ("macs", "52:54:00:00:00:01,52-54-00-00-00-02"),
+            ("macs", ""),
+            ("mac", "52:54:00:00:00:01"),
+            ("mac", "${net1/mac}"),
+            ("uuid", "27946b59-9e44-4fa7-8e91-000000000001"),
+            ("platform", "pcbios"),
+            ("buildarch", "i386"),
+            ("other", "x"),
+        ]))
+        .unwrap();
+        let macs: Vec<String> = r.macs.iter().map(ToString::to_string).collect();
+        assert_eq!(macs, ["52:54:00:00:00:01", "52:54:00:00:00:02"]);
+        assert_eq!(r.platform.as_deref(), Some("pcbios"));
+        assert!(parse_query(&pairs(&[("macs", "nope")])).is_err());
+        assert!(parse_query(&[]).is_err());
+    }
+}

@@ -1,0 +1,611 @@
+//! Network boot as the binary sees it: the [`BootPlanner`] the `pxe` crate asks (answer or
+//! stay silent, reserved addresses, leases kept in the store), the rule that says whether a
+//! node has network-boot work, and the enrolment of unknown machines that ask for a
+//! profile.
+//!
+//! The rules, in one place:
+//!
+//! - **Network-boot work.** A known node has it when a task of its active workflow that is
+//!   running or pending has a `profile` option (the name of an iPXE template), or when the
+//!   node carries a tag `boot-profile=NAME` (a node that always boots from the network).
+//!   DHCP answers unknown MACs (so that they are discovered) and nodes with work; it stays
+//!   silent for every other node, which then boots from its disk.
+//! - **Reservations.** A node tag `ip=A.B.C.D` reserves that address for every MAC of the
+//!   node in full DHCP mode.
+//! - **Leases** live in the store keyspace [`LEASES`]: key the MAC (`aa:bb:...`), value the
+//!   lease as JSON. Each save is one durable commit.
+//! - **Enrolment.** An unknown MAC asking for a profile becomes a node (identifiers: every
+//!   MAC reported, and the SMBIOS UUID), gets a `pxe` catalog of what it reported, and runs
+//!   the discovery graph. The identifier index's `Absent` precondition makes this race-safe:
+//!   the loser of two concurrent enrolments re-reads and finds the winner's node.
+
+pub mod config;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+
+use metalgraph_engine::nodes::{self, Node};
+use metalgraph_engine::{Engine, Error, NodeTask, RunRequest, TaskState};
+use metalgraph_pxe::{
+    BootPlanner, BoxFuture, ClientInfo, Decision, Lease, LeaseStoreError, MacAddr, PxeService,
+};
+use metalgraph_store::Batch;
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+pub use config::{BootArgs, BootConfig, DhcpSetting};
+
+/// The store keyspace of full-mode DHCP leases: MAC → lease (JSON).
+pub const LEASES: &str = "leases";
+/// The graph an unknown machine that asks for a profile runs, unless configured otherwise.
+pub const DEFAULT_DISCOVERY_GRAPH: &str = "Graph.Discovery.Pxe";
+/// The task option naming the iPXE template the profile endpoint serves while the task is
+/// the node's current one.
+pub const PROFILE_OPTION: &str = "profile";
+/// The catalog source of what DHCP and iPXE reported about a machine.
+pub const PXE_CATALOG: &str = "pxe";
+/// A node tag `ip=A.B.C.D` reserves that address for the node.
+const RESERVATION_TAG: &str = "ip=";
+/// A node tag `boot-profile=NAME` makes the node boot profile `NAME` whenever no task asks
+/// for another one.
+const BOOT_PROFILE_TAG: &str = "boot-profile=";
+
+/// The iPXE templates shipped with metalgraph, used when the templates directory has no
+/// file of that name (or none is configured).
+const BUILTIN_PROFILES: &[(&str, &str)] =
+    &[("install.ipxe", include_str!("../templates/install.ipxe"))];
+
+/// The shipped template `name`, if there is one.
+pub fn builtin_profile(name: &str) -> Option<&'static str> {
+    BUILTIN_PROFILES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, text)| *text)
+}
+
+/// What a node should boot from the network, if anything.
+#[derive(Debug, Clone)]
+pub enum BootWork {
+    /// A running task has a profile: serve it.
+    Task {
+        /// The task, with its merged (unrendered) options.
+        task: Box<NodeTask>,
+        /// The profile's template name.
+        profile: String,
+    },
+    /// A pending task has a profile: the node booted early; it should retry until the task
+    /// starts.
+    Pending {
+        /// The task's label, for the message the node shows.
+        label: String,
+        /// The task's workflow.
+        workflow_id: String,
+    },
+    /// No task asks for a profile, but the node's `boot-profile=` tag does.
+    Always {
+        /// The profile's template name.
+        profile: String,
+    },
+    /// Nothing: the node boots from its disk.
+    None,
+}
+
+impl BootWork {
+    /// Whether DHCP should answer the node.
+    pub fn wants_network_boot(&self) -> bool {
+        !matches!(self, BootWork::None)
+    }
+}
+
+/// The node's network-boot work (see the module documentation for the rule). Reads the
+/// store: call it on the blocking pool.
+pub fn boot_work(engine: &Engine, node: &Node) -> Result<BootWork, Error> {
+    let tasks = engine.current_tasks(&node.id)?;
+    // Running tasks come first, so a running task's profile wins over a pending one's.
+    for task in tasks {
+        let Some(profile) = task
+            .options
+            .get(PROFILE_OPTION)
+            .and_then(Value::as_str)
+            .filter(|p| !p.trim().is_empty())
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        return Ok(match task.state {
+            TaskState::Running => BootWork::Task {
+                task: Box::new(task),
+                profile,
+            },
+            _ => BootWork::Pending {
+                label: task.label,
+                workflow_id: task.workflow_id,
+            },
+        });
+    }
+    Ok(match tag_value(node, BOOT_PROFILE_TAG) {
+        Some(profile) => BootWork::Always {
+            profile: profile.to_owned(),
+        },
+        None => BootWork::None,
+    })
+}
+
+/// The value of the first tag `PREFIX...` of `node`.
+fn tag_value<'a>(node: &'a Node, prefix: &str) -> Option<&'a str> {
+    node.tags
+        .iter()
+        .find_map(|t| t.strip_prefix(prefix))
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+/// The node owning one of `macs`, if any (the first match in order).
+pub fn find_node(engine: &Engine, macs: &[MacAddr]) -> Result<Option<Node>, Error> {
+    for mac in macs {
+        if let Some(node) = engine.nodes().by_identifier(&mac.to_string())? {
+            return Ok(Some(node));
+        }
+    }
+    Ok(None)
+}
+
+/// What an unknown machine reported about itself, stored as its `pxe` catalog.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Every MAC it gave, the booting one first.
+    pub macs: Vec<MacAddr>,
+    /// The SMBIOS UUID, as iPXE's `${uuid}` or DHCP option 97 gave it.
+    pub uuid: Option<String>,
+    /// iPXE's `${platform}`: `pcbios` or `efi`.
+    pub platform: Option<String>,
+    /// iPXE's `${buildarch}`: `i386`, `x86_64`, `arm64`, ...
+    pub buildarch: Option<String>,
+}
+
+/// A UUID worth identifying a machine by: firmware that has none reports all zeros or all
+/// ones, which many machines would share.
+fn useful_uuid(uuid: &str) -> Option<String> {
+    let u = uuid.trim().to_ascii_lowercase();
+    let hex: String = u.chars().filter(|c| *c != '-').collect();
+    let valid = hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit());
+    let blank = hex.chars().all(|c| c == '0') || hex.chars().all(|c| c == 'f');
+    (valid && !blank).then_some(u)
+}
+
+/// The outcome of [`enroll`].
+#[derive(Debug, Clone)]
+pub enum Enrolled {
+    /// A new node was created and its discovery workflow started (`None` when it could not
+    /// start; the reason was logged).
+    New {
+        /// The new node.
+        node: Node,
+        /// The discovery workflow's id.
+        workflow: Option<String>,
+    },
+    /// Another request enrolled the machine first; this is its node.
+    Existing(Node),
+}
+
+/// Makes an unknown machine a node: creates it (identifiers: its MACs and useful UUID),
+/// stores its `pxe` catalog and runs `discovery_graph` on it. Two concurrent calls for the
+/// same machine create one node: the loser's commit fails on the identifier index and it
+/// returns the winner's node. Blocking store work runs on the blocking pool.
+pub async fn enroll(
+    engine: &Engine,
+    discovery_graph: &str,
+    report: &Report,
+) -> Result<Enrolled, Error> {
+    let Some(first) = report.macs.first() else {
+        return Err(Error::BadRequest(
+            "a machine to enrol needs at least one MAC address".into(),
+        ));
+    };
+    let uuid = report.uuid.as_deref().and_then(useful_uuid);
+    let mut identifiers: Vec<String> = report.macs.iter().map(MacAddr::to_string).collect();
+    identifiers.extend(uuid.clone());
+    let node = Node {
+        id: String::new(),
+        name: format!("pxe-{}", first.to_string().replace(':', "")),
+        identifiers,
+        node_type: "compute".to_owned(),
+        tags: vec!["discovered-by=pxe".to_owned()],
+        obms: Vec::new(),
+        created_at: String::new(),
+        updated_at: String::new(),
+    };
+    let catalog = json!({
+        "macs": report.macs.iter().map(MacAddr::to_string).collect::<Vec<_>>(),
+        "uuid": report.uuid,
+        "platform": report.platform,
+        "buildarch": report.buildarch,
+    });
+    let (e, macs) = (engine.clone(), report.macs.clone());
+    let created = blocking(move || {
+        let attempt = |node: Node| match e.nodes().create(node) {
+            Ok(n) => Ok(Some(n)),
+            // Another request owns one of the identifiers (it enrolled this machine first,
+            // or another machine reports the same UUID).
+            Err(nodes::Error::IdentifierTaken { .. } | nodes::Error::Conflict(_)) => Ok(None),
+            Err(other) => Err(Error::from(other)),
+        };
+        let mut created = attempt(node.clone())?;
+        if created.is_none() {
+            if let Some(existing) = find_node(&e, &macs)? {
+                return Ok(Err(existing));
+            }
+            // Not ours by MAC: the UUID is taken by another node. Enrol by MACs alone.
+            let mut by_mac = node;
+            by_mac.identifiers.retain(|i| nodes::looks_like_mac(i));
+            created = attempt(by_mac)?;
+        }
+        match created {
+            Some(n) => {
+                e.nodes().put_catalog(&n.id, PXE_CATALOG, &catalog)?;
+                Ok(Ok(n))
+            }
+            None => match find_node(&e, &macs)? {
+                Some(existing) => Ok(Err(existing)),
+                None => Err(Error::Conflict(format!(
+                    "the node for MAC {} was created and removed concurrently; try again",
+                    macs[0]
+                ))),
+            },
+        }
+    })
+    .await?;
+    let node = match created {
+        Ok(n) => n,
+        Err(existing) => return Ok(Enrolled::Existing(existing)),
+    };
+    info!(node = %node.id, mac = %first, uuid = ?uuid, "unknown machine enrolled from its PXE boot");
+    let run = engine
+        .run(RunRequest {
+            graph: discovery_graph.to_owned(),
+            node: Some(node.id.clone()),
+            options: Default::default(),
+        })
+        .await;
+    let workflow = match run {
+        Ok(view) => Some(view.instance_id),
+        Err(e) => {
+            warn!(node = %node.id, graph = discovery_graph, error = %e, "the discovery graph could not start");
+            None
+        }
+    };
+    Ok(Enrolled::New { node, workflow })
+}
+
+/// Runs store work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Store(format!("a blocking task failed: {e}")))?
+}
+
+/// The template variables of a profile: the same `node`, `api` and `notification` as the
+/// templates endpoint, plus `task` and its rendered `options` when a task asked for the
+/// profile, `profile` (`name`, and `url` to chain to on retry) and `client` (what iPXE
+/// reported).
+pub struct ProfileVars<'a> {
+    /// The node.
+    pub node: &'a Node,
+    /// The task that asked for the profile, if one did.
+    pub task: Option<&'a NodeTask>,
+    /// The profile's name.
+    pub profile: &'a str,
+    /// `api.base`.
+    pub api_base: &'a str,
+    /// `api.nodeBase`.
+    pub node_base: &'a str,
+    /// What iPXE reported.
+    pub report: &'a Report,
+}
+
+impl ProfileVars<'_> {
+    /// The profile URL of this node, for scripts that retry.
+    pub fn profile_url(&self) -> String {
+        profile_url(self.node_base, &self.report.macs)
+    }
+
+    /// Builds the variables; the task's options are rendered the way the scheduler renders
+    /// them when the task starts. Errors name the option at fault.
+    pub fn build(&self) -> Result<Value, String> {
+        let node_base = self.node_base.trim_end_matches('/');
+        let files_base = node_base
+            .strip_suffix("/api/2.0")
+            .map(|root| format!("{root}/files"))
+            .unwrap_or_default();
+        let api = json!({"base": self.api_base, "nodeBase": node_base, "files": files_base});
+        let mut vars = json!({
+            "node": self.node.template_view(),
+            "api": api,
+            "profile": {"name": self.profile, "url": self.profile_url()},
+            "client": {
+                "macs": self.report.macs.iter().map(MacAddr::to_string).collect::<Vec<_>>(),
+                "uuid": self.report.uuid,
+                "platform": self.report.platform,
+                "buildarch": self.report.buildarch,
+            },
+        });
+        if let Some(t) = self.task {
+            let task = json!({
+                "id": t.task_id,
+                "label": t.label,
+                "workflowId": t.workflow_id,
+                "token": t.token,
+            });
+            let scheduler_vars = json!({
+                "options": t.options,
+                "context": t.context,
+                "node": vars["node"],
+                "task": task,
+                "api": {"base": self.api_base, "nodeBase": self.node_base},
+            });
+            let options = metalgraph_engine::template::Renderer::new()
+                .render_options(&t.options, &scheduler_vars)?;
+            vars["task"] = task;
+            vars["options"] = Value::Object(options);
+            vars["notification"] = json!({
+                "url": format!(
+                    "{node_base}/notification?nodeId={}&token={}",
+                    query_escape(&self.node.id),
+                    query_escape(&t.token)
+                ),
+                "token": t.token,
+                "workflowId": t.workflow_id,
+            });
+        }
+        Ok(vars)
+    }
+}
+
+/// The profile URL for `macs` under the node-facing base URL.
+pub fn profile_url(node_base: &str, macs: &[MacAddr]) -> String {
+    let base = format!("{}/profiles", node_base.trim_end_matches('/'));
+    match macs.first() {
+        Some(mac) => metalgraph_pxe::ipxe::profile_url(&base, mac),
+        None => base,
+    }
+}
+
+/// Percent-encodes a query parameter value (everything but RFC 3986's unreserved
+/// characters).
+fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The address nodes should use for a listener bound to `addr`: `addr` itself, unless it
+/// is the unspecified address, which nodes cannot reach; then the boot address.
+pub fn reachable(addr: SocketAddr, boot_address: Option<Ipv4Addr>) -> SocketAddr {
+    match boot_address {
+        Some(ip) if addr.ip().is_unspecified() => SocketAddr::from((ip, addr.port())),
+        _ => addr,
+    }
+}
+
+/// Binds the network-boot service configured in `config` (DHCP and TFTP sockets; stored
+/// leases loaded in full mode), or returns `None` when network boot is off. Profile URLs
+/// handed out by DHCP start with `node_base`, the node-facing API's base URL.
+pub async fn bind_service(
+    config: &BootConfig,
+    engine: &Engine,
+    node_base: &str,
+) -> anyhow::Result<Option<PxeService>> {
+    let Some(options) = config.pxe_options().map_err(anyhow::Error::msg)? else {
+        return Ok(None);
+    };
+    if config.dhcp != DhcpSetting::Off && node_base.is_empty() {
+        anyhow::bail!(
+            "network boot needs the node-facing API (node_listen, --node-listen): iPXE fetches its profile there"
+        );
+    }
+    if let Some(t) = &options.tftp
+        && !t.root.is_dir()
+    {
+        anyhow::bail!(
+            "the TFTP root {} is not a directory (boot.tftp_root, --tftp-root; Debian's ipxe package fills /usr/lib/ipxe)",
+            t.root.display()
+        );
+    }
+    let planner = Arc::new(StorePlanner::new(engine.clone(), node_base));
+    let service = PxeService::bind(options, planner)
+        .await
+        .context("network boot could not start")?;
+    Ok(Some(service))
+}
+
+/// The [`BootPlanner`] over metalgraph's nodes, workflows and store.
+pub struct StorePlanner {
+    engine: Engine,
+    /// The node-facing base URL (`http://10.0.0.1:8090/api/2.0`) profile URLs start with.
+    node_base: String,
+}
+
+impl StorePlanner {
+    /// A planner answering with profile URLs under `node_base`.
+    pub fn new(engine: Engine, node_base: impl Into<String>) -> Self {
+        StorePlanner {
+            engine,
+            node_base: node_base.into(),
+        }
+    }
+
+    async fn decision(&self, mac: MacAddr) -> Result<Decision, Error> {
+        let engine = self.engine.clone();
+        let found = blocking(move || {
+            let Some(node) = engine.nodes().by_identifier(&mac.to_string())? else {
+                return Ok(None);
+            };
+            let work = boot_work(&engine, &node)?;
+            Ok(Some((node, work)))
+        })
+        .await?;
+        let answer = || Decision::Answer {
+            profile_url: profile_url(&self.node_base, &[mac]),
+        };
+        Ok(match found {
+            None => answer(),
+            Some((_, work)) if work.wants_network_boot() => answer(),
+            Some((node, _)) => Decision::Silent {
+                reason: format!(
+                    "node {} has no network-boot work (no running or pending task with a '{PROFILE_OPTION}' option, no '{BOOT_PROFILE_TAG}' tag)",
+                    node.id
+                ),
+            },
+        })
+    }
+
+    fn store_err(what: &str, mac: &MacAddr, e: impl std::fmt::Display) -> LeaseStoreError {
+        LeaseStoreError(format!("{what} the lease of {mac}: {e}"))
+    }
+}
+
+impl BootPlanner for StorePlanner {
+    fn decide<'a>(&'a self, client: &'a ClientInfo) -> BoxFuture<'a, Decision> {
+        Box::pin(async move {
+            match self.decision(client.mac).await {
+                Ok(d) => d,
+                Err(e) => Decision::Silent {
+                    reason: format!("cannot look up the node of {}: {e}", client.mac),
+                },
+            }
+        })
+    }
+
+    fn reservation<'a>(&'a self, mac: &'a MacAddr) -> BoxFuture<'a, Option<Ipv4Addr>> {
+        Box::pin(async move {
+            let engine = self.engine.clone();
+            let mac = *mac;
+            let node = blocking(move || {
+                engine
+                    .nodes()
+                    .by_identifier(&mac.to_string())
+                    .map_err(Error::from)
+            })
+            .await;
+            match node {
+                Ok(Some(node)) => {
+                    let ip = tag_value(&node, RESERVATION_TAG)?;
+                    match ip.parse() {
+                        Ok(ip) => Some(ip),
+                        Err(_) => {
+                            warn!(node = %node.id, tag = %format!("{RESERVATION_TAG}{ip}"), "the reservation tag is not an IPv4 address; ignored");
+                            None
+                        }
+                    }
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    warn!(%mac, error = %e, "cannot read the node for a reservation");
+                    None
+                }
+            }
+        })
+    }
+
+    fn save_lease<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), LeaseStoreError>> {
+        Box::pin(async move {
+            let store = self.engine.store().clone();
+            let mac = lease.mac;
+            let value =
+                serde_json::to_vec(lease).map_err(|e| Self::store_err("cannot encode", &mac, e))?;
+            tokio::task::spawn_blocking(move || {
+                let mut batch = Batch::new();
+                batch.put(LEASES, mac.to_string().into_bytes(), value);
+                store.commit(batch)
+            })
+            .await
+            .map_err(|e| Self::store_err("cannot save", &mac, e))?
+            .map_err(|e| Self::store_err("cannot save", &mac, e))
+        })
+    }
+
+    fn delete_lease<'a>(&'a self, mac: &'a MacAddr) -> BoxFuture<'a, Result<(), LeaseStoreError>> {
+        Box::pin(async move {
+            let store = self.engine.store().clone();
+            let mac = *mac;
+            tokio::task::spawn_blocking(move || {
+                let mut batch = Batch::new();
+                batch.delete(LEASES, mac.to_string().into_bytes());
+                store.commit(batch)
+            })
+            .await
+            .map_err(|e| Self::store_err("cannot delete", &mac, e))?
+            .map_err(|e| Self::store_err("cannot delete", &mac, e))
+        })
+    }
+
+    fn load_leases(&self) -> BoxFuture<'_, Result<Vec<Lease>, LeaseStoreError>> {
+        Box::pin(async move {
+            let store = self.engine.store().clone();
+            let entries = tokio::task::spawn_blocking(move || store.scan_prefix(LEASES, b""))
+                .await
+                .map_err(|e| LeaseStoreError(format!("cannot load leases: {e}")))?
+                .map_err(|e| LeaseStoreError(format!("cannot load leases: {e}")))?;
+            let mut leases = Vec::with_capacity(entries.len());
+            for (key, value) in entries {
+                match serde_json::from_slice::<Lease>(&value) {
+                    Ok(l) => leases.push(l),
+                    // One unreadable record must not stop DHCP; its address may be handed
+                    // out again, which the log says.
+                    Err(e) => {
+                        warn!(key = %String::from_utf8_lossy(&key), error = %e, "an unreadable stored lease is ignored")
+                    }
+                }
+            }
+            Ok(leases)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blank_and_malformed_uuids_identify_nothing() {
+        let cases = [
+            (
+                "27946B59-9E44-4FA7-8E91-000000000001",
+                Some("27946b59-9e44-4fa7-8e91-000000000001"),
+            ),
+            ("00000000-0000-0000-0000-000000000000", None),
+            ("ffffffff-ffff-ffff-ffff-ffffffffffff", None),
+            ("", None),
+            ("not-a-uuid", None),
+        ];
+        for (input, want) in cases {
+            assert_eq!(useful_uuid(input).as_deref(), want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn profile_urls_carry_the_first_mac() {
+        let mac: MacAddr = "52:54:00:00:00:01".parse().unwrap();
+        assert_eq!(
+            profile_url("http://10.0.0.1:8090/api/2.0/", &[mac]),
+            "http://10.0.0.1:8090/api/2.0/profiles?macs=52:54:00:00:00:01"
+        );
+    }
+
+    #[test]
+    fn the_shipped_install_profile_is_an_ipxe_script() {
+        let text = builtin_profile("install.ipxe").expect("shipped");
+        assert!(text.starts_with("#!ipxe\n"), "{text}");
+        assert!(builtin_profile("missing.ipxe").is_none());
+    }
+}

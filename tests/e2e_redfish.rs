@@ -1,0 +1,385 @@
+//! End to end through the real binary against sushy-tools (fake driver): Redfish discovery,
+//! power graphs on several nodes at once, an OS install from virtual media whose ISO
+//! metalgraph serves itself with the installer's callback played by the test, and the same
+//! paths over Basic auth and over TLS with a self-signed certificate.
+//!
+//! Needs the peers from scripts/install-peers.sh.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::peers::{Sushy, SushyOptions, raw_client, system_mac, system_uuid};
+use support::{Api, Server};
+use tempfile::TempDir;
+
+const LIMIT: Duration = Duration::from_secs(60);
+const PASSWORD: &str = "sushy-Passw0rd";
+
+/// A metalgraph with its node-facing API on, serving `files` and the repository's
+/// templates.
+struct Metalgraph {
+    server: Server,
+    api: Api,
+    _data: TempDir,
+}
+
+fn metalgraph(files: Option<&Path>) -> Metalgraph {
+    let data = tempfile::tempdir().expect("a data dir");
+    let templates = concat!(env!("CARGO_MANIFEST_DIR"), "/templates");
+    let mut args = vec!["--node-listen", "127.0.0.1:0", "--templates-dir", templates];
+    if let Some(f) = files {
+        args.extend(["--files-dir", f.to_str().expect("utf-8")]);
+    }
+    let server = Server::start(data.path(), "sled", &args);
+    let api = Api::new(&server.base);
+    Metalgraph {
+        server,
+        api,
+        _data: data,
+    }
+}
+
+/// Power tasks poll quickly: sushy runs with the delay patched out.
+fn fast() -> Value {
+    json!({"defaults": {"pollInterval": "100ms", "waitTimeout": "20s"}})
+}
+
+/// Runs Graph.Redfish.Discovery and returns the node id of each sushy system by index.
+async fn discover(api: &Api, options: Value) -> (Value, BTreeMap<usize, String>) {
+    let wf = api
+        .run_wait("Graph.Redfish.Discovery", None, options, LIMIT)
+        .await;
+    let (code, nodes) = api.get("/api/2.0/nodes").await;
+    assert_eq!(code, 200);
+    let mut ids = BTreeMap::new();
+    for n in nodes.as_array().expect("a list") {
+        let idents = n["identifiers"].to_string();
+        if let Some(i) = (0..16).find(|i| idents.contains(&system_uuid(*i))) {
+            ids.insert(i, n["id"].as_str().expect("an id").to_owned());
+        }
+    }
+    (wf, ids)
+}
+
+/// Runs `graph` on every node at once and waits for all of them.
+async fn run_everywhere(api: &Api, graph: &str, nodes: &[&String]) -> Vec<Value> {
+    let mut ids = Vec::new();
+    for node in nodes {
+        ids.push(api.run(graph, Some(node), fast()).await);
+    }
+    let mut ends = Vec::new();
+    for id in ids {
+        let wf = api.wait(&id, LIMIT).await;
+        assert_eq!(wf["status"], "succeeded", "{graph}: {wf:#}");
+        ends.push(wf);
+    }
+    ends
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_creates_each_system_once_with_its_obm_and_catalog() {
+    let sushy = Sushy::start(SushyOptions {
+        systems: 3,
+        instant: true,
+        ..SushyOptions::default()
+    })
+    .await;
+    let mg = metalgraph(None);
+    let options =
+        json!({"defaults": {"uri": sushy.base, "username": "admin", "password": PASSWORD}});
+
+    let (wf, ids) = discover(&mg.api, options.clone()).await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert_eq!(wf["options"]["defaults"]["password"], "<redacted>");
+    assert_eq!(wf["context"]["discovery"]["nodes"].as_array().unwrap().len(), 3);
+    for (i, id) in &ids {
+        let (code, node) = mg.api.get(&format!("/api/2.0/nodes/{id}")).await;
+        assert_eq!(code, 200);
+        assert_eq!(node["name"], format!("node-{i}"));
+        assert!(
+            node["identifiers"].to_string().contains(&system_mac(*i)),
+            "{node}"
+        );
+        let (_, obms) = mg.api.get(&format!("/api/2.0/nodes/{id}/obm")).await;
+        let cfg = &obms[0]["config"];
+        assert_eq!(obms[0]["service"], "redfish-obm-service", "{obms}");
+        assert_eq!(cfg["host"], sushy.base, "{obms}");
+        assert_eq!(cfg["user"], "admin");
+        assert_eq!(cfg["passwordSet"], true, "{obms}");
+        assert!(cfg.get("password").is_none(), "{obms}");
+        let (code, catalog) = mg
+            .api
+            .get(&format!("/api/2.0/nodes/{id}/catalogs/redfish"))
+            .await;
+        assert_eq!(code, 200, "{catalog}");
+        assert!(catalog["data"].to_string().contains(&system_uuid(*i)));
+    }
+
+    // Discovering again updates the same nodes.
+    let (wf, again) = discover(&mg.api, options).await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    assert_eq!(again, ids);
+    let (_, nodes) = mg.api.get("/api/2.0/nodes").await;
+    assert_eq!(nodes.as_array().unwrap().len(), 3, "no duplicates: {nodes:#}");
+    assert!(!nodes.to_string().contains(PASSWORD));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_graphs_run_on_several_nodes_in_parallel() {
+    let sushy = Sushy::start(SushyOptions {
+        systems: 3,
+        instant: true,
+        ..SushyOptions::default()
+    })
+    .await;
+    let mg = metalgraph(None);
+    // Graph.Redfish.Discovery asks for credentials; sushy without auth ignores them.
+    let options =
+        json!({"defaults": {"uri": sushy.base, "username": "admin", "password": PASSWORD}});
+    let (_, ids) = discover(&mg.api, options).await;
+    let nodes: Vec<&String> = ids.values().collect();
+    assert_eq!(nodes.len(), 3);
+
+    run_everywhere(&mg.api, "Graph.PowerOn.Node", &nodes).await;
+    for i in 0..3 {
+        assert_eq!(sushy.power_state(i).await, "On", "system {i}");
+    }
+    for wf in run_everywhere(&mg.api, "Graph.Reboot.Node", &nodes).await {
+        let out = &wf["context"]["reboot"];
+        assert_eq!(out["previousState"], "On", "a restart, not a power-on: {wf:#}");
+        assert_eq!(out["changed"], true);
+    }
+    for i in 0..3 {
+        assert_eq!(sushy.power_state(i).await, "On", "system {i}");
+    }
+    run_everywhere(&mg.api, "Graph.PowerOff.Node", &nodes).await;
+    for i in 0..3 {
+        assert_eq!(sushy.power_state(i).await, "Off", "system {i}");
+    }
+}
+
+/// `len` bytes that no compressor or cache would mistake for another file.
+fn iso_bytes(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Files named `name` under `dir`, at any depth.
+fn find_files(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(find_files(&path, name));
+        } else if path.file_name().is_some_and(|n| n == name) {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installs_an_os_from_virtual_media_served_by_metalgraph() {
+    let sushy = Sushy::start(SushyOptions {
+        systems: 1,
+        instant: true,
+        ..SushyOptions::default()
+    })
+    .await;
+    let files = tempfile::tempdir().expect("a files dir");
+    let iso = iso_bytes(4 << 20);
+    std::fs::create_dir_all(files.path().join("images")).unwrap();
+    std::fs::write(files.path().join("images/install.iso"), &iso).unwrap();
+    let mg = metalgraph(Some(files.path()));
+    let image = mg.server.node_url("/files/images/install.iso");
+    let http = raw_client();
+
+    // The file endpoint answers ranges and HEAD.
+    let r = http
+        .get(&image)
+        .header("Range", "bytes=1048576-1049599")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes 1048576-1049599/{}", iso.len()).as_str()
+    );
+    assert_eq!(r.bytes().await.unwrap(), &iso[1048576..1049600]);
+    let r = http.head(&image).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], iso.len().to_string().as_str());
+    let r = http
+        .get(&image)
+        .header("Range", "bytes=99999999-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 416);
+
+    // Register the node by hand, as an operator would.
+    let node = mg
+        .api
+        .create_node(json!({
+            "name": "install-target",
+            "identifiers": [system_mac(0)],
+            "obms": [{"service": "redfish-obm-service",
+                      "config": {"host": sushy.base, "systemId": system_uuid(0)}}],
+        }))
+        .await;
+    let mut options = fast();
+    options["defaults"]["imageUrl"] = json!(image);
+    let id = mg
+        .api
+        .run("Graph.InstallOS.VirtualMedia", Some(&node), options)
+        .await;
+    mg.api
+        .wait_task(&id, "wait-installed", "running", LIMIT)
+        .await;
+
+    // The BMC holds the image metalgraph served, boots from CD and was restarted.
+    let cd = sushy.cd(0).await;
+    assert_eq!(cd["Image"], image, "{cd:#}");
+    assert_eq!(cd["Inserted"], true, "{cd:#}");
+    let system = sushy.get(&sushy.system_path(0)).await;
+    assert_eq!(system["Boot"]["BootSourceOverrideTarget"], "Cd", "{system:#}");
+    assert_eq!(system["PowerState"], "On");
+    let downloaded = find_files(&sushy.tmp_dir(), "install.iso");
+    assert!(
+        downloaded
+            .iter()
+            .any(|p| std::fs::read(p).is_ok_and(|b| b == iso)),
+        "sushy downloaded the whole image: {downloaded:?}"
+    );
+
+    // The installer fetches its kickstart; the callback in it carries the task's token.
+    let ks_url = mg.server.node_url(&format!(
+        "/api/2.0/templates/kickstart-callback.ks?nodeId={node}"
+    ));
+    let r = http.get(&ks_url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let kickstart = r.text().await.unwrap();
+    let callback = kickstart
+        .lines()
+        .find_map(|l| {
+            let start = l.find("'http")? + 1;
+            Some(l[start..l.rfind('\'')?].to_owned())
+        })
+        .unwrap_or_else(|| panic!("no callback URL in:\n{kickstart}"));
+    let token = callback
+        .split("token=")
+        .nth(1)
+        .expect("a token in the callback URL");
+    assert_eq!(token.len(), 32, "{callback}");
+    assert!(callback.starts_with(&mg.server.node_url("/api/2.0/notification?nodeId=")));
+    assert!(kickstart.contains(&format!("nodeId={node}&token={token}")));
+
+    let wrong = callback.replace(token, "0123456789abcdef0123456789abcdef");
+    let r = http.post(&wrong).json(&json!({})).send().await.unwrap();
+    assert_eq!(r.status(), 409, "{}", r.text().await.unwrap());
+    let r = http
+        .post(&callback)
+        .json(&json!({"status": "installed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+
+    let wf = mg.api.wait(&id, LIMIT).await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    assert_eq!(wf["context"]["wait-installed"]["status"], "installed");
+    let cd = sushy.cd(0).await;
+    assert_eq!(cd["Inserted"], false, "ejected at the end: {cd:#}");
+
+    // Nothing waits any more: the callback cannot be rendered.
+    let r = http.get(&ks_url).send().await.unwrap();
+    assert_eq!(r.status(), 409);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_discovery_and_power() {
+    let sushy = Sushy::start(SushyOptions {
+        systems: 2,
+        instant: true,
+        auth: Some(("admin".into(), PASSWORD.into())),
+        ..SushyOptions::default()
+    })
+    .await;
+    let mg = metalgraph(None);
+    let wrong = "not-the-Passw0rd";
+    let (wf, ids) = discover(
+        &mg.api,
+        json!({"defaults": {"uri": sushy.base, "username": "admin", "password": wrong}}),
+    )
+    .await;
+    assert_eq!(wf["status"], "failed", "{wf:#}");
+    assert!(ids.is_empty());
+    let error = wf["tasks"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("Redfish authentication failed for user admin (HTTP 401"),
+        "{error}"
+    );
+    assert!(!wf.to_string().contains(wrong), "{wf}");
+
+    let (wf, ids) = discover(
+        &mg.api,
+        json!({"defaults": {"uri": sushy.base, "username": "admin", "password": PASSWORD}}),
+    )
+    .await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    let nodes: Vec<&String> = ids.values().collect();
+    assert_eq!(nodes.len(), 2);
+    run_everywhere(&mg.api, "Graph.PowerOn.Node", &nodes).await;
+    for i in 0..2 {
+        assert_eq!(sushy.power_state(i).await, "On");
+    }
+    run_everywhere(&mg.api, "Graph.PowerOff.Node", &nodes).await;
+    for i in 0..2 {
+        assert_eq!(sushy.power_state(i).await, "Off");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_self_signed_certificate_discovery_and_power() {
+    let sushy = Sushy::start(SushyOptions {
+        systems: 1,
+        instant: true,
+        tls: true,
+        auth: Some(("admin".into(), PASSWORD.into())),
+    })
+    .await;
+    assert!(sushy.base.starts_with("https://"));
+    let mg = metalgraph(None);
+    let mut options =
+        json!({"defaults": {"uri": sushy.base, "username": "admin", "password": PASSWORD}});
+
+    // The certificate is verified unless the OBM says otherwise.
+    let (wf, _) = discover(&mg.api, options.clone()).await;
+    assert_eq!(wf["status"], "failed", "{wf:#}");
+    let error = wf["tasks"][0]["error"].as_str().unwrap();
+    assert!(error.to_lowercase().contains("certificate"), "{error}");
+
+    options["defaults"]["verifySSL"] = json!(false);
+    let (wf, ids) = discover(&mg.api, options).await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    let node = &ids[&0];
+    let (_, obms) = mg.api.get(&format!("/api/2.0/nodes/{node}/obm")).await;
+    assert_eq!(obms[0]["config"]["verifySSL"], false, "{obms}");
+    run_everywhere(&mg.api, "Graph.PowerOn.Node", &[node]).await;
+    assert_eq!(sushy.power_state(0).await, "On");
+    run_everywhere(&mg.api, "Graph.PowerOff.Node", &[node]).await;
+    assert_eq!(sushy.power_state(0).await, "Off");
+}

@@ -1,0 +1,181 @@
+//! BMC passwords are write-only, end to end: the binary runs at `RUST_LOG=debug` with its
+//! output captured while nodes with passwords are registered (Redfish with Basic auth,
+//! IPMI), discovery runs with a password option (a wrong one too), power graphs run and a
+//! template is rendered; then no API response, log line or rendered template may contain
+//! any of the passwords.
+//!
+//! Needs the peers from scripts/install-peers.sh.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::peers::{IPMI_PASSWORD, IpmiSim, Sushy, SushyOptions, raw_client, system_uuid};
+use support::{Api, Launch, Server};
+
+const LIMIT: Duration = Duration::from_secs(60);
+const REDFISH_PASSWORD: &str = "Redfish-s3cret-pw";
+const WRONG_PASSWORD: &str = "Wr0ng-but-still-s3cret";
+const OPTION_PASSWORD: &str = "Opt10n-s3cret-pw";
+
+const CALLBACK: &str = r#"
+injectableName: Test.E2E.Callback
+tasks:
+  - label: wait-installed
+    taskName: Task.Wait.Notification
+"#;
+
+/// Every response body the test saw, for the final check.
+struct Seen(Vec<(String, String)>);
+
+impl Seen {
+    fn add(&mut self, what: impl Into<String>, body: &Value) -> Value {
+        self.0.push((what.into(), body.to_string()));
+        body.clone()
+    }
+
+    async fn get(&mut self, api: &Api, path: &str) -> Value {
+        let (code, v) = api.get(path).await;
+        assert_eq!(code, 200, "GET {path}: {v}");
+        self.add(format!("GET {path}"), &v)
+    }
+}
+
+fn fast() -> Value {
+    json!({"defaults": {"pollInterval": "100ms", "waitTimeout": "20s"}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_appear_in_no_response_log_or_template() {
+    let sushy = Sushy::start(SushyOptions {
+        systems: 1,
+        instant: true,
+        auth: Some(("admin".into(), REDFISH_PASSWORD.into())),
+        ..SushyOptions::default()
+    })
+    .await;
+    let sim = IpmiSim::start();
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let log = dir.path().join("metalgraph.log");
+    let templates = concat!(env!("CARGO_MANIFEST_DIR"), "/templates");
+    let server = Server::launch(
+        &dir.path().join("data"),
+        "sled",
+        Launch {
+            args: ["--node-listen", "127.0.0.1:0", "--templates-dir", templates]
+                .map(str::to_owned)
+                .to_vec(),
+            rust_log: Some("debug".into()),
+            log: Some(log.clone()),
+        },
+    );
+    let api = Api::new(&server.base);
+    let mut seen = Seen(Vec::new());
+
+    // Discovery, first with a wrong password, then with the right one.
+    for (password, want) in [(WRONG_PASSWORD, "failed"), (REDFISH_PASSWORD, "succeeded")] {
+        let options =
+            json!({"defaults": {"uri": sushy.base, "username": "admin", "password": password}});
+        let (code, v) = api
+            .send(
+                "POST",
+                "/api/2.0/workflows",
+                Some(json!({"name": "Graph.Redfish.Discovery", "options": options})),
+            )
+            .await;
+        assert_eq!(code, 201, "{v}");
+        seen.add("POST discovery", &v);
+        let wf = api.wait(v["instanceId"].as_str().unwrap(), LIMIT).await;
+        assert_eq!(wf["status"], want, "{wf:#}");
+        seen.add("discovery", &wf);
+    }
+    let (_, nodes) = api.get("/api/2.0/nodes").await;
+    let redfish = nodes[0]["id"].as_str().expect("a discovered node").to_owned();
+
+    // An IPMI node, and a Redfish OBM set again through PUT .../obm.
+    let node = json!({
+        "name": "ipmi-node",
+        "obms": [{"service": "ipmi-obm-service", "config": {
+            "host": "127.0.0.1", "port": sim.port, "user": "admin", "password": IPMI_PASSWORD}}],
+    });
+    let (code, v) = api.send("POST", "/api/2.0/nodes", Some(node)).await;
+    assert_eq!(code, 201, "{v}");
+    let ipmi = seen.add("POST node", &v)["id"].as_str().unwrap().to_owned();
+    let obm = json!({"service": "redfish-obm-service", "config": {
+        "host": sushy.base, "systemId": system_uuid(0), "user": "admin",
+        "password": REDFISH_PASSWORD}});
+    let (code, v) = api
+        .send("PUT", &format!("/api/2.0/nodes/{redfish}/obm"), Some(obm))
+        .await;
+    assert_eq!(code, 200, "{v}");
+    seen.add("PUT obm", &v);
+
+    for node in [&redfish, &ipmi] {
+        for graph in ["Graph.PowerOn.Node", "Graph.PowerOff.Node"] {
+            let wf = api.run_wait(graph, Some(node), fast(), LIMIT).await;
+            assert_eq!(wf["status"], "succeeded", "{graph} on {node}: {wf:#}");
+            seen.add(graph, &wf);
+        }
+    }
+    assert_eq!(sim.state("power"), "0");
+
+    // A template rendered for a node, while a task with a password option waits.
+    let (code, v) = api.put_yaml("/api/2.0/workflows/graphs", CALLBACK).await;
+    assert_eq!(code, 201, "{v}");
+    let options = json!({"defaults": {"password": OPTION_PASSWORD}});
+    let id = api.run("Test.E2E.Callback", Some(&ipmi), options).await;
+    let waiting = api
+        .wait_task(&id, "wait-installed", "running", LIMIT)
+        .await;
+    seen.add("waiting workflow", &waiting);
+    let url = server.node_url(&format!(
+        "/api/2.0/templates/kickstart-callback.ks?nodeId={ipmi}"
+    ));
+    let r = raw_client().get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let kickstart = r.text().await.unwrap();
+    assert!(kickstart.contains("token="), "{kickstart}");
+    let callback = kickstart
+        .lines()
+        .find_map(|l| Some(l[l.find("'http")? + 1..l.rfind('\'')?].to_owned()))
+        .expect("a callback URL");
+    let r = raw_client().post(&callback).json(&json!({})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let wf = api.wait(&id, LIMIT).await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    assert_eq!(wf["options"]["defaults"]["password"], "<redacted>");
+
+    // Everything the API shows.
+    seen.get(&api, "/api/2.0/nodes").await;
+    for node in [&redfish, &ipmi] {
+        for path in ["", "/obm", "/catalogs", "/workflows"] {
+            seen.get(&api, &format!("/api/2.0/nodes/{node}{path}")).await;
+        }
+    }
+    let all = seen.get(&api, "/api/2.0/workflows").await;
+    for wf in all.as_array().unwrap() {
+        let id = wf["instanceId"].as_str().unwrap();
+        seen.get(&api, &format!("/api/2.0/workflows/{id}")).await;
+    }
+    seen.get(&api, "/api/2.0/workflows/graphs").await;
+    seen.get(&api, "/api/2.0/workflows/tasks").await;
+
+    let logs = server.logs();
+    eprintln!("captured {} log lines", logs.lines().count());
+    assert!(logs.contains("DEBUG"), "the log level is debug:\n{logs}");
+    for secret in [
+        REDFISH_PASSWORD,
+        WRONG_PASSWORD,
+        IPMI_PASSWORD,
+        OPTION_PASSWORD,
+    ] {
+        for (what, body) in &seen.0 {
+            assert!(!body.contains(secret), "{what} shows {secret}: {body}");
+        }
+        assert!(!kickstart.contains(secret), "the template shows {secret}");
+        if let Some(line) = logs.lines().find(|l| l.contains(secret)) {
+            panic!("the log shows {secret}: {line}");
+        }
+    }
+}

@@ -1,0 +1,478 @@
+//! Network boot without a network: `GET /api/2.0/profiles` through `node_app()` with
+//! `oneshot`, and the binary's `BootPlanner` called directly, over a real engine on a
+//! temporary sled store with the shipped library (Graph.Discovery.Pxe, Graph.InstallOS.PXE).
+//! `tests/pxe_boot.rs` boots real firmware against the same code.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use metalgraph::api::{AppState, node_app};
+use metalgraph::boot::StorePlanner;
+use metalgraph_engine::nodes::{Node, Obm, ObmConfig};
+use metalgraph_engine::{ApiUrls, Engine, EngineOptions, ListFilter, RunRequest, WorkflowStatus};
+use metalgraph_pxe::{BootPlanner, ClientInfo, Decision, Firmware, Lease, MacAddr};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
+
+const NODE_BASE: &str = "http://10.9.0.1:8090/api/2.0";
+
+struct Harness {
+    node_app: Router,
+    engine: Engine,
+    templates: tempfile::TempDir,
+    _dir: tempfile::TempDir,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+async fn harness() -> Harness {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let templates = tempfile::tempdir().expect("a temp dir");
+    let store = metalgraph_store::open(metalgraph_store::Backend::Sled, dir.path())
+        .expect("the store opens");
+    let library = metalgraph::library::library().expect("the library loads");
+    let api = ApiUrls {
+        base: "http://127.0.0.1:8080/api/2.0".into(),
+        node_base: NODE_BASE.into(),
+    };
+    let mut opts = EngineOptions::new(store, metalgraph::server::jobs(), library);
+    opts.api = api.clone();
+    let stop = CancellationToken::new();
+    let (engine, _task) = Engine::start(opts, stop.clone()).expect("the engine starts");
+    let state = AppState {
+        templates_dir: Some(templates.path().to_owned()),
+        api,
+        ..AppState::new(engine.clone(), 64 * 1024)
+    };
+    Harness {
+        node_app: node_app(state),
+        engine,
+        templates,
+        _dir: dir,
+        _stop: stop.drop_guard(),
+    }
+}
+
+impl Harness {
+    /// `GET uri` on the node-facing API: status, content type, body text.
+    async fn get(&self, uri: &str) -> (StatusCode, String, String) {
+        let resp = self
+            .node_app
+            .clone()
+            .oneshot(Request::get(uri).body(Body::empty()).expect("a request"))
+            .await
+            .expect("the router answers");
+        let status = resp.status();
+        let ct = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap_or_default().to_owned())
+            .unwrap_or_default();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .expect("a body");
+        (status, ct, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// The profile script for `query`, which must be a 200 `text/plain` iPXE script.
+    async fn profile(&self, query: &str) -> String {
+        let (status, ct, body) = self.get(&format!("/api/2.0/profiles?{query}")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(ct.starts_with("text/plain"), "{ct}");
+        assert!(body.starts_with("#!ipxe\n"), "{body}");
+        body
+    }
+
+    async fn node(&self, mac: &str, tags: &[&str]) -> Node {
+        let node = Node {
+            id: String::new(),
+            name: format!("node-{mac}"),
+            identifiers: vec![mac.to_owned()],
+            node_type: "compute".into(),
+            tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+            obms: vec![Obm {
+                service: "sim-obm-service".into(),
+                config: ObmConfig {
+                    host: "sim".into(),
+                    ..ObmConfig::default()
+                },
+            }],
+            created_at: String::new(),
+            updated_at: String::new(),
+        };
+        let nodes = self.engine.nodes().clone();
+        tokio::task::spawn_blocking(move || nodes.create(node))
+            .await
+            .unwrap()
+            .expect("the node is created")
+    }
+
+    /// Polls until workflow `id`'s task `label` is in `state`.
+    async fn wait_task(&self, id: &str, label: &str, state: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = self.engine.get(id).unwrap().expect("the workflow exists");
+            let t = v
+                .tasks
+                .iter()
+                .find(|t| t.label == label)
+                .expect("the label");
+            if t.state.as_str() == state {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{label} never became {state}: {v:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_status(&self, id: &str, status: WorkflowStatus) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = self.engine.get(id).unwrap().expect("the workflow exists");
+            if v.status == status {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never {status:?}: {v:#?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn workflows_of(&self, node: &str) -> Vec<metalgraph_engine::WorkflowView> {
+        self.engine
+            .list(&ListFilter {
+                active: None,
+                node: Some(node.to_owned()),
+            })
+            .unwrap()
+    }
+
+    async fn run(&self, graph: &str, node: &str, options: Value) -> String {
+        let options = serde_json::from_value(options).expect("run options");
+        self.engine
+            .run(RunRequest {
+                graph: graph.into(),
+                node: Some(node.into()),
+                options,
+            })
+            .await
+            .expect("the workflow starts")
+            .instance_id
+    }
+}
+
+fn is_local_boot(script: &str) -> bool {
+    script == metalgraph_pxe::ipxe::local_boot()
+}
+
+#[tokio::test]
+async fn an_unknown_machine_becomes_one_node_with_a_catalog_and_a_discovery_workflow() {
+    let h = harness().await;
+    // Straight from DHCP's boot file name: asked to come back with what iPXE knows.
+    let script = h.profile("macs=52:54:00:12:34:01").await;
+    assert!(
+        script.contains(
+            "chain --autofree http://10.9.0.1:8090/api/2.0/profiles?macs=52:54:00:12:34:01\
+             &uuid=${uuid}&platform=${platform}&buildarch=${buildarch} || goto failed"
+        ),
+        "{script}"
+    );
+    assert!(h.engine.nodes().list().unwrap().is_empty());
+    let script = h
+        .profile(
+            "macs=52:54:00:12:34:01&macs=52-54-00-12-34-02&uuid=27946B59-9E44-4FA7-8E91-000000000001\
+             &platform=pcbios&buildarch=i386",
+        )
+        .await;
+    assert!(is_local_boot(&script), "{script}");
+
+    let node = h
+        .engine
+        .nodes()
+        .by_identifier("52:54:00:12:34:02")
+        .unwrap()
+        .expect("the machine is a node");
+    assert_eq!(
+        node.identifiers,
+        [
+            "52:54:00:12:34:01",
+            "52:54:00:12:34:02",
+            "27946b59-9e44-4fa7-8e91-000000000001"
+        ]
+    );
+    let catalog = &h.engine.nodes().catalogs(&node.id).unwrap()[0];
+    assert_eq!(catalog["source"], "pxe");
+    assert_eq!(
+        catalog["data"],
+        json!({
+            "macs": ["52:54:00:12:34:01", "52:54:00:12:34:02"],
+            "uuid": "27946B59-9E44-4FA7-8E91-000000000001",
+            "platform": "pcbios",
+            "buildarch": "i386",
+        })
+    );
+    let wfs = h.workflows_of(&node.id);
+    assert_eq!(wfs.len(), 1, "{wfs:#?}");
+    assert_eq!(wfs[0].name, "Graph.Discovery.Pxe");
+    h.wait_status(&wfs[0].instance_id, WorkflowStatus::Succeeded)
+        .await;
+
+    // Asking again, by either MAC, finds the node: no second node, no second discovery.
+    for q in ["macs=52:54:00:12:34:01", "mac=52:54:00:12:34:02"] {
+        assert!(is_local_boot(&h.profile(q).await));
+    }
+    assert_eq!(h.engine.nodes().list().unwrap().len(), 1);
+    assert_eq!(h.workflows_of(&node.id).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_first_requests_create_one_node() {
+    let h = harness().await;
+    let mut asks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let app = h.node_app.clone();
+        asks.spawn(async move {
+            let req = Request::get("/api/2.0/profiles?macs=52:54:00:12:34:99&platform=efi")
+                .body(Body::empty())
+                .expect("a request");
+            let resp = app.oneshot(req).await.expect("the router answers");
+            assert_eq!(resp.status(), StatusCode::OK);
+            let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+                .await
+                .expect("a body");
+            String::from_utf8_lossy(&bytes).into_owned()
+        });
+    }
+    while let Some(script) = asks.join_next().await {
+        let script = script.expect("the request task");
+        assert!(is_local_boot(&script), "{script}");
+    }
+    let nodes = h.engine.nodes().list().unwrap();
+    assert_eq!(nodes.len(), 1, "{nodes:#?}");
+    assert_eq!(h.workflows_of(&nodes[0].id).len(), 1);
+}
+
+#[tokio::test]
+async fn the_waiting_install_task_gets_its_rendered_profile_with_the_token() {
+    let h = harness().await;
+    let node = h.node("52:54:00:12:34:10", &[]).await;
+    let id = h
+        .run(
+            "Graph.InstallOS.PXE",
+            &node.id,
+            json!({"defaults": {
+                "kernel": "{{ api.nodeBase }}/../../files/vmlinuz",
+                "initrd": "http://10.9.0.1:8090/files/initrd.img",
+                "kernelParams": "inst.ks=http://10.9.0.1:8090/api/2.0/templates/ks?nodeId={{ node.id }}",
+            }}),
+        )
+        .await;
+    h.wait_task(&id, "wait-installed", "running").await;
+    let (_, token) = h.engine.waiting_token(&node.id).expect("a task waits");
+
+    let script = h.profile("macs=52:54:00:12:34:10&platform=pcbios").await;
+    assert!(script.contains(&format!("workflow {id}")), "{script}");
+    assert!(
+        script.contains(&format!(
+            "kernel {NODE_BASE}/../../files/vmlinuz inst.ks=http://10.9.0.1:8090/api/2.0/templates/ks?nodeId={} metalgraph.node={}",
+            node.id, node.id
+        )),
+        "{script}"
+    );
+    let callback = format!(
+        "metalgraph.callback={NODE_BASE}/notification?nodeId={}&token={token}",
+        node.id
+    );
+    assert!(script.contains(&callback), "{script}");
+    assert!(
+        script.contains("initrd http://10.9.0.1:8090/files/initrd.img || goto failed"),
+        "{script}"
+    );
+
+    // A templates directory file of the same name overrides the shipped profile; iPXE can
+    // report with GET.
+    std::fs::write(
+        h.templates.path().join("install.ipxe"),
+        "#!ipxe\nimgfetch {{ notification.url }}\n",
+    )
+    .unwrap();
+    let script = h.profile("mac=52:54:00:12:34:10").await;
+    let url = script
+        .strip_prefix("#!ipxe\nimgfetch ")
+        .and_then(|s| s.strip_suffix('\n'))
+        .expect("the override is served");
+    let path = url.strip_prefix(NODE_BASE).expect("a node-facing URL");
+    let (status, _, body) = h.get(&format!("/api/2.0{path}")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    h.wait_status(&id, WorkflowStatus::Succeeded).await;
+
+    // Finished: the node boots from disk.
+    assert!(is_local_boot(&h.profile("macs=52:54:00:12:34:10").await));
+}
+
+#[tokio::test]
+async fn profiles_follow_the_node_state() {
+    let h = harness().await;
+    // No work: local boot.
+    let idle = h.node("52:54:00:12:34:20", &[]).await;
+    assert!(is_local_boot(&h.profile("macs=52:54:00:12:34:20").await));
+
+    // A profile task that has not started yet: retry shortly.
+    h.engine
+        .definitions()
+        .put_graph(
+            serde_yaml::from_str(
+                "injectableName: Test.Later\ntasks:\n  - {label: first, taskName: Task.Wait.Notification}\n  \
+                 - {label: boot, taskName: Task.Noop, waitOn: {first: succeeded}, optionOverrides: {profile: later.ipxe}}\n",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let id = h.run("Test.Later", &idle.id, json!({})).await;
+    h.wait_task(&id, "first", "running").await;
+    let script = h.profile("macs=52:54:00:12:34:20").await;
+    assert!(
+        script.contains("waiting for task boot of workflow")
+            && script.contains("chain --replace --autofree http://10.9.0.1:8090/api/2.0/profiles?macs=52:54:00:12:34:20"),
+        "{script}"
+    );
+
+    // A node tagged boot-profile=NAME always gets NAME, rendered without a task.
+    std::fs::write(
+        h.templates.path().join("diskless.ipxe"),
+        "#!ipxe\necho {{ node.name }} {{ profile.name }} {{ client.platform }} {{ task is defined }}\n",
+    )
+    .unwrap();
+    h.node("52:54:00:12:34:21", &["boot-profile=diskless.ipxe"])
+        .await;
+    let script = h.profile("macs=52:54:00:12:34:21&platform=efi").await;
+    assert_eq!(
+        script,
+        "#!ipxe\necho node-52:54:00:12:34:21 diskless.ipxe efi False\n"
+    );
+
+    // A profile that does not render is a retry script, not an error page.
+    std::fs::write(
+        h.templates.path().join("diskless.ipxe"),
+        "#!ipxe\necho {{ nothing.here }}\n",
+    )
+    .unwrap();
+    let script = h.profile("macs=52:54:00:12:34:21").await;
+    assert!(
+        script.contains("cannot serve this machine's profile"),
+        "{script}"
+    );
+
+    // No usable MAC: a 400 naming the parameter.
+    let (status, _, body) = h.get("/api/2.0/profiles?macs=&uuid=x").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("macs"), "{body}");
+}
+
+fn client(mac: &str) -> ClientInfo {
+    ClientInfo {
+        mac: mac.parse().unwrap(),
+        firmware: Firmware::Pxe,
+        arch: Some(0),
+        uuid: None,
+        vendor_class: Some("PXEClient:Arch:00000:UNDI:002001".into()),
+        user_class: None,
+        relay: None,
+    }
+}
+
+#[tokio::test]
+async fn the_planner_answers_unknown_machines_and_nodes_with_work_only() {
+    let h = harness().await;
+    let planner = StorePlanner::new(h.engine.clone(), NODE_BASE);
+    let answer = |mac: &str| Decision::Answer {
+        profile_url: format!("{NODE_BASE}/profiles?macs={mac}"),
+    };
+
+    assert_eq!(
+        planner.decide(&client("52:54:00:12:34:30")).await,
+        answer("52:54:00:12:34:30")
+    );
+
+    let node = h.node("52:54:00:12:34:31", &["ip=10.9.0.31"]).await;
+    let d = planner.decide(&client("52:54:00:12:34:31")).await;
+    assert!(
+        matches!(&d, Decision::Silent { reason } if reason.contains("no network-boot work")),
+        "{d:?}"
+    );
+    let id = h
+        .run(
+            "Graph.InstallOS.PXE",
+            &node.id,
+            json!({"defaults": {"kernel": "k", "initrd": "i"}}),
+        )
+        .await;
+    // Pending or running, the install task's profile is network-boot work.
+    assert_eq!(
+        planner.decide(&client("52:54:00:12:34:31")).await,
+        answer("52:54:00:12:34:31")
+    );
+    h.wait_task(&id, "wait-installed", "running").await;
+    assert_eq!(
+        planner.decide(&client("52:54:00:12:34:31")).await,
+        answer("52:54:00:12:34:31")
+    );
+
+    let mac: MacAddr = "52:54:00:12:34:31".parse().unwrap();
+    assert_eq!(
+        planner.reservation(&mac).await,
+        Some(Ipv4Addr::new(10, 9, 0, 31))
+    );
+    let other: MacAddr = "52:54:00:12:34:30".parse().unwrap();
+    assert_eq!(planner.reservation(&other).await, None);
+}
+
+#[tokio::test]
+async fn leases_are_kept_in_the_store() {
+    let h = harness().await;
+    let planner = StorePlanner::new(h.engine.clone(), NODE_BASE);
+    let lease = |mac: &str, last: u8| Lease {
+        mac: mac.parse().unwrap(),
+        ip: Ipv4Addr::new(10, 9, 0, last),
+        expires_unix: 4_000_000_000,
+    };
+    planner
+        .save_lease(&lease("52:54:00:00:00:01", 100))
+        .await
+        .unwrap();
+    planner
+        .save_lease(&lease("52:54:00:00:00:02", 101))
+        .await
+        .unwrap();
+    planner
+        .save_lease(&lease("52:54:00:00:00:01", 102))
+        .await
+        .unwrap();
+    assert_eq!(
+        planner.load_leases().await.unwrap(),
+        [
+            lease("52:54:00:00:00:01", 102),
+            lease("52:54:00:00:00:02", 101)
+        ]
+    );
+    planner
+        .delete_lease(&"52:54:00:00:00:01".parse().unwrap())
+        .await
+        .unwrap();
+    planner
+        .delete_lease(&"52:54:00:00:00:09".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        planner.load_leases().await.unwrap(),
+        [lease("52:54:00:00:00:02", 101)]
+    );
+    // A second planner over the same store (a restart) sees them.
+    let again = StorePlanner::new(h.engine.clone(), NODE_BASE);
+    assert_eq!(again.load_leases().await.unwrap().len(), 1);
+}
