@@ -68,11 +68,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         ("templates_dir", &config.templates_dir),
     ] {
         if let Some(dir) = dir {
-            anyhow::ensure!(
-                dir.is_dir(),
-                "{field} {} is not a directory",
-                dir.display()
-            );
+            anyhow::ensure!(dir.is_dir(), "{field} {} is not a directory", dir.display());
             if node.is_none() {
                 warn!(field, dir = %dir.display(), "the node-facing API is off, so this directory is not served; set node_listen");
             }

@@ -164,13 +164,14 @@ fn check_monotonic(
     now: String,
     terminal: &[&str],
 ) {
-    if let Some(before) = seen.get(&key) {
-        if terminal.contains(&before.as_str()) && *before != now {
-            panic!(
-                "{} of workflow {} was reported {before} and later {now}",
-                key.1, key.0
-            );
-        }
+    if let Some(before) = seen.get(&key)
+        && terminal.contains(&before.as_str())
+        && *before != now
+    {
+        panic!(
+            "{} of workflow {} was reported {before} and later {now}",
+            key.1, key.0
+        );
     }
     seen.insert(key, now);
 }
@@ -197,10 +198,9 @@ async fn crash_loop(store: &str) {
             .get(format!("{}/api/2.0/workflows", api.base))
             .send()
             .await
+            && let Ok(Value::Array(views)) = r.json::<Value>().await
         {
-            if let Ok(Value::Array(views)) = r.json::<Value>().await {
-                observe(&views, &mut seen);
-            }
+            observe(&views, &mut seen);
         }
         // Let the engine work for a random moment, launching more as nodes free up.
         let until = tokio::time::Instant::now() + Duration::from_millis(rng.range(20, 900));

@@ -96,7 +96,13 @@ async fn discovery_creates_each_system_once_with_its_obm_and_catalog() {
     assert_eq!(wf["status"], "succeeded", "{wf:#}");
     assert_eq!(ids.len(), 3, "{ids:?}");
     assert_eq!(wf["options"]["defaults"]["password"], "<redacted>");
-    assert_eq!(wf["context"]["discovery"]["nodes"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        wf["context"]["discovery"]["nodes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
     for (i, id) in &ids {
         let (code, node) = mg.api.get(&format!("/api/2.0/nodes/{id}")).await;
         assert_eq!(code, 200);
@@ -125,7 +131,11 @@ async fn discovery_creates_each_system_once_with_its_obm_and_catalog() {
     assert_eq!(wf["status"], "succeeded", "{wf:#}");
     assert_eq!(again, ids);
     let (_, nodes) = mg.api.get("/api/2.0/nodes").await;
-    assert_eq!(nodes.as_array().unwrap().len(), 3, "no duplicates: {nodes:#}");
+    assert_eq!(
+        nodes.as_array().unwrap().len(),
+        3,
+        "no duplicates: {nodes:#}"
+    );
     assert!(!nodes.to_string().contains(PASSWORD));
 }
 
@@ -151,7 +161,10 @@ async fn power_graphs_run_on_several_nodes_in_parallel() {
     }
     for wf in run_everywhere(&mg.api, "Graph.Reboot.Node", &nodes).await {
         let out = &wf["context"]["reboot"];
-        assert_eq!(out["previousState"], "On", "a restart, not a power-on: {wf:#}");
+        assert_eq!(
+            out["previousState"], "On",
+            "a restart, not a power-on: {wf:#}"
+        );
         assert_eq!(out["changed"], true);
     }
     for i in 0..3 {
@@ -221,7 +234,10 @@ async fn installs_an_os_from_virtual_media_served_by_metalgraph() {
     assert_eq!(r.bytes().await.unwrap(), &iso[1048576..1049600]);
     let r = http.head(&image).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["content-length"], iso.len().to_string().as_str());
+    assert_eq!(
+        r.headers()["content-length"],
+        iso.len().to_string().as_str()
+    );
     let r = http
         .get(&image)
         .header("Range", "bytes=99999999-")
@@ -255,7 +271,10 @@ async fn installs_an_os_from_virtual_media_served_by_metalgraph() {
     assert_eq!(cd["Image"], image, "{cd:#}");
     assert_eq!(cd["Inserted"], true, "{cd:#}");
     let system = sushy.get(&sushy.system_path(0)).await;
-    assert_eq!(system["Boot"]["BootSourceOverrideTarget"], "Cd", "{system:#}");
+    assert_eq!(
+        system["Boot"]["BootSourceOverrideTarget"], "Cd",
+        "{system:#}"
+    );
     assert_eq!(system["PowerState"], "On");
     let downloaded = find_files(&sushy.tmp_dir(), "install.iso");
     assert!(

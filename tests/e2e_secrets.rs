@@ -91,7 +91,10 @@ async fn passwords_appear_in_no_response_log_or_template() {
         seen.add("discovery", &wf);
     }
     let (_, nodes) = api.get("/api/2.0/nodes").await;
-    let redfish = nodes[0]["id"].as_str().expect("a discovered node").to_owned();
+    let redfish = nodes[0]["id"]
+        .as_str()
+        .expect("a discovered node")
+        .to_owned();
 
     // An IPMI node, and a Redfish OBM set again through PUT .../obm.
     let node = json!({
@@ -125,9 +128,7 @@ async fn passwords_appear_in_no_response_log_or_template() {
     assert_eq!(code, 201, "{v}");
     let options = json!({"defaults": {"password": OPTION_PASSWORD}});
     let id = api.run("Test.E2E.Callback", Some(&ipmi), options).await;
-    let waiting = api
-        .wait_task(&id, "wait-installed", "running", LIMIT)
-        .await;
+    let waiting = api.wait_task(&id, "wait-installed", "running", LIMIT).await;
     seen.add("waiting workflow", &waiting);
     let url = server.node_url(&format!(
         "/api/2.0/templates/kickstart-callback.ks?nodeId={ipmi}"
@@ -140,7 +141,12 @@ async fn passwords_appear_in_no_response_log_or_template() {
         .lines()
         .find_map(|l| Some(l[l.find("'http")? + 1..l.rfind('\'')?].to_owned()))
         .expect("a callback URL");
-    let r = raw_client().post(&callback).json(&json!({})).send().await.unwrap();
+    let r = raw_client()
+        .post(&callback)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let wf = api.wait(&id, LIMIT).await;
     assert_eq!(wf["status"], "succeeded", "{wf:#}");
@@ -150,7 +156,8 @@ async fn passwords_appear_in_no_response_log_or_template() {
     seen.get(&api, "/api/2.0/nodes").await;
     for node in [&redfish, &ipmi] {
         for path in ["", "/obm", "/catalogs", "/workflows"] {
-            seen.get(&api, &format!("/api/2.0/nodes/{node}{path}")).await;
+            seen.get(&api, &format!("/api/2.0/nodes/{node}{path}"))
+                .await;
         }
     }
     let all = seen.get(&api, "/api/2.0/workflows").await;
@@ -162,8 +169,10 @@ async fn passwords_appear_in_no_response_log_or_template() {
     seen.get(&api, "/api/2.0/workflows/tasks").await;
 
     let logs = server.logs();
-    eprintln!("captured {} log lines", logs.lines().count());
-    assert!(logs.contains("DEBUG"), "the log level is debug:\n{logs}");
+    assert!(
+        logs.contains("DEBUG") && logs.contains("path=/api/2.0/nodes"),
+        "the log level is debug:\n{logs}"
+    );
     for secret in [
         REDFISH_PASSWORD,
         WRONG_PASSWORD,

@@ -564,8 +564,14 @@ async fn run_requests_are_checked() {
         "{body}"
     );
     // The details name the graph and the field, for programs.
-    assert_eq!(body["error"]["details"][0]["graph"], "Graph.Test.NeedsUrl", "{body}");
-    assert_eq!(body["error"]["details"][0]["field"], "options.defaults.imageUrl", "{body}");
+    assert_eq!(
+        body["error"]["details"][0]["graph"], "Graph.Test.NeedsUrl",
+        "{body}"
+    );
+    assert_eq!(
+        body["error"]["details"][0]["field"], "options.defaults.imageUrl",
+        "{body}"
+    );
 
     let ok = json!({"name": "Graph.Test.NeedsUrl", "options": {"defaults": {"imageUrl": "http://x/a.iso"}}});
     let id = h.run("/api/2.0/workflows", &ok).await;
@@ -1013,7 +1019,10 @@ async fn node_files_serve_ranges_and_stay_inside_the_root() {
     assert_eq!(body, data);
     assert_eq!(header(&hs, header::CONTENT_LENGTH), "1000");
     assert_eq!(header(&hs, header::ACCEPT_RANGES), "bytes");
-    assert_eq!(header(&hs, header::CONTENT_TYPE), "application/octet-stream");
+    assert_eq!(
+        header(&hs, header::CONTENT_TYPE),
+        "application/octet-stream"
+    );
     let (status, hs, body) = raw(&app, "GET", "/files/sub/a.txt", &[]).await;
     assert_eq!((status, body.as_slice()), (StatusCode::OK, b"a".as_slice()));
     assert!(header(&hs, header::CONTENT_TYPE).starts_with("text/plain"));
@@ -1041,7 +1050,13 @@ async fn node_files_serve_ranges_and_stay_inside_the_root() {
     assert_eq!(status, StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(header(&hs, header::CONTENT_RANGE), "bytes */1000");
     // Several ranges are not served as multipart: the whole file comes back.
-    let (status, _, body) = raw(&app, "GET", "/files/boot.img", &[("range", "bytes=0-1,5-6")]).await;
+    let (status, _, body) = raw(
+        &app,
+        "GET",
+        "/files/boot.img",
+        &[("range", "bytes=0-1,5-6")],
+    )
+    .await;
     assert_eq!((status, body.len()), (StatusCode::OK, 1000));
 
     let (status, hs, body) = raw(&app, "HEAD", "/files/boot.img", &[]).await;
@@ -1063,7 +1078,10 @@ async fn node_files_serve_ranges_and_stay_inside_the_root() {
     ] {
         let (status, _, body) = raw(&app, "GET", uri, &[]).await;
         assert_eq!(status, want, "{uri}: {}", String::from_utf8_lossy(&body));
-        assert!(!String::from_utf8_lossy(&body).contains("top-secret"), "{uri}");
+        assert!(
+            !String::from_utf8_lossy(&body).contains("top-secret"),
+            "{uri}"
+        );
     }
     // Without a files directory nothing is served.
     let (status, _, _) = raw(&h.node_app, "GET", "/files/boot.img", &[]).await;
@@ -1093,17 +1111,34 @@ async fn templates_render_for_a_node_with_its_waiting_token() {
 
     let (status, hs, body) = raw(&app, "GET", "/api/2.0/templates/plain.txt?nodeId=n1", &[]).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(hs[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/plain"));
+    assert!(
+        hs[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
     assert_eq!(
         text(body),
         "rack1-u1 52:54:00:aa:bb:01 http://mg:8090/api/2.0 http://mg:8090/files"
     );
     for (uri, want) in [
         ("/api/2.0/templates/plain.txt", StatusCode::BAD_REQUEST),
-        ("/api/2.0/templates/plain.txt?nodeId=ghost", StatusCode::NOT_FOUND),
-        ("/api/2.0/templates/none.ks?nodeId=n1", StatusCode::NOT_FOUND),
-        ("/api/2.0/templates/..%2Fsecret?nodeId=n1", StatusCode::FORBIDDEN),
-        ("/api/2.0/templates/broken.txt?nodeId=n1", StatusCode::UNPROCESSABLE_ENTITY),
+        (
+            "/api/2.0/templates/plain.txt?nodeId=ghost",
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "/api/2.0/templates/none.ks?nodeId=n1",
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "/api/2.0/templates/..%2Fsecret?nodeId=n1",
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "/api/2.0/templates/broken.txt?nodeId=n1",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
     ] {
         let (status, _, body) = raw(&app, "GET", uri, &[]).await;
         assert_eq!(status, want, "{uri}: {}", text(body));
@@ -1113,12 +1148,18 @@ async fn templates_render_for_a_node_with_its_waiting_token() {
     let (status, _, body) = raw(&app, "GET", ks, &[]).await;
     assert_eq!(status, StatusCode::CONFLICT);
     let body: Value = serde_json::from_slice(&body).expect("JSON");
-    assert!(error_of(&body, "conflict").contains("notification"), "{body}");
+    assert!(
+        error_of(&body, "conflict").contains("notification"),
+        "{body}"
+    );
 
     h.put_graph(&one_task_graph("Graph.Test.Callback", "Test.WaitForNode"))
         .await;
     let id = h
-        .run("/api/2.0/nodes/n1/workflows", &json!({"name": "Graph.Test.Callback"}))
+        .run(
+            "/api/2.0/nodes/n1/workflows",
+            &json!({"name": "Graph.Test.Callback"}),
+        )
         .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let token = loop {

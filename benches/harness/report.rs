@@ -257,13 +257,15 @@ fn backend_table(out: &mut String, b: &BackendReport, peer: Option<&PeerResult>)
                 out,
                 &format!("API: `POST /api/2.0/workflows` running a one-task graph ({load})"),
                 &format!(
-                    "**{} req/s**, p99 {} (p50 {}){}; {} created, {} lost or not succeeded",
+                    "**{} req/s**, p99 {} (p50 {}){}; {} created, {} lost or not succeeded \
+                     ({} stranded)",
                     fmt_count(a.run.rps.round() as u64),
                     fmt_dur(a.run.p99),
                     fmt_dur(a.run.p50),
                     errors(a.run.errors),
                     fmt_count(a.created),
-                    a.lost
+                    a.lost,
+                    a.stranded
                 ),
                 "",
                 "",

@@ -218,7 +218,11 @@ impl Report {
             if let Some(a) = b.api.done()
                 && a.lost > 0
             {
-                out.push(format!("{} API: {} workflows lost or not succeeded", b.backend, a.lost));
+                out.push(format!(
+                    "{} API: {} workflows lost or not succeeded, {} of them stranded (stored and \
+                     active, but never run)",
+                    b.backend, a.lost, a.stranded
+                ));
             }
         }
         if self.machine.fsync_is_fake() {

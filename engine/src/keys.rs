@@ -12,6 +12,9 @@
 //! | `nodes` | node id | the node record (JSON, OBM password included) |
 //! | `node_idents` | identifier (MAC) | the id of the node that owns it |
 //! | `catalogs` | `{node id}/{source}` | one inventory document (JSON) |
+//!
+//! The binary keeps one keyspace of its own beside these: `leases` (MAC → a full-mode DHCP
+//! lease as JSON), written by its `BootPlanner` in `src/boot.rs`.
 
 pub const GRAPHS: &str = "graphs";
 pub const TASKDEFS: &str = "taskdefs";

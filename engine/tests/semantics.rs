@@ -421,7 +421,11 @@ tasks:
     }
     assert_eq!(end.options["defaults"]["password"], json!("<redacted>"));
     assert_eq!(end.options["defaults"]["user"], json!("root"));
-    assert_eq!(end.options["a"]["tokens"], json!(3), "only key suffixes count");
+    assert_eq!(
+        end.options["a"]["tokens"],
+        json!(3),
+        "only key suffixes count"
+    );
     assert_eq!(
         end.options["a"]["nested"]["list"][0]["clientSecret"],
         json!("<redacted>")
@@ -431,7 +435,10 @@ tasks:
     // The record keeps the values, and the job got them.
     let (rec, tasks) = h.engine.load(&v.instance_id).unwrap().unwrap();
     assert_eq!(rec.options["defaults"]["password"], json!("hunter2"));
-    assert_eq!(tasks[0].output.as_ref().unwrap()["password"], json!("hunter2"));
+    assert_eq!(
+        tasks[0].output.as_ref().unwrap()["password"],
+        json!("hunter2")
+    );
     assert_eq!(
         tasks[0].output.as_ref().unwrap()["nested"]["bmcPassword"],
         json!("pw-2")

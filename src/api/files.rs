@@ -168,15 +168,12 @@ pub async fn serve_file(
         ));
     };
     let path = resolve(root, &rel, "file").await?;
-    let io_err = |e: std::io::Error| {
-        ApiError::internal(format_args!("cannot read {}: {e}", path.display()))
-    };
+    let io_err =
+        |e: std::io::Error| ApiError::internal(format_args!("cannot read {}: {e}", path.display()));
     let mut file = tokio::fs::File::open(&path).await.map_err(io_err)?;
     let len = file.metadata().await.map_err(io_err)?.len();
     let range = parse_range(
-        headers
-            .get(header::RANGE)
-            .and_then(|v| v.to_str().ok()),
+        headers.get(header::RANGE).and_then(|v| v.to_str().ok()),
         len,
     );
     let (status, start, count) = match range {
@@ -251,7 +248,11 @@ mod tests {
             (Some("bytes=+1-2"), 10, Range::Full),
         ];
         for (header, len, want) in cases {
-            assert_eq!(parse_range(*header, *len), *want, "{header:?} of {len} bytes");
+            assert_eq!(
+                parse_range(*header, *len),
+                *want,
+                "{header:?} of {len} bytes"
+            );
         }
     }
 

@@ -14,7 +14,9 @@ use metalgraph_engine::model::{
 };
 use metalgraph_engine::nodes::{self as engine_nodes, Secret};
 use metalgraph_engine::workflow::{TaskRecord, WorkflowRecord};
-use metalgraph_engine::{Engine, Error, Event, ListFilter, RunRequest, TaskState, WorkflowStatus, WorkflowView};
+use metalgraph_engine::{
+    Engine, Error, Event, ListFilter, RunRequest, TaskState, WorkflowStatus, WorkflowView,
+};
 use prost_types::value::Kind;
 use serde_json::{Map, Value};
 use tokio::sync::{broadcast, mpsc};

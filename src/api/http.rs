@@ -824,12 +824,18 @@ async fn template(
             ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "template_error",
-                format!("template {name} cannot be rendered for node {}: {e}", node.id),
+                format!(
+                    "template {name} cannot be rendered for node {}: {e}",
+                    node.id
+                ),
             )
         }
     })?;
     Ok((
-        [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
         rendered,
     )
         .into_response())

@@ -76,9 +76,7 @@ impl Server {
                 let _ = tx.send(line);
             }
         });
-        let wants_node = extra
-            .iter()
-            .any(|a| a == "--node-listen" || a == "--demo");
+        let wants_node = extra.iter().any(|a| a == "--node-listen" || a == "--demo");
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut got: (Option<String>, Option<String>) = (None, None);
         while Instant::now() < deadline && (got.0.is_none() || (wants_node && got.1.is_none())) {
@@ -119,7 +117,10 @@ impl Server {
 
     /// A URL on the node-facing listener.
     pub fn node_url(&self, path: &str) -> String {
-        let base = self.node_base.as_deref().expect("the node-facing API is on");
+        let base = self
+            .node_base
+            .as_deref()
+            .expect("the node-facing API is on");
         format!("{}{}", base.trim_end_matches('/'), path)
     }
 

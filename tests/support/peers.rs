@@ -281,8 +281,15 @@ pub fn raw_client() -> reqwest::Client {
 fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let out = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"])
-        .args(["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"])
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
@@ -393,7 +400,14 @@ impl IpmiSim {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let ok = Command::new("ipmitool")
-                .args(["-I", "lanplus", "-H", "127.0.0.1", "-p", &self.port.to_string()])
+                .args([
+                    "-I",
+                    "lanplus",
+                    "-H",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                ])
                 .args(["-U", "admin", "-E", "-C", "3", "-N", "1", "-R", "1"])
                 .args(["chassis", "power", "status"])
                 .env("IPMI_PASSWORD", IPMI_PASSWORD)

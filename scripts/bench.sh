@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Runs metalgraph's benchmark harness (BENCHMARKS.md) on a fresh Debian machine: installs
+# what the benchmarks drive (wrk from apt, a Python venv with OpenStack TaskFlow and
+# SQLAlchemy for the peer), then `cargo bench --bench harness`, which builds in release,
+# prints the report on stdout and writes it under target/tmp/.
+#
+#   scripts/bench.sh                  # the published figures (about half an hour on 2 cores)
+#   scripts/bench.sh --quick          # smaller sizes, a few minutes
+#   scripts/bench.sh --backends file --only chain,fanout
+#
+# Arguments go to the harness (see `cargo bench --bench harness -- --help`). The venv lives
+# under ${METALGRAPH_PEERS:-$HOME/.cache/metalgraph-peers}/bench-venv; set
+# METALGRAPH_BENCH_NO_INSTALL=1 to skip the installation steps (missing pieces are then
+# skipped by the harness with a note).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PEERS="${METALGRAPH_PEERS:-$HOME/.cache/metalgraph-peers}"
+VENV="$PEERS/bench-venv"
+export METALGRAPH_PEERS="$PEERS"
+
+if [ "${METALGRAPH_BENCH_NO_INSTALL:-0}" != 1 ]; then
+    need_apt=""
+    command -v wrk >/dev/null 2>&1 || need_apt="$need_apt wrk"
+    command -v python3 >/dev/null 2>&1 || need_apt="$need_apt python3"
+    # The venv module is a separate package on Debian; probe it rather than guess.
+    if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        need_apt="$need_apt python3-venv"
+    fi
+    if [ -n "$need_apt" ]; then
+        if [ "$(id -u)" = 0 ]; then
+            sudo=""
+        elif command -v sudo >/dev/null 2>&1; then
+            sudo="sudo"
+        else
+            echo "bench.sh: need root to apt-get install:$need_apt" >&2
+            exit 1
+        fi
+        echo "bench.sh: apt-get install$need_apt"
+        $sudo apt-get update -q
+        # shellcheck disable=SC2086 # the list is meant to split into words
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends $need_apt
+    fi
+
+    # The peer's packages are pinned (scripts/bench/requirements.txt): taskflow, SQLAlchemy
+    # and alembic, which TaskFlow's SQLAlchemy backend creates its tables with (the
+    # `taskflow[database]` extra would also pull drivers for MySQL and PostgreSQL).
+    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import taskflow, sqlalchemy, alembic' >/dev/null 2>&1; then
+        echo "bench.sh: TaskFlow already installed in $VENV"
+    else
+        echo "bench.sh: creating $VENV with TaskFlow (scripts/bench/requirements.txt)"
+        mkdir -p "$PEERS"
+        python3 -m venv "$VENV"
+        "$VENV/bin/pip" install -q --disable-pip-version-check -r scripts/bench/requirements.txt
+    fi
+    echo "bench.sh: wrk $(wrk --version 2>&1 | head -n1 | awk '{print $2}'), TaskFlow $("$VENV/bin/pip" show taskflow 2>/dev/null | sed -n 's/^Version: //p')"
+fi
+
+exec cargo bench --bench harness -- "$@"
