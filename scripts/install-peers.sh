@@ -73,6 +73,25 @@ else
 fi
 echo "  buf             $PEERS/npm-tools/node_modules/.bin/buf"
 
+# DHCP and TFTP clients and servers the pxe crate's tests run against (busybox udhcpc,
+# dhclient, nmap, Kea and perfdhcp, tftp-hpa, curl): the list lives in pxe/tests/PACKAGES,
+# beside the tests that need it. QEMU is handled below, since it may need backports.
+here=$(cd "$(dirname "$0")/.." && pwd)
+need_clients=""
+for pkg in $(grep -v '^#' "$here/pxe/tests/PACKAGES" | grep -v '^qemu-system-x86$'); do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || need_clients="$need_clients $pkg"
+done
+if [ -n "$need_clients" ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "install-peers: need root to apt-get install:$need_clients" >&2
+        exit 1
+    fi
+    echo "install-peers: apt-get install$need_clients"
+    apt-get update -q
+    # shellcheck disable=SC2086 # the list is meant to split into words
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need_clients
+fi
+
 # Network boot (pxe/tests, tests/pxe_boot.rs): QEMU boots real PXE firmware (SeaBIOS with
 # the iPXE NIC ROM, and OVMF with EDK2's own PXE) against metalgraph's DHCP, TFTP and HTTP
 # inside a network namespace. `ipxe` provides undionly.kpxe and snponly.efi in
