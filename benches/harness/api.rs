@@ -136,10 +136,7 @@ pub fn api(
         // run.
         let stranded = settle(&api, limit).await?;
         let all = api.workflows(None).await?;
-        let succeeded = all
-            .iter()
-            .filter(|w| w["status"] == "succeeded")
-            .count() as u64;
+        let succeeded = all.iter().filter(|w| w["status"] == "succeeded").count() as u64;
         // `wrk` stops reading at the deadline, so the server may have created a few
         // workflows whose answers were never counted; fewer than counted would be a loss.
         let stored = all.len() as u64 - 1;

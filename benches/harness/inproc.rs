@@ -82,7 +82,12 @@ pub struct ChainResult {
 }
 
 /// One workflow of `n` sequential `noop` tasks, timed from `run` to the committed end.
-pub fn chain(backend: Backend, dir: &Path, n: usize, limit: Duration) -> anyhow::Result<ChainResult> {
+pub fn chain(
+    backend: Backend,
+    dir: &Path,
+    n: usize,
+    limit: Duration,
+) -> anyhow::Result<ChainResult> {
     runtime()?.block_on(async {
         let running = Running::start(backend, dir, graphs::library(&[graphs::chain(n)])?).await?;
         let mut events = running.engine.subscribe();
@@ -342,9 +347,10 @@ pub fn fan_out(
             }
             Ok::<_, anyhow::Error>((ids, accept_wall.unwrap_or_default(), polled))
         };
-        let (ids, accept_wall, polled) = tokio::time::timeout(limit, watch)
-            .await
-            .with_context(|| format!("the fan-out of {workflows} workflows did not finish within {limit:?}"))??;
+        let (ids, accept_wall, polled) =
+            tokio::time::timeout(limit, watch).await.with_context(|| {
+                format!("the fan-out of {workflows} workflows did not finish within {limit:?}")
+            })??;
         let wall = start.elapsed();
         let peak_rss = rss().map(|(_, peak)| peak);
         let store_stats = running.meter.snapshot().since(&before);

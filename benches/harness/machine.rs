@@ -89,7 +89,14 @@ fn mount_of(dir: &Path) -> (String, String, String, String) {
             best = Some((dev.to_string(), mnt, fs.to_string(), opts.to_string()));
         }
     }
-    best.unwrap_or_else(|| ("unknown".into(), "/".into(), "unknown".into(), String::new()))
+    best.unwrap_or_else(|| {
+        (
+            "unknown".into(),
+            "/".into(),
+            "unknown".into(),
+            String::new(),
+        )
+    })
 }
 
 /// Whether the block device behind `device` (`/dev/vda1`, `/dev/nvme0n1p2`) spins.
@@ -104,7 +111,11 @@ fn disk_kind(device: &str) -> String {
     candidates.push(trimmed.to_owned());
     for c in candidates {
         if let Ok(v) = std::fs::read_to_string(format!("/sys/block/{c}/queue/rotational")) {
-            return if v.trim() == "0" { "ssd (non-rotational)".into() } else { "rotational".into() };
+            return if v.trim() == "0" {
+                "ssd (non-rotational)".into()
+            } else {
+                "rotational".into()
+            };
         }
     }
     "unknown".into()

@@ -117,7 +117,10 @@ fn main() -> ExitCode {
 
     let out = suite::default_dir();
     let json = serde_json::to_string_pretty(&report).unwrap_or_default();
-    for (name, body) in [("metalgraph-bench.md", &text), ("metalgraph-bench.json", &json)] {
+    for (name, body) in [
+        ("metalgraph-bench.md", &text),
+        ("metalgraph-bench.json", &json),
+    ] {
         let path = out.join(name);
         match std::fs::write(&path, body) {
             Ok(()) => eprintln!("bench: wrote {}", path.display()),

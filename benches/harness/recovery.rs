@@ -91,7 +91,10 @@ pub fn recovery(
                 break;
             }
             if Instant::now() > deadline {
-                bail!("only {} of {n} workflows started before the kill", running.len());
+                bail!(
+                    "only {} of {n} workflows started before the kill",
+                    running.len()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -109,7 +112,10 @@ pub fn recovery(
                 break (running, start.elapsed(), listing);
             }
             if start.elapsed() > limit {
-                bail!("only {} of {n} workflows were running again after {limit:?}", running.len());
+                bail!(
+                    "only {} of {n} workflows were running again after {limit:?}",
+                    running.len()
+                );
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };

@@ -88,7 +88,10 @@ fn not_done<T>(o: &Outcome<T>) -> String {
 
 fn backend_table(out: &mut String, b: &BackendReport, peer: Option<&PeerResult>) {
     let _ = writeln!(out, "### `{}` backend\n", b.backend);
-    let _ = writeln!(out, "| figure | metalgraph | TaskFlow (SQLite) | metalgraph / TaskFlow |");
+    let _ = writeln!(
+        out,
+        "| figure | metalgraph | TaskFlow (SQLite) | metalgraph / TaskFlow |"
+    );
     let _ = writeln!(out, "|---|---|---|---|");
 
     let floor = b.fsync.done().map(|f| f.median);
@@ -96,7 +99,12 @@ fn backend_table(out: &mut String, b: &BackendReport, peer: Option<&PeerResult>)
         Outcome::Done(f) => row(
             out,
             "fsync floor: 4 KiB append + `fdatasync`",
-            &format!("median {}, p99 {} ({} samples)", fmt_dur(f.median), fmt_dur(f.p99), f.samples),
+            &format!(
+                "median {}, p99 {} ({} samples)",
+                fmt_dur(f.median),
+                fmt_dur(f.p99),
+                f.samples
+            ),
             "",
             "",
         ),
@@ -108,17 +116,31 @@ fn backend_table(out: &mut String, b: &BackendReport, peer: Option<&PeerResult>)
             let peer_chain = peer.filter(|p| p.chain_tasks > 0);
             row(
                 out,
-                &format!("chain: {} sequential `noop` tasks, wall", fmt_count(c.tasks as u64)),
+                &format!(
+                    "chain: {} sequential `noop` tasks, wall",
+                    fmt_count(c.tasks as u64)
+                ),
                 &fmt_dur(c.wall),
                 &peer_chain
-                    .map(|p| format!("{} ({} tasks)", fmt_dur(Duration::from_secs_f64(p.chain_wall_s)), fmt_count(p.chain_tasks as u64)))
+                    .map(|p| {
+                        format!(
+                            "{} ({} tasks)",
+                            fmt_dur(Duration::from_secs_f64(p.chain_wall_s)),
+                            fmt_count(p.chain_tasks as u64)
+                        )
+                    })
                     .unwrap_or_default(),
                 "",
             );
             let commits = c.store.commits as f64 / c.tasks as f64;
             let in_commit = c.store.commit_time / u32::try_from(c.tasks.max(1)).unwrap_or(u32::MAX);
             let vs_floor = floor
-                .map(|f| format!("{}× the fsync median; ", sig3(c.per_task.as_secs_f64() / f.as_secs_f64())))
+                .map(|f| {
+                    format!(
+                        "{}× the fsync median; ",
+                        sig3(c.per_task.as_secs_f64() / f.as_secs_f64())
+                    )
+                })
                 .unwrap_or_default();
             row(
                 out,
@@ -129,8 +151,12 @@ fn backend_table(out: &mut String, b: &BackendReport, peer: Option<&PeerResult>)
                     sig3(commits),
                     fmt_dur(in_commit)
                 ),
-                &peer_chain.map(|p| fmt_dur(p.chain_per_task())).unwrap_or_default(),
-                &peer_chain.map(|p| ratio(c.per_task, p.chain_per_task())).unwrap_or_default(),
+                &peer_chain
+                    .map(|p| fmt_dur(p.chain_per_task()))
+                    .unwrap_or_default(),
+                &peer_chain
+                    .map(|p| ratio(c.per_task, p.chain_per_task()))
+                    .unwrap_or_default(),
             );
         }
         other => row(out, "chain", &not_done(other), "", ""),
@@ -147,9 +173,20 @@ fn backend_table(out: &mut String, b: &BackendReport, peer: Option<&PeerResult>)
                     f.tasks_per_workflow,
                     fmt_count(f.workflows as u64)
                 ),
-                &format!("{} (all runs accepted after {})", fmt_dur(f.wall), fmt_dur(f.accept_wall)),
+                &format!(
+                    "{} (all runs accepted after {})",
+                    fmt_dur(f.wall),
+                    fmt_dur(f.accept_wall)
+                ),
                 &peer_fan
-                    .map(|p| format!("{} ({} flows, {} tasks)", fmt_dur(Duration::from_secs_f64(p.fanout_wall_s)), fmt_count(p.fanout_flows as u64), fmt_count(p.fanout_tasks as u64)))
+                    .map(|p| {
+                        format!(
+                            "{} ({} flows, {} tasks)",
+                            fmt_dur(Duration::from_secs_f64(p.fanout_wall_s)),
+                            fmt_count(p.fanout_flows as u64),
+                            fmt_count(p.fanout_tasks as u64)
+                        )
+                    })
                     .unwrap_or_default(),
                 "",
             );
@@ -165,15 +202,27 @@ fn backend_table(out: &mut String, b: &BackendReport, peer: Option<&PeerResult>)
                     fmt_count(f.store.ops)
                 ),
                 &peer_fan
-                    .map(|p| format!("{} ({} per task)", sig3(p.fanout_tasks_per_sec()), fmt_dur(p.fanout_per_task())))
+                    .map(|p| {
+                        format!(
+                            "{} ({} per task)",
+                            sig3(p.fanout_tasks_per_sec()),
+                            fmt_dur(p.fanout_per_task())
+                        )
+                    })
                     .unwrap_or_default(),
-                &peer_fan.map(|p| ratio(per_task, p.fanout_per_task())).unwrap_or_default(),
+                &peer_fan
+                    .map(|p| ratio(per_task, p.fanout_per_task()))
+                    .unwrap_or_default(),
             );
             let peak = match (f.peak_rss, f.rss_before) {
                 (Some(peak), Some(before)) => format!(
                     "**{}** peak RSS{} ({} when the run began)",
                     fmt_mib(peak),
-                    if f.peak_is_scenario_only { "" } else { " of the whole process" },
+                    if f.peak_is_scenario_only {
+                        ""
+                    } else {
+                        " of the whole process"
+                    },
                     fmt_mib(before)
                 ),
                 _ => "not available on this OS".into(),
@@ -186,7 +235,11 @@ fn backend_table(out: &mut String, b: &BackendReport, peer: Option<&PeerResult>)
                     "{} / {}{}",
                     fmt_count(f.succeeded as u64),
                     f.lost,
-                    if f.polled { " (end found by polling: events lagged)" } else { "" }
+                    if f.polled {
+                        " (end found by polling: events lagged)"
+                    } else {
+                        ""
+                    }
                 ),
                 "",
                 "",
@@ -196,7 +249,10 @@ fn backend_table(out: &mut String, b: &BackendReport, peer: Option<&PeerResult>)
                 "fan-out setup (not in the figures): registering nodes",
                 &format!(
                     "{} per node through `Nodes::create` ({} nodes); the other {} in batches of 1,000: {}",
-                    fmt_dur(f.node_create_time.div_f64(f.node_create_sample.max(1) as f64)),
+                    fmt_dur(
+                        f.node_create_time
+                            .div_f64(f.node_create_sample.max(1) as f64)
+                    ),
                     f.node_create_sample,
                     fmt_count(f.workflows.saturating_sub(f.node_create_sample) as u64),
                     fmt_dur(f.node_load)
@@ -239,7 +295,10 @@ fn backend_table(out: &mut String, b: &BackendReport, peer: Option<&PeerResult>)
 
     match &b.api {
         Outcome::Done(a) => {
-            let load = format!("wrk -t{} -c{} -d{}s", a.load.threads, a.load.connections, a.load.seconds);
+            let load = format!(
+                "wrk -t{} -c{} -d{}s",
+                a.load.threads, a.load.connections, a.load.seconds
+            );
             row(
                 out,
                 &format!("API: `GET /api/2.0/workflows/{{id}}` ({load})"),
@@ -276,5 +335,9 @@ fn backend_table(out: &mut String, b: &BackendReport, peer: Option<&PeerResult>)
 }
 
 fn errors(n: u64) -> String {
-    if n == 0 { String::new() } else { format!(", {n} errors") }
+    if n == 0 {
+        String::new()
+    } else {
+        format!(", {n} errors")
+    }
 }

@@ -50,12 +50,18 @@ impl Server {
             .open(log)
             .with_context(|| format!("cannot open {}", log.display()))?;
         let mut cmd = Command::new(binary());
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--store", backend_name(backend)])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file);
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            backend_name(backend),
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file);
         // The server's configuration comes from this harness alone, not from whatever
         // METALGRAPH_* variables the caller's shell holds; logs are at the default level.
         for (k, _) in std::env::vars() {

@@ -262,7 +262,10 @@ pub fn run(plan: &Plan) -> Report {
         let _ = std::fs::create_dir_all(&root);
         let log = |what: &str| root.join(format!("{what}.log"));
 
-        say(&format!("[{name}] fsync floor ({} samples)", sizes.fsync_samples));
+        say(&format!(
+            "[{name}] fsync floor ({} samples)",
+            sizes.fsync_samples
+        ));
         let fsync = Outcome::from(
             fsync::measure(&root.join("fsync"), sizes.fsync_samples).map_err(Into::into),
         );
@@ -291,7 +294,10 @@ pub fn run(plan: &Plan) -> Report {
             not_selected()
         };
         let recovery = if wants(Scenario::Recovery) {
-            say(&format!("[{name}] recovery of {} workflows after SIGKILL", sizes.recovery));
+            say(&format!(
+                "[{name}] recovery of {} workflows after SIGKILL",
+                sizes.recovery
+            ));
             timed(|| {
                 recovery::recovery(
                     backend,
@@ -310,8 +316,19 @@ pub fn run(plan: &Plan) -> Report {
             say("wrk is not installed; skipping the API benchmark (scripts/bench.sh installs it)");
             Outcome::Skipped("wrk is not installed".into())
         } else {
-            say(&format!("[{name}] API under wrk, {} s per endpoint", sizes.api.seconds));
-            timed(|| api::api(backend, &root.join("api"), &log("api"), sizes.api, sizes.limit))
+            say(&format!(
+                "[{name}] API under wrk, {} s per endpoint",
+                sizes.api.seconds
+            ));
+            timed(|| {
+                api::api(
+                    backend,
+                    &root.join("api"),
+                    &log("api"),
+                    sizes.api,
+                    sizes.limit,
+                )
+            })
         };
         // The stores are large; only the logs are worth keeping.
         for sub in ["chain", "fanout", "recovery", "api"] {
@@ -376,7 +393,10 @@ fn timed<T>(f: impl FnOnce() -> anyhow::Result<T>) -> Outcome<T> {
     let r = f();
     match &r {
         Ok(_) => say(&format!("  done in {:.1} s", start.elapsed().as_secs_f64())),
-        Err(e) => say(&format!("  FAILED after {:.1} s: {e:#}", start.elapsed().as_secs_f64())),
+        Err(e) => say(&format!(
+            "  FAILED after {:.1} s: {e:#}",
+            start.elapsed().as_secs_f64()
+        )),
     }
     Outcome::from(r)
 }
