@@ -99,9 +99,13 @@ async fn power_actions_reach_the_state_sushy_reports() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_on_waits_for_the_delayed_emulator() {
-    // The stock emulator applies a power change 1-11 s after the request.
+    // The stock emulator applies a power change a random 1-11 s after the request
+    // (counted from the current whole second, so the real wait can be far shorter). The
+    // delay is pinned to 3 s here, so the change shows 2 to 3 s after the request and the
+    // assertions below cannot race it.
     let sushy = Sushy::start(SushyOptions {
         systems: 1,
+        delay_secs: Some(3),
         ..Default::default()
     })
     .await;
@@ -121,7 +125,7 @@ async fn power_on_waits_for_the_delayed_emulator() {
     let took = started.elapsed();
     assert_eq!(out["powerState"], "On");
     assert!(
-        took >= Duration::from_millis(900),
+        took >= Duration::from_millis(1900),
         "the job must have waited for the delayed power change, took {took:?}"
     );
     assert_eq!(sushy.power_state(0).await, "On");
@@ -165,7 +169,7 @@ async fn boot_override_reads_back_from_sushy() {
         .unwrap();
     assert_eq!(out["device"], "cd");
     assert_eq!(out["readback"]["device"], "cd");
-    let sys = sushy.get(&sushy.system_path(1), None).await;
+    let sys = sushy.get(&sushy.system_path(1)).await;
     assert_eq!(sys["Boot"]["BootSourceOverrideTarget"], "Cd");
 
     let out = world
@@ -178,12 +182,12 @@ async fn boot_override_reads_back_from_sushy() {
         .unwrap();
     assert_eq!(out["readback"]["device"], "pxe");
     assert_eq!(out["readback"]["uefi"], true);
-    let sys = sushy.get(&sushy.system_path(1), None).await;
+    let sys = sushy.get(&sushy.system_path(1)).await;
     assert_eq!(sys["Boot"]["BootSourceOverrideTarget"], "Pxe");
     assert_eq!(sys["Boot"]["BootSourceOverrideMode"], "UEFI");
     assert_eq!(sys["Boot"]["BootSourceOverrideEnabled"], "Continuous");
     // System 0 was not touched.
-    let sys0 = sushy.get(&sushy.system_path(0), None).await;
+    let sys0 = sushy.get(&sushy.system_path(0)).await;
     assert_ne!(sys0["Boot"]["BootSourceOverrideTarget"], "Pxe");
 }
 
@@ -236,7 +240,7 @@ async fn virtual_media_insert_and_eject_are_idempotent() {
         .await
         .unwrap();
     assert_eq!(out["changed"], true, "{out}");
-    let media = sushy.get(&cd, None).await;
+    let media = sushy.get(&cd).await;
     assert_eq!(media["Image"], boot_iso.as_str());
     assert_eq!(media["Inserted"], true);
     assert_eq!(
@@ -260,11 +264,11 @@ async fn virtual_media_insert_and_eject_are_idempotent() {
         .await
         .unwrap();
     assert_eq!(out["replaced"], boot_iso.as_str(), "{out}");
-    assert_eq!(sushy.get(&cd, None).await["Image"], other.as_str());
+    assert_eq!(sushy.get(&cd).await["Image"], other.as_str());
 
     let out = world.run(&eject, json!({}), Some(&node)).await.unwrap();
     assert_eq!(out["changed"], true);
-    let media = sushy.get(&cd, None).await;
+    let media = sushy.get(&cd).await;
     assert_eq!(media["Inserted"], false, "{media}");
     let out = world.run(&eject, json!({}), Some(&node)).await.unwrap();
     assert_eq!(out["changed"], false);
@@ -447,7 +451,7 @@ async fn basic_auth_right_and_wrong_credentials() {
     assert_eq!(out["powerState"], "On");
     assert_eq!(
         sushy
-            .get(&sushy.system_path(0), Some(("admin", password)))
+            .get_as(&sushy.system_path(0), Some(("admin", password)))
             .await["PowerState"],
         "On"
     );
@@ -524,9 +528,11 @@ async fn tls_self_signed_needs_verify_ssl_false() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sushy_killed_mid_operation_gives_a_clear_error() {
-    // The delayed emulator: power on takes at least a second to show.
+    // The delayed emulator, pinned so that power on takes two to three seconds to show:
+    // the kill below always lands while the job is still polling.
     let mut sushy = Sushy::start(SushyOptions {
         systems: 1,
+        delay_secs: Some(3),
         ..Default::default()
     })
     .await;
