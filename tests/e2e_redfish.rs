@@ -378,6 +378,7 @@ async fn tls_with_a_self_signed_certificate_discovery_and_power() {
         instant: true,
         tls: true,
         auth: Some(("admin".into(), PASSWORD.into())),
+        ..SushyOptions::default()
     })
     .await;
     assert!(sushy.base.starts_with("https://"));
