@@ -341,11 +341,32 @@ impl Engine {
             write_task(&mut batch, &id, i, t);
         }
         batch.put(keys::ACTIVE, id.as_bytes(), Vec::new());
-        let store = self.inner.store.clone();
-        match tokio::task::spawn_blocking(move || store.commit(batch))
-            .await
-            .map_err(|e| Error::Store(e.to_string()))?
-        {
+        let view = WorkflowView::build(&rec, &tasks);
+        let inner = self.inner.clone();
+        // The commit and the hand-over to the scheduler happen together in the blocking task,
+        // which runs to its end even when the caller stops waiting (an HTTP client that
+        // disconnects drops its request's future): a committed workflow is always scheduled.
+        let committed = tokio::task::spawn_blocking(move || {
+            inner.store.commit(batch)?;
+            info!(workflow_id = %rec.id, graph = %rec.plan.graph, node = ?rec.node, "workflow created");
+            let _ = inner.events.send(Event::Workflow {
+                workflow_id: rec.id.clone(),
+                graph: rec.plan.graph.clone(),
+                node: rec.node.clone(),
+                status: rec.status,
+                error: None,
+            });
+            // The workflow is durable from here on: if the scheduler has just stopped, the
+            // next start recovers it, so the caller is still told it was created.
+            let id = rec.id.clone();
+            if inner.tx.send(Msg::Load(Box::new((rec, tasks)))).is_err() {
+                warn!(workflow_id = %id, "scheduler stopped; the workflow resumes on the next start");
+            }
+            Ok::<(), metalgraph_store::Error>(())
+        })
+        .await
+        .map_err(|e| Error::Store(e.to_string()))?;
+        match committed {
             Ok(()) => {}
             Err(metalgraph_store::Error::Conflict { .. }) => {
                 return Err(match (&parent, &req.node) {
@@ -359,25 +380,6 @@ impl Engine {
                 });
             }
             Err(e) => return Err(e.into()),
-        }
-        info!(workflow_id = %id, graph = %rec.plan.graph, node = ?rec.node, "workflow created");
-        let view = WorkflowView::build(&rec, &tasks);
-        let _ = self.inner.events.send(Event::Workflow {
-            workflow_id: id.clone(),
-            graph: rec.plan.graph.clone(),
-            node: rec.node.clone(),
-            status: rec.status,
-            error: None,
-        });
-        // The workflow is durable from here on: if the scheduler has just stopped, the next
-        // start recovers it, so the caller is still told it was created.
-        if self
-            .inner
-            .tx
-            .send(Msg::Load(Box::new((rec, tasks))))
-            .is_err()
-        {
-            warn!(workflow_id = %id, "scheduler stopped; the workflow resumes on the next start");
         }
         Ok(view)
     }

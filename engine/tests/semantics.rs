@@ -669,3 +669,55 @@ tasks:
     );
     h.stop().await;
 }
+
+/// A store whose commits take a while, so that a caller can give up in the middle of one.
+struct SlowStore(MemStore);
+
+impl metalgraph_store::Store for SlowStore {
+    fn get(&self, ks: &str, key: &[u8]) -> metalgraph_store::Result<Option<Vec<u8>>> {
+        self.0.get(ks, key)
+    }
+    fn scan_prefix(
+        &self,
+        ks: &str,
+        prefix: &[u8],
+    ) -> metalgraph_store::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.0.scan_prefix(ks, prefix)
+    }
+    fn commit(&self, batch: metalgraph_store::Batch) -> metalgraph_store::Result<()> {
+        std::thread::sleep(Duration::from_millis(30));
+        self.0.commit(batch)
+    }
+    fn backend(&self) -> &'static str {
+        "slow"
+    }
+}
+
+/// A caller that stops waiting (an HTTP client that disconnects) while its workflow is
+/// being created must never leave a committed workflow unscheduled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_giving_up_mid_create_never_strands_a_workflow() {
+    let g = "{injectableName: G, tasks: [{label: a, taskName: Task.Noop}]}";
+    let h = start(Arc::new(SlowStore(MemStore::new())), &[g], |_| {});
+    for i in 0..10u64 {
+        let e = h.engine.clone();
+        let run = tokio::spawn(async move {
+            e.run(RunRequest {
+                graph: "G".into(),
+                node: None,
+                options: Default::default(),
+            })
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(5 + i * 3)).await;
+        run.abort();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all = h.engine.list(&Default::default()).unwrap();
+    assert!(!all.is_empty(), "some creations committed before the abort");
+    for w in all {
+        let end = wait_for(&h.engine, &w.instance_id, Duration::from_secs(10)).await;
+        assert_eq!(end.status, WorkflowStatus::Succeeded, "{end:#?}");
+    }
+    h.stop().await;
+}
