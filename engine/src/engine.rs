@@ -630,16 +630,16 @@ struct Wf {
     queued: Vec<bool>,
     /// Running tasks found at recovery, to be started again keeping their deadline.
     restart: Vec<bool>,
+    /// Task index by label, so that readiness checks do not search the plan (a linear
+    /// search per dependency made long chains quadratic per transition).
+    index: HashMap<String, usize>,
 }
 
 impl Wf {
     fn state_of(&self, label: &str) -> TaskState {
-        self.rec
-            .plan
-            .tasks
-            .iter()
-            .position(|t| t.label == label)
-            .map(|i| self.tasks[i].state)
+        self.index
+            .get(label)
+            .map(|&i| self.tasks[i].state)
             .unwrap_or(TaskState::Pending)
     }
 
@@ -904,7 +904,15 @@ impl Scheduler {
             .as_deref()
             .and_then(|n| self.engine.inner.nodes.get(n).ok().flatten());
         let n = tasks.len();
+        let index = rec
+            .plan
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.label.clone(), i))
+            .collect();
         let mut w = Wf {
+            index,
             cancel: self.shutdown.child_token(),
             rec,
             tasks,
