@@ -58,6 +58,9 @@ fn the_harness_runs_every_scenario_at_tiny_sizes() {
         backends: vec![Backend::Sled, Backend::File],
         scenarios: Scenario::ALL.to_vec(),
         dir: dir.path().to_owned(),
+        // Run in this process: the test binary is not the harness, so it cannot re-execute
+        // itself as one. The full harness isolates each scenario in a process.
+        isolate: None,
     };
     let report = suite::run(&plan);
     println!("{}", report::markdown(&report));

@@ -26,9 +26,9 @@ pub struct Load {
 pub struct WrkResult {
     pub requests: u64,
     pub rps: f64,
-    #[serde(serialize_with = "crate::util::secs")]
+    #[serde(with = "crate::util::secs")]
     pub p50: Duration,
-    #[serde(serialize_with = "crate::util::secs")]
+    #[serde(with = "crate::util::secs")]
     pub p99: Duration,
     /// Non-2xx answers plus socket errors.
     pub errors: u64,

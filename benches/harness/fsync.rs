@@ -13,11 +13,11 @@ use crate::util::quantile;
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FsyncFloor {
     pub samples: usize,
-    #[serde(serialize_with = "crate::util::secs")]
+    #[serde(with = "crate::util::secs")]
     pub median: Duration,
-    #[serde(serialize_with = "crate::util::secs")]
+    #[serde(with = "crate::util::secs")]
     pub p99: Duration,
-    #[serde(serialize_with = "crate::util::secs")]
+    #[serde(with = "crate::util::secs")]
     pub mean: Duration,
 }
 

@@ -69,13 +69,13 @@ impl Running {
 }
 
 /// What the chain scenario measured.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ChainResult {
     pub tasks: usize,
     /// From the run request to the commit that finished the workflow.
-    #[serde(serialize_with = "crate::util::secs")]
+    #[serde(with = "crate::util::secs")]
     pub wall: Duration,
-    #[serde(serialize_with = "crate::util::secs")]
+    #[serde(with = "crate::util::secs")]
     pub per_task: Duration,
     /// The store commits made during the run.
     pub store: Metered,
@@ -167,24 +167,24 @@ fn check_succeeded(engine: &Engine, id: &str, tasks: usize) -> anyhow::Result<()
 }
 
 /// What the fan-out scenario measured.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct FanOutResult {
     pub workflows: usize,
     pub tasks_per_workflow: usize,
     pub tasks: usize,
     /// Writing every node record, in batches of 1,000 (not part of `wall`).
-    #[serde(serialize_with = "crate::util::secs")]
+    #[serde(with = "crate::util::secs")]
     pub node_load: Duration,
     /// How many nodes were registered one commit each through `Nodes::create`, and how
     /// long that took (not part of `wall`).
     pub node_create_sample: usize,
-    #[serde(serialize_with = "crate::util::secs")]
+    #[serde(with = "crate::util::secs")]
     pub node_create_time: Duration,
     /// From the first run request until every run request had returned.
-    #[serde(serialize_with = "crate::util::secs")]
+    #[serde(with = "crate::util::secs")]
     pub accept_wall: Duration,
     /// From the first run request until the commit that finished the last workflow.
-    #[serde(serialize_with = "crate::util::secs")]
+    #[serde(with = "crate::util::secs")]
     pub wall: Duration,
     pub tasks_per_sec: f64,
     /// Resident memory when the first run request was made, and the peak during the run.

@@ -16,7 +16,8 @@ pub struct Machine {
     pub mount_point: String,
     pub fs_type: String,
     pub mount_options: String,
-    /// `ssd`, `rotational` or `unknown`, from `/sys/block/*/queue/rotational`.
+    /// What the kernel says of the disk (`/sys/block/*/queue/rotational`); virtual disks
+    /// often claim to rotate whatever lies beneath them.
     pub disk_kind: String,
     pub rustc: String,
 }

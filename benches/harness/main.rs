@@ -93,6 +93,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<(Plan, bool)> {
         backends,
         scenarios,
         dir: base.join(format!("metalgraph-bench-{stamp}")),
+        isolate: std::env::current_exe().ok(),
     };
     Ok((plan, keep))
 }
@@ -103,6 +104,18 @@ const HELP: &str = "usage: cargo bench --bench harness -- [--quick | --smoke] [-
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(suite::CHILD_FLAG) {
+        return match suite::run_child(&args[1..]) {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                println!("{e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (plan, keep) = match parse_args(&args) {
         Ok(p) => p,
         Err(e) => {

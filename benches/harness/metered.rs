@@ -16,14 +16,14 @@ pub struct Meter {
 }
 
 /// A snapshot of a [`Meter`].
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct Metered {
     /// Commits that wrote something.
     pub commits: u64,
     /// Puts and deletes in those commits.
     pub ops: u64,
     /// Wall time spent inside `commit`, summed over callers.
-    #[serde(serialize_with = "crate::util::secs")]
+    #[serde(with = "crate::util::secs")]
     pub commit_time: Duration,
 }
 

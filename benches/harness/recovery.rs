@@ -21,20 +21,20 @@ use crate::server::{Api, Server};
 pub struct RecoveryResult {
     pub workflows: usize,
     /// Submitting every workflow over HTTP before the kill (not part of the figure).
-    #[serde(serialize_with = "crate::util::secs")]
+    #[serde(with = "crate::util::secs")]
     pub create_wall: Duration,
     /// From spawning the second process to its listening line. The engine recovers before
     /// the server announces itself, so at this point every unfinished workflow is loaded,
     /// its interrupted task is committed as running again (attempt 2) and its job spawned.
-    #[serde(serialize_with = "crate::util::secs")]
+    #[serde(with = "crate::util::secs")]
     pub to_listening: Duration,
     /// From spawning the second process until `GET /workflows?active=true` shows every
     /// workflow's first task running in attempt 2: the same point, checked from outside.
     /// Includes the time of the last listing, which grows with the number of workflows.
-    #[serde(serialize_with = "crate::util::secs")]
+    #[serde(with = "crate::util::secs")]
     pub to_all_running: Duration,
     /// How long one listing of every active workflow took, the granularity of the above.
-    #[serde(serialize_with = "crate::util::secs")]
+    #[serde(with = "crate::util::secs")]
     pub listing: Duration,
     /// Workflows found running again after the restart.
     pub recovered: usize,

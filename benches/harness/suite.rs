@@ -28,7 +28,7 @@ pub struct Sizes {
     pub peer_chain: usize,
     pub peer_fanout_flows: usize,
     /// The longest any one scenario may take before it counts as failed.
-    #[serde(serialize_with = "crate::util::secs")]
+    #[serde(with = "crate::util::secs")]
     pub limit: Duration,
 }
 
@@ -131,6 +131,10 @@ pub struct Plan {
     pub scenarios: Vec<Scenario>,
     /// Where the data directories go; their file system is what `fsync` measures.
     pub dir: PathBuf,
+    /// The harness executable, to run the in-process scenarios (chain, fan-out) each in a
+    /// process of its own, so that one scenario's heap and threads never show in the next
+    /// one's figures (peak memory above all). `None` runs them in this process.
+    pub isolate: Option<PathBuf>,
 }
 
 /// A scenario's outcome.
@@ -176,7 +180,7 @@ pub struct Report {
     pub sizes: Sizes,
     pub backends: Vec<BackendReport>,
     pub peer: Outcome<PeerResult>,
-    #[serde(serialize_with = "crate::util::secs")]
+    #[serde(with = "crate::util::secs")]
     pub total: Duration,
 }
 
@@ -271,7 +275,11 @@ pub fn run(plan: &Plan) -> Report {
         );
         let chain = if wants(Scenario::Chain) {
             say(&format!("[{name}] chain of {} tasks", sizes.chain));
-            timed(|| inproc::chain(backend, &root.join("chain"), sizes.chain, sizes.limit))
+            let dir = root.join("chain");
+            timed(|| match &plan.isolate {
+                Some(exe) => in_child(exe, "chain", backend, &dir, sizes.chain, 0, sizes.limit),
+                None => inproc::chain(backend, &dir, sizes.chain, sizes.limit),
+            })
         } else {
             not_selected()
         };
@@ -281,14 +289,11 @@ pub fn run(plan: &Plan) -> Report {
                 sizes.fanout_workflows,
                 sizes.fanout_width + 2
             ));
-            timed(|| {
-                inproc::fan_out(
-                    backend,
-                    &root.join("fanout"),
-                    sizes.fanout_workflows,
-                    sizes.fanout_width,
-                    sizes.limit,
-                )
+            let dir = root.join("fanout");
+            let (n, width) = (sizes.fanout_workflows, sizes.fanout_width);
+            timed(|| match &plan.isolate {
+                Some(exe) => in_child(exe, "fanout", backend, &dir, n, width, sizes.limit),
+                None => inproc::fan_out(backend, &dir, n, width, sizes.limit),
             })
         } else {
             not_selected()
@@ -399,6 +404,63 @@ fn timed<T>(f: impl FnOnce() -> anyhow::Result<T>) -> Outcome<T> {
         )),
     }
     Outcome::from(r)
+}
+
+/// The flag that makes the harness run one in-process scenario and print its result as
+/// JSON: `--child chain|fanout BACKEND DIR N WIDTH LIMIT_SECS`.
+pub const CHILD_FLAG: &str = "--child";
+
+/// Runs one in-process scenario in a child process (`exe --child ...`) and reads its result.
+fn in_child<T: serde::de::DeserializeOwned>(
+    exe: &Path,
+    scenario: &str,
+    backend: Backend,
+    dir: &Path,
+    n: usize,
+    width: usize,
+    limit: Duration,
+) -> anyhow::Result<T> {
+    use anyhow::Context as _;
+    let out = std::process::Command::new(exe)
+        .arg(CHILD_FLAG)
+        .arg(scenario)
+        .arg(backend_name(backend))
+        .arg(dir)
+        .arg(n.to_string())
+        .arg(width.to_string())
+        .arg(limit.as_secs().to_string())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run {}", exe.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        anyhow::bail!(
+            "the {scenario} process failed ({}): {}",
+            out.status,
+            text.trim()
+        );
+    }
+    serde_json::from_str(text.trim())
+        .with_context(|| format!("cannot read the {scenario} process's result {text:?}"))
+}
+
+/// The child side of [`in_child`]: runs the scenario named in `args` (what follows
+/// [`CHILD_FLAG`]) and returns its result as JSON.
+pub fn run_child(args: &[String]) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    let [scenario, backend, dir, n, width, limit] = args else {
+        anyhow::bail!("{CHILD_FLAG} wants: chain|fanout BACKEND DIR N WIDTH LIMIT_SECS");
+    };
+    let backend: Backend = backend.parse().map_err(anyhow::Error::msg)?;
+    let dir = Path::new(dir);
+    let n: usize = n.parse().context("N")?;
+    let width: usize = width.parse().context("WIDTH")?;
+    let limit = Duration::from_secs(limit.parse().context("LIMIT_SECS")?);
+    Ok(match scenario.as_str() {
+        "chain" => serde_json::to_string(&inproc::chain(backend, dir, n, limit)?)?,
+        "fanout" => serde_json::to_string(&inproc::fan_out(backend, dir, n, width, limit)?)?,
+        other => anyhow::bail!("unknown child scenario {other:?}"),
+    })
 }
 
 /// The default base directory for data: cargo's per-target scratch directory, which is on

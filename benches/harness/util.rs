@@ -3,9 +3,21 @@
 
 use std::time::Duration;
 
-/// Serialises a duration as seconds (a float), which is what people read in JSON.
-pub fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64())
+/// A duration as seconds (a float), which is what people read in JSON; used with
+/// `#[serde(with = "crate::util::secs")]`.
+pub mod secs {
+    use std::time::Duration;
+
+    use serde::Deserialize as _;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
+    }
 }
 
 /// A duration for a table: microseconds, milliseconds or seconds, three significant digits.
