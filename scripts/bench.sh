@@ -4,9 +4,11 @@
 # SQLAlchemy for the peer), then `cargo bench --bench harness`, which builds in release,
 # prints the report on stdout and writes it under target/tmp/.
 #
-#   scripts/bench.sh                  # the published figures (about half an hour on 2 cores)
-#   scripts/bench.sh --quick          # smaller sizes, a few minutes
+#   scripts/bench.sh                  # the published figures (about 4 minutes after the build)
+#   scripts/bench.sh --quick          # smaller sizes, under a minute after the build
 #   scripts/bench.sh --backends file --only chain,fanout
+#   scripts/bench.sh --install-only   # only install wrk and the venv (for CI, so that the
+#                                     # smoke test tests/bench_smoke.rs covers them too)
 #
 # Arguments go to the harness (see `cargo bench --bench harness -- --help`). The venv lives
 # under ${METALGRAPH_PEERS:-$HOME/.cache/metalgraph-peers}/bench-venv; set
@@ -56,4 +58,7 @@ if [ "${METALGRAPH_BENCH_NO_INSTALL:-0}" != 1 ]; then
     echo "bench.sh: wrk $(wrk --version 2>&1 | head -n1 | awk '{print $2}'), TaskFlow $("$VENV/bin/pip" show taskflow 2>/dev/null | sed -n 's/^Version: //p')"
 fi
 
+if [ "${1:-}" = --install-only ]; then
+    exit 0
+fi
 exec cargo bench --bench harness -- "$@"

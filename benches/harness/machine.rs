@@ -113,9 +113,9 @@ fn disk_kind(device: &str) -> String {
     for c in candidates {
         if let Ok(v) = std::fs::read_to_string(format!("/sys/block/{c}/queue/rotational")) {
             return if v.trim() == "0" {
-                "ssd (non-rotational)".into()
+                "reported non-rotational".into()
             } else {
-                "rotational".into()
+                "reported rotational".into()
             };
         }
     }

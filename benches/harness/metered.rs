@@ -22,7 +22,9 @@ pub struct Metered {
     pub commits: u64,
     /// Puts and deletes in those commits.
     pub ops: u64,
-    /// Wall time spent inside `commit`, summed over callers.
+    /// Wall time spent inside `commit`, summed over callers. With concurrent callers this
+    /// counts each one's wait for the store's lock too, so it can exceed the wall time; it
+    /// is the disk's share only when commits are sequential (the chain).
     #[serde(with = "crate::util::secs")]
     pub commit_time: Duration,
 }

@@ -195,12 +195,11 @@ fn backend_table(out: &mut String, b: &BackendReport, peer: Option<&PeerResult>)
                 out,
                 "fan-out: tasks per second",
                 &format!(
-                    "**{}** ({} per task; {} commits of {} ops, {} inside `commit`)",
+                    "**{}** ({} per task; {} commits of {} ops in all)",
                     fmt_count(f.tasks_per_sec.round() as u64),
                     fmt_dur(per_task),
                     fmt_count(f.store.commits),
-                    fmt_count(f.store.ops),
-                    fmt_dur(f.store.commit_time)
+                    fmt_count(f.store.ops)
                 ),
                 &peer_fan
                     .map(|p| {

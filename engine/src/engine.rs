@@ -779,6 +779,9 @@ impl Scheduler {
                         self.engine.inner.healthy.store(false, Ordering::SeqCst);
                         break;
                     }
+                    // Finished jobs stay in the set until reaped; under steady load the
+                    // `join_next` branch below rarely wins, so reap them here.
+                    while self.joins.try_join_next().is_some() {}
                 }
                 Some(_) = self.joins.join_next(), if !self.joins.is_empty() => {}
             }
@@ -1098,18 +1101,24 @@ impl Scheduler {
                 planned.job
             )),
             Some(job) => {
-                let vars = json!({
-                    "options": planned.options,
-                    "context": context_of(&w.rec.plan, &w.tasks),
-                    "node": w.node.as_ref().map(Node::template_view),
-                    "task": {
-                        "id": w.tasks[idx].id,
-                        "label": planned.label,
-                        "workflowId": id,
-                        "token": w.tasks[idx].token,
-                    },
-                    "api": {"base": self.api.base, "nodeBase": self.api.node_base},
-                });
+                // Building the variables clones every finished task's output; only a task
+                // whose options hold a template needs them.
+                let vars = if !planned.options.values().any(holds_template) {
+                    Value::Null
+                } else {
+                    json!({
+                        "options": planned.options,
+                        "context": context_of(&w.rec.plan, &w.tasks),
+                        "node": w.node.as_ref().map(Node::template_view),
+                        "task": {
+                            "id": w.tasks[idx].id,
+                            "label": planned.label,
+                            "workflowId": id,
+                            "token": w.tasks[idx].token,
+                        },
+                        "api": {"base": self.api.base, "nodeBase": self.api.node_base},
+                    })
+                };
                 self.renderer
                     .render_options(&planned.options, &vars)
                     .and_then(|mut opts| {
@@ -1292,6 +1301,16 @@ impl Scheduler {
             }
         }
         self.advance(id);
+    }
+}
+
+/// Whether an option value holds a template anywhere inside it.
+fn holds_template(v: &Value) -> bool {
+    match v {
+        Value::String(s) => crate::template::is_template(s),
+        Value::Array(items) => items.iter().any(holds_template),
+        Value::Object(m) => m.values().any(holds_template),
+        _ => false,
     }
 }
 
