@@ -31,7 +31,7 @@ use metalgraph_engine::{Engine, Error, NodeTask, RunRequest, TaskState};
 use metalgraph_pxe::{
     BootPlanner, BoxFuture, ClientInfo, Decision, Lease, LeaseStoreError, MacAddr, PxeService,
 };
-use metalgraph_store::Batch;
+use metalgraph_store::{Batch, Store};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
@@ -99,10 +99,9 @@ impl BootWork {
     }
 }
 
-/// The node's network-boot work (see the module documentation for the rule). Reads the
-/// store: call it on the blocking pool.
-pub fn boot_work(engine: &Engine, node: &Node) -> Result<BootWork, Error> {
-    let tasks = engine.current_tasks(&node.id)?;
+/// The node's network-boot work (see the module documentation for the rule).
+pub async fn boot_work(engine: &Engine, node: &Node) -> Result<BootWork, Error> {
+    let tasks = engine.current_tasks(&node.id).await?;
     // Running tasks come first, so a running task's profile wins over a pending one's.
     for task in tasks {
         let Some(profile) = task
@@ -143,9 +142,9 @@ fn tag_value<'a>(node: &'a Node, prefix: &str) -> Option<&'a str> {
 }
 
 /// The node owning one of `macs`, if any (the first match in order).
-pub fn find_node(engine: &Engine, macs: &[MacAddr]) -> Result<Option<Node>, Error> {
+pub async fn find_node(engine: &Engine, macs: &[MacAddr]) -> Result<Option<Node>, Error> {
     for mac in macs {
-        if let Some(node) = engine.nodes().by_identifier(&mac.to_string())? {
+        if let Some(node) = engine.nodes().by_identifier(&mac.to_string()).await? {
             return Ok(Some(node));
         }
     }
@@ -193,7 +192,7 @@ pub enum Enrolled {
 /// Makes an unknown machine a node: creates it (identifiers: its MACs and useful UUID),
 /// stores its `pxe` catalog and runs `discovery_graph` on it. Two concurrent calls for the
 /// same machine create one node: the loser's commit fails on the identifier index and it
-/// returns the winner's node. Blocking store work runs on the blocking pool.
+/// returns the winner's node.
 pub async fn enroll(
     engine: &Engine,
     discovery_graph: &str,
@@ -223,44 +222,40 @@ pub async fn enroll(
         "platform": report.platform,
         "buildarch": report.buildarch,
     });
-    let (e, macs) = (engine.clone(), report.macs.clone());
-    let created = blocking(move || {
-        let attempt = |node: Node| match e.nodes().create(node) {
-            Ok(n) => Ok(Some(n)),
-            // Another request owns one of the identifiers (it enrolled this machine first,
-            // or another machine reports the same UUID).
-            Err(nodes::Error::IdentifierTaken { .. } | nodes::Error::Conflict(_)) => Ok(None),
-            Err(other) => Err(Error::from(other)),
-        };
-        let mut created = attempt(node.clone())?;
-        if created.is_none() {
-            if let Some(existing) = find_node(&e, &macs)? {
-                return Ok(Err(existing));
-            }
-            // Not ours by MAC: the UUID is taken by another node. Enrol by MACs alone.
-            let mut by_mac = node;
-            by_mac.identifiers.retain(|i| nodes::looks_like_mac(i));
-            created = attempt(by_mac)?;
+    let macs = &report.macs;
+    let attempt = async |node: Node| match engine.nodes().create(node).await {
+        Ok(n) => Ok(Some(n)),
+        // Another request owns one of the identifiers (it enrolled this machine first, or
+        // another machine reports the same UUID).
+        Err(Error::AlreadyExists(_) | Error::Conflict(_)) => Ok(None),
+        Err(other) => Err(other),
+    };
+    let mut created = attempt(node.clone()).await?;
+    if created.is_none() {
+        if let Some(existing) = find_node(engine, macs).await? {
+            return Ok(Enrolled::Existing(existing));
         }
-        match created {
-            Some(n) => {
-                e.nodes().put_catalog(&n.id, PXE_CATALOG, &catalog)?;
-                Ok(Ok(n))
-            }
-            None => match find_node(&e, &macs)? {
-                Some(existing) => Ok(Err(existing)),
+        // Not ours by MAC: the UUID is taken by another node. Enrol by MACs alone.
+        let mut by_mac = node;
+        by_mac.identifiers.retain(|i| nodes::looks_like_mac(i));
+        created = attempt(by_mac).await?;
+    }
+    let node = match created {
+        Some(n) => n,
+        None => {
+            return match find_node(engine, macs).await? {
+                Some(existing) => Ok(Enrolled::Existing(existing)),
                 None => Err(Error::Conflict(format!(
                     "the node for MAC {} was created and removed concurrently; try again",
                     macs[0]
                 ))),
-            },
+            };
         }
-    })
-    .await?;
-    let node = match created {
-        Ok(n) => n,
-        Err(existing) => return Ok(Enrolled::Existing(existing)),
     };
+    engine
+        .nodes()
+        .put_catalog(&node.id, PXE_CATALOG, &catalog)
+        .await?;
     info!(node = %node.id, mac = %first, uuid = ?uuid, "unknown machine enrolled from its PXE boot");
     let run = engine
         .run(RunRequest {
@@ -277,15 +272,6 @@ pub async fn enroll(
         }
     };
     Ok(Enrolled::New { node, workflow })
-}
-
-/// Runs store work on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
-) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Store(format!("a blocking task failed: {e}")))?
 }
 
 /// The template variables of a profile: the same `node`, `api` and `notification` as the
@@ -403,6 +389,7 @@ pub fn reachable(addr: SocketAddr, boot_address: Option<Ipv4Addr>) -> SocketAddr
 pub async fn bind_service(
     config: &BootConfig,
     engine: &Engine,
+    store: Arc<dyn Store>,
     node_base: &str,
 ) -> anyhow::Result<Option<PxeService>> {
     let Some(options) = config.pxe_options().map_err(anyhow::Error::msg)? else {
@@ -421,7 +408,7 @@ pub async fn bind_service(
             t.root.display()
         );
     }
-    let planner = Arc::new(StorePlanner::new(engine.clone(), node_base));
+    let planner = Arc::new(StorePlanner::new(engine.clone(), store, node_base));
     let service = PxeService::bind(options, planner)
         .await
         .context("network boot could not start")?;
@@ -431,29 +418,30 @@ pub async fn bind_service(
 /// The [`BootPlanner`] over metalgraph's nodes, workflows and store.
 pub struct StorePlanner {
     engine: Engine,
+    /// The store the binary's `leases` keyspace lives in (the engine's own store).
+    store: Arc<dyn Store>,
     /// The node-facing base URL (`http://10.0.0.1:8090/api/2.0`) profile URLs start with.
     node_base: String,
 }
 
 impl StorePlanner {
     /// A planner answering with profile URLs under `node_base`.
-    pub fn new(engine: Engine, node_base: impl Into<String>) -> Self {
+    pub fn new(engine: Engine, store: Arc<dyn Store>, node_base: impl Into<String>) -> Self {
         StorePlanner {
             engine,
+            store,
             node_base: node_base.into(),
         }
     }
 
     async fn decision(&self, mac: MacAddr) -> Result<Decision, Error> {
-        let engine = self.engine.clone();
-        let found = blocking(move || {
-            let Some(node) = engine.nodes().by_identifier(&mac.to_string())? else {
-                return Ok(None);
-            };
-            let work = boot_work(&engine, &node)?;
-            Ok(Some((node, work)))
-        })
-        .await?;
+        let found = match self.engine.nodes().by_identifier(&mac.to_string()).await? {
+            None => None,
+            Some(node) => {
+                let work = boot_work(&self.engine, &node).await?;
+                Some((node, work))
+            }
+        };
         let answer = || Decision::Answer {
             profile_url: profile_url(&self.node_base, &[mac]),
         };
@@ -488,15 +476,8 @@ impl BootPlanner for StorePlanner {
 
     fn reservation<'a>(&'a self, mac: &'a MacAddr) -> BoxFuture<'a, Option<Ipv4Addr>> {
         Box::pin(async move {
-            let engine = self.engine.clone();
             let mac = *mac;
-            let node = blocking(move || {
-                engine
-                    .nodes()
-                    .by_identifier(&mac.to_string())
-                    .map_err(Error::from)
-            })
-            .await;
+            let node = self.engine.nodes().by_identifier(&mac.to_string()).await;
             match node {
                 Ok(Some(node)) => {
                     let ip = tag_value(&node, RESERVATION_TAG)?;
@@ -519,7 +500,7 @@ impl BootPlanner for StorePlanner {
 
     fn save_lease<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), LeaseStoreError>> {
         Box::pin(async move {
-            let store = self.engine.store().clone();
+            let store = self.store.clone();
             let mac = lease.mac;
             let value =
                 serde_json::to_vec(lease).map_err(|e| Self::store_err("cannot encode", &mac, e))?;
@@ -536,7 +517,7 @@ impl BootPlanner for StorePlanner {
 
     fn delete_lease<'a>(&'a self, mac: &'a MacAddr) -> BoxFuture<'a, Result<(), LeaseStoreError>> {
         Box::pin(async move {
-            let store = self.engine.store().clone();
+            let store = self.store.clone();
             let mac = *mac;
             tokio::task::spawn_blocking(move || {
                 let mut batch = Batch::new();
@@ -551,7 +532,7 @@ impl BootPlanner for StorePlanner {
 
     fn load_leases(&self) -> BoxFuture<'_, Result<Vec<Lease>, LeaseStoreError>> {
         Box::pin(async move {
-            let store = self.engine.store().clone();
+            let store = self.store.clone();
             let entries = tokio::task::spawn_blocking(move || store.scan_prefix(LEASES, b""))
                 .await
                 .map_err(|e| LeaseStoreError(format!("cannot load leases: {e}")))?

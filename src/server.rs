@@ -25,6 +25,9 @@ use crate::config::Config;
 /// How long open connections get to finish once shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long health checks see a failed engine's 503 before the service shuts down.
+const FAILURE_GRACE: Duration = Duration::from_secs(3);
+
 /// How many simulated nodes `--demo` registers.
 const DEMO_NODES: usize = 8;
 
@@ -99,9 +102,27 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     // The engine has its own token: it must keep running while the listeners drain, so that
     // requests in flight (a cancel, a run) are answered rather than refused.
     let engine_stop = CancellationToken::new();
-    let (engine, engine_task) =
-        Engine::start(opts, engine_stop.clone()).context("the engine could not start")?;
-    check_library(&engine);
+    let (engine, engine_task) = Engine::start(opts, engine_stop.clone());
+    // A scheduler that stops on its own (a store failure: a full disk, a broken database)
+    // leaves nothing to serve. Health answers 503 naming why at once; after a short grace,
+    // in which health checks can see that, the service drains and exits non-zero, so that a
+    // supervisor restarts it.
+    let engine_watch = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let res = match engine_task.await {
+                Ok(res) => res.map_err(anyhow::Error::from),
+                Err(e) => Err(anyhow::anyhow!("the engine task failed: {e}")),
+            };
+            if let Err(e) = &res {
+                error!(error = %e, grace_ms = FAILURE_GRACE.as_millis() as u64, "the engine stopped; health answers 503 and the service shuts down");
+                tokio::time::sleep(FAILURE_GRACE).await;
+                shutdown.cancel();
+            }
+            res.context("the engine stopped")
+        })
+    };
+    check_library(&engine).await;
     if config.demo {
         register_demo_nodes(&engine).await?;
     }
@@ -115,14 +136,15 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     };
     // Network boot binds before anything is served, so that a port in use or a missing
     // TFTP root stops the start; the engine is stopped cleanly first.
-    let pxe = match crate::boot::bind_service(&config.boot, &engine, &node_base).await {
-        Ok(pxe) => pxe,
-        Err(e) => {
-            engine_stop.cancel();
-            let _ = engine_task.await;
-            return Err(e);
-        }
-    };
+    let pxe =
+        match crate::boot::bind_service(&config.boot, &engine, store.clone(), &node_base).await {
+            Ok(pxe) => pxe,
+            Err(e) => {
+                engine_stop.cancel();
+                let _ = engine_watch.await;
+                return Err(e);
+            }
+        };
 
     let mut servers = JoinSet::new();
     if let Some(pxe) = pxe {
@@ -194,8 +216,13 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     info!("listeners closed; stopping the engine");
     engine_stop.cancel();
-    if let Err(e) = engine_task.await {
-        error!(error = %e, "the engine task failed");
+    let engine_result = engine_watch
+        .await
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("the engine watch failed: {e}")));
+    if let Err(e) = engine_result
+        && result.is_ok()
+    {
+        result = Err(e);
     }
     drop(engine);
     let closing = store.clone();
@@ -257,7 +284,7 @@ async fn run_http(
 
 /// Logs every shipped definition that does not validate against this build's jobs: such a
 /// definition exists but cannot run.
-fn check_library(engine: &Engine) {
+async fn check_library(engine: &Engine) {
     let defs = engine.definitions();
     for task in defs.library().tasks.values() {
         if let Err(problems) = metalgraph_engine::definitions::validate_task(task, defs.jobs()) {
@@ -265,7 +292,7 @@ fn check_library(engine: &Engine) {
         }
     }
     for graph in defs.library().graphs.values() {
-        if let Err(problems) = defs.validate_graph(graph) {
+        if let Err(problems) = defs.validate_graph(graph.clone()).await {
             warn!(graph = %graph.injectable_name, problems = %problems, "a shipped graph cannot run in this build");
         }
     }
@@ -279,41 +306,37 @@ pub fn demo_node_id(i: usize) -> String {
 /// Registers the demo's simulated nodes unless they exist, so restarts with `--demo` keep
 /// them (and their catalogs) as they are.
 pub async fn register_demo_nodes(engine: &Engine) -> anyhow::Result<()> {
-    let nodes = engine.nodes().clone();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        for i in 1..=DEMO_NODES {
-            let id = demo_node_id(i);
-            if nodes.get(&id)?.is_some() {
-                continue;
-            }
-            let node = Node {
-                id: id.clone(),
-                name: id.clone(),
-                identifiers: vec![format!("02:00:00:00:00:{i:02x}")],
-                node_type: "compute".to_owned(),
-                tags: vec!["demo".to_owned()],
-                obms: vec![Obm {
-                    service: "sim-obm-service".to_owned(),
-                    config: ObmConfig {
-                        host: "sim".to_owned(),
-                        ..ObmConfig::default()
-                    },
-                }],
-                created_at: String::new(),
-                updated_at: String::new(),
-            };
-            match nodes.create(node) {
-                Ok(_) | Err(metalgraph_engine::nodes::Error::Exists(_)) => {}
-                Err(e) => {
-                    return Err(
-                        anyhow::Error::new(e).context(format!("cannot register demo node {id}"))
-                    );
-                }
+    let nodes = engine.nodes();
+    for i in 1..=DEMO_NODES {
+        let id = demo_node_id(i);
+        if nodes.get(&id).await?.is_some() {
+            continue;
+        }
+        let node = Node {
+            id: id.clone(),
+            name: id.clone(),
+            identifiers: vec![format!("02:00:00:00:00:{i:02x}")],
+            node_type: "compute".to_owned(),
+            tags: vec!["demo".to_owned()],
+            obms: vec![Obm {
+                service: "sim-obm-service".to_owned(),
+                config: ObmConfig {
+                    host: "sim".to_owned(),
+                    ..ObmConfig::default()
+                },
+            }],
+            created_at: String::new(),
+            updated_at: String::new(),
+        };
+        match nodes.create(node).await {
+            Ok(_) | Err(metalgraph_engine::Error::AlreadyExists(_)) => {}
+            Err(e) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("cannot register demo node {id}"))
+                );
             }
         }
-        info!(nodes = DEMO_NODES, "demo nodes ready");
-        Ok(())
-    })
-    .await
-    .context("registering demo nodes failed")?
+    }
+    info!(nodes = DEMO_NODES, "demo nodes ready");
+    Ok(())
 }

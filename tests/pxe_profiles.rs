@@ -23,6 +23,7 @@ const NODE_BASE: &str = "http://10.9.0.1:8090/api/2.0";
 struct Harness {
     node_app: Router,
     engine: Engine,
+    store: std::sync::Arc<dyn metalgraph_store::Store>,
     templates: tempfile::TempDir,
     _dir: tempfile::TempDir,
     _stop: tokio_util::sync::DropGuard,
@@ -38,10 +39,10 @@ async fn harness() -> Harness {
         base: "http://127.0.0.1:8080/api/2.0".into(),
         node_base: NODE_BASE.into(),
     };
-    let mut opts = EngineOptions::new(store, metalgraph::server::jobs(), library);
+    let mut opts = EngineOptions::new(store.clone(), metalgraph::server::jobs(), library);
     opts.api = api.clone();
     let stop = CancellationToken::new();
-    let (engine, _task) = Engine::start(opts, stop.clone()).expect("the engine starts");
+    let (engine, _task) = Engine::start(opts, stop.clone());
     let state = AppState {
         templates_dir: Some(templates.path().to_owned()),
         api,
@@ -50,6 +51,7 @@ async fn harness() -> Harness {
     Harness {
         node_app: node_app(state),
         engine,
+        store,
         templates,
         _dir: dir,
         _stop: stop.drop_guard(),
@@ -103,10 +105,10 @@ impl Harness {
             created_at: String::new(),
             updated_at: String::new(),
         };
-        let nodes = self.engine.nodes().clone();
-        tokio::task::spawn_blocking(move || nodes.create(node))
+        self.engine
+            .nodes()
+            .create(node)
             .await
-            .unwrap()
             .expect("the node is created")
     }
 
@@ -114,7 +116,12 @@ impl Harness {
     async fn wait_task(&self, id: &str, label: &str, state: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let v = self.engine.get(id).unwrap().expect("the workflow exists");
+            let v = self
+                .engine
+                .get(id)
+                .await
+                .unwrap()
+                .expect("the workflow exists");
             let t = v
                 .tasks
                 .iter()
@@ -134,7 +141,12 @@ impl Harness {
     async fn wait_status(&self, id: &str, status: WorkflowStatus) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let v = self.engine.get(id).unwrap().expect("the workflow exists");
+            let v = self
+                .engine
+                .get(id)
+                .await
+                .unwrap()
+                .expect("the workflow exists");
             if v.status == status {
                 return;
             }
@@ -143,12 +155,13 @@ impl Harness {
         }
     }
 
-    fn workflows_of(&self, node: &str) -> Vec<metalgraph_engine::WorkflowView> {
+    async fn workflows_of(&self, node: &str) -> Vec<metalgraph_engine::WorkflowView> {
         self.engine
             .list(&ListFilter {
                 active: None,
                 node: Some(node.to_owned()),
             })
+            .await
             .unwrap()
     }
 
@@ -182,7 +195,7 @@ async fn an_unknown_machine_becomes_one_node_with_a_catalog_and_a_discovery_work
         ),
         "{script}"
     );
-    assert!(h.engine.nodes().list().unwrap().is_empty());
+    assert!(h.engine.nodes().list().await.unwrap().is_empty());
     let script = h
         .profile(
             "macs=52:54:00:12:34:01&macs=52-54-00-12-34-02&uuid=27946B59-9E44-4FA7-8E91-000000000001\
@@ -195,6 +208,7 @@ async fn an_unknown_machine_becomes_one_node_with_a_catalog_and_a_discovery_work
         .engine
         .nodes()
         .by_identifier("52:54:00:12:34:02")
+        .await
         .unwrap()
         .expect("the machine is a node");
     assert_eq!(
@@ -205,7 +219,7 @@ async fn an_unknown_machine_becomes_one_node_with_a_catalog_and_a_discovery_work
             "27946b59-9e44-4fa7-8e91-000000000001"
         ]
     );
-    let catalog = &h.engine.nodes().catalogs(&node.id).unwrap()[0];
+    let catalog = &h.engine.nodes().catalogs(&node.id).await.unwrap()[0];
     assert_eq!(catalog["source"], "pxe");
     assert_eq!(
         catalog["data"],
@@ -216,7 +230,7 @@ async fn an_unknown_machine_becomes_one_node_with_a_catalog_and_a_discovery_work
             "buildarch": "i386",
         })
     );
-    let wfs = h.workflows_of(&node.id);
+    let wfs = h.workflows_of(&node.id).await;
     assert_eq!(wfs.len(), 1, "{wfs:#?}");
     assert_eq!(wfs[0].name, "Graph.Discovery.Pxe");
     h.wait_status(&wfs[0].instance_id, WorkflowStatus::Succeeded)
@@ -226,8 +240,8 @@ async fn an_unknown_machine_becomes_one_node_with_a_catalog_and_a_discovery_work
     for q in ["macs=52:54:00:12:34:01", "mac=52:54:00:12:34:02"] {
         assert!(is_local_boot(&h.profile(q).await));
     }
-    assert_eq!(h.engine.nodes().list().unwrap().len(), 1);
-    assert_eq!(h.workflows_of(&node.id).len(), 1);
+    assert_eq!(h.engine.nodes().list().await.unwrap().len(), 1);
+    assert_eq!(h.workflows_of(&node.id).await.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -252,9 +266,9 @@ async fn concurrent_first_requests_create_one_node() {
         let script = script.expect("the request task");
         assert!(is_local_boot(&script), "{script}");
     }
-    let nodes = h.engine.nodes().list().unwrap();
+    let nodes = h.engine.nodes().list().await.unwrap();
     assert_eq!(nodes.len(), 1, "{nodes:#?}");
-    assert_eq!(h.workflows_of(&nodes[0].id).len(), 1);
+    assert_eq!(h.workflows_of(&nodes[0].id).await.len(), 1);
 }
 
 #[tokio::test]
@@ -332,7 +346,7 @@ async fn profiles_follow_the_node_state() {
             )
             .unwrap(),
         )
-        .unwrap();
+        .await.unwrap();
     let id = h.run("Test.Later", &idle.id, json!({})).await;
     h.wait_task(&id, "first", "running").await;
     let script = h.profile("macs=52:54:00:12:34:20").await;
@@ -389,7 +403,7 @@ fn client(mac: &str) -> ClientInfo {
 #[tokio::test]
 async fn the_planner_answers_unknown_machines_and_nodes_with_work_only() {
     let h = harness().await;
-    let planner = StorePlanner::new(h.engine.clone(), NODE_BASE);
+    let planner = StorePlanner::new(h.engine.clone(), h.store.clone(), NODE_BASE);
     let answer = |mac: &str| Decision::Answer {
         profile_url: format!("{NODE_BASE}/profiles?macs={mac}"),
     };
@@ -435,7 +449,7 @@ async fn the_planner_answers_unknown_machines_and_nodes_with_work_only() {
 #[tokio::test]
 async fn leases_are_kept_in_the_store() {
     let h = harness().await;
-    let planner = StorePlanner::new(h.engine.clone(), NODE_BASE);
+    let planner = StorePlanner::new(h.engine.clone(), h.store.clone(), NODE_BASE);
     let lease = |mac: &str, last: u8| Lease {
         mac: mac.parse().unwrap(),
         ip: Ipv4Addr::new(10, 9, 0, last),
@@ -473,6 +487,6 @@ async fn leases_are_kept_in_the_store() {
         [lease("52:54:00:00:00:02", 101)]
     );
     // A second planner over the same store (a restart) sees them.
-    let again = StorePlanner::new(h.engine.clone(), NODE_BASE);
+    let again = StorePlanner::new(h.engine.clone(), h.store.clone(), NODE_BASE);
     assert_eq!(again.load_leases().await.unwrap().len(), 1);
 }

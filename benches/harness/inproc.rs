@@ -33,7 +33,7 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 struct Running {
     engine: Engine,
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Result<(), metalgraph_engine::Error>>,
     store: Arc<dyn Store>,
     meter: Arc<Meter>,
 }
@@ -47,7 +47,7 @@ impl Running {
         let (store, meter) = MeteredStore::wrap(raw);
         let opts = EngineOptions::new(store.clone(), metalgraph::server::jobs(), library);
         let stop = CancellationToken::new();
-        let (engine, task) = Engine::start(opts, stop.clone())?;
+        let (engine, task) = Engine::start(opts, stop.clone());
         Ok(Running {
             engine,
             stop,
@@ -60,7 +60,7 @@ impl Running {
     /// Stops the scheduler, then closes the store, as `metalgraph serve` does.
     async fn shutdown(self) -> anyhow::Result<()> {
         self.stop.cancel();
-        self.task.await?;
+        self.task.await??;
         drop(self.engine);
         let store = self.store;
         tokio::task::spawn_blocking(move || store.close()).await??;
@@ -106,7 +106,7 @@ pub fn chain(
             .with_context(|| format!("the chain of {n} tasks did not finish within {limit:?}"))??;
         let wall = start.elapsed();
         let store = running.meter.snapshot().since(&before);
-        check_succeeded(&running.engine, &id, n)?;
+        check_succeeded(&running.engine, &id, n).await?;
         running.shutdown().await?;
         Ok(ChainResult {
             tasks: n,
@@ -133,7 +133,7 @@ async fn wait_for(
             }) if workflow_id == id && status.is_terminal() => return Ok(status),
             Ok(_) => {}
             Err(RecvError::Lagged(_)) => {
-                if let Some(v) = engine.get(id)?
+                if let Some(v) = engine.get(id).await?
                     && v.status.is_terminal()
                 {
                     return Ok(v.status);
@@ -145,9 +145,10 @@ async fn wait_for(
 }
 
 /// Fails unless workflow `id` exists, succeeded, and has `tasks` tasks that all succeeded.
-fn check_succeeded(engine: &Engine, id: &str, tasks: usize) -> anyhow::Result<()> {
+async fn check_succeeded(engine: &Engine, id: &str, tasks: usize) -> anyhow::Result<()> {
     let view = engine
-        .get(id)?
+        .get(id)
+        .await?
         .with_context(|| format!("workflow {id} was lost"))?;
     if view.status != WorkflowStatus::Succeeded {
         bail!("workflow {id} ended {} ({:?})", view.status, view.error);
@@ -231,16 +232,16 @@ fn sim_node(i: usize) -> Node {
 
 /// Registers `count` simulated nodes: the first `sample` one commit each through
 /// `Nodes::create` (the API's path), the rest written in batches of 1,000 records.
-fn load_nodes(
+async fn load_nodes(
     engine: &Engine,
-    store: &dyn Store,
+    store: Arc<dyn Store>,
     count: usize,
     sample: usize,
 ) -> anyhow::Result<(Duration, Duration)> {
     let sample = sample.min(count);
     let start = Instant::now();
     for i in 0..sample {
-        engine.nodes().create(sim_node(i))?;
+        engine.nodes().create(sim_node(i)).await?;
     }
     let create_time = start.elapsed();
     let start = Instant::now();
@@ -251,7 +252,8 @@ fn load_nodes(
             let node = sim_node(j);
             batch.put(keys::NODES, node.id.as_bytes(), serde_json::to_vec(&node)?);
         }
-        store.commit(batch)?;
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.commit(batch)).await??;
         i += 1000;
     }
     Ok((create_time, start.elapsed()))
@@ -270,12 +272,8 @@ pub fn fan_out(
     runtime()?.block_on(async {
         let lib = graphs::library(&[graphs::fan_out(width)])?;
         let running = Running::start(backend, dir, lib).await?;
-        let (node_create_time, node_load) = {
-            let engine = running.engine.clone();
-            let store = running.store.clone();
-            tokio::task::spawn_blocking(move || load_nodes(&engine, store.as_ref(), workflows, 200))
-                .await??
-        };
+        let (node_create_time, node_load) =
+            load_nodes(&running.engine, running.store.clone(), workflows, 200).await?;
         let node_create_sample = workflows.min(200);
 
         let peak_is_scenario_only = reset_peak_rss();
@@ -357,20 +355,17 @@ pub fn fan_out(
 
         let tasks_per_workflow = width + 2;
         let (succeeded, lost) = {
-            let engine = running.engine.clone();
-            tokio::task::spawn_blocking(move || {
-                let mut succeeded = 0;
-                let mut lost = 0;
-                for id in &ids {
-                    match check_succeeded(&engine, id, tasks_per_workflow) {
-                        Ok(()) => succeeded += 1,
-                        Err(_) if engine.get(id).ok().flatten().is_none() => lost += 1,
-                        Err(_) => {}
-                    }
+            let engine = &running.engine;
+            let mut succeeded = 0;
+            let mut lost = 0;
+            for id in &ids {
+                match check_succeeded(engine, id, tasks_per_workflow).await {
+                    Ok(()) => succeeded += 1,
+                    Err(_) if engine.get(id).await.ok().flatten().is_none() => lost += 1,
+                    Err(_) => {}
                 }
-                (succeeded, lost + workflows.saturating_sub(ids.len()))
-            })
-            .await?
+            }
+            (succeeded, lost + workflows.saturating_sub(ids.len()))
         };
         running.shutdown().await?;
         let tasks = workflows * tasks_per_workflow;

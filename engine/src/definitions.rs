@@ -14,11 +14,12 @@ use petgraph::graphmap::DiGraphMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::error::blocking;
 use crate::job::{JobRegistry, value_to_duration};
 use crate::keys;
 use crate::model::{
-    Definition, GraphDefinition, GraphTask, RunOptions, TaskDefinition, WaitOn, WaitState,
-    parse_duration,
+    Definition, GraphDefinition, GraphTask, MAX_RETRIES, RunOptions, TaskDefinition, WaitOn,
+    WaitState, bounded_ms, parse_duration,
 };
 
 /// Labels a graph task may not use: they are keys with a meaning of their own.
@@ -427,15 +428,33 @@ fn resolve_task(
         Some(r) => {
             let backoff = match &r.backoff {
                 None => 1_000,
-                Some(v) => match value_to_duration(v) {
-                    Ok(d) => (d.as_millis() as u64).min(MAX_BACKOFF_MS),
-                    Err(e) => {
-                        problems.push(p(e).field("retries.backoff"));
-                        0
+                Some(v) => {
+                    match value_to_duration(v) {
+                        Ok(d) if d.as_millis() as u64 <= MAX_BACKOFF_MS => d.as_millis() as u64,
+                        Ok(_) => {
+                            problems.push(
+                            p("the backoff must be at most 5m (it doubles per retry up to 5m)".into())
+                                .field("retries.backoff"),
+                        );
+                            0
+                        }
+                        Err(e) => {
+                            problems.push(p(e).field("retries.backoff"));
+                            0
+                        }
                     }
-                },
+                }
             };
-            (r.max, backoff)
+            if r.max > MAX_RETRIES {
+                problems.push(
+                    p(format!(
+                        "at most {MAX_RETRIES} retries are allowed, got {}",
+                        r.max
+                    ))
+                    .field("retries.max"),
+                );
+            }
+            (r.max.min(MAX_RETRIES), backoff)
         }
     };
 
@@ -489,12 +508,35 @@ fn resolve_task(
         },
         // RackHD's `_taskTimeout`, in milliseconds; negative means none.
         None => match options.get("_taskTimeout") {
-            Some(Value::Number(n)) if n.as_i64().is_some_and(|v| v > 0) => n.as_u64(),
+            Some(Value::Number(n)) if n.as_i64().is_some_and(|v| v > 0) => {
+                let ms = n.as_u64().unwrap_or_default();
+                match bounded_ms(ms, &ms) {
+                    Ok(_) => Some(ms),
+                    Err(e) => {
+                        problems.push(p(e).field("options._taskTimeout"));
+                        None
+                    }
+                }
+            }
+            Some(Value::Number(n)) if n.as_f64().is_some_and(|v| v > 0.0) => {
+                problems.push(
+                    p("_taskTimeout must be whole milliseconds of at most 30 days".into())
+                        .field("options._taskTimeout"),
+                );
+                None
+            }
             Some(Value::Number(_)) | None | Some(Value::Null) => None,
             Some(other) => {
                 problems.push(
-                    p(format!("_taskTimeout must be milliseconds, got {other}"))
-                        .field("options._taskTimeout"),
+                    p(format!(
+                        "_taskTimeout must be milliseconds, got {}",
+                        if other.is_string() {
+                            "a string"
+                        } else {
+                            "a value of another type"
+                        }
+                    ))
+                    .field("options._taskTimeout"),
                 );
                 None
             }
@@ -766,6 +808,14 @@ pub enum Error {
         name: String,
         message: String,
     },
+    #[error("a definitions operation did not complete: {0}")]
+    Incomplete(String),
+}
+
+impl From<tokio::task::JoinError> for Error {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Error::Incomplete(e.to_string())
+    }
 }
 
 /// The definitions an engine runs: the library plus users' stored definitions.
@@ -789,7 +839,11 @@ struct StoreLookup<'a>(&'a Definitions);
 
 impl TaskLookup for StoreLookup<'_> {
     fn task(&self, name: &str) -> Option<TaskDefinition> {
-        self.0.get_task(name).ok().flatten().map(|(t, _)| t)
+        self.0
+            .get_task_blocking(name)
+            .ok()
+            .flatten()
+            .map(|(t, _)| t)
     }
 }
 
@@ -846,7 +900,10 @@ impl Definitions {
             .collect()
     }
 
-    pub fn get_graph(&self, name: &str) -> Result<Option<(GraphDefinition, Source)>, Error> {
+    pub(crate) fn get_graph_blocking(
+        &self,
+        name: &str,
+    ) -> Result<Option<(GraphDefinition, Source)>, Error> {
         if let Some(g) = self.read(keys::GRAPHS, "graph", name)? {
             return Ok(Some((g, Source::User)));
         }
@@ -857,7 +914,10 @@ impl Definitions {
             .map(|g| (g.clone(), Source::Library)))
     }
 
-    pub fn get_task(&self, name: &str) -> Result<Option<(TaskDefinition, Source)>, Error> {
+    pub(crate) fn get_task_blocking(
+        &self,
+        name: &str,
+    ) -> Result<Option<(TaskDefinition, Source)>, Error> {
         if let Some(t) = self.read(keys::TASKDEFS, "task", name)? {
             return Ok(Some((t, Source::User)));
         }
@@ -869,7 +929,7 @@ impl Definitions {
     }
 
     /// Every graph, user definitions shadowing library ones, ordered by name.
-    pub fn list_graphs(&self) -> Result<Vec<(GraphDefinition, Source)>, Error> {
+    pub(crate) fn list_graphs_blocking(&self) -> Result<Vec<(GraphDefinition, Source)>, Error> {
         let mut all: BTreeMap<String, (GraphDefinition, Source)> = self
             .library
             .graphs
@@ -883,7 +943,7 @@ impl Definitions {
     }
 
     /// Every task definition, user definitions shadowing library ones, ordered by name.
-    pub fn list_tasks(&self) -> Result<Vec<(TaskDefinition, Source)>, Error> {
+    pub(crate) fn list_tasks_blocking(&self) -> Result<Vec<(TaskDefinition, Source)>, Error> {
         let mut all: BTreeMap<String, (TaskDefinition, Source)> = self
             .library
             .tasks
@@ -897,13 +957,17 @@ impl Definitions {
     }
 
     /// Validates a graph against the current task definitions without storing it.
-    pub fn validate_graph(&self, graph: &GraphDefinition) -> Result<Plan, Problems> {
+    pub(crate) fn validate_graph_blocking(
+        &self,
+        graph: &GraphDefinition,
+    ) -> Result<Plan, Problems> {
         resolve(graph, &StoreLookup(self), &self.jobs, None)
     }
 
     /// Validates and stores (creates or replaces) a user graph.
-    pub fn put_graph(&self, graph: GraphDefinition) -> Result<(), Error> {
-        self.validate_graph(&graph).map_err(Error::Invalid)?;
+    pub(crate) fn put_graph_blocking(&self, graph: GraphDefinition) -> Result<(), Error> {
+        self.validate_graph_blocking(&graph)
+            .map_err(Error::Invalid)?;
         let mut b = Batch::new();
         b.put(
             keys::GRAPHS,
@@ -915,7 +979,7 @@ impl Definitions {
     }
 
     /// Validates and stores (creates or replaces) a user task definition.
-    pub fn put_task(&self, def: TaskDefinition) -> Result<(), Error> {
+    pub(crate) fn put_task_blocking(&self, def: TaskDefinition) -> Result<(), Error> {
         validate_task(&def, &self.jobs).map_err(Error::Invalid)?;
         let mut b = Batch::new();
         b.put(
@@ -929,7 +993,7 @@ impl Definitions {
 
     /// Deletes a user graph. Library graphs cannot be deleted; deleting a user graph that
     /// shadows a library one brings the library one back.
-    pub fn delete_graph(&self, name: &str) -> Result<(), Error> {
+    pub(crate) fn delete_graph_blocking(&self, name: &str) -> Result<(), Error> {
         if self.store.get(keys::GRAPHS, name.as_bytes())?.is_none() {
             return Err(if self.library.graphs.contains_key(name) {
                 Error::LibraryReadOnly {
@@ -950,7 +1014,7 @@ impl Definitions {
     }
 
     /// Deletes a user task definition; library ones cannot be deleted.
-    pub fn delete_task(&self, name: &str) -> Result<(), Error> {
+    pub(crate) fn delete_task_blocking(&self, name: &str) -> Result<(), Error> {
         if self.store.get(keys::TASKDEFS, name.as_bytes())?.is_none() {
             return Err(if self.library.tasks.contains_key(name) {
                 Error::LibraryReadOnly {
@@ -973,13 +1037,87 @@ impl Definitions {
     /// Resolves graph `name` with run options into a plan, enforcing required options.
     /// A graph that is itself invalid gives [`Error::Invalid`]; run options that are wrong or
     /// missing give [`Error::BadOptions`].
-    pub fn plan(&self, name: &str, run: &RunOptions) -> Result<Plan, Error> {
-        let (graph, _) = self.get_graph(name)?.ok_or_else(|| Error::NotFound {
-            kind: "graph",
-            name: name.to_owned(),
-        })?;
+    pub(crate) fn plan_blocking(&self, name: &str, run: &RunOptions) -> Result<Plan, Error> {
+        let (graph, _) = self
+            .get_graph_blocking(name)?
+            .ok_or_else(|| Error::NotFound {
+                kind: "graph",
+                name: name.to_owned(),
+            })?;
         let lookup = StoreLookup(self);
         resolve(&graph, &lookup, &self.jobs, None).map_err(Error::Invalid)?;
         resolve(&graph, &lookup, &self.jobs, Some(run)).map_err(Error::BadOptions)
+    }
+}
+
+/// The asynchronous API: each call does its store work on the blocking pool.
+impl Definitions {
+    pub async fn get_graph(
+        &self,
+        name: &str,
+    ) -> Result<Option<(GraphDefinition, Source)>, crate::Error> {
+        let (d, name) = (self.clone(), name.to_owned());
+        blocking(move || d.get_graph_blocking(&name).map_err(crate::Error::from)).await
+    }
+
+    pub async fn get_task(
+        &self,
+        name: &str,
+    ) -> Result<Option<(TaskDefinition, Source)>, crate::Error> {
+        let (d, name) = (self.clone(), name.to_owned());
+        blocking(move || d.get_task_blocking(&name).map_err(crate::Error::from)).await
+    }
+
+    /// Every graph, user definitions shadowing library ones, ordered by name.
+    pub async fn list_graphs(&self) -> Result<Vec<(GraphDefinition, Source)>, crate::Error> {
+        let d = self.clone();
+        blocking(move || d.list_graphs_blocking().map_err(crate::Error::from)).await
+    }
+
+    /// Every task definition, user definitions shadowing library ones, ordered by name.
+    pub async fn list_tasks(&self) -> Result<Vec<(TaskDefinition, Source)>, crate::Error> {
+        let d = self.clone();
+        blocking(move || d.list_tasks_blocking().map_err(crate::Error::from)).await
+    }
+
+    /// Validates a graph against the current task definitions without storing it.
+    pub async fn validate_graph(&self, graph: GraphDefinition) -> Result<Plan, crate::Error> {
+        let d = self.clone();
+        blocking(move || {
+            d.validate_graph_blocking(&graph)
+                .map_err(Error::Invalid)
+                .map_err(crate::Error::from)
+        })
+        .await
+    }
+
+    /// Validates and stores (creates or replaces) a user graph.
+    pub async fn put_graph(&self, graph: GraphDefinition) -> Result<(), crate::Error> {
+        let d = self.clone();
+        blocking(move || d.put_graph_blocking(graph).map_err(crate::Error::from)).await
+    }
+
+    /// Validates and stores (creates or replaces) a user task definition.
+    pub async fn put_task(&self, def: TaskDefinition) -> Result<(), crate::Error> {
+        let d = self.clone();
+        blocking(move || d.put_task_blocking(def).map_err(crate::Error::from)).await
+    }
+
+    /// Deletes a user graph; see [`Definitions::delete_graph_blocking`].
+    pub async fn delete_graph(&self, name: &str) -> Result<(), crate::Error> {
+        let (d, name) = (self.clone(), name.to_owned());
+        blocking(move || d.delete_graph_blocking(&name).map_err(crate::Error::from)).await
+    }
+
+    /// Deletes a user task definition; library ones cannot be deleted.
+    pub async fn delete_task(&self, name: &str) -> Result<(), crate::Error> {
+        let (d, name) = (self.clone(), name.to_owned());
+        blocking(move || d.delete_task_blocking(&name).map_err(crate::Error::from)).await
+    }
+
+    /// Resolves graph `name` with run options into a plan; see [`Definitions::plan_blocking`].
+    pub async fn plan(&self, name: &str, run: RunOptions) -> Result<Plan, crate::Error> {
+        let (d, name) = (self.clone(), name.to_owned());
+        blocking(move || d.plan_blocking(&name, &run).map_err(crate::Error::from)).await
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::model::parse_duration;
+use crate::model::{bounded_ms, parse_duration};
 use crate::nodes::Node;
 
 /// A boxed, sendable future, as returned by [`Job::run`].
@@ -43,6 +43,9 @@ pub struct JobContext {
     pub retry: u32,
     /// The task's notification token: a node's callback for this task must carry it.
     pub token: String,
+    /// What this attempt recorded with [`JobServices::checkpoint`] before the engine was
+    /// restarted; `None` on a fresh attempt (and on every retry after a failure).
+    pub checkpoint: Option<Value>,
     /// Cancelled when the task must stop: workflow cancel, fail-fast, timeout or shutdown.
     /// A job observes it promptly (select on `cancelled()`), cleans up and returns.
     pub cancel: CancellationToken,
@@ -96,11 +99,18 @@ impl JobContext {
 pub fn value_to_duration(v: &Value) -> Result<Duration, String> {
     match v {
         Value::String(s) => parse_duration(s),
-        Value::Number(n) => n
-            .as_u64()
-            .map(Duration::from_millis)
-            .ok_or_else(|| format!("{n} is not a whole, non-negative number of milliseconds")),
-        other => Err(format!("expected a duration such as \"2s\", got {other}")),
+        Value::Number(n) => match n.as_u64() {
+            Some(ms) => bounded_ms(ms, &ms),
+            None if n.as_f64().is_some_and(|f| f > 0.0) => Err(format!(
+                "duration {n} is not a whole number of milliseconds, or is longer than the \
+                 maximum of 30 days"
+            )),
+            None => Err("a duration must be a whole, non-negative number of milliseconds".into()),
+        },
+        other => Err(format!(
+            "expected a duration such as \"2s\", got {}",
+            json_kind(other)
+        )),
     }
 }
 
@@ -177,6 +187,21 @@ pub trait JobServices: Send + Sync + 'static {
     /// Waits until the node calls back for this task (see the node-facing notification
     /// endpoint), resolving with the callback's body.
     fn wait_notification(&self, ctx: &JobContext) -> BoxFuture<'static, JobResult>;
+
+    /// Durably records `value` for the current attempt before the job takes a step that
+    /// must not be repeated (a BMC reset, a one-shot boot override): resolves once the value
+    /// is committed. If the engine restarts the attempt, the job finds it in
+    /// `ctx.checkpoint` and can go on from there instead of repeating the step. Fails when
+    /// the attempt no longer runs.
+    fn checkpoint(
+        &self,
+        ctx: &JobContext,
+        value: Value,
+    ) -> BoxFuture<'static, Result<(), JobError>>;
+
+    /// The engine's wall-clock time in epoch milliseconds: what persisted instants (such as
+    /// a checkpointed end of a wait) are measured against.
+    fn now_ms(&self) -> u64;
 
     /// The node store, for jobs that create or update nodes (discovery, catalogs).
     fn nodes(&self) -> &crate::nodes::Nodes;
@@ -322,17 +347,40 @@ fn check_kind(kind: &OptionKind, v: &Value) -> Result<(), String> {
         OptionKind::Object => v.is_object(),
         OptionKind::Array => v.is_array(),
         OptionKind::Enum(allowed) => {
+            // An enum's allowed values are public, so the offending one may be named when
+            // it is a short string; other values are described by their type only.
             return match v.as_str() {
                 Some(s) if allowed.contains(&s) => Ok(()),
-                _ => Err(format!("must be one of {}, got {v}", allowed.join(", "))),
+                Some(s) if s.len() <= 32 && !s.contains(char::is_whitespace) => {
+                    Err(format!("must be one of {}, got {s:?}", allowed.join(", ")))
+                }
+                _ => Err(format!(
+                    "must be one of {}, got {}",
+                    allowed.join(", "),
+                    json_kind(v)
+                )),
             };
         }
         OptionKind::Any => true,
     };
+    // The offending value is never echoed: it may be a secret given in the wrong type (a
+    // numeric password), and errors reach responses, task records and logs.
     if ok {
         Ok(())
     } else {
-        Err(format!("must be {}, got {v}", kind_name(kind)))
+        Err(format!("must be {}, got {}", kind_name(kind), json_kind(v)))
+    }
+}
+
+/// A JSON value's type in words, for error messages that must not show the value itself.
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
     }
 }
 

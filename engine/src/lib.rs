@@ -8,19 +8,23 @@
 pub mod clock;
 pub mod definitions;
 mod engine;
+mod error;
 pub mod job;
 pub mod keys;
 pub mod model;
 pub mod nodes;
+mod notify;
+pub mod scheduler;
+mod subgraph;
 pub mod template;
 pub mod workflow;
 
 pub use definitions::{Definitions, Library, Plan, Problem, Problems, Source};
-pub use engine::{
-    ApiUrls, Engine, EngineOptions, Error, GraphRunJob, ListFilter, NodeTask, RunRequest,
-};
+pub use engine::{ApiUrls, Engine, EngineOptions, ListFilter, NodeTask, RunRequest};
+pub use error::Error;
 pub use job::{Job, JobContext, JobError, JobRegistry, JobResult, OptionKind, OptionSchema};
 pub use model::{GraphDefinition, TaskDefinition, TaskState, WorkflowStatus};
+pub use subgraph::GraphRunJob;
 pub use workflow::{Event, WorkflowView};
 
 /// A new random identifier (a UUID v4).

@@ -274,6 +274,24 @@ pub enum Readiness {
     Never,
 }
 
+/// The longest duration accepted anywhere — a task or graph timeout, a sleep, any duration
+/// option: 30 days. Longer values are refused when a graph is stored and when it is run,
+/// naming the field, so that no deadline arithmetic can overflow.
+pub const MAX_DURATION_MS: u64 = 30 * 24 * 3_600_000;
+
+/// The most retries a task may ask for (`retries.max`).
+pub const MAX_RETRIES: u32 = 100;
+
+/// Checks a duration in milliseconds against [`MAX_DURATION_MS`].
+pub fn bounded_ms(ms: u64, shown: &dyn std::fmt::Display) -> Result<Duration, String> {
+    if ms > MAX_DURATION_MS {
+        return Err(format!(
+            "duration {shown} is longer than the maximum of 30 days"
+        ));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
 /// Parses a duration: `"250ms"`, `"2s"`, `"1.5s"`, `"30m"`, `"1h"`, `"1d"`, combinations such
 /// as `"1h30m"`, or a bare number of milliseconds.
 pub fn parse_duration(input: &str) -> Result<Duration, String> {
@@ -281,8 +299,13 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
     if s.is_empty() {
         return Err("empty duration".to_owned());
     }
-    if let Ok(ms) = s.parse::<u64>() {
-        return Ok(Duration::from_millis(ms));
+    if s.bytes().all(|b| b.is_ascii_digit()) {
+        return match s.parse::<u64>() {
+            Ok(ms) => bounded_ms(ms, &format_args!("{input:?}")),
+            Err(_) => Err(format!(
+                "duration {input:?} is longer than the maximum of 30 days"
+            )),
+        };
     }
     let bad = || format!("unparsable duration {input:?} (expected e.g. 250ms, 2s, 30m, 1h)");
     let mut total = 0f64;
@@ -310,8 +333,10 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
         total += n * factor_ms;
         rest = &rest[unit_end..];
     }
-    if !total.is_finite() || total > 1e15 {
-        return Err(bad());
+    if !total.is_finite() || total > MAX_DURATION_MS as f64 {
+        return Err(format!(
+            "duration {input:?} is longer than the maximum of 30 days"
+        ));
     }
     Ok(Duration::from_millis(total.round() as u64))
 }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::clock::now_rfc3339;
+use crate::error::blocking;
 use crate::keys;
 
 /// A secret string: serialised as-is (the store must keep it), but never shown by `Debug`
@@ -120,6 +121,79 @@ impl Node {
     pub fn obm(&self) -> Option<&Obm> {
         self.obms.first()
     }
+
+    /// The rules every stored node keeps, whichever API wrote it: a name, and OBMs that
+    /// name a service and whose `systemId` is an id or a path, never a URL (credentials
+    /// only ever go to the BMC they were given for).
+    pub fn check(&self) -> Result<(), Error> {
+        if self.name.trim().is_empty() {
+            return Err(Error::Invalid("field 'name' is required".into()));
+        }
+        for (i, obm) in self.obms.iter().enumerate() {
+            if obm.service.trim().is_empty() {
+                return Err(Error::Invalid(format!(
+                    "field 'obms[{i}].service' must name an OBM service (redfish-obm-service, \
+                     ipmi-obm-service, sim-obm-service)"
+                )));
+            }
+            if let Some(sys) = &obm.config.system_id
+                && (sys.contains("://") || sys.starts_with("//"))
+            {
+                return Err(Error::Invalid(format!(
+                    "field 'obms[{i}].config.systemId' must be a ComputerSystem id or a path on \
+                     the BMC, not a URL"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the node's OBMs by `new` (see [`Node::set_obm`] for the password rule).
+    pub fn replace_obms(&mut self, new: Vec<Obm>) -> Result<(), Error> {
+        let old = std::mem::take(&mut self.obms);
+        self.obms = new
+            .into_iter()
+            .enumerate()
+            .map(|(i, obm)| keep_password(&old, obm, i))
+            .collect::<Result<_, _>>()?;
+        Ok(())
+    }
+
+    /// Sets one OBM: it replaces the OBM of the same service, or is added after the others.
+    ///
+    /// An OBM given without a password keeps the stored password of the OBM with the same
+    /// service when it points at the same BMC (host and port), so that clients can round-trip
+    /// what they read (passwords are never read back). Pointing it elsewhere without a new
+    /// password is refused: the stored password is only ever sent where it was given for.
+    pub fn set_obm(&mut self, obm: Obm) -> Result<(), Error> {
+        let pos = self.obms.iter().position(|o| o.service == obm.service);
+        let obm = keep_password(&self.obms, obm, pos.unwrap_or(self.obms.len()))?;
+        match pos {
+            Some(i) => self.obms[i] = obm,
+            None => self.obms.push(obm),
+        }
+        Ok(())
+    }
+}
+
+fn keep_password(old: &[Obm], mut obm: Obm, i: usize) -> Result<Obm, Error> {
+    if obm.config.password.is_some() {
+        return Ok(obm);
+    }
+    let Some(prev) = old.iter().find(|o| o.service == obm.service) else {
+        return Ok(obm);
+    };
+    let Some(password) = &prev.config.password else {
+        return Ok(obm);
+    };
+    if prev.config.host != obm.config.host || prev.config.port != obm.config.port {
+        return Err(Error::Invalid(format!(
+            "field 'obms[{i}].config.password' is required: the BMC's host or port changed, and \
+             the stored password is only ever sent to the BMC it was given for"
+        )));
+    }
+    obm.config.password = Some(password.clone());
+    Ok(obm)
 }
 
 /// Replaces a serialised OBM's password by `passwordSet`.
@@ -169,6 +243,17 @@ pub enum Error {
     Store(#[from] metalgraph_store::Error),
     #[error("stored node {0} is unreadable: {1}")]
     Corrupt(String, String),
+    /// The node or OBM given breaks a rule (a missing name, an OBM without a service, ...).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("a node operation did not complete: {0}")]
+    Incomplete(String),
+}
+
+impl From<tokio::task::JoinError> for Error {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Error::Incomplete(e.to_string())
+    }
 }
 
 /// The node store.
@@ -199,11 +284,11 @@ impl Nodes {
         }
     }
 
-    pub fn get(&self, id: &str) -> Result<Option<Node>, Error> {
+    pub(crate) fn get_blocking(&self, id: &str) -> Result<Option<Node>, Error> {
         Ok(self.read(id)?.map(|(n, _)| n))
     }
 
-    pub fn list(&self) -> Result<Vec<Node>, Error> {
+    pub(crate) fn list_blocking(&self) -> Result<Vec<Node>, Error> {
         self.store
             .scan_prefix(keys::NODES, b"")?
             .into_iter()
@@ -216,16 +301,17 @@ impl Nodes {
     }
 
     /// The node that owns an identifier (a MAC), if any.
-    pub fn by_identifier(&self, identifier: &str) -> Result<Option<Node>, Error> {
+    pub(crate) fn by_identifier_blocking(&self, identifier: &str) -> Result<Option<Node>, Error> {
         let ident = normalize_identifier(identifier);
         match self.store.get(keys::NODE_IDENTS, ident.as_bytes())? {
             None => Ok(None),
-            Some(id) => self.get(&String::from_utf8_lossy(&id)),
+            Some(id) => self.get_blocking(&String::from_utf8_lossy(&id)),
         }
     }
 
     /// Creates a node. Its identifiers must not belong to another node.
-    pub fn create(&self, mut node: Node) -> Result<Node, Error> {
+    pub(crate) fn create_blocking(&self, mut node: Node) -> Result<Node, Error> {
+        node.check()?;
         if node.id.is_empty() {
             node.id = crate::new_id();
         }
@@ -254,12 +340,17 @@ impl Nodes {
 
     /// Replaces a node (optimistically: fails with `Conflict` if it changed meanwhile).
     /// `update` receives the stored node and changes it in place.
-    pub fn update(&self, id: &str, update: impl FnOnce(&mut Node)) -> Result<Node, Error> {
+    pub(crate) fn update_blocking(
+        &self,
+        id: &str,
+        update: impl FnOnce(&mut Node) -> Result<(), crate::Error>,
+    ) -> Result<Node, crate::Error> {
         let (old, raw) = self
             .read(id)?
             .ok_or_else(|| Error::NotFound(id.to_owned()))?;
         let mut node = old.clone();
-        update(&mut node);
+        update(&mut node)?;
+        node.check()?;
         node.id = old.id.clone();
         node.created_at = old.created_at.clone();
         node.updated_at = now_rfc3339();
@@ -275,13 +366,21 @@ impl Nodes {
         batch.put(keys::NODES, id.as_bytes(), encode(&node));
         match self.store.commit(batch) {
             Ok(()) => Ok(node),
-            Err(metalgraph_store::Error::Conflict { .. }) => Err(Error::Conflict(id.to_owned())),
-            Err(e) => Err(e.into()),
+            Err(metalgraph_store::Error::Conflict { .. }) => {
+                Err(Error::Conflict(id.to_owned()).into())
+            }
+            Err(e) => Err(Error::from(e).into()),
         }
     }
 
+    /// Sets one OBM: it replaces the node's OBM of the same service, or is added after the
+    /// existing ones (see [`Node::set_obm`] for the password rule).
+    pub(crate) fn set_obm_blocking(&self, id: &str, obm: Obm) -> Result<Node, crate::Error> {
+        self.update_blocking(id, |n| n.set_obm(obm).map_err(crate::Error::from))
+    }
+
     /// Deletes a node with its catalogs. Refused while a workflow runs on it.
-    pub fn delete(&self, id: &str) -> Result<(), Error> {
+    pub(crate) fn delete_blocking(&self, id: &str) -> Result<(), Error> {
         let (node, raw) = self
             .read(id)?
             .ok_or_else(|| Error::NotFound(id.to_owned()))?;
@@ -346,8 +445,13 @@ impl Nodes {
     }
 
     /// Stores one catalog (inventory document) of a node under `source`.
-    pub fn put_catalog(&self, id: &str, source: &str, data: &Value) -> Result<(), Error> {
-        if self.get(id)?.is_none() {
+    pub(crate) fn put_catalog_blocking(
+        &self,
+        id: &str,
+        source: &str,
+        data: &Value,
+    ) -> Result<(), Error> {
+        if self.get_blocking(id)?.is_none() {
             return Err(Error::NotFound(id.to_owned()));
         }
         let record = serde_json::json!({
@@ -369,7 +473,7 @@ impl Nodes {
     }
 
     /// Every catalog of a node, ordered by source.
-    pub fn catalogs(&self, id: &str) -> Result<Vec<Value>, Error> {
+    pub(crate) fn catalogs_blocking(&self, id: &str) -> Result<Vec<Value>, Error> {
         Ok(self
             .store
             .scan_prefix(keys::CATALOGS, &catalog_prefix(id))?
@@ -379,7 +483,7 @@ impl Nodes {
     }
 
     /// The workflow running on a node, if any.
-    pub fn active_workflow(&self, id: &str) -> Result<Option<String>, Error> {
+    pub(crate) fn active_workflow_blocking(&self, id: &str) -> Result<Option<String>, Error> {
         Ok(self
             .store
             .get(keys::NODE_LOCKS, id.as_bytes())?
@@ -395,4 +499,78 @@ fn catalog_prefix(id: &str) -> Vec<u8> {
 
 fn encode(node: &Node) -> Vec<u8> {
     serde_json::to_vec(node).unwrap_or_default()
+}
+
+/// The asynchronous API: each call does its store work on the blocking pool.
+impl Nodes {
+    pub async fn get(&self, id: &str) -> Result<Option<Node>, crate::Error> {
+        let (n, id) = (self.clone(), id.to_owned());
+        blocking(move || n.get_blocking(&id).map_err(crate::Error::from)).await
+    }
+
+    pub async fn list(&self) -> Result<Vec<Node>, crate::Error> {
+        let n = self.clone();
+        blocking(move || n.list_blocking().map_err(crate::Error::from)).await
+    }
+
+    /// The node that owns an identifier (a MAC), if any.
+    pub async fn by_identifier(&self, identifier: &str) -> Result<Option<Node>, crate::Error> {
+        let (n, ident) = (self.clone(), identifier.to_owned());
+        blocking(move || n.by_identifier_blocking(&ident).map_err(crate::Error::from)).await
+    }
+
+    /// Creates a node; see [`Nodes::create_blocking`].
+    pub async fn create(&self, node: Node) -> Result<Node, crate::Error> {
+        let n = self.clone();
+        blocking(move || n.create_blocking(node).map_err(crate::Error::from)).await
+    }
+
+    /// Changes a node; see [`Nodes::update_blocking`].
+    pub async fn update(
+        &self,
+        id: &str,
+        update: impl FnOnce(&mut Node) -> Result<(), crate::Error> + Send + 'static,
+    ) -> Result<Node, crate::Error> {
+        let (n, id) = (self.clone(), id.to_owned());
+        blocking(move || n.update_blocking(&id, update).map_err(crate::Error::from)).await
+    }
+
+    /// Sets one OBM of a node; see [`Nodes::set_obm_blocking`].
+    pub async fn set_obm(&self, id: &str, obm: Obm) -> Result<Node, crate::Error> {
+        let (n, id) = (self.clone(), id.to_owned());
+        blocking(move || n.set_obm_blocking(&id, obm).map_err(crate::Error::from)).await
+    }
+
+    /// Deletes a node with its catalogs. Refused while a workflow runs on it.
+    pub async fn delete(&self, id: &str) -> Result<(), crate::Error> {
+        let (n, id) = (self.clone(), id.to_owned());
+        blocking(move || n.delete_blocking(&id).map_err(crate::Error::from)).await
+    }
+
+    /// Stores one catalog (inventory document) of a node under `source`.
+    pub async fn put_catalog(
+        &self,
+        id: &str,
+        source: &str,
+        data: &Value,
+    ) -> Result<(), crate::Error> {
+        let (n, id, source, data) = (self.clone(), id.to_owned(), source.to_owned(), data.clone());
+        blocking(move || {
+            n.put_catalog_blocking(&id, &source, &data)
+                .map_err(crate::Error::from)
+        })
+        .await
+    }
+
+    /// Every catalog of a node, ordered by source.
+    pub async fn catalogs(&self, id: &str) -> Result<Vec<Value>, crate::Error> {
+        let (n, id) = (self.clone(), id.to_owned());
+        blocking(move || n.catalogs_blocking(&id).map_err(crate::Error::from)).await
+    }
+
+    /// The workflow running on a node, if any.
+    pub async fn active_workflow(&self, id: &str) -> Result<Option<String>, crate::Error> {
+        let (n, id) = (self.clone(), id.to_owned());
+        blocking(move || n.active_workflow_blocking(&id).map_err(crate::Error::from)).await
+    }
 }

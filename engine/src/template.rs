@@ -30,6 +30,16 @@ pub fn is_template(s: &str) -> bool {
     s.contains("{{") || s.contains("{%")
 }
 
+/// Whether an option value holds a template anywhere inside it.
+pub fn holds_template(v: &Value) -> bool {
+    match v {
+        Value::String(s) => is_template(s),
+        Value::Array(items) => items.iter().any(holds_template),
+        Value::Object(m) => m.values().any(holds_template),
+        _ => false,
+    }
+}
+
 impl Renderer {
     pub fn new() -> Self {
         let mut env = Environment::new();

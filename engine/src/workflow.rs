@@ -3,11 +3,14 @@
 //! A workflow is one record (its plan, status and stop reason) plus one record per task
 //! (state, attempts, deadline, output), so that a transition rewrites only what changed.
 
+use metalgraph_store::{Batch, Store};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::clock::rfc3339;
 use crate::definitions::Plan;
+use crate::error::Error;
+use crate::keys;
 use crate::model::{RunOptions, TaskState, WorkflowStatus};
 
 /// Why a workflow stops before every task has run.
@@ -86,6 +89,10 @@ pub struct TaskRecord {
     /// The token a node's notification for this task must carry.
     #[serde(default)]
     pub token: String,
+    /// What the current attempt's job recorded before a step that must not be repeated
+    /// (see `JobServices::checkpoint`); kept across restarts, cleared for a retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Value>,
 }
 
 impl TaskRecord {
@@ -102,6 +109,7 @@ impl TaskRecord {
             deadline: None,
             retry_at: None,
             token,
+            checkpoint: None,
         }
     }
 }
@@ -258,4 +266,54 @@ impl Event {
             Event::Workflow { workflow_id, .. } | Event::Task { workflow_id, .. } => workflow_id,
         }
     }
+}
+
+/// Reads a workflow's records as last committed (blocking: call it off the async runtime).
+pub(crate) fn load_records(
+    store: &dyn Store,
+    id: &str,
+) -> Result<Option<(WorkflowRecord, Vec<TaskRecord>)>, Error> {
+    let Some(raw) = store.get(keys::WORKFLOWS, id.as_bytes())? else {
+        return Ok(None);
+    };
+    let rec: WorkflowRecord = serde_json::from_slice(&raw)
+        .map_err(|e| Error::Store(format!("workflow {id} is unreadable: {e}")))?;
+    let tasks = store
+        .scan_prefix(keys::TASKS, &keys::task_prefix(id))?
+        .into_iter()
+        .map(|(k, v)| {
+            serde_json::from_slice::<TaskRecord>(&v).map_err(|e| {
+                Error::Store(format!(
+                    "task {} is unreadable: {e}",
+                    String::from_utf8_lossy(&k)
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if tasks.len() != rec.plan.tasks.len() {
+        return Err(Error::Store(format!(
+            "workflow {id} has {} task records for {} planned tasks",
+            tasks.len(),
+            rec.plan.tasks.len()
+        )));
+    }
+    Ok(Some((rec, tasks)))
+}
+
+/// Adds a workflow record to a batch.
+pub(crate) fn write_workflow(batch: &mut Batch, rec: &WorkflowRecord) {
+    batch.put(
+        keys::WORKFLOWS,
+        rec.id.as_bytes(),
+        serde_json::to_vec(rec).unwrap_or_default(),
+    );
+}
+
+/// Adds task `idx` of workflow `wf` to a batch.
+pub(crate) fn write_task(batch: &mut Batch, wf: &str, idx: usize, t: &TaskRecord) {
+    batch.put(
+        keys::TASKS,
+        keys::task_key(wf, idx),
+        serde_json::to_vec(t).unwrap_or_default(),
+    );
 }

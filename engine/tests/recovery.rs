@@ -85,9 +85,12 @@ const RUNS: &[(&str, Option<&str>)] = &[
 ];
 
 /// `graph -> (status, task states)` for every top-level workflow in the store.
-fn outcomes(engine: &metalgraph_engine::Engine) -> BTreeMap<String, (WorkflowStatus, String)> {
+async fn outcomes(
+    engine: &metalgraph_engine::Engine,
+) -> BTreeMap<String, (WorkflowStatus, String)> {
     engine
         .list(&Default::default())
+        .await
         .unwrap()
         .into_iter()
         .filter(|w| w.parent.is_none())
@@ -131,11 +134,12 @@ impl Scenario {
     }
 
     /// Creates the nodes (outside any crash budget).
-    fn nodes(&self, h: &Harness) {
+    async fn nodes(&self, h: &Harness) {
         for n in ["n1", "n2", "n3"] {
             h.engine
                 .nodes()
-                .create(serde_json::from_value(json!({"id": n})).unwrap())
+                .create(serde_json::from_value(json!({"id": n, "name": n})).unwrap())
+                .await
                 .unwrap();
         }
     }
@@ -169,10 +173,10 @@ async fn reference() -> (BTreeMap<String, (WorkflowStatus, String)>, i64) {
         budget: AtomicI64::new(i64::MAX),
     });
     let h = s.engine(crash.clone());
-    s.nodes(&h);
+    s.nodes(&h).await;
     let ids = run_all(&h).await;
     wait_all(&h, &ids).await;
-    let out = outcomes(&h.engine);
+    let out = outcomes(&h.engine).await;
     h.stop().await;
     let commits = i64::MAX - crash.budget.load(Ordering::SeqCst);
     (out, commits)
@@ -199,19 +203,18 @@ async fn every_commit_point_recovers_to_the_same_end() {
             budget: AtomicI64::new(i64::MAX),
         });
         let h = s.engine(crash.clone());
-        s.nodes(&h);
+        s.nodes(&h).await;
         crash.budget.store(budget, Ordering::SeqCst);
         let mut events = h.engine.subscribe();
         let ids = run_all(&h).await;
         // Run until the "crash" stops the scheduler (or everything ends first).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(4 * 3600);
         while h.engine.is_healthy() && tokio::time::Instant::now() < deadline {
-            let all_done = ids.iter().all(|id| {
-                h.engine
-                    .get(id)
-                    .unwrap()
-                    .is_some_and(|v| v.status.is_terminal())
-            });
+            let mut all_done = true;
+            for id in &ids {
+                let v = h.engine.get(id).await.unwrap();
+                all_done &= v.is_some_and(|v| v.status.is_terminal());
+            }
             if all_done {
                 break;
             }
@@ -228,6 +231,7 @@ async fn every_commit_point_recovers_to_the_same_end() {
         let all: Vec<String> = h2
             .engine
             .list(&Default::default())
+            .await
             .unwrap()
             .into_iter()
             .map(|w| w.instance_id)
@@ -236,7 +240,7 @@ async fn every_commit_point_recovers_to_the_same_end() {
         wait_all(&h2, &all).await;
         tokio::time::sleep(Duration::from_millis(10)).await;
         count_successes(&mut events, &mut successes);
-        let got = outcomes(&h2.engine);
+        let got = outcomes(&h2.engine).await;
         for (graph, end) in &got {
             assert_eq!(
                 Some(end),
@@ -250,7 +254,7 @@ async fn every_commit_point_recovers_to_the_same_end() {
         // Nothing is left locked or active.
         for n in ["n1", "n2", "n3"] {
             assert_eq!(
-                h2.engine.nodes().active_workflow(n).unwrap(),
+                h2.engine.nodes().active_workflow(n).await.unwrap(),
                 None,
                 "crash at {budget}"
             );
@@ -261,6 +265,7 @@ async fn every_commit_point_recovers_to_the_same_end() {
                     active: Some(true),
                     node: None
                 })
+                .await
                 .unwrap()
                 .is_empty()
         );
@@ -284,7 +289,7 @@ async fn stops_at_many_moments_recover_to_the_same_end() {
     ] {
         let s = Scenario::new();
         let h = s.engine(s.store.clone());
-        s.nodes(&h);
+        s.nodes(&h).await;
         let ids = run_all(&h).await;
         tokio::time::sleep(Duration::from_millis(ms)).await;
         h.stop().await;
@@ -292,7 +297,11 @@ async fn stops_at_many_moments_recover_to_the_same_end() {
         tokio::time::sleep(Duration::from_millis(700)).await;
         let h2 = s.engine(s.store.clone());
         wait_all(&h2, &ids).await;
-        assert_eq!(outcomes(&h2.engine), expected, "stopped after {ms} ms");
+        assert_eq!(
+            outcomes(&h2.engine).await,
+            expected,
+            "stopped after {ms} ms"
+        );
         h2.stop().await;
     }
 }

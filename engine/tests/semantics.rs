@@ -387,7 +387,7 @@ tasks:
         "obms": [{"service": "redfish-obm-service", "config": {"host": "10.0.0.5", "user": "root", "password": "hunter2"}}]
     }))
     .unwrap();
-    h.engine.nodes().create(node).unwrap();
+    h.engine.nodes().create(node).await.unwrap();
     let v = h.run("G", json!({}), Some("n1")).await;
     let end = h.wait(&v.instance_id).await;
     assert_eq!(end.status, WorkflowStatus::Succeeded, "{end:#?}");
@@ -433,7 +433,7 @@ tasks:
     assert_eq!(end.context["a"]["password"], json!("<redacted>"));
     assert_eq!(end.context["a"]["user"], json!("root"));
     // The record keeps the values, and the job got them.
-    let (rec, tasks) = h.engine.load(&v.instance_id).unwrap().unwrap();
+    let (rec, tasks) = h.engine.load(&v.instance_id).await.unwrap().unwrap();
     assert_eq!(rec.options["defaults"]["password"], json!("hunter2"));
     assert_eq!(
         tasks[0].output.as_ref().unwrap()["password"],
@@ -466,6 +466,7 @@ tasks:
     let child = h
         .engine
         .list(&Default::default())
+        .await
         .unwrap()
         .into_iter()
         .find(|w| w.name == "Sub.Hang")
@@ -495,7 +496,8 @@ async fn one_active_workflow_per_node() {
     let h = start(Arc::new(MemStore::new()), &[g], |_| {});
     h.engine
         .nodes()
-        .create(serde_json::from_value(json!({"id": "n1"})).unwrap())
+        .create(serde_json::from_value(json!({"id": "n1", "name": "n1"})).unwrap())
+        .await
         .unwrap();
     let first = h.run("G", json!({}), Some("n1")).await;
     let second = h
@@ -507,7 +509,7 @@ async fn one_active_workflow_per_node() {
         })
         .await;
     match second {
-        Err(Error::Conflict(msg)) => assert!(msg.contains(&first.instance_id), "{msg}"),
+        Err(Error::NodeBusy { workflow, .. }) => assert_eq!(workflow, first.instance_id),
         other => panic!("expected a conflict, got {other:?}"),
     }
     let unknown = h
@@ -535,7 +537,8 @@ async fn the_node_lock_is_atomic_under_concurrent_runs() {
     let h = start(Arc::new(MemStore::new()), &[g], |_| {});
     h.engine
         .nodes()
-        .create(serde_json::from_value(json!({"id": "n1"})).unwrap())
+        .create(serde_json::from_value(json!({"id": "n1", "name": "n1"})).unwrap())
+        .await
         .unwrap();
     let runs = (0..16).map(|_| {
         let e = h.engine.clone();
@@ -713,7 +716,7 @@ async fn a_caller_giving_up_mid_create_never_strands_a_workflow() {
         run.abort();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let all = h.engine.list(&Default::default()).unwrap();
+    let all = h.engine.list(&Default::default()).await.unwrap();
     assert!(!all.is_empty(), "some creations committed before the abort");
     for w in all {
         let end = wait_for(&h.engine, &w.instance_id, Duration::from_secs(10)).await;

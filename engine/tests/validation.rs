@@ -71,11 +71,57 @@ fn invalid_graphs_are_named_precisely() {
         ),
         (
             "{injectableName: G, tasks: [{label: a, taskName: Task.Echo, optionOverrides: {count: three}}]}",
-            "graph G, task 'a', field 'options.count': option must be an integer, got \"three\"",
+            "graph G, task 'a', field 'options.count': option must be an integer, got a string",
         ),
         (
             "{injectableName: G, options: {defaults: {count: 1.5}}, tasks: [{label: a, taskName: Task.Echo}]}",
-            "field 'options.count': option must be an integer, got 1.5",
+            "field 'options.count': option must be an integer, got a number",
+        ),
+        // A value of the wrong type is described, never echoed: it may be a secret.
+        (
+            "{injectableName: G, tasks: [{label: a, taskName: Task.Echo, optionOverrides: {count: hunter2-secret}}]}",
+            "field 'options.count': option must be an integer, got a string",
+        ),
+        // Every duration, timeout, backoff and retry count has an upper bound.
+        (
+            "{injectableName: G, tasks: [{label: a, taskName: Task.Sleep, optionOverrides: {duration: \"99999999999999999999\"}}]}",
+            "graph G, task 'a', field 'options.duration': option duration \"99999999999999999999\" is longer than the maximum of 30 days",
+        ),
+        (
+            "{injectableName: G, tasks: [{label: a, taskName: Task.Sleep, optionOverrides: {duration: 18446744073709551615}}]}",
+            "field 'options.duration': option duration 18446744073709551615 is longer than the maximum of 30 days",
+        ),
+        (
+            "{injectableName: G, tasks: [{label: a, taskName: Task.Sleep, optionOverrides: {duration: 31d}}]}",
+            "field 'options.duration': option duration \"31d\" is longer than the maximum of 30 days",
+        ),
+        (
+            "{injectableName: G, tasks: [{label: a, taskName: Task.Noop, timeout: 18446744073709551615}]}",
+            "graph G, task 'a', field 'timeout': duration 18446744073709551615 is longer than the maximum of 30 days",
+        ),
+        (
+            "{injectableName: G, options: {a: {_taskTimeout: 18446744073709551615}}, tasks: [{label: a, taskName: Task.Noop}]}",
+            "graph G, task 'a', field 'options._taskTimeout': _taskTimeout must be whole milliseconds of at most 30 days",
+        ),
+        (
+            "{injectableName: G, options: {a: {_taskTimeout: 2592000001}}, tasks: [{label: a, taskName: Task.Noop}]}",
+            "graph G, task 'a', field 'options._taskTimeout': duration 2592000001 is longer than the maximum of 30 days",
+        ),
+        (
+            "{injectableName: G, options: {a: {_taskTimeout: 1.0e300}}, tasks: [{label: a, taskName: Task.Noop}]}",
+            "field 'options._taskTimeout': _taskTimeout must be whole milliseconds of at most 30 days",
+        ),
+        (
+            "{injectableName: G, timeout: 100000d, tasks: [{label: a, taskName: Task.Noop}]}",
+            "graph G, field 'timeout': duration \"100000d\" is longer than the maximum of 30 days",
+        ),
+        (
+            "{injectableName: G, tasks: [{label: a, taskName: Task.Noop, retries: {max: 2, backoff: 1h}}]}",
+            "graph G, task 'a', field 'retries.backoff': the backoff must be at most 5m",
+        ),
+        (
+            "{injectableName: G, tasks: [{label: a, taskName: Task.Noop, retries: {max: 4000000000}}]}",
+            "graph G, task 'a', field 'retries.max': at most 100 retries are allowed, got 4000000000",
         ),
         (
             "{injectableName: G, tasks: [{label: a, taskName: Task.Noop, retries: {max: 2, backoff: soon}}]}",

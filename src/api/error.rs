@@ -109,7 +109,10 @@ impl From<metalgraph_engine::Error> for ApiError {
                 details: problems.0.iter().map(problem_json).collect(),
                 ..Self::new(StatusCode::BAD_REQUEST, "bad_request", problems.to_string())
             },
-            E::Conflict(message) => Self::new(StatusCode::CONFLICT, "conflict", message),
+            // Every conflict with current state is a 409 `conflict`; the message says which.
+            e @ (E::Conflict(_) | E::NodeBusy { .. } | E::AlreadyExists(_)) => {
+                Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
             E::Unavailable(message) => Self::unavailable(message),
             E::Store(detail) => Self::internal(format_args!("store: {detail}")),
         }

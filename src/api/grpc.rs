@@ -47,9 +47,11 @@ pub fn router(engine: Engine) -> anyhow::Result<tonic::transport::server::Router
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    let api = GrpcApi { engine };
-    // The health service reports every metalgraph service as serving while the process runs;
-    // the engine's own health is also visible through the HTTP health endpoint.
+    let api = GrpcApi {
+        engine: engine.clone(),
+    };
+    // Every metalgraph service is serving while the engine schedules, and NOT_SERVING (the
+    // whole server, "", included) from the moment it stops.
     tokio::spawn(async move {
         health_reporter
             .set_serving::<DefinitionsServer<GrpcApi>>()
@@ -58,6 +60,19 @@ pub fn router(engine: Engine) -> anyhow::Result<tonic::transport::server::Router
             .set_serving::<WorkflowsServer<GrpcApi>>()
             .await;
         health_reporter.set_serving::<NodesServer<GrpcApi>>().await;
+        engine.stopped().await;
+        health_reporter
+            .set_not_serving::<DefinitionsServer<GrpcApi>>()
+            .await;
+        health_reporter
+            .set_not_serving::<WorkflowsServer<GrpcApi>>()
+            .await;
+        health_reporter
+            .set_not_serving::<NodesServer<GrpcApi>>()
+            .await;
+        health_reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
     });
     Ok(tonic::transport::Server::builder()
         .add_service(health)
@@ -75,7 +90,7 @@ pub fn status(e: Error) -> Status {
         Error::Invalid(_) | Error::BadRequest(_) | Error::BadOptions(_) => {
             Status::invalid_argument(e.to_string())
         }
-        Error::Conflict(ref m) if m.contains("busy") => Status::already_exists(e.to_string()),
+        Error::NodeBusy { .. } | Error::AlreadyExists(_) => Status::already_exists(e.to_string()),
         Error::Conflict(_) => Status::failed_precondition(e.to_string()),
         Error::Unavailable(_) => Status::unavailable(e.to_string()),
         Error::Store(ref detail) => {
@@ -330,7 +345,8 @@ impl DefinitionsRpc for GrpcApi {
             .engine
             .definitions()
             .list_graphs()
-            .map_err(|e| status(e.into()))?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::ListGraphsResponse {
             graphs: graphs.iter().map(|(g, s)| graph_to_pb(g, *s)).collect(),
         }))
@@ -345,7 +361,8 @@ impl DefinitionsRpc for GrpcApi {
             .engine
             .definitions()
             .get_graph(&name)
-            .map_err(|e| status(e.into()))?
+            .await
+            .map_err(status)?
         {
             Some((g, s)) => Ok(Response::new(graph_to_pb(&g, s))),
             None => Err(status(Error::NotFound {
@@ -369,12 +386,11 @@ impl DefinitionsRpc for GrpcApi {
             },
             None => return Err(bad("give a graph or its text")),
         };
-        let defs = self.engine.definitions().clone();
-        let g2 = graph.clone();
-        tokio::task::spawn_blocking(move || defs.put_graph(g2))
+        self.engine
+            .definitions()
+            .put_graph(graph.clone())
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| status(e.into()))?;
+            .map_err(status)?;
         Ok(Response::new(graph_to_pb(&graph, Source::User)))
     }
 
@@ -385,7 +401,8 @@ impl DefinitionsRpc for GrpcApi {
         self.engine
             .definitions()
             .delete_graph(&req.into_inner().name)
-            .map_err(|e| status(e.into()))?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::DeleteGraphResponse {}))
     }
 
@@ -397,7 +414,8 @@ impl DefinitionsRpc for GrpcApi {
             .engine
             .definitions()
             .list_tasks()
-            .map_err(|e| status(e.into()))?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::ListTasksResponse {
             tasks: tasks
                 .iter()
@@ -415,7 +433,8 @@ impl DefinitionsRpc for GrpcApi {
             .engine
             .definitions()
             .get_task(&name)
-            .map_err(|e| status(e.into()))?
+            .await
+            .map_err(status)?
         {
             Some((t, s)) => Ok(Response::new(task_def_to_pb(&t, Some(s)))),
             None => Err(status(Error::NotFound {
@@ -442,7 +461,8 @@ impl DefinitionsRpc for GrpcApi {
         self.engine
             .definitions()
             .put_task(task.clone())
-            .map_err(|e| status(e.into()))?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(task_def_to_pb(&task, Some(Source::User))))
     }
 
@@ -453,7 +473,8 @@ impl DefinitionsRpc for GrpcApi {
         self.engine
             .definitions()
             .delete_task(&req.into_inner().name)
-            .map_err(|e| status(e.into()))?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::DeleteTaskResponse {}))
     }
 }
@@ -530,8 +551,8 @@ fn workflow_to_pb(rec: &WorkflowRecord, tasks: &[TaskRecord]) -> pb::Workflow {
 }
 
 impl GrpcApi {
-    fn workflow(&self, id: &str) -> Result<pb::Workflow, Status> {
-        match self.engine.load(id).map_err(status)? {
+    async fn workflow(&self, id: &str) -> Result<pb::Workflow, Status> {
+        match self.engine.load(id).await.map_err(status)? {
             Some((rec, tasks)) => Ok(workflow_to_pb(&rec, &tasks)),
             None => Err(status(Error::NotFound {
                 kind: "workflow",
@@ -541,8 +562,8 @@ impl GrpcApi {
     }
 
     /// The events describing a workflow's current state: one for it, one per task.
-    fn snapshot(&self, id: &str) -> Result<Option<(Vec<pb::WatchEvent>, bool)>, Status> {
-        let Some((rec, tasks)) = self.engine.load(id).map_err(status)? else {
+    async fn snapshot(&self, id: &str) -> Result<Option<(Vec<pb::WatchEvent>, bool)>, Status> {
+        let Some((rec, tasks)) = self.engine.load(id).await.map_err(status)? else {
             return Ok(None);
         };
         let mut out = vec![pb::WatchEvent {
@@ -640,14 +661,14 @@ impl WorkflowsRpc for GrpcApi {
             })
             .await
             .map_err(status)?;
-        Ok(Response::new(self.workflow(&view.instance_id)?))
+        Ok(Response::new(self.workflow(&view.instance_id).await?))
     }
 
     async fn get_workflow(
         &self,
         req: Request<pb::GetWorkflowRequest>,
     ) -> Result<Response<pb::Workflow>, Status> {
-        Ok(Response::new(self.workflow(&req.into_inner().id)?))
+        Ok(Response::new(self.workflow(&req.into_inner().id).await?))
     }
 
     async fn list_workflows(
@@ -661,10 +682,11 @@ impl WorkflowsRpc for GrpcApi {
                 active: req.active,
                 node: Some(req.node).filter(|n| !n.is_empty()),
             })
+            .await
             .map_err(status)?;
         let mut workflows = Vec::with_capacity(views.len());
         for v in views {
-            if let Some((rec, tasks)) = self.engine.load(&v.instance_id).map_err(status)? {
+            if let Some((rec, tasks)) = self.engine.load(&v.instance_id).await.map_err(status)? {
                 workflows.push(workflow_to_pb(&rec, &tasks));
             }
         }
@@ -677,7 +699,7 @@ impl WorkflowsRpc for GrpcApi {
     ) -> Result<Response<pb::Workflow>, Status> {
         let id = req.into_inner().id;
         self.engine.cancel(&id).await.map_err(status)?;
-        Ok(Response::new(self.workflow(&id)?))
+        Ok(Response::new(self.workflow(&id).await?))
     }
 
     type WatchStream = WatchStream;
@@ -693,6 +715,7 @@ impl WorkflowsRpc for GrpcApi {
                     active: Some(true),
                     node: None,
                 })
+                .await
                 .map_err(status)?
                 .into_iter()
                 .map(|v| v.instance_id)
@@ -703,7 +726,7 @@ impl WorkflowsRpc for GrpcApi {
         let mut first = Vec::new();
         let mut finished = false;
         for wf in &initial {
-            match self.snapshot(wf)? {
+            match self.snapshot(wf).await? {
                 Some((evs, done)) => {
                     first.extend(evs);
                     finished |= !id.is_empty() && done;
@@ -739,13 +762,14 @@ impl WorkflowsRpc for GrpcApi {
                                     active: Some(true),
                                     node: None,
                                 })
+                                .await
                                 .map(|v| v.into_iter().map(|w| w.instance_id).collect())
                                 .unwrap_or_default()
                         } else {
                             vec![id.clone()]
                         };
                         for wf in ids {
-                            if let Ok(Some((evs, done))) = api.snapshot(&wf) {
+                            if let Ok(Some((evs, done))) = api.snapshot(&wf).await {
                                 for e in evs {
                                     if tx.send(Ok(e)).await.is_err() {
                                         return;
@@ -841,10 +865,13 @@ fn node_to_pb(n: &engine_nodes::Node, active: Option<String>) -> pb::Node {
 }
 
 impl GrpcApi {
-    fn node(&self, id: &str) -> Result<pb::Node, Status> {
+    async fn node(&self, id: &str) -> Result<pb::Node, Status> {
         let nodes = self.engine.nodes();
-        match nodes.get(id).map_err(|e| status(e.into()))? {
-            Some(n) => Ok(node_to_pb(&n, nodes.active_workflow(id).ok().flatten())),
+        match nodes.get(id).await.map_err(status)? {
+            Some(n) => Ok(node_to_pb(
+                &n,
+                nodes.active_workflow(id).await.ok().flatten(),
+            )),
             None => Err(status(Error::NotFound {
                 kind: "node",
                 id: id.to_owned(),
@@ -875,11 +902,7 @@ impl NodesRpc for GrpcApi {
             created_at: String::new(),
             updated_at: String::new(),
         };
-        let created = self
-            .engine
-            .nodes()
-            .create(node)
-            .map_err(|e| status(e.into()))?;
+        let created = self.engine.nodes().create(node).await.map_err(status)?;
         Ok(Response::new(node_to_pb(&created, None)))
     }
 
@@ -887,7 +910,7 @@ impl NodesRpc for GrpcApi {
         &self,
         req: Request<pb::GetNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        Ok(Response::new(self.node(&req.into_inner().id)?))
+        Ok(Response::new(self.node(&req.into_inner().id).await?))
     }
 
     async fn list_nodes(
@@ -895,13 +918,15 @@ impl NodesRpc for GrpcApi {
         _: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let nodes = self.engine.nodes();
-        let list = nodes.list().map_err(|e| status(e.into()))?;
-        Ok(Response::new(pb::ListNodesResponse {
-            nodes: list
-                .iter()
-                .map(|n| node_to_pb(n, nodes.active_workflow(&n.id).ok().flatten()))
-                .collect(),
-        }))
+        let list = nodes.list().await.map_err(status)?;
+        let mut out = Vec::with_capacity(list.len());
+        for n in &list {
+            out.push(node_to_pb(
+                n,
+                nodes.active_workflow(&n.id).await.ok().flatten(),
+            ));
+        }
+        Ok(Response::new(pb::ListNodesResponse { nodes: out }))
     }
 
     async fn update_obm(
@@ -909,23 +934,13 @@ impl NodesRpc for GrpcApi {
         req: Request<pb::UpdateObmRequest>,
     ) -> Result<Response<pb::Node>, Status> {
         let req = req.into_inner();
-        let mut obm = obm_from_pb(&req.obm.ok_or_else(|| bad("obm is required"))?)?;
+        let obm = obm_from_pb(&req.obm.ok_or_else(|| bad("obm is required"))?)?;
         self.engine
             .nodes()
-            .update(&req.id, |n| {
-                // An OBM given without a password keeps the stored one for the same BMC.
-                if obm.config.password.is_none()
-                    && let Some(old) = n
-                        .obms
-                        .iter()
-                        .find(|o| o.service == obm.service && o.config.host == obm.config.host)
-                {
-                    obm.config.password = old.config.password.clone();
-                }
-                n.obms = vec![obm];
-            })
-            .map_err(|e| status(e.into()))?;
-        Ok(Response::new(self.node(&req.id)?))
+            .set_obm(&req.id, obm)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.node(&req.id).await?))
     }
 
     async fn delete_node(
@@ -935,7 +950,8 @@ impl NodesRpc for GrpcApi {
         self.engine
             .nodes()
             .delete(&req.into_inner().id)
-            .map_err(|e| status(e.into()))?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::DeleteNodeResponse {}))
     }
 }

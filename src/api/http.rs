@@ -1,9 +1,10 @@
 //! The management router (`app`) and the node-facing router (`node_app`): RackHD's 2.0
 //! paths, request bodies and status words (DESIGN.md section 6).
 //!
-//! Handlers translate between HTTP and the engine and nothing else. Store reads and writes
-//! block, so they run on the blocking pool. Request bodies are never logged: they may hold
-//! OBM passwords.
+//! Handlers translate between HTTP and the engine and nothing else: the engine's API is
+//! async and does its own store work off the runtime, and its rules (node names, OBM
+//! passwords, ...) live in the engine, so HTTP and gRPC enforce the same ones. Request bodies
+//! are never logged: they may hold OBM passwords.
 
 use std::time::Instant;
 
@@ -115,24 +116,14 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     )
 }
 
-/// Runs blocking store work on the blocking pool.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal(format_args!("a blocking task failed: {e}")))?
-}
-
 // ---------------------------------------------------------------------------------------
 // Health
 
 async fn health(State(s): State<AppState>) -> Result<Json<Value>> {
-    let store = s.engine.store().backend();
-    if s.engine.is_healthy() {
-        Ok(Json(json!({"status": "ok", "store": store})))
-    } else {
-        Err(ApiError::unavailable(format!(
-            "the engine is stopped (store {store}); the server log says why"
-        )))
+    let store = s.engine.store_backend();
+    match s.engine.health() {
+        Ok(()) => Ok(Json(json!({"status": "ok", "store": store}))),
+        Err(why) => Err(ApiError::unavailable(format!("{why} (store {store})"))),
     }
 }
 
@@ -168,24 +159,20 @@ fn parse_definition(body: Value, expected: &str) -> Result<Definition> {
 }
 
 async fn list_graphs(State(s): State<AppState>) -> Result<Json<Vec<Value>>> {
-    blocking(move || {
-        let graphs = s.engine.definitions().list_graphs()?;
-        Ok(Json(
-            graphs
-                .into_iter()
-                .map(|(g, src)| with_source(g, src))
-                .collect(),
-        ))
-    })
-    .await
+    let graphs = s.engine.definitions().list_graphs().await?;
+    Ok(Json(
+        graphs
+            .into_iter()
+            .map(|(g, src)| with_source(g, src))
+            .collect(),
+    ))
 }
 
 async fn get_graph(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>> {
-    blocking(move || match s.engine.definitions().get_graph(&name)? {
+    match s.engine.definitions().get_graph(&name).await? {
         Some((g, src)) => Ok(Json(with_source(g, src))),
         None => Err(ApiError::not_found("graph", &name)),
-    })
-    .await
+    }
 }
 
 async fn put_graph(
@@ -201,58 +188,52 @@ async fn put_graph(
             )));
         }
     };
-    blocking(move || {
-        let defs = s.engine.definitions();
-        let existed = matches!(
-            defs.get_graph(&graph.injectable_name)?,
-            Some((_, Source::User))
-        );
-        defs.put_graph(graph.clone())?;
-        let status = if existed {
-            StatusCode::OK
-        } else {
-            StatusCode::CREATED
-        };
-        Ok((status, Json(with_source(graph, Source::User))))
-    })
-    .await
+    let defs = s.engine.definitions();
+    let existed = matches!(
+        defs.get_graph(&graph.injectable_name).await?,
+        Some((_, Source::User))
+    );
+    defs.put_graph(graph.clone()).await?;
+    Ok((
+        created_or_ok(existed),
+        Json(with_source(graph, Source::User)),
+    ))
+}
+
+/// 200 when a definition was replaced, 201 when it was created.
+fn created_or_ok(existed: bool) -> StatusCode {
+    if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    }
 }
 
 async fn delete_graph(State(s): State<AppState>, Path(name): Path<String>) -> Result<StatusCode> {
-    blocking(move || {
-        s.engine.definitions().delete_graph(&name)?;
-        Ok(StatusCode::NO_CONTENT)
-    })
-    .await
+    s.engine.definitions().delete_graph(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn list_tasks(State(s): State<AppState>) -> Result<Json<Vec<Value>>> {
-    blocking(move || {
-        let tasks = s.engine.definitions().list_tasks()?;
-        Ok(Json(
-            tasks
-                .into_iter()
-                .map(|(t, src)| with_source(t, src))
-                .collect(),
-        ))
-    })
-    .await
+    let tasks = s.engine.definitions().list_tasks().await?;
+    Ok(Json(
+        tasks
+            .into_iter()
+            .map(|(t, src)| with_source(t, src))
+            .collect(),
+    ))
 }
 
 async fn get_task(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>> {
-    blocking(move || match s.engine.definitions().get_task(&name)? {
+    match s.engine.definitions().get_task(&name).await? {
         Some((t, src)) => Ok(Json(with_source(t, src))),
         None => Err(ApiError::not_found("task", &name)),
-    })
-    .await
+    }
 }
 
 async fn delete_task(State(s): State<AppState>, Path(name): Path<String>) -> Result<StatusCode> {
-    blocking(move || {
-        s.engine.definitions().delete_task(&name)?;
-        Ok(StatusCode::NO_CONTENT)
-    })
-    .await
+    s.engine.definitions().delete_task(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn put_task(
@@ -268,21 +249,16 @@ async fn put_task(
             )));
         }
     };
-    blocking(move || {
-        let defs = s.engine.definitions();
-        let existed = matches!(
-            defs.get_task(&task.injectable_name)?,
-            Some((_, Source::User))
-        );
-        defs.put_task(task.clone())?;
-        let status = if existed {
-            StatusCode::OK
-        } else {
-            StatusCode::CREATED
-        };
-        Ok((status, Json(with_source(task, Source::User))))
-    })
-    .await
+    let defs = s.engine.definitions();
+    let existed = matches!(
+        defs.get_task(&task.injectable_name).await?,
+        Some((_, Source::User))
+    );
+    defs.put_task(task.clone()).await?;
+    Ok((
+        created_or_ok(existed),
+        Json(with_source(task, Source::User)),
+    ))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -408,7 +384,7 @@ async fn list_workflows(
         active: q.active,
         node: q.node.filter(|n| !n.is_empty()),
     };
-    blocking(move || Ok(Json(s.engine.list(&filter)?))).await
+    Ok(Json(s.engine.list(&filter).await?))
 }
 
 /// `GET /nodes/{id}/workflows?active=`: RackHD's per-node listing.
@@ -423,36 +399,29 @@ async fn list_node_workflows(
     Path(node): Path<String>,
     Query(q): Query<NodeListQuery>,
 ) -> Result<Json<Vec<WorkflowView>>> {
-    blocking(move || {
-        if s.engine.nodes().get(&node)?.is_none() {
-            return Err(ApiError::not_found("node", &node));
-        }
-        let filter = ListFilter {
-            active: q.active,
-            node: Some(node),
-        };
-        Ok(Json(s.engine.list(&filter)?))
-    })
-    .await
+    if s.engine.nodes().get(&node).await?.is_none() {
+        return Err(ApiError::not_found("node", &node));
+    }
+    let filter = ListFilter {
+        active: q.active,
+        node: Some(node),
+    };
+    Ok(Json(s.engine.list(&filter).await?))
 }
 
 async fn get_workflow(
     State(s): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<WorkflowView>> {
-    blocking(move || match s.engine.get(&id)? {
+    match s.engine.get(&id).await? {
         Some(v) => Ok(Json(v)),
         None => Err(ApiError::not_found("workflow", &id)),
-    })
-    .await
+    }
 }
 
 async fn delete_workflow(State(s): State<AppState>, Path(id): Path<String>) -> Result<StatusCode> {
-    blocking(move || {
-        s.engine.delete(&id)?;
-        Ok(StatusCode::NO_CONTENT)
-    })
-    .await
+    s.engine.delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `PUT /workflows/{id}/action`: RackHD's `{"command": "cancel", "options": {}}`.
@@ -513,40 +482,9 @@ struct NodePatch {
     obms: Option<Vec<Obm>>,
 }
 
-fn check_obms(obms: &[Obm]) -> Result<()> {
-    for (i, obm) in obms.iter().enumerate() {
-        if obm.service.trim().is_empty() {
-            return Err(ApiError::bad_request(format!(
-                "field 'obms[{i}].service' must name an OBM service (redfish-obm-service, ipmi-obm-service, sim-obm-service)"
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Replaces `old` OBMs by `new` ones. A new OBM given without a password keeps the stored
-/// password of the OBM with the same service and host, so that clients can round-trip what
-/// they read (passwords are never read back) without erasing the secret.
-fn merge_obms(old: &[Obm], new: Vec<Obm>) -> Vec<Obm> {
-    new.into_iter()
-        .map(|mut obm| {
-            if obm.config.password.is_none() {
-                obm.config.password = old
-                    .iter()
-                    .find(|o| o.service == obm.service && o.config.host == obm.config.host)
-                    .and_then(|o| o.config.password.clone());
-            }
-            obm
-        })
-        .collect()
-}
-
 async fn list_nodes(State(s): State<AppState>) -> Result<Json<Vec<Value>>> {
-    blocking(move || {
-        let nodes = s.engine.nodes().list()?;
-        Ok(Json(nodes.iter().map(Node::public).collect()))
-    })
-    .await
+    let nodes = s.engine.nodes().list().await?;
+    Ok(Json(nodes.iter().map(Node::public).collect()))
 }
 
 async fn create_node(
@@ -554,14 +492,9 @@ async fn create_node(
     Body(body): Body,
 ) -> Result<(StatusCode, Json<Value>)> {
     let input: NodeInput = decode(body, "node")?;
-    let name = input
-        .name
-        .filter(|n| !n.trim().is_empty())
-        .ok_or_else(|| ApiError::bad_request("field 'name' is required"))?;
-    check_obms(&input.obms)?;
     let node = Node {
         id: input.id.unwrap_or_default(),
-        name,
+        name: input.name.unwrap_or_default(),
         identifiers: input.identifiers,
         node_type: input.node_type.unwrap_or_else(|| "compute".to_owned()),
         tags: input.tags,
@@ -569,19 +502,15 @@ async fn create_node(
         created_at: String::new(),
         updated_at: String::new(),
     };
-    blocking(move || {
-        let node = s.engine.nodes().create(node)?;
-        Ok((StatusCode::CREATED, Json(node.public())))
-    })
-    .await
+    let node = s.engine.nodes().create(node).await?;
+    Ok((StatusCode::CREATED, Json(node.public())))
 }
 
 async fn get_node(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>> {
-    blocking(move || match s.engine.nodes().get(&id)? {
+    match s.engine.nodes().get(&id).await? {
         Some(n) => Ok(Json(n.public())),
         None => Err(ApiError::not_found("node", &id)),
-    })
-    .await
+    }
 }
 
 async fn patch_node(
@@ -590,14 +519,10 @@ async fn patch_node(
     Body(body): Body,
 ) -> Result<Json<Value>> {
     let patch: NodePatch = decode(body, "node patch")?;
-    if patch.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
-        return Err(ApiError::bad_request("field 'name' must not be empty"));
-    }
-    if let Some(obms) = &patch.obms {
-        check_obms(obms)?;
-    }
-    blocking(move || {
-        let node = s.engine.nodes().update(&id, |n| {
+    let node = s
+        .engine
+        .nodes()
+        .update(&id, |n| {
             if let Some(name) = patch.name {
                 n.name = name;
             }
@@ -611,20 +536,17 @@ async fn patch_node(
                 n.tags = tags;
             }
             if let Some(obms) = patch.obms {
-                n.obms = merge_obms(&n.obms, obms);
+                n.replace_obms(obms)?;
             }
-        })?;
-        Ok(Json(node.public()))
-    })
-    .await
+            Ok(())
+        })
+        .await?;
+    Ok(Json(node.public()))
 }
 
 async fn delete_node(State(s): State<AppState>, Path(id): Path<String>) -> Result<StatusCode> {
-    blocking(move || {
-        s.engine.nodes().delete(&id)?;
-        Ok(StatusCode::NO_CONTENT)
-    })
-    .await
+    s.engine.nodes().delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// A node's OBMs as the outside world may see them (passwords redacted).
@@ -636,11 +558,10 @@ fn public_obms(node: &Node) -> Value {
 }
 
 async fn get_obm(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>> {
-    blocking(move || match s.engine.nodes().get(&id)? {
+    match s.engine.nodes().get(&id).await? {
         Some(n) => Ok(Json(public_obms(&n))),
         None => Err(ApiError::not_found("node", &id)),
-    })
-    .await
+    }
 }
 
 /// `PUT /nodes/{id}/obm`: sets one OBM. It replaces the node's OBM with the same service,
@@ -651,53 +572,36 @@ async fn put_obm(
     Body(body): Body,
 ) -> Result<Json<Value>> {
     let obm: Obm = decode(body, "OBM")?;
-    check_obms(std::slice::from_ref(&obm))?;
-    blocking(move || {
-        let node = s.engine.nodes().update(&id, |n| {
-            let merged = merge_obms(&n.obms, vec![obm]).remove(0);
-            match n.obms.iter_mut().find(|o| o.service == merged.service) {
-                Some(slot) => *slot = merged,
-                None => n.obms.push(merged),
-            }
-        })?;
-        Ok(Json(public_obms(&node)))
-    })
-    .await
+    let node = s.engine.nodes().set_obm(&id, obm).await?;
+    Ok(Json(public_obms(&node)))
 }
 
 async fn list_catalogs(
     State(s): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<Value>>> {
-    blocking(move || {
-        let nodes = s.engine.nodes();
-        if nodes.get(&id)?.is_none() {
-            return Err(ApiError::not_found("node", &id));
-        }
-        Ok(Json(nodes.catalogs(&id)?))
-    })
-    .await
+    let nodes = s.engine.nodes();
+    if nodes.get(&id).await?.is_none() {
+        return Err(ApiError::not_found("node", &id));
+    }
+    Ok(Json(nodes.catalogs(&id).await?))
 }
 
 async fn get_catalog(
     State(s): State<AppState>,
     Path((id, source)): Path<(String, String)>,
 ) -> Result<Json<Value>> {
-    blocking(move || {
-        let nodes = s.engine.nodes();
-        if nodes.get(&id)?.is_none() {
-            return Err(ApiError::not_found("node", &id));
-        }
-        nodes
-            .catalogs(&id)?
-            .into_iter()
-            .find(|c| c.get("source").and_then(Value::as_str) == Some(source.as_str()))
-            .map(Json)
-            .ok_or_else(|| {
-                ApiError::not_found(&format!("catalog of node {id} from source"), &source)
-            })
-    })
-    .await
+    let nodes = s.engine.nodes();
+    if nodes.get(&id).await?.is_none() {
+        return Err(ApiError::not_found("node", &id));
+    }
+    nodes
+        .catalogs(&id)
+        .await?
+        .into_iter()
+        .find(|c| c.get("source").and_then(Value::as_str) == Some(source.as_str()))
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(&format!("catalog of node {id} from source"), &source))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -739,9 +643,12 @@ async fn notification(
             )
         })?;
     let node = q.node_id.filter(|n| !n.is_empty());
+    // Answered only once the task's end is committed: a 200 means the callback survives
+    // any crash, and the installer never calls twice.
     let label = s
         .engine
-        .notify(node.as_deref(), &token, Value::Object(body))?;
+        .notify(node.as_deref(), &token, Value::Object(body))
+        .await?;
     Ok(Json(json!({"status": "delivered", "task": label})))
 }
 
@@ -778,16 +685,12 @@ async fn template(
     let source = tokio::fs::read_to_string(&path)
         .await
         .map_err(|e| ApiError::internal(format_args!("cannot read {}: {e}", path.display())))?;
-    let node = {
-        let (s, id) = (s.clone(), node_id.clone());
-        blocking(move || {
-            s.engine
-                .nodes()
-                .get(&id)?
-                .ok_or_else(|| ApiError::not_found("node", &id))
-        })
+    let node = s
+        .engine
+        .nodes()
+        .get(&node_id)
         .await?
-    };
+        .ok_or_else(|| ApiError::not_found("node", &node_id))?;
     let node_base = s.api.node_base.trim_end_matches('/').to_owned();
     let files_base = node_base
         .strip_suffix("/api/2.0")

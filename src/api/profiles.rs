@@ -88,15 +88,13 @@ fn parse_query(pairs: &[(String, String)]) -> Result<Report, ApiError> {
 
 /// What the machine should run; errors are turned into a retry script by the caller.
 async fn script_for(s: &AppState, report: &Report) -> anyhow::Result<String> {
-    let (engine, macs) = (s.engine.clone(), report.macs.clone());
-    let found = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let Some(node) = boot::find_node(&engine, &macs)? else {
-            return Ok(None);
-        };
-        let work = boot::boot_work(&engine, &node)?;
-        Ok(Some((node, work)))
-    })
-    .await??;
+    let found = match boot::find_node(&s.engine, &report.macs).await? {
+        None => None,
+        Some(node) => {
+            let work = boot::boot_work(&s.engine, &node).await?;
+            Some((node, work))
+        }
+    };
     let (node, work) = match found {
         Some(found) => found,
         // DHCP's boot file name cannot carry what only iPXE knows (iPXE does not expand

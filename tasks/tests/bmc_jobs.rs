@@ -101,7 +101,7 @@ async fn boot_and_media_jobs_are_idempotent() {
         .await
         .unwrap();
     assert_eq!(out["source"], "redfish");
-    assert_eq!(world.nodes().catalogs(&node.id).unwrap().len(), 1);
+    assert_eq!(world.nodes().catalogs(&node.id).await.unwrap().len(), 1);
 }
 
 #[tokio::test]
@@ -294,8 +294,8 @@ fn shipped_obm_task_definitions_are_valid() {
     }
 }
 
-#[test]
-fn shipped_obm_graphs_are_valid() {
+#[tokio::test]
+async fn shipped_obm_graphs_are_valid() {
     let mut files = Vec::new();
     for dir in [graphs_dir(), graphs_dir().join("tasks")] {
         for entry in std::fs::read_dir(&dir).unwrap() {
@@ -328,12 +328,14 @@ fn shipped_obm_graphs_are_valid() {
             .get(name)
             .unwrap_or_else(|| panic!("graph {name} is not shipped"));
         let plan = defs
-            .validate_graph(graph)
+            .validate_graph(graph.clone())
+            .await
             .unwrap_or_else(|p| panic!("{name}: {p:?}"));
         assert!(!plan.tasks.is_empty(), "{name}");
     }
     let install = defs
-        .validate_graph(&library.graphs["Graph.InstallOS.VirtualMedia"])
+        .validate_graph(library.graphs["Graph.InstallOS.VirtualMedia"].clone())
+        .await
         .unwrap();
     let labels: Vec<&str> = install.tasks.iter().map(|t| t.label.as_str()).collect();
     for label in [

@@ -315,12 +315,13 @@ async fn discovery_creates_one_node_per_system_and_no_duplicates() {
         .map(|v| v.as_str().unwrap().to_owned())
         .collect();
     assert_eq!(ids.len(), 3, "{out}");
-    let nodes = world.nodes().list().unwrap();
+    let nodes = world.nodes().list().await.unwrap();
     assert_eq!(nodes.len(), 3);
     for i in 0..3 {
         let node = world
             .nodes()
             .by_identifier(&system_mac(i))
+            .await
             .unwrap()
             .unwrap_or_else(|| panic!("no node for system {i}"));
         assert!(
@@ -337,7 +338,7 @@ async fn discovery_creates_one_node_per_system_and_no_duplicates() {
         assert_eq!(obm.config.user.as_deref(), Some("admin"));
         assert_eq!(obm.config.password.as_ref().unwrap().expose(), password);
         assert_eq!(node.name, format!("node-{i}"));
-        let catalogs = world.nodes().catalogs(&node.id).unwrap();
+        let catalogs = world.nodes().catalogs(&node.id).await.unwrap();
         assert_eq!(catalogs.len(), 1);
         assert_eq!(catalogs[0]["source"], "redfish");
         assert_eq!(catalogs[0]["data"]["macs"], json!([system_mac(i)]));
@@ -364,10 +365,10 @@ async fn discovery_creates_one_node_per_system_and_no_duplicates() {
             .iter()
             .all(|s| s["created"] == false)
     );
-    assert_eq!(world.nodes().list().unwrap().len(), 3);
+    assert_eq!(world.nodes().list().await.unwrap().len(), 3);
 
     // The discovered OBM drives the node.
-    let node = world.nodes().get(&ids[0]).unwrap().unwrap();
+    let node = world.nodes().get(&ids[0]).await.unwrap().unwrap();
     let out = world
         .run(&PowerJob::new(drivers()), power("on"), Some(&node))
         .await
@@ -410,7 +411,7 @@ async fn catalog_is_stored_despite_broken_links() {
         .await
         .unwrap();
     assert_eq!(out["macs"], json!([system_mac(1)]), "{out}");
-    let catalogs = world.nodes().catalogs(&node.id).unwrap();
+    let catalogs = world.nodes().catalogs(&node.id).await.unwrap();
     assert_eq!(catalogs.len(), 1);
     let data = &catalogs[0]["data"];
     assert_eq!(data["id"], uuid.as_str());

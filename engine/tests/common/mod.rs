@@ -162,7 +162,7 @@ pub fn library(graphs: &[&str]) -> Library {
 pub struct Harness {
     pub engine: Engine,
     pub shutdown: CancellationToken,
-    pub handle: tokio::task::JoinHandle<()>,
+    pub handle: tokio::task::JoinHandle<Result<(), metalgraph_engine::Error>>,
     pub probe: Arc<Probe>,
 }
 
@@ -184,7 +184,7 @@ pub fn start_with_probe(
     opts.cancel_grace = Duration::from_millis(200);
     tweak(&mut opts);
     let shutdown = CancellationToken::new();
-    let (engine, handle) = Engine::start(opts, shutdown.clone()).expect("engine starts");
+    let (engine, handle) = Engine::start(opts, shutdown.clone());
     Harness {
         engine,
         shutdown,
@@ -221,7 +221,7 @@ pub async fn wait_for(engine: &Engine, id: &str, limit: Duration) -> WorkflowVie
     let mut events = engine.subscribe();
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        let v = engine.get(id).unwrap().expect("workflow exists");
+        let v = engine.get(id).await.unwrap().expect("workflow exists");
         if v.status.is_terminal() {
             return v;
         }

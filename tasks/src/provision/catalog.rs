@@ -54,6 +54,7 @@ impl Job for CatalogRedfishJob {
                 ctx.services
                     .nodes()
                     .put_catalog(&node.id, SOURCE, &inventory)
+                    .await
                     .map_err(|e| {
                         JobError::new(format!("{label}: cannot store the catalog: {e}"))
                     })?;

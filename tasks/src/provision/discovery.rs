@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use metalgraph_engine::job::{BoxFuture, JobContext, JobResult};
 use metalgraph_engine::nodes::{self, Node, Nodes, Obm, ObmConfig, Secret};
-use metalgraph_engine::{Job, JobError, OptionKind, OptionSchema};
+use metalgraph_engine::{Error as EngineError, Job, JobError, OptionKind, OptionSchema};
 use serde_json::{Map, Value, json};
 
 use super::catalog::{SOURCE, summary};
@@ -175,9 +175,10 @@ async fn discover_one(
             ..config.clone()
         },
     };
-    let (node, created) = upsert(nodes, &name, &identifiers, obm)?;
+    let (node, created) = upsert(nodes, &name, &identifiers, obm).await?;
     nodes
         .put_catalog(&node.id, SOURCE, &inventory)
+        .await
         .map_err(|e| JobError::new(format!("node {}: cannot store the catalog: {e}", node.id)))?;
     let mut entry = summary(&inventory);
     if let Value::Object(m) = &mut entry {
@@ -190,41 +191,46 @@ async fn discover_one(
 
 /// The node owning any of `identifiers`, updated with the OBM and identifiers, or a new
 /// node. Returns the node and whether it was created.
-fn upsert(
+async fn upsert(
     nodes: &Nodes,
     name: &str,
     identifiers: &[String],
     obm: Obm,
 ) -> Result<(Node, bool), JobError> {
-    let store_err = |e: nodes::Error| JobError::new(e.to_string());
+    let store_err = |e: EngineError| JobError::new(e.to_string());
     for _ in 0..UPDATE_ATTEMPTS {
         let mut existing = None;
         for ident in identifiers {
-            if let Some(n) = nodes.by_identifier(ident).map_err(store_err)? {
+            if let Some(n) = nodes.by_identifier(ident).await.map_err(store_err)? {
                 existing = Some(n);
                 break;
             }
         }
         let creating = existing.is_none();
         let result = match existing {
-            Some(node) => nodes
-                .update(&node.id, |n| {
-                    for ident in identifiers {
-                        if !n.identifiers.contains(ident) {
-                            n.identifiers.push(ident.clone());
+            Some(node) => {
+                let (identifiers, name, obm) = (identifiers.to_vec(), name.to_owned(), obm.clone());
+                nodes
+                    .update(&node.id, move |n| {
+                        for ident in identifiers {
+                            if !n.identifiers.contains(&ident) {
+                                n.identifiers.push(ident);
+                            }
                         }
-                    }
-                    if n.name.is_empty() {
-                        n.name = name.to_owned();
-                    }
-                    // Replace the node's Redfish OBM (the BMC's address or credentials may
-                    // have changed) and keep any other OBM it has.
-                    match n.obms.iter_mut().find(|o| o.service == REDFISH_SERVICE) {
-                        Some(o) => *o = obm.clone(),
-                        None => n.obms.insert(0, obm.clone()),
-                    }
-                })
-                .map(|n| (n, false)),
+                        if n.name.is_empty() {
+                            n.name = name;
+                        }
+                        // Replace the node's Redfish OBM (the BMC's address or credentials may
+                        // have changed) and keep any other OBM it has.
+                        match n.obms.iter_mut().find(|o| o.service == REDFISH_SERVICE) {
+                            Some(o) => *o = obm,
+                            None => n.obms.insert(0, obm),
+                        }
+                        Ok(())
+                    })
+                    .await
+                    .map(|n| (n, false))
+            }
             None => nodes
                 .create(Node {
                     id: String::new(),
@@ -236,13 +242,14 @@ fn upsert(
                     created_at: String::new(),
                     updated_at: String::new(),
                 })
+                .await
                 .map(|n| (n, true)),
         };
         match result {
             // Another writer changed the node, or created it (a concurrent discovery)
             // between our lookup and our write: look again.
-            Err(nodes::Error::Conflict(_)) => {}
-            Err(nodes::Error::IdentifierTaken { .. }) if creating => {}
+            Err(EngineError::Conflict(_)) => {}
+            Err(EngineError::AlreadyExists(_)) if creating => {}
             other => return other.map_err(store_err),
         }
     }

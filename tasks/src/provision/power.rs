@@ -71,6 +71,7 @@ impl Job for PowerJob {
 }
 
 struct Work {
+    ctx: JobContext,
     bmc: Arc<dyn Bmc>,
     node: String,
     action: &'static str,
@@ -99,6 +100,7 @@ fn prepare(drivers: &Drivers, ctx: &JobContext) -> Result<(String, Work), JobErr
     Ok((
         what,
         Work {
+            ctx: ctx.clone(),
             bmc,
             node: describe(&node),
             action,
@@ -110,6 +112,18 @@ fn prepare(drivers: &Drivers, ctx: &JobContext) -> Result<(String, Work), JobErr
 
 impl Work {
     async fn run(self) -> JobResult {
+        // A restart issued by an earlier run of this attempt (the engine restarted while
+        // waiting) is not issued again: the machine would reboot twice and a one-shot boot
+        // override would be used up by the first. Only the wait is repeated.
+        if let Some(issued) = self.ctx.checkpoint.as_ref().and_then(|c| c.get("issued")) {
+            tracing::info!(node = %self.node, action = %issued, "power action already issued; waiting");
+            self.wait_for(&PowerState::On).await?;
+            return Ok(json!({
+                "powerState": PowerState::On.to_string(),
+                "previousState": self.ctx.checkpoint.as_ref().and_then(|c| c.get("previousState")).cloned(),
+                "changed": true,
+            }));
+        }
         let before = self.bmc.power_state().await.map_err(bmc_error)?;
         let (act, target) = match (self.action, &before) {
             ("status", _) => return Ok(json!({ "powerState": before.to_string() })),
@@ -127,6 +141,13 @@ impl Work {
             ("reboot", _) => (PowerAction::Reboot, PowerState::On),
             _ => (PowerAction::Reset, PowerState::On),
         };
+        if matches!(act, PowerAction::Reboot | PowerAction::Reset) {
+            let services = self.ctx.services.clone();
+            let at = services.now_ms();
+            let mark =
+                json!({"issued": act.to_string(), "at": at, "previousState": before.to_string()});
+            services.checkpoint(&self.ctx, mark).await?;
+        }
         tracing::info!(node = %self.node, action = %act, "power action");
         self.bmc.power_action(act).await.map_err(bmc_error)?;
         // A restart is complete when the BMC reports On again after the action: sushy goes

@@ -24,7 +24,10 @@ pub use metalgraph_testkit::{
 /// once with a fixed body.
 pub struct TestServices {
     pub nodes: Nodes,
+    pub store: Arc<MemStore>,
     pub notification: Mutex<Option<Value>>,
+    /// Every checkpoint a job recorded, in order.
+    pub checkpoints: Mutex<Vec<Value>>,
 }
 
 impl JobServices for TestServices {
@@ -43,6 +46,15 @@ impl JobServices for TestServices {
         })
     }
 
+    fn checkpoint(&self, _: &JobContext, value: Value) -> BoxFuture<'static, Result<(), JobError>> {
+        self.checkpoints.lock().unwrap().push(value);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn now_ms(&self) -> u64 {
+        metalgraph_engine::clock::Clock::now_ms(&metalgraph_engine::clock::SystemClock)
+    }
+
     fn nodes(&self) -> &Nodes {
         &self.nodes
     }
@@ -55,10 +67,13 @@ pub struct World {
 
 impl Default for World {
     fn default() -> Self {
+        let store = Arc::new(MemStore::new());
         Self {
             services: Arc::new(TestServices {
-                nodes: Nodes::new(Arc::new(MemStore::new())),
+                nodes: Nodes::new(store.clone()),
+                store,
                 notification: Mutex::new(None),
+                checkpoints: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -69,20 +84,27 @@ impl World {
         &self.services.nodes
     }
 
-    /// Stores a node with one OBM and returns it.
+    /// Stores a node with one OBM and returns it. The record is written straight into the
+    /// memory store, so that fixtures stay synchronous; jobs read it through `Nodes`.
     pub fn node(&self, name: &str, obm: Obm) -> Node {
-        self.nodes()
-            .create(Node {
-                id: String::new(),
-                name: name.to_owned(),
-                identifiers: Vec::new(),
-                node_type: "compute".to_owned(),
-                tags: Vec::new(),
-                obms: vec![obm],
-                created_at: String::new(),
-                updated_at: String::new(),
-            })
-            .expect("create node")
+        let node = Node {
+            id: metalgraph_engine::new_id(),
+            name: name.to_owned(),
+            identifiers: Vec::new(),
+            node_type: "compute".to_owned(),
+            tags: Vec::new(),
+            obms: vec![obm],
+            created_at: String::new(),
+            updated_at: String::new(),
+        };
+        let mut batch = metalgraph_store::Batch::new();
+        batch.put(
+            metalgraph_engine::keys::NODES,
+            node.id.as_bytes(),
+            serde_json::to_vec(&node).expect("a node encodes"),
+        );
+        metalgraph_store::Store::commit(self.services.store.as_ref(), batch).expect("create node");
+        node
     }
 
     /// A context as the engine builds it: job defaults merged under `options`, coerced and
@@ -107,6 +129,7 @@ impl World {
             attempt: 1,
             retry: 0,
             token: "token-1".to_owned(),
+            checkpoint: None,
             cancel: CancellationToken::new(),
             services: self.services.clone(),
         }

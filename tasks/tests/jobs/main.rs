@@ -14,10 +14,11 @@ use metalgraph_store::MemStore;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-/// Engine services for jobs that need none: subgraphs and notifications are refused, and
-/// nodes live in memory.
+/// Engine services for jobs that need none: subgraphs and notifications are refused, nodes
+/// live in memory, and checkpoints are kept in a list.
 struct TestServices {
     nodes: Nodes,
+    checkpoints: std::sync::Mutex<Vec<Value>>,
 }
 
 impl JobServices for TestServices {
@@ -34,6 +35,19 @@ impl JobServices for TestServices {
 
     fn wait_notification(&self, _ctx: &JobContext) -> BoxFuture<'static, JobResult> {
         Box::pin(async { Err(JobError::new("no notifications in tests")) })
+    }
+
+    fn checkpoint(
+        &self,
+        _ctx: &JobContext,
+        value: Value,
+    ) -> BoxFuture<'static, Result<(), JobError>> {
+        self.checkpoints.lock().unwrap().push(value);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn now_ms(&self) -> u64 {
+        metalgraph_engine::clock::Clock::now_ms(&metalgraph_engine::clock::SystemClock)
     }
 
     fn nodes(&self) -> &Nodes {
@@ -56,9 +70,11 @@ fn raw_ctx(options: Value, cancel: CancellationToken) -> JobContext {
         attempt: 1,
         retry: 0,
         token: "token-1".to_owned(),
+        checkpoint: None,
         cancel,
         services: Arc::new(TestServices {
             nodes: Nodes::new(Arc::new(MemStore::new())),
+            checkpoints: Default::default(),
         }),
     }
 }

@@ -1,0 +1,717 @@
+//! The scheduler's core: every rule of workflow execution as plain data and functions, with
+//! no I/O, no clock and no async runtime ("sans-I/O").
+//!
+//! The runtime (`scheduler/mod.rs`) feeds it messages with the current time
+//! ([`Core::apply`]), then asks for a [`Step`]: the store batch that records every
+//! transition those messages caused, and the effects to perform once that batch is durable
+//! (start a job, cancel one, arm a timer, publish an event, answer a caller). Because the
+//! core never acts itself, "commit before acting" holds by construction, and the rules can
+//! be tested by feeding messages and reading steps, without tokio or a store.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use metalgraph_store::Batch;
+use serde_json::{Map, Value};
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+use crate::definitions::{MAX_BACKOFF_MS, Plan};
+use crate::error::Error;
+use crate::job::{JobRegistry, Options};
+use crate::keys;
+use crate::model::{Readiness, TaskState, WorkflowStatus};
+use crate::template::holds_template;
+use crate::workflow::{
+    Event, StopReason, TaskRecord, WorkflowRecord, context_of, write_task, write_workflow,
+};
+
+/// Where the answer to a caller's request goes once the step that decided it is committed.
+pub type Reply = oneshot::Sender<Result<(), Error>>;
+
+/// The outcome of one job run, as the scheduler sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Succeeded(Value),
+    Failed(String),
+    Timeout,
+    Cancelled,
+}
+
+/// What the core is told.
+#[derive(Debug)]
+pub enum Msg {
+    /// A workflow to drive: just created, or found unfinished at start (`recovering`).
+    Load {
+        rec: Box<WorkflowRecord>,
+        tasks: Vec<TaskRecord>,
+        recovering: bool,
+    },
+    /// Stop a workflow on request.
+    Cancel { id: String, reply: Reply },
+    /// A job run ended.
+    JobDone {
+        wf: String,
+        idx: usize,
+        attempt: u32,
+        outcome: Outcome,
+    },
+    /// A failed task's backoff has passed.
+    RetryDue { wf: String, idx: usize },
+    /// A workflow's deadline has passed.
+    Deadline { wf: String },
+    /// A node called back for the task with this id and token: the task succeeds with
+    /// `body` as its output, and the caller is answered once that is committed.
+    Notify {
+        wf: String,
+        task_id: String,
+        token: String,
+        body: Value,
+        reply: Reply,
+    },
+    /// A running job records a checkpoint; the caller is answered once it is committed.
+    Checkpoint {
+        wf: String,
+        task_id: String,
+        attempt: u32,
+        value: Value,
+        reply: Reply,
+    },
+}
+
+/// A job the runtime must start, with everything it needs to render the options and build
+/// the job's context.
+#[derive(Debug, Clone)]
+pub struct StartJob {
+    pub wf: String,
+    pub idx: usize,
+    pub job: String,
+    pub graph: String,
+    pub node: Option<String>,
+    pub task_id: String,
+    pub label: String,
+    pub attempt: u32,
+    pub retry: u32,
+    pub token: String,
+    /// The attempt's deadline (epoch ms).
+    pub deadline_ms: Option<u64>,
+    /// The merged options, not yet rendered.
+    pub options: Options,
+    /// The outputs of finished tasks by label, given only when an option holds a template.
+    pub context: Option<Map<String, Value>>,
+    /// What an earlier run of this attempt recorded (after a restart).
+    pub checkpoint: Option<Value>,
+}
+
+/// What the runtime does after the step's batch is committed.
+#[derive(Debug)]
+pub enum Effect {
+    Start(Box<StartJob>),
+    /// Signal a running job to stop (cancel, fail-fast, a notification that ended it).
+    CancelJob {
+        wf: String,
+        idx: usize,
+    },
+    /// Deliver `msg` at `at_ms` (epoch ms) unless workflow `wf` has finished by then.
+    Timer {
+        wf: String,
+        at_ms: u64,
+        msg: Msg,
+    },
+    /// Workflow `wf` has finished: its timers and job tokens can go.
+    Finished {
+        wf: String,
+    },
+    Event(Event),
+    Reply(Reply, Result<(), Error>),
+}
+
+/// The writes and effects of one group of messages.
+#[derive(Debug, Default)]
+pub struct Step {
+    pub batch: Batch,
+    pub effects: Vec<Effect>,
+}
+
+/// A workflow the core drives.
+struct Wf {
+    rec: WorkflowRecord,
+    tasks: Vec<TaskRecord>,
+    /// Tasks whose job runs now.
+    running: HashSet<usize>,
+    /// Tasks queued to start (so they are not queued twice).
+    queued: Vec<bool>,
+    /// Running tasks found at recovery, to be started again keeping their deadline.
+    restart: Vec<bool>,
+    /// Task index by label, so that readiness checks do not search the plan.
+    index: HashMap<String, usize>,
+}
+
+impl Wf {
+    fn state_of(&self, label: &str) -> TaskState {
+        self.index
+            .get(label)
+            .map(|&i| self.tasks[i].state)
+            .unwrap_or(TaskState::Pending)
+    }
+
+    /// Whether a failure of task `idx` in `state` is handled: `ignoreFailure`, or another
+    /// task waits on it with a state that matches.
+    fn handled(&self, idx: usize, state: TaskState) -> bool {
+        let t = &self.rec.plan.tasks[idx];
+        t.ignore_failure
+            || self
+                .rec
+                .plan
+                .tasks
+                .iter()
+                .any(|o| o.wait_on.accepts(&t.label, state))
+    }
+
+    /// The final status, computed from the persisted task states and stop reason.
+    fn outcome(&self) -> WorkflowStatus {
+        match self.rec.stop {
+            Some(StopReason::Cancel) => return WorkflowStatus::Cancelled,
+            Some(StopReason::Deadline) => return WorkflowStatus::Failed,
+            Some(StopReason::Failure) | None => {}
+        }
+        let unhandled = self
+            .tasks
+            .iter()
+            .enumerate()
+            .any(|(i, t)| t.state.is_failure() && !self.handled(i, t.state));
+        if unhandled {
+            WorkflowStatus::Failed
+        } else {
+            WorkflowStatus::Succeeded
+        }
+    }
+}
+
+/// The scheduler's state: every unfinished workflow, the queue of ready tasks and the job
+/// slots in use.
+pub struct Core {
+    jobs: Arc<JobRegistry>,
+    max_running: usize,
+    wfs: HashMap<String, Wf>,
+    /// Ready tasks waiting for a job slot, in order.
+    queue: VecDeque<(String, usize)>,
+    running_slots: usize,
+    step: Step,
+}
+
+impl Core {
+    /// A core that runs at most `max_running` slot-occupying jobs at once.
+    pub fn new(jobs: Arc<JobRegistry>, max_running: usize) -> Self {
+        Self {
+            jobs,
+            max_running: max_running.max(1),
+            wfs: HashMap::new(),
+            queue: VecDeque::new(),
+            running_slots: 0,
+            step: Step::default(),
+        }
+    }
+
+    /// How many workflows are unfinished.
+    pub fn active(&self) -> usize {
+        self.wfs.len()
+    }
+
+    /// Slot-occupying jobs running now.
+    pub fn slots_in_use(&self) -> usize {
+        self.running_slots
+    }
+
+    /// Applies one message at time `now` (epoch ms).
+    pub fn apply(&mut self, msg: Msg, now: u64) {
+        match msg {
+            Msg::Load {
+                rec,
+                tasks,
+                recovering,
+            } => self.load(*rec, tasks, recovering, now),
+            Msg::Cancel { id, reply } => {
+                let res = if self.wfs.contains_key(&id) {
+                    self.stop(&id, StopReason::Cancel, "cancelled by request".into(), now);
+                    Ok(())
+                } else {
+                    Err(Error::Conflict(format!("workflow {id} already finished")))
+                };
+                self.step.effects.push(Effect::Reply(reply, res));
+            }
+            Msg::JobDone {
+                wf,
+                idx,
+                attempt,
+                outcome,
+            } => self.job_done(&wf, idx, attempt, outcome, now),
+            Msg::RetryDue { wf, idx } => {
+                if let Some(w) = self.wfs.get_mut(&wf)
+                    && w.tasks[idx].state == TaskState::Pending
+                    && w.tasks[idx].retry_at.is_some()
+                {
+                    w.tasks[idx].retry_at = None;
+                    self.advance(&wf, now);
+                }
+            }
+            Msg::Deadline { wf } => {
+                if self.wfs.contains_key(&wf) {
+                    let why = "the workflow's deadline passed".into();
+                    self.stop(&wf, StopReason::Deadline, why, now);
+                }
+            }
+            Msg::Notify {
+                wf,
+                task_id,
+                token,
+                body,
+                reply,
+            } => {
+                let res = match self.running_task(&wf, &task_id) {
+                    Some((idx, attempt, t)) if t.token == token => {
+                        self.step.effects.push(Effect::CancelJob {
+                            wf: wf.clone(),
+                            idx,
+                        });
+                        self.job_done(&wf, idx, attempt, Outcome::Succeeded(body), now);
+                        Ok(())
+                    }
+                    Some(_) => Err(Error::Conflict(
+                        "the notification token does not match the waiting task".into(),
+                    )),
+                    None => Err(Error::Conflict(format!(
+                        "task {task_id} no longer waits for a notification"
+                    ))),
+                };
+                self.step.effects.push(Effect::Reply(reply, res));
+            }
+            Msg::Checkpoint {
+                wf,
+                task_id,
+                attempt,
+                value,
+                reply,
+            } => {
+                let res = match self.running_task(&wf, &task_id) {
+                    Some((idx, current, _)) if current == attempt => {
+                        let w = self.wfs.get_mut(&wf).expect("the task was just found");
+                        w.tasks[idx].checkpoint = Some(value);
+                        write_task(&mut self.step.batch, &wf, idx, &w.tasks[idx]);
+                        Ok(())
+                    }
+                    _ => Err(Error::Conflict(format!(
+                        "task {task_id} attempt {attempt} no longer runs"
+                    ))),
+                };
+                self.step.effects.push(Effect::Reply(reply, res));
+            }
+        }
+    }
+
+    /// Starts queued tasks while job slots are free and hands over what the messages since
+    /// the last step decided: the batch to commit, then the effects to perform.
+    pub fn step(&mut self, now: u64) -> Step {
+        self.start_queued(now);
+        std::mem::take(&mut self.step)
+    }
+
+    /// Cancels every loaded subgraph whose parent task no longer waits for it. Called once
+    /// after recovery has loaded every unfinished workflow.
+    pub fn cancel_orphans(&mut self, now: u64) {
+        let orphans: Vec<String> = self
+            .wfs
+            .values()
+            .filter_map(|w| {
+                let p = w.rec.parent.as_ref()?;
+                let parent_alive = self.wfs.get(&p.workflow_id).is_some_and(|pw| {
+                    pw.rec.stop.is_none()
+                        && pw
+                            .tasks
+                            .iter()
+                            .any(|t| t.id == p.task_id && !t.state.is_terminal())
+                });
+                (!parent_alive).then(|| w.rec.id.clone())
+            })
+            .collect();
+        for id in orphans {
+            let why = "its parent workflow no longer waits for it".into();
+            self.stop(&id, StopReason::Cancel, why, now);
+        }
+    }
+
+    /// The index, attempt and record of a running task, by id.
+    fn running_task(&self, wf: &str, task_id: &str) -> Option<(usize, u32, &TaskRecord)> {
+        let w = self.wfs.get(wf)?;
+        let idx = w.tasks.iter().position(|t| t.id == task_id)?;
+        let t = &w.tasks[idx];
+        (t.state == TaskState::Running && w.running.contains(&idx)).then_some((idx, t.attempts, t))
+    }
+
+    fn occupies_slot(&self, job: &str) -> bool {
+        self.jobs.get(job).is_none_or(|j| j.occupies_slot())
+    }
+
+    fn load(&mut self, rec: WorkflowRecord, tasks: Vec<TaskRecord>, recovering: bool, now: u64) {
+        let id = rec.id.clone();
+        let n = tasks.len();
+        let index = rec
+            .plan
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.label.clone(), i))
+            .collect();
+        let mut w = Wf {
+            index,
+            rec,
+            tasks,
+            running: HashSet::new(),
+            queued: vec![false; n],
+            restart: vec![false; n],
+        };
+        if let Some(at_ms) = w.rec.deadline {
+            self.step.effects.push(Effect::Timer {
+                wf: id.clone(),
+                at_ms,
+                msg: Msg::Deadline { wf: id.clone() },
+            });
+        }
+        for i in 0..n {
+            let t = &mut w.tasks[i];
+            match t.state {
+                TaskState::Running if recovering => {
+                    if w.rec.stop.is_some() {
+                        t.state = TaskState::Cancelled;
+                        t.finished_at = Some(now);
+                        write_task(&mut self.step.batch, &id, i, t);
+                    } else {
+                        w.restart[i] = true;
+                        w.queued[i] = true;
+                        self.queue.push_front((id.clone(), i));
+                    }
+                }
+                TaskState::Pending => {
+                    if let Some(at_ms) = t.retry_at {
+                        self.step.effects.push(Effect::Timer {
+                            wf: id.clone(),
+                            at_ms,
+                            msg: Msg::RetryDue {
+                                wf: id.clone(),
+                                idx: i,
+                            },
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+        if recovering {
+            debug!(workflow_id = %id, "workflow recovered");
+        }
+        self.wfs.insert(id.clone(), w);
+        self.advance(&id, now);
+    }
+
+    /// Skips tasks that can no longer run, queues tasks that are ready, and finishes the
+    /// workflow when every task is terminal.
+    fn advance(&mut self, id: &str, now: u64) {
+        let Some(w) = self.wfs.get_mut(id) else {
+            return;
+        };
+        loop {
+            let mut changed = false;
+            for i in 0..w.tasks.len() {
+                if w.tasks[i].state != TaskState::Pending || w.queued[i] {
+                    continue;
+                }
+                let readiness = if w.rec.stop.is_some() {
+                    Readiness::Never
+                } else {
+                    w.rec.plan.tasks[i].wait_on.decide(|l| w.state_of(l))
+                };
+                match readiness {
+                    Readiness::Never => {
+                        let t = &mut w.tasks[i];
+                        t.state = TaskState::Skipped;
+                        t.retry_at = None;
+                        t.finished_at = Some(now);
+                        write_task(&mut self.step.batch, id, i, t);
+                        let ev = task_event(id, i, &w.rec.plan, t);
+                        self.step.effects.push(Effect::Event(ev));
+                        changed = true;
+                    }
+                    Readiness::Ready if w.tasks[i].retry_at.is_none() => {
+                        w.queued[i] = true;
+                        self.queue.push_back((id.to_owned(), i));
+                    }
+                    _ => {}
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        if w.tasks.iter().all(|t| t.state.is_terminal()) {
+            self.finish_workflow(id, now);
+        }
+    }
+
+    fn finish_workflow(&mut self, id: &str, now: u64) {
+        let Some(mut w) = self.wfs.remove(id) else {
+            return;
+        };
+        let status = w.outcome();
+        w.rec.status = status;
+        w.rec.finished_at = Some(now);
+        if status == WorkflowStatus::Failed && w.rec.error.is_none() {
+            w.rec.error = Some("a task failed".into());
+        }
+        if status == WorkflowStatus::Succeeded {
+            w.rec.error = None;
+        }
+        let batch = &mut self.step.batch;
+        write_workflow(batch, &w.rec);
+        batch.delete(keys::ACTIVE, id.as_bytes());
+        if let (Some(node), None) = (&w.rec.node, &w.rec.parent) {
+            batch.delete(keys::NODE_LOCKS, node.as_bytes());
+        }
+        self.step
+            .effects
+            .push(Effect::Finished { wf: id.to_owned() });
+        self.step.effects.push(Effect::Event(Event::Workflow {
+            workflow_id: id.to_owned(),
+            graph: w.rec.plan.graph.clone(),
+            node: w.rec.node.clone(),
+            status,
+            error: w.rec.error.clone(),
+        }));
+        info!(workflow_id = %id, graph = %w.rec.plan.graph, %status, "workflow finished");
+    }
+
+    /// Stops a workflow early: records why, signals running jobs, skips pending tasks.
+    fn stop(&mut self, id: &str, reason: StopReason, why: String, now: u64) {
+        let Some(w) = self.wfs.get_mut(id) else {
+            return;
+        };
+        if w.rec.stop.is_some() {
+            return;
+        }
+        w.rec.stop = Some(reason);
+        w.rec.error = Some(why);
+        write_workflow(&mut self.step.batch, &w.rec);
+        for &idx in &w.running {
+            self.step.effects.push(Effect::CancelJob {
+                wf: id.to_owned(),
+                idx,
+            });
+        }
+        self.advance(id, now);
+    }
+
+    /// Starts queued tasks while job slots are free.
+    fn start_queued(&mut self, now: u64) {
+        let mut deferred = VecDeque::new();
+        while let Some((id, idx)) = self.queue.pop_front() {
+            let Some(w) = self.wfs.get(&id) else { continue };
+            let job = &w.rec.plan.tasks[idx].job;
+            let slot = self.occupies_slot(job);
+            if slot && self.running_slots >= self.max_running {
+                deferred.push_back((id, idx));
+                continue;
+            }
+            self.start_task(&id, idx, slot, now);
+        }
+        self.queue = deferred;
+    }
+
+    fn start_task(&mut self, id: &str, idx: usize, slot: bool, now: u64) {
+        let known = self.wfs.get(id).is_some_and(|w| {
+            let job = &w.rec.plan.tasks[idx].job;
+            self.jobs.get(job).is_some()
+        });
+        let Some(w) = self.wfs.get_mut(id) else {
+            return;
+        };
+        w.queued[idx] = false;
+        let restart = std::mem::take(&mut w.restart[idx]);
+        if w.rec.stop.is_some() {
+            // Stopped while queued: a restarted task ends cancelled, a pending one skipped.
+            if restart {
+                let t = &mut w.tasks[idx];
+                t.state = TaskState::Cancelled;
+                t.finished_at = Some(now);
+                write_task(&mut self.step.batch, id, idx, t);
+            }
+            self.advance(id, now);
+            return;
+        }
+        if w.tasks[idx].state != TaskState::Pending && !restart {
+            return;
+        }
+        let planned = &w.rec.plan.tasks[idx];
+        let t = &mut w.tasks[idx];
+        t.state = TaskState::Running;
+        t.attempts += 1;
+        t.error = None;
+        if !restart || t.started_at.is_none() {
+            t.started_at = Some(now);
+        }
+        if !restart || t.deadline.is_none() {
+            t.deadline = planned.timeout_ms.map(|ms| now.saturating_add(ms));
+        }
+        write_task(&mut self.step.batch, id, idx, t);
+        if w.rec.status == WorkflowStatus::Pending {
+            w.rec.status = WorkflowStatus::Running;
+            write_workflow(&mut self.step.batch, &w.rec);
+            self.step.effects.push(Effect::Event(Event::Workflow {
+                workflow_id: id.to_owned(),
+                graph: w.rec.plan.graph.clone(),
+                node: w.rec.node.clone(),
+                status: WorkflowStatus::Running,
+                error: None,
+            }));
+        }
+        let t = &w.tasks[idx];
+        let ev = task_event(id, idx, &w.rec.plan, t);
+        self.step.effects.push(Effect::Event(ev));
+        w.running.insert(idx);
+        if slot {
+            self.running_slots += 1;
+        }
+        let attempt = t.attempts;
+        if !known {
+            // The attempt fails before any job runs; it is still one durable attempt.
+            let why = format!("job {} is not available in this engine", planned.job);
+            self.job_done(id, idx, attempt, Outcome::Failed(why), now);
+            return;
+        }
+        // Building the context clones every finished task's output; only a task whose
+        // options hold a template needs it.
+        let context = planned
+            .options
+            .values()
+            .any(holds_template)
+            .then(|| context_of(&w.rec.plan, &w.tasks));
+        self.step.effects.push(Effect::Start(Box::new(StartJob {
+            wf: id.to_owned(),
+            idx,
+            job: planned.job.clone(),
+            graph: w.rec.plan.graph.clone(),
+            node: w.rec.node.clone(),
+            task_id: t.id.clone(),
+            label: planned.label.clone(),
+            attempt,
+            retry: t.failures,
+            token: t.token.clone(),
+            deadline_ms: t.deadline,
+            options: planned.options.clone(),
+            context,
+            checkpoint: t.checkpoint.clone(),
+        })));
+    }
+
+    fn job_done(&mut self, id: &str, idx: usize, attempt: u32, outcome: Outcome, now: u64) {
+        let Some(w) = self.wfs.get_mut(id) else {
+            return;
+        };
+        if w.tasks[idx].state != TaskState::Running || w.tasks[idx].attempts != attempt {
+            return; // A stale result from an attempt that no longer counts.
+        }
+        let planned = &w.rec.plan.tasks[idx];
+        if w.running.remove(&idx)
+            && self
+                .jobs
+                .get(&planned.job)
+                .is_none_or(|j| j.occupies_slot())
+        {
+            self.running_slots = self.running_slots.saturating_sub(1);
+        }
+        let label = planned.label.clone();
+        let (retries, backoff) = (planned.retries, planned.backoff_ms);
+        let stopping = w.rec.stop.is_some();
+        let t = &mut w.tasks[idx];
+        let (state, error) = match outcome {
+            Outcome::Succeeded(v) => {
+                t.output = Some(v);
+                (TaskState::Succeeded, None)
+            }
+            Outcome::Cancelled => (TaskState::Cancelled, Some("cancelled".to_owned())),
+            Outcome::Failed(e) => (TaskState::Failed, Some(e)),
+            Outcome::Timeout => (
+                TaskState::Timeout,
+                Some(format!(
+                    "timed out after {}",
+                    fmt_ms(planned.timeout_ms.unwrap_or_default())
+                )),
+            ),
+        };
+        t.error = error.clone();
+        if state.is_failure() && !stopping && t.failures < retries {
+            // Retry after a backoff that doubles with each failure; a retry starts afresh,
+            // without the failed attempt's checkpoint.
+            let delay = backoff_after(backoff, t.failures);
+            t.failures += 1;
+            t.state = TaskState::Pending;
+            t.retry_at = Some(now.saturating_add(delay));
+            t.deadline = None;
+            t.checkpoint = None;
+            write_task(&mut self.step.batch, id, idx, t);
+            let ev = task_event(id, idx, &w.rec.plan, t);
+            self.step.effects.push(Effect::Event(ev));
+            self.step.effects.push(Effect::Timer {
+                wf: id.to_owned(),
+                at_ms: now.saturating_add(delay),
+                msg: Msg::RetryDue {
+                    wf: id.to_owned(),
+                    idx,
+                },
+            });
+            warn!(workflow_id = %id, label = %label, error = ?error, retry_in_ms = delay, "task failed; retrying");
+            return;
+        }
+        if state.is_failure() {
+            t.failures += 1;
+        }
+        t.state = state;
+        t.finished_at = Some(now);
+        write_task(&mut self.step.batch, id, idx, t);
+        let ev = task_event(id, idx, &w.rec.plan, t);
+        self.step.effects.push(Effect::Event(ev));
+        if state.is_failure() {
+            warn!(workflow_id = %id, label = %label, error = ?error, %state, "task failed");
+            if !w.handled(idx, state) {
+                let why = format!("task '{label}' {state}: {}", error.unwrap_or_default());
+                self.stop(id, StopReason::Failure, why, now);
+            }
+        }
+        self.advance(id, now);
+    }
+}
+
+/// The wait before retry number `failures + 1`: `backoff` doubled per earlier failure,
+/// capped at [`MAX_BACKOFF_MS`].
+pub fn backoff_after(backoff: u64, failures: u32) -> u64 {
+    backoff
+        .saturating_mul(1u64 << failures.min(20))
+        .min(MAX_BACKOFF_MS)
+}
+
+fn fmt_ms(ms: u64) -> String {
+    if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+fn task_event(id: &str, idx: usize, plan: &Plan, t: &TaskRecord) -> Event {
+    Event::Task {
+        workflow_id: id.to_owned(),
+        label: plan.tasks[idx].label.clone(),
+        index: idx,
+        state: t.state,
+        attempts: t.attempts,
+        error: t.error.clone(),
+    }
+}
