@@ -801,9 +801,36 @@ async fn nodes_are_managed_and_obm_passwords_never_shown() {
     assert_eq!(status, StatusCode::OK, "{obms}");
     assert_eq!(obms[0]["config"]["user"], "admin");
     assert_eq!(obms[0]["config"]["passwordSet"], true);
+    // Pointing the OBM at another BMC without a password is refused: the stored password
+    // is only ever sent to the BMC it was given for.
     let moved = json!({"service": "redfish-obm-service", "config": {"host": "https://10.0.0.9"}});
-    let (_, obms) = h.put("/api/2.0/nodes/bmc-1/obm", &moved).await;
-    assert_eq!(obms[0]["config"]["passwordSet"], false);
+    let (status, body) = h.put("/api/2.0/nodes/bmc-1/obm", &moved).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let msg = error_of(&body, "bad_request");
+    assert!(
+        msg.contains("obms[0].config.password") && msg.contains("host or port"),
+        "{msg}"
+    );
+    let moved_port = json!({"service": "redfish-obm-service", "config": {"host": "https://10.0.0.2", "port": 8443}});
+    let (status, _) = h.put("/api/2.0/nodes/bmc-1/obm", &moved_port).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let stored = h.engine.nodes().get("bmc-1").await.unwrap().unwrap();
+    assert_eq!(
+        stored.obms[0].config.host, "https://10.0.0.2",
+        "nothing changed"
+    );
+    let moved = json!({"service": "redfish-obm-service", "config": {"host": "https://10.0.0.9", "password": "new-one"}});
+    let (status, obms) = h.put("/api/2.0/nodes/bmc-1/obm", &moved).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(obms[0]["config"]["passwordSet"], true);
+    // A systemId is an id or a path on the BMC, never a URL.
+    let url_id = json!({"service": "redfish-obm-service", "config": {"host": "https://10.0.0.9", "systemId": "http://attacker:9/x"}});
+    let (status, body) = h.put("/api/2.0/nodes/bmc-1/obm", &url_id).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        error_of(&body, "bad_request").contains("systemId"),
+        "{body}"
+    );
     let ipmi =
         json!({"service": "ipmi-obm-service", "config": {"host": "10.0.1.9", "password": SECRET}});
     let (status, obms) = h.put("/api/2.0/nodes/bmc-1/obm", &ipmi).await;

@@ -100,7 +100,7 @@ struct Inner {
     /// Cancelled once recovery has loaded every unfinished workflow (or the scheduler
     /// stopped): a workflow created before that could be loaded twice.
     recovered: CancellationToken,
-    waiters: Waiters,
+    waiters: Arc<Waiters>,
     shutdown: CancellationToken,
 }
 
@@ -145,7 +145,7 @@ impl Engine {
             failure: Mutex::new(None),
             stopped: CancellationToken::new(),
             recovered: CancellationToken::new(),
-            waiters: Waiters::default(),
+            waiters: Arc::new(Waiters::default()),
             shutdown: shutdown.clone(),
         });
         let engine = Engine { inner };
@@ -590,8 +590,7 @@ impl JobServices for Services {
         let engine = self.engine.clone();
         let ctx = ctx.clone();
         Box::pin(async move {
-            let waiters = &engine.inner.waiters;
-            waiters.register(Waiter {
+            let _waiting = engine.inner.waiters.register(Waiter {
                 node: ctx.node.as_ref().map(|n| n.id.clone()),
                 workflow_id: ctx.workflow_id.clone(),
                 task_id: ctx.task_id.clone(),
@@ -601,7 +600,6 @@ impl JobServices for Services {
             // The scheduler ends the task when the node's callback is committed and then
             // cancels this wait; until then there is nothing to do but wait.
             ctx.cancel.cancelled().await;
-            waiters.remove(&ctx.task_id);
             Err(JobError::new("stopped waiting for the node"))
         })
     }

@@ -6,7 +6,7 @@
 //! the callback survives any crash that follows.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::error::Error;
 
@@ -20,6 +20,18 @@ pub(crate) struct Waiter {
     pub token: String,
 }
 
+/// A task's registration as waiting; dropping it unregisters the task.
+pub(crate) struct Registration {
+    waiters: Arc<Waiters>,
+    task_id: String,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.waiters.lock().remove(&self.task_id);
+    }
+}
+
 /// The waiting tasks, by task id.
 #[derive(Debug, Default)]
 pub(crate) struct Waiters {
@@ -31,12 +43,15 @@ impl Waiters {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn register(&self, w: Waiter) {
-        self.lock().insert(w.task_id.clone(), w);
-    }
-
-    pub fn remove(&self, task_id: &str) {
-        self.lock().remove(task_id);
+    /// Registers a waiting task until the returned guard is dropped: however the waiting
+    /// future ends (it returns, is cancelled or is simply dropped), the task stops waiting.
+    pub fn register(self: &Arc<Self>, w: Waiter) -> Registration {
+        let task_id = w.task_id.clone();
+        self.lock().insert(task_id.clone(), w);
+        Registration {
+            waiters: self.clone(),
+            task_id,
+        }
     }
 
     /// The task a callback from `node` (any node when `None`) with `token` is for. A node

@@ -62,7 +62,13 @@ impl SledStore {
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Io(format!("creating sled directory {}: {e}", dir.display())))?;
-        let db = sled::open(dir)
+        // No background flusher: every commit flushes itself, and without the flusher's
+        // thread (which outlives the last handle for a moment) dropping the store releases
+        // the directory lock at once, so a reopen right after a drop never finds it taken.
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .open()
             .map_err(|e| Error::Io(format!("opening sled database {}: {e}", dir.display())))?;
         let store = SledStore {
             db,

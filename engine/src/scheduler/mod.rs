@@ -27,6 +27,7 @@ use crate::engine::{ApiUrls, Engine, Services};
 use crate::error::{Error, blocking};
 use crate::job::{BoxFuture, Job, JobContext, JobRegistry, JobResult, Options};
 use crate::keys;
+use crate::nodes::Node;
 use crate::template::Renderer;
 use crate::workflow::load_records;
 
@@ -216,7 +217,10 @@ impl Runtime {
                 }
             }
             Effect::Timer { wf, at_ms, msg } => {
-                let at = Instant::now() + until(self.clock.now_ms(), at_ms);
+                // The clock reads whole milliseconds (rounded down), so one is added: a
+                // timer may fire a millisecond late, never early.
+                let at =
+                    Instant::now() + until(self.clock.now_ms(), at_ms) + Duration::from_millis(1);
                 let token = self.wf_tokens(&wf).token.clone();
                 let tx = self.engine.sender();
                 // A timer ends with its workflow, so finished workflows leave none behind.
@@ -347,22 +351,50 @@ impl JobRun {
     }
 }
 
-/// Renders a task's options (templates only when it holds any, on the blocking pool), then
-/// coerces and checks them against the job's schema.
+/// Renders a task's options on the blocking pool when they hold templates (rendering is
+/// CPU work a hostile template can make long), then checks them.
 async fn render(
     job: &Arc<dyn Job>,
     renderer: &Arc<Renderer>,
     api: &ApiUrls,
     s: &StartJob,
-    node: &Option<crate::nodes::Node>,
+    node: &Option<Node>,
 ) -> Result<Options, String> {
-    let rendered = match &s.context {
+    if s.context.is_none() {
+        return render_options(job.as_ref(), renderer, api, s, node.as_ref());
+    }
+    let (job, renderer, api, s, node) = (
+        job.clone(),
+        renderer.clone(),
+        api.clone(),
+        s.clone(),
+        node.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        render_options(job.as_ref(), &renderer, &api, &s, node.as_ref())
+    })
+    .await
+    .map_err(|e| format!("rendering the options did not complete: {e}"))?
+}
+
+/// A task's options as its job receives them: templates rendered (over `options`,
+/// `context`, `node`, `task` and `api`) when the task holds any, string values coerced to
+/// their declared kinds, and the result checked against the job's schema. An error names
+/// the option at fault.
+pub fn render_options(
+    job: &dyn Job,
+    renderer: &Renderer,
+    api: &ApiUrls,
+    s: &StartJob,
+    node: Option<&Node>,
+) -> Result<Options, String> {
+    let mut opts = match &s.context {
         None => s.options.clone(),
         Some(context) => {
             let vars = json!({
                 "options": s.options,
                 "context": context,
-                "node": node.as_ref().map(|n| n.template_view()),
+                "node": node.map(Node::template_view),
                 "task": {
                     "id": s.task_id,
                     "label": s.label,
@@ -371,13 +403,9 @@ async fn render(
                 },
                 "api": {"base": api.base, "nodeBase": api.node_base},
             });
-            let (renderer, options) = (renderer.clone(), s.options.clone());
-            tokio::task::spawn_blocking(move || renderer.render_options(&options, &vars))
-                .await
-                .map_err(|e| format!("rendering the options did not complete: {e}"))??
+            renderer.render_options(&s.options, &vars)?
         }
     };
-    let mut opts = rendered;
     job.schema().coerce(&mut opts);
     job.schema()
         .check(&opts, true)

@@ -1,6 +1,8 @@
 //! Test jobs, a test library and helpers shared by the engine's integration tests.
 #![allow(dead_code)]
 
+pub mod cases;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -105,6 +107,7 @@ async fn run_test_job(name: &str, ctx: &JobContext, probe: &Probe) -> JobResult 
                 Ok(json!({"attempt": ctx.attempt, "retry": ctx.retry}))
             }
         }
+        "panic" => panic!("boom: {}", ctx.label),
         other => Err(JobError::new(format!("no test job {other}"))),
     }
 }
@@ -132,6 +135,7 @@ pub fn jobs(probe: &Arc<Probe>) -> JobRegistry {
         OptionSchema::new().required("duration", OptionKind::Duration, "how long"),
     ));
     reg.register(mk("hang", OptionSchema::new()));
+    reg.register(mk("panic", OptionSchema::new()));
     reg.register(mk(
         "flaky",
         OptionSchema::new().optional("failTimes", OptionKind::Integer, Some(json!(1)), "n"),
@@ -146,6 +150,7 @@ pub const TASKS: &str = r#"
 - {injectableName: Task.Fail, implementsTask: fail}
 - {injectableName: Task.Sleep, implementsTask: sleep, options: {duration: 1s}}
 - {injectableName: Task.Hang, implementsTask: hang}
+- {injectableName: Task.Panic, implementsTask: panic}
 - {injectableName: Task.Flaky, implementsTask: flaky}
 - {injectableName: Task.Graph.Run, implementsTask: graph.run}
 "#;
@@ -244,4 +249,77 @@ pub fn states(v: &WorkflowView) -> String {
 
 pub fn status(v: &WorkflowView) -> WorkflowStatus {
     v.status
+}
+
+/// A store that watches how it is used: which threads call it, how often each key is read,
+/// and, once told to, fails every commit (a full disk, a lost database).
+pub struct SpyStore {
+    pub inner: Arc<dyn Store>,
+    pub threads: Mutex<std::collections::HashSet<std::thread::ThreadId>>,
+    pub reads: Mutex<std::collections::HashMap<(String, Vec<u8>), usize>>,
+    pub fail_commits: std::sync::atomic::AtomicBool,
+}
+
+impl SpyStore {
+    pub fn new(inner: Arc<dyn Store>) -> Arc<SpyStore> {
+        Arc::new(SpyStore {
+            inner,
+            threads: Default::default(),
+            reads: Default::default(),
+            fail_commits: Default::default(),
+        })
+    }
+
+    fn seen(&self) {
+        self.threads
+            .lock()
+            .unwrap()
+            .insert(std::thread::current().id());
+    }
+
+    /// How often `keyspace/key` was read with `get`.
+    pub fn reads_of(&self, keyspace: &str, key: &str) -> usize {
+        let k = (keyspace.to_owned(), key.as_bytes().to_vec());
+        self.reads.lock().unwrap().get(&k).copied().unwrap_or(0)
+    }
+}
+
+impl Store for SpyStore {
+    fn get(
+        &self,
+        ks: &str,
+        key: &[u8],
+    ) -> metalgraph_store::Result<Option<metalgraph_store::Bytes>> {
+        self.seen();
+        *self
+            .reads
+            .lock()
+            .unwrap()
+            .entry((ks.to_owned(), key.to_vec()))
+            .or_default() += 1;
+        self.inner.get(ks, key)
+    }
+
+    fn scan_prefix(
+        &self,
+        ks: &str,
+        prefix: &[u8],
+    ) -> metalgraph_store::Result<Vec<(metalgraph_store::Bytes, metalgraph_store::Bytes)>> {
+        self.seen();
+        self.inner.scan_prefix(ks, prefix)
+    }
+
+    fn commit(&self, batch: metalgraph_store::Batch) -> metalgraph_store::Result<()> {
+        self.seen();
+        if self.fail_commits.load(Ordering::SeqCst) {
+            return Err(metalgraph_store::Error::Io(
+                "no space left on device".into(),
+            ));
+        }
+        self.inner.commit(batch)
+    }
+
+    fn backend(&self) -> &'static str {
+        "spy"
+    }
 }
