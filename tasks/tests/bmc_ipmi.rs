@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bmc_support::{IPMI_PASSWORD, IpmiSim, World, free_udp_port, obm};
+use metalgraph_engine::Job;
 use metalgraph_engine::nodes::Node;
 use metalgraph_tasks::bmc::{DriverOptions, Drivers, IPMI_SERVICE};
 use metalgraph_tasks::{BootDeviceJob, PowerJob, VirtualMediaInsertJob};
@@ -25,6 +26,52 @@ fn node(world: &World, sim: &IpmiSim, password: &str) -> Node {
 
 fn power(action: &str) -> serde_json::Value {
     json!({ "action": action, "pollInterval": "100ms", "waitTimeout": "20s" })
+}
+
+/// A reboot whose attempt the engine restarts (a crash after the cycle was issued) is not
+/// issued again: the machine would reboot twice, and a one-shot boot override set before it
+/// would be used up by the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_reboot_is_not_issued_twice() {
+    let sim = IpmiSim::start();
+    let world = World::default();
+    let node = node(&world, &sim, IPMI_PASSWORD);
+    let job = PowerJob::new(Arc::new(Drivers::default()));
+    world.run(&job, power("on"), Some(&node)).await.unwrap();
+
+    let before = sim.calls().lines().count();
+    world.run(&job, power("reboot"), Some(&node)).await.unwrap();
+    let recorded = world.services.checkpoints.lock().unwrap().clone();
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0]["issued"], "reboot");
+    assert_eq!(recorded[0]["previousState"], "On");
+    let calls: Vec<String> = sim
+        .calls()
+        .lines()
+        .skip(before)
+        .map(str::to_owned)
+        .collect();
+    assert!(calls.iter().any(|l| l == "set power 0"), "{calls:?}");
+
+    // The restarted attempt finds the checkpoint: it only waits for the machine to be on.
+    let before = sim.calls().lines().count();
+    let mut ctx = world.ctx(&job, power("reboot"), Some(&node));
+    ctx.attempt = 2;
+    ctx.checkpoint = Some(recorded[0].clone());
+    let out = job.run(ctx).await.unwrap();
+    assert_eq!(out["powerState"], "On");
+    assert_eq!(out["previousState"], "On");
+    let calls: Vec<String> = sim
+        .calls()
+        .lines()
+        .skip(before)
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        calls.iter().all(|l| l.starts_with("get ")),
+        "the restarted attempt changed the chassis: {calls:?}"
+    );
+    assert_eq!(world.services.checkpoints.lock().unwrap().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

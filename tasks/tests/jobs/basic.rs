@@ -8,7 +8,9 @@ use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{ctx_for, raw_ctx, run};
+use metalgraph_engine::job::JobServices;
+
+use super::{TestServices, ctx_for, raw_ctx, run};
 
 #[test]
 fn register_basic_registers_every_basic_job() {
@@ -71,6 +73,34 @@ async fn sleep_sleeps_for_the_given_duration() {
             "duration {duration}"
         );
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn sleep_persists_its_end_and_a_restart_sleeps_only_what_is_left() {
+    let job = SleepJob::default();
+    let services = std::sync::Arc::new(TestServices::new());
+    let mut ctx = ctx_for(&job, json!({ "duration": "30s" }), CancellationToken::new());
+    ctx.services = services.clone();
+    let t0 = services.now_ms();
+    let started = Instant::now();
+    job.run(ctx).await.unwrap();
+    assert_eq!(started.elapsed(), Duration::from_secs(30));
+    // The end was recorded before the sleep began.
+    let recorded = services.checkpoints.lock().unwrap().clone();
+    assert_eq!(recorded, vec![json!({ "endsAt": t0 + 30_000 })]);
+
+    // The engine restarted the attempt 10 s into the sleep: 20 s are left, not 30.
+    let services = std::sync::Arc::new(TestServices::new());
+    let mut ctx = ctx_for(&job, json!({ "duration": "30s" }), CancellationToken::new());
+    ctx.checkpoint = Some(json!({ "endsAt": services.now_ms() + 20_000 }));
+    ctx.services = services.clone();
+    let started = Instant::now();
+    assert_eq!(job.run(ctx).await, Ok(json!({ "slept_ms": 30_000 })));
+    assert_eq!(started.elapsed(), Duration::from_secs(20));
+    assert!(
+        services.checkpoints.lock().unwrap().is_empty(),
+        "a resumed sleep records nothing new"
+    );
 }
 
 #[tokio::test(start_paused = true)]

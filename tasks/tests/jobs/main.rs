@@ -19,6 +19,18 @@ use tokio_util::sync::CancellationToken;
 struct TestServices {
     nodes: Nodes,
     checkpoints: std::sync::Mutex<Vec<Value>>,
+    /// Follows tokio's (possibly paused) time, as the engine's clock does in tests.
+    clock: Arc<metalgraph_engine::clock::TokioClock>,
+}
+
+impl TestServices {
+    fn new() -> Self {
+        TestServices {
+            nodes: Nodes::new(Arc::new(MemStore::new())),
+            checkpoints: Default::default(),
+            clock: metalgraph_engine::clock::TokioClock::new(1_800_000_000_000),
+        }
+    }
 }
 
 impl JobServices for TestServices {
@@ -47,7 +59,7 @@ impl JobServices for TestServices {
     }
 
     fn now_ms(&self) -> u64 {
-        metalgraph_engine::clock::Clock::now_ms(&metalgraph_engine::clock::SystemClock)
+        metalgraph_engine::clock::Clock::now_ms(self.clock.as_ref())
     }
 
     fn nodes(&self) -> &Nodes {
@@ -72,10 +84,7 @@ fn raw_ctx(options: Value, cancel: CancellationToken) -> JobContext {
         token: "token-1".to_owned(),
         checkpoint: None,
         cancel,
-        services: Arc::new(TestServices {
-            nodes: Nodes::new(Arc::new(MemStore::new())),
-            checkpoints: Default::default(),
-        }),
+        services: Arc::new(TestServices::new()),
     }
 }
 
