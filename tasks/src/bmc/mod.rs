@@ -7,14 +7,15 @@
 //! node, the BMC endpoint (never its credentials), the operation and the BMC's own words.
 //! Jobs (`crate::provision`) decide what to wait for and what counts as done.
 
+mod cache;
 mod ipmi;
 mod redfish;
 mod sim;
 
-use std::collections::HashMap;
+use std::convert::Infallible;
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use metalgraph_engine::job::BoxFuture;
 use metalgraph_engine::nodes::{Node, Obm, ObmConfig};
@@ -22,6 +23,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
+use cache::SharedCache;
 pub use ipmi::IpmiBmc;
 pub use redfish::{RedfishBmc, RedfishEndpoint};
 pub use sim::SimBmc;
@@ -293,14 +295,27 @@ impl Default for DriverOptions {
     }
 }
 
+/// How long what drivers share for one BMC endpoint is kept after it was last handed out,
+/// once no driver holds it.
+const ENDPOINT_IDLE: Duration = Duration::from_secs(10 * 60);
+
+/// How many BMC endpoints' shared state [`Drivers`] keeps, endpoints in use aside.
+const MAX_ENDPOINTS: usize = 1024;
+
 /// The driver factory: picks a [`Bmc`] from a node's OBM record and owns what drivers share
 /// across jobs (a pooled HTTP client and a concurrency limit per BMC endpoint).
+///
+/// What it shares is bounded: an endpoint no driver holds is dropped after ten minutes
+/// without use, and beyond 1024 endpoints the least recently used of those no driver holds
+/// are dropped first. An endpoint a driver still holds is never dropped, so every live
+/// endpoint keeps exactly one client and one concurrency limit; a dropped one is built
+/// afresh (new connections, new Redfish sessions) the next time a job needs it.
 pub struct Drivers {
     options: DriverOptions,
     /// Redfish endpoints by `(base URL, verify TLS)`, each with its own client and limit.
-    redfish: Mutex<HashMap<(String, bool), Arc<RedfishEndpoint>>>,
+    redfish: SharedCache<(String, bool), RedfishEndpoint>,
     /// Concurrency limits of IPMI BMCs by `host:port`.
-    ipmi_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
+    ipmi_limits: SharedCache<String, Semaphore>,
 }
 
 impl fmt::Debug for Drivers {
@@ -321,8 +336,8 @@ impl Drivers {
     pub fn new(options: DriverOptions) -> Self {
         Self {
             options,
-            redfish: Mutex::default(),
-            ipmi_limits: Mutex::default(),
+            redfish: SharedCache::new(ENDPOINT_IDLE, MAX_ENDPOINTS),
+            ipmi_limits: SharedCache::new(ENDPOINT_IDLE, MAX_ENDPOINTS),
         }
     }
 
@@ -374,23 +389,20 @@ impl Drivers {
         base: &str,
         verify_tls: bool,
     ) -> Result<Arc<RedfishEndpoint>, String> {
-        let mut map = self.redfish.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(ep) = map.get(&(base.to_owned(), verify_tls)) {
-            return Ok(ep.clone());
-        }
-        let ep = Arc::new(RedfishEndpoint::new(&self.options, verify_tls)?);
-        map.insert((base.to_owned(), verify_tls), ep.clone());
-        Ok(ep)
+        self.redfish
+            .get_or_try_insert(&(base.to_owned(), verify_tls), Instant::now(), || {
+                RedfishEndpoint::new(&self.options, verify_tls)
+            })
     }
 
     fn ipmi_limit(&self, key: &str) -> Arc<Semaphore> {
-        let mut map = self
+        let limit = self.options.per_endpoint_limit.max(1);
+        let Ok(limit) = self
             .ipmi_limits
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        map.entry(key.to_owned())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.options.per_endpoint_limit.max(1))))
-            .clone()
+            .get_or_try_insert(&key.to_owned(), Instant::now(), || {
+                Ok::<_, Infallible>(Semaphore::new(limit))
+            });
+        limit
     }
 }
 
@@ -400,5 +412,29 @@ pub(crate) fn node_label(node: &Node) -> String {
         node.id.clone()
     } else {
         format!("{} ({})", node.id, node.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drivers_of_one_endpoint_share_its_client_and_limit() {
+        let drivers = Drivers::default();
+        let a = drivers.redfish_endpoint("https://10.0.0.5/", true).unwrap();
+        let again = drivers.redfish_endpoint("https://10.0.0.5/", true).unwrap();
+        assert!(Arc::ptr_eq(&a, &again));
+        // Another TLS policy or another BMC is another endpoint.
+        let insecure = drivers
+            .redfish_endpoint("https://10.0.0.5/", false)
+            .unwrap();
+        let other = drivers.redfish_endpoint("https://10.0.0.6/", true).unwrap();
+        assert!(!Arc::ptr_eq(&a, &insecure) && !Arc::ptr_eq(&a, &other));
+        assert_eq!(drivers.redfish.len(), 3);
+
+        let limit = drivers.ipmi_limit("10.0.0.5:623");
+        assert!(Arc::ptr_eq(&limit, &drivers.ipmi_limit("10.0.0.5:623")));
+        assert_eq!(drivers.ipmi_limits.len(), 1);
     }
 }
