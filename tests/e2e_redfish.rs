@@ -369,6 +369,52 @@ async fn basic_auth_discovery_and_power() {
     for i in 0..2 {
         assert_eq!(sushy.power_state(i).await, "Off");
     }
+
+    // A wrong password is corrected while the task retries: the retry reads the node
+    // afresh and uses the corrected password.
+    let node = nodes[0];
+    let (code, obms) = mg.api.get(&format!("/api/2.0/nodes/{node}/obm")).await;
+    assert_eq!(code, 200);
+    let mut obm = obms[0].clone();
+    obm["config"].as_object_mut().unwrap().remove("passwordSet");
+    obm["config"]["password"] = json!(wrong);
+    let (code, body) = mg
+        .api
+        .send(
+            "PUT",
+            &format!("/api/2.0/nodes/{node}/obm"),
+            Some(obm.clone()),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let graph = r#"
+injectableName: Retry.PowerOn
+tasks:
+  - {label: on, taskName: Task.Obm.Node.PowerOn, retries: {max: 30, backoff: 300ms}}
+"#;
+    let (code, body) = mg.api.put_yaml("/api/2.0/workflows/graphs", graph).await;
+    assert_eq!(code, 201, "{body}");
+    let id = mg.api.run("Retry.PowerOn", Some(node), fast()).await;
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let (_, wf) = mg.api.get(&format!("/api/2.0/workflows/{id}")).await;
+        let error = wf["tasks"][0]["error"].as_str().unwrap_or_default();
+        if error.contains("authentication failed") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{wf:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    obm["config"]["password"] = json!(PASSWORD);
+    let (code, body) = mg
+        .api
+        .send("PUT", &format!("/api/2.0/nodes/{node}/obm"), Some(obm))
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let wf = mg.api.wait(&id, LIMIT).await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    assert!(wf["tasks"][0]["attempts"].as_u64().unwrap() >= 2, "{wf:#}");
+    assert_eq!(sushy.power_state(0).await, "On");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -635,6 +635,8 @@ async fn a_running_workflow_is_cancelled_and_cannot_be_deleted_before() {
     let (status, view) = h.put(&action, &json!({"command": "cancel"})).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{view}");
     assert_eq!(view["instanceId"], id);
+    // The answer comes once the workflow has ended.
+    assert_eq!(view["status"], "cancelled", "{view}");
     let view = h.wait_for(&id, is_terminal).await;
     assert_eq!(view["status"], "cancelled", "{view}");
     assert_eq!(view["tasks"][0]["state"], "cancelled");

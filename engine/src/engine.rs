@@ -364,14 +364,18 @@ impl Engine {
         .await
     }
 
-    /// Cancels a workflow: running jobs are signalled, pending tasks skipped; the workflow
-    /// ends `cancelled` once its running jobs have stopped. Cancelling a finished workflow is
-    /// a conflict; cancelling one being cancelled is a no-op.
+    /// Cancels a workflow: running jobs are signalled, pending tasks skipped. Returns once
+    /// the workflow has ended `cancelled`, that is once its running jobs have stopped (each
+    /// gets the cancel grace period to clean up). Cancelling a finished workflow is a
+    /// conflict; cancelling one being cancelled waits for the same end.
     pub async fn cancel(&self, id: &str) -> Result<WorkflowView, Error> {
-        let current = self.get(id).await?.ok_or_else(|| Error::NotFound {
+        let not_found = || Error::NotFound {
             kind: "workflow",
             id: id.to_owned(),
-        })?;
+        };
+        // Subscribe first, so that the end cannot slip between the request and the wait.
+        let mut events = self.subscribe();
+        let current = self.get(id).await?.ok_or_else(not_found)?;
         if current.status.is_terminal() {
             return Err(Error::Conflict(format!(
                 "workflow {id} already finished ({})",
@@ -380,10 +384,26 @@ impl Engine {
         }
         let wf = id.to_owned();
         self.ask(|reply| Msg::Cancel { id: wf, reply }).await?;
-        self.get(id).await?.ok_or_else(|| Error::NotFound {
-            kind: "workflow",
-            id: id.to_owned(),
-        })
+        loop {
+            let view = self.get(id).await?.ok_or_else(not_found)?;
+            if view.status.is_terminal() {
+                return Ok(view);
+            }
+            loop {
+                match events.recv().await {
+                    Ok(Event::Workflow {
+                        workflow_id,
+                        status,
+                        ..
+                    }) if workflow_id == id && status.is_terminal() => break,
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(Error::Unavailable("the engine has stopped".into()));
+                    }
+                }
+            }
+        }
     }
 
     /// Reads a workflow as last committed.
