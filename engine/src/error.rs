@@ -74,9 +74,9 @@ impl From<nodes::Error> for Error {
         match e {
             N::NotFound(id) => Error::NotFound { kind: "node", id },
             N::Invalid(m) => Error::BadRequest(m),
-            N::Busy { id, workflow } => Error::NodeBusy { node: id, workflow },
             e @ (N::IdentifierTaken { .. } | N::Exists(_)) => Error::AlreadyExists(e.to_string()),
-            e @ N::Conflict(_) => Error::Conflict(e.to_string()),
+            // A node that runs a workflow cannot be deleted: a failed precondition.
+            e @ (N::Busy { .. } | N::Conflict(_)) => Error::Conflict(e.to_string()),
             N::Store(e) => e.into(),
             e @ (N::Corrupt(..) | N::Incomplete(_)) => Error::Store(e.to_string()),
         }
