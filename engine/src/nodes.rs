@@ -532,13 +532,13 @@ impl Nodes {
         update: impl FnOnce(&mut Node) -> Result<(), crate::Error> + Send + 'static,
     ) -> Result<Node, crate::Error> {
         let (n, id) = (self.clone(), id.to_owned());
-        blocking(move || n.update_blocking(&id, update).map_err(crate::Error::from)).await
+        blocking(move || n.update_blocking(&id, update)).await
     }
 
     /// Sets one OBM of a node; see [`Nodes::set_obm_blocking`].
     pub async fn set_obm(&self, id: &str, obm: Obm) -> Result<Node, crate::Error> {
         let (n, id) = (self.clone(), id.to_owned());
-        blocking(move || n.set_obm_blocking(&id, obm).map_err(crate::Error::from)).await
+        blocking(move || n.set_obm_blocking(&id, obm)).await
     }
 
     /// Deletes a node with its catalogs. Refused while a workflow runs on it.
