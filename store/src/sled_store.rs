@@ -32,6 +32,9 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use crate::mem::validate;
 use crate::{Batch, Bytes, Error, Op, Result, Store, check_keyspace};
 
+/// How long an open waits for sled's directory lock to be released.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Tree names for keyspaces start with this, so they never collide with sled's own trees.
 const TREE_PREFIX: &str = "ks/";
 
@@ -62,14 +65,28 @@ impl SledStore {
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Io(format!("creating sled directory {}: {e}", dir.display())))?;
-        // No background flusher: every commit flushes itself, and without the flusher's
-        // thread (which outlives the last handle for a moment) dropping the store releases
-        // the directory lock at once, so a reopen right after a drop never finds it taken.
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| Error::Io(format!("opening sled database {}: {e}", dir.display())))?;
+        // No background flusher: every commit flushes itself.
+        let config = sled::Config::new().path(dir).flush_every_ms(None);
+        // sled's own threads may hold the directory lock for a moment after the last handle
+        // of an earlier store in this process was dropped; a reopen waits that out, briefly.
+        // Another process holding the lock still fails, after that wait.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match config.open() {
+                // sled reports a taken lock as an `Other` I/O error with this text.
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => {
+                    break other.map_err(|e| {
+                        Error::Io(format!("opening sled database {}: {e}", dir.display()))
+                    })?;
+                }
+            }
+        };
         let store = SledStore {
             db,
             path: dir.to_owned(),
