@@ -188,7 +188,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         let addr = listener
             .local_addr()
             .context("the gRPC listener has no address")?;
-        let router = api::grpc::router(engine.clone())?;
+        let router = api::grpc::router(engine.clone(), config.body_limit_bytes)?;
         let stop = shutdown.clone();
         servers.spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);

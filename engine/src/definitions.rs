@@ -125,11 +125,10 @@ impl std::fmt::Display for Problems {
 /// several YAML documents separated by `---`, or a list of definitions. Each definition is
 /// a graph when it has `tasks` and a task definition when it has `implementsTask`.
 pub fn parse(text: &str, file: &str) -> Result<Vec<Definition>, Problem> {
-    use serde::Deserialize as _;
+    let docs = crate::text::parse_yaml_documents(text)
+        .map_err(|e| Problem::new(format!("not valid YAML or JSON: {e}")).in_file(file))?;
     let mut out = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let value = Value::deserialize(doc)
-            .map_err(|e| Problem::new(format!("not valid YAML or JSON: {e}")).in_file(file))?;
+    for value in docs {
         match value {
             Value::Null => {}
             Value::Array(items) => {
@@ -259,6 +258,16 @@ pub struct Plan {
 /// The longest backoff between retries.
 pub const MAX_BACKOFF_MS: u64 = 300_000;
 
+/// How deep subgraphs may nest at run time: a `graph.run` in a workflow this many levels
+/// below its top-level workflow fails instead of starting another child.
+pub const MAX_SUBGRAPH_DEPTH: u32 = 8;
+
+/// The most tasks one graph may have.
+pub const MAX_TASKS_PER_GRAPH: usize = 1000;
+
+/// The shortest backoff between retries.
+pub const MIN_BACKOFF_MS: u64 = 100;
+
 /// Validates a graph and resolves it against task definitions and jobs. With `run` given,
 /// the run request's options are merged in and required options are enforced.
 pub fn resolve(
@@ -275,6 +284,16 @@ pub fn resolve(
     }
     if graph.tasks.is_empty() {
         problems.push(p("graph has no tasks".into()).field("tasks"));
+    }
+    if graph.tasks.len() > MAX_TASKS_PER_GRAPH {
+        problems.push(
+            p(format!(
+                "graph has {} tasks; at most {MAX_TASKS_PER_GRAPH} are allowed",
+                graph.tasks.len()
+            ))
+            .field("tasks"),
+        );
+        return Err(Problems(problems));
     }
 
     // Labels.
@@ -430,6 +449,16 @@ fn resolve_task(
                 None => 1_000,
                 Some(v) => {
                     match value_to_duration(v) {
+                        Ok(d) if (d.as_millis() as u64) < MIN_BACKOFF_MS => {
+                            problems.push(
+                                p(format!(
+                                    "the backoff must be at least {MIN_BACKOFF_MS}ms, so that a \
+                                 failing task cannot retry in a tight loop"
+                                ))
+                                .field("retries.backoff"),
+                            );
+                            0
+                        }
                         Ok(d) if d.as_millis() as u64 <= MAX_BACKOFF_MS => d.as_millis() as u64,
                         Ok(_) => {
                             problems.push(
@@ -506,8 +535,17 @@ fn resolve_task(
                 None
             }
         },
-        // RackHD's `_taskTimeout`, in milliseconds; negative means none.
+        // RackHD's `_taskTimeout`, in milliseconds; -1 (RackHD's "no timeout") and 0 mean
+        // none; anything else must be whole milliseconds within the 30-day bound.
         None => match options.get("_taskTimeout") {
+            Some(Value::Number(n)) if matches!(n.as_i64(), Some(-1 | 0)) => None,
+            Some(Value::Number(n)) if n.as_i64().is_some_and(|v| v < 0) => {
+                problems.push(
+                    p("_taskTimeout must be whole milliseconds, or -1 for no timeout".into())
+                        .field("options._taskTimeout"),
+                );
+                None
+            }
             Some(Value::Number(n)) if n.as_i64().is_some_and(|v| v > 0) => {
                 let ms = n.as_u64().unwrap_or_default();
                 match bounded_ms(ms, &ms) {
@@ -518,14 +556,14 @@ fn resolve_task(
                     }
                 }
             }
-            Some(Value::Number(n)) if n.as_f64().is_some_and(|v| v > 0.0) => {
+            Some(Value::Number(_)) => {
                 problems.push(
                     p("_taskTimeout must be whole milliseconds of at most 30 days".into())
                         .field("options._taskTimeout"),
                 );
                 None
             }
-            Some(Value::Number(_)) | None | Some(Value::Null) => None,
+            None | Some(Value::Null) => None,
             Some(other) => {
                 problems.push(
                     p(format!(
@@ -956,12 +994,75 @@ impl Definitions {
         Ok(all.into_values().collect())
     }
 
-    /// Validates a graph against the current task definitions without storing it.
+    /// Validates a graph against the current task definitions without storing it, including
+    /// that it does not run itself through `graph.run`, directly or through other graphs.
     pub(crate) fn validate_graph_blocking(
         &self,
         graph: &GraphDefinition,
     ) -> Result<Plan, Problems> {
-        resolve(graph, &StoreLookup(self), &self.jobs, None)
+        let plan = resolve(graph, &StoreLookup(self), &self.jobs, None)?;
+        self.check_subgraph_cycle(graph, &plan)?;
+        Ok(plan)
+    }
+
+    /// Follows every `graph.run` whose `graphName` is written out (not a template) from
+    /// `graph` through the graphs it names; a path back to a graph already on it is a cycle,
+    /// reported on the task that starts it. Names given by templates are bounded at run time
+    /// by the nesting limit instead.
+    fn check_subgraph_cycle(&self, graph: &GraphDefinition, plan: &Plan) -> Result<(), Problems> {
+        let start = graph.injectable_name.as_str();
+        let mut path = vec![start.to_owned()];
+        let mut first_label = None;
+        if let Some(cycle) = self.find_cycle(plan, &mut path, &mut first_label, 0) {
+            let label = first_label.unwrap_or_default();
+            return Err(Problems(vec![
+                Problem::new(format!(
+                    "graph.run forms a cycle: {cycle}; a graph may not run itself"
+                ))
+                .graph(start)
+                .label(&label)
+                .field("options.graphName"),
+            ]));
+        }
+        Ok(())
+    }
+
+    fn find_cycle(
+        &self,
+        plan: &Plan,
+        path: &mut Vec<String>,
+        first_label: &mut Option<String>,
+        depth: u32,
+    ) -> Option<String> {
+        if depth > MAX_SUBGRAPH_DEPTH {
+            return None;
+        }
+        for t in plan.tasks.iter().filter(|t| t.job == "graph.run") {
+            let Some(name) = t.options.get("graphName").and_then(Value::as_str) else {
+                continue;
+            };
+            if crate::template::is_template(name) {
+                continue;
+            }
+            if depth == 0 {
+                *first_label = Some(t.label.clone());
+            }
+            if path.iter().any(|p| p == name) {
+                return Some(format!("{} -> {name}", path.join(" -> ")));
+            }
+            let Ok(Some((g, _))) = self.get_graph_blocking(name) else {
+                continue;
+            };
+            let Ok(child) = resolve(&g, &StoreLookup(self), &self.jobs, None) else {
+                continue;
+            };
+            path.push(name.to_owned());
+            if let Some(cycle) = self.find_cycle(&child, path, first_label, depth + 1) {
+                return Some(cycle);
+            }
+            path.pop();
+        }
+        None
     }
 
     /// Validates and stores (creates or replaces) a user graph.
@@ -1045,7 +1146,9 @@ impl Definitions {
                 name: name.to_owned(),
             })?;
         let lookup = StoreLookup(self);
-        resolve(&graph, &lookup, &self.jobs, None).map_err(Error::Invalid)?;
+        let plan = resolve(&graph, &lookup, &self.jobs, None).map_err(Error::Invalid)?;
+        self.check_subgraph_cycle(&graph, &plan)
+            .map_err(Error::Invalid)?;
         resolve(&graph, &lookup, &self.jobs, Some(run)).map_err(Error::BadOptions)
     }
 }

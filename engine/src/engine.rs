@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::clock::{Clock, SystemClock};
-use crate::definitions::{Definitions, Library};
+use crate::definitions::{Definitions, Library, MAX_SUBGRAPH_DEPTH};
 use crate::error::{Error, blocking};
 use crate::job::{BoxFuture, JobContext, JobError, JobRegistry, JobResult, JobServices, Options};
 use crate::keys;
@@ -288,9 +288,26 @@ impl Engine {
                     id: node.clone(),
                 });
             }
+            let depth = match &parent {
+                None => 0,
+                Some((p, _)) => {
+                    let depth = load_records(inner.store.as_ref(), &p.workflow_id)?
+                        .map_or(0, |(r, _)| r.depth)
+                        + 1;
+                    if depth > MAX_SUBGRAPH_DEPTH {
+                        return Err(Error::BadRequest(format!(
+                            "subgraph {} would nest {depth} levels deep; at most \
+                             {MAX_SUBGRAPH_DEPTH} are allowed",
+                            req.graph
+                        )));
+                    }
+                    depth
+                }
+            };
             let now = inner.clock.now_ms();
             let id = crate::new_id();
             let rec = WorkflowRecord {
+                depth,
                 id: id.clone(),
                 deadline: plan.timeout_ms.map(|t| now.saturating_add(t)),
                 plan,

@@ -17,6 +17,7 @@ mod notify;
 pub mod scheduler;
 mod subgraph;
 pub mod template;
+pub mod text;
 pub mod workflow;
 
 pub use definitions::{Definitions, Library, Plan, Problem, Problems, Source};

@@ -96,10 +96,16 @@ pub(crate) async fn run_subgraph(
     let child_id = match engine.child(&child_key).await.map_err(err)? {
         Some(id) => id,
         None => {
+            // The options were rendered in this task; what they carry (a callback body, a
+            // BMC's answer) is data for the child, never a template again.
+            let data: Map<String, Value> = options
+                .iter()
+                .map(|(k, v)| (k.clone(), crate::template::as_data(v.clone())))
+                .collect();
             let req = RunRequest {
                 graph: graph.clone(),
                 node: ctx.node.as_ref().map(|n| n.id.clone()),
-                options: run_options(&options),
+                options: run_options(&data),
             };
             let parent = ParentRef {
                 workflow_id: ctx.workflow_id.clone(),

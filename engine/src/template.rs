@@ -4,9 +4,20 @@
 //! The variables are `options` (the task's merged options), `context` (each finished task's
 //! output under its label), `node` (never a secret), `task` (id, label, workflow id, token)
 //! and `api` (base URLs of the management and node-facing endpoints).
+//!
+//! Templates come from users, so each render is bounded: at most [`FUEL`] steps of the
+//! template machine and [`MAX_OUTPUT`] bytes of output per template; a template over either
+//! fails its task with a message naming the limit. Rendering runs on the blocking pool,
+//! never on the scheduler.
 
 use minijinja::{Environment, UndefinedBehavior};
 use serde_json::{Map, Value};
+
+/// The most steps one template may take (minijinja's fuel: roughly one per instruction).
+pub const FUEL: u64 = 1_000_000;
+
+/// The most bytes one template may render.
+pub const MAX_OUTPUT: usize = 1 << 20;
 
 /// A configured template environment, built once per engine.
 pub struct Renderer {
@@ -40,19 +51,50 @@ pub fn holds_template(v: &Value) -> bool {
     }
 }
 
+/// Makes a value data: every string in it that would render as a template becomes one
+/// that renders to the string itself. Values that were rendered once (a subgraph's options,
+/// which may carry a node's callback or a BMC's answer) pass through here before they can
+/// reach a renderer again, so they are never evaluated a second time.
+pub fn as_data(v: Value) -> Value {
+    match v {
+        Value::String(s) if is_template(&s) => {
+            // A JSON string literal is a valid minijinja string literal.
+            let literal = serde_json::to_string(&s).unwrap_or_default();
+            Value::String(format!("{{{{ {literal} }}}}"))
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(as_data).collect()),
+        Value::Object(m) => Value::Object(m.into_iter().map(|(k, v)| (k, as_data(v))).collect()),
+        other => other,
+    }
+}
+
 impl Renderer {
     pub fn new() -> Self {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_keep_trailing_newline(true);
+        env.set_fuel(Some(FUEL));
         Self { env }
     }
 
-    /// Renders one template string over `vars`.
+    /// Renders one template string over `vars`, within [`FUEL`] and [`MAX_OUTPUT`].
     pub fn render_str(&self, template: &str, vars: &Value) -> Result<String, String> {
-        self.env
-            .render_str(template, vars)
-            .map_err(|e| describe(&e))
+        let tmpl = self
+            .env
+            .template_from_str(template)
+            .map_err(|e| describe(&e))?;
+        let mut out = Limited(Vec::new());
+        match tmpl.render_captured_to(vars, &mut out) {
+            Ok(_) => String::from_utf8(out.0).map_err(|_| "rendered invalid UTF-8".to_owned()),
+            Err(_) if out.0.len() > MAX_OUTPUT => Err(format!(
+                "the template renders more than {} KiB (the limit of one rendered option)",
+                MAX_OUTPUT / 1024
+            )),
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(format!(
+                "the template takes more than {FUEL} steps (the limit of one rendered option)"
+            )),
+            Err(e) => Err(describe(&e)),
+        }
     }
 
     /// Renders every template string inside `options` (recursively through objects and
@@ -119,6 +161,26 @@ impl Renderer {
     }
 }
 
+/// A writer that refuses to grow past [`MAX_OUTPUT`], so a render stops at its first write
+/// beyond it.
+struct Limited(Vec<u8>);
+
+impl std::io::Write for Limited {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_OUTPUT {
+            self.0
+                .extend_from_slice(&buf[..MAX_OUTPUT + 1 - self.0.len().min(MAX_OUTPUT)]);
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn describe(e: &minijinja::Error) -> String {
     let mut msg = e.to_string();
     let mut src = std::error::Error::source(e);
@@ -134,6 +196,45 @@ fn describe(e: &minijinja::Error) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn data_renders_to_itself() {
+        let r = Renderer::new();
+        let vars = json!({"task": {"token": "secret-token"}});
+        for s in [
+            "{{ 7*7 }}",
+            "{{ task.token }}",
+            "{% for i in range(3) %}x{% endfor %}",
+            "a \"quoted\" }} {{ \\ back\nslash\t\u{1} é {% raw %}{% endraw %}",
+            "\" }}{{ task.token }}{{ \"",
+        ] {
+            let v = as_data(json!({"k": [s]}));
+            let rendered = r.render_options(v.as_object().unwrap(), &vars).unwrap();
+            assert_eq!(rendered["k"][0], s, "{s}");
+        }
+        assert_eq!(as_data(json!("plain")), json!("plain"));
+    }
+
+    #[test]
+    fn a_template_over_its_limits_fails_clearly() {
+        let r = Renderer::new();
+        let vars = json!({});
+        let e = r
+            .render_str(
+                "{% for i in range(20000) %}{% for j in range(20000) %}{% endfor %}{% endfor %}",
+                &vars,
+            )
+            .unwrap_err();
+        assert!(e.contains("more than 1000000 steps"), "{e}");
+        let e = r
+            .render_str(
+                "{% for i in range(10) %}{{ 'a' * 100000000 }}{% endfor %}",
+                &vars,
+            )
+            .unwrap_err();
+        assert!(e.contains("more than 1024 KiB"), "{e}");
+        assert_eq!(r.render_str("{{ 'ab' * 3 }}", &vars).unwrap(), "ababab");
+    }
 
     #[test]
     fn renders_nested_and_fails_strictly() {

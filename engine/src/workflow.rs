@@ -55,6 +55,9 @@ pub struct WorkflowRecord {
     pub stop: Option<StopReason>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentRef>,
+    /// How many parents it has: 0 for a top-level workflow.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub depth: u32,
     /// Why the workflow failed or was cancelled, in a sentence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -316,4 +319,8 @@ pub(crate) fn write_task(batch: &mut Batch, wf: &str, idx: usize, t: &TaskRecord
         keys::task_key(wf, idx),
         serde_json::to_vec(t).unwrap_or_default(),
     );
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }

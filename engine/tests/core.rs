@@ -66,6 +66,7 @@ impl Sim {
         let run: RunOptions = serde_json::from_value(options).expect("run options");
         let plan = resolve(&lib.graphs[graph], &lib, &self.jobs, Some(&run))
             .unwrap_or_else(|p| panic!("{graph} does not plan: {p}"));
+        self.seq += 1;
         let id = format!("wf-{}", self.seq);
         let rec = WorkflowRecord {
             id: id.clone(),
@@ -78,6 +79,7 @@ impl Sim {
             finished_at: None,
             stop: None,
             parent: None,
+            depth: 0,
             error: None,
         };
         let tasks: Vec<TaskRecord> = (0..rec.plan.tasks.len())
@@ -541,4 +543,31 @@ fn deadlines_never_overflow() {
     let id = sim.create(&[g], "G", json!({}));
     let s = until_running(&mut sim, &id, 0);
     assert_eq!(s.deadline_ms, Some(u64::MAX));
+}
+
+#[test]
+fn workflows_take_turns_for_job_slots() {
+    // A workflow of fifty ready tasks is loaded first; one of a single task comes after.
+    // With two slots, each gets one: the big one cannot hold every slot.
+    let big: String = format!(
+        "{{injectableName: Big, tasks: [{}]}}",
+        (0..50)
+            .map(|i| format!("{{label: t{i}, taskName: Task.Sleep}}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let small = "{injectableName: Small, tasks: [{label: only, taskName: Task.Sleep}]}";
+    let mut sim = Sim::new(2);
+    let a = sim.create(&[&big], "Big", json!({}));
+    let b = sim.create(&[small], "Small", json!({}));
+    let step = sim.core.step(sim.now);
+    let started: Vec<&str> = step
+        .effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Start(s) => Some(s.wf.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(started, vec![a.as_str(), b.as_str()]);
 }

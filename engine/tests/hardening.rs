@@ -330,3 +330,112 @@ async fn a_store_failure_stops_the_engine_and_health_says_why() {
     // The workflow is still recorded as it last committed: running, to be resumed.
     let _ = v;
 }
+
+#[tokio::test(start_paused = true)]
+async fn graph_run_cycles_are_refused_and_nesting_is_bounded() {
+    let h = start(Arc::new(MemStore::new()), &[], |_| {});
+    let defs = h.engine.definitions();
+    let put = |yaml: &str| {
+        metalgraph_engine::definitions::parse(yaml, "t")
+            .unwrap()
+            .remove(0)
+    };
+    let graph = |d: metalgraph_engine::model::Definition| match d {
+        metalgraph_engine::model::Definition::Graph(g) => g,
+        _ => panic!("not a graph"),
+    };
+    // A graph that runs itself, directly or through another, is refused when stored.
+    let me = graph(put(
+        "{injectableName: Me, tasks: [{label: again, taskName: Task.Graph.Run, optionOverrides: {graphName: Me}}]}",
+    ));
+    match defs.put_graph(me).await {
+        Err(Error::Invalid(p)) => assert!(
+            p.to_string().contains("graph Me, task 'again', field 'options.graphName': graph.run forms a cycle: Me -> Me"),
+            "{p}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let b = graph(put(
+        "{injectableName: B, tasks: [{label: to-a, taskName: Task.Graph.Run, optionOverrides: {graphName: A}}]}",
+    ));
+    defs.put_graph(b)
+        .await
+        .expect("A does not exist yet: no cycle");
+    let a = graph(put(
+        "{injectableName: A, tasks: [{label: to-b, taskName: Task.Graph.Run, optionOverrides: {graphName: B}}]}",
+    ));
+    match defs.put_graph(a).await {
+        Err(Error::Invalid(p)) => assert!(p.to_string().contains("A -> B -> A"), "{p}"),
+        other => panic!("{other:?}"),
+    }
+    // A name given by a template escapes validation; nesting stops at the depth limit and
+    // the whole tree fails.
+    let r = graph(put(
+        "{injectableName: R, options: {defaults: {next: R}}, tasks: [{label: again, taskName: Task.Graph.Run, optionOverrides: {graphName: '{{ options.next }}'}}]}",
+    ));
+    defs.put_graph(r).await.unwrap();
+    let top = h.run("R", json!({}), None).await;
+    let end = h.wait(&top.instance_id).await;
+    assert_eq!(end.status, WorkflowStatus::Failed);
+    let all = h.engine.list(&Default::default()).await.unwrap();
+    assert_eq!(
+        all.len(),
+        1 + metalgraph_engine::definitions::MAX_SUBGRAPH_DEPTH as usize
+    );
+    assert!(all.iter().all(|w| w.status == WorkflowStatus::Failed));
+    let deepest = all
+        .iter()
+        .find(|w| {
+            w.tasks[0]
+                .error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("nest")
+        })
+        .expect("the deepest names the limit");
+    assert!(
+        deepest.tasks[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("at most 8"),
+        "{deepest:?}"
+    );
+    // More tasks than a graph may have.
+    let many = format!(
+        "{{injectableName: Many, tasks: [{}]}}",
+        (0..1001)
+            .map(|i| format!("{{label: t{i}, taskName: Task.Noop}}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    match defs.put_graph(graph(put(&many))).await {
+        Err(Error::Invalid(p)) => assert!(
+            p.to_string().contains("graph has 1001 tasks; at most 1000"),
+            "{p}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelling_a_parent_stops_its_whole_tree() {
+    let t1 = "{injectableName: T1, tasks: [{label: down, taskName: Task.Graph.Run, optionOverrides: {graphName: T2}}]}";
+    let t2 = "{injectableName: T2, tasks: [{label: down, taskName: Task.Graph.Run, optionOverrides: {graphName: T3}}, {label: h, taskName: Task.Hang}]}";
+    let t3 = "{injectableName: T3, tasks: [{label: h, taskName: Task.Hang}]}";
+    let h = start(Arc::new(MemStore::new()), &[t1, t2, t3], |_| {});
+    let top = h.run("T1", json!({}), None).await;
+    while h.probe.running.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let end = h.engine.cancel(&top.instance_id).await.unwrap();
+    assert_eq!(end.status, WorkflowStatus::Cancelled);
+    let all = h.engine.list(&Default::default()).await.unwrap();
+    assert_eq!(all.len(), 3);
+    for w in &all {
+        assert_eq!(w.status, WorkflowStatus::Cancelled, "{}: {w:?}", w.name);
+    }
+    assert_eq!(h.probe.running.load(Ordering::SeqCst), 0);
+    h.stop().await;
+}

@@ -120,6 +120,18 @@ fn invalid_graphs_are_named_precisely() {
             "graph G, task 'a', field 'retries.backoff': the backoff must be at most 5m",
         ),
         (
+            "{injectableName: G, options: {a: {_taskTimeout: -5}}, tasks: [{label: a, taskName: Task.Noop}]}",
+            "field 'options._taskTimeout': _taskTimeout must be whole milliseconds, or -1 for no timeout",
+        ),
+        (
+            "{injectableName: G, options: {a: {_taskTimeout: -2.5}}, tasks: [{label: a, taskName: Task.Noop}]}",
+            "field 'options._taskTimeout': _taskTimeout must be whole milliseconds of at most 30 days",
+        ),
+        (
+            "{injectableName: G, tasks: [{label: a, taskName: Task.Noop, retries: {max: 5, backoff: 0s}}]}",
+            "graph G, task 'a', field 'retries.backoff': the backoff must be at least 100ms",
+        ),
+        (
             "{injectableName: G, tasks: [{label: a, taskName: Task.Noop, retries: {max: 4000000000}}]}",
             "graph G, task 'a', field 'retries.max': at most 100 retries are allowed, got 4000000000",
         ),

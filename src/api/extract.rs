@@ -5,6 +5,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
+use metalgraph_engine::text;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -64,13 +65,21 @@ impl FromRequest<AppState> for Body {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(Body(Value::Null));
         }
-        let value = match format_of(content_type.as_deref())? {
-            Format::Json => serde_json::from_slice(&bytes)
-                .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?,
-            Format::Yaml => serde_yaml::from_slice(&bytes)
-                .map_err(|e| ApiError::bad_request(format!("malformed YAML body: {e}")))?,
-        };
-        Ok(Body(value))
+        let format = format_of(content_type.as_deref())?;
+        // Parsing is CPU work a hostile body can make long: it runs on the blocking pool,
+        // and the parsers refuse deep nesting and duplicate keys (engine `text`).
+        let parsed = tokio::task::spawn_blocking(move || match format {
+            Format::Json => {
+                text::parse_json(&bytes).map_err(|e| format!("malformed JSON body: {e}"))
+            }
+            Format::Yaml => match std::str::from_utf8(&bytes) {
+                Ok(t) => text::parse_yaml(t).map_err(|e| format!("malformed YAML body: {e}")),
+                Err(_) => Err("malformed YAML body: not UTF-8".to_owned()),
+            },
+        })
+        .await
+        .map_err(|e| ApiError::internal(format_args!("parsing a body did not complete: {e}")))?;
+        parsed.map(Body).map_err(ApiError::bad_request)
     }
 }
 

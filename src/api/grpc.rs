@@ -36,8 +36,12 @@ use pb::definitions_server::{Definitions as DefinitionsRpc, DefinitionsServer};
 use pb::nodes_server::{Nodes as NodesRpc, NodesServer};
 use pb::workflows_server::{Workflows as WorkflowsRpc, WorkflowsServer};
 
-/// Builds the gRPC router: our three services, reflection and health.
-pub fn router(engine: Engine) -> anyhow::Result<tonic::transport::server::Router> {
+/// Builds the gRPC router: our three services, reflection and health. A request message
+/// larger than `body_limit` bytes is refused, as the HTTP API refuses such a body.
+pub fn router(
+    engine: Engine,
+    body_limit: usize,
+) -> anyhow::Result<tonic::transport::server::Router> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -78,9 +82,9 @@ pub fn router(engine: Engine) -> anyhow::Result<tonic::transport::server::Router
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(DefinitionsServer::new(api.clone()))
-        .add_service(WorkflowsServer::new(api.clone()))
-        .add_service(NodesServer::new(api)))
+        .add_service(DefinitionsServer::new(api.clone()).max_decoding_message_size(body_limit))
+        .add_service(WorkflowsServer::new(api.clone()).max_decoding_message_size(body_limit))
+        .add_service(NodesServer::new(api).max_decoding_message_size(body_limit)))
 }
 
 /// Maps an engine error to a gRPC status, with the HTTP API's message.
@@ -324,8 +328,13 @@ fn graph_from_pb(g: &pb::Graph) -> GraphDefinition {
     }
 }
 
-fn parse_one(text: &str) -> Result<Definition, Status> {
-    let mut defs = definitions::parse(text, "request").map_err(|p| bad(p.to_string()))?;
+/// Parses a definition given as text, on the blocking pool (parsing is CPU work a hostile
+/// text can make long; the parser refuses deep nesting and duplicate keys).
+async fn parse_one(text: String) -> Result<Definition, Status> {
+    let parsed = tokio::task::spawn_blocking(move || definitions::parse(&text, "request"))
+        .await
+        .map_err(|e| Status::internal(format!("parsing did not complete: {e}")))?;
+    let mut defs = parsed.map_err(|p| bad(p.to_string()))?;
     if defs.len() != 1 {
         return Err(bad(format!(
             "the text holds {} definitions; give exactly one",
@@ -378,7 +387,7 @@ impl DefinitionsRpc for GrpcApi {
     ) -> Result<Response<pb::Graph>, Status> {
         let graph = match req.into_inner().definition {
             Some(pb::put_graph_request::Definition::Graph(g)) => graph_from_pb(&g),
-            Some(pb::put_graph_request::Definition::Text(t)) => match parse_one(&t)? {
+            Some(pb::put_graph_request::Definition::Text(t)) => match parse_one(t).await? {
                 Definition::Graph(g) => g,
                 Definition::Task(_) => {
                     return Err(bad("the text is a task definition, not a graph"));
@@ -450,7 +459,7 @@ impl DefinitionsRpc for GrpcApi {
     ) -> Result<Response<pb::TaskDefinition>, Status> {
         let task = match req.into_inner().definition {
             Some(pb::put_task_request::Definition::Task(t)) => task_def_from_pb(&t),
-            Some(pb::put_task_request::Definition::Text(t)) => match parse_one(&t)? {
+            Some(pb::put_task_request::Definition::Text(t)) => match parse_one(t).await? {
                 Definition::Task(t) => t,
                 Definition::Graph(_) => {
                     return Err(bad("the text is a graph, not a task definition"));

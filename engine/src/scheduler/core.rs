@@ -141,6 +141,10 @@ struct Wf {
     running: HashSet<usize>,
     /// Tasks queued to start (so they are not queued twice).
     queued: Vec<bool>,
+    /// The queued tasks, in order.
+    ready: VecDeque<usize>,
+    /// Whether the workflow is in the core's round-robin ring.
+    in_ring: bool,
     /// Running tasks found at recovery, to be started again keeping their deadline.
     restart: Vec<bool>,
     /// Task index by label, so that readiness checks do not search the plan.
@@ -195,7 +199,11 @@ pub struct Core {
     max_running: usize,
     wfs: HashMap<String, Wf>,
     /// Ready tasks waiting for a job slot, in order.
-    queue: VecDeque<(String, usize)>,
+    ///
+    /// Each workflow keeps its own queue; workflows with queued tasks take turns, one task
+    /// at a time, so a workflow of a thousand ready tasks cannot hold every slot while
+    /// others wait.
+    ring: VecDeque<String>,
     running_slots: usize,
     step: Step,
 }
@@ -207,7 +215,7 @@ impl Core {
             jobs,
             max_running: max_running.max(1),
             wfs: HashMap::new(),
-            queue: VecDeque::new(),
+            ring: VecDeque::new(),
             running_slots: 0,
             step: Step::default(),
         }
@@ -348,10 +356,6 @@ impl Core {
         (t.state == TaskState::Running && w.running.contains(&idx)).then_some((idx, t.attempts, t))
     }
 
-    fn occupies_slot(&self, job: &str) -> bool {
-        self.jobs.get(job).is_none_or(|j| j.occupies_slot())
-    }
-
     fn load(&mut self, rec: WorkflowRecord, tasks: Vec<TaskRecord>, recovering: bool, now: u64) {
         let id = rec.id.clone();
         let n = tasks.len();
@@ -368,6 +372,8 @@ impl Core {
             tasks,
             running: HashSet::new(),
             queued: vec![false; n],
+            ready: VecDeque::new(),
+            in_ring: false,
             restart: vec![false; n],
         };
         if let Some(at_ms) = w.rec.deadline {
@@ -388,7 +394,7 @@ impl Core {
                     } else {
                         w.restart[i] = true;
                         w.queued[i] = true;
-                        self.queue.push_front((id.clone(), i));
+                        w.ready.push_front(i);
                     }
                 }
                 TaskState::Pending => {
@@ -443,7 +449,7 @@ impl Core {
                     }
                     Readiness::Ready if w.tasks[i].retry_at.is_none() => {
                         w.queued[i] = true;
-                        self.queue.push_back((id.to_owned(), i));
+                        w.ready.push_back(i);
                     }
                     _ => {}
                 }
@@ -454,6 +460,8 @@ impl Core {
         }
         if w.tasks.iter().all(|t| t.state.is_terminal()) {
             self.finish_workflow(id, now);
+        } else {
+            self.enqueue(id);
         }
     }
 
@@ -509,20 +517,48 @@ impl Core {
         self.advance(id, now);
     }
 
-    /// Starts queued tasks while job slots are free.
+    /// Starts queued tasks while job slots are free, one task of each workflow in turn.
+    /// Tasks whose job takes no slot start even when every slot is taken.
     fn start_queued(&mut self, now: u64) {
-        let mut deferred = VecDeque::new();
-        while let Some((id, idx)) = self.queue.pop_front() {
-            let Some(w) = self.wfs.get(&id) else { continue };
-            let job = &w.rec.plan.tasks[idx].job;
-            let slot = self.occupies_slot(job);
-            if slot && self.running_slots >= self.max_running {
-                deferred.push_back((id, idx));
+        let mut without_start = 0;
+        while without_start < self.ring.len() {
+            let Some(id) = self.ring.pop_front() else {
+                break;
+            };
+            let Some(w) = self.wfs.get_mut(&id) else {
                 continue;
-            }
-            self.start_task(&id, idx, slot, now);
+            };
+            w.in_ring = false;
+            let free = self.running_slots < self.max_running;
+            let jobs = &self.jobs;
+            let takes_slot = |i: usize| {
+                jobs.get(&w.rec.plan.tasks[i].job)
+                    .is_none_or(|j| j.occupies_slot())
+            };
+            let next = w.ready.iter().position(|&i| free || !takes_slot(i));
+            let started = match next {
+                Some(pos) => {
+                    let idx = w.ready.remove(pos).expect("the position was just found");
+                    let slot = takes_slot(idx);
+                    self.start_task(&id, idx, slot, now);
+                    true
+                }
+                None => false,
+            };
+            without_start = if started { 0 } else { without_start + 1 };
+            self.enqueue(&id);
         }
-        self.queue = deferred;
+    }
+
+    /// Puts a workflow with queued tasks into the round-robin ring, once.
+    fn enqueue(&mut self, id: &str) {
+        if let Some(w) = self.wfs.get_mut(id)
+            && !w.ready.is_empty()
+            && !w.in_ring
+        {
+            w.in_ring = true;
+            self.ring.push_back(id.to_owned());
+        }
     }
 
     fn start_task(&mut self, id: &str, idx: usize, slot: bool, now: u64) {
