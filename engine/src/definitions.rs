@@ -19,7 +19,7 @@ use crate::job::{JobRegistry, value_to_duration};
 use crate::keys;
 use crate::model::{
     Definition, GraphDefinition, GraphTask, MAX_RETRIES, RunOptions, TaskDefinition, WaitOn,
-    WaitState, bounded_ms, parse_duration,
+    WaitState, bounded_ms, check_id, parse_duration,
 };
 
 /// Labels a graph task may not use: they are keys with a meaning of their own.
@@ -281,6 +281,8 @@ pub fn resolve(
     let p = |m: String| Problem::new(m).graph(g);
     if g.trim().is_empty() {
         problems.push(Problem::new("graph has no injectableName").field("injectableName"));
+    } else if let Err(e) = check_id(g) {
+        problems.push(Problem::new(format!("the graph's name {e}")).field("injectableName"));
     }
     if graph.tasks.is_empty() {
         problems.push(p("graph has no tasks".into()).field("tasks"));
@@ -797,6 +799,9 @@ pub fn validate_task(def: &TaskDefinition, jobs: &JobRegistry) -> Result<(), Pro
     if name.trim().is_empty() {
         problems
             .push(Problem::new("task definition has no injectableName").field("injectableName"));
+    } else if let Err(e) = check_id(name) {
+        problems
+            .push(Problem::new(format!("the task definition's name {e}")).field("injectableName"));
     }
     match jobs.get(&def.implements_task) {
         None => problems.push(

@@ -274,6 +274,37 @@ pub enum Readiness {
     Never,
 }
 
+/// The longest id (node id, graph or task definition name).
+pub const MAX_ID_LEN: usize = 128;
+
+/// Checks an id against the one grammar every id keeps — node ids and the injectable names
+/// of graphs and task definitions: 1 to 128 characters from `A-Z a-z 0-9 . _ - : @`, not
+/// starting with a dot. Ids never hold `/`, so store keys built from them (`{node}/{source}`)
+/// cannot collide, nor a path separator, a control character or whitespace.
+pub fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(format!(
+            "is {} bytes long; at most {MAX_ID_LEN} are allowed",
+            id.len()
+        ));
+    }
+    if id.starts_with('.') {
+        return Err("must not start with a dot".into());
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '@')))
+    {
+        return Err(format!(
+            "holds {c:?}; ids use only letters, digits and . _ - : @"
+        ));
+    }
+    Ok(())
+}
+
 /// The longest duration accepted anywhere — a task or graph timeout, a sleep, any duration
 /// option: 30 days. Longer values are refused when a graph is stored and when it is run,
 /// naming the field, so that no deadline arithmetic can overflow.

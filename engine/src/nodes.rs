@@ -126,8 +126,18 @@ impl Node {
     /// name a service and whose `systemId` is an id or a path, never a URL (credentials
     /// only ever go to the BMC they were given for).
     pub fn check(&self) -> Result<(), Error> {
+        if !self.id.is_empty()
+            && let Err(e) = crate::model::check_id(&self.id)
+        {
+            return Err(Error::Invalid(format!("field 'id' {e}")));
+        }
         if self.name.trim().is_empty() {
             return Err(Error::Invalid("field 'name' is required".into()));
+        }
+        if self.name.len() > 256 || self.name.chars().any(char::is_control) {
+            return Err(Error::Invalid(
+                "field 'name' must be at most 256 bytes without control characters".into(),
+            ));
         }
         for (i, obm) in self.obms.iter().enumerate() {
             if obm.service.trim().is_empty() {

@@ -173,10 +173,57 @@ pub const REDACTED: &str = "<redacted>";
 /// Whether an option or output key names a secret: `password`, `bmcPassword`,
 /// `clientSecret`, `token`, ... (case-insensitive suffixes).
 pub fn is_secret_key(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    ["password", "secret", "token"]
-        .iter()
-        .any(|s| key.ends_with(s))
+    let key: String = key
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    const ENDINGS: &[&str] = &[
+        "password",
+        "passwd",
+        "passphrase",
+        "secret",
+        "token",
+        "credential",
+        "credentials",
+        "apikey",
+        "authorization",
+        "cookie",
+        "privatekey",
+    ];
+    ENDINGS.iter().any(|s| key.ends_with(s)) || matches!(key.as_str(), "pass" | "pwd" | "auth")
+}
+
+/// A string with the user-info of every URL in it (`scheme://user:pass@host`) replaced by
+/// [`REDACTED`], or `None` when it holds none.
+pub fn redact_userinfo(s: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut rest = s;
+    let mut changed = false;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '"')
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                out.push_str(REDACTED);
+                out.push_str(&authority[at..]);
+                changed = true;
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    changed.then_some(out)
+}
+
+/// A message as the outside world may see it: URL user-info redacted.
+pub fn scrub(message: &str) -> String {
+    redact_userinfo(message).unwrap_or_else(|| message.to_owned())
 }
 
 /// Replaces, at any depth, every value under a secret key by [`REDACTED`]. The stored
@@ -195,6 +242,11 @@ fn redact_value(v: &mut Value) {
     match v {
         Value::Object(m) => redact_secrets(m),
         Value::Array(items) => items.iter_mut().for_each(redact_value),
+        Value::String(s) => {
+            if let Some(r) = redact_userinfo(s) {
+                *s = r;
+            }
+        }
         _ => {}
     }
 }
@@ -217,7 +269,7 @@ impl WorkflowView {
             context,
             created_at: rfc3339(rec.created_at),
             finished_at: rec.finished_at.map(rfc3339),
-            error: rec.error.clone(),
+            error: rec.error.as_deref().map(scrub),
             parent: rec.parent.clone(),
             tasks: rec
                 .plan
@@ -231,7 +283,7 @@ impl WorkflowView {
                     job: p.job.clone(),
                     state: t.state,
                     attempts: t.attempts,
-                    error: t.error.clone(),
+                    error: t.error.as_deref().map(scrub),
                     started_at: t.started_at.map(rfc3339),
                     finished_at: t.finished_at.map(rfc3339),
                 })
@@ -323,4 +375,41 @@ pub(crate) fn write_task(batch: &mut Batch, wf: &str, idx: usize, t: &TaskRecord
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn secrets_are_redacted_by_name_and_in_urls() {
+        let mut m = json!({
+            "passwd": "a", "pwd": "b", "login": {"pass": "c", "user": "u"}, "credentials": {"any": "g"}, "auth": "d",
+            "headers": {"Authorization": "Bearer e", "X-Api-Key": "f", "Accept": "json"},
+            "url": "https://root:hunter2@bmc.example:8443/redfish/v1?x=1",
+            "note": "see http://a:b@h1/ and https://h2/p",
+            "bypass": "kept", "label": "kept",
+        });
+        redact_secrets(m.as_object_mut().unwrap());
+        let shown = m.to_string();
+        for secret in [
+            "\"a\"", "\"b\"", "\"c\"", "\"d\"", "Bearer e", "\"f\"", "hunter2", "a:b@",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert_eq!(m["login"]["user"], "u");
+        assert_eq!(m["credentials"], REDACTED);
+        assert_eq!(m["headers"]["Accept"], "json");
+        assert_eq!(
+            m["url"],
+            "https://<redacted>@bmc.example:8443/redfish/v1?x=1"
+        );
+        assert_eq!(m["note"], "see http://<redacted>@h1/ and https://h2/p");
+        assert_eq!(m["bypass"], "kept");
+        assert_eq!(
+            scrub("GET http://u:p@x/ failed"),
+            "GET http://<redacted>@x/ failed"
+        );
+    }
 }

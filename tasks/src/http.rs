@@ -75,6 +75,19 @@ fn build_client(verify_tls: bool) -> Result<Client, String> {
         // BMCs and lab services commonly run with self-signed certificates; `verifySSL:
         // false` is the operator's explicit choice for those.
         .danger_accept_invalid_certs(!verify_tls)
+        // Headers a graph gives (`Authorization`, `X-Api-Key`, ...) must never reach another
+        // origin: redirects are followed within the request's origin only; a redirect
+        // elsewhere is answered as it came (a 3xx the task then reports).
+        .redirect(reqwest::redirect::Policy::custom(|attempt| {
+            let first = attempt.previous().first().cloned();
+            if attempt.previous().len() > 10 {
+                attempt.error("more than 10 redirects")
+            } else if first.is_some_and(|f| f.origin() == attempt.url().origin()) {
+                attempt.follow()
+            } else {
+                attempt.stop()
+            }
+        }))
         .build()
         .map_err(|e| error_chain(&e))
 }

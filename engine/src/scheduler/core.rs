@@ -748,6 +748,6 @@ fn task_event(id: &str, idx: usize, plan: &Plan, t: &TaskRecord) -> Event {
         index: idx,
         state: t.state,
         attempts: t.attempts,
-        error: t.error.clone(),
+        error: t.error.as_deref().map(crate::workflow::scrub),
     }
 }

@@ -355,3 +355,59 @@ async fn options_the_schema_cannot_judge_are_checked() {
         assert!(err.message.contains(want), "{options}: {err}");
     }
 }
+
+/// Credential headers never follow a redirect to another origin: a redirect within the
+/// origin is followed, one elsewhere is answered as it came and the other origin sees
+/// nothing.
+#[tokio::test]
+async fn redirects_never_take_headers_to_another_origin() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let other = Router::new().fallback(move || {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async { "stolen" }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, other).await.unwrap() });
+    let away = format!("http://{other_addr}/collect");
+    let app = Router::new()
+        .route(
+            "/away",
+            get(move || {
+                let to = away.clone();
+                async move { (StatusCode::FOUND, [(header::LOCATION, to)]) }
+            }),
+        )
+        .route(
+            "/here",
+            get(|| async { (StatusCode::FOUND, [(header::LOCATION, "/echo")]) }),
+        )
+        .route("/echo", any(echo));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let headers = json!({ "X-Api-Key": "k-123", "X-Custom": "c" });
+    let out = run(
+        &HttpRequestJob::default(),
+        json!({ "url": format!("http://{addr}/here"), "headers": headers }),
+    )
+    .await
+    .expect("a same-origin redirect is followed");
+    assert_eq!(out["body"]["custom"], "c");
+    let got = run(
+        &HttpRequestJob::default(),
+        json!({ "url": format!("http://{addr}/away"), "headers": headers, "expectStatus": 302 }),
+    )
+    .await
+    .expect("the redirect itself is the answer");
+    assert_eq!(got["status"], 302);
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "the other origin was called"
+    );
+}
