@@ -243,6 +243,29 @@ pub struct PlannedTask {
     pub backoff_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Options whose values are data, never templates: they came from outside the graph
+    /// already rendered (the options a `graph.run` hands its child).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<String>,
+}
+
+impl Plan {
+    /// Marks every option the run options set as data (see [`PlannedTask::data`]).
+    pub fn mark_run_options_as_data(&mut self, run: &RunOptions) {
+        for t in &mut self.tasks {
+            let layers = ["defaults", t.label.as_str()];
+            let given: Vec<String> = layers
+                .iter()
+                .filter_map(|layer| run.get(*layer))
+                .flat_map(|m| m.keys().cloned())
+                .collect();
+            for k in &given {
+                if t.options.contains_key(k) && !t.data.contains(k) {
+                    t.data.push(k.clone());
+                }
+            }
+        }
+    }
 }
 
 /// A graph resolved for execution.
@@ -599,6 +622,7 @@ fn resolve_task(
         retries,
         backoff_ms,
         timeout_ms,
+        data: Vec::new(),
     })
 }
 

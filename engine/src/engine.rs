@@ -279,7 +279,12 @@ impl Engine {
         // client that disconnects drops its request's future): a committed workflow is
         // always scheduled.
         blocking(move || {
-            let plan = inner.defs.plan_blocking(&req.graph, &req.options)?;
+            let mut plan = inner.defs.plan_blocking(&req.graph, &req.options)?;
+            if parent.is_some() {
+                // A subgraph's options were rendered in its parent's task: for the child
+                // they are data, never templates again.
+                plan.mark_run_options_as_data(&req.options);
+            }
             if let Some(node) = &req.node
                 && inner.nodes.get_blocking(node)?.is_none()
             {

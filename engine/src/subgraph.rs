@@ -97,15 +97,11 @@ pub(crate) async fn run_subgraph(
         Some(id) => id,
         None => {
             // The options were rendered in this task; what they carry (a callback body, a
-            // BMC's answer) is data for the child, never a template again.
-            let data: Map<String, Value> = options
-                .iter()
-                .map(|(k, v)| (k.clone(), crate::template::as_data(v.clone())))
-                .collect();
+            // BMC's answer) is data for the child (`Engine::create` marks it so).
             let req = RunRequest {
                 graph: graph.clone(),
                 node: ctx.node.as_ref().map(|n| n.id.clone()),
-                options: run_options(&data),
+                options: run_options(&options),
             };
             let parent = ParentRef {
                 workflow_id: ctx.workflow_id.clone(),

@@ -51,23 +51,6 @@ pub fn holds_template(v: &Value) -> bool {
     }
 }
 
-/// Makes a value data: every string in it that would render as a template becomes one
-/// that renders to the string itself. Values that were rendered once (a subgraph's options,
-/// which may carry a node's callback or a BMC's answer) pass through here before they can
-/// reach a renderer again, so they are never evaluated a second time.
-pub fn as_data(v: Value) -> Value {
-    match v {
-        Value::String(s) if is_template(&s) => {
-            // A JSON string literal is a valid minijinja string literal.
-            let literal = serde_json::to_string(&s).unwrap_or_default();
-            Value::String(format!("{{{{ {literal} }}}}"))
-        }
-        Value::Array(items) => Value::Array(items.into_iter().map(as_data).collect()),
-        Value::Object(m) => Value::Object(m.into_iter().map(|(k, v)| (k, as_data(v))).collect()),
-        other => other,
-    }
-}
-
 impl Renderer {
     pub fn new() -> Self {
         let mut env = Environment::new();
@@ -104,9 +87,24 @@ impl Renderer {
         options: &Map<String, Value>,
         vars: &Value,
     ) -> Result<Map<String, Value>, String> {
+        self.render_options_except(options, vars, &[])
+    }
+
+    /// [`Renderer::render_options`], leaving the options named in `data` as they are.
+    pub fn render_options_except(
+        &self,
+        options: &Map<String, Value>,
+        vars: &Value,
+        data: &[String],
+    ) -> Result<Map<String, Value>, String> {
         let mut out = Map::new();
         for (k, v) in options {
-            out.insert(k.clone(), self.render_value(v, vars, k)?);
+            let v = if data.contains(k) {
+                v.clone()
+            } else {
+                self.render_value(v, vars, k)?
+            };
+            out.insert(k.clone(), v);
         }
         Ok(out)
     }
@@ -196,24 +194,6 @@ fn describe(e: &minijinja::Error) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn data_renders_to_itself() {
-        let r = Renderer::new();
-        let vars = json!({"task": {"token": "secret-token"}});
-        for s in [
-            "{{ 7*7 }}",
-            "{{ task.token }}",
-            "{% for i in range(3) %}x{% endfor %}",
-            "a \"quoted\" }} {{ \\ back\nslash\t\u{1} é {% raw %}{% endraw %}",
-            "\" }}{{ task.token }}{{ \"",
-        ] {
-            let v = as_data(json!({"k": [s]}));
-            let rendered = r.render_options(v.as_object().unwrap(), &vars).unwrap();
-            assert_eq!(rendered["k"][0], s, "{s}");
-        }
-        assert_eq!(as_data(json!("plain")), json!("plain"));
-    }
 
     #[test]
     fn a_template_over_its_limits_fails_clearly() {

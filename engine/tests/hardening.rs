@@ -439,3 +439,37 @@ async fn cancelling_a_parent_stops_its_whole_tree() {
     assert_eq!(h.probe.running.load(Ordering::SeqCst), 0);
     h.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn what_came_from_outside_is_never_evaluated_again() {
+    // A node's callback carries template syntax; the parent passes it on to a subgraph.
+    let parent = r#"
+injectableName: P
+tasks:
+  - {label: wait, taskName: Task.WaitNode}
+  - label: sub
+    taskName: Task.Graph.Run
+    optionOverrides: {graphName: Sub.Echo, graphOptions: {defaults: {got: "{{ context.wait.x }}"}}}
+    waitOn: {wait: succeeded}
+"#;
+    let child = "{injectableName: Sub.Echo, tasks: [{label: e, taskName: Task.Echo}]}";
+    let h = start(Arc::new(MemStore::new()), &[parent, child], |_| {});
+    node(&h, "n1").await;
+    let p = h.run("P", json!({}), Some("n1")).await;
+    let token = loop {
+        if let Some((_, t)) = h.engine.waiting_token("n1") {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let hostile = "{{ 7*7 }}{{ task.token }}";
+    h.engine
+        .notify(Some("n1"), &token, json!({"x": hostile}))
+        .await
+        .unwrap();
+    let end = h.wait(&p.instance_id).await;
+    assert_eq!(end.status, WorkflowStatus::Succeeded, "{end:?}");
+    let got = &end.context["sub"]["context"]["e"]["got"];
+    assert_eq!(got, hostile, "the callback's text was evaluated again");
+    h.stop().await;
+}

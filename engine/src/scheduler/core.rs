@@ -97,6 +97,8 @@ pub struct StartJob {
     pub deadline_ms: Option<u64>,
     /// The merged options, not yet rendered.
     pub options: Options,
+    /// Options that are data, not templates (never rendered).
+    pub data: Vec<String>,
     /// The outputs of finished tasks by label, given only when an option holds a template.
     pub context: Option<Map<String, Value>>,
     /// What an earlier run of this attempt recorded (after a restart).
@@ -626,8 +628,8 @@ impl Core {
         // options hold a template needs it.
         let context = planned
             .options
-            .values()
-            .any(holds_template)
+            .iter()
+            .any(|(k, v)| !planned.data.contains(k) && holds_template(v))
             .then(|| context_of(&w.rec.plan, &w.tasks));
         self.step.effects.push(Effect::Start(Box::new(StartJob {
             wf: id.to_owned(),
@@ -642,6 +644,7 @@ impl Core {
             token: t.token.clone(),
             deadline_ms: t.deadline,
             options: planned.options.clone(),
+            data: planned.data.clone(),
             context,
             checkpoint: t.checkpoint.clone(),
         })));

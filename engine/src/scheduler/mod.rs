@@ -403,7 +403,7 @@ pub fn render_options(
                 },
                 "api": {"base": api.base, "nodeBase": api.node_base},
             });
-            renderer.render_options(&s.options, &vars)?
+            renderer.render_options_except(&s.options, &vars, &s.data)?
         }
     };
     job.schema().coerce(&mut opts);

@@ -108,6 +108,7 @@ async fn run_test_job(name: &str, ctx: &JobContext, probe: &Probe) -> JobResult 
             }
         }
         "panic" => panic!("boom: {}", ctx.label),
+        "wait" => ctx.services.wait_notification(ctx).await,
         other => Err(JobError::new(format!("no test job {other}"))),
     }
 }
@@ -136,6 +137,7 @@ pub fn jobs(probe: &Arc<Probe>) -> JobRegistry {
     ));
     reg.register(mk("hang", OptionSchema::new()));
     reg.register(mk("panic", OptionSchema::new()));
+    reg.register(mk("wait", OptionSchema::new()));
     reg.register(mk(
         "flaky",
         OptionSchema::new().optional("failTimes", OptionKind::Integer, Some(json!(1)), "n"),
@@ -151,6 +153,7 @@ pub const TASKS: &str = r#"
 - {injectableName: Task.Sleep, implementsTask: sleep, options: {duration: 1s}}
 - {injectableName: Task.Hang, implementsTask: hang}
 - {injectableName: Task.Panic, implementsTask: panic}
+- {injectableName: Task.WaitNode, implementsTask: wait}
 - {injectableName: Task.Flaky, implementsTask: flaky}
 - {injectableName: Task.Graph.Run, implementsTask: graph.run}
 "#;
