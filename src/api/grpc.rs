@@ -533,7 +533,7 @@ fn workflow_to_pb(rec: &WorkflowRecord, tasks: &[TaskRecord]) -> pb::Workflow {
         context: Some(to_pb_struct(&view.context)),
         created_at: Some(timestamp(rec.created_at)),
         finished_at: rec.finished_at.map(timestamp),
-        error: rec.error.clone().unwrap_or_default(),
+        error: view.error.clone().unwrap_or_default(),
         parent_workflow_id: rec
             .parent
             .as_ref()
@@ -544,14 +544,15 @@ fn workflow_to_pb(rec: &WorkflowRecord, tasks: &[TaskRecord]) -> pb::Workflow {
             .tasks
             .iter()
             .zip(tasks)
-            .map(|(p, t)| pb::Task {
+            .zip(&view.tasks)
+            .map(|((p, t), shown)| pb::Task {
                 id: t.id.clone(),
                 label: p.label.clone(),
                 task_name: p.task_name.clone(),
                 job: p.job.clone(),
                 state: task_state(t.state),
                 attempts: t.attempts,
-                error: t.error.clone().unwrap_or_default(),
+                error: shown.error.clone().unwrap_or_default(),
                 started_at: t.started_at.map(timestamp),
                 finished_at: t.finished_at.map(timestamp),
             })
