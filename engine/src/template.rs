@@ -62,6 +62,10 @@ impl Renderer {
 
     /// Renders one template string over `vars`, within [`FUEL`] and [`MAX_OUTPUT`].
     pub fn render_str(&self, template: &str, vars: &Value) -> Result<String, String> {
+        guarded(|| self.render_unguarded(template, vars))
+    }
+
+    fn render_unguarded(&self, template: &str, vars: &Value) -> Result<String, String> {
         let tmpl = self
             .env
             .template_from_str(template)
@@ -139,6 +143,10 @@ impl Renderer {
     /// Evaluates an expression (`context.probe.status == 200`) to a boolean, or renders a
     /// template and reads `true`/`false`.
     pub fn truthy(&self, template: &str, vars: &Value) -> Result<bool, String> {
+        guarded(|| self.truthy_unguarded(template, vars))
+    }
+
+    fn truthy_unguarded(&self, template: &str, vars: &Value) -> Result<bool, String> {
         let rendered = if is_template(template) {
             self.render_str(template, vars)?
         } else {
@@ -157,6 +165,14 @@ impl Renderer {
             )),
         }
     }
+}
+
+/// Runs the template engine on user text, turning a panic inside it (minijinja 2.24's
+/// lexer panics on some malformed input, such as `}}]`) into an error.
+fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err("the template engine cannot read this template (it is malformed)".to_owned())
+    })
 }
 
 /// A writer that refuses to grow past [`MAX_OUTPUT`], so a render stops at its first write
@@ -194,6 +210,13 @@ fn describe(e: &minijinja::Error) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn malformed_text_that_trips_the_template_engine_is_an_error() {
+        let r = Renderer::new();
+        let e = r.truthy("}}]", &json!({})).unwrap_err();
+        assert!(e.contains("malformed"), "{e}");
+    }
 
     #[test]
     fn a_template_over_its_limits_fails_clearly() {
