@@ -73,6 +73,8 @@ fn compile_proto() {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Malformed or too deeply nested messages are the sender's error (src/api/codec.rs).
+        .codec_path("crate::api::codec::Codec")
         .compile_fds(fds)
         .unwrap_or_else(|e| panic!("generating gRPC code failed: {e}"));
 }

@@ -189,6 +189,32 @@ async fn the_hostile_corpus_is_refused_and_nothing_earlier_is_lost() {
         wrong.push(format!("gRPC deep text: {e:?}"));
     }
 
+    // Item 13: a gRPC Struct nested past protobuf's recursion limit is the client's error.
+    let mut nested = json!(1);
+    for _ in 0..60 {
+        nested = json!({"x": nested});
+    }
+    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut workflows = pb::workflows_client::WorkflowsClient::new(channel);
+    let options = json!({"defaults": {"deep": nested}});
+    let e = workflows
+        .run_graph(pb::RunGraphRequest {
+            name: "Keep.Done".into(),
+            node: String::new(),
+            options: Some(metalgraph::api::grpc::to_pb_struct(
+                options.as_object().unwrap(),
+            )),
+        })
+        .await
+        .unwrap_err();
+    if e.code() != Code::InvalidArgument || !e.message().contains("cannot be decoded") {
+        wrong.push(format!("gRPC deep Struct: {e:?}"));
+    }
+
     // Item 12: duplicate keys, absurd _taskTimeout values.
     let got = raw(
         &api,

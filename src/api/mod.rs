@@ -1,6 +1,7 @@
 //! The HTTP APIs: the management API (`/api/2.0/...`, RackHD's paths) and the node-facing
 //! API on its own listener. The engine knows nothing of HTTP; this module translates.
 
+pub mod codec;
 pub mod error;
 pub mod extract;
 pub mod files;
