@@ -247,6 +247,9 @@ pub struct PlannedTask {
     /// already rendered (the options a `graph.run` hands its child).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data: Vec<String>,
+    /// Options the job declares secret: redacted in every view, whatever their name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
 }
 
 impl Plan {
@@ -623,6 +626,7 @@ fn resolve_task(
         backoff_ms,
         timeout_ms,
         data: Vec::new(),
+        secrets: job.schema().secrets(),
     })
 }
 

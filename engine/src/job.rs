@@ -234,6 +234,8 @@ pub struct OptionSpec {
     pub default: Option<Value>,
     /// One line for humans (`metalgraph tasks` and error messages).
     pub doc: &'static str,
+    /// The value is a secret: redacted in every view and event, whatever its name.
+    pub secret: bool,
 }
 
 /// The options a job declares, by name.
@@ -256,6 +258,7 @@ impl OptionSchema {
                 required: true,
                 default: None,
                 doc,
+                secret: false,
             },
         );
         self
@@ -276,9 +279,27 @@ impl OptionSchema {
                 required: false,
                 default,
                 doc,
+                secret: false,
             },
         );
         self
+    }
+
+    /// Marks a declared option as secret (see [`OptionSpec::secret`]).
+    pub fn secret(mut self, name: &'static str) -> Self {
+        if let Some(spec) = self.options.get_mut(name) {
+            spec.secret = true;
+        }
+        self
+    }
+
+    /// The names of the options declared secret.
+    pub fn secrets(&self) -> Vec<String> {
+        self.options
+            .iter()
+            .filter(|(_, s)| s.secret)
+            .map(|(k, _)| (*k).to_owned())
+            .collect()
     }
 
     /// The job defaults as an options object.

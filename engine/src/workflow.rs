@@ -257,6 +257,21 @@ impl WorkflowView {
     /// come back from the API.
     pub fn build(rec: &WorkflowRecord, tasks: &[TaskRecord]) -> Self {
         let mut options = rec.options.clone();
+        // Options a job declares secret, in the run layer that sets them for its task.
+        for (layer, values) in options.iter_mut() {
+            for t in &rec.plan.tasks {
+                if layer != "defaults" && *layer != t.label {
+                    continue;
+                }
+                for key in &t.secrets {
+                    if let Some(v) = values.get_mut(key)
+                        && !v.is_null()
+                    {
+                        *v = Value::from(REDACTED);
+                    }
+                }
+            }
+        }
         options.values_mut().for_each(redact_secrets);
         let mut context = context_of(&rec.plan, tasks);
         redact_secrets(&mut context);

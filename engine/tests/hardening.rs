@@ -473,3 +473,22 @@ tasks:
     assert_eq!(got, hostile, "the callback's text was evaluated again");
     h.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn options_a_job_declares_secret_are_redacted_whatever_their_name() {
+    let g = "{injectableName: G, tasks: [{label: in, taskName: Task.Login}, {label: other, taskName: Task.Noop}]}";
+    let h = start(Arc::new(MemStore::new()), &[g], |_| {});
+    let v = h
+        .run(
+            "G",
+            json!({"in": {"pin": "4711"}, "other": {"pin": "shown"}}),
+            None,
+        )
+        .await;
+    let end = h.wait(&v.instance_id).await;
+    assert_eq!(end.options["in"]["pin"], "<redacted>");
+    // Another task's job does not declare it: the value is not a secret there.
+    assert_eq!(end.options["other"]["pin"], "shown");
+    assert!(!serde_json::to_string(&end).unwrap().contains("4711"));
+    h.stop().await;
+}

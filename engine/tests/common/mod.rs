@@ -40,6 +40,7 @@ fn spec(kind: OptionKind, default: Option<Value>) -> OptionSpec {
         required: false,
         default,
         doc: "test option",
+        secret: false,
     }
 }
 
@@ -109,6 +110,7 @@ async fn run_test_job(name: &str, ctx: &JobContext, probe: &Probe) -> JobResult 
         }
         "panic" => panic!("boom: {}", ctx.label),
         "wait" => ctx.services.wait_notification(ctx).await,
+        "login" => Ok(json!({})),
         other => Err(JobError::new(format!("no test job {other}"))),
     }
 }
@@ -139,6 +141,17 @@ pub fn jobs(probe: &Arc<Probe>) -> JobRegistry {
     reg.register(mk("panic", OptionSchema::new()));
     reg.register(mk("wait", OptionSchema::new()));
     reg.register(mk(
+        "login",
+        OptionSchema::new()
+            .optional(
+                "pin",
+                OptionKind::String,
+                None,
+                "a secret with a harmless name",
+            )
+            .secret("pin"),
+    ));
+    reg.register(mk(
         "flaky",
         OptionSchema::new().optional("failTimes", OptionKind::Integer, Some(json!(1)), "n"),
     ));
@@ -154,6 +167,7 @@ pub const TASKS: &str = r#"
 - {injectableName: Task.Hang, implementsTask: hang}
 - {injectableName: Task.Panic, implementsTask: panic}
 - {injectableName: Task.WaitNode, implementsTask: wait}
+- {injectableName: Task.Login, implementsTask: login}
 - {injectableName: Task.Flaky, implementsTask: flaky}
 - {injectableName: Task.Graph.Run, implementsTask: graph.run}
 "#;

@@ -56,7 +56,8 @@ impl DiscoveryRedfishJob {
                     OptionKind::Bool,
                     Some(Value::Bool(true)),
                     "whether to verify the BMC's TLS certificate",
-                ),
+                )
+                .secret("password"),
             drivers,
         }
     }
