@@ -36,8 +36,12 @@ use pb::definitions_server::{Definitions as DefinitionsRpc, DefinitionsServer};
 use pb::nodes_server::{Nodes as NodesRpc, NodesServer};
 use pb::workflows_server::{Workflows as WorkflowsRpc, WorkflowsServer};
 
-/// Builds the gRPC router: our three services, reflection and health.
-pub fn router(engine: Engine) -> anyhow::Result<tonic::transport::server::Router> {
+/// Builds the gRPC router on `server` (tonic configured with the `[limits]`): our three
+/// services, reflection and health.
+pub fn router(
+    engine: Engine,
+    mut server: tonic::transport::Server,
+) -> anyhow::Result<tonic::transport::server::Router> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -74,7 +78,7 @@ pub fn router(engine: Engine) -> anyhow::Result<tonic::transport::server::Router
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
     });
-    Ok(tonic::transport::Server::builder()
+    Ok(server
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)
