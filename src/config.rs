@@ -155,6 +155,164 @@ pub struct Config {
     /// Network boot: DHCP, TFTP and the discovery of unknown machines (the `[boot]`
     /// section, `METALGRAPH_BOOT_*`, the flags of the same names). Off unless set.
     pub boot: crate::boot::BootConfig,
+    /// What a client may hold of the listeners: connections, and how long a slow or idle
+    /// one may keep its slot (the `[limits]` section, `METALGRAPH_LIMITS_*`;
+    /// docs/limits-network.md).
+    pub limits: LimitsConfig,
+}
+
+/// The `[limits]` section: bounds on the connections of each listener (management HTTP,
+/// node-facing HTTP, gRPC), so that slow or idle sockets cannot exhaust descriptors or
+/// starve the APIs. Every field has a `METALGRAPH_LIMITS_*` variable named after it
+/// (`max_connections` reads `METALGRAPH_LIMITS_MAX_CONNECTIONS`); the first three have
+/// `serve` flags of the same name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// The most connections each listener serves at once (`--max-connections`). An HTTP
+    /// listener accepts 8 more (`server::conn::SPARE_CONNECTIONS`), which answer only
+    /// `GET /api/2.0/health` and a `503` to anything else; further connections, and gRPC
+    /// connections beyond the limit, wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// How long an HTTP client gets to send a complete request header, counted from the
+    /// connection's start and, on a kept-alive connection, from the first byte of the next
+    /// request; for gRPC, how long a new connection gets to send the HTTP/2 preface
+    /// (`--header-read-timeout-ms`).
+    pub header_read_timeout_ms: u64,
+    /// How long an HTTP connection may go without a byte read or written, between requests
+    /// (keep-alive) or during one (a stalled upload or download), before it is closed
+    /// (`--idle-timeout-ms`). Longer than `cancel_grace_ms`, which a cancel request may wait.
+    pub idle_timeout_ms: u64,
+    /// How long a gRPC call may take to produce its response (for `Watch`, its first
+    /// message: the stream itself is not limited); clients may ask for less with
+    /// `grpc-timeout`. Longer than `cancel_grace_ms`.
+    pub grpc_request_timeout_ms: u64,
+    /// How often the gRPC server pings an HTTP/2 connection to find dead peers.
+    pub grpc_keepalive_interval_ms: u64,
+    /// How long a gRPC ping may go unanswered before the connection is closed.
+    pub grpc_keepalive_timeout_ms: u64,
+    /// The most concurrent calls (HTTP/2 streams) on one gRPC connection.
+    pub grpc_max_concurrent_streams: u32,
+    /// The age at which a gRPC connection is asked to go away (HTTP/2 GOAWAY): calls in
+    /// progress finish, clients reconnect. Bounds how long an idle gRPC connection holds its
+    /// slot, since pings keep it alive.
+    pub grpc_max_connection_age_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 1024,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            grpc_request_timeout_ms: 60_000,
+            grpc_keepalive_interval_ms: 30_000,
+            grpc_keepalive_timeout_ms: 10_000,
+            grpc_max_concurrent_streams: 128,
+            grpc_max_connection_age_ms: 1_800_000,
+        }
+    }
+}
+
+/// The `serve` flags of the `[limits]` section; each one given overrides every other layer.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LimitsArgs {
+    /// The most connections each listener serves at once (default 1024).
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// How long a client gets to send a request header, in ms (default 10000).
+    #[arg(long, value_name = "MS")]
+    pub header_read_timeout_ms: Option<u64>,
+    /// How long an HTTP connection may stay silent, in ms (default 60000).
+    #[arg(long, value_name = "MS")]
+    pub idle_timeout_ms: Option<u64>,
+}
+
+impl LimitsConfig {
+    /// Applies the `METALGRAPH_LIMITS_*` variables.
+    pub fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), Error> {
+        let var = |name: &str| {
+            let var = format!("METALGRAPH_LIMITS_{name}");
+            env(&var).map(|value| (var, value))
+        };
+        if let Some((v, s)) = var("MAX_CONNECTIONS") {
+            self.max_connections = parse(&v, &s)?;
+        }
+        for (name, field) in [
+            ("HEADER_READ_TIMEOUT_MS", &mut self.header_read_timeout_ms),
+            ("IDLE_TIMEOUT_MS", &mut self.idle_timeout_ms),
+            ("GRPC_REQUEST_TIMEOUT_MS", &mut self.grpc_request_timeout_ms),
+            (
+                "GRPC_KEEPALIVE_INTERVAL_MS",
+                &mut self.grpc_keepalive_interval_ms,
+            ),
+            (
+                "GRPC_KEEPALIVE_TIMEOUT_MS",
+                &mut self.grpc_keepalive_timeout_ms,
+            ),
+            (
+                "GRPC_MAX_CONNECTION_AGE_MS",
+                &mut self.grpc_max_connection_age_ms,
+            ),
+        ] {
+            if let Some((v, s)) = var(name) {
+                *field = parse(&v, &s)?;
+            }
+        }
+        if let Some((v, s)) = var("GRPC_MAX_CONCURRENT_STREAMS") {
+            self.grpc_max_concurrent_streams = parse(&v, &s)?;
+        }
+        Ok(())
+    }
+
+    /// Applies the flags that were given.
+    pub fn apply_flags(&mut self, flags: &LimitsArgs) {
+        if let Some(n) = flags.max_connections {
+            self.max_connections = n;
+        }
+        if let Some(ms) = flags.header_read_timeout_ms {
+            self.header_read_timeout_ms = ms;
+        }
+        if let Some(ms) = flags.idle_timeout_ms {
+            self.idle_timeout_ms = ms;
+        }
+    }
+
+    /// Checks that every limit is a limit: none may be zero.
+    pub fn check(&self) -> Result<(), Error> {
+        let fields: [(&'static str, u64); 8] = [
+            ("limits.max_connections", self.max_connections as u64),
+            ("limits.header_read_timeout_ms", self.header_read_timeout_ms),
+            ("limits.idle_timeout_ms", self.idle_timeout_ms),
+            (
+                "limits.grpc_request_timeout_ms",
+                self.grpc_request_timeout_ms,
+            ),
+            (
+                "limits.grpc_keepalive_interval_ms",
+                self.grpc_keepalive_interval_ms,
+            ),
+            (
+                "limits.grpc_keepalive_timeout_ms",
+                self.grpc_keepalive_timeout_ms,
+            ),
+            (
+                "limits.grpc_max_concurrent_streams",
+                u64::from(self.grpc_max_concurrent_streams),
+            ),
+            (
+                "limits.grpc_max_connection_age_ms",
+                self.grpc_max_connection_age_ms,
+            ),
+        ];
+        match fields.into_iter().find(|(_, v)| *v == 0) {
+            Some((field, _)) => Err(Error::Field {
+                field,
+                message: "must be at least 1".into(),
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Default for Config {
@@ -175,6 +333,7 @@ impl Default for Config {
             files_dir: None,
             templates_dir: None,
             boot: crate::boot::BootConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -215,6 +374,9 @@ pub struct ServeArgs {
     /// Network boot.
     #[command(flatten, next_help_heading = "Network boot")]
     pub boot: crate::boot::BootArgs,
+    /// Connection limits.
+    #[command(flatten, next_help_heading = "Limits")]
+    pub limits: LimitsArgs,
 }
 
 impl Config {
@@ -305,6 +467,7 @@ impl Config {
             self.templates_dir = optional_dir(&s);
         }
         self.boot.apply_env(env)?;
+        self.limits.apply_env(env)?;
         Ok(())
     }
 
@@ -338,11 +501,32 @@ impl Config {
             self.templates_dir = Some(d.clone());
         }
         self.boot.apply_flags(&flags.boot);
+        self.limits.apply_flags(&flags.limits);
     }
 
     /// Checks values no type can express.
     fn check(&self) -> Result<(), Error> {
         self.boot.check()?;
+        self.limits.check()?;
+        // A cancel request waits until the workflow's jobs have stopped, each with the
+        // cancel grace; a connection must not be cut as idle or timed out meanwhile.
+        for (field, limit) in [
+            ("limits.idle_timeout_ms", self.limits.idle_timeout_ms),
+            (
+                "limits.grpc_request_timeout_ms",
+                self.limits.grpc_request_timeout_ms,
+            ),
+        ] {
+            if limit <= self.cancel_grace_ms {
+                return Err(Error::Field {
+                    field,
+                    message: format!(
+                        "must be longer than cancel_grace_ms ({}), which a cancel request may wait",
+                        self.cancel_grace_ms
+                    ),
+                });
+            }
+        }
         if self.max_running_jobs == 0 {
             return Err(Error::Field {
                 field: "max_running_jobs",
@@ -457,6 +641,95 @@ mod tests {
                 "the example file lacks field {field}"
             );
         }
+        let limits = example["limits"].as_table().expect("a [limits] table");
+        for field in fields["limits"].as_object().expect("an object").keys() {
+            assert!(
+                limits.contains_key(field),
+                "the example file lacks field limits.{field}"
+            );
+        }
+        assert_eq!(config.limits, LimitsConfig::default());
+    }
+
+    #[test]
+    fn limits_layer_like_every_other_field_and_none_may_be_zero() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("m.toml");
+        std::fs::write(
+            &path,
+            "[limits]\nmax_connections = 64\nidle_timeout_ms = 6000\ngrpc_max_concurrent_streams = 8\n",
+        )
+        .expect("written");
+        let env = env_of(&[
+            ("METALGRAPH_CONFIG", path.to_str().expect("utf-8")),
+            ("METALGRAPH_LIMITS_MAX_CONNECTIONS", "32"),
+            ("METALGRAPH_LIMITS_HEADER_READ_TIMEOUT_MS", "1500"),
+            ("METALGRAPH_LIMITS_GRPC_KEEPALIVE_INTERVAL_MS", "2000"),
+        ]);
+        let config = Config::load(&ServeArgs::default(), &env).expect("loads");
+        let want = LimitsConfig {
+            max_connections: 32,
+            header_read_timeout_ms: 1500,
+            idle_timeout_ms: 6000,
+            grpc_keepalive_interval_ms: 2000,
+            grpc_max_concurrent_streams: 8,
+            ..LimitsConfig::default()
+        };
+        assert_eq!(config.limits, want);
+        let flags = ServeArgs {
+            limits: LimitsArgs {
+                max_connections: Some(16),
+                idle_timeout_ms: Some(7000),
+                ..LimitsArgs::default()
+            },
+            ..ServeArgs::default()
+        };
+        let config = Config::load(&flags, &env).expect("loads");
+        assert_eq!(
+            (config.limits.max_connections, config.limits.idle_timeout_ms),
+            (16, 7000)
+        );
+        assert_eq!(config.limits.header_read_timeout_ms, 1500);
+
+        for (var, value, field) in [
+            (
+                "METALGRAPH_LIMITS_MAX_CONNECTIONS",
+                "0",
+                "limits.max_connections",
+            ),
+            (
+                "METALGRAPH_LIMITS_IDLE_TIMEOUT_MS",
+                "0",
+                "limits.idle_timeout_ms",
+            ),
+            (
+                "METALGRAPH_LIMITS_GRPC_MAX_CONCURRENT_STREAMS",
+                "0",
+                "limits.grpc_max_concurrent_streams",
+            ),
+            (
+                "METALGRAPH_LIMITS_MAX_CONNECTIONS",
+                "many",
+                "METALGRAPH_LIMITS_MAX_CONNECTIONS",
+            ),
+        ] {
+            let err = Config::load(&ServeArgs::default(), &env_of(&[(var, value)]))
+                .expect_err(var)
+                .to_string();
+            assert!(err.contains(field), "{var}={value}: {err}");
+        }
+        let err = Config::load(
+            &ServeArgs::default(),
+            &env_of(&[
+                ("METALGRAPH_CANCEL_GRACE_MS", "5000"),
+                ("METALGRAPH_LIMITS_IDLE_TIMEOUT_MS", "4000"),
+            ]),
+        )
+        .expect_err("an idle timeout shorter than a cancel")
+        .to_string();
+        assert!(err.contains("limits.idle_timeout_ms"), "{err}");
+        let err = Config::from_toml("[limits]\nmax_conections = 3\n").expect_err("a typo");
+        assert!(err.contains("max_conections"), "{err}");
     }
 
     #[test]

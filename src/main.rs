@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the engine with its management API (and, if configured, the node-facing API).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Graph definitions on a server.
     Graphs {
         #[command(flatten)]
@@ -200,7 +200,7 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Validate { files } => validate(&files),
         Command::Graphs { remote, action } => {
             let c = Client::new(&remote.server)?;

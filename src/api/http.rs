@@ -18,7 +18,7 @@ use axum::routing::{get, post, put};
 use metalgraph_engine::definitions::{self, Source};
 use metalgraph_engine::model::{Definition, RunOptions};
 use metalgraph_engine::nodes::{Node, Obm};
-use metalgraph_engine::template::Renderer;
+use metalgraph_engine::template::{self, Renderer};
 use metalgraph_engine::{ListFilter, RunRequest, WorkflowView};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -663,7 +663,8 @@ struct TemplateQuery {
 /// undefined, over `node` (never a secret), `api` (`base`, `nodeBase`, `files`) and, while
 /// a task of the node waits for its callback, `notification` (`url`, `token`,
 /// `workflowId`). A template that uses `notification` while nothing waits is a 409 saying
-/// so, rather than a callback URL without a token.
+/// so, rather than a callback URL without a token. A printed value with a control
+/// character is a 422: it would add a line to what the node runs.
 async fn template(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -712,7 +713,10 @@ async fn template(
             "workflowId": workflow_id,
         });
     }
-    let rendered = Renderer::new().render_str(&source, &vars).map_err(|e| {
+    // No printed value may add or end a line: the node's name, tags and OBM host are the
+    // node's or its BMC's, not the operator's.
+    let renderer = Renderer::checked(template::no_control_characters);
+    let rendered = renderer.render_str(&source, &vars).map_err(|e| {
         if waiting.is_none() && source.contains("notification") {
             ApiError::new(
                 StatusCode::CONFLICT,

@@ -17,6 +17,10 @@
 //! Once a script is due, failures (a template that does not render, a store error) are
 //! answered with an iPXE script that shows a short message and retries, since a booting
 //! machine cannot read a JSON error; the details go to the log.
+//!
+//! Profiles are rendered with [`boot::profile_renderer`]: no printed value may add, end or
+//! join a script line, and what a node or its BMC controls is printed as inert iPXE words
+//! (see [`boot::ProfileVars`]).
 
 use axum::extract::State;
 use axum::http::header;
@@ -57,12 +61,15 @@ pub async fn profiles(
 }
 
 /// Reads the MACs and what iPXE reported. MACs that do not parse (an iPXE setting that
-/// expanded to nothing, say) are skipped; at least one must remain.
+/// expanded to nothing, say) are skipped; at least one must remain. `uuid`, `platform` and
+/// `buildarch` end up in the node's catalog and in its boot scripts, so each must match what
+/// iPXE itself writes (see [`reported`]) or the request is refused naming it.
 fn parse_query(pairs: &[(String, String)]) -> Result<Report, ApiError> {
     let mut report = Report::default();
-    let value = |v: &str| Some(v.trim().to_owned()).filter(|v| !v.is_empty());
+    // The first value that breaks its grammar; a missing MAC is reported before it.
+    let mut bad = None;
     for (k, v) in pairs {
-        match k.as_str() {
+        let field = match k.as_str() {
             "macs" | "mac" => {
                 for m in v.split(',') {
                     if let Ok(mac) = m.trim().parse::<MacAddr>()
@@ -71,11 +78,18 @@ fn parse_query(pairs: &[(String, String)]) -> Result<Report, ApiError> {
                         report.macs.push(mac);
                     }
                 }
+                continue;
             }
-            "uuid" => report.uuid = value(v),
-            "platform" => report.platform = value(v),
-            "buildarch" => report.buildarch = value(v),
-            _ => {}
+            "uuid" => &mut report.uuid,
+            "platform" => &mut report.platform,
+            "buildarch" => &mut report.buildarch,
+            _ => continue,
+        };
+        match reported(k, v) {
+            Ok(value) => *field = value,
+            Err(why) => {
+                bad.get_or_insert(why);
+            }
         }
     }
     if report.macs.is_empty() {
@@ -83,7 +97,48 @@ fn parse_query(pairs: &[(String, String)]) -> Result<Report, ApiError> {
             "query parameter 'macs' (or 'mac') must hold at least one MAC address, e.g. ?macs=${net0/mac}",
         ));
     }
-    Ok(report)
+    match bad {
+        Some(why) => Err(ApiError::bad_request(why)),
+        None => Ok(report),
+    }
+}
+
+/// One value iPXE reported, checked against the grammar of what iPXE writes for it: `uuid`
+/// is `${uuid}`, an SMBIOS UUID (`8-4-4-4-12` hex digits); `platform` (`pcbios`, `efi`)
+/// and `buildarch` (`i386`, `x86_64`, `arm64`, ...) are short lower-case words. Empty (the
+/// setting is unset) is none.
+fn reported(key: &str, value: &str) -> Result<Option<String>, String> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(None);
+    }
+    let ok = match key {
+        "uuid" => {
+            let groups: Vec<&str> = value.split('-').collect();
+            groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+                && groups
+                    .iter()
+                    .all(|g| g.chars().all(|c| c.is_ascii_hexdigit()))
+        }
+        _ => {
+            value.len() <= 32
+                && value
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        }
+    };
+    if ok {
+        return Ok(Some(value.to_owned()));
+    }
+    let want = match key {
+        "uuid" => "an SMBIOS UUID like 27946b59-9e44-4fa7-8e91-000000000001, as iPXE's ${uuid}",
+        "platform" => "a lower-case word like pcbios or efi, as iPXE's ${platform}",
+        _ => "a lower-case word like x86_64 or arm64, as iPXE's ${buildarch}",
+    };
+    let shown: String = value.chars().take(40).collect();
+    Err(format!(
+        "query parameter '{key}' must be {want}; got {shown:?}"
+    ))
 }
 
 /// What the machine should run; errors are turned into a retry script by the caller.
@@ -170,7 +225,7 @@ async fn render(
     }
     .build()
     .map_err(|e| anyhow::anyhow!("profile {name} of node {}: {e}", node.id))?;
-    let script = metalgraph_engine::template::Renderer::new()
+    let script = boot::profile_renderer()
         .render_str(&source, &vars)
         .map_err(|e| anyhow::anyhow!("profile {name} of node {}: {e}", node.id))?;
     info!(node = %node.id, profile = name, task = ?task.map(|t| &t.label), "profile served");
@@ -212,5 +267,35 @@ mod tests {
         assert_eq!(r.platform.as_deref(), Some("pcbios"));
         assert!(parse_query(&pairs(&[("macs", "nope")])).is_err());
         assert!(parse_query(&[]).is_err());
+    }
+
+    #[test]
+    fn reported_values_follow_what_ipxe_writes_or_are_refused() {
+        let cases = [
+            ("uuid", "27946B59-9E44-4FA7-8E91-000000000001", true),
+            ("uuid", "", true),
+            ("uuid", "27946b59-9e44-4fa7-8e91-00000000000", false),
+            ("uuid", "27946b59 9e44-4fa7-8e91-000000000001", false),
+            ("uuid", "not-a-uuid", false),
+            ("platform", "pcbios", true),
+            ("platform", "efi", true),
+            ("platform", "efi\nchain http://127.0.0.1:1/pwn.ipxe", false),
+            ("platform", "efi ${x}", false),
+            ("platform", "EFI", false),
+            ("buildarch", "x86_64", true),
+            ("buildarch", "arm64", true),
+            ("buildarch", "i386;reboot", false),
+            ("buildarch", &"a".repeat(33), false),
+        ];
+        for (key, value, ok) in cases {
+            let got = parse_query(&pairs(&[("macs", "52:54:00:00:00:01"), (key, value)]));
+            match (ok, got) {
+                (true, Ok(_)) => {}
+                (false, Err(e)) => {
+                    assert!(e.message.contains(key), "{key}={value:?}: {}", e.message)
+                }
+                (ok, got) => panic!("{key}={value:?}: expected ok={ok}, got {got:?}"),
+            }
+        }
     }
 }

@@ -51,6 +51,16 @@ impl Server {
 
     /// `start` with a log level and captured logs.
     pub fn launch(data_dir: &Path, store: &str, launch: Launch) -> Server {
+        Server::launch_with_env(data_dir, store, launch, &[])
+    }
+
+    /// `launch` with extra environment variables (`METALGRAPH_*` settings).
+    pub fn launch_with_env(
+        data_dir: &Path,
+        store: &str,
+        launch: Launch,
+        env: &[(&str, &str)],
+    ) -> Server {
         let extra = &launch.args;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_metalgraph"));
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--store", store])
@@ -58,6 +68,7 @@ impl Server {
             .arg(data_dir)
             .args(extra)
             .env("RUST_LOG", launch.rust_log.as_deref().unwrap_or("warn"))
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
         match &launch.log {
