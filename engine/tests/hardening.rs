@@ -492,3 +492,37 @@ async fn options_a_job_declares_secret_are_redacted_whatever_their_name() {
     assert!(!serde_json::to_string(&end).unwrap().contains("4711"));
     h.stop().await;
 }
+
+/// A cancel that arrives while a task's options are still rendering ends that task
+/// cancelled, not succeeded, and the scheduler answers the cancel without waiting for the
+/// render (which runs on the blocking pool, bounded by its fuel).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_during_a_render_cancels_the_task() {
+    // Each option is a template of its own, each within its fuel: together they take a
+    // while to render.
+    let heavy = "{% for i in range(300) %}{% for j in range(900) %}{% endfor %}{% endfor %}";
+    let g = format!(
+        "{{injectableName: G, tasks: [{{label: slow, taskName: Task.Echo, optionOverrides: {{{}}}}}]}}",
+        (0..6)
+            .map(|i| format!("o{i}: \"{heavy}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let g = g.as_str();
+    let h = start(Arc::new(MemStore::new()), &[g], |_| {});
+    let v = h.run("G", json!({}), None).await;
+    // The task is running: its options are being rendered.
+    while h.engine.get(&v.instance_id).await.unwrap().unwrap().tasks[0].state
+        != metalgraph_engine::TaskState::Running
+    {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let end = h.engine.cancel(&v.instance_id).await.unwrap();
+    assert_eq!(end.status, WorkflowStatus::Cancelled);
+    assert_eq!(states(&end), "slow=cancelled");
+    assert!(
+        h.probe.succeeded.lock().unwrap().is_empty(),
+        "the job ran after the cancel"
+    );
+    h.stop().await;
+}

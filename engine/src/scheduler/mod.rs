@@ -330,7 +330,13 @@ impl JobRun {
                 Err(e) => return Outcome::Failed(format!("node {id} could not be read: {e}")),
             },
         };
-        let options = match render(&self.job, &self.renderer, &self.api, &s, &node).await {
+        let rendered = render(&self.job, &self.renderer, &self.api, &s, &node).await;
+        // Cancelled while the node was read or the options rendered: the job never starts,
+        // and the task ends cancelled whatever the render gave.
+        if self.token.is_cancelled() {
+            return Outcome::Cancelled;
+        }
+        let options = match rendered {
             Ok(options) => options,
             Err(e) => return Outcome::Failed(e),
         };
