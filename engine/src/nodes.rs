@@ -4,7 +4,7 @@
 //! OBM passwords are write-only: they are stored and handed to jobs, but every view meant
 //! for the outside world ([`Node::public`]) leaves them out, and `Debug` never prints them.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use metalgraph_store::{Batch, Store};
 use serde::{Deserialize, Serialize};
@@ -296,7 +296,22 @@ impl From<tokio::task::JoinError> for Error {
 #[derive(Clone)]
 pub struct Nodes {
     store: Arc<dyn Store>,
+    cache: Arc<Mutex<Cache>>,
 }
+
+/// The nodes jobs read when they start, kept in memory so that a job's start does not wait
+/// on the store (every attempt reads its node afresh, so that a corrected OBM is used).
+/// Writers through [`Nodes`] update it after their commit; a reader fills it only when no
+/// write happened since it began reading (`generation`), so it never holds a stale node.
+/// At most [`CACHE_CAPACITY`] nodes are kept; beyond that, reads go to the store.
+#[derive(Default)]
+struct Cache {
+    nodes: std::collections::HashMap<String, Node>,
+    generation: u64,
+}
+
+/// The most nodes the cache keeps.
+pub const CACHE_CAPACITY: usize = 16_384;
 
 impl std::fmt::Debug for Nodes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -306,7 +321,48 @@ impl std::fmt::Debug for Nodes {
 
 impl Nodes {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+        Self {
+            store,
+            cache: Arc::default(),
+        }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a committed write of node `id` (`None`: deleted).
+    fn wrote(&self, id: &str, node: Option<&Node>) {
+        let mut c = self.cache();
+        c.generation += 1;
+        match node {
+            Some(n) if c.nodes.contains_key(id) || c.nodes.len() < CACHE_CAPACITY => {
+                c.nodes.insert(id.to_owned(), n.clone());
+            }
+            _ => {
+                c.nodes.remove(id);
+            }
+        }
+    }
+
+    /// A node as last committed, from memory when it is there, else from the store (then
+    /// remembered).
+    pub async fn current(&self, id: &str) -> Result<Option<Node>, crate::Error> {
+        let generation = {
+            let c = self.cache();
+            if let Some(n) = c.nodes.get(id) {
+                return Ok(Some(n.clone()));
+            }
+            c.generation
+        };
+        let node = self.get(id).await?;
+        if let Some(n) = &node {
+            let mut c = self.cache();
+            if c.generation == generation && c.nodes.len() < CACHE_CAPACITY {
+                c.nodes.insert(id.to_owned(), n.clone());
+            }
+        }
+        Ok(node)
     }
 
     fn read(&self, id: &str) -> Result<Option<(Node, Vec<u8>)>, Error> {
@@ -365,7 +421,10 @@ impl Nodes {
         self.index_identifiers(&mut batch, &node, &[])?;
         batch.put(keys::NODES, node.id.as_bytes(), encode(&node));
         match self.store.commit(batch) {
-            Ok(()) => Ok(node),
+            Ok(()) => {
+                self.wrote(&node.id, Some(&node));
+                Ok(node)
+            }
             Err(metalgraph_store::Error::Conflict { index: 0, .. }) => {
                 Err(Error::Exists(node.id.clone()))
             }
@@ -401,7 +460,10 @@ impl Nodes {
         self.index_identifiers(&mut batch, &node, &old.identifiers)?;
         batch.put(keys::NODES, id.as_bytes(), encode(&node));
         match self.store.commit(batch) {
-            Ok(()) => Ok(node),
+            Ok(()) => {
+                self.wrote(&node.id, Some(&node));
+                Ok(node)
+            }
             Err(metalgraph_store::Error::Conflict { .. }) => {
                 Err(Error::Conflict(id.to_owned()).into())
             }
@@ -440,7 +502,10 @@ impl Nodes {
         }
         batch.delete(keys::NODES, id.as_bytes());
         match self.store.commit(batch) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.wrote(id, None);
+                Ok(())
+            }
             Err(metalgraph_store::Error::Conflict { index: 1, .. }) => Err(Error::Busy {
                 id: id.to_owned(),
                 workflow: "(just started)".to_owned(),

@@ -206,6 +206,9 @@ pub struct Core {
     /// at a time, so a workflow of a thousand ready tasks cannot hold every slot while
     /// others wait.
     ring: VecDeque<String>,
+    /// Queued tasks whose job takes no slot: while every slot is taken and there are none,
+    /// nothing can start and the ring is not walked.
+    queued_free: usize,
     running_slots: usize,
     step: Step,
 }
@@ -218,6 +221,7 @@ impl Core {
             max_running: max_running.max(1),
             wfs: HashMap::new(),
             ring: VecDeque::new(),
+            queued_free: 0,
             running_slots: 0,
             step: Step::default(),
         }
@@ -397,6 +401,9 @@ impl Core {
                         w.restart[i] = true;
                         w.queued[i] = true;
                         w.ready.push_front(i);
+                        if !takes_slot(&self.jobs, &w.rec.plan.tasks[i].job) {
+                            self.queued_free += 1;
+                        }
                     }
                 }
                 TaskState::Pending => {
@@ -452,6 +459,9 @@ impl Core {
                     Readiness::Ready if w.tasks[i].retry_at.is_none() => {
                         w.queued[i] = true;
                         w.ready.push_back(i);
+                        if !takes_slot(&self.jobs, &w.rec.plan.tasks[i].job) {
+                            self.queued_free += 1;
+                        }
                     }
                     _ => {}
                 }
@@ -524,6 +534,9 @@ impl Core {
     fn start_queued(&mut self, now: u64) {
         let mut without_start = 0;
         while without_start < self.ring.len() {
+            if self.running_slots >= self.max_running && self.queued_free == 0 {
+                break;
+            }
             let Some(id) = self.ring.pop_front() else {
                 break;
             };
@@ -533,15 +546,18 @@ impl Core {
             w.in_ring = false;
             let free = self.running_slots < self.max_running;
             let jobs = &self.jobs;
-            let takes_slot = |i: usize| {
-                jobs.get(&w.rec.plan.tasks[i].job)
-                    .is_none_or(|j| j.occupies_slot())
-            };
-            let next = w.ready.iter().position(|&i| free || !takes_slot(i));
+            let tasks = &w.rec.plan.tasks;
+            let next = w
+                .ready
+                .iter()
+                .position(|&i| free || !takes_slot(jobs, &tasks[i].job));
             let started = match next {
                 Some(pos) => {
                     let idx = w.ready.remove(pos).expect("the position was just found");
-                    let slot = takes_slot(idx);
+                    let slot = takes_slot(jobs, &tasks[idx].job);
+                    if !slot {
+                        self.queued_free -= 1;
+                    }
                     self.start_task(&id, idx, slot, now);
                     true
                 }
@@ -726,6 +742,11 @@ impl Core {
         }
         self.advance(id, now);
     }
+}
+
+/// Whether a job takes one of the limited job slots (an unknown one does: it fails at once).
+fn takes_slot(jobs: &JobRegistry, job: &str) -> bool {
+    jobs.get(job).is_none_or(|j| j.occupies_slot())
 }
 
 /// The wait before retry number `failures + 1`: `backoff` doubled per earlier failure,

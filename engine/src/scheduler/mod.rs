@@ -324,7 +324,7 @@ impl JobRun {
         // The node is read when each attempt starts, so that a retry sees a corrected OBM.
         let node = match &s.node {
             None => None,
-            Some(id) => match self.engine.nodes().get(id).await {
+            Some(id) => match self.engine.nodes().current(id).await {
                 Ok(Some(n)) => Some(n),
                 Ok(None) => return Outcome::Failed(format!("node {id} no longer exists")),
                 Err(e) => return Outcome::Failed(format!("node {id} could not be read: {e}")),
