@@ -394,7 +394,7 @@ fn check_kind(kind: &OptionKind, v: &Value) -> Result<(), String> {
 }
 
 /// A JSON value's type in words, for error messages that must not show the value itself.
-fn json_kind(v: &Value) -> &'static str {
+pub fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

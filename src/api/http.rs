@@ -16,6 +16,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse as _, Response};
 use axum::routing::{get, post, put};
 use metalgraph_engine::definitions::{self, Source};
+use metalgraph_engine::job::json_kind;
 use metalgraph_engine::model::{Definition, RunOptions};
 use metalgraph_engine::nodes::{Node, Obm};
 use metalgraph_engine::template::{self, Renderer};
@@ -298,7 +299,7 @@ fn run_options(v: Value) -> Result<RunOptions> {
         other => {
             return Err(ApiError::bad_request(format!(
                 "field 'options' must be an object {{defaults: {{...}}, <label>: {{...}}}}, got {}",
-                kind_of(&other)
+                json_kind(&other)
             )));
         }
     };
@@ -312,23 +313,12 @@ fn run_options(v: Value) -> Result<RunOptions> {
             other => {
                 return Err(ApiError::bad_request(format!(
                     "field 'options.{k}' must be an object of options, got {}",
-                    kind_of(&other)
+                    json_kind(&other)
                 )));
             }
         }
     }
     Ok(out)
-}
-
-fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
 }
 
 fn graph_name(body: Option<String>, query: Option<String>) -> Result<String> {
@@ -626,7 +616,7 @@ async fn notification(
         other => {
             return Err(ApiError::bad_request(format!(
                 "a notification body must be an object, got {}",
-                kind_of(&other)
+                json_kind(&other)
             )));
         }
     };
