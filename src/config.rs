@@ -197,6 +197,8 @@ pub struct LimitsConfig {
     /// progress finish, clients reconnect. Bounds how long an idle gRPC connection holds its
     /// slot, since pings keep it alive.
     pub grpc_max_connection_age_ms: u64,
+    /// The most tasks one graph may have; a larger one is refused when it is stored or run.
+    pub max_tasks_per_graph: usize,
 }
 
 impl Default for LimitsConfig {
@@ -210,6 +212,7 @@ impl Default for LimitsConfig {
             grpc_keepalive_timeout_ms: 10_000,
             grpc_max_concurrent_streams: 128,
             grpc_max_connection_age_ms: 1_800_000,
+            max_tasks_per_graph: metalgraph_engine::definitions::DEFAULT_MAX_TASKS_PER_GRAPH,
         }
     }
 }
@@ -262,6 +265,9 @@ impl LimitsConfig {
         if let Some((v, s)) = var("GRPC_MAX_CONCURRENT_STREAMS") {
             self.grpc_max_concurrent_streams = parse(&v, &s)?;
         }
+        if let Some((v, s)) = var("MAX_TASKS_PER_GRAPH") {
+            self.max_tasks_per_graph = parse(&v, &s)?;
+        }
         Ok(())
     }
 
@@ -280,8 +286,12 @@ impl LimitsConfig {
 
     /// Checks that every limit is a limit: none may be zero.
     pub fn check(&self) -> Result<(), Error> {
-        let fields: [(&'static str, u64); 8] = [
+        let fields: [(&'static str, u64); 9] = [
             ("limits.max_connections", self.max_connections as u64),
+            (
+                "limits.max_tasks_per_graph",
+                self.max_tasks_per_graph as u64,
+            ),
             ("limits.header_read_timeout_ms", self.header_read_timeout_ms),
             ("limits.idle_timeout_ms", self.idle_timeout_ms),
             (

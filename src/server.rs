@@ -82,6 +82,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let mut opts = EngineOptions::new(store.clone(), jobs(), library);
     opts.max_running_jobs = config.max_running_jobs;
     opts.cancel_grace = Duration::from_millis(config.cancel_grace_ms);
+    opts.max_tasks_per_graph = config.limits.max_tasks_per_graph;
     opts.api = ApiUrls {
         base: config
             .api_base_url

@@ -40,9 +40,12 @@ pub fn validate(files: &[(String, String)], library: &Library, jobs: &JobRegistr
                     .flat_map(|def| {
                         let result = match def {
                             Definition::Task(t) => definitions::validate_task(t, jobs).map(|_| ()),
-                            Definition::Graph(g) => {
-                                definitions::resolve(g, &lookup, jobs, None).map(|_| ())
-                            }
+                            Definition::Graph(g) => definitions::check_task_count(
+                                g,
+                                definitions::DEFAULT_MAX_TASKS_PER_GRAPH,
+                            )
+                            .and_then(|()| definitions::resolve(g, &lookup, jobs, None))
+                            .map(|_| ()),
                         };
                         result.err().map(|ps| ps.0).unwrap_or_default()
                     })

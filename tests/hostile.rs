@@ -436,7 +436,7 @@ tasks:
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    if !error.contains(hostile) || error.contains("49") {
+    if !error.ends_with(&format!("failed: {hostile}")) {
         wrong.push(format!("second-order template: {error}"));
     }
 

@@ -288,8 +288,27 @@ pub const MAX_BACKOFF_MS: u64 = 300_000;
 /// below its top-level workflow fails instead of starting another child.
 pub const MAX_SUBGRAPH_DEPTH: u32 = 8;
 
-/// The most tasks one graph may have.
-pub const MAX_TASKS_PER_GRAPH: usize = 1000;
+/// The most tasks one graph may have, unless the engine is configured otherwise
+/// (`EngineOptions::max_tasks_per_graph`).
+pub const DEFAULT_MAX_TASKS_PER_GRAPH: usize = 1000;
+
+/// The most tasks any graph may have, whatever the configuration.
+pub const MAX_TASKS_CEILING: usize = 100_000;
+
+/// Refuses a graph with more than `max` tasks.
+pub fn check_task_count(graph: &GraphDefinition, max: usize) -> Result<(), Problems> {
+    if graph.tasks.len() <= max {
+        return Ok(());
+    }
+    Err(Problems(vec![
+        Problem::new(format!(
+            "graph has {} tasks; at most {max} are allowed",
+            graph.tasks.len()
+        ))
+        .graph(&graph.injectable_name)
+        .field("tasks"),
+    ]))
+}
 
 /// The shortest backoff between retries.
 pub const MIN_BACKOFF_MS: u64 = 100;
@@ -313,16 +332,7 @@ pub fn resolve(
     if graph.tasks.is_empty() {
         problems.push(p("graph has no tasks".into()).field("tasks"));
     }
-    if graph.tasks.len() > MAX_TASKS_PER_GRAPH {
-        problems.push(
-            p(format!(
-                "graph has {} tasks; at most {MAX_TASKS_PER_GRAPH} are allowed",
-                graph.tasks.len()
-            ))
-            .field("tasks"),
-        );
-        return Err(Problems(problems));
-    }
+    check_task_count(graph, MAX_TASKS_CEILING)?;
 
     // Labels.
     let mut labels = BTreeSet::new();
@@ -895,6 +905,8 @@ pub struct Definitions {
     store: Arc<dyn Store>,
     library: Arc<Library>,
     jobs: Arc<JobRegistry>,
+    /// The most tasks a graph may have (see [`DEFAULT_MAX_TASKS_PER_GRAPH`]).
+    max_tasks: usize,
 }
 
 impl std::fmt::Debug for Definitions {
@@ -924,7 +936,14 @@ impl Definitions {
             store,
             library: Arc::new(library),
             jobs,
+            max_tasks: DEFAULT_MAX_TASKS_PER_GRAPH,
         }
+    }
+
+    /// Sets the most tasks a graph may have.
+    pub fn with_max_tasks(mut self, max: usize) -> Self {
+        self.max_tasks = max.clamp(1, MAX_TASKS_CEILING);
+        self
     }
 
     pub fn jobs(&self) -> &JobRegistry {
@@ -1033,6 +1052,7 @@ impl Definitions {
         &self,
         graph: &GraphDefinition,
     ) -> Result<Plan, Problems> {
+        check_task_count(graph, self.max_tasks)?;
         let plan = resolve(graph, &StoreLookup(self), &self.jobs, None)?;
         self.check_subgraph_cycle(graph, &plan)?;
         Ok(plan)
@@ -1179,6 +1199,7 @@ impl Definitions {
                 name: name.to_owned(),
             })?;
         let lookup = StoreLookup(self);
+        check_task_count(&graph, self.max_tasks).map_err(Error::Invalid)?;
         let plan = resolve(&graph, &lookup, &self.jobs, None).map_err(Error::Invalid)?;
         self.check_subgraph_cycle(&graph, &plan)
             .map_err(Error::Invalid)?;

@@ -52,6 +52,8 @@ pub struct EngineOptions {
     pub cancel_grace: Duration,
     pub api: ApiUrls,
     pub clock: Arc<dyn Clock>,
+    /// The most tasks a graph may have.
+    pub max_tasks_per_graph: usize,
 }
 
 impl EngineOptions {
@@ -64,6 +66,7 @@ impl EngineOptions {
             cancel_grace: Duration::from_secs(5),
             api: ApiUrls::default(),
             clock: Arc::new(SystemClock),
+            max_tasks_per_graph: crate::definitions::DEFAULT_MAX_TASKS_PER_GRAPH,
         }
     }
 }
@@ -133,7 +136,8 @@ impl Engine {
         let (tx, rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let jobs = Arc::new(opts.jobs);
-        let defs = Definitions::new(opts.store.clone(), opts.library, jobs.clone());
+        let defs = Definitions::new(opts.store.clone(), opts.library, jobs.clone())
+            .with_max_tasks(opts.max_tasks_per_graph);
         let inner = Arc::new(Inner {
             store: opts.store.clone(),
             nodes: Nodes::new(opts.store.clone()),

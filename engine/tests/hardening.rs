@@ -526,3 +526,31 @@ async fn a_cancel_during_a_render_cancels_the_task() {
     );
     h.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_task_count_limit_is_configurable() {
+    let g = "{injectableName: Four, tasks: [{label: a, taskName: Task.Noop}, {label: b, taskName: Task.Noop}, {label: c, taskName: Task.Noop}, {label: d, taskName: Task.Noop}]}";
+    let h = start(Arc::new(MemStore::new()), &[g], |o| {
+        o.max_tasks_per_graph = 3
+    });
+    match h
+        .engine
+        .run(RunRequest {
+            graph: "Four".into(),
+            node: None,
+            options: Default::default(),
+        })
+        .await
+    {
+        Err(Error::Invalid(p)) => {
+            assert!(
+                p.to_string().contains(
+                    "graph Four, field 'tasks': graph has 4 tasks; at most 3 are allowed"
+                ),
+                "{p}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    h.stop().await;
+}
