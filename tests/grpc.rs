@@ -12,7 +12,6 @@ use pb::nodes_client::NodesClient;
 use pb::workflows_client::WorkflowsClient;
 use support::Server;
 use tonic::Code;
-use tonic::transport::Channel;
 
 const GRAPH: &str = r#"
 injectableName: Grpc.Demo
@@ -30,17 +29,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-async fn connect(port: u16) -> Channel {
-    let url = format!("http://127.0.0.1:{port}");
-    for _ in 0..100 {
-        if let Ok(ch) = Channel::from_shared(url.clone()).unwrap().connect().await {
-            return ch;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("gRPC server on {url} did not come up");
 }
 
 fn options(greeting: &str) -> prost_types::Struct {
@@ -83,7 +71,7 @@ async fn every_rpc_and_watch() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let _server = Server::start(dir.path(), "sled", &["--grpc-listen", &addr]);
-    let ch = connect(port).await;
+    let ch = support::grpc_channel(port).await;
     let mut defs = DefinitionsClient::new(ch.clone());
     let mut wfs = WorkflowsClient::new(ch.clone());
     let mut nodes = NodesClient::new(ch.clone());
@@ -472,7 +460,7 @@ async fn foreign_clients_python_grpcio_and_buf_curl() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let _server = Server::start(dir.path(), "sled", &["--grpc-listen", &addr]);
-    connect(port).await;
+    support::grpc_channel(port).await;
 
     let out = tempfile::tempdir().unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/grpc_client.py");

@@ -167,24 +167,13 @@ fn redfish(host: &str, password: Option<&str>) -> Value {
     json!({"service": "redfish-obm-service", "config": config})
 }
 
-async fn connect(port: u16) -> Channel {
-    let url = format!("http://127.0.0.1:{port}");
-    for _ in 0..100 {
-        if let Ok(ch) = Channel::from_shared(url.clone()).unwrap().connect().await {
-            return ch;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("gRPC server on {url} did not come up");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_protocols_keep_the_same_rules() {
     let data = tempfile::tempdir().unwrap();
     let port = metalgraph_testkit::free_tcp_port();
     let grpc = format!("127.0.0.1:{port}");
     let server = Server::start(data.path(), "sled", &["--grpc-listen", &grpc]);
-    let channel = connect(port).await;
+    let channel = support::grpc_channel(port).await;
     let mut c = Clients {
         api: Api::new(&server.base),
         nodes: NodesClient::new(channel.clone()),

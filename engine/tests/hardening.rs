@@ -22,6 +22,21 @@ async fn node(h: &Harness, id: &str) {
         .unwrap();
 }
 
+/// Waits until a workflow of `graph` exists and meets `when`, and returns its id.
+async fn workflow_of(
+    h: &Harness,
+    graph: &str,
+    when: impl Fn(&metalgraph_engine::WorkflowView) -> bool,
+) -> String {
+    loop {
+        let all = h.engine.list(&Default::default()).await.unwrap();
+        if let Some(w) = all.iter().find(|w| w.name == graph && when(w)) {
+            return w.instance_id.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_panicking_job_fails_its_task_and_frees_its_slot_and_node() {
     let handled = "{injectableName: G, tasks: [{label: boom, taskName: Task.Panic}, {label: after, taskName: Task.Noop, waitOn: {boom: failed}}]}";
@@ -72,16 +87,7 @@ async fn a_subgraph_cannot_be_deleted_while_its_parent_runs() {
     let parent = h.run("Parent", json!({}), None).await;
     h.engine.subscribe();
     // Wait until the child has finished and the parent holds.
-    let child = loop {
-        let all = h.engine.list(&Default::default()).await.unwrap();
-        if let Some(c) = all
-            .iter()
-            .find(|w| w.name == "Sub.Ok" && w.status.is_terminal())
-        {
-            break c.instance_id.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let child = workflow_of(&h, "Sub.Ok", |w| w.status.is_terminal()).await;
     match h.engine.delete(&child).await {
         Err(Error::Conflict(msg)) => assert!(
             msg.contains(&parent.instance_id) && msg.contains("still running"),
@@ -113,13 +119,7 @@ async fn a_parent_whose_subgraph_is_gone_fails_instead_of_waiting_forever() {
         o.clock = clock.clone()
     });
     let p = h.run("P", json!({}), None).await;
-    let child = loop {
-        let all = h.engine.list(&Default::default()).await.unwrap();
-        if let Some(c) = all.iter().find(|w| w.name == "Sub.Hang") {
-            break c.instance_id.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let child = workflow_of(&h, "Sub.Hang", |_| true).await;
     h.stop().await;
     // While the engine is down, the child's records are lost (the API refuses to delete a
     // child whose parent runs, but a store can lose data or be edited by hand).
@@ -271,13 +271,7 @@ async fn a_waiting_subgraph_task_does_not_reread_its_child_on_other_events() {
     let spy = SpyStore::new(Arc::new(MemStore::new()));
     let h = start(spy.clone(), &[parent, hang_sub, busy], |_| {});
     let p = h.run("P", json!({}), None).await;
-    let child = loop {
-        let all = h.engine.list(&Default::default()).await.unwrap();
-        if let Some(c) = all.iter().find(|w| w.name == "Sub.Hang") {
-            break c.instance_id.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let child = workflow_of(&h, "Sub.Hang", |_| true).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     spy.reads.lock().unwrap().clear();
     // Fifty other workflows publish some three hundred events.

@@ -377,3 +377,16 @@ impl Rng {
         lo + self.next() % (hi - lo).max(1)
     }
 }
+
+/// A gRPC channel to `127.0.0.1:port`, once the server there accepts connections.
+pub async fn grpc_channel(port: u16) -> tonic::transport::Channel {
+    let url = format!("http://127.0.0.1:{port}");
+    for _ in 0..100 {
+        let endpoint = tonic::transport::Channel::from_shared(url.clone()).unwrap();
+        if let Ok(ch) = endpoint.connect().await {
+            return ch;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("gRPC server on {url} did not come up");
+}
