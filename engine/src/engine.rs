@@ -8,6 +8,7 @@
 //! where a caller must know the change is durable, waits for the scheduler's answer, which
 //! comes after the commit.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -93,6 +94,11 @@ struct Inner {
     nodes: Nodes,
     tx: mpsc::UnboundedSender<Msg>,
     events: broadcast::Sender<Event>,
+    /// The same events, numbered, for streams that resume (see [`Engine::events_since`]).
+    numbered: broadcast::Sender<(u64, Event)>,
+    log: Mutex<EventLog>,
+    /// Tells this run of the engine from earlier ones in event ids.
+    run: String,
     clock: Arc<dyn Clock>,
     /// False once the scheduler has stopped.
     running: AtomicBool,
@@ -105,6 +111,35 @@ struct Inner {
     recovered: CancellationToken,
     waiters: Arc<Waiters>,
     shutdown: CancellationToken,
+}
+
+/// An event with its number in this run of the engine.
+pub type Numbered = (u64, Event);
+
+/// How many of the latest events are retained for streams that resume.
+pub const EVENT_RETENTION: usize = 65_536;
+
+/// The latest events, numbered.
+#[derive(Default)]
+struct EventLog {
+    last: u64,
+    recent: VecDeque<(u64, Event)>,
+}
+
+impl Inner {
+    /// Numbers an event, retains it and sends it to every subscriber, all under the log's
+    /// lock so that numbers follow the order subscribers see.
+    fn publish(&self, ev: Event) {
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.last += 1;
+        let n = log.last;
+        log.recent.push_back((n, ev.clone()));
+        if log.recent.len() > EVENT_RETENTION {
+            log.recent.pop_front();
+        }
+        let _ = self.numbered.send((n, ev.clone()));
+        let _ = self.events.send(ev);
+    }
 }
 
 /// A cheap, cloneable handle on a running engine.
@@ -135,6 +170,7 @@ impl Engine {
     ) -> (Engine, tokio::task::JoinHandle<Result<(), Error>>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let (numbered, _) = broadcast::channel(EVENT_CAPACITY);
         let jobs = Arc::new(opts.jobs);
         let defs = Definitions::new(opts.store.clone(), opts.library, jobs.clone())
             .with_max_tasks(opts.max_tasks_per_graph);
@@ -144,6 +180,9 @@ impl Engine {
             defs,
             tx,
             events,
+            numbered,
+            log: Mutex::new(EventLog::default()),
+            run: crate::new_token()[..8].to_owned(),
             clock: opts.clock.clone(),
             running: AtomicBool::new(true),
             failure: Mutex::new(None),
@@ -231,7 +270,32 @@ impl Engine {
     }
 
     pub(crate) fn publish(&self, ev: Event) {
-        let _ = self.inner.events.send(ev);
+        self.inner.publish(ev);
+    }
+
+    /// A short random name of this run of the engine: event numbers restart with each run,
+    /// so streams carry it in their event ids.
+    pub fn run_id(&self) -> &str {
+        &self.inner.run
+    }
+
+    /// The retained events numbered above `after` (every retained one when `after` is
+    /// `None`), and a receiver of the events that follow them: nothing falls between the
+    /// two. Numbers count from 1 in each run of the engine; at most [`EVENT_RETENTION`] of
+    /// the latest events are retained.
+    pub fn events_since(
+        &self,
+        after: Option<u64>,
+    ) -> (Vec<Numbered>, broadcast::Receiver<Numbered>) {
+        let log = self.inner.log.lock().unwrap_or_else(|p| p.into_inner());
+        let rx = self.inner.numbered.subscribe();
+        let replay = log
+            .recent
+            .iter()
+            .filter(|(n, _)| after.is_none_or(|a| *n > a))
+            .cloned()
+            .collect();
+        (replay, rx)
     }
 
     /// Called by the scheduler once recovery has loaded every unfinished workflow.
@@ -368,7 +432,7 @@ impl Engine {
             }
             let view = WorkflowView::build(&rec, &tasks);
             info!(workflow_id = %rec.id, graph = %rec.plan.graph, node = ?rec.node, "workflow created");
-            let _ = inner.events.send(Event::Workflow {
+            inner.publish(Event::Workflow {
                 workflow_id: rec.id.clone(),
                 graph: rec.plan.graph.clone(),
                 node: rec.node.clone(),

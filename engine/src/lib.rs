@@ -21,7 +21,9 @@ pub mod text;
 pub mod workflow;
 
 pub use definitions::{Definitions, Library, Plan, Problem, Problems, Source};
-pub use engine::{ApiUrls, Engine, EngineOptions, ListFilter, NodeTask, RunRequest};
+pub use engine::{
+    ApiUrls, EVENT_RETENTION, Engine, EngineOptions, ListFilter, NodeTask, RunRequest,
+};
 pub use error::Error;
 pub use job::{Job, JobContext, JobError, JobRegistry, JobResult, OptionKind, OptionSchema};
 pub use model::{GraphDefinition, TaskDefinition, TaskState, WorkflowStatus};

@@ -34,6 +34,7 @@ type Result<T, E = ApiError> = std::result::Result<T, E>;
 pub fn app(state: AppState) -> Router {
     let api = Router::new()
         .route("/health", get(health))
+        .route("/events", get(super::events::events))
         .route("/workflows/graphs", get(list_graphs).put(put_graph))
         .route(
             "/workflows/graphs/{name}",

@@ -3,6 +3,7 @@
 
 pub mod codec;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod files;
 pub mod grpc;
