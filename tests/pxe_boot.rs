@@ -476,6 +476,20 @@ async fn real_firmware_boots_through_metalgraph() {
     )
     .await;
     let bios_secs = t0.elapsed().as_secs_f32();
+    if end["status"] == "succeeded" {
+        // The callback is answered once its task's end is committed, so the workflow can be
+        // seen finished before iPXE prints what it got back: wait for that line.
+        until(
+            &net,
+            "bios.log",
+            "iPXE's report of its callback",
+            async || {
+                let s = net.serial("bios.log");
+                (s.contains("NOTIFY-SENT") || s.contains("NOTIFY-FAILED")).then_some(())
+            },
+        )
+        .await;
+    }
     net.stop(vm);
     assert_eq!(
         end["status"],
@@ -505,6 +519,20 @@ async fn real_firmware_boots_through_metalgraph() {
     )
     .await;
     let uefi_secs = t0.elapsed().as_secs_f32();
+    if end["status"] == "succeeded" {
+        // The callback is answered once its task's end is committed, so the workflow can be
+        // seen finished before iPXE prints what it got back: wait for that line.
+        until(
+            &net,
+            "uefi.log",
+            "iPXE's report of its callback",
+            async || {
+                let s = net.serial("uefi.log");
+                (s.contains("NOTIFY-SENT") || s.contains("NOTIFY-FAILED")).then_some(())
+            },
+        )
+        .await;
+    }
     net.stop(vm);
     assert_eq!(
         end["status"],
