@@ -121,14 +121,9 @@ async fn the_hostile_corpus_is_refused_and_nothing_earlier_is_lost() {
 
     // Item 2: deep YAML, on a definition, a run and the unauthenticated callback; quickly.
     let started = Instant::now();
-    let got = raw(
-        &api,
-        "PUT",
-        "/api/2.0/workflows/graphs",
-        "application/yaml",
-        deep(100_000),
-    )
-    .await;
+    let got = api
+        .put_yaml("/api/2.0/workflows/graphs", &deep(100_000))
+        .await;
     check(
         &mut wrong,
         "deep YAML graph",
@@ -235,14 +230,7 @@ async fn the_hostile_corpus_is_refused_and_nothing_earlier_is_lost() {
         let g = format!(
             "{{injectableName: Bad.Timeout, options: {{a: {{_taskTimeout: {t}}}}}, tasks: [{{label: a, taskName: Task.Noop}}]}}"
         );
-        let got = raw(
-            &api,
-            "PUT",
-            "/api/2.0/workflows/graphs",
-            "application/yaml",
-            g,
-        )
-        .await;
+        let got = api.put_yaml("/api/2.0/workflows/graphs", &g).await;
         check(
             &mut wrong,
             &format!("_taskTimeout {t}"),
@@ -253,14 +241,7 @@ async fn the_hostile_corpus_is_refused_and_nothing_earlier_is_lost() {
     }
     // Item 11: a retry storm.
     let g = "{injectableName: Storm, tasks: [{label: a, taskName: Task.Fail, retries: {max: 4000000000, backoff: 0s}}]}";
-    let got = raw(
-        &api,
-        "PUT",
-        "/api/2.0/workflows/graphs",
-        "application/yaml",
-        g.into(),
-    )
-    .await;
+    let got = api.put_yaml("/api/2.0/workflows/graphs", g).await;
     check(
         &mut wrong,
         "retry storm",
@@ -292,14 +273,7 @@ async fn the_hostile_corpus_is_refused_and_nothing_earlier_is_lost() {
         );
     }
     let g = "{injectableName: ../../etc/passwd, tasks: [{label: a, taskName: Task.Noop}]}";
-    let got = raw(
-        &api,
-        "PUT",
-        "/api/2.0/workflows/graphs",
-        "application/yaml",
-        g.into(),
-    )
-    .await;
+    let got = api.put_yaml("/api/2.0/workflows/graphs", g).await;
     check(
         &mut wrong,
         "graph name traversal",
@@ -325,14 +299,7 @@ async fn the_hostile_corpus_is_refused_and_nothing_earlier_is_lost() {
 
     // Item 5: subgraph cycles, static and dynamic.
     let g = "{injectableName: Self.Run, tasks: [{label: again, taskName: Task.Graph.Run, optionOverrides: {graphName: Self.Run}}]}";
-    let got = raw(
-        &api,
-        "PUT",
-        "/api/2.0/workflows/graphs",
-        "application/yaml",
-        g.into(),
-    )
-    .await;
+    let got = api.put_yaml("/api/2.0/workflows/graphs", g).await;
     check(
         &mut wrong,
         "self-recursive graph",

@@ -674,12 +674,7 @@ impl Core {
             return; // A stale result from an attempt that no longer counts.
         }
         let planned = &w.rec.plan.tasks[idx];
-        if w.running.remove(&idx)
-            && self
-                .jobs
-                .get(&planned.job)
-                .is_none_or(|j| j.occupies_slot())
-        {
+        if w.running.remove(&idx) && takes_slot(&self.jobs, &planned.job) {
             self.running_slots = self.running_slots.saturating_sub(1);
         }
         let label = planned.label.clone();

@@ -249,10 +249,9 @@ impl Runtime {
             self.send_done(&s, outcome);
             return;
         };
-        let token = self.wf_tokens(&s.wf).token.child_token();
-        self.wf_tokens(&s.wf)
-            .jobs
-            .insert(s.idx, (s.attempt, token.clone()));
+        let tokens = self.wf_tokens(&s.wf);
+        let token = tokens.token.child_token();
+        tokens.jobs.insert(s.idx, (s.attempt, token.clone()));
         let deadline = s
             .deadline_ms
             .map(|d| Instant::now() + until(self.clock.now_ms(), d));
