@@ -138,6 +138,19 @@ impl Harness {
         }
     }
 
+    /// The token of the task waiting on `node`: a wait task registers its waiter when its
+    /// job starts, a moment after the task is committed as running.
+    async fn waiting_token(&self, node: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some((_, token)) = self.engine.waiting_token(node) {
+                return token;
+            }
+            assert!(Instant::now() < deadline, "no task of {node} waits");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn wait_status(&self, id: &str, status: WorkflowStatus) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -286,8 +299,7 @@ async fn the_waiting_install_task_gets_its_rendered_profile_with_the_token() {
             }}),
         )
         .await;
-    h.wait_task(&id, "wait-installed", "running").await;
-    let (_, token) = h.engine.waiting_token(&node.id).expect("a task waits");
+    let token = h.waiting_token(&node.id).await;
 
     let script = h.profile("macs=52:54:00:12:34:10&platform=pcbios").await;
     assert!(script.contains(&format!("workflow {id}")), "{script}");
@@ -716,7 +728,7 @@ async fn a_kickstart_refuses_to_print_a_line_break_a_node_brought_in() {
         .await
         .expect("renamed");
     let id = h.run("Test.Wait", &quoted.id, json!({})).await;
-    h.wait_task(&id, "wait", "running").await;
+    let token = h.waiting_token(&quoted.id).await;
     let (status, _, body) = h
         .get(&format!(
             "/api/2.0/templates/kickstart-callback.ks?nodeId={}",
@@ -724,7 +736,6 @@ async fn a_kickstart_refuses_to_print_a_line_break_a_node_brought_in() {
         ))
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let (_, token) = h.engine.waiting_token(&quoted.id).expect("a task waits");
     assert!(
         body.contains(&format!(
             "'{NODE_BASE}/notification?nodeId={}&token={token}'",
