@@ -131,4 +131,36 @@ async fn events_stream_in_order_filter_and_resume() {
         .unwrap();
     let all = read_until(fresh, is_end).await;
     assert_eq!(all.len(), seen.len());
+
+    // The events are committed with the changes they report: after a kill -9 and a
+    // restart, the same client resumes where it was and gets the same events, and new
+    // events are numbered after them.
+    server.kill9();
+    let server = Server::start(data.path(), "sled", &[]);
+    let api = Api::new(&server.base);
+    let resumed = reqwest::Client::new()
+        .get(server.url(&format!("/api/2.0/events?workflow={id}")))
+        .header("Last-Event-ID", &seen[2].id)
+        .send()
+        .await
+        .unwrap();
+    let rest = read_until(resumed, is_end).await;
+    let got: Vec<(&str, &Value)> = rest.iter().map(|e| (e.id.as_str(), &e.data)).collect();
+    let want: Vec<(&str, &Value)> = seen[3..].iter().map(|e| (e.id.as_str(), &e.data)).collect();
+    assert_eq!(got, want);
+    let live = reqwest::Client::new()
+        .get(server.url("/api/2.0/events"))
+        .send()
+        .await
+        .unwrap();
+    let next = api.run("Ev.Other", None, json!({})).await;
+    let first = read_until(live, |_| true).await;
+    assert_eq!(first[0].data["workflowId"], next.as_str());
+    let number = |id: &str| id.rsplit_once('-').unwrap().1.parse::<u64>().unwrap();
+    assert!(
+        number(&first[0].id) > number(&seen.last().unwrap().id),
+        "{} came after {}",
+        first[0].id,
+        seen.last().unwrap().id
+    );
 }

@@ -727,7 +727,7 @@ async fn a_kickstart_refuses_to_print_a_line_break_a_node_brought_in() {
         })
         .await
         .expect("renamed");
-    let id = h.run("Test.Wait", &quoted.id, json!({})).await;
+    h.run("Test.Wait", &quoted.id, json!({})).await;
     let token = h.waiting_token(&quoted.id).await;
     let (status, _, body) = h
         .get(&format!(

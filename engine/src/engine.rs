@@ -8,7 +8,6 @@
 //! where a caller must know the change is durable, waits for the scheduler's answer, which
 //! comes after the commit.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,6 +21,7 @@ use tracing::{info, warn};
 use crate::clock::{Clock, SystemClock};
 use crate::definitions::{Definitions, Library, MAX_SUBGRAPH_DEPTH};
 use crate::error::{Error, blocking};
+use crate::events::{EventLog, Numbered};
 use crate::job::{BoxFuture, JobContext, JobError, JobRegistry, JobResult, JobServices, Options};
 use crate::keys;
 use crate::model::{RunOptions, TaskState, WorkflowStatus};
@@ -96,9 +96,8 @@ struct Inner {
     events: broadcast::Sender<Event>,
     /// The same events, numbered, for streams that resume (see [`Engine::events_since`]).
     numbered: broadcast::Sender<(u64, Event)>,
+    /// The retained events; read from the store during recovery.
     log: Mutex<EventLog>,
-    /// Tells this run of the engine from earlier ones in event ids.
-    run: String,
     clock: Arc<dyn Clock>,
     /// False once the scheduler has stopped.
     running: AtomicBool,
@@ -113,30 +112,12 @@ struct Inner {
     shutdown: CancellationToken,
 }
 
-/// An event with its number in this run of the engine.
-pub type Numbered = (u64, Event);
-
-/// How many of the latest events are retained for streams that resume.
-pub const EVENT_RETENTION: usize = 65_536;
-
-/// The latest events, numbered.
-#[derive(Default)]
-struct EventLog {
-    last: u64,
-    recent: VecDeque<(u64, Event)>,
-}
-
 impl Inner {
-    /// Numbers an event, retains it and sends it to every subscriber, all under the log's
-    /// lock so that numbers follow the order subscribers see.
-    fn publish(&self, ev: Event) {
+    /// Retains a committed event and sends it to every subscriber, under the log's lock so
+    /// that a stream that reads the retained events and then subscribes misses none.
+    fn publish(&self, n: u64, ev: Event) {
         let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        log.last += 1;
-        let n = log.last;
-        log.recent.push_back((n, ev.clone()));
-        if log.recent.len() > EVENT_RETENTION {
-            log.recent.pop_front();
-        }
+        log.push(n, ev.clone());
         let _ = self.numbered.send((n, ev.clone()));
         let _ = self.events.send(ev);
     }
@@ -182,7 +163,6 @@ impl Engine {
             events,
             numbered,
             log: Mutex::new(EventLog::default()),
-            run: crate::new_token()[..8].to_owned(),
             clock: opts.clock.clone(),
             running: AtomicBool::new(true),
             failure: Mutex::new(None),
@@ -269,33 +249,49 @@ impl Engine {
         self.inner.events.subscribe()
     }
 
-    pub(crate) fn publish(&self, ev: Event) {
-        self.inner.publish(ev);
+    pub(crate) fn publish(&self, n: u64, ev: Event) {
+        self.inner.publish(n, ev);
     }
 
-    /// A short random name of this run of the engine: event numbers restart with each run,
-    /// so streams carry it in their event ids.
-    pub fn run_id(&self) -> &str {
-        &self.inner.run
+    /// Installs the event log read from the store (recovery does, before it loads any
+    /// workflow); returns the number of its last event.
+    pub(crate) fn restore_events(&self, log: EventLog) -> u64 {
+        let mut mine = self.inner.log.lock().unwrap_or_else(|p| p.into_inner());
+        *mine = log;
+        mine.last
+    }
+
+    /// The id of the store's event log: event numbers are this log's, so streams carry it
+    /// in their event ids. Waits until recovery has read the log.
+    pub async fn event_log_id(&self) -> String {
+        self.inner.recovered.cancelled().await;
+        let log = self.inner.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.id.clone()
     }
 
     /// The retained events numbered above `after` (every retained one when `after` is
     /// `None`), and a receiver of the events that follow them: nothing falls between the
-    /// two. Numbers count from 1 in each run of the engine; at most [`EVENT_RETENTION`] of
-    /// the latest events are retained.
-    pub fn events_since(
+    /// two. Events are numbered from 1 in the store's log, across restarts; at most
+    /// [`EVENT_RETENTION`](crate::EVENT_RETENTION) of the latest are retained. Waits until recovery has read the log.
+    pub async fn events_since(
         &self,
         after: Option<u64>,
     ) -> (Vec<Numbered>, broadcast::Receiver<Numbered>) {
+        self.inner.recovered.cancelled().await;
         let log = self.inner.log.lock().unwrap_or_else(|p| p.into_inner());
         let rx = self.inner.numbered.subscribe();
-        let replay = log
-            .recent
-            .iter()
-            .filter(|(n, _)| after.is_none_or(|a| *n > a))
-            .cloned()
-            .collect();
-        (replay, rx)
+        (log.since(after), rx)
+    }
+
+    /// The number of the latest event (0 when there is none). Waits until recovery has
+    /// read the log.
+    pub async fn last_event(&self) -> u64 {
+        self.inner.recovered.cancelled().await;
+        self.inner
+            .log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last
     }
 
     /// Called by the scheduler once recovery has loaded every unfinished workflow.
@@ -432,13 +428,6 @@ impl Engine {
             }
             let view = WorkflowView::build(&rec, &tasks);
             info!(workflow_id = %rec.id, graph = %rec.plan.graph, node = ?rec.node, "workflow created");
-            inner.publish(Event::Workflow {
-                workflow_id: rec.id.clone(),
-                graph: rec.plan.graph.clone(),
-                node: rec.node.clone(),
-                status: rec.status,
-                error: None,
-            });
             // The workflow is durable from here on: if the scheduler has just stopped, the
             // next start recovers it, so the caller is still told it was created.
             let msg = Msg::Load {

@@ -12,6 +12,8 @@
 //! | `nodes` | node id | the node record (JSON, OBM password included) |
 //! | `node_idents` | identifier (MAC) | the id of the node that owns it |
 //! | `catalogs` | `{node id}/{source}` | one inventory document (JSON) |
+//! | `events` | event number (u64, big-endian) | one retained event (JSON), see `events.rs` |
+//! | `meta` | `event_log` | the event log's id |
 //!
 //! The binary keeps one keyspace of its own beside these: `leases` (MAC → a full-mode DHCP
 //! lease as JSON), written by its `BootPlanner` in `src/boot.rs`.
@@ -26,6 +28,8 @@ pub const CHILDREN: &str = "children";
 pub const NODES: &str = "nodes";
 pub const NODE_IDENTS: &str = "node_idents";
 pub const CATALOGS: &str = "catalogs";
+pub const EVENTS: &str = "events";
+pub const META: &str = "meta";
 
 /// The key of task `index` of workflow `id`.
 pub fn task_key(id: &str, index: usize) -> Vec<u8> {

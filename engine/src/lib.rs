@@ -9,6 +9,7 @@ pub mod clock;
 pub mod definitions;
 mod engine;
 mod error;
+pub mod events;
 pub mod job;
 pub mod keys;
 pub mod model;
@@ -21,10 +22,9 @@ pub mod text;
 pub mod workflow;
 
 pub use definitions::{Definitions, Library, Plan, Problem, Problems, Source};
-pub use engine::{
-    ApiUrls, EVENT_RETENTION, Engine, EngineOptions, ListFilter, NodeTask, RunRequest,
-};
+pub use engine::{ApiUrls, Engine, EngineOptions, ListFilter, NodeTask, RunRequest};
 pub use error::Error;
+pub use events::{EVENT_RETENTION, EventFilter, Numbered};
 pub use job::{Job, JobContext, JobError, JobRegistry, JobResult, OptionKind, OptionSchema};
 pub use model::{GraphDefinition, TaskDefinition, TaskState, WorkflowStatus};
 pub use subgraph::GraphRunJob;

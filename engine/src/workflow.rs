@@ -307,8 +307,8 @@ impl WorkflowView {
     }
 }
 
-/// A change the engine made, published after it was committed.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// A change the engine made, committed with it (see `events.rs`) and published after.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "camelCase")]
 pub enum Event {
     #[serde(rename_all = "camelCase")]
@@ -322,6 +322,9 @@ pub enum Event {
     #[serde(rename_all = "camelCase")]
     Task {
         workflow_id: String,
+        /// The workflow's graph and node, so that a task's event can be filtered alone.
+        graph: String,
+        node: Option<String>,
         label: String,
         index: usize,
         state: TaskState,
@@ -331,6 +334,14 @@ pub enum Event {
 }
 
 impl Event {
+    /// `workflow` or `task`: the SSE event type and webhooks' `X-Metalgraph-Event`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::Workflow { .. } => "workflow",
+            Event::Task { .. } => "task",
+        }
+    }
+
     pub fn workflow_id(&self) -> &str {
         match self {
             Event::Workflow { workflow_id, .. } | Event::Task { workflow_id, .. } => workflow_id,

@@ -627,6 +627,7 @@ fn event_to_pb(ev: &Event) -> pb::WatchEvent {
             state,
             attempts,
             error,
+            ..
         } => pb::watch_event::Event::Task(pb::TaskChanged {
             workflow_id: workflow_id.clone(),
             label: label.clone(),

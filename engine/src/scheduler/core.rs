@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
-use crate::definitions::{MAX_BACKOFF_MS, Plan};
+use crate::definitions::MAX_BACKOFF_MS;
 use crate::error::Error;
 use crate::job::{JobRegistry, Options};
 use crate::keys;
@@ -382,6 +382,18 @@ impl Core {
             in_ring: false,
             restart: vec![false; n],
         };
+        if !recovering {
+            // Creation commits the workflow outside the scheduler (it needs the node lock's
+            // precondition answered on its own); its event is committed here, with the
+            // first step. A crash between the two loses only this event.
+            self.step.effects.push(Effect::Event(Event::Workflow {
+                workflow_id: id.clone(),
+                graph: w.rec.plan.graph.clone(),
+                node: w.rec.node.clone(),
+                status: w.rec.status,
+                error: None,
+            }));
+        }
         if let Some(at_ms) = w.rec.deadline {
             self.step.effects.push(Effect::Timer {
                 wf: id.clone(),
@@ -397,6 +409,8 @@ impl Core {
                         t.state = TaskState::Cancelled;
                         t.finished_at = Some(now);
                         write_task(&mut self.step.batch, &id, i, t);
+                        let ev = task_event(&w.rec, i, t);
+                        self.step.effects.push(Effect::Event(ev));
                     } else {
                         w.restart[i] = true;
                         w.queued[i] = true;
@@ -452,7 +466,7 @@ impl Core {
                         t.retry_at = None;
                         t.finished_at = Some(now);
                         write_task(&mut self.step.batch, id, i, t);
-                        let ev = task_event(id, i, &w.rec.plan, t);
+                        let ev = task_event(&w.rec, i, t);
                         self.step.effects.push(Effect::Event(ev));
                         changed = true;
                     }
@@ -627,7 +641,7 @@ impl Core {
             }));
         }
         let t = &w.tasks[idx];
-        let ev = task_event(id, idx, &w.rec.plan, t);
+        let ev = task_event(&w.rec, idx, t);
         self.step.effects.push(Effect::Event(ev));
         w.running.insert(idx);
         if slot {
@@ -707,7 +721,7 @@ impl Core {
             t.deadline = None;
             t.checkpoint = None;
             write_task(&mut self.step.batch, id, idx, t);
-            let ev = task_event(id, idx, &w.rec.plan, t);
+            let ev = task_event(&w.rec, idx, t);
             self.step.effects.push(Effect::Event(ev));
             self.step.effects.push(Effect::Timer {
                 wf: id.to_owned(),
@@ -726,7 +740,7 @@ impl Core {
         t.state = state;
         t.finished_at = Some(now);
         write_task(&mut self.step.batch, id, idx, t);
-        let ev = task_event(id, idx, &w.rec.plan, t);
+        let ev = task_event(&w.rec, idx, t);
         self.step.effects.push(Effect::Event(ev));
         if state.is_failure() {
             warn!(workflow_id = %id, label = %label, error = ?error, %state, "task failed");
@@ -760,9 +774,12 @@ fn fmt_ms(ms: u64) -> String {
     }
 }
 
-fn task_event(id: &str, idx: usize, plan: &Plan, t: &TaskRecord) -> Event {
+fn task_event(rec: &WorkflowRecord, idx: usize, t: &TaskRecord) -> Event {
+    let plan = &rec.plan;
     Event::Task {
-        workflow_id: id.to_owned(),
+        workflow_id: rec.id.clone(),
+        graph: plan.graph.clone(),
+        node: rec.node.clone(),
         label: plan.tasks[idx].label.clone(),
         index: idx,
         state: t.state,

@@ -25,6 +25,7 @@ pub use self::core::{Core, Effect, Msg, Outcome, Reply, StartJob, Step};
 use crate::clock::{Clock, until};
 use crate::engine::{ApiUrls, Engine, Services};
 use crate::error::{Error, blocking};
+use crate::events::{self, EventLog};
 use crate::job::{BoxFuture, Job, JobContext, JobRegistry, JobResult, Options};
 use crate::keys;
 use crate::nodes::Node;
@@ -55,6 +56,8 @@ pub(crate) struct Runtime {
     pub(crate) shutdown: CancellationToken,
     joins: JoinSet<()>,
     tokens: HashMap<String, WfTokens>,
+    /// The number of the last event committed.
+    last_event: u64,
 }
 
 impl Runtime {
@@ -83,6 +86,7 @@ impl Runtime {
             shutdown,
             joins: JoinSet::new(),
             tokens: HashMap::new(),
+            last_event: 0,
         }
     }
 
@@ -129,7 +133,9 @@ impl Runtime {
     /// Loads every workflow the `active` index names and commits what recovery changes.
     async fn recover(&mut self) -> Result<(), Error> {
         let store = self.store.clone();
-        let (loaded, missing) = blocking(move || {
+        let mut extra = Batch::new();
+        let (log, loaded, missing, extra) = blocking(move || {
+            let log = EventLog::load(store.as_ref(), &mut extra)?;
             let mut loaded = Vec::new();
             let mut missing = Vec::new();
             for (k, _) in store.scan_prefix(keys::ACTIVE, b"")? {
@@ -139,11 +145,12 @@ impl Runtime {
                     None => missing.push(id),
                 }
             }
-            Ok::<_, Error>((loaded, missing))
+            Ok::<_, Error>((log, loaded, missing, extra))
         })
         .await?;
+        self.last_event = self.engine.restore_events(log);
         let now = self.clock.now_ms();
-        let mut extra = Batch::new();
+        let mut extra = extra;
         for id in missing {
             warn!(workflow_id = %id, "active index names a missing workflow; dropping it");
             extra.delete(keys::ACTIVE, id.as_bytes());
@@ -181,6 +188,14 @@ impl Runtime {
     async fn flush(&mut self, extra: Batch) -> Result<(), Error> {
         let Step { mut batch, effects } = self.core.step(self.clock.now_ms());
         batch.extend(extra);
+        // Each event is committed with the change it reports.
+        let mut n = self.last_event;
+        for eff in &effects {
+            if let Effect::Event(ev) = eff {
+                n += 1;
+                events::record(&mut batch, n, ev);
+            }
+        }
         if !batch.is_empty() {
             let store = self.store.clone();
             if let Err(e) = blocking(move || store.commit(batch).map_err(Error::from)).await {
@@ -236,7 +251,10 @@ impl Runtime {
                     w.token.cancel();
                 }
             }
-            Effect::Event(ev) => self.engine.publish(ev),
+            Effect::Event(ev) => {
+                self.last_event += 1;
+                self.engine.publish(self.last_event, ev);
+            }
             Effect::Reply(tx, r) => {
                 let _ = tx.send(r);
             }
