@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -159,6 +160,82 @@ pub struct Config {
     /// one may keep its slot (the `[limits]` section, `METALGRAPH_LIMITS_*`;
     /// docs/limits-network.md).
     pub limits: LimitsConfig,
+    /// How webhooks are delivered (the `[hooks]` section, `METALGRAPH_HOOKS_*`).
+    pub hooks: HooksConfig,
+}
+
+/// The `[hooks]` section: how webhook deliveries are made. Every field has a
+/// `METALGRAPH_HOOKS_*` variable named after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HooksConfig {
+    /// How long one delivery may take, from connecting to the end of the response.
+    pub delivery_timeout_ms: u64,
+    /// The wait before the first retry of a failed delivery; it doubles with each failure.
+    pub retry_backoff_ms: u64,
+    /// The longest wait between retries.
+    pub max_retry_backoff_ms: u64,
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        let d = crate::hooks::Settings::default();
+        HooksConfig {
+            delivery_timeout_ms: d.timeout.as_millis() as u64,
+            retry_backoff_ms: d.backoff.as_millis() as u64,
+            max_retry_backoff_ms: d.max_backoff.as_millis() as u64,
+        }
+    }
+}
+
+impl HooksConfig {
+    /// Applies the `METALGRAPH_HOOKS_*` variables.
+    pub fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), Error> {
+        for (name, field) in [
+            ("DELIVERY_TIMEOUT_MS", &mut self.delivery_timeout_ms),
+            ("RETRY_BACKOFF_MS", &mut self.retry_backoff_ms),
+            ("MAX_RETRY_BACKOFF_MS", &mut self.max_retry_backoff_ms),
+        ] {
+            let var = format!("METALGRAPH_HOOKS_{name}");
+            if let Some(value) = env(&var) {
+                *field = parse(&var, &value)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every duration is at least 1 ms and at most a day; the backoff does not exceed its
+    /// maximum.
+    pub fn check(&self) -> Result<(), Error> {
+        const DAY_MS: u64 = 86_400_000;
+        for (field, v) in [
+            ("hooks.delivery_timeout_ms", self.delivery_timeout_ms),
+            ("hooks.retry_backoff_ms", self.retry_backoff_ms),
+            ("hooks.max_retry_backoff_ms", self.max_retry_backoff_ms),
+        ] {
+            if v == 0 || v > DAY_MS {
+                return Err(Error::Field {
+                    field,
+                    message: format!("must be 1 to {DAY_MS} ms"),
+                });
+            }
+        }
+        if self.retry_backoff_ms > self.max_retry_backoff_ms {
+            return Err(Error::Field {
+                field: "hooks.retry_backoff_ms",
+                message: "must not exceed hooks.max_retry_backoff_ms".into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn settings(&self) -> crate::hooks::Settings {
+        crate::hooks::Settings {
+            timeout: Duration::from_millis(self.delivery_timeout_ms),
+            backoff: Duration::from_millis(self.retry_backoff_ms),
+            max_backoff: Duration::from_millis(self.max_retry_backoff_ms),
+        }
+    }
 }
 
 /// The `[limits]` section: bounds on the connections of each listener (management HTTP,
@@ -344,6 +421,7 @@ impl Default for Config {
             templates_dir: None,
             boot: crate::boot::BootConfig::default(),
             limits: LimitsConfig::default(),
+            hooks: HooksConfig::default(),
         }
     }
 }
@@ -478,6 +556,7 @@ impl Config {
         }
         self.boot.apply_env(env)?;
         self.limits.apply_env(env)?;
+        self.hooks.apply_env(env)?;
         Ok(())
     }
 
@@ -518,6 +597,7 @@ impl Config {
     fn check(&self) -> Result<(), Error> {
         self.boot.check()?;
         self.limits.check()?;
+        self.hooks.check()?;
         // A cancel request waits until the workflow's jobs have stopped, each with the
         // cancel grace; a connection must not be cut as idle or timed out meanwhile.
         for (field, limit) in [
@@ -659,6 +739,53 @@ mod tests {
             );
         }
         assert_eq!(config.limits, LimitsConfig::default());
+        let hooks = example["hooks"].as_table().expect("a [hooks] table");
+        for field in fields["hooks"].as_object().expect("an object").keys() {
+            assert!(
+                hooks.contains_key(field),
+                "the example file lacks field hooks.{field}"
+            );
+        }
+        assert_eq!(config.hooks, HooksConfig::default());
+    }
+
+    #[test]
+    fn hooks_settings_layer_and_are_checked() {
+        let mut config = Config::from_toml("[hooks]\nretry_backoff_ms = 50\n").unwrap();
+        config
+            .apply_env(&env_of(&[("METALGRAPH_HOOKS_DELIVERY_TIMEOUT_MS", "700")]))
+            .unwrap();
+        let s = config.hooks.settings();
+        assert_eq!(
+            (s.timeout, s.backoff, s.max_backoff),
+            (
+                Duration::from_millis(700),
+                Duration::from_millis(50),
+                Duration::from_secs(300)
+            )
+        );
+        for (env, field) in [
+            (
+                vec![("METALGRAPH_HOOKS_RETRY_BACKOFF_MS", "0")],
+                "config field hooks.retry_backoff_ms is invalid: must be 1 to 86400000 ms",
+            ),
+            (
+                vec![("METALGRAPH_HOOKS_DELIVERY_TIMEOUT_MS", "86400001")],
+                "config field hooks.delivery_timeout_ms is invalid: must be 1 to 86400000 ms",
+            ),
+            (
+                vec![
+                    ("METALGRAPH_HOOKS_RETRY_BACKOFF_MS", "5000"),
+                    ("METALGRAPH_HOOKS_MAX_RETRY_BACKOFF_MS", "1000"),
+                ],
+                "config field hooks.retry_backoff_ms is invalid: must not exceed hooks.max_retry_backoff_ms",
+            ),
+        ] {
+            let err = Config::load(&ServeArgs::default(), &env_of(&env))
+                .expect_err(field)
+                .to_string();
+            assert!(err.contains(field), "{env:?}: {err}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod api;
 pub mod boot;
 pub mod client;
 pub mod config;
+pub mod hooks;
 pub mod library;
 pub mod server;
 pub mod validate;

@@ -134,8 +134,13 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         templates_dir: config.templates_dir.clone(),
         discovery_graph: config.boot.discovery_graph.clone(),
         api: api_urls,
-        ..AppState::new(engine.clone(), config.body_limit_bytes)
+        ..AppState::with_hooks(
+            engine.clone(),
+            config.body_limit_bytes,
+            config.hooks.settings(),
+        )
     };
+    let hooks = state.hooks.clone();
     // Network boot binds before anything is served, so that a port in use or a missing
     // TFTP root stops the start; the engine is stopped cleanly first.
     let pxe =
@@ -232,7 +237,8 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         }
     }
 
-    info!("listeners closed; stopping the engine");
+    info!("listeners closed; stopping webhook deliveries and the engine");
+    hooks.shutdown().await;
     engine_stop.cancel();
     let engine_result = engine_watch
         .await

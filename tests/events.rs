@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Api, Server};
+use support::{Api, Server, describe_event};
 
 /// One parsed Server-Sent Event: its id and its JSON data.
 #[derive(Debug, Clone)]
@@ -51,15 +51,7 @@ async fn read_until(mut r: reqwest::Response, done: impl Fn(&Sse) -> bool) -> Ve
 }
 
 fn describe(ev: &Sse) -> String {
-    let d = &ev.data;
-    match d["kind"].as_str() {
-        Some("workflow") => format!("wf:{}", d["status"].as_str().unwrap()),
-        _ => format!(
-            "{}:{}",
-            d["label"].as_str().unwrap(),
-            d["state"].as_str().unwrap()
-        ),
-    }
+    describe_event(&ev.data)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -45,6 +45,7 @@ struct Harness {
     app: Router,
     node_app: Router,
     engine: Engine,
+    state: AppState,
     _dir: tempfile::TempDir,
     _stop: tokio_util::sync::DropGuard,
 }
@@ -61,7 +62,8 @@ async fn harness() -> Harness {
     let state = AppState::new(engine.clone(), LIMIT);
     let h = Harness {
         app: app(state.clone()),
-        node_app: node_app(state),
+        node_app: node_app(state.clone()),
+        state,
         engine,
         _dir: dir,
         _stop: stop.drop_guard(),
@@ -1022,7 +1024,7 @@ fn node_app_with(h: &Harness, files: &std::path::Path, templates: &std::path::Pa
             base: "http://mg:8080/api/2.0".into(),
             node_base: "http://mg:8090/api/2.0".into(),
         },
-        ..AppState::new(h.engine.clone(), LIMIT)
+        ..h.state.clone()
     })
 }
 

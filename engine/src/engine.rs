@@ -269,18 +269,33 @@ impl Engine {
         log.id.clone()
     }
 
-    /// The retained events numbered above `after` (every retained one when `after` is
-    /// `None`), and a receiver of the events that follow them: nothing falls between the
-    /// two. Events are numbered from 1 in the store's log, across restarts; at most
-    /// [`EVENT_RETENTION`](crate::EVENT_RETENTION) of the latest are retained. Waits until recovery has read the log.
+    /// The first `limit` retained events numbered above `after` (from the first retained
+    /// one when `after` is `None`), and a receiver of the events published from now on:
+    /// with a limit that cut nothing off, nothing falls between the two. Events are numbered
+    /// from 1 in the store's log, across restarts; at most
+    /// [`EVENT_RETENTION`](crate::EVENT_RETENTION) of the latest are retained. Waits until
+    /// recovery has read the log.
     pub async fn events_since(
         &self,
         after: Option<u64>,
+        limit: usize,
     ) -> (Vec<Numbered>, broadcast::Receiver<Numbered>) {
         self.inner.recovered.cancelled().await;
         let log = self.inner.log.lock().unwrap_or_else(|p| p.into_inner());
         let rx = self.inner.numbered.subscribe();
-        (log.since(after), rx)
+        (log.since(after, limit), rx)
+    }
+
+    /// How many retained events numbered above `after` match `filter`.
+    pub async fn count_events_after(&self, after: u64, filter: &crate::EventFilter) -> u64 {
+        self.inner.recovered.cancelled().await;
+        let log = self.inner.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.count(after, filter)
+    }
+
+    /// The store the engine writes to; the binary keeps keyspaces of its own in it.
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.inner.store.clone()
     }
 
     /// The number of the latest event (0 when there is none). Waits until recovery has

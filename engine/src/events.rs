@@ -71,13 +71,29 @@ impl EventLog {
         }
     }
 
-    /// The retained events numbered above `after` (all of them when `None`).
-    pub(crate) fn since(&self, after: Option<u64>) -> Vec<Numbered> {
-        let start = match after {
+    /// The first `limit` retained events numbered above `after` (from the first retained
+    /// one when `None`).
+    pub(crate) fn since(&self, after: Option<u64>, limit: usize) -> Vec<Numbered> {
+        self.recent
+            .range(self.start(after)..)
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// How many retained events numbered above `after` match `filter`.
+    pub(crate) fn count(&self, after: u64, filter: &EventFilter) -> u64 {
+        self.recent
+            .range(self.start(Some(after))..)
+            .filter(|(_, ev)| filter.matches(ev))
+            .count() as u64
+    }
+
+    fn start(&self, after: Option<u64>) -> usize {
+        match after {
             None => 0,
             Some(a) => self.recent.partition_point(|(n, _)| *n <= a),
-        };
-        self.recent.range(start..).cloned().collect()
+        }
     }
 }
 
@@ -153,12 +169,22 @@ mod tests {
         assert_eq!(log.recent.len() as u64, EVENT_RETENTION);
         assert_eq!(log.recent.front().unwrap().0, 4);
         let after: Vec<u64> = log
-            .since(Some(EVENT_RETENTION + 1))
+            .since(Some(EVENT_RETENTION + 1), usize::MAX)
             .iter()
             .map(|x| x.0)
             .collect();
         assert_eq!(after, [EVENT_RETENTION + 2, EVENT_RETENTION + 3]);
-        assert_eq!(log.since(Some(1)).len() as u64, EVENT_RETENTION);
-        assert!(log.since(Some(EVENT_RETENTION + 3)).is_empty());
+        assert_eq!(log.since(Some(1), usize::MAX).len() as u64, EVENT_RETENTION);
+        assert_eq!(
+            log.since(None, 2).iter().map(|x| x.0).collect::<Vec<_>>(),
+            [4, 5]
+        );
+        assert!(log.since(Some(EVENT_RETENTION + 3), usize::MAX).is_empty());
+        let only = EventFilter {
+            workflow: Some("w7".into()),
+            ..EventFilter::default()
+        };
+        assert_eq!(log.count(5, &only), 1);
+        assert_eq!(log.count(7, &only), 0);
     }
 }

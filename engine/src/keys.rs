@@ -15,8 +15,9 @@
 //! | `events` | event number (u64, big-endian) | one retained event (JSON), see `events.rs` |
 //! | `meta` | `event_log` | the event log's id |
 //!
-//! The binary keeps one keyspace of its own beside these: `leases` (MAC → a full-mode DHCP
-//! lease as JSON), written by its `BootPlanner` in `src/boot.rs`.
+//! The binary keeps keyspaces of its own beside these: `leases` (MAC → a full-mode DHCP
+//! lease as JSON), written by its `BootPlanner` in `src/boot.rs`, and `hooks` (hook id → a
+//! webhook with its delivery cursor, as JSON), written by `src/hooks.rs`.
 
 pub const GRAPHS: &str = "graphs";
 pub const TASKDEFS: &str = "taskdefs";

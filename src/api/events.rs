@@ -37,7 +37,7 @@ pub async fn events(
         None => Some(s.engine.last_event().await),
     };
     // Subscribed before the response is sent: nothing committed after this is missed.
-    let (replay, live) = s.engine.events_since(after).await;
+    let (replay, live) = s.engine.events_since(after, usize::MAX).await;
     let (tx, rx) = mpsc::channel(256);
     tokio::spawn(forward(s, filter, log, after, replay, live, tx));
     Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
@@ -66,7 +66,7 @@ async fn forward(
                 Ok(x) => x,
                 // Fell behind: catch up from what is retained, then go on.
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    let (replay, rx) = s.engine.events_since(Some(sent)).await;
+                    let (replay, rx) = s.engine.events_since(Some(sent), usize::MAX).await;
                     live = rx;
                     for (n, ev) in replay {
                         if !send(&filter, &log, n, &ev, &tx).await {

@@ -27,6 +27,7 @@ use tracing::debug;
 
 use super::extract::{Body, Path, Query, decode};
 use super::{ApiError, AppState, files};
+use crate::hooks::HookSpec;
 
 type Result<T, E = ApiError> = std::result::Result<T, E>;
 
@@ -56,7 +57,9 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/nodes/{id}/obm", get(get_obm).put(put_obm))
         .route("/nodes/{id}/catalogs", get(list_catalogs))
-        .route("/nodes/{id}/catalogs/{source}", get(get_catalog));
+        .route("/nodes/{id}/catalogs/{source}", get(get_catalog))
+        .route("/hooks", get(list_hooks).post(create_hook))
+        .route("/hooks/{id}", get(get_hook).delete(delete_hook));
     finish(Router::new().nest("/api/2.0", api), state)
 }
 
@@ -537,6 +540,27 @@ async fn patch_node(
 
 async fn delete_node(State(s): State<AppState>, Path(id): Path<String>) -> Result<StatusCode> {
     s.engine.nodes().delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn create_hook(
+    State(s): State<AppState>,
+    Body(body): Body,
+) -> Result<(StatusCode, Json<Value>)> {
+    let spec: HookSpec = decode(body, "hook")?;
+    Ok((StatusCode::CREATED, Json(s.hooks.create(spec).await?)))
+}
+
+async fn list_hooks(State(s): State<AppState>) -> Json<Value> {
+    Json(Value::Array(s.hooks.list().await))
+}
+
+async fn get_hook(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>> {
+    Ok(Json(s.hooks.get(&id).await?))
+}
+
+async fn delete_hook(State(s): State<AppState>, Path(id): Path<String>) -> Result<StatusCode> {
+    s.hooks.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -14,6 +14,8 @@ use std::path::PathBuf;
 
 use metalgraph_engine::{ApiUrls, Engine};
 
+use crate::hooks::Hooks;
+
 pub use error::ApiError;
 pub use http::{app, node_app};
 
@@ -33,12 +35,21 @@ pub struct AppState {
     /// The graph an unknown machine runs when it asks `/api/2.0/profiles` (`[boot]
     /// discovery_graph`).
     pub discovery_graph: String,
+    /// The webhooks, delivering.
+    pub hooks: Hooks,
 }
 
 impl AppState {
-    /// A state with the node-facing files and templates off.
+    /// A state with the node-facing files and templates off and webhooks delivered with
+    /// the default settings. It starts delivering the stored webhooks: make one per engine.
     pub fn new(engine: Engine, body_limit: usize) -> Self {
+        Self::with_hooks(engine, body_limit, crate::hooks::Settings::default())
+    }
+
+    /// [`AppState::new`] with webhooks delivered under `hooks`.
+    pub fn with_hooks(engine: Engine, body_limit: usize, hooks: crate::hooks::Settings) -> Self {
         Self {
+            hooks: Hooks::start(engine.clone(), hooks),
             engine,
             body_limit,
             files_dir: None,

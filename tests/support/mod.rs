@@ -325,6 +325,18 @@ impl Api {
     }
 }
 
+/// An event (as SSE and webhooks send it) in short: `wf:{status}` or `{label}:{state}`.
+pub fn describe_event(v: &Value) -> String {
+    match v["kind"].as_str() {
+        Some("workflow") => format!("wf:{}", v["status"].as_str().unwrap()),
+        _ => format!(
+            "{}:{}",
+            v["label"].as_str().unwrap(),
+            v["state"].as_str().unwrap()
+        ),
+    }
+}
+
 /// `label=state` pairs of a workflow view, in plan order.
 pub fn states(v: &Value) -> String {
     v["tasks"]
