@@ -62,6 +62,13 @@ else
     echo "install-peers: installing grpcio and grpcio-tools into $VENV"
     "$VENV/bin/pip" install -q --disable-pip-version-check grpcio grpcio-tools
 fi
+# The reference parser of Prometheus metrics (tests/metrics.rs).
+if "$VENV/bin/python" -c 'import prometheus_client' >/dev/null 2>&1; then
+    echo "install-peers: prometheus_client already installed in $VENV"
+else
+    echo "install-peers: installing prometheus_client into $VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check prometheus_client
+fi
 if [ -x "$PEERS/npm-tools/node_modules/.bin/buf" ]; then
     echo "install-peers: buf already installed"
 elif command -v npm >/dev/null 2>&1; then

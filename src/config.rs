@@ -118,6 +118,10 @@ pub struct Config {
     pub node_listen: Option<SocketAddr>,
     /// The gRPC API's address (`METALGRAPH_GRPC_LISTEN`, `--grpc-listen`). Off unless set.
     pub grpc_listen: Option<SocketAddr>,
+    /// An address of its own for `GET /metrics` (`METALGRAPH_METRICS_LISTEN`,
+    /// `--metrics-listen`), for a scraper that should reach nothing else. Off unless set;
+    /// the management listener serves `/metrics` either way.
+    pub metrics_listen: Option<SocketAddr>,
     /// Where the store keeps its data (`METALGRAPH_DATA_DIR`, `--data-dir`).
     pub data_dir: PathBuf,
     /// The store backend, `sled` or `file` (`METALGRAPH_STORE`, `--store`).
@@ -408,6 +412,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             node_listen: None,
             grpc_listen: None,
+            metrics_listen: None,
             data_dir: PathBuf::from("./metalgraph-data"),
             store: StoreKind::Sled,
             demo: false,
@@ -441,6 +446,9 @@ pub struct ServeArgs {
     /// The gRPC API's address (off by default).
     #[arg(long, value_name = "ADDR")]
     pub grpc_listen: Option<SocketAddr>,
+    /// A listener serving only GET /metrics (off by default).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Where the store keeps its data (default ./metalgraph-data).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -518,6 +526,9 @@ impl Config {
         if let Some((v, s)) = var("GRPC_LISTEN") {
             self.grpc_listen = parse_optional(&v, &s)?;
         }
+        if let Some((v, s)) = var("METRICS_LISTEN") {
+            self.metrics_listen = parse_optional(&v, &s)?;
+        }
         if let Some((_, s)) = var("DATA_DIR") {
             self.data_dir = PathBuf::from(s);
         }
@@ -570,6 +581,9 @@ impl Config {
         }
         if let Some(a) = flags.grpc_listen {
             self.grpc_listen = Some(a);
+        }
+        if let Some(a) = flags.metrics_listen {
+            self.metrics_listen = Some(a);
         }
         if let Some(d) = &flags.data_dir {
             self.data_dir = d.clone();

@@ -459,6 +459,7 @@ impl Delivery {
                 r = req.send() => r,
                 () = self.stop.cancelled() => return false,
             };
+            crate::metrics::hook_delivery(matches!(&outcome, Ok(r) if r.status().is_success()));
             let error = match outcome {
                 Ok(resp) if resp.status().is_success() => {
                     self.rec.delivered += 1;

@@ -8,5 +8,6 @@ pub mod client;
 pub mod config;
 pub mod hooks;
 pub mod library;
+pub mod metrics;
 pub mod server;
 pub mod validate;

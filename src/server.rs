@@ -59,6 +59,10 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         Some(addr) => Some(bind(addr, "gRPC API").await?),
         None => None,
     };
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(bind(addr, "metrics").await?),
+        None => None,
+    };
     let node_addr = match &node {
         Some(l) => Some(
             l.local_addr()
@@ -173,7 +177,9 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let limits = conn::Limits::from(&config.limits);
     conn::check_descriptor_budget(
         &limits,
-        1 + usize::from(node.is_some()) + usize::from(grpc.is_some()),
+        1 + usize::from(node.is_some())
+            + usize::from(grpc.is_some())
+            + usize::from(metrics.is_some()),
     );
     servers.spawn(run_http(
         "management API",
@@ -184,6 +190,20 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     ));
     announce(&format!("metalgraph listening on http://{mgmt_addr}"));
     info!(addr = %mgmt_addr, store = store.backend(), data_dir = %config.data_dir.display(), "management API listening");
+    if let Some(listener) = metrics {
+        let addr = listener
+            .local_addr()
+            .context("the metrics listener has no address")?;
+        servers.spawn(run_http(
+            "metrics",
+            listener,
+            api::metrics_app(state.clone()),
+            limits,
+            shutdown.clone(),
+        ));
+        announce(&format!("metalgraph metrics listening on http://{addr}"));
+        info!(%addr, "metrics listening");
+    }
     if let (Some(listener), Some(addr)) = (node, node_addr) {
         servers.spawn(run_http(
             "node-facing API",
@@ -270,10 +290,11 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let backend = config.store.backend();
     let dir = config.data_dir.clone();
     let shown = dir.display().to_string();
-    tokio::task::spawn_blocking(move || metalgraph_store::open(backend, &dir))
+    let store = tokio::task::spawn_blocking(move || metalgraph_store::open(backend, &dir))
         .await
         .context("opening the store failed")?
-        .with_context(|| format!("cannot open the {} store in {shown}", config.store.as_str()))
+        .with_context(|| format!("cannot open the {} store in {shown}", config.store.as_str()))?;
+    Ok(crate::metrics::MeteredStore::wrap(store))
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {

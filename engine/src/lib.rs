@@ -12,6 +12,7 @@ mod error;
 pub mod events;
 pub mod job;
 pub mod keys;
+pub mod metrics;
 pub mod model;
 pub mod nodes;
 mod notify;

@@ -221,9 +221,11 @@ impl Handler {
             Ok(req) => req,
             Err(e) => {
                 debug!(%src, len = bytes.len(), error = %e, "dropped malformed DHCP packet");
+                crate::metrics::dhcp_malformed();
                 return None;
             }
         };
+        crate::metrics::dhcp_request(req.msg_type);
         let mac = req.mac;
         let xid = req.msg.xid();
         let msg_type = req.msg_type;
@@ -293,6 +295,7 @@ impl Handler {
             firmware = ?client.firmware, arch = ?client.arch,
             "answered"
         );
+        crate::metrics::dhcp_reply(fields.msg_type);
         Some(Reply { to, bytes })
     }
 
@@ -602,6 +605,7 @@ async fn serve(
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             warn!(%src, "DHCP request dropped: too many requests in progress");
+            crate::metrics::dhcp_dropped();
             continue;
         };
         let bytes = buf[..len].to_vec();

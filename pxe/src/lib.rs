@@ -13,12 +13,14 @@
 //!   (PXE, iPXE, neither) and picks boot files; `dhcp/pool.rs` is the lease pool.
 //! - `tftp.rs`: the TFTP server, its request parser and its path jail.
 //! - `ipxe.rs`: iPXE script building blocks and the profile URL.
+//! - `metrics.rs`: DHCP and TFTP counters.
 //!
 //! The binary builds a [`PxeService`] from [`PxeOptions`] and runs it with a cancellation
 //! token, like every other component.
 
 pub mod dhcp;
 pub mod ipxe;
+pub mod metrics;
 pub mod planner;
 pub mod tftp;
 

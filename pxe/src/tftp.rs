@@ -453,6 +453,7 @@ impl Server {
             };
             let Ok(permit) = limit.clone().try_acquire_owned() else {
                 warn!(%peer, filename, "TFTP request dropped: too many transfers; the client will retry");
+                crate::metrics::tftp_dropped();
                 continue;
             };
             let transfer = Transfer {
@@ -538,6 +539,7 @@ impl Transfer {
             Ok(p) => p,
             Err(refusal) => {
                 info!(%peer, filename, reason = %refusal, "TFTP read refused");
+                crate::metrics::tftp_transfer("refused", 0);
                 let _ = socket
                     .send(&error_packet(code::NOT_FOUND, "file not found"))
                     .await;
@@ -552,13 +554,17 @@ impl Transfer {
             }
         };
         match result {
-            Ok((bytes, n)) => info!(
-                %peer, filename, bytes, blksize = n.blksize, windowsize = n.windowsize,
-                elapsed_ms = started.elapsed().as_millis() as u64, "TFTP transfer complete"
-            ),
+            Ok((bytes, n)) => {
+                info!(
+                    %peer, filename, bytes, blksize = n.blksize, windowsize = n.windowsize,
+                    elapsed_ms = started.elapsed().as_millis() as u64, "TFTP transfer complete"
+                );
+                crate::metrics::tftp_transfer("completed", bytes);
+            }
             Err(TransferError::ClientError { code, message }) if code == code::OPTION_REFUSED => {
                 // UEFI's size probe: OACK, then error 8, then the real request.
                 debug!(%peer, filename, code, message, "TFTP client ended the transfer after the option acknowledgement");
+                crate::metrics::tftp_transfer("probe", 0);
             }
             Err(e) => {
                 if matches!(e, TransferError::Deadline(_) | TransferError::Cancelled) {
@@ -567,6 +573,7 @@ impl Transfer {
                         .await;
                 }
                 warn!(%peer, filename, error = %e, "TFTP transfer failed");
+                crate::metrics::tftp_transfer("failed", 0);
             }
         }
     }

@@ -60,7 +60,27 @@ pub fn app(state: AppState) -> Router {
         .route("/nodes/{id}/catalogs/{source}", get(get_catalog))
         .route("/hooks", get(list_hooks).post(create_hook))
         .route("/hooks/{id}", get(get_hook).delete(delete_hook));
-    finish(Router::new().nest("/api/2.0", api), state)
+    let router = Router::new()
+        .nest("/api/2.0", api)
+        .route("/metrics", get(metrics));
+    finish(router, state)
+}
+
+/// A router serving only `GET /metrics`, for a listener of its own (`metrics_listen`).
+pub fn metrics_app(state: AppState) -> Router {
+    finish(Router::new().route("/metrics", get(metrics)), state)
+}
+
+/// `GET /metrics`: the process's metrics, OpenMetrics text.
+async fn metrics() -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        crate::metrics::render(),
+    )
+        .into_response()
 }
 
 /// The node-facing API: what booting nodes and their installers call. `/files/...` serves

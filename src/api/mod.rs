@@ -17,7 +17,7 @@ use metalgraph_engine::{ApiUrls, Engine};
 use crate::hooks::Hooks;
 
 pub use error::ApiError;
-pub use http::{app, node_app};
+pub use http::{app, metrics_app, node_app};
 
 /// What every handler shares.
 #[derive(Clone, Debug)]

@@ -92,6 +92,8 @@ pub struct StartJob {
     pub label: String,
     pub attempt: u32,
     pub retry: u32,
+    /// The attempt was running when the engine stopped and starts again.
+    pub restart: bool,
     pub token: String,
     /// The attempt's deadline (epoch ms).
     pub deadline_ms: Option<u64>,
@@ -610,6 +612,8 @@ impl Core {
                 t.state = TaskState::Cancelled;
                 t.finished_at = Some(now);
                 write_task(&mut self.step.batch, id, idx, t);
+                let ev = task_event(&w.rec, idx, t);
+                self.step.effects.push(Effect::Event(ev));
             }
             self.advance(id, now);
             return;
@@ -671,6 +675,7 @@ impl Core {
             label: planned.label.clone(),
             attempt,
             retry: t.failures,
+            restart,
             token: t.token.clone(),
             deadline_ms: t.deadline,
             options: planned.options.clone(),

@@ -28,8 +28,11 @@ use crate::error::{Error, blocking};
 use crate::events::{self, EventLog};
 use crate::job::{BoxFuture, Job, JobContext, JobRegistry, JobResult, Options};
 use crate::keys;
+use crate::metrics;
+use crate::model::WorkflowStatus;
 use crate::nodes::Node;
 use crate::template::Renderer;
+use crate::workflow::Event;
 use crate::workflow::load_records;
 
 /// The most messages applied before one group commit.
@@ -73,6 +76,7 @@ impl Runtime {
         rx: mpsc::UnboundedReceiver<Msg>,
         shutdown: CancellationToken,
     ) -> Self {
+        metrics::metrics().job_slots.set(max_running.max(1) as i64);
         Self {
             core: Core::new(jobs.clone(), max_running),
             engine,
@@ -210,6 +214,9 @@ impl Runtime {
         for eff in effects {
             self.perform(eff);
         }
+        let m = metrics::metrics();
+        m.workflows_active.set(self.core.active() as i64);
+        m.job_slots_in_use.set(self.core.slots_in_use() as i64);
         Ok(())
     }
 
@@ -252,6 +259,7 @@ impl Runtime {
                 }
             }
             Effect::Event(ev) => {
+                count_event(&ev);
                 self.last_event += 1;
                 self.engine.publish(self.last_event, ev);
             }
@@ -262,6 +270,12 @@ impl Runtime {
     }
 
     fn start_job(&mut self, s: StartJob) {
+        if s.retry > 0 && !s.restart {
+            metrics::metrics()
+                .task_retries
+                .get_or_create(&metrics::JobLabels { job: s.job.clone() })
+                .inc();
+        }
         let Some(job) = self.jobs.get(&s.job).cloned() else {
             let outcome = Outcome::Failed(format!("job {} is not available", s.job));
             self.send_done(&s, outcome);
@@ -292,18 +306,20 @@ impl Runtime {
                 run.job.name(),
             );
             debug!(workflow_id = %wf, label = %run.start.label, attempt, "job started");
+            let started = Instant::now();
             // The job runs on a task of its own, so that a panic inside it is caught here and
             // becomes the task's failure instead of stranding the workflow.
             let handle = AbortOnDropHandle::new(tokio::spawn(run.run()));
-            let outcome = match handle.await {
-                Ok(outcome) => outcome,
+            let (outcome, panicked) = match handle.await {
+                Ok(outcome) => (outcome, false),
                 Err(e) if e.is_panic() => {
                     let why = panic_message(e.into_panic());
                     error!(workflow_id = %wf, job = name, panic = %why, "job panicked");
-                    Outcome::Failed(format!("job {name} panicked: {why}"))
+                    (Outcome::Failed(format!("job {name} panicked: {why}")), true)
                 }
-                Err(_) => Outcome::Cancelled,
+                Err(_) => (Outcome::Cancelled, false),
             };
+            count_attempt(name, &outcome, panicked, started.elapsed());
             let _ = tx.send(Msg::JobDone {
                 wf,
                 idx,
@@ -320,6 +336,46 @@ impl Runtime {
             attempt: s.attempt,
             outcome,
         });
+    }
+}
+
+/// Counts an event in the workflow metrics.
+fn count_event(ev: &Event) {
+    let m = metrics::metrics();
+    m.events.inc();
+    if let Event::Workflow { graph, status, .. } = ev {
+        if *status == WorkflowStatus::Pending {
+            m.workflow_started(graph);
+        } else if status.is_terminal() {
+            m.workflow_finished(graph, *status);
+        }
+    }
+}
+
+/// Counts a finished job attempt in the task metrics.
+fn count_attempt(job: &str, outcome: &Outcome, panicked: bool, took: Duration) {
+    use metrics::{AttemptOutcome as A, FailureReason as F};
+    let m = metrics::metrics();
+    let (kind, reason) = match outcome {
+        Outcome::Succeeded(_) => (A::succeeded, None),
+        Outcome::Failed(_) if panicked => (A::failed, Some(F::panic)),
+        Outcome::Failed(_) => (A::failed, Some(F::error)),
+        Outcome::Timeout => (A::timeout, Some(F::timeout)),
+        Outcome::Cancelled => (A::cancelled, None),
+    };
+    m.task_duration
+        .get_or_create(&metrics::AttemptLabels {
+            job: job.to_owned(),
+            outcome: kind,
+        })
+        .observe(took.as_secs_f64());
+    if let Some(reason) = reason {
+        m.task_failures
+            .get_or_create(&metrics::FailureLabels {
+                job: job.to_owned(),
+                reason,
+            })
+            .inc();
     }
 }
 

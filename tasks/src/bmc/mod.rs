@@ -9,6 +9,7 @@
 
 mod cache;
 mod ipmi;
+mod metered;
 mod redfish;
 mod sim;
 
@@ -25,6 +26,8 @@ use tokio::sync::Semaphore;
 
 use cache::SharedCache;
 pub use ipmi::IpmiBmc;
+use metered::Metered;
+pub use metered::register as register_metrics;
 pub use redfish::{RedfishBmc, RedfishEndpoint};
 pub use sim::SimBmc;
 
@@ -354,22 +357,23 @@ impl Drivers {
     }
 
     /// The driver for an OBM record; `node` names the node in messages, `node_id` keys the
-    /// simulated BMC's state.
+    /// simulated BMC's state. Its every operation is measured (`metered.rs`).
     pub fn for_obm(&self, node: &str, node_id: &str, obm: &Obm) -> Result<Arc<dyn Bmc>> {
         match obm.service.as_str() {
-            REDFISH_SERVICE => Ok(Arc::new(self.redfish(node, &obm.config)?)),
-            IPMI_SERVICE => Ok(Arc::new(IpmiBmc::new(
-                node,
-                &obm.config,
-                &self.options,
-                |key| self.ipmi_limit(key),
-            )?)),
-            SIM_SERVICE => Ok(Arc::new(SimBmc::new(
-                node,
-                node_id,
-                &obm.config,
-                &self.options,
-            )?)),
+            REDFISH_SERVICE => Ok(Metered::wrap(
+                "redfish",
+                Arc::new(self.redfish(node, &obm.config)?),
+            )),
+            IPMI_SERVICE => Ok(Metered::wrap(
+                "ipmi",
+                Arc::new(IpmiBmc::new(node, &obm.config, &self.options, |key| {
+                    self.ipmi_limit(key)
+                })?),
+            )),
+            SIM_SERVICE => Ok(Metered::wrap(
+                "sim",
+                Arc::new(SimBmc::new(node, node_id, &obm.config, &self.options)?),
+            )),
             other => Err(Error::UnknownService {
                 node: node.to_owned(),
                 service: other.to_owned(),
