@@ -1,5 +1,12 @@
 //! The command-line client: `metalgraph graphs|tasks|nodes|workflows|run ...` talk to a
-//! server's management API over HTTP and print what it answers (pretty JSON for reads).
+//! server's management API over HTTP and print what it answers: tables for people by
+//! default (`views`, drawn with `table`), the API's objects as JSON or YAML on request, and
+//! graphs as DOT or Mermaid (`draw`). Everything goes to stdout through `out`.
+
+pub mod draw;
+pub mod out;
+pub mod table;
+pub mod views;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -7,11 +14,16 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use metalgraph_engine::clock::{Clock as _, SystemClock};
 use metalgraph_engine::definitions;
 use metalgraph_engine::model::{Definition, TaskState};
 use metalgraph_engine::{Problem, WorkflowStatus, WorkflowView};
 use reqwest::{Method, StatusCode};
 use serde_json::{Map, Value, json};
+
+use self::draw::Drawing;
+use self::out::line;
+use self::views::{Output, Shape};
 
 /// How often `run --wait` polls the workflow.
 const POLL_INTERVAL: Duration = Duration::from_millis(300);
@@ -77,16 +89,25 @@ impl Client {
         Ok(self.call(Method::GET, path, None).await?.1)
     }
 
-    /// GETs `path` and prints the answer as pretty JSON.
-    pub async fn print_get(&self, path: &str) -> anyhow::Result<ExitCode> {
-        print_json(&self.get(path).await?);
+    /// GETs `path` and prints the answer, an answer of the given shape, as `output` says.
+    pub async fn show(&self, path: &str, shape: Shape, output: Output) -> anyhow::Result<ExitCode> {
+        print_as(output, shape, &self.get(path).await?)?;
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// `graphs get NAME --format dot|mermaid`: draws the graph's tasks and `waitOn` edges.
+    pub async fn draw_graph(&self, name: &str, how: Drawing) -> anyhow::Result<ExitCode> {
+        let graph = self
+            .get(&format!("/workflows/graphs/{}", seg(name)))
+            .await?;
+        out::print(&draw::draw(&graph, how))?;
         Ok(ExitCode::SUCCESS)
     }
 
     /// DELETEs `path` and says what was deleted.
     pub async fn delete(&self, path: &str, what: &str) -> anyhow::Result<ExitCode> {
         self.call(Method::DELETE, path, None).await?;
-        println!("deleted {what}");
+        line(&format!("deleted {what}"))?;
         Ok(ExitCode::SUCCESS)
     }
 
@@ -130,14 +151,14 @@ impl Client {
                 } else {
                     "replaced"
                 };
-                println!("{verb} {kind} {name}");
+                line(&format!("{verb} {kind} {name}"))?;
             }
         }
         Ok(ExitCode::SUCCESS)
     }
 
     /// `nodes create`.
-    pub async fn create_node(&self, spec: NodeSpec) -> anyhow::Result<ExitCode> {
+    pub async fn create_node(&self, spec: NodeSpec, output: Output) -> anyhow::Result<ExitCode> {
         let mut node = json!({
             "name": spec.name,
             "identifiers": spec.macs,
@@ -167,12 +188,12 @@ impl Client {
             bail!("--obm-host, --obm-user and --obm-password-env need --obm-service");
         }
         let (_, created) = self.call(Method::POST, "/nodes", Some(&node)).await?;
-        print_json(&created);
+        print_as(output, Shape::Node, &created)?;
         Ok(ExitCode::SUCCESS)
     }
 
-    /// `workflows cancel`.
-    pub async fn cancel(&self, id: &str) -> anyhow::Result<ExitCode> {
+    /// `workflows cancel`: the answer comes once the workflow has ended, and is shown.
+    pub async fn cancel(&self, id: &str, output: Output) -> anyhow::Result<ExitCode> {
         let (_, view) = self
             .call(
                 Method::PUT,
@@ -180,18 +201,20 @@ impl Client {
                 Some(&json!({"command": "cancel"})),
             )
             .await?;
-        print_json(&view);
+        print_as(output, Shape::Workflow, &view)?;
         Ok(ExitCode::SUCCESS)
     }
 
-    /// `run GRAPH`: starts a workflow; with `wait`, follows it to its end and exits 0 only
-    /// when it succeeded.
+    /// `run GRAPH`: starts a workflow and shows it; with `wait`, follows it to its end and
+    /// exits 0 only when it succeeded. As a table, following prints a line per task change
+    /// and a closing summary; as JSON or YAML, it prints only the finished workflow.
     pub async fn run(
         &self,
         graph: &str,
         node: Option<&str>,
         options: &[String],
         wait: bool,
+        output: Output,
     ) -> anyhow::Result<ExitCode> {
         let mut body = json!({ "name": graph, "options": run_options(options)? });
         if let Some(n) = node {
@@ -199,34 +222,40 @@ impl Client {
         }
         let (_, created) = self.call(Method::POST, "/workflows", Some(&body)).await?;
         if !wait {
-            print_json(&created);
+            print_as(output, Shape::Workflow, &created)?;
             return Ok(ExitCode::SUCCESS);
         }
         let view: WorkflowView = serde_json::from_value(created)
             .context("the server answered with something that is not a workflow")?;
         let id = view.instance_id.clone();
-        match &view.node {
-            Some(n) => println!("workflow {id} ({graph} on node {n}) created"),
-            None => println!("workflow {id} ({graph}) created"),
+        if output == Output::Table {
+            match &view.node {
+                Some(n) => line(&format!("workflow {id} ({graph} on node {n}) created"))?,
+                None => line(&format!("workflow {id} ({graph}) created"))?,
+            }
         }
-        self.follow(&id).await
+        self.follow(&id, output).await
     }
 
-    /// Polls a workflow, printing a line per task state change, until it ends.
-    async fn follow(&self, id: &str) -> anyhow::Result<ExitCode> {
+    /// Polls a workflow until it ends. As a table: a line per task state change, then the
+    /// summary; otherwise only the finished workflow.
+    async fn follow(&self, id: &str, output: Output) -> anyhow::Result<ExitCode> {
         let start = Instant::now();
         let mut seen: HashMap<String, (TaskState, u32)> = HashMap::new();
         loop {
             let value = self.get(&format!("/workflows/{}", seg(id))).await?;
-            let view: WorkflowView = serde_json::from_value(value)
+            let view: WorkflowView = serde_json::from_value(value.clone())
                 .context("the server answered with something that is not a workflow")?;
-            for line in progress_lines(&view, &mut seen, start.elapsed()) {
-                println!("{line}");
+            if output == Output::Table {
+                for l in progress_lines(&view, &mut seen, start.elapsed()) {
+                    line(&l)?;
+                }
             }
             if view.status.is_terminal() {
-                match &view.error {
-                    Some(e) => println!("workflow {id} {}: {e}", view.status),
-                    None => println!("workflow {id} {}", view.status),
+                if output == Output::Table {
+                    out::print(&(views::summary(&view).join("\n") + "\n"))?;
+                } else {
+                    print_as(output, Shape::Workflow, &value)?;
                 }
                 return Ok(if view.status == WorkflowStatus::Succeeded {
                     ExitCode::SUCCESS
@@ -312,7 +341,7 @@ pub fn progress_lines(
             _ => t
                 .error
                 .as_ref()
-                .map(|e| format!(": {e}"))
+                .map(|e| format!(": {}", table::clean(e)))
                 .unwrap_or_default(),
         };
         lines.push(format!(
@@ -363,11 +392,9 @@ fn describe_error(status: StatusCode, body: &Value) -> String {
     out
 }
 
-fn print_json(v: &Value) {
-    match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
-        Err(_) => println!("{v}"),
-    }
+/// Prints an answer of the given shape as `output` says.
+fn print_as(output: Output, shape: Shape, answer: &Value) -> anyhow::Result<()> {
+    out::print(&views::render(output, shape, answer, SystemClock.now_ms())?)
 }
 
 #[cfg(test)]

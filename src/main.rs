@@ -6,6 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use metalgraph::client::draw::Drawing;
+use metalgraph::client::out::{self, StdoutClosed};
+use metalgraph::client::views::{Output, Shape};
 use metalgraph::client::{Client, NodeSpec, seg};
 use metalgraph::config::{Config, LogFormat, ServeArgs};
 use tokio_util::sync::CancellationToken;
@@ -27,6 +30,8 @@ enum Command {
     Graphs {
         #[command(flatten)]
         remote: Remote,
+        #[command(flatten)]
+        view: View,
         #[command(subcommand)]
         action: GraphsCmd,
     },
@@ -34,6 +39,8 @@ enum Command {
     Tasks {
         #[command(flatten)]
         remote: Remote,
+        #[command(flatten)]
+        view: View,
         #[command(subcommand)]
         action: TasksCmd,
     },
@@ -41,6 +48,8 @@ enum Command {
     Nodes {
         #[command(flatten)]
         remote: Remote,
+        #[command(flatten)]
+        view: View,
         #[command(subcommand)]
         action: NodesCmd,
     },
@@ -48,6 +57,8 @@ enum Command {
     Workflows {
         #[command(flatten)]
         remote: Remote,
+        #[command(flatten)]
+        view: View,
         #[command(subcommand)]
         action: WorkflowsCmd,
     },
@@ -64,10 +75,14 @@ enum Command {
         /// task's options). VALUE is JSON when it parses as JSON, else a string.
         #[arg(long = "option", short = 'o', value_name = "[LABEL.]KEY=VALUE")]
         options: Vec<String>,
-        /// Follow the workflow, printing each task state change; exit 0 only when it
-        /// succeeded.
+        /// Follow the workflow, printing each task state change and a closing summary;
+        /// exit 0 only when it succeeded.
         #[arg(long)]
         wait: bool,
+        /// How to print: a table for people, or the workflow object as json or yaml (with
+        /// --wait, only the finished workflow). No short form here: `-o` is --option.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
     },
     /// Check definition files offline against the shipped library and each other.
     Validate {
@@ -75,6 +90,15 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+}
+
+/// How a client command prints what the server answers.
+#[derive(Debug, Args)]
+struct View {
+    /// A table for people (the default), or the API's objects as json or yaml for
+    /// machines.
+    #[arg(long, short = 'o', global = true, value_enum)]
+    output: Option<Output>,
 }
 
 /// Where the server is.
@@ -94,8 +118,15 @@ struct Remote {
 enum GraphsCmd {
     /// List every graph (library and user).
     List,
-    /// Show one graph.
-    Get { name: String },
+    /// Show one graph, or draw it.
+    #[command(visible_alias = "show")]
+    Get {
+        name: String,
+        /// Draw the graph's tasks and their waitOn edges (labelled with the awaited
+        /// state) instead: Graphviz dot or a Mermaid flowchart.
+        #[arg(long, value_enum)]
+        format: Option<Drawing>,
+    },
     /// Create or replace the graphs in the files.
     Put {
         #[arg(required = true)]
@@ -191,6 +222,9 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
+        // The reader of stdout went away (`| head`): what it wanted it has, so this is no
+        // failure and nothing is said (see `metalgraph::client::out`).
+        Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -202,13 +236,33 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(args) => serve(*args).await,
         Command::Validate { files } => validate(&files),
-        Command::Graphs { remote, action } => {
+        Command::Graphs {
+            remote,
+            view,
+            action,
+        } => {
             let c = Client::new(&remote.server)?;
+            let o = view.output.unwrap_or_default();
             match action {
-                GraphsCmd::List => c.print_get("/workflows/graphs").await,
-                GraphsCmd::Get { name } => {
-                    c.print_get(&format!("/workflows/graphs/{}", seg(&name)))
-                        .await
+                GraphsCmd::List => c.show("/workflows/graphs", Shape::Graphs, o).await,
+                GraphsCmd::Get {
+                    name,
+                    format: Some(how),
+                } => {
+                    if view.output.is_some() {
+                        anyhow::bail!(
+                            "--format draws the graph and cannot be combined with --output"
+                        );
+                    }
+                    c.draw_graph(&name, how).await
+                }
+                GraphsCmd::Get { name, format: None } => {
+                    c.show(
+                        &format!("/workflows/graphs/{}", seg(&name)),
+                        Shape::Graph,
+                        o,
+                    )
+                    .await
                 }
                 GraphsCmd::Put { files } => c.put_definitions(&files, true).await,
                 GraphsCmd::Delete { name } => {
@@ -220,12 +274,17 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Tasks { remote, action } => {
+        Command::Tasks {
+            remote,
+            view,
+            action,
+        } => {
             let c = Client::new(&remote.server)?;
+            let o = view.output.unwrap_or_default();
             match action {
-                TasksCmd::List => c.print_get("/workflows/tasks").await,
+                TasksCmd::List => c.show("/workflows/tasks", Shape::Tasks, o).await,
                 TasksCmd::Get { name } => {
-                    c.print_get(&format!("/workflows/tasks/{}", seg(&name)))
+                    c.show(&format!("/workflows/tasks/{}", seg(&name)), Shape::Task, o)
                         .await
                 }
                 TasksCmd::Put { files } => c.put_definitions(&files, false).await,
@@ -238,11 +297,19 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Nodes { remote, action } => {
+        Command::Nodes {
+            remote,
+            view,
+            action,
+        } => {
             let c = Client::new(&remote.server)?;
+            let o = view.output.unwrap_or_default();
             match action {
-                NodesCmd::List => c.print_get("/nodes").await,
-                NodesCmd::Get { id } => c.print_get(&format!("/nodes/{}", seg(&id))).await,
+                NodesCmd::List => c.show("/nodes", Shape::Nodes, o).await,
+                NodesCmd::Get { id } => {
+                    c.show(&format!("/nodes/{}", seg(&id)), Shape::Node, o)
+                        .await
+                }
                 NodesCmd::Create {
                     name,
                     id,
@@ -253,16 +320,19 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     obm_user,
                     obm_password_env,
                 } => {
-                    c.create_node(NodeSpec {
-                        id,
-                        name,
-                        macs,
-                        tags,
-                        obm_service,
-                        obm_host,
-                        obm_user,
-                        obm_password_env,
-                    })
+                    c.create_node(
+                        NodeSpec {
+                            id,
+                            name,
+                            macs,
+                            tags,
+                            obm_service,
+                            obm_host,
+                            obm_user,
+                            obm_password_env,
+                        },
+                        o,
+                    )
                     .await
                 }
                 NodesCmd::Delete { id } => {
@@ -271,8 +341,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Workflows { remote, action } => {
+        Command::Workflows {
+            remote,
+            view,
+            action,
+        } => {
             let c = Client::new(&remote.server)?;
+            let o = view.output.unwrap_or_default();
             match action {
                 WorkflowsCmd::List { active, node } => {
                     let mut query = Vec::new();
@@ -287,10 +362,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     } else {
                         format!("/workflows?{}", query.join("&"))
                     };
-                    c.print_get(&path).await
+                    c.show(&path, Shape::Workflows, o).await
                 }
-                WorkflowsCmd::Get { id } => c.print_get(&format!("/workflows/{}", seg(&id))).await,
-                WorkflowsCmd::Cancel { id } => c.cancel(&id).await,
+                WorkflowsCmd::Get { id } => {
+                    c.show(&format!("/workflows/{}", seg(&id)), Shape::Workflow, o)
+                        .await
+                }
+                WorkflowsCmd::Cancel { id } => c.cancel(&id, o).await,
                 WorkflowsCmd::Delete { id } => {
                     c.delete(
                         &format!("/workflows/{}", seg(&id)),
@@ -306,9 +384,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             node,
             options,
             wait,
+            output,
         } => {
             Client::new(&remote.server)?
-                .run(&graph, node.as_deref(), &options, wait)
+                .run(&graph, node.as_deref(), &options, wait, output)
                 .await
         }
     }
@@ -381,11 +460,11 @@ fn validate(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let mut ok = true;
     for r in reports {
         if r.problems.is_empty() {
-            println!("ok {}", r.file);
+            out::line(&format!("ok {}", r.file))?;
         } else {
             ok = false;
             for p in r.problems {
-                println!("{p}");
+                out::line(&p.to_string())?;
             }
         }
     }

@@ -80,6 +80,48 @@ pub fn rfc3339(ms: u64) -> String {
     )
 }
 
+/// Parses what `rfc3339` writes (`2026-11-21T16:02:03.456Z`, milliseconds optional) back
+/// into epoch milliseconds; `None` for anything else, including instants before 1970.
+pub fn parse_rfc3339(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    let digits = |from: usize, len: usize| -> Option<i64> {
+        let part = s.get(from..from + len)?;
+        if !part.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        part.parse().ok()
+    };
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' {
+        return None;
+    }
+    if b[16] != b':' {
+        return None;
+    }
+    let (year, month, day) = (digits(0, 4)?, digits(5, 2)?, digits(8, 2)?);
+    let (hour, minute, second) = (digits(11, 2)?, digits(14, 2)?, digits(17, 2)?);
+    let millis = match s.get(19..)? {
+        "Z" => 0,
+        rest if rest.len() == 5 && rest.starts_with('.') && rest.ends_with('Z') => digits(20, 3)?,
+        _ => return None,
+    };
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
+        return None;
+    }
+    if second > 60 {
+        return None;
+    }
+    // Days-from-civil (Howard Hinnant's algorithm), the inverse of `rfc3339`'s.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let ms = ((days * 86_400 + hour * 3600 + minute * 60 + second) * 1000) + millis;
+    u64::try_from(ms).ok()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -90,5 +132,34 @@ mod tests {
             super::rfc3339(1_795_276_923_456),
             "2026-11-21T16:02:03.456Z"
         );
+    }
+
+    #[test]
+    fn parses_what_it_formats() {
+        for ms in [
+            0,
+            999,
+            951_782_400_123,
+            1_795_276_923_456,
+            4_102_444_800_000,
+        ] {
+            assert_eq!(super::parse_rfc3339(&super::rfc3339(ms)), Some(ms), "{ms}");
+        }
+        assert_eq!(
+            super::parse_rfc3339("2000-02-29T00:00:00Z"),
+            Some(951_782_400_000)
+        );
+        for bad in [
+            "",
+            "2026-11-21",
+            "2026-11-21 16:02:03Z",
+            "2026-13-01T00:00:00Z",
+            "2026-11-21T16:02:03.45Z",
+            "2026-11-21T16:02:03+01:00",
+            "1969-12-31T23:59:59.999Z",
+            "2026-11-21T16:0x:03Z",
+        ] {
+            assert_eq!(super::parse_rfc3339(bad), None, "{bad:?}");
+        }
     }
 }
