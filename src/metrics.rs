@@ -114,6 +114,14 @@ impl Store for MeteredStore {
         self.inner.scan_prefix(keyspace, prefix)
     }
 
+    fn scan(
+        &self,
+        keyspace: &str,
+        scan: metalgraph_store::Scan<'_>,
+    ) -> metalgraph_store::Result<Vec<(Bytes, Bytes)>> {
+        self.inner.scan(keyspace, scan)
+    }
+
     fn commit(&self, batch: Batch) -> metalgraph_store::Result<()> {
         let ops = batch.ops.len();
         let started = Instant::now();

@@ -385,11 +385,51 @@ async fn every_rpc_and_watch() {
         .list_workflows(pb::ListWorkflowsRequest {
             active: Some(false),
             node: "grpc-node".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(listed.workflows.len(), 1);
+    // Pages: a full page names the next; the next, past the end, is empty and names none.
+    let first = wfs
+        .list_workflows(pb::ListWorkflowsRequest {
+            node: "grpc-node".into(),
+            status: pb::WorkflowStatus::Succeeded as i32,
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.workflows[0].instance_id, wf.instance_id);
+    assert!(!first.next_page_token.is_empty());
+    let rest = wfs
+        .list_workflows(pb::ListWorkflowsRequest {
+            node: "grpc-node".into(),
+            page_size: 1,
+            page_token: first.next_page_token,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (rest.workflows.len(), rest.next_page_token.as_str()),
+        (0, "")
+    );
+    let too_big = wfs
+        .list_workflows(pb::ListWorkflowsRequest {
+            page_size: 5000,
+            ..Default::default()
+        })
+        .await
+        .expect_err("a page of 5000");
+    assert_eq!(too_big.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        too_big.message(),
+        "a page holds 1 to 1000 workflows, not 5000"
+    );
 
     // Watching a finished workflow sends its final state and ends.
     let again = wfs

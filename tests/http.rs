@@ -1236,3 +1236,98 @@ fn every_shipped_definition_validates_against_the_registered_jobs() {
         .collect();
     assert!(problems.is_empty(), "{problems:#?}");
 }
+
+#[tokio::test]
+async fn workflow_lists_page_with_top_skip_and_a_next_link() {
+    let h = harness().await;
+    let (status, body) = h
+        .put(
+            "/api/2.0/workflows/graphs",
+            &json!({"injectableName": "Graph.Test.One", "tasks": [{"label": "a", "taskName": "Test.Noop"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let mut made = Vec::new();
+    for _ in 0..5 {
+        made.push(
+            h.run("/api/2.0/workflows", &json!({"name": "Graph.Test.One"}))
+                .await,
+        );
+    }
+    let (_, all) = h.get("/api/2.0/workflows?graph=Graph.Test.One").await;
+    let newest_first: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["instanceId"].as_str().unwrap())
+        .collect();
+    let mut sorted = newest_first.clone();
+    sorted.sort();
+    let mut want = made.clone();
+    want.sort();
+    assert_eq!(sorted, want);
+
+    // Page by page through the Link header: 2, 2, 1, the same order, no link on the last.
+    let mut uri = "/api/2.0/workflows?graph=Graph.Test.One&$top=2".to_owned();
+    let mut pages = Vec::new();
+    loop {
+        let (status, headers, body) = raw(&h.app, "GET", &uri, &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        let page: Vec<String> = serde_json::from_slice::<Vec<Value>>(&body)
+            .unwrap()
+            .iter()
+            .map(|w| w["instanceId"].as_str().unwrap().to_owned())
+            .collect();
+        pages.push(page);
+        match headers.get(header::LINK) {
+            None => break,
+            Some(link) => {
+                let link = link.to_str().unwrap();
+                let next = link
+                    .strip_prefix('<')
+                    .and_then(|l| l.strip_suffix(">; rel=\"next\""))
+                    .unwrap_or_else(|| panic!("{link}"));
+                assert!(
+                    next.starts_with("/api/2.0/workflows?graph=Graph.Test.One&$top=2&cursor="),
+                    "{next}"
+                );
+                uri = next.to_owned();
+            }
+        }
+    }
+    let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [2, 2, 1]);
+    assert_eq!(pages.concat(), newest_first);
+
+    // RackHD's $skip.
+    let (_, skipped) = h
+        .get("/api/2.0/workflows?graph=Graph.Test.One&$skip=3&$top=10")
+        .await;
+    let skipped: Vec<&str> = skipped
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["instanceId"].as_str().unwrap())
+        .collect();
+    assert_eq!(skipped, newest_first[3..]);
+
+    for (query, message) in [
+        ("$top=0", "a page holds 1 to 1000 workflows, not 0"),
+        ("$top=5000", "a page holds 1 to 1000 workflows, not 5000"),
+        ("cursor=zz", "cursor \"zz\" is not one this server gave"),
+        (
+            "createdAfter=yesterday",
+            "createdAfter \"yesterday\" is not an RFC 3339 time like 2026-12-01T00:00:00Z",
+        ),
+    ] {
+        let (status, body) = h.get(&format!("/api/2.0/workflows?{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+        assert_eq!(error_of(&body, "bad_request"), message, "{query}");
+    }
+    let (status, body) = h.get("/api/2.0/workflows?status=sleeping").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        error_of(&body, "bad_request").contains("sleeping"),
+        "{body}"
+    );
+}

@@ -171,8 +171,8 @@ impl Harness {
     async fn workflows_of(&self, node: &str) -> Vec<metalgraph_engine::WorkflowView> {
         self.engine
             .list(&ListFilter {
-                active: None,
                 node: Some(node.to_owned()),
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -76,6 +76,14 @@ impl Store for MeteredStore {
         self.inner.scan_prefix(keyspace, prefix)
     }
 
+    fn scan(
+        &self,
+        keyspace: &str,
+        scan: metalgraph_store::Scan<'_>,
+    ) -> Result<Vec<(Bytes, Bytes)>> {
+        self.inner.scan(keyspace, scan)
+    }
+
     fn commit(&self, batch: Batch) -> Result<()> {
         let ops = batch.ops.len() as u64;
         let start = Instant::now();

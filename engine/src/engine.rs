@@ -22,6 +22,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::definitions::{Definitions, Library, MAX_SUBGRAPH_DEPTH};
 use crate::error::{Error, blocking};
 use crate::events::{EventLog, Numbered};
+use crate::history::{ListFilter, Page, Records};
 use crate::job::{BoxFuture, JobContext, JobError, JobRegistry, JobResult, JobServices, Options};
 use crate::keys;
 use crate::model::{RunOptions, TaskState, WorkflowStatus};
@@ -78,14 +79,6 @@ pub struct RunRequest {
     pub graph: String,
     pub node: Option<String>,
     pub options: RunOptions,
-}
-
-/// Filters for listing workflows.
-#[derive(Debug, Clone, Default)]
-pub struct ListFilter {
-    /// `Some(true)`: only unfinished; `Some(false)`: only finished.
-    pub active: Option<bool>,
-    pub node: Option<String>,
 }
 
 struct Inner {
@@ -421,6 +414,7 @@ impl Engine {
                 (None, None) => {}
             }
             write_workflow(&mut batch, &rec);
+            crate::history::index(&mut batch, &rec);
             for (i, t) in tasks.iter().enumerate() {
                 write_task(&mut batch, &id, i, t);
             }
@@ -527,8 +521,28 @@ impl Engine {
 
     /// Lists workflows, newest first.
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<WorkflowView>, Error> {
+        Ok(self.list_page(filter).await?.items)
+    }
+
+    /// One page of workflows, newest first, with the cursor of the next (see `history.rs`).
+    /// Waits until recovery has run: a store from before the index is indexed then.
+    pub async fn list_page(&self, filter: &ListFilter) -> Result<Page<WorkflowView>, Error> {
+        let page = self.list_records(filter).await?;
+        Ok(Page {
+            items: page
+                .items
+                .iter()
+                .map(|(rec, tasks)| WorkflowView::build(rec, tasks))
+                .collect(),
+            next: page.next,
+        })
+    }
+
+    /// [`Engine::list_page`] with each workflow's records rather than its view.
+    pub async fn list_records(&self, filter: &ListFilter) -> Result<Page<Records>, Error> {
+        self.inner.recovered.cancelled().await;
         let (store, filter) = (self.inner.store.clone(), filter.clone());
-        blocking(move || list_blocking(store.as_ref(), &filter)).await
+        blocking(move || crate::history::list(store.as_ref(), &filter)).await
     }
 
     /// Deletes a finished workflow and its task records. A subgraph cannot be deleted while
@@ -565,6 +579,7 @@ impl Engine {
                 batch.require_absent(keys::ACTIVE, p.workflow_id.as_bytes());
             }
             batch.delete(keys::WORKFLOWS, id.as_bytes());
+            crate::history::unindex(&mut batch, &rec);
             for i in 0..tasks.len() {
                 batch.delete(keys::TASKS, keys::task_key(&id, i));
             }
@@ -643,37 +658,6 @@ impl Engine {
         out.sort_by_key(|t| t.state != TaskState::Running);
         Ok(out)
     }
-}
-
-fn list_blocking(store: &dyn Store, filter: &ListFilter) -> Result<Vec<WorkflowView>, Error> {
-    let keyspace = if filter.active == Some(true) {
-        keys::ACTIVE
-    } else {
-        keys::WORKFLOWS
-    };
-    let ids: Vec<String> = store
-        .scan_prefix(keyspace, b"")?
-        .into_iter()
-        .map(|(k, _)| String::from_utf8_lossy(&k).into_owned())
-        .collect();
-    let mut out = Vec::new();
-    for id in ids {
-        let Some((rec, tasks)) = load_records(store, &id)? else {
-            continue;
-        };
-        if filter.node.is_some() && rec.node != filter.node {
-            continue;
-        }
-        if filter.active == Some(false) && !rec.status.is_terminal() {
-            continue;
-        }
-        out.push((rec.created_at, WorkflowView::build(&rec, &tasks)));
-    }
-    out.sort_by(|a, b| {
-        b.0.cmp(&a.0)
-            .then_with(|| a.1.instance_id.cmp(&b.1.instance_id))
-    });
-    Ok(out.into_iter().map(|(_, v)| v).collect())
 }
 
 /// What the engine lends to jobs.

@@ -12,8 +12,9 @@
 //! | `nodes` | node id | the node record (JSON, OBM password included) |
 //! | `node_idents` | identifier (MAC) | the id of the node that owns it |
 //! | `catalogs` | `{node id}/{source}` | one inventory document (JSON) |
+//! | `workflow_index` | see `history.rs` | the id: workflows by time, node and graph |
 //! | `events` | event number (u64, big-endian) | one retained event (JSON), see `events.rs` |
-//! | `meta` | `event_log` | the event log's id |
+//! | `meta` | `event_log`, `workflow_index` | the event log's id; that the index is built |
 //!
 //! The binary keeps keyspaces of its own beside these: `leases` (MAC → a full-mode DHCP
 //! lease as JSON), written by its `BootPlanner` in `src/boot.rs`, and `hooks` (hook id → a
@@ -30,6 +31,7 @@ pub const NODES: &str = "nodes";
 pub const NODE_IDENTS: &str = "node_idents";
 pub const CATALOGS: &str = "catalogs";
 pub const EVENTS: &str = "events";
+pub const WORKFLOW_INDEX: &str = "workflow_index";
 pub const META: &str = "meta";
 
 /// The key of task `index` of workflow `id`.

@@ -29,6 +29,13 @@ impl Store for CrashStore {
     fn scan_prefix(&self, ks: &str, p: &[u8]) -> metalgraph_store::Result<Vec<(Bytes, Bytes)>> {
         self.inner.scan_prefix(ks, p)
     }
+    fn scan(
+        &self,
+        ks: &str,
+        scan: metalgraph_store::Scan<'_>,
+    ) -> metalgraph_store::Result<Vec<(Bytes, Bytes)>> {
+        self.inner.scan(ks, scan)
+    }
     fn commit(&self, batch: Batch) -> metalgraph_store::Result<()> {
         if self.budget.fetch_sub(1, Ordering::SeqCst) <= 0 {
             return Err(metalgraph_store::Error::Io("simulated crash".into()));
@@ -263,7 +270,7 @@ async fn every_commit_point_recovers_to_the_same_end() {
             h2.engine
                 .list(&metalgraph_engine::ListFilter {
                     active: Some(true),
-                    node: None
+                    ..Default::default()
                 })
                 .await
                 .unwrap()

@@ -443,6 +443,13 @@ impl metalgraph_store::Store for SlowStore {
     ) -> metalgraph_store::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         self.0.scan_prefix(ks, prefix)
     }
+    fn scan(
+        &self,
+        ks: &str,
+        scan: metalgraph_store::Scan<'_>,
+    ) -> metalgraph_store::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.0.scan(ks, scan)
+    }
     fn commit(&self, batch: metalgraph_store::Batch) -> metalgraph_store::Result<()> {
         std::thread::sleep(Duration::from_millis(30));
         self.0.commit(batch)

@@ -605,6 +605,27 @@ impl GrpcApi {
     }
 }
 
+/// Every unfinished workflow's id, page by page.
+async fn active_ids(engine: &Engine) -> Result<Vec<String>, Error> {
+    let mut ids = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = engine
+            .list_page(&ListFilter {
+                active: Some(true),
+                limit: Some(metalgraph_engine::history::MAX_PAGE),
+                cursor,
+                ..Default::default()
+            })
+            .await?;
+        ids.extend(page.items.into_iter().map(|v| v.instance_id));
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => return Ok(ids),
+        }
+    }
+}
+
 fn event_to_pb(ev: &Event) -> pb::WatchEvent {
     let event = match ev {
         Event::Workflow {
@@ -689,21 +710,43 @@ impl WorkflowsRpc for GrpcApi {
         req: Request<pb::ListWorkflowsRequest>,
     ) -> Result<Response<pb::ListWorkflowsResponse>, Status> {
         let req = req.into_inner();
-        let views = self
+        let wanted = match pb::WorkflowStatus::try_from(req.status) {
+            Ok(pb::WorkflowStatus::Unspecified) => None,
+            Ok(pb::WorkflowStatus::Pending) => Some(WorkflowStatus::Pending),
+            Ok(pb::WorkflowStatus::Running) => Some(WorkflowStatus::Running),
+            Ok(pb::WorkflowStatus::Succeeded) => Some(WorkflowStatus::Succeeded),
+            Ok(pb::WorkflowStatus::Failed) => Some(WorkflowStatus::Failed),
+            Ok(pb::WorkflowStatus::Cancelled) => Some(WorkflowStatus::Cancelled),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "status {} is not a WorkflowStatus",
+                    req.status
+                )));
+            }
+        };
+        let nonempty = |s: String| Some(s).filter(|s| !s.is_empty());
+        let page = self
             .engine
-            .list(&ListFilter {
+            .list_records(&ListFilter {
                 active: req.active,
-                node: Some(req.node).filter(|n| !n.is_empty()),
+                node: nonempty(req.node),
+                graph: nonempty(req.graph),
+                status: wanted,
+                limit: (req.page_size > 0).then_some(req.page_size as usize),
+                cursor: nonempty(req.page_token),
+                ..Default::default()
             })
             .await
             .map_err(status)?;
-        let mut workflows = Vec::with_capacity(views.len());
-        for v in views {
-            if let Some((rec, tasks)) = self.engine.load(&v.instance_id).await.map_err(status)? {
-                workflows.push(workflow_to_pb(&rec, &tasks));
-            }
-        }
-        Ok(Response::new(pb::ListWorkflowsResponse { workflows }))
+        let workflows = page
+            .items
+            .iter()
+            .map(|(rec, tasks)| workflow_to_pb(rec, tasks))
+            .collect();
+        Ok(Response::new(pb::ListWorkflowsResponse {
+            workflows,
+            next_page_token: page.next.unwrap_or_default(),
+        }))
     }
 
     async fn cancel_workflow(
@@ -723,16 +766,7 @@ impl WorkflowsRpc for GrpcApi {
         let mut events = self.engine.subscribe();
         let (tx, rx) = mpsc::channel::<Result<pb::WatchEvent, Status>>(256);
         let initial: Vec<String> = if id.is_empty() {
-            self.engine
-                .list(&ListFilter {
-                    active: Some(true),
-                    node: None,
-                })
-                .await
-                .map_err(status)?
-                .into_iter()
-                .map(|v| v.instance_id)
-                .collect()
+            active_ids(&self.engine).await.map_err(status)?
         } else {
             vec![id.clone()]
         };
@@ -770,14 +804,7 @@ impl WorkflowsRpc for GrpcApi {
                         // Too slow a reader: resend current state so it ends up correct.
                         tracing::warn!(missed = n, "a gRPC watcher lagged; resending state");
                         let ids = if id.is_empty() {
-                            api.engine
-                                .list(&ListFilter {
-                                    active: Some(true),
-                                    node: None,
-                                })
-                                .await
-                                .map(|v| v.into_iter().map(|w| w.instance_id).collect())
-                                .unwrap_or_default()
+                            active_ids(&api.engine).await.unwrap_or_default()
                         } else {
                             vec![id.clone()]
                         };

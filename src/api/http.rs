@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, OriginalUri, Request, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse as _, Response};
@@ -20,7 +20,7 @@ use metalgraph_engine::job::json_kind;
 use metalgraph_engine::model::{Definition, RunOptions};
 use metalgraph_engine::nodes::{Node, Obm};
 use metalgraph_engine::template::{self, Renderer};
-use metalgraph_engine::{ListFilter, RunRequest, WorkflowView};
+use metalgraph_engine::{ListFilter, Page, RunRequest, WorkflowStatus, WorkflowView};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tracing::debug;
@@ -382,45 +382,109 @@ async fn run_on_node(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
-/// `GET /workflows?active=&node=`.
-#[derive(Debug, Deserialize)]
+/// `GET /workflows` and `GET /nodes/{id}/workflows`: filters and paging, newest first
+/// (docs/lists.md). A full page carries `Link: <...>; rel="next"` with the cursor of the next.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     active: Option<bool>,
     node: Option<String>,
+    graph: Option<String>,
+    status: Option<WorkflowStatus>,
+    #[serde(rename = "createdAfter")]
+    created_after: Option<String>,
+    #[serde(rename = "createdBefore")]
+    created_before: Option<String>,
+    #[serde(rename = "$skip")]
+    skip: Option<usize>,
+    #[serde(rename = "$top")]
+    top: Option<usize>,
+    cursor: Option<String>,
+}
+
+impl ListQuery {
+    fn filter(self) -> Result<ListFilter> {
+        let time = |field: &str, v: Option<String>| -> Result<Option<u64>> {
+            v.map(|t| {
+                metalgraph_engine::clock::parse_rfc3339(&t).ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "{field} {t:?} is not an RFC 3339 time like 2026-12-01T00:00:00Z"
+                    ))
+                })
+            })
+            .transpose()
+        };
+        let nonempty = |v: Option<String>| v.filter(|s| !s.is_empty());
+        Ok(ListFilter {
+            active: self.active,
+            node: nonempty(self.node),
+            graph: nonempty(self.graph),
+            status: self.status,
+            created_after: time("createdAfter", self.created_after)?,
+            created_before: time("createdBefore", self.created_before)?,
+            skip: self.skip.unwrap_or(0),
+            limit: self.top,
+            cursor: nonempty(self.cursor),
+        })
+    }
+}
+
+/// A page as RackHD lists it (a JSON array), with the next page's link when there is one:
+/// the same path and query, `$skip` dropped, `cursor` set.
+fn page_response(uri: &Uri, page: Page<WorkflowView>) -> Response {
+    let mut response = Json(page.items).into_response();
+    if let Some(next) = page.next {
+        let mut query: Vec<String> = uri
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .filter(|p| {
+                let key = p.split('=').next().unwrap_or("");
+                !matches!(key, "cursor" | "$skip" | "%24skip")
+            })
+            .map(str::to_owned)
+            .collect();
+        query.push(format!("cursor={}", query_escape(&next)));
+        let link = format!("<{}?{}>; rel=\"next\"", uri.path(), query.join("&"));
+        if let Ok(v) = axum::http::HeaderValue::from_str(&link) {
+            response.headers_mut().insert(axum::http::header::LINK, v);
+        }
+    }
+    response
 }
 
 async fn list_workflows(
     State(s): State<AppState>,
+    OriginalUri(uri): OriginalUri,
     Query(q): Query<ListQuery>,
-) -> Result<Json<Vec<WorkflowView>>> {
-    let filter = ListFilter {
-        active: q.active,
-        node: q.node.filter(|n| !n.is_empty()),
-    };
-    Ok(Json(s.engine.list(&filter).await?))
+) -> Result<Response> {
+    let page = s.engine.list_page(&q.filter()?).await?;
+    Ok(page_response(&uri, page))
 }
 
-/// `GET /nodes/{id}/workflows?active=`: RackHD's per-node listing.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NodeListQuery {
-    active: Option<bool>,
-}
-
+/// `GET /nodes/{id}/workflows`: RackHD's per-node listing, with the same filters and paging.
 async fn list_node_workflows(
     State(s): State<AppState>,
     Path(node): Path<String>,
-    Query(q): Query<NodeListQuery>,
-) -> Result<Json<Vec<WorkflowView>>> {
+    OriginalUri(uri): OriginalUri,
+    Query(q): Query<ListQuery>,
+) -> Result<Response> {
     if s.engine.nodes().get(&node).await?.is_none() {
         return Err(ApiError::not_found("node", &node));
     }
+    if q.node.as_ref().is_some_and(|n| *n != node) {
+        return Err(ApiError::bad_request(format!(
+            "query parameter node={} contradicts the path's node {node}",
+            q.node.unwrap_or_default()
+        )));
+    }
     let filter = ListFilter {
-        active: q.active,
         node: Some(node),
+        ..q.filter()?
     };
-    Ok(Json(s.engine.list(&filter).await?))
+    let page = s.engine.list_page(&filter).await?;
+    Ok(page_response(&uri, page))
 }
 
 async fn get_workflow(

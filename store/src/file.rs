@@ -70,7 +70,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError, RwLock};
 
 use crate::mem::{Keyspaces, validate};
-use crate::{Batch, Bytes, Error, Op, Result, Store, check_keyspace};
+use crate::{Batch, Bytes, Error, Op, Result, Scan, Store, check_keyspace};
 
 const JOURNAL: &str = "journal.log";
 const SNAPSHOT: &str = "snapshot";
@@ -316,6 +316,12 @@ impl Store for FileStore {
         check_keyspace(keyspace)?;
         let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
         Ok(state.scan_prefix(keyspace, prefix))
+    }
+
+    fn scan(&self, keyspace: &str, scan: Scan<'_>) -> Result<Vec<(Bytes, Bytes)>> {
+        check_keyspace(keyspace)?;
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        Ok(state.scan(keyspace, scan))
     }
 
     fn commit(&self, batch: Batch) -> Result<()> {

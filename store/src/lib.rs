@@ -20,6 +20,7 @@ mod mem;
 mod sled_store;
 
 use std::fmt;
+use std::ops::Bound;
 
 pub use file::FileStore;
 pub use mem::MemStore;
@@ -247,6 +248,13 @@ pub trait Store: Send + Sync + 'static {
     /// Every entry of `keyspace` whose key starts with `prefix`, in ascending key order.
     fn scan_prefix(&self, keyspace: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>>;
 
+    /// One page of the entries of `keyspace` whose keys start with `scan.prefix`: at most
+    /// `scan.limit` of them, in ascending key order (descending when `scan.reverse`),
+    /// beginning after `scan.after` (before it, when reverse) when given. A page costs
+    /// O(page), whatever the keyspace holds: lists and sweeps over history page through
+    /// index keyspaces with it.
+    fn scan(&self, keyspace: &str, scan: Scan<'_>) -> Result<Vec<(Bytes, Bytes)>>;
+
     /// Applies `batch` atomically and durably, or not at all (see the trait docs).
     /// A failed precondition yields [`Error::Conflict`] naming the first one that failed.
     fn commit(&self, batch: Batch) -> Result<()>;
@@ -259,6 +267,92 @@ pub trait Store: Send + Sync + 'static {
 
     /// A short name of the backend for logs and health output (`"sled"`, `"file"`).
     fn backend(&self) -> &'static str;
+}
+
+/// A range of keys: its lower and upper bounds.
+pub type KeyRange = (Bound<Vec<u8>>, Bound<Vec<u8>>);
+
+/// What [`Store::scan`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scan<'a> {
+    /// Only keys that start with this.
+    pub prefix: &'a [u8],
+    /// Only keys after this one (before it when `reverse`); it need not exist.
+    pub after: Option<&'a [u8]>,
+    /// The most entries returned.
+    pub limit: usize,
+    /// Descending key order.
+    pub reverse: bool,
+}
+
+impl<'a> Scan<'a> {
+    /// The first `limit` keys with `prefix`, ascending.
+    pub fn prefix(prefix: &'a [u8], limit: usize) -> Self {
+        Scan {
+            prefix,
+            after: None,
+            limit,
+            reverse: false,
+        }
+    }
+
+    pub fn after(self, after: Option<&'a [u8]>) -> Self {
+        Scan { after, ..self }
+    }
+
+    pub fn reverse(self) -> Self {
+        Scan {
+            reverse: true,
+            ..self
+        }
+    }
+
+    /// The key range the scan covers, as bounds for ordered maps; `None` when it is
+    /// empty. With a prefix the upper bound is the prefix's successor (none when the prefix
+    /// is all `0xff`). The bounds are always well-formed (start below end).
+    pub fn bounds(&self) -> Option<KeyRange> {
+        let end = prefix_successor(self.prefix);
+        let below_end = |k: &[u8]| end.as_deref().is_none_or(|e| k < e);
+        let lo = Bound::Included(self.prefix.to_vec());
+        let hi = match &end {
+            Some(e) => Bound::Excluded(e.clone()),
+            None => Bound::Unbounded,
+        };
+        match self.after {
+            None => Some((lo, hi)),
+            Some(after) if !self.reverse => {
+                if after < self.prefix {
+                    Some((lo, hi))
+                } else if below_end(after) {
+                    // Keys in (after, end): empty but well-formed when after + 1 == end.
+                    Some((Bound::Excluded(after.to_vec()), hi))
+                } else {
+                    None
+                }
+            }
+            Some(after) => {
+                if after <= self.prefix {
+                    None
+                } else if below_end(after) {
+                    Some((lo, Bound::Excluded(after.to_vec())))
+                } else {
+                    Some((lo, hi))
+                }
+            }
+        }
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix`, if one exists.
+fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
 }
 
 /// Which backend to open.

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::{PoisonError, RwLock};
 
-use crate::{Batch, Bytes, Op, Result, Store, check_keyspace};
+use crate::{Batch, Bytes, Op, Result, Scan, Store, check_keyspace};
 
 /// Every keyspace and its entries, in key order.
 ///
@@ -35,6 +35,19 @@ impl Keyspaces {
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+
+    pub(crate) fn scan(&self, keyspace: &str, scan: Scan<'_>) -> Vec<(Bytes, Bytes)> {
+        let (Some(entries), Some(range)) = (self.map.get(keyspace), scan.bounds()) else {
+            return Vec::new();
+        };
+        let range = entries.range::<Vec<u8>, _>(range);
+        let pick = |(k, v): (&Bytes, &Bytes)| (k.clone(), v.clone());
+        if scan.reverse {
+            range.rev().take(scan.limit).map(pick).collect()
+        } else {
+            range.take(scan.limit).map(pick).collect()
+        }
     }
 
     /// Checks every precondition of `batch` against this state, in order.
@@ -121,6 +134,12 @@ impl Store for MemStore {
         check_keyspace(keyspace)?;
         let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
         Ok(state.scan_prefix(keyspace, prefix))
+    }
+
+    fn scan(&self, keyspace: &str, scan: Scan<'_>) -> Result<Vec<(Bytes, Bytes)>> {
+        check_keyspace(keyspace)?;
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        Ok(state.scan(keyspace, scan))
     }
 
     fn commit(&self, batch: Batch) -> Result<()> {

@@ -30,7 +30,7 @@ use std::sync::{PoisonError, RwLock};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use crate::mem::validate;
-use crate::{Batch, Bytes, Error, Op, Result, Store, check_keyspace};
+use crate::{Batch, Bytes, Error, Op, Result, Scan, Store, check_keyspace};
 
 /// How long an open waits for sled's directory lock to be released.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -212,6 +212,28 @@ impl Store for SledStore {
             return Ok(Vec::new());
         };
         tree.scan_prefix(prefix)
+            .map(|entry| {
+                entry
+                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(|e| self.io_error(keyspace, "scanning", &e))
+            })
+            .collect()
+    }
+
+    fn scan(&self, keyspace: &str, scan: Scan<'_>) -> Result<Vec<(Bytes, Bytes)>> {
+        check_keyspace(keyspace)?;
+        let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        let (Some(tree), Some(range)) = (self.tree(keyspace), scan.bounds()) else {
+            return Ok(Vec::new());
+        };
+        let range = tree.range::<Vec<u8>, _>(range);
+        let entries: Box<dyn Iterator<Item = _>> = if scan.reverse {
+            Box::new(range.rev())
+        } else {
+            Box::new(range)
+        };
+        entries
+            .take(scan.limit)
             .map(|entry| {
                 entry
                     .map(|(k, v)| (k.to_vec(), v.to_vec()))

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use metalgraph_store::{Batch, Bytes, Error, FileStore, MemStore, SledStore, Store};
+use metalgraph_store::{Batch, Bytes, Error, FileStore, MemStore, Scan, SledStore, Store};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
@@ -605,7 +605,8 @@ fn all_keys() -> Vec<Bytes> {
     keys
 }
 
-fn assert_matches_model(store: &dyn Store, model: &Model, step: usize) {
+/// The store holds what the model holds; with `pages`, every page of every scan too.
+fn assert_matches_model(store: &dyn Store, model: &Model, step: usize, pages: bool) {
     for keyspace in KEYSPACES {
         let expected: Vec<(Bytes, Bytes)> = model
             .keyspaces
@@ -623,6 +624,9 @@ fn assert_matches_model(store: &dyn Store, model: &Model, step: usize) {
                 want,
                 "after step {step}: scan {keyspace:?} prefix {prefix:?}"
             );
+            if pages {
+                assert_pages_match(store, keyspace, prefix, &want, step);
+            }
         }
         for key in all_keys() {
             assert_eq!(
@@ -630,6 +634,46 @@ fn assert_matches_model(store: &dyn Store, model: &Model, step: usize) {
                 model.get(keyspace, &key),
                 "after step {step}: get {keyspace:?} {key:?}"
             );
+        }
+    }
+}
+
+/// Every page `Store::scan` gives over `prefix` — from every start key, both directions,
+/// several limits — is the model's slice of `want` (the prefix's entries, ascending).
+fn assert_pages_match(
+    store: &dyn Store,
+    keyspace: &str,
+    prefix: &[u8],
+    want: &[(Bytes, Bytes)],
+    step: usize,
+) {
+    let starts: Vec<Option<Vec<u8>>> = std::iter::once(None)
+        .chain(all_keys().into_iter().map(Some))
+        .chain([Some(Vec::new()), Some(vec![0xff, 0xff, 0xff])])
+        .collect();
+    for after in &starts {
+        for reverse in [false, true] {
+            for limit in [0, 1, 2, 100] {
+                let mut expected: Vec<(Bytes, Bytes)> = want
+                    .iter()
+                    .filter(|(k, _)| match after {
+                        None => true,
+                        Some(a) if reverse => k < a,
+                        Some(a) => k > a,
+                    })
+                    .cloned()
+                    .collect();
+                if reverse {
+                    expected.reverse();
+                }
+                expected.truncate(limit);
+                let mut scan = Scan::prefix(prefix, limit).after(after.as_deref());
+                if reverse {
+                    scan = scan.reverse();
+                }
+                let got = store.scan(keyspace, scan).expect("scan");
+                assert_eq!(got, expected, "after step {step}: {keyspace:?} {scan:?}");
+            }
         }
     }
 }
@@ -663,11 +707,11 @@ fn run_model(open: Open, steps: &[Step]) {
                 }
             }
         }
-        assert_matches_model(h.store(), &model, i);
+        assert_matches_model(h.store(), &model, i, false);
     }
     // Whatever happened, everything must survive one last reopen.
     h.reopen();
-    assert_matches_model(h.store(), &model, steps.len());
+    assert_matches_model(h.store(), &model, steps.len(), true);
 }
 
 /// Random commits and reopens, applied to the store and to the model, compared after

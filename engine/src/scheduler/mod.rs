@@ -140,6 +140,13 @@ impl Runtime {
         let mut extra = Batch::new();
         let (log, loaded, missing, extra) = blocking(move || {
             let log = EventLog::load(store.as_ref(), &mut extra)?;
+            let indexed = crate::history::build_index(store.as_ref())?;
+            if indexed > 0 {
+                info!(
+                    workflows = indexed,
+                    "indexed the workflows of an earlier version"
+                );
+            }
             let mut loaded = Vec::new();
             let mut missing = Vec::new();
             for (k, _) in store.scan_prefix(keys::ACTIVE, b"")? {

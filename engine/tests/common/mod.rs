@@ -326,6 +326,15 @@ impl Store for SpyStore {
         self.inner.scan_prefix(ks, prefix)
     }
 
+    fn scan(
+        &self,
+        ks: &str,
+        scan: metalgraph_store::Scan<'_>,
+    ) -> metalgraph_store::Result<Vec<(metalgraph_store::Bytes, metalgraph_store::Bytes)>> {
+        self.seen();
+        self.inner.scan(ks, scan)
+    }
+
     fn commit(&self, batch: metalgraph_store::Batch) -> metalgraph_store::Result<()> {
         self.seen();
         if self.fail_commits.load(Ordering::SeqCst) {

@@ -1,0 +1,311 @@
+//! Workflow history: the index that lists workflows newest first by page, in O(page) rather
+//! than O(history), and the paged list built on it.
+//!
+//! The `workflow_index` keyspace holds, for each workflow, three keys written in the commit
+//! that creates the workflow and deleted in the commit that deletes it:
+//!
+//! | key | value |
+//! |---|---|
+//! | `c/{created}{id}` | the id |
+//! | `n/{node}\0{created}{id}` | the id (workflows with a node) |
+//! | `g/{graph}\0{created}{id}` | the id |
+//!
+//! `created` is the creation time in epoch milliseconds, 8 bytes big-endian, so keys sort by
+//! time; a list reads its family backwards from a cursor. Node ids and graph names hold no
+//! control characters, so `\0` ends them. A SQL store serves the same queries from an index
+//! on `(node, created_at, id)` and `(graph, created_at, id)`.
+
+use metalgraph_store::{Batch, Scan, Store};
+
+use crate::error::Error;
+use crate::keys;
+use crate::model::WorkflowStatus;
+use crate::workflow::{TaskRecord, WorkflowRecord, load_records};
+
+/// The page size when none is asked for.
+pub const DEFAULT_PAGE: usize = 100;
+/// The largest page.
+pub const MAX_PAGE: usize = 1000;
+/// The most index entries one list request reads when filters it cannot serve from the
+/// index (status, finished) skip entries: a page may come back short, with a cursor to go on.
+const MAX_SCAN: usize = 10_000;
+
+/// The `meta` key that says the index covers every workflow.
+pub(crate) const INDEX_BUILT: &[u8] = b"workflow_index";
+
+/// Filters and paging for listing workflows; every given filter must match.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// `Some(true)`: only unfinished; `Some(false)`: only finished.
+    pub active: Option<bool>,
+    pub node: Option<String>,
+    pub graph: Option<String>,
+    pub status: Option<WorkflowStatus>,
+    /// Only workflows created at or after this time (epoch ms).
+    pub created_after: Option<u64>,
+    /// Only workflows created before this time (epoch ms).
+    pub created_before: Option<u64>,
+    /// How many matching workflows to pass over first (RackHD's `$skip`); each costs a
+    /// read, so deep pages should follow `cursor` instead.
+    pub skip: usize,
+    /// The page size (`$top`); `None` is [`DEFAULT_PAGE`]; at most [`MAX_PAGE`].
+    pub limit: Option<usize>,
+    /// Where the previous page ended ([`Page::next`]).
+    pub cursor: Option<String>,
+}
+
+/// One page of a list, newest first, and where the next one starts.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// The cursor of the next page; `None` on the last one.
+    pub next: Option<String>,
+}
+
+/// A position in the list: the last workflow returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Cursor {
+    created: u64,
+    id: String,
+}
+
+impl Cursor {
+    fn parse(s: &str) -> Result<Cursor, Error> {
+        let bad = || Error::BadRequest(format!("cursor {s:?} is not one this server gave"));
+        let (created, id) = s.split_once('.').ok_or_else(bad)?;
+        if created.len() != 16 || id.is_empty() {
+            return Err(bad());
+        }
+        let created = u64::from_str_radix(created, 16).map_err(|_| bad())?;
+        Ok(Cursor {
+            created,
+            id: id.to_owned(),
+        })
+    }
+
+    fn format(&self) -> String {
+        format!("{:016x}.{}", self.created, self.id)
+    }
+
+    /// The index key of this position in `family`.
+    fn key(&self, family: &[u8]) -> Vec<u8> {
+        entry_key(family, self.created, &self.id)
+    }
+}
+
+fn entry_key(family: &[u8], created: u64, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(family.len() + 8 + id.len());
+    k.extend_from_slice(family);
+    k.extend_from_slice(&created.to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// The index families of a workflow: every list, its node's, its graph's.
+fn families(rec: &WorkflowRecord) -> Vec<Vec<u8>> {
+    let mut out = vec![b"c/".to_vec(), family(b"g/", &rec.plan.graph)];
+    if let Some(node) = &rec.node {
+        out.push(family(b"n/", node));
+    }
+    out
+}
+
+fn family(kind: &[u8], name: &str) -> Vec<u8> {
+    let mut f = kind.to_vec();
+    f.extend_from_slice(name.as_bytes());
+    f.push(0);
+    f
+}
+
+/// Adds a workflow's index keys to `batch`.
+pub(crate) fn index(batch: &mut Batch, rec: &WorkflowRecord) {
+    for f in families(rec) {
+        batch.put(
+            keys::WORKFLOW_INDEX,
+            entry_key(&f, rec.created_at, &rec.id),
+            rec.id.as_bytes().to_vec(),
+        );
+    }
+}
+
+/// Deletes a workflow's index keys in `batch`.
+pub(crate) fn unindex(batch: &mut Batch, rec: &WorkflowRecord) {
+    for f in families(rec) {
+        batch.delete(keys::WORKFLOW_INDEX, entry_key(&f, rec.created_at, &rec.id));
+    }
+}
+
+/// Indexes every workflow of a store written before the index existed (blocking; once per
+/// store). Idempotent, so a crash midway only repeats work.
+pub(crate) fn build_index(store: &dyn Store) -> Result<usize, Error> {
+    if store.get(keys::META, INDEX_BUILT)?.is_some() {
+        return Ok(0);
+    }
+    let mut n = 0;
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = store.scan(
+            keys::WORKFLOWS,
+            Scan::prefix(b"", 500).after(after.as_deref()),
+        )?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        let mut batch = Batch::new();
+        for (k, v) in &page {
+            let rec: WorkflowRecord = serde_json::from_slice(v).map_err(|e| {
+                Error::Store(format!(
+                    "workflow {} is unreadable: {e}",
+                    String::from_utf8_lossy(k)
+                ))
+            })?;
+            index(&mut batch, &rec);
+            n += 1;
+        }
+        store.commit(batch)?;
+    }
+    let mut batch = Batch::new();
+    batch.put(keys::META, INDEX_BUILT, b"1".to_vec());
+    store.commit(batch)?;
+    Ok(n)
+}
+
+/// A workflow's records as committed.
+pub type Records = (WorkflowRecord, Vec<TaskRecord>);
+
+/// One page of workflows, newest first (blocking).
+pub(crate) fn list(store: &dyn Store, f: &ListFilter) -> Result<Page<Records>, Error> {
+    let limit = f.limit.unwrap_or(DEFAULT_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(Error::BadRequest(format!(
+            "a page holds 1 to {MAX_PAGE} workflows, not {limit}"
+        )));
+    }
+    let cursor = f.cursor.as_deref().map(Cursor::parse).transpose()?;
+    if f.active == Some(true) {
+        return list_active(store, f, limit, cursor);
+    }
+    let fam = match (&f.node, &f.graph) {
+        (Some(node), _) => family(b"n/", node),
+        (None, Some(graph)) => family(b"g/", graph),
+        (None, None) => b"c/".to_vec(),
+    };
+    // Newest first: backwards from the cursor, or from just before `created_before`.
+    let mut start = cursor.as_ref().map(|c| c.key(&fam));
+    if let Some(before) = f.created_before {
+        let bound = entry_key(&fam, before, "");
+        if start.as_ref().is_none_or(|s| bound < *s) {
+            start = Some(bound);
+        }
+    }
+    let mut items = Vec::new();
+    let mut skip = f.skip;
+    let mut scanned = 0;
+    let mut last: Option<Cursor> = None;
+    loop {
+        let want = (limit - items.len() + skip).clamp(1, 500);
+        let page = store.scan(
+            keys::WORKFLOW_INDEX,
+            Scan::prefix(&fam, want).after(start.as_deref()).reverse(),
+        )?;
+        let exhausted = page.len() < want;
+        for (k, id) in &page {
+            start = Some(k.clone());
+            scanned += 1;
+            let created = created_of(k, fam.len())?;
+            if f.created_after.is_some_and(|a| created < a) {
+                return Ok(Page { items, next: None });
+            }
+            let id = String::from_utf8_lossy(id).into_owned();
+            last = Some(Cursor {
+                created,
+                id: id.clone(),
+            });
+            let Some((rec, tasks)) = load_records(store, &id)? else {
+                continue; // Deleted between the index read and this one.
+            };
+            if !matches(f, &rec) {
+                continue;
+            }
+            if skip > 0 {
+                skip -= 1;
+                continue;
+            }
+            items.push((rec, tasks));
+            if items.len() == limit {
+                return Ok(Page {
+                    items,
+                    next: last.map(|c| c.format()),
+                });
+            }
+        }
+        if exhausted {
+            return Ok(Page { items, next: None });
+        }
+        if scanned >= MAX_SCAN {
+            // The filters skipped much: hand back what there is and where to go on.
+            return Ok(Page {
+                items,
+                next: last.map(|c| c.format()),
+            });
+        }
+    }
+}
+
+/// The filters the index family does not already apply.
+fn matches(f: &ListFilter, rec: &WorkflowRecord) -> bool {
+    f.node.as_ref().is_none_or(|n| rec.node.as_ref() == Some(n))
+        && f.graph.as_ref().is_none_or(|g| *g == rec.plan.graph)
+        && f.status.is_none_or(|s| s == rec.status)
+        && f.active.is_none_or(|a| a != rec.status.is_terminal())
+        && f.created_after.is_none_or(|a| rec.created_at >= a)
+        && f.created_before.is_none_or(|b| rec.created_at < b)
+}
+
+/// Unfinished workflows: as many as there is work in flight, read from the `active` index.
+fn list_active(
+    store: &dyn Store,
+    f: &ListFilter,
+    limit: usize,
+    cursor: Option<Cursor>,
+) -> Result<Page<Records>, Error> {
+    let mut found = Vec::new();
+    for (k, _) in store.scan_prefix(keys::ACTIVE, b"")? {
+        let id = String::from_utf8_lossy(&k).into_owned();
+        if let Some((rec, tasks)) = load_records(store, &id)?
+            && matches(f, &rec)
+        {
+            found.push((rec.created_at, rec.id.clone(), rec, tasks));
+        }
+    }
+    found.sort_by(|a, b| (b.0, &b.1).cmp(&(a.0, &a.1)));
+    let rest = found
+        .into_iter()
+        .filter(|(created, id, ..)| {
+            cursor
+                .as_ref()
+                .is_none_or(|c| (*created, id) < (c.created, &c.id))
+        })
+        .skip(f.skip);
+    let mut items = Vec::new();
+    let mut last = None;
+    let mut more = false;
+    for (created, id, rec, tasks) in rest {
+        if items.len() == limit {
+            more = true;
+            break;
+        }
+        items.push((rec, tasks));
+        last = Some(Cursor { created, id });
+    }
+    Ok(Page {
+        items,
+        next: last.filter(|_| more).map(|c| c.format()),
+    })
+}
+
+fn created_of(key: &[u8], family_len: usize) -> Result<u64, Error> {
+    key.get(family_len..family_len + 8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| Error::Store(format!("workflow index key {key:?} is malformed")))
+}
