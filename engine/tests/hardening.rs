@@ -14,14 +14,6 @@ use metalgraph_engine::{Error, RunRequest, WorkflowStatus, keys};
 use metalgraph_store::{Batch, MemStore, Store};
 use serde_json::json;
 
-async fn node(h: &Harness, id: &str) {
-    h.engine
-        .nodes()
-        .create(serde_json::from_value(json!({"id": id, "name": id})).unwrap())
-        .await
-        .unwrap();
-}
-
 /// Waits until a workflow of `graph` exists and meets `when`, and returns its id.
 async fn workflow_of(
     h: &Harness,

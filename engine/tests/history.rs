@@ -26,12 +26,15 @@ fn harness(store: Arc<dyn Store>) -> Harness {
     })
 }
 
-async fn node(h: &Harness, id: &str) {
+/// The ids of the first page of a list.
+async fn ids_of(h: &Harness, f: ListFilter) -> Vec<String> {
     h.engine
-        .nodes()
-        .create(serde_json::from_value(json!({"id": id, "name": id})).unwrap())
+        .list(&f)
         .await
-        .unwrap();
+        .unwrap()
+        .into_iter()
+        .map(|v| v.instance_id)
+        .collect()
 }
 
 /// What orders a list: creation time, then id.
@@ -144,15 +147,7 @@ async fn every_filter_is_served_and_bad_paging_is_refused() {
     let all = h.engine.list(&Default::default()).await.unwrap();
     let t0 = metalgraph_engine::clock::parse_rfc3339(&all.last().unwrap().created_at).unwrap();
 
-    let ids = async |f: ListFilter| -> Vec<String> {
-        h.engine
-            .list(&f)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|v| v.instance_id)
-            .collect()
-    };
+    let ids = async |f: ListFilter| ids_of(&h, f).await;
     let m = |i: usize| made[i].clone();
     let by_node = ids(ListFilter {
         node: Some("n1".into()),
@@ -242,14 +237,7 @@ async fn deleted_workflows_leave_the_index_and_an_older_store_is_indexed_on_star
         tokio::time::advance(Duration::from_millis(5)).await;
     }
     h.engine.delete(&ids[2]).await.unwrap();
-    let listed: Vec<String> = h
-        .engine
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|v| v.instance_id)
-        .collect();
+    let listed = ids_of(&h, ListFilter::default()).await;
     let want: Vec<String> = ids
         .iter()
         .rev()
@@ -270,14 +258,7 @@ async fn deleted_workflows_leave_the_index_and_an_older_store_is_indexed_on_star
     batch.delete(keys::META, b"workflow_index".to_vec());
     store.commit(batch).unwrap();
     let h = harness(store.clone());
-    let listed: Vec<String> = h
-        .engine
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|v| v.instance_id)
-        .collect();
+    let listed = ids_of(&h, ListFilter::default()).await;
     assert!(
         listed == want,
         "not every workflow is listed again, newest first: {listed:?}"

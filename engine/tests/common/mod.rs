@@ -239,6 +239,15 @@ impl Harness {
     }
 }
 
+/// Registers a node named after its id.
+pub async fn node(h: &Harness, id: &str) {
+    h.engine
+        .nodes()
+        .create(serde_json::from_value(serde_json::json!({"id": id, "name": id})).unwrap())
+        .await
+        .unwrap();
+}
+
 pub async fn wait_for(engine: &Engine, id: &str, limit: Duration) -> WorkflowView {
     let mut events = engine.subscribe();
     let deadline = tokio::time::Instant::now() + limit;
