@@ -166,6 +166,86 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// How webhooks are delivered (the `[hooks]` section, `METALGRAPH_HOOKS_*`).
     pub hooks: HooksConfig,
+    /// Which finished workflows are removed (the `[retention]` section,
+    /// `METALGRAPH_RETENTION_*`, `--retention-days`).
+    pub retention: RetentionConfig,
+}
+
+/// The `[retention]` section: finished workflows are removed in the background once older
+/// than `max_age_days`, or beyond the newest `keep_per_node` of their node; unfinished ones
+/// never. Each field has a `METALGRAPH_RETENTION_*` variable named after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Days a finished workflow is kept; 0 keeps them whatever their age
+    /// (`--retention-days`).
+    pub max_age_days: u64,
+    /// How many of each node's finished workflows are kept; 0 keeps them all.
+    pub keep_per_node: usize,
+    /// How often the sweep runs (ms).
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        let d = metalgraph_engine::retention::Retention::default();
+        RetentionConfig {
+            max_age_days: d.max_age.map_or(0, |a| a.as_secs() / 86_400),
+            keep_per_node: d.keep_per_node.unwrap_or(0),
+            sweep_interval_ms: d.interval.as_millis() as u64,
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// Applies the `METALGRAPH_RETENTION_*` variables.
+    pub fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), Error> {
+        let var = |name: &str| {
+            let var = format!("METALGRAPH_RETENTION_{name}");
+            env(&var).map(|value| (var, value))
+        };
+        if let Some((v, s)) = var("MAX_AGE_DAYS") {
+            self.max_age_days = parse(&v, &s)?;
+        }
+        if let Some((v, s)) = var("KEEP_PER_NODE") {
+            self.keep_per_node = parse(&v, &s)?;
+        }
+        if let Some((v, s)) = var("SWEEP_INTERVAL_MS") {
+            self.sweep_interval_ms = parse(&v, &s)?;
+        }
+        Ok(())
+    }
+
+    /// A sweep interval of at least a second; an age of at most 100 years.
+    pub fn check(&self) -> Result<(), Error> {
+        if self.sweep_interval_ms < 1000 {
+            return Err(Error::Field {
+                field: "retention.sweep_interval_ms",
+                message: "must be at least 1000".into(),
+            });
+        }
+        if self.max_age_days > 36_500 {
+            return Err(Error::Field {
+                field: "retention.max_age_days",
+                message: "must be at most 36500 (0 keeps workflows whatever their age)".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The engine's policy; `None` when both rules are off.
+    pub fn policy(&self) -> Option<metalgraph_engine::retention::Retention> {
+        let max_age =
+            (self.max_age_days > 0).then(|| Duration::from_secs(self.max_age_days * 86_400));
+        let keep_per_node = (self.keep_per_node > 0).then_some(self.keep_per_node);
+        (max_age.is_some() || keep_per_node.is_some()).then(|| {
+            metalgraph_engine::retention::Retention {
+                max_age,
+                keep_per_node,
+                interval: Duration::from_millis(self.sweep_interval_ms),
+            }
+        })
+    }
 }
 
 /// The `[hooks]` section: how webhook deliveries are made. Every field has a
@@ -427,6 +507,7 @@ impl Default for Config {
             boot: crate::boot::BootConfig::default(),
             limits: LimitsConfig::default(),
             hooks: HooksConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -449,6 +530,9 @@ pub struct ServeArgs {
     /// A listener serving only GET /metrics (off by default).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Days a finished workflow is kept; 0 keeps them whatever their age (default 30).
+    #[arg(long, value_name = "DAYS")]
+    pub retention_days: Option<u64>,
     /// Where the store keeps its data (default ./metalgraph-data).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -568,6 +652,7 @@ impl Config {
         self.boot.apply_env(env)?;
         self.limits.apply_env(env)?;
         self.hooks.apply_env(env)?;
+        self.retention.apply_env(env)?;
         Ok(())
     }
 
@@ -584,6 +669,9 @@ impl Config {
         }
         if let Some(a) = flags.metrics_listen {
             self.metrics_listen = Some(a);
+        }
+        if let Some(days) = flags.retention_days {
+            self.retention.max_age_days = days;
         }
         if let Some(d) = &flags.data_dir {
             self.data_dir = d.clone();
@@ -612,6 +700,7 @@ impl Config {
         self.boot.check()?;
         self.limits.check()?;
         self.hooks.check()?;
+        self.retention.check()?;
         // A cancel request waits until the workflow's jobs have stopped, each with the
         // cancel grace; a connection must not be cut as idle or timed out meanwhile.
         for (field, limit) in [
@@ -761,6 +850,56 @@ mod tests {
             );
         }
         assert_eq!(config.hooks, HooksConfig::default());
+        let retention = example["retention"]
+            .as_table()
+            .expect("a [retention] table");
+        for field in fields["retention"].as_object().expect("an object").keys() {
+            assert!(
+                retention.contains_key(field),
+                "the example file lacks field retention.{field}"
+            );
+        }
+        assert_eq!(config.retention, RetentionConfig::default());
+    }
+
+    #[test]
+    fn retention_layers_and_zero_turns_a_rule_off() {
+        let config = Config::load(
+            &ServeArgs {
+                retention_days: Some(0),
+                ..ServeArgs::default()
+            },
+            &env_of(&[("METALGRAPH_RETENTION_KEEP_PER_NODE", "7")]),
+        )
+        .unwrap();
+        let policy = config.retention.policy().expect("the per-node rule is on");
+        assert_eq!((policy.max_age, policy.keep_per_node), (None, Some(7)));
+        let config = Config::load(
+            &ServeArgs::default(),
+            &env_of(&[("METALGRAPH_RETENTION_KEEP_PER_NODE", "0")]),
+        )
+        .unwrap();
+        let policy = config.retention.policy().expect("the age rule is on");
+        assert_eq!(
+            (policy.max_age, policy.keep_per_node),
+            (Some(Duration::from_secs(30 * 86_400)), None)
+        );
+        let off = RetentionConfig {
+            max_age_days: 0,
+            keep_per_node: 0,
+            ..RetentionConfig::default()
+        };
+        assert_eq!(off.policy(), None);
+        let err = Config::load(
+            &ServeArgs::default(),
+            &env_of(&[("METALGRAPH_RETENTION_SWEEP_INTERVAL_MS", "10")]),
+        )
+        .expect_err("a 10 ms sweep")
+        .to_string();
+        assert_eq!(
+            err,
+            "config field retention.sweep_interval_ms is invalid: must be at least 1000"
+        );
     }
 
     #[test]

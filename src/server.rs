@@ -87,6 +87,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     opts.max_running_jobs = config.max_running_jobs;
     opts.cancel_grace = Duration::from_millis(config.cancel_grace_ms);
     opts.max_tasks_per_graph = config.limits.max_tasks_per_graph;
+    opts.retention = config.retention.policy();
     opts.api = ApiUrls {
         base: config
             .api_base_url

@@ -28,6 +28,7 @@ use crate::keys;
 use crate::model::{RunOptions, TaskState, WorkflowStatus};
 use crate::nodes::Nodes;
 use crate::notify::{Waiter, Waiters};
+use crate::retention::{Retention, Sweep, SweepState};
 use crate::scheduler::{Msg, Runtime};
 use crate::workflow::{
     Event, ParentRef, TaskRecord, WorkflowRecord, WorkflowView, context_of, load_records,
@@ -56,6 +57,8 @@ pub struct EngineOptions {
     pub clock: Arc<dyn Clock>,
     /// The most tasks a graph may have.
     pub max_tasks_per_graph: usize,
+    /// Which finished workflows are removed in the background; `None` keeps them all.
+    pub retention: Option<Retention>,
 }
 
 impl EngineOptions {
@@ -69,6 +72,7 @@ impl EngineOptions {
             api: ApiUrls::default(),
             clock: Arc::new(SystemClock),
             max_tasks_per_graph: crate::definitions::DEFAULT_MAX_TASKS_PER_GRAPH,
+            retention: None,
         }
     }
 }
@@ -103,6 +107,9 @@ struct Inner {
     recovered: CancellationToken,
     waiters: Arc<Waiters>,
     shutdown: CancellationToken,
+    retention: Option<Retention>,
+    /// Where the next retention sweep goes on.
+    sweep: Mutex<SweepState>,
 }
 
 impl Inner {
@@ -163,6 +170,8 @@ impl Engine {
             recovered: CancellationToken::new(),
             waiters: Arc::new(Waiters::default()),
             shutdown: shutdown.clone(),
+            retention: opts.retention,
+            sweep: Mutex::new(SweepState::default()),
         });
         let engine = Engine { inner };
         let runtime = Runtime::new(
@@ -176,6 +185,9 @@ impl Engine {
             rx,
             shutdown,
         );
+        if let Some(policy) = opts.retention {
+            tokio::spawn(sweep_periodically(engine.clone(), policy));
+        }
         let this = engine.clone();
         let handle = tokio::spawn(async move {
             let res = runtime.run().await;
@@ -545,53 +557,39 @@ impl Engine {
         blocking(move || crate::history::list(store.as_ref(), &filter)).await
     }
 
+    /// One retention sweep now, under the engine's policy (none: nothing is removed). The
+    /// engine sweeps by itself every `interval`; this is for tests and operators.
+    pub async fn sweep_history(&self) -> Result<Sweep, Error> {
+        self.inner.recovered.cancelled().await;
+        let Some(policy) = self.inner.retention else {
+            return Ok(Sweep::default());
+        };
+        let (store, now) = (self.inner.store.clone(), self.inner.clock.now_ms());
+        let this = self.clone();
+        let started = std::time::Instant::now();
+        let done = blocking(move || {
+            let mut state = this.inner.sweep.lock().unwrap_or_else(|p| p.into_inner());
+            crate::retention::sweep(store.as_ref(), &policy, now, &mut state)
+        })
+        .await?;
+        let m = crate::metrics::metrics();
+        m.retention_sweeps.inc();
+        m.retention_removed.inc_by(done.removed as u64);
+        info!(
+            removed = done.removed,
+            scanned = done.scanned,
+            more = done.more,
+            took_ms = started.elapsed().as_millis() as u64,
+            "retention sweep"
+        );
+        Ok(done)
+    }
+
     /// Deletes a finished workflow and its task records. A subgraph cannot be deleted while
     /// its parent workflow is unfinished: the parent may still read it.
     pub async fn delete(&self, id: &str) -> Result<(), Error> {
         let (store, id) = (self.inner.store.clone(), id.to_owned());
-        blocking(move || {
-            let store = store.as_ref();
-            let Some((rec, tasks)) = load_records(store, &id)? else {
-                return Err(Error::NotFound {
-                    kind: "workflow",
-                    id: id.clone(),
-                });
-            };
-            if !rec.status.is_terminal() {
-                return Err(Error::Conflict(format!(
-                    "workflow {id} is {}; cancel it before deleting it",
-                    rec.status
-                )));
-            }
-            let parent_busy = |p: &ParentRef| {
-                Error::Conflict(format!(
-                    "workflow {id} is a subgraph of workflow {}, which is still running; \
-                     delete it after its parent has finished",
-                    p.workflow_id
-                ))
-            };
-            let mut batch = Batch::new();
-            batch.require_absent(keys::ACTIVE, id.as_bytes());
-            if let Some(p) = &rec.parent {
-                if store.get(keys::ACTIVE, p.workflow_id.as_bytes())?.is_some() {
-                    return Err(parent_busy(p));
-                }
-                batch.require_absent(keys::ACTIVE, p.workflow_id.as_bytes());
-            }
-            batch.delete(keys::WORKFLOWS, id.as_bytes());
-            crate::history::unindex(&mut batch, &rec);
-            for i in 0..tasks.len() {
-                batch.delete(keys::TASKS, keys::task_key(&id, i));
-            }
-            match store.commit(batch) {
-                Ok(()) => Ok(()),
-                Err(metalgraph_store::Error::Conflict { index: 1, .. }) => Err(parent_busy(
-                    rec.parent.as_ref().expect("precondition 1 is the parent"),
-                )),
-                Err(e) => Err(e.into()),
-            }
-        })
-        .await
+        blocking(move || crate::history::delete(store.as_ref(), &id).map(|_| ())).await
     }
 
     /// Delivers a node's callback to the task waiting for it and returns the task's label.
@@ -657,6 +655,28 @@ impl Engine {
         // Stable: plan order is kept within each state.
         out.sort_by_key(|t| t.state != TaskState::Running);
         Ok(out)
+    }
+}
+
+/// Sweeps every `policy.interval` until the engine stops; a sweep that hit its bound is
+/// followed at once by the next.
+async fn sweep_periodically(engine: Engine, policy: Retention) {
+    let stopped = engine.inner.stopped.clone();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(policy.interval) => {}
+            () = stopped.cancelled() => return,
+        }
+        loop {
+            match engine.sweep_history().await {
+                Ok(s) if s.more && !stopped.is_cancelled() => tokio::task::yield_now().await,
+                Ok(_) => break,
+                Err(e) => {
+                    warn!(error = %e, "retention sweep failed; trying again next interval");
+                    break;
+                }
+            }
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use metalgraph_store::{Batch, Scan, Store};
 use crate::error::Error;
 use crate::keys;
 use crate::model::WorkflowStatus;
-use crate::workflow::{TaskRecord, WorkflowRecord, load_records};
+use crate::workflow::{ParentRef, TaskRecord, WorkflowRecord, load_records};
 
 /// The page size when none is asked for.
 pub const DEFAULT_PAGE: usize = 100;
@@ -132,6 +132,57 @@ pub(crate) fn index(batch: &mut Batch, rec: &WorkflowRecord) {
 pub(crate) fn unindex(batch: &mut Batch, rec: &WorkflowRecord) {
     for f in families(rec) {
         batch.delete(keys::WORKFLOW_INDEX, entry_key(&f, rec.created_at, &rec.id));
+    }
+}
+
+/// Deletes a finished workflow: its record, its tasks, its index keys and its children
+/// links (blocking). A subgraph cannot be deleted while its parent is unfinished: the parent
+/// may still read it. Returns the ids of its subgraphs, which are left in place.
+pub(crate) fn delete(store: &dyn Store, id: &str) -> Result<Vec<String>, Error> {
+    let Some((rec, tasks)) = load_records(store, id)? else {
+        return Err(Error::NotFound {
+            kind: "workflow",
+            id: id.to_owned(),
+        });
+    };
+    if !rec.status.is_terminal() {
+        return Err(Error::Conflict(format!(
+            "workflow {id} is {}; cancel it before deleting it",
+            rec.status
+        )));
+    }
+    let parent_busy = |p: &ParentRef| {
+        Error::Conflict(format!(
+            "workflow {id} is a subgraph of workflow {}, which is still running; \
+             delete it after its parent has finished",
+            p.workflow_id
+        ))
+    };
+    let mut batch = Batch::new();
+    batch.require_absent(keys::ACTIVE, id.as_bytes());
+    if let Some(p) = &rec.parent {
+        if store.get(keys::ACTIVE, p.workflow_id.as_bytes())?.is_some() {
+            return Err(parent_busy(p));
+        }
+        batch.require_absent(keys::ACTIVE, p.workflow_id.as_bytes());
+    }
+    batch.delete(keys::WORKFLOWS, id.as_bytes());
+    unindex(&mut batch, &rec);
+    for i in 0..tasks.len() {
+        batch.delete(keys::TASKS, keys::task_key(id, i));
+    }
+    // The links from this workflow's `graph.run` tasks to the subgraphs they started.
+    let mut children = Vec::new();
+    for (k, child) in store.scan_prefix(keys::CHILDREN, format!("{id}.").as_bytes())? {
+        children.push(String::from_utf8_lossy(&child).into_owned());
+        batch.delete(keys::CHILDREN, k);
+    }
+    match store.commit(batch) {
+        Ok(()) => Ok(children),
+        Err(metalgraph_store::Error::Conflict { index: 1, .. }) => Err(parent_busy(
+            rec.parent.as_ref().expect("precondition 1 is the parent"),
+        )),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -303,7 +354,7 @@ fn list_active(
     })
 }
 
-fn created_of(key: &[u8], family_len: usize) -> Result<u64, Error> {
+pub(crate) fn created_of(key: &[u8], family_len: usize) -> Result<u64, Error> {
     key.get(family_len..family_len + 8)
         .and_then(|b| b.try_into().ok())
         .map(u64::from_be_bytes)

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod model;
 pub mod nodes;
 mod notify;
+pub mod retention;
 pub mod scheduler;
 mod subgraph;
 pub mod template;

@@ -78,6 +78,8 @@ pub struct Metrics {
     pub task_failures: Family<FailureLabels, Counter>,
     pub task_retries: Family<JobLabels, Counter>,
     pub events: Counter,
+    pub retention_sweeps: Counter,
+    pub retention_removed: Counter,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -90,6 +92,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     task_failures: Family::default(),
     task_retries: Family::default(),
     events: Counter::default(),
+    retention_sweeps: Counter::default(),
+    retention_removed: Counter::default(),
 });
 
 /// The engine's metrics.
@@ -163,5 +167,15 @@ pub fn register(registry: &mut Registry) {
         "events",
         "Workflow and task events committed",
         m.events.clone(),
+    );
+    registry.register(
+        "retention_sweeps",
+        "Retention sweeps run",
+        m.retention_sweeps.clone(),
+    );
+    registry.register(
+        "retention_removed_workflows",
+        "Finished workflows removed by retention (subgraphs included)",
+        m.retention_removed.clone(),
     );
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use metalgraph_engine::clock::TokioClock;
+use metalgraph_engine::retention::Retention;
 use metalgraph_engine::{Error, ListFilter, WorkflowStatus, keys};
 use metalgraph_store::{Batch, MemStore, Scan, Store};
 use serde_json::json;
@@ -262,6 +263,97 @@ async fn deleted_workflows_leave_the_index_and_an_older_store_is_indexed_on_star
     assert!(
         listed == want,
         "not every workflow is listed again, newest first: {listed:?}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn retention_removes_what_the_policy_says_and_never_live_work() {
+    const DAY: Duration = Duration::from_secs(86_400);
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let graphs = [
+        GRAPHS[0],
+        "{injectableName: Forever, tasks: [{label: a, taskName: Task.Hang}]}",
+        "{injectableName: P, tasks: [{label: sub, taskName: Task.Graph.Run, optionOverrides: {graphName: G}}]}",
+    ];
+    let h = start(store.clone(), &graphs, |o| {
+        o.clock = TokioClock::new(1_800_000_000_000);
+        o.retention = Some(Retention {
+            max_age: Some(30 * DAY),
+            keep_per_node: Some(2),
+            interval: Duration::from_secs(365 * 86_400),
+        });
+    });
+    node(&h, "n1").await;
+    node(&h, "n2").await;
+    let finished = async |graph: &str, node: Option<&str>| {
+        let id = h.run(graph, json!({}), node).await.instance_id;
+        assert_eq!(h.wait(&id).await.status, WorkflowStatus::Succeeded);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        id
+    };
+    // Day 0: an old node-less workflow, a parent with its subgraph, one on n1, and a
+    // workflow on n2 that never finishes.
+    let old = finished("G", None).await;
+    let parent = finished("P", None).await;
+    let child = h
+        .engine
+        .list(&ListFilter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|w| w.parent.as_ref().map(|p| p.workflow_id.as_str()) == Some(parent.as_str()))
+        .map(|w| w.instance_id)
+        .expect("the subgraph");
+    let old_n1 = finished("G", Some("n1")).await;
+    let live = h.run("Forever", json!({}), Some("n2")).await.instance_id;
+    tokio::time::advance(20 * DAY).await;
+    // Day 20: four more on n1: with the one from day 0, the oldest three are beyond the
+    // newest two.
+    let mut n1 = Vec::new();
+    for _ in 0..4 {
+        n1.push(finished("G", Some("n1")).await);
+    }
+    let young = finished("G", None).await;
+
+    let sweep = h.engine.sweep_history().await.unwrap();
+    // Nothing is 30 days old yet; n1 keeps its newest two.
+    assert_eq!(sweep.removed, 3, "{sweep:?}");
+    let left: HashSet<String> = ids_of(&h, ListFilter::default())
+        .await
+        .into_iter()
+        .collect();
+    let want: HashSet<String> = [&young, &n1[3], &n1[2], &live, &child, &parent, &old]
+        .into_iter()
+        .cloned()
+        .collect();
+    assert_eq!(left, want);
+    assert!(!left.contains(&old_n1));
+
+    // Day 31: the day-0 workflows are past the age; the parent goes with its subgraph; the
+    // live one stays however old.
+    tokio::time::advance(11 * DAY).await;
+    let sweep = h.engine.sweep_history().await.unwrap();
+    assert_eq!(sweep.removed, 3, "{sweep:?}");
+    let left = ids_of(&h, ListFilter::default()).await;
+    assert_eq!(left, [young, n1[3].clone(), n1[2].clone(), live.clone()]);
+    assert!(
+        store
+            .scan(keys::CHILDREN, Scan::prefix(b"", 10))
+            .unwrap()
+            .is_empty(),
+        "the parent's link to its subgraph went with it"
+    );
+    // A second sweep finds nothing more.
+    assert_eq!(h.engine.sweep_history().await.unwrap().removed, 0);
+    assert!(
+        !h.engine
+            .get(&live)
+            .await
+            .unwrap()
+            .unwrap()
+            .status
+            .is_terminal()
     );
     h.stop().await;
 }
