@@ -229,7 +229,7 @@ async fn every_rpc_and_watch() {
         "an OBM update without a password keeps it"
     );
     let listed = nodes
-        .list_nodes(pb::ListNodesRequest {})
+        .list_nodes(pb::ListNodesRequest::default())
         .await
         .unwrap()
         .into_inner();

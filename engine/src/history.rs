@@ -28,7 +28,7 @@ pub const DEFAULT_PAGE: usize = 100;
 pub const MAX_PAGE: usize = 1000;
 /// The most index entries one list request reads when filters it cannot serve from the
 /// index (status, finished) skip entries: a page may come back short, with a cursor to go on.
-const MAX_SCAN: usize = 10_000;
+pub(crate) const MAX_SCAN: usize = 10_000;
 
 /// The `meta` key that says the index covers every workflow.
 pub(crate) const INDEX_BUILT: &[u8] = b"workflow_index";

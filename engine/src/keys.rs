@@ -10,11 +10,12 @@
 //! | `node_locks` | node id | the id of the workflow running on the node |
 //! | `children` | `{task id}/{retry}` | the id of the subgraph workflow a `graph.run` task started |
 //! | `nodes` | node id | the node record (JSON, OBM password included) |
+//! | `node_index` | `t/{tag}\0{id}`, `y/{type}\0{id}`, `e/{OBM host}\0{id}` | the node id |
 //! | `node_idents` | identifier (MAC) | the id of the node that owns it |
 //! | `catalogs` | `{node id}/{source}` | one inventory document (JSON) |
 //! | `workflow_index` | see `history.rs` | the id: workflows by time, node and graph |
 //! | `events` | event number (u64, big-endian) | one retained event (JSON), see `events.rs` |
-//! | `meta` | `event_log`, `workflow_index` | the event log's id; that the index is built |
+//! | `meta` | `event_log`, `workflow_index`, `node_index` | the event log's id; that an index is built |
 //!
 //! The binary keeps keyspaces of its own beside these: `leases` (MAC → a full-mode DHCP
 //! lease as JSON), written by its `BootPlanner` in `src/boot.rs`, and `hooks` (hook id → a
@@ -32,6 +33,7 @@ pub const NODE_IDENTS: &str = "node_idents";
 pub const CATALOGS: &str = "catalogs";
 pub const EVENTS: &str = "events";
 pub const WORKFLOW_INDEX: &str = "workflow_index";
+pub const NODE_INDEX: &str = "node_index";
 pub const META: &str = "meta";
 
 /// The key of task `index` of workflow `id`.

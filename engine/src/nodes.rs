@@ -6,12 +6,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use metalgraph_store::{Batch, Store};
+use metalgraph_store::{Batch, Scan, Store};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::clock::now_rfc3339;
 use crate::error::blocking;
+use crate::history::{DEFAULT_PAGE, MAX_PAGE, MAX_SCAN, Page};
 use crate::keys;
 
 /// A secret string: serialised as-is (the store must keep it), but never shown by `Debug`
@@ -259,6 +260,79 @@ pub fn normalize_identifier(s: &str) -> String {
 }
 
 /// Why a node operation failed.
+/// Filters and paging for listing nodes; every given filter must match.
+#[derive(Debug, Clone, Default)]
+pub struct NodeFilter {
+    /// Nodes with this tag.
+    pub tag: Option<String>,
+    /// Nodes of this type.
+    pub node_type: Option<String>,
+    /// Nodes with an OBM at this host (as stored: a name, an address or a base URL).
+    pub endpoint: Option<String>,
+    /// Matching nodes to pass over first (`$skip`).
+    pub skip: usize,
+    /// The page size (`$top`); `None` is 100; at most 1000.
+    pub limit: Option<usize>,
+    /// Where the previous page ended: the last node's id ([`Page::next`]).
+    pub cursor: Option<String>,
+}
+
+impl NodeFilter {
+    fn matches(&self, n: &Node) -> bool {
+        self.tag.as_ref().is_none_or(|t| n.tags.contains(t))
+            && self.node_type.as_ref().is_none_or(|t| *t == n.node_type)
+            && self
+                .endpoint
+                .as_ref()
+                .is_none_or(|h| n.obms.iter().any(|o| o.config.host == *h))
+    }
+}
+
+/// The `meta` key that says the node index covers every node.
+const NODE_INDEX_BUILT: &[u8] = b"node_index";
+
+/// The `node_index` keys of a node's tags (`t/`), type (`y/`) and OBM hosts (`e/`):
+/// `{kind}{value}\0{id}` → the id.
+fn field_keys(n: &Node) -> Vec<Vec<u8>> {
+    let key = |kind: &[u8], value: &str| {
+        let mut k = field_family(kind, value);
+        k.extend_from_slice(n.id.as_bytes());
+        k
+    };
+    let mut keys: Vec<Vec<u8>> = n.tags.iter().map(|t| key(b"t/", t)).collect();
+    keys.push(key(b"y/", &n.node_type));
+    keys.extend(n.obms.iter().map(|o| key(b"e/", &o.config.host)));
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+fn field_family(kind: &[u8], value: &str) -> Vec<u8> {
+    let mut f = kind.to_vec();
+    f.extend_from_slice(value.as_bytes());
+    f.push(0);
+    f
+}
+
+/// Moves a node's index keys from what `old` had to what `new` has, in `batch`.
+fn index_fields(batch: &mut Batch, old: Option<&Node>, new: Option<&Node>) {
+    let before = old.map(field_keys).unwrap_or_default();
+    let after = new.map(field_keys).unwrap_or_default();
+    for k in before.iter().filter(|k| !after.contains(k)) {
+        batch.delete(keys::NODE_INDEX, k.clone());
+    }
+    if let Some(n) = new {
+        for k in after.iter().filter(|k| !before.contains(k)) {
+            batch.put(keys::NODE_INDEX, k.clone(), n.id.as_bytes().to_vec());
+        }
+    }
+}
+
+fn decode(k: &[u8], v: &[u8]) -> Result<Node, Error> {
+    serde_json::from_slice(v)
+        .map_err(|e| Error::Corrupt(String::from_utf8_lossy(k).into_owned(), e.to_string()))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("node {0} not found")]
@@ -380,16 +454,91 @@ impl Nodes {
         Ok(self.read(id)?.map(|(n, _)| n))
     }
 
-    pub(crate) fn list_blocking(&self) -> Result<Vec<Node>, Error> {
-        self.store
-            .scan_prefix(keys::NODES, b"")?
-            .into_iter()
-            .map(|(k, v)| {
-                serde_json::from_slice(&v).map_err(|e| {
-                    Error::Corrupt(String::from_utf8_lossy(&k).into_owned(), e.to_string())
-                })
-            })
-            .collect()
+    /// One page of nodes in id order (see [`NodeFilter`]).
+    pub(crate) fn list_blocking(&self, f: &NodeFilter) -> Result<Page<Node>, crate::Error> {
+        let limit = f.limit.unwrap_or(DEFAULT_PAGE);
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(crate::Error::BadRequest(format!(
+                "a page holds 1 to {MAX_PAGE} nodes, not {limit}"
+            )));
+        }
+        // The most selective index the filter names, else the nodes themselves.
+        let (keyspace, family) = match (&f.tag, &f.endpoint, &f.node_type) {
+            (Some(tag), _, _) => (keys::NODE_INDEX, field_family(b"t/", tag)),
+            (None, Some(host), _) => (keys::NODE_INDEX, field_family(b"e/", host)),
+            (None, None, Some(t)) => (keys::NODE_INDEX, field_family(b"y/", t)),
+            (None, None, None) => (keys::NODES, Vec::new()),
+        };
+        let mut after = f.cursor.as_ref().map(|c| {
+            let mut k = family.clone();
+            k.extend_from_slice(c.as_bytes());
+            k
+        });
+        let (mut items, mut skip, mut scanned) = (Vec::new(), f.skip, 0);
+        let mut last: Option<String> = None;
+        loop {
+            let want = (limit - items.len() + skip).clamp(1, 500);
+            let page = self.store.scan(
+                keyspace,
+                Scan::prefix(&family, want).after(after.as_deref()),
+            )?;
+            let exhausted = page.len() < want;
+            for (k, v) in &page {
+                after = Some(k.clone());
+                scanned += 1;
+                let node = if keyspace == keys::NODES {
+                    Some(decode(k, v)?)
+                } else {
+                    self.get_blocking(&String::from_utf8_lossy(v))?
+                };
+                let Some(node) = node else { continue };
+                last = Some(node.id.clone());
+                if !f.matches(&node) {
+                    continue;
+                }
+                if skip > 0 {
+                    skip -= 1;
+                    continue;
+                }
+                items.push(node);
+                if items.len() == limit {
+                    return Ok(Page { items, next: last });
+                }
+            }
+            if exhausted {
+                return Ok(Page { items, next: None });
+            }
+            if scanned >= MAX_SCAN {
+                return Ok(Page { items, next: last });
+            }
+        }
+    }
+
+    /// Indexes the tags, types and OBM endpoints of a store's nodes written before the
+    /// index existed (blocking; once per store, idempotent).
+    pub(crate) fn build_index_blocking(&self) -> Result<usize, Error> {
+        if self.store.get(keys::META, NODE_INDEX_BUILT)?.is_some() {
+            return Ok(0);
+        }
+        let mut n = 0;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .store
+                .scan(keys::NODES, Scan::prefix(b"", 500).after(after.as_deref()))?;
+            let Some((k, _)) = page.last() else { break };
+            after = Some(k.clone());
+            let mut batch = Batch::new();
+            for (k, v) in &page {
+                index_fields(&mut batch, None, Some(&decode(k, v)?));
+                n += 1;
+            }
+            self.store.commit(batch)?;
+        }
+        let mut batch = Batch::new();
+        batch.put(keys::META, NODE_INDEX_BUILT, b"1".to_vec());
+        self.store.commit(batch)?;
+        Ok(n)
     }
 
     /// The node that owns an identifier (a MAC), if any.
@@ -419,6 +568,7 @@ impl Nodes {
         let mut batch = Batch::new();
         batch.require_absent(keys::NODES, node.id.as_bytes());
         self.index_identifiers(&mut batch, &node, &[])?;
+        index_fields(&mut batch, None, Some(&node));
         batch.put(keys::NODES, node.id.as_bytes(), encode(&node));
         match self.store.commit(batch) {
             Ok(()) => {
@@ -458,6 +608,7 @@ impl Nodes {
         let mut batch = Batch::new();
         batch.require_equals(keys::NODES, id.as_bytes(), raw);
         self.index_identifiers(&mut batch, &node, &old.identifiers)?;
+        index_fields(&mut batch, Some(&old), Some(&node));
         batch.put(keys::NODES, id.as_bytes(), encode(&node));
         match self.store.commit(batch) {
             Ok(()) => {
@@ -494,6 +645,7 @@ impl Nodes {
         for ident in &node.identifiers {
             batch.delete(keys::NODE_IDENTS, ident.as_bytes());
         }
+        index_fields(&mut batch, Some(&node), None);
         for (k, _) in self
             .store
             .scan_prefix(keys::CATALOGS, &catalog_prefix(id))?
@@ -610,8 +762,13 @@ impl Nodes {
     }
 
     pub async fn list(&self) -> Result<Vec<Node>, crate::Error> {
-        let n = self.clone();
-        blocking(move || n.list_blocking().map_err(crate::Error::from)).await
+        Ok(self.list_page(&NodeFilter::default()).await?.items)
+    }
+
+    /// One page of nodes in id order, filtered (see [`NodeFilter`]).
+    pub async fn list_page(&self, filter: &NodeFilter) -> Result<Page<Node>, crate::Error> {
+        let (n, filter) = (self.clone(), filter.clone());
+        blocking(move || n.list_blocking(&filter)).await
     }
 
     /// The node that owns an identifier (a MAC), if any.

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use metalgraph_engine::clock::TokioClock;
+use metalgraph_engine::nodes::NodeFilter;
 use metalgraph_engine::retention::Retention;
 use metalgraph_engine::{Error, ListFilter, WorkflowStatus, keys};
 use metalgraph_store::{Batch, MemStore, Scan, Store};
@@ -355,5 +356,138 @@ async fn retention_removes_what_the_policy_says_and_never_live_work() {
             .status
             .is_terminal()
     );
+    h.stop().await;
+}
+
+/// The ids of every node matching `filter`, page by page (pages of 7).
+async fn node_ids(h: &Harness, filter: NodeFilter) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = h
+            .engine
+            .nodes()
+            .list_page(&NodeFilter {
+                limit: Some(7),
+                cursor: cursor.clone(),
+                ..filter.clone()
+            })
+            .await
+            .unwrap();
+        ids.extend(page.items.into_iter().map(|n| n.id));
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => return ids,
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn nodes_page_by_id_and_filter_by_tag_type_and_endpoint_from_the_index() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let h = harness(store.clone());
+    for i in 0..30 {
+        let tags: Vec<&str> = if i % 3 == 0 {
+            vec!["rack-a", "gpu"]
+        } else {
+            vec!["rack-b"]
+        };
+        let node = json!({
+            "id": format!("n{i:02}"), "name": format!("n{i:02}"), "tags": tags,
+            "type": if i % 5 == 0 { "switch" } else { "compute" },
+            "obms": [{"service": "sim-obm-service", "config": {"host": format!("bmc-{}", i % 4)}}],
+        });
+        h.engine
+            .nodes()
+            .create(serde_json::from_value(node).unwrap())
+            .await
+            .unwrap();
+    }
+    let every = |pred: &dyn Fn(usize) -> bool| -> Vec<String> {
+        (0..30)
+            .filter(|i| pred(*i))
+            .map(|i| format!("n{i:02}"))
+            .collect()
+    };
+    assert_eq!(node_ids(&h, NodeFilter::default()).await, every(&|_| true));
+    let tag = |t: &str| NodeFilter {
+        tag: Some(t.into()),
+        ..Default::default()
+    };
+    assert_eq!(node_ids(&h, tag("gpu")).await, every(&|i| i % 3 == 0));
+    let switches = NodeFilter {
+        node_type: Some("switch".into()),
+        ..Default::default()
+    };
+    assert_eq!(node_ids(&h, switches.clone()).await, every(&|i| i % 5 == 0));
+    let behind = NodeFilter {
+        endpoint: Some("bmc-1".into()),
+        ..Default::default()
+    };
+    assert_eq!(node_ids(&h, behind).await, every(&|i| i % 4 == 1));
+    let both = NodeFilter {
+        tag: Some("gpu".into()),
+        node_type: Some("switch".into()),
+        ..Default::default()
+    };
+    assert_eq!(node_ids(&h, both).await, every(&|i| i % 15 == 0));
+    let skipped = h
+        .engine
+        .nodes()
+        .list_page(&NodeFilter {
+            skip: 4,
+            limit: Some(3),
+            ..tag("gpu")
+        })
+        .await
+        .unwrap();
+    let skipped: Vec<String> = skipped.items.into_iter().map(|n| n.id).collect();
+    assert_eq!(skipped, ["n12", "n15", "n18"]);
+
+    // A retag moves the node in the index; a deletion takes it out.
+    h.engine
+        .nodes()
+        .update("n03", |n| {
+            n.tags = vec!["rack-b".into()];
+            Ok(())
+        })
+        .await
+        .unwrap();
+    h.engine.nodes().delete("n06").await.unwrap();
+    let gpu = every(&|i| i % 3 == 0 && i != 3 && i != 6);
+    assert_eq!(node_ids(&h, tag("gpu")).await, gpu);
+    assert!(
+        node_ids(&h, tag("rack-b"))
+            .await
+            .contains(&"n03".to_owned())
+    );
+    match h
+        .engine
+        .nodes()
+        .list_page(&NodeFilter {
+            limit: Some(1001),
+            ..Default::default()
+        })
+        .await
+    {
+        Err(Error::BadRequest(m)) => assert_eq!(m, "a page holds 1 to 1000 nodes, not 1001"),
+        other => panic!("{other:?}"),
+    }
+    h.stop().await;
+
+    // A store from before the node index: rebuilt on start.
+    let mut batch = Batch::new();
+    for (k, _) in store
+        .scan(keys::NODE_INDEX, Scan::prefix(b"", 10_000))
+        .unwrap()
+    {
+        batch.delete(keys::NODE_INDEX, k);
+    }
+    batch.delete(keys::META, b"node_index".to_vec());
+    store.commit(batch).unwrap();
+    let h = harness(store);
+    h.engine.list(&ListFilter::default()).await.unwrap(); // waits for recovery
+    assert_eq!(node_ids(&h, tag("gpu")).await, gpu);
+    assert_eq!(node_ids(&h, switches).await, every(&|i| i % 5 == 0));
     h.stop().await;
 }

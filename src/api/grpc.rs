@@ -12,7 +12,7 @@ use metalgraph_engine::definitions::{self, Source};
 use metalgraph_engine::model::{
     Definition, GraphDefinition, GraphTask, RunOptions, TaskDefinition,
 };
-use metalgraph_engine::nodes::{self as engine_nodes, Secret};
+use metalgraph_engine::nodes::{self as engine_nodes, NodeFilter, Secret};
 use metalgraph_engine::workflow::{TaskRecord, WorkflowRecord};
 use metalgraph_engine::{
     Engine, Error, Event, ListFilter, RunRequest, TaskState, WorkflowStatus, WorkflowView,
@@ -955,18 +955,33 @@ impl NodesRpc for GrpcApi {
 
     async fn list_nodes(
         &self,
-        _: Request<pb::ListNodesRequest>,
+        req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let req = req.into_inner();
+        let nonempty = |s: String| Some(s).filter(|s| !s.is_empty());
         let nodes = self.engine.nodes();
-        let list = nodes.list().await.map_err(status)?;
-        let mut out = Vec::with_capacity(list.len());
-        for n in &list {
+        let page = nodes
+            .list_page(&NodeFilter {
+                tag: nonempty(req.tag),
+                node_type: nonempty(req.r#type),
+                endpoint: nonempty(req.endpoint),
+                limit: (req.page_size > 0).then_some(req.page_size as usize),
+                cursor: nonempty(req.page_token),
+                ..Default::default()
+            })
+            .await
+            .map_err(status)?;
+        let mut out = Vec::with_capacity(page.items.len());
+        for n in &page.items {
             out.push(node_to_pb(
                 n,
                 nodes.active_workflow(&n.id).await.ok().flatten(),
             ));
         }
-        Ok(Response::new(pb::ListNodesResponse { nodes: out }))
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: out,
+            next_page_token: page.next.unwrap_or_default(),
+        }))
     }
 
     async fn update_obm(

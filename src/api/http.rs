@@ -18,7 +18,7 @@ use axum::routing::{get, post, put};
 use metalgraph_engine::definitions::{self, Source};
 use metalgraph_engine::job::json_kind;
 use metalgraph_engine::model::{Definition, RunOptions};
-use metalgraph_engine::nodes::{Node, Obm};
+use metalgraph_engine::nodes::{Node, NodeFilter, Obm};
 use metalgraph_engine::template::{self, Renderer};
 use metalgraph_engine::{ListFilter, Page, RunRequest, WorkflowStatus, WorkflowView};
 use serde::Deserialize;
@@ -431,7 +431,7 @@ impl ListQuery {
 
 /// A page as RackHD lists it (a JSON array), with the next page's link when there is one:
 /// the same path and query, `$skip` dropped, `cursor` set.
-fn page_response(uri: &Uri, page: Page<WorkflowView>) -> Response {
+fn page_response<T: serde::Serialize>(uri: &Uri, page: Page<T>) -> Response {
     let mut response = Json(page.items).into_response();
     if let Some(next) = page.next {
         let mut query: Vec<String> = uri
@@ -560,9 +560,41 @@ struct NodePatch {
     obms: Option<Vec<Obm>>,
 }
 
-async fn list_nodes(State(s): State<AppState>) -> Result<Json<Vec<Value>>> {
-    let nodes = s.engine.nodes().list().await?;
-    Ok(Json(nodes.iter().map(Node::public).collect()))
+/// `GET /nodes`: filters and paging, in id order (docs/lists.md).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeListQuery {
+    tag: Option<String>,
+    #[serde(rename = "type")]
+    node_type: Option<String>,
+    endpoint: Option<String>,
+    #[serde(rename = "$skip")]
+    skip: Option<usize>,
+    #[serde(rename = "$top")]
+    top: Option<usize>,
+    cursor: Option<String>,
+}
+
+async fn list_nodes(
+    State(s): State<AppState>,
+    OriginalUri(uri): OriginalUri,
+    Query(q): Query<NodeListQuery>,
+) -> Result<Response> {
+    let nonempty = |v: Option<String>| v.filter(|s| !s.is_empty());
+    let filter = NodeFilter {
+        tag: nonempty(q.tag),
+        node_type: nonempty(q.node_type),
+        endpoint: nonempty(q.endpoint),
+        skip: q.skip.unwrap_or(0),
+        limit: q.top,
+        cursor: nonempty(q.cursor),
+    };
+    let page = s.engine.nodes().list_page(&filter).await?;
+    let page = Page {
+        items: page.items.iter().map(Node::public).collect::<Vec<_>>(),
+        next: page.next,
+    };
+    Ok(page_response(&uri, page))
 }
 
 async fn create_node(

@@ -141,10 +141,11 @@ impl Runtime {
         let (log, loaded, missing, extra) = blocking(move || {
             let log = EventLog::load(store.as_ref(), &mut extra)?;
             let indexed = crate::history::build_index(store.as_ref())?;
-            if indexed > 0 {
+            let nodes = crate::nodes::Nodes::new(store.clone()).build_index_blocking()?;
+            if indexed + nodes > 0 {
                 info!(
                     workflows = indexed,
-                    "indexed the workflows of an earlier version"
+                    nodes, "indexed the records of an earlier version"
                 );
             }
             let mut loaded = Vec::new();
