@@ -28,7 +28,7 @@ pub const DEFAULT_PAGE: usize = 100;
 pub const MAX_PAGE: usize = 1000;
 /// The most index entries one list request reads when filters it cannot serve from the
 /// index (status, finished) skip entries: a page may come back short, with a cursor to go on.
-pub(crate) const MAX_SCAN: usize = 10_000;
+const MAX_SCAN: usize = 10_000;
 
 /// The `meta` key that says the index covers every workflow.
 pub(crate) const INDEX_BUILT: &[u8] = b"workflow_index";
@@ -248,56 +248,91 @@ pub(crate) fn list(store: &dyn Store, f: &ListFilter) -> Result<Page<Records>, E
             start = Some(bound);
         }
     }
+    let scan = Scan::prefix(&fam, 0).after(start.as_deref()).reverse();
+    page_index(store, keys::WORKFLOW_INDEX, scan, limit, f.skip, |k, id| {
+        let created = created_of(k, fam.len())?;
+        if f.created_after.is_some_and(|a| created < a) {
+            return Ok(Visit::End);
+        }
+        let id = String::from_utf8_lossy(id).into_owned();
+        let at = Cursor {
+            created,
+            id: id.clone(),
+        }
+        .format();
+        // Gone between the index read and this one, or not what the filters want.
+        Ok(match load_records(store, &id)? {
+            Some(records) if matches(f, &records.0) => Visit::Take(records, at),
+            _ => Visit::Pass(at),
+        })
+    })
+}
+
+/// What [`page_index`] does with one index entry.
+pub(crate) enum Visit<T> {
+    /// Counts it (after `skip`) with its position.
+    Take(T, String),
+    /// Passes over it; the position is where a next page would go on.
+    Pass(String),
+    /// Ends the list here.
+    End,
+}
+
+/// Reads one page through an index: entries of `scan` (its limit is ignored) in chunks,
+/// each given to `visit`, until `limit` items are taken after `skip`, the index ends, or
+/// [`MAX_SCAN`] entries were read (then the page comes back short with where to go on).
+/// The next page's cursor is the last entry's position. Shared by every paged list.
+pub(crate) fn page_index<T>(
+    store: &dyn Store,
+    keyspace: &str,
+    scan: Scan<'_>,
+    limit: usize,
+    mut skip: usize,
+    mut visit: impl FnMut(&[u8], &[u8]) -> Result<Visit<T>, Error>,
+) -> Result<Page<T>, Error> {
     let mut items = Vec::new();
-    let mut skip = f.skip;
+    let mut after = scan.after.map(<[u8]>::to_vec);
+    let mut last: Option<String> = None;
     let mut scanned = 0;
-    let mut last: Option<Cursor> = None;
     loop {
         let want = (limit - items.len() + skip).clamp(1, 500);
-        let page = store.scan(
-            keys::WORKFLOW_INDEX,
-            Scan::prefix(&fam, want).after(start.as_deref()).reverse(),
+        let chunk = store.scan(
+            keyspace,
+            Scan {
+                after: after.as_deref(),
+                limit: want,
+                ..scan
+            },
         )?;
-        let exhausted = page.len() < want;
-        for (k, id) in &page {
-            start = Some(k.clone());
+        let exhausted = chunk.len() < want;
+        for (k, v) in &chunk {
+            after = Some(k.clone());
             scanned += 1;
-            let created = created_of(k, fam.len())?;
-            if f.created_after.is_some_and(|a| created < a) {
-                return Ok(Page { items, next: None });
-            }
-            let id = String::from_utf8_lossy(id).into_owned();
-            last = Some(Cursor {
-                created,
-                id: id.clone(),
-            });
-            let Some((rec, tasks)) = load_records(store, &id)? else {
-                continue; // Deleted between the index read and this one.
+            let at = match visit(k, v)? {
+                Visit::End => return Ok(Page { items, next: None }),
+                Visit::Pass(at) => at,
+                Visit::Take(_, at) if skip > 0 => {
+                    skip -= 1;
+                    at
+                }
+                Visit::Take(item, at) => {
+                    items.push(item);
+                    if items.len() == limit {
+                        return Ok(Page {
+                            items,
+                            next: Some(at),
+                        });
+                    }
+                    at
+                }
             };
-            if !matches(f, &rec) {
-                continue;
-            }
-            if skip > 0 {
-                skip -= 1;
-                continue;
-            }
-            items.push((rec, tasks));
-            if items.len() == limit {
-                return Ok(Page {
-                    items,
-                    next: last.map(|c| c.format()),
-                });
-            }
+            last = Some(at);
         }
         if exhausted {
             return Ok(Page { items, next: None });
         }
         if scanned >= MAX_SCAN {
-            // The filters skipped much: hand back what there is and where to go on.
-            return Ok(Page {
-                items,
-                next: last.map(|c| c.format()),
-            });
+            return Ok(Page { items, next: last });
         }
     }
 }

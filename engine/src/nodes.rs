@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 use crate::clock::now_rfc3339;
 use crate::error::blocking;
-use crate::history::{DEFAULT_PAGE, MAX_PAGE, MAX_SCAN, Page};
+use crate::history::{DEFAULT_PAGE, MAX_PAGE, Page, Visit, page_index};
 use crate::keys;
 
 /// A secret string: serialised as-is (the store must keep it), but never shown by `Debug`
@@ -469,49 +469,35 @@ impl Nodes {
             (None, None, Some(t)) => (keys::NODE_INDEX, field_family(b"y/", t)),
             (None, None, None) => (keys::NODES, Vec::new()),
         };
-        let mut after = f.cursor.as_ref().map(|c| {
+        let after = f.cursor.as_ref().map(|c| {
             let mut k = family.clone();
             k.extend_from_slice(c.as_bytes());
             k
         });
-        let (mut items, mut skip, mut scanned) = (Vec::new(), f.skip, 0);
-        let mut last: Option<String> = None;
-        loop {
-            let want = (limit - items.len() + skip).clamp(1, 500);
-            let page = self.store.scan(
-                keyspace,
-                Scan::prefix(&family, want).after(after.as_deref()),
-            )?;
-            let exhausted = page.len() < want;
-            for (k, v) in &page {
-                after = Some(k.clone());
-                scanned += 1;
+        let scan = Scan::prefix(&family, 0).after(after.as_deref());
+        page_index(
+            self.store.as_ref(),
+            keyspace,
+            scan,
+            limit,
+            f.skip,
+            |k, v| {
                 let node = if keyspace == keys::NODES {
                     Some(decode(k, v)?)
                 } else {
                     self.get_blocking(&String::from_utf8_lossy(v))?
                 };
-                let Some(node) = node else { continue };
-                last = Some(node.id.clone());
-                if !f.matches(&node) {
-                    continue;
-                }
-                if skip > 0 {
-                    skip -= 1;
-                    continue;
-                }
-                items.push(node);
-                if items.len() == limit {
-                    return Ok(Page { items, next: last });
-                }
-            }
-            if exhausted {
-                return Ok(Page { items, next: None });
-            }
-            if scanned >= MAX_SCAN {
-                return Ok(Page { items, next: last });
-            }
-        }
+                Ok(match node {
+                    Some(n) if f.matches(&n) => {
+                        let at = n.id.clone();
+                        Visit::Take(n, at)
+                    }
+                    Some(n) => Visit::Pass(n.id),
+                    // Deleted between the index read and this one.
+                    None => Visit::Pass(String::from_utf8_lossy(v).into_owned()),
+                })
+            },
+        )
     }
 
     /// Indexes the tags, types and OBM endpoints of a store's nodes written before the
