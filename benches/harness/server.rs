@@ -214,16 +214,32 @@ impl Api {
         Ok(resp.json().await?)
     }
 
-    /// `GET /workflows?active=...`.
+    /// `GET /workflows?active=...`, every page (following `Link: rel="next"`).
     pub async fn workflows(&self, active: Option<bool>) -> anyhow::Result<Vec<Value>> {
-        let url = match active {
-            Some(a) => format!("{}/workflows?active={a}", self.base),
-            None => format!("{}/workflows", self.base),
+        let origin = self.base.trim_end_matches("/api/2.0");
+        let mut url = match active {
+            Some(a) => format!("{}/workflows?active={a}&$top=1000", self.base),
+            None => format!("{}/workflows?$top=1000", self.base),
         };
-        let resp = self.http.get(url).send().await?;
-        if !resp.status().is_success() {
-            bail!("GET workflows: {}", resp.status());
+        let mut all = Vec::new();
+        loop {
+            let resp = self.http.get(&url).send().await?;
+            if !resp.status().is_success() {
+                bail!("GET workflows: {}", resp.status());
+            }
+            let next = resp
+                .headers()
+                .get(reqwest::header::LINK)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| l.strip_prefix('<'))
+                .and_then(|l| l.split_once(">; rel=\"next\""))
+                .map(|(path, _)| format!("{origin}{path}"));
+            let page: Vec<Value> = resp.json().await?;
+            all.extend(page);
+            match next {
+                Some(n) => url = n,
+                None => return Ok(all),
+            }
         }
-        Ok(resp.json().await?)
     }
 }
