@@ -4,13 +4,14 @@
 //! figures (JSON) under `target/tmp/`. See BENCHMARKS.md for what each figure means.
 //!
 //! Flags (after `--`): `--quick` (smaller sizes), `--smoke` (the CI smoke test's sizes), `--backends sled,file`,
-//! `--only chain,fanout,recovery,api,peer`, `--dir DIR` (where data directories go; its
+//! `--only chain,fanout,recovery,api,peer,history`, `--dir DIR` (where data directories go; its
 //! disk is what is measured), and size overrides `--chain N`, `--fanout N`,
 //! `--recovery N`, `--api-secs N`, `--peer-chain N`, `--peer-flows N`.
 
 mod api;
 mod fsync;
 mod graphs;
+mod history;
 mod inproc;
 mod machine;
 mod metered;
@@ -76,6 +77,8 @@ fn parse_args(args: &[String]) -> anyhow::Result<(Plan, bool)> {
             "--api-secs" => sizes.api.seconds = u32::try_from(number(value()?)?)?,
             "--peer-chain" => sizes.peer_chain = number(value()?)?,
             "--peer-flows" => sizes.peer_fanout_flows = number(value()?)?,
+            "--history" => sizes.history_workflows = number(value()?)?,
+            "--history-nodes" => sizes.history_nodes = number(value()?)?,
             "-h" | "--help" => {
                 println!("{}", HELP);
                 std::process::exit(0);
@@ -99,8 +102,8 @@ fn parse_args(args: &[String]) -> anyhow::Result<(Plan, bool)> {
 }
 
 const HELP: &str = "usage: cargo bench --bench harness -- [--quick | --smoke] [--backends sled,file] \
-[--only chain,fanout,recovery,api,peer] [--dir DIR] [--keep] [--chain N] [--fanout N] \
-[--recovery N] [--api-secs N] [--peer-chain N] [--peer-flows N]";
+[--only chain,fanout,recovery,api,peer,history] [--dir DIR] [--keep] [--chain N] [--fanout N] \
+[--recovery N] [--api-secs N] [--peer-chain N] [--peer-flows N] [--history N] [--history-nodes N]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

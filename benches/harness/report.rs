@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::history::{HistoryResult, Latency};
 use crate::peer::PeerResult;
 use crate::suite::{BackendReport, Outcome, Report};
 use crate::util::{fmt_count, fmt_dur, fmt_mib, sig3};
@@ -332,6 +333,81 @@ fn backend_table(out: &mut String, b: &BackendReport, peer: Option<&PeerResult>)
         }
         other => row(out, "API", &not_done(other), "", ""),
     }
+
+    match &b.history {
+        Outcome::Done(h) => history_rows(out, h),
+        other => row(out, "history", &not_done(other), "", ""),
+    }
+}
+
+/// The history scenario: each figure on the large store, with the baseline's and their
+/// ratio (flat is 1×).
+fn history_rows(out: &mut String, h: &HistoryResult) {
+    let (l, s) = (&h.large, &h.baseline);
+    let size = format!(
+        "{} workflows on {} nodes ({} on disk, loaded in {})",
+        fmt_count(l.workflows as u64),
+        fmt_count(l.nodes as u64),
+        fmt_mib(l.disk_bytes),
+        fmt_dur(l.load)
+    );
+    let times = |a: Duration, b: Duration| format!("{}×", sig3(a.as_secs_f64() / b.as_secs_f64()));
+    let lat = |out: &mut String, figure: &str, a: &Latency, b: &Latency| {
+        row(
+            out,
+            &format!("history: {figure}, p50 / p99"),
+            &format!("**{}** / {}", fmt_dur(a.p50), fmt_dur(a.p99)),
+            &format!(
+                "{} / {} at {} workflows",
+                fmt_dur(b.p50),
+                fmt_dur(b.p99),
+                fmt_count(s.workflows as u64)
+            ),
+            &format!("p50 {}", times(a.p50, b.p50)),
+        );
+    };
+    row(
+        out,
+        &format!("history: `serve` start-up on {size}"),
+        &format!("**{}**", fmt_dur(l.start)),
+        &format!(
+            "{} at {} workflows",
+            fmt_dur(s.start),
+            fmt_count(s.workflows as u64)
+        ),
+        &times(l.start, s.start),
+    );
+    row(
+        out,
+        "history: `serve` RSS at rest after the requests",
+        &format!("**{}**", fmt_mib(l.rss_bytes)),
+        &format!(
+            "{} at {} workflows",
+            fmt_mib(s.rss_bytes),
+            fmt_count(s.workflows as u64)
+        ),
+        &format!("{}×", sig3(l.rss_bytes as f64 / s.rss_bytes as f64)),
+    );
+    lat(
+        out,
+        "`GET /workflows?$top=100`, first page",
+        &l.first_page,
+        &s.first_page,
+    );
+    lat(
+        out,
+        "`GET /workflows?$top=100&cursor=` half way down",
+        &l.deep_page,
+        &s.deep_page,
+    );
+    lat(
+        out,
+        "`GET /workflows?node=&$top=100`",
+        &l.node_page,
+        &s.node_page,
+    );
+    lat(out, "`GET /nodes?$top=100`", &l.nodes_page, &s.nodes_page);
+    lat(out, "`GET /workflows/{id}`", &l.get_one, &s.get_one);
 }
 
 fn errors(n: u64) -> String {

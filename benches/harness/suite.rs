@@ -9,6 +9,7 @@ use metalgraph_store::Backend;
 
 use crate::api::{self, ApiResult, Load};
 use crate::fsync::{self, FsyncFloor};
+use crate::history::{self, HistoryResult};
 use crate::inproc::{self, ChainResult, FanOutResult};
 use crate::machine::Machine;
 use crate::peer::{self, PeerResult};
@@ -27,6 +28,9 @@ pub struct Sizes {
     pub api: Load,
     pub peer_chain: usize,
     pub peer_fanout_flows: usize,
+    /// The history scenario's large store: finished workflows and nodes.
+    pub history_workflows: usize,
+    pub history_nodes: usize,
     /// The longest any one scenario may take before it counts as failed.
     #[serde(with = "crate::util::secs")]
     pub limit: Duration,
@@ -50,6 +54,8 @@ impl Sizes {
             // same shape and its fan-out runs 100 flows (1,000 tasks); figures are per task.
             peer_chain: 1000,
             peer_fanout_flows: 100,
+            history_workflows: 1_000_000,
+            history_nodes: 100_000,
             limit: Duration::from_secs(1800),
         }
     }
@@ -68,6 +74,8 @@ impl Sizes {
             },
             peer_chain: 100,
             peer_fanout_flows: 20,
+            history_workflows: 100_000,
+            history_nodes: 10_000,
             ..Sizes::full()
         }
     }
@@ -87,6 +95,8 @@ impl Sizes {
             },
             peer_chain: 10,
             peer_fanout_flows: 2,
+            history_workflows: 2000,
+            history_nodes: 200,
             limit: Duration::from_secs(300),
         }
     }
@@ -100,15 +110,17 @@ pub enum Scenario {
     Recovery,
     Api,
     Peer,
+    History,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::Chain,
         Scenario::FanOut,
         Scenario::Recovery,
         Scenario::Api,
         Scenario::Peer,
+        Scenario::History,
     ];
 
     pub fn parse(s: &str) -> Option<Scenario> {
@@ -118,6 +130,7 @@ impl Scenario {
             "recovery" => Scenario::Recovery,
             "api" => Scenario::Api,
             "peer" | "taskflow" => Scenario::Peer,
+            "history" => Scenario::History,
             _ => return None,
         })
     }
@@ -171,6 +184,7 @@ pub struct BackendReport {
     pub fanout: Outcome<FanOutResult>,
     pub recovery: Outcome<RecoveryResult>,
     pub api: Outcome<ApiResult>,
+    pub history: Outcome<HistoryResult>,
 }
 
 /// Everything one run measured.
@@ -200,6 +214,7 @@ impl Report {
             failed(format!("{name} fan-out"), failed_of(&b.fanout));
             failed(format!("{name} recovery"), failed_of(&b.recovery));
             failed(format!("{name} API"), failed_of(&b.api));
+            failed(format!("{name} history"), failed_of(&b.history));
         }
         failed("TaskFlow peer".into(), failed_of(&self.peer));
         for b in &self.backends {
@@ -335,8 +350,28 @@ pub fn run(plan: &Plan) -> Report {
                 )
             })
         };
+        let history = if wants(Scenario::History) {
+            say(&format!(
+                "[{name}] history: {} finished workflows on {} nodes, beside {}",
+                sizes.history_workflows,
+                sizes.history_nodes,
+                history::BASELINE_WORKFLOWS
+            ));
+            timed(|| {
+                history::history(
+                    backend,
+                    &root.join("history"),
+                    &log("history"),
+                    sizes.history_workflows,
+                    sizes.history_nodes,
+                    sizes.limit,
+                )
+            })
+        } else {
+            not_selected()
+        };
         // The stores are large; only the logs are worth keeping.
-        for sub in ["chain", "fanout", "recovery", "api"] {
+        for sub in ["chain", "fanout", "recovery", "api", "history"] {
             let _ = std::fs::remove_dir_all(root.join(sub));
         }
         backends.push(BackendReport {
@@ -346,6 +381,7 @@ pub fn run(plan: &Plan) -> Report {
             fanout,
             recovery,
             api,
+            history,
         });
     }
 

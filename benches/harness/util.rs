@@ -71,6 +71,14 @@ pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
 
 /// This process's resident set size now and at its peak, in bytes, from
 /// `/proc/self/status` (`VmRSS`, `VmHWM`). `None` off Linux.
+/// The resident set of process `pid`, in bytes.
+pub fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 pub fn rss() -> Option<(u64, u64)> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let field = |name: &str| -> Option<u64> {

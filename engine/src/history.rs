@@ -15,6 +15,8 @@
 //! control characters, so `\0` ends them. A SQL store serves the same queries from an index
 //! on `(node, created_at, id)` and `(graph, created_at, id)`.
 
+use std::sync::Arc;
+
 use metalgraph_store::{Batch, Scan, Store};
 
 use crate::error::Error;
@@ -184,6 +186,15 @@ pub(crate) fn delete(store: &dyn Store, id: &str) -> Result<Vec<String>, Error> 
         )),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Builds the workflow and node indexes of a store written before they existed (blocking;
+/// each once per store, idempotent); returns how many workflows and nodes it indexed. The
+/// engine does this on start; tools that write records directly call it after.
+pub fn build_indexes(store: &Arc<dyn Store>) -> Result<(usize, usize), Error> {
+    let workflows = build_index(store.as_ref())?;
+    let nodes = crate::nodes::Nodes::new(store.clone()).build_index_blocking()?;
+    Ok((workflows, nodes))
 }
 
 /// Indexes every workflow of a store written before the index existed (blocking; once per

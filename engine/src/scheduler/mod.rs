@@ -140,8 +140,7 @@ impl Runtime {
         let mut extra = Batch::new();
         let (log, loaded, missing, extra) = blocking(move || {
             let log = EventLog::load(store.as_ref(), &mut extra)?;
-            let indexed = crate::history::build_index(store.as_ref())?;
-            let nodes = crate::nodes::Nodes::new(store.clone()).build_index_blocking()?;
+            let (indexed, nodes) = crate::history::build_indexes(&store)?;
             if indexed + nodes > 0 {
                 info!(
                     workflows = indexed,
