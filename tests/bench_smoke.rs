@@ -16,6 +16,9 @@ mod fsync;
 #[path = "../benches/harness/graphs.rs"]
 mod graphs;
 #[allow(dead_code)]
+#[path = "../benches/harness/history.rs"]
+mod history;
+
 #[path = "../benches/harness/inproc.rs"]
 mod inproc;
 #[allow(dead_code)]
@@ -86,6 +89,11 @@ fn the_harness_runs_every_scenario_at_tiny_sizes() {
         let recovery = b.recovery.done().expect("the recovery ran");
         assert_eq!((recovery.recovered, recovery.lost), (50, 0));
         assert!(recovery.to_listening <= recovery.to_all_running);
+
+        let history = b.history.done().expect("the history scenario ran");
+        assert_eq!((history.large.workflows, history.large.nodes), (2000, 200));
+        assert_eq!(history.baseline.workflows, 1000);
+        assert!(history.large.rss_bytes > 0 && history.large.start > std::time::Duration::ZERO);
 
         match &b.api {
             Outcome::Done(a) => {
