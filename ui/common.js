@@ -17,19 +17,44 @@ export class ApiError extends Error {
 }
 
 /**
- * Calls the management API and returns its JSON. Every request of the web view goes
- * through here, so that credentials (a bearer token, once the API asks for one) are added
- * in this one place.
+ * Sends a request to the management API (a path under it, or a whole `/api/2.0/...` path
+ * such as a `Link` header's) and returns its JSON and the next page's path, if any. Every
+ * request of the web view goes through here, so that credentials (a bearer token, once the
+ * API asks for one) are added in this one place.
  */
-export async function api(path, init = {}) {
+async function request(path, init = {}) {
   const headers = new Headers(init.headers);
   headers.set('Accept', 'application/json');
-  const res = await fetch(API + path, { ...init, headers, cache: 'no-store' });
+  const url = path.startsWith(`${API}/`) ? path : API + path;
+  const res = await fetch(url, { ...init, headers, cache: 'no-store' });
   const body = res.status === 204 ? null : await res.json().catch(() => null);
   if (!res.ok) {
     throw new ApiError(res.status, body?.error?.message ?? `${res.status} ${res.statusText}`);
   }
-  return body;
+  const next = /<([^>]+)>\s*;\s*rel="next"/.exec(res.headers.get('Link') ?? '');
+  return { body, next: next ? next[1] : null };
+}
+
+/** Calls the management API and returns its JSON. */
+export async function api(path, init = {}) {
+  return (await request(path, init)).body;
+}
+
+/** One page of a list (filters and `$top` in `path`): `{items, next}`, `next` a path or null. */
+export async function page(path) {
+  const { body, next } = await request(path);
+  return { items: body ?? [], next };
+}
+
+/** Every item of a list, following its `Link: rel="next"` pages, up to `max` items. */
+export async function all(path, max = 10_000) {
+  const items = [];
+  for (let next = path; next && items.length < max;) {
+    const p = await page(next);
+    items.push(...p.items);
+    next = p.items.length ? p.next : null;
+  }
+  return items;
 }
 
 /**

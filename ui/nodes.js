@@ -2,9 +2,12 @@
 // kept current by the event stream.
 
 import {
-  STATES, ago, api, badge, clock, debounce, el, isTerminal, message, progress, stateClass,
-  subscribe, workflowHref,
+  STATES, ago, all, api, badge, clock, debounce, el, isTerminal, message, page, progress,
+  stateClass, subscribe, workflowHref,
 } from './common.js';
+
+/** The largest page the API gives. */
+const PAGE = 1000;
 
 const nodes = new Map(); // node id → node
 const latest = new Map(); // node id → its newest top-level workflow (a view)
@@ -32,23 +35,24 @@ function remember(view) {
 }
 
 /**
- * Reads the nodes and their workflows: every workflow on the first load (so that a node
- * whose install ended shows how it ended), the active ones after that.
+ * Reads the nodes and their workflows: every active workflow, and on the first load the
+ * newest thousand too, so that a node whose install ended shows how it ended.
  */
-async function load(full) {
+async function load(first) {
   try {
-    const [list, views] = await Promise.all([
+    const [list, active, recent] = await Promise.all([
       api('/nodes'),
-      api(full ? '/workflows' : '/workflows?active=true'),
+      all(`/workflows?active=true&$top=${PAGE}`),
+      first ? page(`/workflows?$top=${PAGE}`).then((p) => p.items) : [],
     ]);
     nodes.clear();
     for (const n of list) nodes.set(n.id, n);
-    // Newest first from the API: remember the oldest first, so that the newest stays.
-    for (const v of [...views].reverse()) remember(v);
+    const views = [...recent, ...active].sort((a, b) => a.createdAt.localeCompare(b.createdAt));
+    for (const v of views) remember(v);
     // A workflow shown as active that no longer is: it ended while the stream was away.
-    const active = new Set(views.map((v) => v.instanceId));
+    const ids = new Set(active.map((v) => v.instanceId));
     for (const v of latest.values()) {
-      if (!full && !isTerminal(v.status) && !active.has(v.instanceId)) refetch(v.instanceId);
+      if (!isTerminal(v.status) && !ids.has(v.instanceId)) refetch(v.instanceId);
     }
     message(null);
   } catch (e) {
@@ -116,7 +120,9 @@ function row(node) {
   return el(
     'tr',
     { 'data-node': node.id, 'data-status': v?.status ?? '' },
-    el('td', {}, el('span', { class: 'name' }, name),
+    el('td', {}, el('a', {
+      class: 'name', href: `/ui/workflows?node=${encodeURIComponent(node.id)}`, title: 'its workflows',
+    }, name),
       name !== node.id ? el('span', { class: 'sub' }, node.id) : null),
     el('td', {}, badge(busy ? 'busy' : 'idle')),
     el('td', {}, v ? el('a', { href: workflowHref(v.instanceId), title: v.instanceId }, v.name)

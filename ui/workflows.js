@@ -1,21 +1,23 @@
-// The workflows page (`/ui/workflows`): every workflow, newest first, filtered by status,
-// graph and node. The API filters by `active` and `node`; the exact status and the graph
-// are filtered here. The filters live in the page's URL, so a filtered list can be shared.
+// The workflows page (`/ui/workflows`): workflows newest first, filtered by status, graph
+// and node through the API's list (docs/lists.md), a page at a time. The filters live in
+// the page's URL, so a filtered list can be shared.
 
 import {
-  api, badge, between, clock, debounce, duration, el, message, progress, subscribe,
+  api, badge, between, clock, debounce, duration, el, message, page, progress, subscribe,
   workflowHref,
 } from './common.js';
 
-/** The most rows drawn; the count says how many more matched. */
-const MAX_ROWS = 500;
-const ACTIVE = ['active', 'pending', 'running'];
-const FINISHED = ['finished', 'succeeded', 'failed', 'cancelled'];
+/** Rows per page; "Show older" reads the next one. */
+const PAGE = 200;
+const STATUSES = ['pending', 'running', 'succeeded', 'failed', 'cancelled'];
 
 const form = document.getElementById('filters');
 const tbody = document.querySelector('#workflows tbody');
+const more = document.getElementById('more');
 const names = new Map(); // node id → name
 let views = [];
+let next = null; // the path of the next page, from the list's Link header
+let reads = 0; // counts first-page reads, so that a stale answer is dropped
 let unsubscribe = null;
 
 function filters() {
@@ -31,25 +33,46 @@ function options(select, values) {
   }
 }
 
-function keep(v, f) {
-  if (f.graph && v.name !== f.graph) return false;
-  if (f.status && !['active', 'finished'].includes(f.status) && v.status !== f.status) return false;
-  return true;
+/** The list's path for the filters: every filter is the API's. */
+function listPath(f, top) {
+  const q = new URLSearchParams();
+  if (STATUSES.includes(f.status)) q.set('status', f.status);
+  if (f.status === 'active') q.set('active', 'true');
+  if (f.status === 'finished') q.set('active', 'false');
+  if (f.graph) q.set('graph', f.graph);
+  if (f.node) q.set('node', f.node);
+  q.set('$top', String(top));
+  return `/workflows?${q}`;
 }
 
+/** Reads the first page again, as long as what is shown (up to the API's 1000). */
 async function load() {
-  const f = filters();
-  const q = new URLSearchParams();
-  if (ACTIVE.includes(f.status)) q.set('active', 'true');
-  if (FINISHED.includes(f.status)) q.set('active', 'false');
-  if (f.node) q.set('node', f.node);
+  const mine = ++reads;
   try {
-    views = (await api(`/workflows${q.toString() ? `?${q}` : ''}`)).filter((v) => keep(v, f));
+    const p = await page(listPath(filters(), Math.min(1000, Math.max(PAGE, views.length))));
+    if (mine !== reads) return; // the filters changed while it was read
+    views = p.items;
+    next = p.next;
     message(null);
   } catch (e) {
     message(`Cannot read the workflows: ${e.message}`);
   }
   options(form.elements.graph, views.map((v) => [v.name, v.name]));
+  render();
+}
+
+async function older() {
+  if (!next) return;
+  const mine = reads;
+  try {
+    const p = await page(next);
+    if (mine !== reads) return;
+    const have = new Set(views.map((v) => v.instanceId));
+    views.push(...p.items.filter((v) => !have.has(v.instanceId)));
+    next = p.items.length ? p.next : null;
+  } catch (e) {
+    message(`Cannot read more workflows: ${e.message}`);
+  }
   render();
 }
 
@@ -88,14 +111,13 @@ function row(v) {
 }
 
 function render() {
-  const shown = views.slice(0, MAX_ROWS);
-  tbody.replaceChildren(...shown.map(row));
+  tbody.replaceChildren(...views.map(row));
   if (!views.length) {
     tbody.append(el('tr', {}, el('td', { colspan: 8, class: 'muted' }, 'No workflow matches.')));
   }
-  document.getElementById('count').textContent = views.length > MAX_ROWS
-    ? `showing the newest ${MAX_ROWS} of ${views.length}`
-    : `${views.length} workflow${views.length === 1 ? '' : 's'}`;
+  more.hidden = !next;
+  document.getElementById('count').textContent =
+    `${views.length}${next ? '+' : ''} workflow${views.length === 1 ? '' : 's'}`;
 }
 
 const later = debounce(render, 100);
@@ -110,10 +132,12 @@ function follow() {
 form.addEventListener('change', () => {
   const q = new URLSearchParams(Object.entries(filters()).filter(([, v]) => v));
   history.replaceState(null, '', `${location.pathname}${q.toString() ? `?${q}` : ''}`);
+  views = [];
   load();
   follow();
 });
 form.addEventListener('submit', (ev) => ev.preventDefault());
+more.addEventListener('click', older);
 
 async function start() {
   const params = new URLSearchParams(location.search);

@@ -36,6 +36,11 @@ NAP_GRAPH = {
     ],
 }
 
+QUICK_GRAPH = {
+    "injectableName": "UI.Check.Quick",
+    "tasks": [{"label": "quick", "taskName": "Task.Noop"}],
+}
+
 FAIL_GRAPH = {
     "injectableName": "UI.Check.Fail",
     "tasks": [
@@ -160,9 +165,13 @@ def expect_state(page, label, state, timeout, why):
 
 
 def check(api, b, base):
-    for g in (NAP_GRAPH, FAIL_GRAPH):
+    for g in (NAP_GRAPH, FAIL_GRAPH, QUICK_GRAPH):
         api.must("PUT", "/api/2.0/workflows/graphs", g)
     api.call("POST", "/api/2.0/nodes", {"id": "ui-xss", "name": XSS_NAME})
+    # More workflows than the workflows page shows at once (200); the ones created below
+    # are newer, so they stay on its first page.
+    for _ in range(205):
+        api.must("POST", "/api/2.0/workflows", {"name": "UI.Check.Quick"})
     failed = api.run("UI.Check.Fail", "ui-xss")
     api.wait(failed, ended)
 
@@ -270,6 +279,21 @@ def check(api, b, base):
     if XSS_ERROR not in row.text_content():
         raise Failure(f"the failed workflow's error should show as text: {row.text_content()!r}")
     step("the workflows page filters by node, status and graph")
+
+    quick = b.page(f"{base}/ui/workflows?graph=UI.Check.Quick")
+    rows = quick.locator("#workflows tbody tr[data-id]")
+    try:
+        expect(rows).to_have_count(200, timeout=10_000)
+        expect(quick.locator("#more")).to_be_visible()
+        quick.click("#more")
+        expect(rows).to_have_count(205, timeout=10_000)
+        expect(quick.locator("#more")).to_be_hidden()
+    except AssertionError:
+        raise Failure(f"205 workflows of UI.Check.Quick should show 200, then all 205 after "
+                      f"'Show older'; the page shows {rows.count()} "
+                      f"({quick.locator('#count').text_content()!r})") from None
+    quick.close()
+    step("the workflows page shows 200 at a time and follows the list's next page")
 
     row.locator("a").first.click()
     lst.wait_for_url(f"**/ui/workflows/{failed}")
