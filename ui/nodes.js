@@ -35,13 +35,14 @@ function remember(view) {
 }
 
 /**
- * Reads the nodes and their workflows: every active workflow, and on the first load the
- * newest thousand too, so that a node whose install ended shows how it ended.
+ * Reads every node (every page) and their workflows: every active workflow, and on the
+ * first load the newest thousand too, so that a node whose install ended shows how it
+ * ended.
  */
 async function load(first) {
   try {
     const [list, active, recent] = await Promise.all([
-      api('/nodes'),
+      all(`/nodes?$top=${PAGE}`, 100_000),
       all(`/workflows?active=true&$top=${PAGE}`),
       first ? page(`/workflows?$top=${PAGE}`).then((p) => p.items) : [],
     ]);

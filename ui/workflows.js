@@ -3,8 +3,8 @@
 // the page's URL, so a filtered list can be shared.
 
 import {
-  api, badge, between, clock, debounce, duration, el, message, page, progress, subscribe,
-  workflowHref,
+  all, api, badge, between, clock, debounce, duration, el, message, page, progress,
+  subscribe, workflowHref,
 } from './common.js';
 
 /** Rows per page; "Show older" reads the next one. */
@@ -142,7 +142,10 @@ more.addEventListener('click', older);
 async function start() {
   const params = new URLSearchParams(location.search);
   try {
-    const [graphs, nodes] = await Promise.all([api('/workflows/graphs'), api('/nodes')]);
+    const [graphs, nodes] = await Promise.all([
+      api('/workflows/graphs'),
+      all('/nodes?$top=1000', 100_000),
+    ]);
     options(form.elements.graph, graphs.map((g) => [g.injectableName, g.injectableName]));
     for (const n of nodes) names.set(n.id, n.name || n.id);
     options(form.elements.node, nodes.map((n) => [n.id, n.name && n.name !== n.id ? `${n.name} (${n.id})` : n.id]));

@@ -168,6 +168,9 @@ def check(api, b, base):
     for g in (NAP_GRAPH, FAIL_GRAPH, QUICK_GRAPH):
         api.must("PUT", "/api/2.0/workflows/graphs", g)
     api.call("POST", "/api/2.0/nodes", {"id": "ui-xss", "name": XSS_NAME})
+    # More nodes than a page of the node list holds by default (100).
+    for i in range(120):
+        api.call("POST", "/api/2.0/nodes", {"id": f"ui-bulk-{i:03}", "name": f"ui-bulk-{i:03}"})
     # More workflows than the workflows page shows at once (200); the ones created below
     # are newer, so they stay on its first page.
     for _ in range(205):
@@ -186,7 +189,12 @@ def check(api, b, base):
         except AssertionError:
             shown = nodes.locator("#nodes tbody .name").all_text_contents()
             raise Failure(f"the nodes page does not show {name}; it shows {shown}") from None
-    step("the nodes page lists all 8 demo nodes")
+    try:
+        expect(nodes.locator('tr[data-node="ui-bulk-119"]')).to_have_count(1, timeout=10_000)
+    except AssertionError:
+        raise Failure("the nodes page should show every node, past the node list's first "
+                      f"page: {nodes.locator('#nodes tbody tr').count()} rows") from None
+    step("the nodes page lists all 8 demo nodes, and 120 more")
     xss = nodes.locator('tr[data-node="ui-xss"]')
     expect(xss).to_have_attribute("data-status", "failed", timeout=10_000)
     shown = xss.locator(".name").text_content()
