@@ -8,6 +8,9 @@
 #   - sushy-tools in a Python venv: the stateful Redfish BMC emulator
 #     (tasks/tests/bmc_redfish.rs). Its dependency `bcrypt` also writes the htpasswd file
 #     for the Basic-auth tests.
+#   - Debian's chromium and Playwright for Python in the same venv: the web view's
+#     browser tests (tests/ui.rs) and its screenshots (scripts/ui-screenshots.sh).
+#     Playwright drives /usr/bin/chromium; its own browser download is never used.
 #
 # The venv lives under ${METALGRAPH_PEERS:-$HOME/.cache/metalgraph-peers}; the tests look
 # there (or wherever METALGRAPH_PEERS points).
@@ -20,6 +23,7 @@ need_apt=""
 command -v ipmi_sim >/dev/null 2>&1 || need_apt="$need_apt openipmi"
 command -v ipmitool >/dev/null 2>&1 || need_apt="$need_apt ipmitool"
 command -v openssl >/dev/null 2>&1 || need_apt="$need_apt openssl"
+[ -x /usr/bin/chromium ] || need_apt="$need_apt chromium"
 command -v python3 >/dev/null 2>&1 || need_apt="$need_apt python3"
 # The venv module is a separate package on Debian; probe it rather than guess.
 if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
@@ -69,6 +73,16 @@ else
     echo "install-peers: installing prometheus_client into $VENV"
     "$VENV/bin/pip" install -q --disable-pip-version-check prometheus_client
 fi
+# The web view's browser tests: Playwright's Python package (its wheel carries the driver
+# it runs), pointed at Debian's chromium by the tests, so no browser is downloaded.
+if "$VENV/bin/python" -c 'import playwright.sync_api' >/dev/null 2>&1; then
+    echo "install-peers: playwright already installed in $VENV"
+else
+    echo "install-peers: installing playwright into $VENV"
+    PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 "$VENV/bin/pip" install -q --disable-pip-version-check playwright
+fi
+echo "  chromium        /usr/bin/chromium ($(/usr/bin/chromium --version 2>/dev/null | head -n1))"
+echo "  playwright      $VENV ($("$VENV/bin/pip" show playwright 2>/dev/null | sed -n 's/^Version: //p'))"
 if [ -x "$PEERS/npm-tools/node_modules/.bin/buf" ]; then
     echo "install-peers: buf already installed"
 elif command -v npm >/dev/null 2>&1; then

@@ -543,6 +543,57 @@ async fn a_small_graph_runs_to_success() {
     assert_eq!(h.wait_for(&id, is_terminal).await["status"], "succeeded");
 }
 
+/// A workflow's tasks show what they wait for as the graph wrote it, and when they ran:
+/// what a client needs to draw the workflow's graph and its timing.
+#[tokio::test]
+async fn workflow_views_show_each_tasks_wait_and_timing() {
+    let h = harness().await;
+    let waits = [
+        ("a", json!({})),
+        ("b", json!({"a": "succeeded"})),
+        ("c", json!({"a": ["failed", "timeout"]})),
+        (
+            "d",
+            json!({"b": "finished", "anyOf": {"c": "succeeded", "a": "skipped"}}),
+        ),
+    ];
+    let tasks: Vec<Value> = waits
+        .iter()
+        .map(|(label, wait)| {
+            let mut t = json!({"label": label, "taskName": "Test.Noop"});
+            if wait.as_object().is_some_and(|w| !w.is_empty()) {
+                t["waitOn"] = wait.clone();
+            }
+            t
+        })
+        .collect();
+    h.put_graph(&json!({"injectableName": "Graph.Test.Waits", "tasks": tasks}))
+        .await;
+    let id = h
+        .run("/api/2.0/workflows", &json!({"name": "Graph.Test.Waits"}))
+        .await;
+    let view = h.wait_for(&id, is_terminal).await;
+    assert_eq!(view["status"], "succeeded", "{view}");
+    for (i, (label, wait)) in waits.iter().enumerate() {
+        let task = &view["tasks"][i];
+        assert_eq!(task["label"], *label, "{view}");
+        assert_eq!(task["waitOn"], *wait, "task {label}: {task}");
+        assert_eq!(task["taskName"], "Test.Noop", "task {label}: {task}");
+    }
+    // `c` could never start (a succeeded): it was skipped, never started.
+    assert_eq!(view["tasks"][2]["state"], "skipped", "{view}");
+    assert!(view["tasks"][2]["startedAt"].is_null(), "{view}");
+    let a = &view["tasks"][0];
+    for field in ["startedAt", "finishedAt"] {
+        let at = a[field].as_str().unwrap_or_default();
+        assert!(
+            at.len() == 24 && at.ends_with('Z'),
+            "{field} of task a is RFC 3339 with milliseconds: {a}"
+        );
+    }
+    assert!(a["startedAt"].as_str() <= a["finishedAt"].as_str(), "{a}");
+}
+
 #[tokio::test]
 async fn run_requests_are_checked() {
     let h = harness().await;

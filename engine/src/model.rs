@@ -174,6 +174,17 @@ pub enum WaitState {
 }
 
 impl WaitState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaitState::Succeeded => "succeeded",
+            WaitState::Failed => "failed",
+            WaitState::Timeout => "timeout",
+            WaitState::Cancelled => "cancelled",
+            WaitState::Skipped => "skipped",
+            WaitState::Finished => "finished",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "succeeded" => WaitState::Succeeded,
@@ -216,6 +227,28 @@ impl WaitOn {
             .iter()
             .chain(self.any.iter())
             .map(|(l, _)| l.as_str())
+    }
+
+    /// The wait as a graph writes it: `{label: state}`, a list where an entry accepts
+    /// several states, and the `any` entries under `anyOf`. Parsing this gives the same
+    /// wait back.
+    pub fn to_graph_form(&self) -> Map<String, Value> {
+        fn entries(list: &[(String, Vec<WaitState>)]) -> Map<String, Value> {
+            list.iter()
+                .map(|(label, states)| {
+                    let v = match states.as_slice() {
+                        [one] => Value::from(one.as_str()),
+                        many => many.iter().map(|s| Value::from(s.as_str())).collect(),
+                    };
+                    (label.clone(), v)
+                })
+                .collect()
+        }
+        let mut out = entries(&self.all);
+        if !self.any.is_empty() {
+            out.insert("anyOf".to_owned(), Value::Object(entries(&self.any)));
+        }
+        out
     }
 
     /// Whether some entry naming `label` accepts `state` (so a failure of `label` in that
@@ -405,6 +438,22 @@ mod tests {
             let got = parse_duration(input).ok().map(|d| d.as_millis() as u64);
             assert_eq!(got, want, "{input:?}");
         }
+    }
+
+    #[test]
+    fn waits_read_back_as_graphs_write_them() {
+        let w = WaitOn {
+            all: vec![
+                ("a".into(), vec![WaitState::Succeeded]),
+                ("b".into(), vec![WaitState::Failed, WaitState::Timeout]),
+            ],
+            any: vec![("c".into(), vec![WaitState::Finished])],
+        };
+        assert_eq!(
+            Value::Object(w.to_graph_form()),
+            serde_json::json!({"a": "succeeded", "b": ["failed", "timeout"], "anyOf": {"c": "finished"}})
+        );
+        assert!(WaitOn::default().to_graph_form().is_empty());
     }
 
     #[test]

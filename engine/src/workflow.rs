@@ -148,10 +148,15 @@ pub struct TaskView {
     pub label: String,
     pub task_name: String,
     pub job: String,
+    /// What the task waits for, as its graph wrote it (`{label: state}`, lists of states,
+    /// `anyOf`); empty for a task that starts at once.
+    #[serde(default)]
+    pub wait_on: Map<String, Value>,
     pub state: TaskState,
     pub attempts: u32,
     #[serde(default)]
     pub error: Option<String>,
+    /// When the current (or last) attempt started.
     #[serde(default)]
     pub started_at: Option<String>,
     #[serde(default)]
@@ -296,6 +301,7 @@ impl WorkflowView {
                     label: p.label.clone(),
                     task_name: p.task_name.clone(),
                     job: p.job.clone(),
+                    wait_on: p.wait_on.to_graph_form(),
                     state: t.state,
                     attempts: t.attempts,
                     error: t.error.as_deref().map(scrub),

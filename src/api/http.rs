@@ -31,7 +31,7 @@ use crate::hooks::HookSpec;
 
 type Result<T, E = ApiError> = std::result::Result<T, E>;
 
-/// The management API.
+/// The management API, and the web view (`/ui/`) that reads it.
 pub fn app(state: AppState) -> Router {
     let api = Router::new()
         .route("/health", get(health))
@@ -62,7 +62,8 @@ pub fn app(state: AppState) -> Router {
         .route("/hooks/{id}", get(get_hook).delete(delete_hook));
     let router = Router::new()
         .nest("/api/2.0", api)
-        .route("/metrics", get(metrics));
+        .route("/metrics", get(metrics))
+        .merge(super::ui::routes());
     finish(router, state)
 }
 

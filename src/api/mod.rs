@@ -1,5 +1,6 @@
 //! The HTTP APIs: the management API (`/api/2.0/...`, RackHD's paths) and the node-facing
-//! API on its own listener. The engine knows nothing of HTTP; this module translates.
+//! API on its own listener, and the web view (`/ui/`) on the management listener. The
+//! engine knows nothing of HTTP; this module translates.
 
 pub mod codec;
 pub mod error;
@@ -9,6 +10,7 @@ pub mod files;
 pub mod grpc;
 pub mod http;
 pub mod profiles;
+pub mod ui;
 
 use std::path::PathBuf;
 
