@@ -126,6 +126,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The store backend, `sled` or `file` (`METALGRAPH_STORE`, `--store`).
     pub store: StoreKind,
+    /// sled's page cache in MiB (`METALGRAPH_SLED_CACHE_MB`, `--sled-cache-mb`): how much
+    /// of the database sled keeps in memory. The file store keeps everything in memory.
+    pub sled_cache_mb: u64,
     /// Registers eight simulated nodes (`demo-node-01` to `demo-node-08`, driven by the
     /// simulated BMC) and turns the node-facing API on (`METALGRAPH_DEMO`, `--demo`).
     pub demo: bool,
@@ -495,6 +498,7 @@ impl Default for Config {
             metrics_listen: None,
             data_dir: PathBuf::from("./metalgraph-data"),
             store: StoreKind::Sled,
+            sled_cache_mb: metalgraph_store::OpenOptions::default().sled_cache_bytes >> 20,
             demo: false,
             log_format: LogFormat::Text,
             max_running_jobs: 256,
@@ -539,6 +543,9 @@ pub struct ServeArgs {
     /// The store backend.
     #[arg(long, value_enum)]
     pub store: Option<StoreKind>,
+    /// sled's page cache in MiB (default 1024).
+    #[arg(long, value_name = "MIB")]
+    pub sled_cache_mb: Option<u64>,
     /// Register simulated nodes and turn the node-facing API on.
     #[arg(long)]
     pub demo: bool,
@@ -619,6 +626,9 @@ impl Config {
         if let Some((v, s)) = var("STORE") {
             self.store = parse(&v, &s)?;
         }
+        if let Some((v, s)) = var("SLED_CACHE_MB") {
+            self.sled_cache_mb = parse(&v, &s)?;
+        }
         if let Some((v, s)) = var("DEMO") {
             self.demo = parse_bool(&v, &s)?;
         }
@@ -679,6 +689,9 @@ impl Config {
         if let Some(s) = flags.store {
             self.store = s;
         }
+        if let Some(mb) = flags.sled_cache_mb {
+            self.sled_cache_mb = mb;
+        }
         if flags.demo {
             self.demo = true;
         }
@@ -701,6 +714,12 @@ impl Config {
         self.limits.check()?;
         self.hooks.check()?;
         self.retention.check()?;
+        if !(8..=1 << 20).contains(&self.sled_cache_mb) {
+            return Err(Error::Field {
+                field: "sled_cache_mb",
+                message: "must be 8 to 1048576".into(),
+            });
+        }
         // A cancel request waits until the workflow's jobs have stopped, each with the
         // cancel grace; a connection must not be cut as idle or timed out meanwhile.
         for (field, limit) in [
@@ -860,6 +879,27 @@ mod tests {
             );
         }
         assert_eq!(config.retention, RetentionConfig::default());
+    }
+
+    #[test]
+    fn the_sled_cache_is_set_in_mib_within_bounds() {
+        let config = Config::load(
+            &ServeArgs::default(),
+            &env_of(&[("METALGRAPH_SLED_CACHE_MB", "64")]),
+        )
+        .unwrap();
+        assert_eq!(config.sled_cache_mb, 64);
+        assert_eq!(Config::default().sled_cache_mb, 1024);
+        let err = Config::load(
+            &ServeArgs::default(),
+            &env_of(&[("METALGRAPH_SLED_CACHE_MB", "4")]),
+        )
+        .expect_err("4 MiB")
+        .to_string();
+        assert_eq!(
+            err,
+            "config field sled_cache_mb is invalid: must be 8 to 1048576"
+        );
     }
 
     #[test]

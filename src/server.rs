@@ -291,10 +291,16 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let backend = config.store.backend();
     let dir = config.data_dir.clone();
     let shown = dir.display().to_string();
-    let store = tokio::task::spawn_blocking(move || metalgraph_store::open(backend, &dir))
-        .await
-        .context("opening the store failed")?
-        .with_context(|| format!("cannot open the {} store in {shown}", config.store.as_str()))?;
+    let options = metalgraph_store::OpenOptions {
+        sled_cache_bytes: config.sled_cache_mb << 20,
+    };
+    let store =
+        tokio::task::spawn_blocking(move || metalgraph_store::open_with(backend, &dir, &options))
+            .await
+            .context("opening the store failed")?
+            .with_context(|| {
+                format!("cannot open the {} store in {shown}", config.store.as_str())
+            })?;
     Ok(crate::metrics::MeteredStore::wrap(store))
 }
 

@@ -378,8 +378,34 @@ impl std::str::FromStr for Backend {
 
 /// Opens the chosen backend in `dir` (created if missing).
 pub fn open(backend: Backend, dir: &std::path::Path) -> Result<std::sync::Arc<dyn Store>> {
+    open_with(backend, dir, &OpenOptions::default())
+}
+
+/// How a store is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// sled's page cache, in bytes (the file store keeps everything in memory).
+    pub sled_cache_bytes: u64,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            sled_cache_bytes: sled_store::DEFAULT_CACHE_BYTES,
+        }
+    }
+}
+
+/// [`open`] with options.
+pub fn open_with(
+    backend: Backend,
+    dir: &std::path::Path,
+    options: &OpenOptions,
+) -> Result<std::sync::Arc<dyn Store>> {
     Ok(match backend {
-        Backend::Sled => std::sync::Arc::new(SledStore::open(dir)?),
+        Backend::Sled => {
+            std::sync::Arc::new(SledStore::open_with_cache(dir, options.sled_cache_bytes)?)
+        }
         Backend::File => std::sync::Arc::new(FileStore::open(dir)?),
     })
 }

@@ -57,16 +57,28 @@ impl std::fmt::Debug for SledStore {
     }
 }
 
+/// sled's own default page cache, 1 GiB.
+pub const DEFAULT_CACHE_BYTES: u64 = 1024 * 1024 * 1024;
+
 impl SledStore {
-    /// Opens (creating if needed) the sled database in `dir`.
+    /// Opens (creating if needed) the sled database in `dir`, with sled's default page cache.
     ///
     /// sled locks the directory, so a second open of the same directory fails until the
     /// first store is dropped.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// [`SledStore::open`] with a page cache of `cache_bytes` (sled's `cache_capacity`):
+    /// what it keeps of the database in memory beyond what is being written.
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Io(format!("creating sled directory {}: {e}", dir.display())))?;
         // No background flusher: every commit flushes itself.
-        let config = sled::Config::new().path(dir).flush_every_ms(None);
+        let config = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .cache_capacity(cache_bytes);
         // sled's own threads may hold the directory lock for a moment after the last handle
         // of an earlier store in this process was dropped; a reopen waits that out, briefly.
         // Another process holding the lock still fails, after that wait.
