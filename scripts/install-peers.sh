@@ -83,6 +83,14 @@ else
 fi
 echo "  chromium        /usr/bin/chromium ($(/usr/bin/chromium --version 2>/dev/null | head -n1))"
 echo "  playwright      $VENV ($("$VENV/bin/pip" show playwright 2>/dev/null | sed -n 's/^Version: //p'))"
+# The OpenAPI tests (tests/openapi.rs): openapi-spec-validator checks the documents,
+# schemathesis fuzzes both HTTP APIs against them.
+if "$VENV/bin/python" -c 'import openapi_spec_validator' >/dev/null 2>&1 && [ -x "$VENV/bin/schemathesis" ]; then
+    echo "install-peers: schemathesis and openapi-spec-validator already installed in $VENV"
+else
+    echo "install-peers: installing schemathesis and openapi-spec-validator into $VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check schemathesis openapi-spec-validator
+fi
 if [ -x "$PEERS/npm-tools/node_modules/.bin/buf" ]; then
     echo "install-peers: buf already installed"
 elif command -v npm >/dev/null 2>&1; then

@@ -67,13 +67,23 @@ impl Default for Settings {
 }
 
 /// What a client sends to register a hook.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HookSpec {
+    /// Where events are `POST`ed: an `http://` or `https://` URL with a host.
+    #[schema(
+        example = "https://receiver.example/metalgraph",
+        pattern = "^[Hh][Tt][Tt][Pp][Ss]?://",
+        max_length = 2048
+    )]
     pub url: String,
-    #[serde(default)]
+    /// Which events; every given field must match. None: every event.
+    #[serde(default, deserialize_with = "metalgraph_engine::text::object")]
     pub filters: EventFilter,
+    /// Signs each delivery (`X-Metalgraph-Signature`, hex HMAC-SHA256 of the body); 1 to
+    /// 1024 bytes. Never shown.
     #[serde(default)]
+    #[schema(write_only, min_length = 1, max_length = 1024)]
     pub secret: Option<String>,
 }
 

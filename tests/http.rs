@@ -473,6 +473,68 @@ async fn bad_bodies_get_400_413_and_415_in_the_error_shape() {
     error_of(&body, "bad_request");
 }
 
+/// serde builds a struct from a list of its fields in order; the API takes mappings only.
+/// Found by schemathesis (tests/openapi.rs): `filters: [null, null]` made a hook.
+#[tokio::test]
+async fn lists_where_mappings_belong_are_400() {
+    let h = harness().await;
+    for (method, uri, body) in [
+        (
+            "POST",
+            "/api/2.0/hooks",
+            json!({"url": "http://127.0.0.1:9/", "filters": [null, null]}),
+        ),
+        ("POST", "/api/2.0/hooks", json!(["http://127.0.0.1:9/"])),
+        ("POST", "/api/2.0/nodes", json!(["n1"])),
+        (
+            "POST",
+            "/api/2.0/nodes",
+            json!({"name": "n1", "obms": [["sim-obm-service", {}]]}),
+        ),
+        (
+            "POST",
+            "/api/2.0/nodes",
+            json!({"name": "n1", "obms": [{"service": "sim-obm-service", "config": ["sim"]}]}),
+        ),
+        ("POST", "/api/2.0/workflows", json!(["Graph.Test.Chain"])),
+        (
+            "PUT",
+            "/api/2.0/workflows/graphs",
+            json!({"injectableName": "Graph.Test.Lists", "tasks": [["only", "Test.Noop"]]}),
+        ),
+        (
+            "PUT",
+            "/api/2.0/workflows/graphs",
+            json!({"injectableName": "Graph.Test.Lists",
+                   "tasks": [{"label": "only", "taskName": "Test.Noop", "retries": [1]}]}),
+        ),
+    ] {
+        let (status, body) = h.json(method, uri, &body).await;
+        assert!(
+            status == StatusCode::BAD_REQUEST || status == StatusCode::UNPROCESSABLE_ENTITY,
+            "{method} {uri}: {status} {body}"
+        );
+    }
+    let (_, hooks) = h.get("/api/2.0/hooks").await;
+    assert_eq!(hooks, json!([]));
+    let (_, nodes) = h.get("/api/2.0/nodes").await;
+    assert_eq!(nodes, json!([]));
+}
+
+/// A PATCH without a body changes nothing (the OpenAPI document says the body is optional).
+#[tokio::test]
+async fn an_empty_patch_changes_nothing() {
+    let h = harness().await;
+    let (status, node) = h
+        .json("POST", "/api/2.0/nodes", &json!({"name": "n1"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{node}");
+    let uri = format!("/api/2.0/nodes/{}", node["id"].as_str().unwrap());
+    let (status, after) = send(&h.app, "PATCH", &uri, None, Body::empty()).await;
+    assert_eq!(status, StatusCode::OK, "{after}");
+    assert_eq!(after["name"], "n1");
+}
+
 #[tokio::test]
 async fn unknown_routes_and_methods_answer_in_the_error_shape() {
     let h = harness().await;

@@ -173,6 +173,7 @@ pub fn parse_value(value: Value, file: &str) -> Result<Definition, Problem> {
 
 /// Where a definition comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
     Library,

@@ -109,12 +109,17 @@ pub(crate) fn record(batch: &mut Batch, n: u64, ev: &Event) {
 
 /// Which events a stream or a webhook wants: every given field must match.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema, utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 #[serde(deny_unknown_fields)]
 pub struct EventFilter {
+    /// Only events of this workflow (its instanceId).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow: Option<String>,
+    /// Only events of workflows on this node (its id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// Only events of workflows of this graph (its injectableName).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub graph: Option<String>,
 }

@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 
 /// A graph definition (`Graph.*`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct GraphDefinition {
     pub injectable_name: String,
@@ -21,7 +22,9 @@ pub struct GraphDefinition {
     /// `defaults` (every task) and `<label>` (one task) option layers.
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub options: Map<String, Value>,
-    #[serde(default)]
+    /// Required: a definition without `tasks` is no graph.
+    #[serde(default, deserialize_with = "crate::text::objects")]
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub tasks: Vec<GraphTask>,
     /// A deadline for the whole workflow (`2h`), an extension beyond RackHD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -33,12 +36,17 @@ pub struct GraphDefinition {
 
 /// One task inside a graph.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct GraphTask {
     pub label: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::text::optional_object"
+    )]
     pub task_definition: Option<TaskDefinition>,
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub option_overrides: Map<String, Value>,
@@ -47,7 +55,11 @@ pub struct GraphTask {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ignore_failure: bool,
     /// Engine retries (`{max: 3, backoff: 2s}`), an extension beyond RackHD.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::text::optional_object"
+    )]
     pub retries: Option<Retries>,
     /// A per-attempt timeout (`30m`), an extension beyond RackHD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -60,6 +72,7 @@ pub struct GraphTask {
 /// `backoff` before the first retry and twice as long before each next one (capped at five
 /// minutes).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Retries {
     pub max: u32,
@@ -69,6 +82,7 @@ pub struct Retries {
 
 /// A task definition (`Task.*`): a job and its default options.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct TaskDefinition {
     #[serde(default)]
@@ -85,6 +99,7 @@ pub struct TaskDefinition {
 
 /// The state of one task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum TaskState {
     Pending,
@@ -127,6 +142,7 @@ impl std::fmt::Display for TaskState {
 
 /// The status of a workflow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum WorkflowStatus {
     Pending,

@@ -35,15 +35,22 @@ impl std::fmt::Debug for Secret {
 
 /// How a node's BMC is reached.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Obm {
-    /// `redfish-obm-service`, `ipmi-obm-service` or `sim-obm-service`.
+    /// `redfish-obm-service`, `ipmi-obm-service` or `sim-obm-service`. Another name is
+    /// stored (RackHD knows more), and a job that needs the BMC fails naming it.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(min_length = 1, example = "redfish-obm-service")
+    )]
     pub service: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::text::object")]
     pub config: ObmConfig,
 }
 
 /// An OBM's settings. `host` may be a full base URL for Redfish.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ObmConfig {
     #[serde(default)]
@@ -52,8 +59,9 @@ pub struct ObmConfig {
     pub port: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
-    /// Write-only.
+    /// Write-only: accepted and stored, never shown; views show `passwordSet` instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, write_only))]
     pub password: Option<Secret>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_id: Option<String>,
@@ -66,6 +74,7 @@ pub struct ObmConfig {
 
 /// A managed server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Node {
     pub id: String,

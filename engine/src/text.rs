@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 use std::fmt;
 
+use serde::Deserialize as _;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
@@ -258,6 +259,76 @@ impl Visitor<'_> for KeyString {
 
     fn visit_unit<E>(self) -> Result<String, E> {
         Ok("null".to_owned())
+    }
+}
+
+/// Deserializes a struct-typed field only from a mapping. serde's derived `Deserialize`
+/// also builds a struct from a list of its fields in order (`filters: [null, null]`, an OBM
+/// as `["sim-obm-service", {}]`), which no caller means and no schema of ours allows; fields
+/// of struct type that come from outside take this (`#[serde(deserialize_with = ...)]`).
+pub fn object<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: de::DeserializeOwned,
+{
+    let value = Value::deserialize(d)?;
+    checked_object(value)
+}
+
+/// [`object`] for an optional field: null or absent is none.
+pub fn optional_object<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: de::DeserializeOwned,
+{
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        value => checked_object(value).map(Some),
+    }
+}
+
+/// [`object`] for a list of structs: every item must be a mapping.
+pub fn objects<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: de::DeserializeOwned,
+{
+    let items = Vec::<Value>::deserialize(d)?;
+    items.into_iter().map(checked_object).collect()
+}
+
+/// [`objects`] for an optional list: null or absent is none.
+pub fn optional_objects<'de, D, T>(d: D) -> Result<Option<Vec<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: de::DeserializeOwned,
+{
+    match Option::<Vec<Value>>::deserialize(d)? {
+        None => Ok(None),
+        Some(items) => items
+            .into_iter()
+            .map(checked_object)
+            .collect::<Result<_, _>>()
+            .map(Some),
+    }
+}
+
+fn checked_object<T: de::DeserializeOwned, E: de::Error>(value: Value) -> Result<T, E> {
+    if !value.is_object() {
+        return Err(E::invalid_type(unexpected(&value), &"a mapping"));
+    }
+    T::deserialize(value).map_err(E::custom)
+}
+
+/// What serde calls a value in a type error.
+fn unexpected(value: &Value) -> de::Unexpected<'_> {
+    match value {
+        Value::Null => de::Unexpected::Unit,
+        Value::Bool(b) => de::Unexpected::Bool(*b),
+        Value::Number(_) => de::Unexpected::Other("a number"),
+        Value::String(s) => de::Unexpected::Str(s),
+        Value::Array(_) => de::Unexpected::Seq,
+        Value::Object(_) => de::Unexpected::Map,
     }
 }
 

@@ -27,6 +27,7 @@ pub enum StopReason {
 
 /// The subgraph relation: which task of which workflow started this one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ParentRef {
     pub workflow_id: String,
@@ -119,6 +120,7 @@ impl TaskRecord {
 
 /// A workflow as the API shows it (RackHD's field names where RackHD has them).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct WorkflowView {
     pub instance_id: String,
@@ -126,8 +128,11 @@ pub struct WorkflowView {
     #[serde(default)]
     pub node: Option<String>,
     pub status: WorkflowStatus,
+    /// The run request's option layers (`defaults`, `<label>`), secrets redacted.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = HashMap<String, Object>))]
     pub options: RunOptions,
+    /// Each succeeded task's output under its label.
     #[serde(default)]
     pub context: Map<String, Value>,
     pub created_at: String,
@@ -142,6 +147,7 @@ pub struct WorkflowView {
 
 /// A task as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct TaskView {
     pub id: String,
@@ -315,6 +321,7 @@ impl WorkflowView {
 
 /// A change the engine made, committed with it (see `events.rs`) and published after.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "kind", rename_all = "camelCase")]
 pub enum Event {
     #[serde(rename_all = "camelCase")]

@@ -10,7 +10,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use metalgraph_engine::definitions::{self, Problem, Problems};
 use metalgraph_engine::nodes;
+use serde::Serialize;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 /// An error answered to an API client.
 #[derive(Debug)]
@@ -131,15 +133,36 @@ impl From<nodes::Error> for ApiError {
     }
 }
 
+/// The body of every error response: `{"error": {"code", "message", "details"}}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorInfo,
+}
+
+/// What went wrong.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorInfo {
+    /// A stable, snake_case word clients can match on (`bad_request`, `not_found`,
+    /// `conflict`, `invalid_definition`, ...).
+    #[schema(example = "not_found")]
+    pub code: String,
+    /// What is at fault, naming the graph, task label, field or node.
+    pub message: String,
+    /// Problems with a definition, each naming its graph, task label and field; empty
+    /// otherwise.
+    #[schema(value_type = Vec<Object>)]
+    pub details: Vec<Value>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({
-            "error": {
-                "code": self.code,
-                "message": self.message,
-                "details": self.details,
-            }
-        });
+        let body = ErrorBody {
+            error: ErrorInfo {
+                code: self.code.to_owned(),
+                message: self.message,
+                details: self.details,
+            },
+        };
         (self.status, Json(body)).into_response()
     }
 }

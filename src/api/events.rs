@@ -20,7 +20,26 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::AppState;
 use super::extract::Query;
 
-/// The event stream.
+/// Every committed workflow and task change as Server-Sent Events, in commit order.
+///
+/// Each event has an `id:` (`{log}-{number}`), an `event:` (`workflow` or `task`) and
+/// `data:`, one JSON `Event`. A client that reconnects with `Last-Event-ID` gets every
+/// retained event after it, then the live ones. The stream does not end.
+#[utoipa::path(
+    get,
+    path = "/events",
+    tag = "events",
+    params(
+        EventFilter,
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event"),
+    ),
+    responses((
+        status = 200,
+        description = "An endless `text/event-stream`; each event's data is an `Event`",
+        body = String,
+        content_type = "text/event-stream"
+    ))
+)]
 pub async fn events(
     State(s): State<AppState>,
     Query(filter): Query<EventFilter>,

@@ -83,12 +83,19 @@ impl FromRequest<AppState> for Body {
     }
 }
 
-/// Decodes a body into a request type; a mismatch is a 400 naming what was expected.
+/// Decodes a body, a mapping (or nothing, read as an empty one), into a request type; a
+/// mismatch is a 400 naming what was expected.
 pub fn decode<T: DeserializeOwned>(value: Value, what: &str) -> Result<T, ApiError> {
-    let value = if value.is_null() {
-        Value::Object(Default::default())
-    } else {
-        value
+    let value = match value {
+        Value::Null => Value::Object(Default::default()),
+        // serde would build a struct from a list of its fields in order; a body is a mapping.
+        Value::Object(_) => value,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "invalid {what}: expected a mapping, got {}",
+                metalgraph_engine::job::json_kind(&other)
+            )));
+        }
     };
     serde_json::from_value(value).map_err(|e| ApiError::bad_request(format!("invalid {what}: {e}")))
 }

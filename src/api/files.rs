@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 use tokio_util::io::ReaderStream;
 
+use super::error::ErrorBody;
 use super::extract::Path as PathParam;
 use super::{ApiError, AppState};
 
@@ -153,7 +154,29 @@ fn content_type(path: &Path) -> &'static str {
     }
 }
 
-/// `GET` and `HEAD /files/{*path}`.
+/// A file of the files directory, whole or one byte range.
+#[utoipa::path(
+    get,
+    path = "/files/{path}",
+    tag = "node-facing",
+    params(
+        ("path" = String, Path, description = "The file's path inside the files directory (slashes allowed)", example = "rocky9.iso"),
+        ("Range" = Option<String>, Header, description = "One byte range: `bytes=a-b`, `bytes=a-` or `bytes=-n`", example = "bytes=0-1023"),
+    ),
+    responses(
+        (status = 200, description = "The whole file. Its `Content-Type` follows its extension: \
+            `application/x-iso9660-image` (.iso), `text/plain` (.txt, .ks, .cfg, .ipxe, .sh, ...), \
+            `application/json`, `application/yaml`, else `application/octet-stream`",
+            body = Vec<u8>, content_type = "*/*",
+            headers(("Accept-Ranges" = String), ("Content-Length" = u64))),
+        (status = 206, description = "The requested range, typed as the whole file", body = Vec<u8>, content_type = "*/*",
+            headers(("Content-Range" = String, description = "`bytes a-b/len`"))),
+        (status = 403, description = "The path leads outside the files directory", body = ErrorBody),
+        (status = 404, description = "No files directory, or no such file", body = ErrorBody),
+        (status = 416, description = "The range lies outside the file", body = ErrorBody,
+            headers(("Content-Range" = String, description = "`bytes */len`"))),
+    )
+)]
 pub async fn serve_file(
     State(s): State<AppState>,
     method: Method,
@@ -214,6 +237,34 @@ pub async fn serve_file(
         );
     }
     Ok(resp)
+}
+
+/// A file's length and type without its bytes (axum would answer `HEAD` through the `GET`
+/// route anyway; this one exists to document it).
+#[utoipa::path(
+    head,
+    path = "/files/{path}",
+    tag = "node-facing",
+    params(
+        ("path" = String, Path, description = "The file's path inside the files directory (slashes allowed)"),
+        ("Range" = Option<String>, Header, description = "One byte range"),
+    ),
+    responses(
+        (status = 200, description = "The file exists; `Content-Length` is its size",
+            headers(("Accept-Ranges" = String), ("Content-Length" = u64))),
+        (status = 206, description = "The requested range exists", headers(("Content-Range" = String))),
+        (status = 403, description = "The path leads outside the files directory"),
+        (status = 404, description = "No files directory, or no such file"),
+        (status = 416, description = "The range lies outside the file"),
+    )
+)]
+pub async fn head_file(
+    state: State<AppState>,
+    method: Method,
+    headers: HeaderMap,
+    path: PathParam<String>,
+) -> Result<Response, ApiError> {
+    serve_file(state, method, headers, path).await
 }
 
 fn header_value(s: &str) -> HeaderValue {

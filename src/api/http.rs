@@ -14,57 +14,78 @@ use axum::extract::{DefaultBodyLimit, OriginalUri, Request, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse as _, Response};
-use axum::routing::{get, post, put};
+use axum::routing::get;
 use metalgraph_engine::definitions::{self, Source};
 use metalgraph_engine::job::json_kind;
-use metalgraph_engine::model::{Definition, RunOptions};
+use metalgraph_engine::model::{Definition, GraphDefinition, RunOptions, TaskDefinition};
 use metalgraph_engine::nodes::{Node, NodeFilter, Obm};
 use metalgraph_engine::template::{self, Renderer};
+use metalgraph_engine::text;
 use metalgraph_engine::{ListFilter, Page, RunRequest, WorkflowStatus, WorkflowView};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tracing::debug;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use super::error::ErrorBody;
 use super::extract::{Body, Path, Query, decode};
 use super::{ApiError, AppState, files};
 use crate::hooks::HookSpec;
 
 type Result<T, E = ApiError> = std::result::Result<T, E>;
 
-/// The management API, and the web view (`/ui/`) that reads it.
-pub fn app(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/health", get(health))
-        .route("/events", get(super::events::events))
-        .route("/workflows/graphs", get(list_graphs).put(put_graph))
-        .route(
-            "/workflows/graphs/{name}",
-            get(get_graph).delete(delete_graph),
-        )
-        .route("/workflows/tasks", get(list_tasks).put(put_task))
-        .route("/workflows/tasks/{name}", get(get_task).delete(delete_task))
-        .route("/workflows", get(list_workflows).post(run_workflow))
-        .route("/workflows/{id}", get(get_workflow).delete(delete_workflow))
-        .route("/workflows/{id}/action", put(workflow_action))
-        .route("/nodes", get(list_nodes).post(create_node))
-        .route(
-            "/nodes/{id}",
-            get(get_node).patch(patch_node).delete(delete_node),
-        )
-        .route(
-            "/nodes/{id}/workflows",
-            post(run_on_node).get(list_node_workflows),
-        )
-        .route("/nodes/{id}/obm", get(get_obm).put(put_obm))
-        .route("/nodes/{id}/catalogs", get(list_catalogs))
-        .route("/nodes/{id}/catalogs/{source}", get(get_catalog))
-        .route("/hooks", get(list_hooks).post(create_hook))
-        .route("/hooks/{id}", get(get_hook).delete(delete_hook));
-    let router = Router::new()
+/// The management API's routes, each from a handler's `#[utoipa::path]`: the router and
+/// the OpenAPI document (`openapi::management`) are built from this one list, so every
+/// route is documented. Paths are relative to `/api/2.0` except `/metrics`.
+pub(crate) fn management_routes() -> OpenApiRouter<AppState> {
+    let api = OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(super::openapi::openapi_json))
+        .routes(routes!(super::events::events))
+        .routes(routes!(list_graphs, put_graph))
+        .routes(routes!(get_graph, delete_graph))
+        .routes(routes!(list_tasks, put_task))
+        .routes(routes!(get_task, delete_task))
+        .routes(routes!(list_workflows, run_workflow))
+        .routes(routes!(get_workflow, delete_workflow))
+        .routes(routes!(workflow_action))
+        .routes(routes!(list_nodes, create_node))
+        .routes(routes!(get_node, patch_node, delete_node))
+        .routes(routes!(run_on_node, list_node_workflows))
+        .routes(routes!(get_obm, put_obm))
+        .routes(routes!(list_catalogs))
+        .routes(routes!(get_catalog))
+        .routes(routes!(list_hooks, create_hook))
+        .routes(routes!(get_hook, delete_hook));
+    OpenApiRouter::new()
         .nest("/api/2.0", api)
-        .route("/metrics", get(metrics))
-        .merge(super::ui::routes());
-    finish(router, state)
+        .routes(routes!(metrics))
+}
+
+/// The node-facing API's routes, from one list like [`management_routes`].
+pub(crate) fn node_routes() -> OpenApiRouter<AppState> {
+    let api = OpenApiRouter::new()
+        // GET too: stock iPXE cannot POST (its `param` command is not built in by default),
+        // so a profile script reports with GET.
+        .routes(routes!(notification_post, notification_get))
+        .routes(routes!(super::profiles::profiles))
+        .routes(routes!(template));
+    let router = OpenApiRouter::new().nest("/api/2.0", api);
+    // `/files/{*path}` is axum's catch-all, which OpenAPI writes `/files/{path}`.
+    super::openapi::route_catch_all(
+        router,
+        "/files/{*path}",
+        routes!(files::serve_file, files::head_file),
+    )
+}
+
+/// The management API, and the web view (`/ui/`) that reads it. The web view's pages and
+/// modules are not API and are left out of the document.
+pub fn app(state: AppState) -> Router {
+    let api: Router<AppState> = management_routes().into();
+    finish(api.merge(super::ui::routes()), state)
 }
 
 /// A router serving only `GET /metrics`, for a listener of its own (`metrics_listen`).
@@ -72,7 +93,18 @@ pub fn metrics_app(state: AppState) -> Router {
     finish(Router::new().route("/metrics", get(metrics)), state)
 }
 
-/// `GET /metrics`: the process's metrics, OpenMetrics text.
+/// The process's metrics, OpenMetrics text (docs/metrics.md).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "system",
+    responses((
+        status = 200,
+        description = "Every metric of the process",
+        body = String,
+        content_type = "application/openmetrics-text"
+    ))
+)]
 async fn metrics() -> Response {
     (
         [(
@@ -87,16 +119,7 @@ async fn metrics() -> Response {
 /// The node-facing API: what booting nodes and their installers call. `/files/...` serves
 /// the files directory; `/api/2.0/templates/{name}` renders a template for a node.
 pub fn node_app(state: AppState) -> Router {
-    let api = Router::new()
-        // GET too: stock iPXE cannot POST (its `param` command is not built in by default),
-        // so a profile script reports with GET.
-        .route("/notification", post(notification).get(notification))
-        .route("/profiles", get(super::profiles::profiles))
-        .route("/templates/{name}", get(template));
-    let router = Router::new()
-        .nest("/api/2.0", api)
-        .route("/files/{*path}", get(files::serve_file));
-    finish(router, state)
+    finish(node_routes().into(), state)
 }
 
 /// The layers both routers share: JSON fallbacks, the body limit and request logging.
@@ -145,10 +168,36 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 // ---------------------------------------------------------------------------------------
 // Health
 
-async fn health(State(s): State<AppState>) -> Result<Json<Value>> {
+/// `GET /health`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+struct Health {
+    /// Always `ok`: a failing engine answers 503 instead.
+    #[schema(example = "ok")]
+    status: &'static str,
+    /// The store backend (`sled`, `file`, `mem`).
+    #[schema(example = "sled")]
+    store: &'static str,
+}
+
+/// Whether the engine schedules and its store works.
+///
+/// Answered even when the listener is at its connection limit.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "system",
+    responses(
+        (status = 200, description = "The engine schedules", body = Health),
+        (status = 503, description = "The store failed under the engine; the message names the failure", body = ErrorBody),
+    )
+)]
+async fn health(State(s): State<AppState>) -> Result<Json<Health>> {
     let store = s.engine.store_backend();
     match s.engine.health() {
-        Ok(()) => Ok(Json(json!({"status": "ok", "store": store}))),
+        Ok(()) => Ok(Json(Health {
+            status: "ok",
+            store,
+        })),
         Err(why) => Err(ApiError::unavailable(format!("{why} (store {store})"))),
     }
 }
@@ -184,6 +233,14 @@ fn parse_definition(body: Value, expected: &str) -> Result<Definition> {
     definitions::parse_value(body, "request body").map_err(ApiError::invalid_one)
 }
 
+/// Every graph: the shipped library and the stored ones (a stored graph shadows a library
+/// graph of the same name). Each carries `source`: `library` or `user`.
+#[utoipa::path(
+    get,
+    path = "/workflows/graphs",
+    tag = "graphs",
+    responses((status = 200, description = "Every graph", body = Vec<GraphDefinition>))
+)]
 async fn list_graphs(State(s): State<AppState>) -> Result<Json<Vec<Value>>> {
     let graphs = s.engine.definitions().list_graphs().await?;
     Ok(Json(
@@ -194,6 +251,17 @@ async fn list_graphs(State(s): State<AppState>) -> Result<Json<Vec<Value>>> {
     ))
 }
 
+/// One graph, with `source`.
+#[utoipa::path(
+    get,
+    path = "/workflows/graphs/{name}",
+    tag = "graphs",
+    params(("name" = String, Path, description = "The graph's injectableName", example = "Graph.Noop")),
+    responses(
+        (status = 200, description = "The graph", body = GraphDefinition),
+        (status = 404, description = "No graph has this name", body = ErrorBody),
+    )
+)]
 async fn get_graph(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>> {
     match s.engine.definitions().get_graph(&name).await? {
         Some((g, src)) => Ok(Json(with_source(g, src))),
@@ -201,6 +269,25 @@ async fn get_graph(State(s): State<AppState>, Path(name): Path<String>) -> Resul
     }
 }
 
+/// Stores a graph (creating or replacing it by `injectableName`), after validating it.
+///
+/// A field `source` in the body is ignored, so that a graph fetched from the API can be
+/// stored unchanged.
+#[utoipa::path(
+    put,
+    path = "/workflows/graphs",
+    tag = "graphs",
+    request_body(content = GraphDefinition, description = "A graph definition"),
+    responses(
+        (status = 200, description = "A stored graph of this name was replaced", body = GraphDefinition),
+        (status = 201, description = "The graph was created", body = GraphDefinition, links(
+            ("get" = (operation_id = "get_graph", parameters(("name" = "$response.body#/injectableName")))),
+            ("delete" = (operation_id = "delete_graph", parameters(("name" = "$response.body#/injectableName")))),
+        )),
+        (status = 400, description = "The body is empty, not a graph (a task definition), or malformed", body = ErrorBody),
+        (status = 422, description = "The graph is invalid; `details` has one entry per problem, naming graph, task label and field", body = ErrorBody),
+    )
+)]
 async fn put_graph(
     State(s): State<AppState>,
     Body(body): Body,
@@ -235,11 +322,30 @@ fn created_or_ok(existed: bool) -> StatusCode {
     }
 }
 
+/// Deletes a stored graph.
+#[utoipa::path(
+    delete,
+    path = "/workflows/graphs/{name}",
+    tag = "graphs",
+    params(("name" = String, Path, description = "The graph's injectableName", example = "Graph.Noop")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No stored graph has this name", body = ErrorBody),
+        (status = 409, description = "The graph is part of the shipped library", body = ErrorBody),
+    )
+)]
 async fn delete_graph(State(s): State<AppState>, Path(name): Path<String>) -> Result<StatusCode> {
     s.engine.definitions().delete_graph(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Every task definition: the shipped library and the stored ones, each with `source`.
+#[utoipa::path(
+    get,
+    path = "/workflows/tasks",
+    tag = "tasks",
+    responses((status = 200, description = "Every task definition", body = Vec<TaskDefinition>))
+)]
 async fn list_tasks(State(s): State<AppState>) -> Result<Json<Vec<Value>>> {
     let tasks = s.engine.definitions().list_tasks().await?;
     Ok(Json(
@@ -250,6 +356,17 @@ async fn list_tasks(State(s): State<AppState>) -> Result<Json<Vec<Value>>> {
     ))
 }
 
+/// One task definition, with `source`.
+#[utoipa::path(
+    get,
+    path = "/workflows/tasks/{name}",
+    tag = "tasks",
+    params(("name" = String, Path, description = "The task definition's injectableName", example = "Task.Noop")),
+    responses(
+        (status = 200, description = "The task definition", body = TaskDefinition),
+        (status = 404, description = "No task definition has this name", body = ErrorBody),
+    )
+)]
 async fn get_task(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>> {
     match s.engine.definitions().get_task(&name).await? {
         Some((t, src)) => Ok(Json(with_source(t, src))),
@@ -257,11 +374,39 @@ async fn get_task(State(s): State<AppState>, Path(name): Path<String>) -> Result
     }
 }
 
+/// Deletes a stored task definition.
+#[utoipa::path(
+    delete,
+    path = "/workflows/tasks/{name}",
+    tag = "tasks",
+    params(("name" = String, Path, description = "The task definition's injectableName", example = "Task.Noop")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No stored task definition has this name", body = ErrorBody),
+        (status = 409, description = "The task definition is part of the shipped library", body = ErrorBody),
+    )
+)]
 async fn delete_task(State(s): State<AppState>, Path(name): Path<String>) -> Result<StatusCode> {
     s.engine.definitions().delete_task(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Stores a task definition (creating or replacing it by `injectableName`).
+#[utoipa::path(
+    put,
+    path = "/workflows/tasks",
+    tag = "tasks",
+    request_body(content = TaskDefinition, description = "A task definition"),
+    responses(
+        (status = 200, description = "A stored definition of this name was replaced", body = TaskDefinition),
+        (status = 201, description = "The definition was created", body = TaskDefinition, links(
+            ("get" = (operation_id = "get_task", parameters(("name" = "$response.body#/injectableName")))),
+            ("delete" = (operation_id = "delete_task", parameters(("name" = "$response.body#/injectableName")))),
+        )),
+        (status = 400, description = "The body is empty, not a task definition (a graph), or malformed", body = ErrorBody),
+        (status = 422, description = "The definition is invalid; `details` names each problem", body = ErrorBody),
+    )
+)]
 async fn put_task(
     State(s): State<AppState>,
     Body(body): Body,
@@ -291,28 +436,40 @@ async fn put_task(
 // Workflows
 
 /// `?name=` on run requests, as RackHD accepts it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct NameQuery {
+    /// The graph to run, when the body does not name it.
     name: Option<String>,
 }
 
-/// `POST /workflows`.
-#[derive(Debug, Deserialize)]
+/// A run request, `POST /workflows`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RunBody {
+    /// The graph to run (its injectableName); else the query's `name`.
+    #[schema(example = "Graph.Noop")]
     name: Option<String>,
+    /// Option layers over the graph's: `defaults` (every task) and `<label>` (one task),
+    /// each an object of options.
     #[serde(default)]
+    #[schema(value_type = Option<HashMap<String, Object>>)]
     options: Value,
+    /// The node to run on (its id); none runs without a node.
     node: Option<String>,
 }
 
-/// `POST /nodes/{id}/workflows`: the node comes from the path.
-#[derive(Debug, Deserialize)]
+/// A run request on a node, `POST /nodes/{id}/workflows`: the node comes from the path.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NodeRunBody {
+    /// The graph to run (its injectableName); else the query's `name`.
+    #[schema(example = "Graph.Noop")]
     name: Option<String>,
+    /// Option layers over the graph's: `defaults` and `<label>`, each an object of options.
     #[serde(default)]
+    #[schema(value_type = Option<HashMap<String, Object>>)]
     options: Value,
 }
 
@@ -352,6 +509,26 @@ fn graph_name(body: Option<String>, query: Option<String>) -> Result<String> {
         .ok_or_else(|| ApiError::bad_request("field 'name' is required: the graph to run"))
 }
 
+/// Runs a graph: creates a workflow, on a node when one is named.
+#[utoipa::path(
+    post,
+    path = "/workflows",
+    tag = "workflows",
+    params(NameQuery),
+    request_body(content = Option<RunBody>, description = "What to run; may be empty when `?name=` names the graph"),
+    responses(
+        (status = 201, description = "The workflow was created and scheduled", body = WorkflowView,
+            links(
+            ("get" = (operation_id = "get_workflow", parameters(("id" = "$response.body#/instanceId")))),
+            ("cancel" = (operation_id = "workflow_action", parameters(("id" = "$response.body#/instanceId")))),
+            ("delete" = (operation_id = "delete_workflow", parameters(("id" = "$response.body#/instanceId")))),
+        )),
+        (status = 400, description = "No graph named, options that are not objects, or options the graph's tasks refuse", body = ErrorBody),
+        (status = 404, description = "The graph or the node does not exist", body = ErrorBody),
+        (status = 409, description = "The node already runs a workflow", body = ErrorBody),
+        (status = 422, description = "The graph is invalid with these options", body = ErrorBody),
+    )
+)]
 async fn run_workflow(
     State(s): State<AppState>,
     Query(q): Query<NameQuery>,
@@ -367,6 +544,26 @@ async fn run_workflow(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
+/// Runs a graph on a node (RackHD's per-node run).
+#[utoipa::path(
+    post,
+    path = "/nodes/{id}/workflows",
+    tag = "workflows",
+    params(("id" = String, Path, description = "The node's id"), NameQuery),
+    request_body(content = Option<NodeRunBody>, description = "What to run; may be empty when `?name=` names the graph"),
+    responses(
+        (status = 201, description = "The workflow was created and scheduled", body = WorkflowView,
+            links(
+            ("get" = (operation_id = "get_workflow", parameters(("id" = "$response.body#/instanceId")))),
+            ("cancel" = (operation_id = "workflow_action", parameters(("id" = "$response.body#/instanceId")))),
+            ("delete" = (operation_id = "delete_workflow", parameters(("id" = "$response.body#/instanceId")))),
+        )),
+        (status = 400, description = "No graph named, options that are not objects, or options the graph's tasks refuse", body = ErrorBody),
+        (status = 404, description = "The graph or the node does not exist", body = ErrorBody),
+        (status = 409, description = "The node already runs a workflow", body = ErrorBody),
+        (status = 422, description = "The graph is invalid with these options", body = ErrorBody),
+    )
+)]
 async fn run_on_node(
     State(s): State<AppState>,
     Path(node): Path<String>,
@@ -385,21 +582,34 @@ async fn run_on_node(
 
 /// `GET /workflows` and `GET /nodes/{id}/workflows`: filters and paging, newest first
 /// (docs/lists.md). A full page carries `Link: <...>; rel="next"` with the cursor of the next.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
+    /// `true`: only unfinished workflows; `false`: only finished ones.
     active: Option<bool>,
+    /// Only workflows of this node (its id).
     node: Option<String>,
+    /// Only workflows of this graph (its injectableName).
     graph: Option<String>,
+    /// Only workflows in this status.
+    #[param(inline)]
     status: Option<WorkflowStatus>,
+    /// Only workflows created at or after this RFC 3339 time (`2026-12-01T00:00:00Z`).
     #[serde(rename = "createdAfter")]
     created_after: Option<String>,
+    /// Only workflows created before this RFC 3339 time.
     #[serde(rename = "createdBefore")]
     created_before: Option<String>,
+    /// Matching workflows to pass over first (RackHD's paging); deep pages should follow the
+    /// cursor.
     #[serde(rename = "$skip")]
     skip: Option<usize>,
+    /// The page size.
     #[serde(rename = "$top")]
+    #[param(minimum = 1, maximum = 1000, default = 100)]
     top: Option<usize>,
+    /// Where the previous page ended: from the `Link` header.
     cursor: Option<String>,
 }
 
@@ -455,6 +665,18 @@ fn page_response<T: serde::Serialize>(uri: &Uri, page: Page<T>) -> Response {
     response
 }
 
+/// Workflows, newest first, one page, filtered (docs/lists.md).
+#[utoipa::path(
+    get,
+    path = "/workflows",
+    tag = "workflows",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "One page of workflows", body = Vec<WorkflowView>,
+            headers(("Link" = String, description = "`<...>; rel=\"next\"`: the next page, when this one is full"))),
+        (status = 400, description = "A bad filter (a time that is not RFC 3339, ...) or page ($top outside 1 to 1000, a cursor from elsewhere)", body = ErrorBody),
+    )
+)]
 async fn list_workflows(
     State(s): State<AppState>,
     OriginalUri(uri): OriginalUri,
@@ -464,7 +686,20 @@ async fn list_workflows(
     Ok(page_response(&uri, page))
 }
 
-/// `GET /nodes/{id}/workflows`: RackHD's per-node listing, with the same filters and paging.
+/// A node's workflows (RackHD's per-node listing), newest first, with the same filters and
+/// paging.
+#[utoipa::path(
+    get,
+    path = "/nodes/{id}/workflows",
+    tag = "workflows",
+    params(("id" = String, Path, description = "The node's id"), ListQuery),
+    responses(
+        (status = 200, description = "One page of the node's workflows", body = Vec<WorkflowView>,
+            headers(("Link" = String, description = "`<...>; rel=\"next\"`: the next page, when this one is full"))),
+        (status = 400, description = "A bad filter or page, or a `node` other than the path's", body = ErrorBody),
+        (status = 404, description = "No node has this id", body = ErrorBody),
+    )
+)]
 async fn list_node_workflows(
     State(s): State<AppState>,
     Path(node): Path<String>,
@@ -488,6 +723,17 @@ async fn list_node_workflows(
     Ok(page_response(&uri, page))
 }
 
+/// One workflow, with its tasks.
+#[utoipa::path(
+    get,
+    path = "/workflows/{id}",
+    tag = "workflows",
+    params(("id" = String, Path, description = "The workflow's instanceId")),
+    responses(
+        (status = 200, description = "The workflow", body = WorkflowView),
+        (status = 404, description = "No workflow has this id", body = ErrorBody),
+    )
+)]
 async fn get_workflow(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -498,17 +744,46 @@ async fn get_workflow(
     }
 }
 
+/// Deletes a finished workflow and its tasks.
+#[utoipa::path(
+    delete,
+    path = "/workflows/{id}",
+    tag = "workflows",
+    params(("id" = String, Path, description = "The workflow's instanceId")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No workflow has this id", body = ErrorBody),
+        (status = 409, description = "The workflow is unfinished, or is the subgraph of an unfinished task", body = ErrorBody),
+    )
+)]
 async fn delete_workflow(State(s): State<AppState>, Path(id): Path<String>) -> Result<StatusCode> {
     s.engine.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `PUT /workflows/{id}/action`: RackHD's `{"command": "cancel", "options": {}}`.
-#[derive(Debug, Deserialize)]
+/// `PUT /workflows/{id}/action`: RackHD's `{"command": "cancel", "options": {}}`. Other
+/// fields (RackHD's `options`) are ignored.
+#[derive(Debug, Deserialize, ToSchema)]
 struct ActionBody {
+    /// What to do: `cancel`.
+    #[schema(example = "cancel")]
     command: Option<String>,
 }
 
+/// Acts on a workflow: `{"command": "cancel"}` cancels it and its running tasks.
+#[utoipa::path(
+    put,
+    path = "/workflows/{id}/action",
+    tag = "workflows",
+    params(("id" = String, Path, description = "The workflow's instanceId")),
+    request_body(content = ActionBody, description = "The command"),
+    responses(
+        (status = 202, description = "The workflow is being cancelled", body = WorkflowView),
+        (status = 400, description = "No command, or an unknown one", body = ErrorBody),
+        (status = 404, description = "No workflow has this id", body = ErrorBody),
+        (status = 409, description = "The workflow has already finished", body = ErrorBody),
+    )
+)]
 async fn workflow_action(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -532,25 +807,30 @@ async fn workflow_action(
 // ---------------------------------------------------------------------------------------
 // Nodes
 
-/// `POST /nodes`.
-#[derive(Debug, Deserialize)]
+/// A new node, `POST /nodes`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NodeInput {
     /// A caller-chosen id; a UUID is generated when absent.
     id: Option<String>,
+    /// Every node needs a name.
+    #[schema(value_type = String, required = true, example = "rack1-u08")]
     name: Option<String>,
+    /// MAC addresses (normalised to lower case with colons) and other identifiers.
     #[serde(default)]
     identifiers: Vec<String>,
+    /// `compute` when absent.
     #[serde(rename = "type")]
     node_type: Option<String>,
     #[serde(default)]
     tags: Vec<String>,
-    #[serde(default)]
+    /// How its BMC is reached; drivers use the first.
+    #[serde(default, deserialize_with = "text::objects")]
     obms: Vec<Obm>,
 }
 
 /// `PATCH /nodes/{id}`: every field given replaces the stored one.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NodePatch {
     name: Option<String>,
@@ -558,24 +838,48 @@ struct NodePatch {
     #[serde(rename = "type")]
     node_type: Option<String>,
     tags: Option<Vec<String>>,
+    /// Replaces the OBMs; a password left out is kept only for the same BMC (host and port).
+    #[serde(default, deserialize_with = "text::optional_objects")]
     obms: Option<Vec<Obm>>,
 }
 
 /// `GET /nodes`: filters and paging, in id order (docs/lists.md).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct NodeListQuery {
+    /// Only nodes with this tag.
     tag: Option<String>,
+    /// Only nodes of this type (`compute`, ...).
     #[serde(rename = "type")]
     node_type: Option<String>,
+    /// Only nodes whose OBM has this host, as stored: a name, an address or a base URL.
     endpoint: Option<String>,
+    /// Matching nodes to pass over first (RackHD's paging); deep pages should follow the
+    /// cursor.
     #[serde(rename = "$skip")]
     skip: Option<usize>,
+    /// The page size.
     #[serde(rename = "$top")]
+    #[param(minimum = 1, maximum = 1000, default = 100)]
     top: Option<usize>,
+    /// Where the previous page ended: from the `Link` header.
     cursor: Option<String>,
 }
 
+/// Nodes in id order, one page, filtered. OBM passwords are never shown: each OBM's config
+/// has `passwordSet`.
+#[utoipa::path(
+    get,
+    path = "/nodes",
+    tag = "nodes",
+    params(NodeListQuery),
+    responses(
+        (status = 200, description = "One page of nodes", body = Vec<Node>,
+            headers(("Link" = String, description = "`<...>; rel=\"next\"`: the next page, when this one is full"))),
+        (status = 400, description = "A bad filter or page", body = ErrorBody),
+    )
+)]
 async fn list_nodes(
     State(s): State<AppState>,
     OriginalUri(uri): OriginalUri,
@@ -598,6 +902,23 @@ async fn list_nodes(
     Ok(page_response(&uri, page))
 }
 
+/// Registers a node.
+#[utoipa::path(
+    post,
+    path = "/nodes",
+    tag = "nodes",
+    request_body(content = NodeInput, description = "The node"),
+    responses(
+        (status = 201, description = "The node, as stored", body = Node, links(
+            ("get" = (operation_id = "get_node", parameters(("id" = "$response.body#/id")))),
+            ("patch" = (operation_id = "patch_node", parameters(("id" = "$response.body#/id")))),
+            ("delete" = (operation_id = "delete_node", parameters(("id" = "$response.body#/id")))),
+            ("run" = (operation_id = "run_on_node", parameters(("id" = "$response.body#/id")))),
+        )),
+        (status = 400, description = "A field breaks a node rule (no name, a control character, an OBM without service, a URL as systemId, ...)", body = ErrorBody),
+        (status = 409, description = "The id, or one of the identifiers, belongs to another node", body = ErrorBody),
+    )
+)]
 async fn create_node(
     State(s): State<AppState>,
     Body(body): Body,
@@ -617,6 +938,17 @@ async fn create_node(
     Ok((StatusCode::CREATED, Json(node.public())))
 }
 
+/// One node.
+#[utoipa::path(
+    get,
+    path = "/nodes/{id}",
+    tag = "nodes",
+    params(("id" = String, Path, description = "The node's id")),
+    responses(
+        (status = 200, description = "The node", body = Node),
+        (status = 404, description = "No node has this id", body = ErrorBody),
+    )
+)]
 async fn get_node(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>> {
     match s.engine.nodes().get(&id).await? {
         Some(n) => Ok(Json(n.public())),
@@ -624,6 +956,20 @@ async fn get_node(State(s): State<AppState>, Path(id): Path<String>) -> Result<J
     }
 }
 
+/// Changes a node: every field given replaces the stored one.
+#[utoipa::path(
+    patch,
+    path = "/nodes/{id}",
+    tag = "nodes",
+    params(("id" = String, Path, description = "The node's id")),
+    request_body(content = Option<NodePatch>, description = "The fields to replace; none changes nothing"),
+    responses(
+        (status = 200, description = "The node, as stored", body = Node),
+        (status = 400, description = "A field breaks a node rule", body = ErrorBody),
+        (status = 404, description = "No node has this id", body = ErrorBody),
+        (status = 409, description = "An identifier belongs to another node, or the node changed meanwhile", body = ErrorBody),
+    )
+)]
 async fn patch_node(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -655,11 +1001,39 @@ async fn patch_node(
     Ok(Json(node.public()))
 }
 
+/// Deletes a node that runs no workflow.
+#[utoipa::path(
+    delete,
+    path = "/nodes/{id}",
+    tag = "nodes",
+    params(("id" = String, Path, description = "The node's id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No node has this id", body = ErrorBody),
+        (status = 409, description = "The node runs a workflow", body = ErrorBody),
+    )
+)]
 async fn delete_node(State(s): State<AppState>, Path(id): Path<String>) -> Result<StatusCode> {
     s.engine.nodes().delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Registers a webhook: every matching event committed from now on is `POST`ed to `url`,
+/// in order, at least once (docs/events.md).
+#[utoipa::path(
+    post,
+    path = "/hooks",
+    tag = "hooks",
+    request_body(content = HookSpec, description = "Where to deliver, which events, and the signing secret"),
+    responses(
+        (status = 201, description = "The hook and its delivery status", body = Object, links(
+            ("get" = (operation_id = "get_hook", parameters(("id" = "$response.body#/id")))),
+            ("delete" = (operation_id = "delete_hook", parameters(("id" = "$response.body#/id")))),
+        )),
+        (status = 400, description = "Not an http(s) URL with a host, or a secret of the wrong length", body = ErrorBody),
+        (status = 409, description = "The server keeps as many hooks as it may", body = ErrorBody),
+    )
+)]
 async fn create_hook(
     State(s): State<AppState>,
     Body(body): Body,
@@ -668,14 +1042,43 @@ async fn create_hook(
     Ok((StatusCode::CREATED, Json(s.hooks.create(spec).await?)))
 }
 
+/// Every hook with its delivery status (never its secret).
+#[utoipa::path(
+    get,
+    path = "/hooks",
+    tag = "hooks",
+    responses((status = 200, description = "The hooks", body = Vec<Object>))
+)]
 async fn list_hooks(State(s): State<AppState>) -> Json<Value> {
     Json(Value::Array(s.hooks.list().await))
 }
 
+/// One hook with its delivery status.
+#[utoipa::path(
+    get,
+    path = "/hooks/{id}",
+    tag = "hooks",
+    params(("id" = String, Path, description = "The hook's id")),
+    responses(
+        (status = 200, description = "The hook", body = Object),
+        (status = 404, description = "No hook has this id", body = ErrorBody),
+    )
+)]
 async fn get_hook(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>> {
     Ok(Json(s.hooks.get(&id).await?))
 }
 
+/// Deletes a hook; its deliveries stop.
+#[utoipa::path(
+    delete,
+    path = "/hooks/{id}",
+    tag = "hooks",
+    params(("id" = String, Path, description = "The hook's id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No hook has this id", body = ErrorBody),
+    )
+)]
 async fn delete_hook(State(s): State<AppState>, Path(id): Path<String>) -> Result<StatusCode> {
     s.hooks.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -689,6 +1092,17 @@ fn public_obms(node: &Node) -> Value {
         .unwrap_or(Value::Array(Vec::new()))
 }
 
+/// A node's OBMs (passwords never shown: `passwordSet` instead).
+#[utoipa::path(
+    get,
+    path = "/nodes/{id}/obm",
+    tag = "nodes",
+    params(("id" = String, Path, description = "The node's id")),
+    responses(
+        (status = 200, description = "The node's OBMs", body = Vec<Obm>),
+        (status = 404, description = "No node has this id", body = ErrorBody),
+    )
+)]
 async fn get_obm(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>> {
     match s.engine.nodes().get(&id).await? {
         Some(n) => Ok(Json(public_obms(&n))),
@@ -696,8 +1110,21 @@ async fn get_obm(State(s): State<AppState>, Path(id): Path<String>) -> Result<Js
     }
 }
 
-/// `PUT /nodes/{id}/obm`: sets one OBM. It replaces the node's OBM with the same service,
-/// or is added after the existing ones.
+/// Sets one OBM: it replaces the node's OBM with the same service, or is added after the
+/// existing ones.
+#[utoipa::path(
+    put,
+    path = "/nodes/{id}/obm",
+    tag = "nodes",
+    params(("id" = String, Path, description = "The node's id")),
+    request_body(content = Obm, description = "The OBM; a password left out is kept only for the same BMC"),
+    responses(
+        (status = 200, description = "The node's OBMs", body = Vec<Obm>),
+        (status = 400, description = "The OBM breaks a node rule (no service, a URL as systemId, a password needed)", body = ErrorBody),
+        (status = 404, description = "No node has this id", body = ErrorBody),
+        (status = 409, description = "The node changed meanwhile", body = ErrorBody),
+    )
+)]
 async fn put_obm(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -708,6 +1135,17 @@ async fn put_obm(
     Ok(Json(public_obms(&node)))
 }
 
+/// A node's catalogs (inventory), one per source.
+#[utoipa::path(
+    get,
+    path = "/nodes/{id}/catalogs",
+    tag = "nodes",
+    params(("id" = String, Path, description = "The node's id")),
+    responses(
+        (status = 200, description = "The catalogs, each `{source, data, ...}`", body = Vec<Object>),
+        (status = 404, description = "No node has this id", body = ErrorBody),
+    )
+)]
 async fn list_catalogs(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -719,6 +1157,20 @@ async fn list_catalogs(
     Ok(Json(nodes.catalogs(&id).await?))
 }
 
+/// A node's catalog from one source (`redfish`, `pxe`, ...).
+#[utoipa::path(
+    get,
+    path = "/nodes/{id}/catalogs/{source}",
+    tag = "nodes",
+    params(
+        ("id" = String, Path, description = "The node's id"),
+        ("source" = String, Path, description = "The catalog's source", example = "redfish"),
+    ),
+    responses(
+        (status = 200, description = "The catalog", body = Object),
+        (status = 404, description = "No node has this id, or it has no catalog from this source", body = ErrorBody),
+    )
+)]
 async fn get_catalog(
     State(s): State<AppState>,
     Path((id, source)): Path<(String, String)>,
@@ -740,11 +1192,61 @@ async fn get_catalog(
 // Node-facing
 
 /// `POST /notification?nodeId=&token=`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase")]
 struct NotificationQuery {
+    /// The node calling back.
     node_id: Option<String>,
+    /// The waiting task's token (else the body's `token`).
     token: Option<String>,
+}
+
+/// An installer's completion callback: the task waiting for it (`wait.notification`)
+/// succeeds with the body (less `token`) as its output.
+///
+/// Answered only once the task's end is committed, so a 200 survives any crash.
+#[utoipa::path(
+    post,
+    path = "/notification",
+    tag = "node-facing",
+    params(NotificationQuery),
+    request_body(content = Option<Object>, description = "What the installer reports; may hold the token as `token`"),
+    responses(
+        (status = 200, description = "Delivered: `{status: delivered, task: <label>}`", body = Object),
+        (status = 400, description = "No token, or a body that is not an object", body = ErrorBody),
+        (status = 404, description = "No task waits for a notification with this token", body = ErrorBody),
+        (status = 409, description = "A task of this node waits, but the token does not match", body = ErrorBody),
+    )
+)]
+async fn notification_post(
+    state: State<AppState>,
+    query: Query<NotificationQuery>,
+    body: Body,
+) -> Result<Json<Value>> {
+    notification(state, query, body).await
+}
+
+/// The notification as `GET`, for iPXE scripts (stock iPXE cannot POST); the token comes in
+/// the query.
+#[utoipa::path(
+    get,
+    path = "/notification",
+    tag = "node-facing",
+    params(NotificationQuery),
+    responses(
+        (status = 200, description = "Delivered: `{status: delivered, task: <label>}`", body = Object),
+        (status = 400, description = "No token", body = ErrorBody),
+        (status = 404, description = "No task waits for a notification with this token", body = ErrorBody),
+        (status = 409, description = "A task of this node waits, but the token does not match", body = ErrorBody),
+    )
+)]
+async fn notification_get(
+    state: State<AppState>,
+    query: Query<NotificationQuery>,
+    body: Body,
+) -> Result<Json<Value>> {
+    notification(state, query, body).await
 }
 
 async fn notification(
@@ -785,9 +1287,11 @@ async fn notification(
 }
 
 /// `GET /templates/{name}?nodeId=`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase")]
 struct TemplateQuery {
+    /// Required: the node the template is rendered for.
     node_id: Option<String>,
 }
 
@@ -797,6 +1301,20 @@ struct TemplateQuery {
 /// `workflowId`). A template that uses `notification` while nothing waits is a 409 saying
 /// so, rather than a callback URL without a token. A printed value with a control
 /// character is a 422: it would add a line to what the node runs.
+#[utoipa::path(
+    get,
+    path = "/templates/{name}",
+    tag = "node-facing",
+    params(("name" = String, Path, description = "The template's file name in the templates directory", example = "kickstart-callback.ks"), TemplateQuery),
+    responses(
+        (status = 200, description = "The rendered template", body = String, content_type = "text/plain"),
+        (status = 400, description = "No `nodeId`", body = ErrorBody),
+        (status = 403, description = "The name leads outside the templates directory", body = ErrorBody),
+        (status = 404, description = "No templates directory, template or node of this name", body = ErrorBody),
+        (status = 409, description = "The template uses `notification`, but no task of the node waits for one", body = ErrorBody),
+        (status = 422, description = "The template does not render for this node", body = ErrorBody),
+    )
+)]
 async fn template(
     State(s): State<AppState>,
     Path(name): Path<String>,

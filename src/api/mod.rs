@@ -9,6 +9,7 @@ pub mod extract;
 pub mod files;
 pub mod grpc;
 pub mod http;
+pub mod openapi;
 pub mod profiles;
 pub mod ui;
 

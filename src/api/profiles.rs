@@ -36,7 +36,26 @@ use crate::boot::{self, BootWork, Enrolled, ProfileVars, Report};
 /// How long a machine waits before asking again when its profile is not ready.
 const RETRY_SECS: u32 = 10;
 
-/// `GET /profiles`.
+/// The iPXE script for a booting machine (see the module's documentation for which).
+///
+/// Failures after the MACs are read are answered with a script that retries, since a
+/// booting machine cannot read a JSON error.
+#[utoipa::path(
+    get,
+    path = "/profiles",
+    tag = "node-facing",
+    params(
+        ("macs" = Option<String>, Query, description = "The machine's MAC addresses, comma-separated or repeated (`${net0/mac}`); this or `mac` is required", example = "52:54:00:12:34:08"),
+        ("mac" = Option<String>, Query, description = "Another name for `macs`"),
+        ("uuid" = Option<String>, Query, description = "The SMBIOS UUID iPXE reports (`${uuid}`)"),
+        ("platform" = Option<String>, Query, description = "iPXE's `${platform}`: `pcbios`, `efi`"),
+        ("buildarch" = Option<String>, Query, description = "iPXE's `${buildarch}`: `i386`, `x86_64`, `arm64`"),
+    ),
+    responses(
+        (status = 200, description = "An iPXE script", body = String, content_type = "text/plain"),
+        (status = 400, description = "No MAC address, or a reported value that breaks iPXE's grammar", body = super::error::ErrorBody),
+    )
+)]
 pub async fn profiles(
     State(s): State<AppState>,
     Query(pairs): Query<Vec<(String, String)>>,
