@@ -308,4 +308,31 @@ async fn perfdhcp_gets_leases_from_full_mode_through_a_relay() {
             .iter()
             .all(|l| (u32::from(l.ip) >> 16) == u32::from(Ipv4Addr::new(10, 50, 0, 0)) >> 16)
     );
+
+    // The counters saw the same exchanges: every DISCOVER offered to, every REQUEST
+    // acknowledged, at least as many of each as perfdhcp got answers to.
+    let metric = |name: &str| dhcp_counter(name);
+    let (discovers, offers) = (
+        metric("dhcp_requests_total{message_type=\"discover\"}"),
+        metric("dhcp_replies_total{message_type=\"offer\"}"),
+    );
+    let (requests, acks) = (
+        metric("dhcp_requests_total{message_type=\"request\"}"),
+        metric("dhcp_replies_total{message_type=\"ack\"}"),
+    );
+    assert_eq!(offers, discovers, "{counts:?}");
+    assert_eq!(acks, requests, "{counts:?}");
+    assert!(offers >= counts[0].1 && acks >= counts[1].1, "{counts:?}");
+    assert_eq!(metric("dhcp_malformed_total"), 0);
+}
+
+/// A DHCP counter's value as network boot's metrics encode it (0 when absent).
+fn dhcp_counter(series: &str) -> u64 {
+    let mut registry = prometheus_client::registry::Registry::default();
+    metalgraph_pxe::metrics::register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
 }

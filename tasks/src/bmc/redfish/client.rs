@@ -473,8 +473,10 @@ impl Client {
             return Error::Unreachable { at, message };
         }
         // A BMC that drops the connection mid-answer (killed, rebooting) is unreachable
-        // for the caller's purposes, and worth a retry.
-        if e.is_request() || e.is_body() {
+        // for the caller's purposes, and worth a retry. reqwest reports a body cut short as
+        // a body error or, once the body passes its decoder, as a decode error; we parse
+        // JSON ourselves, so a decode error here is always the body cut short.
+        if e.is_request() || e.is_body() || e.is_decode() {
             return Error::Unreachable { at, message };
         }
         Error::Bmc { at, message }
