@@ -95,6 +95,59 @@ impl Client {
         Ok(ExitCode::SUCCESS)
     }
 
+    /// GETs a list at `path` and prints it as `output` says: the first page, or with `all`
+    /// every page (following `Link: rel="next"`). When a page is left unread, says so on
+    /// stderr, so that a reader knows the table is not everything.
+    pub async fn show_list(
+        &self,
+        path: &str,
+        all: bool,
+        shape: Shape,
+        output: Output,
+    ) -> anyhow::Result<ExitCode> {
+        let mut items = Vec::new();
+        let mut url = format!("{}/api/2.0{path}", self.server);
+        loop {
+            let resp = self
+                .http
+                .get(&url)
+                .send()
+                .await
+                .with_context(|| format!("cannot reach metalgraph at {}", self.server))?;
+            let status = resp.status();
+            let next = resp
+                .headers()
+                .get(reqwest::header::LINK)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| l.strip_prefix('<'))
+                .and_then(|l| l.split_once(">; rel=\"next\""))
+                .map(|(p, _)| format!("{}{p}", self.server));
+            let value: Value = resp
+                .json()
+                .await
+                .with_context(|| format!("cannot read the answer to GET {url}"))?;
+            if !status.is_success() {
+                bail!(describe_error(status, &value));
+            }
+            items.extend(value.as_array().cloned().unwrap_or_default());
+            match next {
+                Some(n) if all => url = n,
+                Some(_) => {
+                    print_as(output, shape, &Value::Array(items))?;
+                    use std::io::Write as _;
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "(one page of a longer list: --all shows every page, --top N more at once)"
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
+                None => break,
+            }
+        }
+        print_as(output, shape, &Value::Array(items))?;
+        Ok(ExitCode::SUCCESS)
+    }
+
     /// `graphs get NAME --format dot|mermaid`: draws the graph's tasks and `waitOn` edges.
     pub async fn draw_graph(&self, name: &str, how: Drawing) -> anyhow::Result<ExitCode> {
         let graph = self

@@ -153,8 +153,17 @@ enum TasksCmd {
 
 #[derive(Debug, Subcommand)]
 enum NodesCmd {
-    /// List nodes.
-    List,
+    /// List nodes, in id order.
+    List {
+        /// Only nodes with this tag.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Only nodes of this type.
+        #[arg(long = "type", value_name = "TYPE")]
+        node_type: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
+    },
     /// Show one node.
     Get { id: String },
     /// Register a node.
@@ -189,6 +198,34 @@ enum NodesCmd {
     Delete { id: String },
 }
 
+/// How much of a list to show.
+#[derive(Debug, clap::Args)]
+struct PageArgs {
+    /// How many to show, or with --all how many to read at once (1 to 1000; default 100,
+    /// or 1000 with --all).
+    #[arg(long, value_name = "N")]
+    top: Option<usize>,
+    /// Every page, however many there are.
+    #[arg(long)]
+    all: bool,
+}
+
+impl PageArgs {
+    /// `query` with the page size added.
+    fn query(&self, mut query: Vec<String>) -> String {
+        match (self.all, self.top) {
+            (_, Some(n)) => query.push(format!("$top={n}")),
+            (true, None) => query.push("$top=1000".to_owned()),
+            (false, None) => {}
+        }
+        if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", query.join("&"))
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum WorkflowsCmd {
     /// List workflows, newest first.
@@ -199,6 +236,14 @@ enum WorkflowsCmd {
         /// Only workflows of this node.
         #[arg(long)]
         node: Option<String>,
+        /// Only workflows of this graph.
+        #[arg(long)]
+        graph: Option<String>,
+        /// Only workflows in this status (pending, running, succeeded, failed, cancelled).
+        #[arg(long)]
+        status: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
     },
     /// Show one workflow.
     Get { id: String },
@@ -305,7 +350,21 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let c = Client::new(&remote.server)?;
             let o = view.output.unwrap_or_default();
             match action {
-                NodesCmd::List => c.show("/nodes", Shape::Nodes, o).await,
+                NodesCmd::List {
+                    tag,
+                    node_type,
+                    page,
+                } => {
+                    let mut query = Vec::new();
+                    if let Some(t) = tag {
+                        query.push(format!("tag={}", seg(&t)));
+                    }
+                    if let Some(t) = node_type {
+                        query.push(format!("type={}", seg(&t)));
+                    }
+                    let path = format!("/nodes{}", page.query(query));
+                    c.show_list(&path, page.all, Shape::Nodes, o).await
+                }
                 NodesCmd::Get { id } => {
                     c.show(&format!("/nodes/{}", seg(&id)), Shape::Node, o)
                         .await
@@ -349,20 +408,24 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let c = Client::new(&remote.server)?;
             let o = view.output.unwrap_or_default();
             match action {
-                WorkflowsCmd::List { active, node } => {
+                WorkflowsCmd::List {
+                    active,
+                    node,
+                    graph,
+                    status,
+                    page,
+                } => {
                     let mut query = Vec::new();
                     if active {
                         query.push("active=true".to_owned());
                     }
-                    if let Some(n) = node {
-                        query.push(format!("node={}", seg(&n)));
+                    for (key, value) in [("node", node), ("graph", graph), ("status", status)] {
+                        if let Some(v) = value {
+                            query.push(format!("{key}={}", seg(&v)));
+                        }
                     }
-                    let path = if query.is_empty() {
-                        "/workflows".to_owned()
-                    } else {
-                        format!("/workflows?{}", query.join("&"))
-                    };
-                    c.show(&path, Shape::Workflows, o).await
+                    let path = format!("/workflows{}", page.query(query));
+                    c.show_list(&path, page.all, Shape::Workflows, o).await
                 }
                 WorkflowsCmd::Get { id } => {
                     c.show(&format!("/workflows/{}", seg(&id)), Shape::Workflow, o)

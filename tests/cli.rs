@@ -718,3 +718,68 @@ async fn serve_with_a_closed_stdout_keeps_serving() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test]
+async fn lists_show_one_page_or_every_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, api) = setup(dir.path()).await;
+    let mut made = Vec::new();
+    for _ in 0..3 {
+        let v = api
+            .run_wait("Graph.Cli.Ok", None, json!({}), Duration::from_secs(30))
+            .await;
+        made.push(v["instanceId"].as_str().unwrap().to_owned());
+    }
+    made.reverse(); // newest first
+    let ids = |stdout: &str| -> Vec<String> {
+        serde_json::from_str::<Vec<Value>>(stdout)
+            .unwrap()
+            .iter()
+            .map(|w| w["instanceId"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let page = mg(
+        &server,
+        &[
+            "workflows",
+            "list",
+            "--graph",
+            "Graph.Cli.Ok",
+            "--top",
+            "2",
+            "-o",
+            "json",
+        ],
+    );
+    assert_eq!(page.code, 0, "{page:?}");
+    assert_eq!(ids(&page.stdout), made[..2]);
+    assert_eq!(
+        page.stderr,
+        "(one page of a longer list: --all shows every page, --top N more at once)\n"
+    );
+    // --all follows the pages: two at a time, every workflow once, in order.
+    let all = ok(
+        &server,
+        &[
+            "workflows",
+            "list",
+            "--graph",
+            "Graph.Cli.Ok",
+            "--all",
+            "--top",
+            "2",
+            "-o",
+            "json",
+        ],
+    );
+    assert_eq!(ids(&all), made);
+    let failed = ok(
+        &server,
+        &["workflows", "list", "--status", "failed", "-o", "json"],
+    );
+    assert!(ids(&failed).iter().all(|id| !made.contains(id)));
+    let gpu = ok(&server, &["nodes", "list", "--tag", "gpu", "-o", "json"]);
+    let nodes: Vec<Value> = serde_json::from_str(&gpu).unwrap();
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0]["id"], "node-a");
+}
