@@ -160,6 +160,10 @@ pub struct Config {
     /// node-facing API at `/api/2.0/templates/{name}?nodeId=ID`
     /// (`METALGRAPH_TEMPLATES_DIR`, `--templates-dir`). Off unless set.
     pub templates_dir: Option<PathBuf>,
+    /// The key that seals stored secrets (OBM passwords, webhook secrets)
+    /// (`METALGRAPH_SECRET_KEY_FILE`, `--secret-key-file`); unset: `<data_dir>/secret.key`,
+    /// created (mode 0600) on first start. Keep a copy apart from backups of the data.
+    pub secret_key_file: Option<PathBuf>,
     /// Network boot: DHCP, TFTP and the discovery of unknown machines (the `[boot]`
     /// section, `METALGRAPH_BOOT_*`, the flags of the same names). Off unless set.
     pub boot: crate::boot::BootConfig,
@@ -508,6 +512,7 @@ impl Default for Config {
             node_api_base_url: None,
             files_dir: None,
             templates_dir: None,
+            secret_key_file: None,
             boot: crate::boot::BootConfig::default(),
             limits: LimitsConfig::default(),
             hooks: HooksConfig::default(),
@@ -558,6 +563,10 @@ pub struct ServeArgs {
     /// A directory of templates rendered on the node-facing API (off by default).
     #[arg(long, value_name = "DIR")]
     pub templates_dir: Option<PathBuf>,
+    /// The key that seals stored secrets (default <data-dir>/secret.key, created on first
+    /// start).
+    #[arg(long, value_name = "FILE")]
+    pub secret_key_file: Option<PathBuf>,
     /// Network boot.
     #[command(flatten, next_help_heading = "Network boot")]
     pub boot: crate::boot::BootArgs,
@@ -659,6 +668,9 @@ impl Config {
         if let Some((_, s)) = var("TEMPLATES_DIR") {
             self.templates_dir = optional_dir(&s);
         }
+        if let Some((_, s)) = var("SECRET_KEY_FILE") {
+            self.secret_key_file = optional_dir(&s);
+        }
         self.boot.apply_env(env)?;
         self.limits.apply_env(env)?;
         self.hooks.apply_env(env)?;
@@ -703,6 +715,9 @@ impl Config {
         }
         if let Some(d) = &flags.templates_dir {
             self.templates_dir = Some(d.clone());
+        }
+        if let Some(f) = &flags.secret_key_file {
+            self.secret_key_file = Some(f.clone());
         }
         self.boot.apply_flags(&flags.boot);
         self.limits.apply_flags(&flags.limits);
@@ -768,6 +783,13 @@ impl Config {
     }
 
     /// The node-facing listener's address: the configured one, or the demo's default.
+    /// Where the secret key is: the configured file, or `secret.key` in the data directory.
+    pub fn effective_secret_key_file(&self) -> PathBuf {
+        self.secret_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("secret.key"))
+    }
+
     /// The gRPC listener: the configured one, or the demo default under `--demo`.
     pub fn effective_grpc_listen(&self) -> Option<SocketAddr> {
         self.grpc_listen.or_else(|| {

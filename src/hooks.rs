@@ -227,14 +227,26 @@ impl Hooks {
         let rows = tokio::task::spawn_blocking(move || store.scan_prefix(KEYSPACE, b""))
             .await
             .map_err(Error::from)??;
+        let sealer = self.inner.engine.sealer();
         rows.into_iter()
             .map(|(k, v)| {
-                serde_json::from_slice(&v).map_err(|e| {
+                let unreadable = |e: String| {
                     Error::Store(format!(
                         "hook {} is unreadable: {e}",
                         String::from_utf8_lossy(&k)
                     ))
-                })
+                };
+                let mut rec: HookRecord =
+                    serde_json::from_slice(&v).map_err(|e| unreadable(e.to_string()))?;
+                if let Some(secret) = &mut rec.secret
+                    && metalgraph_engine::seal::is_sealed(secret)
+                {
+                    let sealer = sealer.as_ref().ok_or_else(|| {
+                        unreadable("its secret is sealed and no key is loaded".into())
+                    })?;
+                    *secret = sealer.open(secret).map_err(unreadable)?;
+                }
+                Ok(rec)
             })
             .collect()
     }
@@ -261,7 +273,7 @@ impl Hooks {
             last_error: None,
             last_error_at: None,
         };
-        save(&self.inner.store, &rec).await?;
+        save(&self.inner, &rec).await?;
         info!(hook = %rec.id, url = %scrub(&rec.url), "webhook registered");
         let view = self.view(&rec).await;
         self.spawn(rec);
@@ -368,10 +380,15 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-async fn save(store: &Arc<dyn Store>, rec: &HookRecord) -> Result<(), Error> {
-    let store = store.clone();
+/// Stores a hook, its secret sealed when the engine has a key.
+async fn save(inner: &Inner, rec: &HookRecord) -> Result<(), Error> {
+    let store = inner.store.clone();
     let key = rec.id.as_bytes().to_vec();
-    let value = serde_json::to_vec(rec).expect("a hook serializes");
+    let mut stored = rec.clone();
+    if let (Some(secret), Some(sealer)) = (&mut stored.secret, inner.engine.sealer()) {
+        *secret = sealer.seal(secret);
+    }
+    let value = serde_json::to_vec(&stored).expect("a hook serializes");
     tokio::task::spawn_blocking(move || {
         let mut batch = Batch::new();
         batch.put(KEYSPACE, key, value);
@@ -509,7 +526,7 @@ impl Delivery {
         if !self.dirty {
             return;
         }
-        match save(&self.inner.store, &self.rec).await {
+        match save(&self.inner, &self.rec).await {
             Ok(()) => {
                 self.dirty = false;
                 self.saved_at = Instant::now();

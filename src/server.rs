@@ -83,7 +83,19 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         }
     }
 
+    let key_file = config.effective_secret_key_file();
+    let shown = key_file.display().to_string();
+    let checked = store.clone();
+    let sealer = tokio::task::spawn_blocking(move || {
+        let sealer = metalgraph_engine::seal::Sealer::load_or_create(&key_file)?;
+        metalgraph_engine::seal::check_key(checked.as_ref(), &sealer)?;
+        Ok::<_, String>(sealer)
+    })
+    .await
+    .context("loading the secret key failed")?
+    .map_err(|e| anyhow::anyhow!("secret key {shown}: {e}"))?;
     let mut opts = EngineOptions::new(store.clone(), jobs(), library);
+    opts.sealer = Some(Arc::new(sealer));
     opts.max_running_jobs = config.max_running_jobs;
     opts.cancel_grace = Duration::from_millis(config.cancel_grace_ms);
     opts.max_tasks_per_graph = config.limits.max_tasks_per_graph;

@@ -30,6 +30,7 @@ use crate::nodes::Nodes;
 use crate::notify::{Waiter, Waiters};
 use crate::retention::{Retention, Sweep, SweepState};
 use crate::scheduler::{Msg, Runtime};
+use crate::seal::Sealer;
 use crate::workflow::{
     Event, ParentRef, TaskRecord, WorkflowRecord, WorkflowView, context_of, load_records,
     write_task, write_workflow,
@@ -59,6 +60,9 @@ pub struct EngineOptions {
     pub max_tasks_per_graph: usize,
     /// Which finished workflows are removed in the background; `None` keeps them all.
     pub retention: Option<Retention>,
+    /// Seals stored secrets (OBM passwords; the binary's webhook secrets); `None` stores
+    /// them as given. `metalgraph serve` always has one (`<data-dir>/secret.key`).
+    pub sealer: Option<Arc<Sealer>>,
 }
 
 impl EngineOptions {
@@ -73,6 +77,7 @@ impl EngineOptions {
             clock: Arc::new(SystemClock),
             max_tasks_per_graph: crate::definitions::DEFAULT_MAX_TASKS_PER_GRAPH,
             retention: None,
+            sealer: None,
         }
     }
 }
@@ -108,6 +113,7 @@ struct Inner {
     waiters: Arc<Waiters>,
     shutdown: CancellationToken,
     retention: Option<Retention>,
+    sealer: Option<Arc<Sealer>>,
     /// Where the next retention sweep goes on.
     sweep: Mutex<SweepState>,
 }
@@ -157,7 +163,7 @@ impl Engine {
             .with_max_tasks(opts.max_tasks_per_graph);
         let inner = Arc::new(Inner {
             store: opts.store.clone(),
-            nodes: Nodes::new(opts.store.clone()),
+            nodes: Nodes::new(opts.store.clone()).with_sealer(opts.sealer.clone()),
             defs,
             tx,
             events,
@@ -171,6 +177,7 @@ impl Engine {
             waiters: Arc::new(Waiters::default()),
             shutdown: shutdown.clone(),
             retention: opts.retention,
+            sealer: opts.sealer.clone(),
             sweep: Mutex::new(SweepState::default()),
         });
         let engine = Engine { inner };
@@ -296,6 +303,12 @@ impl Engine {
         self.inner.recovered.cancelled().await;
         let log = self.inner.log.lock().unwrap_or_else(|p| p.into_inner());
         log.count(after, filter)
+    }
+
+    /// The key that seals stored secrets, if the engine has one; the binary seals its own
+    /// secrets (webhook secrets) with it.
+    pub fn sealer(&self) -> Option<Arc<Sealer>> {
+        self.inner.sealer.clone()
     }
 
     /// The store the engine writes to; the binary keeps keyspaces of its own in it.

@@ -9,13 +9,13 @@
 //! | `active` | workflow id | empty: the index of unfinished workflows, read on start |
 //! | `node_locks` | node id | the id of the workflow running on the node |
 //! | `children` | `{task id}/{retry}` | the id of the subgraph workflow a `graph.run` task started |
-//! | `nodes` | node id | the node record (JSON, OBM password included) |
+//! | `nodes` | node id | the node record (JSON; OBM passwords sealed when there is a key) |
 //! | `node_index` | `t/{tag}\0{id}`, `y/{type}\0{id}`, `e/{OBM host}\0{id}` | the node id |
 //! | `node_idents` | identifier (MAC) | the id of the node that owns it |
 //! | `catalogs` | `{node id}/{source}` | one inventory document (JSON) |
 //! | `workflow_index` | see `history.rs` | the id: workflows by time, node and graph |
 //! | `events` | event number (u64, big-endian) | one retained event (JSON), see `events.rs` |
-//! | `meta` | `event_log`, `workflow_index`, `node_index` | the event log's id; that an index is built |
+//! | `meta` | `event_log`, `workflow_index`, `node_index`, `seal_check` | the event log's id; that an index is built; a value sealed with the store's key |
 //!
 //! The binary keeps keyspaces of its own beside these: `leases` (MAC → a full-mode DHCP
 //! lease as JSON), written by its `BootPlanner` in `src/boot.rs`, and `hooks` (hook id → a

@@ -19,6 +19,7 @@ pub mod nodes;
 mod notify;
 pub mod retention;
 pub mod scheduler;
+pub mod seal;
 mod subgraph;
 pub mod template;
 pub mod text;

@@ -14,6 +14,7 @@ use crate::clock::now_rfc3339;
 use crate::error::blocking;
 use crate::history::{DEFAULT_PAGE, MAX_PAGE, Page, Visit, page_index};
 use crate::keys;
+use crate::seal::{self, Sealer};
 
 /// A secret string: serialised as-is (the store must keep it), but never shown by `Debug`
 /// and left out of every public view.
@@ -337,11 +338,6 @@ fn index_fields(batch: &mut Batch, old: Option<&Node>, new: Option<&Node>) {
     }
 }
 
-fn decode(k: &[u8], v: &[u8]) -> Result<Node, Error> {
-    serde_json::from_slice(v)
-        .map_err(|e| Error::Corrupt(String::from_utf8_lossy(k).into_owned(), e.to_string()))
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("node {0} not found")]
@@ -380,6 +376,8 @@ impl From<tokio::task::JoinError> for Error {
 pub struct Nodes {
     store: Arc<dyn Store>,
     cache: Arc<Mutex<Cache>>,
+    /// Seals OBM passwords before they are stored; none stores them as given.
+    sealer: Option<Arc<Sealer>>,
 }
 
 /// The nodes jobs read when they start, kept in memory so that a job's start does not wait
@@ -407,7 +405,88 @@ impl Nodes {
         Self {
             store,
             cache: Arc::default(),
+            sealer: None,
         }
+    }
+
+    /// Nodes whose OBM passwords are sealed with `sealer` in the store (`seal.rs`).
+    pub fn with_sealer(self, sealer: Option<Arc<Sealer>>) -> Self {
+        Self { sealer, ..self }
+    }
+
+    /// A node as stored: its OBM passwords sealed when there is a key.
+    fn encode(&self, node: &Node) -> Vec<u8> {
+        let Some(sealer) = &self.sealer else {
+            return serde_json::to_vec(node).unwrap_or_default();
+        };
+        let mut stored = node.clone();
+        for obm in &mut stored.obms {
+            if let Some(p) = &mut obm.config.password
+                && !seal::is_sealed(&p.0)
+            {
+                p.0 = sealer.seal(&p.0);
+            }
+        }
+        serde_json::to_vec(&stored).unwrap_or_default()
+    }
+
+    /// A stored node with its OBM passwords opened.
+    fn decode(&self, k: &[u8], v: &[u8]) -> Result<Node, Error> {
+        let id = || String::from_utf8_lossy(k).into_owned();
+        let mut node: Node =
+            serde_json::from_slice(v).map_err(|e| Error::Corrupt(id(), e.to_string()))?;
+        for obm in &mut node.obms {
+            if let Some(p) = &mut obm.config.password
+                && seal::is_sealed(&p.0)
+            {
+                let sealer = self.sealer.as_ref().ok_or_else(|| {
+                    Error::Corrupt(
+                        id(),
+                        "an OBM password is sealed and no secret key is loaded".into(),
+                    )
+                })?;
+                p.0 = sealer.open(&p.0).map_err(|e| Error::Corrupt(id(), e))?;
+            }
+        }
+        Ok(node)
+    }
+
+    /// Seals the OBM passwords of nodes stored before sealing (blocking; on start, when
+    /// there is a key). Returns how many nodes were rewritten.
+    pub(crate) fn seal_stored_blocking(&self) -> Result<usize, Error> {
+        if self.sealer.is_none() {
+            return Ok(0);
+        }
+        let mut n = 0;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .store
+                .scan(keys::NODES, Scan::prefix(b"", 500).after(after.as_deref()))?;
+            let Some((k, _)) = page.last() else { break };
+            after = Some(k.clone());
+            let mut batch = Batch::new();
+            for (k, v) in &page {
+                let stored: Node = serde_json::from_slice(v).map_err(|e| {
+                    Error::Corrupt(String::from_utf8_lossy(k).into_owned(), e.to_string())
+                })?;
+                let plain = stored
+                    .obms
+                    .iter()
+                    .filter_map(|o| o.config.password.as_ref())
+                    .any(|p| !seal::is_sealed(&p.0));
+                if plain {
+                    let node = self.decode(k, v)?;
+                    batch.require_equals(keys::NODES, k.clone(), v.clone());
+                    batch.put(keys::NODES, k.clone(), self.encode(&node));
+                    n += 1;
+                }
+            }
+            if !batch.is_empty() {
+                self.store.commit(batch)?;
+            }
+        }
+        Ok(n)
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -452,8 +531,7 @@ impl Nodes {
         match self.store.get(keys::NODES, id.as_bytes())? {
             None => Ok(None),
             Some(raw) => {
-                let node = serde_json::from_slice(&raw)
-                    .map_err(|e| Error::Corrupt(id.to_owned(), e.to_string()))?;
+                let node = self.decode(id.as_bytes(), &raw)?;
                 Ok(Some((node, raw)))
             }
         }
@@ -492,7 +570,7 @@ impl Nodes {
             f.skip,
             |k, v| {
                 let node = if keyspace == keys::NODES {
-                    Some(decode(k, v)?)
+                    Some(self.decode(k, v)?)
                 } else {
                     self.get_blocking(&String::from_utf8_lossy(v))?
                 };
@@ -525,7 +603,11 @@ impl Nodes {
             after = Some(k.clone());
             let mut batch = Batch::new();
             for (k, v) in &page {
-                index_fields(&mut batch, None, Some(&decode(k, v)?));
+                // Tags, type and hosts only: passwords stay as stored.
+                let node: Node = serde_json::from_slice(v).map_err(|e| {
+                    Error::Corrupt(String::from_utf8_lossy(k).into_owned(), e.to_string())
+                })?;
+                index_fields(&mut batch, None, Some(&node));
                 n += 1;
             }
             self.store.commit(batch)?;
@@ -564,7 +646,7 @@ impl Nodes {
         batch.require_absent(keys::NODES, node.id.as_bytes());
         self.index_identifiers(&mut batch, &node, &[])?;
         index_fields(&mut batch, None, Some(&node));
-        batch.put(keys::NODES, node.id.as_bytes(), encode(&node));
+        batch.put(keys::NODES, node.id.as_bytes(), self.encode(&node));
         match self.store.commit(batch) {
             Ok(()) => {
                 self.wrote(&node.id, Some(&node));
@@ -604,7 +686,7 @@ impl Nodes {
         batch.require_equals(keys::NODES, id.as_bytes(), raw);
         self.index_identifiers(&mut batch, &node, &old.identifiers)?;
         index_fields(&mut batch, Some(&old), Some(&node));
-        batch.put(keys::NODES, id.as_bytes(), encode(&node));
+        batch.put(keys::NODES, id.as_bytes(), self.encode(&node));
         match self.store.commit(batch) {
             Ok(()) => {
                 self.wrote(&node.id, Some(&node));
@@ -743,10 +825,6 @@ fn catalog_prefix(id: &str) -> Vec<u8> {
     let mut p = id.as_bytes().to_vec();
     p.push(b'/');
     p
-}
-
-fn encode(node: &Node) -> Vec<u8> {
-    serde_json::to_vec(node).unwrap_or_default()
 }
 
 /// The asynchronous API: each call does its store work on the blocking pool.

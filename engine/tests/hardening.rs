@@ -540,3 +540,39 @@ async fn the_task_count_limit_is_configurable() {
     }
     h.stop().await;
 }
+
+/// A store written before sealing holds OBM passwords as given; an engine with a key seals
+/// them on start, and still reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_obm_passwords_are_sealed_on_start_and_still_read() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let h = start(store.clone(), &[], |_| {});
+    let node = serde_json::from_value(json!({
+        "id": "n1", "name": "n1",
+        "obms": [{"service": "ipmi-obm-service",
+                  "config": {"host": "10.0.0.9", "user": "admin", "password": "Old-pl41n-pw"}}],
+    }))
+    .unwrap();
+    h.engine.nodes().create(node).await.unwrap();
+    h.stop().await;
+    let raw = |store: &Arc<dyn Store>| {
+        String::from_utf8(store.get(keys::NODES, b"n1").unwrap().unwrap()).unwrap()
+    };
+    assert!(
+        raw(&store).contains("Old-pl41n-pw"),
+        "written as given without a key"
+    );
+
+    let sealer = Arc::new(metalgraph_engine::seal::Sealer::new(&[9u8; 32]).unwrap());
+    let h = start(store.clone(), &[], |o| o.sealer = Some(sealer.clone()));
+    h.engine.list(&Default::default()).await.unwrap(); // recovery has run
+    let stored = raw(&store);
+    assert!(
+        !stored.contains("Old-pl41n-pw") && stored.contains("sealed:v1:"),
+        "{stored}"
+    );
+    let node = h.engine.nodes().get("n1").await.unwrap().unwrap();
+    let password = node.obms[0].config.password.as_ref().unwrap();
+    assert_eq!(password.expose(), "Old-pl41n-pw");
+    h.stop().await;
+}

@@ -138,8 +138,16 @@ impl Runtime {
     async fn recover(&mut self) -> Result<(), Error> {
         let store = self.store.clone();
         let mut extra = Batch::new();
+        let node_store = self.engine.nodes().clone();
         let (log, loaded, missing, extra) = blocking(move || {
             let log = EventLog::load(store.as_ref(), &mut extra)?;
+            let sealed = node_store.seal_stored_blocking()?;
+            if sealed > 0 {
+                info!(
+                    nodes = sealed,
+                    "sealed the OBM passwords of nodes stored before sealing"
+                );
+            }
             let (indexed, nodes) = crate::history::build_indexes(&store)?;
             if indexed + nodes > 0 {
                 info!(

@@ -1,0 +1,230 @@
+//! Secrets at rest: values such as OBM passwords are sealed (ChaCha20-Poly1305, a random
+//! 96-bit nonce each) before they are written to the store, with a 256-bit key kept in a
+//! file of its own (`<data-dir>/secret.key`, mode 0600). A copy of the data directory's
+//! store alone reveals none of them.
+//!
+//! A sealed value reads `sealed:v1:<hex of nonce, ciphertext and tag>`. Reading a value that
+//! is not sealed returns it as it is, so records written before sealing still read; the
+//! engine seals them on start.
+
+use std::io::Write as _;
+use std::path::Path;
+
+use metalgraph_store::{Batch, Store};
+use ring::aead::{self, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::keys;
+
+/// What every sealed value starts with.
+pub const PREFIX: &str = "sealed:v1:";
+
+const KEY_LEN: usize = 32;
+
+/// The key that seals and opens stored secrets.
+pub struct Sealer {
+    key: LessSafeKey,
+    rng: SystemRandom,
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sealer(<key>)")
+    }
+}
+
+impl Sealer {
+    /// A sealer with `key` (32 bytes).
+    pub fn new(key: &[u8]) -> Result<Sealer, String> {
+        let key = UnboundKey::new(&CHACHA20_POLY1305, key)
+            .map_err(|_| format!("a secret key is {KEY_LEN} bytes, not {}", key.len()))?;
+        Ok(Sealer {
+            key: LessSafeKey::new(key),
+            rng: SystemRandom::new(),
+        })
+    }
+
+    /// Reads the key file at `path`, creating it (mode 0600, 32 random bytes as hex) when
+    /// it does not exist. A key file readable by others is refused.
+    pub fn load_or_create(path: &Path) -> Result<Sealer, String> {
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        let shown = path.display();
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let mode = std::fs::metadata(path)
+                    .map_err(|e| format!("cannot read {shown}: {e}"))?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    return Err(format!(
+                        "the secret key {shown} is readable by others (mode {:o}); \
+                         chmod 600 it",
+                        mode & 0o777
+                    ));
+                }
+                let key = from_hex(text.trim()).ok_or_else(|| {
+                    format!("the secret key {shown} is not {KEY_LEN} bytes of hex")
+                })?;
+                Sealer::new(&key)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut key = [0u8; KEY_LEN];
+                SystemRandom::new()
+                    .fill(&mut key)
+                    .map_err(|_| "the system has no random numbers".to_owned())?;
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                }
+                // Created with its final mode and never replaced: a crash leaves either no
+                // file or the whole key (it is written and synced before first use).
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(|e| format!("cannot create the secret key {shown}: {e}"))?;
+                file.write_all(format!("{}\n", to_hex(&key)).as_bytes())
+                    .and_then(|()| file.sync_all())
+                    .map_err(|e| format!("cannot write the secret key {shown}: {e}"))?;
+                Sealer::new(&key)
+            }
+            Err(e) => Err(format!("cannot read the secret key {shown}: {e}")),
+        }
+    }
+
+    /// Seals `plain`.
+    pub fn seal(&self, plain: &str) -> String {
+        let mut nonce = [0u8; aead::NONCE_LEN];
+        self.rng.fill(&mut nonce).expect("random numbers");
+        let mut buf = plain.as_bytes().to_vec();
+        self.key
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut buf)
+            .expect("sealing cannot fail for a value this size");
+        let mut out = String::with_capacity(PREFIX.len() + 2 * (nonce.len() + buf.len()));
+        out.push_str(PREFIX);
+        out.push_str(&to_hex(&nonce));
+        out.push_str(&to_hex(&buf));
+        out
+    }
+
+    /// Opens a sealed value; a value that is not sealed is returned as it is.
+    pub fn open(&self, stored: &str) -> Result<String, String> {
+        let Some(hex) = stored.strip_prefix(PREFIX) else {
+            return Ok(stored.to_owned());
+        };
+        let bad = || "a sealed secret was sealed with another key, or is damaged".to_owned();
+        let bytes = from_hex(hex).ok_or_else(bad)?;
+        if bytes.len() < aead::NONCE_LEN {
+            return Err(bad());
+        }
+        let (nonce, sealed) = bytes.split_at(aead::NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| bad())?;
+        let mut buf = sealed.to_vec();
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::empty(), &mut buf)
+            .map_err(|_| bad())?;
+        String::from_utf8(plain.to_vec()).map_err(|_| bad())
+    }
+}
+
+/// The `meta` key of a value sealed with the store's key, by which a key is checked.
+const CHECK_KEY: &[u8] = b"seal_check";
+const CHECK_TEXT: &str = "metalgraph secret key check";
+
+/// Checks that `sealer` holds the key this store's secrets are sealed with (blocking), and
+/// records a check value in a store that has none yet. Run on start, before anything is
+/// read: a wrong key fails here, naming the problem, rather than in every job.
+pub fn check_key(store: &dyn Store, sealer: &Sealer) -> Result<(), String> {
+    match store
+        .get(keys::META, CHECK_KEY)
+        .map_err(|e| e.to_string())?
+    {
+        Some(v) => {
+            let stored = String::from_utf8_lossy(&v);
+            match sealer.open(&stored) {
+                Ok(text) if text == CHECK_TEXT => Ok(()),
+                _ => Err(
+                    "the secret key does not open this store's secrets: they were sealed \
+                     with another key (give the key file they were sealed with)"
+                        .into(),
+                ),
+            }
+        }
+        None => {
+            let mut batch = Batch::new();
+            batch.require_absent(keys::META, CHECK_KEY);
+            batch.put(keys::META, CHECK_KEY, sealer.seal(CHECK_TEXT).into_bytes());
+            store.commit(batch).map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// Whether `stored` is a sealed value.
+pub fn is_sealed(stored: &str) -> bool {
+    stored.starts_with(PREFIX)
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seals_opens_and_refuses_another_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret.key");
+        let a = Sealer::load_or_create(&path).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let sealed = a.seal("Pl41n-password");
+        assert!(sealed.starts_with(PREFIX) && !sealed.contains("Pl41n"));
+        assert_ne!(sealed, a.seal("Pl41n-password"), "a fresh nonce each time");
+        assert_eq!(a.open(&sealed).unwrap(), "Pl41n-password");
+        // The same file gives the same key.
+        let again = Sealer::load_or_create(&path).unwrap();
+        assert_eq!(again.open(&sealed).unwrap(), "Pl41n-password");
+        assert_eq!(a.open("not sealed").unwrap(), "not sealed");
+        let other = Sealer::new(&[7u8; 32]).unwrap();
+        assert_eq!(
+            other.open(&sealed).unwrap_err(),
+            "a sealed secret was sealed with another key, or is damaged"
+        );
+        let mut damaged = sealed.clone();
+        let last = damaged.pop().unwrap();
+        damaged.push(if last == '0' { '1' } else { '0' });
+        assert!(a.open(&damaged).is_err());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Sealer::load_or_create(&path).unwrap_err();
+        assert!(err.contains("readable by others (mode 644)"), "{err}");
+    }
+
+    #[test]
+    fn a_store_remembers_its_key() {
+        let store = metalgraph_store::MemStore::new();
+        let a = Sealer::new(&[1u8; 32]).unwrap();
+        check_key(&store, &a).unwrap();
+        check_key(&store, &a).unwrap();
+        let b = Sealer::new(&[2u8; 32]).unwrap();
+        let err = check_key(&store, &b).unwrap_err();
+        assert!(
+            err.starts_with("the secret key does not open this store's secrets"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,132 @@
+//! Secrets at rest: with the real binary on each store, a Redfish OBM password (sushy-tools
+//! with Basic auth) and a webhook secret are stored sealed — no file under the data
+//! directory holds either — yet after a restart the power graph still authenticates with
+//! the password; the key file is mode 0600, and a data directory opened with another key
+//! fails its jobs with a clear error instead of using garbage.
+//!
+//! Needs the peers from scripts/install-peers.sh.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+use support::peers::{Sushy, SushyOptions, system_uuid};
+use support::{Api, Server};
+
+const PASSWORD: &str = "Redfish-at-rest-s3cret";
+const HOOK_SECRET: &str = "Hook-at-rest-s3cret";
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Every file under `dir` that contains `needle`.
+fn files_holding(dir: &Path, needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path)
+                && bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+            {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_and_hook_secrets_are_sealed_on_disk_and_still_work() {
+    let sushy = Sushy::start(SushyOptions {
+        systems: 1,
+        instant: true,
+        auth: Some(("admin".into(), PASSWORD.into())),
+        ..SushyOptions::default()
+    })
+    .await;
+    for store in ["sled", "file"] {
+        let data = tempfile::tempdir().unwrap();
+        let server = Server::start(data.path(), store, &[]);
+        let api = Api::new(&server.base);
+        let node = api
+            .create_node(json!({
+                "name": "sealed",
+                "obms": [{"service": "redfish-obm-service", "config": {
+                    "host": sushy.base, "systemId": system_uuid(0),
+                    "user": "admin", "password": PASSWORD}}],
+            }))
+            .await;
+        let (code, hook) = api
+            .send(
+                "POST",
+                "/api/2.0/hooks",
+                Some(json!({"url": "http://127.0.0.1:9/hook", "secret": HOOK_SECRET})),
+            )
+            .await;
+        assert_eq!(code, 201, "{hook}");
+        let done = api
+            .run_wait("Graph.PowerOn.Node", Some(&node), json!({}), LIMIT)
+            .await;
+        assert_eq!(done["status"], "succeeded", "{store}: {done:#}");
+        server.terminate();
+
+        let key = data.path().join("secret.key");
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{store}");
+        for secret in [PASSWORD, HOOK_SECRET] {
+            assert_eq!(
+                files_holding(data.path(), secret),
+                Vec::<String>::new(),
+                "{store}: {secret} is readable in the data directory"
+            );
+        }
+
+        // Restarted, the engine opens the password and the BMC accepts it.
+        let server = Server::start(data.path(), store, &[]);
+        let api = Api::new(&server.base);
+        let done = api
+            .run_wait("Graph.PowerOff.Node", Some(&node), json!({}), LIMIT)
+            .await;
+        assert_eq!(done["status"], "succeeded", "{store}: {done:#}");
+        let (_, hook) = api
+            .get(&format!("/api/2.0/hooks/{}", hook["id"].as_str().unwrap()))
+            .await;
+        assert_eq!(hook["signed"], true, "{store}: {hook}");
+        server.terminate();
+
+        // Another key cannot open them: serve refuses to start, naming the problem.
+        let other = tempfile::tempdir().unwrap();
+        let other_key = other.path().join("other.key");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_metalgraph"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--store",
+                store,
+                "--data-dir",
+            ])
+            .arg(data.path())
+            .arg("--secret-key-file")
+            .arg(&other_key)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{store}: serve started with another key"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!(
+                "secret key {}: the secret key does not open this store's secrets",
+                other_key.display()
+            )),
+            "{store}: {stderr}"
+        );
+    }
+}
