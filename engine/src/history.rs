@@ -193,7 +193,7 @@ pub(crate) fn delete(store: &dyn Store, id: &str) -> Result<Vec<String>, Error> 
 /// engine does this on start; tools that write records directly call it after.
 pub fn build_indexes(store: &Arc<dyn Store>) -> Result<(usize, usize), Error> {
     let workflows = build_index(store.as_ref())?;
-    let nodes = crate::nodes::Nodes::new(store.clone()).build_index_blocking()?;
+    let (nodes, _) = crate::nodes::Nodes::new(store.clone()).migrate_blocking()?;
     Ok((workflows, nodes))
 }
 

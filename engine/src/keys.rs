@@ -15,7 +15,7 @@
 //! | `catalogs` | `{node id}/{source}` | one inventory document (JSON) |
 //! | `workflow_index` | see `history.rs` | the id: workflows by time, node and graph |
 //! | `events` | event number (u64, big-endian) | one retained event (JSON), see `events.rs` |
-//! | `meta` | `event_log`, `workflow_index`, `node_index`, `seal_check` | the event log's id; that an index is built; a value sealed with the store's key |
+//! | `meta` | `event_log`, `workflow_index`, `node_index`, `nodes_sealed`, `seal_check` | the event log's id; that an index is built, that passwords are sealed; a value sealed with the store's key |
 //!
 //! The binary keeps keyspaces of its own beside these: `leases` (MAC → a full-mode DHCP
 //! lease as JSON), written by its `BootPlanner` in `src/boot.rs`, and `hooks` (hook id → a

@@ -300,6 +300,8 @@ impl NodeFilter {
 
 /// The `meta` key that says the node index covers every node.
 const NODE_INDEX_BUILT: &[u8] = b"node_index";
+/// The `meta` key that says every stored OBM password is sealed.
+const NODES_SEALED: &[u8] = b"nodes_sealed";
 
 /// The `node_index` keys of a node's tags (`t/`), type (`y/`) and OBM hosts (`e/`):
 /// `{kind}{value}\0{id}` → the id.
@@ -451,44 +453,6 @@ impl Nodes {
         Ok(node)
     }
 
-    /// Seals the OBM passwords of nodes stored before sealing (blocking; on start, when
-    /// there is a key). Returns how many nodes were rewritten.
-    pub(crate) fn seal_stored_blocking(&self) -> Result<usize, Error> {
-        if self.sealer.is_none() {
-            return Ok(0);
-        }
-        let mut n = 0;
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = self
-                .store
-                .scan(keys::NODES, Scan::prefix(b"", 500).after(after.as_deref()))?;
-            let Some((k, _)) = page.last() else { break };
-            after = Some(k.clone());
-            let mut batch = Batch::new();
-            for (k, v) in &page {
-                let stored: Node = serde_json::from_slice(v).map_err(|e| {
-                    Error::Corrupt(String::from_utf8_lossy(k).into_owned(), e.to_string())
-                })?;
-                let plain = stored
-                    .obms
-                    .iter()
-                    .filter_map(|o| o.config.password.as_ref())
-                    .any(|p| !seal::is_sealed(&p.0));
-                if plain {
-                    let node = self.decode(k, v)?;
-                    batch.require_equals(keys::NODES, k.clone(), v.clone());
-                    batch.put(keys::NODES, k.clone(), self.encode(&node));
-                    n += 1;
-                }
-            }
-            if !batch.is_empty() {
-                self.store.commit(batch)?;
-            }
-        }
-        Ok(n)
-    }
-
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -587,15 +551,16 @@ impl Nodes {
         )
     }
 
-    /// Indexes the tags, types and OBM endpoints of a store's nodes written before the
-    /// index existed (blocking; once per store, idempotent).
-    pub(crate) fn build_index_blocking(&self) -> Result<usize, Error> {
-        if self.store.get(keys::META, NODE_INDEX_BUILT)?.is_some() {
-            return Ok(0);
-        }
-        let mut n = 0;
+    /// Brings the nodes an earlier version stored up to date (blocking; on start): indexes
+    /// their tags, types and OBM endpoints when the index is not built yet, and seals OBM
+    /// passwords stored as given when there is a key. Each is done once per store (a `meta`
+    /// marker), idempotently. Returns how many nodes were indexed and how many sealed.
+    pub(crate) fn migrate_blocking(&self) -> Result<(usize, usize), Error> {
+        let index = self.store.get(keys::META, NODE_INDEX_BUILT)?.is_none();
+        let seal = self.sealer.is_some() && self.store.get(keys::META, NODES_SEALED)?.is_none();
+        let (mut indexed, mut sealed) = (0, 0);
         let mut after: Option<Vec<u8>> = None;
-        loop {
+        while index || seal {
             let page = self
                 .store
                 .scan(keys::NODES, Scan::prefix(b"", 500).after(after.as_deref()))?;
@@ -603,19 +568,40 @@ impl Nodes {
             after = Some(k.clone());
             let mut batch = Batch::new();
             for (k, v) in &page {
-                // Tags, type and hosts only: passwords stay as stored.
-                let node: Node = serde_json::from_slice(v).map_err(|e| {
+                // As stored: the index needs tags, type and hosts, not passwords.
+                let stored: Node = serde_json::from_slice(v).map_err(|e| {
                     Error::Corrupt(String::from_utf8_lossy(k).into_owned(), e.to_string())
                 })?;
-                index_fields(&mut batch, None, Some(&node));
-                n += 1;
+                if index {
+                    index_fields(&mut batch, None, Some(&stored));
+                    indexed += 1;
+                }
+                let plain = stored
+                    .obms
+                    .iter()
+                    .filter_map(|o| o.config.password.as_ref())
+                    .any(|p| !seal::is_sealed(&p.0));
+                if seal && plain {
+                    batch.require_equals(keys::NODES, k.clone(), v.clone());
+                    batch.put(keys::NODES, k.clone(), self.encode(&self.decode(k, v)?));
+                    sealed += 1;
+                }
             }
-            self.store.commit(batch)?;
+            if !batch.is_empty() {
+                self.store.commit(batch)?;
+            }
         }
         let mut batch = Batch::new();
-        batch.put(keys::META, NODE_INDEX_BUILT, b"1".to_vec());
-        self.store.commit(batch)?;
-        Ok(n)
+        if index {
+            batch.put(keys::META, NODE_INDEX_BUILT, b"1".to_vec());
+        }
+        if seal {
+            batch.put(keys::META, NODES_SEALED, b"1".to_vec());
+        }
+        if !batch.is_empty() {
+            self.store.commit(batch)?;
+        }
+        Ok((indexed, sealed))
     }
 
     /// The node that owns an identifier (a MAC), if any.

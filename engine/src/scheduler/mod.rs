@@ -141,18 +141,14 @@ impl Runtime {
         let node_store = self.engine.nodes().clone();
         let (log, loaded, missing, extra) = blocking(move || {
             let log = EventLog::load(store.as_ref(), &mut extra)?;
-            let sealed = node_store.seal_stored_blocking()?;
-            if sealed > 0 {
-                info!(
-                    nodes = sealed,
-                    "sealed the OBM passwords of nodes stored before sealing"
-                );
-            }
-            let (indexed, nodes) = crate::history::build_indexes(&store)?;
-            if indexed + nodes > 0 {
+            let indexed = crate::history::build_index(store.as_ref())?;
+            let (nodes, sealed) = node_store.migrate_blocking()?;
+            if indexed + nodes + sealed > 0 {
                 info!(
                     workflows = indexed,
-                    nodes, "indexed the records of an earlier version"
+                    nodes,
+                    sealed,
+                    "brought the records of an earlier version up to date (indexes, sealed passwords)"
                 );
             }
             let mut loaded = Vec::new();
