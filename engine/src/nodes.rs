@@ -560,7 +560,10 @@ impl Nodes {
         let seal = self.sealer.is_some() && self.store.get(keys::META, NODES_SEALED)?.is_none();
         let (mut indexed, mut sealed) = (0, 0);
         let mut after: Option<Vec<u8>> = None;
-        while index || seal {
+        if !index && !seal {
+            return Ok((0, 0));
+        }
+        loop {
             let page = self
                 .store
                 .scan(keys::NODES, Scan::prefix(b"", 500).after(after.as_deref()))?;
