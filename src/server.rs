@@ -94,8 +94,12 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     .await
     .context("loading the secret key failed")?
     .map_err(|e| anyhow::anyhow!("secret key {shown}: {e}"))?;
-    let mut opts = EngineOptions::new(store.clone(), jobs(), library);
-    opts.sealer = Some(Arc::new(sealer));
+    let sealer = Arc::new(sealer);
+    // Workflow and task records are sealed whole; node passwords and webhook secrets field
+    // by field (the engine and the hooks do that with the same key).
+    let sealed = metalgraph_engine::seal::SealedStore::wrap(store.clone(), sealer.clone());
+    let mut opts = EngineOptions::new(sealed, jobs(), library);
+    opts.sealer = Some(sealer);
     opts.max_running_jobs = config.max_running_jobs;
     opts.cancel_grace = Duration::from_millis(config.cancel_grace_ms);
     opts.max_tasks_per_graph = config.limits.max_tasks_per_graph;

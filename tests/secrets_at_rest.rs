@@ -1,7 +1,7 @@
 //! Secrets at rest: with the real binary on each store, a Redfish OBM password (sushy-tools
-//! with Basic auth) and a webhook secret are stored sealed — no file under the data
-//! directory holds either — yet after a restart the power graph still authenticates with
-//! the password; the key file is mode 0600, and a data directory opened with another key
+//! with Basic auth), a webhook secret and a secret run option are stored sealed — no file
+//! under the data directory holds any of them — yet after a restart the workflow still
+//! reads and the power graph still authenticates with the password; the key file is mode 0600, and a data directory opened with another key
 //! fails its jobs with a clear error instead of using garbage.
 //!
 //! Needs the peers from scripts/install-peers.sh.
@@ -18,6 +18,7 @@ use support::{Api, Server};
 
 const PASSWORD: &str = "Redfish-at-rest-s3cret";
 const HOOK_SECRET: &str = "Hook-at-rest-s3cret";
+const OPTION_SECRET: &str = "Option-at-rest-s3cret";
 const LIMIT: Duration = Duration::from_secs(60);
 
 /// Every file under `dir` that contains `needle`.
@@ -68,16 +69,23 @@ async fn passwords_and_hook_secrets_are_sealed_on_disk_and_still_work() {
             )
             .await;
         assert_eq!(code, 201, "{hook}");
+        // A run option holding a secret is kept in the workflow record: sealed too.
         let done = api
-            .run_wait("Graph.PowerOn.Node", Some(&node), json!({}), LIMIT)
+            .run_wait(
+                "Graph.PowerOn.Node",
+                Some(&node),
+                json!({"defaults": {"adminPassword": OPTION_SECRET}}),
+                LIMIT,
+            )
             .await;
         assert_eq!(done["status"], "succeeded", "{store}: {done:#}");
+        let first = done["instanceId"].as_str().unwrap().to_owned();
         server.terminate();
 
         let key = data.path().join("secret.key");
         let mode = std::fs::metadata(&key).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{store}");
-        for secret in [PASSWORD, HOOK_SECRET] {
+        for secret in [PASSWORD, HOOK_SECRET, OPTION_SECRET] {
             assert_eq!(
                 files_holding(data.path(), secret),
                 Vec::<String>::new(),
@@ -95,6 +103,14 @@ async fn passwords_and_hook_secrets_are_sealed_on_disk_and_still_work() {
         let (_, hook) = api
             .get(&format!("/api/2.0/hooks/{}", hook["id"].as_str().unwrap()))
             .await;
+        let (code, earlier) = api.get(&format!("/api/2.0/workflows/{first}")).await;
+        assert_eq!(code, 200, "{store}: {earlier}");
+        assert_eq!(earlier["status"], "succeeded", "{store}: {earlier}");
+        // The view redacts the secret option, as it always did.
+        assert_eq!(
+            earlier["options"]["defaults"]["adminPassword"], "<redacted>",
+            "{store}"
+        );
         assert_eq!(hook["signed"], true, "{store}: {hook}");
         server.terminate();
 

@@ -3,14 +3,18 @@
 //! file of its own (`<data-dir>/secret.key`, mode 0600). A copy of the data directory's
 //! store alone reveals none of them.
 //!
-//! A sealed value reads `sealed:v1:<hex of nonce, ciphertext and tag>`. Reading a value that
-//! is not sealed returns it as it is, so records written before sealing still read; the
-//! engine seals them on start.
+//! Two forms: a sealed string field (`sealed:v1:<hex of nonce, ciphertext and tag>`, for
+//! OBM passwords inside node records and webhook secrets), and [`SealedStore`], which seals
+//! the values of whole keyspaces — workflow and task records, which hold run options,
+//! outputs and checkpoints — in binary. Reading a value that is not sealed returns it as it
+//! is, so records written before sealing still read; the engine seals node passwords on
+//! start, and other records as they are next written.
 
 use std::io::Write as _;
 use std::path::Path;
+use std::sync::Arc;
 
-use metalgraph_store::{Batch, Store};
+use metalgraph_store::{Batch, Bytes, Op, Scan, Store};
 use ring::aead::{self, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 
@@ -161,6 +165,133 @@ pub fn check_key(store: &dyn Store, sealer: &Sealer) -> Result<(), String> {
     }
 }
 
+/// What a value sealed by [`SealedStore`] starts with: no JSON document starts with a NUL.
+const STORED_MAGIC: &[u8] = b"\0mgs1";
+
+/// The keyspaces whose values [`SealedStore`] seals whole: workflow records hold the run
+/// options (passwords and tokens a graph was given) and task records hold outputs and
+/// checkpoints.
+pub const SEALED_KEYSPACES: [&str; 2] = [keys::WORKFLOWS, keys::TASKS];
+
+impl Sealer {
+    /// Seals bytes into the binary form a store keeps: magic, nonce, ciphertext, tag.
+    fn seal_bytes(&self, plain: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; aead::NONCE_LEN];
+        self.rng.fill(&mut nonce).expect("random numbers");
+        let mut buf = plain.to_vec();
+        self.key
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut buf)
+            .expect("sealing cannot fail for a value this size");
+        let mut out = Vec::with_capacity(STORED_MAGIC.len() + nonce.len() + buf.len());
+        out.extend_from_slice(STORED_MAGIC);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&buf);
+        out
+    }
+
+    /// Opens what [`Sealer::seal_bytes`] made; other bytes are returned as they are.
+    fn open_bytes(&self, stored: Vec<u8>) -> Result<Vec<u8>, String> {
+        let Some(rest) = stored.strip_prefix(STORED_MAGIC) else {
+            return Ok(stored);
+        };
+        let bad = || "a sealed record was sealed with another key, or is damaged".to_owned();
+        if rest.len() < aead::NONCE_LEN {
+            return Err(bad());
+        }
+        let (nonce, sealed) = rest.split_at(aead::NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| bad())?;
+        let mut buf = sealed.to_vec();
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::empty(), &mut buf)
+            .map_err(|_| bad())?;
+        Ok(plain.to_vec())
+    }
+}
+
+/// A store that seals the values of [`SEALED_KEYSPACES`] whole before they reach `inner`,
+/// and opens them when they are read; every other keyspace passes through. Records written
+/// unsealed (by an earlier version) still read. No precondition compares a sealed
+/// keyspace's value (each seal is different), which the engine never asks for.
+pub struct SealedStore {
+    inner: Arc<dyn Store>,
+    sealer: Arc<Sealer>,
+}
+
+impl SealedStore {
+    pub fn wrap(inner: Arc<dyn Store>, sealer: Arc<Sealer>) -> Arc<dyn Store> {
+        Arc::new(SealedStore { inner, sealer })
+    }
+
+    fn open(&self, keyspace: &str, v: Vec<u8>) -> metalgraph_store::Result<Vec<u8>> {
+        if SEALED_KEYSPACES.contains(&keyspace) {
+            self.sealer
+                .open_bytes(v)
+                .map_err(|e| metalgraph_store::Error::Io(format!("{keyspace}: {e}")))
+        } else {
+            Ok(v)
+        }
+    }
+
+    fn open_all(
+        &self,
+        keyspace: &str,
+        rows: Vec<(Bytes, Bytes)>,
+    ) -> metalgraph_store::Result<Vec<(Bytes, Bytes)>> {
+        rows.into_iter()
+            .map(|(k, v)| Ok((k, self.open(keyspace, v)?)))
+            .collect()
+    }
+}
+
+impl Store for SealedStore {
+    fn get(&self, keyspace: &str, key: &[u8]) -> metalgraph_store::Result<Option<Bytes>> {
+        self.inner
+            .get(keyspace, key)?
+            .map(|v| self.open(keyspace, v))
+            .transpose()
+    }
+
+    fn scan_prefix(
+        &self,
+        keyspace: &str,
+        prefix: &[u8],
+    ) -> metalgraph_store::Result<Vec<(Bytes, Bytes)>> {
+        let rows = self.inner.scan_prefix(keyspace, prefix)?;
+        self.open_all(keyspace, rows)
+    }
+
+    fn scan(
+        &self,
+        keyspace: &str,
+        scan: Scan<'_>,
+    ) -> metalgraph_store::Result<Vec<(Bytes, Bytes)>> {
+        let rows = self.inner.scan(keyspace, scan)?;
+        self.open_all(keyspace, rows)
+    }
+
+    fn commit(&self, mut batch: Batch) -> metalgraph_store::Result<()> {
+        for op in &mut batch.ops {
+            if let Op::Put {
+                keyspace, value, ..
+            } = op
+                && SEALED_KEYSPACES.contains(&keyspace.as_str())
+            {
+                *value = self.sealer.seal_bytes(value);
+            }
+        }
+        self.inner.commit(batch)
+    }
+
+    fn close(&self) -> metalgraph_store::Result<()> {
+        self.inner.close()
+    }
+
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+}
+
 /// Whether `stored` is a sealed value.
 pub fn is_sealed(stored: &str) -> bool {
     stored.starts_with(PREFIX)
@@ -212,6 +343,50 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = Sealer::load_or_create(&path).unwrap_err();
         assert!(err.contains("readable by others (mode 644)"), "{err}");
+    }
+
+    #[test]
+    fn a_sealed_store_seals_workflow_records_whole_and_reads_them_back() {
+        let raw: Arc<dyn Store> = Arc::new(metalgraph_store::MemStore::new());
+        let sealer = Arc::new(Sealer::new(&[3u8; 32]).unwrap());
+        let store = SealedStore::wrap(raw.clone(), sealer);
+        let record = br#"{"options":{"password":"Wf-s3cret"}}"#.to_vec();
+        // A record written before sealing, unsealed, still reads.
+        let mut old = Batch::new();
+        old.put(
+            keys::TASKS,
+            b"old/00000".to_vec(),
+            b"{\"legacy\":true}".to_vec(),
+        );
+        raw.commit(old).unwrap();
+        let mut batch = Batch::new();
+        batch.put(keys::WORKFLOWS, b"w1".to_vec(), record.clone());
+        batch.put(keys::NODE_LOCKS, b"n1".to_vec(), b"w1".to_vec());
+        store.commit(batch).unwrap();
+        let stored = raw.get(keys::WORKFLOWS, b"w1").unwrap().unwrap();
+        assert!(stored.starts_with(STORED_MAGIC));
+        assert!(!stored.windows(9).any(|w| w == b"Wf-s3cret"));
+        assert_eq!(
+            store.get(keys::WORKFLOWS, b"w1").unwrap(),
+            Some(record.clone())
+        );
+        assert_eq!(
+            store.scan(keys::WORKFLOWS, Scan::prefix(b"", 10)).unwrap(),
+            vec![(b"w1".to_vec(), record.clone())]
+        );
+        assert_eq!(
+            store.scan_prefix(keys::TASKS, b"old/").unwrap()[0].1,
+            b"{\"legacy\":true}".to_vec()
+        );
+        // Other keyspaces pass through as they are.
+        assert_eq!(
+            raw.get(keys::NODE_LOCKS, b"n1").unwrap(),
+            Some(b"w1".to_vec())
+        );
+        // Another key cannot read the record.
+        let other = SealedStore::wrap(raw, Arc::new(Sealer::new(&[4u8; 32]).unwrap()));
+        let err = other.get(keys::WORKFLOWS, b"w1").unwrap_err().to_string();
+        assert!(err.contains("sealed with another key"), "{err}");
     }
 
     #[test]
