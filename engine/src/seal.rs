@@ -97,39 +97,63 @@ impl Sealer {
         }
     }
 
-    /// Seals `plain`.
+    /// Seals `plain` as a string field: `sealed:v1:` and the hex of [`Sealer::seal_raw`].
     pub fn seal(&self, plain: &str) -> String {
-        let mut nonce = [0u8; aead::NONCE_LEN];
-        self.rng.fill(&mut nonce).expect("random numbers");
-        let mut buf = plain.as_bytes().to_vec();
-        self.key
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut buf)
-            .expect("sealing cannot fail for a value this size");
-        let mut out = String::with_capacity(PREFIX.len() + 2 * (nonce.len() + buf.len()));
-        out.push_str(PREFIX);
-        out.push_str(&to_hex(&nonce));
-        out.push_str(&to_hex(&buf));
-        out
+        format!("{PREFIX}{}", to_hex(&self.seal_raw(plain.as_bytes())))
     }
 
-    /// Opens a sealed value; a value that is not sealed is returned as it is.
+    /// Opens a sealed string field; a value that is not sealed is returned as it is.
     pub fn open(&self, stored: &str) -> Result<String, String> {
         let Some(hex) = stored.strip_prefix(PREFIX) else {
             return Ok(stored.to_owned());
         };
         let bad = || "a sealed secret was sealed with another key, or is damaged".to_owned();
-        let bytes = from_hex(hex).ok_or_else(bad)?;
-        if bytes.len() < aead::NONCE_LEN {
-            return Err(bad());
-        }
-        let (nonce, sealed) = bytes.split_at(aead::NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| bad())?;
-        let mut buf = sealed.to_vec();
         let plain = self
-            .key
-            .open_in_place(nonce, Aad::empty(), &mut buf)
-            .map_err(|_| bad())?;
-        String::from_utf8(plain.to_vec()).map_err(|_| bad())
+            .open_raw(&from_hex(hex).ok_or_else(bad)?)
+            .ok_or_else(bad)?;
+        String::from_utf8(plain).map_err(|_| bad())
+    }
+
+    /// The nonce, then `plain` encrypted with its tag.
+    fn seal_raw(&self, plain: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; aead::NONCE_LEN];
+        self.rng.fill(&mut nonce).expect("random numbers");
+        let mut buf = plain.to_vec();
+        self.key
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut buf)
+            .expect("sealing cannot fail for a value this size");
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&buf);
+        out
+    }
+
+    /// What [`Sealer::seal_raw`] made, opened; `None` for another key or damage.
+    fn open_raw(&self, sealed: &[u8]) -> Option<Vec<u8>> {
+        if sealed.len() < aead::NONCE_LEN {
+            return None;
+        }
+        let (nonce, ciphertext) = sealed.split_at(aead::NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut buf = ciphertext.to_vec();
+        let plain = self.key.open_in_place(nonce, Aad::empty(), &mut buf).ok()?;
+        Some(plain.to_vec())
+    }
+
+    /// Seals bytes into the binary form a store keeps: magic, then [`Sealer::seal_raw`].
+    fn seal_bytes(&self, plain: &[u8]) -> Vec<u8> {
+        let mut out = STORED_MAGIC.to_vec();
+        out.extend_from_slice(&self.seal_raw(plain));
+        out
+    }
+
+    /// Opens what [`Sealer::seal_bytes`] made; other bytes are returned as they are.
+    fn open_bytes(&self, stored: Vec<u8>) -> Result<Vec<u8>, String> {
+        match stored.strip_prefix(STORED_MAGIC) {
+            None => Ok(stored),
+            Some(rest) => self.open_raw(rest).ok_or_else(|| {
+                "a sealed record was sealed with another key, or is damaged".to_owned()
+            }),
+        }
     }
 }
 
@@ -172,42 +196,6 @@ const STORED_MAGIC: &[u8] = b"\0mgs1";
 /// options (passwords and tokens a graph was given) and task records hold outputs and
 /// checkpoints.
 pub const SEALED_KEYSPACES: [&str; 2] = [keys::WORKFLOWS, keys::TASKS];
-
-impl Sealer {
-    /// Seals bytes into the binary form a store keeps: magic, nonce, ciphertext, tag.
-    fn seal_bytes(&self, plain: &[u8]) -> Vec<u8> {
-        let mut nonce = [0u8; aead::NONCE_LEN];
-        self.rng.fill(&mut nonce).expect("random numbers");
-        let mut buf = plain.to_vec();
-        self.key
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut buf)
-            .expect("sealing cannot fail for a value this size");
-        let mut out = Vec::with_capacity(STORED_MAGIC.len() + nonce.len() + buf.len());
-        out.extend_from_slice(STORED_MAGIC);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&buf);
-        out
-    }
-
-    /// Opens what [`Sealer::seal_bytes`] made; other bytes are returned as they are.
-    fn open_bytes(&self, stored: Vec<u8>) -> Result<Vec<u8>, String> {
-        let Some(rest) = stored.strip_prefix(STORED_MAGIC) else {
-            return Ok(stored);
-        };
-        let bad = || "a sealed record was sealed with another key, or is damaged".to_owned();
-        if rest.len() < aead::NONCE_LEN {
-            return Err(bad());
-        }
-        let (nonce, sealed) = rest.split_at(aead::NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| bad())?;
-        let mut buf = sealed.to_vec();
-        let plain = self
-            .key
-            .open_in_place(nonce, Aad::empty(), &mut buf)
-            .map_err(|_| bad())?;
-        Ok(plain.to_vec())
-    }
-}
 
 /// A store that seals the values of [`SEALED_KEYSPACES`] whole before they reach `inner`,
 /// and opens them when they are read; every other keyspace passes through. Records written
