@@ -6,7 +6,7 @@
 //! Two forms: a sealed string field (`sealed:v1:<hex of nonce, ciphertext and tag>`, for
 //! OBM passwords inside node records and webhook secrets), and [`SealedStore`], which seals
 //! the values of whole keyspaces — workflow and task records, which hold run options,
-//! outputs and checkpoints — in binary. Reading a value that is not sealed returns it as it
+//! outputs and checkpoints — as `~mgs1:<base64url>`. Reading a value that is not sealed returns it as it
 //! is, so records written before sealing still read; the engine seals node passwords on
 //! start, and other records as they are next written.
 
@@ -139,21 +139,30 @@ impl Sealer {
         Some(plain.to_vec())
     }
 
-    /// Seals bytes into the binary form a store keeps: magic, then [`Sealer::seal_raw`].
+    /// Seals bytes into the form a store keeps: the magic, then base64url of
+    /// [`Sealer::seal_raw`].
     fn seal_bytes(&self, plain: &[u8]) -> Vec<u8> {
+        use base64::Engine as _;
         let mut out = STORED_MAGIC.to_vec();
-        out.extend_from_slice(&self.seal_raw(plain));
+        out.extend_from_slice(
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(self.seal_raw(plain))
+                .as_bytes(),
+        );
         out
     }
 
     /// Opens what [`Sealer::seal_bytes`] made; other bytes are returned as they are.
     fn open_bytes(&self, stored: Vec<u8>) -> Result<Vec<u8>, String> {
-        match stored.strip_prefix(STORED_MAGIC) {
-            None => Ok(stored),
-            Some(rest) => self.open_raw(rest).ok_or_else(|| {
-                "a sealed record was sealed with another key, or is damaged".to_owned()
-            }),
-        }
+        use base64::Engine as _;
+        let Some(rest) = stored.strip_prefix(STORED_MAGIC) else {
+            return Ok(stored);
+        };
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(rest)
+            .ok()
+            .and_then(|raw| self.open_raw(&raw))
+            .ok_or_else(|| "a sealed record was sealed with another key, or is damaged".to_owned())
     }
 }
 
@@ -189,8 +198,10 @@ pub fn check_key(store: &dyn Store, sealer: &Sealer) -> Result<(), String> {
     }
 }
 
-/// What a value sealed by [`SealedStore`] starts with: no JSON document starts with a NUL.
-const STORED_MAGIC: &[u8] = b"\0mgs1";
+/// What a value sealed by [`SealedStore`] starts with (then base64url of
+/// [`Sealer::seal_raw`]): no JSON document starts with a `~`. Printable, so the file store's
+/// text journal keeps it at a third above the raw size rather than escaping every byte.
+const STORED_MAGIC: &[u8] = b"~mgs1:";
 
 /// The keyspaces whose values [`SealedStore`] seals whole: workflow records hold the run
 /// options (passwords and tokens a graph was given) and task records hold outputs and
