@@ -172,7 +172,9 @@ tasks:
     disk.fill();
 
     // When the wait ends, the scheduler's commit finds the disk full and the engine stops:
-    // health answers 503 naming why, and gRPC health turns NOT_SERVING.
+    // health answers 503 naming why, and gRPC health turns NOT_SERVING. The journal's last
+    // page may still have room for a small commit or two, so more work is asked for until
+    // one does not fit (a run's creation may fail first, answered 500 and never scheduled).
     let deadline = Instant::now() + LIMIT;
     let body = loop {
         let (code, body) = api.get("/api/2.0/health").await;
@@ -180,6 +182,13 @@ tasks:
             break body;
         }
         assert!(Instant::now() < deadline, "health stayed {code}: {body}");
+        let _ = api
+            .send(
+                "POST",
+                "/api/2.0/workflows",
+                Some(json!({"name": "Fill.Wait"})),
+            )
+            .await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let message = body["error"]["message"].as_str().unwrap_or_default();
