@@ -121,16 +121,19 @@ pub fn chain(
 /// by reading its state.
 async fn wait_for(
     engine: &Engine,
-    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    events: &mut tokio::sync::broadcast::Receiver<metalgraph_engine::Numbered>,
     id: &str,
 ) -> anyhow::Result<WorkflowStatus> {
     loop {
         match events.recv().await {
-            Ok(Event::Workflow {
-                workflow_id,
-                status,
-                ..
-            }) if workflow_id == id && status.is_terminal() => return Ok(status),
+            Ok((
+                _,
+                Event::Workflow {
+                    workflow_id,
+                    status,
+                    ..
+                },
+            )) if workflow_id == id && status.is_terminal() => return Ok(status),
             Ok(_) => {}
             Err(RecvError::Lagged(_)) => {
                 if let Some(v) = engine.get(id).await?
@@ -335,7 +338,7 @@ pub fn fan_out(
                         None => accept_wall = Some(start.elapsed()),
                     },
                     ev = events.recv(), if !polled => match ev {
-                        Ok(Event::Workflow { graph, status, .. })
+                        Ok((_, Event::Workflow { graph, status, .. }))
                             if graph == graphs::FAN_OUT && status.is_terminal() => ended += 1,
                         Ok(_) => {}
                         Err(RecvError::Lagged(_)) => polled = true,

@@ -95,9 +95,9 @@ struct Inner {
     defs: Definitions,
     nodes: Nodes,
     tx: mpsc::UnboundedSender<Msg>,
-    events: broadcast::Sender<Event>,
-    /// The same events, numbered, for streams that resume (see [`Engine::events_since`]).
-    numbered: broadcast::Sender<(u64, Event)>,
+    /// Every committed event with its number, to subscribers (see [`Engine::subscribe`]
+    /// and [`Engine::events_since`]).
+    events: broadcast::Sender<Numbered>,
     /// The retained events; read from the store during recovery.
     log: Mutex<EventLog>,
     clock: Arc<dyn Clock>,
@@ -124,8 +124,7 @@ impl Inner {
     fn publish(&self, n: u64, ev: Event) {
         let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
         log.push(n, ev.clone());
-        let _ = self.numbered.send((n, ev.clone()));
-        let _ = self.events.send(ev);
+        let _ = self.events.send((n, ev));
     }
 }
 
@@ -157,7 +156,6 @@ impl Engine {
     ) -> (Engine, tokio::task::JoinHandle<Result<(), Error>>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
-        let (numbered, _) = broadcast::channel(EVENT_CAPACITY);
         let jobs = Arc::new(opts.jobs);
         let defs = Definitions::new(opts.store.clone(), opts.library, jobs.clone())
             .with_max_tasks(opts.max_tasks_per_graph);
@@ -167,7 +165,6 @@ impl Engine {
             defs,
             tx,
             events,
-            numbered,
             log: Mutex::new(EventLog::default()),
             clock: opts.clock.clone(),
             running: AtomicBool::new(true),
@@ -257,7 +254,7 @@ impl Engine {
     }
 
     /// Events of every committed transition, in commit order.
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Numbered> {
         self.inner.events.subscribe()
     }
 
@@ -294,7 +291,7 @@ impl Engine {
     ) -> (Vec<Numbered>, broadcast::Receiver<Numbered>) {
         self.inner.recovered.cancelled().await;
         let log = self.inner.log.lock().unwrap_or_else(|p| p.into_inner());
-        let rx = self.inner.numbered.subscribe();
+        let rx = self.inner.events.subscribe();
         (log.since(after, limit), rx)
     }
 
@@ -504,11 +501,14 @@ impl Engine {
             }
             loop {
                 match events.recv().await {
-                    Ok(Event::Workflow {
-                        workflow_id,
-                        status,
-                        ..
-                    }) if workflow_id == id && status.is_terminal() => break,
+                    Ok((
+                        _,
+                        Event::Workflow {
+                            workflow_id,
+                            status,
+                            ..
+                        },
+                    )) if workflow_id == id && status.is_terminal() => break,
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => break,
                     Err(broadcast::error::RecvError::Closed) => {

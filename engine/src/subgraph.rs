@@ -142,7 +142,7 @@ pub(crate) async fn run_subgraph(
         loop {
             tokio::select! {
                 ev = events.recv() => match ev {
-                    Ok(Event::Workflow { workflow_id, status, .. })
+                    Ok((_, Event::Workflow { workflow_id, status, .. }))
                         if workflow_id == child_id && status.is_terminal() => break,
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => break,

@@ -140,7 +140,7 @@ impl Sim {
                 }
                 Effect::Timer { at_ms, msg, .. } => self.at(at_ms, msg),
                 Effect::Finished { wf } => self.finished.push(wf),
-                Effect::Event(_) => {}
+                Effect::Event(..) => {}
                 Effect::Reply(tx, r) => replies.push((tx, r.is_ok())),
             }
         }

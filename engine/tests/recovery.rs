@@ -106,10 +106,10 @@ async fn outcomes(
 }
 
 fn count_successes(
-    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    events: &mut tokio::sync::broadcast::Receiver<metalgraph_engine::Numbered>,
     seen: &mut HashMap<(String, String), usize>,
 ) {
-    while let Ok(ev) = events.try_recv() {
+    while let Ok((_, ev)) = events.try_recv() {
         if let Event::Task {
             workflow_id,
             label,

@@ -408,7 +408,7 @@ tasks:
     let v = h.run("G", json!({}), None).await;
     let mut seen = Vec::new();
     loop {
-        let ev = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+        let (_, ev) = tokio::time::timeout(Duration::from_secs(60), rx.recv())
             .await
             .expect("events keep coming")
             .unwrap();

@@ -799,7 +799,7 @@ impl WorkflowsRpc for GrpcApi {
             }
             loop {
                 let ev = match events.recv().await {
-                    Ok(ev) => ev,
+                    Ok((_, ev)) => ev,
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         // Too slow a reader: resend current state so it ends up correct.
                         tracing::warn!(missed = n, "a gRPC watcher lagged; resending state");

@@ -126,8 +126,17 @@ pub enum Effect {
     Finished {
         wf: String,
     },
-    Event(Event),
+    /// An event and its number in the event log: [`Core::step`] numbers the step's events
+    /// and writes them into its batch, so each is committed with the change it reports.
+    Event(u64, Event),
     Reply(Reply, Result<(), Error>),
+}
+
+impl Effect {
+    /// An event, numbered when its step is taken.
+    fn event(ev: Event) -> Effect {
+        Effect::Event(0, ev)
+    }
 }
 
 /// The writes and effects of one group of messages.
@@ -212,6 +221,8 @@ pub struct Core {
     /// nothing can start and the ring is not walked.
     queued_free: usize,
     running_slots: usize,
+    /// The number of the last event numbered.
+    last_event: u64,
     step: Step,
 }
 
@@ -225,6 +236,7 @@ impl Core {
             ring: VecDeque::new(),
             queued_free: 0,
             running_slots: 0,
+            last_event: 0,
             step: Step::default(),
         }
     }
@@ -329,7 +341,21 @@ impl Core {
     /// the last step decided: the batch to commit, then the effects to perform.
     pub fn step(&mut self, now: u64) -> Step {
         self.start_queued(now);
-        std::mem::take(&mut self.step)
+        let mut step = std::mem::take(&mut self.step);
+        for eff in &mut step.effects {
+            if let Effect::Event(n, ev) = eff {
+                self.last_event += 1;
+                *n = self.last_event;
+                crate::events::record(&mut step.batch, *n, ev);
+            }
+        }
+        step
+    }
+
+    /// Continues the event log's numbering after `last` (the last event committed before
+    /// this core started).
+    pub fn continue_events_after(&mut self, last: u64) {
+        self.last_event = last;
     }
 
     /// Cancels every loaded subgraph whose parent task no longer waits for it. Called once
@@ -388,7 +414,7 @@ impl Core {
             // Creation commits the workflow outside the scheduler (it needs the node lock's
             // precondition answered on its own); its event is committed here, with the
             // first step. A crash between the two loses only this event.
-            self.step.effects.push(Effect::Event(Event::Workflow {
+            self.step.effects.push(Effect::event(Event::Workflow {
                 workflow_id: id.clone(),
                 graph: w.rec.plan.graph.clone(),
                 node: w.rec.node.clone(),
@@ -412,7 +438,7 @@ impl Core {
                         t.finished_at = Some(now);
                         write_task(&mut self.step.batch, &id, i, t);
                         let ev = task_event(&w.rec, i, t);
-                        self.step.effects.push(Effect::Event(ev));
+                        self.step.effects.push(Effect::event(ev));
                     } else {
                         w.restart[i] = true;
                         w.queued[i] = true;
@@ -469,7 +495,7 @@ impl Core {
                         t.finished_at = Some(now);
                         write_task(&mut self.step.batch, id, i, t);
                         let ev = task_event(&w.rec, i, t);
-                        self.step.effects.push(Effect::Event(ev));
+                        self.step.effects.push(Effect::event(ev));
                         changed = true;
                     }
                     Readiness::Ready if w.tasks[i].retry_at.is_none() => {
@@ -515,7 +541,7 @@ impl Core {
         self.step
             .effects
             .push(Effect::Finished { wf: id.to_owned() });
-        self.step.effects.push(Effect::Event(Event::Workflow {
+        self.step.effects.push(Effect::event(Event::Workflow {
             workflow_id: id.to_owned(),
             graph: w.rec.plan.graph.clone(),
             node: w.rec.node.clone(),
@@ -613,7 +639,7 @@ impl Core {
                 t.finished_at = Some(now);
                 write_task(&mut self.step.batch, id, idx, t);
                 let ev = task_event(&w.rec, idx, t);
-                self.step.effects.push(Effect::Event(ev));
+                self.step.effects.push(Effect::event(ev));
             }
             self.advance(id, now);
             return;
@@ -636,7 +662,7 @@ impl Core {
         if w.rec.status == WorkflowStatus::Pending {
             w.rec.status = WorkflowStatus::Running;
             write_workflow(&mut self.step.batch, &w.rec);
-            self.step.effects.push(Effect::Event(Event::Workflow {
+            self.step.effects.push(Effect::event(Event::Workflow {
                 workflow_id: id.to_owned(),
                 graph: w.rec.plan.graph.clone(),
                 node: w.rec.node.clone(),
@@ -646,7 +672,7 @@ impl Core {
         }
         let t = &w.tasks[idx];
         let ev = task_event(&w.rec, idx, t);
-        self.step.effects.push(Effect::Event(ev));
+        self.step.effects.push(Effect::event(ev));
         w.running.insert(idx);
         if slot {
             self.running_slots += 1;
@@ -727,7 +753,7 @@ impl Core {
             t.checkpoint = None;
             write_task(&mut self.step.batch, id, idx, t);
             let ev = task_event(&w.rec, idx, t);
-            self.step.effects.push(Effect::Event(ev));
+            self.step.effects.push(Effect::event(ev));
             self.step.effects.push(Effect::Timer {
                 wf: id.to_owned(),
                 at_ms: now.saturating_add(delay),
@@ -746,7 +772,7 @@ impl Core {
         t.finished_at = Some(now);
         write_task(&mut self.step.batch, id, idx, t);
         let ev = task_event(&w.rec, idx, t);
-        self.step.effects.push(Effect::Event(ev));
+        self.step.effects.push(Effect::event(ev));
         if state.is_failure() {
             warn!(workflow_id = %id, label = %label, error = ?error, %state, "task failed");
             if !w.handled(idx, state) {

@@ -25,7 +25,7 @@ pub use self::core::{Core, Effect, Msg, Outcome, Reply, StartJob, Step};
 use crate::clock::{Clock, until};
 use crate::engine::{ApiUrls, Engine, Services};
 use crate::error::{Error, blocking};
-use crate::events::{self, EventLog};
+use crate::events::EventLog;
 use crate::job::{BoxFuture, Job, JobContext, JobRegistry, JobResult, Options};
 use crate::keys;
 use crate::metrics;
@@ -59,8 +59,6 @@ pub(crate) struct Runtime {
     pub(crate) shutdown: CancellationToken,
     joins: JoinSet<()>,
     tokens: HashMap<String, WfTokens>,
-    /// The number of the last event committed.
-    last_event: u64,
 }
 
 impl Runtime {
@@ -90,7 +88,6 @@ impl Runtime {
             shutdown,
             joins: JoinSet::new(),
             tokens: HashMap::new(),
-            last_event: 0,
         }
     }
 
@@ -163,7 +160,8 @@ impl Runtime {
             Ok::<_, Error>((log, loaded, missing, extra))
         })
         .await?;
-        self.last_event = self.engine.restore_events(log);
+        let last = self.engine.restore_events(log);
+        self.core.continue_events_after(last);
         let now = self.clock.now_ms();
         let mut extra = extra;
         for id in missing {
@@ -203,14 +201,6 @@ impl Runtime {
     async fn flush(&mut self, extra: Batch) -> Result<(), Error> {
         let Step { mut batch, effects } = self.core.step(self.clock.now_ms());
         batch.extend(extra);
-        // Each event is committed with the change it reports.
-        let mut n = self.last_event;
-        for eff in &effects {
-            if let Effect::Event(ev) = eff {
-                n += 1;
-                events::record(&mut batch, n, ev);
-            }
-        }
         if !batch.is_empty() {
             let store = self.store.clone();
             if let Err(e) = blocking(move || store.commit(batch).map_err(Error::from)).await {
@@ -269,10 +259,9 @@ impl Runtime {
                     w.token.cancel();
                 }
             }
-            Effect::Event(ev) => {
+            Effect::Event(n, ev) => {
                 count_event(&ev);
-                self.last_event += 1;
-                self.engine.publish(self.last_event, ev);
+                self.engine.publish(n, ev);
             }
             Effect::Reply(tx, r) => {
                 let _ = tx.send(r);
