@@ -115,13 +115,7 @@ impl Client {
                 .await
                 .with_context(|| format!("cannot reach metalgraph at {}", self.server))?;
             let status = resp.status();
-            let next = resp
-                .headers()
-                .get(reqwest::header::LINK)
-                .and_then(|l| l.to_str().ok())
-                .and_then(|l| l.strip_prefix('<'))
-                .and_then(|l| l.split_once(">; rel=\"next\""))
-                .map(|(p, _)| format!("{}{p}", self.server));
+            let next = next_link(resp.headers()).map(|p| format!("{}{p}", self.server));
             let value: Value = resp
                 .json()
                 .await
@@ -319,6 +313,13 @@ impl Client {
             tokio::time::sleep(POLL_INTERVAL).await;
         }
     }
+}
+
+/// The path and query of a list's next page, from its `Link: <...>; rel="next"` header.
+pub fn next_link(headers: &reqwest::header::HeaderMap) -> Option<String> {
+    let link = headers.get(reqwest::header::LINK)?.to_str().ok()?;
+    let (path, _) = link.strip_prefix('<')?.split_once(">; rel=\"next\"")?;
+    Some(path.to_owned())
 }
 
 /// What `nodes create` was given.

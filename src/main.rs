@@ -211,17 +211,21 @@ struct PageArgs {
 }
 
 impl PageArgs {
-    /// `query` with the page size added.
-    fn query(&self, mut query: Vec<String>) -> String {
+    /// The path of a list: `base`, the filters that were given, and the page size.
+    fn path<const N: usize>(&self, base: &str, filters: [(&str, Option<String>); N]) -> String {
+        let mut query: Vec<String> = filters
+            .into_iter()
+            .filter_map(|(key, value)| Some(format!("{key}={}", seg(&value?))))
+            .collect();
         match (self.all, self.top) {
             (_, Some(n)) => query.push(format!("$top={n}")),
             (true, None) => query.push("$top=1000".to_owned()),
             (false, None) => {}
         }
         if query.is_empty() {
-            String::new()
+            base.to_owned()
         } else {
-            format!("?{}", query.join("&"))
+            format!("{base}?{}", query.join("&"))
         }
     }
 }
@@ -355,14 +359,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     node_type,
                     page,
                 } => {
-                    let mut query = Vec::new();
-                    if let Some(t) = tag {
-                        query.push(format!("tag={}", seg(&t)));
-                    }
-                    if let Some(t) = node_type {
-                        query.push(format!("type={}", seg(&t)));
-                    }
-                    let path = format!("/nodes{}", page.query(query));
+                    let path = page.path("/nodes", [("tag", tag), ("type", node_type)]);
                     c.show_list(&path, page.all, Shape::Nodes, o).await
                 }
                 NodesCmd::Get { id } => {
@@ -415,16 +412,15 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     status,
                     page,
                 } => {
-                    let mut query = Vec::new();
-                    if active {
-                        query.push("active=true".to_owned());
-                    }
-                    for (key, value) in [("node", node), ("graph", graph), ("status", status)] {
-                        if let Some(v) = value {
-                            query.push(format!("{key}={}", seg(&v)));
-                        }
-                    }
-                    let path = format!("/workflows{}", page.query(query));
+                    let path = page.path(
+                        "/workflows",
+                        [
+                            ("active", active.then(|| "true".to_owned())),
+                            ("node", node),
+                            ("graph", graph),
+                            ("status", status),
+                        ],
+                    );
                     c.show_list(&path, page.all, Shape::Workflows, o).await
                 }
                 WorkflowsCmd::Get { id } => {

@@ -15,6 +15,15 @@ struct Sse {
     data: Value,
 }
 
+/// Opens `GET /api/2.0/events?{query}`, resuming after `last` when given.
+async fn open(server: &Server, query: &str, last: Option<&str>) -> reqwest::Response {
+    let mut req = reqwest::Client::new().get(server.url(&format!("/api/2.0/events?{query}")));
+    if let Some(id) = last {
+        req = req.header("Last-Event-ID", id);
+    }
+    req.send().await.unwrap()
+}
+
 /// Reads an event stream until `done` says so (or a minute passes).
 async fn read_until(mut r: reqwest::Response, done: impl Fn(&Sse) -> bool) -> Vec<Sse> {
     let mut buf = String::new();
@@ -66,11 +75,7 @@ async fn events_stream_in_order_filter_and_resume() {
         let (code, body) = api.put_yaml("/api/2.0/workflows/graphs", g).await;
         assert_eq!(code, 201, "{body}");
     }
-    let stream = reqwest::Client::new()
-        .get(server.url("/api/2.0/events?graph=Ev.G"))
-        .send()
-        .await
-        .unwrap();
+    let stream = open(&server, "graph=Ev.G", None).await;
     assert_eq!(stream.status(), 200);
     assert_eq!(
         stream.headers()["content-type"].to_str().unwrap(),
@@ -103,24 +108,14 @@ async fn events_stream_in_order_filter_and_resume() {
     );
 
     // A client that lost the stream after the third event gets exactly the rest.
-    let resumed = reqwest::Client::new()
-        .get(server.url(&format!("/api/2.0/events?workflow={id}")))
-        .header("Last-Event-ID", &seen[2].id)
-        .send()
-        .await
-        .unwrap();
+    let resumed = open(&server, &format!("workflow={id}"), Some(&seen[2].id)).await;
     let rest = read_until(resumed, is_end).await;
     let rest_ids: Vec<&str> = rest.iter().map(|e| e.id.as_str()).collect();
     let want: Vec<&str> = seen[3..].iter().map(|e| e.id.as_str()).collect();
     assert_eq!(rest_ids, want);
 
     // An id from another run of the server replays everything still retained.
-    let fresh = reqwest::Client::new()
-        .get(server.url(&format!("/api/2.0/events?workflow={id}")))
-        .header("Last-Event-ID", "earlier-5")
-        .send()
-        .await
-        .unwrap();
+    let fresh = open(&server, &format!("workflow={id}"), Some("earlier-5")).await;
     let all = read_until(fresh, is_end).await;
     assert_eq!(all.len(), seen.len());
 
@@ -130,21 +125,12 @@ async fn events_stream_in_order_filter_and_resume() {
     server.kill9();
     let server = Server::start(data.path(), "sled", &[]);
     let api = Api::new(&server.base);
-    let resumed = reqwest::Client::new()
-        .get(server.url(&format!("/api/2.0/events?workflow={id}")))
-        .header("Last-Event-ID", &seen[2].id)
-        .send()
-        .await
-        .unwrap();
+    let resumed = open(&server, &format!("workflow={id}"), Some(&seen[2].id)).await;
     let rest = read_until(resumed, is_end).await;
     let got: Vec<(&str, &Value)> = rest.iter().map(|e| (e.id.as_str(), &e.data)).collect();
     let want: Vec<(&str, &Value)> = seen[3..].iter().map(|e| (e.id.as_str(), &e.data)).collect();
     assert_eq!(got, want);
-    let live = reqwest::Client::new()
-        .get(server.url("/api/2.0/events"))
-        .send()
-        .await
-        .unwrap();
+    let live = open(&server, "", None).await;
     let next = api.run("Ev.Other", None, json!({})).await;
     let first = read_until(live, |_| true).await;
     assert_eq!(first[0].data["workflowId"], next.as_str());

@@ -232,13 +232,8 @@ impl Api {
             if !resp.status().is_success() {
                 bail!("GET workflows: {}", resp.status());
             }
-            let next = resp
-                .headers()
-                .get(reqwest::header::LINK)
-                .and_then(|l| l.to_str().ok())
-                .and_then(|l| l.strip_prefix('<'))
-                .and_then(|l| l.split_once(">; rel=\"next\""))
-                .map(|(path, _)| format!("{origin}{path}"));
+            let next =
+                metalgraph::client::next_link(resp.headers()).map(|path| format!("{origin}{path}"));
             let page: Vec<Value> = resp.json().await?;
             all.extend(page);
             match next {
