@@ -1,4 +1,5 @@
-//! `GET /metrics` against the real binary, parsed by the reference Python parser
+//! `GET /metrics` against the real binary (and a real Redfish BMC, sushy-tools), parsed by
+//! the reference Python parser
 //! (prometheus_client's OpenMetrics parser): the series move as workflows run — started,
 //! active, finished, task durations, failures and retries by job, BMC operations of the
 //! simulated driver, store commits — on the management listener and on a metrics listener of
@@ -10,6 +11,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::peers::{Sushy, SushyOptions, system_uuid};
 use support::{Api, Server};
 use tokio::io::AsyncWriteExt;
 
@@ -222,5 +224,61 @@ async fn metrics_follow_workflows_tasks_bmcs_and_the_store() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 404);
+    server.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redfish_operations_and_their_failures_are_measured_against_a_real_bmc() {
+    let sushy = Sushy::start(SushyOptions {
+        systems: 1,
+        instant: true,
+        auth: Some(("admin".into(), "Metrics-pw".into())),
+        ..SushyOptions::default()
+    })
+    .await;
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path(), "sled", &[]);
+    let api = Api::new(&server.base);
+    let node = |password: &str| {
+        json!({"name": format!("redfish-{password}"), "obms": [{"service": "redfish-obm-service",
+            "config": {"host": sushy.base, "systemId": system_uuid(0), "user": "admin",
+                       "password": password}}]})
+    };
+    let good = api.create_node(node("Metrics-pw")).await;
+    let bad = api.create_node(node("wrong-pw")).await;
+    let url = format!("{}/metrics", server.base);
+    let before = scrape(&url).await;
+    let limit = Duration::from_secs(60);
+    let ok = api
+        .run_wait("Graph.PowerOff.Node", Some(&good), json!({}), limit)
+        .await;
+    assert_eq!(ok["status"], "succeeded", "{ok:#}");
+    let failed = api
+        .run_wait("Graph.PowerOff.Node", Some(&bad), json!({}), limit)
+        .await;
+    assert_eq!(failed["status"], "failed", "{failed:#}");
+    let after = scrape(&url).await;
+    let redfish = |s: &Scrape, name: &str| -> f64 {
+        s.0.iter()
+            .filter(|(n, l, _)| {
+                n == name && l.get("driver").and_then(Value::as_str) == Some("redfish")
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    };
+    // The good node's power was read (and switched); the bad node's password was refused,
+    // each refusal counted as an error of the operation that met it.
+    let calls = "metalgraph_bmc_request_duration_seconds_count";
+    let errors = "metalgraph_bmc_request_errors_total";
+    assert!(redfish(&after, calls) - redfish(&before, calls) >= 2.0);
+    assert!(
+        after
+            .get(
+                calls,
+                &[("driver", "redfish"), ("operation", "power_state")]
+            )
+            .is_some()
+    );
+    assert!(redfish(&after, errors) - redfish(&before, errors) >= 1.0);
     server.terminate();
 }

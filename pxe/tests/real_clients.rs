@@ -104,6 +104,11 @@ async fn curl_fetches_byte_identical_files_and_is_refused_outside_the_root() {
         (vec![format!("tftp://127.0.0.1:{port}/escape")], 68, None),
         (vec![format!("tftp://127.0.0.1:{port}/missing")], 68, None),
     ];
+    let completed = "tftp_transfers_total{outcome=\"completed\"}";
+    let refused = "tftp_transfers_total{outcome=\"refused\"}";
+    let series = [completed, refused, "tftp_sent_bytes_total"];
+    let before = series.map(counter);
+    let mut want = [0u64; 3];
     for (args, want_rc, compare) in cases {
         let _ = std::fs::remove_file(&out);
         let o = Command::new("curl")
@@ -120,18 +125,33 @@ async fn curl_fetches_byte_identical_files_and_is_refused_outside_the_root() {
             String::from_utf8_lossy(&o.stderr)
         );
         if let Some(name) = compare {
-            let want = std::fs::read(t.dir.path().join("root").join(name)).unwrap();
+            let want_bytes = std::fs::read(t.dir.path().join("root").join(name)).unwrap();
             assert!(
-                std::fs::read(&out).unwrap() == want,
+                std::fs::read(&out).unwrap() == want_bytes,
                 "curl {args:?}: content differs"
             );
+            want[0] += 1;
+            want[2] += want_bytes.len() as u64;
         } else {
             let got = std::fs::read(&out).unwrap_or_default();
             assert!(
                 !got.starts_with(b"outside"),
                 "curl {args:?} read the secret"
             );
+            want[1] += 1;
         }
+    }
+    // The counters saw at least these transfers (other tests of this binary add theirs).
+    let after = series.map(counter);
+    for i in 0..3 {
+        assert!(
+            after[i] - before[i] >= want[i],
+            "{}: {} → {}, want at least {} more",
+            series[i],
+            before[i],
+            after[i],
+            want[i]
+        );
     }
 }
 
@@ -311,7 +331,7 @@ async fn perfdhcp_gets_leases_from_full_mode_through_a_relay() {
 
     // The counters saw the same exchanges: every DISCOVER offered to, every REQUEST
     // acknowledged, at least as many of each as perfdhcp got answers to.
-    let metric = |name: &str| dhcp_counter(name);
+    let metric = counter;
     let (discovers, offers) = (
         metric("dhcp_requests_total{message_type=\"discover\"}"),
         metric("dhcp_replies_total{message_type=\"offer\"}"),
@@ -326,8 +346,8 @@ async fn perfdhcp_gets_leases_from_full_mode_through_a_relay() {
     assert_eq!(metric("dhcp_malformed_total"), 0);
 }
 
-/// A DHCP counter's value as network boot's metrics encode it (0 when absent).
-fn dhcp_counter(series: &str) -> u64 {
+/// A counter's value as network boot's metrics encode it (0 when absent).
+fn counter(series: &str) -> u64 {
     let mut registry = prometheus_client::registry::Registry::default();
     metalgraph_pxe::metrics::register(&mut registry);
     let mut text = String::new();
