@@ -121,7 +121,17 @@ async fn metrics_follow_workflows_tasks_bmcs_and_the_store() {
     let slow = api.run("Mx.Slow", None, json!({})).await;
     api.wait_task(&slow, "nap", "running", Duration::from_secs(10))
         .await;
-    let during = scrape(&format!("{}/metrics", server.base)).await;
+    // The gauges are set once the step that started the job has been performed, a moment
+    // after the API shows the task running.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let during = loop {
+        let s = scrape(&format!("{}/metrics", server.base)).await;
+        if s.value("metalgraph_job_slots_in_use", &[]) > 0.0 || std::time::Instant::now() > deadline
+        {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(during.value("metalgraph_workflows_active", &[]), 1.0);
     assert_eq!(during.value("metalgraph_job_slots_in_use", &[]), 1.0);
     api.wait(&slow, Duration::from_secs(30)).await;
