@@ -36,17 +36,70 @@ pub struct Client {
     server: String,
 }
 
+/// How the client reaches a server: its token and the CA its certificate is signed by.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// The bearer token sent with every call.
+    pub token: Option<String>,
+    /// A CA certificate (PEM) to trust besides the system's.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+impl Access {
+    /// The token and CA the flags give, else the ones `serve` keeps in `data_dir`
+    /// (`admin.token`, `tls/ca.pem`) when they are there.
+    pub fn resolve(
+        token: Option<String>,
+        ca_cert: Option<&std::path::Path>,
+        data_dir: &std::path::Path,
+    ) -> anyhow::Result<Access> {
+        let token = match token.filter(|t| !t.trim().is_empty()) {
+            Some(t) => Some(t.trim().to_owned()),
+            None => match std::fs::read_to_string(data_dir.join("admin.token")) {
+                Ok(t) => Some(t.trim().to_owned()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "cannot read the token file {}",
+                        data_dir.join("admin.token").display()
+                    )));
+                }
+            },
+        };
+        let ca_pem =
+            match ca_cert {
+                Some(path) => Some(std::fs::read(path).with_context(|| {
+                    format!("cannot read the CA certificate {}", path.display())
+                })?),
+                None => std::fs::read(crate::tls::ca_file(data_dir)).ok(),
+            };
+        Ok(Access { token, ca_pem })
+    }
+}
+
 impl Client {
-    pub fn new(server: &str) -> anyhow::Result<Self> {
+    pub fn new(server: &str, access: &Access) -> anyhow::Result<Self> {
         let server = server.trim_end_matches('/').to_owned();
         if !(server.starts_with("http://") || server.starts_with("https://")) {
             bail!("server URL {server:?} must start with http:// or https://");
         }
-        let http = reqwest::Client::builder()
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = &access.token {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .context("the token holds characters a header cannot")?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(60))
-            .build()
-            .context("cannot build the HTTP client")?;
+            .default_headers(headers);
+        if let Some(pem) = &access.ca_pem {
+            let ca =
+                reqwest::Certificate::from_pem(pem).context("the CA certificate is not PEM")?;
+            builder = builder.add_root_certificate(ca);
+        }
+        let http = builder.build().context("cannot build the HTTP client")?;
         Ok(Self { http, server })
     }
 
@@ -63,10 +116,7 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("cannot reach metalgraph at {}", self.server))?;
+        let resp = req.send().await.map_err(|e| self.unreachable(e))?;
         let status = resp.status();
         let bytes = resp
             .bytes()
@@ -83,6 +133,21 @@ impl Client {
         } else {
             Err(anyhow::anyhow!(describe_error(status, &value)))
         }
+    }
+
+    /// Why the server could not be reached, with a hint when TLS is the likely cause.
+    fn unreachable(&self, e: reqwest::Error) -> anyhow::Error {
+        let chain = format!("{:#}", anyhow::Error::new(e));
+        let hint = if chain.contains("certificate") || chain.contains("UnknownIssuer") {
+            "; the server's certificate is not trusted: pass --ca-cert (the server's <data-dir>/tls/ca.pem) or --data-dir"
+        } else if self.server.starts_with("https://")
+            && (chain.contains("InvalidContentType") || chain.contains("corrupt message"))
+        {
+            "; the server may speak plain HTTP (serve --no-tls): use an http:// --server"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("cannot reach metalgraph at {}: {chain}{hint}", self.server)
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
@@ -113,7 +178,7 @@ impl Client {
                 .get(&url)
                 .send()
                 .await
-                .with_context(|| format!("cannot reach metalgraph at {}", self.server))?;
+                .map_err(|e| self.unreachable(e))?;
             let status = resp.status();
             let next = next_link(resp.headers()).map(|p| format!("{}{p}", self.server));
             let value: Value = resp
@@ -442,6 +507,11 @@ fn describe_error(status: StatusCode, body: &Value) -> String {
                 .unwrap_or_else(|_| d.to_string());
             out.push_str(&format!("\n  - {line}"));
         }
+    }
+    if status == StatusCode::UNAUTHORIZED {
+        out.push_str(
+            "\n  (the client sends --token, else $METALGRAPH_TOKEN, else the admin.token the server wrote in --data-dir / $METALGRAPH_DATA_DIR, default ./metalgraph-data)",
+        );
     }
     out
 }

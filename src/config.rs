@@ -176,6 +176,123 @@ pub struct Config {
     /// Which finished workflows are removed (the `[retention]` section,
     /// `METALGRAPH_RETENTION_*`, `--retention-days`).
     pub retention: RetentionConfig,
+    /// Bearer tokens and TLS on the management and gRPC APIs (the `[security]` section,
+    /// `METALGRAPH_SECURITY_*`, `--no-auth`, `--no-tls`, `--tls-*`; docs/security.md).
+    pub security: SecurityConfig,
+}
+
+/// The `[security]` section. Both switches are on by default; turning one off is logged as
+/// a warning on every start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Every management and gRPC call needs a bearer token (`METALGRAPH_SECURITY_AUTH`,
+    /// `--no-auth` turns it off).
+    pub auth: bool,
+    /// The management and gRPC APIs speak TLS (`METALGRAPH_SECURITY_TLS`, `--no-tls` turns it
+    /// off). With no certificate given, a local CA and a server certificate are made under
+    /// `<data_dir>/tls/` on first start and reused after.
+    pub tls: bool,
+    /// The server's certificate chain, PEM (`METALGRAPH_SECURITY_TLS_CERT`, `--tls-cert`);
+    /// given with `tls_key`, instead of the generated one.
+    pub tls_cert: Option<PathBuf>,
+    /// The server certificate's private key, PEM (`METALGRAPH_SECURITY_TLS_KEY`,
+    /// `--tls-key`).
+    pub tls_key: Option<PathBuf>,
+    /// The CA whose certificates clients must present (mutual TLS;
+    /// `METALGRAPH_SECURITY_TLS_CLIENT_CA`, `--tls-client-ca`). Off unless set.
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig {
+            auth: true,
+            tls: true,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+        }
+    }
+}
+
+impl SecurityConfig {
+    /// Applies the `METALGRAPH_SECURITY_*` variables.
+    pub fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), Error> {
+        for (name, field) in [("AUTH", &mut self.auth), ("TLS", &mut self.tls)] {
+            let var = format!("METALGRAPH_SECURITY_{name}");
+            if let Some(value) = env(&var) {
+                *field = parse_bool(&var, &value)?;
+            }
+        }
+        for (name, field) in [
+            ("TLS_CERT", &mut self.tls_cert),
+            ("TLS_KEY", &mut self.tls_key),
+            ("TLS_CLIENT_CA", &mut self.tls_client_ca),
+        ] {
+            if let Some(value) = env(&format!("METALGRAPH_SECURITY_{name}")) {
+                *field = optional_dir(&value);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn apply_flags(&mut self, flags: &SecurityArgs) {
+        if flags.no_auth {
+            self.auth = false;
+        }
+        if flags.no_tls {
+            self.tls = false;
+        }
+        for (flag, field) in [
+            (&flags.tls_cert, &mut self.tls_cert),
+            (&flags.tls_key, &mut self.tls_key),
+            (&flags.tls_client_ca, &mut self.tls_client_ca),
+        ] {
+            if let Some(f) = flag {
+                *field = Some(f.clone());
+            }
+        }
+    }
+
+    /// A certificate comes with its key; TLS settings need TLS on.
+    pub fn check(&self) -> Result<(), Error> {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(Error::Field {
+                field: "security.tls_cert",
+                message: "tls_cert and tls_key go together: give both or neither".into(),
+            });
+        }
+        if !self.tls && (self.tls_cert.is_some() || self.tls_client_ca.is_some()) {
+            return Err(Error::Field {
+                field: "security.tls",
+                message: "TLS is off (--no-tls), so tls_cert and tls_client_ca cannot be used"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The security flags of `metalgraph serve`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SecurityArgs {
+    /// Serve the management and gRPC APIs without bearer tokens: anyone who reaches them
+    /// may do anything (not recommended).
+    #[arg(long)]
+    pub no_auth: bool,
+    /// Serve the management and gRPC APIs over plain HTTP (not recommended).
+    #[arg(long)]
+    pub no_tls: bool,
+    /// The server's certificate chain (PEM), instead of the generated one.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// The `[retention]` section: finished workflows are removed in the background once older
@@ -517,6 +634,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             hooks: HooksConfig::default(),
             retention: RetentionConfig::default(),
+            security: SecurityConfig::default(),
         }
     }
 }
@@ -573,6 +691,9 @@ pub struct ServeArgs {
     /// Connection limits.
     #[command(flatten, next_help_heading = "Limits")]
     pub limits: LimitsArgs,
+    /// Tokens and TLS.
+    #[command(flatten, next_help_heading = "Security")]
+    pub security: SecurityArgs,
 }
 
 impl Config {
@@ -675,6 +796,7 @@ impl Config {
         self.limits.apply_env(env)?;
         self.hooks.apply_env(env)?;
         self.retention.apply_env(env)?;
+        self.security.apply_env(env)?;
         Ok(())
     }
 
@@ -721,6 +843,7 @@ impl Config {
         }
         self.boot.apply_flags(&flags.boot);
         self.limits.apply_flags(&flags.limits);
+        self.security.apply_flags(&flags.security);
     }
 
     /// Checks values no type can express.
@@ -729,6 +852,7 @@ impl Config {
         self.limits.check()?;
         self.hooks.check()?;
         self.retention.check()?;
+        self.security.check()?;
         if !(8..=1 << 20).contains(&self.sled_cache_mb) {
             return Err(Error::Field {
                 field: "sled_cache_mb",

@@ -3,6 +3,8 @@
 //! that tests can drive every piece directly.
 
 pub mod api;
+pub mod audit;
+pub mod auth;
 pub mod boot;
 pub mod client;
 pub mod config;
@@ -10,4 +12,5 @@ pub mod hooks;
 pub mod library;
 pub mod metrics;
 pub mod server;
+pub mod tls;
 pub mod validate;

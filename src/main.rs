@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use metalgraph::client::draw::Drawing;
 use metalgraph::client::out::{self, StdoutClosed};
 use metalgraph::client::views::{Output, Shape};
-use metalgraph::client::{Client, NodeSpec, seg};
+use metalgraph::client::{Access, Client, NodeSpec, seg};
 use metalgraph::config::{Config, LogFormat, ServeArgs};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -84,6 +84,15 @@ enum Command {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Bearer tokens on a server (admin only).
+    Tokens {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(flatten)]
+        view: View,
+        #[command(subcommand)]
+        action: TokensCmd,
+    },
     /// Check definition files offline against the shipped library and each other.
     Validate {
         /// YAML or JSON files holding graphs and task definitions.
@@ -101,7 +110,7 @@ struct View {
     output: Option<Output>,
 }
 
-/// Where the server is.
+/// Where the server is, and how to prove who we are to it.
 #[derive(Debug, Args)]
 struct Remote {
     /// The server's URL.
@@ -109,9 +118,33 @@ struct Remote {
         long,
         global = true,
         env = "METALGRAPH_SERVER",
-        default_value = "http://127.0.0.1:8080"
+        default_value = "https://127.0.0.1:8080"
     )]
     server: String,
+    /// The bearer token (default: the admin.token the server wrote in --data-dir).
+    #[arg(long, global = true, env = "METALGRAPH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A CA certificate (PEM) the server's certificate is signed by (default: tls/ca.pem in
+    /// --data-dir, when it is there).
+    #[arg(long, global = true, env = "METALGRAPH_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+    /// The server's data directory, where it keeps admin.token and tls/ca.pem (when the
+    /// client runs on the same machine).
+    #[arg(
+        long,
+        global = true,
+        env = "METALGRAPH_DATA_DIR",
+        default_value = "./metalgraph-data",
+        value_name = "DIR"
+    )]
+    data_dir: PathBuf,
+}
+
+impl Remote {
+    fn client(&self) -> anyhow::Result<Client> {
+        let access = Access::resolve(self.token.clone(), self.ca_cert.as_deref(), &self.data_dir)?;
+        Client::new(&self.server, &access)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -231,6 +264,22 @@ impl PageArgs {
 }
 
 #[derive(Debug, Subcommand)]
+enum TokensCmd {
+    /// Make a token; its secret is printed this once.
+    Create {
+        name: String,
+        /// viewer (reads), operator (also runs and changes), admin (also tokens, webhooks,
+        /// audit).
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+    },
+    /// List tokens: names, roles, when made and last used.
+    List,
+    /// Revoke a token at once.
+    Revoke { name: String },
+}
+
+#[derive(Debug, Subcommand)]
 enum WorkflowsCmd {
     /// List workflows, newest first.
     List {
@@ -290,7 +339,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             view,
             action,
         } => {
-            let c = Client::new(&remote.server)?;
+            let c = remote.client()?;
             let o = view.output.unwrap_or_default();
             match action {
                 GraphsCmd::List => c.show("/workflows/graphs", Shape::Graphs, o).await,
@@ -328,7 +377,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             view,
             action,
         } => {
-            let c = Client::new(&remote.server)?;
+            let c = remote.client()?;
             let o = view.output.unwrap_or_default();
             match action {
                 TasksCmd::List => c.show("/workflows/tasks", Shape::Tasks, o).await,
@@ -351,7 +400,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             view,
             action,
         } => {
-            let c = Client::new(&remote.server)?;
+            let c = remote.client()?;
             let o = view.output.unwrap_or_default();
             match action {
                 NodesCmd::List {
@@ -402,7 +451,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             view,
             action,
         } => {
-            let c = Client::new(&remote.server)?;
+            let c = remote.client()?;
             let o = view.output.unwrap_or_default();
             match action {
                 WorkflowsCmd::List {
@@ -437,6 +486,34 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Tokens {
+            remote,
+            view,
+            action,
+        } => {
+            let c = remote.client()?;
+            let o = view.output.unwrap_or_default();
+            match action {
+                TokensCmd::Create { name, role } => {
+                    let body = serde_json::json!({"name": name, "role": role});
+                    let (_, created) = c
+                        .call(reqwest::Method::POST, "/tokens", Some(&body))
+                        .await?;
+                    out::print(&metalgraph::client::views::render(
+                        o,
+                        Shape::NewToken,
+                        &created,
+                        0,
+                    )?)?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                TokensCmd::List => c.show("/tokens", Shape::Tokens, o).await,
+                TokensCmd::Revoke { name } => {
+                    c.delete(&format!("/tokens/{}", seg(&name)), &format!("token {name}"))
+                        .await
+                }
+            }
+        }
         Command::Run {
             remote,
             graph,
@@ -445,7 +522,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             wait,
             output,
         } => {
-            Client::new(&remote.server)?
+            remote
+                .client()?
                 .run(&graph, node.as_deref(), &options, wait, output)
                 .await
         }

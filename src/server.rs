@@ -71,6 +71,23 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         None => None,
     };
 
+    let tls = {
+        let mut listen = vec![mgmt_addr];
+        if let Some(g) = &grpc {
+            listen.push(g.local_addr().context("the gRPC listener has no address")?);
+        }
+        let names: Vec<String> = config
+            .api_base_url
+            .iter()
+            .filter_map(|u| crate::tls::url_host(u))
+            .collect();
+        let (security, data_dir) = (config.security.clone(), config.data_dir.clone());
+        tokio::task::spawn_blocking(move || crate::tls::load(&security, &data_dir, &listen, &names))
+            .await
+            .context("setting up TLS failed")??
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+
     for (field, dir) in [
         ("files_dir", &config.files_dir),
         ("templates_dir", &config.templates_dir),
@@ -108,7 +125,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         base: config
             .api_base_url
             .clone()
-            .unwrap_or_else(|| format!("http://{mgmt_addr}/api/2.0")),
+            .unwrap_or_else(|| format!("{scheme}://{mgmt_addr}/api/2.0")),
         node_base: config
             .node_api_base_url
             .clone()
@@ -150,16 +167,41 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         register_demo_nodes(&engine).await?;
     }
 
+    let base = match AppState::with_hooks(
+        engine.clone(),
+        config.body_limit_bytes,
+        config.hooks.settings(),
+        config.security.auth,
+    ) {
+        Ok(base) => base,
+        Err(e) => {
+            engine_stop.cancel();
+            let _ = engine_watch.await;
+            return Err(anyhow::Error::new(e).context("cannot read the tokens or the audit log"));
+        }
+    };
+    if config.security.auth {
+        let file = config.data_dir.join("admin.token");
+        match base.tokens.bootstrap(&file).await {
+            Ok(Some(path)) => {
+                info!(file = %path.display(), "made the first admin token; it is in this file (mode 0600)")
+            }
+            Ok(None) => {}
+            Err(e) => {
+                engine_stop.cancel();
+                let _ = engine_watch.await;
+                return Err(e.context("cannot make the first admin token"));
+            }
+        }
+    } else {
+        crate::auth::warn_off();
+    }
     let state = AppState {
         files_dir: config.files_dir.clone(),
         templates_dir: config.templates_dir.clone(),
         discovery_graph: config.boot.discovery_graph.clone(),
         api: api_urls,
-        ..AppState::with_hooks(
-            engine.clone(),
-            config.body_limit_bytes,
-            config.hooks.settings(),
-        )
+        ..base
     };
     let hooks = state.hooks.clone();
     // Network boot binds before anything is served, so that a port in use or a missing
@@ -203,9 +245,10 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         mgmt,
         api::app(state.clone()),
         limits,
+        tls.as_ref().map(|t| t.http.clone()),
         shutdown.clone(),
     ));
-    announce(&format!("metalgraph listening on http://{mgmt_addr}"));
+    announce(&format!("metalgraph listening on {scheme}://{mgmt_addr}"));
     info!(addr = %mgmt_addr, store = store.backend(), data_dir = %config.data_dir.display(), "management API listening");
     if let Some(listener) = metrics {
         let addr = listener
@@ -216,6 +259,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             listener,
             api::metrics_app(state.clone()),
             limits,
+            None,
             shutdown.clone(),
         ));
         announce(&format!("metalgraph metrics listening on http://{addr}"));
@@ -225,8 +269,9 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         servers.spawn(run_http(
             "node-facing API",
             listener,
-            api::node_app(state),
+            api::node_app(state.clone()),
             limits,
+            None,
             shutdown.clone(),
         ));
         announce(&format!(
@@ -243,10 +288,12 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             engine.clone(),
             conn::grpc_server(&config.limits),
             config.body_limit_bytes,
+            &state,
         )?;
         let stop = shutdown.clone();
+        let tls = tls.as_ref().map(|t| t.grpc.clone());
         servers.spawn(async move {
-            let (incoming, accept) = conn::grpc_incoming(listener, limits, stop.clone());
+            let (incoming, accept) = conn::grpc_incoming(listener, limits, tls, stop.clone());
             let signal = stop.clone().cancelled_owned();
             let serve = async move {
                 let (served, ()) = tokio::join!(
@@ -257,7 +304,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             };
             drained("gRPC API", serve, stop).await
         });
-        announce(&format!("metalgraph grpc listening on http://{addr}"));
+        announce(&format!("metalgraph grpc listening on {scheme}://{addr}"));
         info!(%addr, "gRPC API listening");
     }
 
@@ -333,9 +380,10 @@ async fn run_http(
     listener: TcpListener,
     router: axum::Router,
     limits: conn::Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    conn::serve_http(what, listener, router, limits, shutdown, DRAIN_TIMEOUT).await;
+    conn::serve_http(what, listener, router, limits, tls, shutdown, DRAIN_TIMEOUT).await;
     Ok(())
 }
 

@@ -43,7 +43,9 @@ pub fn router(
     engine: Engine,
     mut server: tonic::transport::Server,
     body_limit: usize,
+    state: &super::AppState,
 ) -> anyhow::Result<tonic::transport::server::Router> {
+    use super::security::Guarded;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -82,11 +84,20 @@ pub fn router(
     });
     Ok(server
         .add_service(health)
-        .add_service(reflection)
-        .add_service(reflection_alpha)
-        .add_service(DefinitionsServer::new(api.clone()).max_decoding_message_size(body_limit))
-        .add_service(WorkflowsServer::new(api.clone()).max_decoding_message_size(body_limit))
-        .add_service(NodesServer::new(api).max_decoding_message_size(body_limit)))
+        .add_service(Guarded::new(reflection, state))
+        .add_service(Guarded::new(reflection_alpha, state))
+        .add_service(Guarded::new(
+            DefinitionsServer::new(api.clone()).max_decoding_message_size(body_limit),
+            state,
+        ))
+        .add_service(Guarded::new(
+            WorkflowsServer::new(api.clone()).max_decoding_message_size(body_limit),
+            state,
+        ))
+        .add_service(Guarded::new(
+            NodesServer::new(api).max_decoding_message_size(body_limit),
+            state,
+        )))
 }
 
 /// Maps an engine error to a gRPC status, with the HTTP API's message.

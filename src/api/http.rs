@@ -31,7 +31,7 @@ use utoipa_axum::routes;
 
 use super::error::ErrorBody;
 use super::extract::{Body, Path, Query, decode};
-use super::{ApiError, AppState, files};
+use super::{ApiError, AppState, files, security};
 use crate::hooks::HookSpec;
 
 type Result<T, E = ApiError> = std::result::Result<T, E>;
@@ -58,7 +58,10 @@ pub(crate) fn management_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(list_catalogs))
         .routes(routes!(get_catalog))
         .routes(routes!(list_hooks, create_hook))
-        .routes(routes!(get_hook, delete_hook));
+        .routes(routes!(get_hook, delete_hook))
+        .routes(routes!(security::list_tokens, security::create_token))
+        .routes(routes!(security::revoke_token))
+        .routes(routes!(security::list_audit));
     OpenApiRouter::new()
         .nest("/api/2.0", api)
         .routes(routes!(metrics))
@@ -85,7 +88,13 @@ pub(crate) fn node_routes() -> OpenApiRouter<AppState> {
 /// modules are not API and are left out of the document.
 pub fn app(state: AppState) -> Router {
     let api: Router<AppState> = management_routes().into();
-    finish(api.merge(super::ui::routes()), state)
+    let guarded = api
+        .merge(super::ui::routes())
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            security::guard,
+        ));
+    finish(guarded, state)
 }
 
 /// A router serving only `GET /metrics`, for a listener of its own (`metrics_listen`).

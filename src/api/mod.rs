@@ -11,12 +11,15 @@ pub mod grpc;
 pub mod http;
 pub mod openapi;
 pub mod profiles;
+pub mod security;
 pub mod ui;
 
 use std::path::PathBuf;
 
 use metalgraph_engine::{ApiUrls, Engine};
 
+use crate::audit::Audit;
+use crate::auth::Tokens;
 use crate::hooks::Hooks;
 
 pub use error::ApiError;
@@ -40,18 +43,31 @@ pub struct AppState {
     pub discovery_graph: String,
     /// The webhooks, delivering.
     pub hooks: Hooks,
+    /// The bearer tokens the management API checks.
+    pub tokens: Tokens,
+    /// The audit log of calls that change something.
+    pub audit: Audit,
 }
 
 impl AppState {
-    /// A state with the node-facing files and templates off and webhooks delivered with
-    /// the default settings. It starts delivering the stored webhooks: make one per engine.
-    pub fn new(engine: Engine, body_limit: usize) -> Self {
-        Self::with_hooks(engine, body_limit, crate::hooks::Settings::default())
+    /// A state with the node-facing files and templates off, webhooks delivered with the
+    /// default settings, and tokens required. It starts delivering the stored webhooks and
+    /// reads the stored tokens: make one per engine.
+    pub fn new(engine: Engine, body_limit: usize) -> Result<Self, metalgraph_engine::Error> {
+        Self::with_hooks(engine, body_limit, crate::hooks::Settings::default(), true)
     }
 
-    /// [`AppState::new`] with webhooks delivered under `hooks`.
-    pub fn with_hooks(engine: Engine, body_limit: usize, hooks: crate::hooks::Settings) -> Self {
-        Self {
+    /// [`AppState::new`] with webhooks delivered under `hooks`, and tokens required or not.
+    pub fn with_hooks(
+        engine: Engine,
+        body_limit: usize,
+        hooks: crate::hooks::Settings,
+        tokens_required: bool,
+    ) -> Result<Self, metalgraph_engine::Error> {
+        let store = engine.store();
+        Ok(Self {
+            tokens: Tokens::load(store.clone(), tokens_required)?,
+            audit: Audit::start(store)?,
             hooks: Hooks::start(engine.clone(), hooks),
             engine,
             body_limit,
@@ -59,6 +75,6 @@ impl AppState {
             templates_dir: None,
             api: ApiUrls::default(),
             discovery_graph: crate::boot::DEFAULT_DISCOVERY_GRAPH.to_owned(),
-        }
+        })
     }
 }

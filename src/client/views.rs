@@ -36,6 +36,8 @@ pub enum Shape {
     Node,
     Workflows,
     Workflow,
+    Tokens,
+    NewToken,
 }
 
 /// The most characters an error shows in a table; the whole text is in `-o yaml`.
@@ -70,8 +72,40 @@ pub fn render(output: Output, shape: Shape, answer: &Value, now_ms: u64) -> anyh
                     .context("the server answered with something that is not a workflow")?;
                 workflow(&view, now_ms)
             }
+            Shape::Tokens => tokens(answer),
+            Shape::NewToken => new_token(answer),
         }),
     }
+}
+
+/// `tokens list`: names and roles, never a secret (the server has none to give).
+pub fn tokens(list: &Value) -> String {
+    let mut t = Table::new(&[
+        ("NAME", ID_WIDTH),
+        ("ROLE", 8),
+        ("CREATED", 24),
+        ("LAST USED", 24),
+    ]);
+    for k in items(list) {
+        t.row(&[
+            text(k, "name"),
+            text(k, "role"),
+            text(k, "createdAt"),
+            text(k, "lastUsed"),
+        ]);
+    }
+    t.render()
+}
+
+/// `tokens create`: the token, which is shown this once.
+pub fn new_token(k: &Value) -> String {
+    let mut out = fields(&[
+        ("Token", text(k, "name")),
+        ("Role", text(k, "role")),
+        ("Secret", text(k, "token")),
+    ]);
+    out.push_str("\nThe secret is shown only now; the server keeps only its hash.\n");
+    out
 }
 
 /// `graphs list`.

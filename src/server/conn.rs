@@ -38,7 +38,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::{debug, error, warn};
@@ -209,6 +211,7 @@ pub async fn serve_http(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
     drain: Duration,
 ) {
@@ -249,6 +252,7 @@ pub async fn serve_http(
             slot,
             router.clone(),
             limits,
+            tls.clone(),
             shutdown.clone(),
         ));
     }
@@ -284,18 +288,29 @@ async fn serve_connection(
     slot: Slot,
     router: Router,
     limits: Limits,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
     let clock = Arc::new(Clock::new(Instant::now()));
     let spare = slot.spare;
-    let io = TokioIo::new(Watched {
+    let peer = stream.peer_addr().ok();
+    let watched = Watched {
         inner: stream,
         clock: clock.clone(),
-    });
+    };
+    let io = match tls {
+        None => Either::Left(watched),
+        Some(acceptor) => match handshake(watched, &acceptor, limits.header_read_timeout).await {
+            Some(tls) => Either::Right(tls),
+            None => return,
+        },
+    };
+    let io = TokioIo::new(io);
     let service = Tracked {
         router: TowerToHyperService::new(router),
         clock: clock.clone(),
         spare,
+        peer,
     };
     let mut builder = http1::Builder::new();
     // The clock enforces the header-read timeout, counted from the first byte of a request
@@ -336,6 +351,8 @@ struct Tracked {
     router: TowerToHyperService<Router>,
     clock: Arc<Clock>,
     spare: bool,
+    /// The client's address, given to handlers as axum's `ConnectInfo`.
+    peer: Option<std::net::SocketAddr>,
 }
 
 type ResponseFuture =
@@ -346,8 +363,12 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
     type Error = Infallible;
     type Future = ResponseFuture;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let busy = Busy::start(self.clock.clone());
+        if let Some(peer) = self.peer {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+        }
         if self.spare && !is_health(&req) {
             return Box::pin(std::future::ready(Ok(too_many_connections())));
         }
@@ -498,6 +519,80 @@ impl ClockState {
     }
 }
 
+/// The TLS handshake of an HTTP connection, within `timeout`. A client that speaks plain
+/// HTTP to it is told, in plain HTTP, to use `https://`, and the connection closes; so does
+/// one whose handshake fails or is too slow.
+async fn handshake<S>(
+    mut stream: S,
+    acceptor: &TlsAcceptor,
+    timeout: Duration,
+) -> Option<tokio_rustls::server::TlsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Peekable,
+{
+    let shake = async {
+        // A TLS client starts with a handshake record (22); a letter is an HTTP method.
+        if stream.peek_byte().await?.is_ascii_alphabetic() {
+            use tokio::io::AsyncWriteExt as _;
+            let _ = stream.write_all(&plain_http_to_tls()).await;
+            let _ = stream.shutdown().await;
+            return Err(io::Error::other("plain HTTP on the TLS port"));
+        }
+        acceptor.accept(stream).await
+    };
+    match tokio::time::timeout(timeout, shake).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            debug!(error = %e, "a TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            debug!("a TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// The answer to plain HTTP on a TLS listener.
+fn plain_http_to_tls() -> Vec<u8> {
+    let body = serde_json::json!({"error": {
+        "code": "tls_required",
+        "message": "this listener speaks TLS: use https:// (and trust <data-dir>/tls/ca.pem)",
+        "details": [],
+    }})
+    .to_string();
+    format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// A socket whose next byte can be looked at without taking it.
+trait Peekable {
+    fn peek_byte(&mut self) -> impl Future<Output = io::Result<u8>> + Send;
+}
+
+impl Peekable for Watched {
+    async fn peek_byte(&mut self) -> io::Result<u8> {
+        let mut b = [0u8; 1];
+        match self.inner.peek(&mut b).await? {
+            0 => Err(io::ErrorKind::UnexpectedEof.into()),
+            _ => Ok(b[0]),
+        }
+    }
+}
+
+impl Peekable for TcpStream {
+    async fn peek_byte(&mut self) -> io::Result<u8> {
+        let mut b = [0u8; 1];
+        match self.peek(&mut b).await? {
+            0 => Err(io::ErrorKind::UnexpectedEof.into()),
+            _ => Ok(b[0]),
+        }
+    }
+}
+
 /// A socket that tells its connection's [`Clock`] about every byte it moves.
 struct Watched {
     inner: TcpStream,
@@ -582,6 +677,7 @@ pub fn grpc_server(limits: &LimitsConfig) -> tonic::transport::Server {
 pub fn grpc_incoming(
     listener: TcpListener,
     limits: Limits,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> (
     ReceiverStream<io::Result<GrpcIo>>,
@@ -606,17 +702,32 @@ pub fn grpc_incoming(
                 },
             };
             let _ = stream.set_nodelay(true);
-            let io = GrpcIo {
-                inner: stream,
-                _slot: slot,
-                preface: Some(Preface {
-                    remaining: H2_PREFACE_LEN,
-                    deadline: Box::pin(tokio::time::sleep(limits.header_read_timeout)),
-                }),
+            let info = stream.connect_info();
+            let Some(acceptor) = &tls else {
+                if tx
+                    .send(Ok(GrpcIo::new(Either::Left(stream), info, slot, &limits)))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                continue;
             };
-            if tx.send(Ok(io)).await.is_err() {
-                break;
-            }
+            // The handshake runs beside the loop, so that a slow client holds only its
+            // own slot.
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let shaken =
+                    tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await;
+                match shaken {
+                    Ok(Ok(tls)) => {
+                        let io = GrpcIo::new(Either::Right(Box::new(tls)), info, slot, &limits);
+                        let _ = tx.send(Ok(io)).await;
+                    }
+                    Ok(Err(e)) => debug!(error = %e, "a gRPC TLS handshake failed"),
+                    Err(_) => debug!("a gRPC TLS handshake timed out"),
+                }
+            });
         }
     };
     (ReceiverStream::new(rx), accept)
@@ -625,7 +736,8 @@ pub fn grpc_incoming(
 /// A gRPC connection's socket: it holds the connection's slot, and fails its reads once the
 /// preface deadline passes without the preface.
 pub struct GrpcIo {
-    inner: TcpStream,
+    inner: Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>,
+    info: TcpConnectInfo,
     _slot: Slot,
     /// Until the preface is in: how many of its bytes are still due, and by when.
     preface: Option<Preface>,
@@ -636,11 +748,32 @@ struct Preface {
     deadline: Pin<Box<Sleep>>,
 }
 
+impl GrpcIo {
+    /// A connection whose HTTP/2 preface (after TLS, if any) is due within the header-read
+    /// timeout from now.
+    fn new(
+        inner: Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>,
+        info: TcpConnectInfo,
+        slot: Slot,
+        limits: &Limits,
+    ) -> Self {
+        GrpcIo {
+            inner,
+            info,
+            _slot: slot,
+            preface: Some(Preface {
+                remaining: H2_PREFACE_LEN,
+                deadline: Box::pin(tokio::time::sleep(limits.header_read_timeout)),
+            }),
+        }
+    }
+}
+
 impl Connected for GrpcIo {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        self.info.clone()
     }
 }
 
