@@ -31,4 +31,5 @@ if [ -z "$base" ]; then
 fi
 
 PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 "$PEERS/venv/bin/python" tests/clients/ui_driver.py \
-    screenshots --base "$base" --out docs/img
+    screenshots --base "$base" --token-file "$work/data/admin.token" --ca "$work/data/tls/ca.pem" \
+    --out docs/img

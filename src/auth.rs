@@ -78,11 +78,11 @@ impl std::str::FromStr for Role {
 }
 
 /// The role an HTTP request on the management listener needs; `None` for what anyone may
-/// reach: health, and the web view's pages (which hold no data; the API calls they make
-/// carry a token).
+/// reach: health, and the web view's pages and the redirect to them (which hold no data;
+/// the API calls they make carry a token).
 pub fn http_role(method: &axum::http::Method, path: &str) -> Option<Role> {
     use axum::http::Method;
-    if path == "/api/2.0/health" || path == "/ui" || path.starts_with("/ui/") {
+    if path == "/api/2.0/health" || path == "/" || path == "/ui" || path.starts_with("/ui/") {
         return None;
     }
     let admin_only = ["/api/2.0/tokens", "/api/2.0/audit", "/api/2.0/hooks"]

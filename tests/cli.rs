@@ -40,8 +40,10 @@ fn mg(server: &Server, args: &[&str]) -> Ran {
 
 fn client(server: &Server, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_metalgraph"));
+    // The token and CA come from the server's data directory, as on the server's machine.
     cmd.args(args)
         .env("METALGRAPH_SERVER", &server.base)
+        .env("METALGRAPH_DATA_DIR", &server.data_dir)
         .stdin(Stdio::null());
     cmd
 }
@@ -115,7 +117,7 @@ const BMC_ERROR: &str =
 /// A server with two nodes and the two graphs above stored.
 async fn setup(dir: &std::path::Path) -> (Server, Api) {
     let server = Server::start(dir, "sled", &[]);
-    let api = Api::new(&server.base);
+    let api = server.api();
     api.create_node(json!({
         "id": "node-a", "name": "rack1-u07", "identifiers": ["52:54:00:12:34:07"],
         "tags": ["rack1", "gpu"],
@@ -518,7 +520,7 @@ fn dot_string(s: &str) -> (String, &str) {
 async fn graphs_are_drawn_as_dot_and_mermaid() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), "sled", &[]);
-    let api = Api::new(&server.base);
+    let api = server.api();
     let (code, v) = api.put_yaml("/api/2.0/workflows/graphs", HOSTILE).await;
     assert_eq!(code, 201, "{v}");
     let (a, b) = (r#"a "quoted" [label]"#, r#"b\"]; x -> y; #quot; <b>"#);
@@ -657,6 +659,7 @@ async fn a_reader_that_closes_early_is_no_failure() {
             env!("CARGO_BIN_EXE_metalgraph"),
         ])
         .env("METALGRAPH_SERVER", &server.base)
+        .env("METALGRAPH_DATA_DIR", &server.data_dir)
         .output()
         .expect("bash runs");
     assert_eq!(
@@ -691,8 +694,18 @@ async fn serve_with_a_closed_stdout_keeps_serving() {
         .stderr(Stdio::null())
         .spawn()
         .expect("serve starts");
-    let api = Api::new(&format!("http://127.0.0.1:{port}"));
     let deadline = Instant::now() + Duration::from_secs(30);
+    // The server writes its token and CA before it listens.
+    let api = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("serve exited with a closed stdout: {status}");
+        }
+        if dir.path().join("admin.token").exists() && dir.path().join("tls/ca.pem").exists() {
+            break Api::from_data_dir(&format!("https://127.0.0.1:{port}"), dir.path());
+        }
+        assert!(Instant::now() < deadline, "serve never wrote its token");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("serve exited with a closed stdout: {status}");

@@ -183,7 +183,7 @@ async fn crash_loop(store: &str) {
     let mut seen = HashMap::new();
 
     let server = Server::start(dir.path(), store, &[]);
-    let api = Api::new(&server.base);
+    let api = server.api();
     setup(&api).await;
     let mut server = Some(server);
 
@@ -191,7 +191,7 @@ async fn crash_loop(store: &str) {
         let s = server
             .take()
             .unwrap_or_else(|| Server::start(dir.path(), store, &[]));
-        let api = Api::new(&s.base);
+        let api = s.api();
         launch(&api, &mut launched, &mut rng).await;
         if let Ok(r) = api
             .http
@@ -214,7 +214,7 @@ async fn crash_loop(store: &str) {
 
     // A final start that runs everything to its end.
     let s = Server::start(dir.path(), store, &[]);
-    let api = Api::new(&s.base);
+    let api = s.api();
     while launched.len() < TARGET_WORKFLOWS {
         launch(&api, &mut launched, &mut rng).await;
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{Api, Launch, Server};
+use support::{Launch, Server};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -62,14 +62,14 @@ async fn callback_survives_sigkill(store: &str, rounds: usize) {
     )
     .unwrap();
     let mut server = serve(data.path(), store, templates.path());
-    let api = Api::new(&server.base);
+    let api = server.api();
     let (code, body) = api
         .put_yaml("/api/2.0/workflows/graphs", CALLBACK_GRAPH)
         .await;
     assert_eq!(code, 201, "{body}");
     api.create_node(json!({"id": "n1", "name": "n1"})).await;
     for round in 0..rounds {
-        let api = Api::new(&server.base);
+        let api = server.api();
         let id = api.run("Callback.Wait", Some("n1"), json!({})).await;
         let url = callback_url(&server).await;
         let r = reqwest::Client::new()
@@ -82,7 +82,7 @@ async fn callback_survives_sigkill(store: &str, rounds: usize) {
         // The installer got its 200; the server dies that instant.
         server.kill9();
         server = serve(data.path(), store, templates.path());
-        let api = Api::new(&server.base);
+        let api = server.api();
         let wf = api.wait(&id, LIMIT).await;
         assert_eq!(wf["status"], "succeeded", "{store} round {round}: {wf:#}");
         assert_eq!(wf["context"]["wait"]["round"], round, "{wf:#}");
@@ -157,7 +157,7 @@ async fn a_full_disk_stops_the_service_with_health_saying_why() {
             log: Some(logs.path().join("stderr.log")),
         },
     );
-    let api = Api::new(&server.base);
+    let api = server.api();
     let (code, body) = api.get("/api/2.0/health").await;
     assert_eq!(code, 200, "{body}");
     let graph = r#"
@@ -196,11 +196,8 @@ tasks:
         message.contains("store failure") && message.contains("No space left on device"),
         "{body}"
     );
-    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
-        .unwrap()
-        .connect()
-        .await
-        .expect("gRPC still answers while the service drains");
+    // Health needs no token; the channel speaks TLS like every client.
+    let channel = support::grpc_channel_tls(grpc_port, server.ca_pem.as_deref()).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let status = health
         .check(tonic_health::pb::HealthCheckRequest {

@@ -51,7 +51,7 @@ tasks:
 fn metalgraph() -> (Server, Api, TempDir) {
     let data = tempfile::tempdir().expect("a data dir");
     let server = Server::start(data.path(), "sled", &[]);
-    let api = Api::new(&server.base);
+    let api = server.api();
     (server, api, data)
 }
 

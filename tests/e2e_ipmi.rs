@@ -19,7 +19,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 fn metalgraph() -> (Server, Api, TempDir) {
     let data = tempfile::tempdir().expect("a data dir");
     let server = Server::start(data.path(), "sled", &[]);
-    let api = Api::new(&server.base);
+    let api = server.api();
     (server, api, data)
 }
 

@@ -35,7 +35,7 @@ fn metalgraph(files: Option<&Path>) -> Metalgraph {
         args.extend(["--files-dir", f.to_str().expect("utf-8")]);
     }
     let server = Server::start(data.path(), "sled", &args);
-    let api = Api::new(&server.base);
+    let api = server.api();
     Metalgraph {
         server,
         api,

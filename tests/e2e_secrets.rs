@@ -70,7 +70,7 @@ async fn passwords_appear_in_no_response_log_or_template() {
             log: Some(log.clone()),
         },
     );
-    let api = Api::new(&server.base);
+    let api = server.api();
     let mut seen = Seen(Vec::new());
 
     // Discovery, first with a wrong password, then with the right one.

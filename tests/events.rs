@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Api, Server, describe_event};
+use support::{Server, describe_event};
 
 /// One parsed Server-Sent Event: its id and its JSON data.
 #[derive(Debug, Clone)]
@@ -17,7 +17,9 @@ struct Sse {
 
 /// Opens `GET /api/2.0/events?{query}`, resuming after `last` when given.
 async fn open(server: &Server, query: &str, last: Option<&str>) -> reqwest::Response {
-    let mut req = reqwest::Client::new().get(server.url(&format!("/api/2.0/events?{query}")));
+    let mut req = server
+        .http()
+        .get(server.url(&format!("/api/2.0/events?{query}")));
     if let Some(id) = last {
         req = req.header("Last-Event-ID", id);
     }
@@ -67,7 +69,7 @@ fn describe(ev: &Sse) -> String {
 async fn events_stream_in_order_filter_and_resume() {
     let data = tempfile::tempdir().unwrap();
     let server = Server::start(data.path(), "sled", &[]);
-    let api = Api::new(&server.base);
+    let api = server.api();
     for g in [
         "{injectableName: Ev.G, tasks: [{label: a, taskName: Task.Noop}, {label: b, taskName: Task.Wait, optionOverrides: {duration: 200ms}, waitOn: {a: succeeded}}]}",
         "{injectableName: Ev.Other, tasks: [{label: x, taskName: Task.Noop}]}",
@@ -124,7 +126,7 @@ async fn events_stream_in_order_filter_and_resume() {
     // events are numbered after them.
     server.kill9();
     let server = Server::start(data.path(), "sled", &[]);
-    let api = Api::new(&server.base);
+    let api = server.api();
     let resumed = open(&server, &format!("workflow={id}"), Some(&seen[2].id)).await;
     let rest = read_until(resumed, is_end).await;
     let got: Vec<(&str, &Value)> = rest.iter().map(|e| (e.id.as_str(), &e.data)).collect();

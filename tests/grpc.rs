@@ -70,8 +70,8 @@ async fn every_rpc_and_watch() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let _server = Server::start(dir.path(), "sled", &["--grpc-listen", &addr]);
-    let ch = support::grpc_channel(port).await;
+    let server = Server::start(dir.path(), "sled", &["--grpc-listen", &addr]);
+    let ch = server.grpc(port).await;
     let mut defs = DefinitionsClient::new(ch.clone());
     let mut wfs = WorkflowsClient::new(ch.clone());
     let mut nodes = NodesClient::new(ch.clone());
@@ -499,14 +499,19 @@ async fn foreign_clients_python_grpcio_and_buf_curl() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let _server = Server::start(dir.path(), "sled", &["--grpc-listen", &addr]);
-    support::grpc_channel(port).await;
+    let server = Server::start(dir.path(), "sled", &["--grpc-listen", &addr]);
+    server.grpc(port).await;
+    let ca = dir.path().join("tls/ca.pem");
+    let token = server.token.clone().expect("the admin token");
+    let bearer = format!("Authorization: Bearer {token}");
 
     let out = tempfile::tempdir().unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/grpc_client.py");
     let proto = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
     let run = tokio::process::Command::new(&python)
         .args([script, proto, out.path().to_str().unwrap(), &addr])
+        .env("METALGRAPH_CA_CERT", &ca)
+        .env("METALGRAPH_TOKEN", &token)
         .output()
         .await
         .unwrap();
@@ -534,13 +539,17 @@ async fn foreign_clients_python_grpcio_and_buf_curl() {
         "{events:?}"
     );
 
-    let url = format!("http://{addr}");
+    // Over TLS, trusting the server's CA; the token rides as a header.
+    let url = format!("https://{addr}");
     let list = tokio::process::Command::new(&buf)
         .args([
             "curl",
             "--protocol",
             "grpc",
-            "--http2-prior-knowledge",
+            "--cacert",
+            ca.to_str().unwrap(),
+            "-H",
+            &bearer,
             "--list-services",
             &url,
         ])
@@ -566,7 +575,10 @@ async fn foreign_clients_python_grpcio_and_buf_curl() {
             "curl",
             "--protocol",
             "grpc",
-            "--http2-prior-knowledge",
+            "--cacert",
+            ca.to_str().unwrap(),
+            "-H",
+            &bearer,
             "-d",
             "{}",
             &format!("{url}/grpc.health.v1.Health/Check"),
@@ -584,7 +596,10 @@ async fn foreign_clients_python_grpcio_and_buf_curl() {
             "curl",
             "--protocol",
             "grpc",
-            "--http2-prior-knowledge",
+            "--cacert",
+            ca.to_str().unwrap(),
+            "-H",
+            &bearer,
             "-d",
             r#"{"name": "Graph.PowerOn.Node"}"#,
             &format!("{url}/metalgraph.v1.Definitions/GetGraph"),

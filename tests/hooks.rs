@@ -166,7 +166,7 @@ fn fast_retries() -> [(&'static str, &'static str); 3] {
 async fn deliveries_are_signed_in_order_retried_and_never_held_up_by_a_dead_receiver() {
     let data = tempfile::tempdir().unwrap();
     let server = Server::launch_with_env(data.path(), "sled", Launch::default(), &fast_retries());
-    let api = Api::new(&server.base);
+    let api = server.api();
     put_graphs(&api).await;
 
     // A receiver that fails three times, then takes everything.
@@ -269,7 +269,7 @@ async fn deliveries_are_signed_in_order_retried_and_never_held_up_by_a_dead_rece
 async fn events_not_yet_delivered_survive_a_kill9() {
     let data = tempfile::tempdir().unwrap();
     let server = Server::launch_with_env(data.path(), "sled", Launch::default(), &fast_retries());
-    let api = Api::new(&server.base);
+    let api = server.api();
     put_graphs(&api).await;
     let (receiver, url) = Receiver::start(usize::MAX).await;
     let (code, hook) = create_hook(&api, json!({"url": url, "filters": {"graph": "Hk.G"}})).await;
@@ -295,7 +295,7 @@ async fn events_not_yet_delivered_survive_a_kill9() {
         got.iter()
             .all(|d| d.headers.get("x-metalgraph-signature").is_none())
     );
-    let api = Api::new(&server.base);
+    let api = server.api();
     let (_, status) = api
         .get(&format!("/api/2.0/hooks/{}", hook["id"].as_str().unwrap()))
         .await;
@@ -315,7 +315,7 @@ async fn bad_registrations_are_refused_with_the_reason() {
             ..Launch::default()
         },
     );
-    let api = Api::new(&server.base);
+    let api = server.api();
     for (body, message) in [
         (
             json!({"url": "ftp://example.test/x"}),

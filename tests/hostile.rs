@@ -100,7 +100,7 @@ async fn the_hostile_corpus_is_refused_and_nothing_earlier_is_lost() {
             templates.path().to_str().unwrap(),
         ],
     );
-    let api = Api::new(&server.base);
+    let api = server.api();
 
     // What must survive: a finished workflow, a running one, a user graph.
     let hold = "{injectableName: Keep.Hold, tasks: [{label: h, taskName: Task.Wait, optionOverrides: {duration: 1h}}]}";
@@ -167,13 +167,7 @@ async fn the_hostile_corpus_is_refused_and_nothing_earlier_is_lost() {
         "deep documents took {:?}",
         started.elapsed()
     );
-    let mut defs = DefinitionsClient::new(
-        tonic::transport::Channel::from_shared(format!("http://{grpc}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
+    let mut defs = DefinitionsClient::new(server.grpc(grpc_port).await);
     let e = defs
         .put_graph(pb::PutGraphRequest {
             definition: Some(pb::put_graph_request::Definition::Text(deep(100_000))),
@@ -189,12 +183,7 @@ async fn the_hostile_corpus_is_refused_and_nothing_earlier_is_lost() {
     for _ in 0..60 {
         nested = json!({"x": nested});
     }
-    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut workflows = pb::workflows_client::WorkflowsClient::new(channel);
+    let mut workflows = pb::workflows_client::WorkflowsClient::new(server.grpc(grpc_port).await);
     let options = json!({"defaults": {"deep": nested}});
     let e = workflows
         .run_graph(pb::RunGraphRequest {

@@ -59,9 +59,23 @@ async fn harness() -> Harness {
     let library = metalgraph::library::library().expect("the library loads");
     let stop = CancellationToken::new();
     let (engine, _task) = Engine::start(EngineOptions::new(store, jobs, library), stop.clone());
-    let state = AppState::new(engine.clone(), LIMIT);
+    let state = AppState::new(engine.clone(), LIMIT).expect("the state");
+    // The harness's client holds an admin token and sends it with every management call.
+    let token = state
+        .tokens
+        .create("test-admin", metalgraph::auth::Role::Admin)
+        .await
+        .expect("a token")
+        .token;
+    let bearer = axum::http::HeaderValue::from_str(&format!("Bearer {token}")).unwrap();
     let h = Harness {
-        app: app(state.clone()),
+        app: app(state.clone()).layer(axum::middleware::from_fn(
+            move |mut req: axum::extract::Request, next: axum::middleware::Next| {
+                req.headers_mut()
+                    .insert(header::AUTHORIZATION, bearer.clone());
+                next.run(req)
+            },
+        )),
         node_app: node_app(state.clone()),
         state,
         engine,

@@ -28,11 +28,15 @@ fn start(dir: &std::path::Path, max_connections: usize) -> Server {
         dir,
         "sled",
         Launch {
+            // Plain HTTP and gRPC: these tests write raw bytes to the sockets, under the
+            // connection layer TLS would sit on (tests/security.rs covers a silent TLS
+            // client). Tokens stay on.
             args: [
                 "--node-listen",
                 "127.0.0.1:0",
                 "--grpc-listen",
                 "127.0.0.1:0",
+                "--no-tls",
             ]
             .map(String::from)
             .to_vec(),
@@ -120,9 +124,10 @@ async fn request(stream: &mut TcpStream, path: &str) -> String {
     }
 }
 
-/// A client that opens a new connection for every request.
-fn fresh_client() -> reqwest::Client {
-    reqwest::Client::builder()
+/// A client that opens a new connection for every request, with the server's token.
+fn fresh_client(server: &Server) -> reqwest::Client {
+    server
+        .client_builder(server.token.as_deref())
         .pool_max_idle_per_host(0)
         .timeout(Duration::from_secs(5))
         .build()
@@ -188,7 +193,7 @@ async fn slow_and_silent_sockets_are_closed_after_the_header_read_timeout() {
     );
 
     // A client that sends its request in time is served as before.
-    let r = fresh_client()
+    let r = fresh_client(&server)
         .get(server.url("/api/2.0/health"))
         .send()
         .await
@@ -218,7 +223,7 @@ async fn at_the_limit_health_still_answers_and_others_are_served_once_idle_socke
     }
 
     // At the limit: health answers, anything else is a fast 503 saying why.
-    let http = fresh_client();
+    let http = fresh_client(&server);
     let health = http
         .get(server.url("/api/2.0/health"))
         .send()
@@ -301,13 +306,21 @@ async fn grpc_connections_are_bounded_and_silent_ones_are_closed() {
     // is served.
     let call = tokio::spawn({
         let url = format!("http://{grpc}");
+        let bearer: tonic::metadata::MetadataValue<_> =
+            format!("Bearer {}", server.token.clone().unwrap())
+                .parse()
+                .unwrap();
         async move {
             let channel = tonic::transport::Channel::from_shared(url)
                 .expect("a URL")
                 .connect()
                 .await
                 .expect("the gRPC client connects");
-            let graphs = DefinitionsClient::new(channel)
+            let graphs =
+                DefinitionsClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+                    req.metadata_mut().insert("authorization", bearer.clone());
+                    Ok(req)
+                })
                 .list_graphs(pb::ListGraphsRequest {})
                 .await
                 .expect("ListGraphs answers");

@@ -11,8 +11,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::Server;
 use support::peers::{Sushy, SushyOptions, system_uuid};
-use support::{Api, Server};
 use tokio::io::AsyncWriteExt;
 
 /// Every sample of one scrape: name, labels, value.
@@ -43,8 +43,10 @@ impl Scrape {
     }
 }
 
-async fn scrape(url: &str) -> Scrape {
-    let resp = reqwest::get(url).await.unwrap();
+/// Scrapes `url` with `http` (the management listener needs a token and its CA; the
+/// metrics listener is plain and open).
+async fn scrape_with(http: &reqwest::Client, url: &str) -> Scrape {
+    let resp = http.get(url).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(
         resp.headers()["content-type"],
@@ -86,7 +88,7 @@ async fn metrics_follow_workflows_tasks_bmcs_and_the_store() {
         "sled",
         &["--demo", "--metrics-listen", &listen],
     );
-    let api = Api::new(&server.base);
+    let api = server.api();
     let separate = format!("http://{listen}/metrics");
     for g in [
         "{injectableName: Mx.G, tasks: [
@@ -100,7 +102,8 @@ async fn metrics_follow_workflows_tasks_bmcs_and_the_store() {
         assert_eq!(code, 201, "{body}");
     }
 
-    let before = scrape(&separate).await;
+    let plain = reqwest::Client::new();
+    let before = scrape_with(&plain, &separate).await;
     assert_eq!(
         before.value(
             "metalgraph_build_info",
@@ -125,7 +128,7 @@ async fn metrics_follow_workflows_tasks_bmcs_and_the_store() {
     // after the API shows the task running.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let during = loop {
-        let s = scrape(&format!("{}/metrics", server.base)).await;
+        let s = scrape_with(&server.http(), &format!("{}/metrics", server.base)).await;
         if s.value("metalgraph_job_slots_in_use", &[]) > 0.0 || std::time::Instant::now() > deadline
         {
             break s;
@@ -150,7 +153,7 @@ async fn metrics_follow_workflows_tasks_bmcs_and_the_store() {
         .await;
     assert_eq!(reboot["status"], "succeeded", "{reboot:#}");
 
-    let after = scrape(&separate).await;
+    let after = scrape_with(&plain, &separate).await;
     let grew = |name: &str, labels: &[(&str, &str)]| {
         after.value(name, labels) - before.get(name, labels).unwrap_or(0.0)
     };
@@ -248,7 +251,7 @@ async fn redfish_operations_and_their_failures_are_measured_against_a_real_bmc()
     .await;
     let data = tempfile::tempdir().unwrap();
     let server = Server::start(data.path(), "sled", &[]);
-    let api = Api::new(&server.base);
+    let api = server.api();
     let node = |password: &str| {
         json!({"name": format!("redfish-{password}"), "obms": [{"service": "redfish-obm-service",
             "config": {"host": sushy.base, "systemId": system_uuid(0), "user": "admin",
@@ -257,7 +260,7 @@ async fn redfish_operations_and_their_failures_are_measured_against_a_real_bmc()
     let good = api.create_node(node("Metrics-pw")).await;
     let bad = api.create_node(node("wrong-pw")).await;
     let url = format!("{}/metrics", server.base);
-    let before = scrape(&url).await;
+    let before = scrape_with(&server.http(), &url).await;
     let limit = Duration::from_secs(60);
     let ok = api
         .run_wait("Graph.PowerOff.Node", Some(&good), json!({}), limit)
@@ -267,7 +270,7 @@ async fn redfish_operations_and_their_failures_are_measured_against_a_real_bmc()
         .run_wait("Graph.PowerOff.Node", Some(&bad), json!({}), limit)
         .await;
     assert_eq!(failed["status"], "failed", "{failed:#}");
-    let after = scrape(&url).await;
+    let after = scrape_with(&server.http(), &url).await;
     let redfish = |s: &Scrape, name: &str| -> f64 {
         s.0.iter()
             .filter(|(n, l, _)| {

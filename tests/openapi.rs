@@ -57,6 +57,10 @@ const MANAGEMENT_ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/2.0/hooks"),
     ("GET", "/api/2.0/hooks/{id}"),
     ("DELETE", "/api/2.0/hooks/{id}"),
+    ("GET", "/api/2.0/tokens"),
+    ("POST", "/api/2.0/tokens"),
+    ("DELETE", "/api/2.0/tokens/{name}"),
+    ("GET", "/api/2.0/audit"),
     ("GET", "/metrics"),
 ];
 
@@ -82,7 +86,10 @@ fn venv_bin(name: &str) -> std::path::PathBuf {
 }
 
 async fn fetch_document(server: &Server, query: &str) -> Value {
-    let resp = reqwest::get(server.url(&format!("/api/2.0/openapi.json{query}")))
+    let resp = server
+        .http()
+        .get(server.url(&format!("/api/2.0/openapi.json{query}")))
+        .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
@@ -173,16 +180,12 @@ async fn probe(http: &reqwest::Client, base: &str, method: &str, path: &str) -> 
 }
 
 /// Checks one document against its route list and the live listener at `base`.
-async fn check_routes(doc: &Value, routes: &[(&str, &str)], base: &str) {
+async fn check_routes(http: &reqwest::Client, doc: &Value, routes: &[(&str, &str)], base: &str) {
     assert_eq!(
         operations(doc),
         expected(routes),
         "the document's operations differ from the route list"
     );
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
     let paths: BTreeSet<&str> = routes.iter().map(|(_, p)| *p).collect();
     for path in paths {
         let url_path = concrete(path);
@@ -191,7 +194,7 @@ async fn check_routes(doc: &Value, routes: &[(&str, &str)], base: &str) {
             if !documented && method == "HEAD" {
                 continue;
             }
-            let (status, body) = probe(&http, base, method, &url_path).await;
+            let (status, body) = probe(http, base, method, &url_path).await;
             if documented {
                 assert!(
                     !from_fallback(status, &body),
@@ -248,9 +251,7 @@ async fn the_documents_are_valid_openapi_31_and_describe_every_route() {
     let management = fetch_document(&server, "").await;
     let node = fetch_document(&server, "?api=node").await;
     assert_eq!(fetch_document(&server, "?api=management").await, management);
-    let (status, body) = Api::new(&server.base)
-        .get("/api/2.0/openapi.json?api=other")
-        .await;
+    let (status, body) = server.api().get("/api/2.0/openapi.json?api=other").await;
     assert_eq!(status, 400, "{body}");
 
     for doc in [&management, &node] {
@@ -273,8 +274,12 @@ async fn the_documents_are_valid_openapi_31_and_describe_every_route() {
     assert!(management["webhooks"]["event"]["post"].is_object());
     assert!(management["components"]["schemas"]["Event"].is_object());
 
-    check_routes(&management, MANAGEMENT_ROUTES, &server.base).await;
-    check_routes(&node, NODE_ROUTES, &node_base).await;
+    check_routes(&server.http(), &management, MANAGEMENT_ROUTES, &server.base).await;
+    let plain = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    check_routes(&plain, &node, NODE_ROUTES, &node_base).await;
 }
 
 /// The route lists in src/api/http.rs register handlers only through utoipa-axum's
@@ -308,11 +313,13 @@ const NETNS_ENV: &str = "METALGRAPH_OPENAPI_NETNS";
 /// What schemathesis checks. Left out: `positive_data_acceptance`, since the server checks
 /// more than a schema can say (graph validity, node rules, OBM services, run options
 /// against the jobs' option schemas) and rightly refuses such schema-valid bodies with 400
-/// or 422; and the authorization checks (`ignored_auth`, `missing_required_header`,
-/// `object_level_authorization`), since the API has no authentication yet.
+/// or 422; `missing_required_header` and `object_level_authorization`, which do not apply
+/// (no operation requires a header besides the token; tokens are not per-object).
+/// `ignored_auth` checks that every operation the document says needs the bearer token
+/// refuses a call without one.
 const CHECKS: &str = "not_a_server_error,status_code_conformance,content_type_conformance,\
     response_headers_conformance,response_schema_conformance,negative_data_rejection,\
-    unsupported_method,use_after_free,ensure_resource_availability";
+    unsupported_method,use_after_free,ensure_resource_availability,ignored_auth";
 
 /// The fuzzing budget of each API, in seconds of schemathesis' own clock.
 const MANAGEMENT_SECONDS: u32 = 50;
@@ -453,7 +460,22 @@ async fn fuzz() {
             log: Some(data.path().join("server.log")),
         },
     );
-    let seeded = seed(&Api::new(&server.base)).await;
+    let seeded = seed(&server.api()).await;
+    // schemathesis works as an admin of its own, so that the tokens it makes and revokes
+    // are never the one the test holds.
+    let (status, fuzz) = server
+        .api()
+        .send(
+            "POST",
+            "/api/2.0/tokens",
+            Some(json!({"name": "fuzz-admin", "role": "admin"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{fuzz}");
+    let access = Access {
+        token: fuzz["token"].as_str().unwrap().to_owned(),
+        ca: data.path().join("store/tls/ca.pem"),
+    };
     let (management_config, node_config) = schemathesis_config(&seeded);
     let configs = [
         data.path().join("management.toml"),
@@ -490,6 +512,7 @@ async fn fuzz() {
             seconds,
             &seed,
             exclude,
+            &access,
         );
         let report = String::from_utf8_lossy(&out.stdout);
         println!(
@@ -504,7 +527,7 @@ async fn fuzz() {
         println!("schemathesis: {name} passed");
     }
     // The server is still healthy after all that.
-    let (status, _) = Api::new(&server.base).get("/api/2.0/health").await;
+    let (status, _) = server.api().get("/api/2.0/health").await;
     assert_eq!(status, 200);
 }
 
@@ -649,6 +672,12 @@ parameters = {{ "path.path" = {{ dictionary = "files", probability = 0.7 }} }}
     (management, node)
 }
 
+/// The token schemathesis sends, and the CA it trusts.
+struct Access {
+    token: String,
+    ca: std::path::PathBuf,
+}
+
 /// Runs schemathesis against one document, bounded by its own clock and, should that fail,
 /// by a kill.
 fn schemathesis(
@@ -658,6 +687,7 @@ fn schemathesis(
     seconds: u32,
     seed: &str,
     exclude: Option<&str>,
+    access: &Access,
 ) -> Output {
     let mut cmd = Command::new(venv_bin("schemathesis"));
     // Its cache (`.schemathesis/`) goes beside the configuration, not into the work tree.
@@ -672,6 +702,10 @@ fn schemathesis(
         // ("AST constructor recursion depth mismatch"), an error of the tool, not the API.
         .args(["--workers", "1", "--request-timeout", "10", "--seed", seed])
         .args(["--output-truncate", "true"])
+        .arg("--header")
+        .arg(format!("Authorization: Bearer {}", access.token))
+        .arg("--tls-verify")
+        .arg(&access.ca)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

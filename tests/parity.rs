@@ -13,16 +13,15 @@ use pb::workflows_client::WorkflowsClient;
 use serde_json::{Value, json};
 use support::{Api, Server};
 use tonic::Code;
-use tonic::transport::Channel;
 
 const HOLD: &str = "{injectableName: Parity.Hold, tasks: [{label: h, taskName: Task.Wait, optionOverrides: {duration: 1h}}]}";
 const QUICK: &str = "{injectableName: Parity.Quick, tasks: [{label: q, taskName: Task.Noop}]}";
 
 struct Clients {
     api: Api,
-    nodes: NodesClient<Channel>,
-    workflows: WorkflowsClient<Channel>,
-    definitions: DefinitionsClient<Channel>,
+    nodes: NodesClient<support::Grpc>,
+    workflows: WorkflowsClient<support::Grpc>,
+    definitions: DefinitionsClient<support::Grpc>,
 }
 
 /// An operation both protocols offer.
@@ -173,9 +172,9 @@ async fn both_protocols_keep_the_same_rules() {
     let port = metalgraph_testkit::free_tcp_port();
     let grpc = format!("127.0.0.1:{port}");
     let server = Server::start(data.path(), "sled", &["--grpc-listen", &grpc]);
-    let channel = support::grpc_channel(port).await;
+    let channel = server.grpc(port).await;
     let mut c = Clients {
-        api: Api::new(&server.base),
+        api: server.api(),
         nodes: NodesClient::new(channel.clone()),
         workflows: WorkflowsClient::new(channel.clone()),
         definitions: DefinitionsClient::new(channel),

@@ -277,7 +277,7 @@ impl Net {
         for want in ["dhcp listening on 0.0.0.0:67", "tftp listening on"] {
             assert!(seen.iter().any(|l| l.contains(want)), "{want}: {seen:?}");
         }
-        Api::new(&format!("http://10.{n}.254.2:8080"))
+        Api::from_data_dir(&format!("https://10.{n}.254.2:8080"), &self.path("data"))
     }
 
     /// Starts a VM on tap0 booting from the network, its serial console in `serial`.

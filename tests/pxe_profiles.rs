@@ -46,7 +46,7 @@ async fn harness() -> Harness {
     let state = AppState {
         templates_dir: Some(templates.path().to_owned()),
         api,
-        ..AppState::new(engine.clone(), 64 * 1024)
+        ..AppState::new(engine.clone(), 64 * 1024).expect("the state")
     };
     Harness {
         node_app: node_app(state),

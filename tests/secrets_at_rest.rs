@@ -13,8 +13,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
+use support::Server;
 use support::peers::{Sushy, SushyOptions, system_uuid};
-use support::{Api, Server};
 
 const PASSWORD: &str = "Redfish-at-rest-s3cret";
 const HOOK_SECRET: &str = "Hook-at-rest-s3cret";
@@ -52,7 +52,7 @@ async fn passwords_and_hook_secrets_are_sealed_on_disk_and_still_work() {
     for store in ["sled", "file"] {
         let data = tempfile::tempdir().unwrap();
         let server = Server::start(data.path(), store, &[]);
-        let api = Api::new(&server.base);
+        let api = server.api();
         let node = api
             .create_node(json!({
                 "name": "sealed",
@@ -95,7 +95,7 @@ async fn passwords_and_hook_secrets_are_sealed_on_disk_and_still_work() {
 
         // Restarted, the engine opens the password and the BMC accepts it.
         let server = Server::start(data.path(), store, &[]);
-        let api = Api::new(&server.base);
+        let api = server.api();
         let done = api
             .run_wait("Graph.PowerOff.Node", Some(&node), json!({}), LIMIT)
             .await;

@@ -48,9 +48,9 @@ fn demo_server(dir: &Path) -> Server {
 async fn pages_and_files_are_served_with_their_type_and_a_strict_policy() {
     let dir = tempfile::tempdir().unwrap();
     let server = demo_server(dir.path());
-    let http = reqwest::Client::builder()
+    let http = server
+        .client_builder(server.token.as_deref())
         .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
         .build()
         .unwrap();
     let get = |path: &str| http.get(server.url(path)).send();
@@ -140,6 +140,10 @@ fn the_web_view_in_headless_chromium() {
             "/tests/clients/ui_driver.py"
         ))
         .args(["check", "--base", &server.base, "--chromium", &chromium])
+        .arg("--token-file")
+        .arg(server.data_dir.join("admin.token"))
+        .arg("--ca")
+        .arg(server.data_dir.join("tls/ca.pem"))
         // Playwright must use the system's Chromium and download nothing.
         .env("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
         .env("PLAYWRIGHT_BROWSERS_PATH", dir.path().join("no-browsers"))

@@ -16,23 +16,76 @@ export class ApiError extends Error {
   }
 }
 
+/** Where the tab keeps the bearer token it signed in with (this tab only). */
+const TOKEN_KEY = 'metalgraph.token';
+
+/** The headers every call sends: the token, when there is one. */
+function credentials(headers = new Headers()) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.set('Authorization', `Bearer ${token}`);
+  return headers;
+}
+
+/** The sign-in dialog, shown while one is pending; resolves once a token is entered. */
+let signingIn = null;
+
+/**
+ * Asks for a token (the API refused the one held, or there was none) and resolves once one
+ * is entered. One dialog serves every request waiting at the time.
+ */
+function signIn(why) {
+  if (signingIn) return signingIn;
+  signingIn = new Promise((resolve) => {
+    const input = el('input', {
+      type: 'password', id: 'token', autocomplete: 'off', spellcheck: 'false',
+      placeholder: 'mgt_…', 'aria-label': 'token', required: true,
+    });
+    const form = el('form', { method: 'dialog', class: 'signin' },
+      el('h2', {}, 'Sign in'),
+      el('p', {}, why),
+      el('p', { class: 'muted' },
+        'Paste a token: the one serve wrote to <data-dir>/admin.token, or one from ',
+        el('code', {}, 'metalgraph tokens create NAME --role viewer'), '. It is kept in this tab only.'),
+      input,
+      el('button', { type: 'submit' }, 'Sign in'));
+    const dialog = el('dialog', { id: 'signin' }, form);
+    form.addEventListener('submit', () => {
+      sessionStorage.setItem(TOKEN_KEY, input.value.trim());
+      dialog.remove();
+      signingIn = null;
+      resolve();
+    });
+    dialog.addEventListener('cancel', (e) => e.preventDefault());
+    document.body.append(dialog);
+    dialog.showModal();
+    input.focus();
+  });
+  return signingIn;
+}
+
 /**
  * Sends a request to the management API (a path under it, or a whole `/api/2.0/...` path
  * such as a `Link` header's) and returns its JSON and the next page's path, if any. Every
- * request of the web view goes through here, so that credentials (a bearer token, once the
- * API asks for one) are added in this one place.
+ * request of the web view goes through here, so that the bearer token is added in this one
+ * place; a 401 asks for a token and tries again.
  */
 async function request(path, init = {}) {
-  const headers = new Headers(init.headers);
-  headers.set('Accept', 'application/json');
   const url = path.startsWith(`${API}/`) ? path : API + path;
-  const res = await fetch(url, { ...init, headers, cache: 'no-store' });
-  const body = res.status === 204 ? null : await res.json().catch(() => null);
-  if (!res.ok) {
-    throw new ApiError(res.status, body?.error?.message ?? `${res.status} ${res.statusText}`);
+  for (;;) {
+    const headers = credentials(new Headers(init.headers));
+    headers.set('Accept', 'application/json');
+    const res = await fetch(url, { ...init, headers, cache: 'no-store' });
+    const body = res.status === 204 ? null : await res.json().catch(() => null);
+    if (res.status === 401) {
+      await signIn(body?.error?.message ?? 'The API needs a token.');
+      continue;
+    }
+    if (!res.ok) {
+      throw new ApiError(res.status, body?.error?.message ?? `${res.status} ${res.statusText}`);
+    }
+    const next = /<([^>]+)>\s*;\s*rel="next"/.exec(res.headers.get('Link') ?? '');
+    return { body, next: next ? next[1] : null };
   }
-  const next = /<([^>]+)>\s*;\s*rel="next"/.exec(res.headers.get('Link') ?? '');
-  return { body, next: next ? next[1] : null };
 }
 
 /** Calls the management API and returns its JSON. */
@@ -61,9 +114,8 @@ export async function all(path, max = 10_000) {
  * Follows `GET /api/2.0/events` with the given filters (`workflow`, `node`, `graph`).
  * `onEvent` gets each event's JSON; `onOpen` is called on every (re)connection, when the
  * page should re-read what it shows, since events may have been missed while away. The
- * browser reconnects by itself and resumes with `Last-Event-ID`; a stream the server
- * refused is retried every few seconds. An EventSource cannot send headers: when the API
- * asks for a token, this is the place to read the stream with `fetch` instead.
+ * stream is read with `fetch` (an EventSource cannot send the token) and parsed here; a
+ * dropped stream is reopened after a pause, resuming with `Last-Event-ID`.
  */
 export function subscribe(filter, onEvent, onOpen) {
   const query = new URLSearchParams();
@@ -77,40 +129,72 @@ export function subscribe(filter, onEvent, onOpen) {
       live.textContent = text;
     }
   };
-  let source;
-  let stopped = false;
-  const connect = () => {
-    if (stopped) return;
-    source = new EventSource(url);
-    source.onopen = () => {
-      show('live', 'live');
-      onOpen();
-    };
-    source.onerror = () => {
-      if (source.readyState === EventSource.CLOSED) {
-        show('down', 'disconnected; retrying');
-        setTimeout(connect, 5000);
-      } else {
-        show('down', 'reconnecting');
-      }
-    };
-    for (const kind of ['workflow', 'task']) {
-      source.addEventListener(kind, (m) => {
-        let ev;
-        try {
-          ev = JSON.parse(m.data);
-        } catch {
-          return;
+  const abort = new AbortController();
+  let lastId = null;
+  const dispatch = (kind, data) => {
+    if (kind !== 'workflow' && kind !== 'task') return;
+    let ev;
+    try {
+      ev = JSON.parse(data);
+    } catch {
+      return;
+    }
+    onEvent(ev);
+  };
+  const follow = async () => {
+    const headers = credentials(new Headers({ Accept: 'text/event-stream' }));
+    if (lastId) headers.set('Last-Event-ID', lastId);
+    const res = await fetch(url, { headers, cache: 'no-store', signal: abort.signal });
+    if (res.status === 401) {
+      await signIn('The event stream needs a token.');
+      return;
+    }
+    if (!res.ok || !res.body) throw new Error(`${res.status}`);
+    show('live', 'live');
+    onOpen();
+    const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = '';
+    let kind = 'message';
+    let data = [];
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value;
+      let nl;
+      while ((nl = buffer.indexOf('\n')) >= 0) {
+        const line = buffer.slice(0, nl).replace(/\r$/, '');
+        buffer = buffer.slice(nl + 1);
+        if (line === '') {
+          if (data.length) dispatch(kind, data.join('\n'));
+          kind = 'message';
+          data = [];
+        } else if (line.startsWith(':')) {
+          // A comment (keep-alive).
+        } else {
+          const colon = line.indexOf(':');
+          const field = colon < 0 ? line : line.slice(0, colon);
+          const v = colon < 0 ? '' : line.slice(colon + 1).replace(/^ /, '');
+          if (field === 'event') kind = v;
+          else if (field === 'data') data.push(v);
+          else if (field === 'id') lastId = v;
         }
-        onEvent(ev);
-      });
+      }
     }
   };
-  connect();
-  return () => {
-    stopped = true;
-    source.close();
-  };
+  (async () => {
+    while (!abort.signal.aborted) {
+      try {
+        await follow();
+        if (abort.signal.aborted) return;
+        show('down', 'reconnecting');
+      } catch {
+        if (abort.signal.aborted) return;
+        show('down', 'disconnected; retrying');
+      }
+      await new Promise((r) => setTimeout(r, 2000));
+    }
+  })();
+  return () => abort.abort();
 }
 
 /** Runs `fn` once, `ms` after the last of a burst of calls. */

@@ -114,7 +114,7 @@ pub fn api(
     std::fs::write(&script, RUN_SCRIPT)?;
     runtime()?.block_on(async {
         let (server, _) = Server::start(backend, dir, log, &[], limit)?;
-        let api = Api::new(&server.base)?;
+        let api = server.api()?;
         api.put_graph(&graphs::one()).await?;
         let id = api.run(graphs::ONE).await?;
         wait_finished(&api, &id, limit).await?;
@@ -122,12 +122,14 @@ pub fn api(
         let base = format!("{}/api/2.0", server.base);
         let (get, _) = {
             let url = format!("{base}/workflows/{id}");
-            tokio::task::spawn_blocking(move || wrk(load, &url, None)).await??
+            let token = server.token.clone();
+            tokio::task::spawn_blocking(move || wrk(load, &url, &token, None)).await??
         };
         let (run, created) = {
             let url = format!("{base}/workflows");
             let script = script.clone();
-            tokio::task::spawn_blocking(move || wrk(load, &url, Some(&script))).await??
+            let token = server.token.clone();
+            tokio::task::spawn_blocking(move || wrk(load, &url, &token, Some(&script))).await??
         };
         let created = created.context("wrk did not report the 201 count")?;
 
@@ -170,9 +172,16 @@ async fn wait_finished(api: &Api, id: &str, limit: Duration) -> anyhow::Result<(
 
 /// Runs `wrk --latency` and parses what it prints; with a script, also the `created:` line
 /// the script writes.
-fn wrk(load: Load, url: &str, script: Option<&Path>) -> anyhow::Result<(WrkResult, Option<u64>)> {
+fn wrk(
+    load: Load,
+    url: &str,
+    token: &str,
+    script: Option<&Path>,
+) -> anyhow::Result<(WrkResult, Option<u64>)> {
     let mut cmd = Command::new("wrk");
     cmd.arg(format!("-t{}", load.threads))
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {token}"))
         .arg(format!("-c{}", load.connections))
         .arg(format!("-d{}s", load.seconds))
         .arg("--latency");

@@ -242,7 +242,7 @@ fn one(
     let disk_bytes = du(dir);
     runtime()?.block_on(async {
         let (server, start) = Server::start(backend, dir, log, &[], limit)?;
-        let http = reqwest::Client::builder().no_proxy().build()?;
+        let http = server.http()?;
         let base = format!("{}/api/2.0", server.base);
         // A cursor half way down the list, as a client following `Link` would hold it
         // after half a million workflows.

@@ -57,7 +57,7 @@ pub fn recovery(
     let env = [("METALGRAPH_MAX_RUNNING_JOBS", (n + 64).to_string())];
     runtime()?.block_on(async {
         let (mut server, _) = Server::start(backend, dir, log, &env, limit)?;
-        let api = Api::new(&server.base)?;
+        let api = server.api()?;
         api.put_graph(&graphs::recovery()).await?;
 
         let start = Instant::now();
@@ -103,7 +103,7 @@ pub fn recovery(
 
         let start = Instant::now();
         let (server, to_listening) = Server::start(backend, dir, log, &env, limit)?;
-        let api = Api::new(&server.base)?;
+        let api = server.api()?;
         let (recovered, to_all_running, listing) = loop {
             let before = Instant::now();
             let (running, active) = running_in(&api, 2).await?;

@@ -28,9 +28,13 @@ pub fn backend_name(backend: Backend) -> &'static str {
 /// the harness.
 pub struct Server {
     child: Child,
-    /// `http://127.0.0.1:PORT`.
+    /// `https://127.0.0.1:PORT`.
     pub base: String,
     log: PathBuf,
+    /// The admin token the server wrote in its data directory.
+    pub token: String,
+    /// The CA its certificate is signed by.
+    ca_pem: Vec<u8>,
 }
 
 impl Server {
@@ -93,11 +97,20 @@ impl Server {
             child,
             base: String::new(),
             log: log.to_owned(),
+            token: String::new(),
+            ca_pem: Vec::new(),
         };
         match rx.recv_timeout(limit) {
             Ok(url) => {
                 let elapsed = start.elapsed();
                 server.base = url;
+                // Written before the server listens.
+                server.token = std::fs::read_to_string(data_dir.join("admin.token"))
+                    .context("the server's admin token")?
+                    .trim()
+                    .to_owned();
+                server.ca_pem = std::fs::read(data_dir.join("tls/ca.pem"))
+                    .context("the server's CA certificate")?;
                 Ok((server, elapsed))
             }
             Err(e) => {
@@ -109,6 +122,29 @@ impl Server {
                 )
             }
         }
+    }
+
+    /// An HTTP client that trusts the server's CA and sends its admin token.
+    pub fn http(&self) -> anyhow::Result<reqwest::Client> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {}", self.token).parse()?,
+        );
+        Ok(reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(120))
+            .default_headers(headers)
+            .add_root_certificate(reqwest::Certificate::from_pem(&self.ca_pem)?)
+            .build()?)
+    }
+
+    /// The management API as the admin.
+    pub fn api(&self) -> anyhow::Result<Api> {
+        Ok(Api {
+            http: self.http()?,
+            base: format!("{}/api/2.0", self.base),
+        })
     }
 
     /// The server's process id.
@@ -162,17 +198,6 @@ pub struct Api {
 }
 
 impl Api {
-    pub fn new(base: &str) -> anyhow::Result<Api> {
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(120))
-            .build()?;
-        Ok(Api {
-            http,
-            base: format!("{base}/api/2.0"),
-        })
-    }
-
     /// Stores a user graph.
     pub async fn put_graph(&self, graph: &Value) -> anyhow::Result<()> {
         let resp = self

@@ -123,15 +123,21 @@ const PAYLOAD_TOO_LARGE: &str = "PayloadTooLarge";
 const UNSUPPORTED_MEDIA_TYPE: &str = "UnsupportedMediaType";
 const INTERNAL: &str = "Internal";
 const UNAVAILABLE: &str = "Unavailable";
+const UNAUTHORIZED: &str = "Unauthorized";
+const FORBIDDEN: &str = "Forbidden";
+
+/// The security scheme of the management API: a bearer token (docs/security.md).
+const BEARER: &str = "bearer";
 
 /// Adds to a document generated from the routes what the handlers share.
 fn complete(mut doc: OpenApi, which: Which) -> OpenApi {
     let (title, description) = match which {
         Which::Management => (
             "metalgraph management API",
-            "Graphs, task definitions, workflows, nodes, webhooks, events, health and metrics \
-             (RackHD 2.0 paths). Request bodies are JSON or YAML; every error reads \
-             `{\"error\": {\"code\", \"message\", \"details\"}}`.",
+            "Graphs, task definitions, workflows, nodes, webhooks, events, tokens, the audit \
+             log, health and metrics (RackHD 2.0 paths). Every call but health needs \
+             `Authorization: Bearer <token>`. Request bodies are JSON or YAML; every error \
+             reads `{\"error\": {\"code\", \"message\", \"details\"}}`.",
         ),
         Which::Node => (
             "metalgraph node-facing API",
@@ -177,6 +183,15 @@ fn complete(mut doc: OpenApi, which: Which) -> OpenApi {
             "The listener is at its connection limit (`Retry-After: 1`), or the engine has \
              stopped",
         ),
+        (
+            UNAUTHORIZED,
+            "No token, or one that is not valid (unknown, revoked); the answer carries \
+             `WWW-Authenticate: Bearer`",
+        ),
+        (
+            FORBIDDEN,
+            "The token's role is too weak; the message names the role needed",
+        ),
     ] {
         let mut response = error_response(description);
         if name == UNAVAILABLE {
@@ -194,10 +209,29 @@ fn complete(mut doc: OpenApi, which: Which) -> OpenApi {
             .insert(name.to_owned(), RefOr::T(response));
     }
 
-    for item in doc.paths.paths.values_mut() {
-        for (_, op) in operations(item) {
+    for (path, item) in doc.paths.paths.iter_mut() {
+        for (method, op) in operations(item) {
             shared_responses(op);
+            if which == Which::Management {
+                secured(path, method, op);
+            }
         }
+    }
+    if which == Which::Management {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let mut scheme = Http::new(HttpAuthScheme::Bearer);
+        scheme.description = Some(
+            "A token from `POST /api/2.0/tokens`, or the first admin token `serve` writes to \
+             `<data-dir>/admin.token`"
+                .to_owned(),
+        );
+        components
+            .security_schemes
+            .insert(BEARER.to_owned(), RefOr::T(SecurityScheme::Http(scheme)));
+        doc.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
+            BEARER,
+            Vec::<String>::new(),
+        )]);
     }
 
     let tags: &[(&str, &str)] = match which {
@@ -211,6 +245,7 @@ fn complete(mut doc: OpenApi, which: Which) -> OpenApi {
             ("nodes", "Managed servers, their OBMs (BMCs) and catalogs"),
             ("hooks", "Webhooks: events POSTed to receivers"),
             ("events", "Committed changes as Server-Sent Events"),
+            ("security", "Bearer tokens and the audit log (admin)"),
             ("system", "Health, metrics and these documents"),
         ],
         Which::Node => &[(
@@ -254,6 +289,43 @@ fn operations(item: &mut PathItem) -> impl Iterator<Item = (HttpMethod, &mut Ope
     ]
     .into_iter()
     .filter_map(|(m, op)| op.map(|op| (m, op)))
+}
+
+/// Says what an operation of the management API needs, from the one rule the server
+/// enforces (`auth::http_role`): nothing (health), or a token of a role, with the 401 and,
+/// above `viewer`, the 403 that come with it.
+fn secured(path: &str, method: HttpMethod, op: &mut Operation) {
+    let method = match method {
+        HttpMethod::Get => axum::http::Method::GET,
+        HttpMethod::Put => axum::http::Method::PUT,
+        HttpMethod::Post => axum::http::Method::POST,
+        HttpMethod::Delete => axum::http::Method::DELETE,
+        HttpMethod::Options => axum::http::Method::OPTIONS,
+        HttpMethod::Head => axum::http::Method::HEAD,
+        HttpMethod::Patch => axum::http::Method::PATCH,
+        HttpMethod::Trace => axum::http::Method::TRACE,
+    };
+    let Some(role) = crate::auth::http_role(&method, path) else {
+        op.security = Some(vec![
+            utoipa::openapi::security::SecurityRequirement::default(),
+        ]);
+        return;
+    };
+    let mut add = |status: &str, name: &str| {
+        op.responses
+            .responses
+            .entry(status.to_owned())
+            .or_insert_with(|| RefOr::Ref(Ref::from_response_name(name)));
+    };
+    add("401", UNAUTHORIZED);
+    if role > crate::auth::Role::Viewer {
+        add("403", FORBIDDEN);
+    }
+    let needs = format!("Needs a token of role `{}` or higher.", role.as_str());
+    op.description = Some(match op.description.take() {
+        Some(d) if !d.is_empty() => format!("{d}\n\n{needs}"),
+        _ => needs,
+    });
 }
 
 /// Adds the responses an operation has through shared code, unless the handler's own

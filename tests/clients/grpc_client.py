@@ -3,8 +3,13 @@ grpcio-tools at run time. It stores a graph, runs it, watches it to its end, and
 one JSON line with what it saw.
 
 Usage: grpc_client.py PROTO_DIR OUT_DIR HOST:PORT
+
+With METALGRAPH_CA_CERT set it connects over TLS trusting that CA
+(grpc.ssl_channel_credentials); with METALGRAPH_TOKEN set it sends the token as
+`authorization: Bearer ...` on every call.
 """
 import json
+import os
 import sys
 
 from grpc_tools import protoc
@@ -25,7 +30,16 @@ def main():
     import metalgraph_pb2_grpc as rpc
     from google.protobuf import struct_pb2
 
-    channel = grpc.insecure_channel(target)
+    ca = os.environ.get("METALGRAPH_CA_CERT")
+    token = os.environ.get("METALGRAPH_TOKEN")
+    if ca:
+        with open(ca, "rb") as f:
+            creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+        if token:
+            creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
+        channel = grpc.secure_channel(target, creds)
+    else:
+        channel = grpc.insecure_channel(target)
     grpc.channel_ready_future(channel).result(timeout=20)
     defs = rpc.DefinitionsStub(channel)
     wfs = rpc.WorkflowsStub(channel)

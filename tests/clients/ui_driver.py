@@ -1,10 +1,10 @@
 """Drives the web view (/ui/) of a running `metalgraph serve --demo` in Debian's headless
 Chromium through Playwright, from one browser for every check.
 
-    ui_driver.py check --base http://127.0.0.1:PORT
+    ui_driver.py check --base https://127.0.0.1:PORT --token-file DATA/admin.token --ca DATA/tls/ca.pem
         Runs every check of tests/ui.rs in order and prints `ok: ...` per check; the
         first failure prints `FAIL: ...` (with the page's console errors) and exits 1.
-    ui_driver.py screenshots --base http://127.0.0.1:PORT --out docs/img
+    ui_driver.py screenshots --base https://127.0.0.1:PORT --token-file F [--ca F] --out docs/img
         Sets up a fleet in various states and writes ui-nodes.png and ui-workflow.png.
 
 The browser is the system's (`--chromium`, default /usr/bin/chromium): Playwright
@@ -13,6 +13,7 @@ downloads nothing. Only the given base URL (loopback) is contacted.
 import argparse
 import json
 import os
+import ssl
 import re
 import sys
 import time
@@ -56,14 +57,20 @@ class Failure(Exception):
 class Api:
     """The management API, without any proxy: the tests talk to loopback only."""
 
-    def __init__(self, base):
+    def __init__(self, base, token, ca):
         self.base = base.rstrip("/")
-        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self.token = token
+        handlers = [urllib.request.ProxyHandler({})]
+        if ca:
+            handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=ca)))
+        self.opener = urllib.request.build_opener(*handlers)
 
     def call(self, method, path, body=None):
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.base + path, data=data, method=method)
         req.add_header("Content-Type", "application/json")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
         try:
             with self.opener.open(req, timeout=30) as res:
                 raw = res.read()
@@ -105,7 +112,10 @@ class Browser:
     def __init__(self, pw, chromium):
         self.browser = pw.chromium.launch(
             executable_path=chromium, headless=True, args=["--no-proxy-server"])
-        self.context = self.browser.new_context(viewport={"width": 1360, "height": 860})
+        # The server's certificate is signed by its own CA, which this throwaway profile does
+        # not hold; the API client above verifies it against that CA.
+        self.context = self.browser.new_context(viewport={"width": 1360, "height": 860},
+                                                ignore_https_errors=True)
         self.errors = []
         self.dialogs = []
 
@@ -130,6 +140,11 @@ class Browser:
         # A marker that only survives if the page is never reloaded or left.
         page.evaluate("window.__mgMarker = 'kept'")
         return page
+
+    def remember(self, token):
+        """Every page opened from now on starts signed in, as a tab that already was."""
+        self.context.add_init_script(
+            f"sessionStorage.setItem('metalgraph.token', {json.dumps(token)})")
 
     def close(self):
         self.context.close()
@@ -178,8 +193,18 @@ def check(api, b, base):
     failed = api.run("UI.Check.Fail", "ui-xss")
     api.wait(failed, ended)
 
-    # The nodes page: reached from `/`, every demo node, the hostile name as text.
+    # The nodes page: reached from `/`. The tab holds no token yet, so it asks for one; a
+    # wrong one is refused (asked again, saying why), the right one lets the page load.
     nodes = b.page(base + "/")
+    sign_in = nodes.locator("dialog#signin")
+    expect(sign_in).to_be_visible(timeout=10_000)
+    nodes.fill("#token", "mgt_not-a-real-token")
+    nodes.click("dialog#signin button")
+    expect(nodes.locator("dialog#signin")).to_contain_text("not valid", timeout=10_000)
+    nodes.fill("#token", api.token)
+    nodes.click("dialog#signin button")
+    expect(nodes.locator("dialog#signin")).to_have_count(0, timeout=10_000)
+    b.remember(api.token)
     if not nodes.url.endswith("/ui/"):
         raise Failure(f"/ should redirect to /ui/, the browser ended at {nodes.url}")
     for i in range(1, 9):
@@ -386,22 +411,27 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["check", "screenshots"])
     ap.add_argument("--base", required=True)
+    ap.add_argument("--token-file", required=True, help="the server's admin.token")
+    ap.add_argument("--ca", help="the CA the server's certificate is signed by (https)")
     ap.add_argument("--out", default="docs/img")
     ap.add_argument("--chromium", default=os.environ.get("METALGRAPH_CHROMIUM", "/usr/bin/chromium"))
     args = ap.parse_args()
     base = args.base.rstrip("/")
-    if not re.match(r"^http://(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:\d+)?$", base):
+    if not re.match(r"^https?://(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:\d+)?$", base):
         sys.exit(f"--base must be a loopback URL, got {base}")
     if not os.access(args.chromium, os.X_OK):
         sys.exit(f"no Chromium at {args.chromium}: apt-get install chromium "
                  "(scripts/install-peers.sh does)")
-    api = Api(base)
+    with open(args.token_file) as f:
+        token = f.read().strip()
+    api = Api(base, token, args.ca)
     with sync_playwright() as pw:
         b = Browser(pw, args.chromium)
         try:
             if args.mode == "check":
                 check(api, b, base)
             else:
+                b.remember(token)
                 screenshots(api, b, base, args.out)
         except (Failure, PlaywrightError, AssertionError) as e:
             print(f"FAIL: {e}", flush=True)

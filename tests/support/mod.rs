@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::pem::PemObject as _;
 use serde_json::{Value, json};
 
 /// A running `metalgraph serve`.
@@ -18,6 +19,13 @@ pub struct Server {
     child: Child,
     pub base: String,
     pub node_base: Option<String>,
+    /// The admin token the server wrote in its data dir (none with `--no-auth` on a new
+    /// data dir).
+    pub token: Option<String>,
+    /// The CA the server's certificate is signed by (none with `--no-tls`).
+    pub ca_pem: Option<Vec<u8>>,
+    /// Its data directory.
+    pub data_dir: PathBuf,
     /// Where stderr goes when the logs are captured.
     log: Option<PathBuf>,
     /// Every stdout line so far.
@@ -107,10 +115,21 @@ impl Server {
             }
         }
         let base = got.0.expect("metalgraph printed its listening address");
+        let token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .ok()
+            .map(|t| t.trim().to_owned());
+        let ca_pem = if base.starts_with("https://") {
+            Some(std::fs::read(data_dir.join("tls/ca.pem")).expect("the server's CA"))
+        } else {
+            None
+        };
         Server {
             child,
             base,
             node_base: got.1,
+            token,
+            ca_pem,
+            data_dir: data_dir.to_owned(),
             log: launch.log,
             stdout: lines,
         }
@@ -175,6 +194,114 @@ impl Server {
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base.trim_end_matches('/'), path)
     }
+
+    /// An HTTP client that trusts the server's CA and sends its admin token.
+    pub fn http(&self) -> reqwest::Client {
+        self.http_as(self.token.as_deref())
+    }
+
+    /// An HTTP client that trusts the server's CA and sends `token`, if any.
+    pub fn http_as(&self, token: Option<&str>) -> reqwest::Client {
+        self.client_builder(token).build().unwrap()
+    }
+
+    /// A client builder that trusts the server's CA and sends `token`, if any, for a test
+    /// that sets more.
+    pub fn client_builder(&self, token: Option<&str>) -> reqwest::ClientBuilder {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(t) = token {
+            headers.insert(
+                reqwest::header::AUTHORIZATION,
+                format!("Bearer {t}").parse().unwrap(),
+            );
+        }
+        let mut b = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .no_proxy()
+            .default_headers(headers);
+        if let Some(ca) = &self.ca_pem {
+            b = b.add_root_certificate(reqwest::Certificate::from_pem(ca).unwrap());
+        }
+        b
+    }
+
+    /// The management API as the admin.
+    pub fn api(&self) -> Api {
+        Api {
+            http: self.http(),
+            base: self.base.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    /// A gRPC channel to the server's gRPC listener on `port` (TLS when the server speaks
+    /// it), sending the admin token, once the listener accepts connections.
+    pub async fn grpc(&self, port: u16) -> Grpc {
+        self.grpc_as(port, self.token.as_deref()).await
+    }
+
+    /// [`Server::grpc`] sending `token`, if any.
+    pub async fn grpc_as(&self, port: u16, token: Option<&str>) -> Grpc {
+        let bearer = Bearer(token.map(|t| format!("Bearer {t}").parse().unwrap()));
+        let channel = grpc_channel_tls(port, self.ca_pem.as_deref()).await;
+        tonic::service::interceptor::InterceptedService::new(channel, bearer)
+    }
+}
+
+/// A gRPC channel that sends a bearer token with every call.
+pub type Grpc = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+
+/// Adds `authorization` to every gRPC call.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A gRPC channel to `127.0.0.1:port`: over TLS trusting `ca_pem` when given (ALPN h2),
+/// plain otherwise; retried until the listener accepts.
+pub async fn grpc_channel_tls(port: u16, ca_pem: Option<&[u8]>) -> tonic::transport::Channel {
+    let Some(ca) = ca_pem else {
+        return grpc_channel(port).await;
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    // The connector speaks TLS itself; tonic sees a plain `http://` endpoint.
+    let url = format!("http://127.0.0.1:{port}");
+    for _ in 0..100 {
+        let endpoint = tonic::transport::Channel::from_shared(url.clone()).unwrap();
+        let connector = connector.clone();
+        let connect = tower::service_fn(move |_uri: tonic::transport::Uri| {
+            let connector = connector.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        });
+        if let Ok(ch) = endpoint.connect_with_connector(connect).await {
+            return ch;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("gRPC server on {url} did not come up");
 }
 
 impl Drop for Server {
@@ -191,6 +318,29 @@ pub struct Api {
 }
 
 impl Api {
+    /// A client of the management API of the server whose data directory is `data_dir`:
+    /// its admin token and (for `https://`) its CA, read from there.
+    pub fn from_data_dir(base: &str, data_dir: &Path) -> Api {
+        let token = std::fs::read_to_string(data_dir.join("admin.token")).expect("the token");
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {}", token.trim()).parse().unwrap(),
+        );
+        let mut b = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .no_proxy()
+            .default_headers(headers);
+        if base.starts_with("https://") {
+            let ca = std::fs::read(data_dir.join("tls/ca.pem")).expect("the CA");
+            b = b.add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap());
+        }
+        Api {
+            http: b.build().unwrap(),
+            base: base.trim_end_matches('/').to_owned(),
+        }
+    }
+
     pub fn new(base: &str) -> Api {
         Api {
             http: reqwest::Client::builder()
