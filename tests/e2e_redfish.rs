@@ -418,7 +418,7 @@ tasks:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_with_a_self_signed_certificate_discovery_and_power() {
+async fn tls_verified_against_the_bmcs_own_ca_or_not_at_all() {
     let sushy = Sushy::start(SushyOptions {
         systems: 1,
         instant: true,
@@ -432,12 +432,63 @@ async fn tls_with_a_self_signed_certificate_discovery_and_power() {
     let mut options =
         json!({"defaults": {"uri": sushy.base, "username": "admin", "password": PASSWORD}});
 
-    // The certificate is verified unless the OBM says otherwise.
+    // The certificate is verified against the system's CAs unless the OBM says otherwise;
+    // a private CA's is refused, and the error says what to do.
     let (wf, _) = discover(&mg.api, options.clone()).await;
     assert_eq!(wf["status"], "failed", "{wf:#}");
     let error = wf["tasks"][0]["error"].as_str().unwrap();
-    assert!(error.to_lowercase().contains("certificate"), "{error}");
+    assert!(
+        error.to_lowercase().contains("certificate") && error.contains("caCert"),
+        "{error}"
+    );
 
+    // With the BMC's CA the certificate is verified and accepted; the nodes keep it.
+    options["defaults"]["caCert"] = json!(sushy.ca_pem());
+    let (wf, ids) = discover(&mg.api, options.clone()).await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    let node = &ids[&0];
+    let (_, obms) = mg.api.get(&format!("/api/2.0/nodes/{node}/obm")).await;
+    assert_eq!(obms[0]["config"]["caCert"], json!(sushy.ca_pem()), "{obms}");
+    run_everywhere(&mg.api, "Graph.PowerOn.Node", &[node]).await;
+    assert_eq!(sushy.power_state(0).await, "On");
+    run_everywhere(&mg.api, "Graph.PowerOff.Node", &[node]).await;
+    assert_eq!(sushy.power_state(0).await, "Off");
+
+    // Another CA does not vouch for it.
+    let other_ca = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.self_signed(&key).unwrap().pem()
+    };
+    let (code, body) = mg
+        .api
+        .send(
+            "PUT",
+            &format!("/api/2.0/nodes/{node}/obm"),
+            Some(json!({"service": "redfish-obm-service", "config": {
+                "host": sushy.base, "user": "admin", "password": PASSWORD,
+                "systemId": system_uuid(0), "caCert": other_ca}})),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let id = mg.api.run("Graph.PowerOn.Node", Some(node), json!({})).await;
+    let wf = mg.api.wait(&id, LIMIT).await;
+    assert_eq!(wf["status"], "failed", "{wf:#}");
+    // Something that is not PEM is refused when stored, naming the field.
+    let (code, body) = mg
+        .api
+        .send(
+            "PUT",
+            &format!("/api/2.0/nodes/{node}/obm"),
+            Some(json!({"service": "redfish-obm-service", "config": {
+                "host": sushy.base, "caCert": "not a certificate"}})),
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.to_string().contains("caCert"), "{body}");
+
+    options["defaults"].as_object_mut().unwrap().remove("caCert");
     options["defaults"]["verifySSL"] = json!(false);
     let (wf, ids) = discover(&mg.api, options).await;
     assert_eq!(wf["status"], "succeeded", "{wf:#}");

@@ -18,8 +18,10 @@
 //! | `meta` | `event_log`, `workflow_index`, `node_index`, `nodes_sealed`, `seal_check` | the event log's id; that an index is built, that passwords are sealed; a value sealed with the store's key |
 //!
 //! The binary keeps keyspaces of its own beside these: `leases` (MAC → a full-mode DHCP
-//! lease as JSON), written by its `BootPlanner` in `src/boot.rs`, and `hooks` (hook id → a
-//! webhook with its delivery cursor, as JSON), written by `src/hooks.rs`.
+//! lease as JSON), written by its `BootPlanner` in `src/boot.rs`; `hooks` (hook id → a
+//! webhook with its delivery cursor, as JSON), written by `src/hooks.rs`; `tokens` (name →
+//! a bearer token's role and SHA-256, as JSON), written by `src/auth.rs`; and `audit`
+//! (entry number, u64 big-endian → one audited call, as JSON), written by `src/audit.rs`.
 
 pub const GRAPHS: &str = "graphs";
 pub const TASKDEFS: &str = "taskdefs";

@@ -68,10 +68,17 @@ pub struct ObmConfig {
     pub system_id: Option<String>,
     #[serde(default, rename = "verifySSL", skip_serializing_if = "Option::is_none")]
     pub verify_ssl: Option<bool>,
+    /// Redfish: the CA certificate(s), PEM, that signed the BMC's certificate (a private
+    /// CA). When given, the BMC is verified against these alone, not the system's CAs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<String>,
     /// Driver-specific settings (`cipherSuite` for IPMI, ...).
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
+
+/// The largest `caCert` an OBM may carry.
+pub const MAX_CA_CERT: usize = 64 * 1024;
 
 /// A managed server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -181,6 +188,14 @@ impl Node {
                 return Err(Error::Invalid(format!(
                     "field 'obms[{i}].service' must name an OBM service (redfish-obm-service, \
                      ipmi-obm-service, sim-obm-service)"
+                )));
+            }
+            if let Some(pem) = &obm.config.ca_cert
+                && (pem.len() > MAX_CA_CERT || !pem.contains("-----BEGIN CERTIFICATE-----"))
+            {
+                return Err(Error::Invalid(format!(
+                    "field 'obms[{i}].config.caCert' must be one or more PEM certificates \
+                     ('-----BEGIN CERTIFICATE-----'), at most {MAX_CA_CERT} bytes"
                 )));
             }
             if let Some(sys) = &obm.config.system_id

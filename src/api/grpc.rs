@@ -869,6 +869,7 @@ fn obm_to_pb(o: &engine_nodes::Obm) -> pb::Obm {
             password_set: c.password.as_ref().is_some_and(|p| !p.expose().is_empty()),
             system_id: c.system_id.clone().unwrap_or_default(),
             verify_ssl: c.verify_ssl,
+            ca_cert: c.ca_cert.clone(),
             extra: Some(to_pb_struct(&c.extra)),
         }),
     }
@@ -896,6 +897,7 @@ fn obm_from_pb(o: &pb::Obm) -> Result<engine_nodes::Obm, Status> {
             password: Some(Secret(c.password)).filter(|s| !s.expose().is_empty()),
             system_id: Some(c.system_id).filter(|s| !s.is_empty()),
             verify_ssl: c.verify_ssl,
+            ca_cert: c.ca_cert.filter(|s| !s.is_empty()),
             extra: opt_struct(&c.extra),
         },
     })

@@ -115,7 +115,7 @@ pub struct SushyOptions {
     pub delay_secs: Option<u32>,
     /// Basic auth with this user and password (bcrypt htpasswd).
     pub auth: Option<(String, String)>,
-    /// HTTPS with a self-signed certificate for 127.0.0.1.
+    /// HTTPS with a certificate for 127.0.0.1 signed by a private CA (`ca_pem`).
     pub tls: bool,
 }
 
@@ -188,7 +188,7 @@ impl Sushy {
             ));
         }
         if opts.tls {
-            let (cert, key) = self_signed_cert(dir.path());
+            let (cert, key) = bmc_certificate(dir.path());
             conf.push_str(&format!(
                 "SUSHY_EMULATOR_SSL_CERT = '{}'\nSUSHY_EMULATOR_SSL_KEY = '{}'\n",
                 cert.display(),
@@ -282,6 +282,11 @@ impl Sushy {
     }
 
     /// Where sushy downloads inserted images (its TMPDIR).
+    /// With `tls`: the private CA (PEM) that signed the emulator's certificate.
+    pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ca.pem")).expect("the BMC's CA")
+    }
+
     pub fn tmp_dir(&self) -> PathBuf {
         self.dir.path().join("tmp")
     }
@@ -302,26 +307,29 @@ pub fn raw_client() -> reqwest::Client {
 }
 
 /// A self-signed certificate for 127.0.0.1 and its key, made with openssl.
-fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let out = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        ])
-        .args([
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("run openssl");
-    assert!(out.status.success(), "openssl: {out:?}");
-    (cert, key)
+fn bmc_certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    // A private CA (`ca.pem`, for OBMs that name it in `caCert`) and the BMC's certificate
+    // for 127.0.0.1, which it signs.
+    let ca_key = rcgen::KeyPair::generate().expect("a CA key");
+    let mut ca = rcgen::CertificateParams::default();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name = rcgen::DistinguishedName::new();
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "test BMC CA");
+    ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let ca_cert = ca.self_signed(&ca_key).expect("the CA certificate");
+    let issuer = rcgen::Issuer::new(ca, &ca_key);
+    let key = rcgen::KeyPair::generate().expect("a key");
+    let mut leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("params");
+    leaf.distinguished_name = rcgen::DistinguishedName::new();
+    leaf.distinguished_name
+        .push(rcgen::DnType::CommonName, "127.0.0.1");
+    let cert = leaf.signed_by(&key, &issuer).expect("the BMC certificate");
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("write ca.pem");
+    std::fs::write(&cert_path, cert.pem()).expect("write cert.pem");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write key.pem");
+    (cert_path, key_path)
 }
 
 /// The password of the simulated IPMI BMC's `admin` user.

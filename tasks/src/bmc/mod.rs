@@ -28,7 +28,7 @@ use cache::SharedCache;
 pub use ipmi::IpmiBmc;
 use metered::Metered;
 pub use metered::register as register_metrics;
-pub use redfish::{RedfishBmc, RedfishEndpoint};
+pub use redfish::{RedfishBmc, RedfishEndpoint, Trust};
 pub use sim::SimBmc;
 
 /// The OBM service names, as RackHD spells them.
@@ -179,7 +179,7 @@ pub enum Error {
     #[error("{at}: {message}")]
     Auth { at: At, message: String },
     #[error(
-        "{at}: TLS certificate not accepted ({message}); set verifySSL: false to accept a self-signed certificate"
+        "{at}: TLS certificate not accepted ({message}); give the OBM the CA that signed it (caCert), or set verifySSL: false to accept any certificate"
     )]
     Tls { at: At, message: String },
     #[error("{at}: BMC unreachable: {message}")]
@@ -316,7 +316,7 @@ const MAX_ENDPOINTS: usize = 1024;
 pub struct Drivers {
     options: DriverOptions,
     /// Redfish endpoints by `(base URL, verify TLS)`, each with its own client and limit.
-    redfish: SharedCache<(String, bool), RedfishEndpoint>,
+    redfish: SharedCache<(String, Trust), RedfishEndpoint>,
     /// Concurrency limits of IPMI BMCs by `host:port`.
     ipmi_limits: SharedCache<String, Semaphore>,
 }
@@ -383,19 +383,15 @@ impl Drivers {
 
     /// A Redfish driver for `config`, also used by discovery before any node exists.
     pub fn redfish(&self, node: &str, config: &ObmConfig) -> Result<RedfishBmc> {
-        RedfishBmc::new(node, config, |base, verify| {
-            self.redfish_endpoint(base, verify)
+        RedfishBmc::new(node, config, |base, trust| {
+            self.redfish_endpoint(base, trust)
         })
     }
 
-    fn redfish_endpoint(
-        &self,
-        base: &str,
-        verify_tls: bool,
-    ) -> Result<Arc<RedfishEndpoint>, String> {
+    fn redfish_endpoint(&self, base: &str, trust: &Trust) -> Result<Arc<RedfishEndpoint>, String> {
         self.redfish
-            .get_or_try_insert(&(base.to_owned(), verify_tls), Instant::now(), || {
-                RedfishEndpoint::new(&self.options, verify_tls)
+            .get_or_try_insert(&(base.to_owned(), trust.clone()), Instant::now(), || {
+                RedfishEndpoint::new(&self.options, trust)
             })
     }
 

@@ -57,6 +57,12 @@ impl DiscoveryRedfishJob {
                     Some(Value::Bool(true)),
                     "whether to verify the BMC's TLS certificate",
                 )
+                .optional(
+                    "caCert",
+                    OptionKind::String,
+                    None,
+                    "the CA certificate (PEM) that signed the BMC's certificate; stored in the nodes' OBMs",
+                )
                 .secret("password"),
             drivers,
         }
@@ -80,6 +86,7 @@ impl Job for DiscoveryRedfishJob {
                 user: ctx.str_opt("username").map(str::to_owned),
                 password: ctx.str_opt("password").map(|p| Secret(p.to_owned())),
                 verify_ssl: Some(ctx.bool_or("verifySSL", true)),
+                ca_cert: ctx.str_opt("caCert").map(str::to_owned),
                 ..ObmConfig::default()
             };
             let service = self

@@ -31,6 +31,27 @@ use tokio::sync::{OnceCell, Semaphore};
 use super::links::{self, LinkError, odata_id};
 use crate::bmc::{At, DriverOptions, Error, Result};
 
+/// Which certificates a Redfish endpoint accepts: the system's CAs (the default), the
+/// OBM's own CA (`caCert`), or any (`verifySSL: false`). Part of the endpoint's key, so
+/// that one BMC reached under two policies gets two clients.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Trust {
+    System,
+    Ca(String),
+    Anything,
+}
+
+impl Trust {
+    /// An OBM's policy: `verifySSL: false` wins over `caCert`.
+    pub fn of(config: &metalgraph_engine::nodes::ObmConfig) -> Trust {
+        match (config.verify_ssl, &config.ca_cert) {
+            (Some(false), _) => Trust::Anything,
+            (_, Some(pem)) if !pem.trim().is_empty() => Trust::Ca(pem.clone()),
+            _ => Trust::System,
+        }
+    }
+}
+
 /// The largest reply body read from a BMC; Redfish documents are small, and a reply larger
 /// than this is a broken or hostile BMC.
 const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
@@ -65,14 +86,31 @@ impl fmt::Debug for RedfishEndpoint {
 }
 
 impl RedfishEndpoint {
-    pub(crate) fn new(options: &DriverOptions, verify_tls: bool) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
+    pub(crate) fn new(options: &DriverOptions, trust: &Trust) -> Result<Self, String> {
+        let mut builder = reqwest::Client::builder()
             .user_agent(concat!("metalgraph/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(options.connect_timeout)
-            .timeout(options.request_timeout)
+            .timeout(options.request_timeout);
+        builder = match trust {
+            Trust::System => builder,
             // BMCs commonly run with self-signed certificates; `verifySSL: false` is the
             // operator's explicit choice for those.
-            .danger_accept_invalid_certs(!verify_tls)
+            Trust::Anything => builder.danger_accept_invalid_certs(true),
+            // A private CA: it alone is trusted for this BMC.
+            Trust::Ca(pem) => {
+                let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+                    .map_err(|e| format!("caCert is not a PEM certificate: {e}"))?;
+                if certs.is_empty() {
+                    return Err("caCert holds no PEM certificate".to_owned());
+                }
+                certs
+                    .into_iter()
+                    .fold(builder.tls_built_in_root_certs(false), |b, c| {
+                        b.add_root_certificate(c)
+                    })
+            }
+        };
+        let client = builder
             .pool_max_idle_per_host(options.per_endpoint_limit.max(1))
             .redirect(same_origin_redirects())
             .build()

@@ -25,7 +25,7 @@ use super::{
     At, Bmc, BootDevice, BootOverride, Error, MediaStatus, PowerAction, PowerState,
     REDFISH_SERVICE, Result,
 };
-pub use client::RedfishEndpoint;
+pub use client::{RedfishEndpoint, Trust};
 use client::{Client, Reply, Request};
 use links::{SystemRef, action_target, links, members, odata_id};
 
@@ -59,7 +59,7 @@ impl RedfishBmc {
     pub(crate) fn new(
         node: &str,
         config: &ObmConfig,
-        endpoint: impl FnOnce(&str, bool) -> Result<Arc<RedfishEndpoint>, String>,
+        endpoint: impl FnOnce(&str, &Trust) -> Result<Arc<RedfishEndpoint>, String>,
     ) -> Result<Self> {
         let config_err = |message: String| Error::Config {
             node: node.to_owned(),
@@ -68,8 +68,8 @@ impl RedfishBmc {
         };
         let base = links::base_url(&config.host, config.port).map_err(config_err)?;
         let system = links::system_ref(config.system_id.as_deref()).map_err(config_err)?;
-        let verify = config.verify_ssl.unwrap_or(true);
-        let ep = endpoint(base.as_str(), verify)
+        let trust = Trust::of(config);
+        let ep = endpoint(base.as_str(), &trust)
             .map_err(|e| config_err(format!("cannot build the HTTP client: {e}")))?;
         let session_auth = config
             .extra
