@@ -14,6 +14,7 @@ pub mod profiles;
 pub mod ui;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use metalgraph_engine::{ApiUrls, Engine};
 
@@ -40,11 +41,17 @@ pub struct AppState {
     pub discovery_graph: String,
     /// The webhooks, delivering.
     pub hooks: Hooks,
+    /// How node-facing requests prove they come from the node they ask about, which they
+    /// must to be shown its callback token (`boot::access`).
+    pub node_access: crate::boot::NodeAccess,
+    /// Whether and how fast unknown machines are enrolled (`[boot] enrolment`).
+    pub enrolment: Arc<crate::boot::Enrolment>,
 }
 
 impl AppState {
-    /// A state with the node-facing files and templates off and webhooks delivered with
-    /// the default settings. It starts delivering the stored webhooks: make one per engine.
+    /// A state with the node-facing files and templates off, webhooks delivered with the
+    /// default settings, node-facing requests proven by capability only, and enrolment on
+    /// at the default rate. It starts delivering the stored webhooks: make one per engine.
     pub fn new(engine: Engine, body_limit: usize) -> Self {
         Self::with_hooks(engine, body_limit, crate::hooks::Settings::default())
     }
@@ -59,6 +66,8 @@ impl AppState {
             templates_dir: None,
             api: ApiUrls::default(),
             discovery_graph: crate::boot::DEFAULT_DISCOVERY_GRAPH.to_owned(),
+            node_access: crate::boot::NodeAccess::capability_only(),
+            enrolment: Arc::new(crate::boot::Enrolment::default()),
         }
     }
 }

@@ -21,6 +21,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -288,6 +289,7 @@ async fn serve_connection(
 ) {
     let clock = Arc::new(Clock::new(Instant::now()));
     let spare = slot.spare;
+    let peer = stream.peer_addr().ok();
     let io = TokioIo::new(Watched {
         inner: stream,
         clock: clock.clone(),
@@ -296,6 +298,7 @@ async fn serve_connection(
         router: TowerToHyperService::new(router),
         clock: clock.clone(),
         spare,
+        peer,
     };
     let mut builder = http1::Builder::new();
     // The clock enforces the header-read timeout, counted from the first byte of a request
@@ -331,11 +334,14 @@ async fn serve_connection(
 }
 
 /// The router as a hyper service that reports each request's start and end to the
-/// connection's clock; on a spare connection it answers only health.
+/// connection's clock; on a spare connection it answers only health. Each request carries
+/// the peer's address as axum's `ConnectInfo<SocketAddr>` (the node-facing API checks it
+/// against DHCP leases).
 struct Tracked {
     router: TowerToHyperService<Router>,
     clock: Arc<Clock>,
     spare: bool,
+    peer: Option<SocketAddr>,
 }
 
 type ResponseFuture =
@@ -346,10 +352,14 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
     type Error = Infallible;
     type Future = ResponseFuture;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let busy = Busy::start(self.clock.clone());
         if self.spare && !is_health(&req) {
             return Box::pin(std::future::ready(Ok(too_many_connections())));
+        }
+        if let Some(peer) = self.peer {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
         }
         let answer = self.router.call(req);
         Box::pin(async move {
