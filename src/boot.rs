@@ -16,10 +16,16 @@
 //!   lease as JSON. Each save is one durable commit.
 //! - **Enrolment.** An unknown MAC asking for a profile becomes a node (identifiers: every
 //!   MAC reported, and the SMBIOS UUID), gets a `pxe` catalog of what it reported, and runs
-//!   the discovery graph. The identifier index's `Absent` precondition makes this race-safe:
+//!   the discovery graph — where the operator enabled it, and at a bounded rate
+//!   ([`enrolment`]). The identifier index's `Absent` precondition makes this race-safe:
 //!   the loser of two concurrent enrolments re-reads and finds the winner's node.
+//! - **Callback tokens** are rendered only for a request that proves it is the node
+//!   ([`access`]): by the node's capability, which the URLs built here carry (`cap=`), or,
+//!   in full DHCP mode, by its leased address.
 
+pub mod access;
 pub mod config;
+pub mod enrolment;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -27,7 +33,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 use metalgraph_engine::nodes::{self, Node};
-use metalgraph_engine::{Engine, Error, NodeTask, RunRequest, TaskState};
+use metalgraph_engine::{Engine, Error, NodeCap, NodeTask, RunRequest, TaskState};
 use metalgraph_pxe::{
     BootPlanner, BoxFuture, ClientInfo, Decision, Lease, LeaseStoreError, MacAddr, PxeService,
 };
@@ -35,7 +41,9 @@ use metalgraph_store::{Batch, Store};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-pub use config::{BootArgs, BootConfig, DhcpSetting};
+pub use access::{NodeAccess, Proof};
+pub use config::{BootArgs, BootConfig, DhcpSetting, NodeTokens};
+pub use enrolment::Enrolment;
 
 /// The store keyspace of full-mode DHCP leases: MAC → lease (JSON).
 pub const LEASES: &str = "leases";
@@ -82,6 +90,8 @@ pub enum BootWork {
         label: String,
         /// The task's workflow.
         workflow_id: String,
+        /// The node's capability for the task, which the retry URL carries.
+        cap: NodeCap,
     },
     /// No task asks for a profile, but the node's `boot-profile=` tag does.
     Always {
@@ -96,6 +106,15 @@ impl BootWork {
     /// Whether DHCP should answer the node.
     pub fn wants_network_boot(&self) -> bool {
         !matches!(self, BootWork::None)
+    }
+
+    /// The node's capability for the task that asks for a profile, if one does.
+    pub fn cap(&self) -> Option<&NodeCap> {
+        match self {
+            BootWork::Task { task, .. } => Some(&task.cap),
+            BootWork::Pending { cap, .. } => Some(cap),
+            BootWork::Always { .. } | BootWork::None => None,
+        }
     }
 }
 
@@ -121,6 +140,7 @@ pub async fn boot_work(engine: &Engine, node: &Node) -> Result<BootWork, Error> 
             _ => BootWork::Pending {
                 label: task.label,
                 workflow_id: task.workflow_id,
+                cap: task.cap,
             },
         });
     }
@@ -162,6 +182,8 @@ pub struct Report {
     pub platform: Option<String>,
     /// iPXE's `${buildarch}`: `i386`, `x86_64`, `arm64`, ...
     pub buildarch: Option<String>,
+    /// The capability the request presented (`cap=`), if any; never stored.
+    pub cap: Option<String>,
 }
 
 /// A UUID worth identifying a machine by: firmware that has none reports all zeros or all
@@ -301,6 +323,12 @@ fn ipxe_words(v: &Value) -> Value {
 /// profile, `profile` (`name`, and `url` to chain to on retry) and `client` (what iPXE
 /// reported).
 ///
+/// The task's token and the node's capability for it — `task.token`, `task.cap`,
+/// `notification` and the `cap=` of `profile.url` — are there only when the request proved
+/// it is the node (`proven`, see [`access`]); otherwise they are absent, so a profile that
+/// uses them fails to render and the machine gets the retry script, and options rendered
+/// over them fail the same way.
+///
 /// What a node or a BMC controls — the whole `node` view (name, identifiers, tags, OBM
 /// host), the profile name (it may come from a tag), the finished tasks' outputs the options
 /// are rendered over (`context`, which holds BMC data) — is made of inert iPXE words here, so
@@ -320,12 +348,17 @@ pub struct ProfileVars<'a> {
     pub node_base: &'a str,
     /// What iPXE reported.
     pub report: &'a Report,
+    /// Whether the request proved it is the node: only then are the task's token and
+    /// capability rendered.
+    pub proven: bool,
 }
 
 impl ProfileVars<'_> {
-    /// The profile URL of this node, for scripts that retry.
+    /// The profile URL of this node, for scripts that retry: with the capability when the
+    /// request proved it is the node.
     pub fn profile_url(&self) -> String {
-        profile_url(self.node_base, &self.report.macs)
+        let cap = self.task.filter(|_| self.proven).map(|t| t.cap.as_str());
+        profile_url(self.node_base, &self.report.macs, cap)
     }
 
     /// Builds the variables; the task's options are rendered the way the scheduler renders
@@ -349,12 +382,15 @@ impl ProfileVars<'_> {
             },
         });
         if let Some(t) = self.task {
-            let task = json!({
+            let mut task = json!({
                 "id": t.task_id,
                 "label": t.label,
                 "workflowId": t.workflow_id,
-                "token": t.token,
             });
+            if self.proven {
+                task["token"] = json!(t.token);
+                task["cap"] = json!(t.cap.as_str());
+            }
             let scheduler_vars = json!({
                 "options": t.options,
                 "context": ipxe_words(&Value::Object(t.context.clone())),
@@ -366,32 +402,65 @@ impl ProfileVars<'_> {
                 .render_options(&t.options, &scheduler_vars)?;
             vars["task"] = task;
             vars["options"] = Value::Object(options);
-            vars["notification"] = json!({
-                "url": format!(
-                    "{node_base}/notification?nodeId={}&token={}",
-                    query_escape(&self.node.id),
-                    query_escape(&t.token)
-                ),
-                "token": t.token,
-                "workflowId": t.workflow_id,
-            });
+            if self.proven {
+                vars["notification"] = notification_vars(node_base, &self.node.id, t);
+            }
         }
         Ok(vars)
     }
 }
 
-/// The profile URL for `macs` under the node-facing base URL.
-pub fn profile_url(node_base: &str, macs: &[MacAddr]) -> String {
+/// The `notification` variables of templates rendered for the node that proved itself:
+/// `url` (the callback URL with the token), `token`, `workflowId`, and `cap`, the node's
+/// capability for the task, for URLs to further templates.
+pub fn notification_vars(node_base: &str, node_id: &str, task: &NodeTask) -> Value {
+    waiting_vars(
+        node_base,
+        node_id,
+        &task.workflow_id,
+        &task.token,
+        task.cap.as_str(),
+    )
+}
+
+/// [`notification_vars`] from the parts.
+pub fn waiting_vars(
+    node_base: &str,
+    node_id: &str,
+    workflow_id: &str,
+    token: &str,
+    cap: &str,
+) -> Value {
+    let node_base = node_base.trim_end_matches('/');
+    json!({
+        "url": format!(
+            "{node_base}/notification?nodeId={}&token={}",
+            query_escape(node_id),
+            query_escape(token)
+        ),
+        "token": token,
+        "workflowId": workflow_id,
+        "cap": cap,
+    })
+}
+
+/// The profile URL for `macs` under the node-facing base URL, with the node's capability
+/// when given.
+pub fn profile_url(node_base: &str, macs: &[MacAddr], cap: Option<&str>) -> String {
     let base = format!("{}/profiles", node_base.trim_end_matches('/'));
-    match macs.first() {
+    let url = match macs.first() {
         Some(mac) => metalgraph_pxe::ipxe::profile_url(&base, mac),
         None => base,
+    };
+    match cap {
+        Some(cap) => format!("{url}&cap={}", query_escape(cap)),
+        None => url,
     }
 }
 
 /// Percent-encodes a query parameter value (everything but RFC 3986's unreserved
 /// characters).
-fn query_escape(s: &str) -> String {
+pub fn query_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
@@ -414,7 +483,8 @@ pub fn reachable(addr: SocketAddr, boot_address: Option<Ipv4Addr>) -> SocketAddr
 
 /// Binds the network-boot service configured in `config` (DHCP and TFTP sockets; stored
 /// leases loaded in full mode), or returns `None` when network boot is off. Profile URLs
-/// handed out by DHCP start with `node_base`, the node-facing API's base URL.
+/// handed out by DHCP start with `node_base`, the node-facing API's base URL; DHCP answers
+/// unknown machines only when `config` enables enrolment.
 pub async fn bind_service(
     config: &BootConfig,
     engine: &Engine,
@@ -437,7 +507,9 @@ pub async fn bind_service(
             t.root.display()
         );
     }
-    let planner = Arc::new(StorePlanner::new(engine.clone(), store, node_base));
+    let planner = Arc::new(
+        StorePlanner::new(engine.clone(), store, node_base).enrolling(config.enrolment_on()),
+    );
     let service = PxeService::bind(options, planner)
         .await
         .context("network boot could not start")?;
@@ -451,19 +523,35 @@ pub struct StorePlanner {
     store: Arc<dyn Store>,
     /// The node-facing base URL (`http://10.0.0.1:8090/api/2.0`) profile URLs start with.
     node_base: String,
+    /// Whether unknown machines are enrolled, and so answered.
+    enrolling: bool,
 }
 
 impl StorePlanner {
-    /// A planner answering with profile URLs under `node_base`.
+    /// A planner answering with profile URLs under `node_base`, and answering unknown
+    /// machines (see [`StorePlanner::enrolling`]).
     pub fn new(engine: Engine, store: Arc<dyn Store>, node_base: impl Into<String>) -> Self {
         StorePlanner {
             engine,
             store,
             node_base: node_base.into(),
+            enrolling: true,
         }
     }
 
+    /// Whether DHCP answers unknown machines, so that they ask for a profile and are
+    /// enrolled: without enrolment they would only be told to boot from their disks.
+    pub fn enrolling(mut self, on: bool) -> Self {
+        self.enrolling = on;
+        self
+    }
+
     async fn decision(&self, mac: MacAddr) -> Result<Decision, Error> {
+        if !mac.is_unicast_nonzero() {
+            return Ok(Decision::Silent {
+                reason: format!("{mac} is a group or all-zero MAC, which identifies no machine"),
+            });
+        }
         let found = match self.engine.nodes().by_identifier(&mac.to_string()).await? {
             None => None,
             Some(node) => {
@@ -471,12 +559,17 @@ impl StorePlanner {
                 Some((node, work))
             }
         };
-        let answer = || Decision::Answer {
-            profile_url: profile_url(&self.node_base, &[mac]),
+        // The URL carries the node's capability for the task that asks for a profile, so
+        // that the profile it fetches holds the task's callback (see `access`).
+        let answer = |cap: Option<&NodeCap>| Decision::Answer {
+            profile_url: profile_url(&self.node_base, &[mac], cap.map(NodeCap::as_str)),
         };
         Ok(match found {
-            None => answer(),
-            Some((_, work)) if work.wants_network_boot() => answer(),
+            None if self.enrolling => answer(None),
+            None => Decision::Silent {
+                reason: "unknown machine, and enrolment is off (boot.enrolment)".to_owned(),
+            },
+            Some((_, work)) if work.wants_network_boot() => answer(work.cap()),
             Some((node, _)) => Decision::Silent {
                 reason: format!(
                     "node {} has no network-boot work (no running or pending task with a '{PROFILE_OPTION}' option, no '{BOOT_PROFILE_TAG}' tag)",
@@ -607,8 +700,12 @@ mod tests {
     fn profile_urls_carry_the_first_mac() {
         let mac: MacAddr = "52:54:00:00:00:01".parse().unwrap();
         assert_eq!(
-            profile_url("http://10.0.0.1:8090/api/2.0/", &[mac]),
+            profile_url("http://10.0.0.1:8090/api/2.0/", &[mac], None),
             "http://10.0.0.1:8090/api/2.0/profiles?macs=52:54:00:00:00:01"
+        );
+        assert_eq!(
+            profile_url("http://10.0.0.1:8090/api/2.0", &[mac], Some("00ff")),
+            "http://10.0.0.1:8090/api/2.0/profiles?macs=52:54:00:00:00:01&cap=00ff"
         );
     }
 
@@ -652,6 +749,7 @@ mod tests {
             state: TaskState::Running,
             options: options.as_object().unwrap().clone(),
             token: "0123456789abcdef0123456789abcdef".into(),
+            cap: metalgraph_engine::NodeCaps::random().cap("n1", "wf", "t", "tok"),
             context:
                 json!({"discover": {"name": "bmc\n#!ipxe\nchain http://127.0.0.1:1/pwn.ipxe"}})
                     .as_object()
@@ -679,6 +777,7 @@ mod tests {
             api_base: "http://10.0.0.1:8080/api/2.0",
             node_base: "http://10.0.0.1:8090/api/2.0",
             report: &report,
+            proven: true,
         }
         .build()?;
         profile_renderer().render_str(template, &vars)
@@ -747,5 +846,63 @@ mod tests {
         )
         .expect_err("a trailing backslash would join the next line");
         assert!(err.contains("backslash"), "{err}");
+    }
+
+    #[test]
+    fn the_token_and_capability_are_rendered_only_for_the_proven_node() {
+        let (node, task, report) = hostile();
+        let vars = |proven| {
+            ProfileVars {
+                node: &node,
+                task: Some(&task),
+                profile: "p",
+                api_base: "http://10.0.0.1:8080/api/2.0",
+                node_base: "http://10.0.0.1:8090/api/2.0",
+                report: &report,
+                proven,
+            }
+            .build()
+        };
+        let cap = task.cap.as_str().to_owned();
+        let shown = vars(true).unwrap();
+        assert_eq!(shown["task"]["token"], task.token.as_str());
+        assert_eq!(shown["notification"]["cap"], cap.as_str());
+        assert!(
+            shown["profile"]["url"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("&cap={cap}"))
+        );
+
+        let hidden = vars(false).unwrap();
+        let text = hidden.to_string();
+        assert!(
+            !text.contains(&task.token) && !text.contains(&cap),
+            "{text}"
+        );
+        assert!(hidden.get("notification").is_none());
+        assert_eq!(hidden["task"]["label"], "wait-installed");
+        // A profile that needs the callback cannot render without it.
+        let err = profile_renderer()
+            .render_str("#!ipxe\nimgfetch {{ notification.url }}\n", &hidden)
+            .unwrap_err();
+        assert!(err.contains("undefined"), "{err}");
+        // Nor can options that would carry the token or capability.
+        let mut sneaky = task.clone();
+        sneaky
+            .options
+            .insert("kernelParams".into(), json!("cb={{ task.token }}"));
+        let err = ProfileVars {
+            node: &node,
+            task: Some(&sneaky),
+            profile: "p",
+            api_base: "",
+            node_base: "http://10.0.0.1:8090/api/2.0",
+            report: &report,
+            proven: false,
+        }
+        .build()
+        .unwrap_err();
+        assert!(err.contains("kernelParams"), "{err}");
     }
 }

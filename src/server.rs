@@ -201,6 +201,25 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         templates_dir: config.templates_dir.clone(),
         discovery_graph: config.boot.discovery_graph.clone(),
         api: api_urls,
+        // With full DHCP, metalgraph knows which address it leased to which MAC, so a
+        // request from that address is the node's; otherwise only the capability proves it.
+        node_access: match (config.boot.node_tokens, config.boot.dhcp) {
+            (crate::boot::NodeTokens::Open, _) => {
+                warn!(
+                    "node_tokens = open: any request to the node-facing listener is shown a waiting node's callback token, and can complete its install; not recommended"
+                );
+                crate::boot::NodeAccess::open()
+            }
+            (_, crate::boot::DhcpSetting::Full) => {
+                crate::boot::NodeAccess::with_leases(store.clone())
+            }
+            _ => crate::boot::NodeAccess::capability_only(),
+        },
+        enrolment: Arc::new(crate::boot::Enrolment::new(
+            config.boot.enrolment_on(),
+            config.boot.enrolment_rate,
+            config.boot.enrolment_burst,
+        )),
         ..base
     };
     let hooks = state.hooks.clone();
@@ -231,7 +250,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         if let Some(addr) = tftp {
             announce(&format!("metalgraph tftp listening on {addr}"));
         }
-        info!(dhcp = ?dhcp, tftp = ?tftp, mode = ?config.boot.dhcp, interface = ?config.boot.dhcp_interface, "network boot serving");
+        info!(dhcp = ?dhcp, tftp = ?tftp, mode = ?config.boot.dhcp, interface = ?config.boot.dhcp_interface, enrolment = config.boot.enrolment_on(), "network boot serving");
     }
     let limits = conn::Limits::from(&config.limits);
     conn::check_descriptor_budget(

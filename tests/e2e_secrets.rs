@@ -63,9 +63,18 @@ async fn passwords_appear_in_no_response_log_or_template() {
         &dir.path().join("data"),
         "sled",
         Launch {
-            args: ["--node-listen", "127.0.0.1:0", "--templates-dir", templates]
-                .map(str::to_owned)
-                .to_vec(),
+            // The simulated installer fetches its kickstart without a capability (a
+            // virtual-media install without metalgraph's DHCP): tokens are open to it.
+            args: [
+                "--node-listen",
+                "127.0.0.1:0",
+                "--templates-dir",
+                templates,
+                "--node-tokens",
+                "open",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
             rust_log: Some("debug".into()),
             log: Some(log.clone()),
         },

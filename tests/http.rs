@@ -1066,9 +1066,13 @@ async fn node_notifications_reach_the_waiting_task() {
     let (status, body) = notify("?nodeId=n1", json!({})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "no token: {body}");
     error_of(&body, "bad_request");
-    let (status, body) = notify("?nodeId=n1&token=abc", json!({})).await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "nothing waits: {body}");
-    error_of(&body, "not_found");
+    let (status, nothing_waits) = notify("?nodeId=n1&token=abc", json!({})).await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "nothing waits: {nothing_waits}"
+    );
+    error_of(&nothing_waits, "not_found");
 
     h.put_graph(&one_task_graph("Graph.Test.Callback", "Test.WaitForNode"))
         .await;
@@ -1091,9 +1095,11 @@ async fn node_notifications_reach_the_waiting_task() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
 
-    let (status, body) = notify("?nodeId=n1&token=wrong", json!({})).await;
-    assert_eq!(status, StatusCode::CONFLICT, "a wrong token: {body}");
-    error_of(&body, "conflict");
+    // A wrong token is answered exactly like a node on which nothing waits, so that no
+    // caller learns which nodes wait.
+    let (status, body) = notify("?nodeId=n1&token=abc", json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "a wrong token: {body}");
+    assert_eq!(body, nothing_waits);
     // The token may come in the body; it never reaches the task's output.
     let (status, body) = notify("?nodeId=n1", json!({"token": token, "installed": true})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -1328,7 +1334,12 @@ async fn templates_render_for_a_node_with_its_waiting_token() {
         assert!(Instant::now() < deadline, "the task never waited");
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
+    // Without the node's capability, the kickstart answers as if nothing waited.
     let (status, _, body) = raw(&app, "GET", ks, &[]).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{}", text(body));
+    let cap = h.engine.waiting_task("n1").expect("it waits").cap;
+    let with_cap = format!("{ks}&cap={}", cap.as_str());
+    let (status, _, body) = raw(&app, "GET", &with_cap, &[]).await;
     let rendered = text(body);
     assert_eq!(status, StatusCode::OK, "{rendered}");
     assert!(

@@ -15,8 +15,9 @@
 //! autoconfiguration at each "Configuring (net0 ...)".
 //!
 //! The scenarios run once each, in order, against one server: (1) BIOS: a registered node
-//! runs Graph.InstallOS.PXE; its waiting task's profile makes iPXE GET the notification URL
-//! with the task's token, and the workflow succeeds. (2) UEFI: the same through EDK2's PXE,
+//! runs Graph.InstallOS.PXE; DHCP's profile URL carries the node's capability, so its
+//! waiting task's profile holds the callback, iPXE GETs the notification URL with the
+//! task's token, and the workflow succeeds. (2) UEFI: the same through EDK2's PXE,
 //! `snponly.efi` over our TFTP (with EDK2's aborted tsize probe), then iPXE. (3) An unknown
 //! VM becomes a node with a `pxe` catalog and a discovery workflow.
 
@@ -505,6 +506,15 @@ async fn real_firmware_boots_through_metalgraph() {
         "{}",
         net.evidence("bios.log")
     );
+    // The profile URL DHCP handed out carried the node's capability, which is what let
+    // the profile hold the callback; the DHCP log shows the boot file without it.
+    let log = net.read("metalgraph.log");
+    assert!(
+        log.contains("profile served") && log.contains("proof=Some(Capability)"),
+        "{}",
+        net.evidence("bios.log")
+    );
+    assert!(!log.contains("&cap="), "a capability in the log:\n{log}");
 
     // (2) UEFI: EDK2's PXE gets snponly.efi over our TFTP, which runs iPXE over SNP.
     let mac = format!("52:54:00:{n:02x}:00:02");

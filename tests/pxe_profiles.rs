@@ -3,14 +3,16 @@
 //! temporary sled store with the shipped library (Graph.Discovery.Pxe, Graph.InstallOS.PXE).
 //! `tests/pxe_boot.rs` boots real firmware against the same code.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode, header};
 use metalgraph::api::{AppState, node_app};
-use metalgraph::boot::StorePlanner;
+use metalgraph::boot::{Enrolment, NodeAccess, StorePlanner};
 use metalgraph_engine::nodes::{Node, Obm, ObmConfig};
 use metalgraph_engine::{ApiUrls, Engine, EngineOptions, ListFilter, RunRequest, WorkflowStatus};
 use metalgraph_pxe::{BootPlanner, ClientInfo, Decision, Firmware, Lease, MacAddr};
@@ -30,6 +32,26 @@ struct Harness {
 }
 
 async fn harness() -> Harness {
+    harness_with(Setup::default()).await
+}
+
+/// How the node-facing API is set up: whether DHCP runs in full mode (leased addresses
+/// prove a node), and enrolment.
+struct Setup {
+    full_dhcp: bool,
+    enrolment: Enrolment,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            full_dhcp: false,
+            enrolment: Enrolment::new(true, 1000, 1000),
+        }
+    }
+}
+
+async fn harness_with(setup: Setup) -> Harness {
     let dir = tempfile::tempdir().expect("a temp dir");
     let templates = tempfile::tempdir().expect("a temp dir");
     let store = metalgraph_store::open(metalgraph_store::Backend::Sled, dir.path())
@@ -46,6 +68,12 @@ async fn harness() -> Harness {
     let state = AppState {
         templates_dir: Some(templates.path().to_owned()),
         api,
+        node_access: if setup.full_dhcp {
+            NodeAccess::with_leases(store.clone())
+        } else {
+            NodeAccess::capability_only()
+        },
+        enrolment: Arc::new(setup.enrolment),
         ..AppState::new(engine.clone(), 64 * 1024).expect("the state")
     };
     Harness {
@@ -58,13 +86,35 @@ async fn harness() -> Harness {
     }
 }
 
+/// Where a request comes from, as the server's accept loop records it.
+const ELSEWHERE: &str = "10.9.0.77:40000";
+
 impl Harness {
     /// `GET uri` on the node-facing API: status, content type, body text.
     async fn get(&self, uri: &str) -> (StatusCode, String, String) {
+        self.get_as(uri, None, None).await
+    }
+
+    /// `GET uri` from `peer` (as the accept loop records it), with `User-Agent: ua`.
+    async fn get_as(
+        &self,
+        uri: &str,
+        peer: Option<&str>,
+        ua: Option<&str>,
+    ) -> (StatusCode, String, String) {
+        let mut req = Request::get(uri);
+        if let Some(ua) = ua {
+            req = req.header(header::USER_AGENT, ua);
+        }
+        let mut req = req.body(Body::empty()).expect("a request");
+        if let Some(peer) = peer {
+            let addr: SocketAddr = peer.parse().expect("an address");
+            req.extensions_mut().insert(ConnectInfo(addr));
+        }
         let resp = self
             .node_app
             .clone()
-            .oneshot(Request::get(uri).body(Body::empty()).expect("a request"))
+            .oneshot(req)
             .await
             .expect("the router answers");
         let status = resp.status();
@@ -77,6 +127,23 @@ impl Harness {
             .await
             .expect("a body");
         (status, ct, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// The profile URL full DHCP hands `mac` (its boot file name), as a path and query on
+    /// the node-facing API: with the node's capability when a task asks for a profile.
+    async fn dhcp_url(&self, mac: &str) -> String {
+        let planner = StorePlanner::new(self.engine.clone(), self.store.clone(), NODE_BASE);
+        let mut c = client(mac);
+        c.firmware = Firmware::Ipxe;
+        match planner.decide(&c).await {
+            Decision::Answer { profile_url } => {
+                let path = profile_url
+                    .strip_prefix(NODE_BASE)
+                    .expect("a node-facing URL");
+                format!("/api/2.0{path}")
+            }
+            other => panic!("DHCP does not answer {mac}: {other:?}"),
+        }
     }
 
     /// The profile script for `query`, which must be a 200 `text/plain` iPXE script.
@@ -287,6 +354,11 @@ async fn concurrent_first_requests_create_one_node() {
 #[tokio::test]
 async fn the_waiting_install_task_gets_its_rendered_profile_with_the_token() {
     let h = harness().await;
+    std::fs::write(
+        h.templates.path().join("ks"),
+        "# ks for {{ node.id }}\n%post\ncurl '{{ notification.url }}'\n%end\n",
+    )
+    .unwrap();
     let node = h.node("52:54:00:12:34:10", &[]).await;
     let id = h
         .run(
@@ -295,18 +367,39 @@ async fn the_waiting_install_task_gets_its_rendered_profile_with_the_token() {
             json!({"defaults": {
                 "kernel": "{{ api.nodeBase }}/../../files/vmlinuz",
                 "initrd": "http://10.9.0.1:8090/files/initrd.img",
-                "kernelParams": "inst.ks=http://10.9.0.1:8090/api/2.0/templates/ks?nodeId={{ node.id }}",
+                "kernelParams": "inst.ks={{ api.nodeBase }}/templates/ks?nodeId={{ node.id }}&cap={{ task.cap }}",
             }}),
         )
         .await;
     let token = h.waiting_token(&node.id).await;
+    let cap = h.engine.waiting_task(&node.id).expect("it waits").cap;
 
-    let script = h.profile("macs=52:54:00:12:34:10&platform=pcbios").await;
+    // DHCP's boot file name carries the node's capability; the profile it names holds the
+    // task's callback, and every URL in it carries the capability on.
+    let url = h.dhcp_url("52:54:00:12:34:10").await;
+    assert_eq!(
+        url,
+        format!(
+            "/api/2.0/profiles?macs=52:54:00:12:34:10&cap={}",
+            cap.as_str()
+        )
+    );
+    let script = h
+        .profile(&format!(
+            "{}&platform=pcbios",
+            &url["/api/2.0/profiles?".len()..]
+        ))
+        .await;
     assert!(script.contains(&format!("workflow {id}")), "{script}");
+    let ks = format!(
+        "{NODE_BASE}/templates/ks?nodeId={}&cap={}",
+        node.id,
+        cap.as_str()
+    );
     assert!(
         script.contains(&format!(
-            "kernel {NODE_BASE}/../../files/vmlinuz inst.ks=http://10.9.0.1:8090/api/2.0/templates/ks?nodeId={} metalgraph.node={}",
-            node.id, node.id
+            "kernel {NODE_BASE}/../../files/vmlinuz inst.ks={ks} metalgraph.node={} ",
+            node.id
         )),
         "{script}"
     );
@@ -319,6 +412,15 @@ async fn the_waiting_install_task_gets_its_rendered_profile_with_the_token() {
         script.contains("initrd http://10.9.0.1:8090/files/initrd.img || goto failed"),
         "{script}"
     );
+    // The kickstart that URL names is rendered with the callback.
+    let (status, _, body) = h
+        .get(ks.strip_prefix("http://10.9.0.1:8090").unwrap())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body.contains(&format!("nodeId={}&token={token}'", node.id)),
+        "{body}"
+    );
 
     // A templates directory file of the same name overrides the shipped profile; iPXE can
     // report with GET.
@@ -327,7 +429,7 @@ async fn the_waiting_install_task_gets_its_rendered_profile_with_the_token() {
         "#!ipxe\nimgfetch {{ notification.url }}\n",
     )
     .unwrap();
-    let script = h.profile("mac=52:54:00:12:34:10").await;
+    let script = h.profile(&url["/api/2.0/profiles?".len()..]).await;
     let url = script
         .strip_prefix("#!ipxe\nimgfetch ")
         .and_then(|s| s.strip_suffix('\n'))
@@ -337,8 +439,193 @@ async fn the_waiting_install_task_gets_its_rendered_profile_with_the_token() {
     assert_eq!(status, StatusCode::OK, "{body}");
     h.wait_status(&id, WorkflowStatus::Succeeded).await;
 
-    // Finished: the node boots from disk.
+    // Finished: the node boots from disk, and the capability opens nothing any more.
     assert!(is_local_boot(&h.profile("macs=52:54:00:12:34:10").await));
+    let (status, _, body) = h
+        .get(ks.strip_prefix("http://10.9.0.1:8090").unwrap())
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+}
+
+/// The answer to a callback: status and body.
+async fn notify(h: &Harness, node: &str, token: &str) -> (StatusCode, String) {
+    let (status, _, body) = h
+        .get(&format!(
+            "/api/2.0/notification?nodeId={node}&token={token}"
+        ))
+        .await;
+    (status, body)
+}
+
+#[tokio::test]
+async fn only_the_node_itself_is_shown_its_callback_token() {
+    let h = harness().await;
+    std::fs::write(
+        h.templates.path().join("kickstart-callback.ks"),
+        include_str!("../templates/kickstart-callback.ks"),
+    )
+    .unwrap();
+    let node = h.node("52:54:00:12:34:50", &[]).await;
+    let idle = h.node("52:54:00:12:34:51", &[]).await;
+    let ks =
+        |n: &str, cap: &str| format!("/api/2.0/templates/kickstart-callback.ks?nodeId={n}{cap}");
+    // What a node on which nothing waits answers: the baseline every other request must
+    // match, so that nobody learns which nodes wait.
+    let (idle_status, _, idle_body) = h.get(&ks(&idle.id, "")).await;
+    assert_eq!(idle_status, StatusCode::CONFLICT, "{idle_body}");
+    let (nothing_status, nothing_body) =
+        notify(&h, &idle.id, "0123456789abcdef0123456789abcdef").await;
+    assert_eq!(nothing_status, StatusCode::NOT_FOUND, "{nothing_body}");
+
+    let id = h
+        .run(
+            "Graph.InstallOS.PXE",
+            &node.id,
+            json!({"defaults": {"kernel": "http://10.9.0.1:8090/files/vmlinuz", "initrd": "http://10.9.0.1:8090/files/initrd.img"}}),
+        )
+        .await;
+    let token = h.waiting_token(&node.id).await;
+    let cap = h.engine.waiting_task(&node.id).expect("it waits").cap;
+    // A capability computed under another key (a guess of the right shape).
+    let other_cap = metalgraph_engine::NodeCaps::random().cap(&node.id, &id, "t", &token);
+
+    // Whoever asks without the capability (or with a wrong one, or the other node's MAC
+    // with this node's id) gets no token: the profile does not render and the machine is
+    // told to retry; the kickstart answers as if nothing waited.
+    for (query, peer) in [
+        ("macs=52:54:00:12:34:50&platform=pcbios".to_owned(), None),
+        ("macs=52:54:00:12:34:50".to_owned(), Some(ELSEWHERE)),
+        (
+            format!("macs=52:54:00:12:34:50&cap={}", other_cap.as_str()),
+            None,
+        ),
+        (
+            format!("macs=52:54:00:12:34:50&cap={}", &cap.as_str()[..31]),
+            None,
+        ),
+    ] {
+        let (status, _, script) = h
+            .get_as(
+                &format!("/api/2.0/profiles?{query}"),
+                peer,
+                Some("iPXE/1.21.1"),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{query}: {script}");
+        assert!(
+            !script.contains(&token) && !script.contains(cap.as_str()),
+            "{query}: {script}"
+        );
+        assert!(
+            script.contains("cannot serve this machine's profile"),
+            "{query}: {script}"
+        );
+    }
+    for cap_query in ["".to_owned(), format!("&cap={}", other_cap.as_str())] {
+        let (status, _, body) = h
+            .get_as(&ks(&node.id, &cap_query), Some(ELSEWHERE), None)
+            .await;
+        assert_eq!(status, idle_status, "{cap_query}: {body}");
+        assert!(!body.contains(&token), "{body}");
+        assert_eq!(
+            body.replace(&node.id, "NODE"),
+            idle_body.replace(&idle.id, "NODE"),
+            "a waiting node looks like one on which nothing waits"
+        );
+    }
+    // A guessed token is refused exactly like a callback for a node on which nothing waits.
+    let (status, body) = notify(&h, &node.id, "0123456789abcdef0123456789abcdef").await;
+    assert_eq!(status, nothing_status);
+    assert_eq!(
+        body.replace(&node.id, "NODE"),
+        nothing_body.replace(&idle.id, "NODE"),
+        "a wrong token and nothing waiting answer alike"
+    );
+    let (status, _) = notify(&h, &node.id, cap.as_str()).await;
+    assert_eq!(status, nothing_status, "the capability is not the token");
+
+    // With the capability, the token is there and the callback completes the task.
+    let (status, _, body) = h
+        .get(&ks(&node.id, &format!("&cap={}", cap.as_str())))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains(&format!("&token={token}'")), "{body}");
+    let (status, body) = notify(&h, &node.id, &token).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    h.wait_status(&id, WorkflowStatus::Succeeded).await;
+}
+
+#[tokio::test]
+async fn with_full_dhcp_the_leased_address_proves_the_node() {
+    let h = harness_with(Setup {
+        full_dhcp: true,
+        ..Setup::default()
+    })
+    .await;
+    std::fs::write(
+        h.templates.path().join("kickstart-callback.ks"),
+        include_str!("../templates/kickstart-callback.ks"),
+    )
+    .unwrap();
+    let node = h.node("52:54:00:12:34:60", &[]).await;
+    // What full-mode DHCP records when it leases an address (durable before its ACK).
+    let planner = StorePlanner::new(h.engine.clone(), h.store.clone(), NODE_BASE);
+    let lease = |mac: &str, last, expires_unix| Lease {
+        mac: mac.parse().unwrap(),
+        ip: Ipv4Addr::new(10, 9, 0, last),
+        expires_unix,
+    };
+    let far = 4_000_000_000;
+    planner
+        .save_lease(&lease("52:54:00:12:34:60", 160, far))
+        .await
+        .unwrap();
+    planner
+        .save_lease(&lease("52:54:00:12:34:61", 161, far))
+        .await
+        .unwrap();
+    planner
+        .save_lease(&lease("52:54:00:12:34:62", 162, 1))
+        .await
+        .unwrap();
+    h.run(
+        "Graph.InstallOS.PXE",
+        &node.id,
+        json!({"defaults": {"kernel": "http://10.9.0.1:8090/files/vmlinuz", "initrd": "http://10.9.0.1:8090/files/initrd.img"}}),
+    )
+    .await;
+    let token = h.waiting_token(&node.id).await;
+    let ks = format!(
+        "/api/2.0/templates/kickstart-callback.ks?nodeId={}",
+        node.id
+    );
+
+    // From the node's leased address, without a capability: the token is there.
+    let (status, _, script) = h
+        .get_as(
+            "/api/2.0/profiles?macs=52:54:00:12:34:60",
+            Some("10.9.0.160:1234"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(script.contains(&format!("&token={token}")), "{script}");
+    let (status, _, body) = h.get_as(&ks, Some("10.9.0.160:5555"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains(&format!("&token={token}'")), "{body}");
+    // IPv4-mapped, as a listener on [::] sees it.
+    let (status, _, _) = h.get_as(&ks, Some("[::ffff:10.9.0.160]:5555"), None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // From another machine's address, an expired lease's, or nowhere known: no token.
+    for peer in ["10.9.0.161:1234", "10.9.0.162:1234", ELSEWHERE] {
+        let (_, _, script) = h
+            .get_as("/api/2.0/profiles?macs=52:54:00:12:34:60", Some(peer), None)
+            .await;
+        assert!(!script.contains(&token), "{peer}: {script}");
+        let (status, _, body) = h.get_as(&ks, Some(peer), None).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{peer}: {body}");
+    }
 }
 
 #[tokio::test]
@@ -365,6 +652,17 @@ async fn profiles_follow_the_node_state() {
     assert!(
         script.contains("waiting for task boot of workflow")
             && script.contains("chain --replace --autofree http://10.9.0.1:8090/api/2.0/profiles?macs=52:54:00:12:34:20"),
+        "{script}"
+    );
+    // From the URL DHCP hands out, the retry carries the capability on, so the profile
+    // it fetches once the task runs holds the callback.
+    let url = h.dhcp_url("52:54:00:12:34:20").await;
+    assert!(url.contains("&cap="), "{url}");
+    let script = h.profile(&url["/api/2.0/profiles?".len()..]).await;
+    assert!(
+        script.contains(&format!(
+            "chain --replace --autofree http://10.9.0.1:8090{url} "
+        )),
         "{script}"
     );
 
@@ -400,6 +698,145 @@ async fn profiles_follow_the_node_state() {
     assert!(body.contains("macs"), "{body}");
 }
 
+/// How many nodes there are.
+async fn node_count(h: &Harness) -> usize {
+    h.engine.nodes().list().await.unwrap().len()
+}
+
+#[tokio::test]
+async fn enrolment_takes_only_machine_macs_a_few_at_a_time() {
+    let h = harness().await;
+    let first = "/api/2.0/profiles?platform=pcbios&macs=";
+    for mac in [
+        "ff:ff:ff:ff:ff:ff",
+        "01:00:5e:00:00:fb",
+        "00-00-00-00-00-00",
+    ] {
+        let (status, _, body) = h.get(&format!("{first}{mac}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{mac}: {body}");
+        let shown = mac.replace('-', ":");
+        assert!(
+            body.contains(&shown) && body.contains("identifies no machine"),
+            "{body}"
+        );
+        // Beside a good MAC, too.
+        let (status, _, _) = h.get(&format!("{first}52:54:00:12:38:01,{mac}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{mac}");
+    }
+    let many: Vec<String> = (0..3000)
+        .map(|i| format!("52:54:00:13:{:02x}:{:02x}", i / 256, i % 256))
+        .collect();
+    for n in [17, 3000] {
+        let (status, _, body) = h.get(&format!("{first}{}", many[..n].join(","))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{n}");
+        assert!(body.contains("at most 16 MAC addresses"), "{body}");
+    }
+    for platform in ["efi%0A", "%0Defi", "efi%0Achain%20http://x/y"] {
+        let (status, _, body) = h
+            .get(&format!(
+                "/api/2.0/profiles?macs=52:54:00:12:38:02&platform={platform}"
+            ))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{platform}: {body}");
+        assert!(
+            body.contains("'platform' holds a control character"),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        node_count(&h).await,
+        0,
+        "no refused request enrolled anything"
+    );
+    // Sixteen are fine.
+    let script = h
+        .profile(&format!("platform=efi&macs={}", many[..16].join(",")))
+        .await;
+    assert!(is_local_boot(&script), "{script}");
+    assert_eq!(node_count(&h).await, 1);
+}
+
+#[tokio::test]
+async fn enrolment_keeps_to_its_rate() {
+    // Two at once, then one a minute: the third machine within the minute is refused.
+    let h = harness_with(Setup {
+        enrolment: Enrolment::new(true, 1, 2),
+        ..Setup::default()
+    })
+    .await;
+    let ask = |i: u8, ua: Option<&'static str>| {
+        let uri = format!("/api/2.0/profiles?macs=52:54:00:12:39:{i:02x}&platform=efi");
+        let h = &h;
+        async move { h.get_as(&uri, None, ua).await }
+    };
+    for i in 0..2 {
+        let (status, _, script) = ask(i, Some("iPXE/1.21.1")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(is_local_boot(&script), "{script}");
+    }
+    assert_eq!(node_count(&h).await, 2);
+    // iPXE is told to retry later, at the same URL.
+    let (status, _, script) = ask(2, Some("iPXE/1.21.1")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        script.starts_with("#!ipxe\n")
+            && script.contains("bounded rate")
+            && script.contains("profiles?macs=52:54:00:12:39:02"),
+        "{script}"
+    );
+    // Anyone else gets a 429 saying when to come back.
+    let resp = h
+        .node_app
+        .clone()
+        .oneshot(
+            Request::get("/api/2.0/profiles?macs=52:54:00:12:39:03&platform=efi")
+                .header(header::USER_AGENT, "curl/8.0")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let after: u32 = resp.headers()[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&after), "{after}");
+    assert_eq!(node_count(&h).await, 2, "nothing created over the rate");
+    // Known machines are not counted: they are answered as before.
+    let (status, _, script) = ask(0, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(is_local_boot(&script), "{script}");
+}
+
+#[tokio::test]
+async fn without_enrolment_unknown_machines_boot_locally_and_nothing_is_created() {
+    let h = harness_with(Setup {
+        enrolment: Enrolment::new(false, 1000, 1000),
+        ..Setup::default()
+    })
+    .await;
+    for query in [
+        "macs=52:54:00:12:3a:01",
+        "macs=52:54:00:12:3a:01&platform=efi&uuid=27946b59-9e44-4fa7-8e91-000000000009",
+    ] {
+        let script = h.profile(query).await;
+        assert!(is_local_boot(&script), "{query}: {script}");
+    }
+    assert_eq!(node_count(&h).await, 0);
+    assert!(
+        h.engine
+            .list(&ListFilter::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Known nodes are served as before.
+    h.node("52:54:00:12:3a:02", &[]).await;
+    assert!(is_local_boot(&h.profile("macs=52:54:00:12:3a:02").await));
+}
+
 fn client(mac: &str) -> ClientInfo {
     ClientInfo {
         mac: mac.parse().unwrap(),
@@ -424,6 +861,26 @@ async fn the_planner_answers_unknown_machines_and_nodes_with_work_only() {
         planner.decide(&client("52:54:00:12:34:30")).await,
         answer("52:54:00:12:34:30")
     );
+    // Without enrolment, an unknown machine is not answered: it would only be told to boot
+    // from its disk.
+    let closed = StorePlanner::new(h.engine.clone(), h.store.clone(), NODE_BASE).enrolling(false);
+    let d = closed.decide(&client("52:54:00:12:34:30")).await;
+    assert!(
+        matches!(&d, Decision::Silent { reason } if reason.contains("enrolment is off")),
+        "{d:?}"
+    );
+    // A group or all-zero MAC identifies no machine.
+    for mac in [
+        "ff:ff:ff:ff:ff:ff",
+        "01:00:5e:00:00:01",
+        "00:00:00:00:00:00",
+    ] {
+        let d = planner.decide(&client(mac)).await;
+        assert!(
+            matches!(&d, Decision::Silent { reason } if reason.contains("identifies no machine")),
+            "{mac}: {d:?}"
+        );
+    }
 
     let node = h.node("52:54:00:12:34:31", &["ip=10.9.0.31"]).await;
     let d = planner.decide(&client("52:54:00:12:34:31")).await;
@@ -438,16 +895,22 @@ async fn the_planner_answers_unknown_machines_and_nodes_with_work_only() {
             json!({"defaults": {"kernel": "k", "initrd": "i"}}),
         )
         .await;
-    // Pending or running, the install task's profile is network-boot work.
-    assert_eq!(
-        planner.decide(&client("52:54:00:12:34:31")).await,
-        answer("52:54:00:12:34:31")
-    );
+    // Pending or running, the install task's profile is network-boot work, and the URL
+    // carries the node's capability for that task (the same in both states).
+    let tasks = h.engine.current_tasks(&node.id).await.unwrap();
+    let install = tasks
+        .iter()
+        .find(|t| t.label == "wait-installed")
+        .expect("the install task");
+    let with_cap = Decision::Answer {
+        profile_url: format!(
+            "{NODE_BASE}/profiles?macs=52:54:00:12:34:31&cap={}",
+            install.cap.as_str()
+        ),
+    };
+    assert_eq!(planner.decide(&client("52:54:00:12:34:31")).await, with_cap);
     h.wait_task(&id, "wait-installed", "running").await;
-    assert_eq!(
-        planner.decide(&client("52:54:00:12:34:31")).await,
-        answer("52:54:00:12:34:31")
-    );
+    assert_eq!(planner.decide(&client("52:54:00:12:34:31")).await, with_cap);
 
     let mac: MacAddr = "52:54:00:12:34:31".parse().unwrap();
     assert_eq!(
@@ -632,7 +1095,13 @@ async fn a_node_name_cannot_add_commands_to_its_boot_script() {
             )
             .await;
         h.wait_task(&id, "wait-installed", "running").await;
-        let script = h.profile(&format!("macs={mac}&platform=efi")).await;
+        let url = h.dhcp_url(&mac).await;
+        let script = h
+            .profile(&format!(
+                "{}&platform=efi",
+                &url["/api/2.0/profiles?".len()..]
+            ))
+            .await;
         let commands = ipxe_commands(&script);
         let names: Vec<&str> = commands.iter().map(|c| c[0].as_str()).collect();
         assert_eq!(
@@ -729,10 +1198,12 @@ async fn a_kickstart_refuses_to_print_a_line_break_a_node_brought_in() {
         .expect("renamed");
     h.run("Test.Wait", &quoted.id, json!({})).await;
     let token = h.waiting_token(&quoted.id).await;
+    let cap = h.engine.waiting_task(&quoted.id).expect("it waits").cap;
     let (status, _, body) = h
         .get(&format!(
-            "/api/2.0/templates/kickstart-callback.ks?nodeId={}",
-            quoted.id
+            "/api/2.0/templates/kickstart-callback.ks?nodeId={}&cap={}",
+            quoted.id,
+            cap.as_str()
         ))
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -72,15 +72,26 @@ async fn every_role_against_every_route_family_and_the_audit_log() {
     let operator = token(&server, "ops-operator", "operator").await;
 
     // (method, path, body, the weakest role allowed).
-    let graph = json!({"injectableName": "Sec.Other", "tasks": [{"label": "a", "taskName": "Task.Noop"}]});
+    let graph =
+        json!({"injectableName": "Sec.Other", "tasks": [{"label": "a", "taskName": "Task.Noop"}]});
     let families: Vec<(&str, &str, Option<Value>, &str)> = vec![
         ("GET", "/api/2.0/workflows/graphs", None, "viewer"),
         ("PUT", "/api/2.0/workflows/graphs", Some(graph), "operator"),
         ("GET", "/api/2.0/workflows/tasks", None, "viewer"),
         ("GET", "/api/2.0/workflows", None, "viewer"),
-        ("POST", "/api/2.0/workflows", Some(json!({"name": "Sec.Noop"})), "operator"),
+        (
+            "POST",
+            "/api/2.0/workflows",
+            Some(json!({"name": "Sec.Noop"})),
+            "operator",
+        ),
         ("GET", "/api/2.0/nodes", None, "viewer"),
-        ("POST", "/api/2.0/nodes", Some(json!({"name": "made"})), "operator"),
+        (
+            "POST",
+            "/api/2.0/nodes",
+            Some(json!({"name": "made"})),
+            "operator",
+        ),
         ("GET", "/api/2.0/nodes/n1/obm", None, "viewer"),
         (
             "PUT",
@@ -138,10 +149,15 @@ async fn every_role_against_every_route_family_and_the_audit_log() {
     for (what, header) in [
         ("none", None),
         ("garbled", Some("not-a-bearer")),
-        ("unknown", Some("mgt_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")),
+        (
+            "unknown",
+            Some("mgt_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+        ),
     ] {
         let http = reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(server.ca_pem.as_ref().unwrap()).unwrap())
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(server.ca_pem.as_ref().unwrap()).unwrap(),
+            )
             .build()
             .unwrap();
         let mut req = http.get(server.url("/api/2.0/nodes"));
@@ -166,7 +182,9 @@ async fn every_role_against_every_route_family_and_the_audit_log() {
     // Revoked: refused at once.
     let (status, _, _) = call(&server, Some(&operator), "GET", "/api/2.0/nodes", None).await;
     assert_eq!(status, 200);
-    let (status, _) = api.send("DELETE", "/api/2.0/tokens/ops-operator", None).await;
+    let (status, _) = api
+        .send("DELETE", "/api/2.0/tokens/ops-operator", None)
+        .await;
     assert_eq!(status, 204);
     let (status, body, www) = call(&server, Some(&operator), "GET", "/api/2.0/nodes", None).await;
     assert_eq!((status, www.is_some()), (401, true), "{body}");
@@ -182,13 +200,19 @@ async fn every_role_against_every_route_family_and_the_audit_log() {
         .collect();
     assert_eq!(names, ["admin", "ops-viewer"], "{list}");
     let text = list.to_string();
-    assert!(!text.contains(&viewer) && !text.contains("sha256"), "{text}");
+    assert!(
+        !text.contains(&viewer) && !text.contains("sha256"),
+        "{text}"
+    );
 
     // gRPC: no token and a revoked one are UNAUTHENTICATED, a viewer may read but not
     // run, health needs nothing.
     for tok in [None, Some(operator.as_str())] {
         let mut defs = DefinitionsClient::new(server.grpc_as(grpc_port, tok).await);
-        let e = defs.list_graphs(pb::ListGraphsRequest {}).await.unwrap_err();
+        let e = defs
+            .list_graphs(pb::ListGraphsRequest {})
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     }
     let ch = server.grpc_as(grpc_port, Some(&viewer)).await;
@@ -295,7 +319,11 @@ async fn the_first_admin_token_is_made_once_and_tokens_survive_a_restart() {
     server.kill9();
 
     let server = Server::start(dir.path(), "file", &[]);
-    assert_eq!(server.token.as_deref(), Some(first.as_str()), "admin.token is kept");
+    assert_eq!(
+        server.token.as_deref(),
+        Some(first.as_str()),
+        "admin.token is kept"
+    );
     let (status, _, _) = call(&server, Some(&first), "GET", "/api/2.0/nodes", None).await;
     assert_eq!(status, 200);
     let (status, _, _) = call(&server, Some(&viewer), "GET", "/api/2.0/nodes", None).await;
@@ -360,7 +388,11 @@ async fn tls_with_the_generated_ca_plain_http_refused_and_no_tls_on_request() {
             ..Launch::default()
         },
     );
-    assert!(server.base.starts_with("https://127.0.0.1:"), "{}", server.base);
+    assert!(
+        server.base.starts_with("https://127.0.0.1:"),
+        "{}",
+        server.base
+    );
     let ca = dir.path().join("tls/ca.pem");
     let ca = ca.to_str().unwrap();
     let auth = format!("Authorization: Bearer {}", server.token.as_ref().unwrap());
@@ -378,7 +410,10 @@ async fn tls_with_the_generated_ca_plain_http_refused_and_no_tls_on_request() {
     // Plain HTTP on the TLS port: a clear 400 saying so, then the connection closes.
     let (code, out, err) = curl(&[&format!("http://127.0.0.1:{port}/api/2.0/health")]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("tls_required") && out.contains("https://"), "{out}");
+    assert!(
+        out.contains("tls_required") && out.contains("https://"),
+        "{out}"
+    );
     // A socket that never starts its handshake is closed after the header-read timeout.
     let mut silent = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
         .await
@@ -393,7 +428,10 @@ async fn tls_with_the_generated_ca_plain_http_refused_and_no_tls_on_request() {
     let before = std::fs::read(dir.path().join("tls/ca.pem")).unwrap();
     server.terminate();
     let server = Server::start(dir.path(), "sled", &[]);
-    assert_eq!(std::fs::read(dir.path().join("tls/ca.pem")).unwrap(), before);
+    assert_eq!(
+        std::fs::read(dir.path().join("tls/ca.pem")).unwrap(),
+        before
+    );
     server.terminate();
 
     // --no-tls: plain HTTP, a warning on start, the token still required.
@@ -412,7 +450,14 @@ async fn tls_with_the_generated_ca_plain_http_refused_and_no_tls_on_request() {
     assert!(!plain.path().join("data/tls").exists());
     let (status, _, _) = call(&server, None, "GET", "/api/2.0/nodes", None).await;
     assert_eq!(status, 401);
-    let (status, _, _) = call(&server, server.token.as_deref(), "GET", "/api/2.0/nodes", None).await;
+    let (status, _, _) = call(
+        &server,
+        server.token.as_deref(),
+        "GET",
+        "/api/2.0/nodes",
+        None,
+    )
+    .await;
     assert_eq!(status, 200);
     assert!(
         server.logs().contains("TLS is OFF"),
@@ -463,7 +508,9 @@ async fn mutual_tls_refuses_a_client_without_a_certificate() {
     let url = server.url("/api/2.0/nodes");
     let (code, _, err) = curl(&["--cacert", ca, "-H", &auth, &url]);
     assert_ne!(code, 0, "no client certificate: refused ({err})");
-    let (code, out, err) = curl(&["--cacert", ca, "--cert", &cert, "--key", &key, "-H", &auth, &url]);
+    let (code, out, err) = curl(&[
+        "--cacert", ca, "--cert", &cert, "--key", &key, "-H", &auth, &url,
+    ]);
     assert_eq!((code, out.as_str()), (0, "[]"), "{err}");
     // The certificate does not replace the token.
     let (code, out, _) = curl(&["--cacert", ca, "--cert", &cert, "--key", &key, &url]);
@@ -496,7 +543,18 @@ async fn the_cli_uses_the_data_dir_and_manages_tokens() {
     };
     let data = dir.path().to_str().unwrap();
     // From the data directory: the token and the CA.
-    let (code, out, err) = mg(&["--data-dir", data, "tokens", "create", "ci", "--role", "operator"], &[]);
+    let (code, out, err) = mg(
+        &[
+            "--data-dir",
+            data,
+            "tokens",
+            "create",
+            "ci",
+            "--role",
+            "operator",
+        ],
+        &[],
+    );
     assert_eq!(code, 0, "{err}");
     let secret = out
         .lines()
@@ -505,7 +563,10 @@ async fn the_cli_uses_the_data_dir_and_manages_tokens() {
         .trim()
         .to_owned();
     assert!(secret.starts_with("mgt_"), "{out}");
-    let (code, out, err) = mg(&["tokens", "list", "-o", "json"], &[("METALGRAPH_DATA_DIR", data)]);
+    let (code, out, err) = mg(
+        &["tokens", "list", "-o", "json"],
+        &[("METALGRAPH_DATA_DIR", data)],
+    );
     assert_eq!(code, 0, "{err}");
     let list: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
@@ -513,12 +574,18 @@ async fn the_cli_uses_the_data_dir_and_manages_tokens() {
     // The operator token through the environment: it may list nodes, not tokens.
     let ca = dir.path().join("tls/ca.pem");
     let ca = ca.to_str().unwrap();
-    let env = [("METALGRAPH_TOKEN", secret.as_str()), ("METALGRAPH_CA_CERT", ca)];
+    let env = [
+        ("METALGRAPH_TOKEN", secret.as_str()),
+        ("METALGRAPH_CA_CERT", ca),
+    ];
     let (code, _, err) = mg(&["nodes", "list"], &env);
     assert_eq!(code, 0, "{err}");
     let (code, _, err) = mg(&["tokens", "list"], &env);
     assert_eq!(code, 1);
-    assert!(err.contains("403") && err.contains("needs role admin"), "{err}");
+    assert!(
+        err.contains("403") && err.contains("needs role admin"),
+        "{err}"
+    );
     // No token at all: the error says where one comes from.
     let (code, _, err) = mg(&["nodes", "list", "--ca-cert", ca], &[]);
     assert_eq!(code, 1);

@@ -27,7 +27,7 @@ use crate::job::{BoxFuture, JobContext, JobError, JobRegistry, JobResult, JobSer
 use crate::keys;
 use crate::model::{RunOptions, TaskState, WorkflowStatus};
 use crate::nodes::Nodes;
-use crate::notify::{Waiter, Waiters};
+use crate::notify::{NodeCap, NodeCaps, Waiter, Waiters};
 use crate::retention::{Retention, Sweep, SweepState};
 use crate::scheduler::{Msg, Runtime};
 use crate::seal::Sealer;
@@ -111,6 +111,8 @@ struct Inner {
     /// stopped): a workflow created before that could be loaded twice.
     recovered: CancellationToken,
     waiters: Arc<Waiters>,
+    /// The key of node capabilities (see [`crate::notify`]).
+    caps: NodeCaps,
     shutdown: CancellationToken,
     retention: Option<Retention>,
     sealer: Option<Arc<Sealer>>,
@@ -172,6 +174,10 @@ impl Engine {
             stopped: CancellationToken::new(),
             recovered: CancellationToken::new(),
             waiters: Arc::new(Waiters::default()),
+            caps: match &opts.sealer {
+                Some(sealer) => NodeCaps::from_sealer(sealer),
+                None => NodeCaps::random(),
+            },
             shutdown: shutdown.clone(),
             retention: opts.retention,
             sealer: opts.sealer.clone(),
@@ -606,9 +612,10 @@ impl Engine {
     }
 
     /// Delivers a node's callback to the task waiting for it and returns the task's label.
-    /// The token must be the waiting task's; a wrong or stale token is refused with a
-    /// conflict. Returns only once the task's success, with `body` as its output, is
-    /// committed: an answer to the node means the callback survives any crash.
+    /// The token must be the waiting task's; a wrong or stale token is refused exactly like
+    /// a callback for a node on which nothing waits (not found), so that a caller cannot
+    /// learn which nodes wait. Returns only once the task's success, with `body` as its
+    /// output, is committed: an answer to the node means the callback survives any crash.
     pub async fn notify(
         &self,
         node: Option<&str>,
@@ -624,15 +631,47 @@ impl Engine {
             body,
             reply,
         })
-        .await?;
+        .await
+        // The task ended between the match and the scheduler's turn: nothing waits now.
+        .map_err(|e| match e {
+            Error::Conflict(_) | Error::NotFound { .. } => crate::notify::not_waiting(node),
+            other => other,
+        })?;
         info!(workflow_id = %w.workflow_id, label = %w.label, "node notification committed");
         Ok(w.label)
     }
 
-    /// The notification token of the task waiting on `node`, if one waits; templates served
-    /// to the node render it into the installer's callback.
+    /// The workflow id and notification token of the task waiting on `node`, if one waits.
+    /// Whoever is shown the token can complete the task: see [`Engine::waiting_task`],
+    /// which comes with the capability a node-facing request must present.
     pub fn waiting_token(&self, node: &str) -> Option<(String, String)> {
-        self.inner.waiters.token_for(node)
+        self.inner
+            .waiters
+            .waiting_on(node)
+            .map(|w| (w.workflow_id, w.token))
+    }
+
+    /// The task waiting for `node`'s callback, if one waits, with its token and the node's
+    /// capability for it (see [`crate::notify`]); templates served to the node render the
+    /// token into the installer's callback when the request presents the capability.
+    pub fn waiting_task(&self, node: &str) -> Option<WaitingTask> {
+        let w = self.inner.waiters.waiting_on(node)?;
+        let cap = self
+            .inner
+            .caps
+            .cap(node, &w.workflow_id, &w.task_id, &w.token);
+        Some(WaitingTask {
+            workflow_id: w.workflow_id,
+            task_id: w.task_id,
+            label: w.label,
+            token: w.token,
+            cap,
+        })
+    }
+
+    /// The capability key, for the scheduler's rendering of `task.cap`.
+    pub(crate) fn caps(&self) -> &NodeCaps {
+        &self.inner.caps
     }
 
     /// The unfinished tasks of the top-level workflow running on `node` (running ones first,
@@ -662,6 +701,7 @@ impl Engine {
                 state: t.state,
                 options: p.options.clone(),
                 token: t.token.clone(),
+                cap: self.inner.caps.cap(node, &rec.id, &t.id, &t.token),
                 context: context.clone(),
             })
             .collect();
@@ -781,6 +821,21 @@ pub struct NodeTask {
     pub options: Map<String, Value>,
     /// The token the node's notification for this task must carry.
     pub token: String,
+    /// The node's capability for this task: what a node-facing request must present (or
+    /// prove otherwise) to be shown the token.
+    pub cap: NodeCap,
     /// The outputs of the workflow's finished tasks by label (`context` in templates).
     pub context: Map<String, Value>,
+}
+
+/// A task waiting for its node's callback, as [`Engine::waiting_task`] reports it.
+#[derive(Debug, Clone)]
+pub struct WaitingTask {
+    pub workflow_id: String,
+    pub task_id: String,
+    pub label: String,
+    /// The token the callback must carry.
+    pub token: String,
+    /// The node's capability for this task.
+    pub cap: NodeCap,
 }

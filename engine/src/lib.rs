@@ -26,12 +26,13 @@ pub mod text;
 pub mod workflow;
 
 pub use definitions::{Definitions, Library, Plan, Problem, Problems, Source};
-pub use engine::{ApiUrls, Engine, EngineOptions, NodeTask, RunRequest};
+pub use engine::{ApiUrls, Engine, EngineOptions, NodeTask, RunRequest, WaitingTask};
 pub use error::Error;
 pub use events::{EVENT_RETENTION, EventFilter, Numbered};
 pub use history::{ListFilter, Page};
 pub use job::{Job, JobContext, JobError, JobRegistry, JobResult, OptionKind, OptionSchema};
 pub use model::{GraphDefinition, TaskDefinition, TaskState, WorkflowStatus};
+pub use notify::{NodeCap, NodeCaps};
 pub use subgraph::GraphRunJob;
 pub use workflow::{Event, WorkflowView};
 
@@ -40,7 +41,7 @@ pub fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-/// A new random token for node callbacks (128 bits, hex).
+/// A new random token for node callbacks (a UUID v4: 122 random bits, as 32 hex digits).
 pub fn new_token() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use metalgraph_store::{Batch, Bytes, Op, Scan, Store};
 use ring::aead::{self, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
+use ring::{hkdf, hmac};
 
 use crate::keys;
 
@@ -28,6 +29,10 @@ const KEY_LEN: usize = 32;
 /// The key that seals and opens stored secrets.
 pub struct Sealer {
     key: LessSafeKey,
+    /// The key's pseudo-random key for HKDF, from which keys for other purposes are
+    /// derived ([`Sealer::derive_hmac_key`]), so that one key file serves them all and no
+    /// purpose's key reveals another's.
+    prk: hkdf::Prk,
     rng: SystemRandom,
 }
 
@@ -39,13 +44,27 @@ impl std::fmt::Debug for Sealer {
 
 impl Sealer {
     /// A sealer with `key` (32 bytes).
-    pub fn new(key: &[u8]) -> Result<Sealer, String> {
-        let key = UnboundKey::new(&CHACHA20_POLY1305, key)
-            .map_err(|_| format!("a secret key is {KEY_LEN} bytes, not {}", key.len()))?;
+    pub fn new(raw: &[u8]) -> Result<Sealer, String> {
+        let key = UnboundKey::new(&CHACHA20_POLY1305, raw)
+            .map_err(|_| format!("a secret key is {KEY_LEN} bytes, not {}", raw.len()))?;
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"metalgraph secret.key").extract(raw);
         Ok(Sealer {
             key: LessSafeKey::new(key),
+            prk,
             rng: SystemRandom::new(),
         })
+    }
+
+    /// An HMAC-SHA256 key for `purpose`, derived from the secret key with HKDF-SHA256
+    /// (`purpose` is the info): the same key file and purpose always give the same key,
+    /// and nothing computed with it reveals the secret key or another purpose's key.
+    pub fn derive_hmac_key(&self, purpose: &[u8]) -> hmac::Key {
+        let info = [purpose];
+        let okm = self
+            .prk
+            .expand(&info, hmac::HMAC_SHA256)
+            .expect("HKDF-SHA256 gives 32 bytes");
+        hmac::Key::from(okm)
     }
 
     /// Reads the key file at `path`, creating it (mode 0600, 32 random bytes as hex) when

@@ -167,15 +167,21 @@ impl Sim {
             attempt: s.attempt,
             outcome,
         };
-        let options =
-            match render_options(job.as_ref(), &self.renderer, &ApiUrls::default(), &s, None) {
-                Ok(o) => o,
-                Err(e) => {
-                    self.at(self.now, done(Outcome::Failed(e)));
-                    self.starts.push(s);
-                    return;
-                }
-            };
+        let options = match render_options(
+            job.as_ref(),
+            &self.renderer,
+            &ApiUrls::default(),
+            &s,
+            None,
+            None,
+        ) {
+            Ok(o) => o,
+            Err(e) => {
+                self.at(self.now, done(Outcome::Failed(e)));
+                self.starts.push(s);
+                return;
+            }
+        };
         match s.job.as_str() {
             "noop" => self.at(self.now, done(Outcome::Succeeded(json!({})))),
             "echo" => self.at(self.now, done(Outcome::Succeeded(Value::Object(options)))),

@@ -289,9 +289,15 @@ impl Handler {
             }
         };
         let to = self.destination(&req, src, port, &fields);
+        // The boot file is logged without its query: a profile URL's query may carry a
+        // capability meant for the machine alone (the MAC is logged on its own).
+        let boot_file = fields.boot_file.as_deref().unwrap_or("");
+        let boot_file = boot_file
+            .split_once('?')
+            .map_or(boot_file, |(path, _)| path);
         info!(
             %mac, xid, request = ?msg_type, reply = ?fields.msg_type, %to,
-            yiaddr = ?fields.yiaddr, boot_file = fields.boot_file.as_deref().unwrap_or(""),
+            yiaddr = ?fields.yiaddr, boot_file,
             firmware = ?client.firmware, arch = ?client.arch,
             "answered"
         );

@@ -22,6 +22,15 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[serde(try_from = "String", into = "String")]
 pub struct MacAddr(pub [u8; 6]);
 
+impl MacAddr {
+    /// Whether this can be one network interface's own address: not a group address
+    /// (multicast or broadcast: the first octet's lowest bit is set) and not all zeros.
+    /// Only such a MAC identifies a machine.
+    pub fn is_unicast_nonzero(&self) -> bool {
+        self.0[0] & 1 == 0 && self.0 != [0; 6]
+    }
+}
+
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
@@ -324,5 +333,20 @@ mod tests {
         }
         let mac: MacAddr = "52-54-00-AB-cd-01".parse().unwrap();
         assert_eq!(mac.to_string(), "52:54:00:ab:cd:01");
+    }
+
+    #[test]
+    fn only_unicast_nonzero_macs_identify_a_machine() {
+        for (mac, want) in [
+            ("52:54:00:00:00:01", true),
+            ("00:00:00:00:00:01", true),
+            ("ff:ff:ff:ff:ff:ff", false),
+            ("01:00:5e:00:00:01", false),
+            ("33:33:00:00:00:01", false),
+            ("00:00:00:00:00:00", false),
+        ] {
+            let m: MacAddr = mac.parse().unwrap();
+            assert_eq!(m.is_unicast_nonzero(), want, "{mac}");
+        }
     }
 }

@@ -1,8 +1,10 @@
 //! Request extractors whose rejections are [`ApiError`]s, so that axum's plain-text
 //! rejections never reach a client.
 
+use std::net::{IpAddr, SocketAddr};
+
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use metalgraph_engine::text;
@@ -113,6 +115,25 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
             .map_err(|e| {
                 ApiError::bad_request(format!("invalid query parameters: {}", e.body_text()))
             })
+    }
+}
+
+/// The address of the connection's peer, when the server knows it: the accept loop puts it
+/// on every request (`ConnectInfo<SocketAddr>`); a request handed to the router directly
+/// (tests with `oneshot`) has none unless the test adds it.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip().to_canonical()),
+        ))
     }
 }
 

@@ -30,7 +30,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::ErrorBody;
-use super::extract::{Body, Path, Query, decode};
+use super::extract::{Body, Path, Peer, Query, decode};
 use super::{ApiError, AppState, files, security};
 use crate::hooks::HookSpec;
 
@@ -665,7 +665,7 @@ fn page_response<T: serde::Serialize>(uri: &Uri, page: Page<T>) -> Response {
             })
             .map(str::to_owned)
             .collect();
-        query.push(format!("cursor={}", query_escape(&next)));
+        query.push(format!("cursor={}", crate::boot::query_escape(&next)));
         let link = format!("<{}?{}>; rel=\"next\"", uri.path(), query.join("&"));
         if let Ok(v) = axum::http::HeaderValue::from_str(&link) {
             response.headers_mut().insert(axum::http::header::LINK, v);
@@ -1214,7 +1214,9 @@ struct NotificationQuery {
 /// An installer's completion callback: the task waiting for it (`wait.notification`)
 /// succeeds with the body (less `token`) as its output.
 ///
-/// Answered only once the task's end is committed, so a 200 survives any crash.
+/// Answered only once the task's end is committed, so a 200 survives any crash. A wrong
+/// token and a node on which nothing waits get the same 404, so that nobody can probe which
+/// nodes wait.
 #[utoipa::path(
     post,
     path = "/notification",
@@ -1224,8 +1226,7 @@ struct NotificationQuery {
     responses(
         (status = 200, description = "Delivered: `{status: delivered, task: <label>}`", body = Object),
         (status = 400, description = "No token, or a body that is not an object", body = ErrorBody),
-        (status = 404, description = "No task waits for a notification with this token", body = ErrorBody),
-        (status = 409, description = "A task of this node waits, but the token does not match", body = ErrorBody),
+        (status = 404, description = "No task of the node waits for a notification with this token (nothing waits, or the token is wrong: one answer)", body = ErrorBody),
     )
 )]
 async fn notification_post(
@@ -1246,8 +1247,7 @@ async fn notification_post(
     responses(
         (status = 200, description = "Delivered: `{status: delivered, task: <label>}`", body = Object),
         (status = 400, description = "No token", body = ErrorBody),
-        (status = 404, description = "No task waits for a notification with this token", body = ErrorBody),
-        (status = 409, description = "A task of this node waits, but the token does not match", body = ErrorBody),
+        (status = 404, description = "No task of the node waits for a notification with this token (nothing waits, or the token is wrong: one answer)", body = ErrorBody),
     )
 )]
 async fn notification_get(
@@ -1302,14 +1302,22 @@ async fn notification(
 struct TemplateQuery {
     /// Required: the node the template is rendered for.
     node_id: Option<String>,
+    /// The node's boot capability, as the URL the node was given carries it
+    /// (`notification.cap` or `task.cap` in the template that named this URL).
+    cap: Option<String>,
 }
 
 /// Renders template `name` from the templates directory for one node, with strict
 /// undefined, over `node` (never a secret), `api` (`base`, `nodeBase`, `files`) and, while
-/// a task of the node waits for its callback, `notification` (`url`, `token`,
-/// `workflowId`). A template that uses `notification` while nothing waits is a 409 saying
-/// so, rather than a callback URL without a token. A printed value with a control
-/// character is a 422: it would add a line to what the node runs.
+/// a task of the node waits for its callback and the request proves it is the node,
+/// `notification` (`url`, `token`, `workflowId`, `cap`).
+///
+/// The proof is the node's capability for the waiting task in `cap=`, or (full DHCP) a
+/// request from the address leased to one of the node's MACs (`boot::access`). Any other
+/// request is answered exactly as if nothing waited: a template that uses `notification`
+/// is then a 409, rather than a callback URL without a token, and the same 409 whether a
+/// task waits or not. A printed value with a control character is a 422: it would add a
+/// line to what the node runs.
 #[utoipa::path(
     get,
     path = "/templates/{name}",
@@ -1320,12 +1328,13 @@ struct TemplateQuery {
         (status = 400, description = "No `nodeId`", body = ErrorBody),
         (status = 403, description = "The name leads outside the templates directory", body = ErrorBody),
         (status = 404, description = "No templates directory, template or node of this name", body = ErrorBody),
-        (status = 409, description = "The template uses `notification`, but no task of the node waits for one", body = ErrorBody),
+        (status = 409, description = "The template uses `notification`, but no task of the node waits for one that this request may see (nothing waits, or the request does not prove it is the node: one answer)", body = ErrorBody),
         (status = 422, description = "The template does not render for this node", body = ErrorBody),
     )
 )]
 async fn template(
     State(s): State<AppState>,
+    Peer(peer): Peer,
     Path(name): Path<String>,
     Query(q): Query<TemplateQuery>,
 ) -> Result<Response> {
@@ -1360,17 +1369,30 @@ async fn template(
         "node": node.template_view(),
         "api": {"base": s.api.base, "nodeBase": node_base, "files": files_base},
     });
-    let waiting = s.engine.waiting_token(&node.id);
-    if let Some((workflow_id, token)) = &waiting {
-        vars["notification"] = json!({
-            "url": format!(
-                "{node_base}/notification?nodeId={}&token={}",
-                query_escape(&node.id),
-                query_escape(token)
-            ),
-            "token": token,
-            "workflowId": workflow_id,
-        });
+    // The waiting task's token is shown only to the node itself; to anyone else the node
+    // looks like one on which nothing waits.
+    let mut waiting = None;
+    if let Some(w) = s.engine.waiting_task(&node.id) {
+        match s
+            .node_access
+            .proof(&node, &w.cap, q.cap.as_deref(), peer)
+            .await
+        {
+            Some(proof) => waiting = Some((w, proof)),
+            None => {
+                debug!(node = %node.id, template = %name, "template rendered without the callback: the request does not prove it is the node");
+            }
+        }
+    }
+    if let Some((w, proof)) = &waiting {
+        vars["notification"] = crate::boot::waiting_vars(
+            &node_base,
+            &node.id,
+            &w.workflow_id,
+            &w.token,
+            w.cap.as_str(),
+        );
+        debug!(node = %node.id, template = %name, proof = ?proof, "template rendered with the callback");
     }
     // No printed value may add or end a line: the node's name, tags and OBM host are the
     // node's or its BMC's, not the operator's.
@@ -1382,7 +1404,10 @@ async fn template(
                 "conflict",
                 format!(
                     "template {name} uses 'notification', but no task of node {} waits for a \
-                     notification; run a graph with Task.Wait.Notification on the node first ({e})",
+                     notification that this request may see: run a graph with \
+                     Task.Wait.Notification on the node, and fetch the template from the node \
+                     with the cap= its URLs carry (or, with full DHCP, from its leased address) \
+                     ({e})",
                     node.id
                 ),
             )
@@ -1405,18 +1430,4 @@ async fn template(
         rendered,
     )
         .into_response())
-}
-
-/// Percent-encodes a query parameter value (everything but RFC 3986's unreserved
-/// characters).
-fn query_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }

@@ -15,6 +15,7 @@ pub mod security;
 pub mod ui;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use metalgraph_engine::{ApiUrls, Engine};
 
@@ -47,11 +48,17 @@ pub struct AppState {
     pub tokens: Tokens,
     /// The audit log of calls that change something.
     pub audit: Audit,
+    /// How node-facing requests prove they come from the node they ask about, which they
+    /// must to be shown its callback token (`boot::access`).
+    pub node_access: crate::boot::NodeAccess,
+    /// Whether and how fast unknown machines are enrolled (`[boot] enrolment`).
+    pub enrolment: Arc<crate::boot::Enrolment>,
 }
 
 impl AppState {
     /// A state with the node-facing files and templates off, webhooks delivered with the
-    /// default settings, and tokens required. It starts delivering the stored webhooks and
+    /// default settings, tokens required, node-facing requests proven by capability only,
+    /// and enrolment on at the default rate. It starts delivering the stored webhooks and
     /// reads the stored tokens: make one per engine.
     pub fn new(engine: Engine, body_limit: usize) -> Result<Self, metalgraph_engine::Error> {
         Self::with_hooks(engine, body_limit, crate::hooks::Settings::default(), true)
@@ -75,6 +82,8 @@ impl AppState {
             templates_dir: None,
             api: ApiUrls::default(),
             discovery_graph: crate::boot::DEFAULT_DISCOVERY_GRAPH.to_owned(),
+            node_access: crate::boot::NodeAccess::capability_only(),
+            enrolment: Arc::new(crate::boot::Enrolment::default()),
         })
     }
 }

@@ -78,7 +78,53 @@ pub struct BootConfig {
     /// The graph an unknown machine runs when it first asks for a profile
     /// (`METALGRAPH_BOOT_DISCOVERY_GRAPH`, `--discovery-graph`).
     pub discovery_graph: String,
+    /// Whether an unknown machine that asks for a profile becomes a node
+    /// (`METALGRAPH_BOOT_ENROLMENT`, `--enrolment true|false`). Unset (the default): on
+    /// when metalgraph runs DHCP (proxy or full), off otherwise. Off, an unknown machine is
+    /// told to boot from its disk and nothing is created.
+    pub enrolment: Option<bool>,
+    /// How many machines may be enrolled per minute, on average
+    /// (`METALGRAPH_BOOT_ENROLMENT_RATE`, `--enrolment-rate`); at least 1.
+    pub enrolment_rate: u32,
+    /// How many machines may be enrolled at once before the rate applies
+    /// (`METALGRAPH_BOOT_ENROLMENT_BURST`, `--enrolment-burst`); at least 1.
+    pub enrolment_burst: u32,
+    /// Who is shown a node's callback token on the node-facing listener
+    /// (`METALGRAPH_BOOT_NODE_TOKENS`, `--node-tokens`): `proven` (the default), only a
+    /// request that proves it is the node (its capability, or full DHCP's leased address);
+    /// `open`, any request (for installers booted from virtual media without metalgraph's
+    /// DHCP, which have no way to prove it; anyone who reaches the listener can then
+    /// complete a waiting install). `open` is logged as a warning on every start.
+    pub node_tokens: NodeTokens,
 }
+
+/// Who is shown a node's callback token (`[boot] node_tokens`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeTokens {
+    /// Only a request that proves it is the node.
+    #[default]
+    Proven,
+    /// Any request to the node-facing listener.
+    Open,
+}
+
+impl std::str::FromStr for NodeTokens {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "proven" => Ok(NodeTokens::Proven),
+            "open" => Ok(NodeTokens::Open),
+            other => Err(format!("unknown value {other:?} (expected proven or open)")),
+        }
+    }
+}
+
+/// The default of `enrolment_rate`: machines enrolled per minute.
+pub const DEFAULT_ENROLMENT_RATE: u32 = 20;
+/// The default of `enrolment_burst`.
+pub const DEFAULT_ENROLMENT_BURST: u32 = 50;
 
 impl Default for BootConfig {
     fn default() -> Self {
@@ -94,6 +140,10 @@ impl Default for BootConfig {
             tftp_listen: None,
             tftp_root: PathBuf::from("/usr/lib/ipxe"),
             discovery_graph: super::DEFAULT_DISCOVERY_GRAPH.to_owned(),
+            enrolment: None,
+            enrolment_rate: DEFAULT_ENROLMENT_RATE,
+            enrolment_burst: DEFAULT_ENROLMENT_BURST,
+            node_tokens: NodeTokens::Proven,
         }
     }
 }
@@ -134,6 +184,20 @@ pub struct BootArgs {
     /// The graph unknown machines run (default Graph.Discovery.Pxe).
     #[arg(long, value_name = "NAME")]
     pub discovery_graph: Option<String>,
+    /// Whether unknown machines that ask for a profile become nodes (default: true when
+    /// DHCP is proxy or full, false otherwise).
+    #[arg(long, value_name = "BOOL")]
+    pub enrolment: Option<bool>,
+    /// Machines enrolled per minute, on average (default 20).
+    #[arg(long, value_name = "N")]
+    pub enrolment_rate: Option<u32>,
+    /// Machines enrolled at once before the rate applies (default 50).
+    #[arg(long, value_name = "N")]
+    pub enrolment_burst: Option<u32>,
+    /// Who is shown a node's callback token: proven (the default: only the node itself) or
+    /// open (anyone who reaches the node-facing listener; not recommended).
+    #[arg(long, value_enum)]
+    pub node_tokens: Option<NodeTokens>,
 }
 
 fn env_err(var: &str, value: &str, message: impl std::fmt::Display) -> Error {
@@ -211,6 +275,21 @@ impl BootConfig {
         if let Some((_, s)) = var("DISCOVERY_GRAPH") {
             self.discovery_graph = s.trim().to_owned();
         }
+        if let Some((v, s)) = var("ENROLMENT") {
+            self.enrolment = match s.trim() {
+                "" => None,
+                _ => Some(parse(&v, &s)?),
+            };
+        }
+        if let Some((v, s)) = var("ENROLMENT_RATE") {
+            self.enrolment_rate = parse(&v, &s)?;
+        }
+        if let Some((v, s)) = var("ENROLMENT_BURST") {
+            self.enrolment_burst = parse(&v, &s)?;
+        }
+        if let Some((v, s)) = var("NODE_TOKENS") {
+            self.node_tokens = parse(&v, &s)?;
+        }
         Ok(())
     }
 
@@ -249,6 +328,25 @@ impl BootConfig {
         if let Some(g) = &flags.discovery_graph {
             self.discovery_graph = g.clone();
         }
+        if let Some(e) = flags.enrolment {
+            self.enrolment = Some(e);
+        }
+        if let Some(r) = flags.enrolment_rate {
+            self.enrolment_rate = r;
+        }
+        if let Some(b) = flags.enrolment_burst {
+            self.enrolment_burst = b;
+        }
+        if let Some(t) = flags.node_tokens {
+            self.node_tokens = t;
+        }
+    }
+
+    /// Whether unknown machines are enrolled: `enrolment` when set, else whether metalgraph
+    /// runs DHCP (an operator who points metalgraph's DHCP at a network expects its
+    /// machines to be discovered; one who does not has not asked for it).
+    pub fn enrolment_on(&self) -> bool {
+        self.enrolment.unwrap_or(self.dhcp != DhcpSetting::Off)
     }
 
     /// Whether any network-boot service (DHCP or TFTP) runs.
@@ -263,6 +361,19 @@ impl BootConfig {
             return Err(field(
                 "boot.discovery_graph",
                 "must name a graph".to_owned(),
+            ));
+        }
+        if self.enrolment_rate == 0 {
+            return Err(field(
+                "boot.enrolment_rate",
+                "must be at least 1 per minute (set enrolment = false to enrol no machine)"
+                    .to_owned(),
+            ));
+        }
+        if self.enrolment_burst == 0 {
+            return Err(field(
+                "boot.enrolment_burst",
+                "must be at least 1 (set enrolment = false to enrol no machine)".to_owned(),
             ));
         }
         if self.dhcp != DhcpSetting::Off && self.boot_address.is_none() {
@@ -385,6 +496,37 @@ mod tests {
         let tftp = o.tftp.expect("TFTP follows DHCP");
         assert_eq!(tftp.listen.to_string(), "10.0.0.1:69");
         assert_eq!(tftp.root, PathBuf::from("/usr/lib/ipxe"));
+    }
+
+    #[test]
+    fn enrolment_follows_dhcp_unless_set_and_its_rate_is_checked() {
+        let mut c = BootConfig::default();
+        assert!(!c.enrolment_on(), "no DHCP, no enrolment");
+        c.dhcp = DhcpSetting::Proxy;
+        assert!(c.enrolment_on());
+        c.dhcp = DhcpSetting::Full;
+        assert!(c.enrolment_on());
+        c.apply_env(&env_of(&[
+            ("METALGRAPH_BOOT_ENROLMENT", "false"),
+            ("METALGRAPH_BOOT_ENROLMENT_RATE", "5"),
+        ]))
+        .unwrap();
+        assert!(!c.enrolment_on());
+        assert_eq!((c.enrolment_rate, c.enrolment_burst), (5, 50));
+        c.apply_flags(&BootArgs {
+            enrolment: Some(true),
+            enrolment_burst: Some(0),
+            ..BootArgs::default()
+        });
+        c.dhcp = DhcpSetting::Off;
+        assert!(c.enrolment_on(), "the flag wins over the DHCP default");
+        let err = c.check().unwrap_err().to_string();
+        assert!(err.contains("boot.enrolment_burst"), "{err}");
+        let err = c
+            .apply_env(&env_of(&[("METALGRAPH_BOOT_ENROLMENT", "sometimes")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("METALGRAPH_BOOT_ENROLMENT"), "{err}");
     }
 
     #[test]

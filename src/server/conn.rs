@@ -21,6 +21,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -346,13 +347,15 @@ async fn serve_connection(
 }
 
 /// The router as a hyper service that reports each request's start and end to the
-/// connection's clock; on a spare connection it answers only health.
+/// connection's clock; on a spare connection it answers only health. Each request carries
+/// the peer's address as axum's `ConnectInfo<SocketAddr>` (the node-facing API checks it
+/// against DHCP leases).
 struct Tracked {
     router: TowerToHyperService<Router>,
     clock: Arc<Clock>,
     spare: bool,
     /// The client's address, given to handlers as axum's `ConnectInfo`.
-    peer: Option<std::net::SocketAddr>,
+    peer: Option<SocketAddr>,
 }
 
 type ResponseFuture =
@@ -365,12 +368,12 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let busy = Busy::start(self.clock.clone());
+        if self.spare && !is_health(&req) {
+            return Box::pin(std::future::ready(Ok(too_many_connections())));
+        }
         if let Some(peer) = self.peer {
             req.extensions_mut()
                 .insert(axum::extract::ConnectInfo(peer));
-        }
-        if self.spare && !is_health(&req) {
-            return Box::pin(std::future::ready(Ok(too_many_connections())));
         }
         let answer = self.router.call(req);
         Box::pin(async move {

@@ -31,6 +31,7 @@ use crate::keys;
 use crate::metrics;
 use crate::model::WorkflowStatus;
 use crate::nodes::Node;
+use crate::notify::NodeCap;
 use crate::template::Renderer;
 use crate::workflow::Event;
 use crate::workflow::load_records;
@@ -403,7 +404,10 @@ impl JobRun {
                 Err(e) => return Outcome::Failed(format!("node {id} could not be read: {e}")),
             },
         };
-        let rendered = render(&self.job, &self.renderer, &self.api, &s, &node).await;
+        let cap = node
+            .as_ref()
+            .map(|n| self.engine.caps().cap(&n.id, &s.wf, &s.task_id, &s.token));
+        let rendered = render(&self.job, &self.renderer, &self.api, &s, &node, cap).await;
         // Cancelled while the node was read or the options rendered: the job never starts,
         // and the task ends cancelled whatever the render gave.
         if self.token.is_cancelled() {
@@ -438,9 +442,10 @@ async fn render(
     api: &ApiUrls,
     s: &StartJob,
     node: &Option<Node>,
+    cap: Option<NodeCap>,
 ) -> Result<Options, String> {
     if s.context.is_none() {
-        return render_options(job.as_ref(), renderer, api, s, node.as_ref());
+        return render_options(job.as_ref(), renderer, api, s, node.as_ref(), cap.as_ref());
     }
     let (job, renderer, api, s, node) = (
         job.clone(),
@@ -450,7 +455,14 @@ async fn render(
         node.clone(),
     );
     tokio::task::spawn_blocking(move || {
-        render_options(job.as_ref(), &renderer, &api, &s, node.as_ref())
+        render_options(
+            job.as_ref(),
+            &renderer,
+            &api,
+            &s,
+            node.as_ref(),
+            cap.as_ref(),
+        )
     })
     .await
     .map_err(|e| format!("rendering the options did not complete: {e}"))?
@@ -459,18 +471,21 @@ async fn render(
 /// A task's options as its job receives them: templates rendered (over `options`,
 /// `context`, `node`, `task` and `api`) when the task holds any, string values coerced to
 /// their declared kinds, and the result checked against the job's schema. An error names
-/// the option at fault.
+/// the option at fault. `cap` is the node's capability for the task (`task.cap`; absent
+/// for a task without a node), which node-facing URLs carry so that the node is shown its
+/// callback token (see `crate::notify`).
 pub fn render_options(
     job: &dyn Job,
     renderer: &Renderer,
     api: &ApiUrls,
     s: &StartJob,
     node: Option<&Node>,
+    cap: Option<&NodeCap>,
 ) -> Result<Options, String> {
     let mut opts = match &s.context {
         None => s.options.clone(),
         Some(context) => {
-            let vars = json!({
+            let mut vars = json!({
                 "options": s.options,
                 "context": context,
                 "node": node.map(Node::template_view),
@@ -482,6 +497,9 @@ pub fn render_options(
                 },
                 "api": {"base": api.base, "nodeBase": api.node_base},
             });
+            if let Some(cap) = cap {
+                vars["task"]["cap"] = json!(cap.as_str());
+            }
             renderer.render_options_except(&s.options, &vars, &s.data)?
         }
     };

@@ -25,8 +25,8 @@ use super::{
     At, Bmc, BootDevice, BootOverride, Error, MediaStatus, PowerAction, PowerState,
     REDFISH_SERVICE, Result,
 };
-pub use client::{RedfishEndpoint, Trust};
 use client::{Client, Reply, Request};
+pub use client::{RedfishEndpoint, Trust};
 use links::{SystemRef, action_target, links, members, odata_id};
 
 /// How many members of one collection the inventory follows.
