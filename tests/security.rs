@@ -249,7 +249,7 @@ async fn every_role_against_every_route_family_and_the_audit_log() {
     let (status, entries) = api.get("/api/2.0/audit?$top=1000").await;
     assert_eq!(status, 200, "{entries}");
     let entries = entries.as_array().unwrap();
-    let find = |pred: &dyn Fn(&Value) -> bool| entries.iter().any(|e| pred(e));
+    let find = |pred: &dyn Fn(&Value) -> bool| entries.iter().any(pred);
     assert!(
         find(&|e| e["method"] == "POST"
             && e["target"] == "/api/2.0/workflows"

@@ -422,16 +422,25 @@ mod tests {
     #[test]
     fn drivers_of_one_endpoint_share_its_client_and_limit() {
         let drivers = Drivers::default();
-        let a = drivers.redfish_endpoint("https://10.0.0.5/", true).unwrap();
-        let again = drivers.redfish_endpoint("https://10.0.0.5/", true).unwrap();
+        let a = drivers
+            .redfish_endpoint("https://10.0.0.5/", &Trust::System)
+            .unwrap();
+        let again = drivers
+            .redfish_endpoint("https://10.0.0.5/", &Trust::System)
+            .unwrap();
         assert!(Arc::ptr_eq(&a, &again));
         // Another TLS policy or another BMC is another endpoint.
         let insecure = drivers
-            .redfish_endpoint("https://10.0.0.5/", false)
+            .redfish_endpoint("https://10.0.0.5/", &Trust::Anything)
             .unwrap();
-        let other = drivers.redfish_endpoint("https://10.0.0.6/", true).unwrap();
+        let other = drivers
+            .redfish_endpoint("https://10.0.0.6/", &Trust::System)
+            .unwrap();
         assert!(!Arc::ptr_eq(&a, &insecure) && !Arc::ptr_eq(&a, &other));
         assert_eq!(drivers.redfish.len(), 3);
+        // A CA that is not PEM is refused with a message naming caCert.
+        let bad = drivers.redfish_endpoint("https://10.0.0.7/", &Trust::Ca("nonsense".into()));
+        assert!(bad.is_err_and(|e| e.contains("caCert")));
 
         let limit = drivers.ipmi_limit("10.0.0.5:623");
         assert!(Arc::ptr_eq(&limit, &drivers.ipmi_limit("10.0.0.5:623")));
