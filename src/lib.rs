@@ -11,6 +11,7 @@ pub mod config;
 pub mod hooks;
 pub mod library;
 pub mod metrics;
+pub mod rekey;
 pub mod server;
 pub mod tls;
 pub mod validate;

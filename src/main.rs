@@ -93,6 +93,24 @@ enum Command {
         #[command(subcommand)]
         action: TokensCmd,
     },
+    /// Rotate the secret key: re-seal every stored secret under a new key, which then
+    /// replaces the old key file. Run it with the server stopped.
+    Rekey {
+        /// The server's data directory.
+        #[arg(
+            long,
+            env = "METALGRAPH_DATA_DIR",
+            default_value = "./metalgraph-data",
+            value_name = "DIR"
+        )]
+        data_dir: PathBuf,
+        /// The store backend.
+        #[arg(long, env = "METALGRAPH_STORE", value_enum, default_value = "sled")]
+        store: metalgraph::config::StoreKind,
+        /// The current key file (default <data-dir>/secret.key); the new key replaces it.
+        #[arg(long, env = "METALGRAPH_SECRET_KEY_FILE", value_name = "FILE")]
+        secret_key_file: Option<PathBuf>,
+    },
     /// Check definition files offline against the shipped library and each other.
     Validate {
         /// YAML or JSON files holding graphs and task definitions.
@@ -334,6 +352,21 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(args) => serve(*args).await,
         Command::Validate { files } => validate(&files),
+        Command::Rekey {
+            data_dir,
+            store,
+            secret_key_file,
+        } => {
+            let key = secret_key_file.unwrap_or_else(|| data_dir.join("secret.key"));
+            let n = tokio::task::spawn_blocking(move || {
+                metalgraph::rekey::run(&data_dir, store.backend(), &key)
+            })
+            .await??;
+            out::line(&format!(
+                "re-sealed {n} records under a new key; the old key is no longer needed"
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Graphs {
             remote,
             view,

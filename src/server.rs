@@ -102,6 +102,12 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     let key_file = config.effective_secret_key_file();
     let shown = key_file.display().to_string();
+    let pending = crate::rekey::pending_key_file(&key_file);
+    anyhow::ensure!(
+        !pending.exists(),
+        "a rekey was cut short ({} exists): run `metalgraph rekey` again to finish it before serving",
+        pending.display()
+    );
     let checked = store.clone();
     let sealer = tokio::task::spawn_blocking(move || {
         let sealer = metalgraph_engine::seal::Sealer::load_or_create(&key_file)?;

@@ -144,5 +144,92 @@ async fn passwords_and_hook_secrets_are_sealed_on_disk_and_still_work() {
             )),
             "{store}: {stderr}"
         );
+
+        // Rotating the key: `rekey` re-seals everything under a new key, which replaces
+        // the old key file.
+        let old_key = std::fs::read(&key).unwrap();
+        let rekey = |what: &str| {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_metalgraph"))
+                .args(["rekey", "--store", store, "--data-dir"])
+                .arg(data.path())
+                .env_remove("METALGRAPH_SECRET_KEY_FILE")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success() && stdout.contains("re-sealed"),
+                "{store} {what}: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        rekey("rotation");
+        assert_ne!(std::fs::read(&key).unwrap(), old_key, "{store}: a new key");
+        assert!(!data.path().join("secret.key.new").exists());
+        // The old key opens nothing any more.
+        std::fs::write(&other_key, &old_key).unwrap();
+        std::fs::set_permissions(&other_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_metalgraph"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--store",
+                store,
+                "--data-dir",
+            ])
+            .arg(data.path())
+            .arg("--secret-key-file")
+            .arg(&other_key)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{store}: serve started with the old key"
+        );
+        // A rekey cut short (its new key file left behind) keeps serve from starting until
+        // it is run again.
+        let pending = data.path().join("secret.key.new");
+        metalgraph_engine::seal::Sealer::load_or_create(&pending).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_metalgraph"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--store",
+                store,
+                "--data-dir",
+            ])
+            .arg(data.path())
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("metalgraph rekey"),
+            "{store}: {stderr}"
+        );
+        rekey("finishing");
+        // Under the new key the BMC password, the webhook secret and the old workflow
+        // still open, and none is readable on disk.
+        let server = Server::start(data.path(), store, &[]);
+        let api = server.api();
+        let done = api
+            .run_wait("Graph.PowerOn.Node", Some(&node), json!({}), LIMIT)
+            .await;
+        assert_eq!(done["status"], "succeeded", "{store} after rekey: {done:#}");
+        let (code, earlier) = api.get(&format!("/api/2.0/workflows/{first}")).await;
+        assert_eq!(code, 200, "{store} after rekey: {earlier}");
+        let (code, hooks) = api.get("/api/2.0/hooks").await;
+        assert_eq!(code, 200);
+        assert_eq!(hooks[0]["signed"], true, "{store}: {hooks}");
+        server.terminate();
+        for secret in [PASSWORD, HOOK_SECRET, OPTION_SECRET] {
+            assert_eq!(
+                files_holding(data.path(), secret),
+                Vec::<String>::new(),
+                "{store}: {secret} is readable after rekey"
+            );
+        }
     }
 }

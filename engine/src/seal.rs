@@ -329,9 +329,205 @@ fn from_hex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// How many records a rekey commits at once.
+const REKEY_BATCH: usize = 256;
+
+/// Re-seals every secret of `store` (opened without [`SealedStore`]) from `old` to `new`,
+/// blocking: the records of [`SEALED_KEYSPACES`], and the sealed string fields inside the
+/// JSON records of `field_keyspaces` (node OBM passwords, webhook secrets). Returns how
+/// many records it rewrote.
+///
+/// Resumable: a value the new key opens already is left as it is, so a rekey cut short (a
+/// crash, a full disk) is finished by running it again with the same two keys; the check
+/// value (see [`check_key`]) is rewritten last. Until then `serve` with either key alone
+/// may meet values it cannot open, so it must not run meanwhile.
+pub fn rekey(
+    store: &dyn Store,
+    old: &Sealer,
+    new: &Sealer,
+    field_keyspaces: &[&str],
+) -> Result<usize, String> {
+    if let Some(v) = store
+        .get(keys::META, CHECK_KEY)
+        .map_err(|e| e.to_string())?
+    {
+        let stored = String::from_utf8_lossy(&v);
+        let opens = |s: &Sealer| s.open(&stored).is_ok_and(|t| t == CHECK_TEXT);
+        if !opens(old) && !opens(new) {
+            return Err(
+                "neither key opens this store's secrets: give the key file they are sealed with"
+                    .into(),
+            );
+        }
+    }
+    let mut rewritten = 0;
+    let reseal_bytes = |key: &[u8], v: &[u8]| -> Result<Option<Vec<u8>>, String> {
+        if !v.starts_with(STORED_MAGIC) || new.open_bytes(v.to_vec()).is_ok() {
+            return Ok(None);
+        }
+        let plain = old.open_bytes(v.to_vec()).map_err(|_| {
+            format!(
+                "record {} opens with neither key",
+                String::from_utf8_lossy(key)
+            )
+        })?;
+        Ok(Some(new.seal_bytes(&plain)))
+    };
+    let reseal_fields = |key: &[u8], v: &[u8]| -> Result<Option<Vec<u8>>, String> {
+        let Ok(mut doc) = serde_json::from_slice::<serde_json::Value>(v) else {
+            return Ok(None);
+        };
+        let mut changed = false;
+        reseal_strings(&mut doc, old, new, &mut changed)
+            .map_err(|e| format!("record {}: {e}", String::from_utf8_lossy(key)))?;
+        Ok(changed.then(|| serde_json::to_vec(&doc).expect("JSON serialises")))
+    };
+    let plan = SEALED_KEYSPACES
+        .iter()
+        .map(|k| (*k, true))
+        .chain(field_keyspaces.iter().map(|k| (*k, false)));
+    for (keyspace, whole) in plan {
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let rows = store
+                .scan(
+                    keyspace,
+                    Scan::prefix(b"", REKEY_BATCH).after(after.as_deref()),
+                )
+                .map_err(|e| e.to_string())?;
+            let Some((last, _)) = rows.last() else { break };
+            after = Some(last.clone());
+            let mut batch = Batch::new();
+            for (k, v) in &rows {
+                let resealed = if whole {
+                    reseal_bytes(k, v)?
+                } else {
+                    reseal_fields(k, v)?
+                };
+                if let Some(v) = resealed {
+                    batch.put(keyspace, k.clone(), v);
+                    rewritten += 1;
+                }
+            }
+            if !batch.is_empty() {
+                store.commit(batch).map_err(|e| e.to_string())?;
+            }
+            if rows.len() < REKEY_BATCH {
+                break;
+            }
+        }
+    }
+    let mut batch = Batch::new();
+    batch.put(keys::META, CHECK_KEY, new.seal(CHECK_TEXT).into_bytes());
+    store.commit(batch).map_err(|e| e.to_string())?;
+    Ok(rewritten)
+}
+
+/// Re-seals every sealed string inside `v` from `old` to `new`, setting `changed`.
+fn reseal_strings(
+    v: &mut serde_json::Value,
+    old: &Sealer,
+    new: &Sealer,
+    changed: &mut bool,
+) -> Result<(), String> {
+    match v {
+        serde_json::Value::String(s) if is_sealed(s) && new.open(s).is_err() => {
+            let plain = old
+                .open(s)
+                .map_err(|_| "a sealed field opens with neither key".to_owned())?;
+            *s = new.seal(&plain);
+            *changed = true;
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                reseal_strings(item, old, new, changed)?;
+            }
+        }
+        serde_json::Value::Object(map) => {
+            for item in map.values_mut() {
+                reseal_strings(item, old, new, changed)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rekey_reseals_every_secret_and_resumes_when_cut_short() {
+        let raw: Arc<dyn Store> = Arc::new(metalgraph_store::MemStore::new());
+        let old = Arc::new(Sealer::new(&[1u8; 32]).unwrap());
+        let new = Arc::new(Sealer::new(&[2u8; 32]).unwrap());
+        check_key(raw.as_ref(), &old).unwrap();
+        let sealed = SealedStore::wrap(raw.clone(), old.clone());
+        let mut batch = Batch::new();
+        for i in 0..600 {
+            batch.put(
+                keys::WORKFLOWS,
+                format!("wf{i:04}"),
+                format!("{{\"n\":{i}}}"),
+            );
+        }
+        batch.put(keys::TASKS, "wf0000/00000", b"{\"out\":\"x\"}".to_vec());
+        sealed.commit(batch).unwrap();
+        let node = serde_json::json!({"id": "n1", "obms": [{"config": {
+            "password": old.seal("BMC-pw"), "user": "root"}}]});
+        let hook = serde_json::json!({"id": "h1", "secret": old.seal("hook-secret")});
+        let mut batch = Batch::new();
+        batch.put(keys::NODES, "n1", serde_json::to_vec(&node).unwrap());
+        batch.put("hooks", "h1", serde_json::to_vec(&hook).unwrap());
+        raw.commit(batch).unwrap();
+
+        // Cut short: only the first page of workflows is re-sealed, by hand.
+        let first = raw.scan(keys::WORKFLOWS, Scan::prefix(b"", 100)).unwrap();
+        let mut batch = Batch::new();
+        for (k, v) in first {
+            batch.put(
+                keys::WORKFLOWS,
+                k,
+                new.seal_bytes(&old.open_bytes(v).unwrap()),
+            );
+        }
+        raw.commit(batch).unwrap();
+        // Run again (as after a crash): everything ends under the new key.
+        let n = rekey(raw.as_ref(), &old, &new, &[keys::NODES, "hooks"]).unwrap();
+        assert_eq!(
+            n,
+            500 + 1 + 2,
+            "the rest of the workflows, the task, the node and the hook"
+        );
+        check_key(raw.as_ref(), &new).unwrap();
+        assert!(check_key(raw.as_ref(), &old).is_err());
+        let reopened = SealedStore::wrap(raw.clone(), new.clone());
+        assert_eq!(
+            reopened.get(keys::WORKFLOWS, b"wf0599").unwrap().unwrap(),
+            b"{\"n\":599}"
+        );
+        let stale = SealedStore::wrap(raw.clone(), old.clone());
+        assert!(stale.get(keys::WORKFLOWS, b"wf0599").is_err());
+        let node: serde_json::Value =
+            serde_json::from_slice(&raw.get(keys::NODES, b"n1").unwrap().unwrap()).unwrap();
+        let pw = node["obms"][0]["config"]["password"].as_str().unwrap();
+        assert_eq!(new.open(pw).unwrap(), "BMC-pw");
+        assert_eq!(node["obms"][0]["config"]["user"], "root");
+        let hook: serde_json::Value =
+            serde_json::from_slice(&raw.get("hooks", b"h1").unwrap().unwrap()).unwrap();
+        assert_eq!(
+            new.open(hook["secret"].as_str().unwrap()).unwrap(),
+            "hook-secret"
+        );
+        // Once done, again is nothing; a third key is refused.
+        assert_eq!(
+            rekey(raw.as_ref(), &old, &new, &[keys::NODES, "hooks"]).unwrap(),
+            0
+        );
+        let third = Sealer::new(&[3u8; 32]).unwrap();
+        assert!(rekey(raw.as_ref(), &third, &third, &[]).is_err());
+    }
 
     #[test]
     fn seals_opens_and_refuses_another_key() {
