@@ -30,6 +30,10 @@ fn serve(data: &Path, store: &str, templates: &Path) -> Server {
             "127.0.0.1:0",
             "--templates-dir",
             templates.to_str().expect("utf-8"),
+            // The simulated installer fetches its callback without a capability
+            // (tests/pxe_profiles.rs covers the guard this opens).
+            "--node-tokens",
+            "open",
         ],
     )
 }

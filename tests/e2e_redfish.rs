@@ -315,9 +315,10 @@ async fn installs_an_os_from_virtual_media_served_by_metalgraph() {
     assert!(callback.starts_with(&mg.server.node_url("/api/2.0/notification?nodeId=")));
     assert!(kickstart.contains(&format!("nodeId={node}&token={token}")));
 
+    // A wrong token is answered as if nothing waited: the same 404.
     let wrong = callback.replace(token, "0123456789abcdef0123456789abcdef");
     let r = http.post(&wrong).json(&json!({})).send().await.unwrap();
-    assert_eq!(r.status(), 409, "{}", r.text().await.unwrap());
+    assert_eq!(r.status(), 404, "{}", r.text().await.unwrap());
     let r = http
         .post(&callback)
         .json(&json!({"status": "installed"}))

@@ -98,6 +98,11 @@ async fn the_hostile_corpus_is_refused_and_nothing_earlier_is_lost() {
             "127.0.0.1:0",
             "--templates-dir",
             templates.path().to_str().unwrap(),
+            // The "node" below fetches its callback from a template with no capability to
+            // show: the node-facing tokens are opened (tests/pxe_profiles.rs covers the
+            // guard).
+            "--node-tokens",
+            "open",
         ],
     );
     let api = server.api();

@@ -545,9 +545,9 @@ async fn the_cli_uses_the_data_dir_and_manages_tokens() {
     // From the data directory: the token and the CA.
     let (code, out, err) = mg(
         &[
+            "tokens",
             "--data-dir",
             data,
-            "tokens",
             "create",
             "ci",
             "--role",
@@ -595,7 +595,7 @@ async fn the_cli_uses_the_data_dir_and_manages_tokens() {
     assert_eq!(code, 1);
     assert!(err.contains("--ca-cert"), "{err}");
     // Revoked: refused from then on.
-    let (code, _, err) = mg(&["--data-dir", data, "tokens", "revoke", "ci"], &[]);
+    let (code, _, err) = mg(&["tokens", "revoke", "ci", "--data-dir", data], &[]);
     assert_eq!(code, 0, "{err}");
     let (code, _, err) = mg(&["nodes", "list"], &env);
     assert_eq!(code, 1);
