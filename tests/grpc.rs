@@ -539,22 +539,18 @@ async fn foreign_clients_python_grpcio_and_buf_curl() {
         "{events:?}"
     );
 
-    // Over TLS, trusting the server's CA; the token rides as a header.
+    // Over TLS, trusting the server's CA; the token rides as a header, on the calls and on
+    // the reflection requests that describe them.
     let url = format!("https://{addr}");
-    let list = tokio::process::Command::new(&buf)
-        .args([
-            "curl",
-            "--protocol",
-            "grpc",
-            "--cacert",
-            ca.to_str().unwrap(),
-            "-H",
-            &bearer,
-            "--reflect-header",
-            &bearer,
-            "--list-services",
-            &url,
-        ])
+    let buf_curl = || {
+        let mut cmd = tokio::process::Command::new(&buf);
+        cmd.args(["curl", "--protocol", "grpc", "--cacert"])
+            .arg(&ca)
+            .args(["-H", &bearer, "--reflect-header", &bearer]);
+        cmd
+    };
+    let list = buf_curl()
+        .args(["--list-services", &url])
         .output()
         .await
         .unwrap();
@@ -572,21 +568,8 @@ async fn foreign_clients_python_grpcio_and_buf_curl() {
     ] {
         assert!(services.contains(s), "{s} missing from {services}");
     }
-    let health = tokio::process::Command::new(&buf)
-        .args([
-            "curl",
-            "--protocol",
-            "grpc",
-            "--cacert",
-            ca.to_str().unwrap(),
-            "-H",
-            &bearer,
-            "--reflect-header",
-            &bearer,
-            "-d",
-            "{}",
-            &format!("{url}/grpc.health.v1.Health/Check"),
-        ])
+    let health = buf_curl()
+        .args(["-d", "{}", &format!("{url}/grpc.health.v1.Health/Check")])
         .output()
         .await
         .unwrap();
@@ -595,17 +578,8 @@ async fn foreign_clients_python_grpcio_and_buf_curl() {
         "{}",
         String::from_utf8_lossy(&health.stdout)
     );
-    let graphs = tokio::process::Command::new(&buf)
+    let graphs = buf_curl()
         .args([
-            "curl",
-            "--protocol",
-            "grpc",
-            "--cacert",
-            ca.to_str().unwrap(),
-            "-H",
-            &bearer,
-            "--reflect-header",
-            &bearer,
             "-d",
             r#"{"name": "Graph.PowerOn.Node"}"#,
             &format!("{url}/metalgraph.v1.Definitions/GetGraph"),

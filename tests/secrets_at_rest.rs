@@ -117,8 +117,11 @@ async fn passwords_and_hook_secrets_are_sealed_on_disk_and_still_work() {
         // Another key cannot open them: serve refuses to start, naming the problem.
         let other = tempfile::tempdir().unwrap();
         let other_key = other.path().join("other.key");
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_metalgraph"))
-            .args([
+        // `serve` with `key` (else the data directory's), which must refuse to start; its
+        // stderr.
+        let refused = |key: Option<&Path>, what: &str| {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_metalgraph"));
+            cmd.args([
                 "serve",
                 "--listen",
                 "127.0.0.1:0",
@@ -127,16 +130,15 @@ async fn passwords_and_hook_secrets_are_sealed_on_disk_and_still_work() {
                 "--data-dir",
             ])
             .arg(data.path())
-            .arg("--secret-key-file")
-            .arg(&other_key)
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
-        assert!(
-            !out.status.success(),
-            "{store}: serve started with another key"
-        );
-        let stderr = String::from_utf8_lossy(&out.stderr);
+            .env("RUST_LOG", "warn");
+            if let Some(k) = key {
+                cmd.arg("--secret-key-file").arg(k);
+            }
+            let out = cmd.output().unwrap();
+            assert!(!out.status.success(), "{store}: serve started {what}");
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        };
+        let stderr = refused(Some(&other_key), "with another key");
         assert!(
             stderr.contains(&format!(
                 "secret key {}: the secret key does not open this store's secrets",
@@ -168,47 +170,13 @@ async fn passwords_and_hook_secrets_are_sealed_on_disk_and_still_work() {
         // The old key opens nothing any more.
         std::fs::write(&other_key, &old_key).unwrap();
         std::fs::set_permissions(&other_key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_metalgraph"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--store",
-                store,
-                "--data-dir",
-            ])
-            .arg(data.path())
-            .arg("--secret-key-file")
-            .arg(&other_key)
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
-        assert!(
-            !out.status.success(),
-            "{store}: serve started with the old key"
-        );
+        refused(Some(&other_key), "with the old key");
         // A rekey cut short (its new key file left behind) keeps serve from starting until
         // it is run again.
         let pending = data.path().join("secret.key.new");
         metalgraph_engine::seal::Sealer::load_or_create(&pending).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_metalgraph"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--store",
-                store,
-                "--data-dir",
-            ])
-            .arg(data.path())
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && stderr.contains("metalgraph rekey"),
-            "{store}: {stderr}"
-        );
+        let stderr = refused(None, "with a rekey unfinished");
+        assert!(stderr.contains("metalgraph rekey"), "{store}: {stderr}");
         rekey("finishing");
         // Under the new key the BMC password, the webhook secret and the old workflow
         // still open, and none is readable on disk.
