@@ -32,13 +32,14 @@ const FAILURE_GRACE: Duration = Duration::from_secs(3);
 /// How many simulated nodes `--demo` registers.
 const DEMO_NODES: usize = 8;
 
-/// The jobs this build can run: the basic ones and the provisioning ones with their BMC
-/// drivers (Redfish, IPMI, simulated). `serve` and `validate` both use it, so that offline
+/// The jobs this build can run: the basic ones, the provisioning ones with their BMC
+/// drivers (Redfish, IPMI, simulated), and RackHD's base tasks over both. `serve` and `validate` both use it, so that offline
 /// validation judges graphs exactly as the server does.
 pub fn jobs() -> JobRegistry {
     let mut jobs = JobRegistry::new();
     metalgraph_tasks::register_basic(&mut jobs);
     metalgraph_tasks::register_provisioning(&mut jobs, Arc::new(Drivers::default()));
+    metalgraph_tasks::rackhd::register(&mut jobs);
     jobs
 }
 

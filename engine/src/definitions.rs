@@ -532,14 +532,13 @@ fn resolve_task(
     let Some(job) = jobs.get(&def.implements_task) else {
         problems.push(
             p(format!(
-                "task {} implements unknown job {} (known jobs: {})",
+                "task {} implements {}",
                 if def.injectable_name.is_empty() {
                     "(inline)"
                 } else {
                     &def.injectable_name
                 },
-                def.implements_task,
-                jobs.names().collect::<Vec<_>>().join(", ")
+                unknown_job(&def.implements_task, jobs)
             ))
             .field("implementsTask"),
         );
@@ -832,6 +831,23 @@ fn check_required(
 }
 
 /// Validates a task definition against the job registry.
+/// What `implementsTask` names when it is no job of this build: an unknown job (listing the
+/// known ones), or one of RackHD's base tasks that metalgraph does not run (listing the
+/// ones it runs, docs/rackhd.md).
+fn unknown_job(name: &str, jobs: &JobRegistry) -> String {
+    const BASE: &str = "Task.Base.";
+    let (base, own): (Vec<&str>, Vec<&str>) = jobs.names().partition(|n| n.starts_with(BASE));
+    if name.starts_with(BASE) {
+        format!(
+            "RackHD base task {name}, which metalgraph does not support (the RackHD base tasks \
+             it runs: {}; see docs/rackhd.md)",
+            base.join(", ")
+        )
+    } else {
+        format!("unknown job {name} (known jobs: {})", own.join(", "))
+    }
+}
+
 pub fn validate_task(def: &TaskDefinition, jobs: &JobRegistry) -> Result<(), Problems> {
     let name = def.injectable_name.as_str();
     let mut problems = Vec::new();
@@ -845,9 +861,8 @@ pub fn validate_task(def: &TaskDefinition, jobs: &JobRegistry) -> Result<(), Pro
     match jobs.get(&def.implements_task) {
         None => problems.push(
             Problem::new(format!(
-                "unknown job {} (known jobs: {})",
-                def.implements_task,
-                jobs.names().collect::<Vec<_>>().join(", ")
+                "implements {}",
+                unknown_job(&def.implements_task, jobs)
             ))
             .task(name)
             .field("implementsTask"),

@@ -32,7 +32,7 @@ pub use events::{EVENT_RETENTION, EventFilter, Numbered};
 pub use history::{ListFilter, Page};
 pub use job::{Job, JobContext, JobError, JobRegistry, JobResult, OptionKind, OptionSchema};
 pub use model::{GraphDefinition, TaskDefinition, TaskState, WorkflowStatus};
-pub use notify::{NodeCap, NodeCaps};
+pub use notify::{NodeCap, NodeCaps, not_waiting};
 pub use subgraph::GraphRunJob;
 pub use workflow::{Event, WorkflowView};
 

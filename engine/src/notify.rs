@@ -184,7 +184,7 @@ impl Waiters {
 
 /// The one answer to a callback that matches no waiting task, whether nothing waits on the
 /// node or the token is wrong.
-pub(crate) fn not_waiting(node: Option<&str>) -> Error {
+pub fn not_waiting(node: Option<&str>) -> Error {
     Error::NotFound {
         kind: "task waiting for a notification with this token on node",
         id: node.unwrap_or("(any)").to_owned(),

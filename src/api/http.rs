@@ -131,14 +131,42 @@ pub fn node_app(state: AppState) -> Router {
     finish(node_routes().into(), state)
 }
 
-/// The layers both routers share: JSON fallbacks, the body limit and request logging.
+/// The layers both routers share: JSON fallbacks, the body limit and request logging; and
+/// RackHD's `/api/current/...` as another name of `/api/2.0/...`, rewritten before
+/// routing, so that every rule (roles, the audit log) sees one path.
 fn finish(router: Router<AppState>, state: AppState) -> Router {
-    router
+    let routed = router
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.body_limit))
         .layer(middleware::from_fn(log_request))
-        .with_state(state)
+        .with_state(state);
+    Router::new().fallback_service(
+        tower::ServiceBuilder::new()
+            .map_request(current_is_2_0)
+            .service(routed),
+    )
+}
+
+/// `/api/current/...` (RackHD's name for the latest API) as `/api/2.0/...`.
+fn current_is_2_0(mut req: Request) -> Request {
+    const CURRENT: &str = "/api/current";
+    let path = req.uri().path();
+    let Some(rest) = path.strip_prefix(CURRENT) else {
+        return req;
+    };
+    if !(rest.is_empty() || rest.starts_with('/')) {
+        return req;
+    }
+    let mut target = format!("/api/2.0{rest}");
+    if let Some(q) = req.uri().query() {
+        target.push('?');
+        target.push_str(q);
+    }
+    if let Ok(uri) = target.parse::<Uri>() {
+        *req.uri_mut() = uri;
+    }
+    req
 }
 
 /// Logs each request's method, path (never the query, which may hold a token), status and
@@ -1207,8 +1235,12 @@ async fn get_catalog(
 struct NotificationQuery {
     /// The node calling back.
     node_id: Option<String>,
-    /// The waiting task's token (else the body's `token`).
+    /// The waiting task's token (else the body's `token`). Without one (RackHD's
+    /// installers send none), the callback is taken only from a request that proves it is
+    /// the node: its capability in `cap`, its full-mode DHCP lease, or `node_tokens = open`.
     token: Option<String>,
+    /// The node's capability, for a callback without a token.
+    cap: Option<String>,
 }
 
 /// An installer's completion callback: the task waiting for it (`wait.notification`)
@@ -1231,10 +1263,11 @@ struct NotificationQuery {
 )]
 async fn notification_post(
     state: State<AppState>,
+    peer: Peer,
     query: Query<NotificationQuery>,
     body: Body,
 ) -> Result<Json<Value>> {
-    notification(state, query, body).await
+    notification(state, peer, query, body).await
 }
 
 /// The notification as `GET`, for iPXE scripts (stock iPXE cannot POST); the token comes in
@@ -1252,14 +1285,16 @@ async fn notification_post(
 )]
 async fn notification_get(
     state: State<AppState>,
+    peer: Peer,
     query: Query<NotificationQuery>,
     body: Body,
 ) -> Result<Json<Value>> {
-    notification(state, query, body).await
+    notification(state, peer, query, body).await
 }
 
 async fn notification(
     State(s): State<AppState>,
+    Peer(peer): Peer,
     Query(q): Query<NotificationQuery>,
     Body(body): Body,
 ) -> Result<Json<Value>> {
@@ -1276,16 +1311,21 @@ async fn notification(
     // The token authenticates the callback; it is taken out so that it never lands in the
     // task's output, which workflows show.
     let body_token = body.remove("token");
+    let node = q.node_id.filter(|n| !n.is_empty());
     let token = q
         .token
         .or_else(|| body_token.and_then(|t| t.as_str().map(str::to_owned)))
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "a notification needs a token (query parameter or body field 'token')",
-            )
-        })?;
-    let node = q.node_id.filter(|n| !n.is_empty());
+        .filter(|t| !t.is_empty());
+    let token = match (token, &node) {
+        (Some(t), _) => t,
+        (None, Some(id)) => proven_token(&s, id, q.cap.as_deref(), peer).await?,
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "a notification needs a token (query parameter or body field 'token') or, \
+                 from the node itself, its nodeId",
+            ));
+        }
+    };
     // Answered only once the task's end is committed: a 200 means the callback survives
     // any crash, and the installer never calls twice.
     let label = s
@@ -1293,6 +1333,28 @@ async fn notification(
         .notify(node.as_deref(), &token, Value::Object(body))
         .await?;
     Ok(Json(json!({"status": "delivered", "task": label})))
+}
+
+/// The token of the task waiting for node `id`'s callback, for a callback that brings
+/// none (as RackHD's installers do), when the request proves it is the node
+/// (`boot::access`). Otherwise the answer a wrong token gets: nothing reveals whether a
+/// task waits.
+async fn proven_token(
+    s: &AppState,
+    id: &str,
+    cap: Option<&str>,
+    peer: Option<std::net::IpAddr>,
+) -> Result<String> {
+    let nothing = || ApiError::from(metalgraph_engine::not_waiting(Some(id)));
+    let node = s.engine.nodes().get(id).await?.ok_or_else(nothing)?;
+    let w = s.engine.waiting_task(id).ok_or_else(nothing)?;
+    match s.node_access.proof(&node, &w.cap, cap, peer).await {
+        Some(proof) => {
+            debug!(node = %id, proof = ?proof, "a callback without a token, taken from the node");
+            Ok(w.token)
+        }
+        None => Err(nothing()),
+    }
 }
 
 /// `GET /templates/{name}?nodeId=`.

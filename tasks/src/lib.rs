@@ -13,6 +13,7 @@ mod fail;
 mod http;
 mod noop;
 mod provision;
+pub mod rackhd;
 mod sleep;
 
 pub use condition::EvaluateConditionJob;

@@ -469,7 +469,8 @@ async fn render(
 }
 
 /// A task's options as its job receives them: templates rendered (over `options`,
-/// `context`, `node`, `task` and `api`) when the task holds any, string values coerced to
+/// `context`, `node`, `task` (`id`, `label`, `workflowId`, `token`, `nodeId`, `cap`) and
+/// `api`) when the task holds any, string values coerced to
 /// their declared kinds, and the result checked against the job's schema. An error names
 /// the option at fault. `cap` is the node's capability for the task (`task.cap`; absent
 /// for a task without a node), which node-facing URLs carry so that the node is shown its
@@ -494,6 +495,8 @@ pub fn render_options(
                     "label": s.label,
                     "workflowId": s.wf,
                     "token": s.token,
+                    // RackHD's name for the node the task runs on.
+                    "nodeId": node.map(|n| n.id.as_str()),
                 },
                 "api": {"base": api.base, "nodeBase": api.node_base},
             });

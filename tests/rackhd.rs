@@ -1,0 +1,284 @@
+//! RackHD drop-in, through the real binary: RackHD-shaped task definitions and graphs (a
+//! corpus written for these tests, in RackHD's JSON form) load unchanged and run on a demo
+//! node — RackHD's base tasks, its OBM action names, `Task.noop`, `Task.Base.Rest` with
+//! `data` and `recvTimeoutMs`, subgraphs — unsupported base tasks and actions are refused
+//! naming them, `/api/current/...` is `/api/2.0/...`, and RackHD's tokenless callback is
+//! taken only where the node is proven (docs/rackhd.md).
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::Server;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// A demo server (simulated BMCs) with its node-facing listener on a port of its own.
+fn demo(dir: &std::path::Path, extra: &[&str]) -> Server {
+    let mut args = vec![
+        "--demo",
+        "--node-listen",
+        "127.0.0.1:0",
+        "--grpc-listen",
+        "127.0.0.1:0",
+    ];
+    args.extend(extra);
+    Server::start(dir, "sled", &args)
+}
+
+/// A receiver for `Task.Base.Rest`: records each request's method, path and JSON body.
+async fn receiver() -> (String, Arc<Mutex<Vec<(String, String, Value)>>>) {
+    use axum::extract::Request;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let kept = seen.clone();
+    let app = axum::Router::new().fallback(move |req: Request| {
+        let kept = kept.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let bytes = axum::body::to_bytes(body, 1 << 20)
+                .await
+                .unwrap_or_default();
+            let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            kept.lock().unwrap().push((
+                parts.method.to_string(),
+                parts.uri.path().to_owned(),
+                value,
+            ));
+            axum::Json(json!({"received": true}))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}"), seen)
+}
+
+/// RackHD task definitions as RackHD writes them (JSON, `properties`, RackHD option
+/// names), for base tasks metalgraph runs.
+fn task_definitions(rest_url: &str) -> Vec<Value> {
+    vec![
+        json!({"friendlyName": "Power On Node", "injectableName": "Task.Test.Obm.PowerOn",
+               "implementsTask": "Task.Base.Obm.Node",
+               "options": {"action": "powerOn", "obmServiceName": "ipmi-obm-service"},
+               "properties": {"power": {}}}),
+        json!({"friendlyName": "Power Status", "injectableName": "Task.Test.Obm.PowerStatus",
+               "implementsTask": "Task.Base.Obm.Node",
+               "options": {"action": "powerStatus"}, "properties": {"power": {}}}),
+        json!({"friendlyName": "Set PXE", "injectableName": "Task.Test.Obm.SetBootPxe",
+               "implementsTask": "Task.Base.Obm.Node",
+               "options": {"action": "setBootPxe"}, "properties": {}}),
+        json!({"friendlyName": "Post it", "injectableName": "Task.Test.Rest",
+               "implementsTask": "Task.Base.Rest",
+               "options": {"url": format!("{rest_url}/hook"), "method": "POST",
+                           "headers": {"X-From": "rackhd"},
+                           "data": {"node": "{{ task.nodeId }}", "step": "posted"},
+                           "recvTimeoutMs": 5000},
+               "properties": {}}),
+        json!({"friendlyName": "Check", "injectableName": "Task.Test.Condition",
+               "implementsTask": "Task.Base.Evaluate.Condition",
+               "options": {"when": "true"}, "properties": {}}),
+        json!({"friendlyName": "Wait", "injectableName": "Task.Test.Wait.Notification",
+               "implementsTask": "Task.Base.Wait.Notification",
+               "options": {}, "properties": {}}),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rackhd_definitions_load_unchanged_and_run() {
+    let (rest_url, seen) = receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = demo(dir.path(), &[]);
+    let api = server.api();
+
+    // Every definition that uses a supported base task loads as RackHD wrote it.
+    for def in task_definitions(&rest_url) {
+        let (code, body) = api
+            .send("PUT", "/api/2.0/workflows/tasks", Some(def.clone()))
+            .await;
+        assert_eq!(code, 201, "{}: {body}", def["injectableName"]);
+    }
+    let child = json!({"friendlyName": "Child", "injectableName": "Graph.Test.Child",
+        "tasks": [{"label": "child-noop", "taskName": "Task.noop"}]});
+    // RackHD's graph: `taskName`s of the definitions above and of RackHD's own names, an
+    // inline definition with a base task, a subgraph through Task.Base.Graph.Run.
+    let graph = json!({
+        "friendlyName": "RackHD-shaped", "injectableName": "Graph.Test.Rackhd",
+        "options": {"defaults": {"obmServiceName": "ipmi-obm-service"}},
+        "tasks": [
+            {"label": "noop", "taskName": "Task.noop"},
+            {"label": "set-boot-pxe", "taskName": "Task.Test.Obm.SetBootPxe",
+             "waitOn": {"noop": "succeeded"}},
+            {"label": "power-on", "taskName": "Task.Test.Obm.PowerOn",
+             "waitOn": {"set-boot-pxe": "succeeded"}},
+            {"label": "status", "taskName": "Task.Test.Obm.PowerStatus",
+             "waitOn": {"power-on": "succeeded"}},
+            {"label": "reboot", "taskDefinition": {
+                "friendlyName": "Reboot", "injectableName": "Task.Inline.Reboot",
+                "implementsTask": "Task.Base.Obm.Node",
+                "options": {"action": "reboot"}, "properties": {}},
+             "waitOn": {"status": "succeeded"}},
+            {"label": "post", "taskName": "Task.Test.Rest", "waitOn": {"reboot": "succeeded"}},
+            {"label": "check", "taskName": "Task.Test.Condition", "waitOn": {"post": "succeeded"}},
+            {"label": "child", "taskDefinition": {
+                "friendlyName": "Run child", "injectableName": "Task.Inline.Graph.Run",
+                "implementsTask": "Task.Base.Graph.Run",
+                "options": {"graphName": "Graph.Test.Child", "graphOptions": {}},
+                "properties": {}},
+             "waitOn": {"check": "succeeded"}}
+        ]
+    });
+    for g in [child, graph] {
+        let (code, body) = api
+            .send("PUT", "/api/2.0/workflows/graphs", Some(g.clone()))
+            .await;
+        assert_eq!(code, 201, "{}: {body}", g["injectableName"]);
+    }
+    let wf = api
+        .run_wait("Graph.Test.Rackhd", Some("demo-node-01"), json!({}), LIMIT)
+        .await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    assert_eq!(wf["context"]["status"]["powerState"], "On", "{wf:#}");
+    let posted = seen.lock().unwrap().clone();
+    assert_eq!(posted.len(), 1, "{posted:?}");
+    assert_eq!(posted[0].0, "POST");
+    assert_eq!(posted[0].1, "/hook");
+    assert_eq!(
+        posted[0].2,
+        json!({"node": "demo-node-01", "step": "posted"}),
+        "`data` is the body"
+    );
+
+    // A base task metalgraph does not run is refused, naming it; so is an OBM action its
+    // drivers do not perform.
+    let (code, body) = api
+        .send(
+            "PUT",
+            "/api/2.0/workflows/tasks",
+            Some(json!({"injectableName": "Task.Test.Bootstrap",
+                        "implementsTask": "Task.Base.Linux.Bootstrap",
+                        "options": {"kernelFile": "vmlinuz"}, "properties": {}})),
+        )
+        .await;
+    assert_eq!(code, 422, "{body}");
+    let text = body.to_string();
+    assert!(
+        text.contains("RackHD base task Task.Base.Linux.Bootstrap")
+            && text.contains("does not support")
+            && text.contains("Task.Base.Obm.Node"),
+        "{text}"
+    );
+    let (code, body) = api
+        .send(
+            "PUT",
+            "/api/2.0/workflows/tasks",
+            Some(json!({"injectableName": "Task.Test.ClearSel",
+                        "implementsTask": "Task.Base.Obm.Node",
+                        "options": {"action": "clearSEL"}})),
+        )
+        .await;
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body.to_string().contains("clearSEL") && body.to_string().contains("powerOn"),
+        "{body}"
+    );
+
+    // `/api/current/...` is `/api/2.0/...`, under the same rules.
+    let (code, nodes) = api.get("/api/current/nodes").await;
+    assert_eq!(code, 200, "{nodes}");
+    assert_eq!(nodes.as_array().unwrap().len(), 8);
+    let (code, _) = api.get("/api/current/health").await;
+    assert_eq!(code, 200);
+    let anonymous = server.http_as(None);
+    let r = anonymous
+        .get(server.url("/api/current/nodes"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "the alias needs a token as the path does");
+    let r = anonymous
+        .get(server.url("/api/current/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // RackHD's installers call back without a token. By default that is taken only from a
+    // request proven to be the node; from anywhere else it is answered as a wrong token.
+    let (code, body) = api
+        .send(
+            "PUT",
+            "/api/2.0/workflows/graphs",
+            Some(json!({"injectableName": "Graph.Test.Install",
+                        "tasks": [{"label": "wait", "taskName": "Task.Test.Wait.Notification"}]})),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let id = api
+        .run("Graph.Test.Install", Some("demo-node-02"), json!({}))
+        .await;
+    api.wait_task(&id, "wait", "running", LIMIT).await;
+    let callback = server.node_url("/api/current/notification?nodeId=demo-node-02");
+    let node_http = reqwest::Client::new();
+    let mut refused = None;
+    // The waiter registers a moment after the task shows running.
+    for _ in 0..50 {
+        let r = node_http
+            .post(&callback)
+            .json(&json!({"status": "done"}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        refused = Some((status, r.text().await.unwrap()));
+        if status == 404 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, text) = refused.unwrap();
+    assert_eq!(status, 404, "{text}");
+    let wrong = node_http
+        .post(server.node_url(
+            "/api/current/notification?nodeId=demo-node-02&token=0123456789abcdef0123456789abcdef",
+        ))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 404);
+    assert_eq!(wrong.text().await.unwrap(), text, "one answer for both");
+    server.terminate();
+
+    // With the operator's compatibility switch (`node_tokens = open`), the tokenless
+    // callback completes the node's waiting task.
+    let server = demo(dir.path(), &["--node-tokens", "open"]);
+    let api = server.api();
+    let id = api
+        .run("Graph.Test.Install", Some("demo-node-03"), json!({}))
+        .await;
+    api.wait_task(&id, "wait", "running", LIMIT).await;
+    let callback = server.node_url("/api/current/notification?nodeId=demo-node-03");
+    let mut delivered = false;
+    for _ in 0..50 {
+        let r = node_http
+            .post(&callback)
+            .json(&json!({"status": "installed"}))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            delivered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(delivered, "the tokenless callback was taken");
+    let wf = api.wait(&id, LIMIT).await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    assert_eq!(wf["context"]["wait"]["status"], "installed", "{wf:#}");
+    server.terminate();
+}
