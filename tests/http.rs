@@ -1063,9 +1063,12 @@ async fn node_notifications_reach_the_waiting_task() {
         }
     };
 
-    let (status, body) = notify("?nodeId=n1", json!({})).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "no token: {body}");
+    let (status, body) = notify("", json!({})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "no token, no node: {body}");
     error_of(&body, "bad_request");
+    // No token from a request that does not prove it is the node: as a wrong token.
+    let (status, body) = notify("?nodeId=n1", json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "no token: {body}");
     let (status, nothing_waits) = notify("?nodeId=n1&token=abc", json!({})).await;
     assert_eq!(
         status,
