@@ -38,6 +38,15 @@ pub struct WrkResult {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ApiResult {
     pub load: Load,
+    /// With the defaults: TLS and a bearer token on every call.
+    pub secure: Measured,
+    /// The same binary with `--no-tls --no-auth`.
+    pub plain: Measured,
+}
+
+/// One server's figures under `wrk`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Measured {
     pub get: WrkResult,
     pub run: WrkResult,
     /// `201 Created` answers `wrk` read during the run benchmark.
@@ -112,8 +121,33 @@ pub fn api(
 ) -> anyhow::Result<ApiResult> {
     let script = dir.with_extension("run.lua");
     std::fs::write(&script, RUN_SCRIPT)?;
+    // The default (TLS, a token on every call), then the same binary with both off, on a
+    // fresh data directory: the difference is what security costs.
+    let secure = measure(backend, &dir.join("secure"), log, load, limit, &[], &script)?;
+    let off = [
+        ("METALGRAPH_SECURITY_TLS", "false".to_owned()),
+        ("METALGRAPH_SECURITY_AUTH", "false".to_owned()),
+    ];
+    let plain = measure(backend, &dir.join("plain"), log, load, limit, &off, &script)?;
+    let _ = std::fs::remove_file(&script);
+    Ok(ApiResult {
+        load,
+        secure,
+        plain,
+    })
+}
+
+fn measure(
+    backend: Backend,
+    dir: &Path,
+    log: &Path,
+    load: Load,
+    limit: Duration,
+    env: &[(&str, String)],
+    script: &Path,
+) -> anyhow::Result<Measured> {
     runtime()?.block_on(async {
-        let (server, _) = Server::start(backend, dir, log, &[], limit)?;
+        let (server, _) = Server::start(backend, dir, log, env, limit)?;
         let api = server.api()?;
         api.put_graph(&graphs::one()).await?;
         let id = api.run(graphs::ONE).await?;
@@ -123,13 +157,14 @@ pub fn api(
         let (get, _) = {
             let url = format!("{base}/workflows/{id}");
             let token = server.token.clone();
-            tokio::task::spawn_blocking(move || wrk(load, &url, &token, None)).await??
+            tokio::task::spawn_blocking(move || wrk(load, &url, token.as_deref(), None)).await??
         };
         let (run, created) = {
             let url = format!("{base}/workflows");
-            let script = script.clone();
+            let script = script.to_owned();
             let token = server.token.clone();
-            tokio::task::spawn_blocking(move || wrk(load, &url, &token, Some(&script))).await??
+            tokio::task::spawn_blocking(move || wrk(load, &url, token.as_deref(), Some(&script)))
+                .await??
         };
         let created = created.context("wrk did not report the 201 count")?;
 
@@ -144,9 +179,7 @@ pub fn api(
         let stored = all.len() as u64 - 1;
         let lost = created.saturating_sub(stored) + (all.len() as u64 - succeeded);
         server.terminate(Duration::from_secs(30))?;
-        let _ = std::fs::remove_file(&script);
-        Ok(ApiResult {
-            load,
+        Ok(Measured {
             get,
             run,
             created,
@@ -175,14 +208,15 @@ async fn wait_finished(api: &Api, id: &str, limit: Duration) -> anyhow::Result<(
 fn wrk(
     load: Load,
     url: &str,
-    token: &str,
+    token: Option<&str>,
     script: Option<&Path>,
 ) -> anyhow::Result<(WrkResult, Option<u64>)> {
     let mut cmd = Command::new("wrk");
-    cmd.arg(format!("-t{}", load.threads))
-        .arg("-H")
-        .arg(format!("Authorization: Bearer {token}"))
-        .arg(format!("-c{}", load.connections))
+    cmd.arg(format!("-t{}", load.threads));
+    if let Some(token) = token {
+        cmd.arg("-H").arg(format!("Authorization: Bearer {token}"));
+    }
+    cmd.arg(format!("-c{}", load.connections))
         .arg(format!("-d{}s", load.seconds))
         .arg("--latency");
     if let Some(s) = script {

@@ -300,36 +300,40 @@ fn backend_table(out: &mut String, b: &BackendReport, peer: Option<&PeerResult>)
                 "wrk -t{} -c{} -d{}s",
                 a.load.threads, a.load.connections, a.load.seconds
             );
-            row(
-                out,
-                &format!("API: `GET /api/2.0/workflows/{{id}}` ({load})"),
-                &format!(
-                    "**{} req/s**, p99 {} (p50 {}){}",
-                    fmt_count(a.get.rps.round() as u64),
-                    fmt_dur(a.get.p99),
-                    fmt_dur(a.get.p50),
-                    errors(a.get.errors)
-                ),
-                "",
-                "",
-            );
-            row(
-                out,
-                &format!("API: `POST /api/2.0/workflows` running a one-task graph ({load})"),
-                &format!(
-                    "**{} req/s**, p99 {} (p50 {}){}; {} created, {} lost or not succeeded \
-                     ({} stranded)",
-                    fmt_count(a.run.rps.round() as u64),
-                    fmt_dur(a.run.p99),
-                    fmt_dur(a.run.p50),
-                    errors(a.run.errors),
-                    fmt_count(a.created),
-                    a.lost,
-                    a.stranded
-                ),
-                "",
-                "",
-            );
+            for (how, m) in [("TLS + token", &a.secure), ("--no-tls --no-auth", &a.plain)] {
+                row(
+                    out,
+                    &format!("API, {how}: `GET /api/2.0/workflows/{{id}}` ({load})"),
+                    &format!(
+                        "**{} req/s**, p99 {} (p50 {}){}",
+                        fmt_count(m.get.rps.round() as u64),
+                        fmt_dur(m.get.p99),
+                        fmt_dur(m.get.p50),
+                        errors(m.get.errors)
+                    ),
+                    "",
+                    "",
+                );
+                row(
+                    out,
+                    &format!(
+                        "API, {how}: `POST /api/2.0/workflows` running a one-task graph ({load})"
+                    ),
+                    &format!(
+                        "**{} req/s**, p99 {} (p50 {}){}; {} created, {} lost or not succeeded \
+                         ({} stranded)",
+                        fmt_count(m.run.rps.round() as u64),
+                        fmt_dur(m.run.p99),
+                        fmt_dur(m.run.p50),
+                        errors(m.run.errors),
+                        fmt_count(m.created),
+                        m.lost,
+                        m.stranded
+                    ),
+                    "",
+                    "",
+                );
+            }
         }
         other => row(out, "API", &not_done(other), "", ""),
     }

@@ -31,10 +31,10 @@ pub struct Server {
     /// `https://127.0.0.1:PORT`.
     pub base: String,
     log: PathBuf,
-    /// The admin token the server wrote in its data directory.
-    pub token: String,
-    /// The CA its certificate is signed by.
-    ca_pem: Vec<u8>,
+    /// The admin token the server wrote in its data directory (none with `--no-auth`).
+    pub token: Option<String>,
+    /// The CA its certificate is signed by (none with `--no-tls`).
+    ca_pem: Option<Vec<u8>>,
 }
 
 impl Server {
@@ -97,8 +97,8 @@ impl Server {
             child,
             base: String::new(),
             log: log.to_owned(),
-            token: String::new(),
-            ca_pem: Vec::new(),
+            token: None,
+            ca_pem: None,
         };
         match rx.recv_timeout(limit) {
             Ok(url) => {
@@ -106,11 +106,14 @@ impl Server {
                 server.base = url;
                 // Written before the server listens.
                 server.token = std::fs::read_to_string(data_dir.join("admin.token"))
-                    .context("the server's admin token")?
-                    .trim()
-                    .to_owned();
-                server.ca_pem = std::fs::read(data_dir.join("tls/ca.pem"))
-                    .context("the server's CA certificate")?;
+                    .ok()
+                    .map(|t| t.trim().to_owned());
+                if server.base.starts_with("https://") {
+                    server.ca_pem = Some(
+                        std::fs::read(data_dir.join("tls/ca.pem"))
+                            .context("the server's CA certificate")?,
+                    );
+                }
                 Ok((server, elapsed))
             }
             Err(e) => {
@@ -124,19 +127,24 @@ impl Server {
         }
     }
 
-    /// An HTTP client that trusts the server's CA and sends its admin token.
+    /// An HTTP client that trusts the server's CA and sends its admin token, when it has
+    /// them.
     pub fn http(&self) -> anyhow::Result<reqwest::Client> {
         let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert(
-            reqwest::header::AUTHORIZATION,
-            format!("Bearer {}", self.token).parse()?,
-        );
-        Ok(reqwest::Client::builder()
+        if let Some(token) = &self.token {
+            headers.insert(
+                reqwest::header::AUTHORIZATION,
+                format!("Bearer {token}").parse()?,
+            );
+        }
+        let mut builder = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(120))
-            .default_headers(headers)
-            .add_root_certificate(reqwest::Certificate::from_pem(&self.ca_pem)?)
-            .build()?)
+            .default_headers(headers);
+        if let Some(ca) = &self.ca_pem {
+            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(ca)?);
+        }
+        Ok(builder.build()?)
     }
 
     /// The management API as the admin.

@@ -234,14 +234,16 @@ impl Report {
                     b.backend, r.recovered, r.workflows, r.lost
                 ));
             }
-            if let Some(a) = b.api.done()
-                && a.lost > 0
-            {
-                out.push(format!(
-                    "{} API: {} workflows lost or not succeeded, {} of them stranded (stored and \
-                     active, but never run)",
-                    b.backend, a.lost, a.stranded
-                ));
+            if let Some(a) = b.api.done() {
+                for (how, m) in [("TLS + token", &a.secure), ("plain", &a.plain)] {
+                    if m.lost > 0 {
+                        out.push(format!(
+                            "{} API ({how}): {} workflows lost or not succeeded, {} of them \
+                             stranded (stored and active, but never run)",
+                            b.backend, m.lost, m.stranded
+                        ));
+                    }
+                }
             }
         }
         if self.machine.fsync_is_fake() {
