@@ -131,7 +131,9 @@ async fn rackhd_definitions_load_unchanged_and_run() {
              "waitOn": {"check": "succeeded"}}
         ]
     });
-    for g in [child, graph] {
+    let status_only = json!({"injectableName": "Graph.Test.Status",
+        "tasks": [{"label": "status", "taskName": "Task.Test.Obm.PowerStatus"}]});
+    for g in [child, graph, status_only] {
         let (code, body) = api
             .send("PUT", "/api/2.0/workflows/graphs", Some(g.clone()))
             .await;
@@ -151,6 +153,22 @@ async fn rackhd_definitions_load_unchanged_and_run() {
         json!({"node": "demo-node-01", "step": "posted"}),
         "`data` is the body"
     );
+
+    // RackHD's reset graphs, shipped under their names; the soft one leaves the node off.
+    for (graph, node, state) in [
+        ("Graph.Reset.Node", "demo-node-04", "On"),
+        ("Graph.Reset.Soft.Node", "demo-node-05", "Off"),
+    ] {
+        let wf = api.run_wait(graph, Some(node), json!({}), LIMIT).await;
+        assert_eq!(wf["status"], "succeeded", "{graph}: {wf:#}");
+        let status = api
+            .run_wait("Graph.Test.Status", Some(node), json!({}), LIMIT)
+            .await;
+        assert_eq!(
+            status["context"]["status"]["powerState"], state,
+            "{graph}: {status:#}"
+        );
+    }
 
     // A base task metalgraph does not run is refused, naming it; so is an OBM action its
     // drivers do not perform.
