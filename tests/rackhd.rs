@@ -154,6 +154,44 @@ async fn rackhd_definitions_load_unchanged_and_run() {
         "`data` is the body"
     );
 
+    // RackHD's node defaulting: `nodeId: null` is the node the graph runs on; without a
+    // node it must be given.
+    let (code, body) = api
+        .send(
+            "PUT",
+            "/api/2.0/workflows/graphs",
+            Some(json!({"injectableName": "Graph.Test.NodeId", "tasks": [{
+                "label": "tell", "taskDefinition": {
+                    "friendlyName": "Tell", "injectableName": "Task.Inline.Tell",
+                    "implementsTask": "Task.Base.Rest",
+                    "options": {"nodeId": null, "url": format!("{rest_url}/tell"),
+                                "method": "POST", "data": {"node": "{{ options.nodeId }}"}},
+                    "properties": {}}}]})),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let wf = api
+        .run_wait("Graph.Test.NodeId", Some("demo-node-06"), json!({}), LIMIT)
+        .await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    let told = seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        (told.1.as_str(), &told.2),
+        ("/tell", &json!({"node": "demo-node-06"}))
+    );
+    let (code, body) = api
+        .send(
+            "POST",
+            "/api/2.0/workflows",
+            Some(json!({"name": "Graph.Test.NodeId"})),
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.to_string().contains("option 'nodeId' is required"),
+        "{body}"
+    );
+
     // RackHD's reset graphs, shipped under their names; the soft one leaves the node off.
     for (graph, node, state) in [
         ("Graph.Reset.Node", "demo-node-04", "On"),

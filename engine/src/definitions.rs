@@ -322,6 +322,19 @@ pub fn resolve(
     jobs: &JobRegistry,
     run: Option<&RunOptions>,
 ) -> Result<Plan, Problems> {
+    resolve_for(graph, lookup, jobs, run, None)
+}
+
+/// [`resolve`] for a run on `node`: RackHD's options that stand for the graph's node are
+/// filled with it where they are null — a task's `nodeId`, and `graphOptions.target` of a
+/// subgraph — so that RackHD definitions that declare them `null` run unchanged.
+pub fn resolve_for(
+    graph: &GraphDefinition,
+    lookup: &dyn TaskLookup,
+    jobs: &JobRegistry,
+    run: Option<&RunOptions>,
+    node: Option<&str>,
+) -> Result<Plan, Problems> {
     let g = graph.injectable_name.as_str();
     let mut problems = Vec::new();
     let p = |m: String| Problem::new(m).graph(g);
@@ -397,7 +410,7 @@ pub fn resolve(
     let mut planned = Vec::new();
     let mut edges = Vec::new();
     for t in &graph.tasks {
-        match resolve_task(graph, t, lookup, jobs, run, &labels) {
+        match resolve_task(graph, t, lookup, jobs, run, node, &labels) {
             Ok(pt) => {
                 for dep in pt.wait_on.labels() {
                     edges.push((dep.to_owned(), pt.label.clone()));
@@ -439,6 +452,7 @@ fn resolve_task(
     lookup: &dyn TaskLookup,
     jobs: &JobRegistry,
     run: Option<&RunOptions>,
+    node: Option<&str>,
     labels: &BTreeSet<&str>,
 ) -> Result<PlannedTask, Vec<Problem>> {
     let g = graph.injectable_name.as_str();
@@ -560,6 +574,9 @@ fn resolve_task(
                 merge(&mut options, m);
             }
         }
+    }
+    if let Some(node) = node {
+        default_to_node(&mut options, node);
     }
     if let Err((field, msg)) = job.schema().check(&options, false) {
         problems.push(p(format!("option {msg}")).field(format!("options.{field}")));
@@ -831,6 +848,19 @@ fn check_required(
 }
 
 /// Validates a task definition against the job registry.
+/// RackHD's node defaulting: a task option `nodeId` left `null`, and a subgraph's
+/// `graphOptions.target` left `null`, mean the node the graph runs on.
+fn default_to_node(options: &mut Map<String, Value>, node: &str) {
+    if options.get("nodeId").is_some_and(Value::is_null) {
+        options.insert("nodeId".into(), Value::from(node));
+    }
+    if let Some(Value::Object(go)) = options.get_mut("graphOptions")
+        && go.get("target").is_some_and(Value::is_null)
+    {
+        go.insert("target".into(), Value::from(node));
+    }
+}
+
 /// What `implementsTask` names when it is no job of this build: an unknown job (listing the
 /// known ones), or one of RackHD's base tasks that metalgraph does not run (listing the
 /// ones it runs, docs/rackhd.md).
@@ -1207,7 +1237,12 @@ impl Definitions {
     /// Resolves graph `name` with run options into a plan, enforcing required options.
     /// A graph that is itself invalid gives [`Error::Invalid`]; run options that are wrong or
     /// missing give [`Error::BadOptions`].
-    pub(crate) fn plan_blocking(&self, name: &str, run: &RunOptions) -> Result<Plan, Error> {
+    pub(crate) fn plan_blocking(
+        &self,
+        name: &str,
+        run: &RunOptions,
+        node: Option<&str>,
+    ) -> Result<Plan, Error> {
         let (graph, _) = self
             .get_graph_blocking(name)?
             .ok_or_else(|| Error::NotFound {
@@ -1219,7 +1254,7 @@ impl Definitions {
         let plan = resolve(&graph, &lookup, &self.jobs, None).map_err(Error::Invalid)?;
         self.check_subgraph_cycle(&graph, &plan)
             .map_err(Error::Invalid)?;
-        resolve(&graph, &lookup, &self.jobs, Some(run)).map_err(Error::BadOptions)
+        resolve_for(&graph, &lookup, &self.jobs, Some(run), node).map_err(Error::BadOptions)
     }
 }
 
@@ -1289,8 +1324,17 @@ impl Definitions {
     }
 
     /// Resolves graph `name` with run options into a plan; see [`Definitions::plan_blocking`].
-    pub async fn plan(&self, name: &str, run: RunOptions) -> Result<Plan, crate::Error> {
+    pub async fn plan(
+        &self,
+        name: &str,
+        run: RunOptions,
+        node: Option<String>,
+    ) -> Result<Plan, crate::Error> {
         let (d, name) = (self.clone(), name.to_owned());
-        blocking(move || d.plan_blocking(&name, &run).map_err(crate::Error::from)).await
+        blocking(move || {
+            d.plan_blocking(&name, &run, node.as_deref())
+                .map_err(crate::Error::from)
+        })
+        .await
     }
 }

@@ -379,7 +379,9 @@ impl Engine {
         // client that disconnects drops its request's future): a committed workflow is
         // always scheduled.
         blocking(move || {
-            let mut plan = inner.defs.plan_blocking(&req.graph, &req.options)?;
+            let mut plan = inner
+                .defs
+                .plan_blocking(&req.graph, &req.options, req.node.as_deref())?;
             if parent.is_some() {
                 // A subgraph's options were rendered in its parent's task: for the child
                 // they are data, never templates again.
