@@ -269,6 +269,96 @@ impl Client {
         Ok(ExitCode::SUCCESS)
     }
 
+    /// `import-rackhd DIR`: stores every RackHD definition found under `dir` (JSON or YAML
+    /// files, each holding one definition or a list; RackHD's `.js` modules exported to
+    /// JSON), task definitions first so that graphs find them, and reports each one loaded
+    /// or refused with the server's reason, then the counts. Fails (exit 1) when anything
+    /// was refused, after trying everything.
+    pub async fn import_rackhd(&self, dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+        let mut files = Vec::new();
+        let mut stack = vec![dir.to_owned()];
+        while let Some(d) = stack.pop() {
+            let entries =
+                std::fs::read_dir(&d).with_context(|| format!("cannot read {}", d.display()))?;
+            for e in entries {
+                let path = e?.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if path
+                    .extension()
+                    .and_then(|x| x.to_str())
+                    .is_some_and(|x| matches!(x, "json" | "yaml" | "yml"))
+                {
+                    files.push(path);
+                }
+            }
+        }
+        files.sort();
+        let (mut tasks, mut graphs, mut refused) = (Vec::new(), Vec::new(), 0usize);
+        for file in &files {
+            let shown = file.display().to_string();
+            let parsed = std::fs::read_to_string(file)
+                .map_err(|e| format!("cannot read it: {e}"))
+                .and_then(|text| definitions::parse(&text, &shown).map_err(|p| p.to_string()));
+            match parsed {
+                Ok(defs) => {
+                    for def in defs {
+                        match def {
+                            Definition::Task(t) => tasks.push((
+                                shown.clone(),
+                                t.injectable_name.clone(),
+                                serde_json::to_value(&t)?,
+                            )),
+                            Definition::Graph(g) => graphs.push((
+                                shown.clone(),
+                                g.injectable_name.clone(),
+                                serde_json::to_value(&g)?,
+                            )),
+                        }
+                    }
+                }
+                Err(why) => {
+                    refused += 1;
+                    line(&format!("refused {shown}: {why}"))?;
+                }
+            }
+        }
+        let mut counts = Vec::new();
+        for (kind, path, defs) in [
+            ("task definitions", "/workflows/tasks", &tasks),
+            ("graphs", "/workflows/graphs", &graphs),
+        ] {
+            let mut loaded = 0;
+            for (file, name, value) in defs {
+                match self.call(Method::PUT, path, Some(value)).await {
+                    Ok(_) => {
+                        loaded += 1;
+                        line(&format!("loaded {name} ({file})"))?;
+                    }
+                    Err(e) => {
+                        refused += 1;
+                        line(&format!("refused {name} ({file}): {e:#}"))?;
+                    }
+                }
+            }
+            counts.push(format!("{loaded} of {} {kind}", defs.len()));
+        }
+        line(&format!(
+            "loaded {}; {refused} refused{}",
+            counts.join(" and "),
+            if refused > 0 {
+                " (each with its reason above; docs/rackhd.md says what is not supported)"
+            } else {
+                ""
+            }
+        ))?;
+        Ok(if refused == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    }
+
     /// `nodes create`.
     pub async fn create_node(&self, spec: NodeSpec, output: Output) -> anyhow::Result<ExitCode> {
         let mut node = json!({

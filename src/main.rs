@@ -93,6 +93,14 @@ enum Command {
         #[command(subcommand)]
         action: TokensCmd,
     },
+    /// Store every RackHD definition (JSON, or YAML) found under a directory — task
+    /// definitions, then graphs — and report each one loaded or refused, with why.
+    ImportRackhd {
+        #[command(flatten)]
+        remote: Remote,
+        /// A directory of RackHD definitions exported as JSON (one per file, or a list).
+        dir: PathBuf,
+    },
     /// Rotate the secret key: re-seal every stored secret under a new key, which then
     /// replaces the old key file. Run it with the server stopped.
     Rekey {
@@ -352,6 +360,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(args) => serve(*args).await,
         Command::Validate { files } => validate(&files),
+        Command::ImportRackhd { remote, dir } => remote.client()?.import_rackhd(&dir).await,
         Command::Rekey {
             data_dir,
             store,

@@ -338,3 +338,76 @@ async fn rackhd_definitions_load_unchanged_and_run() {
     assert_eq!(wf["context"]["wait"]["status"], "installed", "{wf:#}");
     server.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_rackhd_loads_a_directory_and_says_what_it_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = demo(dir.path(), &[]);
+    let corpus = tempfile::tempdir().unwrap();
+    let write = |rel: &str, v: &str| {
+        let p = corpus.path().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, v).unwrap();
+    };
+    write(
+        "tasks/power-on.json",
+        r#"{"friendlyName": "Power On", "injectableName": "Task.Import.PowerOn",
+            "implementsTask": "Task.Base.Obm.Node",
+            "options": {"action": "powerOn", "obmServiceName": "ipmi-obm-service"},
+            "properties": {"power": {}}}"#,
+    );
+    write(
+        "tasks/more.json",
+        r#"[{"injectableName": "Task.Import.Noop", "implementsTask": "Task.Base.noop",
+             "options": {"option1": 1}, "properties": {}},
+            {"injectableName": "Task.Import.Check", "implementsTask": "Task.Base.Evaluate.Condition",
+             "options": {"when": "true"}, "properties": {}}]"#,
+    );
+    write(
+        "tasks/bootstrap.json",
+        r#"{"injectableName": "Task.Import.Bootstrap", "implementsTask": "Task.Base.Linux.Bootstrap",
+            "options": {"kernelFile": "vmlinuz"}, "properties": {}}"#,
+    );
+    write(
+        "graphs/power.json",
+        r#"{"friendlyName": "Power", "injectableName": "Graph.Import.Power",
+            "tasks": [{"label": "noop", "taskName": "Task.Import.Noop"},
+                      {"label": "on", "taskName": "Task.Import.PowerOn", "waitOn": {"noop": "succeeded"}}]}"#,
+    );
+    write(
+        "graphs/broken.json",
+        r#"{"injectableName": "Graph.Import.Broken", "tasks": [ "#,
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_metalgraph"))
+        .arg("import-rackhd")
+        .arg(corpus.path())
+        .env("METALGRAPH_SERVER", &server.base)
+        .env("METALGRAPH_DATA_DIR", &server.data_dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "something was refused: {stdout}"
+    );
+    for want in [
+        "loaded Task.Import.PowerOn",
+        "loaded Task.Import.Noop",
+        "loaded Task.Import.Check",
+        "refused Task.Import.Bootstrap",
+        "RackHD base task Task.Base.Linux.Bootstrap",
+        "loaded Graph.Import.Power",
+        "broken.json",
+        "loaded 3 of 4 task definitions and 1 of 1 graphs; 2 refused",
+    ] {
+        assert!(stdout.contains(want), "{want:?} missing from:\n{stdout}");
+    }
+    // What was loaded runs.
+    let wf = server
+        .api()
+        .run_wait("Graph.Import.Power", Some("demo-node-07"), json!({}), LIMIT)
+        .await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    server.terminate();
+}
