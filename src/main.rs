@@ -384,7 +384,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let c = remote.client()?;
             let o = view.output.unwrap_or_default();
             match action {
-                GraphsCmd::List => c.show("/workflows/graphs", Shape::Graphs, o).await,
+                // Every page: definitions are few enough to show whole.
+                GraphsCmd::List => {
+                    c.show_list("/workflows/graphs?$top=1000", true, Shape::Graphs, o)
+                        .await
+                }
                 GraphsCmd::Get {
                     name,
                     format: Some(how),
@@ -422,7 +426,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let c = remote.client()?;
             let o = view.output.unwrap_or_default();
             match action {
-                TasksCmd::List => c.show("/workflows/tasks", Shape::Tasks, o).await,
+                TasksCmd::List => {
+                    c.show_list("/workflows/tasks?$top=1000", true, Shape::Tasks, o)
+                        .await
+                }
                 TasksCmd::Get { name } => {
                     c.show(&format!("/workflows/tasks/{}", seg(&name)), Shape::Task, o)
                         .await

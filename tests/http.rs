@@ -1472,3 +1472,82 @@ async fn workflow_lists_page_with_top_skip_and_a_next_link() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn definition_lists_page_in_name_order_with_user_definitions_shadowing_the_library() {
+    let h = harness().await;
+    // User graphs interleaved with the library's names, one shadowing a library graph.
+    for name in [
+        "Graph.AAA.User",
+        "Graph.Reboot.Node",
+        "Graph.Zzz.User",
+        "Graph.M.User",
+    ] {
+        let (status, body) = h
+            .put(
+                "/api/2.0/workflows/graphs",
+                &json!({"injectableName": name, "tasks": [{"label": "a", "taskName": "Test.Noop"}]}),
+            )
+            .await;
+        assert!(status.is_success(), "{name}: {body}");
+    }
+    let names = |v: &Value| -> Vec<(String, String)> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|g| {
+                (
+                    g["injectableName"].as_str().unwrap().to_owned(),
+                    g["source"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let (status, all) = h.get("/api/2.0/workflows/graphs?$top=1000").await;
+    assert_eq!(status, StatusCode::OK);
+    let all = names(&all);
+    let mut sorted = all.clone();
+    sorted.sort();
+    assert_eq!(all, sorted, "name order");
+    assert!(
+        all.contains(&("Graph.Reboot.Node".into(), "user".into())),
+        "{all:?}"
+    );
+    assert_eq!(
+        all.iter().filter(|(n, _)| n == "Graph.Reboot.Node").count(),
+        1,
+        "shadowed, not listed twice"
+    );
+
+    // Page by page through the Link header: the same list, pages of 3.
+    let mut uri = "/api/2.0/workflows/graphs?$top=3".to_owned();
+    let mut paged = Vec::new();
+    loop {
+        let (status, headers, body) = raw(&h.app, "GET", &uri, &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        let page = names(&serde_json::from_slice(&body).unwrap());
+        assert!(page.len() <= 3);
+        paged.extend(page);
+        match headers.get(header::LINK) {
+            None => break,
+            Some(link) => {
+                let link = link.to_str().unwrap();
+                uri = link
+                    .strip_prefix('<')
+                    .and_then(|l| l.strip_suffix(">; rel=\"next\""))
+                    .unwrap_or_else(|| panic!("{link}"))
+                    .to_owned();
+            }
+        }
+    }
+    assert_eq!(paged, all);
+    // RackHD's $skip, and the bounds.
+    let (_, skipped) = h.get("/api/2.0/workflows/graphs?$skip=2&$top=2").await;
+    assert_eq!(names(&skipped), all[2..4]);
+    let (status, body) = h.get("/api/2.0/workflows/tasks?$top=0").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.to_string().contains("1 to 1000"), "{body}");
+    let (status, tasks) = h.get("/api/2.0/workflows/tasks?$top=2").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(tasks.as_array().unwrap().len(), 2);
+}

@@ -1078,6 +1078,58 @@ impl Definitions {
         Ok(all.into_values().collect())
     }
 
+    /// One page of definitions in name order, the library's and the store's `ks` merged (a
+    /// stored one shadows the library's of its name): `skip` passed over, then at most
+    /// `limit` (default 100, at most 1000) after `cursor`, the last name of the previous
+    /// page. Costs O(skip + limit), however many are stored.
+    fn page_of<T: serde::de::DeserializeOwned + Clone>(
+        &self,
+        library: &BTreeMap<String, T>,
+        ks: &str,
+        kind: &'static str,
+        page: &DefinitionPage,
+    ) -> Result<crate::Page<(T, Source)>, crate::Error> {
+        use std::ops::Bound;
+        let limit = page.limit.unwrap_or(crate::history::DEFAULT_PAGE);
+        if limit == 0 || limit > crate::history::MAX_PAGE {
+            return Err(crate::Error::BadRequest(format!(
+                "a page holds 1 to {} {kind}s, not {limit}",
+                crate::history::MAX_PAGE
+            )));
+        }
+        // Each source's first `need` after the cursor hold the merged first `need`.
+        let need = page.skip.saturating_add(limit).saturating_add(1);
+        let after = page.cursor.as_deref();
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut merged: BTreeMap<String, (T, Source)> = library
+            .range::<str, _>((lower, Bound::Unbounded))
+            .take(need)
+            .map(|(k, v)| (k.clone(), (v.clone(), Source::Library)))
+            .collect();
+        let scan = metalgraph_store::Scan::prefix(b"", need).after(after.map(str::as_bytes));
+        for (k, v) in self.store.scan(ks, scan).map_err(Error::from)? {
+            let name = String::from_utf8_lossy(&k).into_owned();
+            let def = serde_json::from_slice(&v).map_err(|e| Error::Corrupt {
+                kind,
+                name: name.clone(),
+                message: e.to_string(),
+            })?;
+            merged.insert(name, (def, Source::User));
+        }
+        let more = merged.len() > page.skip + limit;
+        let items: Vec<(String, (T, Source))> =
+            merged.into_iter().skip(page.skip).take(limit).collect();
+        let next = if more {
+            items.last().map(|(name, _)| name.clone())
+        } else {
+            None
+        };
+        Ok(crate::Page {
+            items: items.into_iter().map(|(_, d)| d).collect(),
+            next,
+        })
+    }
+
     /// Every task definition, user definitions shadowing library ones, ordered by name.
     pub(crate) fn list_tasks_blocking(&self) -> Result<Vec<(TaskDefinition, Source)>, Error> {
         let mut all: BTreeMap<String, (TaskDefinition, Source)> = self
@@ -1258,6 +1310,15 @@ impl Definitions {
     }
 }
 
+/// Which page of a definitions list: `skip` passed over, then at most `limit` (default
+/// 100, at most 1000) after `cursor`, the last name of the previous page.
+#[derive(Debug, Clone, Default)]
+pub struct DefinitionPage {
+    pub skip: usize,
+    pub limit: Option<usize>,
+    pub cursor: Option<String>,
+}
+
 /// The asynchronous API: each call does its store work on the blocking pool.
 impl Definitions {
     pub async fn get_graph(
@@ -1286,6 +1347,25 @@ impl Definitions {
     pub async fn list_tasks(&self) -> Result<Vec<(TaskDefinition, Source)>, crate::Error> {
         let d = self.clone();
         blocking(move || d.list_tasks_blocking().map_err(crate::Error::from)).await
+    }
+
+    /// One page of graphs in name order (see [`DefinitionPage`]).
+    pub async fn graphs_page(
+        &self,
+        page: DefinitionPage,
+    ) -> Result<crate::Page<(GraphDefinition, Source)>, crate::Error> {
+        let d = self.clone();
+        blocking(move || d.page_of(&d.library.graphs, keys::GRAPHS, "graph", &page)).await
+    }
+
+    /// One page of task definitions in name order (see [`DefinitionPage`]).
+    pub async fn tasks_page(
+        &self,
+        page: DefinitionPage,
+    ) -> Result<crate::Page<(TaskDefinition, Source)>, crate::Error> {
+        let d = self.clone();
+        blocking(move || d.page_of(&d.library.tasks, keys::TASKDEFS, "task definition", &page))
+            .await
     }
 
     /// Validates a graph against the current task definitions without storing it.

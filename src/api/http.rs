@@ -270,22 +270,62 @@ fn parse_definition(body: Value, expected: &str) -> Result<Definition> {
     definitions::parse_value(body, "request body").map_err(ApiError::invalid_one)
 }
 
-/// Every graph: the shipped library and the stored ones (a stored graph shadows a library
-/// graph of the same name). Each carries `source`: `library` or `user`.
+/// A page of a definitions list.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct DefinitionQuery {
+    /// Definitions to pass over first (RackHD's paging); deep pages should follow the
+    /// cursor.
+    #[serde(rename = "$skip")]
+    skip: Option<usize>,
+    /// The page size.
+    #[serde(rename = "$top")]
+    #[param(minimum = 1, maximum = 1000, default = 100)]
+    top: Option<usize>,
+    /// Where the previous page ended: from the `Link` header.
+    cursor: Option<String>,
+}
+
+impl DefinitionQuery {
+    fn page(self) -> definitions::DefinitionPage {
+        definitions::DefinitionPage {
+            skip: self.skip.unwrap_or(0),
+            limit: self.top,
+            cursor: self.cursor.filter(|c| !c.is_empty()),
+        }
+    }
+}
+
+/// Graphs in name order, one page: the shipped library and the stored ones (a stored
+/// graph shadows a library graph of the same name). Each carries `source`: `library` or
+/// `user`.
 #[utoipa::path(
     get,
     path = "/workflows/graphs",
     tag = "graphs",
-    responses((status = 200, description = "Every graph", body = Vec<GraphDefinition>))
+    params(DefinitionQuery),
+    responses(
+        (status = 200, description = "One page of graphs", body = Vec<GraphDefinition>,
+            headers(("Link" = String, description = "`<...>; rel=\"next\"`: the next page, when this one is full"))),
+        (status = 400, description = "$top outside 1 to 1000", body = ErrorBody),
+    )
 )]
-async fn list_graphs(State(s): State<AppState>) -> Result<Json<Vec<Value>>> {
-    let graphs = s.engine.definitions().list_graphs().await?;
-    Ok(Json(
-        graphs
+async fn list_graphs(
+    State(s): State<AppState>,
+    OriginalUri(uri): OriginalUri,
+    Query(q): Query<DefinitionQuery>,
+) -> Result<Response> {
+    let page = s.engine.definitions().graphs_page(q.page()).await?;
+    let page = Page {
+        items: page
+            .items
             .into_iter()
             .map(|(g, src)| with_source(g, src))
-            .collect(),
-    ))
+            .collect::<Vec<_>>(),
+        next: page.next,
+    };
+    Ok(page_response(&uri, page))
 }
 
 /// One graph, with `source`.
@@ -376,21 +416,34 @@ async fn delete_graph(State(s): State<AppState>, Path(name): Path<String>) -> Re
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Every task definition: the shipped library and the stored ones, each with `source`.
+/// Task definitions in name order, one page: the shipped library and the stored ones,
+/// each with `source`.
 #[utoipa::path(
     get,
     path = "/workflows/tasks",
     tag = "tasks",
-    responses((status = 200, description = "Every task definition", body = Vec<TaskDefinition>))
+    params(DefinitionQuery),
+    responses(
+        (status = 200, description = "One page of task definitions", body = Vec<TaskDefinition>,
+            headers(("Link" = String, description = "`<...>; rel=\"next\"`: the next page, when this one is full"))),
+        (status = 400, description = "$top outside 1 to 1000", body = ErrorBody),
+    )
 )]
-async fn list_tasks(State(s): State<AppState>) -> Result<Json<Vec<Value>>> {
-    let tasks = s.engine.definitions().list_tasks().await?;
-    Ok(Json(
-        tasks
+async fn list_tasks(
+    State(s): State<AppState>,
+    OriginalUri(uri): OriginalUri,
+    Query(q): Query<DefinitionQuery>,
+) -> Result<Response> {
+    let page = s.engine.definitions().tasks_page(q.page()).await?;
+    let page = Page {
+        items: page
+            .items
             .into_iter()
             .map(|(t, src)| with_source(t, src))
-            .collect(),
-    ))
+            .collect::<Vec<_>>(),
+        next: page.next,
+    };
+    Ok(page_response(&uri, page))
 }
 
 /// One task definition, with `source`.
