@@ -358,8 +358,22 @@ async fn concurrency_is_bounded_and_dropped_requests_succeed_on_retry() {
     let (p, tid) = recv(&holder).await;
     assert!(matches!(p, Pkt::Data(1, _)));
     holder.send_to(&ack(1), tid).await.unwrap();
-    let (_, data) = fetch(f.addr, "small.txt", &[]).await.unwrap();
-    assert_eq!(data, b"hello from metalgraph\n");
+    // Like a PXE ROM, the client retransmits its request while no answer comes (here every
+    // 100 ms); it is served once the holder's transfer has freed the slot.
+    let retry = client().await;
+    let mut answer = None;
+    for _ in 0..30 {
+        retry.send_to(&rrq("small.txt", &[]), f.addr).await.unwrap();
+        if let Ok(Ok((n, from))) =
+            timeout(Duration::from_millis(100), retry.recv_from(&mut buf)).await
+        {
+            answer = Some((decode(&buf[..n]), from));
+            break;
+        }
+    }
+    let (p, tid) = answer.expect("a retransmitted request is served");
+    assert_eq!(p, Pkt::Data(1, b"hello from metalgraph\n".to_vec()));
+    retry.send_to(&ack(1), tid).await.unwrap();
 }
 
 #[tokio::test]
@@ -485,5 +499,44 @@ async fn windows_across_read_buffer_refills_survive_loss_and_partial_acks() {
         "content differs ({} vs {} bytes)",
         data.len(),
         content.len()
+    );
+}
+
+/// A transfer waiting for its client stops at its deadline and at shutdown, telling the
+/// client "transfer aborted" both times.
+#[tokio::test]
+async fn transfers_stop_at_their_deadline_and_at_shutdown() {
+    let f = start(|o| {
+        o.timeout = Duration::from_secs(5);
+        o.transfer_deadline = Duration::from_millis(300);
+    })
+    .await;
+    let sock = client().await;
+    let started = std::time::Instant::now();
+    sock.send_to(&rrq("small.txt", &[]), f.addr).await.unwrap();
+    let (first, _) = recv(&sock).await;
+    assert!(matches!(first, Pkt::Data(1, _)));
+    // No ACK, and retransmission is 5 s away: the deadline ends it.
+    let (p, _) = recv(&sock).await;
+    assert_eq!(p, Pkt::Error(0, "transfer aborted".into()));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+
+    let f = start(|o| o.timeout = Duration::from_secs(5)).await;
+    let sock = client().await;
+    sock.send_to(&rrq("small.txt", &[]), f.addr).await.unwrap();
+    let (first, _) = recv(&sock).await;
+    assert!(matches!(first, Pkt::Data(1, _)));
+    let stopped = std::time::Instant::now();
+    f.cancel.cancel();
+    let (p, _) = recv(&sock).await;
+    assert_eq!(p, Pkt::Error(0, "transfer aborted".into()));
+    assert!(
+        stopped.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        stopped.elapsed()
     );
 }
