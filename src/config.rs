@@ -486,7 +486,7 @@ pub struct LimitsConfig {
     pub max_tasks_per_graph: usize,
     /// The most `/files/` downloads the node-facing listener serves at once; a `GET`
     /// beyond it is answered `503` with `Retry-After` (docs/limits-network.md). Each one
-    /// holds up to two 256 KiB chunks of its file in memory, besides hyper's buffers.
+    /// holds up to two 64 KiB chunks of its file in memory, besides the socket's buffers.
     pub max_file_transfers: usize,
 }
 

@@ -1253,7 +1253,7 @@ async fn node_files_serve_ranges_and_stay_inside_the_root() {
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
-/// Files larger than one read chunk (256 KiB) come back whole and in ranges that cross
+/// Files larger than several read chunks (64 KiB) come back whole and in ranges that cross
 /// chunk boundaries, byte for byte.
 #[tokio::test]
 async fn node_files_stream_large_files_and_ranges_across_chunks() {

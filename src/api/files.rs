@@ -32,8 +32,11 @@ use super::error::ErrorBody;
 use super::extract::Path as PathParam;
 use super::{ApiError, AppState};
 
-/// How much of a file is read per chunk of the response body.
-const CHUNK: usize = 256 * 1024;
+/// How much of a file is read per chunk of the response body. Small enough that a chunk
+/// copied from the page cache is still in the CPU's cache when the socket write copies it
+/// again: with 256 KiB chunks, 20 concurrent downloads were 10-15 % slower when the CPUs
+/// were contended, and no faster when they were not.
+const CHUNK: usize = 64 * 1024;
 
 /// The default of `[limits] max_file_transfers`.
 pub const DEFAULT_MAX_FILE_TRANSFERS: usize = 256;
@@ -75,11 +78,11 @@ impl Default for FileTransfers {
     }
 }
 
-/// How many chunk buffers [`Buffers`] keeps for reuse (8 MiB).
-const KEPT_BUFFERS: usize = 32;
+/// How many chunk buffers [`Buffers`] keeps for reuse (4 MiB).
+const KEPT_BUFFERS: usize = 64;
 
 /// Chunk buffers for reuse. A chunk's buffer comes back here when hyper drops the chunk
-/// after writing it, so a steady download allocates nothing: a fresh 256 KiB buffer is
+/// after writing it, so a steady download allocates nothing: a fresh buffer is
 /// memory the allocator maps and the kernel zeroes page by page, and unmaps again when it
 /// is freed, which cost more than reading the file did.
 #[derive(Debug, Default)]
