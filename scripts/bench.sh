@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs metalgraph's benchmark harness (BENCHMARKS.md) on a fresh Debian machine: installs
-# what the benchmarks drive (wrk from apt, a Python venv with OpenStack TaskFlow and
-# SQLAlchemy for the peer), then `cargo bench --bench harness`, which builds in release,
+# what the benchmarks drive (wrk, curl, tftpd-hpa and nginx-light from apt, a Python venv
+# with OpenStack TaskFlow and SQLAlchemy for the peer), then `cargo bench --bench harness`, which builds in release,
 # prints the report on stdout and writes it under target/tmp/.
 #
 #   scripts/bench.sh                  # the published figures (about 4 minutes after the build)
@@ -24,6 +24,10 @@ export METALGRAPH_PEERS="$PEERS"
 if [ "${METALGRAPH_BENCH_NO_INSTALL:-0}" != 1 ]; then
     need_apt=""
     command -v wrk >/dev/null 2>&1 || need_apt="$need_apt wrk"
+    # The boot-file scenario's client and peers: curl, tftpd-hpa's in.tftpd, nginx.
+    command -v curl >/dev/null 2>&1 || need_apt="$need_apt curl"
+    command -v in.tftpd >/dev/null 2>&1 || need_apt="$need_apt tftpd-hpa"
+    command -v nginx >/dev/null 2>&1 || need_apt="$need_apt nginx-light"
     command -v python3 >/dev/null 2>&1 || need_apt="$need_apt python3"
     # The venv module is a separate package on Debian; probe it rather than guess.
     if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then

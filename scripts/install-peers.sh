@@ -5,6 +5,7 @@
 #   - OpenIPMI's `ipmi_sim` (package openipmi) and `ipmitool`: the IPMI BMC and the client
 #     the `ipmi-obm-service` driver runs (tasks/tests/bmc_ipmi.rs).
 #   - openssl: self-signed certificates for the Redfish TLS tests.
+#   - tftpd-hpa, nginx-light and curl: the peers and client of the boot-file benchmark.
 #   - sushy-tools in a Python venv: the stateful Redfish BMC emulator
 #     (tasks/tests/bmc_redfish.rs). Its dependency `bcrypt` also writes the htpasswd file
 #     for the Basic-auth tests.
@@ -120,6 +121,28 @@ if [ -n "$need_clients" ]; then
     # shellcheck disable=SC2086 # the list is meant to split into words
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need_clients
 fi
+
+# The boot-file benchmark (benches/harness/boot.rs, `--only boot-files`) times metalgraph's
+# TFTP and /files/ beside tftpd-hpa (`in.tftpd`) and nginx (with sendfile), with curl as the
+# client. The harness runs both daemons itself, on free loopback ports with generated
+# configurations. On a machine with systemd, installing them also starts their stock
+# services (TFTP on port 69, HTTP on port 80); the harness does not need those.
+need_bench=""
+command -v in.tftpd >/dev/null 2>&1 || need_bench="$need_bench tftpd-hpa"
+command -v nginx >/dev/null 2>&1 || need_bench="$need_bench nginx-light"
+command -v curl >/dev/null 2>&1 || need_bench="$need_bench curl"
+if [ -n "$need_bench" ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "install-peers: need root to apt-get install:$need_bench" >&2
+        exit 1
+    fi
+    echo "install-peers: apt-get install$need_bench"
+    apt-get update -q
+    # shellcheck disable=SC2086 # the list is meant to split into words
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need_bench
+fi
+echo "  in.tftpd        $(command -v in.tftpd) ($(in.tftpd -V 2>&1 | head -n1))"
+echo "  nginx           $(command -v nginx) ($(nginx -v 2>&1 | head -n1))"
 
 # Network boot (pxe/tests, tests/pxe_boot.rs): QEMU boots real PXE firmware (SeaBIOS with
 # the iPXE NIC ROM, and OVMF with EDK2's own PXE) against metalgraph's DHCP, TFTP and HTTP

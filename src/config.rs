@@ -484,6 +484,10 @@ pub struct LimitsConfig {
     pub grpc_max_connection_age_ms: u64,
     /// The most tasks one graph may have; a larger one is refused when it is stored or run.
     pub max_tasks_per_graph: usize,
+    /// The most `/files/` downloads the node-facing listener serves at once; a `GET`
+    /// beyond it is answered `503` with `Retry-After` (docs/limits-network.md). Each one
+    /// holds up to two 64 KiB chunks of its file in memory, besides the socket's buffers.
+    pub max_file_transfers: usize,
 }
 
 impl Default for LimitsConfig {
@@ -498,6 +502,7 @@ impl Default for LimitsConfig {
             grpc_max_concurrent_streams: 128,
             grpc_max_connection_age_ms: 1_800_000,
             max_tasks_per_graph: metalgraph_engine::definitions::DEFAULT_MAX_TASKS_PER_GRAPH,
+            max_file_transfers: crate::api::files::DEFAULT_MAX_FILE_TRANSFERS,
         }
     }
 }
@@ -553,6 +558,9 @@ impl LimitsConfig {
         if let Some((v, s)) = var("MAX_TASKS_PER_GRAPH") {
             self.max_tasks_per_graph = parse(&v, &s)?;
         }
+        if let Some((v, s)) = var("MAX_FILE_TRANSFERS") {
+            self.max_file_transfers = parse(&v, &s)?;
+        }
         Ok(())
     }
 
@@ -571,8 +579,9 @@ impl LimitsConfig {
 
     /// Checks that every limit is a limit: none may be zero.
     pub fn check(&self) -> Result<(), Error> {
-        let fields: [(&'static str, u64); 9] = [
+        let fields: [(&'static str, u64); 10] = [
             ("limits.max_connections", self.max_connections as u64),
+            ("limits.max_file_transfers", self.max_file_transfers as u64),
             (
                 "limits.max_tasks_per_graph",
                 self.max_tasks_per_graph as u64,
@@ -1141,6 +1150,7 @@ mod tests {
             ("METALGRAPH_LIMITS_MAX_CONNECTIONS", "32"),
             ("METALGRAPH_LIMITS_HEADER_READ_TIMEOUT_MS", "1500"),
             ("METALGRAPH_LIMITS_GRPC_KEEPALIVE_INTERVAL_MS", "2000"),
+            ("METALGRAPH_LIMITS_MAX_FILE_TRANSFERS", "12"),
         ]);
         let config = Config::load(&ServeArgs::default(), &env).expect("loads");
         let want = LimitsConfig {
@@ -1149,6 +1159,7 @@ mod tests {
             idle_timeout_ms: 6000,
             grpc_keepalive_interval_ms: 2000,
             grpc_max_concurrent_streams: 8,
+            max_file_transfers: 12,
             ..LimitsConfig::default()
         };
         assert_eq!(config.limits, want);
@@ -1182,6 +1193,11 @@ mod tests {
                 "METALGRAPH_LIMITS_GRPC_MAX_CONCURRENT_STREAMS",
                 "0",
                 "limits.grpc_max_concurrent_streams",
+            ),
+            (
+                "METALGRAPH_LIMITS_MAX_FILE_TRANSFERS",
+                "0",
+                "limits.max_file_transfers",
             ),
             (
                 "METALGRAPH_LIMITS_MAX_CONNECTIONS",

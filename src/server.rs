@@ -205,6 +205,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     }
     let state = AppState {
         files_dir: config.files_dir.clone(),
+        file_transfers: api::files::FileTransfers::new(config.limits.max_file_transfers),
         templates_dir: config.templates_dir.clone(),
         discovery_graph: config.boot.discovery_graph.clone(),
         api: api_urls,

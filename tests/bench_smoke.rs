@@ -1,7 +1,8 @@
 //! The benchmark harness at tiny sizes, so that it keeps working between the runs that
 //! publish numbers: every scenario (chain, fan-out, recovery after SIGKILL, the API under
-//! `wrk`, the TaskFlow peer) on both backends, the report rendered, and no workflow lost.
-//! `wrk` and the peer's venv are optional here: without them those parts are skipped
+//! `wrk`, the TaskFlow peer) on both backends, boot files over TFTP and HTTP beside
+//! tftpd-hpa and nginx, the report rendered, and no workflow lost. `wrk`, the peer's venv,
+//! `curl`, tftpd-hpa and nginx are optional here: without them those parts are skipped
 //! with a note, as in the full harness.
 
 // The harness's modules, compiled into this test exactly as `cargo bench` compiles them.
@@ -9,6 +10,8 @@
 #[allow(dead_code)]
 #[path = "../benches/harness/api.rs"]
 mod api;
+#[path = "../benches/harness/boot.rs"]
+mod boot;
 #[allow(dead_code)]
 #[path = "../benches/harness/fsync.rs"]
 mod fsync;
@@ -114,6 +117,21 @@ fn the_harness_runs_every_scenario_at_tiny_sizes() {
         }
         Outcome::Skipped(why) => println!("note: TaskFlow peer skipped: {why}"),
         Outcome::Failed(e) => panic!("the TaskFlow peer failed: {e}"),
+    }
+    match &report.boot {
+        Outcome::Done(b) => {
+            assert_eq!(b.loads.len(), 2);
+            for l in &b.loads {
+                // metalgraph's downloads were checked byte for byte and then timed.
+                assert_eq!(l.metalgraph.walls_s.len(), 1, "{:?}", l.load);
+                match &l.peer_walls {
+                    Ok(w) => assert_eq!(w.walls_s.len(), 1, "{}", l.peer),
+                    Err(why) => println!("note: {} not compared: {why}", l.peer),
+                }
+            }
+        }
+        Outcome::Skipped(why) => println!("note: boot files skipped: {why}"),
+        Outcome::Failed(e) => panic!("the boot-file scenario failed: {e}"),
     }
 }
 

@@ -1256,6 +1256,116 @@ async fn node_files_serve_ranges_and_stay_inside_the_root() {
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
+/// Files larger than several read chunks (64 KiB) come back whole and in ranges that cross
+/// chunk boundaries, byte for byte.
+#[tokio::test]
+async fn node_files_stream_large_files_and_ranges_across_chunks() {
+    let h = harness().await;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let root = dir.path().join("files");
+    std::fs::create_dir_all(&root).expect("dirs");
+    let data: Vec<u8> = (0..1_100_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(root.join("image.iso"), &data).expect("a file");
+    let app = node_app_with(&h, &root, dir.path());
+
+    let (status, hs, body) = raw(&app, "GET", "/files/image.iso", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(hs[header::CONTENT_LENGTH], "1100000");
+    assert!(
+        body == data,
+        "the whole file differs ({} bytes)",
+        body.len()
+    );
+    for (range, start, end) in [
+        ("bytes=262000-262300", 262_000, 262_300),
+        ("bytes=0-524288", 0, 524_288),
+        ("bytes=300000-", 300_000, 1_099_999),
+        ("bytes=-786433", 313_567, 1_099_999),
+    ] {
+        let (status, hs, body) = raw(&app, "GET", "/files/image.iso", &[("range", range)]).await;
+        assert_eq!(status, StatusCode::PARTIAL_CONTENT, "{range}");
+        assert_eq!(
+            hs[header::CONTENT_RANGE],
+            format!("bytes {start}-{end}/1100000").as_str(),
+            "{range}"
+        );
+        assert!(body == data[start..=end], "{range}: the bytes differ");
+    }
+}
+
+/// Downloads beyond `max_file_transfers` get a 503 with Retry-After while the others are
+/// in progress; HEAD takes no slot; a finished (or abandoned) download frees its slot.
+#[tokio::test]
+async fn node_files_beyond_the_transfer_bound_get_503_with_retry_after() {
+    let h = harness().await;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let root = dir.path().join("files");
+    std::fs::create_dir_all(&root).expect("dirs");
+    std::fs::write(root.join("image.iso"), vec![7u8; 600_000]).expect("a file");
+    let app = node_app(AppState {
+        files_dir: Some(root.clone()),
+        file_transfers: metalgraph::api::files::FileTransfers::new(1),
+        ..h.state.clone()
+    });
+    let get = |uri: &str| {
+        Request::builder()
+            .uri(uri)
+            .body(Body::empty())
+            .expect("a request")
+    };
+
+    // The first download is in progress while its body is unread.
+    let first = app
+        .clone()
+        .oneshot(get("/files/image.iso"))
+        .await
+        .expect("an answer");
+    assert_eq!(first.status(), StatusCode::OK);
+
+    let (status, hs, body) = raw(&app, "GET", "/files/image.iso", &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(hs[header::RETRY_AFTER], "5");
+    let err: Value = serde_json::from_slice(&body).expect("a JSON error");
+    assert_eq!(err["error"]["code"], "too_many_file_transfers", "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("limits.max_file_transfers")),
+        "{err}"
+    );
+    // A range is a download too; HEAD and refusals are not.
+    let (status, _, _) = raw(&app, "GET", "/files/image.iso", &[("range", "bytes=0-9")]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, hs, _) = raw(&app, "HEAD", "/files/image.iso", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(hs[header::CONTENT_LENGTH], "600000");
+    let (status, _, _) = raw(&app, "GET", "/files/missing.iso", &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Read to its end, the first download frees its slot.
+    let body = axum::body::to_bytes(first.into_body(), usize::MAX)
+        .await
+        .expect("the body");
+    assert_eq!(body.len(), 600_000);
+    let (status, _, body) = raw(&app, "GET", "/files/image.iso", &[]).await;
+    assert_eq!((status, body.len()), (StatusCode::OK, 600_000));
+
+    // So does one the client abandons.
+    let abandoned = app
+        .clone()
+        .oneshot(get("/files/image.iso"))
+        .await
+        .expect("an answer");
+    assert_eq!(abandoned.status(), StatusCode::OK);
+    let (status, _, _) = raw(&app, "GET", "/files/image.iso", &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    drop(abandoned);
+    let (status, _, _) = raw(&app, "GET", "/files/image.iso", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn templates_render_for_a_node_with_its_waiting_token() {
     let h = harness().await;

@@ -4,11 +4,12 @@
 //! figures (JSON) under `target/tmp/`. See BENCHMARKS.md for what each figure means.
 //!
 //! Flags (after `--`): `--quick` (smaller sizes), `--smoke` (the CI smoke test's sizes), `--backends sled,file`,
-//! `--only chain,fanout,recovery,api,peer,history`, `--dir DIR` (where data directories go; its
+//! `--only chain,fanout,recovery,api,peer,history,boot-files`, `--dir DIR` (where data directories go; its
 //! disk is what is measured), and size overrides `--chain N`, `--fanout N`,
 //! `--recovery N`, `--api-secs N`, `--peer-chain N`, `--peer-flows N`.
 
 mod api;
+mod boot;
 mod fsync;
 mod graphs;
 mod history;
@@ -79,6 +80,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<(Plan, bool)> {
             "--peer-flows" => sizes.peer_fanout_flows = number(value()?)?,
             "--history" => sizes.history_workflows = number(value()?)?,
             "--history-nodes" => sizes.history_nodes = number(value()?)?,
+            "--boot-rounds" => sizes.boot.rounds = number(value()?)?.max(1),
             "-h" | "--help" => {
                 println!("{}", HELP);
                 std::process::exit(0);
@@ -102,8 +104,8 @@ fn parse_args(args: &[String]) -> anyhow::Result<(Plan, bool)> {
 }
 
 const HELP: &str = "usage: cargo bench --bench harness -- [--quick | --smoke] [--backends sled,file] \
-[--only chain,fanout,recovery,api,peer,history] [--dir DIR] [--keep] [--chain N] [--fanout N] \
-[--recovery N] [--api-secs N] [--peer-chain N] [--peer-flows N] [--history N] [--history-nodes N]";
+[--only chain,fanout,recovery,api,peer,history,boot-files] [--dir DIR] [--keep] [--chain N] [--fanout N] \
+[--recovery N] [--api-secs N] [--peer-chain N] [--peer-flows N] [--history N] [--history-nodes N] [--boot-rounds N]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

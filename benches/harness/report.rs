@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::boot::{self, BootResult, Protocol};
 use crate::history::{HistoryResult, Latency};
 use crate::peer::PeerResult;
 use crate::suite::{BackendReport, Outcome, Report};
@@ -54,6 +55,19 @@ pub fn markdown(r: &Report) -> String {
     for b in &r.backends {
         out.push('\n');
         backend_table(&mut out, b, r.peer.done());
+    }
+    match &r.boot {
+        Outcome::Done(b) => {
+            out.push('\n');
+            boot_table(&mut out, b);
+        }
+        Outcome::Failed(e) => {
+            let _ = writeln!(out, "\n### Boot files\n\nFAILED: {e}");
+        }
+        Outcome::Skipped(why) if why != "not selected" => {
+            let _ = writeln!(out, "\n### Boot files\n\nskipped ({why})");
+        }
+        Outcome::Skipped(_) => {}
     }
     let problems = r.problems();
     if !problems.is_empty() {
@@ -419,5 +433,59 @@ fn errors(n: u64) -> String {
         String::new()
     } else {
         format!(", {n} errors")
+    }
+}
+
+/// Wall times of one server under one load: the median, and the spread over the rounds.
+fn walls(w: &boot::Walls) -> String {
+    let d = |s: f64| fmt_dur(Duration::from_secs_f64(s));
+    if w.walls_s.len() > 1 {
+        format!("{} ({}–{})", d(w.median()), d(w.min()), d(w.max()))
+    } else {
+        d(w.median())
+    }
+}
+
+/// The boot-file scenario: one row per load, metalgraph beside the peer of its protocol.
+fn boot_table(out: &mut String, b: &BootResult) {
+    let _ = writeln!(out, "### Boot files\n");
+    let versions: Vec<String> = b
+        .versions
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "Concurrent `curl` downloads on loopback, wall time from the first spawn to the last \
+         exit; median of {} rounds (range in brackets). TFTP with `--tftp-blksize {}`. Speed \
+         ratio = peer time / metalgraph time (above 1: metalgraph is faster). {}\n",
+        b.rounds,
+        b.blksize,
+        versions.join("; ")
+    );
+    let _ = writeln!(out, "| load | metalgraph | peer | speed ratio (target) |");
+    let _ = writeln!(out, "|---|---|---|---|");
+    for l in &b.loads {
+        let what = match l.load.protocol {
+            Protocol::Tftp => "TFTP",
+            Protocol::Http => "HTTP `/files/`",
+        };
+        let figure = format!(
+            "{what}: {} × {}",
+            l.load.clients,
+            boot::fmt_size(l.load.bytes)
+        );
+        let (peer, speed) = match &l.peer_walls {
+            Ok(w) => {
+                let r = l.speed_ratio().unwrap_or(f64::NAN);
+                let mark = if r >= l.load.target { "meets" } else { "BELOW" };
+                (
+                    format!("{}: {}", l.peer, walls(w)),
+                    format!("**{}** (≥ {}: {mark})", sig3(r), l.load.target),
+                )
+            }
+            Err(e) => (format!("{}: not run ({e})", l.peer), String::new()),
+        };
+        row(out, &figure, &walls(&l.metalgraph), &peer, &speed);
     }
 }

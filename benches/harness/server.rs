@@ -2,10 +2,11 @@
 //! SIGKILL, the HTTP API): starting it on a free loopback port, reading its listening line,
 //! killing it, and a small HTTP client for its management API.
 
+use std::ffi::OsString;
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -35,6 +36,9 @@ pub struct Server {
     pub token: Option<String>,
     /// The CA its certificate is signed by (none with `--no-tls`).
     ca_pem: Option<Vec<u8>>,
+    /// Every `metalgraph KIND listening on ADDR` line so far, as `(KIND, ADDR)` (`KIND` is
+    /// empty for the management API).
+    listeners: Arc<Mutex<Vec<(String, String)>>>,
 }
 
 impl Server {
@@ -46,6 +50,19 @@ impl Server {
         data_dir: &Path,
         log: &Path,
         env: &[(&str, String)],
+        limit: Duration,
+    ) -> anyhow::Result<(Server, Duration)> {
+        Self::start_with(backend, data_dir, log, env, &[], limit)
+    }
+
+    /// [`Server::start`] with extra `serve` arguments (other listeners, say; see
+    /// [`Server::listener`]).
+    pub fn start_with(
+        backend: Backend,
+        data_dir: &Path,
+        log: &Path,
+        env: &[(&str, String)],
+        args: &[OsString],
         limit: Duration,
     ) -> anyhow::Result<(Server, Duration)> {
         let log_file = std::fs::OpenOptions::new()
@@ -63,6 +80,7 @@ impl Server {
         ])
         .arg("--data-dir")
         .arg(data_dir)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log_file);
@@ -83,6 +101,8 @@ impl Server {
             .with_context(|| format!("cannot start {}", binary().display()))?;
         let stdout = child.stdout.take().context("the server has no stdout")?;
         let (tx, rx) = mpsc::channel();
+        let listeners = Arc::new(Mutex::new(Vec::new()));
+        let seen = listeners.clone();
         // The reader keeps draining stdout after the listening line, so that the server
         // never blocks on a full pipe.
         std::thread::spawn(move || {
@@ -90,6 +110,12 @@ impl Server {
                 let Ok(line) = line else { break };
                 if let Some(url) = line.strip_prefix("metalgraph listening on ") {
                     let _ = tx.send(url.trim().to_owned());
+                } else if let Some((kind, addr)) = line
+                    .strip_prefix("metalgraph ")
+                    .and_then(|rest| rest.split_once(" listening on "))
+                {
+                    let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+                    seen.push((kind.to_owned(), addr.trim().to_owned()));
                 }
             }
         });
@@ -99,6 +125,7 @@ impl Server {
             log: log.to_owned(),
             token: None,
             ca_pem: None,
+            listeners,
         };
         match rx.recv_timeout(limit) {
             Ok(url) => {
@@ -153,6 +180,31 @@ impl Server {
             http: self.http()?,
             base: format!("{}/api/2.0", self.base),
         })
+    }
+
+    /// The address of the listener the server announced as `metalgraph KIND listening on
+    /// ADDR` (`tftp`, `node-facing`, ...), waiting up to `limit` for the line.
+    pub fn listener(&self, kind: &str, limit: Duration) -> anyhow::Result<String> {
+        let start = Instant::now();
+        loop {
+            let found = self
+                .listeners
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .find(|(k, _)| k == kind)
+                .map(|(_, addr)| addr.clone());
+            if let Some(addr) = found {
+                return Ok(addr);
+            }
+            if start.elapsed() > limit {
+                bail!(
+                    "metalgraph serve announced no {kind} listener; the end of its log:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// The server's process id.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use metalgraph_store::Backend;
 
 use crate::api::{self, ApiResult, Load};
+use crate::boot::{self, BootResult, BootSizes};
 use crate::fsync::{self, FsyncFloor};
 use crate::history::{self, HistoryResult};
 use crate::inproc::{self, ChainResult, FanOutResult};
@@ -31,6 +32,8 @@ pub struct Sizes {
     /// The history scenario's large store: finished workflows and nodes.
     pub history_workflows: usize,
     pub history_nodes: usize,
+    /// The boot-file scenario's loads.
+    pub boot: BootSizes,
     /// The longest any one scenario may take before it counts as failed.
     #[serde(with = "crate::util::secs")]
     pub limit: Duration,
@@ -56,6 +59,7 @@ impl Sizes {
             peer_fanout_flows: 100,
             history_workflows: 1_000_000,
             history_nodes: 100_000,
+            boot: BootSizes::full(),
             limit: Duration::from_secs(1800),
         }
     }
@@ -76,6 +80,7 @@ impl Sizes {
             peer_fanout_flows: 20,
             history_workflows: 100_000,
             history_nodes: 10_000,
+            boot: BootSizes::quick(),
             ..Sizes::full()
         }
     }
@@ -97,6 +102,7 @@ impl Sizes {
             peer_fanout_flows: 2,
             history_workflows: 2000,
             history_nodes: 200,
+            boot: BootSizes::smoke(),
             limit: Duration::from_secs(300),
         }
     }
@@ -111,17 +117,25 @@ pub enum Scenario {
     Api,
     Peer,
     History,
+    /// TFTP and `/files/` beside tftpd-hpa and nginx; not per backend.
+    BootFiles,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Chain,
         Scenario::FanOut,
         Scenario::Recovery,
         Scenario::Api,
         Scenario::Peer,
         Scenario::History,
+        Scenario::BootFiles,
     ];
+
+    /// Whether the scenario runs once per store backend.
+    pub fn per_backend(self) -> bool {
+        !matches!(self, Scenario::Peer | Scenario::BootFiles)
+    }
 
     pub fn parse(s: &str) -> Option<Scenario> {
         Some(match s {
@@ -131,6 +145,7 @@ impl Scenario {
             "api" => Scenario::Api,
             "peer" | "taskflow" => Scenario::Peer,
             "history" => Scenario::History,
+            "boot-files" | "boot" => Scenario::BootFiles,
             _ => return None,
         })
     }
@@ -194,6 +209,7 @@ pub struct Report {
     pub sizes: Sizes,
     pub backends: Vec<BackendReport>,
     pub peer: Outcome<PeerResult>,
+    pub boot: Outcome<BootResult>,
     #[serde(with = "crate::util::secs")]
     pub total: Duration,
 }
@@ -217,6 +233,7 @@ impl Report {
             failed(format!("{name} history"), failed_of(&b.history));
         }
         failed("TaskFlow peer".into(), failed_of(&self.peer));
+        failed("boot files".into(), failed_of(&self.boot));
         for b in &self.backends {
             if let Some(f) = b.fanout.done()
                 && (f.lost > 0 || f.succeeded != f.workflows)
@@ -277,7 +294,13 @@ pub fn run(plan: &Plan) -> Report {
     let _ = std::fs::create_dir_all(&plan.dir);
     let machine = Machine::describe(&plan.dir);
     let mut backends = Vec::new();
-    for &backend in &plan.backends {
+    // Scenarios that are not per backend (the peer, boot files) alone need no backend pass.
+    let backend_list: &[Backend] = if plan.scenarios.iter().any(|s| s.per_backend()) {
+        &plan.backends
+    } else {
+        &[]
+    };
+    for &backend in backend_list {
         let name = backend_name(backend);
         let root = plan.dir.join(name);
         let _ = std::fs::create_dir_all(&root);
@@ -417,11 +440,54 @@ pub fn run(plan: &Plan) -> Report {
         Outcome::Skipped(format!("no venv at {}", venv.display()))
     };
 
+    let boot = if !wants(Scenario::BootFiles) {
+        not_selected()
+    } else if !boot::curl_available() {
+        say(
+            "curl is not installed; skipping the boot-file scenario (scripts/install-peers.sh installs it)",
+        );
+        Outcome::Skipped("curl is not installed".into())
+    } else {
+        let loads: Vec<String> = sizes
+            .boot
+            .loads
+            .iter()
+            .map(|l| {
+                format!(
+                    "{} × {:?} of {}",
+                    l.clients,
+                    l.protocol,
+                    boot::fmt_size(l.bytes)
+                )
+            })
+            .collect();
+        say(&format!(
+            "boot files against tftpd-hpa and nginx: {}, {} rounds",
+            loads.join(", "),
+            sizes.boot.rounds
+        ));
+        let dir = plan.dir.join("boot-files");
+        let r = timed(|| {
+            boot::boot_files(
+                &dir,
+                &plan.dir.join("boot-files.log"),
+                &sizes.boot,
+                sizes.limit,
+            )
+        });
+        // The files are large; the daemons' logs are worth keeping.
+        for big in ["root", "metalgraph"] {
+            let _ = std::fs::remove_dir_all(dir.join(big));
+        }
+        r
+    };
+
     Report {
         machine,
         sizes: sizes.clone(),
         backends,
         peer,
+        boot,
         total: start.elapsed(),
     }
 }

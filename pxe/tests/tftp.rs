@@ -358,8 +358,22 @@ async fn concurrency_is_bounded_and_dropped_requests_succeed_on_retry() {
     let (p, tid) = recv(&holder).await;
     assert!(matches!(p, Pkt::Data(1, _)));
     holder.send_to(&ack(1), tid).await.unwrap();
-    let (_, data) = fetch(f.addr, "small.txt", &[]).await.unwrap();
-    assert_eq!(data, b"hello from metalgraph\n");
+    // Like a PXE ROM, the client retransmits its request while no answer comes (here every
+    // 100 ms); it is served once the holder's transfer has freed the slot.
+    let retry = client().await;
+    let mut answer = None;
+    for _ in 0..30 {
+        retry.send_to(&rrq("small.txt", &[]), f.addr).await.unwrap();
+        if let Ok(Ok((n, from))) =
+            timeout(Duration::from_millis(100), retry.recv_from(&mut buf)).await
+        {
+            answer = Some((decode(&buf[..n]), from));
+            break;
+        }
+    }
+    let (p, tid) = answer.expect("a retransmitted request is served");
+    assert_eq!(p, Pkt::Data(1, b"hello from metalgraph\n".to_vec()));
+    retry.send_to(&ack(1), tid).await.unwrap();
 }
 
 #[tokio::test]
@@ -409,4 +423,120 @@ async fn bind_reports_a_missing_root_by_name() {
     .expect("a missing root is an error");
     assert!(matches!(err, tftp::Error::Root { .. }));
     assert!(err.to_string().contains("/nonexistent/tftp"), "{err}");
+}
+
+/// A window that crosses the end of the server's read buffer, lost once and resent, and a
+/// partial acknowledgement (RFC 7440) that sends the server back to an earlier part of the
+/// file than its buffer holds: every block, first sent or resent, is the file's.
+#[tokio::test]
+async fn windows_across_read_buffer_refills_survive_loss_and_partial_acks() {
+    use std::collections::BTreeMap;
+
+    let f = start(|o| o.max_blksize = 1468).await;
+    let content = pattern(3 * tftp::READ_AHEAD + 1000);
+    std::fs::write(f.root().join("large.bin"), &content).unwrap();
+    let (blk, window) = (1468usize, 8u64);
+    let last = (content.len() / blk + 1) as u64;
+    // The block holding byte k × READ_AHEAD, where the server's buffer must be refilled.
+    let boundary = |k: usize| ((k * tftp::READ_AHEAD) / blk + 1) as u64;
+
+    let sock = client().await;
+    let opts = [("blksize", "1468"), ("windowsize", "8")];
+    sock.send_to(&rrq("large.bin", &opts), f.addr)
+        .await
+        .unwrap();
+    let (oack, tid) = recv(&sock).await;
+    assert_eq!(
+        oack,
+        Pkt::Oack(vec![
+            ("blksize".into(), "1468".into()),
+            ("windowsize".into(), "8".into())
+        ])
+    );
+    sock.send_to(&ack(0), tid).await.unwrap();
+
+    let mut blocks: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let (mut lost, mut partial, mut resent) = (false, false, 0);
+    let mut base = 1u64;
+    while base <= last {
+        let end = (base + window - 1).min(last);
+        for idx in base..=end {
+            let (p, from) = recv(&sock).await;
+            assert_eq!(from, tid);
+            let Pkt::Data(n, data) = p else {
+                panic!("block {idx}: {p:?}")
+            };
+            assert_eq!(n, idx as u16, "blocks arrive in order");
+            if let Some(before) = blocks.insert(idx, data.clone()) {
+                assert!(before == data, "block {idx} differs when sent again");
+                resent += 1;
+            }
+        }
+        let crosses = |k: usize| (base..=end).contains(&boundary(k));
+        if !lost && crosses(1) {
+            // Lost: the server resends the whole window after its timeout.
+            lost = true;
+            continue;
+        }
+        if !partial && crosses(2) && boundary(2) > base {
+            // Only the window's first block arrived: the server goes on from the second.
+            partial = true;
+            sock.send_to(&ack(base as u16), tid).await.unwrap();
+            base += 1;
+            continue;
+        }
+        sock.send_to(&ack(end as u16), tid).await.unwrap();
+        base = end + 1;
+    }
+    assert!(lost && partial);
+    assert!(
+        resent >= 8 + 7,
+        "a lost window and a partial one were sent again ({resent})"
+    );
+    let data: Vec<u8> = blocks.into_values().flatten().collect();
+    assert!(
+        data == content,
+        "content differs ({} vs {} bytes)",
+        data.len(),
+        content.len()
+    );
+}
+
+/// A transfer waiting for its client stops at its deadline and at shutdown, telling the
+/// client "transfer aborted" both times.
+#[tokio::test]
+async fn transfers_stop_at_their_deadline_and_at_shutdown() {
+    let f = start(|o| {
+        o.timeout = Duration::from_secs(5);
+        o.transfer_deadline = Duration::from_millis(300);
+    })
+    .await;
+    let sock = client().await;
+    let started = std::time::Instant::now();
+    sock.send_to(&rrq("small.txt", &[]), f.addr).await.unwrap();
+    let (first, _) = recv(&sock).await;
+    assert!(matches!(first, Pkt::Data(1, _)));
+    // No ACK, and retransmission is 5 s away: the deadline ends it.
+    let (p, _) = recv(&sock).await;
+    assert_eq!(p, Pkt::Error(0, "transfer aborted".into()));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+
+    let f = start(|o| o.timeout = Duration::from_secs(5)).await;
+    let sock = client().await;
+    sock.send_to(&rrq("small.txt", &[]), f.addr).await.unwrap();
+    let (first, _) = recv(&sock).await;
+    assert!(matches!(first, Pkt::Data(1, _)));
+    let stopped = std::time::Instant::now();
+    f.cancel.cancel();
+    let (p, _) = recv(&sock).await;
+    assert_eq!(p, Pkt::Error(0, "transfer aborted".into()));
+    assert!(
+        stopped.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        stopped.elapsed()
+    );
 }

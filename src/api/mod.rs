@@ -34,6 +34,8 @@ pub struct AppState {
     pub body_limit: usize,
     /// The directory served under `/files/` on the node-facing API; none serves nothing.
     pub files_dir: Option<PathBuf>,
+    /// The bound on concurrent `/files/` downloads (`[limits] max_file_transfers`).
+    pub file_transfers: files::FileTransfers,
     /// The directory `/api/2.0/templates/{name}` renders from; none renders nothing.
     pub templates_dir: Option<PathBuf>,
     /// The base URLs templates see as `api` (the engine renders task options with the
@@ -56,7 +58,8 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// A state with the node-facing files and templates off, webhooks delivered with the
+    /// A state with the node-facing files and templates off (downloads bounded by the
+    /// default `max_file_transfers`), webhooks delivered with the
     /// default settings, tokens required, node-facing requests proven by capability only,
     /// and enrolment on at the default rate. It starts delivering the stored webhooks and
     /// reads the stored tokens: make one per engine.
@@ -79,6 +82,7 @@ impl AppState {
             engine,
             body_limit,
             files_dir: None,
+            file_transfers: files::FileTransfers::default(),
             templates_dir: None,
             api: ApiUrls::default(),
             discovery_graph: crate::boot::DEFAULT_DISCOVERY_GRAPH.to_owned(),
