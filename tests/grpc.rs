@@ -103,13 +103,50 @@ async fn every_rpc_and_watch() {
     .await
     .unwrap();
     let all = defs
-        .list_graphs(pb::ListGraphsRequest {})
+        .list_graphs(pb::ListGraphsRequest::default())
         .await
         .unwrap()
         .into_inner();
     assert!(all.graphs.iter().any(|g| g.injectable_name == "Grpc.Typed"));
+    assert!(all.next_page_token.is_empty(), "one page holds them all");
+    // Page by page, two at a time: the same graphs, in name order.
+    let mut paged = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = defs
+            .list_graphs(pb::ListGraphsRequest {
+                page_size: 2,
+                page_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.graphs.len() <= 2);
+        paged.extend(page.graphs.into_iter().map(|g| g.injectable_name));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let names: Vec<String> = all
+        .graphs
+        .iter()
+        .map(|g| g.injectable_name.clone())
+        .collect();
+    assert_eq!(paged, names);
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted);
+    let e = defs
+        .list_tasks(pb::ListTasksRequest {
+            page_size: 5000,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     let tasks = defs
-        .list_tasks(pb::ListTasksRequest {})
+        .list_tasks(pb::ListTasksRequest::default())
         .await
         .unwrap()
         .into_inner();

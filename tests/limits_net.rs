@@ -321,7 +321,7 @@ async fn grpc_connections_are_bounded_and_silent_ones_are_closed() {
                     req.metadata_mut().insert("authorization", bearer.clone());
                     Ok(req)
                 })
-                .list_graphs(pb::ListGraphsRequest {})
+                .list_graphs(pb::ListGraphsRequest::default())
                 .await
                 .expect("ListGraphs answers");
             (Instant::now(), graphs.into_inner())

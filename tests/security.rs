@@ -210,14 +210,14 @@ async fn every_role_against_every_route_family_and_the_audit_log() {
     for tok in [None, Some(operator.as_str())] {
         let mut defs = DefinitionsClient::new(server.grpc_as(grpc_port, tok).await);
         let e = defs
-            .list_graphs(pb::ListGraphsRequest {})
+            .list_graphs(pb::ListGraphsRequest::default())
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     }
     let ch = server.grpc_as(grpc_port, Some(&viewer)).await;
     DefinitionsClient::new(ch.clone())
-        .list_graphs(pb::ListGraphsRequest {})
+        .list_graphs(pb::ListGraphsRequest::default())
         .await
         .expect("a viewer reads");
     let e = WorkflowsClient::new(ch)

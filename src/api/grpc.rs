@@ -100,6 +100,15 @@ pub fn router(
         )))
 }
 
+/// A definitions page from a request's `page_size` (0: the default) and `page_token`.
+fn definition_page(size: u32, token: String) -> definitions::DefinitionPage {
+    definitions::DefinitionPage {
+        skip: 0,
+        limit: (size > 0).then_some(size as usize),
+        cursor: Some(token).filter(|t| !t.is_empty()),
+    }
+}
+
 /// Maps an engine error to a gRPC status, with the HTTP API's message.
 pub fn status(e: Error) -> Status {
     match e {
@@ -361,16 +370,18 @@ async fn parse_one(text: String) -> Result<Definition, Status> {
 impl DefinitionsRpc for GrpcApi {
     async fn list_graphs(
         &self,
-        _: Request<pb::ListGraphsRequest>,
+        req: Request<pb::ListGraphsRequest>,
     ) -> Result<Response<pb::ListGraphsResponse>, Status> {
-        let graphs = self
+        let req = req.into_inner();
+        let page = self
             .engine
             .definitions()
-            .list_graphs()
+            .graphs_page(definition_page(req.page_size, req.page_token))
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ListGraphsResponse {
-            graphs: graphs.iter().map(|(g, s)| graph_to_pb(g, *s)).collect(),
+            graphs: page.items.iter().map(|(g, s)| graph_to_pb(g, *s)).collect(),
+            next_page_token: page.next.unwrap_or_default(),
         }))
     }
 
@@ -430,19 +441,22 @@ impl DefinitionsRpc for GrpcApi {
 
     async fn list_tasks(
         &self,
-        _: Request<pb::ListTasksRequest>,
+        req: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
-        let tasks = self
+        let req = req.into_inner();
+        let page = self
             .engine
             .definitions()
-            .list_tasks()
+            .tasks_page(definition_page(req.page_size, req.page_token))
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ListTasksResponse {
-            tasks: tasks
+            tasks: page
+                .items
                 .iter()
                 .map(|(t, s)| task_def_to_pb(t, Some(*s)))
                 .collect(),
+            next_page_token: page.next.unwrap_or_default(),
         }))
     }
 
