@@ -1018,24 +1018,6 @@ impl Definitions {
         }
     }
 
-    fn list<T: serde::de::DeserializeOwned>(
-        &self,
-        ks: &str,
-        kind: &'static str,
-    ) -> Result<Vec<T>, Error> {
-        self.store
-            .scan_prefix(ks, b"")?
-            .into_iter()
-            .map(|(k, v)| {
-                serde_json::from_slice(&v).map_err(|e| Error::Corrupt {
-                    kind,
-                    name: String::from_utf8_lossy(&k).into_owned(),
-                    message: e.to_string(),
-                })
-            })
-            .collect()
-    }
-
     pub(crate) fn get_graph_blocking(
         &self,
         name: &str,
@@ -1062,20 +1044,6 @@ impl Definitions {
             .tasks
             .get(name)
             .map(|t| (t.clone(), Source::Library)))
-    }
-
-    /// Every graph, user definitions shadowing library ones, ordered by name.
-    pub(crate) fn list_graphs_blocking(&self) -> Result<Vec<(GraphDefinition, Source)>, Error> {
-        let mut all: BTreeMap<String, (GraphDefinition, Source)> = self
-            .library
-            .graphs
-            .iter()
-            .map(|(k, g)| (k.clone(), (g.clone(), Source::Library)))
-            .collect();
-        for g in self.list::<GraphDefinition>(keys::GRAPHS, "graph")? {
-            all.insert(g.injectable_name.clone(), (g, Source::User));
-        }
-        Ok(all.into_values().collect())
     }
 
     /// One page of definitions in name order, the library's and the store's `ks` merged (a
@@ -1128,20 +1096,6 @@ impl Definitions {
             items: items.into_iter().map(|(_, d)| d).collect(),
             next,
         })
-    }
-
-    /// Every task definition, user definitions shadowing library ones, ordered by name.
-    pub(crate) fn list_tasks_blocking(&self) -> Result<Vec<(TaskDefinition, Source)>, Error> {
-        let mut all: BTreeMap<String, (TaskDefinition, Source)> = self
-            .library
-            .tasks
-            .iter()
-            .map(|(k, t)| (k.clone(), (t.clone(), Source::Library)))
-            .collect();
-        for t in self.list::<TaskDefinition>(keys::TASKDEFS, "task")? {
-            all.insert(t.injectable_name.clone(), (t, Source::User));
-        }
-        Ok(all.into_values().collect())
     }
 
     /// Validates a graph against the current task definitions without storing it, including
@@ -1335,18 +1289,6 @@ impl Definitions {
     ) -> Result<Option<(TaskDefinition, Source)>, crate::Error> {
         let (d, name) = (self.clone(), name.to_owned());
         blocking(move || d.get_task_blocking(&name).map_err(crate::Error::from)).await
-    }
-
-    /// Every graph, user definitions shadowing library ones, ordered by name.
-    pub async fn list_graphs(&self) -> Result<Vec<(GraphDefinition, Source)>, crate::Error> {
-        let d = self.clone();
-        blocking(move || d.list_graphs_blocking().map_err(crate::Error::from)).await
-    }
-
-    /// Every task definition, user definitions shadowing library ones, ordered by name.
-    pub async fn list_tasks(&self) -> Result<Vec<(TaskDefinition, Source)>, crate::Error> {
-        let d = self.clone();
-        blocking(move || d.list_tasks_blocking().map_err(crate::Error::from)).await
     }
 
     /// One page of graphs in name order (see [`DefinitionPage`]).

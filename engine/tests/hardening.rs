@@ -207,7 +207,7 @@ tasks:
         nodes.put_catalog("n1", "test", &json!({})).await.unwrap();
         nodes.catalogs("n1").await.unwrap();
         let defs = h.engine.definitions();
-        defs.list_graphs().await.unwrap();
+        defs.graphs_page(Default::default()).await.unwrap();
         defs.get_task("Task.Noop").await.unwrap();
         let v = h.run("G", json!({}), Some("n1")).await;
         assert_eq!(h.wait(&v.instance_id).await.status, WorkflowStatus::Succeeded);
