@@ -75,6 +75,10 @@ pub struct BootConfig {
     /// `ipxe.efi` live (`METALGRAPH_BOOT_TFTP_ROOT`, `--tftp-root`; Debian's `ipxe` package
     /// installs them in `/usr/lib/ipxe`).
     pub tftp_root: PathBuf,
+    /// TFTP transfers served at once, each on a thread of its own
+    /// (`METALGRAPH_BOOT_TFTP_MAX_TRANSFERS`, `--tftp-max-transfers`); 1 to
+    /// [`MAX_TFTP_TRANSFERS`]. A request beyond it is dropped, and the client retries.
+    pub tftp_max_transfers: usize,
     /// The graph an unknown machine runs when it first asks for a profile
     /// (`METALGRAPH_BOOT_DISCOVERY_GRAPH`, `--discovery-graph`).
     pub discovery_graph: String,
@@ -123,6 +127,11 @@ impl std::str::FromStr for NodeTokens {
 
 /// The default of `enrolment_rate`: machines enrolled per minute.
 pub const DEFAULT_ENROLMENT_RATE: u32 = 20;
+/// The default of `tftp_max_transfers`: a rack of machines booting at once.
+pub const DEFAULT_TFTP_TRANSFERS: usize = 64;
+/// The most `tftp_max_transfers` may be (each transfer holds a thread while it runs).
+pub const MAX_TFTP_TRANSFERS: usize = 1024;
+
 /// The default of `enrolment_burst`.
 pub const DEFAULT_ENROLMENT_BURST: u32 = 50;
 
@@ -139,6 +148,7 @@ impl Default for BootConfig {
             boot_address: None,
             tftp_listen: None,
             tftp_root: PathBuf::from("/usr/lib/ipxe"),
+            tftp_max_transfers: DEFAULT_TFTP_TRANSFERS,
             discovery_graph: super::DEFAULT_DISCOVERY_GRAPH.to_owned(),
             enrolment: None,
             enrolment_rate: DEFAULT_ENROLMENT_RATE,
@@ -181,6 +191,9 @@ pub struct BootArgs {
     /// The directory TFTP serves (default /usr/lib/ipxe).
     #[arg(long, value_name = "DIR")]
     pub tftp_root: Option<PathBuf>,
+    /// TFTP transfers served at once (default 64, at most 1024).
+    #[arg(long, value_name = "N")]
+    pub tftp_max_transfers: Option<usize>,
     /// The graph unknown machines run (default Graph.Discovery.Pxe).
     #[arg(long, value_name = "NAME")]
     pub discovery_graph: Option<String>,
@@ -272,6 +285,9 @@ impl BootConfig {
         if let Some((_, s)) = var("TFTP_ROOT") {
             self.tftp_root = PathBuf::from(s.trim());
         }
+        if let Some((v, s)) = var("TFTP_MAX_TRANSFERS") {
+            self.tftp_max_transfers = parse(&v, &s)?;
+        }
         if let Some((_, s)) = var("DISCOVERY_GRAPH") {
             self.discovery_graph = s.trim().to_owned();
         }
@@ -325,6 +341,9 @@ impl BootConfig {
         if let Some(r) = &flags.tftp_root {
             self.tftp_root = r.clone();
         }
+        if let Some(n) = flags.tftp_max_transfers {
+            self.tftp_max_transfers = n;
+        }
         if let Some(g) = &flags.discovery_graph {
             self.discovery_graph = g.clone();
         }
@@ -361,6 +380,15 @@ impl BootConfig {
             return Err(field(
                 "boot.discovery_graph",
                 "must name a graph".to_owned(),
+            ));
+        }
+        if !(1..=MAX_TFTP_TRANSFERS).contains(&self.tftp_max_transfers) {
+            return Err(field(
+                "boot.tftp_max_transfers",
+                format!(
+                    "must be 1 to {MAX_TFTP_TRANSFERS}, got {}",
+                    self.tftp_max_transfers
+                ),
             ));
         }
         if self.enrolment_rate == 0 {
@@ -435,8 +463,11 @@ impl BootConfig {
         let tftp_listen = self.tftp_listen.or_else(|| {
             (self.dhcp != DhcpSetting::Off).then(|| SocketAddr::from((boot_address, 69)))
         });
-        options.tftp = tftp_listen
-            .map(|addr| metalgraph_pxe::tftp::Options::new(addr, self.tftp_root.clone()));
+        options.tftp = tftp_listen.map(|addr| {
+            let mut tftp = metalgraph_pxe::tftp::Options::new(addr, self.tftp_root.clone());
+            tftp.max_transfers = self.tftp_max_transfers;
+            tftp
+        });
         Ok(Some(options))
     }
 }
@@ -527,6 +558,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("METALGRAPH_BOOT_ENROLMENT"), "{err}");
+    }
+
+    #[test]
+    fn tftp_transfers_are_bounded_by_the_setting() {
+        let mut c = BootConfig {
+            tftp_listen: Some("127.0.0.1:6969".parse().unwrap()),
+            ..BootConfig::default()
+        };
+        c.apply_env(&env_of(&[("METALGRAPH_BOOT_TFTP_MAX_TRANSFERS", "200")]))
+            .unwrap();
+        c.check().unwrap();
+        let options = c.pxe_options().unwrap().expect("TFTP is on");
+        assert_eq!(options.tftp.unwrap().max_transfers, 200);
+        c.apply_flags(&BootArgs {
+            tftp_max_transfers: Some(0),
+            ..BootArgs::default()
+        });
+        let err = c.check().unwrap_err().to_string();
+        assert!(
+            err.contains("boot.tftp_max_transfers") && err.contains("1 to 1024"),
+            "{err}"
+        );
     }
 
     #[test]
