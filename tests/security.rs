@@ -602,3 +602,39 @@ async fn the_cli_uses_the_data_dir_and_manages_tokens() {
     assert!(err.contains("401"), "{err}");
     server.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_facing_listener_is_plain_and_serves_no_management_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "sled", &["--node-listen", "127.0.0.1:0"]);
+    let node_base = server.node_base.clone().unwrap();
+    assert!(node_base.starts_with("http://"), "{node_base}");
+    let plain = reqwest::Client::new();
+    let bearer = format!("Bearer {}", server.token.as_ref().unwrap());
+    for path in [
+        "/api/2.0/nodes",
+        "/api/2.0/tokens",
+        "/api/2.0/audit",
+        "/api/2.0/workflows",
+        "/api/current/nodes",
+        "/metrics",
+        "/ui/",
+    ] {
+        // Not even the admin token opens a management route there.
+        let r = plain
+            .get(server.node_url(path))
+            .header("authorization", &bearer)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path} on the node-facing listener");
+    }
+    // Its own routes answer, without a token.
+    let r = plain
+        .get(server.node_url("/api/2.0/profiles?macs=52:54:00:aa:bb:cc"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    server.terminate();
+}
