@@ -86,7 +86,7 @@ impl Renderer {
         let tmpl = self
             .env
             .template_from_str(template)
-            .map_err(|e| describe(&e))?;
+            .map_err(|e| describe_in(&e, template))?;
         let mut out = Limited(Vec::new());
         match tmpl.render_captured_to(vars, &mut out) {
             Ok(_) => String::from_utf8(out.0).map_err(|_| "rendered invalid UTF-8".to_owned()),
@@ -97,7 +97,7 @@ impl Renderer {
             Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(format!(
                 "the template takes more than {FUEL} steps (the limit of one rendered option)"
             )),
-            Err(e) => Err(describe(&e)),
+            Err(e) => Err(describe_in(&e, template)),
         }
     }
 
@@ -170,8 +170,8 @@ impl Renderer {
             let expr = self
                 .env
                 .compile_expression(template)
-                .map_err(|e| describe(&e))?;
-            let v = expr.eval(vars).map_err(|e| describe(&e))?;
+                .map_err(|e| describe_in(&e, template))?;
+            let v = expr.eval(vars).map_err(|e| describe_in(&e, template))?;
             return Ok(v.is_true());
         };
         match rendered.trim() {
@@ -233,6 +233,37 @@ pub fn no_control_characters(value: &str) -> Result<(), String> {
     }
 }
 
+/// An error of rendering `source`, naming the expression at fault when the engine says
+/// where it is (`undefined value: options.nope`), since "undefined value" alone does not
+/// say which of a template's variables is missing.
+fn describe_in(e: &minijinja::Error, source: &str) -> String {
+    // The range may start at an attribute (`.probe.status`): widen it back over the
+    // variable it belongs to.
+    let at = e
+        .range()
+        .map(|r| {
+            let head = source.get(..r.start).unwrap_or("");
+            let start = head
+                .char_indices()
+                .rev()
+                .take_while(|(_, c)| c.is_alphanumeric() || matches!(c, '_' | '.'))
+                .last()
+                .map_or(r.start, |(i, _)| i);
+            start..r.end
+        })
+        .and_then(|r| source.get(r))
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && s.len() <= 120 && !s.contains('\n'));
+    match at {
+        Some(expr) if e.kind() == minijinja::ErrorKind::UndefinedError => {
+            let mut msg = describe(e);
+            msg.push_str(&format!(" (at `{expr}`)"));
+            msg
+        }
+        _ => describe(e),
+    }
+}
+
 fn describe(e: &minijinja::Error) -> String {
     let mut msg = e.to_string();
     let mut src = std::error::Error::source(e);
@@ -248,6 +279,22 @@ fn describe(e: &minijinja::Error) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn an_undefined_variable_is_named() {
+        let r = Renderer::new();
+        let e = r
+            .render_str("x={{ options.nope }}", &json!({"options": {}}))
+            .unwrap_err();
+        assert!(
+            e.contains("undefined") && e.contains("`options.nope`"),
+            "{e}"
+        );
+        let e = r
+            .truthy("context.probe.status == 200", &json!({"context": {}}))
+            .unwrap_err();
+        assert!(e.contains("context.probe"), "{e}");
+    }
 
     #[test]
     fn malformed_text_that_trips_the_template_engine_is_an_error() {
