@@ -4,7 +4,6 @@
 #
 #   - OpenIPMI's `ipmi_sim` (package openipmi) and `ipmitool`: the IPMI BMC and the client
 #     the `ipmi-obm-service` driver runs (tasks/tests/bmc_ipmi.rs).
-#   - openssl: self-signed certificates for the Redfish TLS tests.
 #   - tftpd-hpa, nginx-light and curl: the peers and client of the boot-file benchmark.
 #   - sushy-tools in a Python venv: the stateful Redfish BMC emulator
 #     (tasks/tests/bmc_redfish.rs). Its dependency `bcrypt` also writes the htpasswd file
@@ -20,10 +19,22 @@ set -eu
 PEERS="${METALGRAPH_PEERS:-$HOME/.cache/metalgraph-peers}"
 VENV="$PEERS/venv"
 
+# apt-get installs the packages listed in $1 (space-separated), if any; root only.
+apt_install() {
+    [ -n "$1" ] || return 0
+    if [ "$(id -u)" != 0 ]; then
+        echo "install-peers: need root to apt-get install:$1" >&2
+        exit 1
+    fi
+    echo "install-peers: apt-get install$1"
+    apt-get update -q
+    # shellcheck disable=SC2086 # the list is meant to split into words
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $1
+}
+
 need_apt=""
 command -v ipmi_sim >/dev/null 2>&1 || need_apt="$need_apt openipmi"
 command -v ipmitool >/dev/null 2>&1 || need_apt="$need_apt ipmitool"
-command -v openssl >/dev/null 2>&1 || need_apt="$need_apt openssl"
 [ -x /usr/bin/chromium ] || need_apt="$need_apt chromium"
 command -v python3 >/dev/null 2>&1 || need_apt="$need_apt python3"
 # The venv module is a separate package on Debian; probe it rather than guess.
@@ -31,16 +42,7 @@ if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >
     need_apt="$need_apt python3-venv"
 fi
 
-if [ -n "$need_apt" ]; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "install-peers: need root to apt-get install:$need_apt" >&2
-        exit 1
-    fi
-    echo "install-peers: apt-get install$need_apt"
-    apt-get update -q
-    # shellcheck disable=SC2086 # the list is meant to split into words
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need_apt
-fi
+apt_install "$need_apt"
 
 if [ -x "$VENV/bin/sushy-emulator" ] && "$VENV/bin/python" -c 'import sushy_tools, bcrypt' >/dev/null 2>&1; then
     echo "install-peers: sushy-tools already installed in $VENV"
@@ -54,7 +56,6 @@ fi
 echo "install-peers: done"
 echo "  ipmi_sim        $(command -v ipmi_sim)"
 echo "  ipmitool        $(command -v ipmitool) ($(ipmitool -V 2>&1 | head -n1))"
-echo "  openssl         $(command -v openssl)"
 echo "  sushy-emulator  $VENV/bin/sushy-emulator ($("$VENV/bin/pip" show sushy-tools 2>/dev/null | sed -n 's/^Version: //p'))"
 echo "  peers dir       $PEERS (export METALGRAPH_PEERS to move it)"
 
@@ -111,16 +112,7 @@ need_clients=""
 for pkg in $(grep -v '^#' "$here/pxe/tests/PACKAGES" | grep -v '^qemu-system-x86$'); do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || need_clients="$need_clients $pkg"
 done
-if [ -n "$need_clients" ]; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "install-peers: need root to apt-get install:$need_clients" >&2
-        exit 1
-    fi
-    echo "install-peers: apt-get install$need_clients"
-    apt-get update -q
-    # shellcheck disable=SC2086 # the list is meant to split into words
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need_clients
-fi
+apt_install "$need_clients"
 
 # The boot-file benchmark (benches/harness/boot.rs, `--only boot-files`) times metalgraph's
 # TFTP and /files/ beside tftpd-hpa (`in.tftpd`) and nginx (with sendfile), with curl as the
@@ -131,16 +123,7 @@ need_bench=""
 command -v in.tftpd >/dev/null 2>&1 || need_bench="$need_bench tftpd-hpa"
 command -v nginx >/dev/null 2>&1 || need_bench="$need_bench nginx-light"
 command -v curl >/dev/null 2>&1 || need_bench="$need_bench curl"
-if [ -n "$need_bench" ]; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "install-peers: need root to apt-get install:$need_bench" >&2
-        exit 1
-    fi
-    echo "install-peers: apt-get install$need_bench"
-    apt-get update -q
-    # shellcheck disable=SC2086 # the list is meant to split into words
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need_bench
-fi
+apt_install "$need_bench"
 echo "  in.tftpd        $(command -v in.tftpd) ($(in.tftpd -V 2>&1 | head -n1))"
 echo "  nginx           $(command -v nginx) ($(nginx -v 2>&1 | head -n1))"
 

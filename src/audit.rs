@@ -53,8 +53,8 @@ pub struct Entry {
 /// What a caller records; the log numbers and dates it.
 #[derive(Debug, Clone)]
 pub struct Record {
-    pub token: Option<String>,
-    pub role: Option<String>,
+    /// Who made the call; `None` without a valid token.
+    pub caller: Option<crate::auth::Caller>,
     pub protocol: &'static str,
     pub method: String,
     pub target: String,
@@ -91,14 +91,19 @@ impl Audit {
         Ok(Audit { tx, store })
     }
 
-    /// Records a call and waits until the entry is committed.
-    pub async fn record(&self, record: Record) -> Result<(), String> {
+    /// Records a call and waits until the entry is committed; an entry that cannot be
+    /// written is logged as an error (the call's own outcome stands).
+    pub async fn record(&self, record: Record) {
         let (done, wait) = oneshot::channel();
-        self.tx
-            .send((record, done))
-            .await
-            .map_err(|_| "the audit log is closed".to_owned())?;
-        wait.await.map_err(|_| "the audit log stopped".to_owned())?
+        let outcome = match self.tx.send((record, done)).await {
+            Err(_) => Err("the audit log is closed".to_owned()),
+            Ok(()) => wait
+                .await
+                .unwrap_or_else(|_| Err("the audit log stopped".to_owned())),
+        };
+        if let Err(e) = outcome {
+            error!(error = %e, "a call was not recorded in the audit log");
+        }
     }
 
     /// A page of entries, newest first: `top` after skipping `skip`.
@@ -134,8 +139,8 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Request>, mut last
             let entry = Entry {
                 id: last,
                 time: time.clone(),
-                token: record.token.clone(),
-                role: record.role.clone(),
+                token: record.caller.as_ref().map(|c| c.name.clone()),
+                role: record.caller.as_ref().map(|c| c.role.as_str().to_owned()),
                 protocol: record.protocol.to_owned(),
                 method: record.method.clone(),
                 target: record.target.clone(),

@@ -139,6 +139,14 @@ pub enum Denied {
 }
 
 impl Denied {
+    /// Who was refused, when the token was valid.
+    pub fn caller(&self) -> Option<&Caller> {
+        match self {
+            Denied::Forbidden { caller, .. } => Some(caller),
+            Denied::Unauthenticated(_) => None,
+        }
+    }
+
     pub fn message(&self) -> String {
         match self {
             Denied::Unauthenticated(why) => why.clone(),
@@ -369,7 +377,7 @@ impl Tokens {
         let record = TokenRecord {
             name: name.to_owned(),
             role,
-            sha256: hex(&hash),
+            sha256: metalgraph_engine::seal::to_hex(&hash),
             created_at: now_rfc3339(),
             last_used: None,
         };
@@ -444,7 +452,10 @@ impl Tokens {
         let new = self.create(BOOTSTRAP_NAME, Role::Admin).await?;
         let path = file.to_owned();
         let text = format!("{}\n", new.token);
-        tokio::task::spawn_blocking(move || write_private(&path, text.as_bytes())).await??;
+        tokio::task::spawn_blocking(move || {
+            crate::datadir::write_whole(&path, text.as_bytes(), crate::datadir::PRIVATE)
+        })
+        .await??;
         Ok(Some(file.to_owned()))
     }
 
@@ -458,29 +469,6 @@ impl Tokens {
             .write()
             .unwrap_or_else(|p| p.into_inner())
     }
-}
-
-/// Writes `bytes` to `path` readable by its owner only, replacing it whole (a temporary
-/// file in the same directory, then a rename).
-pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
 }
 
 /// Runs a store write on the blocking pool.
@@ -543,19 +531,8 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     out
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn decode_hash(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
+    metalgraph_engine::seal::from_hex(s)?.try_into().ok()
 }
 
 fn encode(r: &TokenRecord) -> Vec<u8> {

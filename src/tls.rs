@@ -24,6 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::config::SecurityConfig;
+use crate::datadir::{PRIVATE, PUBLIC, write_whole};
 
 /// The acceptors of the two TLS listeners.
 #[derive(Clone)]
@@ -168,8 +169,8 @@ fn local_ca(
             let cert = ca_params(&name, today, CA_YEARS)
                 .self_signed(&key)
                 .context("cannot make the CA certificate")?;
-            crate::auth::write_private(&file("ca.key"), key.serialize_pem().as_bytes())?;
-            write_public(&file("ca.pem"), cert.pem().as_bytes())?;
+            write_whole(&file("ca.key"), key.serialize_pem().as_bytes(), PRIVATE)?;
+            write_whole(&file("ca.pem"), cert.pem().as_bytes(), PUBLIC)?;
             info!(ca = %file("ca.pem").display(), "made a local CA; clients trust this file");
             (name, key)
         }
@@ -197,16 +198,17 @@ fn local_ca(
         let cert = params
             .signed_by(&key, &issuer)
             .context("cannot sign the server certificate")?;
-        crate::auth::write_private(&file("server.key"), key.serialize_pem().as_bytes())?;
-        write_public(&file("server.pem"), cert.pem().as_bytes())?;
+        write_whole(&file("server.key"), key.serialize_pem().as_bytes(), PRIVATE)?;
+        write_whole(&file("server.pem"), cert.pem().as_bytes(), PUBLIC)?;
         let state = State {
             ca_name,
             names: names.clone(),
             server_not_after: shift_years(today, SERVER_YEARS)?,
         };
-        write_public(
+        write_whole(
             &file("state.json"),
             &serde_json::to_vec_pretty(&state).expect("the TLS state serialises"),
+            PUBLIC,
         )?;
         info!(names = ?names, "made the server certificate");
     }
@@ -329,14 +331,7 @@ fn random_hex(bytes: usize) -> anyhow::Result<String> {
     ring::rand::SystemRandom::new()
         .fill(&mut buf)
         .map_err(|_| anyhow::anyhow!("the system's random source failed"))?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Writes a file anyone may read (a certificate), whole.
-fn write_public(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    Ok(metalgraph_engine::seal::to_hex(&buf))
 }
 
 #[cfg(test)]

@@ -90,6 +90,15 @@ async fn harness_with(setup: Setup) -> Harness {
 const ELSEWHERE: &str = "10.9.0.77:40000";
 
 impl Harness {
+    /// Puts the shipped `kickstart-callback.ks` into the templates directory.
+    fn ship_kickstart(&self) {
+        std::fs::write(
+            self.templates.path().join("kickstart-callback.ks"),
+            include_str!("../templates/kickstart-callback.ks"),
+        )
+        .unwrap();
+    }
+
     /// `GET uri` on the node-facing API: status, content type, body text.
     async fn get(&self, uri: &str) -> (StatusCode, String, String) {
         self.get_as(uri, None, None).await
@@ -460,11 +469,7 @@ async fn notify(h: &Harness, node: &str, token: &str) -> (StatusCode, String) {
 #[tokio::test]
 async fn only_the_node_itself_is_shown_its_callback_token() {
     let h = harness().await;
-    std::fs::write(
-        h.templates.path().join("kickstart-callback.ks"),
-        include_str!("../templates/kickstart-callback.ks"),
-    )
-    .unwrap();
+    h.ship_kickstart();
     let node = h.node("52:54:00:12:34:50", &[]).await;
     let idle = h.node("52:54:00:12:34:51", &[]).await;
     let ks =
@@ -562,11 +567,7 @@ async fn with_full_dhcp_the_leased_address_proves_the_node() {
         ..Setup::default()
     })
     .await;
-    std::fs::write(
-        h.templates.path().join("kickstart-callback.ks"),
-        include_str!("../templates/kickstart-callback.ks"),
-    )
-    .unwrap();
+    h.ship_kickstart();
     let node = h.node("52:54:00:12:34:60", &[]).await;
     // What full-mode DHCP records when it leases an address (durable before its ACK).
     let planner = StorePlanner::new(h.engine.clone(), h.store.clone(), NODE_BASE);
@@ -1139,11 +1140,7 @@ async fn reported_values_that_are_not_what_ipxe_writes_are_refused() {
 #[tokio::test]
 async fn a_kickstart_refuses_to_print_a_line_break_a_node_brought_in() {
     let h = harness().await;
-    std::fs::write(
-        h.templates.path().join("kickstart-callback.ks"),
-        include_str!("../templates/kickstart-callback.ks"),
-    )
-    .unwrap();
+    h.ship_kickstart();
     std::fs::write(
         h.templates.path().join("bmc.ks"),
         "# Node {{ node.name }}, BMC {{ node.obmHost }}\ntext\nreboot\n",

@@ -73,11 +73,7 @@ impl NodeCaps {
             ctx.update(field.as_bytes());
         }
         let tag = ctx.sign();
-        let mut hex = String::with_capacity(32);
-        for b in &tag.as_ref()[..16] {
-            hex.push_str(&format!("{b:02x}"));
-        }
-        NodeCap(hex)
+        NodeCap(crate::seal::to_hex(&tag.as_ref()[..16]))
     }
 }
 

@@ -297,6 +297,22 @@ impl DefinitionQuery {
     }
 }
 
+/// A page of definitions as the API lists them: each with its `source`.
+fn sourced_page<T: serde::Serialize>(uri: &Uri, page: Page<(T, Source)>) -> Response {
+    let items = page
+        .items
+        .into_iter()
+        .map(|(d, src)| with_source(d, src))
+        .collect::<Vec<_>>();
+    page_response(
+        uri,
+        Page {
+            items,
+            next: page.next,
+        },
+    )
+}
+
 /// Graphs in name order, one page: the shipped library and the stored ones (a stored
 /// graph shadows a library graph of the same name). Each carries `source`: `library` or
 /// `user`.
@@ -317,15 +333,7 @@ async fn list_graphs(
     Query(q): Query<DefinitionQuery>,
 ) -> Result<Response> {
     let page = s.engine.definitions().graphs_page(q.page()).await?;
-    let page = Page {
-        items: page
-            .items
-            .into_iter()
-            .map(|(g, src)| with_source(g, src))
-            .collect::<Vec<_>>(),
-        next: page.next,
-    };
-    Ok(page_response(&uri, page))
+    Ok(sourced_page(&uri, page))
 }
 
 /// One graph, with `source`.
@@ -435,15 +443,7 @@ async fn list_tasks(
     Query(q): Query<DefinitionQuery>,
 ) -> Result<Response> {
     let page = s.engine.definitions().tasks_page(q.page()).await?;
-    let page = Page {
-        items: page
-            .items
-            .into_iter()
-            .map(|(t, src)| with_source(t, src))
-            .collect::<Vec<_>>(),
-        next: page.next,
-    };
-    Ok(page_response(&uri, page))
+    Ok(sourced_page(&uri, page))
 }
 
 /// One task definition, with `source`.
@@ -1400,14 +1400,24 @@ async fn proven_token(
 ) -> Result<String> {
     let nothing = || ApiError::from(metalgraph_engine::not_waiting(Some(id)));
     let node = s.engine.nodes().get(id).await?.ok_or_else(nothing)?;
-    let w = s.engine.waiting_task(id).ok_or_else(nothing)?;
-    match s.node_access.proof(&node, &w.cap, cap, peer).await {
-        Some(proof) => {
-            debug!(node = %id, proof = ?proof, "a callback without a token, taken from the node");
-            Ok(w.token)
-        }
-        None => Err(nothing()),
-    }
+    let (w, proof) = proven_waiter(s, &node, cap, peer)
+        .await
+        .ok_or_else(nothing)?;
+    debug!(node = %id, proof = ?proof, "a callback without a token, taken from the node");
+    Ok(w.token)
+}
+
+/// The task waiting for `node`'s callback, when one waits and the request proves it comes
+/// from the node (`boot::access`): its capability `cap`, or its address `peer`.
+async fn proven_waiter(
+    s: &AppState,
+    node: &Node,
+    cap: Option<&str>,
+    peer: Option<std::net::IpAddr>,
+) -> Option<(metalgraph_engine::WaitingTask, crate::boot::Proof)> {
+    let w = s.engine.waiting_task(&node.id)?;
+    let proof = s.node_access.proof(node, &w.cap, cap, peer).await?;
+    Some((w, proof))
 }
 
 /// `GET /templates/{name}?nodeId=`.
@@ -1486,18 +1496,9 @@ async fn template(
     });
     // The waiting task's token is shown only to the node itself; to anyone else the node
     // looks like one on which nothing waits.
-    let mut waiting = None;
-    if let Some(w) = s.engine.waiting_task(&node.id) {
-        match s
-            .node_access
-            .proof(&node, &w.cap, q.cap.as_deref(), peer)
-            .await
-        {
-            Some(proof) => waiting = Some((w, proof)),
-            None => {
-                debug!(node = %node.id, template = %name, "template rendered without the callback: the request does not prove it is the node");
-            }
-        }
+    let waiting = proven_waiter(&s, &node, q.cap.as_deref(), peer).await;
+    if waiting.is_none() && s.engine.waiting_task(&node.id).is_some() {
+        debug!(node = %node.id, template = %name, "template rendered without the callback: the request does not prove it is the node");
     }
     if let Some((w, proof)) = &waiting {
         vars["notification"] = crate::boot::waiting_vars(

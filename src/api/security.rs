@@ -35,27 +35,19 @@ pub async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Respo
         .map(HeaderValue::as_bytes);
     let (response, caller) = match s.tokens.check(header, needed) {
         Ok(caller) => (next.run(req).await, caller),
-        Err(denied) => {
-            let caller = match &denied {
-                Denied::Forbidden { caller, .. } => Some(caller.clone()),
-                Denied::Unauthenticated(_) => None,
-            };
-            (refusal(&denied), caller)
-        }
+        Err(denied) => (refusal(&denied), denied.caller().cloned()),
     };
     if auth::mutates(&method) {
-        let record = audit::Record {
-            token: caller.as_ref().map(|c| c.name.clone()),
-            role: caller.as_ref().map(|c| c.role.as_str().to_owned()),
-            protocol: "http",
-            method: method.to_string(),
-            target: path,
-            status: response.status().as_u16().to_string(),
-            peer,
-        };
-        if let Err(e) = s.audit.record(record).await {
-            tracing::error!(error = %e, "a call was not recorded in the audit log");
-        }
+        s.audit
+            .record(audit::Record {
+                caller,
+                protocol: "http",
+                method: method.to_string(),
+                target: path,
+                status: response.status().as_u16().to_string(),
+                peer,
+            })
+            .await;
     }
     response
 }
@@ -259,14 +251,13 @@ where
             let (response, caller) = match tokens.check(header, needed) {
                 Ok(caller) => (inner.call(req).await?, caller),
                 Err(denied) => {
-                    let (status, caller) = match &denied {
-                        Denied::Unauthenticated(m) => (tonic::Status::unauthenticated(m), None),
-                        Denied::Forbidden { caller, .. } => (
-                            tonic::Status::permission_denied(denied.message()),
-                            Some(caller.clone()),
-                        ),
+                    let status = match &denied {
+                        Denied::Unauthenticated(m) => tonic::Status::unauthenticated(m),
+                        Denied::Forbidden { .. } => {
+                            tonic::Status::permission_denied(denied.message())
+                        }
                     };
-                    (status.into_http(), caller)
+                    (status.into_http(), denied.caller().cloned())
                 }
             };
             if needed >= Role::Operator {
@@ -278,18 +269,16 @@ where
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<i32>().ok())
                     .map_or(tonic::Code::Ok, tonic::Code::from_i32);
-                let record = audit::Record {
-                    token: caller.as_ref().map(|c| c.name.clone()),
-                    role: caller.as_ref().map(|c| c.role.as_str().to_owned()),
-                    protocol: "grpc",
-                    method: path.clone(),
-                    target: path,
-                    status: format!("{code:?}"),
-                    peer,
-                };
-                if let Err(e) = audit.record(record).await {
-                    tracing::error!(error = %e, "a call was not recorded in the audit log");
-                }
+                audit
+                    .record(audit::Record {
+                        caller,
+                        protocol: "grpc",
+                        method: path.clone(),
+                        target: path,
+                        status: format!("{code:?}"),
+                        peer,
+                    })
+                    .await;
             }
             Ok(response)
         })

@@ -525,17 +525,18 @@ impl ClockState {
 /// The TLS handshake of an HTTP connection, within `timeout`. A client that speaks plain
 /// HTTP to it is told, in plain HTTP, to use `https://`, and the connection closes; so does
 /// one whose handshake fails or is too slow.
-async fn handshake<S>(
-    mut stream: S,
+async fn handshake(
+    mut stream: Watched,
     acceptor: &TlsAcceptor,
     timeout: Duration,
-) -> Option<tokio_rustls::server::TlsStream<S>>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Peekable,
-{
+) -> Option<tokio_rustls::server::TlsStream<Watched>> {
     let shake = async {
         // A TLS client starts with a handshake record (22); a letter is an HTTP method.
-        if stream.peek_byte().await?.is_ascii_alphabetic() {
+        let mut first = [0u8; 1];
+        if stream.inner.peek(&mut first).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if first[0].is_ascii_alphabetic() {
             use tokio::io::AsyncWriteExt as _;
             let _ = stream.write_all(&plain_http_to_tls()).await;
             let _ = stream.shutdown().await;
@@ -569,31 +570,6 @@ fn plain_http_to_tls() -> Vec<u8> {
         body.len()
     )
     .into_bytes()
-}
-
-/// A socket whose next byte can be looked at without taking it.
-trait Peekable {
-    fn peek_byte(&mut self) -> impl Future<Output = io::Result<u8>> + Send;
-}
-
-impl Peekable for Watched {
-    async fn peek_byte(&mut self) -> io::Result<u8> {
-        let mut b = [0u8; 1];
-        match self.inner.peek(&mut b).await? {
-            0 => Err(io::ErrorKind::UnexpectedEof.into()),
-            _ => Ok(b[0]),
-        }
-    }
-}
-
-impl Peekable for TcpStream {
-    async fn peek_byte(&mut self) -> io::Result<u8> {
-        let mut b = [0u8; 1];
-        match self.peek(&mut b).await? {
-            0 => Err(io::ErrorKind::UnexpectedEof.into()),
-            _ => Ok(b[0]),
-        }
-    }
 }
 
 /// A socket that tells its connection's [`Clock`] about every byte it moves.

@@ -306,10 +306,9 @@ pub fn raw_client() -> reqwest::Client {
         .expect("client")
 }
 
-/// A self-signed certificate for 127.0.0.1 and its key, made with openssl.
+/// A private CA (written to `ca.pem`, for OBMs that name it in `caCert`) and the BMC's
+/// certificate for 127.0.0.1, which it signs: the paths of the certificate and its key.
 fn bmc_certificate(dir: &Path) -> (PathBuf, PathBuf) {
-    // A private CA (`ca.pem`, for OBMs that name it in `caCert`) and the BMC's certificate
-    // for 127.0.0.1, which it signs.
     let ca_key = rcgen::KeyPair::generate().expect("a CA key");
     let mut ca = rcgen::CertificateParams::default();
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
