@@ -516,3 +516,69 @@ async fn tls_verified_against_the_bmcs_own_ca_or_not_at_all() {
     run_everywhere(&mg.api, "Graph.PowerOff.Node", &[node]).await;
     assert_eq!(sushy.power_state(0).await, "Off");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rackhd_obm_actions_drive_a_real_redfish_bmc() {
+    let sushy = Sushy::start(SushyOptions {
+        systems: 1,
+        instant: true,
+        auth: Some(("admin".into(), PASSWORD.into())),
+        ..SushyOptions::default()
+    })
+    .await;
+    let mg = metalgraph(None);
+    let (wf, ids) = discover(
+        &mg.api,
+        json!({"defaults": {"uri": sushy.base, "username": "admin", "password": PASSWORD}}),
+    )
+    .await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    let node = &ids[&0];
+    // RackHD's own shape: Task.Base.Obm.Node with RackHD's action names, naming the IPMI
+    // service as RackHD's shipped tasks do; the node's Redfish OBM drives it.
+    for (action, name) in [
+        ("powerOff", "Task.Rackhd.PowerOff"),
+        ("forceBootPxe", "Task.Rackhd.ForcePxe"),
+        ("powerStatus", "Task.Rackhd.Status"),
+    ] {
+        let (code, body) = mg
+            .api
+            .send(
+                "PUT",
+                "/api/2.0/workflows/tasks",
+                Some(
+                    json!({"injectableName": name, "implementsTask": "Task.Base.Obm.Node",
+                            "options": {"action": action, "obmServiceName": "ipmi-obm-service"},
+                            "properties": {"power": {}}}),
+                ),
+            )
+            .await;
+        assert_eq!(code, 201, "{body}");
+        let (code, body) = mg
+            .api
+            .send(
+                "PUT",
+                "/api/2.0/workflows/graphs",
+                Some(json!({"injectableName": format!("Graph.{name}"),
+                            "tasks": [{"label": "obm", "taskName": name}]})),
+            )
+            .await;
+        assert_eq!(code, 201, "{body}");
+    }
+    run_everywhere(&mg.api, "Graph.Task.Rackhd.PowerOff", &[node]).await;
+    assert_eq!(sushy.power_state(0).await, "Off");
+    // forceBootPxe: PXE on the next boot, then a reset (from off, that powers on).
+    run_everywhere(&mg.api, "Graph.Task.Rackhd.ForcePxe", &[node]).await;
+    let system = sushy.get(&sushy.system_path(0)).await;
+    assert_eq!(
+        system["Boot"]["BootSourceOverrideTarget"], "Pxe",
+        "{system:#}"
+    );
+    assert_eq!(system["PowerState"], "On");
+    let ends = run_everywhere(&mg.api, "Graph.Task.Rackhd.Status", &[node]).await;
+    assert_eq!(
+        ends[0]["context"]["obm"]["powerState"], "On",
+        "{:#}",
+        ends[0]
+    );
+}
