@@ -94,8 +94,10 @@ async fn an_ipmi_endpoint_lists_its_system_discovers_one_node_and_drives_it() {
         .send(
             "POST",
             "/api/2.0/endpoints",
-            Some(json!({"name": "rack-ipmi-07", "service": "ipmi", "url": sim.host(),
-                        "user": "admin", "password": IPMI_PASSWORD})),
+            Some(
+                json!({"name": "rack-ipmi-07", "service": "ipmi", "url": sim.host(),
+                        "user": "admin", "password": IPMI_PASSWORD}),
+            ),
         )
         .await;
     assert_eq!(code, 201, "{ep}");
@@ -129,7 +131,9 @@ async fn an_ipmi_endpoint_lists_its_system_discovers_one_node_and_drives_it() {
         .await;
     assert_eq!(wf["status"], "succeeded", "{wf:#}");
     assert_eq!(sim.state("power"), "1");
-    let (_, systems) = api.get(&format!("/api/2.0/systems?endpoint={id}&powerState=on")).await;
+    let (_, systems) = api
+        .get(&format!("/api/2.0/systems?endpoint={id}&powerState=on"))
+        .await;
     assert_eq!(systems["systems"][0]["node"], node, "{systems:#}");
     assert!(!systems.to_string().contains(IPMI_PASSWORD));
 }
