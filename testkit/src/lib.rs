@@ -1,9 +1,14 @@
 //! Fixtures for the real peers metalgraph's tests run against: sushy-tools (Redfish),
-//! ipmi_sim (IPMI), free ports, child processes killed on drop.
+//! ipmi_sim (IPMI), PostgreSQL (a throwaway cluster per test process), free ports, child
+//! processes killed on drop.
 //!
 //! Each peer starts on free ports in a fresh temporary directory and is killed when dropped.
 //! The peers come from scripts/install-peers.sh. Dev-only: shared by the tasks crate's and
 //! the binary's tests, never a dependency of non-test code.
+
+mod postgres;
+
+pub use postgres::{Postgres, postgres};
 
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
