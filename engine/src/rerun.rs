@@ -19,20 +19,6 @@ use crate::workflow::{TaskRecord, WorkflowRecord};
 /// (its parent's rerun starts a new one where it is needed).
 pub(crate) fn check(rec: &WorkflowRecord) -> Result<(), Error> {
     let id = &rec.id;
-    match rec.status {
-        WorkflowStatus::Failed | WorkflowStatus::Cancelled => {}
-        WorkflowStatus::Succeeded => {
-            return Err(Error::Conflict(format!(
-                "workflow {id} succeeded: only a failed or cancelled workflow can be rerun"
-            )));
-        }
-        s @ (WorkflowStatus::Pending | WorkflowStatus::Running) => {
-            return Err(Error::Conflict(format!(
-                "workflow {id} is still {s}: only a failed or cancelled workflow can be rerun \
-                 (cancel it first)"
-            )));
-        }
-    }
     if let Some(p) = &rec.parent {
         return Err(Error::Conflict(format!(
             "workflow {id} is a subgraph of workflow {}: rerun that one, which starts this \
@@ -40,7 +26,16 @@ pub(crate) fn check(rec: &WorkflowRecord) -> Result<(), Error> {
             p.workflow_id
         )));
     }
-    Ok(())
+    match rec.status {
+        WorkflowStatus::Failed | WorkflowStatus::Cancelled => Ok(()),
+        WorkflowStatus::Succeeded => Err(Error::Conflict(format!(
+            "workflow {id} succeeded: only a failed or cancelled workflow can be rerun"
+        ))),
+        s @ (WorkflowStatus::Pending | WorkflowStatus::Running) => Err(Error::Conflict(format!(
+            "workflow {id} is still {s}: only a failed or cancelled workflow can be rerun \
+             (cancel it first)"
+        ))),
+    }
 }
 
 /// The rerun's options: the old run's layers with `overrides` merged in key by key, a
