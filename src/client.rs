@@ -448,7 +448,12 @@ impl Client {
     }
 
     /// Shows a workflow just created, or with `wait` follows it to its end.
-    async fn started(&self, created: Value, wait: bool, output: Output) -> anyhow::Result<ExitCode> {
+    async fn started(
+        &self,
+        created: Value,
+        wait: bool,
+        output: Output,
+    ) -> anyhow::Result<ExitCode> {
         if !wait {
             print_as(output, Shape::Workflow, &created)?;
             return Ok(ExitCode::SUCCESS);

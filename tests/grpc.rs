@@ -545,7 +545,11 @@ async fn finished(wfs: &mut WorkflowsClient<support::Grpc>, id: &str) -> pb::Wor
 async fn rerun_workflow_runs_from_the_failure() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let server = Server::start(dir.path(), "sled", &["--grpc-listen", &format!("127.0.0.1:{port}")]);
+    let server = Server::start(
+        dir.path(),
+        "sled",
+        &["--grpc-listen", &format!("127.0.0.1:{port}")],
+    );
     let ch = server.grpc(port).await;
     let graph = r#"
 injectableName: Grpc.Rerun
@@ -579,7 +583,9 @@ tasks:
     let rerun = wfs
         .rerun_workflow(pb::RerunWorkflowRequest {
             id: old.instance_id.clone(),
-            options: Some(metalgraph::api::grpc::to_pb_struct(ready.as_object().unwrap())),
+            options: Some(metalgraph::api::grpc::to_pb_struct(
+                ready.as_object().unwrap(),
+            )),
         })
         .await
         .unwrap()
@@ -597,13 +603,18 @@ tasks:
     for t in &end.tasks[1..] {
         assert_eq!(t.attempts, 1, "{t:?}");
         let (started, created) = (t.started_at.unwrap(), end.created_at.unwrap());
-        assert!((started.seconds, started.nanos) >= (created.seconds, created.nanos), "{t:?}");
+        assert!(
+            (started.seconds, started.nanos) >= (created.seconds, created.nanos),
+            "{t:?}"
+        );
     }
     assert_eq!(
-        wfs.get_workflow(pb::GetWorkflowRequest { id: old.instance_id.clone() })
-            .await
-            .unwrap()
-            .into_inner(),
+        wfs.get_workflow(pb::GetWorkflowRequest {
+            id: old.instance_id.clone()
+        })
+        .await
+        .unwrap()
+        .into_inner(),
         old,
         "the old workflow is left as it was"
     );
@@ -613,7 +624,10 @@ tasks:
         id: id.into(),
         options,
     };
-    let e = wfs.rerun_workflow(rerun_of("nope", None)).await.unwrap_err();
+    let e = wfs
+        .rerun_workflow(rerun_of("nope", None))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e}");
     let e = wfs
         .rerun_workflow(rerun_of(&end.instance_id, None))
@@ -625,7 +639,9 @@ tasks:
     let e = wfs
         .rerun_workflow(rerun_of(
             &old.instance_id,
-            Some(metalgraph::api::grpc::to_pb_struct(flat.as_object().unwrap())),
+            Some(metalgraph::api::grpc::to_pb_struct(
+                flat.as_object().unwrap(),
+            )),
         ))
         .await
         .unwrap_err();

@@ -58,9 +58,7 @@ async fn failed_run(dir: &std::path::Path) -> (Server, Value) {
         let (code, body) = api.put_yaml("/api/2.0/workflows/graphs", graph).await;
         assert_eq!(code, 201, "{body}");
     }
-    let old = api
-        .run_wait("Rerun.Five", None, json!({}), LIMIT)
-        .await;
+    let old = api.run_wait("Rerun.Five", None, json!({}), LIMIT).await;
     assert_eq!(old["status"], "failed", "{old:#}");
     assert_eq!(
         states(&old),
@@ -78,6 +76,16 @@ async fn action(api: &Api, id: &str, body: Value) -> (u16, Value) {
     .await
 }
 
+/// Checks that `body` on workflow `id` is refused with `code` and a message naming `what`.
+async fn refused(api: &Api, id: &str, body: Value, code: u16, what: &str) {
+    let (got, answer) = action(api, id, body).await;
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        got == code && message.contains(what),
+        "expected {code} naming {what:?}, got {got} {answer}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rerun_runs_from_the_failure_and_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -87,34 +95,41 @@ async fn a_rerun_runs_from_the_failure_and_survives_a_restart() {
     let child = old["context"]["first"]["workflowId"].as_str().unwrap();
 
     // Refusals: each names what is wrong.
-    let (code, body) = action(&api, "no-such-id", json!({"command": "rerun"})).await;
-    assert_eq!((code, body["error"]["code"].as_str()), (404, Some("not_found")), "{body}");
-    let (code, body) = action(&api, child, json!({"command": "rerun"})).await;
-    assert_eq!(code, 409, "a subgraph: {body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("subgraph of workflow {id}")),
-        "{body}"
-    );
-    let (code, body) = action(&api, id, json!({"command": "rerun", "options": [1]})).await;
-    assert_eq!(code, 400, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("'options'"), "{body}");
-    let (code, body) = action(
+    let rerun_with = |options: Value| json!({"command": "rerun", "options": options});
+    refused(
         &api,
-        id,
-        json!({"command": "rerun", "options": {"third": {"when": 3}}}),
+        "no-such-id",
+        rerun_with(json!({})),
+        404,
+        "workflow no-such-id not found",
     )
     .await;
-    assert_eq!(code, 400, "an option the task refuses: {body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("when"), "{body}");
-    let (code, body) = action(&api, id, json!({"command": "redo"})).await;
-    assert_eq!(code, 400, "{body}");
-    assert!(
-        body["error"]["message"].as_str().unwrap().contains("expected cancel or rerun"),
-        "{body}"
-    );
+    refused(
+        &api,
+        child,
+        rerun_with(json!({})),
+        409,
+        &format!("subgraph of workflow {id}"),
+    )
+    .await;
+    refused(
+        &api,
+        id,
+        rerun_with(json!([1])),
+        400,
+        "field 'options' must be an object",
+    )
+    .await;
+    let refuses = rerun_with(json!({"third": {"when": 3}}));
+    refused(&api, id, refuses, 400, "when").await;
+    refused(
+        &api,
+        id,
+        json!({"command": "redo"}),
+        400,
+        "expected cancel or rerun",
+    )
+    .await;
     // The refusals created nothing.
     let (_, all) = api.get("/api/2.0/workflows?graph=Rerun.Five").await;
     assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
@@ -131,18 +146,16 @@ async fn a_rerun_runs_from_the_failure_and_survives_a_restart() {
     assert_ne!(new, id);
     assert_eq!(rerun["rerunOf"], id);
     assert_eq!(rerun["name"], "Rerun.Five");
-    assert_eq!(rerun["options"], json!({"defaults": {"ready": true, "firstChild": child}}));
+    assert_eq!(
+        rerun["options"],
+        json!({"defaults": {"ready": true, "firstChild": child}})
+    );
     for label in ["first", "second"] {
         assert_eq!(task(&rerun, label)["state"], "succeeded", "{rerun:#}");
         assert_eq!(rerun["context"][label], old["context"][label], "{label}");
     }
     // A workflow that is running is no workflow to rerun.
-    let (code, body) = action(&api, &new, json!({"command": "rerun"})).await;
-    assert_eq!(code, 409, "{body}");
-    assert!(
-        body["error"]["message"].as_str().unwrap().contains("is still"),
-        "{body}"
-    );
+    refused(&api, &new, json!({"command": "rerun"}), 409, "is still").await;
 
     // Killed while the fifth task waits; the next start resumes the rerun.
     let v = api.wait_task(&new, "fifth", "running", LIMIT).await;
@@ -178,9 +191,8 @@ async fn a_rerun_runs_from_the_failure_and_survives_a_restart() {
     // The old workflow is left as it was.
     let (code, again) = api.get(&format!("/api/2.0/workflows/{id}")).await;
     assert_eq!((code, &again), (200, &old));
-    // And a finished rerun that succeeded is not rerun.
-    let (code, body) = action(&api, &new, json!({"command": "rerun"})).await;
-    assert_eq!(code, 409, "{body}");
+    // And a rerun that succeeded is not rerun.
+    refused(&api, &new, json!({"command": "rerun"}), 409, "succeeded").await;
 }
 
 /// Runs `metalgraph ARGS` against `server`, with the token and CA from its data directory.
@@ -223,11 +235,15 @@ async fn metalgraph_rerun_follows_the_new_workflow() {
     // Progress shows only what changed in the rerun, not the kept tasks.
     let progress: Vec<&str> = stdout.lines().filter(|l| l.starts_with('[')).collect();
     assert!(
-        progress.iter().any(|l| l.contains("] third            failed: condition")),
+        progress
+            .iter()
+            .any(|l| l.contains("] third            failed: condition")),
         "{stdout}"
     );
     assert!(
-        !progress.iter().any(|l| l.contains("] first ") || l.contains("] second ")),
+        !progress
+            .iter()
+            .any(|l| l.contains("] first ") || l.contains("] second ")),
         "{stdout}"
     );
 
@@ -239,14 +255,25 @@ async fn metalgraph_rerun_follows_the_new_workflow() {
     let (code, stdout, stderr) = mg(
         &server,
         &[
-            "rerun", id, "--options", &at_file, "-o", &first_child, "--wait", "--output", "json",
+            "rerun",
+            id,
+            "--options",
+            &at_file,
+            "-o",
+            &first_child,
+            "--wait",
+            "--output",
+            "json",
         ],
     );
     assert_eq!((code, stderr.as_str()), (0, ""), "{stdout}");
     let end: Value = serde_json::from_str(&stdout).expect("a workflow as JSON");
     assert_eq!(end["status"], "succeeded", "{end:#}");
     assert_eq!(end["rerunOf"], id);
-    assert_eq!(end["options"]["defaults"], json!({"ready": true, "firstChild": child}));
+    assert_eq!(
+        end["options"]["defaults"],
+        json!({"ready": true, "firstChild": child})
+    );
 
     // Bad input is refused before anything is sent, or by the server, naming what is wrong.
     let (code, _, stderr) = mg(&server, &["rerun", id, "--options", "[1]"]);

@@ -396,7 +396,11 @@ impl Engine {
             .await
     }
 
-    pub(crate) async fn create(&self, req: RunRequest, origin: Origin) -> Result<WorkflowView, Error> {
+    pub(crate) async fn create(
+        &self,
+        req: RunRequest,
+        origin: Origin,
+    ) -> Result<WorkflowView, Error> {
         self.inner.recovered.cancelled().await;
         if let Err(why) = self.health() {
             return Err(Error::Unavailable(why));

@@ -189,7 +189,12 @@ mod tests {
             .zip(&tasks)
             .filter(|(_, t)| t.state == TaskState::Succeeded)
             .map(|(p, t)| {
-                let i = rec.plan.tasks.iter().position(|o| o.label == p.label).unwrap();
+                let i = rec
+                    .plan
+                    .tasks
+                    .iter()
+                    .position(|o| o.label == p.label)
+                    .unwrap();
                 assert_eq!(t.output, old_tasks[i].output, "{}", p.label);
                 assert_eq!(t.started_at, old_tasks[i].started_at, "{}", p.label);
                 assert!(t.id.starts_with("new."), "the new record's id is kept");

@@ -107,7 +107,10 @@ pub(crate) async fn run_subgraph(
                 workflow_id: ctx.workflow_id.clone(),
                 task_id: ctx.task_id.clone(),
             };
-            match engine.create(req, Origin::Child(parent, child_key.clone())).await {
+            match engine
+                .create(req, Origin::Child(parent, child_key.clone()))
+                .await
+            {
                 Ok(v) => v.instance_id,
                 Err(Error::Conflict(_)) => engine
                     .child(&child_key)

@@ -616,7 +616,10 @@ tasks:
     assert_eq!(started, ["c", "d"]);
     let c = &sim.starts[0];
     let context = c.context.as_ref().expect("c's options hold a template");
-    assert_eq!(Value::Object(context.clone()), json!({"a": {"v": "x"}, "b": {"v": "y"}}));
+    assert_eq!(
+        Value::Object(context.clone()),
+        json!({"a": {"v": "x"}, "b": {"v": "y"}})
+    );
     let end = sim.committed(&id);
     assert_eq!(end.status, WorkflowStatus::Succeeded);
     assert_eq!(end.context["c"]["level"], "x/y");

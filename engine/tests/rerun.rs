@@ -112,7 +112,10 @@ async fn a_rerun_runs_the_failed_task_onwards_with_the_earlier_outputs() {
         );
     }
     // The old workflow is left as it was.
-    assert_eq!(h.engine.get(&old.instance_id).await.unwrap(), Some(old.clone()));
+    assert_eq!(
+        h.engine.get(&old.instance_id).await.unwrap(),
+        Some(old.clone())
+    );
 
     // The rerun's events: created, started, and only the tasks that ran.
     let mut seen = Vec::new();
@@ -208,7 +211,10 @@ tasks:
     assert_eq!(states(&old), "a=succeeded b=cancelled c=skipped");
     let rerun = h
         .engine
-        .rerun(&old.instance_id, options(json!({"b": {"duration": "10ms"}})))
+        .rerun(
+            &old.instance_id,
+            options(json!({"b": {"duration": "10ms"}})),
+        )
         .await
         .unwrap();
     let end = h.wait(&rerun.instance_id).await;
@@ -256,7 +262,10 @@ tasks:
     // A subgraph is not rerun on its own: its parent's rerun starts it again.
     match h.engine.rerun(&failed_child[0], Default::default()).await {
         Err(Error::Conflict(m)) => {
-            assert!(m.contains(&format!("subgraph of workflow {}", old.instance_id)), "{m}")
+            assert!(
+                m.contains(&format!("subgraph of workflow {}", old.instance_id)),
+                "{m}"
+            )
         }
         other => panic!("expected a conflict, got {other:?}"),
     }
@@ -332,7 +341,10 @@ async fn only_a_failed_or_cancelled_workflow_reruns_and_it_takes_the_node_lock()
     h.engine.cancel(&busy.instance_id).await.unwrap();
     let bad = h
         .engine
-        .rerun(&failed.instance_id, options(json!({"c": {"failTimes": "many"}})))
+        .rerun(
+            &failed.instance_id,
+            options(json!({"c": {"failTimes": "many"}})),
+        )
         .await;
     assert!(matches!(bad, Err(Error::BadOptions(_))), "{bad:?}");
 
