@@ -153,6 +153,52 @@ async fn a_rerun_runs_the_failed_task_onwards_with_the_earlier_outputs() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_rerun_plans_the_graph_as_it_is_stored_now() {
+    let h = start(Arc::new(MemStore::new()), &[FIVE], |_| {});
+    let old = h.run("Five", json!({}), None).await;
+    let old = h.wait(&old.instance_id).await;
+    assert_eq!(old.status, WorkflowStatus::Failed);
+    // The graph is fixed since: `c` no longer fails, `b`'s options changed (its task did
+    // not), `e` is gone and `f` is new.
+    let fixed = r#"
+injectableName: Five
+tasks:
+  - {label: a, taskName: Task.Echo, optionOverrides: {level: first}}
+  - {label: b, taskName: Task.Echo, optionOverrides: {level: changed}, waitOn: {a: succeeded}}
+  - {label: c, taskName: Task.Flaky, optionOverrides: {failTimes: 0}, waitOn: {b: succeeded}}
+  - label: d
+    taskName: Task.Echo
+    optionOverrides: {level: "{{ context.a.level }} then {{ context.b.level }}"}
+    waitOn: {c: succeeded}
+  - {label: f, taskName: Task.Noop, waitOn: {a: succeeded}}
+"#;
+    let graph = serde_json::from_value(metalgraph_engine::text::parse_yaml(fixed).unwrap());
+    h.engine
+        .definitions()
+        .put_graph(graph.unwrap())
+        .await
+        .unwrap();
+    let rerun = h
+        .engine
+        .rerun(&old.instance_id, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        states(&rerun),
+        "a=succeeded b=succeeded c=pending d=pending f=pending"
+    );
+    let end = h.wait(&rerun.instance_id).await;
+    assert_eq!(end.status, WorkflowStatus::Succeeded, "{end:#?}");
+    let mut ran = ran(&h, &rerun.instance_id);
+    ran.sort();
+    assert_eq!(ran, ["c", "d", "f"]);
+    // `b` kept the output it had: a task is taken over by label, task name and wait, not
+    // by its options.
+    assert_eq!(end.context["d"]["level"], "first then second");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_task_that_ran_after_the_failure_runs_again_after_the_rerun_task() {
     // `cleanup` ran after `work` failed and succeeded; in the rerun it waits for `work`
     // again. `report` handled the failure; this time it is skipped.
