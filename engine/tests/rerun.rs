@@ -155,6 +155,11 @@ async fn a_rerun_runs_the_failed_task_onwards_with_the_earlier_outputs() {
 #[tokio::test(start_paused = true)]
 async fn a_rerun_plans_the_graph_as_it_is_stored_now() {
     let h = start(Arc::new(MemStore::new()), &[FIVE], |_| {});
+    let put = |yaml: &str| {
+        let graph = serde_json::from_value(metalgraph_engine::text::parse_yaml(yaml).unwrap());
+        let defs = h.engine.definitions().clone();
+        async move { defs.put_graph(graph.unwrap()).await.unwrap() }
+    };
     let old = h.run("Five", json!({}), None).await;
     let old = h.wait(&old.instance_id).await;
     assert_eq!(old.status, WorkflowStatus::Failed);
@@ -172,12 +177,7 @@ tasks:
     waitOn: {c: succeeded}
   - {label: f, taskName: Task.Noop, waitOn: {a: succeeded}}
 "#;
-    let graph = serde_json::from_value(metalgraph_engine::text::parse_yaml(fixed).unwrap());
-    h.engine
-        .definitions()
-        .put_graph(graph.unwrap())
-        .await
-        .unwrap();
+    put(fixed).await;
     let rerun = h
         .engine
         .rerun(&old.instance_id, Default::default())
@@ -189,12 +189,32 @@ tasks:
     );
     let end = h.wait(&rerun.instance_id).await;
     assert_eq!(end.status, WorkflowStatus::Succeeded, "{end:#?}");
-    let mut ran = ran(&h, &rerun.instance_id);
-    ran.sort();
-    assert_eq!(ran, ["c", "d", "f"]);
+    let mut labels = ran(&h, &rerun.instance_id);
+    labels.sort();
+    assert_eq!(labels, ["c", "d", "f"]);
     // `b` kept the output it had: a task is taken over by label, task name and wait, not
     // by its options.
     assert_eq!(end.context["d"]["level"], "first then second");
+
+    // The tasks that failed are gone from the graph: nothing is left to run.
+    put("{injectableName: Two, tasks: [{label: a, taskName: Task.Echo}, {label: b, taskName: Task.Fail}]}").await;
+    let two = h.run("Two", json!({}), None).await;
+    assert_eq!(
+        h.wait(&two.instance_id).await.status,
+        WorkflowStatus::Failed
+    );
+    put("{injectableName: Two, tasks: [{label: a, taskName: Task.Echo}]}").await;
+    let rerun = h
+        .engine
+        .rerun(&two.instance_id, Default::default())
+        .await
+        .unwrap();
+    let end = h.wait(&rerun.instance_id).await;
+    assert_eq!(
+        (end.status, states(&end)),
+        (WorkflowStatus::Succeeded, "a=succeeded".into())
+    );
+    assert!(ran(&h, &rerun.instance_id).is_empty());
     h.stop().await;
 }
 
