@@ -4,6 +4,7 @@
 //! graphs as DOT or Mermaid (`draw`). Everything goes to stdout through `out`.
 
 pub mod draw;
+pub mod fleet;
 pub mod out;
 pub mod table;
 pub mod views;

@@ -36,9 +36,14 @@ const DEMO_NODES: usize = 8;
 /// drivers (Redfish, IPMI, simulated), and RackHD's base tasks over both. `serve` and `validate` both use it, so that offline
 /// validation judges graphs exactly as the server does.
 pub fn jobs() -> JobRegistry {
+    jobs_with(Arc::default())
+}
+
+/// [`jobs`] whose BMC jobs use `drivers`.
+fn jobs_with(drivers: Arc<Drivers>) -> JobRegistry {
     let mut jobs = JobRegistry::new();
     metalgraph_tasks::register_basic(&mut jobs);
-    metalgraph_tasks::register_provisioning(&mut jobs, Arc::new(Drivers::default()));
+    metalgraph_tasks::register_provisioning(&mut jobs, drivers);
     metalgraph_tasks::rackhd::register(&mut jobs);
     jobs
 }
@@ -122,7 +127,8 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     // Workflow and task records are sealed whole; node passwords and webhook secrets field
     // by field (the engine and the hooks do that with the same key).
     let sealed = metalgraph_engine::seal::SealedStore::wrap(store.clone(), sealer.clone());
-    let mut opts = EngineOptions::new(sealed, jobs(), library);
+    let drivers: Arc<Drivers> = Arc::default();
+    let mut opts = EngineOptions::new(sealed, jobs_with(drivers.clone()), library);
     opts.sealer = Some(sealer);
     opts.max_running_jobs = config.max_running_jobs;
     opts.cancel_grace = Duration::from_millis(config.cancel_grace_ms);
@@ -228,6 +234,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             config.boot.enrolment_rate,
             config.boot.enrolment_burst,
         )),
+        drivers,
         ..base
     };
     let hooks = state.hooks.clone();

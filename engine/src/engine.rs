@@ -18,8 +18,10 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::batches::Batches;
 use crate::clock::{Clock, SystemClock};
 use crate::definitions::{Definitions, Library, MAX_SUBGRAPH_DEPTH};
+use crate::endpoints::Endpoints;
 use crate::error::{Error, blocking};
 use crate::events::{EventLog, Numbered};
 use crate::history::{ListFilter, Page, Records};
@@ -128,6 +130,7 @@ struct Inner {
     sealer: Option<Arc<Sealer>>,
     /// Where the next retention sweep goes on.
     sweep: Mutex<SweepState>,
+    batches: Batches,
 }
 
 impl Inner {
@@ -192,6 +195,7 @@ impl Engine {
             retention: opts.retention,
             sealer: opts.sealer.clone(),
             sweep: Mutex::new(SweepState::default()),
+            batches: Batches::new(opts.store.clone()),
         });
         let engine = Engine { inner };
         let runtime = Runtime::new(
@@ -207,6 +211,14 @@ impl Engine {
         );
         if let Some(policy) = opts.retention {
             tokio::spawn(sweep_periodically(engine.clone(), policy));
+        }
+        {
+            let (this, stop) = (engine.clone(), engine.inner.shutdown.clone());
+            tokio::spawn(async move {
+                // Batches start workflows: not before recovery has loaded the unfinished ones.
+                this.inner.recovered.cancelled().await;
+                this.run_batches(stop).await;
+            });
         }
         let this = engine.clone();
         let handle = tokio::spawn(async move {
@@ -224,6 +236,16 @@ impl Engine {
 
     pub fn definitions(&self) -> &Definitions {
         &self.inner.defs
+    }
+
+    /// The bulk runs (`batches.rs`).
+    pub fn batches(&self) -> Batches {
+        self.inner.batches.clone()
+    }
+
+    /// The registered endpoints (`endpoints.rs`).
+    pub fn endpoints(&self) -> &Endpoints {
+        self.inner.nodes.endpoints()
     }
 
     pub fn nodes(&self) -> &Nodes {
@@ -401,6 +423,17 @@ impl Engine {
         req: RunRequest,
         origin: Origin,
     ) -> Result<WorkflowView, Error> {
+        self.create_as(req, origin, crate::new_id()).await
+    }
+
+    /// [`Self::create`] with the workflow's id chosen by the caller (a batch commits it
+    /// before it asks). An id already used is a conflict.
+    pub(crate) async fn create_as(
+        &self,
+        req: RunRequest,
+        origin: Origin,
+        id: String,
+    ) -> Result<WorkflowView, Error> {
         self.inner.recovered.cancelled().await;
         if let Err(why) = self.health() {
             return Err(Error::Unavailable(why));
@@ -448,7 +481,6 @@ impl Engine {
                 }
             };
             let now = inner.clock.now_ms();
-            let id = crate::new_id();
             let mut rec = WorkflowRecord {
                 depth,
                 id: id.clone(),
@@ -473,7 +505,8 @@ impl Engine {
                 crate::rerun::take_over(old, old_tasks, &rec.plan, &mut tasks);
             }
             let mut batch = Batch::new();
-            // Precondition 0: the node lock (top-level workflows) or the child slot.
+            // Precondition 0: the node lock (top-level workflows) or the child slot; then
+            // that the id is new.
             match (&parent, &req.node) {
                 (None, Some(node)) => {
                     batch.require_absent(keys::NODE_LOCKS, node.as_bytes());
@@ -485,6 +518,7 @@ impl Engine {
                 }
                 (None, None) => {}
             }
+            batch.require_absent(keys::WORKFLOWS, id.as_bytes());
             write_workflow(&mut batch, &rec);
             crate::history::index(&mut batch, &rec);
             for (i, t) in tasks.iter().enumerate() {
@@ -493,6 +527,11 @@ impl Engine {
             batch.put(keys::ACTIVE, id.as_bytes(), Vec::new());
             match inner.store.commit(batch) {
                 Ok(()) => {}
+                Err(metalgraph_store::Error::Conflict { index, .. })
+                    if index == usize::from(!matches!((&parent, &req.node), (None, None))) =>
+                {
+                    return Err(Error::AlreadyExists(format!("workflow {id} already exists")));
+                }
                 Err(metalgraph_store::Error::Conflict { .. }) => {
                     return Err(match (&parent, &req.node) {
                         (None, Some(node)) => Error::NodeBusy {

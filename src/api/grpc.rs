@@ -903,6 +903,7 @@ fn obm_to_pb(o: &engine_nodes::Obm) -> pb::Obm {
             system_id: c.system_id.clone().unwrap_or_default(),
             verify_ssl: c.verify_ssl,
             ca_cert: c.ca_cert.clone(),
+            endpoint: c.endpoint.clone(),
             extra: Some(to_pb_struct(&c.extra)),
         }),
     }
@@ -931,6 +932,7 @@ fn obm_from_pb(o: &pb::Obm) -> Result<engine_nodes::Obm, Status> {
             system_id: Some(c.system_id).filter(|s| !s.is_empty()),
             verify_ssl: c.verify_ssl,
             ca_cert: c.ca_cert.filter(|s| !s.is_empty()),
+            endpoint: c.endpoint.filter(|s| !s.is_empty()),
             extra: opt_struct(&c.extra),
         },
     })

@@ -61,7 +61,8 @@ pub(crate) fn management_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(get_hook, delete_hook))
         .routes(routes!(security::list_tokens, security::create_token))
         .routes(routes!(security::revoke_token))
-        .routes(routes!(security::list_audit));
+        .routes(routes!(security::list_audit))
+        .merge(super::fleet::routes());
     OpenApiRouter::new()
         .nest("/api/2.0", api)
         .routes(routes!(metrics))
@@ -732,7 +733,7 @@ impl ListQuery {
 
 /// A page as RackHD lists it (a JSON array), with the next page's link when there is one:
 /// the same path and query, `$skip` dropped, `cursor` set.
-fn page_response<T: serde::Serialize>(uri: &Uri, page: Page<T>) -> Response {
+pub(super) fn page_response<T: serde::Serialize>(uri: &Uri, page: Page<T>) -> Response {
     let mut response = Json(page.items).into_response();
     if let Some(next) = page.next {
         let mut query: Vec<String> = uri

@@ -107,6 +107,9 @@ pub fn system_mac(i: usize) -> String {
 #[derive(Debug, Default, Clone)]
 pub struct SushyOptions {
     pub systems: usize,
+    /// The index of the first system (UUIDs, MACs and names follow it), so that two
+    /// emulators serve different systems.
+    pub first_system: usize,
     /// Power changes visible at once (the fake driver's random 1-11 s delay patched out).
     pub instant: bool,
     /// The fake driver's delay pinned to this many whole seconds instead of its random
@@ -150,7 +153,8 @@ impl Sushy {
         let tmp = dir.path().join("tmp");
         std::fs::create_dir_all(&tmp).expect("tmp dir");
         let port = free_tcp_port();
-        let systems: Vec<String> = (0..opts.systems.max(1))
+        let first = opts.first_system;
+        let systems: Vec<String> = (first..first + opts.systems.max(1))
             .map(|i| {
                 format!(
                     "{{'uuid': '{}', 'name': 'node-{i}', 'power_state': 'Off', \
