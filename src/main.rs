@@ -97,6 +97,28 @@ enum Command {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Rerun a failed or cancelled workflow from where it stopped: a new workflow in which
+    /// the tasks that succeeded keep their output and the others run again.
+    Rerun {
+        #[command(flatten)]
+        remote: Remote,
+        /// The failed or cancelled workflow's id.
+        id: String,
+        /// Options over the old run's, as JSON (`{"defaults": {...}, "<label>": {...}}`), or
+        /// @FILE holding them as JSON or YAML. A key given replaces that layer's value.
+        #[arg(long, value_name = "JSON|@FILE")]
+        options: Option<String>,
+        /// One option over the old run's (and over --options): KEY=VALUE (into
+        /// options.defaults) or LABEL.KEY=VALUE, as `run` takes it.
+        #[arg(long = "option", short = 'o', value_name = "[LABEL.]KEY=VALUE")]
+        option: Vec<String>,
+        /// Follow the new workflow as `run --wait` does; exit 0 only when it succeeded.
+        #[arg(long)]
+        wait: bool,
+        /// How to print, as for `run`.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Registered endpoints (Redfish services, IPMI BMCs) and the systems behind them.
     Endpoints {
         #[command(flatten)]
@@ -792,6 +814,17 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 BatchesCmd::Cancel { id } => c.cancel_batch(&id, o).await,
             }
+        }
+        Command::Rerun {
+            remote,
+            id,
+            options,
+            option,
+            wait,
+            output,
+        } => {
+            let options = metalgraph::client::rerun_options(options.as_deref(), &option)?;
+            remote.client()?.rerun(&id, options, wait, output).await
         }
     }
 }

@@ -20,6 +20,7 @@ use tokio::sync::{Mutex, Notify};
 use tracing::{info, warn};
 
 use crate::clock::now_rfc3339;
+use crate::engine::Origin;
 use crate::error::{Error, blocking};
 use crate::history::DEFAULT_PAGE;
 use crate::keys;
@@ -532,7 +533,7 @@ impl Engine {
             node: Some(node.clone()),
             options: rec.options.clone(),
         };
-        let run = self.create_as(req, None, id).await;
+        let run = self.create_as(req, Origin::Run, id).await;
         let e = &mut rec.entries[i];
         match run {
             Ok(_) => e.status = EntryStatus::Running,

@@ -192,7 +192,11 @@ impl Endpoint {
         match self.service {
             Service::Redfish => {
                 let scheme_ok = ["https://", "http://"].iter().any(|s| {
-                    self.url.len() > s.len() && self.url[..s.len()].eq_ignore_ascii_case(s)
+                    self.url.len() > s.len()
+                        && self
+                            .url
+                            .get(..s.len())
+                            .is_some_and(|p| p.eq_ignore_ascii_case(s))
                 });
                 if !scheme_ok || self.url.contains('@') || self.url.len() > 2048 {
                     return bad(format!(
@@ -581,5 +585,16 @@ mod tests {
         assert_eq!(split_host_port("bmc:6230"), ("bmc".into(), Some(6230)));
         assert_eq!(split_host_port("[::1]:623"), ("::1".into(), Some(623)));
         assert_eq!(split_host_port("::1"), ("::1".into(), None));
+    }
+
+    #[test]
+    fn a_url_with_a_multibyte_character_where_the_scheme_ends_is_refused_not_a_panic() {
+        for url in ["kû\u{faa63}ãÂ[", "http:/é", "httpsé://x"] {
+            let e: Endpoint = serde_json::from_value(serde_json::json!({
+                "id": "e", "name": "e", "service": "redfish", "url": url,
+            }))
+            .unwrap();
+            assert!(matches!(e.check(), Err(Error::BadRequest(_))), "{url}");
+        }
     }
 }

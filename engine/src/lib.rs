@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod model;
 pub mod nodes;
 mod notify;
+mod rerun;
 pub mod retention;
 pub mod scheduler;
 pub mod seal;

@@ -12,6 +12,7 @@ use serde_json::{Map, Value, json};
 use super::out::{line, print};
 use super::views::{Output, Shape};
 use super::{Client, print_as, run_options, seg};
+use metalgraph_engine::WorkflowView;
 
 /// How often a batch is polled while it is followed.
 const POLL: Duration = Duration::from_millis(500);
@@ -127,14 +128,12 @@ impl Client {
             print_as(output, Shape::Workflow, &created)?;
             return Ok(ExitCode::SUCCESS);
         }
-        let wf = created
-            .get("instanceId")
-            .and_then(Value::as_str)
+        let view: WorkflowView = serde_json::from_value(created)
             .context("the server answered with something that is not a workflow")?;
         if output == Output::Table {
-            line(&format!("discovery workflow {wf} created"))?;
+            line(&format!("discovery workflow {} created", view.instance_id))?;
         }
-        self.follow(wf, output).await
+        self.follow(&view, output).await
     }
 
     /// `batches cancel`: nothing more starts; the batch finishes once its running

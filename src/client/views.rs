@@ -488,6 +488,9 @@ pub fn workflow(w: &WorkflowView, now_ms: u64) -> String {
     if let Some(p) = &w.parent {
         pairs.push(("Parent", format!("{} (task {})", p.workflow_id, p.task_id)));
     }
+    if let Some(old) = &w.rerun_of {
+        pairs.push(("Rerun of", old.clone()));
+    }
     if let Some(e) = &w.error {
         pairs.push(("Error", e.clone()));
     }
@@ -504,7 +507,9 @@ pub fn workflow(w: &WorkflowView, now_ms: u64) -> String {
     ]);
     for task in &w.tasks {
         let start = match (created, task.started_at.as_deref().and_then(parse_rfc3339)) {
-            (Some(c), Some(s)) => format!("+{}", duration(s.saturating_sub(c))),
+            (Some(c), Some(s)) if s >= c => format!("+{}", duration(s - c)),
+            // A task a rerun took over ran in the workflow it reruns.
+            (Some(_), Some(_)) => "earlier".to_owned(),
             _ => String::new(),
         };
         t.row(&[
@@ -768,6 +773,20 @@ mod tests {
              a      Task.Noop  succeeded  1         +100ms  250ms     -\n\
              b      Task.Fail  failed     2         +1.0s   2m06s     the BMC said no: the BMC said no: the BMC said no: the BMC…\n\
              c      Task.Noop  skipped    0         -       -         -\n"
+        );
+    }
+
+    #[test]
+    fn a_rerun_names_the_workflow_it_reruns_and_what_ran_there() {
+        let mut v = workflow_value("running", None);
+        v["rerunOf"] = json!("w-0");
+        v["tasks"][0]["startedAt"] = json!("2026-11-21T15:00:00.000Z");
+        v["tasks"][0]["finishedAt"] = json!("2026-11-21T15:00:01.500Z");
+        let shown = render(Output::Table, Shape::Workflow, &v, T0 + 1_000).expect("a workflow");
+        assert!(shown.contains("Rerun of:  w-0\n"), "{shown}");
+        assert!(
+            shown.contains("a      Task.Noop  succeeded  1         earlier  1.5s "),
+            "{shown}"
         );
     }
 
