@@ -2,7 +2,8 @@
 //! process starts: `--store postgres` serves, a workflow killed with SIGKILL mid-way resumes
 //! on the next start, a database restart (`pg_ctl restart -m immediate`) under a running
 //! workflow is ridden out (the store reconnects by itself and nothing acknowledged is lost),
-//! and the endpoint passwords and OBM secrets in the database are sealed.
+//! a second process on the same database is refused, and endpoint passwords in the
+//! database are sealed.
 
 mod support;
 
@@ -38,6 +39,35 @@ async fn serves_on_postgres_through_a_kill_and_a_database_restart() {
     let (code, health) = api.get("/api/2.0/health").await;
     assert_eq!(code, 200, "{health}");
     assert_eq!(health["store"], "postgres", "{health}");
+
+    // A second process on the same database is refused while the first serves: until
+    // replicas share a database under leases, one process owns it.
+    let other = tempfile::tempdir().expect("a data dir");
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_metalgraph"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            "postgres",
+            "--database-url",
+            &url,
+        ])
+        .arg("--data-dir")
+        .arg(other.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("serve runs");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("another metalgraph process serves the database"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("postgresql://"),
+        "the URL is not shown: {stderr}"
+    );
 
     // Killed mid-way, resumed on the next start.
     let id = api.run("Nap", Some("demo-node-01"), json!({})).await;

@@ -43,7 +43,15 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS metalgraph_kv (
         key bytea NOT NULL,
         value bytea NOT NULL,
         PRIMARY KEY (keyspace, key)
+    );
+    CREATE TABLE IF NOT EXISTS metalgraph_owner (
+        id integer PRIMARY KEY,
+        owner text NOT NULL
     )"];
+
+/// How long opening waits for another process's hold on the database to end (a process
+/// killed a moment ago holds it until PostgreSQL notices).
+const OWNER_WAIT: Duration = Duration::from_secs(10);
 
 /// The advisory lock (an arbitrary constant) that serialises migrations.
 const MIGRATION_LOCK: i64 = 0x6d67_7261_7068_0001;
@@ -86,6 +94,11 @@ struct Shared {
     idle: Mutex<Vec<Client>>,
     /// What messages call the database: host and database name, never a password.
     name: String,
+    /// This process's id in `metalgraph_owner`: every commit checks it is still the owner.
+    me: String,
+    /// The connection holding the session advisory lock that keeps other processes from
+    /// taking over while this one lives.
+    holder: tokio::sync::Mutex<Option<Client>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -107,6 +120,7 @@ impl Drop for PgStore {
 /// One call of the store, owning what it needs, so that it can run on the store's runtime.
 enum Call {
     Migrate,
+    TakeOwnership,
     Get {
         keyspace: String,
         key: Bytes,
@@ -274,10 +288,13 @@ impl PgStore {
                 tls,
                 idle: Mutex::new(Vec::new()),
                 name,
+                me: owner_id(),
+                holder: tokio::sync::Mutex::new(None),
             }),
             runtime: Some(runtime),
         };
         store.call(Call::Migrate)?;
+        store.call(Call::TakeOwnership)?;
         Ok(store)
     }
 
@@ -317,6 +334,49 @@ impl Shared {
         connected.map_err(|e| db(&format!("connect to {}", self.name), e))
     }
 
+    /// Becomes the database's one owner: holds a session advisory lock (waiting up to
+    /// [`OWNER_WAIT`] for another process's to end) and records this process in
+    /// `metalgraph_owner`, which every commit then checks. Until replicas share a database
+    /// under leases, a second process is refused while the first lives; and should the
+    /// first lose its lock (the database restarted) and a second take over, the first's
+    /// commits fail instead of writing beside it.
+    async fn take_ownership(&self) -> Result<(), Failed> {
+        let deadline = Instant::now() + OWNER_WAIT;
+        let client = self.connect().await?;
+        loop {
+            let held: bool = client
+                .query_one(
+                    "SELECT pg_try_advisory_lock(hashtextextended('metalgraph-owner/' || current_schema(), 0))",
+                    &[],
+                )
+                .await
+                .map_err(|e| db("lock the database", e))?
+                .get(0);
+            if held {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Io(format!(
+                    "another metalgraph process serves the database {}; several replicas on one \
+                     database are not supported yet (docs/scale-out.md)",
+                    self.name
+                ))
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        client
+            .execute(
+                "INSERT INTO metalgraph_owner (id, owner) VALUES (1, $1) \
+                 ON CONFLICT (id) DO UPDATE SET owner = EXCLUDED.owner",
+                &[&self.me],
+            )
+            .await
+            .map_err(|e| db("record the owner", e))?;
+        *self.holder.lock().await = Some(client);
+        Ok(())
+    }
+
     /// Runs `call` on a pooled connection; a connection that failed is not returned to the
     /// pool. An attempt that failed in a way worth retrying (the connection was lost before
     /// anything was committed) is made again on a new connection, with growing pauses, for
@@ -334,7 +394,7 @@ impl Shared {
             };
             let attempt = match client {
                 Ok(mut client) => {
-                    let out = run(&mut client, call).await;
+                    let out = run(self, &mut client, call).await;
                     // A precondition conflict leaves the connection healthy; a failure may
                     // not.
                     let reusable = match &out {
@@ -370,9 +430,10 @@ impl Shared {
 }
 
 /// One attempt of `call` on `client`.
-async fn run(client: &mut Client, call: &Call) -> Result<Reply, Failed> {
+async fn run(shared: &Shared, client: &mut Client, call: &Call) -> Result<Reply, Failed> {
     match call {
         Call::Migrate => migrate(client).await.map(|()| Reply::Done),
+        Call::TakeOwnership => shared.take_ownership().await.map(|()| Reply::Done),
         Call::Get { keyspace, key } => client
             .query_opt(
                 "SELECT value FROM metalgraph_kv WHERE keyspace = $1 AND key = $2",
@@ -403,7 +464,9 @@ async fn run(client: &mut Client, call: &Call) -> Result<Reply, Failed> {
                 rows.into_iter().map(|r| (r.get(0), r.get(1))).collect(),
             ))
         }
-        Call::Commit(prepared) => commit(client, prepared).await.map(|()| Reply::Done),
+        Call::Commit(prepared) => commit(client, prepared, &shared.me)
+            .await
+            .map(|()| Reply::Done),
     }
 }
 
@@ -451,7 +514,7 @@ async fn migrate(client: &mut Client) -> Result<(), Failed> {
         .map_err(|e| db_final("commit the schema", e))
 }
 
-async fn commit(client: &mut Client, p: &Prepared) -> Result<(), Failed> {
+async fn commit(client: &mut Client, p: &Prepared, me: &str) -> Result<(), Failed> {
     let tx = client.transaction().await.map_err(|e| db("begin", e))?;
     tx.execute(
         "SELECT pg_advisory_xact_lock(l) FROM unnest($1::bigint[]) AS l ORDER BY l",
@@ -459,6 +522,22 @@ async fn commit(client: &mut Client, p: &Prepared) -> Result<(), Failed> {
     )
     .await
     .map_err(|e| db("lock the keys", e))?;
+    // The fence: a process that is no longer the owner writes nothing.
+    let owner: Option<String> = tx
+        .query_opt(
+            "SELECT owner FROM metalgraph_owner WHERE id = 1 FOR SHARE",
+            &[],
+        )
+        .await
+        .map_err(|e| db("check the owner", e))?
+        .map(|r| r.get(0));
+    if owner.as_deref() != Some(me) {
+        return Err(Error::Io(
+            "another metalgraph process has taken over this database; this one writes nothing more"
+                .into(),
+        )
+        .into());
+    }
     let pre = &p.batch.preconditions;
     if !pre.is_empty() {
         let keyspaces: Vec<&str> = pre.iter().map(|c| c.target().0).collect();
@@ -531,6 +610,19 @@ fn tls_config(ca_pem: Option<&str>) -> Result<rustls::ClientConfig> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(config)
+}
+
+/// A process's owner id: random, so that a restarted process is a new owner.
+fn owner_id() -> String {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    format!("{}-{:016x}", std::process::id(), h.finish())
 }
 
 /// A 64-bit hash of `keyspace/key` for its advisory lock (FNV-1a: stable, and collisions

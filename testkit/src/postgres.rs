@@ -1,6 +1,8 @@
 //! A throwaway PostgreSQL cluster per test process: `initdb` into a temporary directory (as
 //! the `postgres` user when the tests run as root, since PostgreSQL refuses to run as root),
-//! the server on a free loopback port with fsync off, trust authentication for loopback
+//! the server on a free loopback port with fsync off (a commit still reaches the kernel
+//! before it is acknowledged, so a crash of the server, not of the machine, loses nothing;
+//! `synchronous_commit` stays on, or an immediate restart would lose acknowledged commits), trust authentication for loopback
 //! only, and a fresh schema per store.
 //!
 //! A small keeper shell holds a pipe from this process: when the test process ends,
@@ -147,8 +149,7 @@ impl Postgres {
     /// Runs `pg_ctl` on the cluster, as its owner, with the server's settings.
     fn pg_ctl(&self, args: &[&str]) {
         let options = format!(
-            "-p {} -k '{}' -c listen_addresses=127.0.0.1 -c fsync=off \
-             -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+            "-p {} -k '{}' -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
             self.port,
             self.data.parent().unwrap_or(&self.data).display()
         );
