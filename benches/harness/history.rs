@@ -151,7 +151,7 @@ fn seed(
         workflows <= nodes * 50,
         "{workflows} workflows on {nodes} nodes would pass the per-node retention of 50"
     );
-    let store = metalgraph_store::open(backend, dir)?;
+    let store = crate::util::open_store(backend, dir)?;
     let mut batch = Batch::new();
     let flush = |batch: &mut Batch, force: bool| -> anyhow::Result<()> {
         if force || batch.ops.len() >= 4000 {

@@ -42,7 +42,7 @@ impl Running {
     async fn start(backend: Backend, dir: &Path, library: Library) -> anyhow::Result<Running> {
         let raw = {
             let dir = dir.to_owned();
-            tokio::task::spawn_blocking(move || metalgraph_store::open(backend, &dir)).await??
+            tokio::task::spawn_blocking(move || crate::util::open_store(backend, &dir)).await??
         };
         let (store, meter) = MeteredStore::wrap(raw);
         let opts = EngineOptions::new(store.clone(), metalgraph::server::jobs(), library);

@@ -81,6 +81,12 @@ impl Server {
         ])
         .arg("--data-dir")
         .arg(data_dir)
+        .args(
+            crate::util::database_url(backend, data_dir)
+                .map(|url| ["--database-url".to_owned(), url])
+                .into_iter()
+                .flatten(),
+        )
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -94,3 +94,26 @@ pub fn rss() -> Option<(u64, u64)> {
 pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
+
+/// Opens `backend`'s store for the data directory `dir`. PostgreSQL's is a schema in a
+/// cluster this process starts, with fsync on as in production (sled and the file store
+/// fsync every commit too), found again when `dir` is opened again.
+pub fn open_store(
+    backend: metalgraph_store::Backend,
+    dir: &std::path::Path,
+) -> anyhow::Result<std::sync::Arc<dyn metalgraph_store::Store>> {
+    let options = metalgraph_store::OpenOptions {
+        database: database_url(backend, dir).map(|url| metalgraph_store::PgOptions {
+            url,
+            ca_pem: None,
+        }),
+        ..Default::default()
+    };
+    Ok(metalgraph_store::open_with(backend, dir, &options)?)
+}
+
+/// The database URL of `backend`'s store for `dir`, when it is PostgreSQL.
+pub fn database_url(backend: metalgraph_store::Backend, dir: &std::path::Path) -> Option<String> {
+    (backend == metalgraph_store::Backend::Postgres)
+        .then(|| metalgraph_testkit::postgres_durable().store_url_for(dir))
+}

@@ -37,15 +37,7 @@ fn open_file_compacting(dir: &Path) -> Box<dyn Store> {
 /// PostgreSQL, in this test process's throwaway cluster: a schema per directory, made
 /// when the directory is first opened and found again (by a file in it) on reopen.
 fn open_pg(dir: &Path) -> Box<dyn Store> {
-    let marker = dir.join("database-url");
-    let url = match std::fs::read_to_string(&marker) {
-        Ok(url) => url,
-        Err(_) => {
-            let url = metalgraph_testkit::postgres().store_url();
-            std::fs::write(&marker, &url).expect("remember the database");
-            url
-        }
-    };
+    let url = metalgraph_testkit::postgres().store_url_for(dir);
     Box::new(PgStore::open(&PgOptions { url, ca_pem: None }).expect("open the PostgreSQL store"))
 }
 

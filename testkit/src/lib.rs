@@ -8,7 +8,7 @@
 
 mod postgres;
 
-pub use postgres::{Postgres, postgres};
+pub use postgres::{Postgres, postgres, postgres_durable};
 
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};

@@ -21,6 +21,8 @@ use crate::free_tcp_port;
 /// The cluster of this test process.
 pub struct Postgres {
     pub port: u16,
+    /// Whether the server flushes its log to disk at commit (`fsync`), as in production.
+    durable: bool,
     bin: PathBuf,
     data: PathBuf,
     /// Who runs the server: the `postgres` user when the tests run as root.
@@ -31,6 +33,7 @@ pub struct Postgres {
 }
 
 static CLUSTER: OnceLock<Postgres> = OnceLock::new();
+static DURABLE: OnceLock<Postgres> = OnceLock::new();
 static SCHEMAS: AtomicUsize = AtomicUsize::new(0);
 
 /// The directory of PostgreSQL's server binaries (the newest installed version).
@@ -69,11 +72,17 @@ fn run_as() -> Option<(u32, u32)> {
 
 /// The cluster, started on first use.
 pub fn postgres() -> &'static Postgres {
-    CLUSTER.get_or_init(Postgres::start)
+    CLUSTER.get_or_init(|| Postgres::start(false))
+}
+
+/// A cluster that fsyncs as production does, for benchmarks that compare stores' commit
+/// costs (sled and the file store fsync every commit).
+pub fn postgres_durable() -> &'static Postgres {
+    DURABLE.get_or_init(|| Postgres::start(true))
 }
 
 impl Postgres {
-    fn start() -> Postgres {
+    fn start(durable: bool) -> Postgres {
         let bin = bin_dir();
         let dir = tempfile::Builder::new()
             .prefix("metalgraph-pg-")
@@ -116,6 +125,7 @@ impl Postgres {
         let log = dir.join("postgres.log");
         let pg = Postgres {
             port,
+            durable,
             bin,
             data,
             user,
@@ -149,9 +159,10 @@ impl Postgres {
     /// Runs `pg_ctl` on the cluster, as its owner, with the server's settings.
     fn pg_ctl(&self, args: &[&str]) {
         let options = format!(
-            "-p {} -k '{}' -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            "-p {} -k '{}' -c listen_addresses=127.0.0.1 -c fsync={} -c max_connections=200",
             self.port,
-            self.data.parent().unwrap_or(&self.data).display()
+            self.data.parent().unwrap_or(&self.data).display(),
+            if self.durable { "on" } else { "off" },
         );
         let mut cmd = Command::new(self.bin.join("pg_ctl"));
         cmd.arg("-D")
@@ -233,6 +244,20 @@ impl Postgres {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The store URL belonging to directory `dir`: a new schema the first time (remembered
+    /// in a file there), the same one when `dir` is opened again, so that tests and
+    /// benchmarks that "reopen a store's directory" reopen its database.
+    pub fn store_url_for(&self, dir: &std::path::Path) -> String {
+        let marker = dir.join("database-url");
+        if let Ok(url) = std::fs::read_to_string(&marker) {
+            return url;
+        }
+        let url = self.store_url();
+        std::fs::create_dir_all(dir).expect("the store's directory");
+        std::fs::write(&marker, &url).expect("remember the database");
+        url
     }
 
     /// The URL of a new, empty place for one store: a schema of its own in the shared
