@@ -365,11 +365,11 @@ impl ProfileVars<'_> {
     /// them when the task starts. Errors name the option at fault.
     pub fn build(&self) -> Result<Value, String> {
         let node_base = self.node_base.trim_end_matches('/');
-        let files_base = node_base
-            .strip_suffix("/api/2.0")
-            .map(|root| format!("{root}/files"))
-            .unwrap_or_default();
-        let api = json!({"base": self.api_base, "nodeBase": node_base, "files": files_base});
+        let api = metalgraph_engine::ApiUrls {
+            base: self.api_base.to_owned(),
+            node_base: node_base.to_owned(),
+        }
+        .node_vars();
         let mut vars = json!({
             "node": ipxe_words(&self.node.template_view()),
             "api": api,

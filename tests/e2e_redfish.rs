@@ -582,3 +582,181 @@ async fn rackhd_obm_actions_drive_a_real_redfish_bmc() {
         ends[0]
     );
 }
+
+/// `isoinfo` (genisoimage, scripts/install-peers.sh) on an image: a reader that shares no
+/// code with metalgraph's writer.
+fn isoinfo(image: &Path, args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new("isoinfo")
+        .arg("-i")
+        .arg(image)
+        .args(args)
+        .output()
+        .expect("isoinfo runs (genisoimage; run scripts/install-peers.sh)");
+    assert!(out.status.success(), "isoinfo {args:?}: {out:?}");
+    out.stdout
+}
+
+/// The files in the configuration media folder of a files directory.
+fn config_media_files(files: &Path) -> Vec<String> {
+    std::fs::read_dir(files.join("config-media"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installs_with_a_nocloud_configuration_medium_in_the_second_slot() {
+    let sushy = Sushy::start(SushyOptions {
+        systems: 1,
+        instant: true,
+        ..SushyOptions::default()
+    })
+    .await;
+    let files = tempfile::tempdir().expect("a files dir");
+    std::fs::create_dir_all(files.path().join("images")).unwrap();
+    std::fs::write(files.path().join("images/install.iso"), iso_bytes(1 << 20)).unwrap();
+    // An image left by a workflow that ended while the server was down (here: one that no
+    // longer exists) is deleted when the server starts.
+    std::fs::create_dir_all(files.path().join("config-media")).unwrap();
+    let stale = "0a1b2c3d-0000-4000-8000-000000000000.4.00112233445566778899aabbccddeeff.iso";
+    std::fs::write(files.path().join("config-media").join(stale), b"old").unwrap();
+    let mg = metalgraph_with(Some(files.path()), &["--node-tokens", "open"]);
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !config_media_files(files.path()).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the stale image stays");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let node = mg
+        .api
+        .create_node(json!({
+            "name": "cloud-target",
+            "identifiers": [system_mac(0)],
+            "obms": [{"service": "redfish-obm-service",
+                      "config": {"host": sushy.base, "systemId": system_uuid(0)}}],
+        }))
+        .await;
+    let image = mg.server.node_url("/files/images/install.iso");
+    let mut options = fast();
+    options["defaults"]["imageUrl"] = json!(image);
+    options["defaults"]["configMedia"] = json!("nocloud");
+    options["build-config"] = json!({"vars": {"sshKeys": ["ssh-ed25519 AAAAC3Nz test@e2e"]}});
+    let id = mg
+        .api
+        .run("Graph.InstallOS.VirtualMedia", Some(&node), options)
+        .await;
+    let waiting = mg
+        .api
+        .wait_task(&id, "wait-installed", "running", LIMIT)
+        .await;
+
+    // While the installer runs, the BMC holds the OS image in its CD drive and the
+    // configuration medium metalgraph built in its second device.
+    let built = &waiting["context"]["build-config"];
+    let url = built["url"].as_str().expect("the medium's URL").to_owned();
+    assert!(
+        url.starts_with(&mg.server.node_url("/files/config-media/")),
+        "{built:#}"
+    );
+    assert_eq!(built["label"], "cidata", "{built:#}");
+    let cd = sushy.cd(0).await;
+    assert_eq!(cd["Image"], image, "{cd:#}");
+    let floppy = sushy.floppy(0).await;
+    assert_eq!(floppy["Image"], url, "{floppy:#}");
+    assert_eq!(floppy["Inserted"], true, "{floppy:#}");
+    assert_eq!(waiting["context"]["insert-config"]["slot"], "secondary");
+
+    // The medium, as the BMC fetches it from /files/, read back with isoinfo.
+    let r = raw_client().get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let fetched = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(fetched.path(), r.bytes().await.unwrap()).unwrap();
+    let info = String::from_utf8(isoinfo(fetched.path(), &["-d"])).unwrap();
+    assert!(info.contains("Volume id: cidata"), "{info}");
+    let listing = String::from_utf8(isoinfo(fetched.path(), &["-J", "-f"])).unwrap();
+    let mut names: Vec<&str> = listing.lines().collect();
+    names.sort_unstable();
+    assert_eq!(names, ["/meta-data", "/network-config", "/user-data"]);
+    let read = |name: &str| {
+        String::from_utf8(isoinfo(fetched.path(), &["-R", "-x", name])).unwrap()
+    };
+    let user_data = read("/user-data");
+    assert!(user_data.starts_with("#cloud-config\n"), "{user_data}");
+    assert!(user_data.contains("hostname: \"cloud-target\""), "{user_data}");
+    assert!(
+        user_data.contains(r#"ssh_authorized_keys: ["ssh-ed25519 AAAAC3Nz test@e2e"]"#),
+        "{user_data}"
+    );
+    let meta_data = read("/meta-data");
+    assert!(meta_data.contains(&format!("instance-id: \"{id}\"")), "{meta_data}");
+    let network = read("/network-config");
+    assert!(
+        network.contains(&format!("macaddress: \"{}\"", system_mac(0))),
+        "{network}"
+    );
+
+    // The installer reports the end; both media are ejected and the image is deleted.
+    let kickstart = raw_client()
+        .get(mg.server.node_url(&format!(
+            "/api/2.0/templates/kickstart-callback.ks?nodeId={node}"
+        )))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let callback = kickstart
+        .lines()
+        .find_map(|l| Some(l[l.find("'http")? + 1..l.rfind('\'')?].to_owned()))
+        .unwrap_or_else(|| panic!("no callback in:\n{kickstart}"));
+    let r = raw_client()
+        .post(&callback)
+        .json(&json!({"status": "installed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let wf = mg.api.wait(&id, LIMIT).await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    assert_eq!(sushy.cd(0).await["Inserted"], false);
+    let floppy = sushy.floppy(0).await;
+    assert_eq!(floppy["Inserted"], false, "ejected at the end: {floppy:#}");
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !config_media_files(files.path()).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the image outlives its workflow: {:?}",
+            config_media_files(files.path())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = raw_client().get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+
+    // Without configMedia the graph skips the second medium.
+    let mut options = fast();
+    options["defaults"]["imageUrl"] = json!(image);
+    let id = mg
+        .api
+        .run("Graph.InstallOS.VirtualMedia", Some(&node), options)
+        .await;
+    let waiting = mg
+        .api
+        .wait_task(&id, "wait-installed", "running", LIMIT)
+        .await;
+    let states = support::states(&waiting);
+    assert!(
+        states.contains("build-config=skipped") && states.contains("insert-config=skipped"),
+        "{states}"
+    );
+    assert_eq!(sushy.floppy(0).await["Inserted"], false);
+    let (code, body) = mg
+        .api
+        .send("PUT", &format!("/api/2.0/workflows/{id}/action"), Some(json!({"command": "cancel"})))
+        .await;
+    assert_eq!(code, 200, "{body}");
+}

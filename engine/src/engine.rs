@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metalgraph_store::{Batch, Store};
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -43,6 +43,21 @@ pub struct ApiUrls {
     pub base: String,
     /// The node-facing API, e.g. `http://10.0.0.1:8090/api/2.0`, empty when off.
     pub node_base: String,
+}
+
+impl ApiUrls {
+    /// The `api` variable of files rendered for nodes (profiles, templates, configuration
+    /// media): `base`, `nodeBase` (without a trailing slash) and `files`, the node-facing
+    /// URL of the files directory (`http://10.0.0.1:8090/files`; empty when the node-facing
+    /// API is off or its base does not end in `/api/2.0`).
+    pub fn node_vars(&self) -> Value {
+        let node_base = self.node_base.trim_end_matches('/');
+        let files = node_base
+            .strip_suffix("/api/2.0")
+            .map(|root| format!("{root}/files"))
+            .unwrap_or_default();
+        json!({"base": self.base, "nodeBase": node_base, "files": files})
+    }
 }
 
 /// How an engine is built.

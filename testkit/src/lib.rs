@@ -117,6 +117,8 @@ pub struct SushyOptions {
     pub auth: Option<(String, String)>,
     /// HTTPS with a certificate for 127.0.0.1 signed by a private CA (`ca_pem`).
     pub tls: bool,
+    /// One virtual media device (the CD drive) instead of sushy's CD and Floppy.
+    pub cd_only: bool,
 }
 
 /// A running sushy-emulator with the fake driver and its own state and TMPDIR.
@@ -186,6 +188,12 @@ impl Sushy {
                 "SUSHY_EMULATOR_AUTH_FILE = '{}'\n",
                 htpasswd.display()
             ));
+        }
+        if opts.cd_only {
+            conf.push_str(
+                "SUSHY_EMULATOR_VMEDIA_DEVICES = {'Cd': {'Name': 'Virtual CD', \
+                 'MediaTypes': ['CD', 'DVD']}}\n",
+            );
         }
         if opts.tls {
             let (cert, key) = bmc_certificate(dir.path());
@@ -278,6 +286,13 @@ impl Sushy {
     /// Sushy's virtual CD drive of system `i`.
     pub async fn cd(&self, i: usize) -> Value {
         self.get(&format!("{}/VirtualMedia/Cd", self.system_path(i)))
+            .await
+    }
+
+    /// System `i`'s second virtual media device (sushy's `Floppy`, which takes USB stick
+    /// images).
+    pub async fn floppy(&self, i: usize) -> Value {
+        self.get(&format!("{}/VirtualMedia/Floppy", self.system_path(i)))
             .await
     }
 
