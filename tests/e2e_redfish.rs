@@ -676,6 +676,17 @@ async fn installs_with_a_nocloud_configuration_medium_in_the_second_slot() {
     std::fs::write(fetched.path(), r.bytes().await.unwrap()).unwrap();
     let info = String::from_utf8(isoinfo(fetched.path(), &["-d"])).unwrap();
     assert!(info.contains("Volume id: cidata"), "{info}");
+    // What cloud-init's ds-identify asks: blkid's label and type.
+    let blkid = std::process::Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(fetched.path())
+        .output()
+        .expect("blkid runs");
+    let blkid = String::from_utf8_lossy(&blkid.stdout);
+    assert!(
+        blkid.contains("\nLABEL=cidata\n") && blkid.contains("\nTYPE=iso9660\n"),
+        "{blkid}"
+    );
     let listing = String::from_utf8(isoinfo(fetched.path(), &["-J", "-f"])).unwrap();
     let mut names: Vec<&str> = listing.lines().collect();
     names.sort_unstable();
@@ -756,7 +767,11 @@ async fn installs_with_a_nocloud_configuration_medium_in_the_second_slot() {
     assert_eq!(sushy.floppy(0).await["Inserted"], false);
     let (code, body) = mg
         .api
-        .send("PUT", &format!("/api/2.0/workflows/{id}/action"), Some(json!({"command": "cancel"})))
+        .send(
+            "PUT",
+            &format!("/api/2.0/workflows/{id}/action"),
+            Some(json!({"command": "cancel"})),
+        )
         .await;
-    assert_eq!(code, 200, "{body}");
+    assert_eq!((code, &body["status"]), (202, &json!("cancelled")), "{body}");
 }

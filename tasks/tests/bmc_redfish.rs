@@ -338,7 +338,7 @@ async fn a_bmc_with_one_virtual_media_device_has_no_secondary_slot() {
         .await
         .unwrap_err();
     assert!(
-        err.message.contains("insert virtual media (secondary)")
+        err.message.contains("read virtual media (secondary)")
             && err.message.contains("no second virtual media device")
             && err.message.contains("only Cd (CD, DVD)"),
         "{err}"
