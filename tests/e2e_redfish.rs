@@ -623,7 +623,8 @@ async fn installs_with_a_nocloud_configuration_medium_in_the_second_slot() {
     std::fs::create_dir_all(files.path().join("config-media")).unwrap();
     let stale = "0a1b2c3d-0000-4000-8000-000000000000.4.00112233445566778899aabbccddeeff.iso";
     std::fs::write(files.path().join("config-media").join(stale), b"old").unwrap();
-    let mg = metalgraph_with(Some(files.path()), &["--node-tokens", "open"]);
+    // The medium carries the installer's callback: the node-facing tokens stay closed.
+    let mg = metalgraph(Some(files.path()));
     let deadline = std::time::Instant::now() + LIMIT;
     while !config_media_files(files.path()).is_empty() {
         assert!(std::time::Instant::now() < deadline, "the stale image stays");
@@ -709,21 +710,22 @@ async fn installs_with_a_nocloud_configuration_medium_in_the_second_slot() {
         "{network}"
     );
 
-    // The installer reports the end; both media are ejected and the image is deleted.
-    let kickstart = raw_client()
-        .get(mg.server.node_url(&format!(
-            "/api/2.0/templates/kickstart-callback.ks?nodeId={node}"
-        )))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let callback = kickstart
+    // The installer reports the end with the callback the medium carries (cloud-init's
+    // runcmd, a JSON string in YAML); both media are ejected and the image is deleted.
+    let callback: String = user_data
         .lines()
-        .find_map(|l| Some(l[l.find("'http")? + 1..l.rfind('\'')?].to_owned()))
-        .unwrap_or_else(|| panic!("no callback in:\n{kickstart}"));
+        .find_map(|l| {
+            let start = l.find("\"http")?;
+            let end = start + 1 + l[start + 1..].find('"')?;
+            serde_json::from_str(&l[start..=end]).ok()
+        })
+        .unwrap_or_else(|| panic!("no callback in:\n{user_data}"));
+    assert!(
+        callback.starts_with(&mg.server.node_url(&format!("/api/2.0/notification?nodeId={node}&token="))),
+        "{callback}"
+    );
+    let token = callback.rsplit("token=").next().unwrap();
+    assert!(!waiting.to_string().contains(token), "{waiting}");
     let r = raw_client()
         .post(&callback)
         .json(&json!({"status": "installed"}))
@@ -733,6 +735,8 @@ async fn installs_with_a_nocloud_configuration_medium_in_the_second_slot() {
     assert_eq!(r.status(), 200);
     let wf = mg.api.wait(&id, LIMIT).await;
     assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    assert_eq!(wf["context"]["wait-installed"]["status"], "installed");
+    assert!(!wf.to_string().contains(token), "{wf}");
     assert_eq!(sushy.cd(0).await["Inserted"], false);
     let floppy = sushy.floppy(0).await;
     assert_eq!(floppy["Inserted"], false, "ejected at the end: {floppy:#}");

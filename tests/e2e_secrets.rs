@@ -233,7 +233,8 @@ async fn a_configuration_media_secret_reaches_the_image_and_nothing_else() {
     std::fs::create_dir_all(&templates).unwrap();
     std::fs::write(
         templates.join("secret.ks"),
-        "rootpw --iscrypted {{ secrets.rootPasswordHash }}\nnetwork --hostname={{ node.name }}\n",
+        "rootpw --iscrypted {{ secrets.rootPasswordHash }}\nnetwork --hostname={{ node.name }}\n\
+         # {{ notification.url }}\n",
     )
     .unwrap();
     let log = dir.path().join("metalgraph.log");
@@ -260,7 +261,7 @@ injectableName: Test.E2E.ConfigMedia
 tasks:
   - label: build
     taskName: Task.ConfigMedia.Build
-    optionOverrides: { kind: kickstart, files: { ks.cfg: secret.ks } }
+    optionOverrides: { kind: kickstart, files: { ks.cfg: secret.ks }, notify: wait-installed }
   - label: wait-installed
     taskName: Task.Wait.Notification
     waitOn: { build: succeeded }
@@ -269,6 +270,7 @@ tasks:
     assert_eq!(code, 201, "{v}");
     let node = api.create_node(json!({"name": "media-node"})).await;
     let mut seen = Seen(Vec::new());
+    let mut tokens = Vec::new();
 
     // The secret is given in the task's own layer and in the defaults: both are redacted.
     for options in [
@@ -307,10 +309,23 @@ tasks:
             String::from_utf8(out.stdout).unwrap()
         };
         assert!(isoinfo(&["-d"]).contains("Volume id: OEMDRV"));
+        let ks = isoinfo(&["-J", "-x", "/ks.cfg"]);
+        let callback = server.node_url(&format!("/api/2.0/notification?nodeId={node}&token="));
+        let token = ks
+            .split(&callback)
+            .nth(1)
+            .and_then(|rest| rest.lines().next())
+            .unwrap_or_else(|| panic!("no callback in:\n{ks}"))
+            .to_owned();
+        assert_eq!(token.len(), 32, "{ks}");
         assert_eq!(
-            isoinfo(&["-J", "-x", "/ks.cfg"]),
-            format!("rootpw --iscrypted {MEDIA_SECRET}\nnetwork --hostname=media-node\n")
+            ks,
+            format!(
+                "rootpw --iscrypted {MEDIA_SECRET}\nnetwork --hostname=media-node\n\
+                 # {callback}{token}\n"
+            )
         );
+        tokens.push(token);
         let (code, v) = api
             .send(
                 "PUT",
@@ -343,11 +358,14 @@ tasks:
     seen.0.push(("events".into(), events));
     let logs = server.logs();
     assert!(logs.contains("DEBUG"), "the log level is debug:\n{logs}");
-    for (what, body) in &seen.0 {
-        assert!(!body.contains(MEDIA_SECRET), "{what} shows the secret: {body}");
-    }
-    if let Some(line) = logs.lines().find(|l| l.contains(MEDIA_SECRET)) {
-        panic!("the log shows the secret: {line}");
+    // Neither the secret nor the callback tokens the media carried show anywhere else.
+    for secret in tokens.iter().map(String::as_str).chain([MEDIA_SECRET]) {
+        for (what, body) in &seen.0 {
+            assert!(!body.contains(secret), "{what} shows {secret}: {body}");
+        }
+        if let Some(line) = logs.lines().find(|l| l.contains(secret)) {
+            panic!("the log shows {secret}: {line}");
+        }
     }
     // Every workflow ended, so every image is gone.
     let deadline = std::time::Instant::now() + LIMIT;

@@ -23,7 +23,7 @@ use crate::definitions::{Definitions, Library, MAX_SUBGRAPH_DEPTH};
 use crate::error::{Error, blocking};
 use crate::events::{EventLog, Numbered};
 use crate::history::{ListFilter, Page, Records};
-use crate::job::{BoxFuture, JobContext, JobError, JobRegistry, JobResult, JobServices, Options};
+use crate::job::{BoxFuture, Callback, JobContext, JobError, JobRegistry, JobResult, JobServices, Options};
 use crate::keys;
 use crate::model::{RunOptions, TaskState, WorkflowStatus};
 use crate::nodes::Nodes;
@@ -819,6 +819,53 @@ impl JobServices for Services {
 
     fn nodes(&self) -> &Nodes {
         &self.engine.inner.nodes
+    }
+
+    fn callback(
+        &self,
+        ctx: &JobContext,
+        label: &str,
+    ) -> BoxFuture<'static, Result<Callback, JobError>> {
+        let engine = self.engine.clone();
+        let (wf, label) = (ctx.workflow_id.clone(), label.to_owned());
+        let node = ctx.node.as_ref().map(|n| n.id.clone());
+        Box::pin(async move {
+            let unreadable = |e: Error| JobError::new(format!("workflow {wf} cannot be read: {e}"));
+            let (rec, tasks) = engine
+                .load(&wf)
+                .await
+                .map_err(unreadable)?
+                .ok_or_else(|| JobError::new(format!("workflow {wf} no longer exists")))?;
+            let (planned, task) = rec
+                .plan
+                .tasks
+                .iter()
+                .zip(&tasks)
+                .find(|(p, _)| p.label == label)
+                .ok_or_else(|| {
+                    JobError::new(format!("the workflow has no task labelled '{label}'"))
+                })?;
+            if planned.job != "wait.notification" {
+                return Err(JobError::new(format!(
+                    "task '{label}' runs {}, not wait.notification: no node calls back for it",
+                    planned.job
+                )));
+            }
+            let cap = node.map(|n| {
+                engine
+                    .inner
+                    .caps
+                    .cap(&n, &wf, &task.id, &task.token)
+                    .as_str()
+                    .to_owned()
+            });
+            Ok(Callback {
+                workflow_id: wf.clone(),
+                task_id: task.id.clone(),
+                token: task.token.clone(),
+                cap,
+            })
+        })
     }
 }
 

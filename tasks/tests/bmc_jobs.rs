@@ -383,10 +383,9 @@ async fn config_media_renders_the_shipped_templates_for_each_kind() {
     let hash = "$6$salt$0123456789abcdef";
     let secrets = json!({ "rootPasswordHash": hash });
 
-    let out = world
-        .run(&job, json!({ "kind": "kickstart", "secrets": secrets }), Some(&node))
-        .await
-        .unwrap();
+    let options = json!({ "kind": "kickstart", "secrets": secrets, "notify": "wait-installed" });
+    let out = world.run(&job, options, Some(&node)).await.unwrap();
+    assert!(!out.to_string().contains("token-of"), "{out}");
     assert_eq!((out["label"].as_str(), out["files"].clone()), (Some("OEMDRV"), json!(["ks.cfg"])));
     let url = out["url"].as_str().unwrap();
     assert!(url.starts_with("http://10.0.0.1:8090/files/config-media/task-1."), "{out}");
@@ -395,6 +394,12 @@ async fn config_media_renders_the_shipped_templates_for_each_kind() {
     let ks = iso_file(path, "/ks.cfg");
     assert!(ks.contains(&format!("\nrootpw --iscrypted {hash}\n")), "{ks}");
     assert!(ks.contains("--hostname=rack1-u08\n"), "{ks}");
+    // The callback of the workflow's wait-installed task, token included.
+    let callback = format!(
+        "'http://10.0.0.1:8090/api/2.0/notification?nodeId={}&token=token-of-wait-installed'",
+        node.id
+    );
+    assert!(ks.contains(&callback), "{ks}");
 
     let out = world
         .run(&job, json!({ "kind": "nocloud", "secrets": secrets }), Some(&node))

@@ -13,9 +13,12 @@
 //! [`ConfigMediaSite::remove_workflow`]). The task id leads the name so that both find a
 //! workflow's images without an index.
 //!
-//! Templates see `node` (never a secret), `api`, `task`, `kind`, `vars` and `secrets`. The
-//! `secrets` option is the only secret that may reach a medium: it is declared secret (so
-//! redacted in workflow views and events), and errors never quote it.
+//! Templates see `node` (never a secret), `api`, `task`, `kind`, `vars`, `secrets` and,
+//! with the `notify` option, `notification`: the callback of the workflow's
+//! `wait.notification` task, token included, since the installer a medium configures has
+//! no other way to learn it. The `secrets` option and that token are the only secrets that
+//! may reach a medium: `secrets` is declared secret (so redacted in workflow views and
+//! events), the token is never in an output, and errors quote neither.
 
 mod iso;
 
@@ -312,7 +315,15 @@ impl ConfigMediaBuildJob {
                     "secret values the templates see as `secrets` (root password hashes, \
                      keys); redacted wherever options are shown",
                 )
-                .secret("secrets"),
+                .secret("secrets")
+                .optional(
+                    "notify",
+                    OptionKind::String,
+                    None,
+                    "the label of the workflow's wait.notification task the installer ends: \
+                     templates then see `notification` (url, token, workflowId, cap), so the \
+                     medium carries the installer's callback",
+                ),
             site,
         }
     }
@@ -418,7 +429,7 @@ async fn build(site: &ConfigMediaSite, ctx: &JobContext) -> JobResult {
         Some(v @ Value::Object(_)) => v.clone(),
         _ => Value::Object(Map::new()),
     };
-    let vars = json!({
+    let mut vars = json!({
         "node": node.template_view(),
         "api": site.api.node_vars(),
         "task": {"id": ctx.task_id, "label": ctx.label, "workflowId": ctx.workflow_id},
@@ -426,6 +437,28 @@ async fn build(site: &ConfigMediaSite, ctx: &JobContext) -> JobResult {
         "vars": object("vars"),
         "secrets": object("secrets"),
     });
+    // The callback's token goes onto the medium, which only the node (and its BMC) is
+    // given; never into an output or an error.
+    let mut token = None;
+    if let Some(label) = ctx.str_opt("notify").filter(|l| !l.is_empty()) {
+        let callback = ctx
+            .services
+            .callback(ctx, label)
+            .await
+            .map_err(|e| JobError::new(format!("option 'notify': {e}")))?;
+        vars["notification"] = metalgraph_engine::waiting_vars(
+            &site.api.node_base,
+            &node.id,
+            &callback.workflow_id,
+            &callback.token,
+            callback.cap.as_deref().unwrap_or_default(),
+        );
+        token = Some(callback.token);
+    }
+    let hide_token = |e: JobError| match &token {
+        Some(t) if !t.is_empty() => JobError::new(e.message.replace(t.as_str(), REDACTED)),
+        _ => e,
+    };
     let task_id = ctx.task_id.clone();
     let node_id = node.id.clone();
     // Rendering user templates is CPU work, and writing the image file work: both on the
@@ -447,7 +480,7 @@ async fn build(site: &ConfigMediaSite, ctx: &JobContext) -> JobResult {
     })
     .await
     .map_err(|e| JobError::new(format!("building the image did not complete: {e}")))?
-    .map_err(JobError::new)?;
+    .map_err(|e| hide_token(JobError::new(e)))?;
     let (file, path, size, names) = written;
     if ctx.cancel.is_cancelled() {
         let _ = std::fs::remove_file(&path);
