@@ -42,9 +42,9 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 
 pub use access::{NodeAccess, Proof};
-pub use metalgraph_engine::{query_escape, waiting_vars};
 pub use config::{BootArgs, BootConfig, DhcpSetting, NodeTokens};
 pub use enrolment::Enrolment;
+pub use metalgraph_engine::{query_escape, waiting_vars};
 
 /// The store keyspace of full-mode DHCP leases: MAC → lease (JSON).
 pub const LEASES: &str = "leases";

@@ -28,14 +28,20 @@ pub async fn run(engine: Engine, site: Arc<ConfigMediaSite>, shutdown: Cancellat
             event = events.recv() => event,
         };
         match event {
-            Ok((_, Event::Workflow {
-                workflow_id,
-                status,
-                ..
-            })) if status.is_terminal() => remove(&site, workflow_id).await,
+            Ok((
+                _,
+                Event::Workflow {
+                    workflow_id,
+                    status,
+                    ..
+                },
+            )) if status.is_terminal() => remove(&site, workflow_id).await,
             Ok(_) => {}
             Err(RecvError::Lagged(missed)) => {
-                info!(missed, "config media: events were missed; sweeping the images");
+                info!(
+                    missed,
+                    "config media: events were missed; sweeping the images"
+                );
                 sweep(&engine, &site).await;
             }
             Err(RecvError::Closed) => return,
@@ -65,7 +71,9 @@ async fn sweep(engine: &Engine, site: &Arc<ConfigMediaSite>) {
             Ok(Some(wf)) if !wf.status.is_terminal() => {}
             Ok(_) => remove(site, id).await,
             // The store cannot say: keep the image, the next sweep decides.
-            Err(e) => warn!(workflow_id = %id, error = %e, "config media: cannot read the workflow of an image"),
+            Err(e) => {
+                warn!(workflow_id = %id, error = %e, "config media: cannot read the workflow of an image")
+            }
         }
     }
 }
@@ -75,8 +83,14 @@ async fn remove(site: &Arc<ConfigMediaSite>, workflow_id: String) {
     let id = workflow_id.clone();
     match tokio::task::spawn_blocking(move || site.remove_workflow(&id)).await {
         Ok(Ok(0)) => {}
-        Ok(Ok(removed)) => info!(%workflow_id, removed, "config media: deleted the ended workflow's images"),
-        Ok(Err(e)) => warn!(%workflow_id, error = %e, "config media: cannot delete the ended workflow's images"),
-        Err(e) => warn!(%workflow_id, error = %e, "config media: deleting the images did not complete"),
+        Ok(Ok(removed)) => {
+            info!(%workflow_id, removed, "config media: deleted the ended workflow's images")
+        }
+        Ok(Err(e)) => {
+            warn!(%workflow_id, error = %e, "config media: cannot delete the ended workflow's images")
+        }
+        Err(e) => {
+            warn!(%workflow_id, error = %e, "config media: deleting the images did not complete")
+        }
     }
 }

@@ -12,7 +12,9 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::peers::{IPMI_PASSWORD, IpmiSim, Sushy, SushyOptions, raw_client, system_uuid};
+use support::peers::{
+    IPMI_PASSWORD, IpmiSim, Sushy, SushyOptions, isoinfo, raw_client, system_uuid,
+};
 use support::{Api, Launch, Server};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -285,7 +287,10 @@ tasks:
             )
             .await;
         assert_eq!(code, 201, "{v}");
-        let id = seen.add("POST run", &v)["instanceId"].as_str().unwrap().to_owned();
+        let id = seen.add("POST run", &v)["instanceId"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         let waiting = api.wait_task(&id, "wait-installed", "running", LIMIT).await;
         seen.add("waiting workflow", &waiting);
         assert!(
@@ -299,17 +304,8 @@ tasks:
         assert_eq!(r.status(), 200);
         let iso = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(iso.path(), r.bytes().await.unwrap()).unwrap();
-        let isoinfo = |args: &[&str]| {
-            let out = std::process::Command::new("isoinfo")
-                .arg("-i")
-                .arg(iso.path())
-                .args(args)
-                .output()
-                .expect("isoinfo runs (genisoimage; run scripts/install-peers.sh)");
-            String::from_utf8(out.stdout).unwrap()
-        };
-        assert!(isoinfo(&["-d"]).contains("Volume id: OEMDRV"));
-        let ks = isoinfo(&["-J", "-x", "/ks.cfg"]);
+        assert!(isoinfo(iso.path(), &["-d"]).contains("Volume id: OEMDRV"));
+        let ks = isoinfo(iso.path(), &["-J", "-x", "/ks.cfg"]);
         let callback = server.node_url(&format!("/api/2.0/notification?nodeId={node}&token="));
         let token = ks
             .split(&callback)
@@ -370,7 +366,10 @@ tasks:
     // Every workflow ended, so every image is gone.
     let deadline = std::time::Instant::now() + LIMIT;
     while std::fs::read_dir(files.join("config-media")).is_ok_and(|mut d| d.next().is_some()) {
-        assert!(std::time::Instant::now() < deadline, "images outlive their workflows");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "images outlive their workflows"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

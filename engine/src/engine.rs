@@ -23,7 +23,9 @@ use crate::definitions::{Definitions, Library, MAX_SUBGRAPH_DEPTH};
 use crate::error::{Error, blocking};
 use crate::events::{EventLog, Numbered};
 use crate::history::{ListFilter, Page, Records};
-use crate::job::{BoxFuture, Callback, JobContext, JobError, JobRegistry, JobResult, JobServices, Options};
+use crate::job::{
+    BoxFuture, Callback, JobContext, JobError, JobRegistry, JobResult, JobServices, Options,
+};
 use crate::keys;
 use crate::model::{RunOptions, TaskState, WorkflowStatus};
 use crate::nodes::Nodes;

@@ -14,10 +14,7 @@ pub enum Unresolved {
     NotFound,
     /// The directory itself cannot be used.
     #[error("the directory {} is unusable: {error}", .dir.display())]
-    Root {
-        dir: PathBuf,
-        error: std::io::Error,
-    },
+    Root { dir: PathBuf, error: std::io::Error },
 }
 
 /// Whether `rel` is made of plain path segments only (no `..`, no root, no backslash or

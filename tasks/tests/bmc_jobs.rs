@@ -15,8 +15,9 @@ use metalgraph_engine::{Job, JobRegistry};
 use metalgraph_store::MemStore;
 use metalgraph_tasks::bmc::{Drivers, SIM_SERVICE};
 use metalgraph_tasks::{
-    BootDeviceJob, CatalogRedfishJob, ConfigMediaBuildJob, ConfigMediaSite, PowerJob, VirtualMediaEjectJob, VirtualMediaInsertJob,
-    WaitNotificationJob, register_basic, register_config_media, register_provisioning,
+    BootDeviceJob, CatalogRedfishJob, ConfigMediaBuildJob, ConfigMediaSite, PowerJob,
+    VirtualMediaEjectJob, VirtualMediaInsertJob, WaitNotificationJob, register_basic,
+    register_config_media, register_provisioning,
 };
 use serde_json::json;
 
@@ -356,14 +357,9 @@ async fn shipped_obm_graphs_are_valid() {
     }
 }
 
-/// Reads file `name` of an image with `isoinfo` (genisoimage, scripts/install-peers.sh).
+/// Reads file `name` of an image with `isoinfo`.
 fn iso_file(image: &str, name: &str) -> String {
-    let out = std::process::Command::new("isoinfo")
-        .args(["-i", image, "-R", "-x", name])
-        .output()
-        .expect("isoinfo runs (genisoimage; run scripts/install-peers.sh)");
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8(out.stdout).unwrap()
+    metalgraph_testkit::isoinfo(std::path::Path::new(image), &["-R", "-x", name])
 }
 
 #[tokio::test]
@@ -377,7 +373,11 @@ async fn config_media_renders_the_shipped_templates_for_each_kind() {
         node_base: "http://10.0.0.1:8090/api/2.0".to_owned(),
     };
     let site = |templates: Option<PathBuf>, api: metalgraph_engine::ApiUrls| {
-        Arc::new(ConfigMediaSite::new(Some(files.path().to_owned()), templates, api))
+        Arc::new(ConfigMediaSite::new(
+            Some(files.path().to_owned()),
+            templates,
+            api,
+        ))
     };
     let job = ConfigMediaBuildJob::new(site(Some(templates.clone()), api.clone()));
     let hash = "$6$salt$0123456789abcdef";
@@ -386,13 +386,25 @@ async fn config_media_renders_the_shipped_templates_for_each_kind() {
     let options = json!({ "kind": "kickstart", "secrets": secrets, "notify": "wait-installed" });
     let out = world.run(&job, options, Some(&node)).await.unwrap();
     assert!(!out.to_string().contains("token-of"), "{out}");
-    assert_eq!((out["label"].as_str(), out["files"].clone()), (Some("OEMDRV"), json!(["ks.cfg"])));
+    assert_eq!(
+        (out["label"].as_str(), out["files"].clone()),
+        (Some("OEMDRV"), json!(["ks.cfg"]))
+    );
     let url = out["url"].as_str().unwrap();
-    assert!(url.starts_with("http://10.0.0.1:8090/files/config-media/task-1."), "{out}");
+    assert!(
+        url.starts_with("http://10.0.0.1:8090/files/config-media/task-1."),
+        "{out}"
+    );
     let path = out["path"].as_str().unwrap();
-    assert_eq!(std::fs::metadata(path).unwrap().len(), out["size"].as_u64().unwrap());
+    assert_eq!(
+        std::fs::metadata(path).unwrap().len(),
+        out["size"].as_u64().unwrap()
+    );
     let ks = iso_file(path, "/ks.cfg");
-    assert!(ks.contains(&format!("\nrootpw --iscrypted {hash}\n")), "{ks}");
+    assert!(
+        ks.contains(&format!("\nrootpw --iscrypted {hash}\n")),
+        "{ks}"
+    );
     assert!(ks.contains("--hostname=rack1-u08\n"), "{ks}");
     // The callback of the workflow's wait-installed task, token included.
     let callback = format!(
@@ -402,16 +414,25 @@ async fn config_media_renders_the_shipped_templates_for_each_kind() {
     assert!(ks.contains(&callback), "{ks}");
 
     let out = world
-        .run(&job, json!({ "kind": "nocloud", "secrets": secrets }), Some(&node))
+        .run(
+            &job,
+            json!({ "kind": "nocloud", "secrets": secrets }),
+            Some(&node),
+        )
         .await
         .unwrap();
     let path = out["path"].as_str().unwrap();
     let user_data = iso_file(path, "/user-data");
-    assert!(user_data.contains(&format!("hashed_passwd: \"{hash}\"")), "{user_data}");
+    assert!(
+        user_data.contains(&format!("hashed_passwd: \"{hash}\"")),
+        "{user_data}"
+    );
     assert!(iso_file(path, "/meta-data").contains("instance-id: \"wf-1\""));
     // The node has no MAC: DHCP on every Ethernet interface.
     assert!(iso_file(path, "/network-config").contains("name: \"e*\""));
-    let left: Vec<_> = std::fs::read_dir(files.path().join("config-media")).unwrap().collect();
+    let left: Vec<_> = std::fs::read_dir(files.path().join("config-media"))
+        .unwrap()
+        .collect();
     assert_eq!(left.len(), 1, "the task's earlier image was replaced");
 
     // What is missing or wrong is named.

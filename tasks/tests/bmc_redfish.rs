@@ -302,9 +302,16 @@ async fn virtual_media_insert_and_eject_are_idempotent() {
         )
         .await
         .unwrap();
-    assert_eq!((out["changed"].clone(), out["slot"].clone()), (json!(true), json!("secondary")));
+    assert_eq!(
+        (out["changed"].clone(), out["slot"].clone()),
+        (json!(true), json!("secondary"))
+    );
     let media = sushy.get(&floppy).await;
-    assert_eq!((media["Image"].as_str(), media["Inserted"].as_bool()), (Some(other.as_str()), Some(true)), "{media}");
+    assert_eq!(
+        (media["Image"].as_str(), media["Inserted"].as_bool()),
+        (Some(other.as_str()), Some(true)),
+        "{media}"
+    );
     assert_eq!(sushy.get(&cd).await["Image"], boot_iso.as_str());
     let out = world
         .run(&eject, json!({ "slot": "secondary" }), Some(&node))
@@ -327,14 +334,24 @@ async fn a_bmc_with_one_virtual_media_device_has_no_secondary_slot() {
     let world = World::default();
     let node = world.node(
         "n0",
-        obm(REDFISH_SERVICE, &sushy.base, "admin", "pw", Some(&system_uuid(0))),
+        obm(
+            REDFISH_SERVICE,
+            &sushy.base,
+            "admin",
+            "pw",
+            Some(&system_uuid(0)),
+        ),
     );
     let d = drivers();
     let insert = VirtualMediaInsertJob::new(d.clone());
     let eject = VirtualMediaEjectJob::new(d.clone());
     let image = "http://127.0.0.1:9/config.iso";
     let err = world
-        .run(&insert, json!({ "image": image, "slot": "secondary" }), Some(&node))
+        .run(
+            &insert,
+            json!({ "image": image, "slot": "secondary" }),
+            Some(&node),
+        )
         .await
         .unwrap_err();
     assert!(

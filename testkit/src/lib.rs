@@ -1,5 +1,6 @@
 //! Fixtures for the real peers metalgraph's tests run against: sushy-tools (Redfish),
-//! ipmi_sim (IPMI), free ports, child processes killed on drop.
+//! ipmi_sim (IPMI), genisoimage's `isoinfo` (reading ISO images back), free ports, child
+//! processes killed on drop.
 //!
 //! Each peer starts on free ports in a fresh temporary directory and is killed when dropped.
 //! The peers come from scripts/install-peers.sh. Dev-only: shared by the tasks crate's and
@@ -48,6 +49,20 @@ pub fn free_udp_port() -> u16 {
         .and_then(|s| s.local_addr())
         .expect("bind udp 127.0.0.1:0")
         .port()
+}
+
+/// What `isoinfo -i image ARGS` prints (genisoimage): a reader of ISO 9660 images that
+/// shares no code with metalgraph's writer. `-d` describes the volume, `-J`/`-R` with `-f`
+/// lists the Joliet/Rock Ridge names, and with `-x /name` prints a file.
+pub fn isoinfo(image: &Path, args: &[&str]) -> String {
+    let out = Command::new("isoinfo")
+        .arg("-i")
+        .arg(image)
+        .args(args)
+        .output()
+        .expect("isoinfo runs (genisoimage; run scripts/install-peers.sh)");
+    assert!(out.status.success(), "isoinfo {args:?}: {out:?}");
+    String::from_utf8(out.stdout).expect("isoinfo prints UTF-8 here")
 }
 
 fn which(bin: &str) -> bool {

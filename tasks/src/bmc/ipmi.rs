@@ -330,11 +330,7 @@ impl Bmc for IpmiBmc {
         })
     }
 
-    fn virtual_media_insert(
-        &self,
-        _slot: MediaSlot,
-        _image: String,
-    ) -> BoxFuture<'_, Result<()>> {
+    fn virtual_media_insert(&self, _slot: MediaSlot, _image: String) -> BoxFuture<'_, Result<()>> {
         self.unsupported(
             "insert virtual media",
             "IPMI has no standard virtual media; use a Redfish OBM for this node",

@@ -118,11 +118,7 @@ impl Bmc for Metered {
         self.measure("boot_override", self.inner.boot_override())
     }
 
-    fn virtual_media_insert(
-        &self,
-        slot: MediaSlot,
-        image: String,
-    ) -> BoxFuture<'_, Result<()>> {
+    fn virtual_media_insert(&self, slot: MediaSlot, image: String) -> BoxFuture<'_, Result<()>> {
         self.measure(
             "virtual_media_insert",
             self.inner.virtual_media_insert(slot, image),
@@ -134,7 +130,10 @@ impl Bmc for Metered {
     }
 
     fn virtual_media_status(&self, slot: MediaSlot) -> BoxFuture<'_, Result<MediaStatus>> {
-        self.measure("virtual_media_status", self.inner.virtual_media_status(slot))
+        self.measure(
+            "virtual_media_status",
+            self.inner.virtual_media_status(slot),
+        )
     }
 
     fn inventory(&self) -> BoxFuture<'_, Result<Value>> {

@@ -286,8 +286,7 @@ pub trait Bmc: Send + Sync {
 
     /// Inserts `image` (a URL the BMC downloads or mounts) into the virtual media device
     /// `slot`.
-    fn virtual_media_insert(&self, slot: MediaSlot, image: String)
-    -> BoxFuture<'_, Result<()>>;
+    fn virtual_media_insert(&self, slot: MediaSlot, image: String) -> BoxFuture<'_, Result<()>>;
 
     fn virtual_media_eject(&self, slot: MediaSlot) -> BoxFuture<'_, Result<()>>;
 

@@ -17,8 +17,7 @@ use tokio::time::Instant;
 
 use super::{
     At, Bmc, BootDevice, BootOverride, DriverOptions, Error, MediaSlot, MediaStatus, PowerAction,
-    PowerState,
-    Result, SIM_SERVICE,
+    PowerState, Result, SIM_SERVICE,
 };
 
 /// One simulated machine.
@@ -183,11 +182,7 @@ impl Bmc for SimBmc {
         }))
     }
 
-    fn virtual_media_insert(
-        &self,
-        slot: MediaSlot,
-        image: String,
-    ) -> BoxFuture<'_, Result<()>> {
+    fn virtual_media_insert(&self, slot: MediaSlot, image: String) -> BoxFuture<'_, Result<()>> {
         Self::ready(self.with("insert virtual media", |m| {
             m.media[device(slot)] = Some(image);
         }))

@@ -49,22 +49,9 @@ pub fn image(volume: &str, files: &[(String, Vec<u8>)]) -> Result<Vec<u8>, Strin
 
 #[cfg(test)]
 mod tests {
-    use std::process::Command;
+    use metalgraph_testkit::isoinfo;
 
     use super::*;
-
-    /// `isoinfo` (genisoimage, scripts/install-peers.sh): a reader that shares no code with
-    /// the writer.
-    fn isoinfo(image: &std::path::Path, args: &[&str]) -> String {
-        let out = Command::new("isoinfo")
-            .arg("-i")
-            .arg(image)
-            .args(args)
-            .output()
-            .expect("isoinfo runs (genisoimage; run scripts/install-peers.sh)");
-        assert!(out.status.success(), "isoinfo {args:?}: {out:?}");
-        String::from_utf8(out.stdout).expect("utf-8")
-    }
 
     #[test]
     fn files_keep_their_names_under_joliet_and_rock_ridge() {
@@ -95,13 +82,8 @@ mod tests {
                 "{extension}"
             );
             for (name, contents) in &files {
-                let read = Command::new("isoinfo")
-                    .arg("-i")
-                    .arg(&path)
-                    .args([extension, "-x", &format!("/{name}")])
-                    .output()
-                    .unwrap();
-                assert_eq!(&read.stdout, contents, "{extension} {name}");
+                let read = isoinfo(&path, &[extension, "-x", &format!("/{name}")]);
+                assert_eq!(read.as_bytes(), contents, "{extension} {name}");
             }
         }
         let oemdrv = image("OEMDRV", &files[3..]).unwrap();

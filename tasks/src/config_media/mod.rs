@@ -142,7 +142,9 @@ impl ConfigMediaSite {
     /// (blocking).
     pub fn remove_workflow(&self, workflow_id: &str) -> std::io::Result<usize> {
         match self.dir() {
-            Some(dir) if !workflow_id.is_empty() => remove_prefixed(&dir, &format!("{workflow_id}.")),
+            Some(dir) if !workflow_id.is_empty() => {
+                remove_prefixed(&dir, &format!("{workflow_id}."))
+            }
             _ => Ok(0),
         }
     }
@@ -418,10 +420,14 @@ async fn build(site: &ConfigMediaSite, ctx: &JobContext) -> JobResult {
                 Unresolved::NotFound => JobError::new(format!(
                     "option 'files.{name}': no template {template:?} in the templates directory"
                 )),
-                other => JobError::new(format!("option 'files.{name}': template {template:?}: {other}")),
+                other => JobError::new(format!(
+                    "option 'files.{name}': template {template:?}: {other}"
+                )),
             })?;
         let source = tokio::fs::read_to_string(&path).await.map_err(|e| {
-            JobError::new(format!("option 'files.{name}': cannot read template {template:?}: {e}"))
+            JobError::new(format!(
+                "option 'files.{name}': cannot read template {template:?}: {e}"
+            ))
         })?;
         sources.push((name, template, source));
     }
@@ -469,7 +475,9 @@ async fn build(site: &ConfigMediaSite, ctx: &JobContext) -> JobResult {
         let mut rendered = Vec::with_capacity(sources.len());
         for (name, template, source) in sources {
             let text = renderer.render_str(&source, &vars).map_err(|e| {
-                format!("template {template:?} (for {name}) cannot be rendered for node {node_id}: {e}")
+                format!(
+                    "template {template:?} (for {name}) cannot be rendered for node {node_id}: {e}"
+                )
             })?;
             rendered.push((name, text.into_bytes()));
         }
@@ -509,7 +517,10 @@ mod tests {
             "value <redacted> and <redacted> and <redacted> in a message"
         );
         let e = printable("Sw0rdfish\nroot::0:0").unwrap_err();
-        assert!(e.contains("control character") && !e.contains("Sw0rdfish"), "{e}");
+        assert!(
+            e.contains("control character") && !e.contains("Sw0rdfish"),
+            "{e}"
+        );
         assert!(printable("plain value").is_ok());
     }
 
@@ -535,7 +546,10 @@ mod tests {
             (json!({".hidden": "t"}), "not a usable file name"),
             (json!({"ks.cfg": "../../etc/passwd"}), "leads outside"),
             (json!({"ks.cfg": "/etc/passwd"}), "leads outside"),
-            (json!({"ks.cfg": 3}), "must be a template name, got a number"),
+            (
+                json!({"ks.cfg": 3}),
+                "must be a template name, got a number",
+            ),
         ] {
             let e = wanted_files(Kind::Kickstart, Some(&bad)).unwrap_err();
             assert!(e.message.contains(why), "{bad}: {e}");
@@ -545,11 +559,7 @@ mod tests {
     #[test]
     fn images_of_a_workflow_are_found_and_removed_together() {
         let files = tempfile::tempdir().unwrap();
-        let site = ConfigMediaSite::new(
-            Some(files.path().to_owned()),
-            None,
-            ApiUrls::default(),
-        );
+        let site = ConfigMediaSite::new(Some(files.path().to_owned()), None, ApiUrls::default());
         assert!(site.workflows().unwrap().is_empty(), "no folder yet");
         let dir = site.dir().unwrap();
         let (a, path) = write_image(&dir, "wf1.3", b"one").unwrap();
@@ -558,10 +568,17 @@ mod tests {
         assert_ne!(a, again);
         write_image(&dir, "wf1.30", b"other task").unwrap();
         write_image(&dir, "wf2.0", b"other workflow").unwrap();
-        let name = again.strip_prefix("wf1.3.").unwrap().strip_suffix(".iso").unwrap();
+        let name = again
+            .strip_prefix("wf1.3.")
+            .unwrap()
+            .strip_suffix(".iso")
+            .unwrap();
         assert_eq!(name.len(), 32, "128 random bits: {again}");
         use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(dir.join(&again)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.join(&again))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(
             site.workflows().unwrap().into_iter().collect::<Vec<_>>(),

@@ -651,11 +651,7 @@ impl Bmc for RedfishBmc {
         Box::pin(self.do_boot_override())
     }
 
-    fn virtual_media_insert(
-        &self,
-        slot: MediaSlot,
-        image: String,
-    ) -> BoxFuture<'_, Result<()>> {
+    fn virtual_media_insert(&self, slot: MediaSlot, image: String) -> BoxFuture<'_, Result<()>> {
         Box::pin(self.do_media_insert(slot, image))
     }
 
@@ -691,7 +687,11 @@ mod tests {
 
     fn check(list: &[(&str, &[&str])], primary: Option<&str>, secondary: Option<&str>) {
         let d = devices(list);
-        let id = |slot| d.path(slot).ok().map(|p| p.rsplit('/').next().unwrap().to_owned());
+        let id = |slot| {
+            d.path(slot)
+                .ok()
+                .map(|p| p.rsplit('/').next().unwrap().to_owned())
+        };
         assert_eq!(id(MediaSlot::Primary).as_deref(), primary, "{list:?}");
         assert_eq!(id(MediaSlot::Secondary).as_deref(), secondary, "{list:?}");
     }
@@ -717,9 +717,17 @@ mod tests {
             Some("RemovableDisk"),
         );
         // A CD drive that does not say what it takes is still found by its id.
-        check(&[("Cd", &[]), ("Usb", &["USBStick"])], Some("Cd"), Some("Usb"));
+        check(
+            &[("Cd", &[]), ("Usb", &["USBStick"])],
+            Some("Cd"),
+            Some("Usb"),
+        );
         // A floppy-only device cannot hold an ISO image; one device is not two.
-        check(&[("Cd", &["CD"]), ("Floppy", &["Floppy"])], Some("Cd"), None);
+        check(
+            &[("Cd", &["CD"]), ("Floppy", &["Floppy"])],
+            Some("Cd"),
+            None,
+        );
         check(&[("Cd", &["CD", "DVD"])], Some("Cd"), None);
     }
 
@@ -732,8 +740,15 @@ mod tests {
             "{e}"
         );
         let e = devices(&[]).path(MediaSlot::Primary).unwrap_err();
-        assert!(e.contains("no virtual CD/DVD drive") && e.contains("no device in"), "{e}");
+        assert!(
+            e.contains("no virtual CD/DVD drive") && e.contains("no device in"),
+            "{e}"
+        );
         let none = MediaDevices::new(Vec::new(), Vec::new());
-        assert!(none.path(MediaSlot::Primary).unwrap_err().contains("link to VirtualMedia"));
+        assert!(
+            none.path(MediaSlot::Primary)
+                .unwrap_err()
+                .contains("link to VirtualMedia")
+        );
     }
 }
