@@ -123,30 +123,19 @@ impl ConfigMediaSite {
         let Some(dir) = self.dir() else {
             return Ok(BTreeSet::new());
         };
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
-            Err(e) => return Err(e),
-        };
-        let mut ids = BTreeSet::new();
-        for entry in entries {
-            let name = entry?.file_name();
-            if let Some((wf, _)) = name.to_string_lossy().split_once('.') {
-                ids.insert(wf.to_owned());
-            }
-        }
-        Ok(ids)
+        Ok(images(&dir)?
+            .into_iter()
+            .map(|(task, _)| workflow_of(&task).to_owned())
+            .collect())
     }
 
     /// Deletes every image (and partial write) of workflow `workflow_id`; returns how many
     /// (blocking).
     pub fn remove_workflow(&self, workflow_id: &str) -> std::io::Result<usize> {
-        match self.dir() {
-            Some(dir) if !workflow_id.is_empty() => {
-                remove_prefixed(&dir, &format!("{workflow_id}."))
-            }
-            _ => Ok(0),
-        }
+        let Some(dir) = self.dir() else {
+            return Ok(0);
+        };
+        remove_images(&dir, |task| workflow_of(task) == workflow_id)
     }
 
     /// The templates directory, the images folder and its node-facing URL, or what is
@@ -177,22 +166,55 @@ impl ConfigMediaSite {
     }
 }
 
-/// Deletes the files of `dir` whose names start with `prefix`.
-fn remove_prefixed(dir: &Path, prefix: &str) -> std::io::Result<usize> {
+/// The images (and partial writes) in `dir`, as (task id, path). Only names this module
+/// writes count (`<task id>.<32 hex digits>.iso`, or that with `.part`), so nothing else
+/// in the folder is ever taken for an image.
+fn images(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    let mut removed = 0;
+    let mut found = Vec::new();
     for entry in entries {
         let entry = entry?;
-        if entry.file_name().to_string_lossy().starts_with(prefix) {
-            match std::fs::remove_file(entry.path()) {
-                Ok(()) => removed += 1,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let image = name.strip_suffix(".part").unwrap_or(&name);
+        let Some((task, random)) = image
+            .strip_suffix(".iso")
+            .and_then(|stem| stem.rsplit_once('.'))
+        else {
+            continue;
+        };
+        if !task.is_empty()
+            && random.len() == 32
+            && random
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            found.push((task.to_owned(), entry.path()));
+        }
+    }
+    Ok(found)
+}
+
+/// The workflow a task id belongs to (`<workflow id>.<index>`).
+fn workflow_of(task_id: &str) -> &str {
+    task_id.split('.').next().unwrap_or(task_id)
+}
+
+/// Deletes the images in `dir` of the tasks `which` picks; returns how many.
+fn remove_images(dir: &Path, which: impl Fn(&str) -> bool) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for (task, path) in images(dir)? {
+        if !which(&task) {
+            continue;
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(removed)
@@ -219,7 +241,7 @@ fn write_image(dir: &Path, task_id: &str, bytes: &[u8]) -> Result<(String, PathB
         .create(dir)
         .map_err(|e| io("cannot create", e))?;
     // An attempt restarted after a crash replaces what the earlier one wrote.
-    remove_prefixed(dir, &format!("{task_id}.")).map_err(|e| io("cannot clean", e))?;
+    remove_images(dir, |task| task == task_id).map_err(|e| io("cannot clean", e))?;
     let name = format!(
         "{task_id}.{}.iso",
         random_name_part().map_err(|e| e.message)?
@@ -568,6 +590,9 @@ mod tests {
         assert_ne!(a, again);
         write_image(&dir, "wf1.30", b"other task").unwrap();
         write_image(&dir, "wf2.0", b"other workflow").unwrap();
+        // Files this module did not write are never taken for images.
+        std::fs::write(dir.join("wf1.notes.txt"), b"mine").unwrap();
+        std::fs::write(dir.join("wf1.3.not-random.iso"), b"mine").unwrap();
         let name = again
             .strip_prefix("wf1.3.")
             .unwrap()
@@ -589,6 +614,7 @@ mod tests {
             site.workflows().unwrap().into_iter().collect::<Vec<_>>(),
             ["wf2"]
         );
+        assert!(dir.join("wf1.notes.txt").exists() && dir.join("wf1.3.not-random.iso").exists());
         let e = site.ready().unwrap_err();
         assert!(e.message.contains("templates directory"), "{e}");
     }
