@@ -8,6 +8,8 @@
 #   - sushy-tools in a Python venv: the stateful Redfish BMC emulator
 #     (tasks/tests/bmc_redfish.rs). Its dependency `bcrypt` also writes the htpasswd file
 #     for the Basic-auth tests.
+#   - PostgreSQL's server (initdb, postgres): each test binary that needs it starts a
+#     throwaway cluster of its own (testkit `Postgres`; store/tests/conformance.rs).
 #   - Debian's chromium and Playwright for Python in the same venv: the web view's
 #     browser tests (tests/ui.rs) and its screenshots (scripts/ui-screenshots.sh).
 #     Playwright drives /usr/bin/chromium; its own browser download is never used.
@@ -40,6 +42,7 @@ command -v ipmi_sim >/dev/null 2>&1 || need_apt="$need_apt openipmi"
 command -v ipmitool >/dev/null 2>&1 || need_apt="$need_apt ipmitool"
 [ -x /usr/bin/chromium ] || need_apt="$need_apt chromium"
 command -v isoinfo >/dev/null 2>&1 || need_apt="$need_apt genisoimage"
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt="$need_apt postgresql"
 command -v python3 >/dev/null 2>&1 || need_apt="$need_apt python3"
 # The venv module is a separate package on Debian; probe it rather than guess.
 if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then

@@ -4,6 +4,7 @@
 //! graphs as DOT or Mermaid (`draw`). Everything goes to stdout through `out`.
 
 pub mod draw;
+pub mod fleet;
 pub mod out;
 pub mod table;
 pub mod views;
@@ -423,27 +424,80 @@ impl Client {
             body["node"] = json!(n);
         }
         let (_, created) = self.call(Method::POST, "/workflows", Some(&body)).await?;
+        self.started(created, wait, output).await
+    }
+
+    /// `rerun ID`: reruns a failed or cancelled workflow from where it stopped, with
+    /// `options` (`{defaults: {...}, <label>: {...}}`) over the old run's, and shows the new
+    /// workflow or, with `wait`, follows it as `run` does.
+    pub async fn rerun(
+        &self,
+        id: &str,
+        options: Value,
+        wait: bool,
+        output: Output,
+    ) -> anyhow::Result<ExitCode> {
+        let body = json!({"command": "rerun", "options": options});
+        let (_, created) = self
+            .call(
+                Method::PUT,
+                &format!("/workflows/{}/action", seg(id)),
+                Some(&body),
+            )
+            .await?;
+        self.started(created, wait, output).await
+    }
+
+    /// Shows a workflow just created, or with `wait` follows it to its end.
+    async fn started(
+        &self,
+        created: Value,
+        wait: bool,
+        output: Output,
+    ) -> anyhow::Result<ExitCode> {
         if !wait {
             print_as(output, Shape::Workflow, &created)?;
             return Ok(ExitCode::SUCCESS);
         }
         let view: WorkflowView = serde_json::from_value(created)
             .context("the server answered with something that is not a workflow")?;
-        let id = view.instance_id.clone();
+        let (id, graph) = (&view.instance_id, &view.name);
         if output == Output::Table {
-            match &view.node {
-                Some(n) => line(&format!("workflow {id} ({graph} on node {n}) created"))?,
-                None => line(&format!("workflow {id} ({graph}) created"))?,
+            let on = view
+                .node
+                .as_ref()
+                .map(|n| format!(" on node {n}"))
+                .unwrap_or_default();
+            let of = view
+                .rerun_of
+                .as_ref()
+                .map(|old| format!(", rerunning {old}"))
+                .unwrap_or_default();
+            line(&format!("workflow {id} ({graph}{on}{of}) created"))?;
+            let kept: Vec<&str> = view
+                .tasks
+                .iter()
+                .filter(|t| t.state == TaskState::Succeeded)
+                .map(|t| t.label.as_str())
+                .collect();
+            if let (Some(old), false) = (&view.rerun_of, kept.is_empty()) {
+                line(&format!("kept from {old}: {}", kept.join(", ")))?;
             }
         }
-        self.follow(&id, output).await
+        self.follow(&view, output).await
     }
 
-    /// Polls a workflow until it ends. As a table: a line per task state change, then the
-    /// summary; otherwise only the finished workflow.
-    async fn follow(&self, id: &str, output: Output) -> anyhow::Result<ExitCode> {
+    /// Polls a workflow until it ends. As a table: a line per task state change since
+    /// `created` (so a rerun's kept tasks are not shown as news), then the summary;
+    /// otherwise only the finished workflow.
+    async fn follow(&self, created: &WorkflowView, output: Output) -> anyhow::Result<ExitCode> {
         let start = Instant::now();
-        let mut seen: HashMap<String, (TaskState, u32)> = HashMap::new();
+        let id = &created.instance_id;
+        let mut seen: HashMap<String, (TaskState, u32)> = created
+            .tasks
+            .iter()
+            .map(|t| (t.label.clone(), (t.state, t.attempts)))
+            .collect();
         loop {
             let value = self.get(&format!("/workflows/{}", seg(id))).await?;
             let view: WorkflowView = serde_json::from_value(value.clone())
@@ -525,6 +579,44 @@ pub fn run_options(options: &[String]) -> anyhow::Result<Value> {
             .as_object_mut()
             .expect("layers are objects")
             .insert(key.to_owned(), value);
+    }
+    Ok(Value::Object(layers))
+}
+
+/// `rerun --options`: JSON run options (`{defaults: {...}, <label>: {...}}`), or `@FILE`
+/// holding them as JSON or YAML; then each `--option` over them, as `run` takes it.
+pub fn rerun_options(options: Option<&str>, each: &[String]) -> anyhow::Result<Value> {
+    let mut layers = match options {
+        None => Map::new(),
+        Some(arg) => {
+            let parsed = match arg.strip_prefix('@') {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read --options file {path}"))?;
+                    metalgraph_engine::text::parse_yaml(&text)
+                        .map_err(|e| anyhow::anyhow!("--options file {path}: {e}"))?
+                }
+                None => metalgraph_engine::text::parse_json(arg.as_bytes())
+                    .map_err(|e| anyhow::anyhow!("--options is not JSON: {e}"))?,
+            };
+            match parsed {
+                Value::Object(m) => m,
+                other => bail!(
+                    "--options must be an object {{\"defaults\": {{...}}, \"<label>\": {{...}}}}, got {}",
+                    metalgraph_engine::job::json_kind(&other)
+                ),
+            }
+        }
+    };
+    if let Value::Object(more) = run_options(each)? {
+        for (layer, values) in more {
+            match (layers.get_mut(&layer), values) {
+                (Some(Value::Object(into)), Value::Object(values)) => into.extend(values),
+                (_, values) => {
+                    layers.insert(layer, values);
+                }
+            }
+        }
     }
     Ok(Value::Object(layers))
 }

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use metalgraph::client::draw::Drawing;
+use metalgraph::client::fleet::{BatchSpec, EndpointSpec};
 use metalgraph::client::out::{self, StdoutClosed};
 use metalgraph::client::views::{Output, Shape};
 use metalgraph::client::{Access, Client, NodeSpec, seg};
@@ -62,27 +63,79 @@ enum Command {
         #[command(subcommand)]
         action: WorkflowsCmd,
     },
-    /// Run a graph, optionally on a node, and optionally follow it to its end.
+    /// Run a graph, optionally on a node, and optionally follow it to its end. With several
+    /// --node, or --tag, it runs on each of those nodes as a batch, at most
+    /// --max-concurrent at once.
     Run {
         #[command(flatten)]
         remote: Remote,
         /// The graph's injectableName.
         graph: String,
-        /// The node to run on.
-        #[arg(long)]
-        node: Option<String>,
+        /// The node to run on (repeatable: several make a batch).
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+        /// Run on every node carrying this tag (repeatable: every tag), as a batch.
+        #[arg(long = "tag", conflicts_with = "nodes")]
+        tags: Vec<String>,
+        /// A batch's most workflows at once.
+        #[arg(long, value_name = "N", default_value_t = 10)]
+        max_concurrent: usize,
+        /// A batch starts no new workflow after this many failures.
+        #[arg(long, value_name = "M")]
+        stop_after_failures: Option<usize>,
         /// A run option: KEY=VALUE (into options.defaults) or LABEL.KEY=VALUE (into one
         /// task's options). VALUE is JSON when it parses as JSON, else a string.
         #[arg(long = "option", short = 'o', value_name = "[LABEL.]KEY=VALUE")]
         options: Vec<String>,
-        /// Follow the workflow, printing each task state change and a closing summary;
-        /// exit 0 only when it succeeded.
+        /// Follow the workflow, printing each task state change and a closing summary; exit
+        /// 0 only when it succeeded. A batch shows a progress line (done, failed and running
+        /// of the total, the rate, the time left) and closes with a table of the failures.
         #[arg(long)]
         wait: bool,
         /// How to print: a table for people, or the workflow object as json or yaml (with
         /// --wait, only the finished workflow). No short form here: `-o` is --option.
         #[arg(long, value_enum, default_value_t)]
         output: Output,
+    },
+    /// Rerun a failed or cancelled workflow from where it stopped: a new workflow in which
+    /// the tasks that succeeded keep their output and the others run again.
+    Rerun {
+        #[command(flatten)]
+        remote: Remote,
+        /// The failed or cancelled workflow's id.
+        id: String,
+        /// Options over the old run's, as JSON (`{"defaults": {...}, "<label>": {...}}`), or
+        /// @FILE holding them as JSON or YAML. A key given replaces that layer's value.
+        #[arg(long, value_name = "JSON|@FILE")]
+        options: Option<String>,
+        /// One option over the old run's (and over --options): KEY=VALUE (into
+        /// options.defaults) or LABEL.KEY=VALUE, as `run` takes it.
+        #[arg(long = "option", short = 'o', value_name = "[LABEL.]KEY=VALUE")]
+        option: Vec<String>,
+        /// Follow the new workflow as `run --wait` does; exit 0 only when it succeeded.
+        #[arg(long)]
+        wait: bool,
+        /// How to print, as for `run`.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Registered endpoints (Redfish services, IPMI BMCs) and the systems behind them.
+    Endpoints {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(flatten)]
+        view: View,
+        #[command(subcommand)]
+        action: EndpointsCmd,
+    },
+    /// Batches: one graph run on many nodes (`run GRAPH --tag ...` makes one).
+    Batches {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(flatten)]
+        view: View,
+        #[command(subcommand)]
+        action: BatchesCmd,
     },
     /// Bearer tokens on a server (admin only).
     Tokens {
@@ -287,6 +340,109 @@ impl PageArgs {
             format!("{base}?{}", query.join("&"))
         }
     }
+}
+
+#[derive(Debug, Subcommand)]
+enum EndpointsCmd {
+    /// List endpoints with what uses them.
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Show one endpoint.
+    Get { id: String },
+    /// Register a Redfish service or an IPMI BMC.
+    Create {
+        /// A unique name.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        fields: EndpointFields,
+    },
+    /// Change an endpoint (rotate its password: --password-env VAR); every node that
+    /// refers to it uses the change from its next BMC call.
+    Update {
+        id: String,
+        /// A new name.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        fields: EndpointFields,
+    },
+    /// Delete an endpoint (refused while its nodes run workflows).
+    Delete {
+        id: String,
+        /// Also delete its nodes; otherwise they stay, without the endpoint's OBM.
+        #[arg(long)]
+        with_nodes: bool,
+    },
+    /// The systems behind every endpoint, or one, read live, filtered.
+    Systems {
+        /// Only this endpoint (id or name).
+        id: Option<String>,
+        /// Only systems in this power state (On, Off).
+        #[arg(long)]
+        power_state: Option<String>,
+        #[arg(long)]
+        manufacturer: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// Discover the endpoint's systems as nodes.
+    Discover {
+        id: String,
+        /// Follow the discovery to its end.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+/// An endpoint's fields on the command line.
+#[derive(Debug, clap::Args)]
+struct EndpointFields {
+    /// redfish or ipmi.
+    #[arg(long, value_parser = ["redfish", "ipmi"])]
+    service: Option<String>,
+    /// Redfish: the service's base URL (https://bmc:8443). IPMI: host or host:port.
+    #[arg(long)]
+    url: Option<String>,
+    /// The BMC user.
+    #[arg(long)]
+    user: Option<String>,
+    /// The environment variable holding the password (never given on the command line,
+    /// where `ps` would show it).
+    #[arg(long, value_name = "VAR")]
+    password_env: Option<String>,
+    /// Accept any TLS certificate from the service.
+    #[arg(long)]
+    insecure: bool,
+    /// The CA certificate (PEM file) that signed the service's certificate.
+    #[arg(long, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+}
+
+impl EndpointFields {
+    fn spec(self, name: Option<String>) -> EndpointSpec {
+        EndpointSpec {
+            name,
+            service: self.service,
+            url: self.url,
+            user: self.user,
+            password_env: self.password_env,
+            insecure: self.insecure,
+            ca_cert: self.ca_cert,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum BatchesCmd {
+    /// List batches, newest first.
+    List,
+    /// Show a batch: its counts and every node's status, workflow and reason.
+    Get { id: String },
+    /// Cancel a batch: nothing more starts, running workflows are cancelled.
+    Cancel { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -566,15 +722,109 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run {
             remote,
             graph,
-            node,
+            nodes,
+            tags,
+            max_concurrent,
+            stop_after_failures,
             options,
             wait,
             output,
         } => {
-            remote
-                .client()?
-                .run(&graph, node.as_deref(), &options, wait, output)
+            let c = remote.client()?;
+            if nodes.len() > 1 || !tags.is_empty() {
+                let spec = BatchSpec {
+                    graph: &graph,
+                    nodes: &nodes,
+                    tags: &tags,
+                    options: &options,
+                    max_concurrent,
+                    stop_after_failures,
+                };
+                c.run_batch(spec, wait, output).await
+            } else {
+                c.run(
+                    &graph,
+                    nodes.first().map(String::as_str),
+                    &options,
+                    wait,
+                    output,
+                )
                 .await
+            }
+        }
+        Command::Endpoints {
+            remote,
+            view,
+            action,
+        } => {
+            let c = remote.client()?;
+            let o = view.output.unwrap_or_default();
+            match action {
+                EndpointsCmd::List { page } => {
+                    c.show_list(&page.path("/endpoints", []), page.all, Shape::Endpoints, o)
+                        .await
+                }
+                EndpointsCmd::Get { id } => {
+                    c.show(&format!("/endpoints/{}", seg(&id)), Shape::Endpoint, o)
+                        .await
+                }
+                EndpointsCmd::Create { name, fields } => {
+                    c.create_endpoint(fields.spec(Some(name)), o).await
+                }
+                EndpointsCmd::Update { id, name, fields } => {
+                    c.update_endpoint(&id, fields.spec(name), o).await
+                }
+                EndpointsCmd::Delete { id, with_nodes } => c.delete_endpoint(&id, with_nodes).await,
+                EndpointsCmd::Systems {
+                    id,
+                    power_state,
+                    manufacturer,
+                    model,
+                } => {
+                    let path = PageArgs {
+                        top: None,
+                        all: false,
+                    }
+                    .path(
+                        "/systems",
+                        [
+                            ("endpoint", id),
+                            ("powerState", power_state),
+                            ("manufacturer", manufacturer),
+                            ("model", model),
+                        ],
+                    );
+                    c.show(&path, Shape::Systems, o).await
+                }
+                EndpointsCmd::Discover { id, wait } => c.discover_endpoint(&id, wait, o).await,
+            }
+        }
+        Command::Batches {
+            remote,
+            view,
+            action,
+        } => {
+            let c = remote.client()?;
+            let o = view.output.unwrap_or_default();
+            match action {
+                BatchesCmd::List => c.show("/batches", Shape::Batches, o).await,
+                BatchesCmd::Get { id } => {
+                    c.show(&format!("/batches/{}", seg(&id)), Shape::Batch, o)
+                        .await
+                }
+                BatchesCmd::Cancel { id } => c.cancel_batch(&id, o).await,
+            }
+        }
+        Command::Rerun {
+            remote,
+            id,
+            options,
+            option,
+            wait,
+            output,
+        } => {
+            let options = metalgraph::client::rerun_options(options.as_deref(), &option)?;
+            remote.client()?.rerun(&id, options, wait, output).await
         }
     }
 }

@@ -46,7 +46,7 @@ pub fn run(
         store.as_ref(),
         &old,
         &new,
-        &[keys::NODES, crate::hooks::KEYSPACE],
+        &[keys::NODES, keys::ENDPOINTS, crate::hooks::KEYSPACE],
     )
     .map_err(|e| anyhow::anyhow!("re-sealing failed: {e}; run rekey again to finish"))?;
     store.close().context("closing the store failed")?;

@@ -37,16 +37,16 @@ const DEMO_NODES: usize = 8;
 /// drivers (Redfish, IPMI, simulated), and RackHD's base tasks over both. `serve` and `validate` both use it, so that offline
 /// validation judges graphs exactly as the server does.
 pub fn jobs() -> JobRegistry {
-    jobs_with(Arc::new(ConfigMediaSite::default()))
+    jobs_with(Arc::default(), Arc::default())
 }
 
-/// [`jobs`], with `config-media.build` writing into `site` (`serve` lends it the files and
-/// templates directories and the node-facing URLs).
-pub fn jobs_with(site: Arc<ConfigMediaSite>) -> JobRegistry {
+/// [`jobs`] whose BMC jobs use `drivers` and whose `config-media.build` writes into
+/// `media` (`serve` lends it the files and templates directories and the node-facing URLs).
+fn jobs_with(drivers: Arc<Drivers>, media: Arc<ConfigMediaSite>) -> JobRegistry {
     let mut jobs = JobRegistry::new();
     metalgraph_tasks::register_basic(&mut jobs);
-    metalgraph_tasks::register_provisioning(&mut jobs, Arc::new(Drivers::default()));
-    metalgraph_tasks::register_config_media(&mut jobs, site);
+    metalgraph_tasks::register_provisioning(&mut jobs, drivers);
+    metalgraph_tasks::register_config_media(&mut jobs, media);
     metalgraph_tasks::rackhd::register(&mut jobs);
     jobs
 }
@@ -151,7 +151,8 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         config.templates_dir.clone(),
         api_urls.clone(),
     ));
-    let mut opts = EngineOptions::new(sealed, jobs_with(media.clone()), library);
+    let drivers: Arc<Drivers> = Arc::default();
+    let mut opts = EngineOptions::new(sealed, jobs_with(drivers.clone(), media.clone()), library);
     opts.sealer = Some(sealer);
     opts.max_running_jobs = config.max_running_jobs;
     opts.cancel_grace = Duration::from_millis(config.cancel_grace_ms);
@@ -241,6 +242,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             config.boot.enrolment_rate,
             config.boot.enrolment_burst,
         )),
+        drivers,
         ..base
     };
     let hooks = state.hooks.clone();

@@ -796,3 +796,94 @@ async fn lists_show_one_page_or_every_page() {
     assert_eq!(nodes.len(), 1);
     assert_eq!(nodes[0]["id"], "node-a");
 }
+
+#[tokio::test]
+async fn run_on_a_tag_is_a_batch_with_progress_and_a_failure_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "sled", &["--demo"]);
+    let api = server.api();
+    let out = ok(
+        &server,
+        &[
+            "run",
+            "Graph.PowerOn.Node",
+            "--tag",
+            "demo",
+            "--max-concurrent",
+            "3",
+            "--wait",
+        ],
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("batch ")
+            && lines[0].ends_with(": Graph.PowerOn.Node on 8 nodes, at most 3 at once"),
+        "{out}"
+    );
+    // Not a terminal: a progress line each time the counts change, never more than three
+    // running, the last one complete.
+    let progress: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with('['))
+        .collect();
+    assert!(!progress.is_empty(), "{out}");
+    for l in &progress {
+        let running: u32 = l
+            .split(" · ")
+            .nth(2)
+            .and_then(|r| r.strip_suffix(" running"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("a progress line: {l}"));
+        assert!(running <= 3, "{l}");
+    }
+    let last = progress.last().unwrap();
+    assert!(
+        last.starts_with("[########################] 8/8 · 8 done, 0 failed · 0 running"),
+        "{last}"
+    );
+    assert!(last.ends_with("· done"), "{last}");
+    assert_eq!(lines.last(), Some(&"every node succeeded"), "{out}");
+
+    // A node without a BMC fails; the closing table names it and why, and the exit is 1.
+    api.create_node(json!({"id": "no-bmc", "name": "no-bmc"}))
+        .await;
+    let r = mg(
+        &server,
+        &[
+            "run",
+            "Graph.PowerOff.Node",
+            "--node",
+            "demo-node-01",
+            "--node",
+            "no-bmc",
+            "--wait",
+        ],
+    );
+    assert_eq!(r.code, 1, "{r:?}");
+    let table = r
+        .stdout
+        .split("1 nodes did not succeed:\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("a failure table: {}", r.stdout));
+    let rows: Vec<&str> = table.lines().collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(rows[0].starts_with("NODE"), "{table}");
+    assert!(
+        rows[1].starts_with("no-bmc") && rows[1].contains("failed") && rows[1].contains("no OBM"),
+        "{table}"
+    );
+
+    // The batches are listed, newest first.
+    let list = ok(&server, &["batches", "list"]);
+    let rows: Vec<&str> = list.lines().collect();
+    assert_eq!(rows.len(), 3, "{list}");
+    assert!(
+        rows[1].contains("Graph.PowerOff.Node") && rows[1].contains("1/2"),
+        "{list}"
+    );
+    assert!(
+        rows[2].contains("Graph.PowerOn.Node") && rows[2].contains("8/8"),
+        "{list}"
+    );
+}

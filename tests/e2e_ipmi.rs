@@ -85,3 +85,55 @@ async fn a_wrong_password_fails_the_workflow_naming_the_bmc() {
     assert!(!wf.to_string().contains(wrong), "{wf}");
     assert_eq!(sim.state("power"), "", "nothing was switched");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipmi_endpoint_lists_its_system_discovers_one_node_and_drives_it() {
+    let sim = IpmiSim::start();
+    let (_server, api, _data) = metalgraph();
+    let (code, ep) = api
+        .send(
+            "POST",
+            "/api/2.0/endpoints",
+            Some(
+                json!({"name": "rack-ipmi-07", "service": "ipmi", "url": sim.host(),
+                        "user": "admin", "password": IPMI_PASSWORD}),
+            ),
+        )
+        .await;
+    assert_eq!(code, 201, "{ep}");
+    let id = ep["id"].as_str().unwrap().to_owned();
+
+    let (code, systems) = api.get(&format!("/api/2.0/endpoints/{id}/systems")).await;
+    assert_eq!(code, 200, "{systems}");
+    assert_eq!(systems.as_array().map(Vec::len), Some(1), "{systems}");
+    assert_eq!(systems[0]["powerState"], "Off", "{systems}");
+    assert_eq!(systems[0]["name"], "rack-ipmi-07");
+    assert!(systems[0]["node"].is_null());
+
+    // Discovery twice: one node, found again by its endpoint the second time.
+    for _ in 0..2 {
+        let (code, wf) = api
+            .send("POST", &format!("/api/2.0/endpoints/{id}/discover"), None)
+            .await;
+        assert_eq!(code, 201, "{wf}");
+        let wf = api.wait(wf["instanceId"].as_str().unwrap(), LIMIT).await;
+        assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    }
+    let (_, nodes) = api.get("/api/2.0/nodes").await;
+    let nodes = nodes.as_array().unwrap();
+    assert_eq!(nodes.len(), 1, "{nodes:#?}");
+    let node = nodes[0]["id"].as_str().unwrap();
+    assert_eq!(nodes[0]["obms"][0]["service"], "ipmi-obm-service");
+    assert_eq!(nodes[0]["obms"][0]["config"]["endpoint"], id.as_str());
+
+    let wf = api
+        .run_wait("Graph.PowerOn.Node", Some(node), fast(), LIMIT)
+        .await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    assert_eq!(sim.state("power"), "1");
+    let (_, systems) = api
+        .get(&format!("/api/2.0/systems?endpoint={id}&powerState=on"))
+        .await;
+    assert_eq!(systems["systems"][0]["node"], node, "{systems:#}");
+    assert!(!systems.to_string().contains(IPMI_PASSWORD));
+}

@@ -523,6 +523,150 @@ fn peers_dir() -> std::path::PathBuf {
 
 /// Clients metalgraph did not write: Python grpcio code generated from our proto runs a graph
 /// and watches it finish; `buf curl` lists the services through reflection and calls health.
+/// Polls a workflow until it has finished.
+async fn finished(wfs: &mut WorkflowsClient<support::Grpc>, id: &str) -> pb::Workflow {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let w = wfs
+            .get_workflow(pb::GetWorkflowRequest { id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let running = [pb::WorkflowStatus::Pending, pb::WorkflowStatus::Running];
+        if !running.iter().any(|s| *s as i32 == w.status) {
+            return w;
+        }
+        assert!(std::time::Instant::now() < deadline, "{w:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rerun_workflow_runs_from_the_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = Server::start(
+        dir.path(),
+        "sled",
+        &["--grpc-listen", &format!("127.0.0.1:{port}")],
+    );
+    let ch = server.grpc(port).await;
+    let graph = r#"
+injectableName: Grpc.Rerun
+options: {defaults: {ready: false}}
+tasks:
+  - {label: a, taskName: Task.Noop}
+  - {label: b, taskName: Task.Evaluate.Condition, optionOverrides: {when: "{{ options.ready }}"}, waitOn: {a: succeeded}}
+  - {label: c, taskName: Task.Noop, waitOn: {b: succeeded}}
+"#;
+    DefinitionsClient::new(ch.clone())
+        .put_graph(pb::PutGraphRequest {
+            definition: Some(pb::put_graph_request::Definition::Text(graph.into())),
+        })
+        .await
+        .unwrap();
+    let mut wfs = WorkflowsClient::new(ch.clone());
+    let old = wfs
+        .run_graph(pb::RunGraphRequest {
+            name: "Grpc.Rerun".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let old = finished(&mut wfs, &old.instance_id).await;
+    assert_eq!(old.status, pb::WorkflowStatus::Failed as i32);
+    assert_eq!(old.rerun_of, "");
+    let state = |w: &pb::Workflow, i: usize| pb::TaskState::try_from(w.tasks[i].state).unwrap();
+
+    let ready = serde_json::json!({"defaults": {"ready": true}});
+    let rerun = wfs
+        .rerun_workflow(pb::RerunWorkflowRequest {
+            id: old.instance_id.clone(),
+            options: Some(metalgraph::api::grpc::to_pb_struct(
+                ready.as_object().unwrap(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rerun.rerun_of, old.instance_id);
+    assert_eq!(state(&rerun, 0), pb::TaskState::Succeeded);
+    let end = finished(&mut wfs, &rerun.instance_id).await;
+    assert_eq!(end.status, pb::WorkflowStatus::Succeeded as i32, "{end:?}");
+    assert_eq!(end.rerun_of, old.instance_id);
+    // `a` was taken over from the old workflow; `b` and `c` ran in the rerun.
+    assert_eq!(
+        (end.tasks[0].attempts, &end.tasks[0].started_at),
+        (old.tasks[0].attempts, &old.tasks[0].started_at)
+    );
+    for t in &end.tasks[1..] {
+        assert_eq!(t.attempts, 1, "{t:?}");
+        let (started, created) = (t.started_at.unwrap(), end.created_at.unwrap());
+        assert!(
+            (started.seconds, started.nanos) >= (created.seconds, created.nanos),
+            "{t:?}"
+        );
+    }
+    assert_eq!(
+        wfs.get_workflow(pb::GetWorkflowRequest {
+            id: old.instance_id.clone()
+        })
+        .await
+        .unwrap()
+        .into_inner(),
+        old,
+        "the old workflow is left as it was"
+    );
+
+    // Errors: an unknown id, a workflow that succeeded, options that are not layers.
+    let rerun_of = |id: &str, options: Option<prost_types::Struct>| pb::RerunWorkflowRequest {
+        id: id.into(),
+        options,
+    };
+    let e = wfs
+        .rerun_workflow(rerun_of("nope", None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    let e = wfs
+        .rerun_workflow(rerun_of(&end.instance_id, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("succeeded"), "{e}");
+    let flat = serde_json::json!({"ready": true});
+    let e = wfs
+        .rerun_workflow(rerun_of(
+            &old.instance_id,
+            Some(metalgraph::api::grpc::to_pb_struct(
+                flat.as_object().unwrap(),
+            )),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("options.ready"), "{e}");
+
+    // Rerunning needs the role running does.
+    let (code, viewer) = server
+        .api()
+        .send(
+            "POST",
+            "/api/2.0/tokens",
+            Some(serde_json::json!({"name": "grpc-viewer", "role": "viewer"})),
+        )
+        .await;
+    assert_eq!(code, 201, "{viewer}");
+    let as_viewer = server.grpc_as(port, viewer["token"].as_str()).await;
+    let e = WorkflowsClient::new(as_viewer)
+        .rerun_workflow(rerun_of(&old.instance_id, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("needs role operator"), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_clients_python_grpcio_and_buf_curl() {
     let peers = peers_dir();

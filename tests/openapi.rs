@@ -61,6 +61,18 @@ const MANAGEMENT_ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/2.0/tokens"),
     ("DELETE", "/api/2.0/tokens/{name}"),
     ("GET", "/api/2.0/audit"),
+    ("GET", "/api/2.0/endpoints"),
+    ("POST", "/api/2.0/endpoints"),
+    ("GET", "/api/2.0/endpoints/{id}"),
+    ("PATCH", "/api/2.0/endpoints/{id}"),
+    ("DELETE", "/api/2.0/endpoints/{id}"),
+    ("GET", "/api/2.0/endpoints/{id}/systems"),
+    ("POST", "/api/2.0/endpoints/{id}/discover"),
+    ("GET", "/api/2.0/systems"),
+    ("GET", "/api/2.0/batches"),
+    ("POST", "/api/2.0/batches"),
+    ("GET", "/api/2.0/batches/{id}"),
+    ("PUT", "/api/2.0/batches/{id}/action"),
     ("GET", "/metrics"),
 ];
 

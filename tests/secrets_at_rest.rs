@@ -19,6 +19,7 @@ use support::peers::{Sushy, SushyOptions, system_uuid};
 const PASSWORD: &str = "Redfish-at-rest-s3cret";
 const HOOK_SECRET: &str = "Hook-at-rest-s3cret";
 const OPTION_SECRET: &str = "Option-at-rest-s3cret";
+const ENDPOINT_PASSWORD: &str = "Endpoint-at-rest-s3cret";
 const LIMIT: Duration = Duration::from_secs(60);
 
 /// Every file under `dir` that contains `needle`.
@@ -69,6 +70,17 @@ async fn passwords_and_hook_secrets_are_sealed_on_disk_and_still_work() {
             )
             .await;
         assert_eq!(code, 201, "{hook}");
+        let (code, endpoint) = api
+            .send(
+                "POST",
+                "/api/2.0/endpoints",
+                Some(
+                    json!({"name": "rack1", "service": "redfish", "url": sushy.base,
+                            "user": "admin", "password": ENDPOINT_PASSWORD}),
+                ),
+            )
+            .await;
+        assert_eq!(code, 201, "{endpoint}");
         // A run option holding a secret is kept in the workflow record: sealed too.
         let done = api
             .run_wait(
@@ -85,7 +97,7 @@ async fn passwords_and_hook_secrets_are_sealed_on_disk_and_still_work() {
         let key = data.path().join("secret.key");
         let mode = std::fs::metadata(&key).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{store}");
-        for secret in [PASSWORD, HOOK_SECRET, OPTION_SECRET] {
+        for secret in [PASSWORD, HOOK_SECRET, OPTION_SECRET, ENDPOINT_PASSWORD] {
             assert_eq!(
                 files_holding(data.path(), secret),
                 Vec::<String>::new(),
@@ -191,8 +203,11 @@ async fn passwords_and_hook_secrets_are_sealed_on_disk_and_still_work() {
         let (code, hooks) = api.get("/api/2.0/hooks").await;
         assert_eq!(code, 200);
         assert_eq!(hooks[0]["signed"], true, "{store}: {hooks}");
+        let (code, endpoints) = api.get("/api/2.0/endpoints").await;
+        assert_eq!(code, 200, "{store} after rekey: {endpoints}");
+        assert_eq!(endpoints[0]["passwordSet"], true, "{store}: {endpoints}");
         server.terminate();
-        for secret in [PASSWORD, HOOK_SECRET, OPTION_SECRET] {
+        for secret in [PASSWORD, HOOK_SECRET, OPTION_SECRET, ENDPOINT_PASSWORD] {
             assert_eq!(
                 files_holding(data.path(), secret),
                 Vec::<String>::new(),

@@ -85,6 +85,12 @@ async fn every_role_against_every_route_family_and_the_audit_log() {
             Some(json!({"name": "Sec.Noop"})),
             "operator",
         ),
+        (
+            "PUT",
+            "/api/2.0/workflows/no-such-id/action",
+            Some(json!({"command": "rerun"})),
+            "operator",
+        ),
         ("GET", "/api/2.0/nodes", None, "viewer"),
         (
             "POST",

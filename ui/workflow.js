@@ -79,6 +79,8 @@ function header() {
       : 'none'),
     ...(view.parent ? fact('Parent', 'parent',
       el('a', { href: workflowHref(view.parent.workflowId) }, view.parent.workflowId)) : []),
+    ...(view.rerunOf ? fact('Rerun of', 'rerun-of',
+      el('a', { href: workflowHref(view.rerunOf) }, view.rerunOf)) : []),
     ...fact('Tasks', 'progress', `${done} of ${total} ended`),
     ...fact('Created', 'created', clock(view.createdAt)),
     ...(view.finishedAt ? fact('Finished', 'finished', clock(view.finishedAt)) : []),

@@ -18,8 +18,10 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::batches::Batches;
 use crate::clock::{Clock, SystemClock};
 use crate::definitions::{Definitions, Library, MAX_SUBGRAPH_DEPTH};
+use crate::endpoints::Endpoints;
 use crate::error::{Error, blocking};
 use crate::events::{EventLog, Numbered};
 use crate::history::{ListFilter, Page, Records};
@@ -107,6 +109,16 @@ pub struct RunRequest {
     pub options: RunOptions,
 }
 
+/// Where a new workflow comes from.
+pub(crate) enum Origin {
+    /// A caller's run request.
+    Run,
+    /// A `graph.run` task's subgraph, under its key in `children` (`{task id}/{retry}`).
+    Child(ParentRef, String),
+    /// A rerun of the failed or cancelled workflow whose records these are.
+    Rerun(Box<(WorkflowRecord, Vec<TaskRecord>)>),
+}
+
 struct Inner {
     store: Arc<dyn Store>,
     defs: Definitions,
@@ -135,6 +147,7 @@ struct Inner {
     sealer: Option<Arc<Sealer>>,
     /// Where the next retention sweep goes on.
     sweep: Mutex<SweepState>,
+    batches: Batches,
 }
 
 impl Inner {
@@ -199,6 +212,7 @@ impl Engine {
             retention: opts.retention,
             sealer: opts.sealer.clone(),
             sweep: Mutex::new(SweepState::default()),
+            batches: Batches::new(opts.store.clone()),
         });
         let engine = Engine { inner };
         let runtime = Runtime::new(
@@ -214,6 +228,14 @@ impl Engine {
         );
         if let Some(policy) = opts.retention {
             tokio::spawn(sweep_periodically(engine.clone(), policy));
+        }
+        {
+            let (this, stop) = (engine.clone(), engine.inner.shutdown.clone());
+            tokio::spawn(async move {
+                // Batches start workflows: not before recovery has loaded the unfinished ones.
+                this.inner.recovered.cancelled().await;
+                this.run_batches(stop).await;
+            });
         }
         let this = engine.clone();
         let handle = tokio::spawn(async move {
@@ -231,6 +253,16 @@ impl Engine {
 
     pub fn definitions(&self) -> &Definitions {
         &self.inner.defs
+    }
+
+    /// The bulk runs (`batches.rs`).
+    pub fn batches(&self) -> Batches {
+        self.inner.batches.clone()
+    }
+
+    /// The registered endpoints (`endpoints.rs`).
+    pub fn endpoints(&self) -> &Endpoints {
+        self.inner.nodes.endpoints()
     }
 
     pub fn nodes(&self) -> &Nodes {
@@ -378,13 +410,46 @@ impl Engine {
     /// Runs a graph: plans it (400 on missing options), then creates the workflow in one
     /// commit that also takes the node's lock (409 when the node is busy).
     pub async fn run(&self, req: RunRequest) -> Result<WorkflowView, Error> {
-        self.create(req, None).await
+        self.create(req, Origin::Run).await
+    }
+
+    /// Reruns a failed or cancelled workflow from where it stopped (see `rerun.rs`): a new
+    /// workflow of the same graph on the same node, with the old run's options under
+    /// `overrides`, whose `rerunOf` names the old one. Its tasks that succeeded before (and
+    /// wait only on such tasks) are created succeeded with their outputs; the others run
+    /// again. Created like any run, in one commit that takes the node's lock (409 when the
+    /// node is busy). A workflow that is not failed or cancelled, or is a subgraph, is a
+    /// conflict; the old workflow is left unchanged.
+    pub async fn rerun(&self, id: &str, overrides: RunOptions) -> Result<WorkflowView, Error> {
+        let (old, old_tasks) = self.load(id).await?.ok_or_else(|| Error::NotFound {
+            kind: "workflow",
+            id: id.to_owned(),
+        })?;
+        crate::rerun::check(&old)?;
+        let req = RunRequest {
+            graph: old.plan.graph.clone(),
+            node: old.node.clone(),
+            options: crate::rerun::options(&old.options, overrides),
+        };
+        self.create(req, Origin::Rerun(Box::new((old, old_tasks))))
+            .await
     }
 
     pub(crate) async fn create(
         &self,
         req: RunRequest,
-        parent: Option<(ParentRef, String)>,
+        origin: Origin,
+    ) -> Result<WorkflowView, Error> {
+        self.create_as(req, origin, crate::new_id()).await
+    }
+
+    /// [`Self::create`] with the workflow's id chosen by the caller (a batch commits it
+    /// before it asks). An id already used is a conflict.
+    pub(crate) async fn create_as(
+        &self,
+        req: RunRequest,
+        origin: Origin,
+        id: String,
     ) -> Result<WorkflowView, Error> {
         self.inner.recovered.cancelled().await;
         if let Err(why) = self.health() {
@@ -396,6 +461,10 @@ impl Engine {
         // client that disconnects drops its request's future): a committed workflow is
         // always scheduled.
         blocking(move || {
+            let parent = match &origin {
+                Origin::Child(p, key) => Some((p, key)),
+                Origin::Run | Origin::Rerun(_) => None,
+            };
             let mut plan = inner
                 .defs
                 .plan_blocking(&req.graph, &req.options, req.node.as_deref())?;
@@ -429,8 +498,7 @@ impl Engine {
                 }
             };
             let now = inner.clock.now_ms();
-            let id = crate::new_id();
-            let rec = WorkflowRecord {
+            let mut rec = WorkflowRecord {
                 depth,
                 id: id.clone(),
                 deadline: plan.timeout_ms.map(|t| now.saturating_add(t)),
@@ -441,14 +509,21 @@ impl Engine {
                 created_at: now,
                 finished_at: None,
                 stop: None,
-                parent: parent.as_ref().map(|(p, _)| p.clone()),
+                parent: parent.map(|(p, _)| p.clone()),
                 error: None,
+                rerun_of: None,
             };
-            let tasks: Vec<TaskRecord> = (0..rec.plan.tasks.len())
+            let mut tasks: Vec<TaskRecord> = (0..rec.plan.tasks.len())
                 .map(|i| TaskRecord::new(format!("{id}.{i}"), crate::new_token()))
                 .collect();
+            if let Origin::Rerun(old) = &origin {
+                let (old, old_tasks) = old.as_ref();
+                rec.rerun_of = Some(old.id.clone());
+                crate::rerun::take_over(old, old_tasks, &rec.plan, &mut tasks);
+            }
             let mut batch = Batch::new();
-            // Precondition 0: the node lock (top-level workflows) or the child slot.
+            // Precondition 0: the node lock (top-level workflows) or the child slot; then
+            // that the id is new.
             match (&parent, &req.node) {
                 (None, Some(node)) => {
                     batch.require_absent(keys::NODE_LOCKS, node.as_bytes());
@@ -460,6 +535,7 @@ impl Engine {
                 }
                 (None, None) => {}
             }
+            batch.require_absent(keys::WORKFLOWS, id.as_bytes());
             write_workflow(&mut batch, &rec);
             crate::history::index(&mut batch, &rec);
             for (i, t) in tasks.iter().enumerate() {
@@ -468,6 +544,11 @@ impl Engine {
             batch.put(keys::ACTIVE, id.as_bytes(), Vec::new());
             match inner.store.commit(batch) {
                 Ok(()) => {}
+                Err(metalgraph_store::Error::Conflict { index, .. })
+                    if index == usize::from(!matches!((&parent, &req.node), (None, None))) =>
+                {
+                    return Err(Error::AlreadyExists(format!("workflow {id} already exists")));
+                }
                 Err(metalgraph_store::Error::Conflict { .. }) => {
                     return Err(match (&parent, &req.node) {
                         (None, Some(node)) => Error::NodeBusy {

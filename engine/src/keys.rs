@@ -10,11 +10,13 @@
 //! | `node_locks` | node id | the id of the workflow running on the node |
 //! | `children` | `{task id}/{retry}` | the id of the subgraph workflow a `graph.run` task started |
 //! | `nodes` | node id | the node record (JSON; OBM passwords sealed when there is a key) |
-//! | `node_index` | `t/{tag}\0{id}`, `y/{type}\0{id}`, `e/{OBM host}\0{id}` | the node id |
+//! | `node_index` | `t/{tag}\0{id}`, `y/{type}\0{id}`, `e/{OBM host, or endpoint id}\0{id}` | the node id |
 //! | `node_idents` | identifier (MAC) | the id of the node that owns it |
 //! | `catalogs` | `{node id}/{source}` | one inventory document (JSON) |
 //! | `workflow_index` | see `history.rs` | the id: workflows by time, node and graph |
 //! | `events` | event number (u64, big-endian) | one retained event (JSON), see `events.rs` |
+//! | `endpoints` | endpoint id | a registered Redfish service or IPMI BMC (JSON; its password sealed when there is a key), see `endpoints.rs` |
+//! | `batches` | batch id | a bulk run with an entry per node (JSON), see `batches.rs` |
 //! | `meta` | `event_log`, `workflow_index`, `node_index`, `nodes_sealed`, `seal_check` | the event log's id; that an index is built, that passwords are sealed; a value sealed with the store's key |
 //!
 //! The binary keeps keyspaces of its own beside these: `leases` (MAC → a full-mode DHCP
@@ -37,6 +39,8 @@ pub const EVENTS: &str = "events";
 pub const WORKFLOW_INDEX: &str = "workflow_index";
 pub const NODE_INDEX: &str = "node_index";
 pub const META: &str = "meta";
+pub const ENDPOINTS: &str = "endpoints";
+pub const BATCHES: &str = "batches";
 
 /// The key of task `index` of workflow `id`.
 pub fn task_key(id: &str, index: usize) -> Vec<u8> {

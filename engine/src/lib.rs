@@ -5,8 +5,10 @@
 //! talks to storage only through `metalgraph_store::Store` and to the world only through
 //! the jobs it is given.
 
+pub mod batches;
 pub mod clock;
 pub mod definitions;
+pub mod endpoints;
 mod engine;
 mod error;
 pub mod events;
@@ -17,6 +19,7 @@ pub mod metrics;
 pub mod model;
 pub mod nodes;
 mod notify;
+mod rerun;
 pub mod retention;
 pub mod scheduler;
 pub mod seal;

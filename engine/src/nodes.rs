@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::clock::now_rfc3339;
+use crate::endpoints::Endpoints;
 use crate::error::blocking;
 use crate::history::{DEFAULT_PAGE, MAX_PAGE, Page, Visit, page_index};
 use crate::keys;
@@ -72,6 +73,10 @@ pub struct ObmConfig {
     /// CA). When given, the BMC is verified against these alone, not the system's CAs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_cert: Option<String>,
+    /// A registered endpoint (`/api/2.0/endpoints`) whose URL and credentials this OBM
+    /// uses, in place of its own `host`, `user` and `password`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
     /// Driver-specific settings (`cipherSuite` for IPMI, ...).
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -198,6 +203,14 @@ impl Node {
                      ('-----BEGIN CERTIFICATE-----'), at most {MAX_CA_CERT} bytes"
                 )));
             }
+            if obm.config.endpoint.is_some()
+                && (!obm.config.host.is_empty() || obm.config.password.is_some())
+            {
+                return Err(Error::Invalid(format!(
+                    "field 'obms[{i}].config': an OBM that names an endpoint takes its URL and \
+                     credentials from it; give no host or password"
+                )));
+            }
             if let Some(sys) = &obm.config.system_id
                 && (sys.contains("://") || sys.starts_with("//"))
             {
@@ -292,7 +305,8 @@ pub struct NodeFilter {
     pub tag: Option<String>,
     /// Nodes of this type.
     pub node_type: Option<String>,
-    /// Nodes with an OBM at this host (as stored: a name, an address or a base URL).
+    /// Nodes with an OBM at this host (as stored: a name, an address or a base URL), or
+    /// referring to this registered endpoint (its id).
     pub endpoint: Option<String>,
     /// Matching nodes to pass over first (`$skip`).
     pub skip: usize,
@@ -306,10 +320,11 @@ impl NodeFilter {
     fn matches(&self, n: &Node) -> bool {
         self.tag.as_ref().is_none_or(|t| n.tags.contains(t))
             && self.node_type.as_ref().is_none_or(|t| *t == n.node_type)
-            && self
-                .endpoint
-                .as_ref()
-                .is_none_or(|h| n.obms.iter().any(|o| o.config.host == *h))
+            && self.endpoint.as_ref().is_none_or(|h| {
+                n.obms.iter().any(|o| {
+                    o.config.host == *h || o.config.endpoint.as_deref() == Some(h.as_str())
+                })
+            })
     }
 }
 
@@ -328,7 +343,12 @@ fn field_keys(n: &Node) -> Vec<Vec<u8>> {
     };
     let mut keys: Vec<Vec<u8>> = n.tags.iter().map(|t| key(b"t/", t)).collect();
     keys.push(key(b"y/", &n.node_type));
-    keys.extend(n.obms.iter().map(|o| key(b"e/", &o.config.host)));
+    keys.extend(n.obms.iter().map(|o| {
+        key(
+            b"e/",
+            o.config.endpoint.as_deref().unwrap_or(&o.config.host),
+        )
+    }));
     keys.sort();
     keys.dedup();
     keys
@@ -395,6 +415,8 @@ pub struct Nodes {
     cache: Arc<Mutex<Cache>>,
     /// Seals OBM passwords before they are stored; none stores them as given.
     sealer: Option<Arc<Sealer>>,
+    /// The registered endpoints OBMs may refer to.
+    endpoints: Endpoints,
 }
 
 /// The nodes jobs read when they start, kept in memory so that a job's start does not wait
@@ -420,15 +442,91 @@ impl std::fmt::Debug for Nodes {
 impl Nodes {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self {
+            endpoints: Endpoints::new(store.clone(), None),
             store,
             cache: Arc::default(),
             sealer: None,
         }
     }
 
-    /// Nodes whose OBM passwords are sealed with `sealer` in the store (`seal.rs`).
+    /// Nodes whose OBM passwords (and endpoints' passwords) are sealed with `sealer` in
+    /// the store (`seal.rs`).
     pub fn with_sealer(self, sealer: Option<Arc<Sealer>>) -> Self {
-        Self { sealer, ..self }
+        Self {
+            endpoints: Endpoints::new(self.store.clone(), sealer.clone()),
+            sealer,
+            ..self
+        }
+    }
+
+    /// The registered endpoints.
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    /// `node` with each OBM that refers to an endpoint completed with the endpoint's URL
+    /// and credentials, as drivers need it. An endpoint deleted meanwhile is an error
+    /// naming it.
+    pub async fn resolve(&self, mut node: Node) -> Result<Node, crate::Error> {
+        for obm in &mut node.obms {
+            if let Some(id) = obm.config.endpoint.clone() {
+                let ep = self.endpoints.get(&id).await?.ok_or_else(|| {
+                    crate::Error::Conflict(format!(
+                        "node {}: its OBM refers to endpoint {id}, which no longer exists",
+                        node.id
+                    ))
+                })?;
+                obm.config = ep.obm_config(&obm.config);
+            }
+        }
+        Ok(node)
+    }
+
+    /// That every endpoint `node`'s OBMs refer to is registered (blocking).
+    fn check_endpoints(&self, node: &Node) -> Result<(), Error> {
+        for (i, obm) in node.obms.iter().enumerate() {
+            if let Some(id) = &obm.config.endpoint {
+                let ep = self
+                    .endpoints
+                    .get_blocking(id)
+                    .map_err(|e| Error::Incomplete(e.to_string()))?
+                    .ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "field 'obms[{i}].config.endpoint': no endpoint {id} is registered"
+                        ))
+                    })?;
+                if obm.service != ep.service.obm_service() {
+                    return Err(Error::Invalid(format!(
+                        "field 'obms[{i}].service' must be {} for endpoint {id}",
+                        ep.service.obm_service()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The nodes whose OBM refers to endpoint `id`.
+    pub async fn by_endpoint(&self, id: &str) -> Result<Vec<Node>, crate::Error> {
+        let this = self.clone();
+        let id = id.to_owned();
+        blocking(move || {
+            let mut found = Vec::new();
+            for (_, v) in this
+                .store
+                .scan_prefix(keys::NODE_INDEX, &field_family(b"e/", &id))?
+            {
+                if let Some(n) = this.get_blocking(&String::from_utf8_lossy(&v))?
+                    && n.obms
+                        .iter()
+                        .any(|o| o.config.endpoint.as_deref() == Some(&id))
+                {
+                    found.push(n);
+                }
+            }
+            Ok(found)
+        })
+        .await
     }
 
     /// A node as stored: its OBM passwords sealed when there is a key.
@@ -634,6 +732,7 @@ impl Nodes {
     /// Creates a node. Its identifiers must not belong to another node.
     pub(crate) fn create_blocking(&self, mut node: Node) -> Result<Node, Error> {
         node.check()?;
+        self.check_endpoints(&node)?;
         if node.id.is_empty() {
             node.id = crate::new_id();
         }
@@ -677,6 +776,7 @@ impl Nodes {
         let mut node = old.clone();
         update(&mut node)?;
         node.check()?;
+        self.check_endpoints(&node)?;
         node.id = old.id.clone();
         node.created_at = old.created_at.clone();
         node.updated_at = now_rfc3339();

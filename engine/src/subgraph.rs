@@ -8,7 +8,7 @@
 use serde_json::{Map, Value, json};
 use tokio::sync::broadcast;
 
-use crate::engine::{Engine, RunRequest};
+use crate::engine::{Engine, Origin, RunRequest};
 use crate::error::Error;
 use crate::job::{BoxFuture, Job, JobContext, JobError, JobResult, OptionKind, OptionSchema};
 use crate::model::{RunOptions, WorkflowStatus};
@@ -107,7 +107,10 @@ pub(crate) async fn run_subgraph(
                 workflow_id: ctx.workflow_id.clone(),
                 task_id: ctx.task_id.clone(),
             };
-            match engine.create(req, Some((parent, child_key.clone()))).await {
+            match engine
+                .create(req, Origin::Child(parent, child_key.clone()))
+                .await
+            {
                 Ok(v) => v.instance_id,
                 Err(Error::Conflict(_)) => engine
                     .child(&child_key)

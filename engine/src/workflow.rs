@@ -62,6 +62,9 @@ pub struct WorkflowRecord {
     /// Why the workflow failed or was cancelled, in a sentence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The failed or cancelled workflow this one reruns (see `rerun.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun_of: Option<String>,
 }
 
 /// A task as stored.
@@ -142,6 +145,10 @@ pub struct WorkflowView {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentRef>,
+    /// The failed or cancelled workflow this one reruns: its succeeded tasks were taken
+    /// over, the others run again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun_of: Option<String>,
     pub tasks: Vec<TaskView>,
 }
 
@@ -297,6 +304,7 @@ impl WorkflowView {
             finished_at: rec.finished_at.map(rfc3339),
             error: rec.error.as_deref().map(scrub),
             parent: rec.parent.clone(),
+            rerun_of: rec.rerun_of.clone(),
             tasks: rec
                 .plan
                 .tasks

@@ -62,6 +62,18 @@ impl Sim {
 
     /// Plans `graph` from `graphs` and loads it as a new workflow, as `Engine::run` does.
     fn create(&mut self, graphs: &[&str], graph: &str, options: Value) -> String {
+        self.create_with(graphs, graph, options, |_| {})
+    }
+
+    /// [`Sim::create`] with the task records changed by `prepare` before they are
+    /// committed, as `Engine::rerun` creates its taken-over tasks succeeded.
+    fn create_with(
+        &mut self,
+        graphs: &[&str],
+        graph: &str,
+        options: Value,
+        prepare: impl FnOnce(&mut [TaskRecord]),
+    ) -> String {
         let lib = library(graphs);
         let run: RunOptions = serde_json::from_value(options).expect("run options");
         let plan = resolve(&lib.graphs[graph], &lib, &self.jobs, Some(&run))
@@ -81,10 +93,12 @@ impl Sim {
             parent: None,
             depth: 0,
             error: None,
+            rerun_of: None,
         };
-        let tasks: Vec<TaskRecord> = (0..rec.plan.tasks.len())
+        let mut tasks: Vec<TaskRecord> = (0..rec.plan.tasks.len())
             .map(|i| TaskRecord::new(format!("{id}.{i}"), format!("token-{i}")))
             .collect();
+        prepare(&mut tasks);
         // The records are committed before the core sees them, as `Engine::run` does.
         let mut batch = Batch::new();
         batch.put(
@@ -576,4 +590,42 @@ fn workflows_take_turns_for_job_slots() {
         })
         .collect();
     assert_eq!(started, vec![a.as_str(), b.as_str()]);
+}
+
+#[test]
+fn tasks_created_succeeded_count_as_done_and_their_outputs_reach_templates() {
+    // How a rerun starts: the first two tasks succeeded in the workflow it reruns.
+    let g = r#"
+injectableName: G
+tasks:
+  - {label: a, taskName: Task.Echo}
+  - {label: b, taskName: Task.Echo, waitOn: {a: succeeded}}
+  - {label: c, taskName: Task.Echo, optionOverrides: {level: "{{ context.a.v }}/{{ context.b.v }}"}, waitOn: {b: succeeded}}
+  - {label: d, taskName: Task.Noop, waitOn: {a: finished}}
+"#;
+    let mut sim = Sim::new(256);
+    let id = sim.create_with(&[g], "G", json!({}), |tasks| {
+        for (i, v) in [(0, "x"), (1, "y")] {
+            tasks[i].state = TaskState::Succeeded;
+            tasks[i].attempts = 1;
+            tasks[i].output = Some(json!({"v": v}));
+        }
+    });
+    sim.run_until_finished(&id);
+    let started: Vec<&str> = sim.starts.iter().map(|s| s.label.as_str()).collect();
+    assert_eq!(started, ["c", "d"]);
+    let c = &sim.starts[0];
+    let context = c.context.as_ref().expect("c's options hold a template");
+    assert_eq!(
+        Value::Object(context.clone()),
+        json!({"a": {"v": "x"}, "b": {"v": "y"}})
+    );
+    let end = sim.committed(&id);
+    assert_eq!(end.status, WorkflowStatus::Succeeded);
+    assert_eq!(end.context["c"]["level"], "x/y");
+    assert_eq!(
+        (sim.task(&id, 0).attempts, sim.task(&id, 2).attempts),
+        (1, 1),
+        "the succeeded tasks were not started again"
+    );
 }

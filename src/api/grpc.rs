@@ -5,7 +5,6 @@
 //! Engine errors become gRPC statuses in one place, [`status`], with the same messages the
 //! HTTP API gives.
 
-use std::collections::BTreeMap;
 use std::pin::Pin;
 
 use metalgraph_engine::definitions::{self, Source};
@@ -548,6 +547,25 @@ fn run_options_struct(o: &RunOptions) -> prost_types::Struct {
     }
 }
 
+/// Run options from their `Struct`: each field a layer (`defaults`, a label) holding a
+/// mapping of options.
+fn run_options(s: &Option<prost_types::Struct>) -> Result<RunOptions, Status> {
+    let mut options = RunOptions::new();
+    for (layer, v) in opt_struct(s) {
+        match v {
+            Value::Object(m) => {
+                options.insert(layer, m);
+            }
+            other => {
+                return Err(bad(format!(
+                    "options.{layer} must be a mapping of option names to values, got {other}"
+                )));
+            }
+        }
+    }
+    Ok(options)
+}
+
 fn workflow_to_pb(rec: &WorkflowRecord, tasks: &[TaskRecord]) -> pb::Workflow {
     // Options and context as the REST view shows them: secrets redacted.
     let view = WorkflowView::build(rec, tasks);
@@ -566,6 +584,7 @@ fn workflow_to_pb(rec: &WorkflowRecord, tasks: &[TaskRecord]) -> pb::Workflow {
             .as_ref()
             .map(|p| p.workflow_id.clone())
             .unwrap_or_default(),
+        rerun_of: rec.rerun_of.clone().unwrap_or_default(),
         tasks: rec
             .plan
             .tasks
@@ -698,25 +717,12 @@ impl WorkflowsRpc for GrpcApi {
         req: Request<pb::RunGraphRequest>,
     ) -> Result<Response<pb::Workflow>, Status> {
         let req = req.into_inner();
-        let mut options: RunOptions = BTreeMap::new();
-        for (layer, v) in opt_struct(&req.options) {
-            match v {
-                Value::Object(m) => {
-                    options.insert(layer, m);
-                }
-                other => {
-                    return Err(bad(format!(
-                        "options.{layer} must be a mapping of option names to values, got {other}"
-                    )));
-                }
-            }
-        }
         let view = self
             .engine
             .run(RunRequest {
                 graph: req.name,
                 node: Some(req.node).filter(|n| !n.is_empty()),
-                options,
+                options: run_options(&req.options)?,
             })
             .await
             .map_err(status)?;
@@ -781,6 +787,19 @@ impl WorkflowsRpc for GrpcApi {
         let id = req.into_inner().id;
         self.engine.cancel(&id).await.map_err(status)?;
         Ok(Response::new(self.workflow(&id).await?))
+    }
+
+    async fn rerun_workflow(
+        &self,
+        req: Request<pb::RerunWorkflowRequest>,
+    ) -> Result<Response<pb::Workflow>, Status> {
+        let req = req.into_inner();
+        let view = self
+            .engine
+            .rerun(&req.id, run_options(&req.options)?)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.workflow(&view.instance_id).await?))
     }
 
     type WatchStream = WatchStream;
@@ -884,6 +903,7 @@ fn obm_to_pb(o: &engine_nodes::Obm) -> pb::Obm {
             system_id: c.system_id.clone().unwrap_or_default(),
             verify_ssl: c.verify_ssl,
             ca_cert: c.ca_cert.clone(),
+            endpoint: c.endpoint.clone(),
             extra: Some(to_pb_struct(&c.extra)),
         }),
     }
@@ -912,6 +932,7 @@ fn obm_from_pb(o: &pb::Obm) -> Result<engine_nodes::Obm, Status> {
             system_id: Some(c.system_id).filter(|s| !s.is_empty()),
             verify_ssl: c.verify_ssl,
             ca_cert: c.ca_cert.filter(|s| !s.is_empty()),
+            endpoint: c.endpoint.filter(|s| !s.is_empty()),
             extra: opt_struct(&c.extra),
         },
     })

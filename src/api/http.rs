@@ -61,7 +61,8 @@ pub(crate) fn management_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(get_hook, delete_hook))
         .routes(routes!(security::list_tokens, security::create_token))
         .routes(routes!(security::revoke_token))
-        .routes(routes!(security::list_audit));
+        .routes(routes!(security::list_audit))
+        .merge(super::fleet::routes());
     OpenApiRouter::new()
         .nest("/api/2.0", api)
         .routes(routes!(metrics))
@@ -732,7 +733,7 @@ impl ListQuery {
 
 /// A page as RackHD lists it (a JSON array), with the next page's link when there is one:
 /// the same path and query, `$skip` dropped, `cursor` set.
-fn page_response<T: serde::Serialize>(uri: &Uri, page: Page<T>) -> Response {
+pub(super) fn page_response<T: serde::Serialize>(uri: &Uri, page: Page<T>) -> Response {
     let mut response = Json(page.items).into_response();
     if let Some(next) = page.next {
         let mut query: Vec<String> = uri
@@ -851,27 +852,42 @@ async fn delete_workflow(State(s): State<AppState>, Path(id): Path<String>) -> R
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `PUT /workflows/{id}/action`: RackHD's `{"command": "cancel", "options": {}}`. Other
-/// fields (RackHD's `options`) are ignored.
+/// `PUT /workflows/{id}/action`: RackHD's `{"command": "cancel", "options": {}}`, or
+/// `{"command": "rerun", "options": {...}}`. Other fields are ignored.
 #[derive(Debug, Deserialize, ToSchema)]
 struct ActionBody {
-    /// What to do: `cancel`.
-    #[schema(example = "cancel")]
+    /// What to do: `cancel` or `rerun`.
+    #[schema(example = "rerun")]
     command: Option<String>,
+    /// For `rerun`: option layers (`defaults`, `<label>`) merged over the old run's, a key
+    /// given replacing that layer's value. Ignored by `cancel`, as RackHD's `options` are.
+    #[serde(default)]
+    #[schema(value_type = Option<HashMap<String, Object>>)]
+    options: Value,
 }
 
-/// Acts on a workflow: `{"command": "cancel"}` cancels it and its running tasks.
+/// Acts on a workflow: `{"command": "cancel"}` cancels it and its running tasks;
+/// `{"command": "rerun"}` reruns a failed or cancelled one from where it stopped, as a new
+/// workflow whose `rerunOf` names this one: tasks that succeeded keep their state and
+/// output, the others run again.
 #[utoipa::path(
     put,
     path = "/workflows/{id}/action",
     tag = "workflows",
     params(("id" = String, Path, description = "The workflow's instanceId")),
-    request_body(content = ActionBody, description = "The command"),
+    request_body(content = ActionBody, description = "The command, and for `rerun` its option overrides"),
     responses(
-        (status = 202, description = "The workflow is being cancelled", body = WorkflowView),
-        (status = 400, description = "No command, or an unknown one", body = ErrorBody),
-        (status = 404, description = "No workflow has this id", body = ErrorBody),
-        (status = 409, description = "The workflow has already finished", body = ErrorBody),
+        (status = 201, description = "`rerun`: the new workflow was created and scheduled", body = WorkflowView,
+            links(
+            ("get" = (operation_id = "get_workflow", parameters(("id" = "$response.body#/instanceId")))),
+            ("cancel" = (operation_id = "workflow_action", parameters(("id" = "$response.body#/instanceId")))),
+            ("delete" = (operation_id = "delete_workflow", parameters(("id" = "$response.body#/instanceId")))),
+        )),
+        (status = 202, description = "`cancel`: the workflow has been cancelled", body = WorkflowView),
+        (status = 400, description = "No command, an unknown one, or `rerun` options that are not objects or that the graph's tasks refuse", body = ErrorBody),
+        (status = 404, description = "No workflow has this id; for `rerun`, its graph or node no longer exists", body = ErrorBody),
+        (status = 409, description = "`cancel`: the workflow has already finished. `rerun`: the workflow is not failed or cancelled, is a subgraph, or its node already runs a workflow", body = ErrorBody),
+        (status = 422, description = "`rerun`: the graph is invalid with these options", body = ErrorBody),
     )
 )]
 async fn workflow_action(
@@ -885,11 +901,15 @@ async fn workflow_action(
             let view = s.engine.cancel(&id).await?;
             Ok((StatusCode::ACCEPTED, Json(view)))
         }
+        Some("rerun") => {
+            let view = s.engine.rerun(&id, run_options(action.options)?).await?;
+            Ok((StatusCode::CREATED, Json(view)))
+        }
         Some(other) => Err(ApiError::bad_request(format!(
-            "unknown command '{other}' for workflow {id} (expected cancel)"
+            "unknown command '{other}' for workflow {id} (expected cancel or rerun)"
         ))),
         None => Err(ApiError::bad_request(
-            "field 'command' is required (expected cancel)",
+            "field 'command' is required (expected cancel or rerun)",
         )),
     }
 }

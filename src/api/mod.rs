@@ -7,6 +7,7 @@ pub mod error;
 pub mod events;
 pub mod extract;
 pub mod files;
+pub mod fleet;
 pub mod grpc;
 pub mod http;
 pub mod openapi;
@@ -55,6 +56,9 @@ pub struct AppState {
     pub node_access: crate::boot::NodeAccess,
     /// Whether and how fast unknown machines are enrolled (`[boot] enrolment`).
     pub enrolment: Arc<crate::boot::Enrolment>,
+    /// The BMC drivers the jobs use, shared so that the fleet API's live reads of an
+    /// endpoint go through its one client and concurrency limit.
+    pub drivers: Arc<metalgraph_tasks::bmc::Drivers>,
 }
 
 impl AppState {
@@ -88,6 +92,7 @@ impl AppState {
             discovery_graph: crate::boot::DEFAULT_DISCOVERY_GRAPH.to_owned(),
             node_access: crate::boot::NodeAccess::capability_only(),
             enrolment: Arc::new(crate::boot::Enrolment::default()),
+            drivers: Arc::default(),
         })
     }
 }

@@ -38,6 +38,11 @@ pub enum Shape {
     Workflow,
     Tokens,
     NewToken,
+    Endpoints,
+    Endpoint,
+    Systems,
+    Batches,
+    Batch,
 }
 
 /// The most characters an error shows in a table; the whole text is in `-o yaml`.
@@ -74,8 +79,171 @@ pub fn render(output: Output, shape: Shape, answer: &Value, now_ms: u64) -> anyh
             }
             Shape::Tokens => tokens(answer),
             Shape::NewToken => new_token(answer),
+            Shape::Endpoints => endpoints(answer),
+            Shape::Endpoint => endpoint(answer),
+            Shape::Systems => systems(answer),
+            Shape::Batches => batches(answer),
+            Shape::Batch => batch(answer),
         }),
     }
+}
+
+/// `endpoints list`: each endpoint with what uses it.
+pub fn endpoints(list: &Value) -> String {
+    let mut t = Table::new(&[
+        ("ID", ID_WIDTH),
+        ("NAME", TEXT_WIDTH),
+        ("SERVICE", 7),
+        ("URL", TEXT_WIDTH),
+        ("SYSTEMS", 7),
+        ("NODES", 5),
+        ("ACTIVE", 6),
+        ("LAST CONTACT", 24),
+        ("LAST ERROR", ERROR_WIDTH),
+    ]);
+    for e in items(list) {
+        t.row(&[
+            text(e, "id"),
+            text(e, "name"),
+            text(e, "service"),
+            text(e, "url"),
+            text(e, "systemsSeen"),
+            text(e, "nodes"),
+            text(e, "activeWorkflows"),
+            text(e, "lastContact"),
+            text(e, "lastError"),
+        ]);
+    }
+    t.render()
+}
+
+/// `endpoints get`: one endpoint; never a password (the server has none to show).
+pub fn endpoint(e: &Value) -> String {
+    fields(&[
+        ("Endpoint", text(e, "id")),
+        ("Name", text(e, "name")),
+        ("Service", text(e, "service")),
+        ("URL", text(e, "url")),
+        ("User", text(e, "user")),
+        ("Password set", text(e, "passwordSet")),
+        ("Verify TLS", text(e, "verifySSL")),
+        ("Systems seen", text(e, "systemsSeen")),
+        ("Nodes", text(e, "nodes")),
+        ("Active workflows", text(e, "activeWorkflows")),
+        ("Last contact", text(e, "lastContact")),
+        ("Last error", text(e, "lastError")),
+    ])
+}
+
+/// `endpoints systems`: the systems behind endpoints, and the node each is; endpoints
+/// that could not be read follow.
+pub fn systems(answer: &Value) -> String {
+    let (list, errors) = match answer.get("systems") {
+        Some(list) => (list, answer.get("errors").unwrap_or(&Value::Null)),
+        None => (answer, &Value::Null),
+    };
+    let mut t = Table::new(&[
+        ("ENDPOINT", TEXT_WIDTH),
+        ("SYSTEM", TEXT_WIDTH),
+        ("NAME", TEXT_WIDTH),
+        ("POWER", 8),
+        ("MANUFACTURER", TEXT_WIDTH),
+        ("MODEL", TEXT_WIDTH),
+        ("NODE", ID_WIDTH),
+    ]);
+    for s in items(list) {
+        t.row(&[
+            text(s.get("endpoint").unwrap_or(&Value::Null), "name"),
+            text(s, "systemId"),
+            text(s, "name"),
+            text(s, "powerState"),
+            text(s, "manufacturer"),
+            text(s, "model"),
+            text(s, "node"),
+        ]);
+    }
+    let mut out = t.render();
+    for e in items(errors) {
+        out.push_str(&format!(
+            "endpoint {}: {}\n",
+            text(e.get("endpoint").unwrap_or(&Value::Null), "name"),
+            super::table::clean(&text(e, "error"))
+        ));
+    }
+    out
+}
+
+/// `batches list`.
+pub fn batches(list: &Value) -> String {
+    let mut t = Table::new(&[
+        ("ID", ID_WIDTH),
+        ("GRAPH", TEXT_WIDTH),
+        ("STATE", 10),
+        ("DONE", 9),
+        ("FAILED", 6),
+        ("RUNNING", 7),
+        ("CREATED", 24),
+    ]);
+    for b in items(list) {
+        let count = |k: &str| {
+            b.pointer(&format!("/counts/{k}"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
+        t.row(&[
+            text(b, "id"),
+            text(b, "name"),
+            text(b, "state"),
+            format!("{}/{}", count("succeeded"), text(b, "total")),
+            count("failed").to_string(),
+            (count("running") + count("starting")).to_string(),
+            text(b, "createdAt"),
+        ]);
+    }
+    t.render()
+}
+
+/// `batches get`: the batch, its counts, and a row per node.
+pub fn batch(b: &Value) -> String {
+    let counts = b
+        .get("counts")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter(|(_, v)| v.as_u64() != Some(0))
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    let mut out = fields(&[
+        ("Batch", text(b, "id")),
+        ("Graph", text(b, "name")),
+        ("State", text(b, "state")),
+        ("Nodes", text(b, "total")),
+        ("Counts", counts),
+        ("At once", text(b, "maxConcurrent")),
+        ("Stopped", text(b, "stopped")),
+        ("Created", text(b, "createdAt")),
+        ("Finished", text(b, "finishedAt")),
+    ]);
+    let mut t = Table::new(&[
+        ("NODE", ID_WIDTH),
+        ("STATUS", 10),
+        ("WORKFLOW", ID_WIDTH),
+        ("REASON", ERROR_WIDTH),
+    ]);
+    for e in items(b.get("entries").unwrap_or(&Value::Null)) {
+        t.row(&[
+            text(e, "node"),
+            text(e, "status"),
+            text(e, "workflow"),
+            text(e, "reason"),
+        ]);
+    }
+    out.push('\n');
+    out.push_str(&t.render());
+    out
 }
 
 /// `tokens list`: names and roles, never a secret (the server has none to give).
@@ -320,6 +488,9 @@ pub fn workflow(w: &WorkflowView, now_ms: u64) -> String {
     if let Some(p) = &w.parent {
         pairs.push(("Parent", format!("{} (task {})", p.workflow_id, p.task_id)));
     }
+    if let Some(old) = &w.rerun_of {
+        pairs.push(("Rerun of", old.clone()));
+    }
     if let Some(e) = &w.error {
         pairs.push(("Error", e.clone()));
     }
@@ -336,7 +507,9 @@ pub fn workflow(w: &WorkflowView, now_ms: u64) -> String {
     ]);
     for task in &w.tasks {
         let start = match (created, task.started_at.as_deref().and_then(parse_rfc3339)) {
-            (Some(c), Some(s)) => format!("+{}", duration(s.saturating_sub(c))),
+            (Some(c), Some(s)) if s >= c => format!("+{}", duration(s - c)),
+            // A task a rerun took over ran in the workflow it reruns.
+            (Some(_), Some(_)) => "earlier".to_owned(),
             _ => String::new(),
         };
         t.row(&[
@@ -480,6 +653,9 @@ fn obm_summary(o: &Value) -> String {
     let service = text(o, "service");
     let service = service.strip_suffix("-obm-service").unwrap_or(&service);
     let config = o.get("config").unwrap_or(&Value::Null);
+    if let Some(endpoint) = config.get("endpoint").and_then(Value::as_str) {
+        return format!("{service} endpoint {endpoint}");
+    }
     let mut host = text(config, "host");
     if let Some(port) = config.get("port").and_then(Value::as_u64) {
         host = format!("{host}:{port}");
@@ -597,6 +773,20 @@ mod tests {
              a      Task.Noop  succeeded  1         +100ms  250ms     -\n\
              b      Task.Fail  failed     2         +1.0s   2m06s     the BMC said no: the BMC said no: the BMC said no: the BMC…\n\
              c      Task.Noop  skipped    0         -       -         -\n"
+        );
+    }
+
+    #[test]
+    fn a_rerun_names_the_workflow_it_reruns_and_what_ran_there() {
+        let mut v = workflow_value("running", None);
+        v["rerunOf"] = json!("w-0");
+        v["tasks"][0]["startedAt"] = json!("2026-11-21T15:00:00.000Z");
+        v["tasks"][0]["finishedAt"] = json!("2026-11-21T15:00:01.500Z");
+        let shown = render(Output::Table, Shape::Workflow, &v, T0 + 1_000).expect("a workflow");
+        assert!(shown.contains("Rerun of:  w-0\n"), "{shown}");
+        assert!(
+            shown.contains("a      Task.Noop  succeeded  1         earlier  1.5s "),
+            "{shown}"
         );
     }
 

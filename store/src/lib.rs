@@ -10,6 +10,7 @@
 //! - [`SledStore`]: the embedded default, on the `sled` crate.
 //! - [`FileStore`]: a directory holding an append-only, checksummed journal of commits,
 //!   readable with ordinary tools.
+//! - [`PgStore`]: PostgreSQL, which several replicas share (docs/scale-out.md).
 //! - [`MemStore`]: an in-memory map with the same semantics and no durability, for unit
 //!   tests of the layers above and as the reference model of the others.
 //!
@@ -17,6 +18,7 @@
 
 mod file;
 mod mem;
+mod postgres;
 mod sled_store;
 
 use std::fmt;
@@ -24,6 +26,7 @@ use std::ops::Bound;
 
 pub use file::FileStore;
 pub use mem::MemStore;
+pub use postgres::{PgOptions, PgStore};
 pub use sled_store::SledStore;
 
 /// A key or a value: plain bytes.

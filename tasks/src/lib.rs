@@ -24,8 +24,8 @@ pub use fail::FailJob;
 pub use http::{HttpRequestJob, MAX_RESPONSE_BYTES};
 pub use noop::NoopJob;
 pub use provision::{
-    BootDeviceJob, CatalogRedfishJob, DiscoveryRedfishJob, PowerJob, VirtualMediaEjectJob,
-    VirtualMediaInsertJob, WaitNotificationJob,
+    BootDeviceJob, CatalogRedfishJob, DiscoveryEndpointJob, DiscoveryRedfishJob, PowerJob,
+    VirtualMediaEjectJob, VirtualMediaInsertJob, WaitNotificationJob,
 };
 pub use sleep::SleepJob;
 
@@ -46,7 +46,7 @@ pub fn register_basic(reg: &mut JobRegistry) {
 
 /// Registers the provisioning jobs (`obm.power`, `obm.boot-device`,
 /// `virtual-media.insert`, `virtual-media.eject`, `catalog.redfish`, `discovery.redfish`,
-/// `wait.notification`), which share `drivers` and with it one connection pool and
+/// `discovery.endpoint`, `wait.notification`), which share `drivers` and with it one connection pool and
 /// concurrency limit per BMC.
 pub fn register_provisioning(reg: &mut JobRegistry, drivers: Arc<bmc::Drivers>) {
     reg.register(PowerJob::new(drivers.clone()))
@@ -54,7 +54,8 @@ pub fn register_provisioning(reg: &mut JobRegistry, drivers: Arc<bmc::Drivers>) 
         .register(VirtualMediaInsertJob::new(drivers.clone()))
         .register(VirtualMediaEjectJob::new(drivers.clone()))
         .register(CatalogRedfishJob::new(drivers.clone()))
-        .register(DiscoveryRedfishJob::new(drivers))
+        .register(DiscoveryRedfishJob::new(drivers.clone()))
+        .register(DiscoveryEndpointJob::new(drivers))
         .register(WaitNotificationJob::default());
 }
 

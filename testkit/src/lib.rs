@@ -1,10 +1,14 @@
 //! Fixtures for the real peers metalgraph's tests run against: sushy-tools (Redfish),
-//! ipmi_sim (IPMI), genisoimage's `isoinfo` (reading ISO images back), free ports, child
-//! processes killed on drop.
+//! ipmi_sim (IPMI), PostgreSQL (a throwaway cluster per test process), genisoimage's
+//! `isoinfo` (reading ISO images back), free ports, child processes killed on drop.
 //!
 //! Each peer starts on free ports in a fresh temporary directory and is killed when dropped.
 //! The peers come from scripts/install-peers.sh. Dev-only: shared by the tasks crate's and
 //! the binary's tests, never a dependency of non-test code.
+
+mod postgres;
+
+pub use postgres::{Postgres, postgres};
 
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -122,6 +126,9 @@ pub fn system_mac(i: usize) -> String {
 #[derive(Debug, Default, Clone)]
 pub struct SushyOptions {
     pub systems: usize,
+    /// The index of the first system (UUIDs, MACs and names follow it), so that two
+    /// emulators serve different systems.
+    pub first_system: usize,
     /// Power changes visible at once (the fake driver's random 1-11 s delay patched out).
     pub instant: bool,
     /// The fake driver's delay pinned to this many whole seconds instead of its random
@@ -167,7 +174,8 @@ impl Sushy {
         let tmp = dir.path().join("tmp");
         std::fs::create_dir_all(&tmp).expect("tmp dir");
         let port = free_tcp_port();
-        let systems: Vec<String> = (0..opts.systems.max(1))
+        let first = opts.first_system;
+        let systems: Vec<String> = (first..first + opts.systems.max(1))
             .map(|i| {
                 format!(
                     "{{'uuid': '{}', 'name': 'node-{i}', 'power_state': 'Off', \

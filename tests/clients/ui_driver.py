@@ -346,6 +346,19 @@ def check(api, b, base):
         raise Failure(f"a script from a node name or an error ran: {b.dialogs}")
     step("a workflow links to its page; an error with markup shows as text")
 
+    rerun = api.must("PUT", f"/api/2.0/workflows/{failed}/action", {"command": "rerun"})
+    api.wait(rerun["instanceId"], ended)
+    again = b.page(f"{base}/ui/workflows/{rerun['instanceId']}")
+    link = again.locator('#facts [data-field="rerun-of"] a')
+    try:
+        expect(link).to_have_text(failed, timeout=10_000)
+    except AssertionError:
+        raise Failure("a rerun's page should link the workflow it reruns under 'Rerun of': "
+                      + again.locator("#facts").inner_text()) from None
+    link.click()
+    again.wait_for_url(f"**/ui/workflows/{failed}")
+    step("a rerun's page links to the workflow it reruns")
+
     if b.errors:
         raise Failure("the pages logged errors: " + "; ".join(b.errors))
     step("no page logged an error")

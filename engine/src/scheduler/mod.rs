@@ -395,11 +395,15 @@ struct JobRun {
 impl JobRun {
     async fn run(self) -> Outcome {
         let s = self.start;
-        // The node is read when each attempt starts, so that a retry sees a corrected OBM.
+        // The node is read when each attempt starts, so that a retry sees a corrected OBM,
+        // and its OBM's endpoint then, so that a rotated password is used.
         let node = match &s.node {
             None => None,
             Some(id) => match self.engine.nodes().current(id).await {
-                Ok(Some(n)) => Some(n),
+                Ok(Some(n)) => match self.engine.nodes().resolve(n).await {
+                    Ok(n) => Some(n),
+                    Err(e) => return Outcome::Failed(e.to_string()),
+                },
                 Ok(None) => return Outcome::Failed(format!("node {id} no longer exists")),
                 Err(e) => return Outcome::Failed(format!("node {id} could not be read: {e}")),
             },

@@ -12,6 +12,7 @@ mod ipmi;
 mod metered;
 mod redfish;
 mod sim;
+pub mod systems;
 
 use std::convert::Infallible;
 use std::fmt;

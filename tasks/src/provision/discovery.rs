@@ -16,6 +16,7 @@ use serde_json::{Map, Value, json};
 use super::catalog::{SOURCE, summary};
 use super::until_cancelled;
 use crate::bmc::{Bmc, Drivers, REDFISH_SERVICE, RedfishBmc};
+use metalgraph_engine::endpoints::{Endpoint, Service};
 
 /// How the discovering "node" is named in driver messages, since there is none yet.
 const DISCOVERY: &str = "(discovery)";
@@ -96,7 +97,10 @@ impl Job for DiscoveryRedfishJob {
             Ok::<_, JobError>((service, config))
         })();
         Box::pin(async move {
-            let (service, config) = prepared?;
+            let (service, mut config) = prepared?;
+            // The OBM keeps the normalised base URL: the given one may carry credentials,
+            // and the host is visible to templates and the API.
+            config.host = service.base_url();
             let what = format!("discovery of {}", service.base_url());
             let nodes = ctx.services.nodes().clone();
             until_cancelled(&ctx.cancel, || what, discover(service, config, nodes)).await
@@ -104,10 +108,115 @@ impl Job for DiscoveryRedfishJob {
     }
 }
 
-async fn discover(service: RedfishBmc, mut config: ObmConfig, nodes: Nodes) -> JobResult {
-    // The OBM keeps the normalised base URL: the given one may carry credentials, and the
-    // host is visible to templates and the API.
-    config.host = service.base_url();
+/// Discovers the systems behind a registered endpoint (`/api/2.0/endpoints`): a node per
+/// ComputerSystem of a Redfish service, or one node for an IPMI BMC, each with an OBM that
+/// refers to the endpoint rather than copying its credentials.
+pub struct DiscoveryEndpointJob {
+    schema: OptionSchema,
+    drivers: Arc<Drivers>,
+}
+
+impl std::fmt::Debug for DiscoveryEndpointJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DiscoveryEndpointJob")
+    }
+}
+
+impl DiscoveryEndpointJob {
+    pub fn new(drivers: Arc<Drivers>) -> Self {
+        Self {
+            schema: OptionSchema::new().required(
+                "endpoint",
+                OptionKind::String,
+                "the registered endpoint's id",
+            ),
+            drivers,
+        }
+    }
+}
+
+impl Job for DiscoveryEndpointJob {
+    fn name(&self) -> &'static str {
+        "discovery.endpoint"
+    }
+
+    fn schema(&self) -> &OptionSchema {
+        &self.schema
+    }
+
+    fn run(&self, ctx: JobContext) -> BoxFuture<'static, JobResult> {
+        let drivers = self.drivers.clone();
+        Box::pin(async move {
+            let id = ctx.str_required("endpoint")?.to_owned();
+            let nodes = ctx.services.nodes().clone();
+            let ep = nodes
+                .endpoints()
+                .require(&id)
+                .await
+                .map_err(|e| JobError::new(e.to_string()))?;
+            let what = format!("discovery of endpoint {} ({})", ep.name, ep.url);
+            let result = until_cancelled(&ctx.cancel, || what, async {
+                let own = ObmConfig {
+                    endpoint: Some(ep.id.clone()),
+                    ..ObmConfig::default()
+                };
+                match ep.service {
+                    Service::Redfish => {
+                        let service = drivers
+                            .redfish(DISCOVERY, &ep.obm_config(&own))
+                            .map_err(|e| JobError::new(e.to_string()))?;
+                        discover(service, own, nodes.clone()).await
+                    }
+                    Service::Ipmi => discover_ipmi(&drivers, &ep, own, &nodes).await,
+                }
+            })
+            .await;
+            let seen = result.as_ref().map(|out| {
+                out.get("nodes")
+                    .and_then(Value::as_array)
+                    .map_or(0, Vec::len)
+            });
+            let seen = seen.map_err(|e| e.to_string());
+            if let Err(e) = nodes.endpoints().record_contact(&ep.id, seen).await {
+                tracing::warn!(endpoint = %ep.id, error = %e, "cannot record the endpoint's last contact");
+            }
+            result
+        })
+    }
+}
+
+/// An IPMI BMC manages one system: its node is found by the identifier
+/// `endpoint:{id}` (or created), once the BMC has answered a power status.
+async fn discover_ipmi(
+    drivers: &Drivers,
+    ep: &Endpoint,
+    own: ObmConfig,
+    nodes: &Nodes,
+) -> JobResult {
+    let obm = Obm {
+        service: ep.service.obm_service().to_owned(),
+        config: own,
+    };
+    let resolved = Obm {
+        config: ep.obm_config(&obm.config),
+        ..obm.clone()
+    };
+    let bmc = drivers
+        .for_obm(DISCOVERY, &ep.id, &resolved)
+        .map_err(|e| JobError::new(e.to_string()))?;
+    let power = bmc
+        .power_state()
+        .await
+        .map_err(|e| JobError::new(e.to_string()))?;
+    let identifier = format!("endpoint:{}", ep.id);
+    let (node, created) = upsert(nodes, &ep.name, &[identifier], obm).await?;
+    Ok(json!({
+        "nodes": [node.id],
+        "systems": [{ "id": node.id, "name": node.name, "created": created, "powerState": power.to_string() }],
+    }))
+}
+
+async fn discover(service: RedfishBmc, config: ObmConfig, nodes: Nodes) -> JobResult {
     let systems = service
         .systems()
         .await
@@ -228,9 +337,9 @@ async fn upsert(
                         if n.name.is_empty() {
                             n.name = name;
                         }
-                        // Replace the node's Redfish OBM (the BMC's address or credentials may
-                        // have changed) and keep any other OBM it has.
-                        match n.obms.iter_mut().find(|o| o.service == REDFISH_SERVICE) {
+                        // Replace the node's OBM of this service (the BMC's address or
+                        // credentials may have changed) and keep any other OBM it has.
+                        match n.obms.iter_mut().find(|o| o.service == obm.service) {
                             Some(o) => *o = obm,
                             None => n.obms.insert(0, obm),
                         }

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use boot::BootDeviceJob;
 pub use catalog::CatalogRedfishJob;
-pub use discovery::DiscoveryRedfishJob;
+pub use discovery::{DiscoveryEndpointJob, DiscoveryRedfishJob};
 pub use media::{VirtualMediaEjectJob, VirtualMediaInsertJob};
 pub use power::PowerJob;
 pub use wait::WaitNotificationJob;

@@ -213,6 +213,24 @@ impl RedfishBmc {
         })
     }
 
+    /// What the fleet view lists of the system: its id, name, UUID, power state, maker,
+    /// model and serial number (one request once the system is resolved).
+    pub async fn system_summary(&self) -> Result<super::systems::System> {
+        let reply = self.system_doc("read the system").await?;
+        let doc = &reply.body;
+        let text = |k: &str| doc.get(k).and_then(Value::as_str).map(str::to_owned);
+        Ok(super::systems::System {
+            system_id: text("Id").unwrap_or_default(),
+            path: odata_id(Some(doc)).unwrap_or_else(|| reply.url.path().to_owned()),
+            name: text("Name").unwrap_or_default(),
+            uuid: text("UUID"),
+            power_state: text("PowerState").unwrap_or_else(|| "Unknown".to_owned()),
+            manufacturer: text("Manufacturer"),
+            model: text("Model"),
+            serial_number: text("SerialNumber"),
+        })
+    }
+
     async fn system_doc(&self, op: &str) -> Result<Reply> {
         let path = self.system_path(op).await?.to_owned();
         self.get(op, &path).await
