@@ -52,6 +52,8 @@ pub enum StoreKind {
     Sled,
     /// A directory holding an append-only, checksummed journal.
     File,
+    /// A PostgreSQL database, which several replicas may share (`database_url`).
+    Postgres,
 }
 
 impl StoreKind {
@@ -59,6 +61,7 @@ impl StoreKind {
         match self {
             StoreKind::Sled => "sled",
             StoreKind::File => "file",
+            StoreKind::Postgres => "postgres",
         }
     }
 
@@ -66,6 +69,7 @@ impl StoreKind {
         match self {
             StoreKind::Sled => metalgraph_store::Backend::Sled,
             StoreKind::File => metalgraph_store::Backend::File,
+            StoreKind::Postgres => metalgraph_store::Backend::Postgres,
         }
     }
 }
@@ -77,7 +81,10 @@ impl FromStr for StoreKind {
         match s {
             "sled" => Ok(StoreKind::Sled),
             "file" => Ok(StoreKind::File),
-            other => Err(format!("unknown store {other:?} (expected sled or file)")),
+            "postgres" => Ok(StoreKind::Postgres),
+            other => Err(format!(
+                "unknown store {other:?} (expected sled, file or postgres)"
+            )),
         }
     }
 }
@@ -106,6 +113,17 @@ impl FromStr for LogFormat {
     }
 }
 
+/// A database URL, which may carry a password: kept as given, never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(pub String);
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<database URL>")
+    }
+}
+
 /// The server's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -124,8 +142,15 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Where the store keeps its data (`METALGRAPH_DATA_DIR`, `--data-dir`).
     pub data_dir: PathBuf,
-    /// The store backend, `sled` or `file` (`METALGRAPH_STORE`, `--store`).
+    /// The store backend, `sled`, `file` or `postgres` (`METALGRAPH_STORE`, `--store`).
     pub store: StoreKind,
+    /// The PostgreSQL database of `store = "postgres"` (`METALGRAPH_DATABASE_URL`,
+    /// `--database-url`): `postgresql://user:password@host:5432/db?sslmode=require`. It may
+    /// hold a password, so it is never printed.
+    pub database_url: Option<DatabaseUrl>,
+    /// PEM certificates to trust for TLS to the database, beside the public roots
+    /// (`METALGRAPH_DATABASE_CA_FILE`, `--database-ca-file`).
+    pub database_ca_file: Option<PathBuf>,
     /// sled's page cache in MiB (`METALGRAPH_SLED_CACHE_MB`, `--sled-cache-mb`): how much
     /// of the database sled keeps in memory. The file store keeps everything in memory.
     pub sled_cache_mb: u64,
@@ -628,6 +653,8 @@ impl Default for Config {
             metrics_listen: None,
             data_dir: PathBuf::from("./metalgraph-data"),
             store: StoreKind::Sled,
+            database_url: None,
+            database_ca_file: None,
             sled_cache_mb: metalgraph_store::OpenOptions::default().sled_cache_bytes >> 20,
             demo: false,
             log_format: LogFormat::Text,
@@ -675,6 +702,13 @@ pub struct ServeArgs {
     /// The store backend.
     #[arg(long, value_enum)]
     pub store: Option<StoreKind>,
+    /// The PostgreSQL database (`--store postgres`); prefer METALGRAPH_DATABASE_URL when
+    /// the URL holds a password, since the command line is visible to `ps`.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// PEM certificates to trust for TLS to the database.
+    #[arg(long, value_name = "FILE")]
+    pub database_ca_file: Option<PathBuf>,
     /// sled's page cache in MiB (default 1024).
     #[arg(long, value_name = "MIB")]
     pub sled_cache_mb: Option<u64>,
@@ -765,6 +799,12 @@ impl Config {
         if let Some((v, s)) = var("STORE") {
             self.store = parse(&v, &s)?;
         }
+        if let Some((_, s)) = var("DATABASE_URL") {
+            self.database_url = Some(DatabaseUrl(s)).filter(|u| !u.0.is_empty());
+        }
+        if let Some((_, s)) = var("DATABASE_CA_FILE") {
+            self.database_ca_file = Some(PathBuf::from(s)).filter(|p| !p.as_os_str().is_empty());
+        }
         if let Some((v, s)) = var("SLED_CACHE_MB") {
             self.sled_cache_mb = parse(&v, &s)?;
         }
@@ -832,6 +872,12 @@ impl Config {
         if let Some(s) = flags.store {
             self.store = s;
         }
+        if let Some(u) = &flags.database_url {
+            self.database_url = Some(DatabaseUrl(u.clone()));
+        }
+        if let Some(p) = &flags.database_ca_file {
+            self.database_ca_file = Some(p.clone());
+        }
         if let Some(mb) = flags.sled_cache_mb {
             self.sled_cache_mb = mb;
         }
@@ -866,6 +912,14 @@ impl Config {
             return Err(Error::Field {
                 field: "sled_cache_mb",
                 message: "must be 8 to 1048576".into(),
+            });
+        }
+        if self.store == StoreKind::Postgres && self.database_url.is_none() {
+            return Err(Error::Field {
+                field: "database_url",
+                message: "is required with store = \"postgres\" (METALGRAPH_DATABASE_URL, \
+                          --database-url)"
+                    .into(),
             });
         }
         // A cancel request waits until the workflow's jobs have stopped, each with the

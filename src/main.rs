@@ -168,6 +168,14 @@ enum Command {
         /// The store backend.
         #[arg(long, env = "METALGRAPH_STORE", value_enum, default_value = "sled")]
         store: metalgraph::config::StoreKind,
+        /// The PostgreSQL database (`--store postgres`); stop every replica first.
+        #[arg(
+            long,
+            env = "METALGRAPH_DATABASE_URL",
+            value_name = "URL",
+            hide_env_values = true
+        )]
+        database_url: Option<String>,
         /// The current key file (default <data-dir>/secret.key); the new key replaces it.
         #[arg(long, env = "METALGRAPH_SECRET_KEY_FILE", value_name = "FILE")]
         secret_key_file: Option<PathBuf>,
@@ -520,11 +528,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Rekey {
             data_dir,
             store,
+            database_url,
             secret_key_file,
         } => {
             let key = secret_key_file.unwrap_or_else(|| data_dir.join("secret.key"));
+            let options = metalgraph_store::OpenOptions {
+                database: database_url.map(|url| metalgraph_store::PgOptions { url, ca_pem: None }),
+                ..Default::default()
+            };
             let n = tokio::task::spawn_blocking(move || {
-                metalgraph::rekey::run(&data_dir, store.backend(), &key)
+                metalgraph::rekey::run(&data_dir, store.backend(), &options, &key)
             })
             .await??;
             out::line(&format!(

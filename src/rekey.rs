@@ -24,6 +24,7 @@ pub fn pending_key_file(key_file: &Path) -> PathBuf {
 pub fn run(
     data_dir: &Path,
     backend: metalgraph_store::Backend,
+    options: &metalgraph_store::OpenOptions,
     key_file: &Path,
 ) -> anyhow::Result<usize> {
     anyhow::ensure!(
@@ -36,9 +37,9 @@ pub fn run(
     let pending = pending_key_file(key_file);
     let new = Sealer::load_or_create(&pending)
         .map_err(|e| anyhow::anyhow!("new secret key {}: {e}", pending.display()))?;
-    let store = metalgraph_store::open(backend, data_dir).with_context(|| {
+    let store = metalgraph_store::open_with(backend, data_dir, options).with_context(|| {
         format!(
-            "cannot open the store in {} (is serve still running? stop it first)",
+            "cannot open the store in {} (is serve still running? stop it, and every replica, first)",
             data_dir.display()
         )
     })?;

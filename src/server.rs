@@ -407,6 +407,7 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let shown = dir.display().to_string();
     let options = metalgraph_store::OpenOptions {
         sled_cache_bytes: config.sled_cache_mb << 20,
+        database: database_options(config)?,
     };
     let store =
         tokio::task::spawn_blocking(move || metalgraph_store::open_with(backend, &dir, &options))
@@ -416,6 +417,24 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
                 format!("cannot open the {} store in {shown}", config.store.as_str())
             })?;
     Ok(crate::metrics::MeteredStore::wrap(store))
+}
+
+/// How the PostgreSQL store reaches its database, when that is the store.
+pub fn database_options(config: &Config) -> anyhow::Result<Option<metalgraph_store::PgOptions>> {
+    let Some(url) = &config.database_url else {
+        return Ok(None);
+    };
+    let ca_pem = match &config.database_ca_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read database_ca_file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    Ok(Some(metalgraph_store::PgOptions {
+        url: url.0.clone(),
+        ca_pem,
+    }))
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {

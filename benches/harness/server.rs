@@ -22,6 +22,7 @@ pub fn backend_name(backend: Backend) -> &'static str {
     match backend {
         Backend::Sled => "sled",
         Backend::File => "file",
+        Backend::Postgres => "postgres",
     }
 }
 

@@ -363,6 +363,7 @@ fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
 pub enum Backend {
     Sled,
     File,
+    Postgres,
 }
 
 impl std::str::FromStr for Backend {
@@ -372,29 +373,34 @@ impl std::str::FromStr for Backend {
         match s {
             "sled" => Ok(Backend::Sled),
             "file" => Ok(Backend::File),
+            "postgres" => Ok(Backend::Postgres),
             other => Err(format!(
-                "unknown store backend {other:?} (expected sled or file)"
+                "unknown store backend {other:?} (expected sled, file or postgres)"
             )),
         }
     }
 }
 
-/// Opens the chosen backend in `dir` (created if missing).
+/// Opens the chosen backend in `dir` (created if missing). PostgreSQL needs
+/// [`OpenOptions::database`]: see [`open_with`].
 pub fn open(backend: Backend, dir: &std::path::Path) -> Result<std::sync::Arc<dyn Store>> {
     open_with(backend, dir, &OpenOptions::default())
 }
 
 /// How a store is opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct OpenOptions {
     /// sled's page cache, in bytes (the file store keeps everything in memory).
     pub sled_cache_bytes: u64,
+    /// The database of the PostgreSQL backend.
+    pub database: Option<PgOptions>,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             sled_cache_bytes: sled_store::DEFAULT_CACHE_BYTES,
+            database: None,
         }
     }
 }
@@ -410,5 +416,15 @@ pub fn open_with(
             std::sync::Arc::new(SledStore::open_with_cache(dir, options.sled_cache_bytes)?)
         }
         Backend::File => std::sync::Arc::new(FileStore::open(dir)?),
+        Backend::Postgres => match &options.database {
+            Some(db) => std::sync::Arc::new(PgStore::open(db)?),
+            None => {
+                return Err(Error::Io(
+                    "the postgres store needs a database URL (METALGRAPH_DATABASE_URL, \
+                     --database-url, or database_url in the config file)"
+                        .into(),
+                ));
+            }
+        },
     })
 }

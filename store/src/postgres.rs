@@ -12,6 +12,11 @@
 //! PostgreSQL has made it durable (`synchronous_commit` as the server is set, `on` by
 //! default).
 //!
+//! `Store` is synchronous and is called from tokio's blocking pool, from plain threads
+//! (tests, `rekey`) and, at start-up, from async code. So the store runs its connections on
+//! a small runtime of its own: a call hands its work to that runtime and waits for the
+//! answer on a channel, and never starts a runtime on the caller's thread.
+//!
 //! The schema is created and migrated when the store opens, under an advisory lock so that
 //! replicas starting together migrate once. Connections are pooled; one that fails is
 //! dropped and a new one is made on the next call, so the store reconnects by itself after
@@ -22,9 +27,9 @@
 //! of it (advisory locks differ there); neither is tested.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use postgres::{Client, Config, NoTls};
+use tokio_postgres::{Client, Config, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::{Batch, Bytes, Error, Op, Result, Scan, Store, check_keyspace};
@@ -68,6 +73,14 @@ impl std::fmt::Debug for PgOptions {
 
 /// The store on PostgreSQL.
 pub struct PgStore {
+    shared: Arc<Shared>,
+    /// The store's own runtime, where its connections live (see the module docs). Shut
+    /// down in the background on drop, which is allowed on any thread.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// What the store's tasks share.
+struct Shared {
     config: Config,
     tls: MakeRustlsConnect,
     idle: Mutex<Vec<Client>>,
@@ -78,19 +91,149 @@ pub struct PgStore {
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
-            .field("database", &self.name)
+            .field("database", &self.shared.name)
             .finish()
     }
 }
 
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// One call of the store, owning what it needs, so that it can run on the store's runtime.
+enum Call {
+    Migrate,
+    Get {
+        keyspace: String,
+        key: Bytes,
+    },
+    Scan {
+        keyspace: String,
+        lo: (Option<Bytes>, bool),
+        hi: (Option<Bytes>, bool),
+        reverse: bool,
+        limit: i64,
+    },
+    Commit(Prepared),
+}
+
+/// What a call answers.
+enum Reply {
+    Done,
+    Value(Option<Bytes>),
+    Rows(Vec<(Bytes, Bytes)>),
+}
+
+/// A batch as the commit statements take it: the keys to lock, the preconditions, and the
+/// last write of each key.
+struct Prepared {
+    batch: Batch,
+    locks: Vec<i64>,
+    puts: (Vec<String>, Vec<Bytes>, Vec<Bytes>),
+    deletes: (Vec<String>, Vec<Bytes>),
+}
+
+impl Prepared {
+    fn new(batch: Batch) -> Prepared {
+        let mut locks: Vec<i64> = batch
+            .preconditions
+            .iter()
+            .map(|p| lock_of(p.target().0, p.target().1))
+            .chain(batch.ops.iter().map(|op| match op {
+                Op::Put { keyspace, key, .. } | Op::Delete { keyspace, key } => {
+                    lock_of(keyspace, key)
+                }
+            }))
+            .collect();
+        locks.sort_unstable();
+        locks.dedup();
+        // The last op on a key decides it.
+        let mut last: std::collections::BTreeMap<(&str, &[u8]), Option<&[u8]>> =
+            std::collections::BTreeMap::new();
+        for op in &batch.ops {
+            match op {
+                Op::Put {
+                    keyspace,
+                    key,
+                    value,
+                } => last.insert((keyspace, key), Some(value)),
+                Op::Delete { keyspace, key } => last.insert((keyspace, key), None),
+            };
+        }
+        let mut puts = (Vec::new(), Vec::new(), Vec::new());
+        let mut deletes = (Vec::new(), Vec::new());
+        for ((ks, k), v) in last {
+            match v {
+                Some(v) => {
+                    puts.0.push(ks.to_owned());
+                    puts.1.push(k.to_vec());
+                    puts.2.push(v.to_vec());
+                }
+                None => {
+                    deletes.0.push(ks.to_owned());
+                    deletes.1.push(k.to_vec());
+                }
+            }
+        }
+        Prepared {
+            batch,
+            locks,
+            puts,
+            deletes,
+        }
+    }
+}
+
+/// How long a call keeps trying while the database cannot be reached (restarting, failing
+/// over) before it reports the failure.
+const RECONNECT_FOR: Duration = Duration::from_secs(30);
+
+/// Why an attempt failed, and whether trying again on a new connection is safe and useful:
+/// the connection was lost or the server is shutting down, before anything was committed.
+struct Failed {
+    error: Error,
+    retry: bool,
+}
+
+impl From<Error> for Failed {
+    fn from(error: Error) -> Self {
+        Failed {
+            error,
+            retry: false,
+        }
+    }
+}
+
 /// A database error as a store error, naming the operation; PostgreSQL's own message (and
-/// its detail) never holds a password.
-fn db(op: &str, e: postgres::Error) -> Error {
+/// its detail) never holds a password. A lost connection, or a server that is shutting
+/// down or starting (SQLSTATE classes 08 and 57P), may be tried again.
+fn db(op: &str, e: tokio_postgres::Error) -> Failed {
+    let code = e.as_db_error().map(|d| d.code().code().to_owned());
+    let retry = e.is_closed()
+        || code
+            .as_deref()
+            .is_none_or(|c| c.starts_with("08") || c.starts_with("57P"));
     let detail = e
         .as_db_error()
         .map(|d| format!("{}: {}", d.code().code(), d.message()))
         .unwrap_or_else(|| e.to_string());
-    Error::Io(format!("PostgreSQL {op}: {detail}"))
+    Failed {
+        error: Error::Io(format!("PostgreSQL {op}: {detail}")),
+        retry,
+    }
+}
+
+/// [`db`] for the `COMMIT` itself: whether it took effect is unknown when its answer is
+/// lost, so it is never tried again; the caller stops, and recovery reads what is there.
+fn db_final(op: &str, e: tokio_postgres::Error) -> Failed {
+    Failed {
+        retry: false,
+        ..db(op, e)
+    }
 }
 
 impl PgStore {
@@ -112,90 +255,252 @@ impl PgStore {
                 .get_hosts()
                 .iter()
                 .map(|h| match h {
-                    postgres::config::Host::Tcp(h) => h.clone(),
-                    postgres::config::Host::Unix(p) => p.display().to_string(),
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
                 })
                 .collect::<Vec<_>>()
                 .join(",")
         );
         let tls = MakeRustlsConnect::new(tls_config(options.ca_pem.as_deref())?);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("metalgraph-postgres")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Io(format!("cannot start the PostgreSQL store's runtime: {e}")))?;
         let store = PgStore {
-            config,
-            tls,
-            idle: Mutex::new(Vec::new()),
-            name,
+            shared: Arc::new(Shared {
+                config,
+                tls,
+                idle: Mutex::new(Vec::new()),
+                name,
+            }),
+            runtime: Some(runtime),
         };
-        store.migrate()?;
+        store.call(Call::Migrate)?;
         Ok(store)
     }
 
-    fn connect(&self) -> Result<Client> {
-        let result = match self.config.get_ssl_mode() {
-            postgres::config::SslMode::Disable => self.config.connect(NoTls),
-            _ => self.config.connect(self.tls.clone()),
+    /// Runs `call` on the store's runtime and waits for its answer.
+    fn call(&self, call: Call) -> Result<Reply> {
+        let Some(runtime) = &self.runtime else {
+            return Err(Error::Io("the PostgreSQL store is closed".into()));
         };
-        result.map_err(|e| db(&format!("connect to {}", self.name), e))
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let shared = self.shared.clone();
+        runtime.spawn(async move {
+            let _ = tx.send(shared.with_retries(&call).await);
+        });
+        rx.recv()
+            .map_err(|_| Error::Io("the PostgreSQL store stopped".into()))?
+    }
+}
+
+impl Shared {
+    async fn connect(&self) -> Result<Client, Failed> {
+        let connected = match self.config.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Disable => {
+                self.config.connect(NoTls).await.map(|(client, conn)| {
+                    tokio::spawn(conn);
+                    client
+                })
+            }
+            _ => self
+                .config
+                .connect(self.tls.clone())
+                .await
+                .map(|(client, conn)| {
+                    tokio::spawn(conn);
+                    client
+                }),
+        };
+        connected.map_err(|e| db(&format!("connect to {}", self.name), e))
     }
 
-    /// Runs `f` on a pooled connection; a connection that failed is not returned to the
-    /// pool.
-    fn with<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
-        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut client = match pooled {
-            Some(c) if !c.is_closed() => c,
-            _ => self.connect()?,
-        };
-        let out = f(&mut client);
-        // A precondition conflict leaves the connection healthy; an I/O failure may not.
-        let healthy = !client.is_closed() && !matches!(out, Err(Error::Io(_)));
-        if healthy {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            if idle.len() < POOL_IDLE {
-                idle.push(client);
+    /// Runs `call` on a pooled connection; a connection that failed is not returned to the
+    /// pool. An attempt that failed in a way worth retrying (the connection was lost before
+    /// anything was committed) is made again on a new connection, with growing pauses, for
+    /// up to [`RECONNECT_FOR`]: a database restart holds the caller up rather than failing
+    /// it.
+    async fn with_retries(&self, call: &Call) -> Result<Reply> {
+        let deadline = Instant::now() + RECONNECT_FOR;
+        let mut pause = Duration::from_millis(50);
+        let mut warned = false;
+        loop {
+            let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let client = match pooled {
+                Some(c) if !c.is_closed() => Ok(c),
+                _ => self.connect().await,
+            };
+            let attempt = match client {
+                Ok(mut client) => {
+                    let out = run(&mut client, call).await;
+                    // A precondition conflict leaves the connection healthy; a failure may
+                    // not.
+                    let reusable = match &out {
+                        Ok(_) => true,
+                        Err(f) => matches!(f.error, Error::Conflict { .. }),
+                    };
+                    if reusable && !client.is_closed() {
+                        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                        if idle.len() < POOL_IDLE {
+                            idle.push(client);
+                        }
+                    }
+                    out
+                }
+                Err(f) => Err(f),
+            };
+            match attempt {
+                Ok(reply) => return Ok(reply),
+                Err(Failed { error, retry: true }) if Instant::now() < deadline => {
+                    if !warned {
+                        tracing::warn!(database = %self.name, error = %error, "the database is unreachable; trying again");
+                        warned = true;
+                    }
+                    // Connections opened before the failure are likely broken too.
+                    self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err(Failed { error, .. }) => return Err(error),
             }
         }
-        out
     }
+}
 
-    fn migrate(&self) -> Result<()> {
-        self.with(|c| {
-            let mut tx = c.transaction().map_err(|e| db("begin", e))?;
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-                .map_err(|e| db("lock the schema", e))?;
-            tx.batch_execute(
-                "CREATE TABLE IF NOT EXISTS metalgraph_schema (version integer NOT NULL)",
+/// One attempt of `call` on `client`.
+async fn run(client: &mut Client, call: &Call) -> Result<Reply, Failed> {
+    match call {
+        Call::Migrate => migrate(client).await.map(|()| Reply::Done),
+        Call::Get { keyspace, key } => client
+            .query_opt(
+                "SELECT value FROM metalgraph_kv WHERE keyspace = $1 AND key = $2",
+                &[keyspace, key],
             )
-            .map_err(|e| db("create the schema table", e))?;
-            let version: i32 = match tx
-                .query_opt("SELECT version FROM metalgraph_schema", &[])
-                .map_err(|e| db("read the schema version", e))?
-            {
-                Some(row) => row.get(0),
-                None => {
-                    tx.execute("INSERT INTO metalgraph_schema (version) VALUES (0)", &[])
-                        .map_err(|e| db("record the schema version", e))?;
-                    0
-                }
-            };
-            if version > SCHEMA_VERSION {
-                return Err(Error::Io(format!(
-                    "the database {} has schema version {version}, newer than this build's \
-                     {SCHEMA_VERSION}: run a newer metalgraph",
-                    self.name
-                )));
-            }
-            for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-                tx.batch_execute(sql)
-                    .map_err(|e| db(&format!("migrate the schema to version {}", i + 1), e))?;
-            }
-            tx.execute(
-                "UPDATE metalgraph_schema SET version = $1",
-                &[&SCHEMA_VERSION],
-            )
-            .map_err(|e| db("record the schema version", e))?;
-            tx.commit().map_err(|e| db("commit the schema", e))
-        })
+            .await
+            .map(|row| Reply::Value(row.map(|r| r.get(0))))
+            .map_err(|e| db("read", e)),
+        Call::Scan {
+            keyspace,
+            lo,
+            hi,
+            reverse,
+            limit,
+        } => {
+            let order = if *reverse { "DESC" } else { "ASC" };
+            let sql = format!(
+                "SELECT key, value FROM metalgraph_kv WHERE keyspace = $1 \
+                 AND ($2::bytea IS NULL OR key > $2 OR ($3 AND key = $2)) \
+                 AND ($4::bytea IS NULL OR key < $4 OR ($5 AND key = $4)) \
+                 ORDER BY key {order} LIMIT $6"
+            );
+            let rows = client
+                .query(&sql, &[keyspace, &lo.0, &lo.1, &hi.0, &hi.1, limit])
+                .await
+                .map_err(|e| db("scan", e))?;
+            Ok(Reply::Rows(
+                rows.into_iter().map(|r| (r.get(0), r.get(1))).collect(),
+            ))
+        }
+        Call::Commit(prepared) => commit(client, prepared).await.map(|()| Reply::Done),
     }
+}
+
+async fn migrate(client: &mut Client) -> Result<(), Failed> {
+    let tx = client.transaction().await.map_err(|e| db("begin", e))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(|e| db("lock the schema", e))?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS metalgraph_schema (version integer NOT NULL)")
+        .await
+        .map_err(|e| db("create the schema table", e))?;
+    let version: i32 = match tx
+        .query_opt("SELECT version FROM metalgraph_schema", &[])
+        .await
+        .map_err(|e| db("read the schema version", e))?
+    {
+        Some(row) => row.get(0),
+        None => {
+            tx.execute("INSERT INTO metalgraph_schema (version) VALUES (0)", &[])
+                .await
+                .map_err(|e| db("record the schema version", e))?;
+            0
+        }
+    };
+    if version > SCHEMA_VERSION {
+        return Err(Error::Io(format!(
+            "the database has schema version {version}, newer than this build's \
+             {SCHEMA_VERSION}: run a newer metalgraph"
+        ))
+        .into());
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| db(&format!("migrate the schema to version {}", i + 1), e))?;
+    }
+    tx.execute(
+        "UPDATE metalgraph_schema SET version = $1",
+        &[&SCHEMA_VERSION],
+    )
+    .await
+    .map_err(|e| db("record the schema version", e))?;
+    tx.commit()
+        .await
+        .map_err(|e| db_final("commit the schema", e))
+}
+
+async fn commit(client: &mut Client, p: &Prepared) -> Result<(), Failed> {
+    let tx = client.transaction().await.map_err(|e| db("begin", e))?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(l) FROM unnest($1::bigint[]) AS l ORDER BY l",
+        &[&p.locks],
+    )
+    .await
+    .map_err(|e| db("lock the keys", e))?;
+    let pre = &p.batch.preconditions;
+    if !pre.is_empty() {
+        let keyspaces: Vec<&str> = pre.iter().map(|c| c.target().0).collect();
+        let keys: Vec<&[u8]> = pre.iter().map(|c| c.target().1).collect();
+        let rows = tx
+            .query(
+                "SELECT p.i, kv.value FROM unnest($1::text[], $2::bytea[]) \
+                 WITH ORDINALITY AS p(keyspace, key, i) \
+                 LEFT JOIN metalgraph_kv kv ON kv.keyspace = p.keyspace AND kv.key = p.key \
+                 ORDER BY p.i",
+                &[&keyspaces, &keys],
+            )
+            .await
+            .map_err(|e| db("check the preconditions", e))?;
+        for (index, (row, c)) in rows.iter().zip(pre).enumerate() {
+            let current: Option<Vec<u8>> = row.get(1);
+            if !c.holds(current.as_deref()) {
+                // Dropping the transaction rolls it back.
+                return Err(c.conflict(index).into());
+            }
+        }
+    }
+    if !p.deletes.1.is_empty() {
+        tx.execute(
+            "DELETE FROM metalgraph_kv kv USING unnest($1::text[], $2::bytea[]) AS d(keyspace, key) \
+             WHERE kv.keyspace = d.keyspace AND kv.key = d.key",
+            &[&p.deletes.0, &p.deletes.1],
+        )
+        .await
+        .map_err(|e| db("delete", e))?;
+    }
+    if !p.puts.1.is_empty() {
+        tx.execute(
+            "INSERT INTO metalgraph_kv (keyspace, key, value) \
+             SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[]) \
+             ON CONFLICT (keyspace, key) DO UPDATE SET value = EXCLUDED.value",
+            &[&p.puts.0, &p.puts.1, &p.puts.2],
+        )
+        .await
+        .map_err(|e| db("write", e))?;
+    }
+    tx.commit().await.map_err(|e| db_final("commit", e))
 }
 
 /// TLS to the database: the public web roots and the given CA certificates.
@@ -242,14 +547,13 @@ fn lock_of(keyspace: &str, key: &[u8]) -> i64 {
 impl Store for PgStore {
     fn get(&self, keyspace: &str, key: &[u8]) -> Result<Option<Bytes>> {
         check_keyspace(keyspace)?;
-        self.with(|c| {
-            c.query_opt(
-                "SELECT value FROM metalgraph_kv WHERE keyspace = $1 AND key = $2",
-                &[&keyspace, &key],
-            )
-            .map(|row| row.map(|r| r.get(0)))
-            .map_err(|e| db("read", e))
-        })
+        match self.call(Call::Get {
+            keyspace: keyspace.to_owned(),
+            key: key.to_vec(),
+        })? {
+            Reply::Value(v) => Ok(v),
+            _ => Err(Error::Io("PostgreSQL read: an unexpected answer".into())),
+        }
     }
 
     fn scan_prefix(&self, keyspace: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>> {
@@ -261,26 +565,21 @@ impl Store for PgStore {
         let Some((lo, hi)) = scan.bounds() else {
             return Ok(Vec::new());
         };
-        let bound = |b: &std::ops::Bound<Vec<u8>>| match b {
-            std::ops::Bound::Included(k) => (Some(k.clone()), true),
-            std::ops::Bound::Excluded(k) => (Some(k.clone()), false),
+        let bound = |b: std::ops::Bound<Vec<u8>>| match b {
+            std::ops::Bound::Included(k) => (Some(k), true),
+            std::ops::Bound::Excluded(k) => (Some(k), false),
             std::ops::Bound::Unbounded => (None, true),
         };
-        let ((lo, lo_inc), (hi, hi_inc)) = (bound(&lo), bound(&hi));
-        let order = if scan.reverse { "DESC" } else { "ASC" };
-        let limit = i64::try_from(scan.limit).unwrap_or(i64::MAX);
-        let sql = format!(
-            "SELECT key, value FROM metalgraph_kv WHERE keyspace = $1 \
-             AND ($2::bytea IS NULL OR key > $2 OR ($3 AND key = $2)) \
-             AND ($4::bytea IS NULL OR key < $4 OR ($5 AND key = $4)) \
-             ORDER BY key {order} LIMIT $6"
-        );
-        self.with(|c| {
-            let rows = c
-                .query(&sql, &[&keyspace, &lo, &lo_inc, &hi, &hi_inc, &limit])
-                .map_err(|e| db("scan", e))?;
-            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
-        })
+        match self.call(Call::Scan {
+            keyspace: keyspace.to_owned(),
+            lo: bound(lo),
+            hi: bound(hi),
+            reverse: scan.reverse,
+            limit: i64::try_from(scan.limit).unwrap_or(i64::MAX),
+        })? {
+            Reply::Rows(rows) => Ok(rows),
+            _ => Err(Error::Io("PostgreSQL scan: an unexpected answer".into())),
+        }
     }
 
     fn commit(&self, batch: Batch) -> Result<()> {
@@ -294,96 +593,15 @@ impl Store for PgStore {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut locks: Vec<i64> = batch
-            .preconditions
-            .iter()
-            .map(|p| lock_of(p.target().0, p.target().1))
-            .chain(batch.ops.iter().map(|op| match op {
-                Op::Put { keyspace, key, .. } | Op::Delete { keyspace, key } => {
-                    lock_of(keyspace, key)
-                }
-            }))
-            .collect();
-        locks.sort_unstable();
-        locks.dedup();
-        // The last op on a key decides it.
-        let mut last: std::collections::BTreeMap<(&str, &[u8]), Option<&[u8]>> =
-            std::collections::BTreeMap::new();
-        for op in &batch.ops {
-            match op {
-                Op::Put {
-                    keyspace,
-                    key,
-                    value,
-                } => last.insert((keyspace, key), Some(value)),
-                Op::Delete { keyspace, key } => last.insert((keyspace, key), None),
-            };
-        }
-        let (mut put_ks, mut put_k, mut put_v) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut del_ks, mut del_k) = (Vec::new(), Vec::new());
-        for ((ks, k), v) in last {
-            match v {
-                Some(v) => {
-                    put_ks.push(ks);
-                    put_k.push(k);
-                    put_v.push(v);
-                }
-                None => {
-                    del_ks.push(ks);
-                    del_k.push(k);
-                }
-            }
-        }
-        let pre_ks: Vec<&str> = batch.preconditions.iter().map(|p| p.target().0).collect();
-        let pre_k: Vec<&[u8]> = batch.preconditions.iter().map(|p| p.target().1).collect();
-        self.with(|c| {
-            let mut tx = c.transaction().map_err(|e| db("begin", e))?;
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(l) FROM unnest($1::bigint[]) AS l ORDER BY l",
-                &[&locks],
-            )
-            .map_err(|e| db("lock the keys", e))?;
-            if !pre_k.is_empty() {
-                let rows = tx
-                    .query(
-                        "SELECT p.i, kv.value FROM unnest($1::text[], $2::bytea[]) \
-                         WITH ORDINALITY AS p(keyspace, key, i) \
-                         LEFT JOIN metalgraph_kv kv ON kv.keyspace = p.keyspace AND kv.key = p.key \
-                         ORDER BY p.i",
-                        &[&pre_ks, &pre_k],
-                    )
-                    .map_err(|e| db("check the preconditions", e))?;
-                for (index, (row, p)) in rows.iter().zip(&batch.preconditions).enumerate() {
-                    let current: Option<Vec<u8>> = row.get(1);
-                    if !p.holds(current.as_deref()) {
-                        // Dropping the transaction rolls it back.
-                        return Err(p.conflict(index));
-                    }
-                }
-            }
-            if !del_k.is_empty() {
-                tx.execute(
-                    "DELETE FROM metalgraph_kv kv USING unnest($1::text[], $2::bytea[]) AS d(keyspace, key) \
-                     WHERE kv.keyspace = d.keyspace AND kv.key = d.key",
-                    &[&del_ks, &del_k],
-                )
-                .map_err(|e| db("delete", e))?;
-            }
-            if !put_k.is_empty() {
-                tx.execute(
-                    "INSERT INTO metalgraph_kv (keyspace, key, value) \
-                     SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[]) \
-                     ON CONFLICT (keyspace, key) DO UPDATE SET value = EXCLUDED.value",
-                    &[&put_ks, &put_k, &put_v],
-                )
-                .map_err(|e| db("write", e))?;
-            }
-            tx.commit().map_err(|e| db("commit", e))
-        })
+        self.call(Call::Commit(Prepared::new(batch))).map(|_| ())
     }
 
     fn close(&self) -> Result<()> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.shared
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         Ok(())
     }
 

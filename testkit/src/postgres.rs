@@ -3,9 +3,9 @@
 //! the server on a free loopback port with fsync off, trust authentication for loopback
 //! only, and a fresh schema per store.
 //!
-//! The server runs under a small shell that holds a pipe from this process: when the test
-//! process ends, however it ends, the pipe closes and the shell stops the server
-//! (`SIGQUIT`: immediate) and removes the directory. Nothing outlives the test binary.
+//! A small keeper shell holds a pipe from this process: when the test process ends,
+//! however it ends, the pipe closes and the keeper stops the server (`pg_ctl stop -m
+//! immediate`) and removes the directory. Nothing outlives the test binary.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -20,6 +20,9 @@ use crate::free_tcp_port;
 pub struct Postgres {
     pub port: u16,
     bin: PathBuf,
+    data: PathBuf,
+    /// Who runs the server: the `postgres` user when the tests run as root.
+    user: Option<(u32, u32)>,
     /// The keeper shell's stdin: closing it stops the server.
     keeper: Mutex<Option<ChildStdin>>,
     log: PathBuf,
@@ -109,15 +112,22 @@ impl Postgres {
         );
         let port = free_tcp_port();
         let log = dir.join("postgres.log");
+        let pg = Postgres {
+            port,
+            bin,
+            data,
+            user,
+            keeper: Mutex::new(None),
+            log,
+        };
+        pg.pg_ctl(&["start", "-w"]);
+        // The keeper stops the server and removes its directory once this process has
+        // gone: its stdin is a pipe only this process holds.
         let script = format!(
-            "'{bin}/postgres' -D '{data}' -p {port} -k '{dir}' -c listen_addresses=127.0.0.1 \
-             -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
-             -c max_connections=200 >'{log}' 2>&1 & pid=$!; \
-             read _ignored; kill -QUIT $pid; wait $pid; rm -rf '{dir}'",
-            bin = bin.display(),
-            data = data.display(),
+            "read _ignored; '{bin}/pg_ctl' -D '{data}' stop -m immediate >/dev/null 2>&1; rm -rf '{dir}'",
+            bin = pg.bin.display(),
+            data = pg.data.display(),
             dir = dir.display(),
-            log = log.display(),
         );
         let mut keeper = Command::new("sh");
         keeper
@@ -127,17 +137,48 @@ impl Postgres {
             .stderr(Stdio::null());
         own(&mut keeper);
         let mut child = keeper.spawn().expect("the PostgreSQL keeper starts");
-        let stdin = child.stdin.take();
+        *pg.keeper.lock().unwrap_or_else(|p| p.into_inner()) = child.stdin.take();
         // The keeper is reaped by nobody: it ends with this process.
         std::mem::forget(child);
-        let pg = Postgres {
-            port,
-            bin,
-            keeper: Mutex::new(stdin),
-            log,
-        };
         pg.wait_ready();
         pg
+    }
+
+    /// Runs `pg_ctl` on the cluster, as its owner, with the server's settings.
+    fn pg_ctl(&self, args: &[&str]) {
+        let options = format!(
+            "-p {} -k '{}' -c listen_addresses=127.0.0.1 -c fsync=off \
+             -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+            self.port,
+            self.data.parent().unwrap_or(&self.data).display()
+        );
+        let mut cmd = Command::new(self.bin.join("pg_ctl"));
+        cmd.arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&self.log)
+            .args(["-o", &options])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some((uid, gid)) = self.user {
+            use std::os::unix::process::CommandExt as _;
+            cmd.uid(uid).gid(gid);
+        }
+        let out = cmd.output().expect("pg_ctl runs");
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    /// Restarts the server at once, as a crash would (`pg_ctl restart -m immediate`):
+    /// connections are cut, and what was committed survives.
+    pub fn restart_immediate(&self) {
+        self.pg_ctl(&["restart", "-m", "immediate", "-w"]);
+        self.wait_ready();
     }
 
     fn wait_ready(&self) {
