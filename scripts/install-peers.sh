@@ -13,6 +13,9 @@
 #   - Debian's chromium and Playwright for Python in the same venv: the web view's
 #     browser tests (tests/ui.rs) and its screenshots (scripts/ui-screenshots.sh).
 #     Playwright drives /usr/bin/chromium; its own browser download is never used.
+#   - genisoimage's `isoinfo`: reads the configuration media metalgraph writes back, with
+#     a tool that shares no code with the writer (tests/e2e_config_media.rs and the unit
+#     tests of tasks/src/config_media/).
 #
 # The venv lives under ${METALGRAPH_PEERS:-$HOME/.cache/metalgraph-peers}; the tests look
 # there (or wherever METALGRAPH_PEERS points).
@@ -38,6 +41,7 @@ need_apt=""
 command -v ipmi_sim >/dev/null 2>&1 || need_apt="$need_apt openipmi"
 command -v ipmitool >/dev/null 2>&1 || need_apt="$need_apt ipmitool"
 [ -x /usr/bin/chromium ] || need_apt="$need_apt chromium"
+command -v isoinfo >/dev/null 2>&1 || need_apt="$need_apt genisoimage"
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt="$need_apt postgresql"
 command -v python3 >/dev/null 2>&1 || need_apt="$need_apt python3"
 # The venv module is a separate package on Debian; probe it rather than guess.
@@ -59,6 +63,7 @@ fi
 echo "install-peers: done"
 echo "  ipmi_sim        $(command -v ipmi_sim)"
 echo "  ipmitool        $(command -v ipmitool) ($(ipmitool -V 2>&1 | head -n1))"
+echo "  isoinfo         $(command -v isoinfo)"
 echo "  sushy-emulator  $VENV/bin/sushy-emulator ($("$VENV/bin/pip" show sushy-tools 2>/dev/null | sed -n 's/^Version: //p'))"
 echo "  peers dir       $PEERS (export METALGRAPH_PEERS to move it)"
 

@@ -44,6 +44,7 @@ use tracing::{info, warn};
 pub use access::{NodeAccess, Proof};
 pub use config::{BootArgs, BootConfig, DhcpSetting, NodeTokens};
 pub use enrolment::Enrolment;
+pub use metalgraph_engine::{query_escape, waiting_vars};
 
 /// The store keyspace of full-mode DHCP leases: MAC → lease (JSON).
 pub const LEASES: &str = "leases";
@@ -365,11 +366,11 @@ impl ProfileVars<'_> {
     /// them when the task starts. Errors name the option at fault.
     pub fn build(&self) -> Result<Value, String> {
         let node_base = self.node_base.trim_end_matches('/');
-        let files_base = node_base
-            .strip_suffix("/api/2.0")
-            .map(|root| format!("{root}/files"))
-            .unwrap_or_default();
-        let api = json!({"base": self.api_base, "nodeBase": node_base, "files": files_base});
+        let api = metalgraph_engine::ApiUrls {
+            base: self.api_base.to_owned(),
+            node_base: node_base.to_owned(),
+        }
+        .node_vars();
         let mut vars = json!({
             "node": ipxe_words(&self.node.template_view()),
             "api": api,
@@ -423,27 +424,6 @@ pub fn notification_vars(node_base: &str, node_id: &str, task: &NodeTask) -> Val
     )
 }
 
-/// [`notification_vars`] from the parts.
-pub fn waiting_vars(
-    node_base: &str,
-    node_id: &str,
-    workflow_id: &str,
-    token: &str,
-    cap: &str,
-) -> Value {
-    let node_base = node_base.trim_end_matches('/');
-    json!({
-        "url": format!(
-            "{node_base}/notification?nodeId={}&token={}",
-            query_escape(node_id),
-            query_escape(token)
-        ),
-        "token": token,
-        "workflowId": workflow_id,
-        "cap": cap,
-    })
-}
-
 /// The profile URL for `macs` under the node-facing base URL, with the node's capability
 /// when given.
 pub fn profile_url(node_base: &str, macs: &[MacAddr], cap: Option<&str>) -> String {
@@ -456,20 +436,6 @@ pub fn profile_url(node_base: &str, macs: &[MacAddr], cap: Option<&str>) -> Stri
         Some(cap) => format!("{url}&cap={}", query_escape(cap)),
         None => url,
     }
-}
-
-/// Percent-encodes a query parameter value (everything but RFC 3986's unreserved
-/// characters).
-pub fn query_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// The address nodes should use for a listener bound to `addr`: `addr` itself, unless it

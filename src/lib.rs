@@ -8,6 +8,7 @@ pub mod auth;
 pub mod boot;
 pub mod client;
 pub mod config;
+pub mod config_media;
 pub mod datadir;
 pub mod hooks;
 pub mod library;

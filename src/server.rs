@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use metalgraph_engine::nodes::{Node, Obm, ObmConfig};
 use metalgraph_engine::{ApiUrls, Engine, EngineOptions, JobRegistry};
 use metalgraph_store::Store;
+use metalgraph_tasks::ConfigMediaSite;
 use metalgraph_tasks::bmc::Drivers;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -36,14 +37,16 @@ const DEMO_NODES: usize = 8;
 /// drivers (Redfish, IPMI, simulated), and RackHD's base tasks over both. `serve` and `validate` both use it, so that offline
 /// validation judges graphs exactly as the server does.
 pub fn jobs() -> JobRegistry {
-    jobs_with(Arc::default())
+    jobs_with(Arc::default(), Arc::default())
 }
 
-/// [`jobs`] whose BMC jobs use `drivers`.
-fn jobs_with(drivers: Arc<Drivers>) -> JobRegistry {
+/// [`jobs`] whose BMC jobs use `drivers` and whose `config-media.build` writes into
+/// `media` (`serve` lends it the files and templates directories and the node-facing URLs).
+fn jobs_with(drivers: Arc<Drivers>, media: Arc<ConfigMediaSite>) -> JobRegistry {
     let mut jobs = JobRegistry::new();
     metalgraph_tasks::register_basic(&mut jobs);
     metalgraph_tasks::register_provisioning(&mut jobs, drivers);
+    metalgraph_tasks::register_config_media(&mut jobs, media);
     metalgraph_tasks::rackhd::register(&mut jobs);
     jobs
 }
@@ -127,14 +130,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     // Workflow and task records are sealed whole; node passwords and webhook secrets field
     // by field (the engine and the hooks do that with the same key).
     let sealed = metalgraph_engine::seal::SealedStore::wrap(store.clone(), sealer.clone());
-    let drivers: Arc<Drivers> = Arc::default();
-    let mut opts = EngineOptions::new(sealed, jobs_with(drivers.clone()), library);
-    opts.sealer = Some(sealer);
-    opts.max_running_jobs = config.max_running_jobs;
-    opts.cancel_grace = Duration::from_millis(config.cancel_grace_ms);
-    opts.max_tasks_per_graph = config.limits.max_tasks_per_graph;
-    opts.retention = config.retention.policy();
-    opts.api = ApiUrls {
+    let api_urls = ApiUrls {
         base: config
             .api_base_url
             .clone()
@@ -150,7 +146,19 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             })
             .unwrap_or_default(),
     };
-    let api_urls = opts.api.clone();
+    let media = Arc::new(ConfigMediaSite::new(
+        config.files_dir.clone(),
+        config.templates_dir.clone(),
+        api_urls.clone(),
+    ));
+    let drivers: Arc<Drivers> = Arc::default();
+    let mut opts = EngineOptions::new(sealed, jobs_with(drivers.clone(), media.clone()), library);
+    opts.sealer = Some(sealer);
+    opts.max_running_jobs = config.max_running_jobs;
+    opts.cancel_grace = Duration::from_millis(config.cancel_grace_ms);
+    opts.max_tasks_per_graph = config.limits.max_tasks_per_graph;
+    opts.retention = config.retention.policy();
+    opts.api = api_urls.clone();
     let node_base = opts.api.node_base.clone();
     // The engine has its own token: it must keep running while the listeners drain, so that
     // requests in flight (a cancel, a run) are answered rather than refused.
@@ -251,6 +259,15 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         };
 
     let mut servers = JoinSet::new();
+    // Ended workflows' configuration media go; it stops with the listeners, and what ends
+    // after that is swept at the next start.
+    {
+        let (engine, stop) = (engine.clone(), shutdown.clone());
+        servers.spawn(async move {
+            crate::config_media::run(engine, media, stop).await;
+            Ok(())
+        });
+    }
     if let Some(pxe) = pxe {
         let (dhcp, tftp) = (pxe.dhcp_addr(), pxe.tftp_addr());
         // It stops with the listeners, before the engine drains, like every other server.

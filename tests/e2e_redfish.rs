@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::peers::{Sushy, SushyOptions, raw_client, system_mac, system_uuid};
+use support::peers::{Sushy, SushyOptions, isoinfo, raw_client, system_mac, system_uuid};
 use support::{Api, Server};
 use tempfile::TempDir;
 
@@ -209,8 +209,8 @@ fn find_files(dir: &Path, name: &str) -> Vec<PathBuf> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn installs_an_os_from_virtual_media_served_by_metalgraph() {
+/// A sushy with one system, and a files directory holding `images/install.iso`, `iso`.
+async fn install_peer(iso: &[u8]) -> (Sushy, TempDir) {
     let sushy = Sushy::start(SushyOptions {
         systems: 1,
         instant: true,
@@ -218,9 +218,36 @@ async fn installs_an_os_from_virtual_media_served_by_metalgraph() {
     })
     .await;
     let files = tempfile::tempdir().expect("a files dir");
-    let iso = iso_bytes(4 << 20);
     std::fs::create_dir_all(files.path().join("images")).unwrap();
-    std::fs::write(files.path().join("images/install.iso"), &iso).unwrap();
+    std::fs::write(files.path().join("images/install.iso"), iso).unwrap();
+    (sushy, files)
+}
+
+/// Registers sushy's system 0 by hand, as an operator would; returns the node's id.
+async fn install_target(api: &Api, sushy: &Sushy, name: &str) -> String {
+    api.create_node(json!({
+        "name": name,
+        "identifiers": [system_mac(0)],
+        "obms": [{"service": "redfish-obm-service",
+                  "config": {"host": sushy.base, "systemId": system_uuid(0)}}],
+    }))
+    .await
+}
+
+/// Runs Graph.InstallOS.VirtualMedia on `node` until the installer is awaited; returns the
+/// workflow's id and view.
+async fn install_until_waiting(api: &Api, node: &str, options: Value) -> (String, Value) {
+    let id = api
+        .run("Graph.InstallOS.VirtualMedia", Some(node), options)
+        .await;
+    let waiting = api.wait_task(&id, "wait-installed", "running", LIMIT).await;
+    (id, waiting)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installs_an_os_from_virtual_media_served_by_metalgraph() {
+    let iso = iso_bytes(4 << 20);
+    let (sushy, files) = install_peer(&iso).await;
     // The installer booted from the image has no capability to show and metalgraph runs no
     // DHCP here, so it could not prove it is the node: the operator opens the node-facing
     // listener's tokens (docs/security.md, "Node-facing listener").
@@ -255,25 +282,10 @@ async fn installs_an_os_from_virtual_media_served_by_metalgraph() {
         .unwrap();
     assert_eq!(r.status(), 416);
 
-    // Register the node by hand, as an operator would.
-    let node = mg
-        .api
-        .create_node(json!({
-            "name": "install-target",
-            "identifiers": [system_mac(0)],
-            "obms": [{"service": "redfish-obm-service",
-                      "config": {"host": sushy.base, "systemId": system_uuid(0)}}],
-        }))
-        .await;
+    let node = install_target(&mg.api, &sushy, "install-target").await;
     let mut options = fast();
     options["defaults"]["imageUrl"] = json!(image);
-    let id = mg
-        .api
-        .run("Graph.InstallOS.VirtualMedia", Some(&node), options)
-        .await;
-    mg.api
-        .wait_task(&id, "wait-installed", "running", LIMIT)
-        .await;
+    let (id, _) = install_until_waiting(&mg.api, &node, options).await;
 
     // The BMC holds the image metalgraph served, boots from CD and was restarted.
     let cd = sushy.cd(0).await;
@@ -580,5 +592,173 @@ async fn rackhd_obm_actions_drive_a_real_redfish_bmc() {
         ends[0]["context"]["obm"]["powerState"], "On",
         "{:#}",
         ends[0]
+    );
+}
+
+/// The files in the configuration media folder of a files directory.
+fn config_media_files(files: &Path) -> Vec<String> {
+    std::fs::read_dir(files.join("config-media"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installs_with_a_nocloud_configuration_medium_in_the_second_slot() {
+    let (sushy, files) = install_peer(&iso_bytes(1 << 20)).await;
+    // An image left by a workflow that ended while the server was down (here: one that no
+    // longer exists) is deleted when the server starts.
+    std::fs::create_dir_all(files.path().join("config-media")).unwrap();
+    let stale = "0a1b2c3d-0000-4000-8000-000000000000.4.00112233445566778899aabbccddeeff.iso";
+    std::fs::write(files.path().join("config-media").join(stale), b"old").unwrap();
+    // The medium carries the installer's callback: the node-facing tokens stay closed.
+    let mg = metalgraph(Some(files.path()));
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !config_media_files(files.path()).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stale image stays"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let node = install_target(&mg.api, &sushy, "cloud-target").await;
+    let image = mg.server.node_url("/files/images/install.iso");
+    let mut options = fast();
+    options["defaults"]["imageUrl"] = json!(image);
+    options["defaults"]["configMedia"] = json!("nocloud");
+    options["build-config"] = json!({"vars": {"sshKeys": ["ssh-ed25519 AAAAC3Nz test@e2e"]}});
+    let (id, waiting) = install_until_waiting(&mg.api, &node, options).await;
+
+    // While the installer runs, the BMC holds the OS image in its CD drive and the
+    // configuration medium metalgraph built in its second device.
+    let built = &waiting["context"]["build-config"];
+    let url = built["url"].as_str().expect("the medium's URL").to_owned();
+    assert!(
+        url.starts_with(&mg.server.node_url("/files/config-media/")),
+        "{built:#}"
+    );
+    assert_eq!(built["label"], "cidata", "{built:#}");
+    let cd = sushy.cd(0).await;
+    assert_eq!(cd["Image"], image, "{cd:#}");
+    let floppy = sushy.floppy(0).await;
+    assert_eq!(floppy["Image"], url, "{floppy:#}");
+    assert_eq!(floppy["Inserted"], true, "{floppy:#}");
+    assert_eq!(waiting["context"]["insert-config"]["slot"], "secondary");
+
+    // The medium, as the BMC fetches it from /files/, read back with isoinfo.
+    let r = raw_client().get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let fetched = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(fetched.path(), r.bytes().await.unwrap()).unwrap();
+    let info = isoinfo(fetched.path(), &["-d"]);
+    assert!(info.contains("Volume id: cidata"), "{info}");
+    // What cloud-init's ds-identify asks: blkid's label and type.
+    let blkid = std::process::Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(fetched.path())
+        .output()
+        .expect("blkid runs");
+    let blkid = String::from_utf8_lossy(&blkid.stdout);
+    assert!(
+        blkid.contains("\nLABEL=cidata\n") && blkid.contains("\nTYPE=iso9660\n"),
+        "{blkid}"
+    );
+    let listing = isoinfo(fetched.path(), &["-J", "-f"]);
+    let mut names: Vec<&str> = listing.lines().collect();
+    names.sort_unstable();
+    assert_eq!(names, ["/meta-data", "/network-config", "/user-data"]);
+    let read = |name: &str| isoinfo(fetched.path(), &["-R", "-x", name]);
+    let user_data = read("/user-data");
+    assert!(user_data.starts_with("#cloud-config\n"), "{user_data}");
+    assert!(
+        user_data.contains("hostname: \"cloud-target\""),
+        "{user_data}"
+    );
+    assert!(
+        user_data.contains(r#"ssh_authorized_keys: ["ssh-ed25519 AAAAC3Nz test@e2e"]"#),
+        "{user_data}"
+    );
+    let meta_data = read("/meta-data");
+    assert!(
+        meta_data.contains(&format!("instance-id: \"{id}\"")),
+        "{meta_data}"
+    );
+    let network = read("/network-config");
+    assert!(
+        network.contains(&format!("macaddress: \"{}\"", system_mac(0))),
+        "{network}"
+    );
+
+    // The installer reports the end with the callback the medium carries (cloud-init's
+    // runcmd, a JSON string in YAML); both media are ejected and the image is deleted.
+    let callback: String = user_data
+        .lines()
+        .find_map(|l| {
+            let start = l.find("\"http")?;
+            let end = start + 1 + l[start + 1..].find('"')?;
+            serde_json::from_str(&l[start..=end]).ok()
+        })
+        .unwrap_or_else(|| panic!("no callback in:\n{user_data}"));
+    assert!(
+        callback.starts_with(
+            &mg.server
+                .node_url(&format!("/api/2.0/notification?nodeId={node}&token="))
+        ),
+        "{callback}"
+    );
+    let token = callback.rsplit("token=").next().unwrap();
+    assert!(!waiting.to_string().contains(token), "{waiting}");
+    let r = raw_client()
+        .post(&callback)
+        .json(&json!({"status": "installed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let wf = mg.api.wait(&id, LIMIT).await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    assert_eq!(wf["context"]["wait-installed"]["status"], "installed");
+    assert!(!wf.to_string().contains(token), "{wf}");
+    assert_eq!(sushy.cd(0).await["Inserted"], false);
+    let floppy = sushy.floppy(0).await;
+    assert_eq!(floppy["Inserted"], false, "ejected at the end: {floppy:#}");
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !config_media_files(files.path()).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the image outlives its workflow: {:?}",
+            config_media_files(files.path())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = raw_client().get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+
+    // Without configMedia the graph skips the second medium.
+    let mut options = fast();
+    options["defaults"]["imageUrl"] = json!(image);
+    let (id, waiting) = install_until_waiting(&mg.api, &node, options).await;
+    let states = support::states(&waiting);
+    assert!(
+        states.contains("build-config=skipped") && states.contains("insert-config=skipped"),
+        "{states}"
+    );
+    assert_eq!(sushy.floppy(0).await["Inserted"], false);
+    let (code, body) = mg
+        .api
+        .send(
+            "PUT",
+            &format!("/api/2.0/workflows/{id}/action"),
+            Some(json!({"command": "cancel"})),
+        )
+        .await;
+    assert_eq!(
+        (code, &body["status"]),
+        (202, &json!("cancelled")),
+        "{body}"
     );
 }

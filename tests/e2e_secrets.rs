@@ -2,7 +2,8 @@
 //! output captured while nodes with passwords are registered (Redfish with Basic auth,
 //! IPMI), discovery runs with a password option (a wrong one too), power graphs run and a
 //! template is rendered; then no API response, log line or rendered template may contain
-//! any of the passwords.
+//! any of the passwords. Likewise a configuration medium's secret option: it reaches the
+//! image and nothing else.
 //!
 //! Needs the peers from scripts/install-peers.sh.
 
@@ -11,7 +12,9 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::peers::{IPMI_PASSWORD, IpmiSim, Sushy, SushyOptions, raw_client, system_uuid};
+use support::peers::{
+    IPMI_PASSWORD, IpmiSim, Sushy, SushyOptions, isoinfo, raw_client, system_uuid,
+};
 use support::{Api, Launch, Server};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -195,5 +198,178 @@ async fn passwords_appear_in_no_response_log_or_template() {
         if let Some(line) = logs.lines().find(|l| l.contains(secret)) {
             panic!("the log shows {secret}: {line}");
         }
+    }
+}
+
+const MEDIA_SECRET: &str = "Med1a-r00t-s3cret";
+
+/// Reads the event stream from its start until `until` appears in it (or a minute passes).
+async fn events_until(server: &Server, until: &str) -> String {
+    // An id of another log replays every retained event.
+    let mut r = server
+        .http()
+        .get(server.url("/api/2.0/events"))
+        .header("Last-Event-ID", "another-log-0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !text.contains(until) {
+        let chunk = tokio::time::timeout_at(deadline, r.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("no {until} in the events:\n{text}"))
+            .unwrap_or_else(|e| panic!("{e}; no {until} in the events:\n{text}"))
+            .expect("the stream goes on");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_media_secret_reaches_the_image_and_nothing_else() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let (files, templates) = (dir.path().join("files"), dir.path().join("templates"));
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::create_dir_all(&templates).unwrap();
+    std::fs::write(
+        templates.join("secret.ks"),
+        "rootpw --iscrypted {{ secrets.rootPasswordHash }}\nnetwork --hostname={{ node.name }}\n\
+         # {{ notification.url }}\n",
+    )
+    .unwrap();
+    let log = dir.path().join("metalgraph.log");
+    let args = [
+        "--node-listen",
+        "127.0.0.1:0",
+        "--files-dir",
+        files.to_str().unwrap(),
+        "--templates-dir",
+        templates.to_str().unwrap(),
+    ];
+    let server = Server::launch(
+        &dir.path().join("data"),
+        "sled",
+        Launch {
+            args: args.map(str::to_owned).to_vec(),
+            rust_log: Some("debug".into()),
+            log: Some(log),
+        },
+    );
+    let api = server.api();
+    let graph = r#"
+injectableName: Test.E2E.ConfigMedia
+tasks:
+  - label: build
+    taskName: Task.ConfigMedia.Build
+    optionOverrides: { kind: kickstart, files: { ks.cfg: secret.ks }, notify: wait-installed }
+  - label: wait-installed
+    taskName: Task.Wait.Notification
+    waitOn: { build: succeeded }
+"#;
+    let (code, v) = api.put_yaml("/api/2.0/workflows/graphs", graph).await;
+    assert_eq!(code, 201, "{v}");
+    let node = api.create_node(json!({"name": "media-node"})).await;
+    let mut seen = Seen(Vec::new());
+    let mut tokens = Vec::new();
+
+    // The secret is given in the task's own layer and in the defaults: both are redacted.
+    for options in [
+        json!({"build": {"secrets": {"rootPasswordHash": MEDIA_SECRET}}}),
+        json!({"defaults": {"secrets": {"rootPasswordHash": MEDIA_SECRET}}}),
+    ] {
+        let (code, v) = api
+            .send(
+                "POST",
+                &format!("/api/2.0/nodes/{node}/workflows"),
+                Some(json!({"name": "Test.E2E.ConfigMedia", "options": options})),
+            )
+            .await;
+        assert_eq!(code, 201, "{v}");
+        let id = seen.add("POST run", &v)["instanceId"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let waiting = api.wait_task(&id, "wait-installed", "running", LIMIT).await;
+        seen.add("waiting workflow", &waiting);
+        assert!(
+            waiting["options"].to_string().contains("<redacted>"),
+            "{waiting:#}"
+        );
+
+        // The image holds the secret: the template rendered it (under volume OEMDRV).
+        let url = waiting["context"]["build"]["url"].as_str().unwrap();
+        let r = raw_client().get(url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let iso = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(iso.path(), r.bytes().await.unwrap()).unwrap();
+        assert!(isoinfo(iso.path(), &["-d"]).contains("Volume id: OEMDRV"));
+        let ks = isoinfo(iso.path(), &["-J", "-x", "/ks.cfg"]);
+        let callback = server.node_url(&format!("/api/2.0/notification?nodeId={node}&token="));
+        let token = ks
+            .split(&callback)
+            .nth(1)
+            .and_then(|rest| rest.lines().next())
+            .unwrap_or_else(|| panic!("no callback in:\n{ks}"))
+            .to_owned();
+        assert_eq!(token.len(), 32, "{ks}");
+        assert_eq!(
+            ks,
+            format!(
+                "rootpw --iscrypted {MEDIA_SECRET}\nnetwork --hostname=media-node\n\
+                 # {callback}{token}\n"
+            )
+        );
+        tokens.push(token);
+        let (code, v) = api
+            .send(
+                "PUT",
+                &format!("/api/2.0/workflows/{id}/action"),
+                Some(json!({"command": "cancel"})),
+            )
+            .await;
+        assert_eq!((code, &v["status"]), (202, &json!("cancelled")), "{v}");
+        seen.add("cancelled", &v);
+    }
+
+    // A secret that cannot be printed fails the task without being quoted.
+    let bad = format!("{MEDIA_SECRET}\nroot::0:0::/:/bin/sh");
+    let options = json!({"build": {"secrets": {"rootPasswordHash": bad}}});
+    let wf = api
+        .run_wait("Test.E2E.ConfigMedia", Some(&node), options, LIMIT)
+        .await;
+    assert_eq!(wf["status"], "failed", "{wf:#}");
+    let error = wf["tasks"][0]["error"].as_str().unwrap();
+    assert!(error.contains("control character"), "{error}");
+    seen.add("failed workflow", &wf);
+
+    let all = seen.get(&api, "/api/2.0/workflows").await;
+    for wf in all.as_array().unwrap() {
+        let id = wf["instanceId"].as_str().unwrap();
+        seen.get(&api, &format!("/api/2.0/workflows/{id}")).await;
+    }
+    let last = all[0]["instanceId"].as_str().unwrap().to_owned();
+    let events = events_until(&server, &format!("\"workflowId\":\"{last}\",\"graph\":\"Test.E2E.ConfigMedia\",\"node\":\"{node}\",\"status\":\"failed\"")).await;
+    seen.0.push(("events".into(), events));
+    let logs = server.logs();
+    assert!(logs.contains("DEBUG"), "the log level is debug:\n{logs}");
+    // Neither the secret nor the callback tokens the media carried show anywhere else.
+    for secret in tokens.iter().map(String::as_str).chain([MEDIA_SECRET]) {
+        for (what, body) in &seen.0 {
+            assert!(!body.contains(secret), "{what} shows {secret}: {body}");
+        }
+        if let Some(line) = logs.lines().find(|l| l.contains(secret)) {
+            panic!("the log shows {secret}: {line}");
+        }
+    }
+    // Every workflow ended, so every image is gone.
+    let deadline = std::time::Instant::now() + LIMIT;
+    while std::fs::read_dir(files.join("config-media")).is_ok_and(|mut d| d.next().is_some()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "images outlive their workflows"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metalgraph_store::{Batch, Store};
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -25,7 +25,9 @@ use crate::endpoints::Endpoints;
 use crate::error::{Error, blocking};
 use crate::events::{EventLog, Numbered};
 use crate::history::{ListFilter, Page, Records};
-use crate::job::{BoxFuture, JobContext, JobError, JobRegistry, JobResult, JobServices, Options};
+use crate::job::{
+    BoxFuture, Callback, JobContext, JobError, JobRegistry, JobResult, JobServices, Options,
+};
 use crate::keys;
 use crate::model::{RunOptions, TaskState, WorkflowStatus};
 use crate::nodes::Nodes;
@@ -45,6 +47,21 @@ pub struct ApiUrls {
     pub base: String,
     /// The node-facing API, e.g. `http://10.0.0.1:8090/api/2.0`, empty when off.
     pub node_base: String,
+}
+
+impl ApiUrls {
+    /// The `api` variable of files rendered for nodes (profiles, templates, configuration
+    /// media): `base`, `nodeBase` (without a trailing slash) and `files`, the node-facing
+    /// URL of the files directory (`http://10.0.0.1:8090/files`; empty when the node-facing
+    /// API is off or its base does not end in `/api/2.0`).
+    pub fn node_vars(&self) -> Value {
+        let node_base = self.node_base.trim_end_matches('/');
+        let files = node_base
+            .strip_suffix("/api/2.0")
+            .map(|root| format!("{root}/files"))
+            .unwrap_or_default();
+        json!({"base": self.base, "nodeBase": node_base, "files": files})
+    }
 }
 
 /// How an engine is built.
@@ -885,6 +902,53 @@ impl JobServices for Services {
 
     fn nodes(&self) -> &Nodes {
         &self.engine.inner.nodes
+    }
+
+    fn callback(
+        &self,
+        ctx: &JobContext,
+        label: &str,
+    ) -> BoxFuture<'static, Result<Callback, JobError>> {
+        let engine = self.engine.clone();
+        let (wf, label) = (ctx.workflow_id.clone(), label.to_owned());
+        let node = ctx.node.as_ref().map(|n| n.id.clone());
+        Box::pin(async move {
+            let unreadable = |e: Error| JobError::new(format!("workflow {wf} cannot be read: {e}"));
+            let (rec, tasks) = engine
+                .load(&wf)
+                .await
+                .map_err(unreadable)?
+                .ok_or_else(|| JobError::new(format!("workflow {wf} no longer exists")))?;
+            let (planned, task) = rec
+                .plan
+                .tasks
+                .iter()
+                .zip(&tasks)
+                .find(|(p, _)| p.label == label)
+                .ok_or_else(|| {
+                    JobError::new(format!("the workflow has no task labelled '{label}'"))
+                })?;
+            if planned.job != "wait.notification" {
+                return Err(JobError::new(format!(
+                    "task '{label}' runs {}, not wait.notification: no node calls back for it",
+                    planned.job
+                )));
+            }
+            let cap = node.map(|n| {
+                engine
+                    .inner
+                    .caps
+                    .cap(&n, &wf, &task.id, &task.token)
+                    .as_str()
+                    .to_owned()
+            });
+            Ok(Callback {
+                workflow_id: wf.clone(),
+                task_id: task.id.clone(),
+                token: task.token.clone(),
+                cap,
+            })
+        })
     }
 }
 

@@ -205,6 +205,38 @@ pub trait JobServices: Send + Sync + 'static {
 
     /// The node store, for jobs that create or update nodes (discovery, catalogs).
     fn nodes(&self) -> &crate::nodes::Nodes;
+
+    /// The callback that ends the `wait.notification` task labelled `label` in the calling
+    /// task's workflow, for a job that hands it to the node ahead of time (configuration
+    /// media carry it, since the installer they configure cannot ask for a template). Fails
+    /// when the workflow has no such task.
+    fn callback(
+        &self,
+        ctx: &JobContext,
+        label: &str,
+    ) -> BoxFuture<'static, Result<Callback, JobError>>;
+}
+
+/// What a node needs to end a `wait.notification` task of its workflow (see
+/// [`JobServices::callback`]).
+#[derive(Clone)]
+pub struct Callback {
+    pub workflow_id: String,
+    pub task_id: String,
+    /// The token the node's notification must carry: a secret, which only reaches what is
+    /// made for the node itself.
+    pub token: String,
+    /// The node's capability for the task (`None` for a workflow without a node).
+    pub cap: Option<String>,
+}
+
+impl std::fmt::Debug for Callback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Callback")
+            .field("workflow_id", &self.workflow_id)
+            .field("task_id", &self.task_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The type an option must have.

@@ -33,9 +33,11 @@ pub use engine::{ApiUrls, Engine, EngineOptions, NodeTask, RunRequest, WaitingTa
 pub use error::Error;
 pub use events::{EVENT_RETENTION, EventFilter, Numbered};
 pub use history::{ListFilter, Page};
-pub use job::{Job, JobContext, JobError, JobRegistry, JobResult, OptionKind, OptionSchema};
+pub use job::{
+    Callback, Job, JobContext, JobError, JobRegistry, JobResult, OptionKind, OptionSchema,
+};
 pub use model::{GraphDefinition, TaskDefinition, TaskState, WorkflowStatus};
-pub use notify::{NodeCap, NodeCaps, not_waiting};
+pub use notify::{NodeCap, NodeCaps, not_waiting, query_escape, waiting_vars};
 pub use subgraph::GraphRunJob;
 pub use workflow::{Event, WorkflowView};
 

@@ -187,6 +187,44 @@ pub fn not_waiting(node: Option<&str>) -> Error {
     }
 }
 
+/// The `notification` variables of a file rendered for a node, for the task that waits (or
+/// will wait) for its callback: `url` (the callback URL with the token), `token`,
+/// `workflowId`, and `cap`, the node's capability for the task, for URLs to further
+/// templates.
+pub fn waiting_vars(
+    node_base: &str,
+    node_id: &str,
+    workflow_id: &str,
+    token: &str,
+    cap: &str,
+) -> serde_json::Value {
+    let node_base = node_base.trim_end_matches('/');
+    serde_json::json!({
+        "url": format!(
+            "{node_base}/notification?nodeId={}&token={}",
+            query_escape(node_id),
+            query_escape(token)
+        ),
+        "token": token,
+        "workflowId": workflow_id,
+        "cap": cap,
+    })
+}
+
+/// Percent-encodes a query parameter value (everything but RFC 3986's unreserved
+/// characters).
+pub fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@
 
 use std::future::Future as _;
 use std::os::unix::fs::FileExt as _;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -326,48 +326,25 @@ pub fn parse_range(header: Option<&str>, len: u64) -> Range {
     }
 }
 
-/// Resolves `rel`, a path from a request, to an existing file inside `root`. `what` names
-/// the kind of file in errors ("file", "template").
-///
-/// Only plain path segments are accepted, so `..` and absolute paths are refused before the
-/// file system is asked; the result is then canonicalised and must still lie inside the
-/// canonical root, which refuses symlinks leading out of it.
+/// Resolves `rel`, a path from a request, to an existing file inside `root`
+/// ([`metalgraph_tasks::files::resolve`]: `..`, absolute paths and symlinks that lead out
+/// are refused). `what` names the kind of file in errors ("file", "template").
 pub async fn resolve(root: &Path, rel: &str, what: &str) -> Result<PathBuf, ApiError> {
-    let outside = || {
-        ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("{what} path '{rel}' leads outside the {what}s directory"),
-        )
-    };
-    let relative = Path::new(rel);
-    if rel.is_empty()
-        || rel.contains('\0')
-        || rel.contains('\\')
-        || !relative
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)))
-    {
-        return Err(outside());
-    }
-    let not_found = || ApiError::not_found(what, rel);
-    let root = tokio::fs::canonicalize(root).await.map_err(|e| {
-        ApiError::internal(format_args!(
-            "the {what}s directory {} is unusable: {e}",
-            root.display()
-        ))
-    })?;
-    let path = tokio::fs::canonicalize(root.join(relative))
+    use metalgraph_tasks::files::Unresolved;
+    metalgraph_tasks::files::resolve(root, rel)
         .await
-        .map_err(|_| not_found())?;
-    if !path.starts_with(&root) {
-        return Err(outside());
-    }
-    let meta = tokio::fs::metadata(&path).await.map_err(|_| not_found())?;
-    if !meta.is_file() {
-        return Err(not_found());
-    }
-    Ok(path)
+        .map_err(|e| match e {
+            Unresolved::Outside => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("{what} path '{rel}' leads outside the {what}s directory"),
+            ),
+            Unresolved::NotFound => ApiError::not_found(what, rel),
+            Unresolved::Root { dir, error } => ApiError::internal(format_args!(
+                "the {what}s directory {} is unusable: {error}",
+                dir.display()
+            )),
+        })
 }
 
 /// The `Content-Type` of a served file, from its extension.

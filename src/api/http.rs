@@ -1506,13 +1506,9 @@ async fn template(
         .await?
         .ok_or_else(|| ApiError::not_found("node", &node_id))?;
     let node_base = s.api.node_base.trim_end_matches('/').to_owned();
-    let files_base = node_base
-        .strip_suffix("/api/2.0")
-        .map(|root| format!("{root}/files"))
-        .unwrap_or_default();
     let mut vars = json!({
         "node": node.template_view(),
-        "api": {"base": s.api.base, "nodeBase": node_base, "files": files_base},
+        "api": s.api.node_vars(),
     });
     // The waiting task's token is shown only to the node itself; to anyone else the node
     // looks like one on which nothing waits.

@@ -9,7 +9,9 @@
 
 pub mod bmc;
 mod condition;
+pub mod config_media;
 mod fail;
+pub mod files;
 mod http;
 mod noop;
 mod provision;
@@ -17,6 +19,7 @@ pub mod rackhd;
 mod sleep;
 
 pub use condition::EvaluateConditionJob;
+pub use config_media::{ConfigMediaBuildJob, ConfigMediaSite};
 pub use fail::FailJob;
 pub use http::{HttpRequestJob, MAX_RESPONSE_BYTES};
 pub use noop::NoopJob;
@@ -54,4 +57,10 @@ pub fn register_provisioning(reg: &mut JobRegistry, drivers: Arc<bmc::Drivers>) 
         .register(DiscoveryRedfishJob::new(drivers.clone()))
         .register(DiscoveryEndpointJob::new(drivers))
         .register(WaitNotificationJob::default());
+}
+
+/// Registers `config-media.build`, which writes images into `site`'s files directory and
+/// renders its templates.
+pub fn register_config_media(reg: &mut JobRegistry, site: Arc<ConfigMediaSite>) {
+    reg.register(ConfigMediaBuildJob::new(site));
 }

@@ -15,8 +15,9 @@ use metalgraph_engine::{Job, JobRegistry};
 use metalgraph_store::MemStore;
 use metalgraph_tasks::bmc::{Drivers, SIM_SERVICE};
 use metalgraph_tasks::{
-    BootDeviceJob, CatalogRedfishJob, PowerJob, VirtualMediaEjectJob, VirtualMediaInsertJob,
-    WaitNotificationJob, register_basic, register_provisioning,
+    BootDeviceJob, CatalogRedfishJob, ConfigMediaBuildJob, ConfigMediaSite, PowerJob,
+    VirtualMediaEjectJob, VirtualMediaInsertJob, WaitNotificationJob, register_basic,
+    register_config_media, register_provisioning,
 };
 use serde_json::json;
 
@@ -220,6 +221,7 @@ fn registry() -> JobRegistry {
     let mut jobs = JobRegistry::new();
     register_basic(&mut jobs);
     register_provisioning(&mut jobs, Arc::new(Drivers::default()));
+    register_config_media(&mut jobs, Arc::new(ConfigMediaSite::default()));
     jobs
 }
 
@@ -340,12 +342,122 @@ async fn shipped_obm_graphs_are_valid() {
     let labels: Vec<&str> = install.tasks.iter().map(|t| t.label.as_str()).collect();
     for label in [
         "eject-stale",
+        "eject-stale-config",
         "insert-media",
+        "no-config-media",
+        "build-config",
+        "insert-config",
         "boot-cd",
         "reboot",
         "wait-installed",
         "eject-media",
+        "eject-config",
     ] {
         assert!(labels.contains(&label), "{labels:?}");
+    }
+}
+
+/// Reads file `name` of an image with `isoinfo`.
+fn iso_file(image: &str, name: &str) -> String {
+    metalgraph_testkit::isoinfo(std::path::Path::new(image), &["-R", "-x", name])
+}
+
+#[tokio::test]
+async fn config_media_renders_the_shipped_templates_for_each_kind() {
+    let world = World::default();
+    let node = world.node("rack1 U08", obm(SIM_SERVICE, "sim", "", "", None));
+    let files = tempfile::tempdir().unwrap();
+    let templates = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../templates");
+    let api = metalgraph_engine::ApiUrls {
+        base: "https://127.0.0.1:8080/api/2.0".to_owned(),
+        node_base: "http://10.0.0.1:8090/api/2.0".to_owned(),
+    };
+    let site = |templates: Option<PathBuf>, api: metalgraph_engine::ApiUrls| {
+        Arc::new(ConfigMediaSite::new(
+            Some(files.path().to_owned()),
+            templates,
+            api,
+        ))
+    };
+    let job = ConfigMediaBuildJob::new(site(Some(templates.clone()), api.clone()));
+    let hash = "$6$salt$0123456789abcdef";
+    let secrets = json!({ "rootPasswordHash": hash });
+
+    let options = json!({ "kind": "kickstart", "secrets": secrets, "notify": "wait-installed" });
+    let out = world.run(&job, options, Some(&node)).await.unwrap();
+    assert!(!out.to_string().contains("token-of"), "{out}");
+    assert_eq!(
+        (out["label"].as_str(), out["files"].clone()),
+        (Some("OEMDRV"), json!(["ks.cfg"]))
+    );
+    let url = out["url"].as_str().unwrap();
+    assert!(
+        url.starts_with("http://10.0.0.1:8090/files/config-media/task-1."),
+        "{out}"
+    );
+    let path = out["path"].as_str().unwrap();
+    assert_eq!(
+        std::fs::metadata(path).unwrap().len(),
+        out["size"].as_u64().unwrap()
+    );
+    let ks = iso_file(path, "/ks.cfg");
+    assert!(
+        ks.contains(&format!("\nrootpw --iscrypted {hash}\n")),
+        "{ks}"
+    );
+    assert!(ks.contains("--hostname=rack1-u08\n"), "{ks}");
+    // The callback of the workflow's wait-installed task, token included.
+    let callback = format!(
+        "'http://10.0.0.1:8090/api/2.0/notification?nodeId={}&token=token-of-wait-installed'",
+        node.id
+    );
+    assert!(ks.contains(&callback), "{ks}");
+
+    let out = world
+        .run(
+            &job,
+            json!({ "kind": "nocloud", "secrets": secrets }),
+            Some(&node),
+        )
+        .await
+        .unwrap();
+    let path = out["path"].as_str().unwrap();
+    let user_data = iso_file(path, "/user-data");
+    assert!(
+        user_data.contains(&format!("hashed_passwd: \"{hash}\"")),
+        "{user_data}"
+    );
+    assert!(iso_file(path, "/meta-data").contains("instance-id: \"wf-1\""));
+    // The node has no MAC: DHCP on every Ethernet interface.
+    assert!(iso_file(path, "/network-config").contains("name: \"e*\""));
+    let left: Vec<_> = std::fs::read_dir(files.path().join("config-media"))
+        .unwrap()
+        .collect();
+    assert_eq!(left.len(), 1, "the task's earlier image was replaced");
+
+    // What is missing or wrong is named.
+    for (job, options, node, why) in [
+        (&job, json!({ "kind": "nocloud" }), None, "needs a node"),
+        (
+            &job,
+            json!({ "kind": "kickstart", "files": { "ks.cfg": "nope.ks" } }),
+            Some(&node),
+            "option 'files.ks.cfg': no template \"nope.ks\"",
+        ),
+        (
+            &ConfigMediaBuildJob::new(site(None, api.clone())),
+            json!({ "kind": "nocloud" }),
+            Some(&node),
+            "needs a templates directory",
+        ),
+        (
+            &ConfigMediaBuildJob::new(site(Some(templates.clone()), Default::default())),
+            json!({ "kind": "nocloud" }),
+            Some(&node),
+            "needs the node-facing listener",
+        ),
+    ] {
+        let e = world.run(job, options, node).await.unwrap_err();
+        assert!(e.message.contains(why), "{why}: {e}");
     }
 }

@@ -18,7 +18,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use bmc_support::{Sushy, SushyOptions, World, obm, system_mac, system_uuid};
 use metalgraph_tasks::bmc::{
-    Bmc, BootDevice, DriverOptions, Drivers, PowerAction, PowerState, REDFISH_SERVICE,
+    Bmc, BootDevice, DriverOptions, Drivers, MediaSlot, PowerAction, PowerState, REDFISH_SERVICE,
 };
 use metalgraph_tasks::{
     BootDeviceJob, CatalogRedfishJob, DiscoveryRedfishJob, PowerJob, VirtualMediaEjectJob,
@@ -286,6 +286,87 @@ async fn virtual_media_insert_and_eject_are_idempotent() {
         err.message.contains("insert virtual media") && err.message.contains("HTTP 400"),
         "{err}"
     );
+
+    // The secondary slot is sushy's Floppy (it takes USB stick images); the CD drive is
+    // left alone.
+    let floppy = format!("{}/VirtualMedia/Floppy", sushy.system_path(0));
+    world
+        .run(&insert, json!({ "image": boot_iso }), Some(&node))
+        .await
+        .unwrap();
+    let out = world
+        .run(
+            &insert,
+            json!({ "image": other, "slot": "secondary" }),
+            Some(&node),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (out["changed"].clone(), out["slot"].clone()),
+        (json!(true), json!("secondary"))
+    );
+    let media = sushy.get(&floppy).await;
+    assert_eq!(
+        (media["Image"].as_str(), media["Inserted"].as_bool()),
+        (Some(other.as_str()), Some(true)),
+        "{media}"
+    );
+    assert_eq!(sushy.get(&cd).await["Image"], boot_iso.as_str());
+    let out = world
+        .run(&eject, json!({ "slot": "secondary" }), Some(&node))
+        .await
+        .unwrap();
+    assert_eq!(out["ejected"], other.as_str(), "{out}");
+    assert_eq!(sushy.get(&floppy).await["Inserted"], false);
+    assert_eq!(sushy.get(&cd).await["Inserted"], true, "the CD stays in");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bmc_with_one_virtual_media_device_has_no_secondary_slot() {
+    let sushy = Sushy::start(SushyOptions {
+        systems: 1,
+        instant: true,
+        cd_only: true,
+        ..Default::default()
+    })
+    .await;
+    let world = World::default();
+    let node = world.node(
+        "n0",
+        obm(
+            REDFISH_SERVICE,
+            &sushy.base,
+            "admin",
+            "pw",
+            Some(&system_uuid(0)),
+        ),
+    );
+    let d = drivers();
+    let insert = VirtualMediaInsertJob::new(d.clone());
+    let eject = VirtualMediaEjectJob::new(d.clone());
+    let image = "http://127.0.0.1:9/config.iso";
+    let err = world
+        .run(
+            &insert,
+            json!({ "image": image, "slot": "secondary" }),
+            Some(&node),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.contains("read virtual media (secondary)")
+            && err.message.contains("no second virtual media device")
+            && err.message.contains("only Cd (CD, DVD)"),
+        "{err}"
+    );
+    // Nothing can be in a device that does not exist: ejecting it succeeds.
+    let out = world
+        .run(&eject, json!({ "slot": "secondary" }), Some(&node))
+        .await
+        .unwrap();
+    assert_eq!(out["device"], false, "{out}");
+    assert_eq!(sushy.cd(0).await["Inserted"], false);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -821,7 +902,7 @@ async fn driver_level_operations_against_sushy() {
     let b = bmc.boot_override().await.unwrap();
     assert_eq!(b.device, Some(BootDevice::Hdd));
     assert_eq!(b.uefi, Some(false));
-    let m = bmc.virtual_media_status().await.unwrap();
+    let m = bmc.virtual_media_status(MediaSlot::Primary).await.unwrap();
     assert!(!m.inserted);
     assert_eq!(bmc.endpoint(), sushy.base);
 }

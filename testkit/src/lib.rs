@@ -1,6 +1,6 @@
 //! Fixtures for the real peers metalgraph's tests run against: sushy-tools (Redfish),
-//! ipmi_sim (IPMI), PostgreSQL (a throwaway cluster per test process), free ports, child
-//! processes killed on drop.
+//! ipmi_sim (IPMI), PostgreSQL (a throwaway cluster per test process), genisoimage's
+//! `isoinfo` (reading ISO images back), free ports, child processes killed on drop.
 //!
 //! Each peer starts on free ports in a fresh temporary directory and is killed when dropped.
 //! The peers come from scripts/install-peers.sh. Dev-only: shared by the tasks crate's and
@@ -53,6 +53,20 @@ pub fn free_udp_port() -> u16 {
         .and_then(|s| s.local_addr())
         .expect("bind udp 127.0.0.1:0")
         .port()
+}
+
+/// What `isoinfo -i image ARGS` prints (genisoimage): a reader of ISO 9660 images that
+/// shares no code with metalgraph's writer. `-d` describes the volume, `-J`/`-R` with `-f`
+/// lists the Joliet/Rock Ridge names, and with `-x /name` prints a file.
+pub fn isoinfo(image: &Path, args: &[&str]) -> String {
+    let out = Command::new("isoinfo")
+        .arg("-i")
+        .arg(image)
+        .args(args)
+        .output()
+        .expect("isoinfo runs (genisoimage; run scripts/install-peers.sh)");
+    assert!(out.status.success(), "isoinfo {args:?}: {out:?}");
+    String::from_utf8(out.stdout).expect("isoinfo prints UTF-8 here")
 }
 
 fn which(bin: &str) -> bool {
@@ -125,6 +139,8 @@ pub struct SushyOptions {
     pub auth: Option<(String, String)>,
     /// HTTPS with a certificate for 127.0.0.1 signed by a private CA (`ca_pem`).
     pub tls: bool,
+    /// One virtual media device (the CD drive) instead of sushy's CD and Floppy.
+    pub cd_only: bool,
 }
 
 /// A running sushy-emulator with the fake driver and its own state and TMPDIR.
@@ -195,6 +211,12 @@ impl Sushy {
                 "SUSHY_EMULATOR_AUTH_FILE = '{}'\n",
                 htpasswd.display()
             ));
+        }
+        if opts.cd_only {
+            conf.push_str(
+                "SUSHY_EMULATOR_VMEDIA_DEVICES = {'Cd': {'Name': 'Virtual CD', \
+                 'MediaTypes': ['CD', 'DVD']}}\n",
+            );
         }
         if opts.tls {
             let (cert, key) = bmc_certificate(dir.path());
@@ -287,6 +309,13 @@ impl Sushy {
     /// Sushy's virtual CD drive of system `i`.
     pub async fn cd(&self, i: usize) -> Value {
         self.get(&format!("{}/VirtualMedia/Cd", self.system_path(i)))
+            .await
+    }
+
+    /// System `i`'s second virtual media device (sushy's `Floppy`, which takes USB stick
+    /// images).
+    pub async fn floppy(&self, i: usize) -> Value {
+        self.get(&format!("{}/VirtualMedia/Floppy", self.system_path(i)))
             .await
     }
 

@@ -5,6 +5,6 @@
 
 #[allow(unused_imports)] // Each test binary uses a different part of this module.
 pub use metalgraph_testkit::{
-    IPMI_PASSWORD, IpmiSim, Proc, Sushy, SushyOptions, free_tcp_port, free_udp_port, peers_dir,
-    raw_client, system_mac, system_uuid,
+    IPMI_PASSWORD, IpmiSim, Proc, Sushy, SushyOptions, free_tcp_port, free_udp_port, isoinfo,
+    peers_dir, raw_client, system_mac, system_uuid,
 };

@@ -16,7 +16,7 @@ use tokio::process::Command;
 use tokio::sync::Semaphore;
 
 use super::{
-    At, Bmc, BootDevice, BootOverride, DriverOptions, Error, IPMI_SERVICE, MediaStatus,
+    At, Bmc, BootDevice, BootOverride, DriverOptions, Error, IPMI_SERVICE, MediaSlot, MediaStatus,
     PowerAction, PowerState, Result,
 };
 
@@ -330,21 +330,21 @@ impl Bmc for IpmiBmc {
         })
     }
 
-    fn virtual_media_insert(&self, _image: String) -> BoxFuture<'_, Result<()>> {
+    fn virtual_media_insert(&self, _slot: MediaSlot, _image: String) -> BoxFuture<'_, Result<()>> {
         self.unsupported(
             "insert virtual media",
             "IPMI has no standard virtual media; use a Redfish OBM for this node",
         )
     }
 
-    fn virtual_media_eject(&self) -> BoxFuture<'_, Result<()>> {
+    fn virtual_media_eject(&self, _slot: MediaSlot) -> BoxFuture<'_, Result<()>> {
         self.unsupported(
             "eject virtual media",
             "IPMI has no standard virtual media; use a Redfish OBM for this node",
         )
     }
 
-    fn virtual_media_status(&self) -> BoxFuture<'_, Result<MediaStatus>> {
+    fn virtual_media_status(&self, _slot: MediaSlot) -> BoxFuture<'_, Result<MediaStatus>> {
         self.unsupported(
             "read virtual media",
             "IPMI has no standard virtual media; use a Redfish OBM for this node",

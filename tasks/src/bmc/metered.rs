@@ -14,7 +14,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde_json::Value;
 
-use super::{Bmc, BootDevice, BootOverride, MediaStatus, PowerAction, PowerState, Result};
+use super::{
+    Bmc, BootDevice, BootOverride, MediaSlot, MediaStatus, PowerAction, PowerState, Result,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Labels {
@@ -116,19 +118,22 @@ impl Bmc for Metered {
         self.measure("boot_override", self.inner.boot_override())
     }
 
-    fn virtual_media_insert(&self, image: String) -> BoxFuture<'_, Result<()>> {
+    fn virtual_media_insert(&self, slot: MediaSlot, image: String) -> BoxFuture<'_, Result<()>> {
         self.measure(
             "virtual_media_insert",
-            self.inner.virtual_media_insert(image),
+            self.inner.virtual_media_insert(slot, image),
         )
     }
 
-    fn virtual_media_eject(&self) -> BoxFuture<'_, Result<()>> {
-        self.measure("virtual_media_eject", self.inner.virtual_media_eject())
+    fn virtual_media_eject(&self, slot: MediaSlot) -> BoxFuture<'_, Result<()>> {
+        self.measure("virtual_media_eject", self.inner.virtual_media_eject(slot))
     }
 
-    fn virtual_media_status(&self) -> BoxFuture<'_, Result<MediaStatus>> {
-        self.measure("virtual_media_status", self.inner.virtual_media_status())
+    fn virtual_media_status(&self, slot: MediaSlot) -> BoxFuture<'_, Result<MediaStatus>> {
+        self.measure(
+            "virtual_media_status",
+            self.inner.virtual_media_status(slot),
+        )
     }
 
     fn inventory(&self) -> BoxFuture<'_, Result<Value>> {

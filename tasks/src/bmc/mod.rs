@@ -132,7 +132,41 @@ pub struct BootOverride {
     pub raw: String,
 }
 
-/// The state of the BMC's virtual CD/DVD drive.
+/// Which of the BMC's virtual media devices an operation addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaSlot {
+    /// The virtual CD/DVD drive an OS image boots from: the first device that takes CD or
+    /// DVD media.
+    Primary,
+    /// Another device than the primary one that takes an ISO image, for a second medium
+    /// such as configuration media: another CD/DVD drive if there is one, else a device
+    /// that takes a USB stick image (sushy-tools' and iLO's `Floppy`, iDRAC's
+    /// `RemovableDisk`). A BMC with no such device refuses it as unsupported.
+    Secondary,
+}
+
+impl MediaSlot {
+    /// The job option spelling (`primary`, `secondary`).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "primary" => Some(MediaSlot::Primary),
+            "secondary" => Some(MediaSlot::Secondary),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for MediaSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MediaSlot::Primary => "primary",
+            MediaSlot::Secondary => "secondary",
+        })
+    }
+}
+
+/// The state of one of the BMC's virtual media devices.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MediaStatus {
@@ -251,12 +285,13 @@ pub trait Bmc: Send + Sync {
     /// Reads the boot override back.
     fn boot_override(&self) -> BoxFuture<'_, Result<BootOverride>>;
 
-    /// Inserts `image` (a URL the BMC downloads or mounts) into the virtual CD/DVD drive.
-    fn virtual_media_insert(&self, image: String) -> BoxFuture<'_, Result<()>>;
+    /// Inserts `image` (a URL the BMC downloads or mounts) into the virtual media device
+    /// `slot`.
+    fn virtual_media_insert(&self, slot: MediaSlot, image: String) -> BoxFuture<'_, Result<()>>;
 
-    fn virtual_media_eject(&self) -> BoxFuture<'_, Result<()>>;
+    fn virtual_media_eject(&self, slot: MediaSlot) -> BoxFuture<'_, Result<()>>;
 
-    fn virtual_media_status(&self) -> BoxFuture<'_, Result<MediaStatus>>;
+    fn virtual_media_status(&self, slot: MediaSlot) -> BoxFuture<'_, Result<MediaStatus>>;
 
     /// The node's inventory as a JSON document (stored as a catalog). Parts the BMC fails
     /// to provide are listed under `errors` rather than failing the whole inventory.

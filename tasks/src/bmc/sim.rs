@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::{
-    At, Bmc, BootDevice, BootOverride, DriverOptions, Error, MediaStatus, PowerAction, PowerState,
-    Result, SIM_SERVICE,
+    At, Bmc, BootDevice, BootOverride, DriverOptions, Error, MediaSlot, MediaStatus, PowerAction,
+    PowerState, Result, SIM_SERVICE,
 };
 
 /// One simulated machine.
@@ -27,7 +27,16 @@ struct Machine {
     /// A power change that takes effect at the given instant.
     pending: Option<(bool, Instant)>,
     boot: Option<(BootDevice, bool, Option<bool>)>,
-    media: Option<String>,
+    /// The image in the primary (CD) and the secondary (USB stick) device.
+    media: [Option<String>; 2],
+}
+
+/// A simulated machine's media device for `slot`.
+fn device(slot: MediaSlot) -> usize {
+    match slot {
+        MediaSlot::Primary => 0,
+        MediaSlot::Secondary => 1,
+    }
 }
 
 impl Machine {
@@ -173,18 +182,20 @@ impl Bmc for SimBmc {
         }))
     }
 
-    fn virtual_media_insert(&self, image: String) -> BoxFuture<'_, Result<()>> {
-        Self::ready(self.with("insert virtual media", |m| m.media = Some(image)))
+    fn virtual_media_insert(&self, slot: MediaSlot, image: String) -> BoxFuture<'_, Result<()>> {
+        Self::ready(self.with("insert virtual media", |m| {
+            m.media[device(slot)] = Some(image);
+        }))
     }
 
-    fn virtual_media_eject(&self) -> BoxFuture<'_, Result<()>> {
-        Self::ready(self.with("eject virtual media", |m| m.media = None))
+    fn virtual_media_eject(&self, slot: MediaSlot) -> BoxFuture<'_, Result<()>> {
+        Self::ready(self.with("eject virtual media", |m| m.media[device(slot)] = None))
     }
 
-    fn virtual_media_status(&self) -> BoxFuture<'_, Result<MediaStatus>> {
+    fn virtual_media_status(&self, slot: MediaSlot) -> BoxFuture<'_, Result<MediaStatus>> {
         Self::ready(self.with("read virtual media", |m| MediaStatus {
-            inserted: m.media.is_some(),
-            image: m.media.clone(),
+            inserted: m.media[device(slot)].is_some(),
+            image: m.media[device(slot)].clone(),
         }))
     }
 

@@ -32,7 +32,7 @@ pub use wait::WaitNotificationJob;
 use crate::bmc::{Bmc, Drivers, node_label};
 
 /// The node a job runs on, or an error saying that the job needs one.
-fn require_node(ctx: &JobContext, job: &str) -> Result<Node, JobError> {
+pub(crate) fn require_node(ctx: &JobContext, job: &str) -> Result<Node, JobError> {
     ctx.node.clone().ok_or_else(|| {
         JobError::new(format!(
             "task {}: {job} needs a node; run the graph on a node \

@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use metalgraph_engine::job::{BoxFuture, JobContext, JobServices, Options};
+use metalgraph_engine::job::{BoxFuture, Callback, JobContext, JobServices, Options};
 use metalgraph_engine::nodes::{Node, Nodes, Obm, ObmConfig, Secret};
 use metalgraph_engine::{Job, JobError, JobResult};
 use metalgraph_store::MemStore;
@@ -57,6 +57,21 @@ impl JobServices for TestServices {
 
     fn nodes(&self) -> &Nodes {
         &self.nodes
+    }
+
+    /// The callback of task `label`, with a token and capability derived from the label.
+    fn callback(
+        &self,
+        ctx: &JobContext,
+        label: &str,
+    ) -> BoxFuture<'static, Result<Callback, JobError>> {
+        let callback = Callback {
+            workflow_id: ctx.workflow_id.clone(),
+            task_id: format!("{}.{label}", ctx.workflow_id),
+            token: format!("token-of-{label}"),
+            cap: Some(format!("cap-of-{label}")),
+        };
+        Box::pin(async move { Ok(callback) })
     }
 }
 

@@ -7,7 +7,7 @@ mod http;
 
 use std::sync::Arc;
 
-use metalgraph_engine::job::{BoxFuture, JobContext, JobServices, Options};
+use metalgraph_engine::job::{BoxFuture, Callback, JobContext, JobServices, Options};
 use metalgraph_engine::nodes::Nodes;
 use metalgraph_engine::{Job, JobError, JobResult};
 use metalgraph_store::MemStore;
@@ -64,6 +64,14 @@ impl JobServices for TestServices {
 
     fn nodes(&self) -> &Nodes {
         &self.nodes
+    }
+
+    fn callback(
+        &self,
+        _ctx: &JobContext,
+        _label: &str,
+    ) -> BoxFuture<'static, Result<Callback, JobError>> {
+        Box::pin(async { Err(JobError::new("no callbacks in tests")) })
     }
 }
 

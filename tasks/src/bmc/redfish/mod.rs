@@ -22,7 +22,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::OnceCell;
 
 use super::{
-    At, Bmc, BootDevice, BootOverride, Error, MediaStatus, PowerAction, PowerState,
+    At, Bmc, BootDevice, BootOverride, Error, MediaSlot, MediaStatus, PowerAction, PowerState,
     REDFISH_SERVICE, Result,
 };
 use client::{Client, Reply, Request};
@@ -40,8 +40,8 @@ pub struct RedfishBmc {
     system: SystemRef,
     /// The resolved ComputerSystem's path (`@odata.id`).
     system_path: OnceCell<String>,
-    /// The virtual CD/DVD drive's path.
-    cd: OnceCell<String>,
+    /// The virtual media devices, found once.
+    media: OnceCell<MediaDevices>,
 }
 
 impl fmt::Debug for RedfishBmc {
@@ -87,7 +87,7 @@ impl RedfishBmc {
             ),
             system,
             system_path: OnceCell::new(),
-            cd: OnceCell::new(),
+            media: OnceCell::new(),
         })
     }
 
@@ -98,7 +98,7 @@ impl RedfishBmc {
             client: self.client.clone(),
             system: SystemRef::Link(path.to_owned()),
             system_path: OnceCell::new(),
-            cd: OnceCell::new(),
+            media: OnceCell::new(),
         }
     }
 
@@ -367,11 +367,10 @@ impl RedfishBmc {
         })
     }
 
-    /// The virtual CD/DVD drive's path: the VirtualMedia collections linked from the
-    /// System and from its Managers, searched for a member whose MediaTypes include CD or
-    /// DVD (or, failing that, whose id looks like a CD drive).
-    async fn cd_path(&self, op: &str) -> Result<&str> {
-        self.cd
+    /// The virtual media devices: the members of the VirtualMedia collections linked from
+    /// the System and from its Managers, each with its `MediaTypes`.
+    async fn media_devices(&self, op: &str) -> Result<&MediaDevices> {
+        self.media
             .get_or_try_init(|| async {
                 let sys = self.system_doc(op).await?;
                 let mut collections: Vec<String> = Vec::new();
@@ -384,7 +383,7 @@ impl RedfishBmc {
                         collections.push(p);
                     }
                 }
-                let mut by_id = None;
+                let mut devices = Vec::new();
                 for coll in &collections {
                     let Ok(c) = self.get(op, coll).await else {
                         continue;
@@ -393,68 +392,68 @@ impl RedfishBmc {
                         let Ok(m) = self.get(op, &member).await else {
                             continue;
                         };
-                        let types = m.body.get("MediaTypes").and_then(Value::as_array);
-                        let is_cd = types.is_some_and(|t| {
-                            t.iter().filter_map(Value::as_str).any(|t| {
-                                t.eq_ignore_ascii_case("CD") || t.eq_ignore_ascii_case("DVD")
-                            })
-                        });
-                        if is_cd {
-                            return Ok(member);
-                        }
                         let id = m.body.get("Id").and_then(Value::as_str).unwrap_or("");
-                        if by_id.is_none() && id.to_ascii_lowercase().starts_with("cd") {
-                            by_id = Some(member);
-                        }
+                        let types = m.body.get("MediaTypes").and_then(Value::as_array);
+                        devices.push(MediaDevice {
+                            id: id.to_owned(),
+                            types: types
+                                .into_iter()
+                                .flatten()
+                                .filter_map(Value::as_str)
+                                .map(str::to_owned)
+                                .collect(),
+                            path: member,
+                        });
                     }
                 }
-                by_id.ok_or_else(|| Error::Unsupported {
-                    at: self.at(op),
-                    message: if collections.is_empty() {
-                        "neither the System nor its Managers link to VirtualMedia".to_owned()
-                    } else {
-                        format!("no virtual CD/DVD drive in {}", collections.join(", "))
-                    },
-                })
+                Ok(MediaDevices::new(collections, devices))
             })
             .await
-            .map(String::as_str)
     }
 
-    async fn do_media_insert(&self, image: String) -> Result<()> {
-        let op = "insert virtual media";
-        let path = self.cd_path(op).await?.to_owned();
-        let doc = self.get(op, &path).await?;
+    /// The path of the device `slot` names (see [`MediaSlot`]).
+    async fn media_path(&self, op: &str, slot: MediaSlot) -> Result<String> {
+        let devices = self.media_devices(op).await?;
+        devices.path(slot).map_err(|message| Error::Unsupported {
+            at: self.at(op),
+            message,
+        })
+    }
+
+    async fn do_media_insert(&self, slot: MediaSlot, image: String) -> Result<()> {
+        let op = format!("insert virtual media ({slot})");
+        let path = self.media_path(&op, slot).await?;
+        let doc = self.get(&op, &path).await?;
         let body = json!({ "Image": image, "Inserted": true, "WriteProtected": true });
         let target = action_target(&doc.body, "#VirtualMedia.InsertMedia");
         let request = match &target {
-            Some(target) => Request::new(op, Method::POST, target),
+            Some(target) => Request::new(&op, Method::POST, target),
             // Before Redfish 2017.1 media was inserted by patching the resource.
-            None => Request::new(op, Method::PATCH, &path),
+            None => Request::new(&op, Method::PATCH, &path),
         };
         // BMCs download the whole image before they answer.
         self.client.send(request.body(&body).slow()).await.map(drop)
     }
 
-    async fn do_media_eject(&self) -> Result<()> {
-        let op = "eject virtual media";
-        let path = self.cd_path(op).await?.to_owned();
-        let doc = self.get(op, &path).await?;
+    async fn do_media_eject(&self, slot: MediaSlot) -> Result<()> {
+        let op = format!("eject virtual media ({slot})");
+        let path = self.media_path(&op, slot).await?;
+        let doc = self.get(&op, &path).await?;
         let target = action_target(&doc.body, "#VirtualMedia.EjectMedia");
         let (request, body) = match &target {
-            Some(target) => (Request::new(op, Method::POST, target), json!({})),
+            Some(target) => (Request::new(&op, Method::POST, target), json!({})),
             None => (
-                Request::new(op, Method::PATCH, &path),
+                Request::new(&op, Method::PATCH, &path),
                 json!({ "Image": null, "Inserted": false }),
             ),
         };
         self.client.send(request.body(&body)).await.map(drop)
     }
 
-    async fn do_media_status(&self) -> Result<MediaStatus> {
-        let op = "read virtual media";
-        let path = self.cd_path(op).await?.to_owned();
-        let doc = self.get(op, &path).await?.body;
+    async fn do_media_status(&self, slot: MediaSlot) -> Result<MediaStatus> {
+        let op = format!("read virtual media ({slot})");
+        let path = self.media_path(&op, slot).await?;
+        let doc = self.get(&op, &path).await?.body;
         let image = doc
             .get("Image")
             .and_then(Value::as_str)
@@ -552,6 +551,90 @@ impl RedfishBmc {
     }
 }
 
+/// One virtual media device of a BMC.
+#[derive(Debug, Clone)]
+struct MediaDevice {
+    /// Its `@odata.id`.
+    path: String,
+    /// Its `Id`, for messages.
+    id: String,
+    /// Its `MediaTypes` (`CD`, `DVD`, `USBStick`, `Floppy`, ...).
+    types: Vec<String>,
+}
+
+impl MediaDevice {
+    fn takes(&self, wanted: &[&str]) -> bool {
+        self.types
+            .iter()
+            .any(|t| wanted.iter().any(|w| t.eq_ignore_ascii_case(w)))
+    }
+
+    fn describe(&self) -> String {
+        format!("{} ({})", self.id, self.types.join(", "))
+    }
+}
+
+/// A System's virtual media devices and which of them each [`MediaSlot`] names.
+#[derive(Debug)]
+struct MediaDevices {
+    collections: Vec<String>,
+    devices: Vec<MediaDevice>,
+    /// The CD/DVD drive an OS boots from: the first device that takes CD or DVD media or,
+    /// failing that, whose id looks like a CD drive.
+    primary: Option<usize>,
+    /// Another device that takes an ISO image: a second CD/DVD drive, else the first that
+    /// takes a USB stick image.
+    secondary: Option<usize>,
+}
+
+impl MediaDevices {
+    fn new(collections: Vec<String>, devices: Vec<MediaDevice>) -> Self {
+        const OPTICAL: &[&str] = &["CD", "DVD"];
+        let primary = devices.iter().position(|d| d.takes(OPTICAL)).or_else(|| {
+            devices
+                .iter()
+                .position(|d| d.id.to_ascii_lowercase().starts_with("cd"))
+        });
+        let other = |wanted: &[&str]| {
+            (0..devices.len()).find(|&i| Some(i) != primary && devices[i].takes(wanted))
+        };
+        let secondary = other(OPTICAL).or_else(|| other(&["USBStick"]));
+        MediaDevices {
+            collections,
+            devices,
+            primary,
+            secondary,
+        }
+    }
+
+    /// The path of the device `slot` names, or why there is none.
+    fn path(&self, slot: MediaSlot) -> Result<String, String> {
+        let found = match slot {
+            MediaSlot::Primary => self.primary,
+            MediaSlot::Secondary => self.secondary,
+        };
+        if let Some(i) = found {
+            return Ok(self.devices[i].path.clone());
+        }
+        if self.collections.is_empty() {
+            return Err("neither the System nor its Managers link to VirtualMedia".to_owned());
+        }
+        let all: Vec<String> = self.devices.iter().map(MediaDevice::describe).collect();
+        let has = if all.is_empty() {
+            format!("no device in {}", self.collections.join(", "))
+        } else {
+            format!("only {}", all.join(", "))
+        };
+        Err(match slot {
+            MediaSlot::Primary => format!("no virtual CD/DVD drive: the BMC has {has}"),
+            MediaSlot::Secondary => format!(
+                "no second virtual media device for an ISO image (one besides the CD/DVD \
+                 drive that takes CD, DVD or USBStick media): the BMC has {has}"
+            ),
+        })
+    }
+}
+
 impl Bmc for RedfishBmc {
     fn endpoint(&self) -> String {
         self.base_url()
@@ -586,19 +669,104 @@ impl Bmc for RedfishBmc {
         Box::pin(self.do_boot_override())
     }
 
-    fn virtual_media_insert(&self, image: String) -> BoxFuture<'_, Result<()>> {
-        Box::pin(self.do_media_insert(image))
+    fn virtual_media_insert(&self, slot: MediaSlot, image: String) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.do_media_insert(slot, image))
     }
 
-    fn virtual_media_eject(&self) -> BoxFuture<'_, Result<()>> {
-        Box::pin(self.do_media_eject())
+    fn virtual_media_eject(&self, slot: MediaSlot) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.do_media_eject(slot))
     }
 
-    fn virtual_media_status(&self) -> BoxFuture<'_, Result<MediaStatus>> {
-        Box::pin(self.do_media_status())
+    fn virtual_media_status(&self, slot: MediaSlot) -> BoxFuture<'_, Result<MediaStatus>> {
+        Box::pin(self.do_media_status(slot))
     }
 
     fn inventory(&self) -> BoxFuture<'_, Result<Value>> {
         Box::pin(self.do_inventory())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn devices(list: &[(&str, &[&str])]) -> MediaDevices {
+        MediaDevices::new(
+            vec!["/redfish/v1/Systems/1/VirtualMedia".to_owned()],
+            list.iter()
+                .map(|(id, types)| MediaDevice {
+                    path: format!("/redfish/v1/Systems/1/VirtualMedia/{id}"),
+                    id: (*id).to_owned(),
+                    types: types.iter().map(|t| (*t).to_owned()).collect(),
+                })
+                .collect(),
+        )
+    }
+
+    fn check(list: &[(&str, &[&str])], primary: Option<&str>, secondary: Option<&str>) {
+        let d = devices(list);
+        let id = |slot| {
+            d.path(slot)
+                .ok()
+                .map(|p| p.rsplit('/').next().unwrap().to_owned())
+        };
+        assert_eq!(id(MediaSlot::Primary).as_deref(), primary, "{list:?}");
+        assert_eq!(id(MediaSlot::Secondary).as_deref(), secondary, "{list:?}");
+    }
+
+    #[test]
+    fn slots_are_picked_by_media_type() {
+        // sushy-tools: a CD drive and a "Floppy" that takes USB stick images.
+        check(
+            &[("Cd", &["CD", "DVD"]), ("Floppy", &["Floppy", "USBStick"])],
+            Some("Cd"),
+            Some("Floppy"),
+        );
+        // Listed in another order, with a second CD drive: CD drives come first.
+        check(
+            &[("Usb", &["USBStick"]), ("CD1", &["DVD"]), ("CD2", &["CD"])],
+            Some("CD1"),
+            Some("CD2"),
+        );
+        // iDRAC: CD and RemovableDisk.
+        check(
+            &[("CD", &["CD", "DVD"]), ("RemovableDisk", &["USBStick"])],
+            Some("CD"),
+            Some("RemovableDisk"),
+        );
+        // A CD drive that does not say what it takes is still found by its id.
+        check(
+            &[("Cd", &[]), ("Usb", &["USBStick"])],
+            Some("Cd"),
+            Some("Usb"),
+        );
+        // A floppy-only device cannot hold an ISO image; one device is not two.
+        check(
+            &[("Cd", &["CD"]), ("Floppy", &["Floppy"])],
+            Some("Cd"),
+            None,
+        );
+        check(&[("Cd", &["CD", "DVD"])], Some("Cd"), None);
+    }
+
+    #[test]
+    fn a_missing_slot_is_explained() {
+        let d = devices(&[("Cd", &["CD", "DVD"])]);
+        let e = d.path(MediaSlot::Secondary).unwrap_err();
+        assert!(
+            e.contains("no second virtual media device") && e.contains("only Cd (CD, DVD)"),
+            "{e}"
+        );
+        let e = devices(&[]).path(MediaSlot::Primary).unwrap_err();
+        assert!(
+            e.contains("no virtual CD/DVD drive") && e.contains("no device in"),
+            "{e}"
+        );
+        let none = MediaDevices::new(Vec::new(), Vec::new());
+        assert!(
+            none.path(MediaSlot::Primary)
+                .unwrap_err()
+                .contains("link to VirtualMedia")
+        );
     }
 }
