@@ -103,10 +103,8 @@ pub fn open_store(
     dir: &std::path::Path,
 ) -> anyhow::Result<std::sync::Arc<dyn metalgraph_store::Store>> {
     let options = metalgraph_store::OpenOptions {
-        database: database_url(backend, dir).map(|url| metalgraph_store::PgOptions {
-            url,
-            ca_pem: None,
-        }),
+        database: database_url(backend, dir)
+            .map(|url| metalgraph_store::PgOptions { url, ca_pem: None }),
         ..Default::default()
     };
     Ok(metalgraph_store::open_with(backend, dir, &options)?)
