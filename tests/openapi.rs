@@ -653,6 +653,13 @@ include-path = "/api/2.0/nodes/{{id}}/workflows"
 include-method = "POST"
 parameters = {{ "path.id" = {{ dictionary = "nodes", probability = 0.7 }}, "body.name" = {{ dictionary = "graphs", probability = 0.7 }} }}
 
+# An endpoint's systems are read live from its service: one the fuzzer registered at an
+# address nothing answers on (the namespace has no network) is the documented 502, which is
+# that route's answer, not a server fault. A 500 there still fails.
+[[operations]]
+include-path = "/api/2.0/endpoints/{{id}}/systems"
+checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "502"]
+
 "#
     );
     let node = format!(
