@@ -446,7 +446,10 @@ impl EndpointFields {
 #[derive(Debug, Subcommand)]
 enum BatchesCmd {
     /// List batches, newest first.
-    List,
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
     /// Show a batch: its counts and every node's status, workflow and reason.
     Get { id: String },
     /// Cancel a batch: nothing more starts, running workflows are cancelled.
@@ -820,7 +823,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let c = remote.client()?;
             let o = view.output.unwrap_or_default();
             match action {
-                BatchesCmd::List => c.show("/batches", Shape::Batches, o).await,
+                BatchesCmd::List { page } => {
+                    c.show_list(&page.path("/batches", []), page.all, Shape::Batches, o)
+                        .await
+                }
                 BatchesCmd::Get { id } => {
                     c.show(&format!("/batches/{}", seg(&id)), Shape::Batch, o)
                         .await

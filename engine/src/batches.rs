@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use metalgraph_store::{Batch as StoreBatch, Store};
+use metalgraph_store::{Batch as StoreBatch, Scan, Store};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, Notify};
 use tracing::{info, warn};
@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use crate::clock::now_rfc3339;
 use crate::engine::Origin;
 use crate::error::{Error, blocking};
-use crate::history::DEFAULT_PAGE;
+use crate::history::{DEFAULT_PAGE, MAX_PAGE, Page};
 use crate::keys;
 use crate::model::{RunOptions, WorkflowStatus};
 use crate::nodes::NodeFilter;
@@ -219,14 +219,36 @@ impl Batches {
         }
     }
 
+    /// Writes a batch, and in the same commit its entry in the index of unfinished
+    /// batches (`batches_active`), which is all the runner reads: finished batches cost it
+    /// nothing however many there are.
     async fn save(&self, rec: &BatchRecord) -> Result<(), Error> {
         let store = self.inner.store.clone();
         let (id, raw) = (rec.id.clone(), serde_json::to_vec(rec).unwrap_or_default());
+        let finished = rec.state == BatchState::Finished;
         blocking(move || {
             let mut batch = StoreBatch::new();
             batch.put(keys::BATCHES, id.as_bytes(), raw);
+            if finished {
+                batch.delete(keys::BATCHES_ACTIVE, id.as_bytes());
+            } else {
+                batch.put(keys::BATCHES_ACTIVE, id.as_bytes(), Vec::new());
+            }
             store.commit(batch)?;
             Ok(())
+        })
+        .await
+    }
+
+    /// The ids of the unfinished batches.
+    async fn active(&self) -> Result<Vec<String>, Error> {
+        let store = self.inner.store.clone();
+        blocking(move || {
+            Ok(store
+                .scan_prefix(keys::BATCHES_ACTIVE, b"")?
+                .into_iter()
+                .map(|(k, _)| String::from_utf8_lossy(&k).into_owned())
+                .collect())
         })
         .await
     }
@@ -236,26 +258,44 @@ impl Batches {
         blocking(move || Self::load_blocking(store.as_ref(), &id)).await
     }
 
-    /// Every batch, newest first.
-    pub async fn list(&self) -> Result<Vec<BatchRecord>, Error> {
+    /// One page of batches, newest first (batch ids are UUIDv7, ordered by creation):
+    /// at most `limit` after the batch `cursor` names.
+    pub async fn page(
+        &self,
+        limit: usize,
+        cursor: Option<String>,
+    ) -> Result<Page<BatchRecord>, Error> {
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(Error::BadRequest(format!(
+                "a page holds 1 to {MAX_PAGE} batches, not {limit}"
+            )));
+        }
         let store = self.inner.store.clone();
-        let mut all: Vec<BatchRecord> = blocking(move || {
-            store
-                .scan_prefix(keys::BATCHES, b"")?
-                .into_iter()
+        blocking(move || {
+            let rows = store.scan(
+                keys::BATCHES,
+                Scan::prefix(b"", limit + 1)
+                    .after(cursor.as_deref().map(str::as_bytes))
+                    .reverse(),
+            )?;
+            let mut items = rows
+                .iter()
                 .map(|(k, v)| {
-                    serde_json::from_slice(&v).map_err(|e| {
+                    serde_json::from_slice::<BatchRecord>(v).map_err(|e| {
                         Error::Store(format!(
                             "stored batch {} is unreadable: {e}",
-                            String::from_utf8_lossy(&k)
+                            String::from_utf8_lossy(k)
                         ))
                     })
                 })
-                .collect()
+                .collect::<Result<Vec<_>, _>>()?;
+            let next = (items.len() > limit).then(|| {
+                items.truncate(limit);
+                items.last().map(|b| b.id.clone()).unwrap_or_default()
+            });
+            Ok(Page { items, next })
         })
-        .await?;
-        all.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
-        Ok(all)
+        .await
     }
 
     /// Asks a batch to stop: nodes not started are not, running workflows are cancelled.
@@ -330,7 +370,8 @@ impl Engine {
             .plan(&new.name, new.options.clone(), nodes.first().cloned())
             .await?;
         let rec = BatchRecord {
-            id: crate::new_id(),
+            // Time-ordered, so that the list pages newest first straight from the keyspace.
+            id: uuid::Uuid::now_v7().to_string(),
             name: new.name,
             options: new.options,
             max_concurrent: new.max_concurrent,
@@ -410,13 +451,13 @@ impl Engine {
     /// One pass over every unfinished batch.
     async fn step_batches(&self) -> Result<(), Error> {
         let batches = self.batches();
-        for rec in batches.list().await? {
-            if rec.state != BatchState::Finished {
-                let _w = batches.inner.write.lock().await;
-                // Read again under the lock: a cancel may have changed it.
-                if let Some(rec) = batches.get(&rec.id).await? {
-                    self.advance(&batches, rec).await?;
-                }
+        for id in batches.active().await? {
+            let _w = batches.inner.write.lock().await;
+            // Read under the lock: a cancel may have changed it.
+            if let Some(rec) = batches.get(&id).await?
+                && rec.state != BatchState::Finished
+            {
+                self.advance(&batches, rec).await?;
             }
         }
         Ok(())

@@ -16,7 +16,8 @@
 //! | `workflow_index` | see `history.rs` | the id: workflows by time, node and graph |
 //! | `events` | event number (u64, big-endian) | one retained event (JSON), see `events.rs` |
 //! | `endpoints` | endpoint id | a registered Redfish service or IPMI BMC (JSON; its password sealed when there is a key), see `endpoints.rs` |
-//! | `batches` | batch id | a bulk run with an entry per node (JSON), see `batches.rs` |
+//! | `batches` | batch id (a UUIDv7, so in creation order) | a bulk run with an entry per node (JSON), see `batches.rs` |
+//! | `batches_active` | batch id | empty: the unfinished batches, which the batch runner reads |
 //! | `meta` | `event_log`, `workflow_index`, `node_index`, `nodes_sealed`, `seal_check` | the event log's id; that an index is built, that passwords are sealed; a value sealed with the store's key |
 //!
 //! The binary keeps keyspaces of its own beside these: `leases` (MAC → a full-mode DHCP
@@ -41,6 +42,7 @@ pub const NODE_INDEX: &str = "node_index";
 pub const META: &str = "meta";
 pub const ENDPOINTS: &str = "endpoints";
 pub const BATCHES: &str = "batches";
+pub const BATCHES_ACTIVE: &str = "batches_active";
 
 /// The key of task `index` of workflow `id`.
 pub fn task_key(id: &str, index: usize) -> Vec<u8> {

@@ -93,6 +93,19 @@ async fn at_most_max_concurrent_run_and_every_node_gets_its_workflow() {
         assert_eq!(wf.status, WorkflowStatus::Succeeded);
     }
     assert_eq!(done.counts()["succeeded"], 6);
+
+    // Listed newest first, a page at a time.
+    let second = h
+        .engine
+        .create_batch(batch("Graph.Nap", &refs[..1], 1))
+        .await
+        .unwrap();
+    finished(&h, &second.id).await;
+    let page = h.engine.batches().page(1, None).await.unwrap();
+    assert_eq!(page.items[0].id, second.id);
+    let rest = h.engine.batches().page(1, page.next).await.unwrap();
+    assert_eq!(rest.items[0].id, rec.id);
+    assert!(rest.next.is_none(), "{:?}", rest.next);
     h.stop().await;
 }
 
@@ -209,6 +222,7 @@ async fn wrong_batches_are_refused_before_anything_starts() {
     none.stop_after_failures = Some(0);
     let e = refuse(none).await;
     assert!(e.to_string().contains("stopAfterFailures"), "{e}");
-    assert!(h.engine.batches().list().await.unwrap().is_empty());
+    let listed = h.engine.batches().page(10, None).await.unwrap();
+    assert!(listed.items.is_empty() && listed.next.is_none());
     h.stop().await;
 }

@@ -441,16 +441,48 @@ async fn create_batch(
     Ok((StatusCode::CREATED, Json(batch_view(&rec, true))))
 }
 
-/// Every batch, newest first, with its counts (entries left out).
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct BatchQuery {
+    /// The page size.
+    #[serde(rename = "$top")]
+    #[param(minimum = 1, maximum = 1000, default = 100)]
+    top: Option<usize>,
+    /// Where the previous page ended: from the `Link` header.
+    cursor: Option<String>,
+}
+
+/// Batches, newest first, with their counts (entries left out), one page at a time.
 #[utoipa::path(
     get,
     path = "/batches",
     tag = "fleet",
-    responses((status = 200, description = "The batches", body = [Object]))
+    params(BatchQuery),
+    responses(
+        (status = 200, description = "One page of batches; a `Link` header names the next", body = [Object]),
+        (status = 400, description = "A page size out of range", body = ErrorBody),
+    )
 )]
-async fn list_batches(State(s): State<AppState>) -> Result<Json<Vec<Value>>> {
-    let all = s.engine.batches().list().await?;
-    Ok(Json(all.iter().map(|b| batch_view(b, false)).collect()))
+async fn list_batches(
+    State(s): State<AppState>,
+    uri: Uri,
+    Query(q): Query<BatchQuery>,
+) -> Result<Response> {
+    let page = s
+        .engine
+        .batches()
+        .page(q.top.unwrap_or(100), q.cursor)
+        .await?;
+    let page = Page {
+        items: page
+            .items
+            .iter()
+            .map(|b| batch_view(b, false))
+            .collect::<Vec<_>>(),
+        next: page.next,
+    };
+    Ok(page_response(&uri, page))
 }
 
 /// One batch: counts by status and, per node, its status, workflow and reason.
