@@ -29,6 +29,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Config, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -516,21 +517,75 @@ async fn migrate(client: &mut Client) -> Result<(), Failed> {
 
 async fn commit(client: &mut Client, p: &Prepared, me: &str) -> Result<(), Failed> {
     let tx = client.transaction().await.map_err(|e| db("begin", e))?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(l) FROM unnest($1::bigint[]) AS l ORDER BY l",
-        &[&p.locks],
-    )
-    .await
-    .map_err(|e| db("lock the keys", e))?;
-    // The fence: a process that is no longer the owner writes nothing.
-    let owner: Option<String> = tx
-        .query_opt(
-            "SELECT owner FROM metalgraph_owner WHERE id = 1 FOR SHARE",
-            &[],
-        )
-        .await
+    let pre = &p.batch.preconditions;
+    let pre_keyspaces: Vec<&str> = pre.iter().map(|c| c.target().0).collect();
+    let pre_keys: Vec<&[u8]> = pre.iter().map(|c| c.target().1).collect();
+    let nothing = || async { Ok::<_, tokio_postgres::Error>(Vec::new()) };
+    // One round trip for all of it: the statements are sent together, in this order (a
+    // biased join polls them in order, and each is sent on its first poll), and the server
+    // runs them one after the other, so every statement after the first takes its snapshot
+    // once the keys' locks are held. Statements typed here need no prepare round trip. The
+    // writes are undone (the transaction is rolled back) when the fence or a precondition
+    // says no.
+    let lock_params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] =
+        [(&p.locks, Type::INT8_ARRAY)];
+    let (locked, owner, current, deleted, written) = tokio::join!(
+        biased;
+        tx.query_typed(
+            "SELECT pg_advisory_xact_lock(l) FROM unnest($1::bigint[]) AS l ORDER BY l",
+            &lock_params,
+        ),
+        tx.query_typed("SELECT owner FROM metalgraph_owner WHERE id = 1 FOR SHARE", &[]),
+        async {
+            if pre.is_empty() {
+                return nothing().await;
+            }
+            tx.query_typed(
+                "SELECT p.i, kv.value FROM unnest($1::text[], $2::bytea[]) \
+                 WITH ORDINALITY AS p(keyspace, key, i) \
+                 LEFT JOIN metalgraph_kv kv ON kv.keyspace = p.keyspace AND kv.key = p.key \
+                 ORDER BY p.i",
+                &[(&pre_keyspaces, Type::TEXT_ARRAY), (&pre_keys, Type::BYTEA_ARRAY)],
+            )
+            .await
+        },
+        async {
+            if p.deletes.1.is_empty() {
+                return nothing().await;
+            }
+            tx.query_typed(
+                "DELETE FROM metalgraph_kv kv USING unnest($1::text[], $2::bytea[]) AS d(keyspace, key) \
+                 WHERE kv.keyspace = d.keyspace AND kv.key = d.key",
+                &[(&p.deletes.0, Type::TEXT_ARRAY), (&p.deletes.1, Type::BYTEA_ARRAY)],
+            )
+            .await
+        },
+        async {
+            if p.puts.1.is_empty() {
+                return nothing().await;
+            }
+            tx.query_typed(
+                "INSERT INTO metalgraph_kv (keyspace, key, value) \
+                 SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[]) \
+                 ON CONFLICT (keyspace, key) DO UPDATE SET value = EXCLUDED.value",
+                &[
+                    (&p.puts.0, Type::TEXT_ARRAY),
+                    (&p.puts.1, Type::BYTEA_ARRAY),
+                    (&p.puts.2, Type::BYTEA_ARRAY),
+                ],
+            )
+            .await
+        },
+    );
+    // The first failure is the one to report: a later statement of an aborted transaction
+    // only says so.
+    locked.map_err(|e| db("lock the keys", e))?;
+    let owner: Option<String> = owner
         .map_err(|e| db("check the owner", e))?
+        .first()
         .map(|r| r.get(0));
+    let current = current.map_err(|e| db("check the preconditions", e))?;
+    // The fence: a process that is no longer the owner writes nothing.
     if owner.as_deref() != Some(me) {
         return Err(Error::Io(
             "another metalgraph process has taken over this database; this one writes nothing more"
@@ -538,47 +593,15 @@ async fn commit(client: &mut Client, p: &Prepared, me: &str) -> Result<(), Faile
         )
         .into());
     }
-    let pre = &p.batch.preconditions;
-    if !pre.is_empty() {
-        let keyspaces: Vec<&str> = pre.iter().map(|c| c.target().0).collect();
-        let keys: Vec<&[u8]> = pre.iter().map(|c| c.target().1).collect();
-        let rows = tx
-            .query(
-                "SELECT p.i, kv.value FROM unnest($1::text[], $2::bytea[]) \
-                 WITH ORDINALITY AS p(keyspace, key, i) \
-                 LEFT JOIN metalgraph_kv kv ON kv.keyspace = p.keyspace AND kv.key = p.key \
-                 ORDER BY p.i",
-                &[&keyspaces, &keys],
-            )
-            .await
-            .map_err(|e| db("check the preconditions", e))?;
-        for (index, (row, c)) in rows.iter().zip(pre).enumerate() {
-            let current: Option<Vec<u8>> = row.get(1);
-            if !c.holds(current.as_deref()) {
-                // Dropping the transaction rolls it back.
-                return Err(c.conflict(index).into());
-            }
+    for (index, (row, c)) in current.iter().zip(pre).enumerate() {
+        let value: Option<Vec<u8>> = row.get(1);
+        if !c.holds(value.as_deref()) {
+            // Dropping the transaction rolls it back, the writes with it.
+            return Err(c.conflict(index).into());
         }
     }
-    if !p.deletes.1.is_empty() {
-        tx.execute(
-            "DELETE FROM metalgraph_kv kv USING unnest($1::text[], $2::bytea[]) AS d(keyspace, key) \
-             WHERE kv.keyspace = d.keyspace AND kv.key = d.key",
-            &[&p.deletes.0, &p.deletes.1],
-        )
-        .await
-        .map_err(|e| db("delete", e))?;
-    }
-    if !p.puts.1.is_empty() {
-        tx.execute(
-            "INSERT INTO metalgraph_kv (keyspace, key, value) \
-             SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[]) \
-             ON CONFLICT (keyspace, key) DO UPDATE SET value = EXCLUDED.value",
-            &[&p.puts.0, &p.puts.1, &p.puts.2],
-        )
-        .await
-        .map_err(|e| db("write", e))?;
-    }
+    deleted.map_err(|e| db("delete", e))?;
+    written.map_err(|e| db("write", e))?;
     tx.commit().await.map_err(|e| db_final("commit", e))
 }
 
