@@ -435,10 +435,11 @@ async fn run(shared: &Shared, client: &mut Client, call: &Call) -> Result<Reply,
     match call {
         Call::Migrate => migrate(client).await.map(|()| Reply::Done),
         Call::TakeOwnership => shared.take_ownership().await.map(|()| Reply::Done),
+        // Typed statements: one round trip each, no prepare.
         Call::Get { keyspace, key } => client
-            .query_opt(
+            .query_typed_opt(
                 "SELECT value FROM metalgraph_kv WHERE keyspace = $1 AND key = $2",
-                &[keyspace, key],
+                &[(keyspace, Type::TEXT), (key, Type::BYTEA)],
             )
             .await
             .map(|row| Reply::Value(row.map(|r| r.get(0))))
@@ -458,7 +459,17 @@ async fn run(shared: &Shared, client: &mut Client, call: &Call) -> Result<Reply,
                  ORDER BY key {order} LIMIT $6"
             );
             let rows = client
-                .query(&sql, &[keyspace, &lo.0, &lo.1, &hi.0, &hi.1, limit])
+                .query_typed(
+                    &sql,
+                    &[
+                        (keyspace, Type::TEXT),
+                        (&lo.0, Type::BYTEA),
+                        (&lo.1, Type::BOOL),
+                        (&hi.0, Type::BYTEA),
+                        (&hi.1, Type::BOOL),
+                        (limit, Type::INT8),
+                    ],
+                )
                 .await
                 .map_err(|e| db("scan", e))?;
             Ok(Reply::Rows(
