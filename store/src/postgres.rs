@@ -3,8 +3,10 @@
 //!
 //! A commit is one transaction at READ COMMITTED. It first takes a transaction-scoped
 //! advisory lock on every key it touches (preconditions and writes, as 64-bit hashes, in
-//! ascending order so that two commits never wait on each other in a cycle), then checks its
-//! preconditions against the rows as committed, then writes. Every commit that touches a key
+//! ascending order so that two commits never wait on each other in a cycle), then reads its
+//! preconditions against the rows as committed and writes, and commits only when the owner
+//! fence and every precondition hold (else it rolls back). After `BEGIN`, those statements
+//! go to the server as one pipeline, so a commit costs three round trips. Every commit that touches a key
 //! holds that key's lock from its check to its end, so a check and the writes that depend on
 //! it are atomic with respect to every other commit, without SERIALIZABLE's retries. A
 //! hash collision only serialises two unrelated commits. Reads are single statements and
