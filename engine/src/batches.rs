@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use crate::clock::now_rfc3339;
 use crate::engine::Origin;
 use crate::error::{Error, blocking};
-use crate::history::{DEFAULT_PAGE, MAX_PAGE, Page};
+use crate::history::{DEFAULT_PAGE, Page, page_size};
 use crate::keys;
 use crate::model::{RunOptions, WorkflowStatus};
 use crate::nodes::NodeFilter;
@@ -72,7 +72,7 @@ pub enum BatchState {
 }
 
 /// Where one node of a batch stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum EntryStatus {
@@ -91,6 +91,17 @@ pub enum EntryStatus {
 }
 
 impl EntryStatus {
+    const ALL: [EntryStatus; 8] = [
+        EntryStatus::Pending,
+        EntryStatus::Starting,
+        EntryStatus::Running,
+        EntryStatus::Succeeded,
+        EntryStatus::Failed,
+        EntryStatus::Cancelled,
+        EntryStatus::Skipped,
+        EntryStatus::NotStarted,
+    ];
+
     fn is_live(self) -> bool {
         matches!(self, EntryStatus::Starting | EntryStatus::Running)
     }
@@ -148,19 +159,8 @@ pub struct BatchRecord {
 impl BatchRecord {
     /// How many entries are in each status (every status named, zeros included).
     pub fn counts(&self) -> BTreeMap<&'static str, usize> {
-        let mut counts: BTreeMap<&'static str, usize> = [
-            EntryStatus::Pending,
-            EntryStatus::Starting,
-            EntryStatus::Running,
-            EntryStatus::Succeeded,
-            EntryStatus::Failed,
-            EntryStatus::Cancelled,
-            EntryStatus::Skipped,
-            EntryStatus::NotStarted,
-        ]
-        .into_iter()
-        .map(|s| (s.as_str(), 0))
-        .collect();
+        let mut counts: BTreeMap<&'static str, usize> =
+            EntryStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect();
         for e in &self.entries {
             *counts.entry(e.status.as_str()).or_default() += 1;
         }
@@ -259,17 +259,13 @@ impl Batches {
     }
 
     /// One page of batches, newest first (batch ids are UUIDv7, ordered by creation):
-    /// at most `limit` after the batch `cursor` names.
+    /// at most `limit` (`None`: the default) after the batch `cursor` names.
     pub async fn page(
         &self,
-        limit: usize,
+        limit: Option<usize>,
         cursor: Option<String>,
     ) -> Result<Page<BatchRecord>, Error> {
-        if limit == 0 || limit > MAX_PAGE {
-            return Err(Error::BadRequest(format!(
-                "a page holds 1 to {MAX_PAGE} batches, not {limit}"
-            )));
-        }
+        let limit = page_size(limit, "batches")?;
         let store = self.inner.store.clone();
         blocking(move || {
             let rows = store.scan(
@@ -488,8 +484,9 @@ impl Engine {
                         e.reason = view.error.clone();
                     }
                     if rec.state == BatchState::Cancelling && !view.status.is_terminal() {
-                        // The workflow's end is seen on a later pass.
-                        if let Err(err) = self.cancel(&wf).await {
+                        // Not waited for (each job gets the cancel grace): the workflow's
+                        // end is seen on a later pass.
+                        if let Err(err) = self.request_cancel(&wf).await {
                             warn!(batch = %rec.id, workflow = %wf, error = %err, "cannot cancel a batch's workflow");
                         }
                     }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::blocking;
+use crate::history::PageRequest;
 use crate::job::{JobRegistry, value_to_duration};
 use crate::keys;
 use crate::model::{
@@ -1055,16 +1056,10 @@ impl Definitions {
         library: &BTreeMap<String, T>,
         ks: &str,
         kind: &'static str,
-        page: &DefinitionPage,
+        page: &PageRequest,
     ) -> Result<crate::Page<(T, Source)>, crate::Error> {
         use std::ops::Bound;
-        let limit = page.limit.unwrap_or(crate::history::DEFAULT_PAGE);
-        if limit == 0 || limit > crate::history::MAX_PAGE {
-            return Err(crate::Error::BadRequest(format!(
-                "a page holds 1 to {} {kind}s, not {limit}",
-                crate::history::MAX_PAGE
-            )));
-        }
+        let limit = crate::history::page_size(page.limit, &format!("{kind}s"))?;
         // Each source's first `need` after the cursor hold the merged first `need`.
         let need = page.skip.saturating_add(limit).saturating_add(1);
         let after = page.cursor.as_deref();
@@ -1264,15 +1259,6 @@ impl Definitions {
     }
 }
 
-/// Which page of a definitions list: `skip` passed over, then at most `limit` (default
-/// 100, at most 1000) after `cursor`, the last name of the previous page.
-#[derive(Debug, Clone, Default)]
-pub struct DefinitionPage {
-    pub skip: usize,
-    pub limit: Option<usize>,
-    pub cursor: Option<String>,
-}
-
 /// The asynchronous API: each call does its store work on the blocking pool.
 impl Definitions {
     pub async fn get_graph(
@@ -1291,19 +1277,19 @@ impl Definitions {
         blocking(move || d.get_task_blocking(&name).map_err(crate::Error::from)).await
     }
 
-    /// One page of graphs in name order (see [`DefinitionPage`]).
+    /// One page of graphs in name order (see [`PageRequest`]).
     pub async fn graphs_page(
         &self,
-        page: DefinitionPage,
+        page: PageRequest,
     ) -> Result<crate::Page<(GraphDefinition, Source)>, crate::Error> {
         let d = self.clone();
         blocking(move || d.page_of(&d.library.graphs, keys::GRAPHS, "graph", &page)).await
     }
 
-    /// One page of task definitions in name order (see [`DefinitionPage`]).
+    /// One page of task definitions in name order (see [`PageRequest`]).
     pub async fn tasks_page(
         &self,
-        page: DefinitionPage,
+        page: PageRequest,
     ) -> Result<crate::Page<(TaskDefinition, Source)>, crate::Error> {
         let d = self.clone();
         blocking(move || d.page_of(&d.library.tasks, keys::TASKDEFS, "task definition", &page))

@@ -10,7 +10,9 @@
 //! sealed at rest like OBM passwords.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::ops::Bound;
+use std::sync::{Arc, Mutex, RwLock};
 
 use metalgraph_store::{Batch, Store};
 use serde::{Deserialize, Serialize};
@@ -18,12 +20,24 @@ use serde_json::Value;
 
 use crate::clock::now_rfc3339;
 use crate::error::{Error, blocking};
+use crate::history::{Page, PageRequest, page_size};
 use crate::keys;
 use crate::nodes::{MAX_CA_CERT, ObmConfig, Secret};
 use crate::seal::{self, Sealer};
 
 /// The most endpoints that may be registered.
 pub const MAX_ENDPOINTS: usize = 10_000;
+
+/// How often listing an endpoint's systems writes its last contact to the store when
+/// nothing else about it changed.
+const CONTACT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The id of the endpoint named `name`, other than `except`.
+fn named(all: &BTreeMap<String, Endpoint>, name: &str, except: &str) -> Option<String> {
+    all.values()
+        .find(|e| e.name == name && e.id != except)
+        .map(|e| e.id.clone())
+}
 
 /// What kind of management service an endpoint is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,6 +273,8 @@ pub struct Endpoints {
     all: Arc<RwLock<Option<BTreeMap<String, Endpoint>>>>,
     /// Serialises writers, so that the name check and the commit see the same endpoints.
     write: Arc<tokio::sync::Mutex<()>>,
+    /// When each endpoint's last contact was last written to the store.
+    contact_stored: Arc<Mutex<HashMap<String, std::time::Instant>>>,
 }
 
 impl std::fmt::Debug for Endpoints {
@@ -274,6 +290,7 @@ impl Endpoints {
             sealer,
             all: Arc::default(),
             write: Arc::default(),
+            contact_stored: Arc::default(),
         }
     }
 
@@ -302,41 +319,71 @@ impl Endpoints {
         Ok(ep)
     }
 
-    /// Every endpoint, read from the store the first time (blocking).
-    fn loaded_blocking(&self) -> Result<BTreeMap<String, Endpoint>, Error> {
+    /// Reads the endpoints through `f`, under the lock, without copying them; the store is
+    /// read the first time (blocking).
+    fn read_blocking<T>(
+        &self,
+        f: impl FnOnce(&BTreeMap<String, Endpoint>) -> T,
+    ) -> Result<T, Error> {
         if let Some(all) = self.all.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            return Ok(all.clone());
+            return Ok(f(all));
         }
-        let mut all = BTreeMap::new();
+        let mut loaded = BTreeMap::new();
         for (k, v) in self.store.scan_prefix(keys::ENDPOINTS, b"")? {
             let ep = self.decode(&k, &v)?;
-            all.insert(ep.id.clone(), ep);
+            loaded.insert(ep.id.clone(), ep);
         }
         let mut slot = self.all.write().unwrap_or_else(|p| p.into_inner());
-        Ok(slot.get_or_insert(all).clone())
+        Ok(f(slot.get_or_insert(loaded)))
     }
 
-    async fn loaded(&self) -> Result<BTreeMap<String, Endpoint>, Error> {
+    /// [`Self::read_blocking`] from async code: the first read goes to the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&BTreeMap<String, Endpoint>) -> T + Send + 'static,
+    ) -> Result<T, Error> {
         if let Some(all) = self.all.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            return Ok(all.clone());
+            return Ok(f(all));
         }
         let this = self.clone();
-        blocking(move || this.loaded_blocking()).await
+        blocking(move || this.read_blocking(f)).await
     }
 
     /// Every endpoint, by name.
     pub async fn list(&self) -> Result<Vec<Endpoint>, Error> {
-        let mut all: Vec<Endpoint> = self.loaded().await?.into_values().collect();
+        let mut all: Vec<Endpoint> = self.read(|all| all.values().cloned().collect()).await?;
         all.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
         Ok(all)
     }
 
+    /// One page of endpoints in id order (see [`PageRequest`]).
+    pub async fn page(&self, page: &PageRequest) -> Result<Page<Endpoint>, Error> {
+        let limit = page_size(page.limit, "endpoints")?;
+        let (skip, after) = (page.skip, page.cursor.clone());
+        let mut items: Vec<Endpoint> = self
+            .read(move |all| {
+                let lower = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+                all.range::<str, _>((lower, Bound::Unbounded))
+                    .skip(skip)
+                    .take(limit + 1)
+                    .map(|(_, e)| e.clone())
+                    .collect()
+            })
+            .await?;
+        let next = (items.len() > limit).then(|| {
+            items.truncate(limit);
+            items.last().map(|e| e.id.clone()).unwrap_or_default()
+        });
+        Ok(Page { items, next })
+    }
+
     pub async fn get(&self, id: &str) -> Result<Option<Endpoint>, Error> {
-        Ok(self.loaded().await?.remove(id))
+        let id = id.to_owned();
+        self.read(move |all| all.get(&id).cloned()).await
     }
 
     pub(crate) fn get_blocking(&self, id: &str) -> Result<Option<Endpoint>, Error> {
-        Ok(self.loaded_blocking()?.remove(id))
+        self.read_blocking(|all| all.get(id).cloned())
     }
 
     /// The endpoint or a 404 naming it.
@@ -367,16 +414,19 @@ impl Endpoints {
         };
         ep.check()?;
         let _w = self.write.lock().await;
-        let all = self.loaded().await?;
-        if all.len() >= MAX_ENDPOINTS {
+        let name = ep.name.clone();
+        let (count, named) = self
+            .read(move |all| (all.len(), named(all, &name, "")))
+            .await?;
+        if count >= MAX_ENDPOINTS {
             return Err(Error::Conflict(format!(
                 "at most {MAX_ENDPOINTS} endpoints may be registered"
             )));
         }
-        if let Some(other) = all.values().find(|e| e.name == ep.name) {
+        if let Some(other) = named {
             return Err(Error::AlreadyExists(format!(
-                "endpoint {} is already named {:?}",
-                other.id, ep.name
+                "endpoint {other} is already named {:?}",
+                ep.name
             )));
         }
         self.put(ep).await
@@ -386,16 +436,21 @@ impl Endpoints {
     /// call on.
     pub async fn update(&self, id: &str, patch: EndpointPatch) -> Result<Endpoint, Error> {
         let _w = self.write.lock().await;
-        let all = self.loaded().await?;
-        let mut ep = all.get(id).cloned().ok_or_else(|| Error::NotFound {
+        let (key, name) = (id.to_owned(), patch.name.clone());
+        let (found, named) = self
+            .read(move |all| {
+                let named = name.and_then(|n| named(all, &n, &key));
+                (all.get(&key).cloned(), named)
+            })
+            .await?;
+        let mut ep = found.ok_or_else(|| Error::NotFound {
             kind: "endpoint",
             id: id.to_owned(),
         })?;
         if let Some(name) = patch.name {
-            if let Some(other) = all.values().find(|e| e.name == name && e.id != id) {
+            if let Some(other) = named {
                 return Err(Error::AlreadyExists(format!(
-                    "endpoint {} is already named {name:?}",
-                    other.id
+                    "endpoint {other} is already named {name:?}"
                 )));
             }
             ep.name = name;
@@ -430,15 +485,30 @@ impl Endpoints {
 
     /// Records the outcome of talking to the endpoint: how many systems it listed (when it
     /// answered) or the error.
-    pub async fn record_contact(
+    ///
+    /// Listing systems is a read, which dashboards repeat: the endpoint shown is updated
+    /// every time, but it is written to the store only when what it says changed (systems
+    /// seen, last error) or its stored last contact is a minute old, so that reads do not
+    /// become a commit each.
+    ///
+    /// Recording is a side note to the call that talked to the service: a failure to record
+    /// is logged here, not returned.
+    pub async fn record_contact(&self, id: &str, outcome: Result<usize, String>) {
+        if let Err(e) = self.try_record_contact(id, outcome).await {
+            tracing::warn!(endpoint = %id, error = %e, "cannot record the endpoint's last contact");
+        }
+    }
+
+    async fn try_record_contact(
         &self,
         id: &str,
         outcome: Result<usize, String>,
     ) -> Result<(), Error> {
         let _w = self.write.lock().await;
-        let Some(mut ep) = self.loaded().await?.remove(id) else {
+        let Some(mut ep) = self.get(id).await? else {
             return Ok(());
         };
+        let before = (ep.systems_seen, ep.last_error.clone());
         match outcome {
             Ok(n) => {
                 ep.systems_seen = Some(n);
@@ -447,7 +517,27 @@ impl Endpoints {
             }
             Err(e) => ep.last_error = Some(e),
         }
-        self.put(ep).await.map(|_| ())
+        let now = std::time::Instant::now();
+        let due = {
+            let stored = self
+                .contact_stored
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            stored
+                .get(id)
+                .is_none_or(|at| now.duration_since(*at) >= CONTACT_EVERY)
+        };
+        if before == (ep.systems_seen, ep.last_error.clone()) && !due {
+            // Shown, not stored: the stored one is less than a minute old.
+            self.wrote(id, Some(&ep));
+            return Ok(());
+        }
+        self.put(ep).await?;
+        self.contact_stored
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned(), now);
+        Ok(())
     }
 
     async fn put(&self, ep: Endpoint) -> Result<Endpoint, Error> {
@@ -467,7 +557,8 @@ impl Endpoints {
         batch.delete(keys::ENDPOINTS, id.as_bytes());
     }
 
-    /// Records a committed write of endpoint `id` (`None`: deleted).
+    /// Records in memory a committed write of endpoint `id` (`None`: deleted), or a last
+    /// contact shown but not stored (see [`Self::record_contact`]).
     pub(crate) fn wrote(&self, id: &str, ep: Option<&Endpoint>) {
         let mut slot = self.all.write().unwrap_or_else(|p| p.into_inner());
         if let Some(all) = slot.as_mut() {

@@ -580,6 +580,23 @@ impl Engine {
         .await
     }
 
+    /// Asks the scheduler to cancel a workflow and returns once the request is committed,
+    /// without waiting for the workflow's end ([`Self::cancel`] waits).
+    pub(crate) async fn request_cancel(&self, id: &str) -> Result<(), Error> {
+        let current = self.get(id).await?.ok_or_else(|| Error::NotFound {
+            kind: "workflow",
+            id: id.to_owned(),
+        })?;
+        if current.status.is_terminal() {
+            return Err(Error::Conflict(format!(
+                "workflow {id} already finished ({})",
+                current.status
+            )));
+        }
+        let wf = id.to_owned();
+        self.ask(|reply| Msg::Cancel { id: wf, reply }).await
+    }
+
     /// Cancels a workflow: running jobs are signalled, pending tasks skipped. Returns once
     /// the workflow has ended `cancelled`, that is once its running jobs have stopped (each
     /// gets the cancel grace period to clean up). Cancelling a finished workflow is a
@@ -591,15 +608,7 @@ impl Engine {
         };
         // Subscribe first, so that the end cannot slip between the request and the wait.
         let mut events = self.subscribe();
-        let current = self.get(id).await?.ok_or_else(not_found)?;
-        if current.status.is_terminal() {
-            return Err(Error::Conflict(format!(
-                "workflow {id} already finished ({})",
-                current.status
-            )));
-        }
-        let wf = id.to_owned();
-        self.ask(|reply| Msg::Cancel { id: wf, reply }).await?;
+        self.request_cancel(id).await?;
         loop {
             let view = self.get(id).await?.ok_or_else(not_found)?;
             if view.status.is_terminal() {

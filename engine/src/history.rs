@@ -28,6 +28,27 @@ use crate::workflow::{ParentRef, TaskRecord, WorkflowRecord, load_records};
 pub const DEFAULT_PAGE: usize = 100;
 /// The largest page.
 pub const MAX_PAGE: usize = 1000;
+
+/// The page size asked for (`None`: [`DEFAULT_PAGE`]), or why it is refused; `what` names
+/// what is listed (`nodes`, `batches`, ...). The one rule every list keeps.
+pub fn page_size(limit: Option<usize>, what: &str) -> Result<usize, Error> {
+    let limit = limit.unwrap_or(DEFAULT_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(Error::BadRequest(format!(
+            "a page holds 1 to {MAX_PAGE} {what}, not {limit}"
+        )));
+    }
+    Ok(limit)
+}
+
+/// Which page of a list kept in key order: `skip` passed over, then at most `limit`
+/// (default 100, at most 1000) after `cursor`, the last key of the previous page.
+#[derive(Debug, Clone, Default)]
+pub struct PageRequest {
+    pub skip: usize,
+    pub limit: Option<usize>,
+    pub cursor: Option<String>,
+}
 /// The most index entries one list request reads when filters it cannot serve from the
 /// index (status, finished) skip entries: a page may come back short, with a cursor to go on.
 const MAX_SCAN: usize = 10_000;
@@ -236,12 +257,7 @@ pub type Records = (WorkflowRecord, Vec<TaskRecord>);
 
 /// One page of workflows, newest first (blocking).
 pub(crate) fn list(store: &dyn Store, f: &ListFilter) -> Result<Page<Records>, Error> {
-    let limit = f.limit.unwrap_or(DEFAULT_PAGE);
-    if limit == 0 || limit > MAX_PAGE {
-        return Err(Error::BadRequest(format!(
-            "a page holds 1 to {MAX_PAGE} workflows, not {limit}"
-        )));
-    }
+    let limit = page_size(f.limit, "workflows")?;
     let cursor = f.cursor.as_deref().map(Cursor::parse).transpose()?;
     if f.active == Some(true) {
         return list_active(store, f, limit, cursor);

@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use crate::clock::now_rfc3339;
 use crate::endpoints::Endpoints;
 use crate::error::blocking;
-use crate::history::{DEFAULT_PAGE, MAX_PAGE, Page, Visit, page_index};
+use crate::history::{Page, Visit, page_index};
 use crate::keys;
 use crate::seal::{self, Sealer};
 
@@ -620,12 +620,7 @@ impl Nodes {
 
     /// One page of nodes in id order (see [`NodeFilter`]).
     pub(crate) fn list_blocking(&self, f: &NodeFilter) -> Result<Page<Node>, crate::Error> {
-        let limit = f.limit.unwrap_or(DEFAULT_PAGE);
-        if limit == 0 || limit > MAX_PAGE {
-            return Err(crate::Error::BadRequest(format!(
-                "a page holds 1 to {MAX_PAGE} nodes, not {limit}"
-            )));
-        }
+        let limit = crate::history::page_size(f.limit, "nodes")?;
         // The most selective index the filter names, else the nodes themselves.
         let (keyspace, family) = match (&f.tag, &f.endpoint, &f.node_type) {
             (Some(tag), _, _) => (keys::NODE_INDEX, field_family(b"t/", tag)),

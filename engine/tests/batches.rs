@@ -101,9 +101,9 @@ async fn at_most_max_concurrent_run_and_every_node_gets_its_workflow() {
         .await
         .unwrap();
     finished(&h, &second.id).await;
-    let page = h.engine.batches().page(1, None).await.unwrap();
+    let page = h.engine.batches().page(Some(1), None).await.unwrap();
     assert_eq!(page.items[0].id, second.id);
-    let rest = h.engine.batches().page(1, page.next).await.unwrap();
+    let rest = h.engine.batches().page(Some(1), page.next).await.unwrap();
     assert_eq!(rest.items[0].id, rec.id);
     assert!(rest.next.is_none(), "{:?}", rest.next);
     h.stop().await;
@@ -222,7 +222,7 @@ async fn wrong_batches_are_refused_before_anything_starts() {
     none.stop_after_failures = Some(0);
     let e = refuse(none).await;
     assert!(e.to_string().contains("stopAfterFailures"), "{e}");
-    let listed = h.engine.batches().page(10, None).await.unwrap();
+    let listed = h.engine.batches().page(Some(10), None).await.unwrap();
     assert!(listed.items.is_empty() && listed.next.is_none());
     h.stop().await;
 }

@@ -21,7 +21,7 @@ use utoipa_axum::routes;
 
 use super::error::ErrorBody;
 use super::extract::{Body, Path, Query, decode};
-use super::http::page_response;
+use super::http::{PageQuery, page_response};
 use super::{ApiError, AppState};
 
 type Result<T, E = ApiError> = std::result::Result<T, E>;
@@ -45,21 +45,6 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(batch_action))
 }
 
-#[derive(Debug, Default, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-struct EndpointQuery {
-    /// Endpoints to pass over first.
-    #[serde(rename = "$skip")]
-    skip: Option<usize>,
-    /// The page size.
-    #[serde(rename = "$top")]
-    #[param(minimum = 1, maximum = 1000, default = 100)]
-    top: Option<usize>,
-    /// Where the previous page ended: from the `Link` header.
-    cursor: Option<String>,
-}
-
 /// An endpoint as shown: without its password, with what uses it.
 async fn view(s: &AppState, ep: &Endpoint) -> Result<Value> {
     let usage = s.engine.endpoint_usage(&ep.id).await?;
@@ -77,7 +62,7 @@ async fn view(s: &AppState, ep: &Endpoint) -> Result<Value> {
     get,
     path = "/endpoints",
     tag = "fleet",
-    params(EndpointQuery),
+    params(PageQuery),
     responses(
         (status = 200, description = "One page of endpoints; a `Link` header names the next", body = [Object]),
         (status = 400, description = "A page size out of range", body = ErrorBody),
@@ -86,30 +71,20 @@ async fn view(s: &AppState, ep: &Endpoint) -> Result<Value> {
 async fn list_endpoints(
     State(s): State<AppState>,
     uri: Uri,
-    Query(q): Query<EndpointQuery>,
+    Query(q): Query<PageQuery>,
 ) -> Result<Response> {
-    let limit = q.top.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request(format!(
-            "a page holds 1 to 1000 endpoints, not {limit}"
-        )));
-    }
-    let all = s.engine.endpoints().list().await?;
-    let mut page: Vec<&Endpoint> = all
-        .iter()
-        .filter(|e| q.cursor.as_ref().is_none_or(|c| e.id.as_str() > c.as_str()))
-        .skip(q.skip.unwrap_or(0))
-        .take(limit + 1)
-        .collect();
-    let next = (page.len() > limit).then(|| {
-        page.truncate(limit);
-        page.last().map(|e| e.id.clone()).unwrap_or_default()
-    });
-    let mut items = Vec::with_capacity(page.len());
-    for ep in page {
+    let page = s.engine.endpoints().page(&q.page()).await?;
+    let mut items = Vec::with_capacity(page.items.len());
+    for ep in &page.items {
         items.push(view(&s, ep).await?);
     }
-    Ok(page_response(&uri, Page { items, next }))
+    Ok(page_response(
+        &uri,
+        Page {
+            items,
+            next: page.next,
+        },
+    ))
 }
 
 /// Registers a Redfish service or an IPMI BMC. The password is write-only.
@@ -232,9 +207,7 @@ async fn delete_endpoint(
 async fn systems_of(s: &AppState, ep: &Endpoint) -> Result<Vec<Value>, String> {
     let found = systems::list(&s.drivers, ep).await;
     let outcome = found.as_ref().map(Vec::len).map_err(Clone::clone);
-    if let Err(e) = s.engine.endpoints().record_contact(&ep.id, outcome).await {
-        tracing::warn!(endpoint = %ep.id, error = %e, "cannot record the endpoint's last contact");
-    }
+    s.engine.endpoints().record_contact(&ep.id, outcome).await;
     let found = found?;
     let nodes = s
         .engine
@@ -469,11 +442,7 @@ async fn list_batches(
     uri: Uri,
     Query(q): Query<BatchQuery>,
 ) -> Result<Response> {
-    let page = s
-        .engine
-        .batches()
-        .page(q.top.unwrap_or(100), q.cursor)
-        .await?;
+    let page = s.engine.batches().page(q.top, q.cursor).await?;
     let page = Page {
         items: page
             .items

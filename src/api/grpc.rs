@@ -100,8 +100,8 @@ pub fn router(
 }
 
 /// A definitions page from a request's `page_size` (0: the default) and `page_token`.
-fn definition_page(size: u32, token: String) -> definitions::DefinitionPage {
-    definitions::DefinitionPage {
+fn definition_page(size: u32, token: String) -> metalgraph_engine::history::PageRequest {
+    metalgraph_engine::history::PageRequest {
         skip: 0,
         limit: (size > 0).then_some(size as usize),
         cursor: Some(token).filter(|t| !t.is_empty()),

@@ -271,13 +271,12 @@ fn parse_definition(body: Value, expected: &str) -> Result<Definition> {
     definitions::parse_value(body, "request body").map_err(ApiError::invalid_one)
 }
 
-/// A page of a definitions list.
+/// A page of a list kept in key order (definitions, endpoints).
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct DefinitionQuery {
-    /// Definitions to pass over first (RackHD's paging); deep pages should follow the
-    /// cursor.
+pub(super) struct PageQuery {
+    /// Entries to pass over first (RackHD's paging); deep pages should follow the cursor.
     #[serde(rename = "$skip")]
     skip: Option<usize>,
     /// The page size.
@@ -288,9 +287,9 @@ struct DefinitionQuery {
     cursor: Option<String>,
 }
 
-impl DefinitionQuery {
-    fn page(self) -> definitions::DefinitionPage {
-        definitions::DefinitionPage {
+impl PageQuery {
+    pub(super) fn page(self) -> metalgraph_engine::history::PageRequest {
+        metalgraph_engine::history::PageRequest {
             skip: self.skip.unwrap_or(0),
             limit: self.top,
             cursor: self.cursor.filter(|c| !c.is_empty()),
@@ -321,7 +320,7 @@ fn sourced_page<T: serde::Serialize>(uri: &Uri, page: Page<(T, Source)>) -> Resp
     get,
     path = "/workflows/graphs",
     tag = "graphs",
-    params(DefinitionQuery),
+    params(PageQuery),
     responses(
         (status = 200, description = "One page of graphs", body = Vec<GraphDefinition>,
             headers(("Link" = String, description = "`<...>; rel=\"next\"`: the next page, when this one is full"))),
@@ -331,7 +330,7 @@ fn sourced_page<T: serde::Serialize>(uri: &Uri, page: Page<(T, Source)>) -> Resp
 async fn list_graphs(
     State(s): State<AppState>,
     OriginalUri(uri): OriginalUri,
-    Query(q): Query<DefinitionQuery>,
+    Query(q): Query<PageQuery>,
 ) -> Result<Response> {
     let page = s.engine.definitions().graphs_page(q.page()).await?;
     Ok(sourced_page(&uri, page))
@@ -431,7 +430,7 @@ async fn delete_graph(State(s): State<AppState>, Path(name): Path<String>) -> Re
     get,
     path = "/workflows/tasks",
     tag = "tasks",
-    params(DefinitionQuery),
+    params(PageQuery),
     responses(
         (status = 200, description = "One page of task definitions", body = Vec<TaskDefinition>,
             headers(("Link" = String, description = "`<...>; rel=\"next\"`: the next page, when this one is full"))),
@@ -441,7 +440,7 @@ async fn delete_graph(State(s): State<AppState>, Path(name): Path<String>) -> Re
 async fn list_tasks(
     State(s): State<AppState>,
     OriginalUri(uri): OriginalUri,
-    Query(q): Query<DefinitionQuery>,
+    Query(q): Query<PageQuery>,
 ) -> Result<Response> {
     let page = s.engine.definitions().tasks_page(q.page()).await?;
     Ok(sourced_page(&uri, page))

@@ -177,9 +177,7 @@ impl Job for DiscoveryEndpointJob {
                     .map_or(0, Vec::len)
             });
             let seen = seen.map_err(|e| e.to_string());
-            if let Err(e) = nodes.endpoints().record_contact(&ep.id, seen).await {
-                tracing::warn!(endpoint = %ep.id, error = %e, "cannot record the endpoint's last contact");
-            }
+            nodes.endpoints().record_contact(&ep.id, seen).await;
             result
         })
     }
