@@ -1661,3 +1661,97 @@ async fn definition_lists_page_in_name_order_with_user_definitions_shadowing_the
     assert_eq!(status, StatusCode::OK);
     assert_eq!(tasks.as_array().unwrap().len(), 2);
 }
+
+/// Follows a list's `Link: rel="next"` from `first`: every page, each link checked to
+/// start with `prefix` (the path under `/api/2.0`, as a client must call it).
+async fn pages(app: &Router, first: &str, prefix: &str) -> Vec<Vec<Value>> {
+    let mut uri = first.to_owned();
+    let mut pages = Vec::new();
+    loop {
+        let (status, headers, body) = raw(app, "GET", &uri, &[]).await;
+        assert_eq!(status, StatusCode::OK, "{uri}");
+        pages.push(serde_json::from_slice::<Vec<Value>>(&body).unwrap());
+        let Some(link) = headers.get(header::LINK) else {
+            return pages;
+        };
+        let link = link.to_str().unwrap();
+        let next = link
+            .strip_prefix('<')
+            .and_then(|l| l.strip_suffix(">; rel=\"next\""))
+            .unwrap_or_else(|| panic!("{link}"));
+        assert!(next.starts_with(prefix), "{next}");
+        uri = next.to_owned();
+    }
+}
+
+#[tokio::test]
+async fn endpoint_and_batch_lists_page_through_their_next_links() {
+    let h = harness().await;
+    // Endpoints in id order, whatever their names.
+    let mut ids = Vec::new();
+    for i in (0..5).rev() {
+        let (status, ep) = h
+            .post(
+                "/api/2.0/endpoints",
+                &json!({"name": format!("ep-{i}"), "service": "ipmi", "url": format!("10.0.0.{i}")}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{ep}");
+        ids.push(ep["id"].as_str().unwrap().to_owned());
+    }
+    ids.sort();
+    let got = pages(
+        &h.app,
+        "/api/2.0/endpoints?$top=2",
+        "/api/2.0/endpoints?$top=2&cursor=",
+    )
+    .await;
+    assert_eq!(got.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 1]);
+    let listed: Vec<String> = got
+        .concat()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, ids);
+
+    // Batches newest first.
+    let (status, body) = h
+        .put(
+            "/api/2.0/workflows/graphs",
+            &one_task_graph("Graph.Test.One", "Test.Noop"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, node) = h
+        .post(
+            "/api/2.0/nodes",
+            &json!({"id": "n-batch", "name": "n-batch"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{node}");
+    let mut made = Vec::new();
+    for _ in 0..3 {
+        let (status, b) = h
+            .post(
+                "/api/2.0/batches",
+                &json!({"name": "Graph.Test.One", "nodes": ["n-batch"], "maxConcurrent": 1}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{b}");
+        made.push(b["id"].as_str().unwrap().to_owned());
+    }
+    made.reverse();
+    let got = pages(
+        &h.app,
+        "/api/2.0/batches?$top=2",
+        "/api/2.0/batches?$top=2&cursor=",
+    )
+    .await;
+    assert_eq!(got.iter().map(Vec::len).collect::<Vec<_>>(), [2, 1]);
+    let listed: Vec<String> = got
+        .concat()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, made);
+}

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::State;
-use axum::http::{StatusCode, Uri};
+use axum::extract::{OriginalUri, State};
+use axum::http::StatusCode;
 use axum::response::Response;
 use metalgraph_engine::batches::{BatchRecord, NewBatch};
 use metalgraph_engine::endpoints::{Endpoint, EndpointPatch, NewEndpoint};
@@ -70,7 +70,7 @@ async fn view(s: &AppState, ep: &Endpoint) -> Result<Value> {
 )]
 async fn list_endpoints(
     State(s): State<AppState>,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
     Query(q): Query<PageQuery>,
 ) -> Result<Response> {
     let page = s.engine.endpoints().page(&q.page()).await?;
@@ -439,7 +439,7 @@ struct BatchQuery {
 )]
 async fn list_batches(
     State(s): State<AppState>,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
     Query(q): Query<BatchQuery>,
 ) -> Result<Response> {
     let page = s.engine.batches().page(q.top, q.cursor).await?;
