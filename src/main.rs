@@ -176,6 +176,9 @@ enum Command {
             hide_env_values = true
         )]
         database_url: Option<String>,
+        /// PEM certificates to trust for TLS to the database.
+        #[arg(long, env = "METALGRAPH_DATABASE_CA_FILE", value_name = "FILE")]
+        database_ca_file: Option<PathBuf>,
         /// The current key file (default <data-dir>/secret.key); the new key replaces it.
         #[arg(long, env = "METALGRAPH_SECRET_KEY_FILE", value_name = "FILE")]
         secret_key_file: Option<PathBuf>,
@@ -532,11 +535,15 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             data_dir,
             store,
             database_url,
+            database_ca_file,
             secret_key_file,
         } => {
             let key = secret_key_file.unwrap_or_else(|| data_dir.join("secret.key"));
             let options = metalgraph_store::OpenOptions {
-                database: database_url.map(|url| metalgraph_store::PgOptions { url, ca_pem: None }),
+                database: metalgraph::server::database_options(
+                    database_url,
+                    database_ca_file.as_deref(),
+                )?,
                 ..Default::default()
             };
             let n = tokio::task::spawn_blocking(move || {

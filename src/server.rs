@@ -407,7 +407,10 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let shown = dir.display().to_string();
     let options = metalgraph_store::OpenOptions {
         sled_cache_bytes: config.sled_cache_mb << 20,
-        database: database_options(config)?,
+        database: database_options(
+            config.database_url.as_ref().map(|u| u.0.clone()),
+            config.database_ca_file.as_deref(),
+        )?,
     };
     let store =
         tokio::task::spawn_blocking(move || metalgraph_store::open_with(backend, &dir, &options))
@@ -419,22 +422,23 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     Ok(crate::metrics::MeteredStore::wrap(store))
 }
 
-/// How the PostgreSQL store reaches its database, when that is the store.
-pub fn database_options(config: &Config) -> anyhow::Result<Option<metalgraph_store::PgOptions>> {
-    let Some(url) = &config.database_url else {
+/// How the PostgreSQL store reaches its database (`serve` and `rekey`): its URL, and the
+/// CA certificates of `ca_file` to trust for TLS.
+pub fn database_options(
+    url: Option<String>,
+    ca_file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<metalgraph_store::PgOptions>> {
+    let Some(url) = url else {
         return Ok(None);
     };
-    let ca_pem = match &config.database_ca_file {
+    let ca_pem = match ca_file {
         Some(path) => Some(
             std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read database_ca_file {}", path.display()))?,
         ),
         None => None,
     };
-    Ok(Some(metalgraph_store::PgOptions {
-        url: url.0.clone(),
-        ca_pem,
-    }))
+    Ok(Some(metalgraph_store::PgOptions { url, ca_pem }))
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {

@@ -234,10 +234,20 @@ fn db(op: &str, e: tokio_postgres::Error) -> Failed {
         || code
             .as_deref()
             .is_none_or(|c| c.starts_with("08") || c.starts_with("57P"));
-    let detail = e
-        .as_db_error()
-        .map(|d| format!("{}: {}", d.code().code(), d.message()))
-        .unwrap_or_else(|| e.to_string());
+    // The client's own errors ("error performing TLS handshake") keep their cause (the
+    // certificate refused, the connection reset) in their source.
+    let detail = match e.as_db_error() {
+        Some(d) => format!("{}: {}", d.code().code(), d.message()),
+        None => {
+            let mut text = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                text.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            text
+        }
+    };
     Failed {
         error: Error::Io(format!("PostgreSQL {op}: {detail}")),
         retry,

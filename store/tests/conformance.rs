@@ -810,6 +810,30 @@ mod file_compacting {
     durability!(super::open_file_compacting);
 }
 
+/// TLS to the database: a connection that asks for TLS (`sslmode=require`) verifies the
+/// server's certificate against the CA given, and is refused without it.
+#[test]
+fn postgres_over_tls_verifies_the_server() {
+    let pg = metalgraph_testkit::postgres();
+    let url = pg.store_url().replace("sslmode=disable", "sslmode=require");
+    let refused = PgStore::open(&PgOptions {
+        url: url.clone(),
+        ca_pem: None,
+    })
+    .expect_err("an unknown CA");
+    assert!(refused.to_string().contains("certificate"), "{refused}");
+    let store = PgStore::open(&PgOptions {
+        url,
+        ca_pem: Some(pg.ca_pem()),
+    })
+    .expect("TLS with the cluster's CA");
+    put(&store, "nodes", b"n1", b"over TLS");
+    assert_eq!(
+        get(&store, "nodes", b"n1").as_deref(),
+        Some(&b"over TLS"[..])
+    );
+}
+
 /// The file backend's journal: torn tails, corruption and compaction.
 mod file_journal {
     use std::fs;

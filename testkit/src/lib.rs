@@ -219,7 +219,7 @@ impl Sushy {
             );
         }
         if opts.tls {
-            let (cert, key) = bmc_certificate(dir.path());
+            let (cert, key) = loopback_certificate(dir.path());
             conf.push_str(&format!(
                 "SUSHY_EMULATOR_SSL_CERT = '{}'\nSUSHY_EMULATOR_SSL_KEY = '{}'\n",
                 cert.display(),
@@ -344,15 +344,16 @@ pub fn raw_client() -> reqwest::Client {
         .expect("client")
 }
 
-/// A private CA (written to `ca.pem`, for OBMs that name it in `caCert`) and the BMC's
-/// certificate for 127.0.0.1, which it signs: the paths of the certificate and its key.
-fn bmc_certificate(dir: &Path) -> (PathBuf, PathBuf) {
+/// A private CA (written to `ca.pem`: what a client that verifies trusts, an OBM's `caCert`
+/// or the database's CA) and a server certificate for 127.0.0.1 it signs, for the BMC
+/// emulator and the PostgreSQL cluster: the paths of the certificate and its key.
+pub(crate) fn loopback_certificate(dir: &Path) -> (PathBuf, PathBuf) {
     let ca_key = rcgen::KeyPair::generate().expect("a CA key");
     let mut ca = rcgen::CertificateParams::default();
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     ca.distinguished_name = rcgen::DistinguishedName::new();
     ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "test BMC CA");
+        .push(rcgen::DnType::CommonName, "metalgraph test CA");
     ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
     let ca_cert = ca.self_signed(&ca_key).expect("the CA certificate");
     let issuer = rcgen::Issuer::new(ca, &ca_key);

@@ -121,6 +121,18 @@ impl Postgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // TLS for connections that ask for it, with a certificate for 127.0.0.1 from a
+        // private CA (`ca_pem`); the server reads its key only when it owns it, mode 0600.
+        let (cert, key) = crate::loopback_certificate(&dir);
+        for file in [&cert, &key] {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod the server's TLS files");
+            if let Some((uid, gid)) = user {
+                std::os::unix::fs::chown(file, Some(uid), Some(gid))
+                    .expect("chown the server's TLS files");
+            }
+        }
         let port = free_tcp_port();
         let log = dir.join("postgres.log");
         let pg = Postgres {
@@ -158,10 +170,11 @@ impl Postgres {
 
     /// Runs `pg_ctl` on the cluster, as its owner, with the server's settings.
     fn pg_ctl(&self, args: &[&str]) {
+        let dir = self.data.parent().unwrap_or(&self.data).display();
         let options = format!(
-            "-p {} -k '{}' -c listen_addresses=127.0.0.1 -c fsync={} -c max_connections=200",
+            "-p {} -k '{dir}' -c listen_addresses=127.0.0.1 -c fsync={} -c max_connections=200 \
+             -c ssl=on -c ssl_cert_file='{dir}/cert.pem' -c ssl_key_file='{dir}/key.pem'",
             self.port,
-            self.data.parent().unwrap_or(&self.data).display(),
             if self.durable { "on" } else { "off" },
         );
         let mut cmd = Command::new(self.bin.join("pg_ctl"));
@@ -211,6 +224,12 @@ impl Postgres {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The private CA (PEM) that signed the server's TLS certificate.
+    pub fn ca_pem(&self) -> String {
+        let dir = self.data.parent().unwrap_or(&self.data);
+        std::fs::read_to_string(dir.join("ca.pem")).expect("the cluster's CA")
     }
 
     /// Runs one SQL statement as the superuser.
