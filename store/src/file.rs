@@ -119,12 +119,17 @@ impl std::fmt::Debug for FileStore {
     }
 }
 
+/// How long opening waits for the directory's lock before it says another process holds it.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl FileStore {
     /// Opens the store in `dir`, creating the directory and an empty journal if missing,
     /// loading the snapshot, replaying the journal and cutting off a torn tail.
     ///
-    /// There is no lock against a second process opening the same directory; the caller
-    /// must ensure one store per directory.
+    /// One process at a time: the directory's lock file is held while the store is open. A
+    /// lock still held a moment after its owner closed it (a child forked meanwhile shares
+    /// it until it execs) is waited for, up to [`LOCK_WAIT`]; one held longer is another
+    /// process's, and opening fails.
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.exists() {
             fs::create_dir_all(dir).map_err(|e| io_error(dir, "creating", &e))?;
@@ -140,12 +145,22 @@ impl FileStore {
             .write(true)
             .open(&lock_path)
             .map_err(|e| io_error(&lock_path, "opening", &e))?;
-        lock.try_lock().map_err(|_| {
-            Error::Io(format!(
-                "{}: the store is in use by another process",
-                dir.display()
-            ))
-        })?;
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(Error::Io(format!(
+                        "{}: the store is in use by another process",
+                        dir.display()
+                    )));
+                }
+                Err(fs::TryLockError::Error(e)) => return Err(io_error(&lock_path, "locking", &e)),
+            }
+        }
 
         let tmp = dir.join(SNAPSHOT_TMP);
         if tmp.exists() {
