@@ -117,15 +117,25 @@ async fn a_rerun_runs_the_failed_task_onwards_with_the_earlier_outputs() {
         Some(old.clone())
     );
 
-    // The rerun's events: created, started, and only the tasks that ran.
+    // The rerun's events: created, started, and only the tasks that ran. Events are
+    // published after the commit the wait above saw, so they are read up to the rerun's end.
     let mut seen = Vec::new();
-    while let Ok((_, ev)) = events.try_recv() {
+    loop {
+        let (_, ev) = tokio::time::timeout(Duration::from_secs(60), events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the rerun's events stopped at {seen:?}"))
+            .expect("the rerun's events");
         match ev {
             Event::Workflow {
                 workflow_id,
                 status,
                 ..
-            } if workflow_id == rerun.instance_id => seen.push(format!("wf:{status}")),
+            } if workflow_id == rerun.instance_id => {
+                seen.push(format!("wf:{status}"));
+                if status.is_terminal() {
+                    break;
+                }
+            }
             Event::Task {
                 workflow_id,
                 label,
