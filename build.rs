@@ -1,7 +1,12 @@
 //! Compiles `proto/metalgraph.proto` with protox (no `protoc` needed) into tonic code and
-//! an encoded descriptor set for server reflection, and embeds the shipped graph library (`graphs/`) into the binary: every `*.yaml`, `*.yml`
-//! and `*.json` file below `graphs/` becomes one `(relative path, text)` entry of
-//! `LIBRARY_FILES` in `$OUT_DIR/library.rs`, which `src/library.rs` includes.
+//! an encoded descriptor set for server reflection, and embeds into the binary:
+//! - the shipped graph library (`graphs/`): every `*.yaml`, `*.yml` and `*.json` file below
+//!   `graphs/` becomes one `(relative path, text)` entry of `LIBRARY_FILES` in
+//!   `$OUT_DIR/library.rs`, which `src/library.rs` includes;
+//! - the shipped node-facing templates: every file directly in `templates/` (profiles and
+//!   install scripts; its subdirectories belong to configuration media) becomes one
+//!   `(file name, text)` entry of `SHIPPED_TEMPLATES` in `$OUT_DIR/templates.rs`, which
+//!   `src/boot.rs` includes.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -37,9 +42,38 @@ fn main() {
     }
     out.push_str("];\n");
 
-    let dest =
-        PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("library.rs");
-    std::fs::write(&dest, out).unwrap_or_else(|e| panic!("cannot write {}: {e}", dest.display()));
+    write_generated("library.rs", &out);
+    embed_templates(&root.join("templates"));
+}
+
+/// Writes `$OUT_DIR/templates.rs`: the files directly in `dir`, by name, in name order.
+fn embed_templates(dir: &Path) {
+    println!("cargo:rerun-if-changed=templates");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+        .map(|e| e.expect("a readable entry of templates/").path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    let mut out = String::from("/// The shipped node-facing templates: `(file name, text)`.\n");
+    out.push_str("pub static SHIPPED_TEMPLATES: &[(&str, &str)] = &[\n");
+    for path in &files {
+        let name = path
+            .file_name()
+            .expect("a file has a name")
+            .to_string_lossy();
+        let abs = path.to_string_lossy();
+        writeln!(out, "    ({name:?}, include_str!({abs:?})),")
+            .expect("writing to a String cannot fail");
+    }
+    out.push_str("];\n");
+    write_generated("templates.rs", &out);
+}
+
+/// Writes generated Rust code to `$OUT_DIR/name`.
+fn write_generated(name: &str, code: &str) {
+    let dest = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join(name);
+    std::fs::write(&dest, code).unwrap_or_else(|e| panic!("cannot write {}: {e}", dest.display()));
 }
 
 /// Collects library files below `dir`, recursively.

@@ -61,14 +61,14 @@ const RESERVATION_TAG: &str = "ip=";
 /// for another one.
 const BOOT_PROFILE_TAG: &str = "boot-profile=";
 
-/// The iPXE templates shipped with metalgraph, used when the templates directory has no
-/// file of that name (or none is configured).
-const BUILTIN_PROFILES: &[(&str, &str)] =
-    &[("install.ipxe", include_str!("../templates/install.ipxe"))];
+// `SHIPPED_TEMPLATES`: the files of `templates/` (profiles and install scripts), embedded
+// by build.rs.
+include!(concat!(env!("OUT_DIR"), "/templates.rs"));
 
-/// The shipped template `name`, if there is one.
-pub fn builtin_profile(name: &str) -> Option<&'static str> {
-    BUILTIN_PROFILES
+/// The shipped template `name` (a profile or an install script), if there is one: used
+/// when the templates directory has no file of that name, or none is configured.
+pub fn builtin_template(name: &str) -> Option<&'static str> {
+    SHIPPED_TEMPLATES
         .iter()
         .find(|(n, _)| *n == name)
         .map(|(_, text)| *text)
@@ -383,24 +383,17 @@ impl ProfileVars<'_> {
             },
         });
         if let Some(t) = self.task {
-            let mut task = json!({
-                "id": t.task_id,
-                "label": t.label,
-                "workflowId": t.workflow_id,
-            });
-            if self.proven {
-                task["token"] = json!(t.token);
-                task["cap"] = json!(t.cap.as_str());
-            }
-            let scheduler_vars = json!({
-                "options": t.options,
-                "context": ipxe_words(&Value::Object(t.context.clone())),
-                "node": vars["node"],
-                "task": task,
-                "api": {"base": self.api_base, "nodeBase": self.node_base},
-            });
-            let options = metalgraph_engine::template::Renderer::new()
-                .render_options(&t.options, &scheduler_vars)?;
+            let task = task_vars(&self.node.id, t, self.proven);
+            let options = task_options(
+                &metalgraph_engine::ApiUrls {
+                    base: self.api_base.to_owned(),
+                    node_base: self.node_base.to_owned(),
+                },
+                ipxe_words(&Value::Object(t.context.clone())),
+                vars["node"].clone(),
+                t,
+                task.clone(),
+            )?;
             vars["task"] = task;
             vars["options"] = Value::Object(options);
             if self.proven {
@@ -409,6 +402,36 @@ impl ProfileVars<'_> {
         }
         Ok(vars)
     }
+}
+
+/// The `task` variable of what is rendered for a node: the task's id, label, workflow and
+/// node, and its token and capability only when the request proved it is the node.
+pub fn task_vars(node_id: &str, t: &NodeTask, proven: bool) -> Value {
+    let mut task = json!({
+        "id": t.task_id,
+        "label": t.label,
+        "workflowId": t.workflow_id,
+        "nodeId": node_id,
+    });
+    if proven {
+        task["token"] = json!(t.token);
+        task["cap"] = json!(t.cap.as_str());
+    }
+    task
+}
+
+/// A node's task's options rendered the way the scheduler renders them when the task
+/// starts (its dialect, its `context`, `node` and `task` as given). Errors name the option.
+pub fn task_options(
+    api: &metalgraph_engine::ApiUrls,
+    context: Value,
+    node: Value,
+    t: &NodeTask,
+    task: Value,
+) -> Result<serde_json::Map<String, Value>, String> {
+    let vars = metalgraph_engine::scheduler::option_vars(t.dialect, api, context, node, task);
+    metalgraph_engine::template::Renderer::new()
+        .render_task_options(t.dialect, &t.options, &t.data, &vars)
 }
 
 /// The `notification` variables of templates rendered for the node that proved itself:
@@ -677,9 +700,9 @@ mod tests {
 
     #[test]
     fn the_shipped_install_profile_is_an_ipxe_script() {
-        let text = builtin_profile("install.ipxe").expect("shipped");
+        let text = builtin_template("install.ipxe").expect("shipped");
         assert!(text.starts_with("#!ipxe\n"), "{text}");
-        assert!(builtin_profile("missing.ipxe").is_none());
+        assert!(builtin_template("missing.ipxe").is_none());
     }
 
     /// A node whose name, tags and BMC-reported data try to add commands to its boot script,
@@ -721,6 +744,8 @@ mod tests {
                     .as_object()
                     .unwrap()
                     .clone(),
+            dialect: Default::default(),
+            data: Vec::new(),
         };
         let report = Report {
             macs: vec!["52:54:00:00:00:01".parse().unwrap()],
@@ -753,7 +778,7 @@ mod tests {
     fn what_a_node_controls_becomes_inert_words_in_a_profile() {
         let (node, task, _) = hostile();
         let script = render(
-            builtin_profile("install.ipxe").unwrap(),
+            builtin_template("install.ipxe").unwrap(),
             &node,
             Some(&task),
             "install.ipxe",
@@ -797,7 +822,7 @@ mod tests {
             json!("quiet\nchain http://127.0.0.1:1/pwn.ipxe"),
         );
         let err = render(
-            builtin_profile("install.ipxe").unwrap(),
+            builtin_template("install.ipxe").unwrap(),
             &node,
             Some(&task),
             "install.ipxe",

@@ -921,6 +921,9 @@ fn validate(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let reports = metalgraph::validate::validate(&texts, &library, &metalgraph::server::jobs());
     let mut ok = true;
     for r in reports {
+        for w in &r.warnings {
+            out::line(&format!("warning: {}: {w}", r.file))?;
+        }
         if r.problems.is_empty() {
             out::line(&format!("ok {}", r.file))?;
         } else {

@@ -12,6 +12,8 @@ pub struct Report {
     pub file: String,
     /// Empty when the file is valid.
     pub problems: Vec<Problem>,
+    /// What is accepted but probably not meant (option layers that name no task label).
+    pub warnings: Vec<String>,
 }
 
 /// Validates `(file name, text)` pairs. Task definitions given in the files shadow library
@@ -33,8 +35,8 @@ pub fn validate(files: &[(String, String)], library: &Library, jobs: &JobRegistr
     parsed
         .into_iter()
         .map(|(file, defs)| {
-            let problems = match defs {
-                Err(p) => vec![p],
+            let problems = match &defs {
+                Err(p) => vec![p.clone()],
                 Ok(defs) => defs
                     .iter()
                     .flat_map(|def| {
@@ -52,9 +54,20 @@ pub fn validate(files: &[(String, String)], library: &Library, jobs: &JobRegistr
                     .map(|p| if p.file.is_none() { p.in_file(file) } else { p })
                     .collect(),
             };
+            let warnings = match defs {
+                Ok(defs) => defs
+                    .iter()
+                    .flat_map(|def| match def {
+                        Definition::Graph(g) => definitions::ignored_option_keys(g, None),
+                        Definition::Task(_) => Vec::new(),
+                    })
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
             Report {
                 file: file.to_owned(),
                 problems,
+                warnings,
             }
         })
         .collect()

@@ -411,3 +411,155 @@ async fn import_rackhd_loads_a_directory_and_says_what_it_refused() {
     assert_eq!(wf["status"], "succeeded", "{wf:#}");
     server.terminate();
 }
+
+/// Fetches `url` as a node does, retrying while the server says the task has not started
+/// (the profile's retry script) or nothing waits yet.
+async fn fetch_as_node(url: &str, must_contain: &str) -> String {
+    let http = reqwest::Client::new();
+    let mut last = String::new();
+    for _ in 0..100 {
+        let r = http.get(url).send().await.unwrap();
+        let status = r.status();
+        last = r.text().await.unwrap();
+        if status == 200 && last.contains(must_contain) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} never answered with {must_contain:?}; last answer: {last}");
+}
+
+/// The first whitespace-delimited word after `key` in `text`.
+fn word_after<'a>(text: &'a str, key: &str) -> &'a str {
+    let at = text
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key} in:\n{text}"));
+    text[at + key.len()..]
+        .split(|c: char| c.is_whitespace() || c == '\'')
+        .next()
+        .unwrap()
+}
+
+/// RackHD's OS-install graphs, shipped under RackHD's names, run end to end on demo nodes:
+/// the test plays the node — it fetches its profile by MAC, then the install script the
+/// profile names, and calls back as the installer does — and the workflow succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rackhd_install_graphs_run_end_to_end_on_a_demo_node() {
+    let dir = tempfile::tempdir().unwrap();
+    // A demo node has no DHCP lease to prove it is the node, and these requests carry no
+    // capability until the profile hands one on: the operator's RackHD compatibility
+    // switch lets the first request through, as RackHD did.
+    let server = demo(dir.path(), &["--node-tokens", "open"]);
+    let api = server.api();
+
+    // The version is required, and the 400 says where to give it.
+    let (code, body) = api
+        .send(
+            "POST",
+            "/api/2.0/nodes/demo-node-07/workflows",
+            Some(json!({"name": "Graph.InstallCentOS"})),
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.to_string().contains("'version' is required"), "{body}");
+
+    let id = api
+        .run(
+            "Graph.InstallCentOS",
+            Some("demo-node-07"),
+            json!({"install-os": {"version": "9-stream", "hostname": "web01", "domain": "lab",
+                                  "rootPassword": "pa55-Word", "dnsServers": ["10.0.0.2"]}}),
+        )
+        .await;
+    api.wait_task(&id, "install-os", "running", LIMIT).await;
+
+    // The profile, by MAC, on RackHD's path: Anaconda from the repository under /files,
+    // with the kickstart's URL (its cap= proves the node on the next request).
+    let profile = fetch_as_node(
+        &server.node_url("/api/current/profiles?macs=02:00:00:00:00:07"),
+        "inst.ks=",
+    )
+    .await;
+    let files = server.node_url("/files");
+    assert!(
+        profile.contains(&format!(
+            "kernel {files}/centos/9-stream/os/x86_64/images/pxeboot/vmlinuz"
+        )),
+        "{profile}"
+    );
+    let ks_url = word_after(&profile, "inst.ks=").to_owned();
+    assert!(
+        ks_url.starts_with(
+            &server.node_url("/api/current/templates/centos-ks?nodeId=demo-node-07&cap=")
+        ),
+        "{ks_url}"
+    );
+
+    // The kickstart, rendered for the node with install-os's options and its callback.
+    let ks = fetch_as_node(&ks_url, "%post").await;
+    for want in [
+        format!("url --url=\"{files}/centos/9-stream/os/x86_64\""),
+        "--hostname=web01.lab".to_owned(),
+        "pa55-Word".to_owned(),
+        "10.0.0.2".to_owned(),
+    ] {
+        assert!(ks.contains(&want), "{want} missing from:\n{ks}");
+    }
+    // The password is the node's alone: the management API does not show it.
+    let (_, wf) = api.get(&format!("/api/2.0/workflows/{id}")).await;
+    assert!(!wf.to_string().contains("pa55-Word"), "{wf:#}");
+
+    // %post calls back with the task's token, as the kickstart says.
+    let callback = word_after(&ks, "-d '{\"status\": \"installed\"}' '").to_owned();
+    assert!(
+        callback.contains("/notification?nodeId=demo-node-07&token="),
+        "{callback}"
+    );
+    let r = reqwest::Client::new()
+        .post(&callback)
+        .json(&json!({"status": "installed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let wf = api.wait(&id, LIMIT).await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    assert_eq!(wf["context"]["install-os"]["status"], "installed");
+
+    // Another OS, called back the way RackHD's installers do: no token, RackHD's path.
+    let id = api
+        .run(
+            "Graph.InstallUbuntu",
+            Some("demo-node-08"),
+            json!({"install-os": {"version": "24.04", "hostname": "db01"}}),
+        )
+        .await;
+    api.wait_task(&id, "install-os", "running", LIMIT).await;
+    let profile = fetch_as_node(
+        &server.node_url("/api/current/profiles?macs=02:00:00:00:00:08"),
+        "autoinstall",
+    )
+    .await;
+    assert!(
+        profile.contains("/api/current/templates/ubuntu-autoinstall?nodeId=demo-node-08&cap="),
+        "{profile}"
+    );
+    let user_data = fetch_as_node(
+        &server.node_url(
+            "/api/current/templates/ubuntu-autoinstall?nodeId=demo-node-08&seed=user-data",
+        ),
+        "autoinstall",
+    )
+    .await;
+    assert!(user_data.contains("db01"), "{user_data}");
+    let r = reqwest::Client::new()
+        .post(server.node_url("/api/current/notification?nodeId=demo-node-08"))
+        .json(&json!({"status": "installed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let wf = api.wait(&id, LIMIT).await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    server.terminate();
+}

@@ -22,6 +22,7 @@ use crate::model::{
     Definition, GraphDefinition, GraphTask, MAX_RETRIES, RunOptions, TaskDefinition, WaitOn,
     WaitState, bounded_ms, check_id, parse_duration,
 };
+use crate::template::{Dialect, rackhd};
 
 /// Labels a graph task may not use: they are keys with a meaning of their own.
 pub const RESERVED_LABELS: &[&str] = &["defaults", "anyOf"];
@@ -252,6 +253,9 @@ pub struct PlannedTask {
     /// Options the job declares secret: redacted in every view, whatever their name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<String>,
+    /// The template language of the options (see [`Dialect`]).
+    #[serde(default, skip_serializing_if = "Dialect::is_jinja")]
+    pub dialect: Dialect,
 }
 
 impl Plan {
@@ -372,29 +376,11 @@ pub fn resolve_for(
         }
     }
 
-    // Graph option layers: `defaults` and existing labels only, each a mapping.
+    // Graph option layers: `defaults` and one per label, each a mapping. Other keys are
+    // ignored, as RackHD ignores them ([`ignored_option_keys`] names them for a warning).
     for (key, v) in &graph.options {
-        if key != "defaults" && !labels.contains(key.as_str()) {
-            problems.push(
-                p(format!(
-                    "options name '{key}', which is not a task label of this graph"
-                ))
-                .field(format!("options.{key}")),
-            );
-        } else if !v.is_object() {
+        if (key == "defaults" || labels.contains(key.as_str())) && !v.is_object() {
             problems.push(p("must be a mapping".into()).field(format!("options.{key}")));
-        }
-    }
-    if let Some(run) = run {
-        for key in run.keys() {
-            if key != "defaults" && !labels.contains(key.as_str()) {
-                problems.push(
-                    p(format!(
-                        "run options name '{key}', which is not a task label of this graph"
-                    ))
-                    .field(format!("options.{key}")),
-                );
-            }
         }
     }
     let graph_timeout_ms = match &graph.timeout {
@@ -445,6 +431,34 @@ pub fn resolve_for(
     } else {
         Err(Problems(problems))
     }
+}
+
+/// The option layers of `graph` (and of the run options `run`) that name neither
+/// `defaults` nor a task label: RackHD ignores them, and so does the engine, but they are
+/// most often a misspelt label, so callers warn about them. One message per key.
+pub fn ignored_option_keys(graph: &GraphDefinition, run: Option<&RunOptions>) -> Vec<String> {
+    let labels: BTreeSet<&str> = graph.tasks.iter().map(|t| t.label.as_str()).collect();
+    let unknown = |key: &&String| key.as_str() != "defaults" && !labels.contains(key.as_str());
+    let mut out: Vec<String> = graph
+        .options
+        .keys()
+        .filter(unknown)
+        .map(|k| {
+            format!(
+                "graph {}: options name '{k}', which is not a task label of this graph; it is ignored",
+                graph.injectable_name
+            )
+        })
+        .collect();
+    if let Some(run) = run {
+        out.extend(run.keys().filter(unknown).map(|k| {
+            format!(
+                "graph {}: the run options name '{k}', which is not a task label of this graph; it is ignored",
+                graph.injectable_name
+            )
+        }));
+    }
+    out
 }
 
 fn resolve_task(
@@ -560,6 +574,11 @@ fn resolve_task(
         return Err(problems);
     };
 
+    let dialect = def
+        .template_dialect
+        .or(graph.template_dialect)
+        .unwrap_or_else(|| Dialect::of_job(&def.implements_task));
+
     // Option precedence, lowest first.
     let mut options = job.schema().defaults();
     merge(&mut options, &def.options);
@@ -567,6 +586,19 @@ fn resolve_task(
     for layer in ["defaults", l] {
         if let Some(Value::Object(m)) = graph.options.get(layer) {
             merge(&mut options, m);
+        }
+    }
+    // RackHD templates are translated when they render; one that cannot be is refused now.
+    if dialect == Dialect::Rackhd {
+        for (k, v) in &options {
+            for_each_template(v, k, &mut |path, s| {
+                if let Err(e) = rackhd::translate(s) {
+                    problems.push(
+                        p(format!("option '{path}' (RackHD's template dialect): {e}"))
+                            .field(format!("options.{k}")),
+                    );
+                }
+            });
         }
     }
     if let Some(run) = run {
@@ -655,6 +687,7 @@ fn resolve_task(
         timeout_ms,
         data: Vec::new(),
         secrets: job.schema().secrets(),
+        dialect,
     })
 }
 
@@ -663,6 +696,24 @@ fn non_empty_or(s: &str, fallback: &str) -> String {
         fallback.to_owned()
     } else {
         s.to_owned()
+    }
+}
+
+/// Calls `f` with every template string inside `v` and its option path.
+fn for_each_template(v: &Value, path: &str, f: &mut dyn FnMut(&str, &str)) {
+    match v {
+        Value::String(s) if crate::template::is_template(s) => f(path, s),
+        Value::Array(items) => {
+            for (i, x) in items.iter().enumerate() {
+                for_each_template(x, &format!("{path}[{i}]"), f);
+            }
+        }
+        Value::Object(m) => {
+            for (k, x) in m {
+                for_each_template(x, &format!("{path}.{k}"), f);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -1169,6 +1220,9 @@ impl Definitions {
     pub(crate) fn put_graph_blocking(&self, graph: GraphDefinition) -> Result<(), Error> {
         self.validate_graph_blocking(&graph)
             .map_err(Error::Invalid)?;
+        for warning in ignored_option_keys(&graph, None) {
+            tracing::warn!("{warning}");
+        }
         let mut b = Batch::new();
         b.put(
             keys::GRAPHS,

@@ -62,6 +62,32 @@ impl ApiUrls {
             .unwrap_or_default();
         json!({"base": self.base, "nodeBase": node_base, "files": files})
     }
+
+    /// RackHD's names for the same places, as its templates use them: `api` (`server`, the
+    /// node-facing origin; `base`, its `/api/current`; `templates`, `profiles` and `files`)
+    /// and `file` (`server`: the files directory, where RackHD kept OS repositories). They
+    /// are node-facing URLs, or the management API's when the node-facing API is off.
+    pub fn rackhd_vars(&self) -> (Value, Value) {
+        let node_base = self.node_base.trim_end_matches('/');
+        let base = if node_base.is_empty() {
+            self.base.trim_end_matches('/')
+        } else {
+            node_base
+        };
+        let root = base.strip_suffix("/api/2.0").unwrap_or(base);
+        let current = format!("{root}/api/current");
+        let files = format!("{root}/files");
+        (
+            json!({
+                "server": root,
+                "base": current,
+                "templates": format!("{current}/templates"),
+                "profiles": format!("{current}/profiles"),
+                "files": files,
+            }),
+            json!({"server": files}),
+        )
+    }
 }
 
 /// How an engine is built.
@@ -812,6 +838,8 @@ impl Engine {
                 token: t.token.clone(),
                 cap: self.inner.caps.cap(node, &rec.id, &t.id, &t.token),
                 context: context.clone(),
+                dialect: p.dialect,
+                data: p.data.clone(),
             })
             .collect();
         // Stable: plan order is kept within each state.
@@ -982,6 +1010,10 @@ pub struct NodeTask {
     pub cap: NodeCap,
     /// The outputs of the workflow's finished tasks by label (`context` in templates).
     pub context: Map<String, Value>,
+    /// The template dialect of the options.
+    pub dialect: crate::template::Dialect,
+    /// Options that are data, never templates.
+    pub data: Vec<String>,
 }
 
 /// A task waiting for its node's callback, as [`Engine::waiting_task`] reports it.

@@ -29,6 +29,10 @@ pub struct GraphDefinition {
     /// A deadline for the whole workflow (`2h`), an extension beyond RackHD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
+    /// The template language of the graph's options, for tasks whose definitions do not
+    /// name one (see [`crate::template::Dialect`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_dialect: Option<crate::template::Dialect>,
     /// Fields we do not interpret (RackHD's `_id`, `tags`, ...), kept for round trips.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -93,6 +97,10 @@ pub struct TaskDefinition {
     pub implements_task: String,
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub options: Map<String, Value>,
+    /// The template language of the options: `rackhd` or `jinja`; when absent, RackHD's
+    /// for a definition implementing one of RackHD's base tasks, the engine's otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_dialect: Option<crate::template::Dialect>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }

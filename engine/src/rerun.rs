@@ -144,6 +144,7 @@ mod tests {
             timeout_ms: None,
             data: Vec::new(),
             secrets: Vec::new(),
+            dialect: Default::default(),
         }
     }
 

@@ -20,6 +20,25 @@ fn check(yaml: &str) -> Result<metalgraph_engine::Plan, String> {
 }
 
 #[test]
+fn option_layers_that_name_no_task_are_ignored_with_a_warning_as_rackhd_ignores_them() {
+    let yaml = "{injectableName: G, options: {b: {x: 1}, defaults: {y: 2}}, tasks: [{label: a, taskName: Task.Noop}]}";
+    let plan = check(yaml).expect("accepted");
+    assert_eq!(plan.tasks[0].options.get("x"), None);
+    let Definition::Graph(g) = parse(yaml, "t.yaml").unwrap().remove(0) else {
+        panic!("not a graph")
+    };
+    let run: metalgraph_engine::model::RunOptions =
+        serde_json::from_value(serde_json::json!({"c": {}, "a": {}})).unwrap();
+    assert_eq!(
+        metalgraph_engine::definitions::ignored_option_keys(&g, Some(&run)),
+        [
+            "graph G: options name 'b', which is not a task label of this graph; it is ignored",
+            "graph G: the run options name 'c', which is not a task label of this graph; it is ignored",
+        ]
+    );
+}
+
+#[test]
 fn invalid_graphs_are_named_precisely() {
     let cases: &[(&str, &str)] = &[
         (
@@ -148,8 +167,8 @@ fn invalid_graphs_are_named_precisely() {
             "graph G, field 'timeout': unparsable duration \"later\"",
         ),
         (
-            "{injectableName: G, options: {b: {x: 1}}, tasks: [{label: a, taskName: Task.Noop}]}",
-            "graph G, field 'options.b': options name 'b', which is not a task label of this graph",
+            "{injectableName: G, options: {a: [1]}, tasks: [{label: a, taskName: Task.Noop}]}",
+            "graph G, field 'options.a': must be a mapping",
         ),
         (
             "{injectableName: G, tasks: [{label: a, taskName: Task.Noop, waitOn: {anyOf: {}}}]}",

@@ -347,6 +347,25 @@ pub async fn resolve(root: &Path, rel: &str, what: &str) -> Result<PathBuf, ApiE
         })
 }
 
+/// The text of template `name` (a profile or an install script): the templates directory's
+/// file of that name, else the one shipped with metalgraph (`templates/`), else a 404.
+pub async fn template_source(dir: Option<&Path>, name: &str) -> Result<String, ApiError> {
+    if let Some(dir) = dir {
+        match resolve(dir, name, "template").await {
+            Ok(path) => {
+                return tokio::fs::read_to_string(&path).await.map_err(|e| {
+                    ApiError::internal(format_args!("cannot read {}: {e}", path.display()))
+                });
+            }
+            Err(e) if e.status == StatusCode::NOT_FOUND => {}
+            Err(e) => return Err(e),
+        }
+    }
+    crate::boot::builtin_template(name)
+        .map(str::to_owned)
+        .ok_or_else(|| ApiError::not_found("template", name))
+}
+
 /// The `Content-Type` of a served file, from its extension.
 fn content_type(path: &Path) -> &'static str {
     let ext = path

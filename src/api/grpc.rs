@@ -12,6 +12,7 @@ use metalgraph_engine::model::{
     Definition, GraphDefinition, GraphTask, RunOptions, TaskDefinition,
 };
 use metalgraph_engine::nodes::{self as engine_nodes, NodeFilter, Secret};
+use metalgraph_engine::template::Dialect;
 use metalgraph_engine::workflow::{TaskRecord, WorkflowRecord};
 use metalgraph_engine::{
     Engine, Error, Event, ListFilter, RunRequest, TaskState, WorkflowStatus, WorkflowView,
@@ -212,17 +213,38 @@ fn task_def_to_pb(t: &TaskDefinition, src: Option<Source>) -> pb::TaskDefinition
         implements_task: t.implements_task.clone(),
         options: Some(to_pb_struct(&t.options)),
         source: src.map_or(0, source),
+        template_dialect: dialect_to_pb(t.template_dialect),
     }
 }
 
-fn task_def_from_pb(t: &pb::TaskDefinition) -> TaskDefinition {
-    TaskDefinition {
+fn dialect_to_pb(d: Option<Dialect>) -> String {
+    match d {
+        None => String::new(),
+        Some(Dialect::Jinja) => "jinja".into(),
+        Some(Dialect::Rackhd) => "rackhd".into(),
+    }
+}
+
+fn dialect_from_pb(s: &str) -> Result<Option<Dialect>, Status> {
+    match s {
+        "" => Ok(None),
+        "jinja" => Ok(Some(Dialect::Jinja)),
+        "rackhd" => Ok(Some(Dialect::Rackhd)),
+        other => Err(bad(format!(
+            "template_dialect must be rackhd or jinja (or empty), got {other:?}"
+        ))),
+    }
+}
+
+fn task_def_from_pb(t: &pb::TaskDefinition) -> Result<TaskDefinition, Status> {
+    Ok(TaskDefinition {
         injectable_name: t.injectable_name.clone(),
         friendly_name: Some(t.friendly_name.clone()).filter(|s| !s.is_empty()),
         implements_task: t.implements_task.clone(),
         options: opt_struct(&t.options),
+        template_dialect: dialect_from_pb(&t.template_dialect)?,
         extra: Map::new(),
-    }
+    })
 }
 
 fn wait_entries(v: &Map<String, Value>) -> (Vec<pb::WaitOn>, Vec<pb::WaitOn>) {
@@ -258,6 +280,7 @@ fn graph_to_pb(g: &GraphDefinition, src: Source) -> pb::Graph {
         options: Some(to_pb_struct(&g.options)),
         timeout: g.timeout.clone().unwrap_or_default(),
         source: source(src),
+        template_dialect: dialect_to_pb(g.template_dialect),
         tasks: g
             .tasks
             .iter()
@@ -303,12 +326,13 @@ fn states_value(states: &[String]) -> Value {
     }
 }
 
-fn graph_from_pb(g: &pb::Graph) -> GraphDefinition {
-    GraphDefinition {
+fn graph_from_pb(g: &pb::Graph) -> Result<GraphDefinition, Status> {
+    Ok(GraphDefinition {
         injectable_name: g.injectable_name.clone(),
         friendly_name: Some(g.friendly_name.clone()).filter(|s| !s.is_empty()),
         options: opt_struct(&g.options),
         timeout: Some(g.timeout.clone()).filter(|s| !s.is_empty()),
+        template_dialect: dialect_from_pb(&g.template_dialect)?,
         extra: Map::new(),
         tasks: g
             .tasks
@@ -326,10 +350,14 @@ fn graph_from_pb(g: &pb::Graph) -> GraphDefinition {
                         .collect();
                     wait.insert("anyOf".into(), Value::Object(any));
                 }
-                GraphTask {
+                Ok(GraphTask {
                     label: t.label.clone(),
                     task_name: Some(t.task_name.clone()).filter(|s| !s.is_empty()),
-                    task_definition: t.task_definition.as_ref().map(task_def_from_pb),
+                    task_definition: t
+                        .task_definition
+                        .as_ref()
+                        .map(task_def_from_pb)
+                        .transpose()?,
                     option_overrides: opt_struct(&t.option_overrides),
                     wait_on: (!wait.is_empty()).then_some(wait),
                     ignore_failure: t.ignore_failure,
@@ -343,10 +371,10 @@ fn graph_from_pb(g: &pb::Graph) -> GraphDefinition {
                     timeout: Some(Value::String(t.timeout.clone()))
                         .filter(|_| !t.timeout.is_empty()),
                     extra: Map::new(),
-                }
+                })
             })
-            .collect(),
-    }
+            .collect::<Result<_, Status>>()?,
+    })
 }
 
 /// Parses a definition given as text, on the blocking pool (parsing is CPU work a hostile
@@ -409,7 +437,7 @@ impl DefinitionsRpc for GrpcApi {
         req: Request<pb::PutGraphRequest>,
     ) -> Result<Response<pb::Graph>, Status> {
         let graph = match req.into_inner().definition {
-            Some(pb::put_graph_request::Definition::Graph(g)) => graph_from_pb(&g),
+            Some(pb::put_graph_request::Definition::Graph(g)) => graph_from_pb(&g)?,
             Some(pb::put_graph_request::Definition::Text(t)) => match parse_one(t).await? {
                 Definition::Graph(g) => g,
                 Definition::Task(_) => {
@@ -484,7 +512,7 @@ impl DefinitionsRpc for GrpcApi {
         req: Request<pb::PutTaskRequest>,
     ) -> Result<Response<pb::TaskDefinition>, Status> {
         let task = match req.into_inner().definition {
-            Some(pb::put_task_request::Definition::Task(t)) => task_def_from_pb(&t),
+            Some(pb::put_task_request::Definition::Task(t)) => task_def_from_pb(&t)?,
             Some(pb::put_task_request::Definition::Text(t)) => match parse_one(t).await? {
                 Definition::Task(t) => t,
                 Definition::Graph(_) => {

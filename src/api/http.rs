@@ -1451,10 +1451,12 @@ struct TemplateQuery {
     cap: Option<String>,
 }
 
-/// Renders template `name` from the templates directory for one node, with strict
-/// undefined, over `node` (never a secret), `api` (`base`, `nodeBase`, `files`) and, while
-/// a task of the node waits for its callback and the request proves it is the node,
-/// `notification` (`url`, `token`, `workflowId`, `cap`).
+/// Renders template `name` (from the templates directory, else the ones shipped with
+/// metalgraph) for one node, with strict undefined, over `node` (never a secret), `api`
+/// (`base`, `nodeBase`, `files`) and, while a task of the node waits for its callback and
+/// the request proves it is the node, `notification` (`url`, `token`, `workflowId`, `cap`),
+/// `task` (`id`, `label`, `workflowId`, `nodeId`, `token`, `cap`) and `options` (the waiting
+/// task's options, rendered as when it started: an OS install's version, repository...).
 ///
 /// The proof is the node's capability for the waiting task in `cap=`, or (full DHCP) a
 /// request from the address leased to one of the node's MACs (`boot::access`). Any other
@@ -1466,12 +1468,12 @@ struct TemplateQuery {
     get,
     path = "/templates/{name}",
     tag = "node-facing",
-    params(("name" = String, Path, description = "The template's file name in the templates directory", example = "kickstart-callback.ks"), TemplateQuery),
+    params(("name" = String, Path, description = "The template's file name in the templates directory, or a shipped template's", example = "kickstart-callback.ks"), TemplateQuery),
     responses(
         (status = 200, description = "The rendered template", body = String, content_type = "text/plain"),
         (status = 400, description = "No `nodeId`", body = ErrorBody),
         (status = 403, description = "The name leads outside the templates directory", body = ErrorBody),
-        (status = 404, description = "No templates directory, template or node of this name", body = ErrorBody),
+        (status = 404, description = "No template (in the templates directory or shipped) or node of this name", body = ErrorBody),
         (status = 409, description = "The template uses `notification`, but no task of the node waits for one that this request may see (nothing waits, or the request does not prove it is the node: one answer)", body = ErrorBody),
         (status = 422, description = "The template does not render for this node", body = ErrorBody),
     )
@@ -1482,22 +1484,12 @@ async fn template(
     Path(name): Path<String>,
     Query(q): Query<TemplateQuery>,
 ) -> Result<Response> {
-    let Some(dir) = s.templates_dir.clone() else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no templates directory is configured (templates_dir, --templates-dir, METALGRAPH_TEMPLATES_DIR)",
-        ));
-    };
     let node_id = q.node_id.filter(|n| !n.is_empty()).ok_or_else(|| {
         ApiError::bad_request(format!(
             "query parameter 'nodeId' is required: the node template {name} is rendered for"
         ))
     })?;
-    let path = files::resolve(&dir, &name, "template").await?;
-    let source = tokio::fs::read_to_string(&path)
-        .await
-        .map_err(|e| ApiError::internal(format_args!("cannot read {}: {e}", path.display())))?;
+    let source = files::template_source(s.templates_dir.as_deref(), &name).await?;
     let node = s
         .engine
         .nodes()
@@ -1523,6 +1515,31 @@ async fn template(
             &w.token,
             w.cap.as_str(),
         );
+        // The waiting task's options (an OS install's version, repository, host name...),
+        // rendered as when it started.
+        let tasks = s.engine.current_tasks(&node.id).await?;
+        if let Some(t) = tasks.iter().find(|t| t.task_id == w.task_id) {
+            let task = crate::boot::task_vars(&node.id, t, true);
+            let options = crate::boot::task_options(
+                &s.api,
+                Value::Object(t.context.clone()),
+                vars["node"].clone(),
+                t,
+                task.clone(),
+            )
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "template_error",
+                    format!(
+                        "template {name} cannot be rendered for node {}: the options of its task {}: {e}",
+                        node.id, t.label
+                    ),
+                )
+            })?;
+            vars["task"] = task;
+            vars["options"] = Value::Object(options);
+        }
         debug!(node = %node.id, template = %name, proof = ?proof, "template rendered with the callback");
     }
     // No printed value may add or end a line: the node's name, tags and OBM host are the

@@ -336,21 +336,9 @@ async fn render(
     report: &Report,
     proof: Option<boot::Proof>,
 ) -> anyhow::Result<String> {
-    let from_dir = match &s.templates_dir {
-        Some(dir) => match files::resolve(dir, name, "template").await {
-            Ok(path) => Some(tokio::fs::read_to_string(&path).await?),
-            Err(_) => None,
-        },
-        None => None,
-    };
-    let source = match (from_dir, boot::builtin_profile(name)) {
-        (Some(text), _) => text,
-        (None, Some(text)) => text.to_owned(),
-        (None, None) => anyhow::bail!(
-            "profile {name} of node {} is neither in the templates directory nor shipped",
-            node.id
-        ),
-    };
+    let source = files::template_source(s.templates_dir.as_deref(), name)
+        .await
+        .map_err(|e| anyhow::anyhow!("profile {name} of node {}: {}", node.id, e.message))?;
     let vars = ProfileVars {
         node,
         task,

@@ -13,6 +13,7 @@
 //! | `Task.Base.Redfish.Discovery` | `discovery.redfish` | `uri`, `username`, `password`, `verifySSL` |
 //! | `Task.Base.Rest` | `http.request` | `url`, `method`, `headers`, `data` (the body), `recvTimeoutMs`, `verifySSL` |
 //! | `Task.Base.Obm.Node` | `obm.power` / `obm.boot-device` | `action` (RackHD's names), `obmServiceName` |
+//! | `Task.Base.Os.Install` | `wait.notification` | `profile` (served while it runs), `installScript`, `installScriptUri`, and RackHD's install options |
 //!
 //! A base task metalgraph does not run is refused where a definition names it, with a
 //! message that says so (`definitions::unknown_job`).
@@ -75,6 +76,9 @@ pub fn register(reg: &mut JobRegistry) {
     }
     if let Some(http) = job(reg, "http.request") {
         add.push(BaseTask::rest(http));
+    }
+    if let Some(wait) = job(reg, "wait.notification") {
+        add.push(BaseTask::os_install(wait));
     }
     for task in add {
         reg.register(task);
@@ -145,6 +149,130 @@ impl BaseTask {
                 }
                 Ok(())
             },
+        }
+    }
+}
+
+/// RackHD's OS install options: each may be left null (not given); the install templates
+/// use those given. `(name, kind, what)`. `version` is not among them: a definition that
+/// leaves it null needs it given when its graph runs.
+const OS_INSTALL_OPTIONS: &[(&str, OptionKind, &str)] = &[
+    (
+        "installScript",
+        OptionKind::String,
+        "the install script's template name (a kickstart, a preseed...)",
+    ),
+    (
+        "installScriptUri",
+        OptionKind::String,
+        "the URL the installer fetches the install script from",
+    ),
+    ("osType", OptionKind::String, "linux, esx or windows"),
+    ("osName", OptionKind::String, "the OS's name, for templates"),
+    (
+        "repo",
+        OptionKind::String,
+        "the URL of the OS's installation tree",
+    ),
+    (
+        "hostname",
+        OptionKind::String,
+        "the installed system's host name",
+    ),
+    ("domain", OptionKind::String, "its DNS domain"),
+    (
+        "rootPassword",
+        OptionKind::String,
+        "the root (Administrator) password, shown only to the node itself",
+    ),
+    (
+        "rootSshKey",
+        OptionKind::String,
+        "an SSH public key for root",
+    ),
+    (
+        "users",
+        OptionKind::Array,
+        "further accounts: name, password, uid, sshKey",
+    ),
+    ("dnsServers", OptionKind::Array, "DNS servers"),
+    ("ntpServers", OptionKind::Array, "NTP servers"),
+    (
+        "networkDevices",
+        OptionKind::Array,
+        "static network settings per device",
+    ),
+    ("installDisk", OptionKind::Any, "the disk to install on"),
+    ("kvm", OptionKind::Bool, "install the KVM packages"),
+    (
+        "proxy",
+        OptionKind::String,
+        "an HTTP proxy for the installer",
+    ),
+    (
+        "kernelParams",
+        OptionKind::String,
+        "more kernel parameters for the installer",
+    ),
+    (
+        "completionUri",
+        OptionKind::String,
+        "RackHD's completion template; metalgraph's installers call back instead",
+    ),
+    ("productkey", OptionKind::String, "a Windows product key"),
+    (
+        "smbUser",
+        OptionKind::String,
+        "the user of a Windows installation share",
+    ),
+    ("smbPassword", OptionKind::String, "its password"),
+    (
+        "smbRepo",
+        OptionKind::String,
+        "a Windows installation share",
+    ),
+    (
+        "imageIndex",
+        OptionKind::Integer,
+        "the Windows image in install.wim",
+    ),
+    (
+        "iso",
+        OptionKind::String,
+        "the URL of an ISO image (a live CD, an installer)",
+    ),
+    ("kernel", OptionKind::String, "the URL of a kernel to boot"),
+    ("initrd", OptionKind::String, "the URL of its initrd"),
+    (
+        "rootfs",
+        OptionKind::String,
+        "the URL of a live root file system (CoreOS)",
+    ),
+];
+
+impl BaseTask {
+    /// `Task.Base.Os.Install`: serves the task's iPXE `profile` to the node while it runs
+    /// (as every task with a `profile` option does), and ends when the installer calls
+    /// back (`wait.notification`), with the callback's body as output. The install script
+    /// (`installScript`, fetched at `installScriptUri`) is a node-facing template rendered
+    /// with the task's options and the callback URL.
+    fn os_install(inner: Arc<dyn Job>) -> Self {
+        let mut schema = inner.schema().clone().required(
+            "profile",
+            OptionKind::String,
+            "the iPXE profile the node is served while the install runs (a template name)",
+        );
+        for (name, kind, doc) in OS_INSTALL_OPTIONS {
+            schema = schema.optional(name, kind.clone(), None, doc);
+        }
+        BaseTask {
+            name: "Task.Base.Os.Install",
+            inner,
+            schema: schema
+                .secret("rootPassword")
+                .secret("smbPassword")
+                .secret("users"),
+            translate: |_| Ok(()),
         }
     }
 }

@@ -101,6 +101,8 @@ pub struct StartJob {
     pub options: Options,
     /// Options that are data, not templates (never rendered).
     pub data: Vec<String>,
+    /// The template dialect of the options.
+    pub dialect: crate::template::Dialect,
     /// The outputs of finished tasks by label, given only when an option holds a template.
     pub context: Option<Map<String, Value>>,
     /// What an earlier run of this attempt recorded (after a restart).
@@ -706,6 +708,7 @@ impl Core {
             deadline_ms: t.deadline,
             options: planned.options.clone(),
             data: planned.data.clone(),
+            dialect: planned.dialect,
             context,
             checkpoint: t.checkpoint.clone(),
         })));

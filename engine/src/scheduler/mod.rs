@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metalgraph_store::{Batch, Store};
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -32,7 +32,7 @@ use crate::metrics;
 use crate::model::WorkflowStatus;
 use crate::nodes::Node;
 use crate::notify::NodeCap;
-use crate::template::Renderer;
+use crate::template::{Dialect, Renderer};
 use crate::workflow::Event;
 use crate::workflow::load_records;
 
@@ -490,24 +490,25 @@ pub fn render_options(
     let mut opts = match &s.context {
         None => s.options.clone(),
         Some(context) => {
-            let mut vars = json!({
-                "options": s.options,
-                "context": context,
-                "node": node.map(Node::template_view),
-                "task": {
-                    "id": s.task_id,
-                    "label": s.label,
-                    "workflowId": s.wf,
-                    "token": s.token,
-                    // RackHD's name for the node the task runs on.
-                    "nodeId": node.map(|n| n.id.as_str()),
-                },
-                "api": {"base": api.base, "nodeBase": api.node_base},
+            let mut task = json!({
+                "id": s.task_id,
+                "label": s.label,
+                "workflowId": s.wf,
+                "token": s.token,
+                // RackHD's name for the node the task runs on.
+                "nodeId": node.map(|n| n.id.as_str()),
             });
             if let Some(cap) = cap {
-                vars["task"]["cap"] = json!(cap.as_str());
+                task["cap"] = json!(cap.as_str());
             }
-            renderer.render_options_except(&s.options, &vars, &s.data)?
+            let vars = option_vars(
+                s.dialect,
+                api,
+                Value::Object(context.clone()),
+                json!(node.map(Node::template_view)),
+                task,
+            );
+            renderer.render_task_options(s.dialect, &s.options, &s.data, &vars)?
         }
     };
     job.schema().coerce(&mut opts);
@@ -515,6 +516,37 @@ pub fn render_options(
         .check(&opts, true)
         .map(|()| opts)
         .map_err(|(f, m)| format!("option '{f}' {m}"))
+}
+
+/// The variables of a task's option templates besides `options`: `context` (the outputs of
+/// finished tasks by label), `node`, `task` (with `workflowId` and `nodeId`) and `api`
+/// (`base`, `nodeBase`). In RackHD's dialect `api` holds RackHD's names instead
+/// ([`ApiUrls::rackhd_vars`]), `file.server` is the files directory, and `context.target`
+/// and `context.graphId` are the node and the workflow, as in RackHD.
+pub fn option_vars(
+    dialect: Dialect,
+    api: &ApiUrls,
+    context: Value,
+    node: Value,
+    task: Value,
+) -> Value {
+    let mut vars = json!({
+        "context": context,
+        "node": node,
+        "api": {"base": api.base, "nodeBase": api.node_base},
+    });
+    if dialect == Dialect::Rackhd {
+        let (rackhd_api, file) = api.rackhd_vars();
+        vars["api"] = rackhd_api;
+        vars["file"] = file;
+        if let Value::Object(c) = &mut vars["context"] {
+            c.entry("target").or_insert_with(|| task["nodeId"].clone());
+            c.entry("graphId")
+                .or_insert_with(|| task["workflowId"].clone());
+        }
+    }
+    vars["task"] = task;
+    vars
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
