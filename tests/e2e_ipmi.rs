@@ -1,7 +1,8 @@
 //! End to end through the real binary against OpenIPMI's `ipmi_sim`, driven with the real
 //! `ipmitool`: power and PXE-boot graphs on a node registered with an `ipmi-obm-service`
-//! OBM, checked through the simulated chassis' state files, and a wrong password reported
-//! as an authentication failure naming the BMC.
+//! OBM, checked through the simulated chassis' state files; RackHD's `Graph.ClearSEL.Node`
+//! and `Graph.McReset`, checked with ipmitool; and a wrong password reported as an
+//! authentication failure naming the BMC.
 //!
 //! Needs the peers from scripts/install-peers.sh.
 
@@ -63,6 +64,50 @@ async fn power_and_pxe_boot_graphs_through_ipmitool() {
     let (_, wf) = api.get("/api/2.0/workflows").await;
     assert!(!wf.to_string().contains(IPMI_PASSWORD));
     assert!(!sim.state("calls.log").contains(IPMI_PASSWORD));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rackhd_clear_sel_and_mc_reset_graphs_through_ipmitool() {
+    let sim = IpmiSim::start();
+    let (_server, api, _data) = metalgraph();
+    let node = api.create_node(ipmi_node(&sim, IPMI_PASSWORD)).await;
+    sim.add_sel_entries(3);
+    assert_eq!(sim.sel_entries(), 3);
+
+    let wf = api
+        .run_wait("Graph.ClearSEL.Node", Some(&node), fast(), LIMIT)
+        .await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    assert_eq!(
+        wf["context"]["clearsel"],
+        json!({"cleared": true, "entriesBefore": 3}),
+        "{wf:#}"
+    );
+    assert_eq!(sim.sel_entries(), 0);
+    // `sel list` lists nothing (it says "SEL has no entries" on stderr).
+    assert_eq!(
+        sim.ipmitool(&["sel", "list"]).trim(),
+        "",
+        "the SEL is empty"
+    );
+
+    // A short grace: ipmi_sim takes the reset and answers on at once.
+    let options = json!({"defaults": {"pollInterval": "100ms", "waitTimeout": "20s",
+                                      "resetGrace": "500ms"}});
+    let wf = api
+        .run_wait("Graph.McReset", Some(&node), options, LIMIT)
+        .await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    let out = &wf["context"]["mc-reset"];
+    assert_eq!(out["reset"], "cold", "{wf:#}");
+    assert_eq!(out["acknowledged"], true, "{wf:#}");
+    assert_eq!(out["powerState"], "Off", "{wf:#}");
+    // The BMC answers afterwards, and the node's power was not touched.
+    let status = sim.ipmitool(&["chassis", "power", "status"]);
+    assert_eq!(status.trim(), "Chassis Power is off");
+    assert!(!sim.calls().contains("set power"), "{}", sim.calls());
+    let (_, wf) = api.get("/api/2.0/workflows").await;
+    assert!(!wf.to_string().contains(IPMI_PASSWORD));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -593,6 +593,27 @@ async fn rackhd_obm_actions_drive_a_real_redfish_bmc() {
         "{:#}",
         ends[0]
     );
+    // clearSEL and mcResetCold are IPMI's (sushy-tools has neither ClearLog nor a Manager
+    // reset): RackHD's graphs fail on a Redfish node, saying so.
+    for (graph, label, op) in [
+        ("Graph.ClearSEL.Node", "clearsel", "clear SEL"),
+        ("Graph.McReset", "mc-reset", "cold reset"),
+    ] {
+        let wf = mg.api.run_wait(graph, Some(node), fast(), LIMIT).await;
+        assert_eq!(wf["status"], "failed", "{graph}: {wf:#}");
+        let task = wf["tasks"]
+            .as_array()
+            .and_then(|t| t.iter().find(|t| t["label"] == label))
+            .unwrap_or_else(|| panic!("{graph}: no task {label}: {wf:#}"));
+        let error = task["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(&format!("{op} on BMC {}", sushy.base))
+                && error.contains("not supported")
+                && error.contains("only over IPMI"),
+            "{graph}: {error}"
+        );
+    }
+    assert_eq!(sushy.power_state(0).await, "On", "the node was not touched");
 }
 
 /// The files in the configuration media folder of a files directory.

@@ -71,6 +71,11 @@ fn task_definitions(rest_url: &str) -> Vec<Value> {
         json!({"friendlyName": "Set PXE", "injectableName": "Task.Test.Obm.SetBootPxe",
                "implementsTask": "Task.Base.Obm.Node",
                "options": {"action": "setBootPxe"}, "properties": {}}),
+        json!({"friendlyName": "Clear the System Event Log",
+               "injectableName": "Task.Test.Obm.ClearSEL",
+               "implementsTask": "Task.Base.Obm.Node",
+               "options": {"action": "clearSEL", "obmServiceName": "ipmi-obm-service"},
+               "properties": {}}),
         json!({"friendlyName": "Post it", "injectableName": "Task.Test.Rest",
                "implementsTask": "Task.Base.Rest",
                "options": {"url": format!("{rest_url}/hook"), "method": "POST",
@@ -208,8 +213,40 @@ async fn rackhd_definitions_load_unchanged_and_run() {
         );
     }
 
+    // RackHD's SEL and BMC-reset graphs, shipped under their names, run on a simulated
+    // BMC: demo-node-01's power actions above logged events, which clearing reports.
+    let wf = api
+        .run_wait(
+            "Graph.ClearSEL.Node",
+            Some("demo-node-01"),
+            json!({}),
+            LIMIT,
+        )
+        .await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    assert_eq!(wf["context"]["clearsel"]["cleared"], true, "{wf:#}");
+    assert!(
+        wf["context"]["clearsel"]["entriesBefore"].as_u64() >= Some(2),
+        "{wf:#}"
+    );
+    let wf = api
+        .run_wait(
+            "Graph.ClearSEL.Node",
+            Some("demo-node-01"),
+            json!({}),
+            LIMIT,
+        )
+        .await;
+    assert_eq!(wf["context"]["clearsel"]["entriesBefore"], 0, "{wf:#}");
+    let options = json!({"defaults": {"resetGrace": "100ms", "pollInterval": "50ms"}});
+    let wf = api
+        .run_wait("Graph.McReset", Some("demo-node-07"), options, LIMIT)
+        .await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    assert_eq!(wf["context"]["mc-reset"]["reset"], "cold", "{wf:#}");
+
     // A base task metalgraph does not run is refused, naming it; so is an OBM action its
-    // drivers do not perform.
+    // drivers do not perform, listing those they do.
     let (code, body) = api
         .send(
             "PUT",
@@ -231,15 +268,16 @@ async fn rackhd_definitions_load_unchanged_and_run() {
         .send(
             "PUT",
             "/api/2.0/workflows/tasks",
-            Some(json!({"injectableName": "Task.Test.ClearSel",
+            Some(json!({"injectableName": "Task.Test.Identify",
                         "implementsTask": "Task.Base.Obm.Node",
-                        "options": {"action": "clearSEL"}})),
+                        "options": {"action": "identifyOn"}})),
         )
         .await;
     assert_eq!(code, 422, "{body}");
+    let text = body.to_string();
     assert!(
-        body.to_string().contains("clearSEL") && body.to_string().contains("powerOn"),
-        "{body}"
+        text.contains("identifyOn") && text.contains("powerOn") && text.contains("mcResetCold"),
+        "{text}"
     );
 
     // `/api/current/...` is `/api/2.0/...`, under the same rules.

@@ -24,7 +24,7 @@ pub use fail::FailJob;
 pub use http::{HttpRequestJob, MAX_RESPONSE_BYTES};
 pub use noop::NoopJob;
 pub use provision::{
-    BootDeviceJob, CatalogRedfishJob, DiscoveryEndpointJob, DiscoveryRedfishJob, PowerJob,
+    BmcJob, BootDeviceJob, CatalogRedfishJob, DiscoveryEndpointJob, DiscoveryRedfishJob, PowerJob,
     VirtualMediaEjectJob, VirtualMediaInsertJob, WaitNotificationJob,
 };
 pub use sleep::SleepJob;
@@ -44,13 +44,14 @@ pub fn register_basic(reg: &mut JobRegistry) {
         .register(GraphRunJob::default());
 }
 
-/// Registers the provisioning jobs (`obm.power`, `obm.boot-device`,
+/// Registers the provisioning jobs (`obm.power`, `obm.boot-device`, `obm.bmc`,
 /// `virtual-media.insert`, `virtual-media.eject`, `catalog.redfish`, `discovery.redfish`,
 /// `discovery.endpoint`, `wait.notification`), which share `drivers` and with it one connection pool and
 /// concurrency limit per BMC.
 pub fn register_provisioning(reg: &mut JobRegistry, drivers: Arc<bmc::Drivers>) {
     reg.register(PowerJob::new(drivers.clone()))
         .register(BootDeviceJob::new(drivers.clone()))
+        .register(BmcJob::new(drivers.clone()))
         .register(VirtualMediaInsertJob::new(drivers.clone()))
         .register(VirtualMediaEjectJob::new(drivers.clone()))
         .register(CatalogRedfishJob::new(drivers.clone()))

@@ -12,7 +12,7 @@
 //! | `Task.Base.Wait.Notification` | `wait.notification` | — |
 //! | `Task.Base.Redfish.Discovery` | `discovery.redfish` | `uri`, `username`, `password`, `verifySSL` |
 //! | `Task.Base.Rest` | `http.request` | `url`, `method`, `headers`, `data` (the body), `recvTimeoutMs`, `verifySSL` |
-//! | `Task.Base.Obm.Node` | `obm.power` / `obm.boot-device` | `action` (RackHD's names), `obmServiceName` |
+//! | `Task.Base.Obm.Node` | `obm.power` / `obm.boot-device` / `obm.bmc` | `action` (RackHD's names), `obmServiceName` |
 //! | `Task.Base.Os.Install` | `wait.notification` | `profile` (served while it runs), `installScript`, `installScriptUri`, and RackHD's install options |
 //!
 //! A base task metalgraph does not run is refused where a definition names it, with a
@@ -25,7 +25,10 @@ use metalgraph_engine::{Job, JobError, JobRegistry, OptionKind, OptionSchema};
 use serde_json::Value;
 
 /// RackHD's OBM actions metalgraph's drivers perform, and what each becomes: a power
-/// action of `obm.power` or a boot device of `obm.boot-device`.
+/// action of `obm.power`, a boot device of `obm.boot-device` or an action on the BMC
+/// itself of `obm.bmc`. RackHD's others (`identifyOn`, `identifyOff`, `mcInfo`, `NMI`,
+/// `powerButton`, `clearWatchDog`, ...) are not among them, so a definition naming one is
+/// refused when it is stored, with this list.
 const OBM_ACTIONS: &[(&str, ObmStep)] = &[
     ("powerOn", ObmStep::Power("on")),
     ("powerOff", ObmStep::Power("off")),
@@ -37,6 +40,10 @@ const OBM_ACTIONS: &[(&str, ObmStep)] = &[
     ("setBootPxe", ObmStep::Boot("pxe")),
     // RackHD's `forceBootPxe`: PXE next time, then a reset.
     ("forceBootPxe", ObmStep::BootThenPower("pxe", "reset")),
+    // IPMI's `sel clear` and `mc reset cold`, as RackHD's ipmi-obm-service ran them; the
+    // Redfish driver refuses both, naming IPMI.
+    ("clearSEL", ObmStep::Bmc("clear-sel")),
+    ("mcResetCold", ObmStep::Bmc("reset-cold")),
 ];
 
 /// The names of [`OBM_ACTIONS`], for the option's schema.
@@ -49,6 +56,8 @@ const OBM_ACTION_NAMES: &[&str] = &[
     "powerStatus",
     "setBootPxe",
     "forceBootPxe",
+    "clearSEL",
+    "mcResetCold",
 ];
 
 #[derive(Debug, Clone, Copy)]
@@ -56,6 +65,7 @@ enum ObmStep {
     Power(&'static str),
     Boot(&'static str),
     BootThenPower(&'static str, &'static str),
+    Bmc(&'static str),
 }
 
 /// Registers RackHD's base tasks over the jobs already in `reg` (register the basic and
@@ -83,8 +93,12 @@ pub fn register(reg: &mut JobRegistry) {
     for task in add {
         reg.register(task);
     }
-    if let (Some(power), Some(boot)) = (job(reg, "obm.power"), job(reg, "obm.boot-device")) {
-        reg.register(ObmNode::new(power, boot));
+    if let (Some(power), Some(boot), Some(bmc)) = (
+        job(reg, "obm.power"),
+        job(reg, "obm.boot-device"),
+        job(reg, "obm.bmc"),
+    ) {
+        reg.register(ObmNode::new(power, boot, bmc));
     }
 }
 
@@ -305,6 +319,7 @@ impl Job for BaseTask {
 struct ObmNode {
     power: Arc<dyn Job>,
     boot: Arc<dyn Job>,
+    bmc: Arc<dyn Job>,
     schema: OptionSchema,
 }
 
@@ -315,13 +330,14 @@ impl std::fmt::Debug for ObmNode {
 }
 
 impl ObmNode {
-    fn new(power: Arc<dyn Job>, boot: Arc<dyn Job>) -> Self {
+    fn new(power: Arc<dyn Job>, boot: Arc<dyn Job>, bmc: Arc<dyn Job>) -> Self {
         let mut schema = OptionSchema::new()
             .required(
                 "action",
                 OptionKind::Enum(OBM_ACTION_NAMES),
                 "RackHD's OBM action: powerOn, powerOff, reboot, reset, softReset, \
-                 powerStatus, setBootPxe or forceBootPxe",
+                 powerStatus, setBootPxe, forceBootPxe, clearSEL or mcResetCold (the last \
+                 two over IPMI only)",
             )
             .optional(
                 "obmServiceName",
@@ -329,15 +345,22 @@ impl ObmNode {
                 None,
                 "RackHD's OBM service; accepted, the node's own OBM is used",
             );
-        // The power job's tuning (waitTimeout, pollInterval) applies too.
+        // The power job's tuning (waitTimeout, pollInterval) applies too, and the BMC
+        // job's own (resetGrace, for mcResetCold).
         for (name, spec) in &power.schema().options {
             if *name != "action" {
                 schema.options.insert(name, spec.clone());
             }
         }
+        for (name, spec) in &bmc.schema().options {
+            if *name != "action" {
+                schema.options.entry(name).or_insert_with(|| spec.clone());
+            }
+        }
         ObmNode {
             power,
             boot,
+            bmc,
             schema,
         }
     }
@@ -370,6 +393,7 @@ impl Job for ObmNode {
         match *step {
             ObmStep::Power(a) => self.power.run(with("action", a, &ctx)),
             ObmStep::Boot(d) => self.boot.run(with("device", d, &ctx)),
+            ObmStep::Bmc(a) => self.bmc.run(with("action", a, &ctx)),
             ObmStep::BootThenPower(d, a) => {
                 let boot = self.boot.run(with("device", d, &ctx));
                 let power = self.power.clone();

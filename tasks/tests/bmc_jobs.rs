@@ -1,6 +1,7 @@
 //! The provisioning jobs' contract, checked against the simulated BMC (no peer needed):
 //! idempotency, cancellation, clear errors without a node or with an unknown OBM service,
-//! secrets kept out of outputs and errors; and the shipped OBM task definitions and graphs.
+//! secrets kept out of outputs and errors, the BMC's own upkeep (`obm.bmc`) and its refusal
+//! over Redfish; and the shipped OBM task definitions and graphs.
 
 mod bmc_support;
 
@@ -13,9 +14,9 @@ use metalgraph_engine::definitions::{Definitions, Library, parse, validate_task}
 use metalgraph_engine::model::Definition;
 use metalgraph_engine::{Job, JobRegistry};
 use metalgraph_store::MemStore;
-use metalgraph_tasks::bmc::{Drivers, SIM_SERVICE};
+use metalgraph_tasks::bmc::{Drivers, REDFISH_SERVICE, SIM_SERVICE};
 use metalgraph_tasks::{
-    BootDeviceJob, CatalogRedfishJob, ConfigMediaBuildJob, ConfigMediaSite, PowerJob,
+    BmcJob, BootDeviceJob, CatalogRedfishJob, ConfigMediaBuildJob, ConfigMediaSite, PowerJob,
     VirtualMediaEjectJob, VirtualMediaInsertJob, WaitNotificationJob, register_basic,
     register_config_media, register_provisioning,
 };
@@ -202,6 +203,107 @@ async fn cancellation_stops_a_waiting_power_job_promptly() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
+/// Under paused time: the BMC's outage and the job's waits are exact.
+#[tokio::test(start_paused = true)]
+async fn bmc_job_clears_the_sel_and_waits_out_a_cold_reset() {
+    use tokio::time::Instant;
+    let world = World::default();
+    // The simulated BMC applies power changes, and comes back from a cold reset, after
+    // 30 s.
+    let mut o = obm(SIM_SERVICE, "sim", "admin", SECRET, None);
+    o.config.extra.insert("delay".into(), json!("30s"));
+    let node = world.node("sim-bmc", o);
+    let drivers = Arc::new(Drivers::default());
+    let power = PowerJob::new(drivers.clone());
+    let job = BmcJob::new(drivers);
+    // Each power action logs an event.
+    for action in ["on", "off"] {
+        let options = json!({ "action": action });
+        world.run(&power, options, Some(&node)).await.unwrap();
+    }
+    let clear = json!({ "action": "clear-sel" });
+    let out = world.run(&job, clear.clone(), Some(&node)).await.unwrap();
+    assert_eq!(out, json!({ "cleared": true, "entriesBefore": 2 }));
+    let out = world.run(&job, clear, Some(&node)).await.unwrap();
+    assert_eq!(out["entriesBefore"], 0);
+
+    // The defaults: 5 s of grace, then a try every second until the BMC answers.
+    let reset = json!({ "action": "reset-cold" });
+    let started = Instant::now();
+    let out = world.run(&job, reset.clone(), Some(&node)).await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(30) && took <= Duration::from_secs(31),
+        "the job waited until the BMC answered again: {took:?}"
+    );
+    assert_eq!(
+        out,
+        json!({ "reset": "cold", "acknowledged": true, "powerState": "Off" })
+    );
+    // The reset was recorded before it was sent, so that a restarted attempt only waits:
+    // it finds the BMC answering after its grace, rather than down for 30 s again.
+    let checkpoints = world.services.checkpoints.lock().unwrap().clone();
+    assert_eq!(checkpoints.len(), 1, "{checkpoints:?}");
+    assert_eq!(checkpoints[0]["issued"], "cold reset");
+    let mut ctx = world.ctx(&job, reset, Some(&node));
+    ctx.checkpoint = Some(checkpoints[0].clone());
+    let started = Instant::now();
+    let out = job.run(ctx).await.unwrap();
+    assert_eq!(started.elapsed(), Duration::from_secs(5), "not reset again");
+    assert_eq!(out["acknowledged"], json!(null));
+    assert_eq!(world.services.checkpoints.lock().unwrap().len(), 1);
+
+    // A BMC that stays away fails the task when the wait is over, saying so.
+    let mut o = obm(SIM_SERVICE, "sim", "admin", SECRET, None);
+    o.config.extra.insert("delay".into(), json!("1h"));
+    let gone = world.node("sim-gone", o);
+    let started = Instant::now();
+    let err = world
+        .run(
+            &job,
+            json!({ "action": "reset-cold", "waitTimeout": "2m" }),
+            Some(&gone),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(started.elapsed(), Duration::from_secs(120));
+    assert!(
+        err.message.contains(&format!(
+            "node {} (sim-gone): the BMC sim:{} did not answer within 120s after its cold reset",
+            gone.id, gone.id
+        )) && err
+            .message
+            .contains("the simulated BMC is restarting after a cold reset"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn bmc_job_over_redfish_is_refused_naming_ipmi() {
+    let world = World::default();
+    // Nothing listens there: the refusal is made without a request.
+    let node = world.node(
+        "redfish-node",
+        obm(REDFISH_SERVICE, "https://127.0.0.1:1", "root", SECRET, None),
+    );
+    let job = BmcJob::new(Arc::new(Drivers::default()));
+    let err = world
+        .run(&job, json!({ "action": "clear-sel" }), Some(&node))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.contains(&format!(
+            "node {} (redfish-node): clear SEL on BMC https://127.0.0.1:1",
+            node.id
+        )) && err.message.contains(
+            "not supported: metalgraph clears a BMC's SEL only over IPMI, as RackHD's \
+                 ipmi-obm-service did; give the node an ipmi-obm-service OBM for its BMC"
+        ),
+        "{err}"
+    );
+    assert!(!err.message.contains(SECRET));
+}
+
 #[tokio::test]
 async fn wait_notification_returns_the_callback_and_takes_no_slot() {
     let world = World::default();
@@ -222,6 +324,7 @@ fn registry() -> JobRegistry {
     register_basic(&mut jobs);
     register_provisioning(&mut jobs, Arc::new(Drivers::default()));
     register_config_media(&mut jobs, Arc::new(ConfigMediaSite::default()));
+    metalgraph_tasks::rackhd::register(&mut jobs);
     jobs
 }
 
@@ -275,6 +378,21 @@ fn shipped_obm_task_definitions_are_valid() {
         ("Task.Redfish.Discovery", "discovery.redfish", None),
         ("Task.Catalog.Redfish", "catalog.redfish", None),
         ("Task.Wait.Notification", "wait.notification", None),
+        (
+            "Task.Obm.Node.SoftReset",
+            "Task.Base.Obm.Node",
+            Some(("action", "softReset")),
+        ),
+        (
+            "Task.Obm.Node.ClearSEL",
+            "Task.Base.Obm.Node",
+            Some(("action", "clearSEL")),
+        ),
+        (
+            "Task.Obm.Node.McResetCold",
+            "Task.Base.Obm.Node",
+            Some(("action", "mcResetCold")),
+        ),
     ];
     for (name, job, option) in expected {
         let file = format!("{name}.yaml");
@@ -323,6 +441,9 @@ async fn shipped_obm_graphs_are_valid() {
         "Graph.Redfish.Discovery",
         "Graph.Catalog.Redfish",
         "Graph.InstallOS.VirtualMedia",
+        "Graph.Reset.Soft.Node",
+        "Graph.ClearSEL.Node",
+        "Graph.McReset",
     ];
     for name in ours {
         let graph = library

@@ -405,7 +405,8 @@ pub struct IpmiSim {
     pub proc: Proc,
     pub port: u16,
     chassis: PathBuf,
-    _dir: TempDir,
+    /// Its configuration and state, and files tests hand to ipmitool; removed on drop.
+    dir: TempDir,
 }
 
 impl IpmiSim {
@@ -460,27 +461,68 @@ impl IpmiSim {
             proc,
             port,
             chassis,
-            _dir: dir,
+            dir,
         };
         sim.wait_ready();
         sim
     }
 
+    /// `ipmitool` aimed at this BMC as `admin`, with `args` as its command.
+    fn ipmitool_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ipmitool");
+        cmd.args([
+            "-I",
+            "lanplus",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+        ])
+        .args(["-U", "admin", "-E", "-C", "3", "-N", "1", "-R", "1"])
+        .args(args)
+        .env("IPMI_PASSWORD", IPMI_PASSWORD);
+        cmd
+    }
+
+    /// Runs `ipmitool` against this BMC (`sel add FILE`, `sel info`, `chassis power
+    /// status`, ...) and returns its standard output; panics with its stderr if it fails.
+    pub fn ipmitool(&self, args: &[&str]) -> String {
+        let out = self.ipmitool_command(args).output().expect("ipmitool runs");
+        assert!(
+            out.status.success(),
+            "ipmitool {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// How many entries the BMC's System Event Log holds, as `ipmitool sel info` says.
+    pub fn sel_entries(&self) -> u64 {
+        let info = self.ipmitool(&["sel", "info"]);
+        info.lines()
+            .find_map(|l| {
+                let (key, value) = l.split_once(':')?;
+                (key.trim() == "Entries").then(|| value.trim().parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no entry count in `sel info`:\n{info}"))
+    }
+
+    /// Logs `n` events in the BMC's System Event Log with `ipmitool sel add` (a Power Unit
+    /// "power off" event each; ipmi_sim takes no Platform Event messages, so `ipmitool
+    /// event` cannot fill it).
+    pub fn add_sel_entries(&self, n: usize) {
+        let file = self.dir.path().join("sel-events.txt");
+        let line = "0x04 0x09 0x01 0x6f 0x00 0xff 0xff # Power Unit #1 power off\n";
+        std::fs::write(&file, line.repeat(n)).unwrap();
+        self.ipmitool(&["sel", "add", file.to_str().expect("a UTF-8 path")]);
+    }
+
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let ok = Command::new("ipmitool")
-                .args([
-                    "-I",
-                    "lanplus",
-                    "-H",
-                    "127.0.0.1",
-                    "-p",
-                    &self.port.to_string(),
-                ])
-                .args(["-U", "admin", "-E", "-C", "3", "-N", "1", "-R", "1"])
-                .args(["chassis", "power", "status"])
-                .env("IPMI_PASSWORD", IPMI_PASSWORD)
+            let ok = self
+                .ipmitool_command(&["chassis", "power", "status"])
                 .output()
                 .is_ok_and(|o| o.status.success());
             if ok {

@@ -1,4 +1,5 @@
-//! The IPMI driver (`ipmi-obm-service`): runs `ipmitool -I lanplus` once per operation.
+//! The IPMI driver (`ipmi-obm-service`): runs `ipmitool -I lanplus` once per operation
+//! (twice to clear the SEL, whose entry count it reads first).
 //!
 //! The password reaches ipmitool only through the `IPMI_PASSWORD` environment variable
 //! (`-E`), never on its command line, where every user of the machine could read it in the
@@ -357,6 +358,34 @@ impl Bmc for IpmiBmc {
             "the IPMI driver reads no inventory; use a Redfish OBM for catalogs",
         )
     }
+
+    fn clear_sel(&self) -> BoxFuture<'_, Result<Option<u64>>> {
+        Box::pin(async move {
+            let info = self.run("read SEL info", &["sel", "info"]).await?;
+            // `sel clear` reserves the SEL and asks the BMC to erase it; it prints "Clearing
+            // SEL.  Please allow a few seconds to erase." and does not wait for the erasure.
+            self.run("clear SEL", &["sel", "clear"]).await?;
+            Ok(parse_sel_entries(&info))
+        })
+    }
+
+    fn reset_controller_cold(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.run("cold reset", &["mc", "reset", "cold"])
+                .await
+                .map(drop)
+        })
+    }
+}
+
+/// The `Entries : 3` line of `sel info`.
+fn parse_sel_entries(out: &str) -> Option<u64> {
+    out.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        (key.trim() == "Entries")
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    })
 }
 
 /// `Chassis Power is on` → On.
@@ -479,6 +508,16 @@ mod tests {
         assert_eq!(b.raw, "Force PXE");
         let cd = parse_boot_flags("   - Boot Device Selector : Force Boot from CD/DVD\n");
         assert_eq!(cd.device, Some(BootDevice::Cd));
+    }
+
+    #[test]
+    fn sel_entries_parse() {
+        let out = "SEL Information\nVersion          : 1.5 (v1.5, v2 compliant)\n\
+                   Entries          : 3\nFree Space       : 15952 bytes \n\
+                   Percent Used     : 0%\nOverflow         : false\n";
+        assert_eq!(parse_sel_entries(out), Some(3));
+        assert_eq!(parse_sel_entries("Entries : none\n"), None);
+        assert_eq!(parse_sel_entries(""), None);
     }
 
     #[test]

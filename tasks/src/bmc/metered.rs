@@ -139,4 +139,12 @@ impl Bmc for Metered {
     fn inventory(&self) -> BoxFuture<'_, Result<Value>> {
         self.measure("inventory", self.inner.inventory())
     }
+
+    fn clear_sel(&self) -> BoxFuture<'_, Result<Option<u64>>> {
+        self.measure("clear_sel", self.inner.clear_sel())
+    }
+
+    fn reset_controller_cold(&self) -> BoxFuture<'_, Result<()>> {
+        self.measure("reset_controller_cold", self.inner.reset_controller_cold())
+    }
 }

@@ -1,5 +1,6 @@
-//! BMC drivers: one [`Bmc`] trait (power, boot override, virtual media, inventory) with a
-//! Redfish, an IPMI and a simulated implementation, and the [`Drivers`] factory that picks
+//! BMC drivers: one [`Bmc`] trait (power, boot override, virtual media, inventory, and the
+//! BMC's own upkeep: its event log and a cold reset) with a Redfish, an IPMI and a
+//! simulated implementation, and the [`Drivers`] factory that picks
 //! one from a node's OBM record.
 //!
 //! Architecture invariant: drivers know nothing of workflows or tasks. They take a node's
@@ -296,6 +297,18 @@ pub trait Bmc: Send + Sync {
     /// The node's inventory as a JSON document (stored as a catalog). Parts the BMC fails
     /// to provide are listed under `errors` rather than failing the whole inventory.
     fn inventory(&self) -> BoxFuture<'_, Result<Value>>;
+
+    /// Clears the BMC's System Event Log (SEL) and returns how many entries it held just
+    /// before, when the BMC said. It returns when the BMC accepted the clear: BMCs may
+    /// erase in the background, and many log the clearing itself as a new entry, so the
+    /// log is not necessarily empty afterwards.
+    fn clear_sel(&self) -> BoxFuture<'_, Result<Option<u64>>>;
+
+    /// Cold-resets the BMC itself (the node's power is not touched). It returns when the
+    /// BMC accepted the reset; the BMC then stops answering for a while, often seconds to
+    /// minutes, and may reset before its answer is sent, which the caller sees as an
+    /// unreachable BMC or a timeout.
+    fn reset_controller_cold(&self) -> BoxFuture<'_, Result<()>>;
 }
 
 /// Driver settings shared by every BMC.

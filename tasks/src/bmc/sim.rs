@@ -1,10 +1,14 @@
-//! The simulated BMC (`sim-obm-service`): power, boot override, virtual media and a small
-//! inventory kept in process memory, for the demo, benchmarks and tests that need no peer.
+//! The simulated BMC (`sim-obm-service`): power, boot override, virtual media, a small
+//! inventory and a System Event Log kept in process memory, for the demo, benchmarks and
+//! tests that need no peer.
 //!
 //! State lives in one process-wide map keyed by node id, so every driver instance of a
 //! node (one per job run) sees the same machine. A power change takes effect after a delay
 //! (default 50 ms, OBM config `delay`), applied lazily when the state is next read, as
-//! sushy-tools does; jobs must therefore poll, as they do against real BMCs.
+//! sushy-tools does; jobs must therefore poll, as they do against real BMCs. Each power
+//! action logs one SEL entry, as real BMCs log power events. A cold reset of the BMC makes
+//! it unreachable for the same delay, with the machine's state kept (the SEL is
+//! non-volatile, and the node's power is not the BMC's).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock, PoisonError};
@@ -29,6 +33,10 @@ struct Machine {
     boot: Option<(BootDevice, bool, Option<bool>)>,
     /// The image in the primary (CD) and the secondary (USB stick) device.
     media: [Option<String>; 2],
+    /// How many entries the System Event Log holds.
+    sel_entries: u64,
+    /// Until when the BMC is restarting after a cold reset and answers nothing.
+    down_until: Option<Instant>,
 }
 
 /// A simulated machine's media device for `slot`.
@@ -109,6 +117,13 @@ impl SimBmc {
         }
         let mut map = machines().lock().unwrap_or_else(PoisonError::into_inner);
         let m = map.entry(self.node_id.clone()).or_default();
+        if m.down_until.is_some_and(|until| Instant::now() < until) {
+            return Err(Error::Unreachable {
+                at: self.at(op),
+                message: "the simulated BMC is restarting after a cold reset".to_owned(),
+            });
+        }
+        m.down_until = None;
         m.settle();
         Ok(f(m))
     }
@@ -143,13 +158,16 @@ impl Bmc for SimBmc {
 
     fn power_action(&self, action: PowerAction) -> BoxFuture<'_, Result<()>> {
         let at = Instant::now() + self.delay;
-        Self::ready(self.with(&action.to_string(), |m| match action {
-            PowerAction::On => m.pending = Some((true, at)),
-            PowerAction::Off | PowerAction::SoftOff => m.pending = Some((false, at)),
-            // A restart goes dark at once and comes back after the delay, like sushy.
-            PowerAction::Reboot | PowerAction::Reset => {
-                m.on = false;
-                m.pending = Some((true, at));
+        Self::ready(self.with(&action.to_string(), |m| {
+            m.sel_entries += 1;
+            match action {
+                PowerAction::On => m.pending = Some((true, at)),
+                PowerAction::Off | PowerAction::SoftOff => m.pending = Some((false, at)),
+                // A restart goes dark at once and comes back after the delay, like sushy.
+                PowerAction::Reboot | PowerAction::Reset => {
+                    m.on = false;
+                    m.pending = Some((true, at));
+                }
             }
         }))
     }
@@ -218,5 +236,14 @@ impl Bmc for SimBmc {
                 "errors": [],
             })
         }))
+    }
+
+    fn clear_sel(&self) -> BoxFuture<'_, Result<Option<u64>>> {
+        Self::ready(self.with("clear SEL", |m| Some(std::mem::take(&mut m.sel_entries))))
+    }
+
+    fn reset_controller_cold(&self) -> BoxFuture<'_, Result<()>> {
+        let until = Instant::now() + self.delay;
+        Self::ready(self.with("cold reset", |m| m.down_until = Some(until)))
     }
 }

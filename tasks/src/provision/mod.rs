@@ -1,5 +1,6 @@
 //! Provisioning jobs: they drive a node's BMC through [`crate::bmc`] (`obm.power`,
-//! `obm.boot-device`, `virtual-media.insert`, `virtual-media.eject`, `catalog.redfish`),
+//! `obm.boot-device`, `obm.bmc`, `virtual-media.insert`, `virtual-media.eject`,
+//! `catalog.redfish`),
 //! discover nodes behind a Redfish service (`discovery.redfish`) and wait for a node's
 //! callback (`wait.notification`).
 //!
@@ -10,6 +11,7 @@
 
 mod boot;
 mod catalog;
+mod controller;
 mod discovery;
 mod media;
 mod power;
@@ -24,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use boot::BootDeviceJob;
 pub use catalog::CatalogRedfishJob;
+pub use controller::BmcJob;
 pub use discovery::{DiscoveryEndpointJob, DiscoveryRedfishJob};
 pub use media::{VirtualMediaEjectJob, VirtualMediaInsertJob};
 pub use power::PowerJob;
