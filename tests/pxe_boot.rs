@@ -15,9 +15,12 @@
 //! autoconfiguration at each "Configuring (net0 ...)".
 //!
 //! The scenarios run once each, in order, against one server: (1) BIOS: a registered node
-//! runs Graph.InstallOS.PXE; DHCP's profile URL carries the node's capability, so its
-//! waiting task's profile holds the callback, iPXE GETs the notification URL with the
-//! task's token, and the workflow succeeds. (2) UEFI: the same through EDK2's PXE,
+//! runs RackHD's Graph.InstallCentOS; DHCP's profile URL carries the node's capability, so
+//! its waiting task's profile holds the callback and an install script URL that carries
+//! the capability on: iPXE fetches the kickstart rendered for the node (a 200 only for
+//! the proven node, since it holds the callback), then GETs the notification URL with the
+//! task's token, and the workflow succeeds. The installer kernel does not run: the profile
+//! does what it would. (2) UEFI: Graph.InstallOS.PXE through EDK2's PXE,
 //! `snponly.efi` over our TFTP (with EDK2's aborted tsize probe), then iPXE. (3) An unknown
 //! VM becomes a node with a `pxe` catalog and a discovery workflow.
 
@@ -44,6 +47,17 @@ const TEST_PROFILE: &str = "#!ipxe\n\
 echo PROFILE-OK task={{ task.label }}\n\
 echo node={{ node.id }}\n\
 echo platform=${platform} chip=${net0/chip}\n\
+imgfetch {{ notification.url }} && echo NOTIFY-SENT || echo NOTIFY-FAILED\n";
+
+/// The profile of the RackHD install scenario: it fetches the install script the task names
+/// (the kickstart, rendered for the node with its callback), then calls back as the
+/// kickstart's %post would, with GET.
+const RACKHD_PROFILE: &str = "#!ipxe\n\
+# metalgraph pxe_boot RackHD install profile\n\
+echo PROFILE-OK task={{ task.label }}\n\
+echo node={{ node.id }}\n\
+echo platform=${platform} chip=${net0/chip}\n\
+imgfetch --name ks {{ options.installScriptUri }} && echo KS-OK || echo KS-FAILED\n\
 imgfetch {{ notification.url }} && echo NOTIFY-SENT || echo NOTIFY-FAILED\n";
 
 /// Whether the tools and firmware are here; fails naming what is missing unless
@@ -228,6 +242,7 @@ impl Net {
         let n = self.n;
         std::fs::create_dir_all(self.path("templates")).unwrap();
         std::fs::write(self.path("templates/qemu-test.ipxe"), TEST_PROFILE).unwrap();
+        std::fs::write(self.path("templates/qemu-rackhd.ipxe"), RACKHD_PROFILE).unwrap();
         let log = std::fs::File::create(self.path("metalgraph.log")).unwrap();
         let mut child = self
             .exec(env!("CARGO_BIN_EXE_metalgraph"))
@@ -396,6 +411,30 @@ enum Firmware {
 /// Registers a node for `mac` (simulated BMC) and runs Graph.InstallOS.PXE on it with the
 /// test profile; returns the node and workflow ids once the install task waits.
 async fn install_workflow(api: &Api, name: &str, mac: &str) -> (String, String) {
+    install_graph(
+        api,
+        name,
+        mac,
+        "Graph.InstallOS.PXE",
+        "wait-installed",
+        json!({
+            "defaults": {"kernel": "http://unused/vmlinuz", "initrd": "http://unused/initrd"},
+            "wait-installed": {"profile": "qemu-test.ipxe"},
+        }),
+    )
+    .await
+}
+
+/// Registers a node for `mac` (simulated BMC) and runs `graph` on it with `options`;
+/// returns the node and workflow ids once task `waits` runs.
+async fn install_graph(
+    api: &Api,
+    name: &str,
+    mac: &str,
+    graph: &str,
+    waits: &str,
+    options: Value,
+) -> (String, String) {
     let node = api
         .create_node(json!({
             "name": name,
@@ -403,17 +442,8 @@ async fn install_workflow(api: &Api, name: &str, mac: &str) -> (String, String) 
             "obms": [{"service": "sim-obm-service", "config": {"host": "sim"}}],
         }))
         .await;
-    let id = api
-        .run(
-            "Graph.InstallOS.PXE",
-            Some(&node),
-            json!({
-                "defaults": {"kernel": "http://unused/vmlinuz", "initrd": "http://unused/initrd"},
-                "wait-installed": {"profile": "qemu-test.ipxe"},
-            }),
-        )
-        .await;
-    api.wait_task(&id, "wait-installed", "running", Duration::from_secs(20))
+    let id = api.run(graph, Some(&node), options).await;
+    api.wait_task(&id, waits, "running", Duration::from_secs(20))
         .await;
     (node, id)
 }
@@ -458,9 +488,18 @@ async fn real_firmware_boots_through_metalgraph() {
     let api = net.start_metalgraph();
     let n = net.n;
 
-    // (1) BIOS: SeaBIOS runs the e1000's iPXE ROM, which DHCP answers with the profile URL.
+    // (1) BIOS: SeaBIOS runs the e1000's iPXE ROM, which DHCP answers with the profile URL;
+    // the node runs RackHD's CentOS install graph.
     let mac = format!("52:54:00:{n:02x}:00:01");
-    let (node, id) = install_workflow(&api, "vm-bios", &mac).await;
+    let (node, id) = install_graph(
+        &api,
+        "vm-bios",
+        &mac,
+        "Graph.InstallCentOS",
+        "install-os",
+        json!({"install-os": {"version": "9-stream", "profile": "qemu-rackhd.ipxe"}}),
+    )
+    .await;
     let t0 = Instant::now();
     let vm = net.start_vm(
         Firmware::Bios {
@@ -501,8 +540,9 @@ async fn real_firmware_boots_through_metalgraph() {
     let serial = net.serial("bios.log");
     assert!(
         serial.contains(&format!(
-            "PROFILE-OK task=wait-installed\nnode={node}\nplatform=pcbios chip=82540em"
-        )) && serial.contains("NOTIFY-SENT"),
+            "PROFILE-OK task=install-os\nnode={node}\nplatform=pcbios chip=82540em"
+        )) && serial.contains("KS-OK")
+            && serial.contains("NOTIFY-SENT"),
         "{}",
         net.evidence("bios.log")
     );

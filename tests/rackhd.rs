@@ -197,6 +197,71 @@ async fn rackhd_definitions_load_unchanged_and_run() {
         "{body}"
     );
 
+    // RackHD's template dialect, chosen for a definition of a RackHD base task: `||`,
+    // sections over lists, inverted sections, RackHD's variables, and options that refer
+    // to options (rendered first). A graph option layer that names no task is ignored.
+    let dialect = json!({"injectableName": "Graph.Test.Dialect",
+        "options": {"not-a-task": {"x": 1}},
+        "tasks": [{"label": "tell", "taskDefinition": {
+            "friendlyName": "Dialect", "injectableName": "Task.Inline.Dialect",
+            "implementsTask": "Task.Base.Rest",
+            "options": {
+                "base": rest_url, "url": "{{ options.base }}/dialect", "method": "POST",
+                "name": "", "version": 7, "dns": ["10.0.0.2", "10.0.0.3"],
+                "installScript": "centos-ks",
+                "scriptUri": "{{ api.templates }}/{{ options.installScript }}?nodeId={{ task.nodeId }}",
+                "data": {
+                    "who": "{{ options.name || task.nodeId }}",
+                    "target": "{{ context.target }}",
+                    "graph": "{{ context.graphId }}",
+                    "repo": "{{ file.server }}/centos/{{ options.version }}/os",
+                    "dns": "{{#options.dns}}ns={{.}};{{/options.dns}}",
+                    "anon": "{{^options.name}}anonymous{{/options.name}}",
+                    "script": "{{ options.scriptUri }}"
+                }},
+            "properties": {}}}]});
+    let (code, body) = api
+        .send("PUT", "/api/2.0/workflows/graphs", Some(dialect))
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let wf = api
+        .run_wait("Graph.Test.Dialect", Some("demo-node-06"), json!({}), LIMIT)
+        .await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    let told = seen.lock().unwrap().last().cloned().unwrap();
+    let templates = server.node_url("/api/current/templates");
+    assert_eq!(
+        (told.1.as_str(), &told.2),
+        (
+            "/dialect",
+            &json!({
+                "who": "demo-node-06",
+                "target": "demo-node-06",
+                "graph": wf["instanceId"],
+                "repo": format!("{}/centos/7/os", server.node_url("/files")),
+                "dns": "ns=10.0.0.2;ns=10.0.0.3;",
+                "anon": "anonymous",
+                "script": format!("{templates}/centos-ks?nodeId=demo-node-06"),
+            })
+        )
+    );
+    // A RackHD template that cannot be read is refused when stored, naming the tag.
+    let (code, body) = api
+        .send(
+            "PUT",
+            "/api/2.0/workflows/tasks",
+            Some(json!({"injectableName": "Task.Test.Unclosed",
+                        "implementsTask": "Task.Base.noop",
+                        "options": {"x": "{{#options.kvm}}kvm"}})),
+        )
+        .await;
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body.to_string()
+            .contains("the section {{#options.kvm}} is never closed with {{/options.kvm}}"),
+        "{body}"
+    );
+
     // RackHD's reset graphs, shipped under their names; the soft one leaves the node off.
     for (graph, node, state) in [
         ("Graph.Reset.Node", "demo-node-04", "On"),

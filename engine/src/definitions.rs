@@ -588,18 +588,8 @@ fn resolve_task(
             merge(&mut options, m);
         }
     }
-    // RackHD templates are translated when they render; one that cannot be is refused now.
-    if dialect == Dialect::Rackhd {
-        for (k, v) in &options {
-            for_each_template(v, k, &mut |path, s| {
-                if let Err(e) = rackhd::translate(s) {
-                    problems.push(
-                        p(format!("option '{path}' (RackHD's template dialect): {e}"))
-                            .field(format!("options.{k}")),
-                    );
-                }
-            });
-        }
+    for (field, msg) in untranslatable(dialect, &options) {
+        problems.push(p(msg).field(field));
     }
     if let Some(run) = run {
         for layer in ["defaults", l] {
@@ -697,6 +687,25 @@ fn non_empty_or(s: &str, fallback: &str) -> String {
     } else {
         s.to_owned()
     }
+}
+
+/// RackHD templates are translated when they render; those among `options` that cannot be
+/// are refused when their definition is stored: `(field, message)` for each.
+fn untranslatable(dialect: Dialect, options: &Map<String, Value>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if dialect == Dialect::Rackhd {
+        for (k, v) in options {
+            for_each_template(v, k, &mut |path, s| {
+                if let Err(e) = rackhd::translate(s) {
+                    out.push((
+                        format!("options.{k}"),
+                        format!("option '{path}' (RackHD's template dialect): {e}"),
+                    ));
+                }
+            });
+        }
+    }
+    out
 }
 
 /// Calls `f` with every template string inside `v` and its option path.
@@ -960,6 +969,12 @@ pub fn validate_task(def: &TaskDefinition, jobs: &JobRegistry) -> Result<(), Pro
                 );
             }
         }
+    }
+    let dialect = def
+        .template_dialect
+        .unwrap_or_else(|| Dialect::of_job(&def.implements_task));
+    for (field, msg) in untranslatable(dialect, &def.options) {
+        problems.push(Problem::new(msg).task(name).field(field));
     }
     if problems.is_empty() {
         Ok(())
