@@ -705,6 +705,101 @@ mod tests {
         assert!(builtin_template("missing.ipxe").is_none());
     }
 
+    /// Every shipped OS install (`Task.Base.Os.Install` definitions) renders its profile and
+    /// its install script for a node, with the definition's own options and with only the
+    /// few RackHD's own definitions are sure to set (the rest are the job's null defaults).
+    #[test]
+    fn every_shipped_os_install_renders_its_profile_and_install_script() {
+        let library = crate::library::library().expect("the library loads");
+        let jobs = crate::server::jobs();
+        let job = jobs.get("Task.Base.Os.Install").expect("registered");
+        let node = Node {
+            id: "n1".into(),
+            name: "rack1-node7".into(),
+            identifiers: vec!["52:54:00:00:00:07".into()],
+            node_type: "compute".into(),
+            tags: vec![],
+            obms: vec![],
+            created_at: String::new(),
+            updated_at: String::new(),
+        };
+        let api = metalgraph_engine::ApiUrls {
+            base: "http://10.0.0.1:8080/api/2.0".into(),
+            node_base: "http://10.0.0.1:8090/api/2.0".into(),
+        };
+        let defs: Vec<_> = library
+            .tasks
+            .values()
+            .filter(|d| d.implements_task == "Task.Base.Os.Install")
+            .collect();
+        assert!(defs.len() >= 9, "{}", defs.len());
+        for def in defs {
+            let minimal: serde_json::Map<String, Value> = def
+                .options
+                .iter()
+                .filter(|(k, _)| {
+                    ["profile", "installScript", "installScriptUri", "repo"].contains(&k.as_str())
+                })
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            for (variant, given) in [("own", &def.options), ("minimal", &minimal)] {
+                let what = format!("{} ({variant} options)", def.injectable_name);
+                let mut options = job.schema().defaults();
+                options.extend(given.clone());
+                if options
+                    .get("version")
+                    .is_none_or(|v| v.is_null() || v == "")
+                {
+                    options.insert("version".into(), json!("7"));
+                }
+                let task = NodeTask {
+                    workflow_id: "wf".into(),
+                    graph: "G".into(),
+                    label: "install-os".into(),
+                    task_id: "t".into(),
+                    job: def.implements_task.clone(),
+                    state: TaskState::Running,
+                    options,
+                    token: "0123456789abcdef0123456789abcdef".into(),
+                    cap: metalgraph_engine::NodeCaps::random().cap("n1", "wf", "t", "tok"),
+                    context: Default::default(),
+                    dialect: metalgraph_engine::template::Dialect::of_job(&def.implements_task),
+                    data: Vec::new(),
+                };
+                let profile = task.options["profile"].as_str().unwrap().to_owned();
+                let text =
+                    builtin_template(&profile).unwrap_or_else(|| panic!("{what}: {profile}"));
+                let script = render(text, &node, Some(&task), &profile)
+                    .unwrap_or_else(|e| panic!("{what}: profile {profile}: {e}"));
+                assert!(script.starts_with("#!ipxe\n"), "{what}: {script}");
+                let Some(name) = task.options["installScript"].as_str() else {
+                    continue;
+                };
+                let text = builtin_template(name).unwrap_or_else(|| panic!("{what}: {name}"));
+                let t = task_vars(&node.id, &task, true);
+                let vars = json!({
+                    "node": node.template_view(),
+                    "api": api.node_vars(),
+                    "task": t,
+                    "notification": notification_vars(&api.node_base, &node.id, &task),
+                    "options": task_options(&api, json!({}), node.template_view(), &task, t.clone())
+                        .unwrap_or_else(|e| panic!("{what}: options: {e}")),
+                });
+                let rendered = metalgraph_engine::template::Renderer::checked(
+                    metalgraph_engine::template::no_control_characters,
+                )
+                .render_str(text, &vars)
+                .unwrap_or_else(|e| panic!("{what}: install script {name}: {e}"));
+                // The callback URL, however the format quotes it, carries the task's token.
+                assert!(
+                    rendered.contains("notification?nodeId=n1")
+                        && rendered.contains("0123456789abcdef0123456789abcdef"),
+                    "{what}: {name} does not call back:\n{rendered}"
+                );
+            }
+        }
+    }
+
     /// A node whose name, tags and BMC-reported data try to add commands to its boot script,
     /// and a running install task whose options the operator wrote.
     fn hostile() -> (Node, NodeTask, Report) {

@@ -629,6 +629,111 @@ async fn rackhd_install_graphs_run_end_to_end_on_a_demo_node() {
     assert_eq!(wf["status"], "succeeded", "{wf:#}");
     assert_eq!(wf["context"]["install-os"]["status"], "installed");
 
+    // RackHD's own shape of the graph, in RackHD's JSON (a corpus written for this test):
+    // its task definition's install script URL carries no capability, and a second wait
+    // takes the installed system's first-boot callback, which the kickstart installs when
+    // the definition names RackHD's callback script.
+    let (code, body) = api
+        .send(
+            "PUT",
+            "/api/2.0/workflows/tasks",
+            Some(json!({
+                "friendlyName": "Install CentOS", "injectableName": "Task.Test.Os.Install.CentOS",
+                "implementsTask": "Task.Base.Os.Install",
+                "options": {
+                    "osType": "linux", "profile": "install-centos.ipxe",
+                    "installScript": "centos-ks",
+                    "installScriptUri": "{{api.templates}}/{{options.installScript}}?nodeId={{task.nodeId}}",
+                    "hostname": "localhost", "comport": "ttyS0",
+                    "rackhdCallbackScript": "centos.rackhdcallback",
+                    "repo": "{{file.server}}/centos/{{options.version}}/os/x86_64",
+                    "rootPassword": "changeme", "remoteLogging": false,
+                    "progressMilestones": {"completed": {"value": 6, "description": "done"}}
+                },
+                "properties": {"os": {"linux": {"distribution": "centos"}}}
+            })),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let (code, body) = api
+        .send(
+            "PUT",
+            "/api/2.0/workflows/graphs",
+            Some(json!({
+                "friendlyName": "Install CentOS (RackHD's shape)",
+                "injectableName": "Graph.Test.InstallCentOS",
+                "options": {"install-os": {"version": null, "_taskTimeout": 3600000},
+                            "rackhd-callback-notification-wait": {"_taskTimeout": 1200000}},
+                "tasks": [
+                    {"label": "set-boot-pxe", "taskName": "Task.Obm.Node.PxeBoot", "ignoreFailure": true},
+                    {"label": "reboot", "taskName": "Task.Obm.Node.Reboot",
+                     "waitOn": {"set-boot-pxe": "finished"}},
+                    {"label": "install-os", "taskName": "Task.Test.Os.Install.CentOS",
+                     "waitOn": {"reboot": "succeeded"}},
+                    {"label": "rackhd-callback-notification-wait", "taskName": "Task.Wait.Notification",
+                     "waitOn": {"install-os": "succeeded"}}
+                ]
+            })),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let id = api
+        .run(
+            "Graph.Test.InstallCentOS",
+            Some("demo-node-06"),
+            json!({"install-os": {"version": "7"}}),
+        )
+        .await;
+    api.wait_task(&id, "install-os", "running", LIMIT).await;
+    let profile = fetch_as_node(
+        &server.node_url("/api/current/profiles?macs=02:00:00:00:00:06"),
+        "inst.ks=",
+    )
+    .await;
+    let ks_url = word_after(&profile, "inst.ks=").to_owned();
+    assert_eq!(
+        ks_url,
+        server.node_url("/api/current/templates/centos-ks?nodeId=demo-node-06")
+    );
+    let ks = fetch_as_node(&ks_url, "%post").await;
+    let first_boot = server.node_url("/api/2.0/notification?nodeId=demo-node-06");
+    assert!(
+        ks.contains("metalgraph-firstboot.service") && ks.contains(&format!("\"{first_boot}\"")),
+        "{ks}"
+    );
+    let callback = word_after(&ks, "-d '{\"status\": \"installed\"}' '").to_owned();
+    let node_http = reqwest::Client::new();
+    let r = node_http
+        .post(&callback)
+        .json(&json!({"status": "installed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    api.wait_task(&id, "rackhd-callback-notification-wait", "running", LIMIT)
+        .await;
+    let mut delivered = false;
+    for _ in 0..50 {
+        let r = node_http
+            .post(&first_boot)
+            .json(&json!({"status": "booted"}))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            delivered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(delivered, "the first-boot callback was taken");
+    let wf = api.wait(&id, LIMIT).await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    assert_eq!(
+        wf["context"]["rackhd-callback-notification-wait"]["status"],
+        "booted"
+    );
+
     // Another OS, called back the way RackHD's installers do: no token, RackHD's path.
     let id = api
         .run(

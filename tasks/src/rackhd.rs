@@ -167,8 +167,9 @@ impl BaseTask {
     }
 }
 
-/// RackHD's OS install options: each may be left null (not given); the install templates
-/// use those given. `(name, kind, what)`. `version` is not among them: a definition that
+/// RackHD's OS install options: each may be left null (not given) and is null unless
+/// given, so that install templates can test any of them (RackHD's own definitions leave
+/// most out); the templates use those given. `(name, kind, what)`. `version` is not among them: a definition that
 /// leaves it null needs it given when its graph runs.
 const OS_INSTALL_OPTIONS: &[(&str, OptionKind, &str)] = &[
     (
@@ -233,6 +234,12 @@ const OS_INSTALL_OPTIONS: &[(&str, OptionKind, &str)] = &[
         OptionKind::String,
         "RackHD's completion template; metalgraph's installers call back instead",
     ),
+    (
+        "rackhdCallbackScript",
+        OptionKind::String,
+        "RackHD's first-boot callback script: with it, the install script also calls back \
+         when the installed system first boots",
+    ),
     ("productkey", OptionKind::String, "a Windows product key"),
     (
         "smbUser",
@@ -277,7 +284,7 @@ impl BaseTask {
             "the iPXE profile the node is served while the install runs (a template name)",
         );
         for (name, kind, doc) in OS_INSTALL_OPTIONS {
-            schema = schema.optional(name, kind.clone(), None, doc);
+            schema = schema.optional(name, kind.clone(), Some(Value::Null), doc);
         }
         BaseTask {
             name: "Task.Base.Os.Install",
