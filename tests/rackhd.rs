@@ -76,6 +76,10 @@ fn task_definitions(rest_url: &str) -> Vec<Value> {
                "implementsTask": "Task.Base.Obm.Node",
                "options": {"action": "clearSEL", "obmServiceName": "ipmi-obm-service"},
                "properties": {}}),
+        json!({"friendlyName": "Disk boot", "injectableName": "Task.Test.Obm.DiskBoot",
+               "implementsTask": "Task.Base.Obm.Node",
+               "options": {"action": "setBootDisk", "obmServiceName": "ipmi-obm-service"},
+               "properties": {}}),
         json!({"friendlyName": "Post it", "injectableName": "Task.Test.Rest",
                "implementsTask": "Task.Base.Rest",
                "options": {"url": format!("{rest_url}/hook"), "method": "POST",
@@ -138,7 +142,9 @@ async fn rackhd_definitions_load_unchanged_and_run() {
     });
     let status_only = json!({"injectableName": "Graph.Test.Status",
         "tasks": [{"label": "status", "taskName": "Task.Test.Obm.PowerStatus"}]});
-    for g in [child, graph, status_only] {
+    let disk = json!({"injectableName": "Graph.Test.DiskBoot",
+        "tasks": [{"label": "disk", "taskName": "Task.Test.Obm.DiskBoot"}]});
+    for g in [child, graph, status_only, disk] {
         let (code, body) = api
             .send("PUT", "/api/2.0/workflows/graphs", Some(g.clone()))
             .await;
@@ -158,6 +164,18 @@ async fn rackhd_definitions_load_unchanged_and_run() {
         json!({"node": "demo-node-01", "step": "posted"}),
         "`data` is the body"
     );
+
+    // `setBootDisk`: the disk on the next boot, read back from the BMC.
+    let wf = api
+        .run_wait(
+            "Graph.Test.DiskBoot",
+            Some("demo-node-05"),
+            json!({}),
+            LIMIT,
+        )
+        .await;
+    assert_eq!(wf["status"], "succeeded", "{wf:#}");
+    assert_eq!(wf["context"]["disk"]["readback"]["device"], "hdd", "{wf:#}");
 
     // RackHD's node defaulting: `nodeId: null` is the node the graph runs on; without a
     // node it must be given.

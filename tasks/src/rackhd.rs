@@ -38,6 +38,8 @@ const OBM_ACTIONS: &[(&str, ObmStep)] = &[
     ("softReset", ObmStep::Power("soft-off")),
     ("powerStatus", ObmStep::Power("status")),
     ("setBootPxe", ObmStep::Boot("pxe")),
+    // RackHD's `setBootDisk`: the disk on the next boot only.
+    ("setBootDisk", ObmStep::Boot("hdd")),
     // RackHD's `forceBootPxe`: PXE next time, then a reset.
     ("forceBootPxe", ObmStep::BootThenPower("pxe", "reset")),
     // IPMI's `sel clear` and `mc reset cold`, as RackHD's ipmi-obm-service ran them; the
@@ -55,6 +57,7 @@ const OBM_ACTION_NAMES: &[&str] = &[
     "softReset",
     "powerStatus",
     "setBootPxe",
+    "setBootDisk",
     "forceBootPxe",
     "clearSEL",
     "mcResetCold",
@@ -343,7 +346,7 @@ impl ObmNode {
                 "action",
                 OptionKind::Enum(OBM_ACTION_NAMES),
                 "RackHD's OBM action: powerOn, powerOff, reboot, reset, softReset, \
-                 powerStatus, setBootPxe, forceBootPxe, clearSEL or mcResetCold (the last \
+                 powerStatus, setBootPxe, setBootDisk, forceBootPxe, clearSEL or mcResetCold (the last \
                  two over IPMI only)",
             )
             .optional(
