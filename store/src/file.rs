@@ -24,7 +24,15 @@
 //! (space and newline included) is written `%XX`. Preconditions are not journaled: they were checked before the record was
 //! written, and replay only needs the outcome.
 //!
-//! The whole state is also kept in memory; reads never touch the disk.
+//! # Memory
+//!
+//! Every key is kept in memory with where its value is: a value of up to [`INLINE_MAX`]
+//! bytes in memory too, a longer one as the offset and length of its text in the snapshot
+//! or the journal, read back (`pread`, then unescaped) when asked for. So the memory a
+//! store needs grows with its number of keys, not with the size of its values: about 100
+//! bytes per key plus the key itself, whatever the values weigh (a workflow record of a
+//! few KiB costs its key and 32 bytes). Opening streams the files a record at a time, and
+//! compaction copies values from file to file, so neither holds the data in memory.
 //!
 //! # Durability
 //!
@@ -49,7 +57,7 @@
 //! # Compaction
 //!
 //! [`FileStore::compact`] (also run automatically once the journal outgrows a threshold)
-//! writes the in-memory state to `snapshot.tmp`, fsyncs it, renames it over `snapshot`,
+//! writes the state to `snapshot.tmp` (each value copied from where it is), fsyncs it, renames it over `snapshot`,
 //! fsyncs the directory, and only then empties the journal and fsyncs it. A crash at any
 //! point reopens to the same state:
 //! - before the rename, the old snapshot and the full journal are intact (the leftover
@@ -63,9 +71,15 @@
 //!   This needs the snapshot to include *everything* in the journal, which holds because
 //!   the writer lock is held throughout, so the snapshot is the state after the last record.
 //! - after the journal is emptied, the snapshot alone is the state.
+//!
+//! Once the new snapshot is in place, and before the journal is emptied, every value's
+//! place is moved to the new snapshot; readers keep the old snapshot's file open until then,
+//! so a read never meets a file that no longer holds its value.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError, RwLock};
 
@@ -87,11 +101,119 @@ const SNAPSHOT_RECORD_OPS: usize = 1024;
 /// A header is `batch <len> <crc>\n`; anything longer without a newline is not a header.
 const MAX_HEADER: usize = 64;
 
+/// Values of up to this many bytes are kept in memory; longer ones are read from the file
+/// that holds them.
+pub const INLINE_MAX: usize = 64;
+
+/// Where a value is.
+#[derive(Debug, Clone)]
+enum Slot {
+    /// In memory.
+    Inline(Bytes),
+    /// As the escaped text of its token (without the quotes), `len` bytes at `at`.
+    Disk { file: Which, at: u64, len: u64 },
+}
+
+/// The file a value's text is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Which {
+    Snapshot,
+    Journal,
+}
+
+/// What readers need: the index, and the files its values are in.
+struct State {
+    index: Keyspaces<Slot>,
+    /// The snapshot the index's `Snapshot` places are in (absent before the first one).
+    snapshot: Option<File>,
+    /// The journal, for reading.
+    journal: File,
+}
+
+impl State {
+    /// The value `slot` stands for.
+    fn value(&self, slot: &Slot) -> Result<Bytes> {
+        match slot {
+            Slot::Inline(v) => Ok(v.clone()),
+            Slot::Disk { file, at, len } => {
+                let text = self.text(*file, *at, *len)?;
+                unescape(&text)
+                    .map_err(|why| Error::Io(format!("{:?} at offset {at}: {why}", file)))
+            }
+        }
+    }
+
+    /// The escaped text of a value on disk.
+    fn text(&self, which: Which, at: u64, len: u64) -> Result<Vec<u8>> {
+        let file = match which {
+            Which::Snapshot => self.snapshot.as_ref().ok_or_else(|| {
+                Error::Io("a value is placed in a snapshot that is not open".to_owned())
+            })?,
+            Which::Journal => &self.journal,
+        };
+        let mut text = vec![0; len as usize];
+        file.read_exact_at(&mut text, at).map_err(|e| {
+            Error::Io(format!(
+                "reading a value of {len} bytes at offset {at} of the {which:?}: {e}"
+            ))
+        })?;
+        Ok(text)
+    }
+
+    fn get(&self, keyspace: &str, key: &[u8]) -> Result<Option<Bytes>> {
+        self.index
+            .get(keyspace, key)
+            .map(|slot| self.value(slot))
+            .transpose()
+    }
+
+    fn values(&self, entries: Vec<(Bytes, Slot)>) -> Result<Vec<(Bytes, Bytes)>> {
+        entries
+            .into_iter()
+            .map(|(k, slot)| Ok((k, self.value(&slot)?)))
+            .collect()
+    }
+}
+
+/// Applies one op to the index; a put's value is kept in memory when short, else placed at
+/// `text` (its escaped text's place in the payload) of the payload at `payload_at` in
+/// `file`.
+fn apply(index: &mut Keyspaces<Slot>, op: Op, file: Which, payload_at: u64, text: Range<usize>) {
+    match op {
+        Op::Put {
+            keyspace,
+            key,
+            value,
+        } => {
+            let slot = if value.len() <= INLINE_MAX {
+                Slot::Inline(value)
+            } else {
+                Slot::Disk {
+                    file,
+                    at: payload_at + text.start as u64,
+                    len: (text.end - text.start) as u64,
+                }
+            };
+            index.insert(keyspace, key, slot);
+        }
+        Op::Delete { keyspace, key } => index.remove(&keyspace, &key),
+    }
+}
+
+/// What a [`FileStore`] keeps in memory ([`FileStore::memory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memory {
+    pub keys: usize,
+    /// The bytes of the keys and of the values kept in memory.
+    pub bytes: u64,
+}
+
 /// A [`Store`] in a directory holding a journal and a snapshot (see the module docs).
 pub struct FileStore {
     dir: PathBuf,
-    /// The full state, as of the last commit that reached the disk.
-    state: RwLock<Keyspaces>,
+    /// The state (keys, and where each value is), as of the last commit that reached the
+    /// disk.
+    state: RwLock<State>,
     /// Serialises commits and compactions; owns the journal file.
     writer: Mutex<Writer>,
     /// Journal size, in bytes, past which a commit compacts.
@@ -168,24 +290,25 @@ impl FileStore {
             fs::remove_file(&tmp).map_err(|e| io_error(&tmp, "removing", &e))?;
         }
 
-        let mut state = Keyspaces::default();
+        let mut index = Keyspaces::default();
         let snapshot = dir.join(SNAPSHOT);
-        match fs::read(&snapshot) {
-            Ok(data) => {
-                let (end, damage) = replay(&data, &snapshot, &mut state)?;
+        let snapshot_file = match File::open(&snapshot) {
+            Ok(file) => {
+                let (end, damage) = replay(&file, &snapshot, Which::Snapshot, &mut index)?;
                 // The snapshot is complete whenever it exists (it is only ever renamed into
                 // place whole), so any damage in it is corruption, never a torn tail.
-                if end < data.len() {
+                if damage.is_some() {
                     return Err(Error::Io(format!(
                         "{}: corrupt record at offset {end}{}",
                         snapshot.display(),
                         damage.map(|d| format!(": {d}")).unwrap_or_default()
                     )));
                 }
+                Some(file)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io_error(&snapshot, "reading", &e)),
-        }
+        };
 
         let path = dir.join(JOURNAL);
         let existed = path.exists();
@@ -198,29 +321,39 @@ impl FileStore {
         if !existed {
             sync_dir(dir)?;
         }
-        let data = fs::read(&path).map_err(|e| io_error(&path, "reading", &e))?;
-        let (end, damage) = replay(&data, &path, &mut state)?;
-        if end < data.len() {
+        let (end, damage) = replay(&journal, &path, Which::Journal, &mut index)?;
+        if let Some(reason) = damage {
+            let size = journal
+                .metadata()
+                .map_err(|e| io_error(&path, "reading", &e))?
+                .len();
             tracing::warn!(
                 path = %path.display(),
                 offset = end,
-                discarded = data.len() - end,
-                reason = damage.as_deref().unwrap_or("incomplete record"),
+                discarded = size - end,
+                reason,
                 "discarding the torn tail of the journal"
             );
             journal
-                .set_len(end as u64)
+                .set_len(end)
                 .and_then(|()| journal.sync_all())
                 .map_err(|e| io_error(&path, "truncating the torn tail of", &e))?;
         }
+        let reader = journal
+            .try_clone()
+            .map_err(|e| io_error(&path, "opening", &e))?;
 
         Ok(FileStore {
             _lock: lock,
             dir: dir.to_owned(),
-            state: RwLock::new(state),
+            state: RwLock::new(State {
+                index,
+                snapshot: snapshot_file,
+                journal: reader,
+            }),
             writer: Mutex::new(Writer {
                 journal,
-                len: end as u64,
+                len: end,
                 poisoned: None,
             }),
             compact_threshold: DEFAULT_COMPACT_THRESHOLD,
@@ -234,6 +367,22 @@ impl FileStore {
         self
     }
 
+    /// What the store holds in memory: its number of keys, and the bytes of those keys and
+    /// of the values short enough to be kept with them (at most [`INLINE_MAX`] each). The
+    /// maps around them add some 80 bytes per key. Walks every key.
+    pub fn memory(&self) -> Memory {
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        let mut memory = Memory { keys: 0, bytes: 0 };
+        for (_, key, slot) in state.index.iter() {
+            memory.keys += 1;
+            memory.bytes += key.len() as u64;
+            if let Slot::Inline(v) = slot {
+                memory.bytes += v.len() as u64;
+            }
+        }
+        memory
+    }
+
     /// Writes the whole state into a new snapshot and empties the journal.
     pub fn compact(&self) -> Result<()> {
         let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
@@ -245,15 +394,30 @@ impl FileStore {
             return Err(Error::Io(reason.clone()));
         }
         let tmp = self.dir.join(SNAPSHOT_TMP);
-        if let Err(e) = self.write_snapshot(&tmp) {
-            // The old snapshot and the journal are untouched, so the store stays usable.
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
+        let places = match self.write_snapshot(&tmp) {
+            Ok(places) => places,
+            Err(e) => {
+                // The old snapshot and the journal are untouched, so the store stays usable.
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
         let snapshot = self.dir.join(SNAPSHOT);
         fs::rename(&tmp, &snapshot)
             .map_err(|e| io_error(&snapshot, "renaming the new snapshot to", &e))?;
         sync_dir(&self.dir)?;
+        // Until here readers used the old snapshot's file, which stays open; if the new one
+        // cannot be opened they still do, and the journal is kept, so nothing is lost.
+        let file = File::open(&snapshot).map_err(|e| io_error(&snapshot, "opening", &e))?;
+        {
+            let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+            // The writer lock is held, so the index has not changed since the snapshot was
+            // written from it, and its entries come in the same order.
+            for (slot, new) in state.index.values_mut().zip(places) {
+                *slot = new;
+            }
+            state.snapshot = Some(file);
+        }
 
         let path = self.dir.join(JOURNAL);
         if let Err(e) = writer
@@ -272,32 +436,70 @@ impl FileStore {
         Ok(())
     }
 
-    /// Writes the current state to `path` and fsyncs it.
-    fn write_snapshot(&self, path: &Path) -> Result<()> {
+    /// Writes the current state to `path` and fsyncs it, copying each value's text from
+    /// where it is. Returns every entry's place in the new snapshot, in index order.
+    fn write_snapshot(&self, path: &Path) -> Result<Vec<Slot>> {
         let file = File::create(path).map_err(|e| io_error(path, "creating", &e))?;
         let mut out = BufWriter::new(file);
         let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        let mut places = Vec::with_capacity(state.index.len());
+        let mut written: u64 = 0;
         let mut payload = Vec::new();
-        let mut count = 0;
-        for (keyspace, key, value) in state.iter() {
-            encode_put(&mut payload, keyspace, key, value);
-            count += 1;
-            if count == SNAPSHOT_RECORD_OPS {
-                out.write_all(&frame(&payload))
-                    .map_err(|e| io_error(path, "writing", &e))?;
-                payload.clear();
-                count = 0;
+        // Entries of the record being built: (index in `places`, the value's text in it).
+        let mut pending: Vec<(usize, Range<usize>)> = Vec::new();
+        let mut flush = |payload: &mut Vec<u8>,
+                         pending: &mut Vec<(usize, Range<usize>)>,
+                         places: &mut Vec<Slot>|
+         -> Result<()> {
+            let record = frame(payload);
+            let payload_at = written + (record.len() - payload.len()) as u64;
+            for (i, text) in pending.drain(..) {
+                if let Slot::Disk { file, at, len } = &mut places[i] {
+                    *file = Which::Snapshot;
+                    *at = payload_at + text.start as u64;
+                    *len = (text.end - text.start) as u64;
+                }
+            }
+            out.write_all(&record)
+                .map_err(|e| io_error(path, "writing", &e))?;
+            written += record.len() as u64;
+            payload.clear();
+            Ok(())
+        };
+        for (keyspace, key, slot) in state.index.iter() {
+            payload.extend_from_slice(b"put ");
+            quote(&mut payload, keyspace.as_bytes());
+            payload.push(b' ');
+            quote(&mut payload, key);
+            payload.push(b' ');
+            match slot {
+                Slot::Inline(value) => {
+                    quote(&mut payload, value);
+                    places.push(slot.clone());
+                }
+                Slot::Disk { file, at, len } => {
+                    payload.push(b'"');
+                    let start = payload.len();
+                    payload.extend_from_slice(&state.text(*file, *at, *len)?);
+                    pending.push((places.len(), start..payload.len()));
+                    payload.push(b'"');
+                    places.push(slot.clone());
+                }
+            }
+            payload.push(b'\n');
+            if places.len() % SNAPSHOT_RECORD_OPS == 0 {
+                flush(&mut payload, &mut pending, &mut places)?;
             }
         }
         drop(state);
         if !payload.is_empty() {
-            out.write_all(&frame(&payload))
-                .map_err(|e| io_error(path, "writing", &e))?;
+            flush(&mut payload, &mut pending, &mut places)?;
         }
         let file = out
             .into_inner()
             .map_err(|e| io_error(path, "writing", e.error()))?;
-        file.sync_all().map_err(|e| io_error(path, "syncing", &e))
+        file.sync_all().map_err(|e| io_error(path, "syncing", &e))?;
+        Ok(places)
     }
 
     /// Appends one record to the journal and waits for it to reach the disk.
@@ -324,19 +526,19 @@ impl Store for FileStore {
     fn get(&self, keyspace: &str, key: &[u8]) -> Result<Option<Bytes>> {
         check_keyspace(keyspace)?;
         let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
-        Ok(state.get(keyspace, key))
+        state.get(keyspace, key)
     }
 
     fn scan_prefix(&self, keyspace: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>> {
         check_keyspace(keyspace)?;
         let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
-        Ok(state.scan_prefix(keyspace, prefix))
+        state.values(state.index.scan_prefix(keyspace, prefix))
     }
 
     fn scan(&self, keyspace: &str, scan: Scan<'_>) -> Result<Vec<(Bytes, Bytes)>> {
         check_keyspace(keyspace)?;
         let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
-        Ok(state.scan(keyspace, scan))
+        state.values(state.index.scan(keyspace, scan))
     }
 
     fn commit(&self, batch: Batch) -> Result<()> {
@@ -347,36 +549,41 @@ impl Store for FileStore {
         if let Some(reason) = &writer.poisoned {
             return Err(Error::Io(reason.clone()));
         }
-        self.state
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .check(&batch)?;
+        {
+            let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+            state.index.check_with(&batch, |slot| state.value(slot))?;
+        }
         if batch.ops.is_empty() {
             return Ok(());
         }
 
         let mut payload = Vec::new();
+        // Each op's value text in the payload (empty for a delete).
+        let mut texts = Vec::with_capacity(batch.ops.len());
         for op in &batch.ops {
             match op {
                 Op::Put {
                     keyspace,
                     key,
                     value,
-                } => encode_put(&mut payload, keyspace, key, value),
+                } => texts.push(encode_put(&mut payload, keyspace, key, value)),
                 Op::Delete { keyspace, key } => {
                     payload.extend_from_slice(b"del ");
                     quote(&mut payload, keyspace.as_bytes());
                     payload.push(b' ');
                     quote(&mut payload, key);
                     payload.push(b'\n');
+                    texts.push(0..0);
                 }
             }
         }
-        self.append(&mut writer, &frame(&payload))?;
+        let record = frame(&payload);
+        let payload_at = writer.len + (record.len() - payload.len()) as u64;
+        self.append(&mut writer, &record)?;
 
         let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
-        for op in batch.ops {
-            state.apply(op);
+        for (op, text) in batch.ops.into_iter().zip(texts) {
+            apply(&mut state.index, op, Which::Journal, payload_at, text);
         }
         drop(state);
 
@@ -406,30 +613,49 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| io_error(dir, "syncing directory", &e))
 }
 
-/// Replays the records of `data` (the contents of `path`) into `state`.
+/// Replays the records of `file` (at `path`) into `index`, a record at a time; the values
+/// it holds are placed in it as `which`.
 ///
 /// Returns the offset just past the last good record and, if it stopped short of the end,
 /// what was wrong with the record there. Fails if a good record follows a bad one, or if a
 /// record with a good checksum does not parse (which no torn write can produce).
-fn replay(data: &[u8], path: &Path, state: &mut Keyspaces) -> Result<(usize, Option<String>)> {
-    let mut pos = 0;
-    while pos < data.len() {
-        match read_record(data, pos) {
-            Ok((payload, end)) => {
-                let ops = decode_payload(payload).map_err(|why| {
+fn replay(
+    file: &File,
+    path: &Path,
+    which: Which,
+    index: &mut Keyspaces<Slot>,
+) -> Result<(u64, Option<String>)> {
+    let total = file
+        .metadata()
+        .map_err(|e| io_error(path, "reading", &e))?
+        .len();
+    let mut reader = BufReader::with_capacity(256 * 1024, file);
+    let mut pos = 0u64;
+    let (mut header, mut payload) = (Vec::new(), Vec::new());
+    while pos < total {
+        match next_record(&mut reader, total - pos, &mut header, &mut payload) {
+            Ok(header_len) => {
+                let payload_at = pos + header_len as u64;
+                let ops = decode_entries(&payload).map_err(|why| {
                     Error::Io(format!("{}: record at offset {pos}: {why}", path.display()))
                 })?;
-                for op in ops {
-                    state.apply(op);
+                for (op, text) in ops {
+                    apply(index, op, which, payload_at, text);
                 }
-                pos = end;
+                pos = payload_at + payload.len() as u64;
             }
             Err(damage) => {
-                if let Some(good) = next_good_record(data, pos) {
+                // Whether committed data lies past the damage: the rest of the file, read
+                // only in this case.
+                let mut rest = vec![0; (total - pos) as usize];
+                file.read_exact_at(&mut rest, pos)
+                    .map_err(|e| io_error(path, "reading", &e))?;
+                if let Some(good) = next_good_record(&rest, 0) {
                     return Err(Error::Io(format!(
                         "{}: corrupt record at offset {pos} ({damage}) followed by a valid \
-                         record at offset {good}; refusing to drop committed data",
-                        path.display()
+                         record at offset {}; refusing to drop committed data",
+                        path.display(),
+                        pos + good as u64
                     )));
                 }
                 return Ok((pos, Some(damage)));
@@ -439,24 +665,60 @@ fn replay(data: &[u8], path: &Path, state: &mut Keyspaces) -> Result<(usize, Opt
     Ok((pos, None))
 }
 
+/// Reads the next record of `reader`, at most `remaining` bytes long, into `header` and
+/// `payload`; returns the header's length, or what is wrong with the record.
+fn next_record(
+    reader: &mut impl BufRead,
+    remaining: u64,
+    header: &mut Vec<u8>,
+    payload: &mut Vec<u8>,
+) -> Result<usize, String> {
+    header.clear();
+    reader
+        .by_ref()
+        .take(MAX_HEADER as u64)
+        .read_until(b'\n', header)
+        .map_err(|e| e.to_string())?;
+    let Some(line) = header.strip_suffix(b"\n") else {
+        return Err("no complete header line".to_owned());
+    };
+    let (len, crc) = parse_header(line)?;
+    if len as u64 > remaining - header.len() as u64 {
+        return Err(format!("payload of {len} bytes is incomplete"));
+    }
+    payload.clear();
+    payload.resize(len, 0);
+    reader
+        .read_exact(payload)
+        .map_err(|_| format!("payload of {len} bytes is incomplete"))?;
+    if crc32(payload) != crc {
+        return Err("checksum mismatch".to_owned());
+    }
+    Ok(header.len())
+}
+
+/// The payload length and checksum a header line (without its newline) gives.
+fn parse_header(line: &[u8]) -> Result<(usize, u32), String> {
+    let header = std::str::from_utf8(line).map_err(|_| "header is not text".to_owned())?;
+    let fields: Vec<&str> = header.split(' ').collect();
+    match fields.as_slice() {
+        ["batch", len, crc] if crc.len() == 8 => Ok((
+            len.parse::<usize>()
+                .map_err(|_| format!("bad length in header {header:?}"))?,
+            u32::from_str_radix(crc, 16)
+                .map_err(|_| format!("bad checksum in header {header:?}"))?,
+        )),
+        _ => Err(format!("malformed header {header:?}")),
+    }
+}
+
 /// Reads the record at `pos`: its payload and the offset just past it, or what is wrong.
 fn read_record(data: &[u8], pos: usize) -> Result<(&[u8], usize), String> {
     let rest = &data[pos..];
     let Some(newline) = rest.iter().take(MAX_HEADER).position(|&b| b == b'\n') else {
         return Err("no complete header line".to_owned());
     };
-    let header =
-        std::str::from_utf8(&rest[..newline]).map_err(|_| "header is not text".to_owned())?;
-    let fields: Vec<&str> = header.split(' ').collect();
-    let (len, crc) = match fields.as_slice() {
-        ["batch", len, crc] if crc.len() == 8 => (
-            len.parse::<usize>()
-                .map_err(|_| format!("bad length in header {header:?}"))?,
-            u32::from_str_radix(crc, 16)
-                .map_err(|_| format!("bad checksum in header {header:?}"))?,
-        ),
-        _ => return Err(format!("malformed header {header:?}")),
-    };
+    let (len, crc) = parse_header(&rest[..newline])?;
     let start = newline + 1;
     let payload = rest
         .get(start..start.saturating_add(len))
@@ -484,14 +746,19 @@ fn frame(payload: &[u8]) -> Vec<u8> {
     record
 }
 
-fn encode_put(out: &mut Vec<u8>, keyspace: &str, key: &[u8], value: &[u8]) {
+/// Writes a put line; returns where the value's escaped text is in `out` (between its
+/// quotes).
+fn encode_put(out: &mut Vec<u8>, keyspace: &str, key: &[u8], value: &[u8]) -> Range<usize> {
     out.extend_from_slice(b"put ");
     quote(out, keyspace.as_bytes());
     out.push(b' ');
     quote(out, key);
     out.push(b' ');
+    let start = out.len() + 1;
     quote(out, value);
+    let text = start..out.len() - 1;
     out.push(b'\n');
+    text
 }
 
 /// Writes `bytes` as a quoted token: printable ASCII as is, except `"`, `%` and space,
@@ -514,7 +781,11 @@ fn unquote(token: &str) -> Result<Bytes, String> {
         .strip_prefix('"')
         .and_then(|t| t.strip_suffix('"'))
         .ok_or_else(|| format!("token {token:?} is not quoted"))?;
-    let bytes = inner.as_bytes();
+    unescape(inner.as_bytes()).map_err(|why| format!("{why} in token {token:?}"))
+}
+
+/// The bytes a token's escaped text (between its quotes) stands for.
+fn unescape(bytes: &[u8]) -> Result<Bytes, String> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -523,7 +794,7 @@ fn unquote(token: &str) -> Result<Bytes, String> {
                 .get(i + 1..i + 3)
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("bad escape in token {token:?}"))?;
+                .ok_or_else(|| format!("bad escape at byte {i}"))?;
             out.push(byte);
             i += 3;
         } else {
@@ -541,26 +812,49 @@ fn decode_keyspace(token: &str) -> Result<String, String> {
     Ok(name)
 }
 
+#[cfg(test)]
 fn decode_payload(payload: &[u8]) -> Result<Vec<Op>, String> {
+    Ok(decode_entries(payload)?
+        .into_iter()
+        .map(|(op, _)| op)
+        .collect())
+}
+
+/// The ops of a payload, each with where its value's escaped text is in the payload
+/// (between its quotes; empty for a delete).
+fn decode_entries(payload: &[u8]) -> Result<Vec<(Op, Range<usize>)>, String> {
     let text = std::str::from_utf8(payload).map_err(|_| "payload is not text".to_owned())?;
     let body = text
         .strip_suffix('\n')
         .ok_or_else(|| "payload does not end with a newline".to_owned())?;
+    let mut line_at = 0;
     body.split('\n')
-        .map(
-            |line| match line.split(' ').collect::<Vec<_>>().as_slice() {
-                ["put", keyspace, key, value] => Ok(Op::Put {
-                    keyspace: decode_keyspace(keyspace)?,
-                    key: unquote(key)?,
-                    value: unquote(value)?,
-                }),
-                ["del", keyspace, key] => Ok(Op::Delete {
-                    keyspace: decode_keyspace(keyspace)?,
-                    key: unquote(key)?,
-                }),
+        .map(|line| {
+            let at = line_at;
+            line_at += line.len() + 1;
+            match line.split(' ').collect::<Vec<_>>().as_slice() {
+                ["put", keyspace, key, value] => {
+                    // The token's place in the line, from where the slice starts.
+                    let start = at + (value.as_ptr() as usize - line.as_ptr() as usize);
+                    Ok((
+                        Op::Put {
+                            keyspace: decode_keyspace(keyspace)?,
+                            key: unquote(key)?,
+                            value: unquote(value)?,
+                        },
+                        start + 1..start + value.len() - 1,
+                    ))
+                }
+                ["del", keyspace, key] => Ok((
+                    Op::Delete {
+                        keyspace: decode_keyspace(keyspace)?,
+                        key: unquote(key)?,
+                    },
+                    0..0,
+                )),
                 _ => Err(format!("malformed op line {line:?}")),
-            },
-        )
+            }
+        })
         .collect()
 }
 

@@ -24,7 +24,7 @@ mod sled_store;
 use std::fmt;
 use std::ops::Bound;
 
-pub use file::FileStore;
+pub use file::{FileStore, Memory};
 pub use mem::MemStore;
 pub use postgres::{PgOptions, PgStore};
 pub use sled_store::SledStore;

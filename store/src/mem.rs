@@ -9,21 +9,30 @@ use std::sync::{PoisonError, RwLock};
 
 use crate::{Batch, Bytes, Op, Result, Scan, Store, check_keyspace};
 
-/// Every keyspace and its entries, in key order.
+/// Every keyspace and its entries, in key order: the values themselves (`V = Bytes`, the
+/// in-memory store) or where to find them (the file backend's index).
 ///
 /// An empty keyspace is removed from the map so that two states with the same entries
 /// compare equal however they were reached.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Keyspaces {
-    map: BTreeMap<String, BTreeMap<Bytes, Bytes>>,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Keyspaces<V = Bytes> {
+    map: BTreeMap<String, BTreeMap<Bytes, V>>,
 }
 
-impl Keyspaces {
-    pub(crate) fn get(&self, keyspace: &str, key: &[u8]) -> Option<Bytes> {
-        self.map.get(keyspace)?.get(key).cloned()
+impl<V> Default for Keyspaces<V> {
+    fn default() -> Self {
+        Keyspaces {
+            map: BTreeMap::new(),
+        }
+    }
+}
+
+impl<V: Clone> Keyspaces<V> {
+    pub(crate) fn get(&self, keyspace: &str, key: &[u8]) -> Option<&V> {
+        self.map.get(keyspace)?.get(key)
     }
 
-    pub(crate) fn scan_prefix(&self, keyspace: &str, prefix: &[u8]) -> Vec<(Bytes, Bytes)> {
+    pub(crate) fn scan_prefix(&self, keyspace: &str, prefix: &[u8]) -> Vec<(Bytes, V)> {
         let Some(entries) = self.map.get(keyspace) else {
             return Vec::new();
         };
@@ -37,12 +46,12 @@ impl Keyspaces {
             .collect()
     }
 
-    pub(crate) fn scan(&self, keyspace: &str, scan: Scan<'_>) -> Vec<(Bytes, Bytes)> {
+    pub(crate) fn scan(&self, keyspace: &str, scan: Scan<'_>) -> Vec<(Bytes, V)> {
         let (Some(entries), Some(range)) = (self.map.get(keyspace), scan.bounds()) else {
             return Vec::new();
         };
         let range = entries.range::<Vec<u8>, _>(range);
-        let pick = |(k, v): (&Bytes, &Bytes)| (k.clone(), v.clone());
+        let pick = |(k, v): (&Bytes, &V)| (k.clone(), v.clone());
         if scan.reverse {
             range.rev().take(scan.limit).map(pick).collect()
         } else {
@@ -50,16 +59,61 @@ impl Keyspaces {
         }
     }
 
-    /// Checks every precondition of `batch` against this state, in order.
-    pub(crate) fn check(&self, batch: &Batch) -> Result<()> {
+    /// Checks every precondition of `batch` against this state, in order; `value` gives
+    /// the bytes an entry stands for.
+    pub(crate) fn check_with(
+        &self,
+        batch: &Batch,
+        value: impl Fn(&V) -> Result<Bytes>,
+    ) -> Result<()> {
         for (index, precondition) in batch.preconditions.iter().enumerate() {
             let (keyspace, key) = precondition.target();
-            let current = self.map.get(keyspace).and_then(|entries| entries.get(key));
-            if !precondition.holds(current.map(Vec::as_slice)) {
+            let current = match self.get(keyspace, key) {
+                Some(v) => Some(value(v)?),
+                None => None,
+            };
+            if !precondition.holds(current.as_deref()) {
                 return Err(precondition.conflict(index));
             }
         }
         Ok(())
+    }
+
+    pub(crate) fn insert(&mut self, keyspace: String, key: Bytes, value: V) {
+        self.map.entry(keyspace).or_default().insert(key, value);
+    }
+
+    pub(crate) fn remove(&mut self, keyspace: &str, key: &[u8]) {
+        if let Some(entries) = self.map.get_mut(keyspace) {
+            entries.remove(key);
+            if entries.is_empty() {
+                self.map.remove(keyspace);
+            }
+        }
+    }
+
+    /// Every entry as `(keyspace, key, value)`, keyspaces and keys in ascending order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &Bytes, &V)> {
+        self.map
+            .iter()
+            .flat_map(|(ks, entries)| entries.iter().map(move |(k, v)| (ks.as_str(), k, v)))
+    }
+
+    /// Every entry's value, mutably, in the order of [`Keyspaces::iter`].
+    pub(crate) fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
+        self.map.values_mut().flat_map(BTreeMap::values_mut)
+    }
+
+    /// How many entries there are.
+    pub(crate) fn len(&self) -> usize {
+        self.map.values().map(BTreeMap::len).sum()
+    }
+}
+
+impl Keyspaces<Bytes> {
+    /// Checks every precondition of `batch` against this state, in order.
+    pub(crate) fn check(&self, batch: &Batch) -> Result<()> {
+        self.check_with(batch, |v| Ok(v.clone()))
     }
 
     /// Applies one op. Ops of a batch are applied in order, so a later op on a key wins.
@@ -69,25 +123,9 @@ impl Keyspaces {
                 keyspace,
                 key,
                 value,
-            } => {
-                self.map.entry(keyspace).or_default().insert(key, value);
-            }
-            Op::Delete { keyspace, key } => {
-                if let Some(entries) = self.map.get_mut(&keyspace) {
-                    entries.remove(&key);
-                    if entries.is_empty() {
-                        self.map.remove(&keyspace);
-                    }
-                }
-            }
+            } => self.insert(keyspace, key, value),
+            Op::Delete { keyspace, key } => self.remove(&keyspace, &key),
         }
-    }
-
-    /// Every entry as `(keyspace, key, value)`, keyspaces and keys in ascending order.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &Bytes, &Bytes)> {
-        self.map
-            .iter()
-            .flat_map(|(ks, entries)| entries.iter().map(move |(k, v)| (ks.as_str(), k, v)))
     }
 }
 
@@ -127,7 +165,7 @@ impl Store for MemStore {
         // only after every check passed, and applying does not panic), so a poisoned lock
         // still guards a consistent state.
         let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
-        Ok(state.get(keyspace, key))
+        Ok(state.get(keyspace, key).cloned())
     }
 
     fn scan_prefix(&self, keyspace: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>> {

@@ -581,6 +581,9 @@ fn value_strategy() -> impl Strategy<Value = Bytes> {
     prop_oneof![
         prop::sample::select(vec![Vec::new(), b"x".to_vec(), b"y".to_vec()]),
         prop::collection::vec(any::<u8>(), 0..16),
+        // Longer than the file store keeps in memory (its INLINE_MAX, 64 bytes):
+        // read back from its snapshot or journal.
+        prop::collection::vec(any::<u8>(), 60..200),
     ]
 }
 
@@ -1125,6 +1128,75 @@ mod file_journal {
         let store = FileStore::open(dir.path()).unwrap();
         assert_eq!(dump(&store), expected);
     }
+}
+
+/// A file store keeps its keys in memory and its values on disk: one holding far more data
+/// than it keeps in memory opens, serves every value, compacts (copying values from file to
+/// file) and reopens.
+#[test]
+fn a_file_store_larger_than_its_memory_opens_and_serves() {
+    use metalgraph_store::FileStore;
+    let dir = tempfile::tempdir().unwrap();
+    let value = |i: usize| -> Vec<u8> { (0..64 * 1024).map(|j| (i * 31 + j * 7) as u8).collect() };
+    let store = FileStore::open(dir.path()).unwrap();
+    for chunk in 0..8 {
+        let mut batch = Batch::new();
+        for i in chunk * 64..(chunk + 1) * 64 {
+            batch.put("workflows", format!("wf-{i:04}"), value(i));
+        }
+        store.commit(batch).unwrap();
+    }
+    let data: u64 = 512 * 64 * 1024;
+    let memory = store.memory();
+    assert_eq!(memory.keys, 512);
+    assert!(
+        memory.bytes * 1000 < data,
+        "{} bytes in memory for {data} bytes of values",
+        memory.bytes
+    );
+    let check = |store: &FileStore| {
+        for i in [0usize, 1, 255, 511] {
+            assert_eq!(
+                store
+                    .get("workflows", format!("wf-{i:04}").as_bytes())
+                    .unwrap(),
+                Some(value(i)),
+                "wf-{i:04}"
+            );
+        }
+        let page = store.scan("workflows", Scan::prefix(b"wf-01", 3)).unwrap();
+        assert_eq!(page.len(), 3);
+        assert_eq!(page[0], (b"wf-0100".to_vec(), value(100)));
+    };
+    check(&store);
+    store.compact().unwrap();
+    assert_eq!(
+        std::fs::metadata(dir.path().join("journal.log"))
+            .unwrap()
+            .len(),
+        0
+    );
+    check(&store);
+    // A value replaced after the compaction is read from the journal, the rest from the
+    // snapshot.
+    let mut batch = Batch::new();
+    batch.put("workflows", "wf-0001", value(9999));
+    store.commit(batch).unwrap();
+    assert_eq!(
+        store.get("workflows", b"wf-0001").unwrap(),
+        Some(value(9999))
+    );
+    drop(store);
+    let store = FileStore::open(dir.path()).unwrap();
+    assert_eq!(
+        store.get("workflows", b"wf-0001").unwrap(),
+        Some(value(9999))
+    );
+    assert_eq!(
+        store.get("workflows", b"wf-0511").unwrap(),
+        Some(value(511))
+    );
+    assert!(store.memory().bytes * 1000 < data);
 }
 
 /// Two openings of one file store would interleave their journals; the second is refused.
