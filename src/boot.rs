@@ -706,8 +706,13 @@ mod tests {
     }
 
     /// Every shipped OS install (`Task.Base.Os.Install` definitions) renders its profile and
-    /// its install script for a node, with the definition's own options and with only the
-    /// few RackHD's own definitions are sure to set (the rest are the job's null defaults).
+    /// its install script for a node, with the definition's own options, with only the few
+    /// RackHD's own definitions are sure to set (the rest are the job's null defaults), and
+    /// with its own options plus those RackHD's definitions add under RackHD's names
+    /// (`rackhdCallbackScript`, `kargs`, `username`, `password`, ...): then every install
+    /// script but CoreOS's and Windows' also POSTs RackHD's tokenless callback at first
+    /// boot, for the second wait of RackHD's graphs, and every profile that boots a kernel,
+    /// but Windows' (wimboot), passes `kargs`.
     #[test]
     fn every_shipped_os_install_renders_its_profile_and_install_script() {
         let library = crate::library::library().expect("the library loads");
@@ -733,6 +738,16 @@ mod tests {
             .filter(|d| d.implements_task == "Task.Base.Os.Install")
             .collect();
         assert!(defs.len() >= 9, "{}", defs.len());
+        // Whether `text` calls RackHD's tokenless callback URL (not followed by `&token=`,
+        // however the format writes `&`), once the XML reader has turned `&#x2f;` back.
+        let tokenless = |text: &str| {
+            let text = text.replace("&#x2f;", "/");
+            let url = "http://10.0.0.1:8090/api/2.0/notification?nodeId=n1";
+            text.match_indices(url).any(|(i, _)| {
+                let rest = &text[i + url.len()..];
+                !(rest.starts_with('&') || rest.starts_with("\\u0026"))
+            })
+        };
         for def in defs {
             let minimal: serde_json::Map<String, Value> = def
                 .options
@@ -742,7 +757,25 @@ mod tests {
                 })
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
-            for (variant, given) in [("own", &def.options), ("minimal", &minimal)] {
+            let mut rackhd = def.options.clone();
+            rackhd.extend(
+                json!({
+                    "rackhdCallbackScript": "rackhd.rackhdcallback",
+                    "kargs": {"console": "ttyS0,115200n8", "nomodeset": ""},
+                    "interface": "auto",
+                    "installType": "minimal",
+                    "username": "onrack",
+                    "password": "RackHDRocks!",
+                })
+                .as_object()
+                .unwrap()
+                .clone(),
+            );
+            for (variant, given) in [
+                ("own", &def.options),
+                ("minimal", &minimal),
+                ("rackhd", &rackhd),
+            ] {
                 let what = format!("{} ({variant} options)", def.injectable_name);
                 let mut options = job.schema().defaults();
                 options.extend(given.clone());
@@ -772,6 +805,15 @@ mod tests {
                 let script = render(text, &node, Some(&task), &profile)
                     .unwrap_or_else(|e| panic!("{what}: profile {profile}: {e}"));
                 assert!(script.starts_with("#!ipxe\n"), "{what}: {script}");
+                if variant == "rackhd"
+                    && profile != "windows.ipxe"
+                    && !script.contains("\nsanboot ")
+                {
+                    assert!(
+                        script.contains(" console=ttyS0,115200n8 nomodeset"),
+                        "{what}: {profile} does not pass kargs:\n{script}"
+                    );
+                }
                 let Some(name) = task.options["installScript"].as_str() else {
                     continue;
                 };
@@ -796,6 +838,21 @@ mod tests {
                         && rendered.contains("0123456789abcdef0123456789abcdef"),
                     "{what}: {name} does not call back:\n{rendered}"
                 );
+                // RackHD's first-boot callback, only with rackhdCallbackScript.
+                let first_boot = variant == "rackhd"
+                    && !["coreos-ignition.json", "windows-unattend.xml"].contains(&name);
+                assert_eq!(
+                    tokenless(&rendered),
+                    first_boot,
+                    "{what}: {name} and RackHD's first-boot callback:\n{rendered}"
+                );
+                if variant == "rackhd" && name == "windows-unattend.xml" {
+                    assert!(
+                        rendered.contains("<Name>onrack</Name>")
+                            && rendered.contains("<Value>RackHDRocks!</Value>"),
+                        "{what}: {name} does not take username and password:\n{rendered}"
+                    );
+                }
             }
         }
     }

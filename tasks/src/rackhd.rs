@@ -238,6 +238,36 @@ const OS_INSTALL_OPTIONS: &[(&str, OptionKind, &str)] = &[
         "RackHD's completion template; metalgraph's installers call back instead",
     ),
     (
+        "kargs",
+        OptionKind::Any,
+        "RackHD's extra kernel arguments: a string, or NAME: VALUE pairs",
+    ),
+    (
+        "baseUrl",
+        OptionKind::String,
+        "RackHD's Debian installer path under the repository",
+    ),
+    (
+        "interface",
+        OptionKind::String,
+        "the network interface the Debian installer uses (auto)",
+    ),
+    (
+        "installType",
+        OptionKind::String,
+        "Photon OS's package set (minimal, full)",
+    ),
+    (
+        "username",
+        OptionKind::String,
+        "RackHD's Windows account, made beside Administrator",
+    ),
+    (
+        "password",
+        OptionKind::String,
+        "RackHD's Windows password, shown only to the node itself",
+    ),
+    (
         "rackhdCallbackScript",
         OptionKind::String,
         "RackHD's first-boot callback script: with it, the install script also calls back \
@@ -295,6 +325,7 @@ impl BaseTask {
             schema: schema
                 .secret("rootPassword")
                 .secret("smbPassword")
+                .secret("password")
                 .secret("users"),
             translate: |_| Ok(()),
         }
