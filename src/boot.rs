@@ -470,9 +470,22 @@ pub fn reachable(addr: SocketAddr, boot_address: Option<Ipv4Addr>) -> SocketAddr
     }
 }
 
+/// The URL of the boot files directory (`tftp_root`) on the node-facing listener, which
+/// DHCP hands UEFI HTTP Boot firmware with the name of its binary: `/boot/` beside the
+/// node-facing base URL's `/api/2.0`, as `api.files` is beside it; `None` when that base
+/// does not end in `/api/2.0`.
+pub fn boot_files_url(node_base: &str) -> Option<String> {
+    node_base
+        .trim_end_matches('/')
+        .strip_suffix("/api/2.0")
+        .filter(|root| !root.is_empty())
+        .map(|root| format!("{root}/boot/"))
+}
+
 /// Binds the network-boot service configured in `config` (DHCP and TFTP sockets; stored
 /// leases loaded in full mode), or returns `None` when network boot is off. Profile URLs
-/// handed out by DHCP start with `node_base`, the node-facing API's base URL; DHCP answers
+/// handed out by DHCP start with `node_base`, the node-facing API's base URL, and so do
+/// the iPXE binaries' URLs UEFI HTTP Boot firmware gets ([`boot_files_url`]); DHCP answers
 /// unknown machines only when `config` enables enrolment.
 pub async fn bind_service(
     config: &BootConfig,
@@ -480,7 +493,7 @@ pub async fn bind_service(
     store: Arc<dyn Store>,
     node_base: &str,
 ) -> anyhow::Result<Option<PxeService>> {
-    let Some(options) = config.pxe_options().map_err(anyhow::Error::msg)? else {
+    let Some(mut options) = config.pxe_options().map_err(anyhow::Error::msg)? else {
         return Ok(None);
     };
     if config.dhcp != DhcpSetting::Off && node_base.is_empty() {
@@ -488,13 +501,27 @@ pub async fn bind_service(
             "network boot needs the node-facing API (node_listen, --node-listen): iPXE fetches its profile there"
         );
     }
-    if let Some(t) = &options.tftp
-        && !t.root.is_dir()
-    {
+    let root = &config.tftp_root;
+    if options.tftp.is_some() && !root.is_dir() {
         anyhow::bail!(
             "the TFTP root {} is not a directory (boot.tftp_root, --tftp-root; Debian's ipxe package fills /usr/lib/ipxe)",
-            t.root.display()
+            root.display()
         );
+    }
+    if config.dhcp != DhcpSetting::Off {
+        match boot_files_url(node_base) {
+            Some(url) => {
+                if !root.is_dir() {
+                    warn!(dir = %root.display(), "the boot files directory (boot.tftp_root) is not a directory: UEFI HTTP Boot clients will be answered with URLs that do not exist");
+                }
+                info!(%url, file = %options.boot_files.uefi_x64, "UEFI HTTP Boot clients (x86-64) are answered with the boot file under this URL");
+                options.boot_files.http_base = Some(url);
+            }
+            None => warn!(
+                node_base,
+                "UEFI HTTP Boot is not answered: the node-facing base URL (node_api_base_url) does not end in /api/2.0, so the URL of the boot files (/boot/) is unknown"
+            ),
+        }
     }
     let planner = Arc::new(
         StorePlanner::new(engine.clone(), store, node_base).enrolling(config.enrolment_on()),
@@ -682,6 +709,29 @@ mod tests {
         ];
         for (input, want) in cases {
             assert_eq!(useful_uuid(input).as_deref(), want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn boot_files_sit_beside_the_api() {
+        for (node_base, want) in [
+            (
+                "http://10.0.0.1:8090/api/2.0",
+                Some("http://10.0.0.1:8090/boot/"),
+            ),
+            (
+                "http://10.0.0.1:8090/api/2.0/",
+                Some("http://10.0.0.1:8090/boot/"),
+            ),
+            (
+                "https://boot.example/metal/api/2.0",
+                Some("https://boot.example/metal/boot/"),
+            ),
+            ("http://10.0.0.1:8090/api/current", None),
+            ("/api/2.0", None),
+            ("", None),
+        ] {
+            assert_eq!(boot_files_url(node_base).as_deref(), want, "{node_base}");
         }
     }
 

@@ -219,6 +219,9 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     }
     let state = AppState {
         files_dir: config.files_dir.clone(),
+        // The iPXE binaries, for UEFI HTTP Boot, wherever network boot runs (with or
+        // without TFTP).
+        boot_dir: config.boot.enabled().then(|| config.boot.tftp_root.clone()),
         file_transfers: api::files::FileTransfers::new(config.limits.max_file_transfers),
         templates_dir: config.templates_dir.clone(),
         discovery_graph: config.boot.discovery_graph.clone(),

@@ -84,6 +84,8 @@ const NODE_ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/2.0/templates/{name}"),
     ("GET", "/files/{path}"),
     ("HEAD", "/files/{path}"),
+    ("GET", "/boot/{path}"),
+    ("HEAD", "/boot/{path}"),
 ];
 
 /// The methods a probe tries on every documented path. HEAD is left out: axum answers it

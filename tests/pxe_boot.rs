@@ -1,6 +1,7 @@
-//! Real PXE boots against the real binary: QEMU (TCG) boots SeaBIOS with the iPXE NIC ROM,
-//! and OVMF with EDK2's own PXE, on a tap in a network namespace where `metalgraph serve`
-//! is the only DHCP, TFTP and HTTP server (`--dhcp full`). Root only.
+//! Real PXE and HTTP boots against the real binary: QEMU (TCG) boots SeaBIOS with the iPXE
+//! NIC ROM, and OVMF with EDK2's own PXE and with its HTTP Boot, on a tap in a network
+//! namespace where `metalgraph serve` is the only DHCP, TFTP and HTTP server (`--dhcp
+//! full`). Root only.
 //!
 //! Topology (one namespace per test run, named after the process):
 //!
@@ -22,7 +23,11 @@
 //! task's token, and the workflow succeeds. The installer kernel does not run: the profile
 //! does what it would. (2) UEFI: Graph.InstallOS.PXE through EDK2's PXE,
 //! `snponly.efi` over our TFTP (with EDK2's aborted tsize probe), then iPXE. (3) An unknown
-//! VM becomes a node with a `pxe` catalog and a discovery workflow.
+//! VM becomes a node with a `pxe` catalog and a discovery workflow. Then that server stops
+//! (SIGTERM, an ordered shutdown) and a second one starts in the same namespace with
+//! `--tftp-listen off`: (4) UEFI HTTP Boot (OVMF with its PXE switched off) runs
+//! Graph.InstallOS.PXE: DHCP answers the HTTPClient with `snponly.efi`'s URL under
+//! `/boot/`, the firmware downloads it over HTTP, then iPXE goes on as in (2).
 
 mod support;
 
@@ -117,9 +122,22 @@ struct Net {
     /// The second octet of this run's 10.N.0.0/16.
     n: u32,
     children: Vec<Child>,
-    /// The index of `metalgraph serve` in `children`.
+    /// The index of the running `metalgraph serve` in `children`.
     metalgraph: usize,
+    /// The file its log goes to.
+    log: &'static str,
     dir: tempfile::TempDir,
+}
+
+/// How a `metalgraph serve` of the run is started.
+#[derive(Debug, Clone, Copy)]
+struct Serve {
+    /// Its data directory, under the run's directory.
+    data: &'static str,
+    /// Its log file, under the run's directory.
+    log: &'static str,
+    /// Whether it serves TFTP (the default with DHCP on) or runs with `--tftp-listen off`.
+    tftp: bool,
 }
 
 impl Net {
@@ -133,6 +151,7 @@ impl Net {
             n,
             children: Vec::new(),
             metalgraph: 0,
+            log: "metalgraph.log",
             dir: tempfile::tempdir().unwrap(),
         };
         // A namespace left by a killed earlier run of the same pid would break setup.
@@ -236,27 +255,31 @@ impl Net {
         self.children.push(child);
     }
 
-    /// `metalgraph serve` inside the namespace as the only DHCP/TFTP/HTTP server; returns
-    /// the management API once it listens.
-    fn start_metalgraph(&mut self) -> Api {
+    /// `metalgraph serve` inside the namespace as the only DHCP/TFTP/HTTP server (DHCP and
+    /// HTTP only without TFTP); returns the management API once it listens.
+    fn start_metalgraph(&mut self, serve: Serve) -> Api {
         let n = self.n;
         std::fs::create_dir_all(self.path("templates")).unwrap();
         std::fs::write(self.path("templates/qemu-test.ipxe"), TEST_PROFILE).unwrap();
         std::fs::write(self.path("templates/qemu-rackhd.ipxe"), RACKHD_PROFILE).unwrap();
-        let log = std::fs::File::create(self.path("metalgraph.log")).unwrap();
-        let mut child = self
-            .exec(env!("CARGO_BIN_EXE_metalgraph"))
-            .arg("serve")
+        self.log = serve.log;
+        let log = std::fs::File::create(self.path(serve.log)).unwrap();
+        let mut cmd = self.exec(env!("CARGO_BIN_EXE_metalgraph"));
+        cmd.arg("serve")
             .args(["--listen", &format!("10.{n}.254.2:8080")])
             .args(["--node-listen", &format!("10.{n}.0.1:8090")])
             .arg("--data-dir")
-            .arg(self.path("data"))
+            .arg(self.path(serve.data))
             .arg("--templates-dir")
             .arg(self.path("templates"))
             .args(["--dhcp", "full", "--dhcp-interface", "br0"])
             .args(["--dhcp-pool", &format!("10.{n}.0.100-10.{n}.0.150")])
             .args(["--boot-address", &format!("10.{n}.0.1")])
-            .args(["--tftp-root", IPXE_DIR])
+            .args(["--tftp-root", IPXE_DIR]);
+        if !serve.tftp {
+            cmd.args(["--tftp-listen", "off"]);
+        }
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(log)
@@ -286,14 +309,44 @@ impl Net {
                 Ok(line) => seen.push(line),
                 Err(_) => panic!(
                     "metalgraph did not start: {seen:?}\n{}",
-                    self.read("metalgraph.log")
+                    self.read(self.log)
                 ),
             }
         }
-        for want in ["dhcp listening on 0.0.0.0:67", "tftp listening on"] {
-            assert!(seen.iter().any(|l| l.contains(want)), "{want}: {seen:?}");
-        }
-        Api::from_data_dir(&format!("https://10.{n}.254.2:8080"), &self.path("data"))
+        assert!(
+            seen.iter()
+                .any(|l| l.contains("dhcp listening on 0.0.0.0:67")),
+            "{seen:?}"
+        );
+        assert_eq!(
+            seen.iter().any(|l| l.contains("tftp listening on")),
+            serve.tftp,
+            "TFTP should run: {}; {seen:?}",
+            serve.tftp
+        );
+        Api::from_data_dir(
+            &format!("https://10.{n}.254.2:8080"),
+            &self.path(serve.data),
+        )
+    }
+
+    /// Ends the running `metalgraph serve` with SIGTERM and checks that it exits cleanly
+    /// (an ordered shutdown with DHCP, and TFTP if it runs, serving).
+    async fn terminate_metalgraph(&mut self) {
+        let t0 = Instant::now();
+        let server = &mut self.children[self.metalgraph];
+        run(&["kill", "-TERM", &server.id().to_string()]);
+        let status = loop {
+            if let Some(status) = server.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "no exit within 20 s of SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(status.success(), "{status}\n{}", self.read(self.log));
     }
 
     /// Starts a VM on tap0 booting from the network, its serial console in `serial`.
@@ -312,8 +365,9 @@ impl Net {
                     .args(["-smbios", &format!("type=1,uuid={uuid}")])
                     .args(["-device", &format!("e1000,netdev=n0,mac={mac}")]);
             }
-            // romfile= drops the iPXE option ROM, so EDK2's own PXE boots first.
-            Firmware::Uefi => {
+            // romfile= drops the iPXE option ROM, so EDK2's own PXE boots first (or, for
+            // HTTP Boot, its HTTP Boot).
+            Firmware::Uefi | Firmware::UefiHttp => {
                 let vars = self.path(&format!("{serial}.vars.fd"));
                 std::fs::copy(OVMF_VARS, &vars).unwrap();
                 cmd.args(["-machine", "q35", "-m", "512"])
@@ -330,6 +384,18 @@ impl Net {
                         "-device",
                         &format!("virtio-net-pci,netdev=n0,mac={mac},romfile="),
                     ]);
+                if matches!(firmware, Firmware::UefiHttp) {
+                    // OVMF's switches for its PXE boot options: without them it tries PXE
+                    // over IPv4 and IPv6 first, which a server without TFTP cannot serve
+                    // and which take a minute or two to give up (docs/network-boot.md).
+                    // This is a machine set to boot over HTTP, as a BIOS setup would.
+                    for knob in ["IPv4PXESupport", "IPv6PXESupport"] {
+                        cmd.args([
+                            "-fw_cfg",
+                            &format!("name=opt/org.tianocore/{knob},string=n"),
+                        ]);
+                    }
+                }
             }
         }
         let out = std::fs::File::create(self.path(&format!("{serial}.qemu.out"))).unwrap();
@@ -378,7 +444,7 @@ impl Net {
 
     /// Everything a failure message needs.
     fn evidence(&self, serial: &str) -> String {
-        let log = self.read("metalgraph.log");
+        let log = self.read(self.log);
         let tail: Vec<&str> = log.lines().rev().take(40).collect();
         format!(
             "--- serial {serial}:\n{}\n--- metalgraph log (last lines):\n{}",
@@ -404,8 +470,12 @@ impl Drop for Net {
 
 #[derive(Debug, Clone, Copy)]
 enum Firmware {
+    /// SeaBIOS with the e1000's iPXE ROM.
     Bios { uuid: &'static str },
+    /// OVMF with EDK2's PXE.
     Uefi,
+    /// OVMF with EDK2's HTTP Boot, its PXE switched off.
+    UefiHttp,
 }
 
 /// Registers a node for `mac` (simulated BMC) and runs Graph.InstallOS.PXE on it with the
@@ -478,6 +548,43 @@ async fn finished(api: &Api, id: &str) -> Option<Value> {
     .then_some(v)
 }
 
+/// Boots a VM with `firmware` for the node of workflow `id` until the workflow ends and,
+/// if it succeeded, until iPXE has printed what its callback got back; stops the VM, checks
+/// that the workflow succeeded, and returns the seconds from the VM's start to its end.
+async fn boot_to_end(
+    net: &mut Net,
+    api: &Api,
+    id: &str,
+    firmware: Firmware,
+    mac: &str,
+    serial: &str,
+) -> f32 {
+    let t0 = Instant::now();
+    let vm = net.start_vm(firmware, mac, serial);
+    let end = until(net, serial, "the install workflow's end", async || {
+        finished(api, id).await
+    })
+    .await;
+    let secs = t0.elapsed().as_secs_f32();
+    if end["status"] == "succeeded" {
+        // The callback is answered once its task's end is committed, so the workflow can be
+        // seen finished before iPXE prints what it got back: wait for that line.
+        until(net, serial, "iPXE's report of its callback", async || {
+            let s = net.serial(serial);
+            (s.contains("NOTIFY-SENT") || s.contains("NOTIFY-FAILED")).then_some(())
+        })
+        .await;
+    }
+    net.stop(vm);
+    assert_eq!(
+        end["status"],
+        "succeeded",
+        "{end:#}\n{}",
+        net.evidence(serial)
+    );
+    secs
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_firmware_boots_through_metalgraph() {
     if !require() {
@@ -485,7 +592,11 @@ async fn real_firmware_boots_through_metalgraph() {
     }
     let mut net = Net::new();
     net.start_ra();
-    let api = net.start_metalgraph();
+    let api = net.start_metalgraph(Serve {
+        data: "data",
+        log: "metalgraph.log",
+        tftp: true,
+    });
     let n = net.n;
 
     // (1) BIOS: SeaBIOS runs the e1000's iPXE ROM, which DHCP answers with the profile URL;
@@ -500,43 +611,10 @@ async fn real_firmware_boots_through_metalgraph() {
         json!({"install-os": {"version": "9-stream", "profile": "qemu-rackhd.ipxe"}}),
     )
     .await;
-    let t0 = Instant::now();
-    let vm = net.start_vm(
-        Firmware::Bios {
-            uuid: "27946b59-9e44-4fa7-8e91-000000000001",
-        },
-        &mac,
-        "bios.log",
-    );
-    let end = until(
-        &net,
-        "bios.log",
-        "the BIOS install workflow's end",
-        async || finished(&api, &id).await,
-    )
-    .await;
-    let bios_secs = t0.elapsed().as_secs_f32();
-    if end["status"] == "succeeded" {
-        // The callback is answered once its task's end is committed, so the workflow can be
-        // seen finished before iPXE prints what it got back: wait for that line.
-        until(
-            &net,
-            "bios.log",
-            "iPXE's report of its callback",
-            async || {
-                let s = net.serial("bios.log");
-                (s.contains("NOTIFY-SENT") || s.contains("NOTIFY-FAILED")).then_some(())
-            },
-        )
-        .await;
-    }
-    net.stop(vm);
-    assert_eq!(
-        end["status"],
-        "succeeded",
-        "{end:#}\n{}",
-        net.evidence("bios.log")
-    );
+    let bios = Firmware::Bios {
+        uuid: "27946b59-9e44-4fa7-8e91-000000000001",
+    };
+    let bios_secs = boot_to_end(&mut net, &api, &id, bios, &mac, "bios.log").await;
     let serial = net.serial("bios.log");
     assert!(
         serial.contains(&format!(
@@ -559,37 +637,7 @@ async fn real_firmware_boots_through_metalgraph() {
     // (2) UEFI: EDK2's PXE gets snponly.efi over our TFTP, which runs iPXE over SNP.
     let mac = format!("52:54:00:{n:02x}:00:02");
     let (node, id) = install_workflow(&api, "vm-uefi", &mac).await;
-    let t0 = Instant::now();
-    let vm = net.start_vm(Firmware::Uefi, &mac, "uefi.log");
-    let end = until(
-        &net,
-        "uefi.log",
-        "the UEFI install workflow's end",
-        async || finished(&api, &id).await,
-    )
-    .await;
-    let uefi_secs = t0.elapsed().as_secs_f32();
-    if end["status"] == "succeeded" {
-        // The callback is answered once its task's end is committed, so the workflow can be
-        // seen finished before iPXE prints what it got back: wait for that line.
-        until(
-            &net,
-            "uefi.log",
-            "iPXE's report of its callback",
-            async || {
-                let s = net.serial("uefi.log");
-                (s.contains("NOTIFY-SENT") || s.contains("NOTIFY-FAILED")).then_some(())
-            },
-        )
-        .await;
-    }
-    net.stop(vm);
-    assert_eq!(
-        end["status"],
-        "succeeded",
-        "{end:#}\n{}",
-        net.evidence("uefi.log")
-    );
+    let uefi_secs = boot_to_end(&mut net, &api, &id, Firmware::Uefi, &mac, "uefi.log").await;
     let serial = net.serial("uefi.log");
     assert!(
         serial.contains("NBP filename is snponly.efi")
@@ -663,23 +711,79 @@ async fn real_firmware_boots_through_metalgraph() {
     assert_eq!(discovery["tasks"][0]["label"], "discovered");
 
     // Ordered shutdown with DHCP and TFTP running: SIGTERM ends the process cleanly.
-    let t0 = Instant::now();
-    let server = &mut net.children[net.metalgraph];
-    run(&["kill", "-TERM", &server.id().to_string()]);
-    let status = loop {
-        if let Some(status) = server.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "no exit within 20 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    net.terminate_metalgraph().await;
+
+    // (4) UEFI HTTP Boot from a metalgraph without TFTP (a server of its own, in the same
+    // namespace): EDK2's HTTP Boot asks DHCP as HTTPClient, gets option 60 HTTPClient and
+    // snponly.efi's URL on the node-facing listener, downloads it over HTTP, and the iPXE
+    // in it asks again as iPXE and gets the profile URL, as over PXE.
+    let api = net.start_metalgraph(Serve {
+        data: "data-http",
+        log: "metalgraph-http.log",
+        tftp: false,
+    });
+    let mac = format!("52:54:00:{n:02x}:00:04");
+    let (node, id) = install_workflow(&api, "vm-http", &mac).await;
+    let http_secs = boot_to_end(&mut net, &api, &id, Firmware::UefiHttp, &mac, "http.log").await;
+    let url = format!("http://10.{n}.0.1:8090/boot/snponly.efi");
+    let serial = net.serial("http.log");
+    assert!(
+        serial.contains("Start HTTP Boot over IPv4")
+            && serial.contains(&format!("URI: {url}"))
+            && !serial.contains("Start PXE")
+            && serial.contains(&format!(
+                "PROFILE-OK task=wait-installed\nnode={node}\nplatform=efi chip=SNP"
+            ))
+            && serial.contains("NOTIFY-SENT"),
+        "{}",
+        net.evidence("http.log")
+    );
+    // From metalgraph's side: DHCP answered the firmware as HTTPClient (x86-64, 16) with
+    // the URL, the binary went out over HTTP to the address DHCP leased, iPXE was answered
+    // with the profile URL, whose capability let the profile hold the callback; and there
+    // was no TFTP at all.
+    let log = net.read("metalgraph-http.log");
+    let lines = |what: &[&str]| {
+        log.lines()
+            .filter(|l| what.iter().all(|w| l.contains(w)))
+            .count()
     };
-    assert!(status.success(), "{status}\n{}", net.read("metalgraph.log"));
+    assert!(
+        lines(&["network boot serving", "tftp=None", "mode=Full"]) == 1
+            && lines(&[
+                "answered",
+                &format!("mac={mac}"),
+                "reply=Some(Ack)",
+                &format!("boot_file=\"{url}\""),
+                "firmware=Http arch=Some(16)",
+            ]) >= 1
+            && lines(&[
+                "boot file served over HTTP",
+                "file=snponly.efi",
+                "method=GET",
+                "status=200",
+                &format!("peer=Some(10.{n}.0."),
+            ]) >= 1
+            && lines(&[
+                "answered",
+                &format!("mac={mac}"),
+                "boot_file=\"http://",
+                "/api/2.0/profiles\"",
+                "firmware=Ipxe",
+            ]) >= 1
+            && lines(&["profile served", "proof=Some(Capability)"]) >= 1,
+        "{}",
+        net.evidence("http.log")
+    );
+    assert!(
+        !log.contains("TFTP") && !log.contains("firmware=Pxe"),
+        "a TFTP transfer or a PXE answer without TFTP:\n{log}"
+    );
+    net.terminate_metalgraph().await;
 
     eprintln!(
         "pxe_boot: BIOS install {bios_secs:.1} s, UEFI install {uefi_secs:.1} s, unknown VM \
-         enrolled and booted locally {unknown_secs:.1} s"
+         enrolled and booted locally {unknown_secs:.1} s, UEFI HTTP Boot install without TFTP \
+         {http_secs:.1} s"
     );
 }

@@ -1,5 +1,6 @@
-//! Network boot without a network: `GET /api/2.0/profiles` through `node_app()` with
-//! `oneshot`, and the binary's `BootPlanner` called directly, over a real engine on a
+//! Network boot without a network: `GET /api/2.0/profiles` and the boot files UEFI HTTP
+//! Boot fetches (`/boot/`) through `node_app()` with `oneshot`, and the binary's
+//! `BootPlanner` called directly, over a real engine on a
 //! temporary sled store with the shipped library (Graph.Discovery.Pxe, Graph.InstallOS.PXE).
 //! `tests/pxe_boot.rs` boots real firmware against the same code.
 
@@ -40,6 +41,8 @@ async fn harness() -> Harness {
 struct Setup {
     full_dhcp: bool,
     enrolment: Enrolment,
+    /// The boot files directory served under `/boot/` (network boot on), if any.
+    boot_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Setup {
@@ -47,6 +50,7 @@ impl Default for Setup {
         Setup {
             full_dhcp: false,
             enrolment: Enrolment::new(true, 1000, 1000),
+            boot_dir: None,
         }
     }
 }
@@ -74,6 +78,7 @@ async fn harness_with(setup: Setup) -> Harness {
             NodeAccess::capability_only()
         },
         enrolment: Arc::new(setup.enrolment),
+        boot_dir: setup.boot_dir,
         ..AppState::new(engine.clone(), 64 * 1024).expect("the state")
     };
     Harness {
@@ -850,6 +855,16 @@ fn client(mac: &str) -> ClientInfo {
     }
 }
 
+/// The same machine booting over UEFI HTTP Boot.
+fn http_client(mac: &str) -> ClientInfo {
+    ClientInfo {
+        firmware: Firmware::Http,
+        arch: Some(16),
+        vendor_class: Some("HTTPClient:Arch:00016:UNDI:003000".into()),
+        ..client(mac)
+    }
+}
+
 #[tokio::test]
 async fn the_planner_answers_unknown_machines_and_nodes_with_work_only() {
     let h = harness().await;
@@ -858,10 +873,14 @@ async fn the_planner_answers_unknown_machines_and_nodes_with_work_only() {
         profile_url: format!("{NODE_BASE}/profiles?macs={mac}"),
     };
 
-    assert_eq!(
-        planner.decide(&client("52:54:00:12:34:30")).await,
-        answer("52:54:00:12:34:30")
-    );
+    // How the machine boots (PXE or UEFI HTTP Boot) does not change the decision; the DHCP
+    // server turns it into a boot file for the firmware.
+    for c in [
+        client("52:54:00:12:34:30"),
+        http_client("52:54:00:12:34:30"),
+    ] {
+        assert_eq!(planner.decide(&c).await, answer("52:54:00:12:34:30"));
+    }
     // Without enrolment, an unknown machine is not answered: it would only be told to boot
     // from its disk.
     let closed = StorePlanner::new(h.engine.clone(), h.store.clone(), NODE_BASE).enrolling(false);
@@ -884,11 +903,16 @@ async fn the_planner_answers_unknown_machines_and_nodes_with_work_only() {
     }
 
     let node = h.node("52:54:00:12:34:31", &["ip=10.9.0.31"]).await;
-    let d = planner.decide(&client("52:54:00:12:34:31")).await;
-    assert!(
-        matches!(&d, Decision::Silent { reason } if reason.contains("no network-boot work")),
-        "{d:?}"
-    );
+    for c in [
+        client("52:54:00:12:34:31"),
+        http_client("52:54:00:12:34:31"),
+    ] {
+        let d = planner.decide(&c).await;
+        assert!(
+            matches!(&d, Decision::Silent { reason } if reason.contains("no network-boot work")),
+            "{d:?}"
+        );
+    }
     let id = h
         .run(
             "Graph.InstallOS.PXE",
@@ -912,6 +936,10 @@ async fn the_planner_answers_unknown_machines_and_nodes_with_work_only() {
     assert_eq!(planner.decide(&client("52:54:00:12:34:31")).await, with_cap);
     h.wait_task(&id, "wait-installed", "running").await;
     assert_eq!(planner.decide(&client("52:54:00:12:34:31")).await, with_cap);
+    assert_eq!(
+        planner.decide(&http_client("52:54:00:12:34:31")).await,
+        with_cap
+    );
 
     let mac: MacAddr = "52:54:00:12:34:31".parse().unwrap();
     assert_eq!(
@@ -920,6 +948,92 @@ async fn the_planner_answers_unknown_machines_and_nodes_with_work_only() {
     );
     let other: MacAddr = "52:54:00:12:34:30".parse().unwrap();
     assert_eq!(planner.reservation(&other).await, None);
+}
+
+/// `method uri` on `app` with `headers`: status, headers, body.
+async fn raw(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = app
+        .clone()
+        .oneshot(req.body(Body::empty()).expect("a request"))
+        .await
+        .expect("the router answers");
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .expect("a body");
+    (parts.status, parts.headers, bytes.to_vec())
+}
+
+#[tokio::test]
+async fn the_boot_files_are_served_over_http_while_network_boot_is_on() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let root = dir.path().join("ipxe");
+    std::fs::create_dir_all(&root).unwrap();
+    let binary: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    std::fs::write(root.join("snponly.efi"), &binary).unwrap();
+    std::fs::write(dir.path().join("secret"), "not a boot file").unwrap();
+    std::os::unix::fs::symlink(dir.path().join("secret"), root.join("out.efi")).unwrap();
+
+    // Network boot off: nothing under /boot/.
+    let off = harness().await;
+    let (status, _, body) = raw(&off.node_app, "GET", "/boot/snponly.efi", &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        String::from_utf8_lossy(&body).contains("network boot is off"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+
+    let h = harness_with(Setup {
+        boot_dir: Some(root.clone()),
+        ..Setup::default()
+    })
+    .await;
+    let app = &h.node_app;
+    // What EDK2's HTTP Boot does: HEAD for the size, then GET.
+    let (status, hs, body) = raw(app, "HEAD", "/boot/snponly.efi", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(hs[header::CONTENT_LENGTH], binary.len().to_string());
+    assert!(body.is_empty());
+    let (status, hs, body) = raw(app, "GET", "/boot/snponly.efi", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(hs[header::CONTENT_TYPE], "application/octet-stream");
+    assert!(body == binary, "the binary, byte for byte");
+    let (status, hs, body) = raw(
+        app,
+        "GET",
+        "/boot/snponly.efi",
+        &[("range", "bytes=100-199")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        hs[header::CONTENT_RANGE],
+        format!("bytes 100-199/{}", binary.len())
+    );
+    assert_eq!(body, binary[100..200]);
+    // The same jail as TFTP's and /files/'s.
+    for (uri, want) in [
+        ("/boot/../secret", StatusCode::FORBIDDEN),
+        ("/boot/..%2Fsecret", StatusCode::FORBIDDEN),
+        ("/boot/out.efi", StatusCode::FORBIDDEN),
+        ("/boot/ipxe.efi", StatusCode::NOT_FOUND),
+    ] {
+        let (status, _, body) = raw(app, "GET", uri, &[]).await;
+        assert_eq!(status, want, "{uri}: {}", String::from_utf8_lossy(&body));
+    }
+    // The files directory is its own: not configured here, so /files/ serves nothing.
+    let (status, _, _) = raw(app, "GET", "/files/snponly.efi", &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]

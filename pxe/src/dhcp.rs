@@ -2,12 +2,13 @@
 //! server; ports 67 and 4011) or full DHCP (addresses from a pool, leases stored through
 //! the `BootPlanner`).
 //!
-//! It answers only network-boot clients (PXE vendor class, or iPXE by option 175 or user
-//! class) and only when the planner says so; everything else is dropped with a log line
-//! saying why. Replies go where RFC 2131 §4.1 says: to the relay (giaddr) when there is one,
-//! to `ciaddr` when the client has an address, else broadcast. A client without an address
-//! that did not ask for broadcast should get a unicast to `yiaddr`/`chaddr`, which needs a
-//! raw socket or an ARP entry; we broadcast instead, which every client accepts.
+//! It answers only network-boot clients (PXE or UEFI HTTP Boot vendor class, or iPXE by
+//! option 175 or user class) and only when the planner says so; everything else is
+//! dropped with a log line saying why. Replies go where RFC 2131 §4.1 says: to the relay
+//! (giaddr) when there is one, to `ciaddr` when the client has an address, else
+//! broadcast. A client without an address that did not ask for broadcast should get a
+//! unicast to `yiaddr`/`chaddr`, which needs a raw socket or an ARP entry; we broadcast
+//! instead, which every client accepts.
 
 pub mod boot;
 pub mod packet;
@@ -25,10 +26,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use boot::BootFiles;
-use packet::{ReplyFields, Request};
+use packet::{ReplyFields, Request, Vendor};
 use pool::{Pool, Timers};
 
-use crate::planner::{BootPlanner, ClientInfo, Decision, Lease, MacAddr};
+use crate::planner::{BootPlanner, ClientInfo, Decision, Firmware, Lease, MacAddr};
 
 /// Why the DHCP server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +129,7 @@ pub struct Options {
     pub interface: Option<String>,
     /// Ports.
     pub ports: Ports,
-    /// Boot file names for PXE firmware.
+    /// The iPXE binaries for PXE and UEFI HTTP Boot firmware, and how it reaches them.
     pub boot_files: BootFiles,
     /// How long a planner call may take before it counts as "stay silent" (or, for
     /// lease storage, as a failure).
@@ -258,8 +259,12 @@ impl Handler {
         }
         let client = match boot::classify(&req) {
             Ok(c) => c,
-            Err(reason) => {
-                debug!(%mac, xid, ?msg_type, reason, "silent");
+            Err(boot::Unclassified::NotBoot) => {
+                debug!(%mac, xid, ?msg_type, reason = %boot::Unclassified::NotBoot, "silent");
+                return None;
+            }
+            Err(boot::Unclassified::Malformed(reason)) => {
+                info!(%mac, xid, ?msg_type, reason, "silent");
                 return None;
             }
         };
@@ -278,8 +283,11 @@ impl Handler {
             }
         };
         let fields = match &self.pool {
-            None => self.proxy_fields(msg_type, boot_file),
-            Some(pool) => self.full_fields(pool, &req, boot_file, now).await?,
+            None => self.proxy_fields(msg_type, client.firmware, boot_file),
+            Some(pool) => {
+                self.full_fields(pool, &req, client.firmware, boot_file, now)
+                    .await?
+            }
         };
         let bytes = match packet::encode_reply(&req, &fields) {
             Ok(b) => b,
@@ -318,7 +326,16 @@ impl Handler {
         }
     }
 
-    fn proxy_fields(&self, msg_type: MessageType, boot_file: String) -> ReplyFields {
+    /// A proxyDHCP answer: boot information without an address. UEFI HTTP Boot takes it
+    /// as a "proxy offer" beside the address server's (UEFI 2.x, "HTTP Boot": it only
+    /// needs option 60 `HTTPClient` and the URI), in the DISCOVER/OFFER exchange on port
+    /// 67; it does not ask port 4011.
+    fn proxy_fields(
+        &self,
+        msg_type: MessageType,
+        firmware: Firmware,
+        boot_file: String,
+    ) -> ReplyFields {
         ReplyFields {
             msg_type: Some(if msg_type == MessageType::Discover {
                 MessageType::Offer
@@ -327,7 +344,10 @@ impl Handler {
             }),
             server_id: self.options.boot_address,
             boot_file: Some(boot_file),
-            pxe_vendor: true,
+            vendor: match firmware {
+                Firmware::Pxe | Firmware::Ipxe => Vendor::PxeProxy,
+                Firmware::Http => Vendor::Http,
+            },
             ..ReplyFields::default()
         }
     }
@@ -336,6 +356,7 @@ impl Handler {
         &self,
         pool: &Mutex<Pool>,
         req: &Request,
+        firmware: Firmware,
         boot_file: String,
         now: u64,
     ) -> Option<ReplyFields> {
@@ -359,6 +380,10 @@ impl Handler {
             subnet_mask: Some(full.subnet_mask),
             router: full.router,
             dns: full.dns.clone(),
+            vendor: match firmware {
+                Firmware::Pxe | Firmware::Ipxe => Vendor::None,
+                Firmware::Http => Vendor::Http,
+            },
             ..ReplyFields::default()
         };
         // Holding the pool lock across storage serialises grants, so two clients can never

@@ -10,7 +10,8 @@
 //! - `planner.rs`: the `BootPlanner` trait, the data crossing it, and `MemPlanner`.
 //! - `dhcp.rs`: the DHCP server and request handler; `dhcp/packet.rs` decodes untrusted
 //!   datagrams without panicking and encodes replies; `dhcp/boot.rs` classifies clients
-//!   (PXE, iPXE, neither) and picks boot files; `dhcp/pool.rs` is the lease pool.
+//!   (PXE, UEFI HTTP Boot, iPXE, neither) and picks boot files; `dhcp/pool.rs` is the
+//!   lease pool.
 //! - `tftp.rs`: the TFTP server, its request parser and its path jail.
 //! - `ipxe.rs`: iPXE script building blocks and the profile URL.
 //! - `metrics.rs`: DHCP and TFTP counters.
@@ -61,7 +62,8 @@ pub struct PxeOptions {
     pub dhcp_listen: Ipv4Addr,
     /// DHCP ports (standard by default; tests use high ports).
     pub dhcp_ports: Ports,
-    /// Boot file names for PXE firmware.
+    /// The iPXE binaries for PXE and UEFI HTTP Boot firmware, whether TFTP serves them to
+    /// PXE ROMs, and the URL they are served under over HTTP, if they are.
     pub boot_files: BootFiles,
     /// How long a planner call may take.
     pub planner_timeout: Duration,

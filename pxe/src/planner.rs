@@ -100,6 +100,9 @@ pub enum Firmware {
     Pxe,
     /// iPXE (option 175 or user class `iPXE`): it can fetch the HTTP profile directly.
     Ipxe,
+    /// UEFI HTTP Boot (vendor class `HTTPClient...`): it fetches an iPXE binary over HTTP
+    /// first, then asks again once it runs iPXE.
+    Http,
 }
 
 /// What a DHCP client told us about itself, as handed to the planner.
@@ -107,15 +110,17 @@ pub enum Firmware {
 pub struct ClientInfo {
     /// The client's hardware address (`chaddr`), the key metalgraph matches nodes on.
     pub mac: MacAddr,
-    /// PXE firmware or iPXE.
+    /// PXE firmware, UEFI HTTP Boot firmware or iPXE.
     pub firmware: Firmware,
-    /// The first client system architecture of option 93 (0 BIOS, 7/9 x86-64 UEFI, ...),
-    /// if the client sent one.
+    /// The client system architecture: the first of option 93 (0 BIOS, 7/9 x86-64 UEFI
+    /// PXE, 16 x86-64 UEFI HTTP, ...), or for an HTTP Boot client without option 93 the
+    /// one its vendor class names; none if the client sent neither.
     pub arch: Option<u16>,
     /// The SMBIOS UUID from option 97 (type 0), formatted like `27946b59-9e44-...`, which a
     /// discovery graph can match against a BMC's system UUID.
     pub uuid: Option<String>,
-    /// Option 60 as text (lossy), e.g. `PXEClient:Arch:00007:UNDI:003000`.
+    /// Option 60 as text (lossy), e.g. `PXEClient:Arch:00007:UNDI:003000` or
+    /// `HTTPClient:Arch:00016:UNDI:003000`.
     pub vendor_class: Option<String>,
     /// Option 77 as text (lossy), e.g. `iPXE`.
     pub user_class: Option<String>,
@@ -128,8 +133,8 @@ pub struct ClientInfo {
 pub enum Decision {
     /// Answer the client. `profile_url` is the HTTP URL iPXE should chain to, with the MAC
     /// already filled in (DHCP's boot file name is not expanded by iPXE's `${...}` syntax);
-    /// see [`crate::ipxe::profile_url`]. PXE firmware gets an iPXE binary over TFTP instead and
-    /// asks again once it runs iPXE.
+    /// see [`crate::ipxe::profile_url`]. PXE firmware gets an iPXE binary over TFTP instead,
+    /// UEFI HTTP Boot firmware the URL of one, and each asks again once it runs iPXE.
     Answer {
         /// The URL handed to iPXE as its boot file name.
         profile_url: String,
@@ -165,10 +170,10 @@ pub struct LeaseStoreError(pub String);
 /// bounds each call with a timeout and treats a timeout like `Silent` (for `decide`) or like
 /// an error (for the lease methods), so an implementation should answer in milliseconds.
 pub trait BootPlanner: Send + Sync + 'static {
-    /// Decides whether to answer a PXE or iPXE client, and with which profile URL.
+    /// Decides whether to answer a PXE, HTTP Boot or iPXE client, and with which profile URL.
     ///
-    /// Called for every DISCOVER and REQUEST from a client that identified itself as PXE or
-    /// iPXE (never for other clients, which `pxe` ignores on its own). Expected policy: answer
+    /// Called for every DISCOVER and REQUEST from a client that identified itself as PXE,
+    /// UEFI HTTP Boot or iPXE (never for other clients, which `pxe` ignores on its own). Expected policy: answer
     /// unknown MACs (so they get discovered) and nodes whose current workflow needs a network
     /// boot; stay silent for nodes that should boot from disk. It has no side effects that
     /// `pxe` relies on, may be called several times for one boot, and cannot fail: an

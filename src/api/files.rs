@@ -1,5 +1,7 @@
 //! Static files for booting nodes: `GET` and `HEAD /files/{path}` on the node-facing API
-//! serve the configured files directory (ISO images, kernels, installer files).
+//! serve the configured files directory (ISO images, kernels, installer files), and
+//! `/boot/{path}` the boot files directory (`[boot] tftp_root`, the iPXE binaries TFTP
+//! serves) to UEFI HTTP Boot firmware while network boot is on.
 //!
 //! Files are streamed, never read whole, and a single byte range (`bytes=a-b`, `bytes=a-`,
 //! `bytes=-n`) is answered with 206, since BMCs and installers fetch large images in
@@ -12,7 +14,8 @@
 //! hyper has written them. (Through `tokio::fs::File` and `ReaderStream` a body cost a
 //! trip to the blocking pool and two copies per 64 KiB: 1.7× nginx's time for 20
 //! downloads of a 64 MiB image; see BENCHMARKS.md.) Downloads at once are bounded by
-//! `[limits] max_file_transfers`; beyond it a `GET` is answered `503` with `Retry-After`.
+//! `[limits] max_file_transfers` (both directories together); beyond it a `GET` is answered
+//! `503` with `Retry-After`.
 
 use std::future::Future as _;
 use std::os::unix::fs::FileExt as _;
@@ -29,7 +32,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::error::ErrorBody;
-use super::extract::Path as PathParam;
+use super::extract::{Path as PathParam, Peer};
 use super::{ApiError, AppState};
 
 /// How much of a file is read per chunk of the response body. Small enough that a chunk
@@ -422,7 +425,21 @@ pub async fn serve_file(
             "no files directory is configured (files_dir, --files-dir, METALGRAPH_FILES_DIR)",
         ));
     };
-    let path = resolve(root, &rel, "file").await?;
+    send_file(&s, root, &rel, "file", &method, &headers).await
+}
+
+/// File `rel` of `root`, whole or the one byte range `headers` ask for, streamed under a
+/// transfer slot (`HEAD`: its length and type only). `what` names the kind of file in
+/// errors ("file", "boot file").
+async fn send_file(
+    s: &AppState,
+    root: &Path,
+    rel: &str,
+    what: &str,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let path = resolve(root, rel, what).await?;
     let io_err =
         |e: std::io::Error| ApiError::internal(format_args!("cannot read {}: {e}", path.display()));
     let opened = path.clone();
@@ -445,7 +462,7 @@ pub async fn serve_file(
             let mut resp = ApiError::new(
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 "range_not_satisfiable",
-                format!("the requested range lies outside file {rel} ({len} bytes)"),
+                format!("the requested range lies outside {what} {rel} ({len} bytes)"),
             )
             .into_response();
             resp.headers_mut().insert(
@@ -455,12 +472,13 @@ pub async fn serve_file(
             return Ok(resp);
         }
     };
-    let body = if method == Method::HEAD {
+    let body = if *method == Method::HEAD {
         Body::empty()
     } else {
         let Some(slot) = s.file_transfers.try_take() else {
             tracing::warn!(
                 file = %rel,
+                what,
                 max = s.file_transfers.max,
                 "a file download was refused: every transfer slot is taken (limits.max_file_transfers)"
             );
@@ -515,6 +533,102 @@ pub async fn head_file(
     path: PathParam<String>,
 ) -> Result<Response, ApiError> {
     serve_file(state, method, headers, path).await
+}
+
+/// A file of the boot files directory (`[boot] tftp_root`: the iPXE binaries TFTP serves),
+/// whole or one byte range: what DHCP hands UEFI HTTP Boot firmware
+/// (`http://BOOT:8090/boot/snponly.efi`). Served while network boot is on.
+#[utoipa::path(
+    get,
+    path = "/boot/{path}",
+    tag = "node-facing",
+    params(
+        ("path" = String, Path, description = "The file's path inside the boot files directory", example = "snponly.efi"),
+        ("Range" = Option<String>, Header, description = "One byte range: `bytes=a-b`, `bytes=a-` or `bytes=-n`", example = "bytes=0-1023"),
+    ),
+    responses(
+        (status = 200, description = "The whole file, typed by its extension as under `/files/` \
+            (an iPXE binary is `application/octet-stream`)",
+            body = Vec<u8>, content_type = "*/*",
+            headers(("Accept-Ranges" = String), ("Content-Length" = u64))),
+        (status = 206, description = "The requested range", body = Vec<u8>, content_type = "*/*",
+            headers(("Content-Range" = String, description = "`bytes a-b/len`"))),
+        (status = 403, description = "The path leads outside the boot files directory", body = ErrorBody),
+        (status = 404, description = "Network boot is off, or no such file", body = ErrorBody),
+        (status = 416, description = "The range lies outside the file", body = ErrorBody,
+            headers(("Content-Range" = String, description = "`bytes */len`"))),
+        (status = 503, description = "As many downloads as `limits.max_file_transfers` allows are in progress", body = ErrorBody,
+            headers(("Retry-After" = String, description = "Seconds to wait before trying again"))),
+    )
+)]
+pub async fn serve_boot_file(
+    State(s): State<AppState>,
+    Peer(peer): Peer,
+    method: Method,
+    headers: HeaderMap,
+    PathParam(rel): PathParam<String>,
+) -> Result<Response, ApiError> {
+    let Some(root) = s.boot_dir.as_deref() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "network boot is off, so no boot files are served (boot.dhcp, boot.tftp_listen)",
+        ));
+    };
+    let sent = send_file(&s, root, &rel, "boot file", &method, &headers).await;
+    // Like TFTP's transfers, each boot file served is logged: it is how a boot is followed.
+    match &sent {
+        Ok(resp) => tracing::info!(
+            file = %rel,
+            %method,
+            status = resp.status().as_u16(),
+            bytes = resp
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .unwrap_or(0),
+            peer = ?peer,
+            "boot file served over HTTP"
+        ),
+        Err(e) => tracing::info!(
+            file = %rel,
+            %method,
+            status = e.status.as_u16(),
+            peer = ?peer,
+            error = %e.message,
+            "boot file refused"
+        ),
+    }
+    sent
+}
+
+/// A boot file's length and type without its bytes (UEFI HTTP Boot asks this before the
+/// download).
+#[utoipa::path(
+    head,
+    path = "/boot/{path}",
+    tag = "node-facing",
+    params(
+        ("path" = String, Path, description = "The file's path inside the boot files directory"),
+        ("Range" = Option<String>, Header, description = "One byte range"),
+    ),
+    responses(
+        (status = 200, description = "The file exists; `Content-Length` is its size",
+            headers(("Accept-Ranges" = String), ("Content-Length" = u64))),
+        (status = 206, description = "The requested range exists", headers(("Content-Range" = String))),
+        (status = 403, description = "The path leads outside the boot files directory"),
+        (status = 404, description = "Network boot is off, or no such file"),
+        (status = 416, description = "The range lies outside the file"),
+    )
+)]
+pub async fn head_boot_file(
+    state: State<AppState>,
+    peer: Peer,
+    method: Method,
+    headers: HeaderMap,
+    path: PathParam<String>,
+) -> Result<Response, ApiError> {
+    serve_boot_file(state, peer, method, headers, path).await
 }
 
 fn header_value(s: &str) -> HeaderValue {

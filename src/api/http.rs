@@ -78,10 +78,16 @@ pub(crate) fn node_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(template));
     let router = OpenApiRouter::new().nest("/api/2.0", api);
     // `/files/{*path}` is axum's catch-all, which OpenAPI writes `/files/{path}`.
-    super::openapi::route_catch_all(
+    let router = super::openapi::route_catch_all(
         router,
         "/files/{*path}",
         routes!(files::serve_file, files::head_file),
+    );
+    // The iPXE binaries UEFI HTTP Boot firmware is sent to (`boot::boot_files_url`).
+    super::openapi::route_catch_all(
+        router,
+        "/boot/{*path}",
+        routes!(files::serve_boot_file, files::head_boot_file),
     )
 }
 
@@ -127,7 +133,8 @@ async fn metrics() -> Response {
 }
 
 /// The node-facing API: what booting nodes and their installers call. `/files/...` serves
-/// the files directory; `/api/2.0/templates/{name}` renders a template for a node.
+/// the files directory, `/boot/...` the boot files directory; `/api/2.0/templates/{name}`
+/// renders a template for a node.
 pub fn node_app(state: AppState) -> Router {
     finish(node_routes().into(), state)
 }

@@ -35,7 +35,11 @@ pub struct AppState {
     pub body_limit: usize,
     /// The directory served under `/files/` on the node-facing API; none serves nothing.
     pub files_dir: Option<PathBuf>,
-    /// The bound on concurrent `/files/` downloads (`[limits] max_file_transfers`).
+    /// The boot files directory served under `/boot/` on the node-facing API (`[boot]
+    /// tftp_root`, while network boot is on); none serves nothing.
+    pub boot_dir: Option<PathBuf>,
+    /// The bound on concurrent `/files/` and `/boot/` downloads (`[limits]
+    /// max_file_transfers`).
     pub file_transfers: files::FileTransfers,
     /// The directory `/api/2.0/templates/{name}` renders from; none renders nothing.
     pub templates_dir: Option<PathBuf>,
@@ -86,6 +90,7 @@ impl AppState {
             engine,
             body_limit,
             files_dir: None,
+            boot_dir: None,
             file_transfers: files::FileTransfers::default(),
             templates_dir: None,
             api: ApiUrls::default(),

@@ -2,7 +2,7 @@
 //! `METALGRAPH_BOOT_*` variables, the `serve` flags of the same names, and the translation
 //! into the `pxe` crate's [`PxeOptions`].
 //!
-//! Network boot is off unless `dhcp` is `proxy` or `full`, or `tftp_listen` is set.
+//! Network boot is off unless `dhcp` is `proxy` or `full`, or `tftp_listen` is an address.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -41,6 +41,47 @@ impl FromStr for DhcpSetting {
     }
 }
 
+/// Where TFTP listens (`tftp_listen`): an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum TftpListen {
+    /// No TFTP, even when DHCP is on: PXE ROMs then need another TFTP server at the boot
+    /// address, and UEFI HTTP Boot and iPXE need none.
+    Off,
+    /// TFTP on this address.
+    At(SocketAddr),
+}
+
+impl FromStr for TftpListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "off" => Ok(TftpListen::Off),
+            other => other
+                .parse()
+                .map(TftpListen::At)
+                .map_err(|_| format!("{other:?} is neither an address (10.0.0.1:69) nor off")),
+        }
+    }
+}
+
+impl TryFrom<String> for TftpListen {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<TftpListen> for String {
+    fn from(t: TftpListen) -> String {
+        match t {
+            TftpListen::Off => "off".to_owned(),
+            TftpListen::At(addr) => addr.to_string(),
+        }
+    }
+}
+
 /// The `[boot]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -68,10 +109,12 @@ pub struct BootConfig {
     /// server identifier, and the host of profile URLs when the node-facing API listens on
     /// every address (`METALGRAPH_BOOT_ADDRESS`, `--boot-address`). Required when DHCP is on.
     pub boot_address: Option<Ipv4Addr>,
-    /// Where TFTP listens (`METALGRAPH_BOOT_TFTP_LISTEN`, `--tftp-listen`); defaults to
-    /// `BOOT_ADDRESS:69` when DHCP is on. `off` in the environment turns it off.
-    pub tftp_listen: Option<SocketAddr>,
-    /// The directory TFTP serves read-only: where `undionly.kpxe`, `snponly.efi` and
+    /// Where TFTP listens, or `off` (`METALGRAPH_BOOT_TFTP_LISTEN`, `--tftp-listen`);
+    /// unset, `BOOT_ADDRESS:69` when DHCP is on and off otherwise. UEFI HTTP Boot and iPXE
+    /// need no TFTP.
+    pub tftp_listen: Option<TftpListen>,
+    /// The boot files directory, served read-only by TFTP and on the node-facing listener
+    /// under `/boot/` while network boot is on: where `undionly.kpxe`, `snponly.efi` and
     /// `ipxe.efi` live (`METALGRAPH_BOOT_TFTP_ROOT`, `--tftp-root`; Debian's `ipxe` package
     /// installs them in `/usr/lib/ipxe`).
     pub tftp_root: PathBuf,
@@ -185,10 +228,10 @@ pub struct BootArgs {
     /// The address nodes reach metalgraph at (next-server, profile URLs).
     #[arg(long, value_name = "IP")]
     pub boot_address: Option<Ipv4Addr>,
-    /// Where TFTP listens (default BOOT_ADDRESS:69 when DHCP is on).
-    #[arg(long, value_name = "ADDR")]
-    pub tftp_listen: Option<SocketAddr>,
-    /// The directory TFTP serves (default /usr/lib/ipxe).
+    /// Where TFTP listens, or off (default BOOT_ADDRESS:69 when DHCP is on).
+    #[arg(long, value_name = "ADDR|off")]
+    pub tftp_listen: Option<TftpListen>,
+    /// The boot files directory TFTP and /boot/ serve (default /usr/lib/ipxe).
     #[arg(long, value_name = "DIR")]
     pub tftp_root: Option<PathBuf>,
     /// TFTP transfers served at once (default 64, at most 1024).
@@ -280,7 +323,11 @@ impl BootConfig {
             self.boot_address = parse_optional(&v, &s)?;
         }
         if let Some((v, s)) = var("TFTP_LISTEN") {
-            self.tftp_listen = parse_optional(&v, &s)?;
+            // `off` is a value of its own here (TFTP off even with DHCP), so only "" unsets.
+            self.tftp_listen = match s.trim() {
+                "" => None,
+                _ => Some(parse(&v, &s)?),
+            };
         }
         if let Some((_, s)) = var("TFTP_ROOT") {
             self.tftp_root = PathBuf::from(s.trim());
@@ -370,7 +417,19 @@ impl BootConfig {
 
     /// Whether any network-boot service (DHCP or TFTP) runs.
     pub fn enabled(&self) -> bool {
-        self.dhcp != DhcpSetting::Off || self.tftp_listen.is_some()
+        self.dhcp != DhcpSetting::Off || matches!(self.tftp_listen, Some(TftpListen::At(_)))
+    }
+
+    /// Where TFTP listens, if it runs: `tftp_listen`, or unset `BOOT_ADDRESS:69` when DHCP
+    /// is on.
+    pub fn tftp_addr(&self) -> Option<SocketAddr> {
+        match self.tftp_listen {
+            Some(TftpListen::Off) => None,
+            Some(TftpListen::At(addr)) => Some(addr),
+            None => (self.dhcp != DhcpSetting::Off).then(|| {
+                SocketAddr::from((self.boot_address.unwrap_or(Ipv4Addr::UNSPECIFIED), 69))
+            }),
+        }
     }
 
     /// Checks what no type can express, naming the field at fault.
@@ -460,10 +519,7 @@ impl BootConfig {
         let mut options = PxeOptions::new(dhcp, boot_address);
         options.interface = self.dhcp_interface.clone();
         options.dhcp_listen = self.dhcp_listen;
-        let tftp_listen = self.tftp_listen.or_else(|| {
-            (self.dhcp != DhcpSetting::Off).then(|| SocketAddr::from((boot_address, 69)))
-        });
-        options.tftp = tftp_listen.map(|addr| {
+        options.tftp = self.tftp_addr().map(|addr| {
             let mut tftp = metalgraph_pxe::tftp::Options::new(addr, self.tftp_root.clone());
             tftp.max_transfers = self.tftp_max_transfers;
             tftp
@@ -578,6 +634,57 @@ mod tests {
         let err = c.check().unwrap_err().to_string();
         assert!(
             err.contains("boot.tftp_max_transfers") && err.contains("1 to 1024"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tftp_can_be_off_while_dhcp_runs() {
+        let mut c = BootConfig {
+            dhcp: DhcpSetting::Proxy,
+            boot_address: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            ..BootConfig::default()
+        };
+        let tftp = |c: &BootConfig| c.pxe_options().unwrap().unwrap().tftp.map(|t| t.listen);
+        assert_eq!(
+            tftp(&c),
+            Some("10.0.0.1:69".parse().unwrap()),
+            "the default"
+        );
+        c.apply_env(&env_of(&[("METALGRAPH_BOOT_TFTP_LISTEN", "off")]))
+            .unwrap();
+        assert_eq!(c.tftp_listen, Some(TftpListen::Off));
+        assert!(c.enabled(), "DHCP still runs");
+        assert_eq!(tftp(&c), None);
+        c.apply_env(&env_of(&[("METALGRAPH_BOOT_TFTP_LISTEN", "")]))
+            .unwrap();
+        assert_eq!(
+            tftp(&c),
+            Some("10.0.0.1:69".parse().unwrap()),
+            "unset again"
+        );
+        c.apply_flags(&BootArgs {
+            tftp_listen: Some("off".parse().unwrap()),
+            ..BootArgs::default()
+        });
+        assert_eq!(tftp(&c), None);
+        // In the file, as a string either way; and TFTP alone, off, is no network boot.
+        let file: BootConfig =
+            toml::from_str("tftp_listen = \"off\"\ntftp_root = \"/srv/ipxe\"").unwrap();
+        assert_eq!(file.tftp_listen, Some(TftpListen::Off));
+        assert!(!file.enabled());
+        let file: BootConfig = toml::from_str("tftp_listen = \"127.0.0.1:6969\"").unwrap();
+        assert_eq!(
+            file.tftp_listen,
+            Some(TftpListen::At("127.0.0.1:6969".parse().unwrap()))
+        );
+        assert!(file.enabled());
+        let err = c
+            .apply_env(&env_of(&[("METALGRAPH_BOOT_TFTP_LISTEN", "nowhere")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("METALGRAPH_BOOT_TFTP_LISTEN") && err.contains("nor off"),
             "{err}"
         );
     }

@@ -16,6 +16,7 @@ use dhcproto::v4::{
 };
 use dhcproto::{Decodable, Encodable};
 
+use super::boot;
 use crate::planner::MacAddr;
 
 /// The DHCP magic cookie (RFC 2131 §3).
@@ -240,6 +241,20 @@ fn parse_inner(bytes: &[u8]) -> Result<Request, Error> {
     })
 }
 
+/// The vendor class a reply carries, with what the firmware it speaks to expects beside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vendor {
+    /// None: a plain DHCP reply (full mode to PXE ROMs and iPXE).
+    None,
+    /// ProxyDHCP to PXE ROMs and iPXE: option 60 `PXEClient`, option 43 telling the ROM to
+    /// boot the file without a boot-server discovery or menu, and the client's GUID
+    /// (option 97) echoed.
+    PxeProxy,
+    /// UEFI HTTP Boot, proxy or full: option 60 `HTTPClient`, without which the firmware
+    /// does not take the boot file for a URI; no TFTP server name.
+    Http,
+}
+
 /// The fields of a reply beyond what the request determines.
 #[derive(Debug, Clone)]
 pub struct ReplyFields {
@@ -259,9 +274,8 @@ pub struct ReplyFields {
     pub router: Option<Ipv4Addr>,
     /// Option 6.
     pub dns: Vec<Ipv4Addr>,
-    /// ProxyDHCP: add option 60 `PXEClient` and option 43 telling the ROM to boot the file
-    /// without a boot-server discovery or menu.
-    pub pxe_vendor: bool,
+    /// The vendor class the reply speaks as (option 60, and what goes with it).
+    pub vendor: Vendor,
     /// Option 56, for NAKs.
     pub message: Option<String>,
     /// Force the broadcast flag (NAK through a relay).
@@ -279,7 +293,7 @@ impl Default for ReplyFields {
             subnet_mask: None,
             router: None,
             dns: Vec::new(),
-            pxe_vendor: false,
+            vendor: Vendor::None,
             message: None,
             broadcast: false,
         }
@@ -322,9 +336,11 @@ pub fn encode_reply(req: &Request, f: &ReplyFields) -> Result<Vec<u8>, String> {
             msg.set_fname_str(file);
         }
         opts.insert(DhcpOption::BootfileName(file.as_bytes().to_vec()));
-        opts.insert(DhcpOption::TFTPServerName(
-            f.server_id.to_string().into_bytes(),
-        ));
+        if f.vendor != Vendor::Http {
+            opts.insert(DhcpOption::TFTPServerName(
+                f.server_id.to_string().into_bytes(),
+            ));
+        }
     }
     if let Some(secs) = f.lease_secs {
         opts.insert(DhcpOption::AddressLeaseTime(secs));
@@ -340,13 +356,19 @@ pub fn encode_reply(req: &Request, f: &ReplyFields) -> Result<Vec<u8>, String> {
     if !f.dns.is_empty() {
         opts.insert(DhcpOption::DomainNameServer(f.dns.clone()));
     }
-    if f.pxe_vendor {
-        opts.insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
-        // PXE_DISCOVERY_CONTROL (6) = 8: boot the file named in this offer directly.
-        opts.insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
-        // The PXE specification requires the client's GUID to be echoed.
-        if let Some(id) = &req.machine_id {
-            opts.insert(DhcpOption::ClientMachineIdentifier(id.clone()));
+    match f.vendor {
+        Vendor::None => {}
+        Vendor::PxeProxy => {
+            opts.insert(DhcpOption::ClassIdentifier(boot::PXE_CLASS.to_vec()));
+            // PXE_DISCOVERY_CONTROL (6) = 8: boot the file named in this offer directly.
+            opts.insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
+            // The PXE specification requires the client's GUID to be echoed.
+            if let Some(id) = &req.machine_id {
+                opts.insert(DhcpOption::ClientMachineIdentifier(id.clone()));
+            }
+        }
+        Vendor::Http => {
+            opts.insert(DhcpOption::ClassIdentifier(boot::HTTP_CLASS.to_vec()));
         }
     }
     if let Some(m) = &f.message {

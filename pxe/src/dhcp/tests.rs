@@ -1,5 +1,6 @@
-//! Tests of the DHCP request handler without sockets: proxy and full exchanges, where
-//! replies go, lease storage through the planner, and fuzzing of the whole handler.
+//! Tests of the DHCP request handler without sockets: proxy and full exchanges (PXE ROMs,
+//! UEFI HTTP Boot, iPXE), where replies go, lease storage through the planner, and fuzzing
+//! of the whole handler.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use crate::planner::{Lease, MacAddr, MemPlanner};
 const BOOT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const NOW: u64 = 1_700_000_000;
 const BASE: &str = "http://10.0.0.1:8090/api/2.0/profiles";
+const HTTP_BASE: &str = "http://10.0.0.1:8090/boot/";
 
 fn mac(n: u8) -> MacAddr {
     MacAddr([0x52, 0x54, 0, 0, 0, n])
@@ -29,9 +31,22 @@ fn broadcast() -> SocketAddr {
 }
 
 async fn handler(mode: Mode, planner: Arc<MemPlanner>) -> Handler {
+    handler_with(mode, planner, BootFiles::default()).await
+}
+
+async fn handler_with(mode: Mode, planner: Arc<MemPlanner>, boot_files: BootFiles) -> Handler {
     let mut o = Options::new(mode, BOOT);
     o.ports.relay = 1068;
+    o.boot_files = boot_files;
     Handler::new(o, planner).await.unwrap()
+}
+
+/// Boot files also served over HTTP, as the binary configures them.
+fn http_served() -> BootFiles {
+    BootFiles {
+        http_base: Some(HTTP_BASE.to_owned()),
+        ..BootFiles::default()
+    }
 }
 
 fn full() -> Mode {
@@ -44,6 +59,16 @@ fn full() -> Mode {
 fn pxe(arch: u16) -> Vec<DhcpOption> {
     vec![
         DhcpOption::ClassIdentifier(format!("PXEClient:Arch:{arch:05}:UNDI:002001").into_bytes()),
+        DhcpOption::ClientSystemArchitecture(Architecture::from(arch)),
+        DhcpOption::ClientMachineIdentifier(vec![0; 17]),
+    ]
+}
+
+/// What UEFI HTTP Boot firmware sends (EDK2's HttpBootDxe: vendor class
+/// `HTTPClient:Arch:NNNNN:UNDI:003000`, option 93 the same architecture).
+fn http(arch: u16) -> Vec<DhcpOption> {
+    vec![
+        DhcpOption::ClassIdentifier(format!("HTTPClient:Arch:{arch:05}:UNDI:003000").into_bytes()),
         DhcpOption::ClientSystemArchitecture(Architecture::from(arch)),
         DhcpOption::ClientMachineIdentifier(vec![0; 17]),
     ]
@@ -222,6 +247,214 @@ async fn silence_for_non_boot_clients_the_planner_and_unknown_architectures() {
         "the planner is never asked about non-boot clients"
     );
     assert!(asked.contains(&mac(2)));
+}
+
+fn class(m: &Message) -> Option<Vec<u8>> {
+    match opt(m, OptionCode::ClassIdentifier) {
+        Some(DhcpOption::ClassIdentifier(c)) => Some(c.clone()),
+        _ => None,
+    }
+}
+
+/// The answer UEFI HTTP Boot takes (UEFI 2.x, "HTTP Boot"; EDK2's HttpBootDhcp4.c): option
+/// 60 `HTTPClient` and the boot file a URI, in option 67 and in `file`; with an address it
+/// is a DHCP offer, without one a proxy offer beside the address server's.
+fn assert_http_boot_answer(m: &Message, want_type: MessageType, url: &str) {
+    assert_eq!(m.opts().msg_type(), Some(want_type));
+    assert_eq!(class(m).as_deref(), Some(&b"HTTPClient"[..]));
+    assert_eq!(boot_file(m).as_deref(), Some(url));
+    let mut file = url.as_bytes().to_vec();
+    file.push(0);
+    assert!(
+        m.fname().is_some_and(|f| f.starts_with(&file)),
+        "the URI also in the file field: {:?}",
+        m.fname()
+    );
+    assert!(
+        opt(m, OptionCode::VendorExtensions).is_none(),
+        "no PXE options for an HTTP client"
+    );
+    assert!(
+        opt(m, OptionCode::TFTPServerName).is_none(),
+        "no TFTP server for an HTTP client"
+    );
+    assert_eq!(
+        opt(m, OptionCode::ServerIdentifier),
+        Some(&DhcpOption::ServerIdentifier(BOOT))
+    );
+}
+
+#[tokio::test]
+async fn http_boot_clients_get_the_binary_url_with_the_vendor_class_echoed() {
+    let url = "http://10.0.0.1:8090/boot/snponly.efi";
+    // ProxyDHCP: a proxy offer on port 67 (HTTP Boot does not ask port 4011).
+    let planner = Arc::new(MemPlanner::new(BASE));
+    let h = handler_with(Mode::Proxy, planner.clone(), http_served()).await;
+    let (to, m) = exchange(
+        &h,
+        request(MessageType::Discover, mac(1), http(16), vec![], None, None),
+        Port::Server,
+        NOW,
+    )
+    .await
+    .expect("an x86-64 HTTP Boot client gets a proxy offer");
+    assert_eq!(to, broadcast());
+    assert_http_boot_answer(&m, MessageType::Offer, url);
+    assert_eq!(
+        m.yiaddr(),
+        Ipv4Addr::UNSPECIFIED,
+        "a proxy offer has no address"
+    );
+    assert!(opt(&m, OptionCode::AddressLeaseTime).is_none());
+    let asked = planner.decisions();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0].firmware, crate::planner::Firmware::Http);
+    assert_eq!(asked[0].arch, Some(16));
+    assert_eq!(
+        asked[0].vendor_class.as_deref(),
+        Some("HTTPClient:Arch:00016:UNDI:003000")
+    );
+
+    // Full DHCP: the address and the URI in one offer, then the ACK, with the lease stored.
+    let planner = Arc::new(MemPlanner::new(BASE));
+    let h = handler_with(full(), planner.clone(), http_served()).await;
+    let (_, offer) = exchange(
+        &h,
+        request(MessageType::Discover, mac(1), http(16), vec![], None, None),
+        Port::Server,
+        NOW,
+    )
+    .await
+    .expect("an offer");
+    assert_http_boot_answer(&offer, MessageType::Offer, url);
+    let ip = offer.yiaddr();
+    assert_eq!(ip, Ipv4Addr::new(10, 0, 0, 10));
+    assert_eq!(
+        opt(&offer, OptionCode::AddressLeaseTime),
+        Some(&DhcpOption::AddressLeaseTime(3600))
+    );
+    let selecting = vec![
+        DhcpOption::ServerIdentifier(BOOT),
+        DhcpOption::RequestedIpAddress(ip),
+    ];
+    let (_, ack) = exchange(
+        &h,
+        request(
+            MessageType::Request,
+            mac(1),
+            http(16),
+            selecting,
+            None,
+            None,
+        ),
+        Port::Server,
+        NOW,
+    )
+    .await
+    .expect("an ACK");
+    assert_http_boot_answer(&ack, MessageType::Ack, url);
+    assert_eq!(ack.yiaddr(), ip);
+    assert_eq!(planner.leases().len(), 1);
+
+    // The same machine as PXE (architectures 7 and 9) or once it runs iPXE: TFTP names and
+    // the profile URL, as before, whatever HTTP serves.
+    for mode in [Mode::Proxy, full()] {
+        let proxy = mode == Mode::Proxy;
+        let h = handler_with(mode, Arc::new(MemPlanner::new(BASE)), http_served()).await;
+        for (opts, want) in [
+            (pxe(7), "snponly.efi".to_owned()),
+            (pxe(9), "snponly.efi".to_owned()),
+            (ipxe(), format!("{BASE}?macs=52:54:00:00:00:02")),
+        ] {
+            let (_, m) = exchange(
+                &h,
+                request(MessageType::Discover, mac(2), opts, vec![], None, None),
+                Port::Server,
+                NOW,
+            )
+            .await
+            .expect("PXE and iPXE are answered");
+            assert_eq!(boot_file(&m).as_deref(), Some(want.as_str()));
+            let want_class = proxy.then(|| b"PXEClient".to_vec());
+            assert_eq!(class(&m), want_class, "{want}");
+            assert_eq!(
+                opt(&m, OptionCode::TFTPServerName),
+                Some(&DhcpOption::TFTPServerName(b"10.0.0.1".to_vec()))
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn http_boot_clients_without_a_binary_or_with_a_malformed_class_get_silence() {
+    let odd_class = |c: &str, arch: Option<u16>| {
+        let mut o = vec![DhcpOption::ClassIdentifier(c.as_bytes().to_vec())];
+        if let Some(a) = arch {
+            o.push(DhcpOption::ClientSystemArchitecture(Architecture::from(a)));
+        }
+        o
+    };
+    for mode in [Mode::Proxy, full()] {
+        let planner = Arc::new(MemPlanner::new(BASE));
+        let h = handler_with(mode.clone(), planner.clone(), http_served()).await;
+        // (what, options, whether the planner is asked)
+        let cases = [
+            ("ARM64 HTTP Boot", http(19), true),
+            ("32-bit x86 HTTP Boot", http(15), true),
+            (
+                "no architecture at all",
+                odd_class("HTTPClient", None),
+                true,
+            ),
+            (
+                "class and option 93 disagree",
+                odd_class("HTTPClient:Arch:00016:UNDI:003000", Some(19)),
+                false,
+            ),
+            (
+                "not HTTPClient:Arch:NNNNN",
+                odd_class("HTTPClient:Arch:16:UNDI:003000", Some(16)),
+                false,
+            ),
+            (
+                "junk after the class",
+                odd_class("HTTPClientX", Some(16)),
+                false,
+            ),
+        ];
+        for (i, (what, opts, asked)) in cases.into_iter().enumerate() {
+            let m = mac(10 + i as u8);
+            assert!(
+                exchange(
+                    &h,
+                    request(MessageType::Discover, m, opts, vec![], None, None),
+                    Port::Server,
+                    NOW
+                )
+                .await
+                .is_none(),
+                "{mode:?}: {what}"
+            );
+            assert_eq!(
+                planner.decisions().iter().any(|c| c.mac == m),
+                asked,
+                "{mode:?}: {what}: whether the planner is asked"
+            );
+        }
+        // Without an HTTP URL for the binaries, HTTP Boot is not answered at all.
+        let h = handler(mode.clone(), Arc::new(MemPlanner::new(BASE))).await;
+        assert!(
+            exchange(
+                &h,
+                request(MessageType::Discover, mac(1), http(16), vec![], None, None),
+                Port::Server,
+                NOW
+            )
+            .await
+            .is_none(),
+            "{mode:?}: HTTP Boot off"
+        );
+    }
 }
 
 #[tokio::test]
@@ -518,6 +751,7 @@ fn fuzz_seeds() -> Vec<Vec<u8>> {
             None,
         ),
         request(MessageType::Request, mac(1), pxe(7), vec![], Some(ip), None),
+        request(MessageType::Discover, mac(1), http(16), vec![], None, None),
         request(MessageType::Release, mac(1), vec![], vec![], Some(ip), None),
         request(
             MessageType::Decline,
@@ -535,7 +769,7 @@ proptest! {
 
     #[test]
     fn the_handler_never_panics(
-        seed in 0usize..6,
+        seed in 0usize..7,
         edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..16),
         tail in proptest::collection::vec(any::<u8>(), 0..64),
         random in proptest::collection::vec(any::<u8>(), 0..600),
@@ -546,7 +780,7 @@ proptest! {
         rt.block_on(async {
             let planner = Arc::new(MemPlanner::new(BASE));
             for mode in [Mode::Proxy, full()] {
-                let h = handler(mode, planner.clone()).await;
+                let h = handler_with(mode, planner.clone(), http_served()).await;
                 let bytes = if use_random {
                     random.clone()
                 } else {
