@@ -175,28 +175,46 @@ impl State {
     }
 }
 
-/// Applies one op to the index; a put's value is kept in memory when short, else placed at
-/// `text` (its escaped text's place in the payload) of the payload at `payload_at` in
-/// `file`.
-fn apply(index: &mut Keyspaces<Slot>, op: Op, file: Which, payload_at: u64, text: Range<usize>) {
-    match op {
-        Op::Put {
+/// One op as the index takes it: a put's value is given when it may be short enough to
+/// keep in memory, and its escaped text's place in the payload always.
+enum Entry {
+    Put {
+        keyspace: String,
+        key: Bytes,
+        value: Option<Bytes>,
+        text: Range<usize>,
+    },
+    Delete {
+        keyspace: String,
+        key: Bytes,
+    },
+}
+
+/// A value whose escaped text is longer than this decodes to more than [`INLINE_MAX`]
+/// bytes (an escape is three bytes for one), so replay need not decode it.
+const DECODE_MAX: usize = 3 * INLINE_MAX;
+
+/// Applies one entry to the index: a put's value is kept in memory when short, else
+/// placed at its text in the payload at `payload_at` in `file`.
+fn apply(index: &mut Keyspaces<Slot>, entry: Entry, file: Which, payload_at: u64) {
+    match entry {
+        Entry::Put {
             keyspace,
             key,
             value,
+            text,
         } => {
-            let slot = if value.len() <= INLINE_MAX {
-                Slot::Inline(value)
-            } else {
-                Slot::Disk {
+            let slot = match value {
+                Some(value) if value.len() <= INLINE_MAX => Slot::Inline(value),
+                _ => Slot::Disk {
                     file,
                     at: payload_at + text.start as u64,
                     len: (text.end - text.start) as u64,
-                }
+                },
             };
             index.insert(keyspace, key, slot);
         }
-        Op::Delete { keyspace, key } => index.remove(&keyspace, &key),
+        Entry::Delete { keyspace, key } => index.remove(&keyspace, &key),
     }
 }
 
@@ -583,7 +601,20 @@ impl Store for FileStore {
 
         let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
         for (op, text) in batch.ops.into_iter().zip(texts) {
-            apply(&mut state.index, op, Which::Journal, payload_at, text);
+            let entry = match op {
+                Op::Put {
+                    keyspace,
+                    key,
+                    value,
+                } => Entry::Put {
+                    keyspace,
+                    key,
+                    value: Some(value),
+                    text,
+                },
+                Op::Delete { keyspace, key } => Entry::Delete { keyspace, key },
+            };
+            apply(&mut state.index, entry, Which::Journal, payload_at);
         }
         drop(state);
 
@@ -639,8 +670,8 @@ fn replay(
                 let ops = decode_entries(&payload).map_err(|why| {
                     Error::Io(format!("{}: record at offset {pos}: {why}", path.display()))
                 })?;
-                for (op, text) in ops {
-                    apply(index, op, which, payload_at, text);
+                for entry in ops {
+                    apply(index, entry, which, payload_at);
                 }
                 pos = payload_at + payload.len() as u64;
             }
@@ -814,15 +845,31 @@ fn decode_keyspace(token: &str) -> Result<String, String> {
 
 #[cfg(test)]
 fn decode_payload(payload: &[u8]) -> Result<Vec<Op>, String> {
-    Ok(decode_entries(payload)?
+    decode_entries(payload)?
         .into_iter()
-        .map(|(op, _)| op)
-        .collect())
+        .map(|entry| match entry {
+            Entry::Put {
+                keyspace,
+                key,
+                value,
+                text,
+            } => Ok(Op::Put {
+                keyspace,
+                key,
+                value: match value {
+                    Some(v) => v,
+                    None => unescape(&payload[text])?,
+                },
+            }),
+            Entry::Delete { keyspace, key } => Ok(Op::Delete { keyspace, key }),
+        })
+        .collect()
 }
 
-/// The ops of a payload, each with where its value's escaped text is in the payload
-/// (between its quotes; empty for a delete).
-fn decode_entries(payload: &[u8]) -> Result<Vec<(Op, Range<usize>)>, String> {
+/// The ops of a payload, each put with where its value's escaped text is in the payload
+/// (between its quotes) and, unless that text is too long for the value to be kept in
+/// memory ([`DECODE_MAX`]), the value.
+fn decode_entries(payload: &[u8]) -> Result<Vec<Entry>, String> {
     let text = std::str::from_utf8(payload).map_err(|_| "payload is not text".to_owned())?;
     let body = text
         .strip_suffix('\n')
@@ -834,24 +881,27 @@ fn decode_entries(payload: &[u8]) -> Result<Vec<(Op, Range<usize>)>, String> {
             line_at += line.len() + 1;
             match line.split(' ').collect::<Vec<_>>().as_slice() {
                 ["put", keyspace, key, value] => {
-                    // The token's place in the line, from where the slice starts.
-                    let start = at + (value.as_ptr() as usize - line.as_ptr() as usize);
-                    Ok((
-                        Op::Put {
-                            keyspace: decode_keyspace(keyspace)?,
-                            key: unquote(key)?,
-                            value: unquote(value)?,
-                        },
-                        start + 1..start + value.len() - 1,
-                    ))
-                }
-                ["del", keyspace, key] => Ok((
-                    Op::Delete {
+                    let inner = value
+                        .strip_prefix('"')
+                        .and_then(|v| v.strip_suffix('"'))
+                        .ok_or_else(|| format!("token {value:?} is not quoted"))?;
+                    // The text's place in the payload, from where the slices start.
+                    let start = at + (inner.as_ptr() as usize - line.as_ptr() as usize);
+                    Ok(Entry::Put {
                         keyspace: decode_keyspace(keyspace)?,
                         key: unquote(key)?,
-                    },
-                    0..0,
-                )),
+                        value: if inner.len() > DECODE_MAX {
+                            None
+                        } else {
+                            Some(unquote(value)?)
+                        },
+                        text: start..start + inner.len(),
+                    })
+                }
+                ["del", keyspace, key] => Ok(Entry::Delete {
+                    keyspace: decode_keyspace(keyspace)?,
+                    key: unquote(key)?,
+                }),
                 _ => Err(format!("malformed op line {line:?}")),
             }
         })
