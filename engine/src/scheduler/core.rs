@@ -164,6 +164,8 @@ struct Wf {
     restart: Vec<bool>,
     /// Task index by label, so that readiness checks do not search the plan.
     index: HashMap<String, usize>,
+    /// The tasks that wait on each task, so that a task's end rechecks only them.
+    dependents: Vec<Vec<usize>>,
 }
 
 impl Wf {
@@ -395,15 +397,26 @@ impl Core {
     fn load(&mut self, rec: WorkflowRecord, tasks: Vec<TaskRecord>, recovering: bool, now: u64) {
         let id = rec.id.clone();
         let n = tasks.len();
-        let index = rec
+        let index: HashMap<String, usize> = rec
             .plan
             .tasks
             .iter()
             .enumerate()
             .map(|(i, t)| (t.label.clone(), i))
             .collect();
+        let mut dependents = vec![Vec::new(); n];
+        for (i, t) in rec.plan.tasks.iter().enumerate() {
+            for label in t.wait_on.labels() {
+                if let Some(&dep) = index.get(label)
+                    && !dependents[dep].contains(&i)
+                {
+                    dependents[dep].push(i);
+                }
+            }
+        }
         let mut w = Wf {
             index,
+            dependents,
             rec,
             tasks,
             running: HashSet::new(),
@@ -473,14 +486,25 @@ impl Core {
     }
 
     /// Skips tasks that can no longer run, queues tasks that are ready, and finishes the
-    /// workflow when every task is terminal.
+    /// workflow when every task is terminal. Looks at every task.
     fn advance(&mut self, id: &str, now: u64) {
+        self.advance_from(id, now, None);
+    }
+
+    /// [`Core::advance`] after only task `from` changed (`None`: anything may have): only
+    /// the tasks that wait on it are looked at, and those that wait on a task skipped on
+    /// the way, so a step costs what it touches, not the size of the graph.
+    fn advance_from(&mut self, id: &str, now: u64, from: Option<usize>) {
         let Some(w) = self.wfs.get_mut(id) else {
             return;
         };
-        loop {
-            let mut changed = false;
-            for i in 0..w.tasks.len() {
+        let mut look: Vec<usize> = match from {
+            Some(i) if w.rec.stop.is_none() => w.dependents[i].clone(),
+            _ => (0..w.tasks.len()).collect(),
+        };
+        while !look.is_empty() {
+            let mut skipped = Vec::new();
+            for i in look {
                 if w.tasks[i].state != TaskState::Pending || w.queued[i] {
                     continue;
                 }
@@ -498,7 +522,7 @@ impl Core {
                         write_task(&mut self.step.batch, id, i, t);
                         let ev = task_event(&w.rec, i, t);
                         self.step.effects.push(Effect::event(ev));
-                        changed = true;
+                        skipped.push(i);
                     }
                     Readiness::Ready if w.tasks[i].retry_at.is_none() => {
                         w.queued[i] = true;
@@ -510,9 +534,10 @@ impl Core {
                     _ => {}
                 }
             }
-            if !changed {
-                break;
-            }
+            look = skipped
+                .iter()
+                .flat_map(|&i| w.dependents[i].iter().copied())
+                .collect();
         }
         if w.tasks.iter().all(|t| t.state.is_terminal()) {
             self.finish_workflow(id, now);
@@ -783,7 +808,7 @@ impl Core {
                 self.stop(id, StopReason::Failure, why, now);
             }
         }
-        self.advance(id, now);
+        self.advance_from(id, now, Some(idx));
     }
 }
 
