@@ -30,7 +30,7 @@ NAP_GRAPH = {
     "injectableName": "UI.Check.Nap",
     "tasks": [
         {"label": "first", "taskName": "Task.Noop"},
-        {"label": "nap", "taskName": "Task.Wait", "optionOverrides": {"duration": "2500ms"},
+        {"label": "nap", "taskName": "Task.Wait", "optionOverrides": {"duration": "8s"},
          "waitOn": {"first": "succeeded"}},
         {"label": "after", "taskName": "Task.Noop", "waitOn": {"nap": "succeeded"}},
         {"label": "cleanup", "taskName": "Task.Noop", "waitOn": {"nap": "finished"}},
@@ -238,7 +238,8 @@ def check(api, b, base):
                       + nodes.locator("#nodes").inner_html()[:2000])
     step("a node named <img src=x onerror=alert(1)> and its error show as text")
 
-    # A workflow with a task that sleeps for 2.5 s.
+    # A workflow with a task that sleeps for 8 s: long enough for a loaded machine to open
+    # its page while it runs (2.5 s was not, once).
     wf = api.run("UI.Check.Nap", "demo-node-03")
     row = nodes.locator('tr[data-node="demo-node-03"]')
     try:
@@ -264,7 +265,7 @@ def check(api, b, base):
         raise Failure(f"tasks should be layered by their longest waitOn path: {ranks}")
     step("the graph has its waitOn edges, the 'finished' one labelled, in layers")
 
-    expect_state(page, "nap", "succeeded", 15_000, "after its 2.5 s")
+    expect_state(page, "nap", "succeeded", 20_000, "after its 8 s")
     expect_state(page, "cleanup", "succeeded", 5_000, "after nap")
     no_reload(page, "the workflow page")
     expect(page.locator("#status .badge")).to_have_text("succeeded", timeout=5_000)
@@ -274,11 +275,11 @@ def check(api, b, base):
     expect(field(page, "label")).to_have_text("nap")
     expect(field(page, "state")).to_have_text("succeeded")
     expect(field(page, "attempts")).to_have_text("1")
-    expect(field(page, "output")).to_contain_text('"slept_ms": 2500', timeout=5_000)
+    expect(field(page, "output")).to_contain_text('"slept_ms": 8000', timeout=5_000)
     took = field(page, "duration").text_content()
     m = re.fullmatch(r"([\d.]+) s", took or "")
-    if not m or not 2.0 <= float(m.group(1)) <= 5.0:
-        raise Failure(f"nap slept 2.5 s; its details say the duration is {took!r}")
+    if not m or not 7.5 <= float(m.group(1)) <= 11.0:
+        raise Failure(f"nap slept 8 s; its details say the duration is {took!r}")
     for name in ("started", "finished"):
         if not field(page, name).text_content().strip():
             raise Failure(f"the task's details have no {name} time")
