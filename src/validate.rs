@@ -106,6 +106,21 @@ mod tests {
     }
 
     #[test]
+    fn an_option_layer_naming_no_task_is_a_warning_not_a_problem() {
+        let graph = "injectableName: Graph.Test.Layer\noptions: {napp: {duration: 1s}}\ntasks:\n  - label: nap\n    taskName: Task.Noop\n";
+        let files = vec![("g.yaml".to_owned(), graph.to_owned())];
+        let library = crate::library::library().expect("the library loads");
+        let reports = validate(&files, &library, &crate::server::jobs());
+        assert!(reports[0].problems.is_empty(), "{:?}", reports[0].problems);
+        assert_eq!(
+            reports[0].warnings,
+            [
+                "graph Graph.Test.Layer: options name 'napp', which is not a task label of this graph; it is ignored"
+            ]
+        );
+    }
+
+    #[test]
     fn problems_name_file_graph_label_and_field() {
         let graph = "injectableName: Graph.Test.Bad\ntasks:\n  - label: a\n    taskName: Task.Nope\n  - label: b\n    taskName: Task.Nope\n    waitOn: {zzz: succeeded}\n";
         let got = check(&[("bad.yaml", graph), ("broken.yaml", "tasks: [")]);

@@ -176,6 +176,36 @@ async fn every_rpc_and_watch() {
     })
     .await
     .unwrap();
+    // A typed definition names its template dialect, and reads back with it; an unknown
+    // dialect is refused naming it.
+    let typed = |dialect: &str| pb::TaskDefinition {
+        injectable_name: "Task.Grpc.Dialect".into(),
+        implements_task: "noop".into(),
+        options: None,
+        template_dialect: dialect.into(),
+        ..Default::default()
+    };
+    let stored = defs
+        .put_task(pb::PutTaskRequest {
+            definition: Some(pb::put_task_request::Definition::Task(typed("rackhd"))),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stored.template_dialect, "rackhd");
+    let e = defs
+        .put_task(pb::PutTaskRequest {
+            definition: Some(pb::put_task_request::Definition::Task(typed("handlebars"))),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("\"handlebars\""), "{e}");
+    defs.delete_task(pb::DeleteTaskRequest {
+        name: "Task.Grpc.Dialect".into(),
+    })
+    .await
+    .unwrap();
     defs.delete_graph(pb::DeleteGraphRequest {
         name: "Grpc.Typed".into(),
     })
