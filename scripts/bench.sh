@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Runs metalgraph's benchmark harness (BENCHMARKS.md) on a fresh Debian machine: installs
-# what the benchmarks drive (wrk, curl, tftpd-hpa and nginx-light from apt, a Python venv
-# with OpenStack TaskFlow and SQLAlchemy for the peer), then `cargo bench --bench harness`, which builds in release,
-# prints the report on stdout and writes it under target/tmp/.
+# what the benchmarks drive (wrk, curl, tftpd-hpa and nginx-light, Kea's kea-dhcp4 and
+# perfdhcp, iproute2 from apt, a Python venv with OpenStack TaskFlow and SQLAlchemy for the
+# peer), then `cargo bench --bench harness`, which builds in release, prints the report on
+# stdout and writes it under target/tmp/. The DHCP scenario needs root (it creates network
+# namespaces); without it the harness skips that scenario with a note.
 #
-#   scripts/bench.sh                  # the published figures (about 4 minutes after the build)
+#   scripts/bench.sh                  # the published figures (about 13 minutes after the
+#                                     # build, 9 of them the DHCP scenario's searches)
 #   scripts/bench.sh --quick          # smaller sizes, under a minute after the build
 #   scripts/bench.sh --backends file --only chain,fanout
 #   scripts/bench.sh --install-only   # only install wrk and the venv (for CI, so that the
@@ -28,6 +31,12 @@ if [ "${METALGRAPH_BENCH_NO_INSTALL:-0}" != 1 ]; then
     command -v curl >/dev/null 2>&1 || need_apt="$need_apt curl"
     command -v in.tftpd >/dev/null 2>&1 || need_apt="$need_apt tftpd-hpa"
     command -v nginx >/dev/null 2>&1 || need_apt="$need_apt nginx-light"
+    # The DHCP scenario's peer and client: kea-dhcp4 (kea-dhcp4-server) and perfdhcp (which
+    # Debian ships in kea-admin), and `ip` for the network namespaces. On a machine with
+    # systemd, installing Kea also starts its stock service; the harness does not need it.
+    command -v kea-dhcp4 >/dev/null 2>&1 || [ -x /usr/sbin/kea-dhcp4 ] || need_apt="$need_apt kea-dhcp4-server"
+    command -v perfdhcp >/dev/null 2>&1 || [ -x /usr/sbin/perfdhcp ] || need_apt="$need_apt kea-admin"
+    command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need_apt="$need_apt iproute2"
     command -v python3 >/dev/null 2>&1 || need_apt="$need_apt python3"
     # The venv module is a separate package on Debian; probe it rather than guess.
     if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
@@ -59,7 +68,7 @@ if [ "${METALGRAPH_BENCH_NO_INSTALL:-0}" != 1 ]; then
         python3 -m venv "$VENV"
         "$VENV/bin/pip" install -q --disable-pip-version-check -r scripts/bench/requirements.txt
     fi
-    echo "bench.sh: wrk $(wrk --version 2>&1 | head -n1 | awk '{print $2}'), TaskFlow $("$VENV/bin/pip" show taskflow 2>/dev/null | sed -n 's/^Version: //p')"
+    echo "bench.sh: wrk $(wrk --version 2>&1 | head -n1 | awk '{print $2}'), TaskFlow $("$VENV/bin/pip" show taskflow 2>/dev/null | sed -n 's/^Version: //p'), Kea $(PATH="$PATH:/usr/sbin" kea-dhcp4 -V 2>/dev/null | head -n1)"
 fi
 
 if [ "${1:-}" = --install-only ]; then

@@ -5,6 +5,8 @@
 #   - OpenIPMI's `ipmi_sim` (package openipmi) and `ipmitool`: the IPMI BMC and the client
 #     the `ipmi-obm-service` driver runs (tasks/tests/bmc_ipmi.rs).
 #   - tftpd-hpa, nginx-light and curl: the peers and client of the boot-file benchmark.
+#   - Kea (kea-dhcp4) and perfdhcp (in kea-admin), from pxe/tests/PACKAGES: also the peer
+#     and the client of the DHCP benchmark (benches/harness/dhcp.rs, `--only dhcp`).
 #   - sushy-tools in a Python venv: the stateful Redfish BMC emulator
 #     (tasks/tests/bmc_redfish.rs). Its dependency `bcrypt` also writes the htpasswd file
 #     for the Basic-auth tests.

@@ -13,7 +13,8 @@
 //! - **Reservations.** A node tag `ip=A.B.C.D` reserves that address for every MAC of the
 //!   node in full DHCP mode.
 //! - **Leases** live in the store keyspace [`LEASES`]: key the MAC (`aa:bb:...`), value the
-//!   lease as JSON. Each save is one durable commit.
+//!   lease as JSON. DHCP stores the lease changes that queued up while its previous write
+//!   ran in one durable commit ([`BootPlanner::store_leases`]).
 //! - **Enrolment.** An unknown MAC asking for a profile becomes a node (identifiers: every
 //!   MAC reported, and the SMBIOS UUID), gets a `pxe` catalog of what it reported, and runs
 //!   the discovery graph — where the operator enabled it, and at a bounded rate
@@ -35,7 +36,8 @@ use anyhow::Context as _;
 use metalgraph_engine::nodes::{self, Node};
 use metalgraph_engine::{Engine, Error, NodeCap, NodeTask, RunRequest, TaskState};
 use metalgraph_pxe::{
-    BootPlanner, BoxFuture, ClientInfo, Decision, Lease, LeaseStoreError, MacAddr, PxeService,
+    BootPlanner, BoxFuture, ClientInfo, Decision, Lease, LeaseChange, LeaseStoreError, MacAddr,
+    PxeService,
 };
 use metalgraph_store::{Batch, Store};
 use serde_json::{Value, json};
@@ -532,6 +534,18 @@ pub async fn bind_service(
     Ok(Some(service))
 }
 
+/// The address a node tag `ip=A.B.C.D` reserves for the node, if it has a valid one.
+fn reserved_address(node: &Node) -> Option<Ipv4Addr> {
+    let ip = tag_value(node, RESERVATION_TAG)?;
+    match ip.parse() {
+        Ok(ip) => Some(ip),
+        Err(_) => {
+            warn!(node = %node.id, tag = %format!("{RESERVATION_TAG}{ip}"), "the reservation tag is not an IPv4 address; ignored");
+            None
+        }
+    }
+}
+
 /// The [`BootPlanner`] over metalgraph's nodes, workflows and store.
 pub struct StorePlanner {
     engine: Engine,
@@ -577,15 +591,18 @@ impl StorePlanner {
         };
         // The URL carries the node's capability for the task that asks for a profile, so
         // that the profile it fetches holds the task's callback (see `access`).
-        let answer = |cap: Option<&NodeCap>| Decision::Answer {
+        let answer = |cap: Option<&NodeCap>, reserved| Decision::Answer {
             profile_url: profile_url(&self.node_base, &[mac], cap.map(NodeCap::as_str)),
+            reserved,
         };
         Ok(match found {
-            None if self.enrolling => answer(None),
+            None if self.enrolling => answer(None, None),
             None => Decision::Silent {
                 reason: "unknown machine, and enrolment is off (boot.enrolment)".to_owned(),
             },
-            Some((_, work)) if work.wants_network_boot() => answer(work.cap()),
+            Some((node, work)) if work.wants_network_boot() => {
+                answer(work.cap(), reserved_address(&node))
+            }
             Some((node, _)) => Decision::Silent {
                 reason: format!(
                     "node {} has no network-boot work (no running or pending task with a '{PROFILE_OPTION}' option, no '{BOOT_PROFILE_TAG}' tag)",
@@ -608,30 +625,6 @@ impl BootPlanner for StorePlanner {
                 Err(e) => Decision::Silent {
                     reason: format!("cannot look up the node of {}: {e}", client.mac),
                 },
-            }
-        })
-    }
-
-    fn reservation<'a>(&'a self, mac: &'a MacAddr) -> BoxFuture<'a, Option<Ipv4Addr>> {
-        Box::pin(async move {
-            let mac = *mac;
-            let node = self.engine.nodes().by_identifier(&mac.to_string()).await;
-            match node {
-                Ok(Some(node)) => {
-                    let ip = tag_value(&node, RESERVATION_TAG)?;
-                    match ip.parse() {
-                        Ok(ip) => Some(ip),
-                        Err(_) => {
-                            warn!(node = %node.id, tag = %format!("{RESERVATION_TAG}{ip}"), "the reservation tag is not an IPv4 address; ignored");
-                            None
-                        }
-                    }
-                }
-                Ok(None) => None,
-                Err(e) => {
-                    warn!(%mac, error = %e, "cannot read the node for a reservation");
-                    None
-                }
             }
         })
     }
@@ -665,6 +658,35 @@ impl BootPlanner for StorePlanner {
             .await
             .map_err(|e| Self::store_err("cannot delete", &mac, e))?
             .map_err(|e| Self::store_err("cannot delete", &mac, e))
+        })
+    }
+
+    fn store_leases<'a>(
+        &'a self,
+        changes: &'a [LeaseChange],
+    ) -> BoxFuture<'a, Result<(), LeaseStoreError>> {
+        Box::pin(async move {
+            let mut batch = Batch::new();
+            for change in changes {
+                match change {
+                    LeaseChange::Save(lease) => {
+                        let value = serde_json::to_vec(lease)
+                            .map_err(|e| Self::store_err("cannot encode", &lease.mac, e))?;
+                        batch.put(LEASES, lease.mac.to_string().into_bytes(), value);
+                    }
+                    LeaseChange::Delete(mac) => {
+                        batch.delete(LEASES, mac.to_string().into_bytes());
+                    }
+                }
+            }
+            let store = self.store.clone();
+            let err = |e: &dyn std::fmt::Display| {
+                LeaseStoreError(format!("cannot store {} lease changes: {e}", changes.len()))
+            };
+            tokio::task::spawn_blocking(move || store.commit(batch))
+                .await
+                .map_err(|e| err(&e))?
+                .map_err(|e| err(&e))
         })
     }
 

@@ -1,9 +1,10 @@
 //! The benchmark harness at tiny sizes, so that it keeps working between the runs that
 //! publish numbers: every scenario (chain, fan-out, recovery after SIGKILL, the API under
 //! `wrk`, the TaskFlow peer) on both backends, boot files over TFTP and HTTP beside
-//! tftpd-hpa and nginx, the report rendered, and no workflow lost. `wrk`, the peer's venv,
-//! `curl`, tftpd-hpa and nginx are optional here: without them those parts are skipped
-//! with a note, as in the full harness.
+//! tftpd-hpa and nginx, one perfdhcp step against full DHCP on each backend and against Kea
+//! in network namespaces, the report rendered, and no workflow lost. `wrk`, the peer's venv,
+//! `curl`, tftpd-hpa, nginx, perfdhcp, Kea and root (for the namespaces) are optional here:
+//! without them those parts are skipped with a note, as in the full harness.
 
 // The harness's modules, compiled into this test exactly as `cargo bench` compiles them.
 // Helpers only the harness's command line uses would warn here as dead code.
@@ -12,6 +13,8 @@
 mod api;
 #[path = "../benches/harness/boot.rs"]
 mod boot;
+#[path = "../benches/harness/dhcp.rs"]
+mod dhcp;
 #[allow(dead_code)]
 #[path = "../benches/harness/fsync.rs"]
 mod fsync;
@@ -133,6 +136,52 @@ fn the_harness_runs_every_scenario_at_tiny_sizes() {
         Outcome::Skipped(why) => println!("note: boot files skipped: {why}"),
         Outcome::Failed(e) => panic!("the boot-file scenario failed: {e}"),
     }
+    match &report.dhcp {
+        Outcome::Done(d) => {
+            // Both backends, then Kea when installed; one step each at 50 DORA/s.
+            assert!(d.targets.len() >= 2, "{:?}", d.targets);
+            for t in &d.targets {
+                match &t.searches {
+                    Ok(searches) => {
+                        assert_eq!(searches.len(), 1, "{}", t.name);
+                        let step = &searches[0].steps[0];
+                        assert!(step.stats.discovers > 0, "{}: {step:?}", t.name);
+                        // Not a speed check: a tiny rate on an idle server is answered.
+                        assert!(step.stats.acks > 0, "{} answered nothing: {step:?}", t.name);
+                    }
+                    Err(why) => {
+                        assert!(t.kea, "{} did not run: {why}", t.name);
+                        println!("note: Kea not compared: {why}");
+                    }
+                }
+            }
+        }
+        Outcome::Skipped(why) => println!("note: DHCP skipped: {why}"),
+        Outcome::Failed(e) => panic!("the DHCP scenario failed: {e}"),
+    }
+}
+
+#[test]
+fn perfdhcp_output_is_read() {
+    let text = "Running: perfdhcp -4 -l x -r 200 -R 60000 -p 1 10.77.0.1\nScenario: basic.\n\
+        ***Rate statistics***\nRate: 132.648 4-way exchanges/second, expected rate: 200\n\n\
+        ***Malformed Packets***\nMalformed packets: 0\n\
+        ***Statistics for: DISCOVER-OFFER***\nsent packets: 199\nreceived packets: 190\n\
+        drops: 9\ndrops ratio: 4.5 %\norphans: 0\nrejected leases: 0\n\
+        non unique addresses: 0\n\nmin delay: 0.158 ms\navg delay: 2.849 ms\n\
+        max delay: 63.501 ms\ncollected packets: 9\n\n\
+        ***Statistics for: REQUEST-ACK***\nsent packets: 190\nreceived packets: 188\n\
+        drops: 2\ndrops ratio: 1.053 %\norphans: 0\nrejected leases: 1\n\
+        non unique addresses: 0\n\nmin delay: 0.133 ms\navg delay: 0.481 ms\n\
+        max delay: 6.453 ms\ncollected packets: 0\n";
+    let s = dhcp::parse_perfdhcp(text).expect("parses");
+    assert_eq!(
+        (s.discovers, s.offers, s.requests, s.acks, s.rejected),
+        (199, 190, 190, 188, 1)
+    );
+    assert!((s.offer_delay_ms - 2.849).abs() < 1e-9);
+    assert!((s.ack_delay_ms - 0.481).abs() < 1e-9);
+    assert!(dhcp::parse_perfdhcp("perfdhcp: no such interface").is_none());
 }
 
 #[test]

@@ -16,7 +16,7 @@ use metalgraph::api::{AppState, node_app};
 use metalgraph::boot::{Enrolment, NodeAccess, StorePlanner};
 use metalgraph_engine::nodes::{Node, Obm, ObmConfig};
 use metalgraph_engine::{ApiUrls, Engine, EngineOptions, ListFilter, RunRequest, WorkflowStatus};
-use metalgraph_pxe::{BootPlanner, ClientInfo, Decision, Firmware, Lease, MacAddr};
+use metalgraph_pxe::{BootPlanner, ClientInfo, Decision, Firmware, Lease, LeaseChange};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
@@ -150,7 +150,7 @@ impl Harness {
         let mut c = client(mac);
         c.firmware = Firmware::Ipxe;
         match planner.decide(&c).await {
-            Decision::Answer { profile_url } => {
+            Decision::Answer { profile_url, .. } => {
                 let path = profile_url
                     .strip_prefix(NODE_BASE)
                     .expect("a node-facing URL");
@@ -871,6 +871,7 @@ async fn the_planner_answers_unknown_machines_and_nodes_with_work_only() {
     let planner = StorePlanner::new(h.engine.clone(), h.store.clone(), NODE_BASE);
     let answer = |mac: &str| Decision::Answer {
         profile_url: format!("{NODE_BASE}/profiles?macs={mac}"),
+        reserved: None,
     };
 
     // How the machine boots (PXE or UEFI HTTP Boot) does not change the decision; the DHCP
@@ -927,11 +928,13 @@ async fn the_planner_answers_unknown_machines_and_nodes_with_work_only() {
         .iter()
         .find(|t| t.label == "wait-installed")
         .expect("the install task");
+    // The node's `ip=` tag is its reserved address, answered with the decision.
     let with_cap = Decision::Answer {
         profile_url: format!(
             "{NODE_BASE}/profiles?macs=52:54:00:12:34:31&cap={}",
             install.cap.as_str()
         ),
+        reserved: Some(Ipv4Addr::new(10, 9, 0, 31)),
     };
     assert_eq!(planner.decide(&client("52:54:00:12:34:31")).await, with_cap);
     h.wait_task(&id, "wait-installed", "running").await;
@@ -940,14 +943,6 @@ async fn the_planner_answers_unknown_machines_and_nodes_with_work_only() {
         planner.decide(&http_client("52:54:00:12:34:31")).await,
         with_cap
     );
-
-    let mac: MacAddr = "52:54:00:12:34:31".parse().unwrap();
-    assert_eq!(
-        planner.reservation(&mac).await,
-        Some(Ipv4Addr::new(10, 9, 0, 31))
-    );
-    let other: MacAddr = "52:54:00:12:34:30".parse().unwrap();
-    assert_eq!(planner.reservation(&other).await, None);
 }
 
 /// `method uri` on `app` with `headers`: status, headers, body.
@@ -1079,6 +1074,28 @@ async fn leases_are_kept_in_the_store() {
     // A second planner over the same store (a restart) sees them.
     let again = StorePlanner::new(h.engine.clone(), h.store.clone(), NODE_BASE);
     assert_eq!(again.load_leases().await.unwrap().len(), 1);
+
+    // DHCP's lease writer stores what queued up in one call: in order, a later change for
+    // the same MAC winning (a grant replacing an expired lease deletes it first).
+    let mac = |m: &str| m.parse().unwrap();
+    planner
+        .store_leases(&[
+            LeaseChange::Delete(mac("52:54:00:00:00:02")),
+            LeaseChange::Save(lease("52:54:00:00:00:03", 101)),
+            LeaseChange::Save(lease("52:54:00:00:00:04", 104)),
+            LeaseChange::Delete(mac("52:54:00:00:00:04")),
+            LeaseChange::Delete(mac("52:54:00:00:00:05")),
+            LeaseChange::Save(lease("52:54:00:00:00:05", 105)),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        again.load_leases().await.unwrap(),
+        [
+            lease("52:54:00:00:00:03", 101),
+            lease("52:54:00:00:00:05", 105)
+        ]
+    );
 }
 
 /// The commands iPXE would run from `script`, each as its tokens, read the way iPXE reads a

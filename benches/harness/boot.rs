@@ -171,7 +171,7 @@ pub fn curl_available() -> bool {
 }
 
 /// The first line a program prints (on stdout or stderr) when asked its version.
-fn version_line(program: &str, args: &[&str]) -> Option<String> {
+pub fn version_line(program: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(program).args(args).output().ok()?;
     let text = if out.stdout.is_empty() {
         out.stderr
@@ -229,13 +229,13 @@ fn free_port(protocol: Protocol) -> anyhow::Result<u16> {
 
 /// A peer daemon in a process group of its own; dropping it kills the group (the daemon,
 /// and the workers or per-transfer children it forked).
-struct Daemon {
+pub struct Daemon {
     child: Child,
     name: &'static str,
 }
 
 impl Daemon {
-    fn spawn(name: &'static str, mut cmd: Command, log: &Path) -> anyhow::Result<Daemon> {
+    pub fn spawn(name: &'static str, mut cmd: Command, log: &Path) -> anyhow::Result<Daemon> {
         use std::os::unix::process::CommandExt as _;
         let log = std::fs::File::create(log)?;
         cmd.stdin(Stdio::null())
@@ -248,8 +248,13 @@ impl Daemon {
         Ok(Daemon { child, name })
     }
 
+    /// The daemon's process id (also its process group's).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Fails if the daemon has already exited (it could not bind, say).
-    fn check_running(&mut self) -> anyhow::Result<()> {
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
             bail!("{} exited at once ({status})", self.name);
         }
@@ -286,7 +291,7 @@ fn user_name() -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()

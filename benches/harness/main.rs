@@ -4,12 +4,14 @@
 //! figures (JSON) under `target/tmp/`. See BENCHMARKS.md for what each figure means.
 //!
 //! Flags (after `--`): `--quick` (smaller sizes), `--smoke` (the CI smoke test's sizes), `--backends sled,file`,
-//! `--only chain,fanout,recovery,api,peer,history,boot-files`, `--dir DIR` (where data directories go; its
+//! `--only chain,fanout,recovery,api,peer,history,boot-files,dhcp`, `--dir DIR` (where data directories go; its
 //! disk is what is measured), and size overrides `--chain N`, `--fanout N`,
-//! `--recovery N`, `--api-secs N`, `--peer-chain N`, `--peer-flows N`.
+//! `--recovery N`, `--api-secs N`, `--peer-chain N`, `--peer-flows N`, `--boot-rounds N`,
+//! `--dhcp-rounds N`, `--dhcp-secs N`.
 
 mod api;
 mod boot;
+mod dhcp;
 mod fsync;
 mod graphs;
 mod history;
@@ -81,6 +83,8 @@ fn parse_args(args: &[String]) -> anyhow::Result<(Plan, bool)> {
             "--history" => sizes.history_workflows = number(value()?)?,
             "--history-nodes" => sizes.history_nodes = number(value()?)?,
             "--boot-rounds" => sizes.boot.rounds = number(value()?)?.max(1),
+            "--dhcp-rounds" => sizes.dhcp.rounds = number(value()?)?.max(1),
+            "--dhcp-secs" => sizes.dhcp.seconds = u32::try_from(number(value()?)?.max(1))?,
             "-h" | "--help" => {
                 println!("{}", HELP);
                 std::process::exit(0);
@@ -104,8 +108,9 @@ fn parse_args(args: &[String]) -> anyhow::Result<(Plan, bool)> {
 }
 
 const HELP: &str = "usage: cargo bench --bench harness -- [--quick | --smoke] [--backends sled,file] \
-[--only chain,fanout,recovery,api,peer,history,boot-files] [--dir DIR] [--keep] [--chain N] [--fanout N] \
-[--recovery N] [--api-secs N] [--peer-chain N] [--peer-flows N] [--history N] [--history-nodes N] [--boot-rounds N]";
+[--only chain,fanout,recovery,api,peer,history,boot-files,dhcp] [--dir DIR] [--keep] [--chain N] [--fanout N] \
+[--recovery N] [--api-secs N] [--peer-chain N] [--peer-flows N] [--history N] [--history-nodes N] [--boot-rounds N] \
+[--dhcp-rounds N] [--dhcp-secs N]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::boot::{self, BootResult, Protocol};
+use crate::dhcp::{DhcpResult, Step};
 use crate::history::{HistoryResult, Latency};
 use crate::peer::PeerResult;
 use crate::suite::{BackendReport, Outcome, Report};
@@ -66,6 +67,19 @@ pub fn markdown(r: &Report) -> String {
         }
         Outcome::Skipped(why) if why != "not selected" => {
             let _ = writeln!(out, "\n### Boot files\n\nskipped ({why})");
+        }
+        Outcome::Skipped(_) => {}
+    }
+    match &r.dhcp {
+        Outcome::Done(d) => {
+            out.push('\n');
+            dhcp_table(&mut out, d);
+        }
+        Outcome::Failed(e) => {
+            let _ = writeln!(out, "\n### DHCP\n\nFAILED: {e}");
+        }
+        Outcome::Skipped(why) if why != "not selected" => {
+            let _ = writeln!(out, "\n### DHCP\n\nskipped ({why})");
         }
         Outcome::Skipped(_) => {}
     }
@@ -487,5 +501,107 @@ fn boot_table(out: &mut String, b: &BootResult) {
             Err(e) => (format!("{}: not run ({e})", l.peer), String::new()),
         };
         row(out, &figure, &walls(&l.metalgraph), &peer, &speed);
+    }
+}
+
+/// One perfdhcp step: offered rate, ACKs per second, how many were lost, the delays.
+fn step_text(s: &Step) -> String {
+    format!(
+        "{} offered → {} ACKs/s, {} % lost ({} drops{}), avg {} / {} ms, server CPU {} per ACK",
+        fmt_count(u64::from(s.rate)),
+        fmt_count(s.dora_per_sec().round() as u64),
+        sig3(s.loss() * 100.0),
+        fmt_count(s.drops()),
+        if s.stats.rejected > 0 {
+            format!(", {} rejected", fmt_count(s.stats.rejected))
+        } else {
+            String::new()
+        },
+        sig3(s.stats.offer_delay_ms),
+        sig3(s.stats.ack_delay_ms),
+        s.cpu_per_ack().map(fmt_dur).unwrap_or_default(),
+    )
+}
+
+/// The DHCP scenario: one row per server, its highest sustained rate, the step at it and
+/// the first step it failed, and the ratio to Kea.
+fn dhcp_table(out: &mut String, d: &DhcpResult) {
+    let _ = writeln!(out, "### DHCP\n");
+    let versions: Vec<String> = d
+        .versions
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect();
+    let sz = &d.sizes;
+    let _ = writeln!(
+        out,
+        "perfdhcp (a relay, {} clients) against each server across a veth pair between two \
+         network namespaces; pool of {} addresses, {} s leases, a fresh server and lease store \
+         for every {} s step. Sustained = the highest offered DORA/s with at most {} % of the \
+         DISCOVERs not ending in an ACK (median of {} searches). Delays are DISCOVER→OFFER / \
+         REQUEST→ACK; server CPU is the server process's user and system time during the \
+         step over its ACKs. Ratio = metalgraph / Kea sustained (target ≥ 1). {}\n",
+        fmt_count(u64::from(sz.clients)),
+        fmt_count(u64::from(sz.pool)),
+        d.lease_secs,
+        sz.seconds,
+        sig3(sz.max_loss * 100.0),
+        sz.rounds,
+        versions.join("; ")
+    );
+    let _ = writeln!(
+        out,
+        "| server | sustained DORA/s | at that rate | first failing rate | ratio to Kea |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    for t in &d.targets {
+        let Ok(searches) = &t.searches else {
+            let e = t.searches.as_ref().err().cloned().unwrap_or_default();
+            let _ = writeln!(out, "| {} | not run: {e} | | | |", t.name);
+            continue;
+        };
+        let mut rates: Vec<u32> = searches.iter().map(|s| s.sustained()).collect();
+        rates.sort_unstable();
+        let sustained = t.sustained().unwrap_or(f64::NAN);
+        let capped = searches.iter().all(|s| s.sustained() >= sz.max_rate);
+        let figure = match rates.as_slice() {
+            [] => "none".to_owned(),
+            [one] => format!(
+                "{}{}",
+                if capped { "≥ " } else { "" },
+                fmt_count(u64::from(*one))
+            ),
+            [lo, .., hi] => format!(
+                "{}{} ({}–{})",
+                if capped { "≥ " } else { "" },
+                fmt_count(sustained.round() as u64),
+                fmt_count(u64::from(*lo)),
+                fmt_count(u64::from(*hi))
+            ),
+        };
+        let median = t.median_search();
+        let at = median
+            .and_then(|s| s.best())
+            .map(step_text)
+            .unwrap_or_default();
+        let fail = median
+            .and_then(|s| s.first_failure())
+            .map(step_text)
+            .unwrap_or_default();
+        let ratio = if t.kea {
+            String::new()
+        } else {
+            d.ratio(t)
+                .map(|r| {
+                    let mark = if r >= 1.0 { "meets" } else { "BELOW" };
+                    format!("**{}** ({mark})", sig3(r))
+                })
+                .unwrap_or_default()
+        };
+        let _ = writeln!(
+            out,
+            "| {} | **{figure}** | {at} | {fail} | {ratio} |",
+            t.name
+        );
     }
 }

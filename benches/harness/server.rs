@@ -13,9 +13,13 @@ use anyhow::{Context as _, bail};
 use metalgraph_store::Backend;
 use serde_json::{Value, json};
 
-/// The binary cargo built alongside this harness (release for `cargo bench`).
+/// The binary cargo built alongside this harness (release for `cargo bench`), or the one
+/// `METALGRAPH_BENCH_BINARY` names: another build of metalgraph timed by the same harness
+/// (an A/B of a change, say).
 pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_metalgraph"))
+    std::env::var_os("METALGRAPH_BENCH_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_metalgraph")))
 }
 
 pub fn backend_name(backend: Backend) -> &'static str {
@@ -66,12 +70,35 @@ impl Server {
         args: &[OsString],
         limit: Duration,
     ) -> anyhow::Result<(Server, Duration)> {
+        Self::start_in(None, backend, data_dir, log, env, args, limit)
+    }
+
+    /// [`Server::start_with`] inside the network namespace `netns`, when given (through
+    /// `ip netns exec`, which execs the binary in place, so the child is the server itself).
+    /// Its management API then listens on the namespace's loopback, out of the harness's
+    /// reach; the scenarios that use it run the server outside any namespace.
+    pub fn start_in(
+        netns: Option<&str>,
+        backend: Backend,
+        data_dir: &Path,
+        log: &Path,
+        env: &[(&str, String)],
+        args: &[OsString],
+        limit: Duration,
+    ) -> anyhow::Result<(Server, Duration)> {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .with_context(|| format!("cannot open {}", log.display()))?;
-        let mut cmd = Command::new(binary());
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(binary());
+                cmd
+            }
+            None => Command::new(binary()),
+        };
         cmd.args([
             "serve",
             "--listen",

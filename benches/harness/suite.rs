@@ -9,6 +9,7 @@ use metalgraph_store::Backend;
 
 use crate::api::{self, ApiResult, Load};
 use crate::boot::{self, BootResult, BootSizes};
+use crate::dhcp::{self, DhcpResult, DhcpSizes};
 use crate::fsync::{self, FsyncFloor};
 use crate::history::{self, HistoryResult};
 use crate::inproc::{self, ChainResult, FanOutResult};
@@ -34,6 +35,8 @@ pub struct Sizes {
     pub history_nodes: usize,
     /// The boot-file scenario's loads.
     pub boot: BootSizes,
+    /// The DHCP scenario's search.
+    pub dhcp: DhcpSizes,
     /// The longest any one scenario may take before it counts as failed.
     #[serde(with = "crate::util::secs")]
     pub limit: Duration,
@@ -60,6 +63,7 @@ impl Sizes {
             history_workflows: 1_000_000,
             history_nodes: 100_000,
             boot: BootSizes::full(),
+            dhcp: DhcpSizes::full(),
             limit: Duration::from_secs(1800),
         }
     }
@@ -81,6 +85,7 @@ impl Sizes {
             history_workflows: 100_000,
             history_nodes: 10_000,
             boot: BootSizes::quick(),
+            dhcp: DhcpSizes::quick(),
             ..Sizes::full()
         }
     }
@@ -103,6 +108,7 @@ impl Sizes {
             history_workflows: 2000,
             history_nodes: 200,
             boot: BootSizes::smoke(),
+            dhcp: DhcpSizes::smoke(),
             limit: Duration::from_secs(300),
         }
     }
@@ -119,10 +125,12 @@ pub enum Scenario {
     History,
     /// TFTP and `/files/` beside tftpd-hpa and nginx; not per backend.
     BootFiles,
+    /// Full DHCP under perfdhcp beside Kea; once, with metalgraph on every backend.
+    Dhcp,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Chain,
         Scenario::FanOut,
         Scenario::Recovery,
@@ -130,11 +138,12 @@ impl Scenario {
         Scenario::Peer,
         Scenario::History,
         Scenario::BootFiles,
+        Scenario::Dhcp,
     ];
 
     /// Whether the scenario runs once per store backend.
     pub fn per_backend(self) -> bool {
-        !matches!(self, Scenario::Peer | Scenario::BootFiles)
+        !matches!(self, Scenario::Peer | Scenario::BootFiles | Scenario::Dhcp)
     }
 
     pub fn parse(s: &str) -> Option<Scenario> {
@@ -146,6 +155,7 @@ impl Scenario {
             "peer" | "taskflow" => Scenario::Peer,
             "history" => Scenario::History,
             "boot-files" | "boot" => Scenario::BootFiles,
+            "dhcp" => Scenario::Dhcp,
             _ => return None,
         })
     }
@@ -210,6 +220,7 @@ pub struct Report {
     pub backends: Vec<BackendReport>,
     pub peer: Outcome<PeerResult>,
     pub boot: Outcome<BootResult>,
+    pub dhcp: Outcome<DhcpResult>,
     #[serde(with = "crate::util::secs")]
     pub total: Duration,
 }
@@ -234,6 +245,7 @@ impl Report {
         }
         failed("TaskFlow peer".into(), failed_of(&self.peer));
         failed("boot files".into(), failed_of(&self.boot));
+        failed("DHCP".into(), failed_of(&self.dhcp));
         for b in &self.backends {
             if let Some(f) = b.fanout.done()
                 && (f.lost > 0 || f.succeeded != f.workflows)
@@ -482,12 +494,44 @@ pub fn run(plan: &Plan) -> Report {
         r
     };
 
+    let dhcp = if !wants(Scenario::Dhcp) {
+        not_selected()
+    } else if let Some(why) = dhcp::unavailable() {
+        say(&format!("skipping the DHCP scenario: {why}"));
+        Outcome::Skipped(why)
+    } else {
+        let d = &sizes.dhcp;
+        say(&format!(
+            "DHCP: perfdhcp against metalgraph ({}) and Kea, pool of {}, {} s steps from {} DORA/s, {} rounds",
+            plan.backends
+                .iter()
+                .map(|b| backend_name(*b))
+                .collect::<Vec<_>>()
+                .join(", "),
+            d.pool,
+            d.seconds,
+            d.start_rate,
+            d.rounds
+        ));
+        let dir = plan.dir.join("dhcp");
+        timed(|| {
+            dhcp::dhcp(
+                &dir,
+                &plan.dir.join("dhcp.log"),
+                &plan.backends,
+                d,
+                sizes.limit,
+            )
+        })
+    };
+
     Report {
         machine,
         sizes: sizes.clone(),
         backends,
         peer,
         boot,
+        dhcp,
         total: start.elapsed(),
     }
 }

@@ -2,6 +2,12 @@
 //! server; ports 67 and 4011) or full DHCP (addresses from a pool, leases stored through
 //! the `BootPlanner`).
 //!
+//! Full mode stores every lease change before it answers, and stores them together: an
+//! exchange that needs one queues it for the lease writer, a task that takes every change
+//! queued while the previous write was under way and stores them in one call to the
+//! planner (one durable commit), then applies them to the pool and lets each exchange
+//! answer. Under load, one commit carries many leases; alone, a lease waits for nothing.
+//!
 //! It answers only network-boot clients (PXE or UEFI HTTP Boot vendor class, or iPXE by
 //! option 175 or user class) and only when the planner says so; everything else is
 //! dropped with a log line saying why. Replies go where RFC 2131 §4.1 says: to the relay
@@ -14,22 +20,23 @@ pub mod boot;
 pub mod packet;
 pub mod pool;
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dhcproto::v4::MessageType;
 use tokio::net::UdpSocket;
-use tokio::sync::{Mutex, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use boot::BootFiles;
 use packet::{ReplyFields, Request, Vendor};
-use pool::{Pool, Timers};
+use pool::{Grant, Pool, Timers};
 
-use crate::planner::{BootPlanner, ClientInfo, Decision, Firmware, Lease, MacAddr};
+use crate::planner::{BootPlanner, ClientInfo, Decision, Firmware, LeaseChange, MacAddr};
 
 /// Why the DHCP server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -176,7 +183,197 @@ pub enum Port {
 pub struct Handler {
     options: Options,
     planner: Arc<dyn BootPlanner>,
-    pool: Option<Mutex<Pool>>,
+    /// Full mode's pool and lease writer.
+    leases: Option<Leases>,
+}
+
+/// A lease change on its way to storage, and what the pool does once it is stored (or not).
+enum Change {
+    /// A lease `Pool::ack` computed: commit or abandon it.
+    Grant(Grant),
+    /// A RELEASE of the lease on `ip`.
+    Release { mac: MacAddr, ip: Ipv4Addr },
+    /// A DECLINE of the leased `ip`, at `now`.
+    Decline {
+        mac: MacAddr,
+        ip: Ipv4Addr,
+        now: u64,
+    },
+}
+
+impl Change {
+    /// What the planner stores for this change, in order.
+    fn writes(&self, out: &mut Vec<LeaseChange>) {
+        match self {
+            Change::Grant(g) => {
+                out.extend(g.evicts.map(LeaseChange::Delete));
+                out.push(LeaseChange::Save(g.lease.clone()));
+            }
+            Change::Release { mac, .. } | Change::Decline { mac, .. } => {
+                out.push(LeaseChange::Delete(*mac));
+            }
+        }
+    }
+
+    /// Applies the change to the pool once stored (`stored`), or undoes what was held for
+    /// it; either way the client is no longer busy.
+    fn apply(&self, pool: &mut Pool, stored: bool) {
+        match (self, stored) {
+            (Change::Grant(g), true) => pool.commit(g),
+            (Change::Grant(g), false) => pool.abandon(g),
+            (Change::Release { mac, ip }, _) => {
+                if stored {
+                    pool.release(mac, *ip);
+                }
+                pool.end(mac);
+            }
+            (Change::Decline { mac, ip, now }, _) => {
+                if stored {
+                    pool.decline(mac, *ip, *now);
+                }
+                pool.end(mac);
+            }
+        }
+    }
+}
+
+/// A queued change and the exchange waiting for it to be stored.
+struct Job {
+    change: Change,
+    stored: oneshot::Sender<Result<(), String>>,
+}
+
+/// What full mode does with a DISCOVER or REQUEST once the pool has seen it.
+enum PoolStep {
+    /// Answer now with these fields (an OFFER or a NAK), or stay silent.
+    Answer(Option<ReplyFields>),
+    /// Acknowledge `ip` once the grant queued for the lease writer is stored.
+    Store {
+        stored: oneshot::Receiver<Result<(), String>>,
+        ip: Ipv4Addr,
+        /// The client whose expired lease on `ip` the grant replaces.
+        evicted: Option<MacAddr>,
+    },
+}
+
+/// Full mode's state: the pool, and the queue to the lease writer.
+///
+/// A change is queued while the pool's lock is held, right after the pool checked it and
+/// marked its client busy, so the writer stores changes in the order the pool saw them.
+struct Leases {
+    pool: Arc<Mutex<Pool>>,
+    /// The boot decisions behind recent OFFERs (see [`Offered`]).
+    offered: Mutex<Offered>,
+    queue: mpsc::UnboundedSender<Job>,
+    /// The lease writer; it ends when the queue closes with the handler, and is aborted
+    /// then in case it is still waiting on the planner.
+    writer: JoinHandle<()>,
+}
+
+impl Drop for Leases {
+    fn drop(&mut self) {
+        self.writer.abort();
+    }
+}
+
+impl Leases {
+    fn lock(&self) -> MutexGuard<'_, Pool> {
+        // The pool is only changed by short, non-panicking methods; a poisoned lock means a
+        // panic elsewhere in the same critical section, which the pool survives.
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `change` (call it with the pool locked) and returns what to wait on.
+    fn queue(&self, change: Change) -> oneshot::Receiver<Result<(), String>> {
+        let (stored, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(job)) = self.queue.send(Job { change, stored }) {
+            // Only after the writer ended, which happens when the handler is dropped.
+            let _ = job
+                .stored
+                .send(Err("the lease writer has stopped".to_owned()));
+        }
+        rx
+    }
+}
+
+/// The planner's decisions behind the OFFERs of the last `offer_secs`, by client: the
+/// REQUEST that answers an OFFER (same client, same transaction id) is acknowledged with the
+/// OFFER's decision rather than asking the planner again, so that the ACK says what the
+/// OFFER said and a DORA costs one planner lookup.
+#[derive(Default)]
+struct Offered {
+    by_mac: HashMap<MacAddr, OfferedDecision>,
+    /// When `by_mac` reaches this size, expired entries are dropped.
+    purge_at: usize,
+}
+
+struct OfferedDecision {
+    xid: u32,
+    profile_url: String,
+    reserved: Option<Ipv4Addr>,
+    until: u64,
+}
+
+/// Entries [`Offered`] keeps before dropping expired ones; doubles with the live ones.
+const OFFERED_BEFORE_PURGE: usize = 1024;
+
+impl Offered {
+    fn remember(&mut self, mac: MacAddr, decision: OfferedDecision, now: u64) {
+        if self.by_mac.len() >= self.purge_at.max(OFFERED_BEFORE_PURGE) {
+            self.by_mac.retain(|_, d| d.until > now);
+            self.purge_at = self.by_mac.len() * 2;
+        }
+        self.by_mac.insert(mac, decision);
+    }
+
+    /// The decision behind the OFFER to `mac` in transaction `xid`, if it is still valid;
+    /// it is used once.
+    fn take(&mut self, mac: &MacAddr, xid: u32, now: u64) -> Option<(String, Option<Ipv4Addr>)> {
+        let d = self.by_mac.remove(mac)?;
+        (d.xid == xid && d.until > now).then_some((d.profile_url, d.reserved))
+    }
+}
+
+/// Waits for a queued change to be stored.
+async fn stored(rx: oneshot::Receiver<Result<(), String>>) -> Result<(), String> {
+    rx.await
+        .unwrap_or_else(|_| Err("the lease writer has stopped".to_owned()))
+}
+
+/// The lease writer: stores every change queued since its last write in one call to the
+/// planner, bounded by `timeout`, applies them to the pool in queue order, then tells
+/// each waiting exchange the outcome.
+async fn write_leases(
+    mut queue: mpsc::UnboundedReceiver<Job>,
+    planner: Arc<dyn BootPlanner>,
+    pool: Arc<Mutex<Pool>>,
+    timeout: Duration,
+) {
+    let mut jobs = Vec::new();
+    let mut writes = Vec::new();
+    while queue.recv_many(&mut jobs, usize::MAX).await > 0 {
+        writes.clear();
+        for job in &jobs {
+            job.change.writes(&mut writes);
+        }
+        let result = match tokio::time::timeout(timeout, planner.store_leases(&writes)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "the planner did not store {} lease changes within {timeout:?}",
+                writes.len()
+            )),
+        };
+        crate::metrics::dhcp_lease_write(jobs.len());
+        {
+            let mut pool = pool.lock().unwrap_or_else(|e| e.into_inner());
+            for job in &jobs {
+                job.change.apply(&mut pool, result.is_ok());
+            }
+        }
+        for job in jobs.drain(..) {
+            let _ = job.stored.send(result.clone());
+        }
+    }
 }
 
 fn unix_now() -> u64 {
@@ -187,9 +384,10 @@ fn unix_now() -> u64 {
 }
 
 impl Handler {
-    /// A handler; in full mode it loads the stored leases first.
+    /// A handler; in full mode it loads the stored leases first and starts the lease
+    /// writer (so it must be called within a tokio runtime).
     pub async fn new(options: Options, planner: Arc<dyn BootPlanner>) -> Result<Self, Error> {
-        let pool = match &options.mode {
+        let leases = match &options.mode {
             Mode::Proxy => None,
             Mode::Full(full) => {
                 let mut pool = Pool::new(full.first, full.last, full.timers);
@@ -199,13 +397,26 @@ impl Handler {
                     .map_err(|e| Error::LoadLeases(e.to_string()))?;
                 info!(count = leases.len(), "loaded stored DHCP leases");
                 pool.restore(leases);
-                Some(Mutex::new(pool))
+                let pool = Arc::new(Mutex::new(pool));
+                let (queue, rx) = mpsc::unbounded_channel();
+                let writer = tokio::spawn(write_leases(
+                    rx,
+                    planner.clone(),
+                    pool.clone(),
+                    options.planner_timeout,
+                ));
+                Some(Leases {
+                    pool,
+                    offered: Mutex::default(),
+                    queue,
+                    writer,
+                })
             }
         };
         Ok(Handler {
             options,
             planner,
-            pool,
+            leases,
         })
     }
 
@@ -232,13 +443,13 @@ impl Handler {
         let msg_type = req.msg_type;
         // RELEASE and DECLINE come from clients that already hold our lease; they need no
         // boot decision, and some clients omit the vendor class in them.
-        match (&self.pool, msg_type, port) {
-            (Some(pool), MessageType::Release, Port::Server) => {
-                self.release(pool, &req).await;
+        match (&self.leases, msg_type, port) {
+            (Some(leases), MessageType::Release, Port::Server) => {
+                self.release(leases, &req).await;
                 return None;
             }
-            (Some(pool), MessageType::Decline, Port::Server) => {
-                self.decline(pool, &req, now).await;
+            (Some(leases), MessageType::Decline, Port::Server) => {
+                self.decline(leases, &req, now).await;
                 return None;
             }
             _ => {}
@@ -268,8 +479,26 @@ impl Handler {
                 return None;
             }
         };
-        let profile_url = match self.decide(&client).await {
-            Decision::Answer { profile_url } => profile_url,
+        let offered = match (&self.leases, msg_type) {
+            (Some(leases), MessageType::Request) => leases
+                .offered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(&mac, xid, now),
+            _ => None,
+        };
+        let decision = match offered {
+            Some((profile_url, reserved)) => Decision::Answer {
+                profile_url,
+                reserved,
+            },
+            None => self.decide(&client).await,
+        };
+        let (profile_url, reserved) = match decision {
+            Decision::Answer {
+                profile_url,
+                reserved,
+            } => (profile_url, reserved),
             Decision::Silent { reason } => {
                 info!(%mac, xid, ?msg_type, firmware = ?client.firmware, reason, "silent: the planner says so");
                 return None;
@@ -282,11 +511,28 @@ impl Handler {
                 return None;
             }
         };
-        let fields = match &self.pool {
+        let fields = match &self.leases {
             None => self.proxy_fields(msg_type, client.firmware, boot_file),
-            Some(pool) => {
-                self.full_fields(pool, &req, client.firmware, boot_file, now)
-                    .await?
+            Some(leases) => {
+                let fields = self
+                    .full_fields(leases, &req, client.firmware, boot_file, reserved, now)
+                    .await?;
+                if let (Some(MessageType::Offer), Mode::Full(full)) =
+                    (fields.msg_type, &self.options.mode)
+                {
+                    let decision = OfferedDecision {
+                        xid,
+                        profile_url,
+                        reserved,
+                        until: now.saturating_add(full.timers.offer_secs),
+                    };
+                    leases
+                        .offered
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remember(mac, decision, now);
+                }
+                fields
             }
         };
         let bytes = match packet::encode_reply(&req, &fields) {
@@ -354,10 +600,11 @@ impl Handler {
 
     async fn full_fields(
         &self,
-        pool: &Mutex<Pool>,
+        leases: &Leases,
         req: &Request,
         firmware: Firmware,
         boot_file: String,
+        reserved: Option<Ipv4Addr>,
         now: u64,
     ) -> Option<ReplyFields> {
         let Mode::Full(full) = &self.options.mode else {
@@ -365,13 +612,6 @@ impl Handler {
         };
         let mac = req.mac;
         let xid = req.msg.xid();
-        let reserved =
-            tokio::time::timeout(self.options.planner_timeout, self.planner.reservation(&mac))
-                .await
-                .unwrap_or_else(|_| {
-                    warn!(%mac, "the planner's reservation lookup timed out; using the pool");
-                    None
-                });
         let lease_secs = u32::try_from(full.timers.lease_secs).unwrap_or(u32::MAX);
         let base = ReplyFields {
             server_id: self.options.boot_address,
@@ -386,21 +626,58 @@ impl Handler {
             },
             ..ReplyFields::default()
         };
-        // Holding the pool lock across storage serialises grants, so two clients can never
-        // both be acknowledged for one address.
-        let mut pool = pool.lock().await;
+        let (rx, ip, evicted) = match self.pool_step(leases, req, reserved, now, &base) {
+            PoolStep::Answer(fields) => return fields,
+            PoolStep::Store {
+                stored,
+                ip,
+                evicted,
+            } => (stored, ip, evicted),
+        };
+        if let Err(e) = stored(rx).await {
+            match evicted {
+                Some(evicted) => {
+                    warn!(%mac, xid, %ip, %evicted, error = %e, "cannot store the lease (replacing an expired one); not answering")
+                }
+                None => warn!(%mac, xid, %ip, error = %e, "cannot store the lease; not answering"),
+            }
+            return None;
+        }
+        Some(ReplyFields {
+            msg_type: Some(MessageType::Ack),
+            yiaddr: Some(ip),
+            ..base
+        })
+    }
+
+    /// What the pool says to a DISCOVER or REQUEST, under its lock (which is never held
+    /// across an await): an answer now (OFFER, NAK, or silence), or a grant queued for the
+    /// lease writer, to be acknowledged once stored.
+    fn pool_step(
+        &self,
+        leases: &Leases,
+        req: &Request,
+        reserved: Option<Ipv4Addr>,
+        now: u64,
+        base: &ReplyFields,
+    ) -> PoolStep {
+        let mac = req.mac;
+        let xid = req.msg.xid();
+        // The grant holds its address in the pool until it is stored (or not), so two
+        // clients can never both be acknowledged for one address.
+        let mut pool = leases.lock();
         if req.msg_type == MessageType::Discover {
-            return match pool.offer(mac, req.requested_ip, reserved, now) {
+            return PoolStep::Answer(match pool.offer(mac, req.requested_ip, reserved, now) {
                 Ok(ip) => Some(ReplyFields {
                     msg_type: Some(MessageType::Offer),
                     yiaddr: Some(ip),
-                    ..base
+                    ..base.clone()
                 }),
                 Err(e) => {
                     warn!(%mac, xid, error = %e, "cannot offer an address");
                     None
                 }
-            };
+            });
         }
         // REQUEST: SELECTING names a server; INIT-REBOOT names an address; RENEWING and
         // REBINDING use ciaddr.
@@ -409,97 +686,88 @@ impl Handler {
         {
             debug!(%mac, xid, server = %sid, "client chose another DHCP server");
             pool.forget_offer(&mac);
-            return None;
+            return PoolStep::Answer(None);
         }
         let ciaddr = Some(req.msg.ciaddr()).filter(|a| !a.is_unspecified());
         let Some(ip) = req.requested_ip.or(ciaddr) else {
             debug!(%mac, xid, "REQUEST names no address (option 50 or ciaddr)");
-            return None;
+            return PoolStep::Answer(None);
         };
-        let grant = match pool.ack(mac, ip, reserved, now) {
-            Ok(g) => g,
+        match pool.ack(mac, ip, reserved, now) {
+            Ok(grant) => PoolStep::Store {
+                evicted: grant.evicts,
+                ip,
+                stored: leases.queue(Change::Grant(grant)),
+            },
+            Err(e @ pool::Error::Busy { .. }) => {
+                debug!(%mac, xid, %ip, error = %e, "not answering this retransmission yet");
+                PoolStep::Answer(None)
+            }
             Err(e) => {
                 info!(%mac, xid, %ip, error = %e, "NAK");
-                return Some(ReplyFields {
+                PoolStep::Answer(Some(ReplyFields {
                     msg_type: Some(MessageType::Nak),
                     server_id: self.options.boot_address,
                     message: Some(e.to_string()),
                     broadcast: !req.msg.giaddr().is_unspecified(),
                     ..ReplyFields::default()
-                });
+                }))
             }
-        };
-        if let Some(evicted) = grant.evicts
-            && let Err(e) = self.store_delete(&evicted).await
-        {
-            warn!(%mac, xid, %ip, evicted = %evicted, error = %e, "cannot delete the expired lease being replaced; not answering");
-            return None;
-        }
-        if let Err(e) = self.store_save(&grant.lease).await {
-            warn!(%mac, xid, %ip, error = %e, "cannot store the lease; not answering");
-            return None;
-        }
-        pool.commit(&grant);
-        Some(ReplyFields {
-            msg_type: Some(MessageType::Ack),
-            yiaddr: Some(ip),
-            ..base
-        })
-    }
-
-    async fn store_save(&self, lease: &Lease) -> Result<(), String> {
-        match tokio::time::timeout(self.options.planner_timeout, self.planner.save_lease(lease))
-            .await
-        {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err("the planner timed out saving the lease".to_owned()),
         }
     }
 
-    async fn store_delete(&self, mac: &MacAddr) -> Result<(), String> {
-        match tokio::time::timeout(self.options.planner_timeout, self.planner.delete_lease(mac))
-            .await
-        {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err("the planner timed out deleting the lease".to_owned()),
-        }
-    }
-
-    async fn release(&self, pool: &Mutex<Pool>, req: &Request) {
+    async fn release(&self, leases: &Leases, req: &Request) {
         let mac = req.mac;
         let ip = req.msg.ciaddr();
-        let mut pool = pool.lock().await;
-        match pool.lease_of(&mac) {
-            Some(l) if l.ip == ip => {}
-            _ => {
-                debug!(%mac, %ip, "RELEASE of an address the client does not hold");
+        let rx = {
+            let mut pool = leases.lock();
+            match pool.lease_of(&mac) {
+                Some(l) if l.ip == ip => {}
+                _ => {
+                    debug!(%mac, %ip, "RELEASE of an address the client does not hold");
+                    return;
+                }
+            }
+            if !pool.begin(mac) {
+                debug!(%mac, %ip, "RELEASE ignored: a change to the client's lease is being stored");
                 return;
             }
-        }
+            leases.queue(Change::Release { mac, ip })
+        };
         // Storage first: if deleting fails, the lease stays in memory and in storage alike.
-        if let Err(e) = self.store_delete(&mac).await {
+        if let Err(e) = stored(rx).await {
             warn!(%mac, %ip, error = %e, "cannot delete the released lease");
             return;
         }
-        pool.release(&mac, ip);
         info!(%mac, %ip, "released");
     }
 
-    async fn decline(&self, pool: &Mutex<Pool>, req: &Request, now: u64) {
+    async fn decline(&self, leases: &Leases, req: &Request, now: u64) {
         let mac = req.mac;
         let Some(ip) = req.requested_ip else {
             debug!(%mac, "DECLINE without option 50");
             return;
         };
-        let mut pool = pool.lock().await;
-        let held = pool.lease_of(&mac).is_some_and(|l| l.ip == ip);
-        if held && let Err(e) = self.store_delete(&mac).await {
+        let rx = {
+            let mut pool = leases.lock();
+            let held = pool.lease_of(&mac).is_some_and(|l| l.ip == ip);
+            if !held {
+                // Only offered (or not ours): nothing stored to delete.
+                pool.decline(&mac, ip, now);
+                info!(%mac, %ip, "declined; the address is quarantined if it was ours to give");
+                return;
+            }
+            if !pool.begin(mac) {
+                debug!(%mac, %ip, "DECLINE ignored: a change to the client's lease is being stored");
+                return;
+            }
+            leases.queue(Change::Decline { mac, ip, now })
+        };
+        if let Err(e) = stored(rx).await {
             warn!(%mac, %ip, error = %e, "cannot delete the declined lease");
             return;
         }
-        if pool.decline(&mac, ip, now).is_some() || !held {
-            info!(%mac, %ip, "declined; the address is quarantined if it was ours to give");
-        }
+        info!(%mac, %ip, "declined; the address is quarantined if it was ours to give");
     }
 
     fn destination(

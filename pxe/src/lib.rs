@@ -34,8 +34,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use dhcp::{BootFiles, FullOptions, Ports};
 pub use planner::{
-    BootPlanner, BoxFuture, ClientInfo, Decision, Firmware, Lease, LeaseStoreError, MacAddr,
-    MemPlanner,
+    BootPlanner, BoxFuture, ClientInfo, Decision, Firmware, Lease, LeaseChange, LeaseStoreError,
+    MacAddr, MemPlanner,
 };
 
 /// Which DHCP service to run.

@@ -25,6 +25,8 @@ struct Metrics {
     dhcp_replies: Family<TypeLabels, Counter>,
     dhcp_malformed: Counter,
     dhcp_dropped: Counter,
+    dhcp_lease_writes: Counter,
+    dhcp_lease_changes: Counter,
     tftp_transfers: Family<OutcomeLabels, Counter>,
     tftp_sent_bytes: Counter,
     tftp_dropped: Counter,
@@ -35,6 +37,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     dhcp_replies: Family::default(),
     dhcp_malformed: Counter::default(),
     dhcp_dropped: Counter::default(),
+    dhcp_lease_writes: Counter::default(),
+    dhcp_lease_changes: Counter::default(),
     tftp_transfers: Family::default(),
     tftp_sent_bytes: Counter::default(),
     tftp_dropped: Counter::default(),
@@ -80,6 +84,12 @@ pub(crate) fn dhcp_dropped() {
     METRICS.dhcp_dropped.inc();
 }
 
+/// The lease writer stored `changes` lease changes in one write (or failed to).
+pub(crate) fn dhcp_lease_write(changes: usize) {
+    METRICS.dhcp_lease_writes.inc();
+    METRICS.dhcp_lease_changes.inc_by(changes as u64);
+}
+
 /// A TFTP transfer ended: `completed`, `probe` (a client's size probe, ended after the
 /// option acknowledgement), `refused` (no such file) or `failed`.
 pub(crate) fn tftp_transfer(outcome: &'static str, bytes: u64) {
@@ -116,6 +126,16 @@ pub fn register(registry: &mut Registry) {
         "dhcp_dropped",
         "DHCP requests dropped because too many were in progress",
         m.dhcp_dropped.clone(),
+    );
+    registry.register(
+        "dhcp_lease_writes",
+        "Writes of full DHCP's lease writer, each one durable commit of queued lease changes",
+        m.dhcp_lease_writes.clone(),
+    );
+    registry.register(
+        "dhcp_lease_changes",
+        "Lease changes (grants, releases, declines) the lease writer stored",
+        m.dhcp_lease_changes.clone(),
     );
     registry.register(
         "tftp_transfers",

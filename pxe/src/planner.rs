@@ -138,6 +138,15 @@ pub enum Decision {
     Answer {
         /// The URL handed to iPXE as its boot file name.
         profile_url: String,
+        /// The static address reserved for the client's node (full DHCP mode), if it has
+        /// one: answered in the same call, since it comes from the node `decide` looked up.
+        ///
+        /// A reservation may lie outside the dynamic pool. It takes precedence over the pool
+        /// whenever the address is not actively leased to another MAC. Operators should keep
+        /// reserved addresses outside the pool: `pxe` cannot see all reservations at once, so
+        /// a reserved address inside the pool can be leased to another client while it is
+        /// free.
+        reserved: Option<Ipv4Addr>,
     },
     /// Stay silent; `reason` is logged (for example "known node without network boot work").
     Silent {
@@ -158,6 +167,15 @@ pub struct Lease {
     pub expires_unix: u64,
 }
 
+/// One change to the stored leases, as [`BootPlanner::store_leases`] applies them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseChange {
+    /// Store the lease, replacing any stored for the same MAC.
+    Save(Lease),
+    /// Remove the lease stored for the MAC, if any.
+    Delete(MacAddr),
+}
+
 /// A failure of the planner's lease storage; the message names what failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("lease storage failed: {0}")]
@@ -170,23 +188,19 @@ pub struct LeaseStoreError(pub String);
 /// bounds each call with a timeout and treats a timeout like `Silent` (for `decide`) or like
 /// an error (for the lease methods), so an implementation should answer in milliseconds.
 pub trait BootPlanner: Send + Sync + 'static {
-    /// Decides whether to answer a PXE, HTTP Boot or iPXE client, and with which profile URL.
+    /// Decides whether to answer a PXE, HTTP Boot or iPXE client, with which profile URL,
+    /// and (full mode) whether its node has a reserved address.
     ///
     /// Called for every DISCOVER and REQUEST from a client that identified itself as PXE,
-    /// UEFI HTTP Boot or iPXE (never for other clients, which `pxe` ignores on its own). Expected policy: answer
+    /// UEFI HTTP Boot or iPXE (never for other clients, which `pxe` ignores on its own),
+    /// except, in full mode, a REQUEST that answers an OFFER of the last 30 s (same client,
+    /// same transaction id): that one is acknowledged with the OFFER's decision. Expected
+    /// policy: answer
     /// unknown MACs (so they get discovered) and nodes whose current workflow needs a network
     /// boot; stay silent for nodes that should boot from disk. It has no side effects that
     /// `pxe` relies on, may be called several times for one boot, and cannot fail: an
     /// implementation that cannot decide returns `Silent` with the reason.
     fn decide<'a>(&'a self, client: &'a ClientInfo) -> BoxFuture<'a, Decision>;
-
-    /// Returns the static address reserved for `mac`, if its node has one.
-    ///
-    /// A reservation may lie outside the dynamic pool. It takes precedence over the pool
-    /// whenever the address is not actively leased to another MAC. Operators should keep
-    /// reserved addresses outside the pool: `pxe` cannot see all reservations at once, so a
-    /// reserved address inside the pool can be leased to another client while it is free.
-    fn reservation<'a>(&'a self, mac: &'a MacAddr) -> BoxFuture<'a, Option<Ipv4Addr>>;
 
     /// Stores `lease`, replacing any lease stored for the same MAC (an upsert keyed by MAC).
     ///
@@ -198,6 +212,31 @@ pub trait BootPlanner: Send + Sync + 'static {
     /// Removes the lease stored for `mac`; removing a lease that does not exist is `Ok`.
     /// Called on RELEASE, DECLINE and when an expired lease's address is given to another MAC.
     fn delete_lease<'a>(&'a self, mac: &'a MacAddr) -> BoxFuture<'a, Result<(), LeaseStoreError>>;
+
+    /// Applies `changes` in order (a later change for the same MAC wins), all or nothing,
+    /// and durably when it returns `Ok`: the DHCP server sends the ACKs (and forgets the
+    /// released leases) of these changes only afterwards. On `Err` none of them may be
+    /// stored; the server answers none of their clients, which retry.
+    ///
+    /// This is how the server stores every lease change: all the changes that queued up
+    /// while the previous call ran, in one call, so that one durable write serves many
+    /// clients. The default applies them one by one through `save_lease` and
+    /// `delete_lease`, which is neither atomic nor one write; implementations over a store
+    /// with atomic batches should override it.
+    fn store_leases<'a>(
+        &'a self,
+        changes: &'a [LeaseChange],
+    ) -> BoxFuture<'a, Result<(), LeaseStoreError>> {
+        Box::pin(async move {
+            for change in changes {
+                match change {
+                    LeaseChange::Save(lease) => self.save_lease(lease).await?,
+                    LeaseChange::Delete(mac) => self.delete_lease(mac).await?,
+                }
+            }
+            Ok(())
+        })
+    }
 
     /// Returns every stored lease, expired or not; called once when full DHCP mode starts.
     /// An error stops the DHCP server from starting rather than risk handing out addresses
@@ -251,7 +290,8 @@ impl MemPlanner {
         self.state().reservations.insert(mac, ip);
     }
 
-    /// Makes every later `save_lease` fail (or succeed again).
+    /// Makes every later `save_lease` and `store_leases` that saves a lease fail (or
+    /// succeed again).
     pub fn fail_saves(&self, fail: bool) {
         self.state().fail_saves = fail;
     }
@@ -282,14 +322,10 @@ impl BootPlanner for MemPlanner {
             },
             None => Decision::Answer {
                 profile_url: crate::ipxe::profile_url(&self.profile_base, &client.mac),
+                reserved: state.reservations.get(&client.mac).copied(),
             },
         };
         Box::pin(std::future::ready(decision))
-    }
-
-    fn reservation<'a>(&'a self, mac: &'a MacAddr) -> BoxFuture<'a, Option<Ipv4Addr>> {
-        let ip = self.state().reservations.get(mac).copied();
-        Box::pin(std::future::ready(ip))
     }
 
     fn save_lease<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), LeaseStoreError>> {
@@ -309,6 +345,33 @@ impl BootPlanner for MemPlanner {
     fn delete_lease<'a>(&'a self, mac: &'a MacAddr) -> BoxFuture<'a, Result<(), LeaseStoreError>> {
         self.state().leases.remove(mac);
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn store_leases<'a>(
+        &'a self,
+        changes: &'a [LeaseChange],
+    ) -> BoxFuture<'a, Result<(), LeaseStoreError>> {
+        let mut state = self.state();
+        let saves = changes.iter().any(|c| matches!(c, LeaseChange::Save(_)));
+        let result = if state.fail_saves && saves {
+            Err(LeaseStoreError(format!(
+                "simulated failure storing {} lease changes",
+                changes.len()
+            )))
+        } else {
+            for change in changes {
+                match change {
+                    LeaseChange::Save(lease) => {
+                        state.leases.insert(lease.mac, lease.clone());
+                    }
+                    LeaseChange::Delete(mac) => {
+                        state.leases.remove(mac);
+                    }
+                }
+            }
+            Ok(())
+        };
+        Box::pin(std::future::ready(result))
     }
 
     fn load_leases(&self) -> BoxFuture<'_, Result<Vec<Lease>, LeaseStoreError>> {

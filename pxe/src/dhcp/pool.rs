@@ -1,11 +1,21 @@
 //! The address pool of full DHCP mode: offers, leases, renewals, releases and declined
 //! addresses, as a pure state machine over an explicit clock (`now`, Unix seconds).
 //!
-//! The pool never persists anything itself. `ack` only computes the lease to grant; the
-//! server stores it through the planner and calls `commit` afterwards, so memory never runs
-//! ahead of storage.
+//! The pool never persists anything itself. `ack` computes the lease to grant and holds its
+//! address for it; the server stores the lease through the planner and then calls `commit`
+//! (or `abandon` if storing failed), so memory never runs ahead of storage. Several grants
+//! can be on their way to storage at once (the server stores them together, one durable
+//! write for many), and the holds keep them apart: no two of them can name one address,
+//! and a client has at most one lease change on its way at a time ([`Pool::begin`]).
+//!
+//! Finding a free address costs the addresses scanned, so the scan for a never-leased
+//! address goes round the pool from just after the last address it found (as Kea's
+//! iterative allocator does) rather than from the start: a pool that fills up does not
+//! rescan its leased part, or the addresses offered to clients that never came back, for
+//! every new client. Offered addresses are indexed by address, and expired offers are
+//! dropped as offers accumulate.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use crate::planner::{Lease, MacAddr};
@@ -40,6 +50,13 @@ pub enum Error {
     Declined {
         /// The requested address.
         ip: Ipv4Addr,
+    },
+    /// A change to this client's lease (or to the expired lease this grant would replace)
+    /// is being stored; the client's retransmission will be answered once it is.
+    #[error("a change to the lease of {mac} is being stored")]
+    Busy {
+        /// The client whose lease is changing.
+        mac: MacAddr,
     },
 }
 
@@ -80,6 +97,9 @@ struct Offer {
     until: u64,
 }
 
+/// Offers kept before expired ones are dropped; the threshold doubles with the live ones.
+const OFFERS_BEFORE_PURGE: usize = 1024;
+
 /// The pool `first..=last` with its leases.
 #[derive(Debug)]
 pub struct Pool {
@@ -89,7 +109,20 @@ pub struct Pool {
     leases: HashMap<MacAddr, Lease>,
     owners: HashMap<Ipv4Addr, MacAddr>,
     offers: HashMap<MacAddr, Offer>,
+    /// The client each address was last offered to (the offer may have expired or moved:
+    /// `offers` is the truth).
+    offered: HashMap<Ipv4Addr, MacAddr>,
+    /// When `offers` reaches this size, expired offers are dropped.
+    purge_at: usize,
     declined: HashMap<Ipv4Addr, u64>,
+    /// Where the next scan for a never-leased address starts: just after the last address
+    /// it found (`first..=last`).
+    next: u32,
+    /// Addresses that grants on their way to storage will lease, and to whom.
+    held: HashMap<Ipv4Addr, MacAddr>,
+    /// Clients with a lease change on its way to storage, or whose expired lease a grant on
+    /// its way will replace.
+    busy: HashSet<MacAddr>,
 }
 
 impl Pool {
@@ -103,7 +136,12 @@ impl Pool {
             leases: HashMap::new(),
             owners: HashMap::new(),
             offers: HashMap::new(),
+            offered: HashMap::new(),
+            purge_at: OFFERS_BEFORE_PURGE,
             declined: HashMap::new(),
+            next: a.min(b),
+            held: HashMap::new(),
+            busy: HashSet::new(),
         }
     }
 
@@ -143,10 +181,16 @@ impl Pool {
         {
             return Err(Error::InUse { ip });
         }
-        let offered_elsewhere = self
-            .offers
-            .iter()
-            .any(|(m, o)| m != mac && o.ip == ip && o.until > now);
+        if self.held.get(&ip).is_some_and(|m| m != mac) {
+            return Err(Error::InUse { ip });
+        }
+        let offered_elsewhere = self.offered.get(&ip).is_some_and(|m| {
+            m != mac
+                && self
+                    .offers
+                    .get(m)
+                    .is_some_and(|o| o.ip == ip && o.until > now)
+        });
         if offered_elsewhere {
             return Err(Error::InUse { ip });
         }
@@ -156,8 +200,10 @@ impl Pool {
     /// Picks an address for a DISCOVER from `mac` and sets it aside for a while.
     ///
     /// Preference: the reservation, the client's current or previous lease, an address it
-    /// was offered, the address it asked for (option 50), then the lowest never-leased
-    /// address, then the lowest address whose lease has expired.
+    /// was offered, the address it asked for (option 50), then the next never-leased
+    /// address after the last one handed out this way (going round the pool, so a released
+    /// address is handed out again once the pool has come round to it), then the lowest
+    /// address whose lease has expired.
     pub fn offer(
         &mut self,
         mac: MacAddr,
@@ -179,36 +225,59 @@ impl Pool {
             Some(ip) => ip,
             None => self.scan(&mac, now)?,
         };
-        self.offers.insert(
+        self.set_offer(
             mac,
             Offer {
                 ip,
                 until: now.saturating_add(self.timers.offer_secs),
             },
+            now,
         );
         Ok(ip)
     }
 
-    fn scan(&self, mac: &MacAddr, now: u64) -> Result<Ipv4Addr, Error> {
+    fn set_offer(&mut self, mac: MacAddr, offer: Offer, now: u64) {
+        if self.offers.len() >= self.purge_at {
+            self.offers.retain(|_, o| o.until > now);
+            let offers = &self.offers;
+            self.offered
+                .retain(|ip, m| offers.get(m).is_some_and(|o| o.ip == *ip));
+            self.purge_at = (self.offers.len() * 2).max(OFFERS_BEFORE_PURGE);
+        }
+        self.forget_offer(&mac);
+        self.offered.insert(offer.ip, mac);
+        self.offers.insert(mac, offer);
+    }
+
+    fn scan(&mut self, mac: &MacAddr, now: u64) -> Result<Ipv4Addr, Error> {
         let usable = |n: u32, allow_expired: bool| {
             let ip = Ipv4Addr::from(n);
             (allow_expired || !self.owners.contains_key(&ip))
                 && self.check_free(ip, mac, now).is_ok()
         };
-        (self.first..=self.last)
-            .find(|n| usable(*n, false))
-            .or_else(|| (self.first..=self.last).find(|n| usable(*n, true)))
-            .map(Ipv4Addr::from)
-            .ok_or(Error::Exhausted {
-                first: Ipv4Addr::from(self.first),
-                last: Ipv4Addr::from(self.last),
-            })
+        // Round the pool from `next`; in u64, since a pool may end at 255.255.255.255.
+        let (first, size) = (u64::from(self.first), u64::from(self.last - self.first) + 1);
+        let from = u64::from(self.next) - first;
+        let fresh = (0..size)
+            .map(|i| (first + (from + i) % size) as u32)
+            .find(|n| usable(*n, false));
+        let found = fresh.or_else(|| (self.first..=self.last).find(|n| usable(*n, true)));
+        if let Some(n) = fresh {
+            self.next = if n == self.last { self.first } else { n + 1 };
+        }
+        found.map(Ipv4Addr::from).ok_or(Error::Exhausted {
+            first: Ipv4Addr::from(self.first),
+            last: Ipv4Addr::from(self.last),
+        })
     }
 
-    /// Computes the lease for a REQUEST of `ip` by `mac` (new, renewed or rebound) without
-    /// changing the pool; `commit` applies it once stored.
+    /// Computes the lease for a REQUEST of `ip` by `mac` (new, renewed or rebound) and
+    /// holds the address for it until the server calls `commit` (once the lease is stored)
+    /// or `abandon` (if storing failed); one of the two must follow every `Ok`. The client
+    /// is [`busy`](Pool::begin) until then, and so is the client whose expired lease the
+    /// grant replaces.
     pub fn ack(
-        &self,
+        &mut self,
         mac: MacAddr,
         ip: Ipv4Addr,
         reserved: Option<Ipv4Addr>,
@@ -219,6 +288,16 @@ impl Pool {
         }
         self.check_free(ip, &mac, now)?;
         let evicts = self.owners.get(&ip).filter(|owner| **owner != mac).copied();
+        if let Some(busy) = [Some(mac), evicts]
+            .into_iter()
+            .flatten()
+            .find(|m| self.busy.contains(m))
+        {
+            return Err(Error::Busy { mac: busy });
+        }
+        self.busy.insert(mac);
+        self.busy.extend(evicts);
+        self.held.insert(ip, mac);
         Ok(Grant {
             lease: Lease {
                 mac,
@@ -231,16 +310,52 @@ impl Pool {
 
     /// Applies a grant computed by `ack` after it has been stored.
     pub fn commit(&mut self, grant: &Grant) {
-        if let Some(evicted) = grant.evicts {
+        self.abandon(grant);
+        if let Some(evicted) = grant.evicts
+            && self
+                .leases
+                .get(&evicted)
+                .is_some_and(|l| l.ip == grant.lease.ip)
+        {
             self.remove(&evicted);
         }
-        self.offers.remove(&grant.lease.mac);
+        self.forget_offer(&grant.lease.mac);
         self.insert(grant.lease.clone());
+    }
+
+    /// Releases what `ack` held for a grant that could not be stored; the pool is as it
+    /// was before the `ack`.
+    pub fn abandon(&mut self, grant: &Grant) {
+        let mac = grant.lease.mac;
+        if self.held.get(&grant.lease.ip) == Some(&mac) {
+            self.held.remove(&grant.lease.ip);
+        }
+        self.busy.remove(&mac);
+        if let Some(evicted) = grant.evicts {
+            self.busy.remove(&evicted);
+        }
+    }
+
+    /// Marks `mac` as having a lease change (a release, a decline) on its way to storage,
+    /// which `end` clears; `false`, changing nothing, if one already is. Changes to one
+    /// client's lease are stored one at a time, so storage and memory see them in the same
+    /// order.
+    pub fn begin(&mut self, mac: MacAddr) -> bool {
+        self.busy.insert(mac)
+    }
+
+    /// Clears what `begin` marked.
+    pub fn end(&mut self, mac: &MacAddr) {
+        self.busy.remove(mac);
     }
 
     /// Forgets the offer made to `mac` (it chose another server).
     pub fn forget_offer(&mut self, mac: &MacAddr) {
-        self.offers.remove(mac);
+        if let Some(offer) = self.offers.remove(mac)
+            && self.offered.get(&offer.ip) == Some(mac)
+        {
+            self.offered.remove(&offer.ip);
+        }
     }
 
     /// Ends `mac`'s lease on `ip` (DHCPRELEASE); returns the lease if there was one.
@@ -264,7 +379,7 @@ impl Pool {
         }
         self.declined
             .insert(ip, now.saturating_add(self.timers.decline_secs));
-        self.offers.remove(mac);
+        self.forget_offer(mac);
         if holds { self.remove(mac) } else { None }
     }
 
@@ -318,6 +433,7 @@ mod tests {
             Error::NotOurs { .. } => "not-ours",
             Error::InUse { .. } => "in-use",
             Error::Declined { .. } => "declined",
+            Error::Busy { .. } => "busy",
         }
     }
 
@@ -507,6 +623,109 @@ mod tests {
         for (name, steps) in cases {
             check(name, steps);
         }
+    }
+
+    #[test]
+    fn grants_on_their_way_to_storage_hold_their_address_and_client() {
+        let mut pool = pool();
+        let first = pool.ack(mac(1), ip(10), None, NOW).unwrap();
+        // Another client cannot have the held address, offered or acknowledged.
+        assert_eq!(
+            pool.ack(mac(2), ip(10), None, NOW),
+            Err(Error::InUse { ip: ip(10) })
+        );
+        assert_eq!(pool.offer(mac(2), Some(ip(10)), None, NOW), Ok(ip(11)));
+        // The same client's retransmission waits for the first grant.
+        assert_eq!(
+            pool.ack(mac(1), ip(10), None, NOW),
+            Err(Error::Busy { mac: mac(1) })
+        );
+        assert!(!pool.begin(mac(1)), "a release waits too");
+        // Storing failed: the pool is as before, and the address free again.
+        pool.abandon(&first);
+        assert!(pool.lease_of(&mac(1)).is_none());
+        let second = pool.ack(mac(3), ip(10), None, NOW).unwrap();
+        pool.commit(&second);
+        assert_eq!(pool.lease_of(&mac(3)).map(|l| l.ip), Some(ip(10)));
+        assert!(pool.begin(mac(3)));
+        pool.end(&mac(3));
+
+        // A grant that replaces an expired lease holds that lease's client as well.
+        let mut pool = self::pool();
+        pool.restore([Lease {
+            mac: mac(1),
+            ip: ip(10),
+            expires_unix: NOW - 1,
+        }]);
+        assert!(pool.begin(mac(1)), "say, a release on its way");
+        assert_eq!(
+            pool.ack(mac(2), ip(10), None, NOW),
+            Err(Error::Busy { mac: mac(1) })
+        );
+        pool.end(&mac(1));
+        let grant = pool.ack(mac(2), ip(10), None, NOW).unwrap();
+        assert_eq!(
+            pool.ack(mac(1), ip(11), None, NOW),
+            Err(Error::Busy { mac: mac(1) })
+        );
+        pool.commit(&grant);
+        assert!(pool.lease_of(&mac(1)).is_none());
+        assert_eq!(
+            pool.ack(mac(1), ip(11), None, NOW).map(|g| g.lease.ip),
+            Ok(ip(11))
+        );
+    }
+
+    #[test]
+    fn new_clients_get_addresses_in_order_round_the_pool() {
+        let first = Ipv4Addr::new(10, 1, 0, 0);
+        let mut pool = Pool::new(first, Ipv4Addr::new(10, 1, 0, 99), Timers::default());
+        fn client(n: u32) -> MacAddr {
+            let b = n.to_be_bytes();
+            MacAddr([0x52, 0x54, b[0], b[1], b[2], b[3]])
+        }
+        fn lease(pool: &mut Pool, n: u32) -> Ipv4Addr {
+            let ip = pool.offer(client(n), None, None, NOW).unwrap();
+            let grant = pool.ack(client(n), ip, None, NOW).unwrap();
+            pool.commit(&grant);
+            ip
+        }
+        let nth = |n: u32| Ipv4Addr::from(u32::from(first) + n);
+        for n in 0..60 {
+            assert_eq!(lease(&mut pool, n), nth(n));
+        }
+        // A released address comes back once the pool has come round to it.
+        assert!(pool.release(&client(5), nth(5)).is_some());
+        assert_eq!(lease(&mut pool, 1000), nth(60));
+        // Offers nobody took up are passed over, not rescanned by every client.
+        for n in 2000..2010 {
+            assert_eq!(
+                pool.offer(client(n), None, None, NOW),
+                Ok(nth(n - 2000 + 61))
+            );
+        }
+        for n in 71..100 {
+            assert_eq!(lease(&mut pool, n), nth(n));
+        }
+        assert_eq!(lease(&mut pool, 3000), nth(5));
+        assert_eq!(
+            pool.offer(client(4000), None, None, NOW),
+            Err(Error::Exhausted {
+                first,
+                last: nth(99)
+            })
+        );
+        // Offers that were never taken up expire and are dropped as offers accumulate.
+        let mut pool = Pool::new(first, Ipv4Addr::new(10, 1, 255, 255), Timers::default());
+        for n in 0..20_000u32 {
+            pool.offer(client(n), None, None, NOW + u64::from(n) / 100)
+                .unwrap();
+        }
+        assert!(
+            pool.offers.len() < 10_000,
+            "{} offers kept",
+            pool.offers.len()
+        );
     }
 
     #[test]

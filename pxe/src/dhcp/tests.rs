@@ -11,7 +11,7 @@ use proptest::prelude::*;
 
 use super::packet::{build_request, decode_reply, ipxe_encap_option};
 use super::*;
-use crate::planner::{Lease, MacAddr, MemPlanner};
+use crate::planner::{Lease, LeaseChange, MacAddr, MemPlanner};
 
 const BOOT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const NOW: u64 = 1_700_000_000;
@@ -521,6 +521,9 @@ async fn full_mode_dora_stores_the_lease_before_acknowledging() {
             expires_unix: NOW + 3600
         }]
     );
+    // The REQUEST answered our OFFER (same transaction): acknowledged with the OFFER's
+    // decision, so the planner was asked once for the whole exchange.
+    assert_eq!(planner.decisions().len(), 1);
 
     // Renewal: unicast to ciaddr, lease extended.
     let (to, ack) = exchange(
@@ -534,6 +537,11 @@ async fn full_mode_dora_stores_the_lease_before_acknowledging() {
     assert_eq!(to, SocketAddr::new(ip.into(), 68));
     assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
     assert_eq!(planner.leases()[0].expires_unix, NOW + 100 + 3600);
+    assert_eq!(
+        planner.decisions().len(),
+        2,
+        "a renewal asks the planner again"
+    );
 
     // Another client asking for that address is refused with a broadcast NAK.
     let (to, nak) = exchange(
@@ -571,6 +579,115 @@ async fn full_mode_dora_stores_the_lease_before_acknowledging() {
     )
     .await;
     assert!(planner.leases().is_empty());
+}
+
+/// A planner whose lease writes take a while and are counted, over `MemPlanner`.
+struct SlowWrites {
+    inner: Arc<MemPlanner>,
+    delay: std::time::Duration,
+    /// The number of changes in each `store_leases` call, in order.
+    writes: std::sync::Mutex<Vec<usize>>,
+}
+
+impl BootPlanner for SlowWrites {
+    fn decide<'a>(
+        &'a self,
+        client: &'a crate::planner::ClientInfo,
+    ) -> crate::planner::BoxFuture<'a, Decision> {
+        self.inner.decide(client)
+    }
+    fn save_lease<'a>(
+        &'a self,
+        _: &'a Lease,
+    ) -> crate::planner::BoxFuture<'a, Result<(), crate::planner::LeaseStoreError>> {
+        unreachable!("the server stores leases through store_leases")
+    }
+    fn delete_lease<'a>(
+        &'a self,
+        _: &'a MacAddr,
+    ) -> crate::planner::BoxFuture<'a, Result<(), crate::planner::LeaseStoreError>> {
+        unreachable!("the server stores leases through store_leases")
+    }
+    fn store_leases<'a>(
+        &'a self,
+        changes: &'a [LeaseChange],
+    ) -> crate::planner::BoxFuture<'a, Result<(), crate::planner::LeaseStoreError>> {
+        Box::pin(async move {
+            self.writes.lock().unwrap().push(changes.len());
+            tokio::time::sleep(self.delay).await;
+            self.inner.store_leases(changes).await
+        })
+    }
+    fn load_leases(
+        &self,
+    ) -> crate::planner::BoxFuture<'_, Result<Vec<Lease>, crate::planner::LeaseStoreError>> {
+        self.inner.load_leases()
+    }
+}
+
+#[tokio::test]
+async fn concurrent_requests_share_lease_writes_and_each_ack_follows_its_write() {
+    let inner = Arc::new(MemPlanner::new(BASE));
+    let planner = Arc::new(SlowWrites {
+        inner: inner.clone(),
+        delay: std::time::Duration::from_millis(50),
+        writes: std::sync::Mutex::new(Vec::new()),
+    });
+    let mut o = Options::new(
+        Mode::Full(FullOptions::new(
+            Ipv4Addr::new(10, 0, 0, 10),
+            Ipv4Addr::new(10, 0, 0, 200),
+        )),
+        BOOT,
+    );
+    o.ports.relay = 1068;
+    let h = Arc::new(Handler::new(o, planner.clone()).await.unwrap());
+    let clients: Vec<u8> = (1..=40).collect();
+    let mut offered = Vec::new();
+    for &m in &clients {
+        let (_, offer) = exchange(
+            &h,
+            request(MessageType::Discover, mac(m), pxe(0), vec![], None, None),
+            Port::Server,
+            NOW,
+        )
+        .await
+        .unwrap();
+        offered.push((m, offer.yiaddr()));
+    }
+    let distinct: std::collections::HashSet<_> = offered.iter().map(|(_, ip)| *ip).collect();
+    assert_eq!(distinct.len(), clients.len(), "one address per client");
+    // Every REQUEST at once: they queue while the first write is under way.
+    let mut tasks = tokio::task::JoinSet::new();
+    for (m, ip) in offered.clone() {
+        let (h, inner) = (h.clone(), inner.clone());
+        tasks.spawn(async move {
+            let selecting = vec![
+                DhcpOption::ServerIdentifier(BOOT),
+                DhcpOption::RequestedIpAddress(ip),
+            ];
+            let bytes = request(MessageType::Request, mac(m), pxe(0), selecting, None, None);
+            let (_, ack) = exchange(&h, bytes, Port::Server, NOW).await.unwrap();
+            assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+            assert_eq!(ack.yiaddr(), ip);
+            // Durable before acknowledged: the lease is in the planner's store already.
+            assert!(
+                inner.leases().iter().any(|l| l.mac == mac(m) && l.ip == ip),
+                "{} was acknowledged before its lease was stored",
+                mac(m)
+            );
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    assert_eq!(inner.leases().len(), clients.len());
+    let writes = planner.writes.lock().unwrap().clone();
+    assert_eq!(writes.iter().sum::<usize>(), clients.len(), "{writes:?}");
+    assert!(
+        writes.len() < clients.len() / 4,
+        "40 concurrent grants should share a few writes: {writes:?}"
+    );
 }
 
 #[tokio::test]
@@ -617,9 +734,12 @@ async fn full_mode_replies_to_relays_and_honours_other_servers_selection() {
         .await
         .is_none()
     );
+    // Another client asking for that address gets it (new clients get the next address
+    // round the pool, so it must ask).
+    let asks = vec![DhcpOption::RequestedIpAddress(offer.yiaddr())];
     let (_, offer2) = exchange(
         &h,
-        request(MessageType::Discover, mac(2), pxe(0), vec![], None, None),
+        request(MessageType::Discover, mac(2), pxe(0), asks, None, None),
         Port::Server,
         NOW,
     )
