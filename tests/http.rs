@@ -13,6 +13,10 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
+#[path = "support/router.rs"]
+mod router;
+use router::raw;
+
 /// The body limit the tests run with.
 const LIMIT: usize = 64 * 1024;
 
@@ -1126,29 +1130,6 @@ async fn node_notifications_reach_the_waiting_task() {
         "the node-facing API serves no management paths: {body}"
     );
     error_of(&body, "not_found");
-}
-
-/// One request answered with its raw status, headers and body.
-async fn raw(
-    app: &Router,
-    method: &str,
-    uri: &str,
-    headers: &[(&str, &str)],
-) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
-    let mut req = Request::builder().method(method).uri(uri);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = app
-        .clone()
-        .oneshot(req.body(Body::empty()).expect("a request"))
-        .await
-        .expect("the router answers");
-    let (parts, body) = resp.into_parts();
-    let bytes = axum::body::to_bytes(body, usize::MAX)
-        .await
-        .expect("a body");
-    (parts.status, parts.headers, bytes.to_vec())
 }
 
 /// The node-facing router with a files and a templates directory.

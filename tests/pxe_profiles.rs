@@ -21,6 +21,10 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
+#[path = "support/router.rs"]
+mod router;
+use router::raw;
+
 const NODE_BASE: &str = "http://10.9.0.1:8090/api/2.0";
 
 struct Harness {
@@ -943,29 +947,6 @@ async fn the_planner_answers_unknown_machines_and_nodes_with_work_only() {
         planner.decide(&http_client("52:54:00:12:34:31")).await,
         with_cap
     );
-}
-
-/// `method uri` on `app` with `headers`: status, headers, body.
-async fn raw(
-    app: &Router,
-    method: &str,
-    uri: &str,
-    headers: &[(&str, &str)],
-) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
-    let mut req = Request::builder().method(method).uri(uri);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = app
-        .clone()
-        .oneshot(req.body(Body::empty()).expect("a request"))
-        .await
-        .expect("the router answers");
-    let (parts, body) = resp.into_parts();
-    let bytes = axum::body::to_bytes(body, usize::MAX)
-        .await
-        .expect("a body");
-    (parts.status, parts.headers, bytes.to_vec())
 }
 
 #[tokio::test]

@@ -439,21 +439,10 @@ async fn rackhd_definitions_load_unchanged_and_run() {
         .await;
     api.wait_task(&id, "wait", "running", LIMIT).await;
     let callback = server.node_url("/api/current/notification?nodeId=demo-node-03");
-    let mut delivered = false;
-    for _ in 0..50 {
-        let r = node_http
-            .post(&callback)
-            .json(&json!({"status": "installed"}))
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            delivered = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(delivered, "the tokenless callback was taken");
+    assert!(
+        post_until_taken(&node_http, &callback, json!({"status": "installed"})).await,
+        "the tokenless callback was taken"
+    );
     let wf = api.wait(&id, LIMIT).await;
     assert_eq!(wf["status"], "succeeded", "{wf:#}");
     assert_eq!(wf["context"]["wait"]["status"], "installed", "{wf:#}");
@@ -531,6 +520,19 @@ async fn import_rackhd_loads_a_directory_and_says_what_it_refused() {
         .await;
     assert_eq!(wf["status"], "succeeded", "{wf:#}");
     server.terminate();
+}
+
+/// POSTs `body` to a node callback `url` until it is taken (200): the waiter registers a
+/// moment after its task shows running. Whether it was taken within 2.5 s.
+async fn post_until_taken(http: &reqwest::Client, url: &str, body: Value) -> bool {
+    for _ in 0..50 {
+        let r = http.post(url).json(&body).send().await.unwrap();
+        if r.status() == 200 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }
 
 /// Fetches `url` as a node does, retrying while the server says the task has not started
@@ -730,21 +732,10 @@ async fn rackhd_install_graphs_run_end_to_end_on_a_demo_node() {
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     api.wait_task(&id, "rackhd-callback-notification-wait", "running", LIMIT)
         .await;
-    let mut delivered = false;
-    for _ in 0..50 {
-        let r = node_http
-            .post(&first_boot)
-            .json(&json!({"status": "booted"}))
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            delivered = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(delivered, "the first-boot callback was taken");
+    assert!(
+        post_until_taken(&node_http, &first_boot, json!({"status": "booted"})).await,
+        "the first-boot callback was taken"
+    );
     let wf = api.wait(&id, LIMIT).await;
     assert_eq!(wf["status"], "succeeded", "{wf:#}");
     assert_eq!(

@@ -129,16 +129,6 @@ impl Renderer {
         guarded(|| render_in(&self.env, Dialect::Jinja, template, vars))
     }
 
-    /// Renders every template string inside `options` (recursively through objects and
-    /// lists), in the engine's dialect. Errors name the option path at fault.
-    pub fn render_options(
-        &self,
-        options: &Map<String, Value>,
-        vars: &Value,
-    ) -> Result<Map<String, Value>, String> {
-        self.render_task_options(Dialect::Jinja, options, &[], vars)
-    }
-
     /// Renders a task's options in `dialect` over `vars`, whose `options` are the options
     /// themselves: an option that another one refers to is rendered first, on demand, and
     /// options that refer to each other in a cycle are an error naming it. Options named
@@ -507,14 +497,16 @@ mod tests {
         let r = Renderer::new();
         let vars = json!({"context": {"probe": {"n": 3}}});
         let opts = json!({"image": "{{ options.imageUrl }}", "imageUrl": "http://x/a.iso", "list": ["{{ context.probe.n }}", 1], "plain": "x"});
-        let out = r.render_options(opts.as_object().unwrap(), &vars).unwrap();
+        let out = r
+            .render_task_options(Dialect::Jinja, opts.as_object().unwrap(), &[], &vars)
+            .unwrap();
         assert_eq!(
             Value::Object(out),
             json!({"image": "http://x/a.iso", "imageUrl": "http://x/a.iso", "list": ["3", 1], "plain": "x"})
         );
         let bad = json!({"image": "{{ options.missing }}"});
         let err = r
-            .render_options(bad.as_object().unwrap(), &vars)
+            .render_task_options(Dialect::Jinja, bad.as_object().unwrap(), &[], &vars)
             .unwrap_err();
         assert!(err.contains("option 'image'"), "{err}");
         assert!(err.contains("undefined"), "{err}");
