@@ -19,9 +19,14 @@
 //! it exclusively, reads share it. The gate also serialises commits, which is what makes
 //! the check of preconditions for keyspaces that have no tree yet race-free.
 //!
-//! `commit` returns only after `Db::flush`, which writes sled's log and fsyncs it; sled's
-//! log is shared by all trees, so one flush covers the whole batch. The flush happens while
-//! the gate is still held so that no reader sees a batch before it is durable.
+//! `commit` returns only after `Db::flush` and an `fdatasync` of sled's log. `Db::flush`
+//! writes the log and, on Linux, waits for it with `sync_file_range`, which neither flushes
+//! the disk's write cache nor records the file's new length: on its own it survives a
+//! process crash, not a power loss. So the store then calls `fdatasync` on the log file
+//! (`<dir>/db`) itself, and syncs any blob file sled wrote for a large value (sled writes
+//! those with no sync at all) together with their directory. sled's log is shared by all
+//! trees, so one flush and one sync cover the whole batch. Both happen while the gate is
+//! still held so that no reader sees a batch before it is durable.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -47,6 +52,60 @@ pub struct SledStore {
     trees: RwLock<HashMap<String, sled::Tree>>,
     /// Makes commits atomic with respect to reads: commits take it exclusively.
     gate: RwLock<()>,
+    /// What makes a flushed commit durable (see the module docs).
+    sync: Syncer,
+}
+
+/// Syncs what `Db::flush` leaves unsynced: sled's log file and its blob files.
+struct Syncer {
+    /// sled's log, `<dir>/db`, opened a second time for `fdatasync`.
+    log: std::fs::File,
+    /// sled's directory of values too large for the log, `<dir>/blobs`.
+    blobs: PathBuf,
+    /// The blob files already synced. Only commits touch it, under the gate.
+    synced: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
+}
+
+impl Syncer {
+    fn open(dir: &Path) -> std::io::Result<Syncer> {
+        let log = std::fs::File::open(dir.join("db"))?;
+        // The log's own directory entry, made when the database was created.
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(Syncer {
+            log,
+            blobs: dir.join("blobs"),
+            synced: Default::default(),
+        })
+    }
+
+    /// Makes everything `Db::flush` wrote durable.
+    fn sync(&self) -> std::io::Result<()> {
+        self.log.sync_data()?;
+        // The blob directory is empty unless a value was larger than a quarter of a log
+        // segment, so listing it costs little.
+        let entries = match std::fs::read_dir(&self.blobs) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut synced = self.synced.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut present = std::collections::HashSet::new();
+        let mut new = false;
+        for entry in entries {
+            let name = entry?.file_name();
+            if !synced.contains(&name) {
+                std::fs::File::open(self.blobs.join(&name))?.sync_all()?;
+                new = true;
+            }
+            present.insert(name);
+        }
+        if new {
+            std::fs::File::open(&self.blobs)?.sync_all()?;
+        }
+        // Blobs sled removed are forgotten.
+        *synced = present;
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for SledStore {
@@ -99,11 +158,18 @@ impl SledStore {
                 }
             }
         };
+        let sync = Syncer::open(dir).map_err(|e| {
+            Error::Io(format!(
+                "opening the log of sled database {}: {e}",
+                dir.display()
+            ))
+        })?;
         let store = SledStore {
             db,
             path: dir.to_owned(),
             trees: RwLock::new(HashMap::new()),
             gate: RwLock::new(()),
+            sync,
         };
         // Opening every existing keyspace tree now means a missing cache entry really
         // means "no such keyspace", so reads never have to create trees.
@@ -146,6 +212,14 @@ impl SledStore {
         let mut trees = self.trees.write().unwrap_or_else(PoisonError::into_inner);
         trees.insert(keyspace.to_owned(), tree.clone());
         Ok(tree)
+    }
+
+    /// Writes sled's log and makes it durable (see the module docs).
+    fn flush(&self) -> std::result::Result<(), String> {
+        self.db.flush().map_err(|e| e.to_string())?;
+        self.sync
+            .sync()
+            .map_err(|e| format!("syncing its files: {e}"))
     }
 
     fn io_error(&self, keyspace: &str, doing: &str, e: &dyn std::fmt::Display) -> Error {
@@ -292,18 +366,17 @@ impl Store for SledStore {
         // sled has no way to take a committed transaction back, so if the flush fails the
         // batch stays applied in memory and may or may not survive a crash. The error says
         // so; the caller should treat the store as failed.
-        self.db.flush().map_err(|e| {
+        self.flush().map_err(|e| {
             Error::Io(format!(
                 "flushing sled database {} after a commit (the batch is applied but may not \
                  be durable): {e}",
                 self.path.display()
             ))
-        })?;
-        Ok(())
+        })
     }
 
     fn close(&self) -> Result<()> {
-        self.db.flush().map(drop).map_err(|e| {
+        self.flush().map_err(|e| {
             Error::Io(format!(
                 "flushing sled database {}: {e}",
                 self.path.display()
@@ -313,5 +386,27 @@ impl Store for SledStore {
 
     fn backend(&self) -> &'static str {
         "sled"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// sled keeps a value larger than a quarter of a log segment (512 KiB) in a file of
+    /// its own, written without a sync; the commit must sync it before returning.
+    #[test]
+    fn a_commit_syncs_the_blob_files_of_large_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let mut batch = Batch::new();
+        batch.put("big", b"k".to_vec(), vec![7u8; 300 * 1024]);
+        store.commit(batch).unwrap();
+        let on_disk: std::collections::HashSet<_> = std::fs::read_dir(dir.path().join("blobs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(!on_disk.is_empty(), "sled wrote no blob file");
+        assert_eq!(*store.sync.synced.lock().unwrap(), on_disk);
     }
 }
