@@ -142,4 +142,8 @@ impl Store for MeteredStore {
     fn backend(&self) -> &'static str {
         self.inner.backend()
     }
+
+    fn now_ms(&self) -> metalgraph_store::Result<u64> {
+        self.inner.now_ms()
+    }
 }

@@ -104,4 +104,8 @@ impl Store for MeteredStore {
     fn backend(&self) -> &'static str {
         self.inner.backend()
     }
+
+    fn now_ms(&self) -> metalgraph_store::Result<u64> {
+        self.inner.now_ms()
+    }
 }

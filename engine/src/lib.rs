@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod model;
 pub mod nodes;
 mod notify;
+pub mod ownership;
 mod rerun;
 pub mod retention;
 pub mod scheduler;

@@ -308,6 +308,10 @@ impl Store for SealedStore {
     fn backend(&self) -> &'static str {
         self.inner.backend()
     }
+
+    fn now_ms(&self) -> metalgraph_store::Result<u64> {
+        self.inner.now_ms()
+    }
 }
 
 /// Whether `stored` is a sealed value.

@@ -270,6 +270,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// A short name of the backend for logs and health output (`"sled"`, `"file"`).
     fn backend(&self) -> &'static str;
+
+    /// The store's clock, in milliseconds since the Unix epoch. Replicas that share a
+    /// database measure their leases on its clock, so that their own clocks need not
+    /// agree; an embedded store answers with the system clock. Wrappers forward it.
+    fn now_ms(&self) -> Result<u64> {
+        Ok(system_now_ms())
+    }
+}
+
+/// The system clock in milliseconds since the Unix epoch.
+pub fn system_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A range of keys: its lower and upper bounds.

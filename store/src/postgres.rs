@@ -136,6 +136,7 @@ enum Call {
         limit: i64,
     },
     Commit(Prepared),
+    Now,
 }
 
 /// What a call answers.
@@ -143,6 +144,7 @@ enum Reply {
     Done,
     Value(Option<Bytes>),
     Rows(Vec<(Bytes, Bytes)>),
+    Millis(u64),
 }
 
 /// A batch as the commit statements take it: the keys to lock, the preconditions, and the
@@ -491,6 +493,14 @@ async fn run(shared: &Shared, client: &mut Client, call: &Call) -> Result<Reply,
         Call::Commit(prepared) => commit(client, prepared, &shared.me)
             .await
             .map(|()| Reply::Done),
+        Call::Now => client
+            .query_typed_one(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::int8",
+                &[],
+            )
+            .await
+            .map(|row| Reply::Millis(row.get::<_, i64>(0).max(0) as u64))
+            .map_err(|e| db("read the clock", e)),
     }
 }
 
@@ -745,6 +755,14 @@ impl Store for PgStore {
 
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    /// The database's clock, which every replica sharing it reads alike.
+    fn now_ms(&self) -> Result<u64> {
+        match self.call(Call::Now)? {
+            Reply::Millis(ms) => Ok(ms),
+            _ => Err(Error::Io("PostgreSQL clock: an unexpected answer".into())),
+        }
     }
 }
 

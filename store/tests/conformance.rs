@@ -755,6 +755,18 @@ fn model_cases(open: Open, cases: u32) {
     }
 }
 
+/// The store's clock reads the time: the system's, or the database's (which runs on this
+/// machine in the tests), and never goes back between two reads.
+fn the_clock_reads_the_time(open: Open) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let system = metalgraph_store::system_now_ms();
+    let first = store.now_ms().unwrap();
+    let second = store.now_ms().unwrap();
+    assert!(first.abs_diff(system) < 5_000, "{first} vs {system}");
+    assert!(second >= first, "{second} < {first}");
+}
+
 macro_rules! tests {
     ($open:expr; $($name:ident),* $(,)?) => {
         $(
@@ -779,6 +791,7 @@ macro_rules! semantics {
             empty_and_precondition_only_batches,
             concurrent_cas_increments,
             readers_never_see_part_of_a_batch,
+            the_clock_reads_the_time,
         );
     };
 }
