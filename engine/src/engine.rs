@@ -32,7 +32,9 @@ use crate::keys;
 use crate::model::{RunOptions, TaskState, WorkflowStatus};
 use crate::nodes::Nodes;
 use crate::notify::{NodeCap, NodeCaps, Waiter, Waiters};
+use crate::ownership::Ownership;
 use crate::retention::{Retention, Sweep, SweepState};
+use crate::scheduler::inbox;
 use crate::scheduler::{Msg, Runtime};
 use crate::seal::Sealer;
 use crate::workflow::{
@@ -108,6 +110,9 @@ pub struct EngineOptions {
     /// Seals stored secrets (OBM passwords; the binary's webhook secrets); `None` stores
     /// them as given. `metalgraph serve` always has one (`<data-dir>/secret.key`).
     pub sealer: Option<Arc<Sealer>>,
+    /// Who drives which workflows: this process all of them (the default), or partitions
+    /// under leases when replicas share the store (`ownership.rs`).
+    pub ownership: Ownership,
 }
 
 impl EngineOptions {
@@ -123,6 +128,7 @@ impl EngineOptions {
             max_tasks_per_graph: crate::definitions::DEFAULT_MAX_TASKS_PER_GRAPH,
             retention: None,
             sealer: None,
+            ownership: Ownership::Sole,
         }
     }
 }
@@ -174,6 +180,19 @@ struct Inner {
     /// Where the next retention sweep goes on.
     sweep: Mutex<SweepState>,
     batches: Batches,
+    ownership: Ownership,
+    wake: Wake,
+}
+
+/// What wakes the replica's background work early (each also runs on a timer).
+#[derive(Default)]
+pub(crate) struct Wake {
+    /// The scheduler: requests were committed to the inbox.
+    pub(crate) inbox: Arc<tokio::sync::Notify>,
+    /// The sequencer: events were staged.
+    pub(crate) staged: Arc<tokio::sync::Notify>,
+    /// The log's follower: events were numbered.
+    pub(crate) numbered: Arc<tokio::sync::Notify>,
 }
 
 impl Inner {
@@ -239,19 +258,44 @@ impl Engine {
             sealer: opts.sealer.clone(),
             sweep: Mutex::new(SweepState::default()),
             batches: Batches::new(opts.store.clone()),
+            ownership: opts.ownership.clone(),
+            wake: Wake::default(),
         });
         let engine = Engine { inner };
-        let runtime = Runtime::new(
+        let mut runtime = Runtime::new(
             engine.clone(),
-            opts.store,
+            opts.store.clone(),
             jobs,
             opts.clock,
             opts.api,
             opts.max_running_jobs,
             opts.cancel_grace,
             rx,
-            shutdown,
+            shutdown.clone(),
         );
+        if let Ownership::Leased(leases) = &opts.ownership {
+            let (ticks, rx) = mpsc::unbounded_channel();
+            runtime.lease(opts.ownership.clone(), rx, engine.inner.wake.inbox.clone());
+            let w = &engine.inner.wake;
+            tokio::spawn(crate::ownership::keep(
+                leases.clone(),
+                ticks,
+                shutdown.clone(),
+            ));
+            tokio::spawn(crate::sequencer::sequence(
+                opts.store.clone(),
+                opts.ownership.clone(),
+                w.staged.clone(),
+                w.numbered.clone(),
+                shutdown.clone(),
+            ));
+            tokio::spawn(crate::sequencer::follow(
+                engine.clone(),
+                opts.store,
+                w.numbered.clone(),
+                shutdown,
+            ));
+        }
         if let Some(policy) = opts.retention {
             tokio::spawn(sweep_periodically(engine.clone(), policy));
         }
@@ -275,6 +319,11 @@ impl Engine {
             res
         });
         (engine, handle)
+    }
+
+    /// Who drives which workflows: this process all of them, or its partitions' leases.
+    pub fn ownership(&self) -> &Ownership {
+        &self.inner.ownership
     }
 
     pub fn definitions(&self) -> &Definitions {
@@ -410,6 +459,11 @@ impl Engine {
         self.inner.recovered.cancel();
     }
 
+    /// Wakes the sequencer: this replica staged events.
+    pub(crate) fn staged(&self) {
+        self.inner.wake.staged.notify_one();
+    }
+
     pub(crate) fn sender(&self) -> mpsc::UnboundedSender<Msg> {
         self.inner.tx.clone()
     }
@@ -507,12 +561,11 @@ impl Engine {
                     id: node.clone(),
                 });
             }
-            let depth = match &parent {
-                None => 0,
+            let (depth, parent_partition) = match &parent {
+                None => (0, None),
                 Some((p, _)) => {
-                    let depth = load_records(inner.store.as_ref(), &p.workflow_id)?
-                        .map_or(0, |(r, _)| r.depth)
-                        + 1;
+                    let parent_rec = load_records(inner.store.as_ref(), &p.workflow_id)?;
+                    let depth = parent_rec.as_ref().map_or(0, |(r, _)| r.depth) + 1;
                     if depth > MAX_SUBGRAPH_DEPTH {
                         return Err(Error::BadRequest(format!(
                             "subgraph {} would nest {depth} levels deep; at most \
@@ -520,9 +573,13 @@ impl Engine {
                             req.graph
                         )));
                     }
-                    depth
+                    (depth, parent_rec.map(|(r, _)| r.partition()))
                 }
             };
+            // A subgraph is driven with its parent, a node's workflows by the node's owner.
+            let partition = parent_partition.unwrap_or_else(|| {
+                crate::ownership::partition_of(req.node.as_deref().unwrap_or(&id))
+            });
             let now = inner.clock.now_ms();
             let mut rec = WorkflowRecord {
                 depth,
@@ -538,6 +595,7 @@ impl Engine {
                 parent: parent.map(|(p, _)| p.clone()),
                 error: None,
                 rerun_of: None,
+                partition: Some(partition),
             };
             let mut tasks: Vec<TaskRecord> = (0..rec.plan.tasks.len())
                 .map(|i| TaskRecord::new(format!("{id}.{i}"), crate::new_token()))
@@ -567,7 +625,17 @@ impl Engine {
             for (i, t) in tasks.iter().enumerate() {
                 write_task(&mut batch, &id, i, t);
             }
-            batch.put(keys::ACTIVE, id.as_bytes(), Vec::new());
+            batch.put(
+                keys::ACTIVE,
+                id.as_bytes(),
+                partition.to_string().into_bytes(),
+            );
+            let leased = matches!(inner.ownership, Ownership::Leased(_));
+            if leased {
+                // The owner of the partition, this replica or another, loads it from there.
+                let load = inbox::Request::Load(id.clone());
+                inbox::put(&mut batch, partition, now, &load);
+            }
             match inner.store.commit(batch) {
                 Ok(()) => {}
                 Err(metalgraph_store::Error::Conflict { index, .. })
@@ -593,6 +661,10 @@ impl Engine {
             info!(workflow_id = %rec.id, graph = %rec.plan.graph, node = ?rec.node, "workflow created");
             // The workflow is durable from here on: if the scheduler has just stopped, the
             // next start recovers it, so the caller is still told it was created.
+            if leased {
+                inner.wake.inbox.notify_one();
+                return Ok(view);
+            }
             let msg = Msg::Load {
                 rec: Box::new(rec),
                 tasks,
@@ -620,6 +692,20 @@ impl Engine {
             )));
         }
         let wf = id.to_owned();
+        if let Ownership::Leased(_) = &self.inner.ownership {
+            // Through the owner's inbox, wherever it runs: accepted once committed.
+            let rec = self.load(id).await?.map(|(rec, _)| rec);
+            let p = rec.map_or_else(|| crate::ownership::partition_of(id), |r| r.partition());
+            let (store, clock) = (self.inner.store.clone(), self.inner.clock.clone());
+            blocking(move || {
+                let mut batch = Batch::new();
+                inbox::put(&mut batch, p, clock.now_ms(), &inbox::Request::Cancel(wf));
+                store.commit(batch).map_err(Error::from)
+            })
+            .await?;
+            self.inner.wake.inbox.notify_one();
+            return Ok(());
+        }
         self.ask(|reply| Msg::Cancel { id: wf, reply }).await
     }
 

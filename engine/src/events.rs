@@ -100,7 +100,15 @@ impl EventLog {
 /// Writes event `n` into `batch`, with the deletion of the event that falls out of
 /// retention.
 pub(crate) fn record(batch: &mut Batch, n: u64, ev: &Event) {
-    let value = serde_json::to_vec(ev).expect("an event serializes");
+    record_raw(
+        batch,
+        n,
+        serde_json::to_vec(ev).expect("an event serializes"),
+    );
+}
+
+/// [`record`] of an event already serialised.
+pub(crate) fn record_raw(batch: &mut Batch, n: u64, value: Vec<u8>) {
     batch.put(keys::EVENTS, n.to_be_bytes().to_vec(), value);
     if n > EVENT_RETENTION {
         batch.delete(keys::EVENTS, (n - EVENT_RETENTION).to_be_bytes().to_vec());

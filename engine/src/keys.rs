@@ -6,7 +6,7 @@
 //! | `taskdefs` | injectable name | a user's task definition (JSON) |
 //! | `workflows` | workflow id | the workflow record with its plan (JSON) |
 //! | `tasks` | `{workflow id}/{index:05}` | one task's record (JSON) |
-//! | `active` | workflow id | empty: the index of unfinished workflows, read on start |
+//! | `active` | workflow id | the workflow's partition (decimal; empty in records written before partitions): the index of unfinished workflows, read on start |
 //! | `node_locks` | node id | the id of the workflow running on the node |
 //! | `children` | `{task id}/{retry}` | the id of the subgraph workflow a `graph.run` task started |
 //! | `nodes` | node id | the node record (JSON; OBM passwords sealed when there is a key) |
@@ -18,6 +18,9 @@
 //! | `endpoints` | endpoint id | a registered Redfish service or IPMI BMC (JSON; its password sealed when there is a key), see `endpoints.rs` |
 //! | `batches` | batch id (a UUIDv7, so in creation order) | a bulk run with an entry per node (JSON), see `batches.rs` |
 //! | `batches_active` | batch id | empty: the unfinished batches, which the batch runner reads |
+//! | `event_stage` | `{partition:03}/{seq:016x}` | an event a replica committed, waiting for the sequencer to number it (JSON), see `sequencer.rs` |
+//! | `inbox` | `{partition:03}/{ms:016x}-{id}` | a request for the owner of a partition: load a new workflow, cancel one (JSON), see `scheduler/inbox.rs` |
+//! | `partitions` | `lease/…`, `fence/…`, `replica/…` | partition leases, fences and replica heartbeats, see `ownership.rs` |
 //! | `meta` | `event_log`, `workflow_index`, `node_index`, `nodes_sealed`, `seal_check` | the event log's id; that an index is built, that passwords are sealed; a value sealed with the store's key |
 //!
 //! The binary keeps keyspaces of its own beside these: `leases` (MAC → a full-mode DHCP
@@ -43,6 +46,8 @@ pub const META: &str = "meta";
 pub const ENDPOINTS: &str = "endpoints";
 pub const BATCHES: &str = "batches";
 pub const BATCHES_ACTIVE: &str = "batches_active";
+pub const EVENT_STAGE: &str = "event_stage";
+pub const INBOX: &str = "inbox";
 
 /// The key of task `index` of workflow `id`.
 pub fn task_key(id: &str, index: usize) -> Vec<u8> {

@@ -24,6 +24,7 @@ mod rerun;
 pub mod retention;
 pub mod scheduler;
 pub mod seal;
+mod sequencer;
 mod subgraph;
 pub mod template;
 pub mod text;

@@ -40,6 +40,13 @@ use crate::error::Error;
 /// How many partitions work is divided into. Fixed: every replica must agree on it.
 pub const PARTITIONS: u32 = 64;
 
+/// One more partition, held like the others, holds no workflows: its holder numbers the
+/// events every replica stages (`sequencer.rs`).
+pub const SEQUENCER: u32 = PARTITIONS;
+
+/// How many partitions are leased: the workflows' and the sequencer's.
+const LEASED: u32 = PARTITIONS + 1;
+
 /// The keyspace of leases, fences and heartbeats.
 pub const KEYSPACE: &str = "partitions";
 
@@ -147,6 +154,9 @@ struct Lease {
     /// When it runs out, on the store's clock (ms since the epoch); 0 once released.
     expires: u64,
 }
+
+/// A lease as read: its stored bytes (which a compare-and-swap names) and its fields.
+type Stored = (Vec<u8>, Lease);
 
 /// A replica's heartbeat as stored.
 #[derive(Debug, Serialize, Deserialize)]
@@ -343,7 +353,7 @@ impl Leases {
     /// it for release.
     fn balance(&self, now: u64, ttl: u64, asked: Instant, tick: &mut Tick) -> Result<(), Error> {
         let rows = self.store.scan_prefix(KEYSPACE, b"")?;
-        let mut leases: BTreeMap<u32, (Vec<u8>, Lease)> = BTreeMap::new();
+        let mut leases: BTreeMap<u32, Stored> = BTreeMap::new();
         let mut live = 1; // this replica
         for (k, v) in rows {
             let k = String::from_utf8_lossy(&k);
@@ -359,7 +369,7 @@ impl Leases {
                 live += 1;
             }
         }
-        let share = PARTITIONS.div_ceil(live) as usize;
+        let share = LEASED.div_ceil(live) as usize;
         let holding = self.held().values().filter(|h| !h.releasing).count();
         if holding > share {
             let mut held = self.held();
@@ -378,7 +388,7 @@ impl Leases {
             }
             return Ok(());
         }
-        let free: Vec<(u32, Option<(Vec<u8>, Lease)>)> = (0..PARTITIONS)
+        let free: Vec<(u32, Option<Stored>)> = (0..LEASED)
             .filter(|p| !self.held().contains_key(p))
             .filter_map(|p| match leases.remove(&p) {
                 None => Some((p, None)),
@@ -465,6 +475,40 @@ impl Leases {
     }
 }
 
+/// Runs [`Leases::tick`] every scan interval (sooner when a held lease would run out
+/// first) until `stopped`, and sends each round that changed something to the scheduler.
+pub(crate) async fn keep(
+    leases: Arc<Leases>,
+    ticks: tokio::sync::mpsc::UnboundedSender<Tick>,
+    stopped: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let l = leases.clone();
+        match crate::error::blocking(move || l.tick()).await {
+            Ok(tick) if tick != Tick::default() => {
+                if ticks.send(tick).is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "renewing the partition leases failed; trying again")
+            }
+        }
+        let next = Instant::now() + leases.timings.scan;
+        let at = leases
+            .held()
+            .values()
+            .map(|h| h.valid_until)
+            .min()
+            .map_or(next, |expiry| expiry.min(next));
+        tokio::select! {
+            () = stopped.cancelled() => return,
+            () = tokio::time::sleep_until(at.into()) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,7 +540,7 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(MemStore::new());
         let a = replica(&store, "a");
         let tick = a.tick().unwrap();
-        assert_eq!(tick.acquired, (0..PARTITIONS).collect::<Vec<_>>());
+        assert_eq!(tick.acquired, (0..LEASED).collect::<Vec<_>>());
         let own = Ownership::Leased(a.clone());
         assert!(own.owns(7));
         let mut batch = Batch::new();
@@ -513,7 +557,7 @@ mod tests {
         // b is live (its heartbeat is written) but finds nothing free.
         assert!(b.tick().unwrap().acquired.is_empty());
         let tick = a.tick().unwrap();
-        assert_eq!(tick.release.len(), (PARTITIONS / 2) as usize);
+        assert_eq!(tick.release.len(), (LEASED / 2) as usize);
         assert!(
             tick.release
                 .iter()
@@ -523,10 +567,7 @@ mod tests {
         let mut got = b.tick().unwrap().acquired;
         got.sort_unstable();
         assert_eq!(got, tick.release.iter().rev().copied().collect::<Vec<_>>());
-        assert_eq!(
-            a.partitions().len() + b.partitions().len(),
-            PARTITIONS as usize
-        );
+        assert_eq!(a.partitions().len() + b.partitions().len(), LEASED as usize);
     }
 
     #[test]
@@ -542,7 +583,7 @@ mod tests {
             "a counts its lease as run out on its own clock"
         );
         let b = replica(&store, "b");
-        assert_eq!(b.tick().unwrap().acquired.len(), PARTITIONS as usize);
+        assert_eq!(b.tick().unwrap().acquired.len(), LEASED as usize);
         // a wakes: a commit fenced with its old epoch fails ...
         let mut batch = Batch::new();
         assert!(own_a.fence(3, &mut batch));
@@ -555,7 +596,7 @@ mod tests {
         assert_eq!(store.get("x", b"k").unwrap(), None);
         // ... and its next round reports every partition lost and takes none back.
         let tick = a.tick().unwrap();
-        assert_eq!(tick.lost.len(), PARTITIONS as usize);
+        assert_eq!(tick.lost.len(), LEASED as usize);
         assert!(tick.acquired.is_empty());
         assert!(a.partitions().is_empty());
     }

@@ -65,6 +65,19 @@ pub struct WorkflowRecord {
     /// The failed or cancelled workflow this one reruns (see `rerun.rs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rerun_of: Option<String>,
+    /// The partition whose owner drives it (see `ownership.rs`): its node's, a subgraph
+    /// its parent's, else its id's. Absent in records written before partitions existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
+}
+
+impl WorkflowRecord {
+    /// The partition whose owner drives this workflow.
+    pub fn partition(&self) -> u32 {
+        self.partition.unwrap_or_else(|| {
+            crate::ownership::partition_of(self.node.as_deref().unwrap_or(&self.id))
+        })
+    }
 }
 
 /// A task as stored.

@@ -13,6 +13,7 @@ use common::cases::{Case, cases};
 use common::{Probe, jobs, library};
 use metalgraph_engine::definitions::resolve;
 use metalgraph_engine::model::{RunOptions, TaskState, WorkflowStatus};
+use metalgraph_engine::ownership::partition_of;
 use metalgraph_engine::scheduler::{Core, Effect, Msg, Outcome, StartJob, render_options};
 use metalgraph_engine::template::Renderer;
 use metalgraph_engine::workflow::{TaskRecord, WorkflowRecord, WorkflowView};
@@ -94,6 +95,7 @@ impl Sim {
             depth: 0,
             error: None,
             rerun_of: None,
+            partition: None,
         };
         let mut tasks: Vec<TaskRecord> = (0..rec.plan.tasks.len())
             .map(|i| TaskRecord::new(format!("{id}.{i}"), format!("token-{i}")))
@@ -347,6 +349,57 @@ fn the_job_limit_holds_in_the_core() {
     sim.run_until_finished(&id);
     assert_eq!(sim.committed(&id).status, WorkflowStatus::Succeeded);
     assert_eq!(sim.core.slots_in_use(), 0);
+}
+
+#[test]
+fn dropping_a_partition_writes_nothing_and_frees_its_job_slots() {
+    let g = "{injectableName: G, tasks: [{label: a, taskName: Task.Sleep}, {label: b, taskName: Task.Sleep}]}";
+    let mut sim = Sim::new(2);
+    let first = sim.create(&[g], "G", json!({}));
+    let step = sim.core.step(sim.now);
+    assert_eq!(sim.core.slots_in_use(), 2);
+    sim.store.commit(step.batch).unwrap();
+    let second = sim.create(&[g], "G", json!({}));
+    // Both slots are taken: the second workflow waits.
+    let waiting = sim.core.step(sim.now);
+    assert!(
+        !waiting
+            .effects
+            .iter()
+            .any(|e| matches!(e, Effect::Start(_)))
+    );
+    sim.store.commit(waiting.batch).unwrap();
+    let before = sim.store.scan_prefix(keys::TASKS, b"").unwrap();
+    // Workflows without a node are partitioned by id; these two fall in different ones.
+    let p = partition_of(&first);
+    assert_ne!(p, partition_of(&second));
+    let dropped = sim.core.drop_partitions(|q| q == p);
+    assert_eq!(dropped, [first.clone()]);
+    assert!(!sim.core.has(&first) && sim.core.has(&second));
+    // The dropped workflow's jobs no longer hold the slots: the second one starts.
+    let after = sim.core.step(sim.now);
+    let starts = after
+        .effects
+        .iter()
+        .filter(|e| matches!(e, Effect::Start(s) if s.wf == second))
+        .count();
+    assert_eq!((starts, sim.core.slots_in_use()), (2, 2));
+    assert_eq!(
+        after.partitions.iter().copied().collect::<Vec<_>>(),
+        [partition_of(&second)]
+    );
+    // Nothing of the dropped workflow was written: the store holds it as it was.
+    sim.store.commit(after.batch).unwrap();
+    let first_tasks = |rows: &[(Vec<u8>, Vec<u8>)]| -> Vec<(Vec<u8>, Vec<u8>)> {
+        rows.iter()
+            .filter(|(k, _)| k.starts_with(first.as_bytes()))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        first_tasks(&sim.store.scan_prefix(keys::TASKS, b"").unwrap()),
+        first_tasks(&before)
+    );
 }
 
 /// Runs the core until task `idx` of `id` starts (again) and returns that start.

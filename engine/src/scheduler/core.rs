@@ -84,6 +84,8 @@ pub enum Msg {
 #[derive(Debug, Clone)]
 pub struct StartJob {
     pub wf: String,
+    /// The workflow's partition (see `ownership.rs`).
+    pub partition: u32,
     pub idx: usize,
     pub job: String,
     pub graph: String,
@@ -146,6 +148,44 @@ impl Effect {
 pub struct Step {
     pub batch: Batch,
     pub effects: Vec<Effect>,
+    /// The partitions of the workflows the batch writes: a replica fences its commit with
+    /// them (see `ownership.rs`).
+    pub partitions: std::collections::BTreeSet<u32>,
+    /// The partition of each workflow the step changed, for its events.
+    of: HashMap<String, u32>,
+}
+
+impl Step {
+    /// Notes that the step changes workflow `rec`.
+    fn note(&mut self, rec: &WorkflowRecord) {
+        let p = rec.partition();
+        self.partitions.insert(p);
+        if !self.of.contains_key(&rec.id) {
+            self.of.insert(rec.id.clone(), p);
+        }
+    }
+
+    fn write_workflow(&mut self, rec: &WorkflowRecord) {
+        self.note(rec);
+        write_workflow(&mut self.batch, rec);
+    }
+
+    fn write_task(&mut self, rec: &WorkflowRecord, idx: usize, t: &TaskRecord) {
+        self.note(rec);
+        write_task(&mut self.batch, &rec.id, idx, t);
+    }
+}
+
+/// How a step's events reach the event log.
+#[derive(Debug)]
+enum EventMode {
+    /// Numbered here and written to the log in the step's batch (one process owns the
+    /// store): the number of the last event numbered.
+    Numbered(u64),
+    /// Written to the staging area, per partition in order, for the replica that holds the
+    /// sequencer to number (see `crate::sequencer`): the next sequence number of each
+    /// partition.
+    Staged(HashMap<u32, u64>),
 }
 
 /// A workflow the core drives.
@@ -225,8 +265,7 @@ pub struct Core {
     /// nothing can start and the ring is not walked.
     queued_free: usize,
     running_slots: usize,
-    /// The number of the last event numbered.
-    last_event: u64,
+    events: EventMode,
     step: Step,
 }
 
@@ -240,7 +279,7 @@ impl Core {
             ring: VecDeque::new(),
             queued_free: 0,
             running_slots: 0,
-            last_event: 0,
+            events: EventMode::Numbered(0),
             step: Step::default(),
         }
     }
@@ -329,7 +368,7 @@ impl Core {
                     Some((idx, current, _)) if current == attempt => {
                         let w = self.wfs.get_mut(&wf).expect("the task was just found");
                         w.tasks[idx].checkpoint = Some(value);
-                        write_task(&mut self.step.batch, &wf, idx, &w.tasks[idx]);
+                        self.step.write_task(&w.rec, idx, &w.tasks[idx]);
                         Ok(())
                     }
                     _ => Err(Error::Conflict(format!(
@@ -347,10 +386,26 @@ impl Core {
         self.start_queued(now);
         let mut step = std::mem::take(&mut self.step);
         for eff in &mut step.effects {
-            if let Effect::Event(n, ev) = eff {
-                self.last_event += 1;
-                *n = self.last_event;
-                crate::events::record(&mut step.batch, *n, ev);
+            let Effect::Event(n, ev) = eff else {
+                continue;
+            };
+            match &mut self.events {
+                EventMode::Numbered(last) => {
+                    *last += 1;
+                    *n = *last;
+                    crate::events::record(&mut step.batch, *n, ev);
+                }
+                EventMode::Staged(next) => {
+                    let p = step
+                        .of
+                        .get(ev.workflow_id())
+                        .copied()
+                        .unwrap_or_else(|| crate::ownership::partition_of(ev.workflow_id()));
+                    let seq = next.entry(p).or_insert(1);
+                    crate::sequencer::stage(&mut step.batch, p, *seq, ev);
+                    *seq += 1;
+                    step.partitions.insert(p);
+                }
             }
         }
         step
@@ -359,7 +414,57 @@ impl Core {
     /// Continues the event log's numbering after `last` (the last event committed before
     /// this core started).
     pub fn continue_events_after(&mut self, last: u64) {
-        self.last_event = last;
+        self.events = EventMode::Numbered(last);
+    }
+
+    /// Stages events for a sequencer instead of numbering them (replicas share the store).
+    pub fn stage_events(&mut self) {
+        if !matches!(self.events, EventMode::Staged(_)) {
+            self.events = EventMode::Staged(HashMap::new());
+        }
+    }
+
+    /// Continues partition `p`'s staged events after sequence number `last` (the last one
+    /// staged by its previous owner and not yet numbered, or 0).
+    pub fn continue_stage(&mut self, p: u32, last: u64) {
+        if let EventMode::Staged(next) = &mut self.events {
+            next.insert(p, last + 1);
+        }
+    }
+
+    /// Drops every workflow of the partitions `lost` says, without writing anything: their
+    /// owner is elsewhere now (or will be), and the store holds them as last committed.
+    /// Returns their ids, whose jobs and timers the runtime stops.
+    pub fn drop_partitions(&mut self, lost: impl Fn(u32) -> bool) -> Vec<String> {
+        let ids: Vec<String> = self
+            .wfs
+            .iter()
+            .filter(|(_, w)| lost(w.rec.partition()))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &ids {
+            let w = self.wfs.remove(id).expect("the workflow was just listed");
+            for &idx in &w.running {
+                if takes_slot(&self.jobs, &w.rec.plan.tasks[idx].job) {
+                    self.running_slots = self.running_slots.saturating_sub(1);
+                }
+            }
+            for &idx in &w.ready {
+                if !takes_slot(&self.jobs, &w.rec.plan.tasks[idx].job) {
+                    self.queued_free = self.queued_free.saturating_sub(1);
+                }
+            }
+        }
+        self.ring.retain(|id| self.wfs.contains_key(id));
+        if let EventMode::Staged(next) = &mut self.events {
+            next.retain(|p, _| !lost(*p));
+        }
+        ids
+    }
+
+    /// Whether workflow `id` is loaded.
+    pub fn has(&self, id: &str) -> bool {
+        self.wfs.contains_key(id)
     }
 
     /// Cancels every loaded subgraph whose parent task no longer waits for it. Called once
@@ -396,6 +501,9 @@ impl Core {
 
     fn load(&mut self, rec: WorkflowRecord, tasks: Vec<TaskRecord>, recovering: bool, now: u64) {
         let id = rec.id.clone();
+        if self.wfs.contains_key(&id) {
+            return; // Loaded already (a replica may find it both in its inbox and its index).
+        }
         let n = tasks.len();
         let index: HashMap<String, usize> = rec
             .plan
@@ -429,6 +537,7 @@ impl Core {
             // Creation commits the workflow outside the scheduler (it needs the node lock's
             // precondition answered on its own); its event is committed here, with the
             // first step. A crash between the two loses only this event.
+            self.step.note(&w.rec);
             self.step.effects.push(Effect::event(Event::Workflow {
                 workflow_id: id.clone(),
                 graph: w.rec.plan.graph.clone(),
@@ -451,7 +560,7 @@ impl Core {
                     if w.rec.stop.is_some() {
                         t.state = TaskState::Cancelled;
                         t.finished_at = Some(now);
-                        write_task(&mut self.step.batch, &id, i, t);
+                        self.step.write_task(&w.rec, i, t);
                         let ev = task_event(&w.rec, i, t);
                         self.step.effects.push(Effect::event(ev));
                     } else {
@@ -519,7 +628,7 @@ impl Core {
                         t.state = TaskState::Skipped;
                         t.retry_at = None;
                         t.finished_at = Some(now);
-                        write_task(&mut self.step.batch, id, i, t);
+                        self.step.write_task(&w.rec, i, t);
                         let ev = task_event(&w.rec, i, t);
                         self.step.effects.push(Effect::event(ev));
                         skipped.push(i);
@@ -559,8 +668,8 @@ impl Core {
         if status == WorkflowStatus::Succeeded {
             w.rec.error = None;
         }
+        self.step.write_workflow(&w.rec);
         let batch = &mut self.step.batch;
-        write_workflow(batch, &w.rec);
         batch.delete(keys::ACTIVE, id.as_bytes());
         if let (Some(node), None) = (&w.rec.node, &w.rec.parent) {
             batch.delete(keys::NODE_LOCKS, node.as_bytes());
@@ -588,7 +697,7 @@ impl Core {
         }
         w.rec.stop = Some(reason);
         w.rec.error = Some(why);
-        write_workflow(&mut self.step.batch, &w.rec);
+        self.step.write_workflow(&w.rec);
         for &idx in &w.running {
             self.step.effects.push(Effect::CancelJob {
                 wf: id.to_owned(),
@@ -664,7 +773,7 @@ impl Core {
                 let t = &mut w.tasks[idx];
                 t.state = TaskState::Cancelled;
                 t.finished_at = Some(now);
-                write_task(&mut self.step.batch, id, idx, t);
+                self.step.write_task(&w.rec, idx, t);
                 let ev = task_event(&w.rec, idx, t);
                 self.step.effects.push(Effect::event(ev));
             }
@@ -685,10 +794,10 @@ impl Core {
         if !restart || t.deadline.is_none() {
             t.deadline = planned.timeout_ms.map(|ms| now.saturating_add(ms));
         }
-        write_task(&mut self.step.batch, id, idx, t);
+        self.step.write_task(&w.rec, idx, t);
         if w.rec.status == WorkflowStatus::Pending {
             w.rec.status = WorkflowStatus::Running;
-            write_workflow(&mut self.step.batch, &w.rec);
+            self.step.write_workflow(&w.rec);
             self.step.effects.push(Effect::event(Event::Workflow {
                 workflow_id: id.to_owned(),
                 graph: w.rec.plan.graph.clone(),
@@ -720,6 +829,7 @@ impl Core {
             .then(|| context_of(&w.rec.plan, &w.tasks));
         self.step.effects.push(Effect::Start(Box::new(StartJob {
             wf: id.to_owned(),
+            partition: w.rec.partition(),
             idx,
             job: planned.job.clone(),
             graph: w.rec.plan.graph.clone(),
@@ -779,7 +889,7 @@ impl Core {
             t.retry_at = Some(now.saturating_add(delay));
             t.deadline = None;
             t.checkpoint = None;
-            write_task(&mut self.step.batch, id, idx, t);
+            self.step.write_task(&w.rec, idx, t);
             let ev = task_event(&w.rec, idx, t);
             self.step.effects.push(Effect::event(ev));
             self.step.effects.push(Effect::Timer {
@@ -798,7 +908,7 @@ impl Core {
         }
         t.state = state;
         t.finished_at = Some(now);
-        write_task(&mut self.step.batch, id, idx, t);
+        self.step.write_task(&w.rec, idx, t);
         let ev = task_event(&w.rec, idx, t);
         self.step.effects.push(Effect::event(ev));
         if state.is_failure() {

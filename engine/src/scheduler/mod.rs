@@ -7,8 +7,9 @@
 //! that panics ends its task `failed`, naming the job, like any other failure.
 
 pub mod core;
+pub(crate) mod inbox;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,12 +33,17 @@ use crate::metrics;
 use crate::model::WorkflowStatus;
 use crate::nodes::Node;
 use crate::notify::NodeCap;
+use crate::ownership::{Ownership, Tick};
 use crate::template::{Dialect, Renderer};
 use crate::workflow::Event;
 use crate::workflow::load_records;
+use crate::workflow::{TaskRecord, WorkflowRecord};
 
 /// The most messages applied before one group commit.
 const MAX_GROUP: usize = 512;
+
+/// How often a replica reads its partitions' inbox when nobody wakes it.
+const INBOX_EVERY: Duration = Duration::from_millis(100);
 
 /// The tokens of one unfinished workflow: its own (timers hang off it) and its running jobs'.
 #[derive(Default)]
@@ -60,6 +66,14 @@ pub(crate) struct Runtime {
     pub(crate) shutdown: CancellationToken,
     joins: JoinSet<()>,
     tokens: HashMap<String, WfTokens>,
+    /// Which workflows this scheduler drives (see `ownership.rs`).
+    ownership: Ownership,
+    /// A replica's: the lease rounds that changed something.
+    ticks: Option<mpsc::UnboundedReceiver<Tick>>,
+    /// A replica's: what wakes the inbox reader.
+    inbox: Option<Arc<tokio::sync::Notify>>,
+    /// A fenced commit failed: the partitions still held are to be loaded again.
+    reload: bool,
 }
 
 impl Runtime {
@@ -89,7 +103,30 @@ impl Runtime {
             shutdown,
             joins: JoinSet::new(),
             tokens: HashMap::new(),
+            ownership: Ownership::Sole,
+            ticks: None,
+            inbox: None,
+            reload: false,
         }
+    }
+
+    /// Makes this scheduler a replica's: it drives the partitions it holds, as `ticks`
+    /// report them, reads their inbox when `inbox` is notified (and every
+    /// [`INBOX_EVERY`]), fences its commits and stages its events.
+    pub(crate) fn lease(
+        &mut self,
+        ownership: Ownership,
+        ticks: mpsc::UnboundedReceiver<Tick>,
+        inbox: Arc<tokio::sync::Notify>,
+    ) {
+        self.ownership = ownership;
+        self.ticks = Some(ticks);
+        self.inbox = Some(inbox);
+        self.core.stage_events();
+    }
+
+    fn leased(&self) -> bool {
+        self.ticks.is_some()
     }
 
     /// Recovers every unfinished workflow, then schedules until shutdown or a store failure.
@@ -108,10 +145,17 @@ impl Runtime {
 
     async fn serve(&mut self) -> Result<(), Error> {
         self.recover().await?;
+        let mut inbox_every = tokio::time::interval(INBOX_EVERY);
+        inbox_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if std::mem::take(&mut self.reload) {
+                self.load_partitions(None).await?;
+            }
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return Ok(()),
+                Some(tick) = next_tick(&mut self.ticks) => self.on_tick(tick).await?,
+                () = inbox_due(&self.inbox, &mut inbox_every) => self.read_inbox().await?,
                 msg = self.rx.recv() => {
                     let Some(msg) = msg else { return Ok(()) };
                     self.apply(msg);
@@ -122,7 +166,7 @@ impl Runtime {
                             Err(_) => break,
                         }
                     }
-                    self.flush(Batch::new()).await?;
+                    self.flush(Batch::new(), BTreeSet::new()).await?;
                     // Finished jobs stay in the set until reaped; under steady load the
                     // `join_next` branch below rarely wins, so reap them here.
                     while self.joins.try_join_next().is_some() {}
@@ -132,11 +176,14 @@ impl Runtime {
         }
     }
 
-    /// Loads every workflow the `active` index names and commits what recovery changes.
+    /// Loads every workflow the `active` index names in the partitions this scheduler
+    /// drives (all of them, unless it is a replica's, which loads its partitions as it
+    /// takes them) and commits what recovery changes.
     async fn recover(&mut self) -> Result<(), Error> {
         let store = self.store.clone();
         let mut extra = Batch::new();
         let node_store = self.engine.nodes().clone();
+        let own = self.ownership.clone();
         let (log, loaded, missing, extra) = blocking(move || {
             let log = EventLog::load(store.as_ref(), &mut extra)?;
             let indexed = crate::history::build_index(store.as_ref())?;
@@ -149,20 +196,14 @@ impl Runtime {
                     "brought the records of an earlier version up to date (indexes, sealed passwords)"
                 );
             }
-            let mut loaded = Vec::new();
-            let mut missing = Vec::new();
-            for (k, _) in store.scan_prefix(keys::ACTIVE, b"")? {
-                let id = String::from_utf8_lossy(&k).into_owned();
-                match load_records(store.as_ref(), &id)? {
-                    Some(records) => loaded.push(records),
-                    None => missing.push(id),
-                }
-            }
+            let (loaded, missing) = load_active(store.as_ref(), |p| own.owns(p))?;
             Ok::<_, Error>((log, loaded, missing, extra))
         })
         .await?;
         let last = self.engine.restore_events(log);
-        self.core.continue_events_after(last);
+        if !self.leased() {
+            self.core.continue_events_after(last);
+        }
         let now = self.clock.now_ms();
         let mut extra = extra;
         for id in missing {
@@ -170,6 +211,16 @@ impl Runtime {
             extra.delete(keys::ACTIVE, id.as_bytes());
         }
         let n = loaded.len();
+        self.resume(loaded, now);
+        self.flush(extra, BTreeSet::new()).await?;
+        self.engine.mark_recovered();
+        info!(workflows = n, "engine recovered");
+        Ok(())
+    }
+
+    /// Loads unfinished workflows found in the store (the core skips those it has), then
+    /// cancels the subgraphs whose parent no longer waits for them.
+    fn resume(&mut self, loaded: Vec<(WorkflowRecord, Vec<TaskRecord>)>, now: u64) {
         for (rec, tasks) in loaded {
             let msg = Msg::Load {
                 rec: Box::new(rec),
@@ -179,10 +230,6 @@ impl Runtime {
             self.core.apply(msg, now);
         }
         self.core.cancel_orphans(now);
-        self.flush(extra).await?;
-        self.engine.mark_recovered();
-        info!(workflows = n, "engine recovered");
-        Ok(())
     }
 
     fn apply(&mut self, msg: Msg) {
@@ -197,21 +244,56 @@ impl Runtime {
         self.core.apply(msg, self.clock.now_ms());
     }
 
-    /// Commits the core's step (with `extra` writes), then performs its effects. A failed
-    /// commit answers waiting callers with the error and stops the scheduler.
-    async fn flush(&mut self, extra: Batch) -> Result<(), Error> {
-        let Step { mut batch, effects } = self.core.step(self.clock.now_ms());
+    /// Commits the core's step (with `extra` writes, of workflows in `partitions`), then
+    /// performs its effects. A failed commit answers waiting callers with the error and
+    /// stops the scheduler; a replica's commit refused by a fence (another replica took a
+    /// partition over) drops its workflows instead and loads the partitions it still
+    /// holds again.
+    async fn flush(&mut self, extra: Batch, partitions: BTreeSet<u32>) -> Result<(), Error> {
+        let Step {
+            mut batch,
+            effects,
+            partitions: mut fence,
+            ..
+        } = self.core.step(self.clock.now_ms());
         batch.extend(extra);
+        fence.extend(partitions);
+        let mut held = true;
+        for &p in &fence {
+            held &= self.ownership.fence(p, &mut batch);
+        }
+        if !held {
+            self.fenced_out(effects, None);
+            return Ok(());
+        }
+        let staged = self.leased()
+            && batch.ops.iter().any(|op| {
+                matches!(op, metalgraph_store::Op::Put { keyspace, .. } if keyspace == keys::EVENT_STAGE)
+            });
         if !batch.is_empty() {
             let store = self.store.clone();
-            if let Err(e) = blocking(move || store.commit(batch).map_err(Error::from)).await {
-                for eff in effects {
-                    if let Effect::Reply(tx, _) = eff {
-                        let _ = tx.send(Err(Error::Store(e.to_string())));
-                    }
+            let committed = blocking(move || Ok::<_, Error>(store.commit(batch))).await?;
+            match committed {
+                Ok(()) => {}
+                Err(metalgraph_store::Error::Conflict { keyspace, key, .. })
+                    if Ownership::fenced_partition(&keyspace, &key).is_some() =>
+                {
+                    self.fenced_out(effects, Ownership::fenced_partition(&keyspace, &key));
+                    return Ok(());
                 }
-                return Err(e);
+                Err(e) => {
+                    let e = Error::from(e);
+                    for eff in effects {
+                        if let Effect::Reply(tx, _) = eff {
+                            let _ = tx.send(Err(Error::Store(e.to_string())));
+                        }
+                    }
+                    return Err(e);
+                }
             }
+        }
+        if staged {
+            self.engine.staged();
         }
         for eff in effects {
             self.perform(eff);
@@ -220,6 +302,161 @@ impl Runtime {
         m.workflows_active.set(self.core.active() as i64);
         m.job_slots_in_use.set(self.core.slots_in_use() as i64);
         Ok(())
+    }
+
+    /// A commit was refused by a fence (partition `lost`, when known), or would have
+    /// written a partition no longer held: nothing of the step happened. Callers are told to
+    /// try again, every workflow is dropped (their state in memory is the step's, which the
+    /// store does not hold), and the partitions still held are loaded again.
+    fn fenced_out(&mut self, effects: Vec<Effect>, lost: Option<u32>) {
+        if let (Some(p), Ownership::Leased(leases)) = (lost, &self.ownership) {
+            leases.lost(p);
+        }
+        warn!(
+            partition = ?lost,
+            "another replica has taken over a partition this one drove; reloading the partitions still held"
+        );
+        for eff in effects {
+            if let Effect::Reply(tx, _) = eff {
+                let _ = tx.send(Err(Error::Unavailable(
+                    "the workflow's partition changed owner; try again".into(),
+                )));
+            }
+        }
+        self.drop_partitions(|_| true);
+        self.reload = true;
+    }
+
+    /// Drops the workflows of the partitions `gone` says, without writing anything, and
+    /// stops their jobs and timers.
+    fn drop_partitions(&mut self, gone: impl Fn(u32) -> bool) {
+        for id in self.core.drop_partitions(gone) {
+            if let Some(w) = self.tokens.remove(&id) {
+                w.token.cancel();
+            }
+        }
+        let m = metrics::metrics();
+        m.workflows_active.set(self.core.active() as i64);
+        m.job_slots_in_use.set(self.core.slots_in_use() as i64);
+    }
+
+    /// Acts on a lease round: drops the partitions lost or to be released (then releases
+    /// those), and loads the partitions taken.
+    async fn on_tick(&mut self, tick: Tick) -> Result<(), Error> {
+        let gone: BTreeSet<u32> = tick.lost.iter().chain(&tick.release).copied().collect();
+        if !gone.is_empty() {
+            self.drop_partitions(|p| gone.contains(&p));
+        }
+        if !tick.lost.is_empty() {
+            warn!(partitions = ?tick.lost, "lost the leases of partitions; their workflows are dropped here");
+        }
+        if let (false, Ownership::Leased(leases)) = (tick.release.is_empty(), &self.ownership) {
+            info!(partitions = ?tick.release, "releasing partitions to the other replicas");
+            let (leases, release) = (leases.clone(), tick.release.clone());
+            if let Err(e) = blocking(move || leases.release(&release)).await {
+                warn!(error = %e, "releasing partitions failed; their leases run out instead");
+            }
+        }
+        if !tick.acquired.is_empty() {
+            info!(partitions = ?tick.acquired, "took partitions over");
+            let taken: BTreeSet<u32> = tick.acquired.into_iter().collect();
+            self.load_partitions(Some(taken)).await?;
+        }
+        Ok(())
+    }
+
+    /// Loads the unfinished workflows of the partitions held (of `only` among them, when
+    /// given) that are not loaded yet, and continues their staged events.
+    async fn load_partitions(&mut self, only: Option<BTreeSet<u32>>) -> Result<(), Error> {
+        let Ownership::Leased(leases) = &self.ownership else {
+            return Ok(());
+        };
+        let (store, own) = (self.store.clone(), self.ownership.clone());
+        let parts: Vec<u32> = leases
+            .partitions()
+            .into_iter()
+            .filter(|p| *p < crate::ownership::PARTITIONS)
+            .filter(|p| only.as_ref().is_none_or(|o| o.contains(p)))
+            .collect();
+        let (loaded, stage) = blocking(move || {
+            let want = |p: u32| own.owns(p) && parts.contains(&p);
+            let (loaded, _) = load_active(store.as_ref(), want)?;
+            let stage = parts
+                .iter()
+                .map(|&p| Ok((p, crate::sequencer::last_staged(store.as_ref(), p)?)))
+                .collect::<Result<Vec<_>, Error>>()?;
+            Ok::<_, Error>((loaded, stage))
+        })
+        .await?;
+        for (p, last) in stage {
+            self.core.continue_stage(p, last);
+        }
+        let n = loaded.len();
+        self.resume(loaded, self.clock.now_ms());
+        info!(
+            workflows = n,
+            "loaded the unfinished workflows of the partitions taken"
+        );
+        self.flush(Batch::new(), BTreeSet::new()).await
+    }
+
+    /// Applies the requests in the inbox of the partitions held: loads new workflows,
+    /// cancels workflows. Each request is deleted in the commit of the step that applied it.
+    async fn read_inbox(&mut self) -> Result<(), Error> {
+        let (store, own) = (self.store.clone(), self.ownership.clone());
+        let requests = match blocking(move || inbox::read(store.as_ref(), |p| own.owns(p))).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "reading the inbox failed; trying again");
+                return Ok(());
+            }
+        };
+        if requests.is_empty() {
+            return Ok(());
+        }
+        let mut done = Batch::new();
+        let mut partitions = BTreeSet::new();
+        let mut loads = Vec::new();
+        let mut cancels = Vec::new();
+        for (key, p, request) in requests {
+            done.delete(keys::INBOX, key);
+            partitions.insert(p);
+            match request {
+                inbox::Request::Load(id) if !self.core.has(&id) => loads.push(id),
+                inbox::Request::Load(_) => {}
+                inbox::Request::Cancel(id) => cancels.push(id),
+            }
+        }
+        let store = self.store.clone();
+        let loaded: Vec<(WorkflowRecord, Vec<TaskRecord>)> = blocking(move || {
+            let mut out = Vec::new();
+            for id in loads {
+                if let Some(records) = load_records(store.as_ref(), &id)? {
+                    out.push(records);
+                }
+            }
+            Ok::<_, Error>(out)
+        })
+        .await?;
+        let now = self.clock.now_ms();
+        for (rec, tasks) in loaded {
+            // Loaded and finished since (by an owner that stopped before deleting this).
+            if rec.status.is_terminal() {
+                continue;
+            }
+            let msg = Msg::Load {
+                rec: Box::new(rec),
+                tasks,
+                recovering: false,
+            };
+            self.core.apply(msg, now);
+        }
+        for id in cancels {
+            // Whoever asked was answered when the request was committed.
+            let (reply, _) = tokio::sync::oneshot::channel();
+            self.core.apply(Msg::Cancel { id, reply }, now);
+        }
+        self.flush(done, partitions).await
     }
 
     fn wf_tokens(&mut self, wf: &str) -> &mut WfTokens {
@@ -262,7 +499,10 @@ impl Runtime {
             }
             Effect::Event(n, ev) => {
                 count_event(&ev);
-                self.engine.publish(n, ev);
+                // A replica's events are staged: they are published once numbered.
+                if !self.leased() {
+                    self.engine.publish(n, ev);
+                }
             }
             Effect::Reply(tx, r) => {
                 let _ = tx.send(r);
@@ -271,6 +511,12 @@ impl Runtime {
     }
 
     fn start_job(&mut self, s: StartJob) {
+        if !self.ownership.owns(s.partition) {
+            // The lease ran out on this replica's clock since the step was committed: the
+            // task stays running in the store, for the partition's next owner to start.
+            warn!(workflow_id = %s.wf, label = %s.label, "not starting a job: this replica's lease of its partition ran out");
+            return;
+        }
         if s.retry > 0 && !s.restart {
             metrics::metrics()
                 .task_retries
@@ -338,6 +584,55 @@ impl Runtime {
             outcome,
         });
     }
+}
+
+/// The next lease round of a replica's scheduler; never, for one process's.
+async fn next_tick(ticks: &mut Option<mpsc::UnboundedReceiver<Tick>>) -> Option<Tick> {
+    match ticks {
+        Some(ticks) => ticks.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// When a replica's scheduler reads its inbox: when woken, or every [`INBOX_EVERY`];
+/// never, for one process's.
+async fn inbox_due(wake: &Option<Arc<tokio::sync::Notify>>, every: &mut tokio::time::Interval) {
+    match wake {
+        Some(wake) => {
+            tokio::select! {
+                () = wake.notified() => {}
+                _ = every.tick() => {}
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The records of the unfinished workflows the `active` index names in the partitions
+/// `want` accepts (blocking), and the ids it names that have no record.
+#[allow(clippy::type_complexity)]
+fn load_active(
+    store: &dyn Store,
+    want: impl Fn(u32) -> bool,
+) -> Result<(Vec<(WorkflowRecord, Vec<TaskRecord>)>, Vec<String>), Error> {
+    let mut loaded = Vec::new();
+    let mut missing = Vec::new();
+    for (k, v) in store.scan_prefix(keys::ACTIVE, b"")? {
+        let id = String::from_utf8_lossy(&k).into_owned();
+        // Entries written before partitions hold nothing: their record says.
+        let p = std::str::from_utf8(&v)
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok());
+        if p.is_some_and(|p| !want(p)) {
+            continue;
+        }
+        match load_records(store, &id)? {
+            Some(records) if p.is_some() || want(records.0.partition()) => loaded.push(records),
+            Some(_) => {}
+            None => missing.push(id),
+        }
+    }
+    Ok((loaded, missing))
 }
 
 /// Counts an event in the workflow metrics.

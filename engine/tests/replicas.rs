@@ -1,0 +1,337 @@
+//! Engine replicas sharing one store under partition leases (`ownership.rs`): runs and
+//! cancels through any replica, every replica's events on every replica in order per
+//! workflow, takeover of a stopped replica's workflows, and fencing of a replica that
+//! stalled past its lease. The store is shared in memory here; the binary's tests run
+//! replicas on PostgreSQL.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{Harness, start, wait_for};
+use metalgraph_engine::ownership::{LeaseTimings, Leases, Ownership};
+use metalgraph_engine::{Event, WorkflowStatus};
+use metalgraph_store::{Batch, MemStore, Scan, Store};
+use serde_json::json;
+
+const GRAPHS: &str = r#"
+- injectableName: Graph.Nap
+  tasks:
+    - {label: first, taskName: Task.Noop}
+    - {label: nap, taskName: Task.Sleep, waitOn: {first: succeeded}}
+    - {label: last, taskName: Task.Noop, waitOn: {nap: succeeded}}
+"#;
+
+fn timings() -> LeaseTimings {
+    LeaseTimings {
+        ttl: Duration::from_millis(900),
+        renew: Duration::from_millis(200),
+        scan: Duration::from_millis(100),
+    }
+}
+
+fn replica(store: &Arc<dyn Store>, name: &str) -> Harness {
+    let leases = Leases::new(store.clone(), name.to_owned(), timings());
+    start(store.clone(), &[GRAPHS], move |o| {
+        o.ownership = Ownership::Leased(leases);
+    })
+}
+
+async fn nodes(h: &Harness, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("node-{i}");
+        common::node(h, &id).await;
+        ids.push(id);
+    }
+    ids
+}
+
+/// Waits until the replicas between them hold every partition, each its share.
+async fn settled(leases: &[&Arc<Leases>]) {
+    let all = metalgraph_engine::ownership::PARTITIONS as usize + 1;
+    let share = all.div_ceil(leases.len());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while leases.iter().map(|l| l.partitions().len()).sum::<usize>() != all
+        || leases.iter().any(|l| l.partitions().len() > share)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "partitions never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `Graph.Nap` on each node through `h`, napping `nap`; returns the workflow ids.
+async fn naps(h: &Harness, nodes: &[String], nap: &str) -> Vec<String> {
+    let mut wfs = Vec::new();
+    for node in nodes {
+        let v = h
+            .run("Graph.Nap", json!({"nap": {"duration": nap}}), Some(node))
+            .await;
+        wfs.push(v.instance_id.clone());
+    }
+    wfs
+}
+
+/// Waits until `n` jobs run on `h`.
+async fn running(h: &Harness, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while h.probe.running.load(Ordering::SeqCst) < n {
+        assert!(tokio::time::Instant::now() < deadline, "naps never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn leases_of(h: &Harness) -> Arc<Leases> {
+    match h.engine.ownership() {
+        Ownership::Leased(l) => l.clone(),
+        Ownership::Sole => panic!("a replica"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_through_any_replica_finish_and_every_replica_sees_every_event_in_order() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let a = replica(&store, "a");
+    let b = replica(&store, "b");
+    let ids = nodes(&a, 12).await;
+    settled(&[&leases_of(&a), &leases_of(&b)]).await;
+    let mut watch_a = a.engine.subscribe();
+    let mut watch_b = b.engine.subscribe();
+
+    let mut wfs = Vec::new();
+    for (i, node) in ids.iter().enumerate() {
+        let via = if i % 2 == 0 { &a } else { &b };
+        let v = via
+            .run(
+                "Graph.Nap",
+                json!({"nap": {"duration": "300ms"}}),
+                Some(node),
+            )
+            .await;
+        wfs.push(v.instance_id.clone());
+    }
+    // The node lock holds across replicas: the other replica refuses a second run.
+    let busy = b
+        .engine
+        .run(metalgraph_engine::RunRequest {
+            graph: "Graph.Nap".into(),
+            node: Some(ids[0].clone()),
+            options: Default::default(),
+        })
+        .await
+        .expect_err("the node is busy");
+    assert!(
+        matches!(busy, metalgraph_engine::Error::NodeBusy { .. }),
+        "{busy}"
+    );
+
+    for id in &wfs {
+        let v = wait_for(&b.engine, id, Duration::from_secs(20)).await;
+        assert_eq!(v.status, WorkflowStatus::Succeeded, "{v:#?}");
+    }
+    // Both replicas drove some of them.
+    let drove_a: usize = a.probe.succeeded.lock().unwrap().len();
+    let drove_b: usize = b.probe.succeeded.lock().unwrap().len();
+    assert_eq!(drove_a + drove_b, 3 * wfs.len());
+    assert!(
+        drove_a > 0 && drove_b > 0,
+        "a drove {drove_a} tasks, b {drove_b}"
+    );
+
+    // Each replica's stream holds every workflow's events, numbered without gaps, and
+    // each workflow's in the order they happened.
+    for watch in [&mut watch_a, &mut watch_b] {
+        let mut seen: HashMap<String, Vec<String>> = HashMap::new();
+        let mut last = None;
+        let mut ended = 0;
+        while ended < wfs.len() {
+            let (n, ev) = tokio::time::timeout(Duration::from_secs(10), watch.recv())
+                .await
+                .expect("events keep coming")
+                .expect("no lag");
+            if let Some(last) = last {
+                assert_eq!(n, last + 1, "event numbers have no gaps");
+            }
+            last = Some(n);
+            let step = match &ev {
+                Event::Workflow { status, .. } => {
+                    if status.is_terminal() {
+                        ended += 1;
+                    }
+                    format!("workflow:{status}")
+                }
+                Event::Task { label, state, .. } => format!("{label}:{state}"),
+            };
+            seen.entry(ev.workflow_id().to_owned())
+                .or_default()
+                .push(step);
+        }
+        for id in &wfs {
+            assert_eq!(
+                seen[id],
+                [
+                    "workflow:pending",
+                    "workflow:running",
+                    "first:running",
+                    "first:succeeded",
+                    "nap:running",
+                    "nap:succeeded",
+                    "last:running",
+                    "last:succeeded",
+                    "workflow:succeeded"
+                ],
+                "events of {id}"
+            );
+        }
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_through_another_replica_reaches_the_owner() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let a = replica(&store, "a");
+    let b = replica(&store, "b");
+    let ids = nodes(&a, 8).await;
+    settled(&[&leases_of(&a), &leases_of(&b)]).await;
+    let wfs = naps(&a, &ids, "1h").await;
+    // Cancelled through each replica in turn, so some requests reach the other one's
+    // partitions.
+    for (i, id) in wfs.iter().enumerate() {
+        let via = if i % 2 == 0 { &a } else { &b };
+        let v = tokio::time::timeout(Duration::from_secs(10), via.engine.cancel(id))
+            .await
+            .expect("the cancel completes")
+            .unwrap();
+        assert_eq!(v.status, WorkflowStatus::Cancelled, "{v:#?}");
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_replicas_workflows_are_taken_over_and_finish() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let a = replica(&store, "a");
+    let ids = nodes(&a, 10).await;
+    settled(&[&leases_of(&a)]).await;
+    let wfs = naps(&a, &ids, "1s").await;
+    // Once every workflow is napping, `a` stops without releasing anything, as a crash
+    // would.
+    running(&a, wfs.len()).await;
+    a.stop().await;
+    let stopped = tokio::time::Instant::now();
+    let b = replica(&store, "b");
+    for id in &wfs {
+        let v = wait_for(&b.engine, id, Duration::from_secs(20)).await;
+        assert_eq!(v.status, WorkflowStatus::Succeeded, "{v:#?}");
+        let nap = &v.tasks[1];
+        assert_eq!(nap.attempts, 2, "the nap ran again on b: {v:#?}");
+    }
+    // Taken over once a's leases ran out (900 ms), not before.
+    assert!(stopped.elapsed() >= timings().ttl);
+    assert_eq!(b.probe.succeeded.lock().unwrap().len(), 2 * wfs.len());
+    b.stop().await;
+}
+
+/// Every task record as `key state attempts`.
+fn tasks(store: &dyn Store) -> Vec<String> {
+    store
+        .scan_prefix("tasks", b"")
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| {
+            let t: serde_json::Value = serde_json::from_slice(&v).unwrap();
+            format!(
+                "{} {} {}",
+                String::from_utf8_lossy(&k),
+                t["state"],
+                t["attempts"]
+            )
+        })
+        .collect()
+}
+
+/// A store whose commits can be held up, as a replica's would be when it stalls (a long
+/// pause, a partition from the database).
+struct Stalling {
+    inner: Arc<dyn Store>,
+    stalled: AtomicBool,
+    /// Commits that failed after the stall ended.
+    refused: std::sync::atomic::AtomicUsize,
+}
+
+impl Store for Stalling {
+    fn get(&self, ks: &str, key: &[u8]) -> metalgraph_store::Result<Option<Vec<u8>>> {
+        self.inner.get(ks, key)
+    }
+    fn scan_prefix(&self, ks: &str, p: &[u8]) -> metalgraph_store::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.inner.scan_prefix(ks, p)
+    }
+    fn scan(&self, ks: &str, scan: Scan<'_>) -> metalgraph_store::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.inner.scan(ks, scan)
+    }
+    fn commit(&self, batch: Batch) -> metalgraph_store::Result<()> {
+        while self.stalled.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let res = self.inner.commit(batch);
+        if res.is_err() {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+        }
+        res
+    }
+    fn backend(&self) -> &'static str {
+        "stalling"
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_stalled_past_its_lease_writes_nothing_after_the_takeover() {
+    let shared: Arc<dyn Store> = Arc::new(MemStore::new());
+    let stalling = Arc::new(Stalling {
+        inner: shared.clone(),
+        stalled: AtomicBool::new(false),
+        refused: Default::default(),
+    });
+    let a_store: Arc<dyn Store> = stalling.clone();
+    let a = replica(&a_store, "a");
+    let ids = nodes(&a, 6).await;
+    settled(&[&leases_of(&a)]).await;
+    let wfs = naps(&a, &ids, "400ms").await;
+    running(&a, wfs.len()).await;
+    // a stalls: its naps end, but nothing it commits gets through, not even its renewals.
+    stalling.stalled.store(true, Ordering::SeqCst);
+    let b = replica(&shared, "b");
+    for id in &wfs {
+        let v = wait_for(&b.engine, id, Duration::from_secs(20)).await;
+        assert_eq!(v.status, WorkflowStatus::Succeeded, "{v:#?}");
+    }
+    let after_b = tasks(shared.as_ref());
+    // a comes back: whatever it had queued is refused by the fences, and it takes
+    // nothing back from b.
+    stalling.stalled.store(false, Ordering::SeqCst);
+    tokio::time::sleep(timings().ttl * 2).await;
+    assert!(
+        stalling.refused.load(Ordering::SeqCst) > 0,
+        "a's held-up commits were refused"
+    );
+    assert_eq!(
+        tasks(shared.as_ref()),
+        after_b,
+        "a wrote nothing to the workflows after b took them over"
+    );
+    for id in &wfs {
+        let v = b.engine.get(id).await.unwrap().unwrap();
+        assert_eq!(v.status, WorkflowStatus::Succeeded);
+    }
+    a.stop().await;
+    b.stop().await;
+}
