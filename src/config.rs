@@ -154,6 +154,13 @@ pub struct Config {
     /// sled's page cache in MiB (`METALGRAPH_SLED_CACHE_MB`, `--sled-cache-mb`): how much
     /// of the database sled keeps in memory. The file store keeps everything in memory.
     pub sled_cache_mb: u64,
+    /// Replicas on PostgreSQL (docs/scale-out.md): how long a partition's lease lasts after
+    /// its last renewal, in milliseconds (`METALGRAPH_LEASE_TTL_MS`).
+    pub lease_ttl_ms: u64,
+    /// How often a replica renews its leases (`METALGRAPH_LEASE_RENEW_MS`).
+    pub lease_renew_ms: u64,
+    /// How often a replica looks for partitions to take over (`METALGRAPH_LEASE_SCAN_MS`).
+    pub lease_scan_ms: u64,
     /// Registers eight simulated nodes (`demo-node-01` to `demo-node-08`, driven by the
     /// simulated BMC) and turns the node-facing API on (`METALGRAPH_DEMO`, `--demo`).
     pub demo: bool,
@@ -656,6 +663,9 @@ impl Default for Config {
             database_url: None,
             database_ca_file: None,
             sled_cache_mb: metalgraph_store::OpenOptions::default().sled_cache_bytes >> 20,
+            lease_ttl_ms: 15_000,
+            lease_renew_ms: 5_000,
+            lease_scan_ms: 2_000,
             demo: false,
             log_format: LogFormat::Text,
             max_running_jobs: 256,
@@ -826,6 +836,15 @@ impl Config {
         if let Some((v, s)) = var("CANCEL_GRACE_MS") {
             self.cancel_grace_ms = parse(&v, &s)?;
         }
+        if let Some((v, s)) = var("LEASE_TTL_MS") {
+            self.lease_ttl_ms = parse(&v, &s)?;
+        }
+        if let Some((v, s)) = var("LEASE_RENEW_MS") {
+            self.lease_renew_ms = parse(&v, &s)?;
+        }
+        if let Some((v, s)) = var("LEASE_SCAN_MS") {
+            self.lease_scan_ms = parse(&v, &s)?;
+        }
         if let Some((v, s)) = var("API_BASE_URL") {
             self.api_base_url = parse_optional(&v, &s)?;
         }
@@ -902,6 +921,15 @@ impl Config {
     }
 
     /// Checks values no type can express.
+    /// The lease timings of replicas on PostgreSQL.
+    pub fn lease_timings(&self) -> metalgraph_engine::ownership::LeaseTimings {
+        metalgraph_engine::ownership::LeaseTimings {
+            ttl: Duration::from_millis(self.lease_ttl_ms),
+            renew: Duration::from_millis(self.lease_renew_ms),
+            scan: Duration::from_millis(self.lease_scan_ms),
+        }
+    }
+
     fn check(&self) -> Result<(), Error> {
         self.boot.check()?;
         self.limits.check()?;
@@ -914,6 +942,12 @@ impl Config {
                 message: "must be 8 to 1048576".into(),
             });
         }
+        self.lease_timings()
+            .check()
+            .map_err(|message| Error::Field {
+                field: "lease_ttl_ms",
+                message,
+            })?;
         if self.store == StoreKind::Postgres && self.database_url.is_none() {
             return Err(Error::Field {
                 field: "database_url",

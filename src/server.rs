@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use metalgraph_engine::nodes::{Node, Obm, ObmConfig};
+use metalgraph_engine::ownership::{Leases, Ownership};
 use metalgraph_engine::{ApiUrls, Engine, EngineOptions, JobRegistry};
 use metalgraph_store::Store;
 use metalgraph_tasks::ConfigMediaSite;
@@ -22,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::api::{self, AppState};
-use crate::config::Config;
+use crate::config::{Config, StoreKind};
 
 /// How long open connections get to finish once shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,6 +54,12 @@ fn jobs_with(drivers: Arc<Drivers>, media: Arc<ConfigMediaSite>) -> JobRegistry 
 
 /// Runs the server until `shutdown` is cancelled, then shuts down in order.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // On PostgreSQL every process is a replica; its id lives in its data directory, locked
+    // for as long as it serves.
+    let replica = match config.store {
+        StoreKind::Postgres => Some(replica_id(&config.data_dir)?),
+        StoreKind::Sled | StoreKind::File => None,
+    };
     let store = open_store(&config).await?;
     let library = crate::library::library()?;
 
@@ -159,6 +166,11 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     opts.max_tasks_per_graph = config.limits.max_tasks_per_graph;
     opts.retention = config.retention.policy();
     opts.api = api_urls.clone();
+    if let Some((me, _)) = &replica {
+        info!(replica = %me, "serving as a replica of the database (docs/scale-out.md)");
+        let leases = Leases::new(store.clone(), me.clone(), config.lease_timings());
+        opts.ownership = Ownership::Leased(leases);
+    }
     let node_base = opts.api.node_base.clone();
     // The engine has its own token: it must keep running while the listeners drain, so that
     // requests in flight (a cancel, a run) are answered rather than refused.
@@ -402,6 +414,52 @@ fn announce(line: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
+}
+
+/// This process's replica id, kept in `<data-dir>/replica-id` (made on the first start),
+/// with the lock that keeps a second process from serving with the same data directory.
+/// A restarted replica keeps its id, so it takes its own partitions back at once instead of
+/// waiting for their leases to run out.
+fn replica_id(data_dir: &std::path::Path) -> anyhow::Result<(String, std::fs::File)> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
+    let path = data_dir.join("replica-id");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    file.try_lock().map_err(|_| {
+        anyhow::anyhow!(
+            "another metalgraph process serves with the data directory {}; give each replica \
+             a data directory of its own",
+            data_dir.display()
+        )
+    })?;
+    let mut id = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .trim()
+        .to_owned();
+    let valid = |id: &str| {
+        !id.is_empty()
+            && id.len() <= 64
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    };
+    if !valid(&id) {
+        anyhow::ensure!(
+            id.is_empty(),
+            "{} holds no valid replica id (letters, digits, '-' and '.', at most 64)",
+            path.display()
+        );
+        id = metalgraph_engine::new_token()[..16].to_owned();
+        std::fs::write(&path, format!("{id}\n"))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok((id, file))
 }
 
 async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {

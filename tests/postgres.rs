@@ -2,8 +2,8 @@
 //! process starts: `--store postgres` serves, a workflow killed with SIGKILL mid-way resumes
 //! on the next start, a database restart (`pg_ctl restart -m immediate`) under a running
 //! workflow is ridden out (the store reconnects by itself and nothing acknowledged is lost),
-//! a second process on the same database is refused, and endpoint passwords in the
-//! database are sealed.
+//! a second process with the same data directory is refused, and endpoint passwords in the
+//! database are sealed. Replicas sharing the database are tested in `replicas.rs`.
 
 mod support;
 
@@ -40,9 +40,8 @@ async fn serves_on_postgres_through_a_kill_and_a_database_restart() {
     assert_eq!(code, 200, "{health}");
     assert_eq!(health["store"], "postgres", "{health}");
 
-    // A second process on the same database is refused while the first serves: until
-    // replicas share a database under leases, one process owns it.
-    let other = tempfile::tempdir().expect("a data dir");
+    // A second process with the same data directory is refused while the first serves:
+    // each replica of the database has a data directory (and a replica id) of its own.
     let refused = std::process::Command::new(env!("CARGO_BIN_EXE_metalgraph"))
         .args([
             "serve",
@@ -54,14 +53,14 @@ async fn serves_on_postgres_through_a_kill_and_a_database_restart() {
             &url,
         ])
         .arg("--data-dir")
-        .arg(other.path())
+        .arg(data.path())
         .env("RUST_LOG", "warn")
         .output()
         .expect("serve runs");
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        stderr.contains("another metalgraph process serves the database"),
+        stderr.contains("another metalgraph process serves with the data directory"),
         "{stderr}"
     );
     assert!(

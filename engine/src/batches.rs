@@ -431,7 +431,10 @@ impl Engine {
     pub(crate) async fn run_batches(self, stop: tokio_util::sync::CancellationToken) {
         let mut events = self.subscribe();
         loop {
-            if let Err(e) = self.step_batches().await {
+            // With replicas, one of them runs the batches.
+            if self.leads()
+                && let Err(e) = self.step_batches().await
+            {
                 warn!(error = %e, "advancing batches failed; trying again");
             }
             let batches = self.batches();

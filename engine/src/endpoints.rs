@@ -275,6 +275,9 @@ pub struct Endpoints {
     write: Arc<tokio::sync::Mutex<()>>,
     /// When each endpoint's last contact was last written to the store.
     contact_stored: Arc<Mutex<HashMap<String, std::time::Instant>>>,
+    /// Other replicas write the store too: `all` is never kept, every read goes to the
+    /// store.
+    shared: bool,
 }
 
 impl std::fmt::Debug for Endpoints {
@@ -291,6 +294,15 @@ impl Endpoints {
             all: Arc::default(),
             write: Arc::default(),
             contact_stored: Arc::default(),
+            shared: false,
+        }
+    }
+
+    /// Endpoints in a store other replicas write too (see [`crate::nodes::Nodes::shared`]).
+    pub fn shared(self) -> Self {
+        Self {
+            shared: true,
+            ..self
         }
     }
 
@@ -332,6 +344,9 @@ impl Endpoints {
         for (k, v) in self.store.scan_prefix(keys::ENDPOINTS, b"")? {
             let ep = self.decode(&k, &v)?;
             loaded.insert(ep.id.clone(), ep);
+        }
+        if self.shared {
+            return Ok(f(&loaded));
         }
         let mut slot = self.all.write().unwrap_or_else(|p| p.into_inner());
         Ok(f(slot.get_or_insert(loaded)))

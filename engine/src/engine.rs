@@ -238,7 +238,11 @@ impl Engine {
             .with_max_tasks(opts.max_tasks_per_graph);
         let inner = Arc::new(Inner {
             store: opts.store.clone(),
-            nodes: Nodes::new(opts.store.clone()).with_sealer(opts.sealer.clone()),
+            nodes: match &opts.ownership {
+                Ownership::Sole => Nodes::new(opts.store.clone()),
+                Ownership::Leased(_) => Nodes::new(opts.store.clone()).shared(),
+            }
+            .with_sealer(opts.sealer.clone()),
             defs,
             tx,
             events,
@@ -324,6 +328,13 @@ impl Engine {
     /// Who drives which workflows: this process all of them, or its partitions' leases.
     pub fn ownership(&self) -> &Ownership {
         &self.inner.ownership
+    }
+
+    /// Whether this process runs the work one process must do for all replicas (batches,
+    /// retention sweeps, webhook deliveries): always when it owns the store alone, else
+    /// while it holds the sequencer's partition.
+    pub fn leads(&self) -> bool {
+        self.inner.ownership.owns(crate::ownership::SEQUENCER)
     }
 
     pub fn definitions(&self) -> &Definitions {
@@ -843,7 +854,14 @@ impl Engine {
         token: &str,
         body: Value,
     ) -> Result<String, Error> {
-        let w = self.inner.waiters.find(node, token)?;
+        let w = match self.inner.waiters.find(node, token) {
+            Ok(w) => w,
+            // With replicas, the task may wait on another one.
+            Err(e) => match &self.inner.ownership {
+                Ownership::Sole => return Err(e),
+                Ownership::Leased(_) => return self.notify_owner(node, token, body, e).await,
+            },
+        };
         let (wf, task_id, token) = (w.workflow_id.clone(), w.task_id.clone(), token.to_owned());
         self.ask(|reply| Msg::Notify {
             wf,
@@ -860,6 +878,64 @@ impl Engine {
         })?;
         info!(workflow_id = %w.workflow_id, label = %w.label, "node notification committed");
         Ok(w.label)
+    }
+
+    /// [`Self::notify`] for a task this replica does not drive: found in the store among
+    /// the running tasks of `node`'s unfinished workflows (which are in the node's
+    /// partition), and delivered to the partition's owner through its inbox. Answers once
+    /// the request is committed; `not_found` when no running task has that token.
+    async fn notify_owner(
+        &self,
+        node: Option<&str>,
+        token: &str,
+        body: Value,
+        not_found: Error,
+    ) -> Result<String, Error> {
+        let Some(node) = node else {
+            return Err(not_found);
+        };
+        let (store, clock) = (self.inner.store.clone(), self.inner.clock.clone());
+        let (node, token) = (node.to_owned(), token.to_owned());
+        let found = blocking(move || {
+            let p = crate::ownership::partition_of(&node);
+            for (k, v) in store.scan_prefix(keys::ACTIVE, b"")? {
+                if v != p.to_string().as_bytes() {
+                    continue;
+                }
+                let id = String::from_utf8_lossy(&k);
+                let Some((rec, tasks)) = load_records(store.as_ref(), &id)? else {
+                    continue;
+                };
+                if rec.node.as_deref() != Some(node.as_str()) {
+                    continue;
+                }
+                let waiting = tasks.iter().enumerate().find(|(_, t)| {
+                    t.state == TaskState::Running && crate::notify::same_secret(&t.token, &token)
+                });
+                if let Some((idx, t)) = waiting {
+                    let request = inbox::Request::Notify {
+                        wf: rec.id.clone(),
+                        task_id: t.id.clone(),
+                        token: token.clone(),
+                        body,
+                    };
+                    let mut batch = Batch::new();
+                    inbox::put(&mut batch, rec.partition(), clock.now_ms(), &request);
+                    store.commit(batch)?;
+                    return Ok(Some((rec.id, rec.plan.tasks[idx].label.clone())));
+                }
+            }
+            Ok::<_, Error>(None)
+        })
+        .await?;
+        match found {
+            Some((wf, label)) => {
+                self.inner.wake.inbox.notify_one();
+                info!(workflow_id = %wf, label = %label, "node notification committed for the partition's owner");
+                Ok(label)
+            }
+            None => Err(not_found),
+        }
     }
 
     /// The workflow id and notification token of the task waiting on `node`, if one waits.
@@ -943,7 +1019,7 @@ async fn sweep_periodically(engine: Engine, policy: Retention) {
             () = tokio::time::sleep(policy.interval) => {}
             () = stopped.cancelled() => return,
         }
-        loop {
+        while engine.leads() {
             match engine.sweep_history().await {
                 Ok(s) if s.more && !stopped.is_cancelled() => tokio::task::yield_now().await,
                 Ok(_) => break,

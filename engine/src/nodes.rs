@@ -413,6 +413,9 @@ impl From<tokio::task::JoinError> for Error {
 pub struct Nodes {
     store: Arc<dyn Store>,
     cache: Arc<Mutex<Cache>>,
+    /// The most nodes the cache keeps: [`CACHE_CAPACITY`], or none when replicas share the
+    /// store (another replica's writes would leave it stale).
+    capacity: usize,
     /// Seals OBM passwords before they are stored; none stores them as given.
     sealer: Option<Arc<Sealer>>,
     /// The registered endpoints OBMs may refer to.
@@ -445,15 +448,31 @@ impl Nodes {
             endpoints: Endpoints::new(store.clone(), None),
             store,
             cache: Arc::default(),
+            capacity: CACHE_CAPACITY,
             sealer: None,
+        }
+    }
+
+    /// Nodes in a store other replicas write too: nothing is kept in memory, every read
+    /// goes to the store (and so do the endpoints').
+    pub fn shared(self) -> Self {
+        Self {
+            capacity: 0,
+            endpoints: self.endpoints.shared(),
+            ..self
         }
     }
 
     /// Nodes whose OBM passwords (and endpoints' passwords) are sealed with `sealer` in
     /// the store (`seal.rs`).
     pub fn with_sealer(self, sealer: Option<Arc<Sealer>>) -> Self {
+        let endpoints = Endpoints::new(self.store.clone(), sealer.clone());
         Self {
-            endpoints: Endpoints::new(self.store.clone(), sealer.clone()),
+            endpoints: if self.capacity == 0 {
+                endpoints.shared()
+            } else {
+                endpoints
+            },
             sealer,
             ..self
         }
@@ -575,7 +594,7 @@ impl Nodes {
         let mut c = self.cache();
         c.generation += 1;
         match node {
-            Some(n) if c.nodes.contains_key(id) || c.nodes.len() < CACHE_CAPACITY => {
+            Some(n) if c.nodes.contains_key(id) || c.nodes.len() < self.capacity => {
                 c.nodes.insert(id.to_owned(), n.clone());
             }
             _ => {
@@ -597,7 +616,7 @@ impl Nodes {
         let node = self.get(id).await?;
         if let Some(n) = &node {
             let mut c = self.cache();
-            if c.generation == generation && c.nodes.len() < CACHE_CAPACITY {
+            if c.generation == generation && c.nodes.len() < self.capacity {
                 c.nodes.insert(id.to_owned(), n.clone());
             }
         }

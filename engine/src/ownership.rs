@@ -392,7 +392,10 @@ impl Leases {
             .filter(|p| !self.held().contains_key(p))
             .filter_map(|p| match leases.remove(&p) {
                 None => Some((p, None)),
-                Some((raw, lease)) if lease.expires <= now => Some((p, Some((raw, lease)))),
+                // Run out, or this replica's own from before a restart (it keeps its id).
+                Some((raw, lease)) if lease.expires <= now || lease.owner == self.me => {
+                    Some((p, Some((raw, lease))))
+                }
                 Some(_) => None,
             })
             .take(share - holding)
@@ -599,6 +602,24 @@ mod tests {
         assert_eq!(tick.lost.len(), LEASED as usize);
         assert!(tick.acquired.is_empty());
         assert!(a.partitions().is_empty());
+    }
+
+    #[test]
+    fn a_restarted_replica_takes_its_own_partitions_back_at_once() {
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let before = replica(&store, "a");
+        before.tick().unwrap();
+        // The same replica id, started again: its leases have not run out.
+        let after = replica(&store, "a");
+        assert_eq!(after.tick().unwrap().acquired.len(), LEASED as usize);
+        // Under a new epoch, so that anything the earlier process still sends is refused.
+        let mut batch = Batch::new();
+        assert!(Ownership::Leased(before).fence(0, &mut batch));
+        batch.put("x", b"k".to_vec(), b"v".to_vec());
+        assert!(matches!(
+            store.commit(batch),
+            Err(StoreError::Conflict { .. })
+        ));
     }
 
     #[test]

@@ -23,6 +23,9 @@ const GRAPHS: &str = r#"
     - {label: first, taskName: Task.Noop}
     - {label: nap, taskName: Task.Sleep, waitOn: {first: succeeded}}
     - {label: last, taskName: Task.Noop, waitOn: {nap: succeeded}}
+- injectableName: Graph.Call
+  tasks:
+    - {label: call, taskName: Task.WaitNode}
 "#;
 
 fn timings() -> LeaseTimings {
@@ -257,6 +260,60 @@ fn tasks(store: &dyn Store) -> Vec<String> {
             )
         })
         .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_to_a_replica_that_does_not_drive_the_task_completes_it() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let a = replica(&store, "a");
+    let b = replica(&store, "b");
+    let ids = nodes(&a, 6).await;
+    settled(&[&leases_of(&a), &leases_of(&b)]).await;
+    for node in &ids {
+        let v = a.run("Graph.Call", json!({}), Some(node)).await;
+        // The replica that drives it shows the waiting task; the other does not.
+        let p = metalgraph_engine::ownership::partition_of(node);
+        let (owner, other) = if a.engine.ownership().owns(p) {
+            (&a, &b)
+        } else {
+            (&b, &a)
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let (wf, token) = loop {
+            if let Some(w) = owner.engine.waiting_token(node) {
+                break w;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the task never waited"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(wf, v.instance_id);
+        assert!(other.engine.waiting_token(node).is_none());
+        // A wrong token is refused by the other replica as by the owner.
+        let wrong = other
+            .engine
+            .notify(Some(node), "0123456789abcdef0123456789abcdef", json!({}))
+            .await
+            .expect_err("a wrong token");
+        assert!(
+            matches!(wrong, metalgraph_engine::Error::NotFound { .. }),
+            "{wrong}"
+        );
+        let label = other
+            .engine
+            .notify(Some(node), &token, json!({"installed": node}))
+            .await
+            .unwrap();
+        assert_eq!(label, "call");
+        let done = wait_for(&other.engine, &wf, Duration::from_secs(10)).await;
+        assert_eq!(done.status, WorkflowStatus::Succeeded, "{done:#?}");
+        let (_, tasks) = other.engine.load(&wf).await.unwrap().unwrap();
+        assert_eq!(tasks[0].output, Some(json!({"installed": node})));
+    }
+    a.stop().await;
+    b.stop().await;
 }
 
 /// A store whose commits can be held up, as a replica's would be when it stalls (a long

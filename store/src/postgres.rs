@@ -4,8 +4,10 @@
 //! A commit is one transaction at READ COMMITTED. It first takes a transaction-scoped
 //! advisory lock on every key it touches (preconditions and writes, as 64-bit hashes, in
 //! ascending order so that two commits never wait on each other in a cycle), then reads its
-//! preconditions against the rows as committed and writes, and commits only when the owner
-//! fence and every precondition hold (else it rolls back). After `BEGIN`, those statements
+//! preconditions against the rows as committed and writes, and commits only when every
+//! precondition holds (else it rolls back). Replicas that share the database fence their
+//! schedulers' commits with preconditions on their partitions' epochs (the engine's
+//! `ownership.rs`), so the store itself knows no owner. After `BEGIN`, those statements
 //! go to the server as one pipeline, so a commit costs three round trips. Every commit that touches a key
 //! holds that key's lock from its check to its end, so a check and the writes that depend on
 //! it are atomic with respect to every other commit, without SERIALIZABLE's retries. A
@@ -38,10 +40,11 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use crate::{Batch, Bytes, Error, Op, Result, Scan, Store, check_keyspace};
 
 /// The schema version this build writes; [`MIGRATIONS`] brings older ones up to it.
-const SCHEMA_VERSION: i32 = 1;
+const SCHEMA_VERSION: i32 = 2;
 
 /// Each migration, in order: migration `i` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS metalgraph_kv (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS metalgraph_kv (
         keyspace text NOT NULL,
         key bytea NOT NULL,
         value bytea NOT NULL,
@@ -50,11 +53,12 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS metalgraph_kv (
     CREATE TABLE IF NOT EXISTS metalgraph_owner (
         id integer PRIMARY KEY,
         owner text NOT NULL
-    )"];
-
-/// How long opening waits for another process's hold on the database to end (a process
-/// killed a moment ago holds it until PostgreSQL notices).
-const OWNER_WAIT: Duration = Duration::from_secs(10);
+    )",
+    // Version 2: replicas share the database under partition leases kept in
+    // `metalgraph_kv`; the one-owner row goes, and with the version bump a build that
+    // expects to own the database alone refuses it.
+    "DROP TABLE IF EXISTS metalgraph_owner",
+];
 
 /// The advisory lock (an arbitrary constant) that serialises migrations.
 const MIGRATION_LOCK: i64 = 0x6d67_7261_7068_0001;
@@ -97,11 +101,6 @@ struct Shared {
     idle: Mutex<Vec<Client>>,
     /// What messages call the database: host and database name, never a password.
     name: String,
-    /// This process's id in `metalgraph_owner`: every commit checks it is still the owner.
-    me: String,
-    /// The connection holding the session advisory lock that keeps other processes from
-    /// taking over while this one lives.
-    holder: tokio::sync::Mutex<Option<Client>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -123,7 +122,6 @@ impl Drop for PgStore {
 /// One call of the store, owning what it needs, so that it can run on the store's runtime.
 enum Call {
     Migrate,
-    TakeOwnership,
     Get {
         keyspace: String,
         key: Bytes,
@@ -303,13 +301,10 @@ impl PgStore {
                 tls,
                 idle: Mutex::new(Vec::new()),
                 name,
-                me: owner_id(),
-                holder: tokio::sync::Mutex::new(None),
             }),
             runtime: Some(runtime),
         };
         store.call(Call::Migrate)?;
-        store.call(Call::TakeOwnership)?;
         Ok(store)
     }
 
@@ -349,49 +344,6 @@ impl Shared {
         connected.map_err(|e| db(&format!("connect to {}", self.name), e))
     }
 
-    /// Becomes the database's one owner: holds a session advisory lock (waiting up to
-    /// [`OWNER_WAIT`] for another process's to end) and records this process in
-    /// `metalgraph_owner`, which every commit then checks. Until replicas share a database
-    /// under leases, a second process is refused while the first lives; and should the
-    /// first lose its lock (the database restarted) and a second take over, the first's
-    /// commits fail instead of writing beside it.
-    async fn take_ownership(&self) -> Result<(), Failed> {
-        let deadline = Instant::now() + OWNER_WAIT;
-        let client = self.connect().await?;
-        loop {
-            let held: bool = client
-                .query_one(
-                    "SELECT pg_try_advisory_lock(hashtextextended('metalgraph-owner/' || current_schema(), 0))",
-                    &[],
-                )
-                .await
-                .map_err(|e| db("lock the database", e))?
-                .get(0);
-            if held {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::Io(format!(
-                    "another metalgraph process serves the database {}; several replicas on one \
-                     database are not supported yet (docs/scale-out.md)",
-                    self.name
-                ))
-                .into());
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        client
-            .execute(
-                "INSERT INTO metalgraph_owner (id, owner) VALUES (1, $1) \
-                 ON CONFLICT (id) DO UPDATE SET owner = EXCLUDED.owner",
-                &[&self.me],
-            )
-            .await
-            .map_err(|e| db("record the owner", e))?;
-        *self.holder.lock().await = Some(client);
-        Ok(())
-    }
-
     /// Runs `call` on a pooled connection; a connection that failed is not returned to the
     /// pool. An attempt that failed in a way worth retrying (the connection was lost before
     /// anything was committed) is made again on a new connection, with growing pauses, for
@@ -409,7 +361,7 @@ impl Shared {
             };
             let attempt = match client {
                 Ok(mut client) => {
-                    let out = run(self, &mut client, call).await;
+                    let out = run(&mut client, call).await;
                     // A precondition conflict leaves the connection healthy; a failure may
                     // not.
                     let reusable = match &out {
@@ -445,10 +397,9 @@ impl Shared {
 }
 
 /// One attempt of `call` on `client`.
-async fn run(shared: &Shared, client: &mut Client, call: &Call) -> Result<Reply, Failed> {
+async fn run(client: &mut Client, call: &Call) -> Result<Reply, Failed> {
     match call {
         Call::Migrate => migrate(client).await.map(|()| Reply::Done),
-        Call::TakeOwnership => shared.take_ownership().await.map(|()| Reply::Done),
         // Typed statements: one round trip each, no prepare.
         Call::Get { keyspace, key } => client
             .query_typed_opt(
@@ -490,9 +441,7 @@ async fn run(shared: &Shared, client: &mut Client, call: &Call) -> Result<Reply,
                 rows.into_iter().map(|r| (r.get(0), r.get(1))).collect(),
             ))
         }
-        Call::Commit(prepared) => commit(client, prepared, &shared.me)
-            .await
-            .map(|()| Reply::Done),
+        Call::Commit(prepared) => commit(client, prepared).await.map(|()| Reply::Done),
         Call::Now => client
             .query_typed_one(
                 "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::int8",
@@ -548,7 +497,7 @@ async fn migrate(client: &mut Client) -> Result<(), Failed> {
         .map_err(|e| db_final("commit the schema", e))
 }
 
-async fn commit(client: &mut Client, p: &Prepared, me: &str) -> Result<(), Failed> {
+async fn commit(client: &mut Client, p: &Prepared) -> Result<(), Failed> {
     let tx = client.transaction().await.map_err(|e| db("begin", e))?;
     let pre = &p.batch.preconditions;
     let pre_keyspaces: Vec<&str> = pre.iter().map(|c| c.target().0).collect();
@@ -558,17 +507,15 @@ async fn commit(client: &mut Client, p: &Prepared, me: &str) -> Result<(), Faile
     // biased join polls them in order, and each is sent on its first poll), and the server
     // runs them one after the other, so every statement after the first takes its snapshot
     // once the keys' locks are held. Statements typed here need no prepare round trip. The
-    // writes are undone (the transaction is rolled back) when the fence or a precondition
-    // says no.
+    // writes are undone (the transaction is rolled back) when a precondition says no.
     let lock_params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] =
         [(&p.locks, Type::INT8_ARRAY)];
-    let (locked, owner, current, deleted, written) = tokio::join!(
+    let (locked, current, deleted, written) = tokio::join!(
         biased;
         tx.query_typed(
             "SELECT pg_advisory_xact_lock(l) FROM unnest($1::bigint[]) AS l ORDER BY l",
             &lock_params,
         ),
-        tx.query_typed("SELECT owner FROM metalgraph_owner WHERE id = 1 FOR SHARE", &[]),
         async {
             if pre.is_empty() {
                 return nothing().await;
@@ -613,19 +560,7 @@ async fn commit(client: &mut Client, p: &Prepared, me: &str) -> Result<(), Faile
     // The first failure is the one to report: a later statement of an aborted transaction
     // only says so.
     locked.map_err(|e| db("lock the keys", e))?;
-    let owner: Option<String> = owner
-        .map_err(|e| db("check the owner", e))?
-        .first()
-        .map(|r| r.get(0));
     let current = current.map_err(|e| db("check the preconditions", e))?;
-    // The fence: a process that is no longer the owner writes nothing.
-    if owner.as_deref() != Some(me) {
-        return Err(Error::Io(
-            "another metalgraph process has taken over this database; this one writes nothing more"
-                .into(),
-        )
-        .into());
-    }
     for (index, (row, c)) in current.iter().zip(pre).enumerate() {
         let value: Option<Vec<u8>> = row.get(1);
         if !c.holds(value.as_deref()) {
@@ -666,19 +601,6 @@ fn tls_config(ca_pem: Option<&str>) -> Result<rustls::ClientConfig> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(config)
-}
-
-/// A process's owner id: random, so that a restarted process is a new owner.
-fn owner_id() -> String {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    format!("{}-{:016x}", std::process::id(), h.finish())
 }
 
 /// A 64-bit hash of `keyspace/key` for its advisory lock (FNV-1a: stable, and collisions

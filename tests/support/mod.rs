@@ -109,7 +109,12 @@ impl Server {
                 }
                 Err(_) => {
                     if let Ok(Some(status)) = child.try_wait() {
-                        panic!("metalgraph exited early: {status}");
+                        let log = launch
+                            .log
+                            .as_ref()
+                            .and_then(|p| std::fs::read_to_string(p).ok())
+                            .unwrap_or_default();
+                        panic!("metalgraph exited early: {status}\n{log}");
                     }
                 }
             }
@@ -152,6 +157,20 @@ impl Server {
             .as_deref()
             .expect("the node-facing API is on");
         format!("{}{}", base.trim_end_matches('/'), path)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} failed");
     }
 
     /// Kills the process with SIGKILL, as a crash would, and reaps it.

@@ -2,7 +2,8 @@
 //! replicas share the store, the replica that accepts a run or a cancel is often not the
 //! one that drives the workflow. It commits the request under the workflow's partition in
 //! the `inbox` keyspace (a run in the same commit that creates the workflow), and the
-//! owner's scheduler reads its partitions' requests, applies them, and deletes each in the
+//! owner's scheduler reads its partitions' requests (and a node's callback, which any
+//! replica accepts), applies them, and deletes each in the
 //! fenced commit of the step that applied it. A request is durable once accepted, and a
 //! partition's new owner finds what its old one left.
 
@@ -23,6 +24,13 @@ pub(crate) enum Request {
     Load(String),
     /// Cancel this workflow.
     Cancel(String),
+    /// A node called back for this running task (its token checked against the store).
+    Notify {
+        wf: String,
+        task_id: String,
+        token: String,
+        body: serde_json::Value,
+    },
 }
 
 /// Adds `request` for partition `p` to `batch`. Keys sort by partition, then by time.

@@ -417,14 +417,14 @@ impl Runtime {
         let mut done = Batch::new();
         let mut partitions = BTreeSet::new();
         let mut loads = Vec::new();
-        let mut cancels = Vec::new();
+        let mut later = Vec::new();
         for (key, p, request) in requests {
             done.delete(keys::INBOX, key);
             partitions.insert(p);
             match request {
                 inbox::Request::Load(id) if !self.core.has(&id) => loads.push(id),
                 inbox::Request::Load(_) => {}
-                inbox::Request::Cancel(id) => cancels.push(id),
+                other => later.push(other),
             }
         }
         let store = self.store.clone();
@@ -451,10 +451,32 @@ impl Runtime {
             };
             self.core.apply(msg, now);
         }
-        for id in cancels {
-            // Whoever asked was answered when the request was committed.
-            let (reply, _) = tokio::sync::oneshot::channel();
-            self.core.apply(Msg::Cancel { id, reply }, now);
+        for request in later {
+            // Whoever asked was answered when the request was committed; what the core
+            // answers now (a task that no longer waits) only goes to the log.
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let msg = match request {
+                inbox::Request::Cancel(id) => Msg::Cancel { id, reply },
+                inbox::Request::Notify {
+                    wf,
+                    task_id,
+                    token,
+                    body,
+                } => Msg::Notify {
+                    wf,
+                    task_id,
+                    token,
+                    body,
+                    reply,
+                },
+                inbox::Request::Load(_) => continue,
+            };
+            self.core.apply(msg, now);
+            tokio::spawn(async move {
+                if let Ok(Err(e)) = answer.await {
+                    debug!(error = %e, "a request from the inbox was not applied");
+                }
+            });
         }
         self.flush(done, partitions).await
     }
