@@ -80,12 +80,7 @@ impl std::fmt::Debug for Audit {
 impl Audit {
     /// Opens the log and starts its writer (it ends when every handle is dropped).
     pub fn start(store: Arc<dyn Store>) -> Result<Audit, Error> {
-        let last = store
-            .scan(KEYSPACE, Scan::prefix(b"", 1).reverse())?
-            .into_iter()
-            .next()
-            .map(|(k, _)| number(&k))
-            .unwrap_or(0);
+        let last = newest(store.as_ref())?;
         let (tx, rx) = mpsc::channel(4 * BATCH);
         tokio::spawn(writer(store.clone(), rx, last));
         Ok(Audit { tx, store })
@@ -128,16 +123,28 @@ fn number(key: &[u8]) -> u64 {
     key.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
 
+/// The number of the newest entry (0 when there is none), blocking.
+fn newest(store: &dyn Store) -> Result<u64, metalgraph_store::Error> {
+    Ok(store
+        .scan(KEYSPACE, Scan::prefix(b"", 1).reverse())?
+        .into_iter()
+        .next()
+        .map(|(k, _)| number(&k))
+        .unwrap_or(0))
+}
+
+/// How often a batch of entries is numbered again after another writer (a replica of the
+/// same database) took its numbers first.
+const RENUMBER: usize = 8;
+
 async fn writer(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Request>, mut last: u64) {
     let mut pending = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut pending, BATCH).await > 0 {
         let time = now_rfc3339();
-        let mut batch = Batch::new();
-        let first = last + 1;
-        for (record, _) in &pending {
-            last += 1;
-            let entry = Entry {
-                id: last,
+        let entries: Vec<Entry> = pending
+            .iter()
+            .map(|(record, _)| Entry {
+                id: 0,
                 time: time.clone(),
                 token: record.caller.as_ref().map(|c| c.name.clone()),
                 role: record.caller.as_ref().map(|c| c.role.as_str().to_owned()),
@@ -146,34 +153,116 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Request>, mut last
                 target: record.target.clone(),
                 status: record.status.clone(),
                 peer: record.peer.clone(),
-            };
-            batch.put(
-                KEYSPACE,
-                last.to_be_bytes().to_vec(),
-                serde_json::to_vec(&entry).expect("an audit entry serialises"),
-            );
-        }
-        // What this batch pushes out of the window.
-        for n in first.saturating_sub(RETAINED)..last.saturating_sub(RETAINED) + 1 {
-            if n > 0 {
-                batch.delete(KEYSPACE, n.to_be_bytes().to_vec());
-            }
-        }
+            })
+            .collect();
         let committed = {
             let store = store.clone();
-            tokio::task::spawn_blocking(move || store.commit(batch)).await
+            tokio::task::spawn_blocking(move || append(store.as_ref(), entries, last)).await
         };
         let outcome = match committed {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(newest)) => {
+                last = newest;
+                Ok(())
+            }
             Ok(Err(e)) => Err(format!("the audit log cannot be written: {e}")),
             Err(e) => Err(format!("the audit log cannot be written: {e}")),
         };
         if let Err(e) = &outcome {
             error!(error = %e, entries = pending.len(), "audit entries were not recorded");
-            last = first - 1;
         }
         for (_, done) in pending.drain(..) {
             let _ = done.send(outcome.clone());
         }
+    }
+}
+
+/// Commits `entries` numbered after `last` (blocking), each number required unused: when
+/// another writer took one first, they are numbered again after the newest entry. Returns
+/// the number of the last one written.
+fn append(
+    store: &dyn Store,
+    mut entries: Vec<Entry>,
+    mut last: u64,
+) -> Result<u64, metalgraph_store::Error> {
+    let mut tries = 0;
+    loop {
+        let mut batch = Batch::new();
+        let first = last + 1;
+        for (i, entry) in entries.iter_mut().enumerate() {
+            entry.id = first + i as u64;
+            let key = entry.id.to_be_bytes().to_vec();
+            batch.require_absent(KEYSPACE, key.clone());
+            batch.put(
+                KEYSPACE,
+                key,
+                serde_json::to_vec(&entry).expect("an audit entry serialises"),
+            );
+        }
+        let end = first + entries.len() as u64 - 1;
+        // What this batch pushes out of the window.
+        for n in first.saturating_sub(RETAINED)..end.saturating_sub(RETAINED) + 1 {
+            if n > 0 {
+                batch.delete(KEYSPACE, n.to_be_bytes().to_vec());
+            }
+        }
+        match store.commit(batch) {
+            Ok(()) => return Ok(end),
+            Err(metalgraph_store::Error::Conflict { .. }) if tries < RENUMBER => {
+                tries += 1;
+                last = newest(store)?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(target: &str) -> Entry {
+        Entry {
+            id: 0,
+            time: now_rfc3339(),
+            token: None,
+            role: None,
+            protocol: "http".into(),
+            method: "GET".into(),
+            target: target.into(),
+            status: "200".into(),
+            peer: None,
+        }
+    }
+
+    fn targets(store: &dyn Store) -> Vec<(u64, String)> {
+        store
+            .scan_prefix(KEYSPACE, b"")
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| {
+                let e: Entry = serde_json::from_slice(&v).unwrap();
+                assert_eq!(e.id, number(&k));
+                (e.id, e.target)
+            })
+            .collect()
+    }
+
+    /// Replicas of one database share the log: an entry never overwrites one another
+    /// writer numbered first.
+    #[test]
+    fn entries_numbered_by_another_writer_meanwhile_are_kept() {
+        let store = metalgraph_store::MemStore::new();
+        assert_eq!(append(&store, vec![entry("/a")], 0).unwrap(), 1);
+        // Another writer, which also thought the log ended at 1, adds two.
+        assert_eq!(
+            append(&store, vec![entry("/b"), entry("/c")], 1).unwrap(),
+            3
+        );
+        // This writer still thinks the log ends at 1.
+        assert_eq!(append(&store, vec![entry("/d")], 1).unwrap(), 4);
+        assert_eq!(
+            targets(&store),
+            [(1, "/a"), (2, "/b"), (3, "/c"), (4, "/d")].map(|(n, t)| (n, t.to_owned()))
+        );
     }
 }

@@ -195,6 +195,35 @@ pub struct NewToken {
     pub created_at: String,
 }
 
+/// How often a replica of a shared database reads the tokens again.
+pub const REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Every stored token by name, with its hash decoded (blocking).
+fn read_all(store: &dyn Store) -> Result<BTreeMap<String, Held>, Error> {
+    let mut by_name = BTreeMap::new();
+    for (key, value) in store.scan_prefix(KEYSPACE, b"")? {
+        let name = String::from_utf8_lossy(&key).into_owned();
+        let record: TokenRecord = serde_json::from_slice(&value)
+            .map_err(|e| Error::Store(format!("token {name:?} is unreadable: {e}")))?;
+        let hash = decode_hash(&record.sha256)
+            .ok_or_else(|| Error::Store(format!("token {name:?} has a malformed hash")))?;
+        let last_written_ms = record
+            .last_used
+            .as_deref()
+            .and_then(parse_rfc3339)
+            .unwrap_or(0);
+        by_name.insert(
+            name,
+            Held {
+                record,
+                hash,
+                last_written_ms,
+            },
+        );
+    }
+    Ok(by_name)
+}
+
 /// The tokens of one server.
 #[derive(Clone)]
 pub struct Tokens {
@@ -229,28 +258,7 @@ struct Held {
 impl Tokens {
     /// Reads every stored token. `required` false accepts every request without one.
     pub fn load(store: Arc<dyn Store>, required: bool) -> Result<Tokens, Error> {
-        let rows = store.scan_prefix(KEYSPACE, b"")?;
-        let mut by_name = BTreeMap::new();
-        for (key, value) in rows {
-            let name = String::from_utf8_lossy(&key).into_owned();
-            let record: TokenRecord = serde_json::from_slice(&value)
-                .map_err(|e| Error::Store(format!("token {name:?} is unreadable: {e}")))?;
-            let hash = decode_hash(&record.sha256)
-                .ok_or_else(|| Error::Store(format!("token {name:?} has a malformed hash")))?;
-            let last_written_ms = record
-                .last_used
-                .as_deref()
-                .and_then(parse_rfc3339)
-                .unwrap_or(0);
-            by_name.insert(
-                name,
-                Held {
-                    record,
-                    hash,
-                    last_written_ms,
-                },
-            );
-        }
+        let by_name = read_all(store.as_ref())?;
         Ok(Tokens {
             inner: Arc::new(Inner {
                 store,
@@ -259,6 +267,38 @@ impl Tokens {
                 changes: tokio::sync::Mutex::new(()),
             }),
         })
+    }
+
+    /// Reads the stored tokens again, so that what other replicas of the database created
+    /// and revoked holds here too.
+    pub async fn refresh(&self) -> Result<(), Error> {
+        let _guard = self.inner.changes.lock().await;
+        let store = self.inner.store.clone();
+        let mut fresh = tokio::task::spawn_blocking(move || read_all(store.as_ref()))
+            .await
+            .map_err(|e| Error::Store(e.to_string()))??;
+        let mut tokens = self.write();
+        for (name, held) in fresh.iter_mut() {
+            if let Some(old) = tokens.get(name) {
+                held.last_written_ms = held.last_written_ms.max(old.last_written_ms);
+            }
+        }
+        *tokens = fresh;
+        Ok(())
+    }
+
+    /// Refreshes the tokens every [`REFRESH_EVERY`] until `stop`: replicas of one database
+    /// see each other's creations and revocations within that.
+    pub async fn keep_fresh(self, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(REFRESH_EVERY) => {}
+            }
+            if let Err(e) = self.refresh().await {
+                tracing::warn!(error = %e, "reading the tokens again failed; trying again");
+            }
+        }
     }
 
     /// Whether requests need a token.
@@ -449,7 +489,15 @@ impl Tokens {
         if !self.read().is_empty() {
             return Ok(None);
         }
-        let new = self.create(BOOTSTRAP_NAME, Role::Admin).await?;
+        let new = match self.create(BOOTSTRAP_NAME, Role::Admin).await {
+            Ok(new) => new,
+            // Another replica of the database made it a moment ago.
+            Err(Error::AlreadyExists(_)) => {
+                self.refresh().await?;
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
         let path = file.to_owned();
         let text = format!("{}\n", new.token);
         tokio::task::spawn_blocking(move || {

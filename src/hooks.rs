@@ -12,6 +12,13 @@
 //! slows neither the engine nor other hooks. A receiver that falls more than
 //! [`EVENT_RETENTION`](metalgraph_engine::EVENT_RETENTION) events behind loses the oldest; its status counts them as `dropped`.
 //!
+//! Replicas of one database (docs/scale-out.md) deliver each hook once: only the replica
+//! that holds the sequencer (`Engine::leads`) runs deliveries, and it reads the stored hooks
+//! again every [`SUPERVISE_EVERY`] to start those registered through other replicas and stop
+//! those deleted. A delivery's progress is written only over the record it last read or
+//! wrote, so a hook deleted elsewhere is never written back, and a delivery that finds its
+//! record changed under it stops.
+//!
 //! With a secret, each delivery carries `X-Metalgraph-Signature: sha256=<hex>`, the
 //! HMAC-SHA256 of the body under the secret. The secret is never shown again: views say only
 //! whether one is set.
@@ -41,6 +48,9 @@ const MAX_SECRET_LEN: usize = 1024;
 
 /// How often, at most, a busy hook commits its cursor: a crash redelivers at most this much.
 const CURSOR_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often a replica of a shared database reads the stored hooks again.
+const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
 
 /// The most events a hook reads from the log at once.
 const PAGE: usize = 256;
@@ -205,24 +215,69 @@ impl Hooks {
         };
         let this = hooks.clone();
         tokio::spawn(async move {
-            let _guard = this.inner.changes.lock().await;
-            match this.load().await {
-                Ok(records) => {
-                    let n = records.len();
-                    for rec in records {
-                        this.spawn(rec);
-                    }
-                    if n > 0 {
-                        info!(hooks = n, "webhooks delivering");
-                    }
+            let shared = matches!(
+                this.inner.engine.ownership(),
+                metalgraph_engine::ownership::Ownership::Leased(_)
+            );
+            let n = this.supervise().await;
+            if n > 0 {
+                info!(hooks = n, "webhooks delivering");
+            }
+            if !shared {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    () = this.inner.stop.cancelled() => return,
+                    () = tokio::time::sleep(SUPERVISE_EVERY) => {}
                 }
-                Err(e) => warn!(error = %e, "cannot read the webhooks; none is delivered"),
+                this.supervise().await;
             }
         });
         hooks
     }
 
-    async fn load(&self) -> Result<Vec<HookRecord>, Error> {
+    /// Brings the deliveries in line with the stored hooks: while this process leads, every
+    /// stored hook is delivered (those registered elsewhere start, those deleted elsewhere
+    /// or whose delivery stopped are dropped); otherwise none is. Returns how many run.
+    async fn supervise(&self) -> usize {
+        let _guard = self.inner.changes.lock().await;
+        let stored = if self.inner.engine.leads() {
+            match self.load().await {
+                Ok(records) => records,
+                Err(e) => {
+                    warn!(error = %e, "cannot read the webhooks; deliveries stay as they are");
+                    return self.lock().len();
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let keep: std::collections::BTreeSet<String> =
+            stored.iter().map(|(r, _)| r.id.clone()).collect();
+        let gone: Vec<Running> = {
+            let mut running = self.lock();
+            let ids: Vec<String> = running
+                .iter()
+                .filter(|(id, r)| !keep.contains(*id) || r.task.is_finished())
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.iter().filter_map(|id| running.remove(id)).collect()
+        };
+        for r in gone {
+            r.stop.cancel();
+            let _ = r.task.await;
+        }
+        for (rec, raw) in stored {
+            if !self.lock().contains_key(&rec.id) {
+                self.spawn(rec, raw);
+            }
+        }
+        self.lock().len()
+    }
+
+    /// Every stored hook, with its record as stored.
+    async fn load(&self) -> Result<Vec<(HookRecord, Vec<u8>)>, Error> {
         let store = self.inner.store.clone();
         let rows = tokio::task::spawn_blocking(move || store.scan_prefix(KEYSPACE, b""))
             .await
@@ -246,7 +301,7 @@ impl Hooks {
                     })?;
                     *secret = sealer.open(secret).map_err(unreadable)?;
                 }
-                Ok(rec)
+                Ok((rec, v))
             })
             .collect()
     }
@@ -255,7 +310,7 @@ impl Hooks {
     pub async fn create(&self, spec: HookSpec) -> Result<Value, Error> {
         spec.check()?;
         let _guard = self.inner.changes.lock().await;
-        if self.lock().len() >= MAX_HOOKS {
+        if self.load().await?.len() >= MAX_HOOKS {
             return Err(Error::Conflict(format!(
                 "there are {MAX_HOOKS} hooks already, the most one server keeps; delete one first"
             )));
@@ -273,33 +328,47 @@ impl Hooks {
             last_error: None,
             last_error_at: None,
         };
-        save(&self.inner, &rec).await?;
+        let stored = save(&self.inner, &rec, None).await?;
         info!(hook = %rec.id, url = %scrub(&rec.url), "webhook registered");
         let view = self.view(&rec).await;
-        self.spawn(rec);
+        // With replicas, the one that leads delivers it (it reads it within a second).
+        if self.inner.engine.leads() {
+            self.spawn(rec, stored);
+        }
         Ok(view)
     }
 
+    /// Every hook as stored, each overlaid with the progress of its delivery when it runs
+    /// here.
+    async fn records(&self) -> Result<Vec<HookRecord>, Error> {
+        let stored = self.load().await?;
+        let running = self.lock();
+        Ok(stored
+            .into_iter()
+            .map(|(rec, _)| match running.get(&rec.id) {
+                Some(r) => r.record.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                None => rec,
+            })
+            .collect())
+    }
+
     /// Every hook, oldest first.
-    pub async fn list(&self) -> Vec<Value> {
-        let mut records: Vec<HookRecord> = self
-            .lock()
-            .values()
-            .map(|r| r.record.lock().unwrap_or_else(|p| p.into_inner()).clone())
-            .collect();
+    pub async fn list(&self) -> Result<Vec<Value>, Error> {
+        let mut records = self.records().await?;
         records.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         let mut out = Vec::with_capacity(records.len());
         for rec in &records {
             out.push(self.view(rec).await);
         }
-        out
+        Ok(out)
     }
 
     pub async fn get(&self, id: &str) -> Result<Value, Error> {
         let rec = self
-            .lock()
-            .get(id)
-            .map(|r| r.record.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .records()
+            .await?
+            .into_iter()
+            .find(|r| r.id == id)
             .ok_or_else(|| not_found(id))?;
         Ok(self.view(&rec).await)
     }
@@ -307,19 +376,36 @@ impl Hooks {
     /// Stops a hook's deliveries and forgets it.
     pub async fn delete(&self, id: &str) -> Result<(), Error> {
         let _guard = self.inner.changes.lock().await;
-        let running = self.lock().remove(id).ok_or_else(|| not_found(id))?;
-        // Its task commits its progress as it stops; the record is deleted after that.
-        running.stop.cancel();
-        let _ = running.task.await;
+        let running = self.lock().remove(id);
+        if let Some(running) = running {
+            // Its task commits its progress as it stops; the record is deleted after that.
+            running.stop.cancel();
+            let _ = running.task.await;
+        }
         let store = self.inner.store.clone();
         let key = id.as_bytes().to_vec();
-        tokio::task::spawn_blocking(move || {
+        let existed = tokio::task::spawn_blocking(move || {
+            let Some(current) = store.get(KEYSPACE, &key)? else {
+                return Ok(false);
+            };
+            // Over the record as read: a delivery elsewhere that writes its progress
+            // meanwhile makes this fail rather than be undone.
             let mut batch = Batch::new();
+            batch.require_equals(KEYSPACE, key.clone(), current);
             batch.delete(KEYSPACE, key);
-            store.commit(batch)
+            store.commit(batch).map(|()| true)
         })
         .await
-        .map_err(Error::from)??;
+        .map_err(Error::from)?
+        .map_err(|e| match e {
+            metalgraph_store::Error::Conflict { .. } => {
+                Error::Conflict(format!("hook {id} changed while it was deleted; try again"))
+            }
+            other => Error::from(other),
+        })?;
+        if !existed {
+            return Err(not_found(id));
+        }
         info!(hook = %id, "webhook deleted");
         Ok(())
     }
@@ -350,13 +436,14 @@ impl Hooks {
         rec.view(&log, backlog)
     }
 
-    fn spawn(&self, rec: HookRecord) {
+    fn spawn(&self, rec: HookRecord, stored: Vec<u8>) {
         let stop = self.inner.stop.child_token();
         let record = Arc::new(Mutex::new(rec.clone()));
         let id = rec.id.clone();
         let delivery = Delivery {
             inner: self.inner.clone(),
             rec,
+            stored,
             shared: record.clone(),
             stop: stop.clone(),
             saved_at: Instant::now(),
@@ -380,8 +467,10 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Stores a hook, its secret sealed when the engine has a key.
-async fn save(inner: &Inner, rec: &HookRecord) -> Result<(), Error> {
+/// Stores a hook, its secret sealed when the engine has a key, over the record as `over`
+/// last stored it (`None`: a new hook). Returns the record as stored. A record changed or
+/// deleted meanwhile (through another replica) is a conflict, and nothing is written.
+async fn save(inner: &Inner, rec: &HookRecord, over: Option<Vec<u8>>) -> Result<Vec<u8>, Error> {
     let store = inner.store.clone();
     let key = rec.id.as_bytes().to_vec();
     let mut stored = rec.clone();
@@ -389,14 +478,25 @@ async fn save(inner: &Inner, rec: &HookRecord) -> Result<(), Error> {
         *secret = sealer.seal(secret);
     }
     let value = serde_json::to_vec(&stored).expect("a hook serializes");
+    let written = value.clone();
     tokio::task::spawn_blocking(move || {
         let mut batch = Batch::new();
+        match over {
+            Some(old) => batch.require_equals(KEYSPACE, key.clone(), old),
+            None => batch.require_absent(KEYSPACE, key.clone()),
+        };
         batch.put(KEYSPACE, key, value);
         store.commit(batch)
     })
     .await
-    .map_err(Error::from)??;
-    Ok(())
+    .map_err(Error::from)?
+    .map_err(|e| match e {
+        metalgraph_store::Error::Conflict { .. } => {
+            Error::Conflict(format!("hook {} changed or was deleted elsewhere", rec.id))
+        }
+        other => Error::from(other),
+    })?;
+    Ok(written)
 }
 
 /// One hook's delivery task.
@@ -404,6 +504,8 @@ struct Delivery {
     inner: Arc<Inner>,
     /// The task's own copy of the record; `shared` mirrors it for views.
     rec: HookRecord,
+    /// The record as last read or written: progress is written only over it.
+    stored: Vec<u8>,
     shared: Arc<Mutex<HookRecord>>,
     stop: CancellationToken,
     saved_at: Instant,
@@ -522,14 +624,21 @@ impl Delivery {
     }
 
     /// Commits the record if it changed.
+    /// A record changed elsewhere (deleted through another replica, or delivered by
+    /// another one) stops this delivery.
     async fn save(&mut self) {
         if !self.dirty {
             return;
         }
-        match save(&self.inner, &self.rec).await {
-            Ok(()) => {
+        match save(&self.inner, &self.rec, Some(self.stored.clone())).await {
+            Ok(stored) => {
+                self.stored = stored;
                 self.dirty = false;
                 self.saved_at = Instant::now();
+            }
+            Err(Error::Conflict(why)) => {
+                info!(hook = %self.rec.id, why = %why, "webhook delivery stops here");
+                self.stop.cancel();
             }
             Err(e) => warn!(hook = %self.rec.id, error = %e, "cannot record a webhook's progress"),
         }

@@ -229,6 +229,10 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     } else {
         crate::auth::warn_off();
     }
+    if replica.is_some() {
+        // Tokens created or revoked through another replica hold here within a second.
+        tokio::spawn(base.tokens.clone().keep_fresh(shutdown.clone()));
+    }
     let state = AppState {
         files_dir: config.files_dir.clone(),
         // The iPXE binaries, for UEFI HTTP Boot, wherever network boot runs (with or

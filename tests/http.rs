@@ -1431,7 +1431,7 @@ async fn templates_render_for_a_node_with_its_waiting_token() {
     // Without the node's capability, the kickstart answers as if nothing waited.
     let (status, _, body) = raw(&app, "GET", ks, &[]).await;
     assert_eq!(status, StatusCode::CONFLICT, "{}", text(body));
-    let cap = h.engine.waiting_task("n1").expect("it waits").cap;
+    let cap = h.engine.waiting_task("n1").await.expect("it waits").cap;
     let with_cap = format!("{ks}&cap={}", cap.as_str());
     let (status, _, body) = raw(&app, "GET", &with_cap, &[]).await;
     let rendered = text(body);

@@ -390,7 +390,7 @@ async fn the_waiting_install_task_gets_its_rendered_profile_with_the_token() {
         )
         .await;
     let token = h.waiting_token(&node.id).await;
-    let cap = h.engine.waiting_task(&node.id).expect("it waits").cap;
+    let cap = h.engine.waiting_task(&node.id).await.expect("it waits").cap;
 
     // DHCP's boot file name carries the node's capability; the profile it names holds the
     // task's callback, and every URL in it carries the capability on.
@@ -499,7 +499,7 @@ async fn only_the_node_itself_is_shown_its_callback_token() {
         )
         .await;
     let token = h.waiting_token(&node.id).await;
-    let cap = h.engine.waiting_task(&node.id).expect("it waits").cap;
+    let cap = h.engine.waiting_task(&node.id).await.expect("it waits").cap;
     // A capability computed under another key (a guess of the right shape).
     let other_cap = metalgraph_engine::NodeCaps::random().cap(&node.id, &id, "t", &token);
 
@@ -1307,7 +1307,12 @@ async fn a_kickstart_refuses_to_print_a_line_break_a_node_brought_in() {
         .expect("renamed");
     h.run("Test.Wait", &quoted.id, json!({})).await;
     let token = h.waiting_token(&quoted.id).await;
-    let cap = h.engine.waiting_task(&quoted.id).expect("it waits").cap;
+    let cap = h
+        .engine
+        .waiting_task(&quoted.id)
+        .await
+        .expect("it waits")
+        .cap;
     let (status, _, body) = h
         .get(&format!(
             "/api/2.0/templates/kickstart-callback.ks?nodeId={}&cap={}",

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use metalgraph_engine::ownership::partition_of;
 use metalgraph_testkit::postgres;
 use serde_json::json;
-use support::{Api, Launch, Server};
+use support::{Api, Launch, Server, describe_event};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -218,6 +218,49 @@ async fn replicas_share_the_work_and_survive_kill_stop_and_a_database_restart() 
     let (code, body) = api0.put_yaml("/api/2.0/workflows/graphs", CALL).await;
     assert_eq!(code, 201, "{body}");
 
+    // A token made through one replica works on another, and one revoked through another
+    // is refused everywhere, within a second or so.
+    let (code, made) = replicas[1]
+        .api()
+        .send(
+            "POST",
+            "/api/2.0/tokens",
+            Some(json!({"name": "ops", "role": "viewer"})),
+        )
+        .await;
+    assert_eq!(code, 201, "{made}");
+    let secret = made["token"].as_str().unwrap().to_owned();
+    let status_with = |r: &Replica, secret: String| {
+        let client = r.server().http_as(Some(&secret));
+        let url = r.server().url("/api/2.0/workflows");
+        async move { client.get(url).send().await.unwrap().status().as_u16() }
+    };
+    let until = |want: u16, r: usize| {
+        let (replicas, secret) = (&replicas, secret.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let got = status_with(&replicas[r], secret.clone()).await;
+                if got == want {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "replica {r} answers {got}, not {want}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    until(200, 2).await;
+    let (code, body) = replicas[2]
+        .api()
+        .send("DELETE", "/api/2.0/tokens/ops", None)
+        .await;
+    assert_eq!(code, 204, "{body}");
+    until(401, 1).await;
+    until(401, 0).await;
+
     // (3) One node, two replicas, at once: exactly one run is created.
     let (a, b) = (replicas[1].api(), replicas[2].api());
     let path = "/api/2.0/nodes/demo-node-07/workflows";
@@ -309,6 +352,61 @@ async fn replicas_share_the_work_and_survive_kill_stop_and_a_database_restart() 
     let wf = api0.wait(&id, LIMIT).await;
     assert_eq!(wf["status"], "succeeded", "{wf:#}");
 
+    // A webhook registered through a replica that does not lead is delivered once per
+    // event by the one that does, and deleting it through another stops its deliveries.
+    let leader = owners(pg, &schema)[&64].clone();
+    let others: Vec<&Replica> = replicas.iter().filter(|r| r.id() != leader).collect();
+    let (received, hook_url) = receiver().await;
+    let (code, hook) = others[0]
+        .api()
+        .send("POST", "/api/2.0/hooks", Some(json!({"url": hook_url})))
+        .await;
+    assert_eq!(code, 201, "{hook}");
+    let hook_id = hook["id"].as_str().unwrap().to_owned();
+    // The leader starts delivering it within a second.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let wfs = naps(&replicas, &nodes[..3]).await;
+    all_succeed(&api0, &wfs).await;
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let got = received.lock().unwrap().clone();
+        let ended = |id: &String| {
+            got.iter()
+                .any(|e| e["workflowId"] == id.as_str() && describe_event(e) == "wf:succeeded")
+        };
+        if wfs.iter().all(ended) {
+            let mut ids: Vec<&str> = got.iter().map(|e| e["id"].as_str().unwrap()).collect();
+            let n = ids.len();
+            ids.sort_unstable();
+            ids.dedup();
+            assert_eq!(ids.len(), n, "no event was delivered twice");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every end was delivered: {got:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, listed) = others[1].api().get("/api/2.0/hooks").await;
+    assert_eq!(code, 200, "{listed}");
+    assert_eq!(listed[0]["id"], hook_id.as_str(), "{listed}");
+    let (code, body) = others[1]
+        .api()
+        .send("DELETE", &format!("/api/2.0/hooks/{hook_id}"), None)
+        .await;
+    assert_eq!(code, 204, "{body}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let delivered = received.lock().unwrap().len();
+    let wfs = naps(&replicas, &nodes[..1]).await;
+    all_succeed(&api0, &wfs).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        received.lock().unwrap().len(),
+        delivered,
+        "the deleted hook was still delivered"
+    );
+
     // (5) The database restarts under running workflows: nothing acknowledged is lost and
     // the replicas reconnect by themselves.
     let wfs = naps(&replicas, &nodes).await;
@@ -318,6 +416,29 @@ async fn replicas_share_the_work_and_survive_kill_stop_and_a_database_restart() 
         let (code, health) = r.api().get("/api/2.0/health").await;
         assert_eq!(code, 200, "{health}");
     }
+}
+
+/// A webhook receiver on a free loopback port: every body it took, and its URL.
+async fn receiver() -> (
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    String,
+) {
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::Json<serde_json::Value>| {
+            let kept = kept.clone();
+            async move {
+                kept.lock().unwrap().push(body.0);
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (got, url)
 }
 
 /// The notification token of workflow `id`'s waiting task, as its node is shown it: here

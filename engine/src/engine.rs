@@ -938,6 +938,57 @@ impl Engine {
         }
     }
 
+    /// With replicas, publishes `w` under its node for the others (see [`Self::waiting_task`])
+    /// and returns the guard that takes it back when the wait ends. One process publishes
+    /// nothing.
+    async fn publish_waiter(&self, w: &Waiter) -> Result<Option<Published>, JobError> {
+        let (Ownership::Leased(_), Some(node)) = (&self.inner.ownership, &w.node) else {
+            return Ok(None);
+        };
+        let value = serde_json::to_vec(w).expect("a waiter serialises");
+        let (store, key, put) = (self.inner.store.clone(), node.clone(), value.clone());
+        blocking(move || {
+            let mut batch = Batch::new();
+            batch.put(keys::WAITING, key.into_bytes(), put);
+            store.commit(batch).map_err(Error::from)
+        })
+        .await
+        .map_err(|e| JobError::new(format!("publishing the wait for the node's callback: {e}")))?;
+        Ok(Some(Published {
+            store: self.inner.store.clone(),
+            node: node.clone(),
+            value,
+        }))
+    }
+
+    /// The task waiting on `node` that another replica published, if its record still says
+    /// it runs with that token.
+    async fn published_waiter(&self, node: &str) -> Option<Waiter> {
+        let (store, node) = (self.inner.store.clone(), node.to_owned());
+        blocking(move || {
+            let Some(raw) = store.get(keys::WAITING, node.as_bytes())? else {
+                return Ok(None);
+            };
+            let w: Waiter = serde_json::from_slice(&raw).map_err(|e| {
+                Error::Store(format!("the waiting task of {node} is unreadable: {e}"))
+            })?;
+            let Some((_, tasks)) = load_records(store.as_ref(), &w.workflow_id)? else {
+                return Ok(None);
+            };
+            let running = tasks.iter().any(|t| {
+                t.id == w.task_id
+                    && t.state == TaskState::Running
+                    && crate::notify::same_secret(&t.token, &w.token)
+            });
+            Ok::<_, Error>(running.then_some(w))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            warn!(error = %e, "reading the published waiting task failed");
+            None
+        })
+    }
+
     /// The workflow id and notification token of the task waiting on `node`, if one waits.
     /// Whoever is shown the token can complete the task: see [`Engine::waiting_task`],
     /// which comes with the capability a node-facing request must present.
@@ -951,8 +1002,16 @@ impl Engine {
     /// The task waiting for `node`'s callback, if one waits, with its token and the node's
     /// capability for it (see [`crate::notify`]); templates served to the node render the
     /// token into the installer's callback when the request presents the capability.
-    pub fn waiting_task(&self, node: &str) -> Option<WaitingTask> {
-        let w = self.inner.waiters.waiting_on(node)?;
+    ///
+    /// With replicas, a task another replica drives is found where it published itself.
+    pub async fn waiting_task(&self, node: &str) -> Option<WaitingTask> {
+        let w = match self.inner.waiters.waiting_on(node) {
+            Some(w) => w,
+            None => match &self.inner.ownership {
+                Ownership::Sole => return None,
+                Ownership::Leased(_) => self.published_waiter(node).await?,
+            },
+        };
         let cap = self
             .inner
             .caps
@@ -1032,6 +1091,40 @@ async fn sweep_periodically(engine: Engine, policy: Retention) {
     }
 }
 
+/// A waiting task published for the other replicas; dropping it takes it back, unless
+/// another wait on the node has replaced it.
+struct Published {
+    store: Arc<dyn Store>,
+    node: String,
+    value: Vec<u8>,
+}
+
+impl Drop for Published {
+    fn drop(&mut self) {
+        let (store, node, value) = (
+            self.store.clone(),
+            std::mem::take(&mut self.node),
+            std::mem::take(&mut self.value),
+        );
+        let take_back = move || {
+            let mut batch = Batch::new();
+            batch.require_equals(keys::WAITING, node.as_bytes().to_vec(), value);
+            batch.delete(keys::WAITING, node.into_bytes());
+            if let Err(e) = store.commit(batch)
+                && !matches!(e, metalgraph_store::Error::Conflict { .. })
+            {
+                warn!(error = %e, "taking back a published wait failed; the next wait replaces it");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(take_back);
+            }
+            Err(_) => take_back(),
+        }
+    }
+}
+
 /// What the engine lends to jobs.
 pub(crate) struct Services {
     engine: Engine,
@@ -1060,13 +1153,15 @@ impl JobServices for Services {
         let engine = self.engine.clone();
         let ctx = ctx.clone();
         Box::pin(async move {
-            let _waiting = engine.inner.waiters.register(Waiter {
+            let waiter = Waiter {
                 node: ctx.node.as_ref().map(|n| n.id.clone()),
                 workflow_id: ctx.workflow_id.clone(),
                 task_id: ctx.task_id.clone(),
                 label: ctx.label.clone(),
                 token: ctx.token.clone(),
-            });
+            };
+            let _published = engine.publish_waiter(&waiter).await?;
+            let _waiting = engine.inner.waiters.register(waiter);
             // The scheduler ends the task when the node's callback is committed and then
             // cancels this wait; until then there is nothing to do but wait.
             ctx.cancel.cancelled().await;

@@ -20,6 +20,7 @@
 //! | `batches_active` | batch id | empty: the unfinished batches, which the batch runner reads |
 //! | `event_stage` | `{partition:03}/{seq:016x}` | an event a replica committed, waiting for the sequencer to number it (JSON), see `sequencer.rs` |
 //! | `inbox` | `{partition:03}/{ms:016x}-{id}` | a request for the owner of a partition: load a new workflow, cancel one (JSON), see `scheduler/inbox.rs` |
+//! | `waiting` | node id | the task waiting for the node's callback, with its token (JSON, sealed), published by the replica that drives it for the others (`notify.rs`) |
 //! | `partitions` | `lease/…`, `fence/…`, `replica/…` | partition leases, fences and replica heartbeats, see `ownership.rs` |
 //! | `meta` | `event_log`, `workflow_index`, `node_index`, `nodes_sealed`, `seal_check` | the event log's id; that an index is built, that passwords are sealed; a value sealed with the store's key |
 //!
@@ -48,6 +49,7 @@ pub const BATCHES: &str = "batches";
 pub const BATCHES_ACTIVE: &str = "batches_active";
 pub const EVENT_STAGE: &str = "event_stage";
 pub const INBOX: &str = "inbox";
+pub const WAITING: &str = "waiting";
 
 /// The key of task `index` of workflow `id`.
 pub fn task_key(id: &str, index: usize) -> Vec<u8> {

@@ -109,8 +109,10 @@ pub(crate) fn same_secret(a: &str, b: &str) -> bool {
             == 0
 }
 
-/// A task waiting for its node to call back.
-#[derive(Debug, Clone)]
+/// A task waiting for its node to call back. Replicas of one store publish it under the
+/// node in the `waiting` keyspace, so that the others can show it to the node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub(crate) struct Waiter {
     pub node: Option<String>,
     pub workflow_id: String,

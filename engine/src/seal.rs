@@ -224,9 +224,9 @@ const STORED_MAGIC: &[u8] = b"~mgs1:";
 
 /// The keyspaces whose values [`SealedStore`] seals whole: workflow records hold the run
 /// options (passwords and tokens a graph was given), task records hold outputs and
-/// checkpoints, and requests for a partition's owner may hold a node's callback and its
-/// task's token.
-pub const SEALED_KEYSPACES: [&str; 3] = [keys::WORKFLOWS, keys::TASKS, keys::INBOX];
+/// checkpoints, requests for a partition's owner may hold a node's callback and its task's
+/// token, and a published waiting task holds its token.
+pub const SEALED_KEYSPACES: [&str; 4] = [keys::WORKFLOWS, keys::TASKS, keys::INBOX, keys::WAITING];
 
 /// A store that seals the values of [`SEALED_KEYSPACES`] whole before they reach `inner`,
 /// and opens them when they are read; every other keyspace passes through. Records written

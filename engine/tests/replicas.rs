@@ -290,7 +290,10 @@ async fn a_callback_to_a_replica_that_does_not_drive_the_task_completes_it() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         assert_eq!(wf, v.instance_id);
+        // The other replica does not drive it, but finds it where the owner published it.
         assert!(other.engine.waiting_token(node).is_none());
+        let seen = other.engine.waiting_task(node).await.expect("published");
+        assert_eq!((seen.workflow_id, seen.token), (wf.clone(), token.clone()));
         // A wrong token is refused by the other replica as by the owner.
         let wrong = other
             .engine
@@ -311,6 +314,16 @@ async fn a_callback_to_a_replica_that_does_not_drive_the_task_completes_it() {
         assert_eq!(done.status, WorkflowStatus::Succeeded, "{done:#?}");
         let (_, tasks) = other.engine.load(&wf).await.unwrap().unwrap();
         assert_eq!(tasks[0].output, Some(json!({"installed": node})));
+        // The wait is over: nothing is published for the node any more.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while store.get("waiting", node.as_bytes()).unwrap().is_some() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the wait stayed published"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(other.engine.waiting_task(node).await.is_none());
     }
     a.stop().await;
     b.stop().await;

@@ -1165,8 +1165,8 @@ async fn create_hook(
     tag = "hooks",
     responses((status = 200, description = "The hooks", body = Vec<Object>))
 )]
-async fn list_hooks(State(s): State<AppState>) -> Json<Value> {
-    Json(Value::Array(s.hooks.list().await))
+async fn list_hooks(State(s): State<AppState>) -> Result<Json<Value>> {
+    Ok(Json(Value::Array(s.hooks.list().await?)))
 }
 
 /// One hook with its delivery status.
@@ -1441,7 +1441,7 @@ async fn proven_waiter(
     cap: Option<&str>,
     peer: Option<std::net::IpAddr>,
 ) -> Option<(metalgraph_engine::WaitingTask, crate::boot::Proof)> {
-    let w = s.engine.waiting_task(&node.id)?;
+    let w = s.engine.waiting_task(&node.id).await?;
     let proof = s.node_access.proof(node, &w.cap, cap, peer).await?;
     Some((w, proof))
 }
@@ -1511,7 +1511,7 @@ async fn template(
     // The waiting task's token is shown only to the node itself; to anyone else the node
     // looks like one on which nothing waits.
     let waiting = proven_waiter(&s, &node, q.cap.as_deref(), peer).await;
-    if waiting.is_none() && s.engine.waiting_task(&node.id).is_some() {
+    if waiting.is_none() && s.engine.waiting_task(&node.id).await.is_some() {
         debug!(node = %node.id, template = %name, "template rendered without the callback: the request does not prove it is the node");
     }
     if let Some((w, proof)) = &waiting {
