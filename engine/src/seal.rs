@@ -193,26 +193,39 @@ const CHECK_TEXT: &str = "metalgraph secret key check";
 /// records a check value in a store that has none yet. Run on start, before anything is
 /// read: a wrong key fails here, naming the problem, rather than in every job.
 pub fn check_key(store: &dyn Store, sealer: &Sealer) -> Result<(), String> {
+    check_key_once(store, sealer).or_else(|e| match e {
+        // Another replica of the database wrote the check value first: check against it.
+        None => check_key_once(store, sealer).map_err(|e| e.unwrap_or_default()),
+        Some(e) => Err(e),
+    })
+}
+
+/// [`check_key`]'s one attempt; `Err(None)` when another writer stored the check value
+/// between this one's read and write.
+fn check_key_once(store: &dyn Store, sealer: &Sealer) -> Result<(), Option<String>> {
     match store
         .get(keys::META, CHECK_KEY)
-        .map_err(|e| e.to_string())?
+        .map_err(|e| Some(e.to_string()))?
     {
         Some(v) => {
             let stored = String::from_utf8_lossy(&v);
             match sealer.open(&stored) {
                 Ok(text) if text == CHECK_TEXT => Ok(()),
-                _ => Err(
+                _ => Err(Some(
                     "the secret key does not open this store's secrets: they were sealed \
                      with another key (give the key file they were sealed with)"
                         .into(),
-                ),
+                )),
             }
         }
         None => {
             let mut batch = Batch::new();
             batch.require_absent(keys::META, CHECK_KEY);
             batch.put(keys::META, CHECK_KEY, sealer.seal(CHECK_TEXT).into_bytes());
-            store.commit(batch).map_err(|e| e.to_string())
+            store.commit(batch).map_err(|e| match e {
+                metalgraph_store::Error::Conflict { .. } => None,
+                other => Some(other.to_string()),
+            })
         }
     }
 }
