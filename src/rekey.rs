@@ -34,15 +34,26 @@ pub fn run(
     );
     let old = Sealer::load_or_create(key_file)
         .map_err(|e| anyhow::anyhow!("secret key {}: {e}", key_file.display()))?;
-    let pending = pending_key_file(key_file);
-    let new = Sealer::load_or_create(&pending)
-        .map_err(|e| anyhow::anyhow!("new secret key {}: {e}", pending.display()))?;
     let store = metalgraph_store::open_with(backend, data_dir, options).with_context(|| {
         format!(
             "cannot open the store in {} (is serve still running? stop it, and every replica, first)",
             data_dir.display()
         )
     })?;
+    if backend == metalgraph_store::Backend::Postgres {
+        let live = metalgraph_engine::ownership::live_replicas(store.as_ref())
+            .map_err(|e| anyhow::anyhow!("cannot read the replicas of the database: {e}"))?;
+        anyhow::ensure!(
+            live.is_empty(),
+            "replicas serve this database ({}): stop every replica first (one killed rather \
+             than stopped counts as serving until its lease runs out, lease_ttl_ms)",
+            live.join(", ")
+        );
+    }
+    // Made only once nothing serves the store: a new key file keeps `serve` from starting.
+    let pending = pending_key_file(key_file);
+    let new = Sealer::load_or_create(&pending)
+        .map_err(|e| anyhow::anyhow!("new secret key {}: {e}", pending.display()))?;
     let rewritten = seal::rekey(
         store.as_ref(),
         &old,

@@ -67,6 +67,10 @@ async fn serves_on_postgres_through_a_kill_and_a_database_restart() {
         !stderr.contains("postgresql://"),
         "the URL is not shown: {stderr}"
     );
+    // Nor may the key be rotated under a serving replica.
+    let (ok, stderr) = rekey(data.path(), &url);
+    assert!(!ok);
+    assert!(stderr.contains("replicas serve this database"), "{stderr}");
 
     // Killed mid-way, resumed on the next start.
     let id = api.run("Nap", Some("demo-node-01"), json!({})).await;
@@ -114,5 +118,23 @@ async fn serves_on_postgres_through_a_kill_and_a_database_restart() {
         ),
     );
     assert_eq!(plain, "0", "the password is readable in the database");
-    drop(server);
+    // A clean stop hands the database over at once: the key can be rotated now.
+    assert!(server.terminate().success());
+    let (ok, stderr) = rekey(data.path(), &url);
+    assert!(ok, "{stderr}");
+}
+
+/// `metalgraph rekey` on the database: whether it succeeded, and its stderr.
+fn rekey(data: &std::path::Path, url: &str) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_metalgraph"))
+        .args(["rekey", "--store", "postgres", "--database-url", url])
+        .arg("--data-dir")
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("rekey runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

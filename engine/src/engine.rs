@@ -312,8 +312,18 @@ impl Engine {
             });
         }
         let this = engine.clone();
+        let leases = match &opts.ownership {
+            Ownership::Leased(l) => Some(l.clone()),
+            Ownership::Sole => None,
+        };
         let handle = tokio::spawn(async move {
             let res = runtime.run().await;
+            // Its scheduler stopped: a replica hands its partitions to the others at once.
+            if let Some(leases) = leases
+                && let Err(e) = blocking(move || leases.release_all()).await
+            {
+                warn!(error = %e, "releasing the partitions failed; the others take them when their leases run out");
+            }
             if let Err(e) = &res {
                 *this.inner.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
             }

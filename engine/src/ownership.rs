@@ -447,6 +447,17 @@ impl Leases {
         Ok(())
     }
 
+    /// Gives up every partition and the heartbeat, once this replica's scheduler has
+    /// stopped: the others take the partitions at their next scan instead of after the
+    /// TTL. A lease changed meanwhile is left as it is.
+    pub fn release_all(&self) -> Result<(), Error> {
+        self.release(&self.partitions())?;
+        let mut batch = Batch::new();
+        batch.delete(KEYSPACE, heartbeat_key(&self.me));
+        self.store.commit(batch)?;
+        Ok(())
+    }
+
     /// Gives up partitions [`Tick::release`] named, once the scheduler no longer drives
     /// them: their leases are marked run out, so another replica takes them at its next
     /// scan. A lease that changed meanwhile is simply forgotten.
@@ -476,6 +487,20 @@ impl Leases {
         }
         Ok(())
     }
+}
+
+/// The ids of the replicas whose heartbeat in `store` has not run out (blocking): the
+/// processes serving a shared database now, or stopped without a clean shutdown less than a
+/// lease's TTL ago.
+pub fn live_replicas(store: &dyn Store) -> Result<Vec<String>, Error> {
+    let now = store.now_ms()?;
+    let mut live = Vec::new();
+    for (k, v) in store.scan_prefix(KEYSPACE, b"replica/")? {
+        if serde_json::from_slice::<Heartbeat>(&v).is_ok_and(|h| h.expires > now) {
+            live.push(String::from_utf8_lossy(&k["replica/".len()..]).into_owned());
+        }
+    }
+    Ok(live)
 }
 
 /// Runs [`Leases::tick`] every scan interval (sooner when a held lease would run out
@@ -620,6 +645,20 @@ mod tests {
             store.commit(batch),
             Err(StoreError::Conflict { .. })
         ));
+    }
+
+    #[test]
+    fn a_clean_stop_frees_every_partition_at_once() {
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let a = replica(&store, "a");
+        a.tick().unwrap();
+        assert_eq!(live_replicas(store.as_ref()).unwrap(), ["a"]);
+        a.release_all().unwrap();
+        assert!(a.partitions().is_empty());
+        assert!(live_replicas(store.as_ref()).unwrap().is_empty());
+        // Another replica takes everything at its first round, long before the TTL.
+        let b = replica(&store, "b");
+        assert_eq!(b.tick().unwrap().acquired.len(), LEASED as usize);
     }
 
     #[test]
