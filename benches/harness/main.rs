@@ -8,7 +8,7 @@
 //! directories go; its disk is what is measured), and size overrides `--chain N`, `--fanout N`,
 //! `--recovery N`, `--api-secs N`, `--peer-chain N`, `--peer-flows N`, `--boot-rounds N`,
 //! `--dhcp-rounds N`, `--dhcp-secs N`, `--rack N` (machines), `--rack-kernel-mib N`,
-//! `--rack-initrd-mib N`, `--rack-rounds N`.
+//! `--rack-initrd-mib N`, `--rack-rounds N`, `--rack-tftp-transfers N` (0: none).
 
 mod api;
 mod boot;
@@ -96,6 +96,9 @@ fn parse_args(args: &[String]) -> anyhow::Result<(Plan, bool)> {
                 sizes.rack.initrd_bytes = u64::try_from(number(value()?)?)? << 20
             }
             "--rack-rounds" => sizes.rack.rounds = number(value()?)?.max(1),
+            "--rack-tftp-transfers" => {
+                sizes.rack.tftp_transfers = Some(number(value()?)?).filter(|n| *n > 0)
+            }
             "-h" | "--help" => {
                 println!("{}", HELP);
                 std::process::exit(0);
@@ -121,7 +124,8 @@ fn parse_args(args: &[String]) -> anyhow::Result<(Plan, bool)> {
 const HELP: &str = "usage: cargo bench --bench harness -- [--quick | --smoke] [--backends sled,file] \
 [--only chain,fanout,recovery,api,peer,history,boot-files,dhcp,rack] [--dir DIR] [--keep] [--chain N] [--fanout N] \
 [--recovery N] [--api-secs N] [--peer-chain N] [--peer-flows N] [--history N] [--history-nodes N] [--boot-rounds N] \
-[--dhcp-rounds N] [--dhcp-secs N] [--rack N] [--rack-kernel-mib N] [--rack-initrd-mib N] [--rack-rounds N]";
+[--dhcp-rounds N] [--dhcp-secs N] [--rack N] [--rack-kernel-mib N] [--rack-initrd-mib N] [--rack-rounds N] \
+[--rack-tftp-transfers N]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

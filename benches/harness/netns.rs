@@ -170,6 +170,23 @@ pub fn wait_for_port(
     Ok(())
 }
 
+/// The UDP datagrams dropped so far on full receive buffers (`RcvbufErrors`) in the network
+/// namespace of `/proc/{task}` (a process id, or `thread-self`); 0 when unreadable.
+pub fn udp_rcvbuf_errors(task: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{task}/net/snmp")).unwrap_or_default();
+    // Two `Udp:` lines: the names, then the values.
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Runs `work` to completion on a tokio runtime of `threads` workers whose threads are all
 /// in network namespace `ns`, so that every socket the work opens is that namespace's. The
 /// runtime lives on a thread of its own that moves into the namespace before it builds the

@@ -93,6 +93,9 @@ pub struct RackSizes {
     pub initrd_bytes: u64,
     /// Power-ons per stack, alternating which stack goes first.
     pub rounds: usize,
+    /// When given, metalgraph also runs with `--tftp-max-transfers` this many, as a stack
+    /// of its own: its default (64) is below a rack of 200.
+    pub tftp_transfers: Option<usize>,
 }
 
 impl RackSizes {
@@ -103,6 +106,7 @@ impl RackSizes {
             kernel_bytes: 8 << 20,
             initrd_bytes: 32 << 20,
             rounds: 3,
+            tftp_transfers: Some(256),
         }
     }
 
@@ -120,6 +124,7 @@ impl RackSizes {
             kernel_bytes: 256 << 10,
             initrd_bytes: 1 << 20,
             rounds: 1,
+            tftp_transfers: None,
         }
     }
 }
@@ -166,6 +171,16 @@ pub struct RoundResult {
     /// From the first machine's DISCOVER to the last machine's last byte (or failure).
     pub wall_s: f64,
     pub machines: Vec<MachineRun>,
+    pub udp_drops: UdpDrops,
+}
+
+/// UDP datagrams the kernel dropped during a power-on because a socket's receive buffer
+/// was full (`RcvbufErrors` of `/proc/net/snmp`), in each namespace: where a burst of
+/// requests was lost before a server (or the machines) could read it.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct UdpDrops {
+    pub server: u64,
+    pub client: u64,
 }
 
 /// A step's latency over every machine of every round that completed it.
@@ -238,6 +253,17 @@ impl StackResult {
             .map(|(step, why)| format!("{}: {why}", step.label()))
     }
 
+    /// UDP datagrams dropped on full receive buffers, over every round.
+    pub fn udp_drops(&self) -> UdpDrops {
+        self.rounds
+            .iter()
+            .flatten()
+            .fold(UdpDrops::default(), |a, r| UdpDrops {
+                server: a.server + r.udp_drops.server,
+                client: a.client + r.udp_drops.client,
+            })
+    }
+
     /// DHCP requests and TFTP packets resent after a timeout, over every round.
     pub fn resends(&self) -> (u64, u64) {
         self.runs().fold((0, 0), |(d, t), m| {
@@ -259,15 +285,10 @@ pub struct RackResult {
 }
 
 impl RackResult {
-    /// The peer stack's median wall time over metalgraph's (above 1: metalgraph is faster).
-    pub fn ratio(&self) -> Option<f64> {
-        let wall = |peer: bool| {
-            self.stacks
-                .iter()
-                .find(|s| s.peer == peer)
-                .and_then(StackResult::median_wall)
-        };
-        Some(wall(true)? / wall(false)?)
+    /// The peer stack's median wall time over `stack`'s (above 1: `stack` is faster).
+    pub fn ratio(&self, stack: &StackResult) -> Option<f64> {
+        let peer = self.stacks.iter().find(|s| s.peer)?.median_wall()?;
+        Some(peer / stack.median_wall()?)
     }
 }
 
@@ -286,16 +307,22 @@ pub fn unavailable() -> Option<String> {
 /// The stacks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stack {
-    Metalgraph,
+    /// metalgraph on sled, with `--tftp-max-transfers` when given (else its default).
+    Metalgraph { tftp_transfers: Option<usize> },
     /// dnsmasq (DHCP only), tftpd-hpa, nginx.
     Peer,
 }
 
 impl Stack {
-    fn name(self) -> &'static str {
+    fn name(self) -> String {
         match self {
-            Stack::Metalgraph => "metalgraph (sled)",
-            Stack::Peer => "dnsmasq + tftpd-hpa + nginx",
+            Stack::Metalgraph {
+                tftp_transfers: None,
+            } => "metalgraph (sled)".to_owned(),
+            Stack::Metalgraph {
+                tftp_transfers: Some(n),
+            } => format!("metalgraph (sled, `--tftp-max-transfers {n}`)"),
+            Stack::Peer => "dnsmasq + tftpd-hpa + nginx".to_owned(),
         }
     }
 }
@@ -363,8 +390,11 @@ impl Bench<'_> {
             Ipv4Addr::from(u32::from(POOL_FIRST) + POOL_LEN - 1)
         );
         match stack {
-            Stack::Metalgraph => {
+            Stack::Metalgraph { tftp_transfers } => {
                 let mut extra: Vec<OsString> = Vec::new();
+                if let Some(n) = tftp_transfers {
+                    extra.extend(["--tftp-max-transfers".into(), n.to_string().into()]);
+                }
                 for (flag, path) in [
                     ("--files-dir", &self.root),
                     ("--templates-dir", &self.templates),
@@ -475,9 +505,19 @@ impl Bench<'_> {
         let target = Arc::new(target);
         let reference = self.reference.clone();
         let (root, machines) = (self.root.clone(), self.sizes.machines);
+        let server_pid = match &running {
+            Running::Metalgraph { server, .. } => server.pid(),
+            Running::Peer(daemons) => daemons[0].pid(),
+        };
+        let server_drops = netns::udp_rcvbuf_errors(&server_pid.to_string());
         let result = netns::block_on_in(&self.net.client, CLIENT_THREADS, async || {
             probe(&root, &target).await?;
-            power_on(machines, target, reference).await
+            // This thread is in the client namespace.
+            let client_drops = netns::udp_rcvbuf_errors("thread-self");
+            let mut r = power_on(machines, target, reference).await?;
+            r.udp_drops.client = netns::udp_rcvbuf_errors("thread-self") - client_drops;
+            r.udp_drops.server = netns::udp_rcvbuf_errors(&server_pid.to_string()) - server_drops;
+            Ok(r)
         });
         match running {
             Running::Metalgraph { server, data } => {
@@ -552,6 +592,7 @@ async fn power_on(
     Ok(RoundResult {
         wall_s: wall.as_secs_f64(),
         machines: runs,
+        udp_drops: UdpDrops::default(),
     })
 }
 
@@ -1120,7 +1161,20 @@ pub fn rack(
             None => missing.push(program),
         }
     }
-    let mut stacks = vec![(Stack::Metalgraph, Ok(Vec::new()))];
+    let mut stacks = vec![(
+        Stack::Metalgraph {
+            tftp_transfers: None,
+        },
+        Ok(Vec::new()),
+    )];
+    if let Some(n) = sizes.tftp_transfers {
+        stacks.push((
+            Stack::Metalgraph {
+                tftp_transfers: Some(n),
+            },
+            Ok(Vec::new()),
+        ));
+    }
     stacks.push((
         Stack::Peer,
         if missing.is_empty() {
@@ -1190,7 +1244,7 @@ pub fn rack(
                     rounds.push(r);
                 }
                 // metalgraph failing is the scenario failing; the peer failing is noted.
-                Err(e) if *stack == Stack::Metalgraph => {
+                Err(e) if *stack != Stack::Peer => {
                     return Err(e.context(stack.name()));
                 }
                 Err(e) => *outcome = Err(format!("{e:#}")),
@@ -1205,7 +1259,7 @@ pub fn rack(
         stacks: stacks
             .into_iter()
             .map(|(s, rounds)| StackResult {
-                name: s.name().to_owned(),
+                name: s.name(),
                 peer: s == Stack::Peer,
                 rounds,
             })

@@ -613,8 +613,8 @@ fn rack_table(out: &mut String, r: &RackResult) {
          ({}, {}), the iPXE profile over HTTP, then the {} kernel and the {} initrd the \
          profile names over HTTP. Wall = from the first DISCOVER to the last machine's last \
          byte, median of {} rounds (range in brackets), each on a freshly started stack. \
-         Steps: p50 / p99 over every machine of every round. Ratio = peer wall / metalgraph \
-         wall (above 1: metalgraph is faster). {}\n",
+         Steps: p50 / p99 over every machine of every round. Ratio = the peer stack's wall / \
+         this stack's (above 1: metalgraph is faster). {}\n",
         sz.machines,
         boot::fmt_size(r.boot_file_bytes),
         if r.boot_file_real {
@@ -630,21 +630,21 @@ fn rack_table(out: &mut String, r: &RackResult) {
     let steps: Vec<&str> = RackStep::ALL.iter().map(|s| s.label()).collect();
     let _ = writeln!(
         out,
-        "| stack | wall to last machine | {} | errors | resent (DHCP / TFTP) |",
+        "| stack | wall to last machine | {} | errors | resent: DHCP / TFTP; UDP buffer drops: \
+         server / client | ratio |",
         steps.join(" | ")
     );
-    let _ = writeln!(out, "|---|---|{}---|---|", "---|".repeat(steps.len()));
+    let _ = writeln!(out, "|---|---|{}---|---|---|", "---|".repeat(steps.len()));
     for stack in &r.stacks {
         if let Err(e) = &stack.rounds {
             let _ = writeln!(
                 out,
                 "| {} | not run: {e} |{}",
                 stack.name,
-                " |".repeat(steps.len() + 2)
+                " |".repeat(steps.len() + 3)
             );
             continue;
         }
-        let wall = format!("**{}**", walls(&stack.walls()));
         let cells: Vec<String> = RackStep::ALL
             .iter()
             .map(|s| {
@@ -657,20 +657,21 @@ fn rack_table(out: &mut String, r: &RackResult) {
             Some(first) => format!("**{}** (first: {first})", stack.errors()),
         };
         let (dhcp, tftp) = stack.resends();
+        let drops = stack.udp_drops();
+        let ratio = match r.ratio(stack) {
+            Some(x) if !stack.peer => format!("**{}**", sig3(x)),
+            _ => String::new(),
+        };
         let _ = writeln!(
             out,
-            "| {} | {wall} | {} | {errors} | {} / {} |",
+            "| {} | **{}** | {} | {errors} | {} / {}; {} / {} | {ratio} |",
             stack.name,
+            walls(&stack.walls()),
             cells.join(" | "),
             fmt_count(dhcp),
-            fmt_count(tftp)
-        );
-    }
-    if let Some(ratio) = r.ratio() {
-        let _ = writeln!(
-            out,
-            "\nRatio, peer wall / metalgraph wall: **{}**",
-            sig3(ratio)
+            fmt_count(tftp),
+            fmt_count(drops.server),
+            fmt_count(drops.client),
         );
     }
 }
