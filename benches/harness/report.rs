@@ -664,7 +664,7 @@ fn rack_table(out: &mut String, r: &RackResult) {
         };
         let _ = writeln!(
             out,
-            "| {} | **{}** | {} | {errors} | {} / {}; {} / {} | {ratio} |",
+            "| {} | {} | {} | {errors} | {} / {}; {} / {} | {ratio} |",
             stack.name,
             walls(&stack.walls()),
             cells.join(" | "),
