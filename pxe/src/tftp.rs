@@ -463,6 +463,10 @@ impl Server {
                 addr: options.listen,
                 source,
             })?;
+        // A rack's requests arrive nearly together, like its DISCOVERs, and the default
+        // buffer could drop part of the burst before this loop reads it (ACKs go to each
+        // transfer's own socket, not this one).
+        crate::udp::enlarge_recv_buffer(&socket, "tftp");
         Ok(Server {
             socket,
             root,
@@ -964,6 +968,15 @@ mod tests {
         for (name, want) in cases {
             assert_eq!(lexical_path(name), want.map(PathBuf::from), "{name:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_request_socket_gets_a_larger_receive_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::bind(Options::new("127.0.0.1:0".parse().unwrap(), dir.path()))
+            .await
+            .unwrap();
+        crate::udp::assert_enlarged(&server.socket);
     }
 
     #[tokio::test]
