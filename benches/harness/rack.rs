@@ -94,7 +94,8 @@ pub struct RackSizes {
     /// Power-ons per stack, alternating which stack goes first.
     pub rounds: usize,
     /// When given, metalgraph also runs with `--tftp-max-transfers` this many, as a stack
-    /// of its own: its default (64) is below a rack of 200.
+    /// of its own (`--rack-tftp-transfers N`): what another cap than the default (256)
+    /// does, e.g. the 64 that was the default before it.
     pub tftp_transfers: Option<usize>,
 }
 
@@ -106,7 +107,7 @@ impl RackSizes {
             kernel_bytes: 8 << 20,
             initrd_bytes: 32 << 20,
             rounds: 3,
-            tftp_transfers: Some(256),
+            tftp_transfers: None,
         }
     }
 
