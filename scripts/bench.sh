@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs metalgraph's benchmark harness (BENCHMARKS.md) on a fresh Debian machine: installs
 # what the benchmarks drive (wrk, curl, tftpd-hpa and nginx-light, Kea's kea-dhcp4 and
-# perfdhcp, iproute2 from apt, a Python venv with OpenStack TaskFlow and SQLAlchemy for the
-# peer), then `cargo bench --bench harness`, which builds in release, prints the report on
-# stdout and writes it under target/tmp/. The DHCP scenario needs root (it creates network
-# namespaces); without it the harness skips that scenario with a note.
+# perfdhcp, dnsmasq, ipxe's undionly.kpxe, iproute2 from apt, a Python venv with OpenStack
+# TaskFlow and SQLAlchemy for the peer), then `cargo bench --bench harness`, which builds in
+# release, prints the report on stdout and writes it under target/tmp/. The DHCP and rack
+# scenarios need root (they create network namespaces); without it the harness skips them
+# with a note.
 #
 #   scripts/bench.sh                  # the published figures (about 13 minutes after the
 #                                     # build, 9 of them the DHCP scenario's searches)
@@ -37,6 +38,10 @@ if [ "${METALGRAPH_BENCH_NO_INSTALL:-0}" != 1 ]; then
     command -v kea-dhcp4 >/dev/null 2>&1 || [ -x /usr/sbin/kea-dhcp4 ] || need_apt="$need_apt kea-dhcp4-server"
     command -v perfdhcp >/dev/null 2>&1 || [ -x /usr/sbin/perfdhcp ] || need_apt="$need_apt kea-admin"
     command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need_apt="$need_apt iproute2"
+    # The rack scenario's DHCP peer (dnsmasq, DHCP only) and the boot file its machines
+    # fetch over TFTP (Debian's undionly.kpxe; without it the harness writes a stand-in).
+    command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need_apt="$need_apt dnsmasq-base"
+    [ -f /usr/lib/ipxe/undionly.kpxe ] || need_apt="$need_apt ipxe"
     command -v python3 >/dev/null 2>&1 || need_apt="$need_apt python3"
     # The venv module is a separate package on Debian; probe it rather than guess.
     if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then

@@ -141,7 +141,9 @@ echo "  nginx           $(command -v nginx) ($(nginx -v 2>&1 | head -n1))"
 # the iPXE NIC ROM, and OVMF with EDK2's own PXE) against metalgraph's DHCP, TFTP and HTTP
 # inside a network namespace. `ipxe` provides undionly.kpxe and snponly.efi in
 # /usr/lib/ipxe; dnsmasq is used only as an IPv6 router-advertisement source (no DHCP, no
-# TFTP), which saves iPXE ~13 s of IPv6 autoconfiguration per boot.
+# TFTP), which saves iPXE ~13 s of IPv6 autoconfiguration per boot. The rack benchmark
+# (benches/harness/rack.rs, `--only rack`) runs dnsmasq as its peer DHCP server and serves
+# ipxe's undionly.kpxe.
 # Debian 12 images that carry qemu-utils from bookworm-backports cannot install bookworm's
 # qemu-system-x86 (qemu-utils Breaks qemu-system-common < 1:8.0), so QEMU comes from
 # bookworm-backports too, whose source is added when missing.

@@ -1104,6 +1104,11 @@ mod tests {
             );
         }
         assert_eq!(config.limits, LimitsConfig::default());
+        assert_eq!(
+            config.boot.tftp_max_transfers,
+            crate::boot::config::DEFAULT_TFTP_TRANSFERS,
+            "the example shows the default of boot.tftp_max_transfers"
+        );
         let hooks = example["hooks"].as_table().expect("a [hooks] table");
         for field in fields["hooks"].as_object().expect("an object").keys() {
             assert!(

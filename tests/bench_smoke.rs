@@ -2,9 +2,11 @@
 //! publish numbers: every scenario (chain, fan-out, recovery after SIGKILL, the API under
 //! `wrk`, the TaskFlow peer) on both backends, boot files over TFTP and HTTP beside
 //! tftpd-hpa and nginx, one perfdhcp step against full DHCP on each backend and against Kea
-//! in network namespaces, the report rendered, and no workflow lost. `wrk`, the peer's venv,
-//! `curl`, tftpd-hpa, nginx, perfdhcp, Kea and root (for the namespaces) are optional here:
-//! without them those parts are skipped with a note, as in the full harness.
+//! in network namespaces, a rack of ten machines booting at once (DHCP, TFTP, profile,
+//! kernel and initrd) against metalgraph and against dnsmasq, tftpd-hpa and nginx, the
+//! report rendered, and no workflow lost. `wrk`, the peer's venv, `curl`, tftpd-hpa, nginx,
+//! dnsmasq, perfdhcp, Kea and root (for the namespaces) are optional here: without them
+//! those parts are skipped with a note, as in the full harness.
 
 // The harness's modules, compiled into this test exactly as `cargo bench` compiles them.
 // Helpers only the harness's command line uses would warn here as dead code.
@@ -33,9 +35,13 @@ mod machine;
 #[allow(dead_code)]
 #[path = "../benches/harness/metered.rs"]
 mod metered;
+#[path = "../benches/harness/netns.rs"]
+mod netns;
 #[allow(dead_code)]
 #[path = "../benches/harness/peer.rs"]
 mod peer;
+#[path = "../benches/harness/rack.rs"]
+mod rack;
 #[allow(dead_code)]
 #[path = "../benches/harness/recovery.rs"]
 mod recovery;
@@ -159,6 +165,34 @@ fn the_harness_runs_every_scenario_at_tiny_sizes() {
         Outcome::Skipped(why) => println!("note: DHCP skipped: {why}"),
         Outcome::Failed(e) => panic!("the DHCP scenario failed: {e}"),
     }
+    match &report.rack {
+        Outcome::Done(r) => {
+            // metalgraph, then the peer stack when installed: every machine of the rack
+            // did every step, checked, without an error.
+            assert_eq!(r.stacks.len(), 2, "{:?}", r.stacks);
+            for s in &r.stacks {
+                let rounds = match &s.rounds {
+                    Ok(rounds) => rounds,
+                    Err(why) => {
+                        assert!(s.peer, "{} did not run: {why}", s.name);
+                        println!("note: the rack's peer stack not compared: {why}");
+                        continue;
+                    }
+                };
+                assert_eq!(rounds.len(), 1, "{}", s.name);
+                assert_eq!(rounds[0].machines.len(), 10, "{}", s.name);
+                assert_eq!(s.errors(), 0, "{}: {:?}", s.name, s.first_error());
+                for step in rack::Step::ALL {
+                    let f = s.step(step);
+                    assert_eq!((f.completed, f.errors), (10, 0), "{}: {step:?}", s.name);
+                    assert!(f.p50 > std::time::Duration::ZERO, "{}: {step:?}", s.name);
+                }
+                assert!(rounds[0].wall_s > 0.0);
+            }
+        }
+        Outcome::Skipped(why) => println!("note: rack power-on skipped: {why}"),
+        Outcome::Failed(e) => panic!("the rack power-on scenario failed: {e}"),
+    }
 }
 
 #[test]
@@ -198,4 +232,35 @@ fn wrk_output_is_read() {
     assert_eq!(r.p99, std::time::Duration::from_micros(3250));
     assert_eq!(r.errors, 7);
     assert_eq!(created, Some(99));
+}
+
+#[test]
+fn a_rack_machine_boots_only_the_profile_it_should() {
+    let files = "http://10.77.0.1:8090/files";
+    let (kernel, initrd) = (format!("{files}/vmlinuz"), format!("{files}/initrd.img"));
+    let mine = rack::profile(files, " metalgraph.node=n7");
+    let check = |text: &str, mark: Option<&str>| rack::read_profile(text, mark, &kernel, &initrd);
+    assert_eq!(
+        check(&mine, Some("metalgraph.node=n7")).expect("its own profile"),
+        (kernel.clone(), initrd.clone())
+    );
+    assert_eq!(check(&mine, None).expect("no mark asked").0, kernel);
+    let cases = [
+        // Rendered for another node.
+        (mine.clone(), Some("metalgraph.node=n8"), "lacks"),
+        // Another server's files.
+        (
+            rack::profile("http://10.77.0.9:80/files", ""),
+            None,
+            "boots",
+        ),
+        // Not a rack profile at all: metalgraph's local-boot answer, say.
+        ("#!ipxe\nexit\n".to_owned(), None, "not the rack profile"),
+        (mine.replace("#!ipxe\n", ""), None, "not the rack profile"),
+        (mine.replace("initrd --name", "echo"), None, "no initrd URL"),
+    ];
+    for (text, mark, why) in cases {
+        let err = check(&text, mark).expect_err(why);
+        assert!(format!("{err:#}").contains(why), "{why}: {err:#}");
+    }
 }

@@ -8,7 +8,7 @@
 
 use std::ffi::OsString;
 use std::io::Write as _;
-use std::net::{TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use metalgraph_store::Backend;
 
+use crate::netns::{Transport, port_bound};
 use crate::server::Server;
 
 /// Which protocol a load uses.
@@ -188,7 +189,7 @@ pub fn version_line(program: &str, args: &[&str]) -> Option<String> {
 
 /// Writes `bytes` of a position-dependent pattern (each MiB differs), so that a
 /// misplaced block shows.
-fn write_pattern(path: &Path, bytes: u64) -> anyhow::Result<()> {
+pub fn write_pattern(path: &Path, bytes: u64) -> anyhow::Result<()> {
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut mib: Vec<u8> = (0..1 << 20)
         .map(|_| {
@@ -225,6 +226,14 @@ fn free_port(protocol: Protocol) -> anyhow::Result<u16> {
             .local_addr()?
             .port(),
     })
+}
+
+/// `127.0.0.1:port` in this network namespace.
+fn loopback(port: u16) -> Listen<'static> {
+    Listen {
+        netns: None,
+        addr: SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
+    }
 }
 
 /// A peer daemon in a process group of its own; dropping it kills the group (the daemon,
@@ -298,27 +307,75 @@ pub fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
+/// Where a peer daemon listens: an IPv4 address and port, inside network namespace `netns`
+/// (through `ip netns exec`, which execs the daemon in place) or, when `None`, this one.
+#[derive(Debug, Clone, Copy)]
+pub struct Listen<'a> {
+    pub netns: Option<&'a str>,
+    pub addr: SocketAddrV4,
+}
+
+impl Listen<'_> {
+    /// `program` as a command that runs where this listener is.
+    fn command(&self, program: &str) -> Command {
+        match self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns, program]);
+                cmd
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// Waits until `daemon` has bound this listener's port (`what`, for errors), failing
+    /// at once if it exits, with `log`'s content.
+    fn wait(
+        &self,
+        daemon: &mut Daemon,
+        transport: Transport,
+        log: &Path,
+        limit: Duration,
+    ) -> anyhow::Result<()> {
+        let start = Instant::now();
+        while !port_bound(daemon.pid(), transport, self.addr.port()) {
+            daemon
+                .check_running()
+                .with_context(|| std::fs::read_to_string(log).unwrap_or_default())?;
+            if start.elapsed() > limit {
+                bail!(
+                    "{} did not listen on {} within {limit:?}",
+                    daemon.name,
+                    self.addr
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+}
+
 /// tftpd-hpa in the foreground (`-L`), serving `root` (`-s`: chrooted to it, which needs
-/// root) on `port`, as the current user.
-fn start_tftpd_hpa(root: &Path, port: u16, dir: &Path) -> anyhow::Result<Daemon> {
+/// root) at `at`, as the current user.
+pub fn start_tftpd_hpa(root: &Path, at: Listen<'_>, dir: &Path) -> anyhow::Result<Daemon> {
     if !is_root() {
         bail!("in.tftpd -s chroots into its root, which needs root");
     }
-    let mut cmd = Command::new("in.tftpd");
+    let mut cmd = at.command("in.tftpd");
     cmd.args(["-L", "-s", "-u", &user_name()?])
         .arg("-a")
-        .arg(format!("127.0.0.1:{port}"))
+        .arg(at.addr.to_string())
         .arg(root);
-    let mut d = Daemon::spawn("in.tftpd", cmd, &dir.join("tftpd-hpa.log"))?;
-    std::thread::sleep(Duration::from_millis(100));
-    d.check_running()?;
+    let log = dir.join("tftpd-hpa.log");
+    let mut d = Daemon::spawn("in.tftpd", cmd, &log)?;
+    at.wait(&mut d, Transport::Udp, &log, Duration::from_secs(10))?;
     Ok(d)
 }
 
-/// nginx with a generated configuration: `root` under `/files/` on `port`, `sendfile on`,
+/// nginx with a generated configuration: `root` under `/files/` at `at`, `sendfile on`,
 /// its pid, logs and temporary files in `dir`, one worker per CPU (`auto`), as the current
 /// user.
-fn start_nginx(root: &Path, port: u16, dir: &Path) -> anyhow::Result<Daemon> {
+pub fn start_nginx(root: &Path, at: Listen<'_>, dir: &Path) -> anyhow::Result<Daemon> {
     let prefix = dir.join("nginx");
     std::fs::create_dir_all(&prefix)?;
     let p = |name: &str| prefix.join(name).display().to_string();
@@ -334,7 +391,7 @@ fn start_nginx(root: &Path, port: u16, dir: &Path) -> anyhow::Result<Daemon> {
          http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  keepalive_timeout 65;\n  \
          default_type application/octet-stream;\n  client_body_temp_path {cb};\n  proxy_temp_path {px};\n  \
          fastcgi_temp_path {fc};\n  uwsgi_temp_path {uw};\n  scgi_temp_path {sc};\n  \
-         server {{\n    listen 127.0.0.1:{port};\n    location /files/ {{ alias {root}/; }}\n  }}\n}}\n",
+         server {{\n    listen {listen};\n    location /files/ {{ alias {root}/; }}\n  }}\n}}\n",
         pid = p("nginx.pid"),
         err = p("error.log"),
         cb = p("client_body"),
@@ -342,11 +399,12 @@ fn start_nginx(root: &Path, port: u16, dir: &Path) -> anyhow::Result<Daemon> {
         fc = p("fastcgi"),
         uw = p("uwsgi"),
         sc = p("scgi"),
+        listen = at.addr,
         root = root.display(),
     );
     let conf_path = prefix.join("nginx.conf");
     std::fs::write(&conf_path, conf)?;
-    let mut cmd = Command::new("nginx");
+    let mut cmd = at.command("nginx");
     cmd.arg("-e")
         .arg(prefix.join("error.log"))
         .arg("-p")
@@ -354,16 +412,12 @@ fn start_nginx(root: &Path, port: u16, dir: &Path) -> anyhow::Result<Daemon> {
         .arg("-c")
         .arg(&conf_path);
     let mut d = Daemon::spawn("nginx", cmd, &prefix.join("stderr.log"))?;
-    let start = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        d.check_running().with_context(|| {
-            std::fs::read_to_string(prefix.join("error.log")).unwrap_or_default()
-        })?;
-        if start.elapsed() > Duration::from_secs(10) {
-            bail!("nginx did not listen on 127.0.0.1:{port} within 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    at.wait(
+        &mut d,
+        Transport::Tcp,
+        &prefix.join("error.log"),
+        Duration::from_secs(10),
+    )?;
     Ok(d)
 }
 
@@ -509,7 +563,7 @@ pub fn boot_files(
             .and_then(|v| {
                 versions.push(("tftpd-hpa".into(), v));
                 let port = free_port(Protocol::Tftp)?;
-                let d = start_tftpd_hpa(&root, port, dir)?;
+                let d = start_tftpd_hpa(&root, loopback(port), dir)?;
                 Ok((d, format!("127.0.0.1:{port}")))
             });
         Some(r.map_err(|e| format!("{e:#}")))
@@ -522,7 +576,7 @@ pub fn boot_files(
             .and_then(|v| {
                 versions.push(("nginx".into(), v));
                 let port = free_port(Protocol::Http)?;
-                let d = start_nginx(&root, port, dir)?;
+                let d = start_nginx(&root, loopback(port), dir)?;
                 Ok((d, format!("127.0.0.1:{port}")))
             });
         Some(r.map_err(|e| format!("{e:#}")))

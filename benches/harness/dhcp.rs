@@ -15,20 +15,17 @@ use std::ffi::OsString;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use metalgraph_store::Backend;
 
 use crate::boot::{Daemon, is_root, version_line};
+use crate::netns::{NETMASK, Netns, SERVER_ADDR, SUBNET, Transport, wait_for_port};
 use crate::server::{Server, backend_name};
 
-/// The server's address on its veth; the client (perfdhcp, a relay to the server) has
-/// [`CLIENT_ADDR`], which is the `giaddr` of every request and so selects the subnet.
-const SERVER_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
-const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 200);
-const SUBNET: &str = "10.77.0.0/16";
-const NETMASK: &str = "255.255.0.0";
+/// The port of metalgraph's node-facing listener, on [`SERVER_ADDR`].
+pub const NODE_PORT: u16 = 8090;
 /// The pool's first address; it holds [`DhcpSizes::pool`] addresses from there.
 const POOL_FIRST: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 0);
 /// The lease time both servers give (metalgraph's default).
@@ -303,115 +300,6 @@ pub fn unavailable() -> Option<String> {
     None
 }
 
-fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// Two namespaces joined by a veth pair; removed on drop (which removes the pair too).
-struct Netns {
-    server: String,
-    client: String,
-    server_if: String,
-    client_if: String,
-}
-
-impl Netns {
-    fn create() -> anyhow::Result<Netns> {
-        let tag = std::process::id();
-        let net = Netns {
-            server: format!("mgbench-{tag}-srv"),
-            client: format!("mgbench-{tag}-cli"),
-            // Interface names have at most 15 bytes.
-            server_if: format!("mgb{tag}s"),
-            client_if: format!("mgb{tag}c"),
-        };
-        // Leftovers of an earlier run with the same process id would make `add` fail.
-        net.remove();
-        for ns in [&net.server, &net.client] {
-            run("ip", &["netns", "add", ns])?;
-            run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
-        }
-        run(
-            "ip",
-            &[
-                "link",
-                "add",
-                &net.server_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &net.client_if,
-            ],
-        )?;
-        for (ns, iface, addr) in [
-            (&net.server, &net.server_if, SERVER_ADDR),
-            (&net.client, &net.client_if, CLIENT_ADDR),
-        ] {
-            run("ip", &["link", "set", iface, "netns", ns])?;
-            run(
-                "ip",
-                &["-n", ns, "addr", "add", &format!("{addr}/16"), "dev", iface],
-            )?;
-            run("ip", &["-n", ns, "link", "set", iface, "up"])?;
-        }
-        Ok(net)
-    }
-
-    /// Deletes the namespaces (with the veth ends inside them) and the pair, in case it
-    /// was left in this namespace by a setup that failed half way.
-    fn remove(&self) {
-        let quiet = |args: &[&str]| {
-            let _ = Command::new("ip").args(args).stderr(Stdio::null()).status();
-        };
-        for ns in [&self.server, &self.client] {
-            quiet(&["netns", "del", ns]);
-        }
-        quiet(&["link", "del", &self.server_if]);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        self.remove();
-    }
-}
-
-/// Waits until process `pid` has a UDP socket on port 67 in its namespace (its
-/// `/proc/PID/net/udp` is the namespace's), or fails after `limit`.
-fn wait_for_port_67(pid: u32, what: &str, limit: Duration) -> anyhow::Result<()> {
-    let start = Instant::now();
-    loop {
-        let table = std::fs::read_to_string(format!("/proc/{pid}/net/udp")).unwrap_or_default();
-        // `local_address` is `HEXIP:HEXPORT`; 67 is 0043.
-        let bound = table.lines().skip(1).any(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .is_some_and(|a| a.ends_with(":0043"))
-        });
-        if bound {
-            return Ok(());
-        }
-        if start.elapsed() > limit {
-            bail!("{what} did not bind UDP port 67 within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// A running server for one step; dropping it stops it.
 enum Running {
     Metalgraph(Server),
@@ -472,36 +360,16 @@ impl Bench<'_> {
         match target {
             Target::Metalgraph(backend) => {
                 let pool = format!("{POOL_FIRST}-{}", self.sizes.pool_last());
-                let args: Vec<OsString> = [
-                    "--node-listen",
-                    &format!("{SERVER_ADDR}:8090"),
-                    "--dhcp",
-                    "full",
-                    "--dhcp-interface",
-                    &self.net.server_if,
-                    "--dhcp-pool",
-                    &pool,
-                    "--dhcp-netmask",
-                    NETMASK,
-                    "--boot-address",
-                    &SERVER_ADDR.to_string(),
-                    "--tftp-root",
-                ]
-                .into_iter()
-                .map(OsString::from)
-                .chain([self.tftp_root.clone().into_os_string()])
-                .collect();
-                let (server, _) = Server::start_in(
-                    Some(&self.net.server),
+                let server = start_full_dhcp(
+                    &self.net,
                     backend,
                     &data,
                     self.log,
+                    &pool,
+                    &self.tftp_root,
                     &[],
-                    &args,
                     self.limit,
                 )?;
-                server.listener("dhcp", self.limit)?;
-                wait_for_port_67(server.pid(), "metalgraph", Duration::from_secs(10))?;
                 Ok(Running::Metalgraph(server))
             }
             Target::Kea => {
@@ -512,12 +380,7 @@ impl Bench<'_> {
                     .arg(&conf)
                     .env("KEA_PIDFILE_DIR", &data)
                     .env("KEA_LOCKFILE_DIR", &data);
-                let mut d = Daemon::spawn("kea-dhcp4", cmd, &data.join("kea-dhcp4.out"))?;
-                let pid = d.pid();
-                wait_for_port_67(pid, "kea-dhcp4", Duration::from_secs(10)).with_context(|| {
-                    let _ = d.check_running();
-                    std::fs::read_to_string(data.join("kea-dhcp4.out")).unwrap_or_default()
-                })?;
+                let d = start_dhcp_daemon("kea-dhcp4", cmd, &data.join("kea-dhcp4.out"))?;
                 Ok(Running::Kea(d))
             }
         }
@@ -632,6 +495,67 @@ impl Bench<'_> {
         }
         parse_perfdhcp(&text).with_context(|| format!("cannot read perfdhcp's output:\n{text}"))
     }
+}
+
+/// `metalgraph serve --dhcp full` in `net`'s server namespace on `backend`: DHCP on the
+/// server's veth leasing `pool` (FIRST-LAST) in the 10.77.0.0/16 subnet, the boot address
+/// and the node-facing listener (port 8090) on [`SERVER_ADDR`], TFTP serving `tftp_root`,
+/// and `extra` arguments. Returns once DHCP has bound port 67.
+#[allow(clippy::too_many_arguments)]
+pub fn start_full_dhcp(
+    net: &Netns,
+    backend: Backend,
+    data: &Path,
+    log: &Path,
+    pool: &str,
+    tftp_root: &Path,
+    extra: &[OsString],
+    limit: Duration,
+) -> anyhow::Result<Server> {
+    let args: Vec<OsString> = [
+        "--node-listen",
+        &format!("{SERVER_ADDR}:{NODE_PORT}"),
+        "--dhcp",
+        "full",
+        "--dhcp-interface",
+        &net.server_if,
+        "--dhcp-pool",
+        pool,
+        "--dhcp-netmask",
+        NETMASK,
+        "--boot-address",
+        &SERVER_ADDR.to_string(),
+        "--tftp-root",
+    ]
+    .into_iter()
+    .map(OsString::from)
+    .chain([tftp_root.as_os_str().to_owned()])
+    .chain(extra.iter().cloned())
+    .collect();
+    let (server, _) = Server::start_in(Some(&net.server), backend, data, log, &[], &args, limit)?;
+    server.listener("dhcp", limit)?;
+    wait_for_port(
+        server.pid(),
+        Transport::Udp,
+        67,
+        "metalgraph",
+        Duration::from_secs(10),
+    )?;
+    Ok(server)
+}
+
+/// Starts a peer DHCP server (`cmd`, which runs it in the foreground in the server
+/// namespace, writing to `out`) and waits until it has bound port 67; on failure the error
+/// holds what it wrote.
+pub fn start_dhcp_daemon(name: &'static str, cmd: Command, out: &Path) -> anyhow::Result<Daemon> {
+    let mut d = Daemon::spawn(name, cmd, out)?;
+    wait_for_port(d.pid(), Transport::Udp, 67, name, Duration::from_secs(10)).with_context(
+        || {
+            let _ = d.check_running();
+            std::fs::read_to_string(out).unwrap_or_default()
+        },
+    )?;
+    Ok(d)
 }
 
 /// Clock ticks per second, the unit of `/proc/PID/stat`'s CPU times (`getconf CLK_TCK`;

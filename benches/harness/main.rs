@@ -4,10 +4,11 @@
 //! figures (JSON) under `target/tmp/`. See BENCHMARKS.md for what each figure means.
 //!
 //! Flags (after `--`): `--quick` (smaller sizes), `--smoke` (the CI smoke test's sizes), `--backends sled,file`,
-//! `--only chain,fanout,recovery,api,peer,history,boot-files,dhcp`, `--dir DIR` (where data directories go; its
-//! disk is what is measured), and size overrides `--chain N`, `--fanout N`,
+//! `--only chain,fanout,recovery,api,peer,history,boot-files,dhcp,rack`, `--dir DIR` (where data
+//! directories go; its disk is what is measured), and size overrides `--chain N`, `--fanout N`,
 //! `--recovery N`, `--api-secs N`, `--peer-chain N`, `--peer-flows N`, `--boot-rounds N`,
-//! `--dhcp-rounds N`, `--dhcp-secs N`.
+//! `--dhcp-rounds N`, `--dhcp-secs N`, `--rack N` (machines), `--rack-kernel-mib N`,
+//! `--rack-initrd-mib N`, `--rack-rounds N`, `--rack-tftp-transfers N` (0: none).
 
 mod api;
 mod boot;
@@ -18,7 +19,9 @@ mod history;
 mod inproc;
 mod machine;
 mod metered;
+mod netns;
 mod peer;
+mod rack;
 mod recovery;
 mod report;
 mod server;
@@ -85,6 +88,17 @@ fn parse_args(args: &[String]) -> anyhow::Result<(Plan, bool)> {
             "--boot-rounds" => sizes.boot.rounds = number(value()?)?.max(1),
             "--dhcp-rounds" => sizes.dhcp.rounds = number(value()?)?.max(1),
             "--dhcp-secs" => sizes.dhcp.seconds = u32::try_from(number(value()?)?.max(1))?,
+            "--rack" => sizes.rack.machines = number(value()?)?,
+            "--rack-kernel-mib" => {
+                sizes.rack.kernel_bytes = u64::try_from(number(value()?)?)? << 20
+            }
+            "--rack-initrd-mib" => {
+                sizes.rack.initrd_bytes = u64::try_from(number(value()?)?)? << 20
+            }
+            "--rack-rounds" => sizes.rack.rounds = number(value()?)?.max(1),
+            "--rack-tftp-transfers" => {
+                sizes.rack.tftp_transfers = Some(number(value()?)?).filter(|n| *n > 0)
+            }
             "-h" | "--help" => {
                 println!("{}", HELP);
                 std::process::exit(0);
@@ -108,9 +122,10 @@ fn parse_args(args: &[String]) -> anyhow::Result<(Plan, bool)> {
 }
 
 const HELP: &str = "usage: cargo bench --bench harness -- [--quick | --smoke] [--backends sled,file] \
-[--only chain,fanout,recovery,api,peer,history,boot-files,dhcp] [--dir DIR] [--keep] [--chain N] [--fanout N] \
+[--only chain,fanout,recovery,api,peer,history,boot-files,dhcp,rack] [--dir DIR] [--keep] [--chain N] [--fanout N] \
 [--recovery N] [--api-secs N] [--peer-chain N] [--peer-flows N] [--history N] [--history-nodes N] [--boot-rounds N] \
-[--dhcp-rounds N] [--dhcp-secs N]";
+[--dhcp-rounds N] [--dhcp-secs N] [--rack N] [--rack-kernel-mib N] [--rack-initrd-mib N] [--rack-rounds N] \
+[--rack-tftp-transfers N]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

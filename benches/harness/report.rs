@@ -9,6 +9,7 @@ use crate::boot::{self, BootResult, Protocol};
 use crate::dhcp::{DhcpResult, Step};
 use crate::history::{HistoryResult, Latency};
 use crate::peer::PeerResult;
+use crate::rack::{RackResult, Step as RackStep};
 use crate::suite::{BackendReport, Outcome, Report};
 use crate::util::{fmt_count, fmt_dur, fmt_mib, sig3};
 
@@ -57,32 +58,9 @@ pub fn markdown(r: &Report) -> String {
         out.push('\n');
         backend_table(&mut out, b, r.peer.done());
     }
-    match &r.boot {
-        Outcome::Done(b) => {
-            out.push('\n');
-            boot_table(&mut out, b);
-        }
-        Outcome::Failed(e) => {
-            let _ = writeln!(out, "\n### Boot files\n\nFAILED: {e}");
-        }
-        Outcome::Skipped(why) if why != "not selected" => {
-            let _ = writeln!(out, "\n### Boot files\n\nskipped ({why})");
-        }
-        Outcome::Skipped(_) => {}
-    }
-    match &r.dhcp {
-        Outcome::Done(d) => {
-            out.push('\n');
-            dhcp_table(&mut out, d);
-        }
-        Outcome::Failed(e) => {
-            let _ = writeln!(out, "\n### DHCP\n\nFAILED: {e}");
-        }
-        Outcome::Skipped(why) if why != "not selected" => {
-            let _ = writeln!(out, "\n### DHCP\n\nskipped ({why})");
-        }
-        Outcome::Skipped(_) => {}
-    }
+    section(&mut out, "Boot files", &r.boot, boot_table);
+    section(&mut out, "DHCP", &r.dhcp, dhcp_table);
+    section(&mut out, "Rack power-on", &r.rack, rack_table);
     let problems = r.problems();
     if !problems.is_empty() {
         let _ = writeln!(out, "\n### Problems\n");
@@ -91,6 +69,32 @@ pub fn markdown(r: &Report) -> String {
         }
     }
     out
+}
+
+/// A scenario's section: its table when it ran, else a line saying why not (nothing when it
+/// was not selected).
+fn section<T>(out: &mut String, title: &str, outcome: &Outcome<T>, table: fn(&mut String, &T)) {
+    match outcome {
+        Outcome::Done(t) => {
+            out.push('\n');
+            table(out, t);
+        }
+        Outcome::Failed(e) => {
+            let _ = writeln!(out, "\n### {title}\n\nFAILED: {e}");
+        }
+        Outcome::Skipped(why) if why != "not selected" => {
+            let _ = writeln!(out, "\n### {title}\n\nskipped ({why})");
+        }
+        Outcome::Skipped(_) => {}
+    }
+}
+
+/// The peers' versions, for a table's description: `name: version; ...`.
+fn versions(v: &[(String, String)]) -> String {
+    v.iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// `a / b` as a ratio of times, with how many times slower the slower one is.
@@ -463,19 +467,13 @@ fn walls(w: &boot::Walls) -> String {
 /// The boot-file scenario: one row per load, metalgraph beside the peer of its protocol.
 fn boot_table(out: &mut String, b: &BootResult) {
     let _ = writeln!(out, "### Boot files\n");
-    let versions: Vec<String> = b
-        .versions
-        .iter()
-        .map(|(k, v)| format!("{k}: {v}"))
-        .collect();
+    let versions = versions(&b.versions);
     let _ = writeln!(
         out,
         "Concurrent `curl` downloads on loopback, wall time from the first spawn to the last \
          exit; median of {} rounds (range in brackets). TFTP with `--tftp-blksize {}`. Speed \
          ratio = peer time / metalgraph time (above 1: metalgraph is faster). {}\n",
-        b.rounds,
-        b.blksize,
-        versions.join("; ")
+        b.rounds, b.blksize, versions
     );
     let _ = writeln!(out, "| load | metalgraph | peer | speed ratio (target) |");
     let _ = writeln!(out, "|---|---|---|---|");
@@ -527,11 +525,7 @@ fn step_text(s: &Step) -> String {
 /// the first step it failed, and the ratio to Kea.
 fn dhcp_table(out: &mut String, d: &DhcpResult) {
     let _ = writeln!(out, "### DHCP\n");
-    let versions: Vec<String> = d
-        .versions
-        .iter()
-        .map(|(k, v)| format!("{k}: {v}"))
-        .collect();
+    let versions = versions(&d.versions);
     let sz = &d.sizes;
     let _ = writeln!(
         out,
@@ -547,7 +541,7 @@ fn dhcp_table(out: &mut String, d: &DhcpResult) {
         sz.seconds,
         sig3(sz.max_loss * 100.0),
         sz.rounds,
-        versions.join("; ")
+        versions
     );
     let _ = writeln!(
         out,
@@ -602,6 +596,82 @@ fn dhcp_table(out: &mut String, d: &DhcpResult) {
             out,
             "| {} | **{figure}** | {at} | {fail} | {ratio} |",
             t.name
+        );
+    }
+}
+
+/// The rack power-on: one row per stack, its wall time to the last machine served, each
+/// step's p50 / p99 over every machine, its errors; and the ratio of the wall times.
+fn rack_table(out: &mut String, r: &RackResult) {
+    let _ = writeln!(out, "### Rack power-on\n");
+    let versions = versions(&r.versions);
+    let sz = &r.sizes;
+    let _ = writeln!(
+        out,
+        "{} simulated machines power on at once across a veth pair between two network \
+         namespaces, each doing DHCP (relayed DORA as a BIOS PXE ROM), TFTP of `undionly.kpxe` \
+         ({}, {}), the iPXE profile over HTTP, then the {} kernel and the {} initrd the \
+         profile names over HTTP. Wall = from the first DISCOVER to the last machine's last \
+         byte, median of {} rounds (range in brackets), each on a freshly started stack. \
+         Steps: p50 / p99 over every machine of every round. Ratio = the peer stack's wall / \
+         this stack's (above 1: metalgraph is faster). {}\n",
+        sz.machines,
+        boot::fmt_size(r.boot_file_bytes),
+        if r.boot_file_real {
+            "Debian's"
+        } else {
+            "a stand-in: the ipxe package is not installed"
+        },
+        boot::fmt_size(sz.kernel_bytes),
+        boot::fmt_size(sz.initrd_bytes),
+        sz.rounds,
+        versions
+    );
+    let steps: Vec<&str> = RackStep::ALL.iter().map(|s| s.label()).collect();
+    let _ = writeln!(
+        out,
+        "| stack | wall to last machine | {} | errors | resent: DHCP / TFTP; UDP buffer drops: \
+         server / client | ratio |",
+        steps.join(" | ")
+    );
+    let _ = writeln!(out, "|---|---|{}---|---|---|", "---|".repeat(steps.len()));
+    for stack in &r.stacks {
+        if let Err(e) = &stack.rounds {
+            let _ = writeln!(
+                out,
+                "| {} | not run: {e} |{}",
+                stack.name,
+                " |".repeat(steps.len() + 3)
+            );
+            continue;
+        }
+        let cells: Vec<String> = RackStep::ALL
+            .iter()
+            .map(|s| {
+                let f = stack.step(*s);
+                format!("{} / {}", fmt_dur(f.p50), fmt_dur(f.p99))
+            })
+            .collect();
+        let errors = match stack.first_error() {
+            None => "0".to_owned(),
+            Some(first) => format!("**{}** (first: {first})", stack.errors()),
+        };
+        let (dhcp, tftp) = stack.resends();
+        let drops = stack.udp_drops();
+        let ratio = match r.ratio(stack) {
+            Some(x) if !stack.peer => format!("**{}**", sig3(x)),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {errors} | {} / {}; {} / {} | {ratio} |",
+            stack.name,
+            walls(&stack.walls()),
+            cells.join(" | "),
+            fmt_count(dhcp),
+            fmt_count(tftp),
+            fmt_count(drops.server),
+            fmt_count(drops.client),
         );
     }
 }

@@ -308,21 +308,33 @@ impl Api {
 
     /// Runs a graph without a node; returns the workflow's id.
     pub async fn run(&self, graph: &str) -> anyhow::Result<String> {
+        self.create("workflows", &json!({"name": graph}), "instanceId")
+            .await
+    }
+
+    /// Registers a node (`{name, identifiers, tags, ...}`); returns its id.
+    pub async fn create_node(&self, node: &Value) -> anyhow::Result<String> {
+        self.create("nodes", node, "id").await
+    }
+
+    /// `POST /{path}` with `body`, which must answer `201`; returns the field `id_field` of
+    /// what was created.
+    async fn create(&self, path: &str, body: &Value, id_field: &str) -> anyhow::Result<String> {
         let resp = self
             .http
-            .post(format!("{}/workflows", self.base))
-            .json(&json!({"name": graph}))
+            .post(format!("{}/{path}", self.base))
+            .json(body)
             .send()
             .await?;
         let status = resp.status();
-        let body: Value = resp.json().await?;
+        let created: Value = resp.json().await?;
         if status.as_u16() != 201 {
-            bail!("POST /workflows: {status} {body}");
+            bail!("POST /{path}: {status} {created}");
         }
-        body["instanceId"]
+        created[id_field]
             .as_str()
             .map(str::to_owned)
-            .context("the run reply has no instanceId")
+            .with_context(|| format!("the reply to POST /{path} has no {id_field}"))
     }
 
     /// One workflow.

@@ -15,6 +15,7 @@ use crate::history::{self, HistoryResult};
 use crate::inproc::{self, ChainResult, FanOutResult};
 use crate::machine::Machine;
 use crate::peer::{self, PeerResult};
+use crate::rack::{self, RackResult, RackSizes};
 use crate::recovery::{self, RecoveryResult};
 use crate::server::backend_name;
 
@@ -37,6 +38,8 @@ pub struct Sizes {
     pub boot: BootSizes,
     /// The DHCP scenario's search.
     pub dhcp: DhcpSizes,
+    /// The rack power-on scenario's machines and files.
+    pub rack: RackSizes,
     /// The longest any one scenario may take before it counts as failed.
     #[serde(with = "crate::util::secs")]
     pub limit: Duration,
@@ -64,6 +67,7 @@ impl Sizes {
             history_nodes: 100_000,
             boot: BootSizes::full(),
             dhcp: DhcpSizes::full(),
+            rack: RackSizes::full(),
             limit: Duration::from_secs(1800),
         }
     }
@@ -86,6 +90,7 @@ impl Sizes {
             history_nodes: 10_000,
             boot: BootSizes::quick(),
             dhcp: DhcpSizes::quick(),
+            rack: RackSizes::quick(),
             ..Sizes::full()
         }
     }
@@ -109,6 +114,7 @@ impl Sizes {
             history_nodes: 200,
             boot: BootSizes::smoke(),
             dhcp: DhcpSizes::smoke(),
+            rack: RackSizes::smoke(),
             limit: Duration::from_secs(300),
         }
     }
@@ -127,10 +133,13 @@ pub enum Scenario {
     BootFiles,
     /// Full DHCP under perfdhcp beside Kea; once, with metalgraph on every backend.
     Dhcp,
+    /// A rack of machines booting at once, against metalgraph and against dnsmasq,
+    /// tftpd-hpa and nginx; once, on sled.
+    Rack,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Chain,
         Scenario::FanOut,
         Scenario::Recovery,
@@ -139,11 +148,15 @@ impl Scenario {
         Scenario::History,
         Scenario::BootFiles,
         Scenario::Dhcp,
+        Scenario::Rack,
     ];
 
     /// Whether the scenario runs once per store backend.
     pub fn per_backend(self) -> bool {
-        !matches!(self, Scenario::Peer | Scenario::BootFiles | Scenario::Dhcp)
+        !matches!(
+            self,
+            Scenario::Peer | Scenario::BootFiles | Scenario::Dhcp | Scenario::Rack
+        )
     }
 
     pub fn parse(s: &str) -> Option<Scenario> {
@@ -156,6 +169,7 @@ impl Scenario {
             "history" => Scenario::History,
             "boot-files" | "boot" => Scenario::BootFiles,
             "dhcp" => Scenario::Dhcp,
+            "rack" => Scenario::Rack,
             _ => return None,
         })
     }
@@ -221,6 +235,7 @@ pub struct Report {
     pub peer: Outcome<PeerResult>,
     pub boot: Outcome<BootResult>,
     pub dhcp: Outcome<DhcpResult>,
+    pub rack: Outcome<RackResult>,
     #[serde(with = "crate::util::secs")]
     pub total: Duration,
 }
@@ -246,6 +261,18 @@ impl Report {
         failed("TaskFlow peer".into(), failed_of(&self.peer));
         failed("boot files".into(), failed_of(&self.boot));
         failed("DHCP".into(), failed_of(&self.dhcp));
+        failed("rack power-on".into(), failed_of(&self.rack));
+        if let Some(r) = self.rack.done() {
+            for s in &r.stacks {
+                if let Some(first) = s.first_error() {
+                    out.push(format!(
+                        "rack power-on, {}: {} machine boots failed; the first: {first}",
+                        s.name,
+                        s.errors()
+                    ));
+                }
+            }
+        }
         for b in &self.backends {
             if let Some(f) = b.fanout.done()
                 && (f.lost > 0 || f.succeeded != f.workflows)
@@ -525,6 +552,28 @@ pub fn run(plan: &Plan) -> Report {
         })
     };
 
+    let rack = if !wants(Scenario::Rack) {
+        not_selected()
+    } else if let Some(why) = rack::unavailable() {
+        say(&format!("skipping the rack power-on scenario: {why}"));
+        Outcome::Skipped(why)
+    } else {
+        let r = &sizes.rack;
+        say(&format!(
+            "rack power-on: {} machines (DHCP, TFTP, profile, {} kernel and {} initrd) against \
+             metalgraph and dnsmasq + tftpd-hpa + nginx, {} rounds",
+            r.machines,
+            boot::fmt_size(r.kernel_bytes),
+            boot::fmt_size(r.initrd_bytes),
+            r.rounds
+        ));
+        let dir = plan.dir.join("rack");
+        let result = timed(|| rack::rack(&dir, &plan.dir.join("rack.log"), r, sizes.limit));
+        // The boot files are large; the daemons' logs are worth keeping.
+        let _ = std::fs::remove_dir_all(dir.join("root"));
+        result
+    };
+
     Report {
         machine,
         sizes: sizes.clone(),
@@ -532,6 +581,7 @@ pub fn run(plan: &Plan) -> Report {
         peer,
         boot,
         dhcp,
+        rack,
         total: start.elapsed(),
     }
 }

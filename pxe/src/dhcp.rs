@@ -817,6 +817,8 @@ fn bind(addr: SocketAddrV4, interface: Option<&str>) -> Result<UdpSocket, Error>
         // answer on every interface of the host.
         socket.bind_device(Some(ifname.as_bytes())).map_err(err)?;
     }
+    // A rack's DISCOVERs arrive together; the default buffer drops part of the burst.
+    crate::udp::enlarge_recv_buffer(&socket, "dhcp");
     Ok(socket)
 }
 

@@ -15,6 +15,7 @@
 //! - `tftp.rs`: the TFTP server, its request parser and its path jail.
 //! - `ipxe.rs`: iPXE script building blocks and the profile URL.
 //! - `metrics.rs`: DHCP and TFTP counters.
+//! - `udp.rs`: the larger receive buffer of the request sockets, which a rack's burst needs.
 //!
 //! The binary builds a [`PxeService`] from [`PxeOptions`] and runs it with a cancellation
 //! token, like every other component.
@@ -24,6 +25,7 @@ pub mod ipxe;
 pub mod metrics;
 pub mod planner;
 pub mod tftp;
+mod udp;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;

@@ -333,35 +333,57 @@ pub fn parse_range(header: Option<&str>, len: u64) -> Range {
 /// ([`metalgraph_tasks::files::resolve`]: `..`, absolute paths and symlinks that lead out
 /// are refused). `what` names the kind of file in errors ("file", "template").
 pub async fn resolve(root: &Path, rel: &str, what: &str) -> Result<PathBuf, ApiError> {
-    use metalgraph_tasks::files::Unresolved;
     metalgraph_tasks::files::resolve(root, rel)
         .await
-        .map_err(|e| match e {
-            Unresolved::Outside => ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!("{what} path '{rel}' leads outside the {what}s directory"),
-            ),
-            Unresolved::NotFound => ApiError::not_found(what, rel),
-            Unresolved::Root { dir, error } => ApiError::internal(format_args!(
-                "the {what}s directory {} is unusable: {error}",
-                dir.display()
-            )),
-        })
+        .map_err(|e| unresolved(e, rel, what))
+}
+
+/// The API error of a path that [`resolve`] refused.
+fn unresolved(e: metalgraph_tasks::files::Unresolved, rel: &str, what: &str) -> ApiError {
+    use metalgraph_tasks::files::Unresolved;
+    match e {
+        Unresolved::Outside => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("{what} path '{rel}' leads outside the {what}s directory"),
+        ),
+        Unresolved::NotFound => ApiError::not_found(what, rel),
+        Unresolved::Root { dir, error } => ApiError::internal(format_args!(
+            "the {what}s directory {} is unusable: {error}",
+            dir.display()
+        )),
+    }
 }
 
 /// The text of template `name` (a profile or an install script): the templates directory's
 /// file of that name, else the one shipped with metalgraph (`templates/`), else a 404.
+///
+/// The file is read on every call, so an edit shows on the next request; its path checks
+/// and its read are one trip to the blocking pool (they were four: a profile request is
+/// rendered per machine, and each trip is a pair of thread wake-ups queued behind a rack's
+/// boot-file transfers; BENCHMARKS.md, "Rack power-on"). No cache: a small file's read is
+/// not what costs, and an mtime check would still need the trip and could miss an edit
+/// within one tick of the file system's clock.
 pub async fn template_source(dir: Option<&Path>, name: &str) -> Result<String, ApiError> {
+    use metalgraph_tasks::files::Unresolved;
     if let Some(dir) = dir {
-        match resolve(dir, name, "template").await {
-            Ok(path) => {
-                return tokio::fs::read_to_string(&path).await.map_err(|e| {
-                    ApiError::internal(format_args!("cannot read {}: {e}", path.display()))
-                });
+        let (dir, rel) = (dir.to_owned(), name.to_owned());
+        let found = tokio::task::spawn_blocking(move || {
+            let path = metalgraph_tasks::files::resolve_blocking(&dir, &rel)?;
+            Ok(std::fs::read_to_string(&path).map_err(|e| (path, e)))
+        })
+        .await
+        .map_err(|e| ApiError::internal(format_args!("reading template {name}: {e}")))?;
+        match found {
+            Ok(Ok(text)) => return Ok(text),
+            Ok(Err((path, e))) => {
+                return Err(ApiError::internal(format_args!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )));
             }
-            Err(e) if e.status == StatusCode::NOT_FOUND => {}
-            Err(e) => return Err(e),
+            Err(Unresolved::NotFound) => {}
+            Err(e) => return Err(unresolved(e, name, "template")),
         }
     }
     crate::boot::builtin_template(name)
@@ -720,6 +742,46 @@ mod tests {
         }
         let kept = transfers.buffers.free.lock().expect("the pool").len();
         assert!(kept > 0, "full chunks' buffers are kept for reuse");
+    }
+
+    #[tokio::test]
+    async fn templates_are_read_on_every_call_from_the_directory_then_the_shipped_ones() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let root = dir.path().join("templates");
+        std::fs::create_dir_all(&root).expect("dir");
+        std::fs::write(dir.path().join("secret"), "s").expect("file");
+        std::os::unix::fs::symlink(dir.path().join("secret"), root.join("out.ipxe")).expect("link");
+        let shipped = "install-debian.ipxe";
+        let builtin = crate::boot::builtin_template(shipped).expect("a shipped template");
+        for d in [None, Some(root.as_path())] {
+            let text = template_source(d, shipped).await.expect("the shipped one");
+            assert_eq!(text, builtin, "not in the directory: {d:?}");
+        }
+        for edit in ["#!ipxe\necho one\n", "#!ipxe\necho two\n"] {
+            std::fs::write(root.join(shipped), edit).expect("file");
+            let text = template_source(Some(&root), shipped)
+                .await
+                .expect("the file");
+            assert_eq!(text, edit, "the directory's file wins, as it is now");
+        }
+        for (bad, status) in [
+            ("out.ipxe", StatusCode::FORBIDDEN),
+            ("../secret", StatusCode::FORBIDDEN),
+            ("missing.ipxe", StatusCode::NOT_FOUND),
+        ] {
+            let err = template_source(Some(&root), bad).await.expect_err(bad);
+            assert_eq!(err.status, status, "{bad}: {}", err.message);
+        }
+        // An unusable directory is the server's fault, not a reason to serve the shipped one.
+        let err = template_source(Some(&dir.path().join("gone")), shipped)
+            .await
+            .expect_err("no directory");
+        assert_eq!(
+            err.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{}",
+            err.message
+        );
     }
 
     #[tokio::test]

@@ -170,8 +170,12 @@ impl std::str::FromStr for NodeTokens {
 
 /// The default of `enrolment_rate`: machines enrolled per minute.
 pub const DEFAULT_ENROLMENT_RATE: u32 = 20;
-/// The default of `tftp_max_transfers`: a rack of machines booting at once.
-pub const DEFAULT_TFTP_TRANSFERS: usize = 64;
+/// The default of `tftp_max_transfers`: a rack of machines booting at once. 64 was below a
+/// rack of 200, whose requests beyond it each waited for a retransmission (BENCHMARKS.md,
+/// "Rack power-on"). A transfer holds at most a 128 KiB read-ahead buffer, a thread of the
+/// blocking pool (512 threads) and two descriptors, so 256 cost about 40 MiB (measured:
+/// 145 KiB each) and leave half the pool to the engine (docs/network-boot.md).
+pub const DEFAULT_TFTP_TRANSFERS: usize = 256;
 /// The most `tftp_max_transfers` may be (each transfer holds a thread while it runs).
 pub const MAX_TFTP_TRANSFERS: usize = 1024;
 
@@ -234,7 +238,7 @@ pub struct BootArgs {
     /// The boot files directory TFTP and /boot/ serve (default /usr/lib/ipxe).
     #[arg(long, value_name = "DIR")]
     pub tftp_root: Option<PathBuf>,
-    /// TFTP transfers served at once (default 64, at most 1024).
+    /// TFTP transfers served at once (default 256, at most 1024).
     #[arg(long, value_name = "N")]
     pub tftp_max_transfers: Option<usize>,
     /// The graph unknown machines run (default Graph.Discovery.Pxe).

@@ -29,30 +29,39 @@ pub fn plain_relative(rel: &str) -> bool {
             .all(|c| matches!(c, Component::Normal(_)))
 }
 
-/// Resolves `rel` to an existing regular file inside `root`.
+/// Resolves `rel` to an existing regular file inside `root`: [`resolve_blocking`] in one
+/// trip to the blocking pool.
+pub async fn resolve(root: &Path, rel: &str) -> Result<PathBuf, Unresolved> {
+    let (owned_root, rel) = (root.to_owned(), rel.to_owned());
+    tokio::task::spawn_blocking(move || resolve_blocking(&owned_root, &rel))
+        .await
+        .unwrap_or_else(|e| {
+            Err(Unresolved::Root {
+                dir: root.to_owned(),
+                error: std::io::Error::other(e),
+            })
+        })
+}
+
+/// Resolves `rel` to an existing regular file inside `root`, blocking: for callers already
+/// on the blocking pool, which then also read the file in the same trip.
 ///
 /// Only plain path segments are accepted ([`plain_relative`]); the result is then
 /// canonicalised and must still lie inside the canonical root, which refuses symlinks that
 /// lead out of it.
-pub async fn resolve(root: &Path, rel: &str) -> Result<PathBuf, Unresolved> {
+pub fn resolve_blocking(root: &Path, rel: &str) -> Result<PathBuf, Unresolved> {
     if !plain_relative(rel) {
         return Err(Unresolved::Outside);
     }
-    let root = tokio::fs::canonicalize(root)
-        .await
-        .map_err(|error| Unresolved::Root {
-            dir: root.to_owned(),
-            error,
-        })?;
-    let path = tokio::fs::canonicalize(root.join(rel))
-        .await
-        .map_err(|_| Unresolved::NotFound)?;
+    let root = std::fs::canonicalize(root).map_err(|error| Unresolved::Root {
+        dir: root.to_owned(),
+        error,
+    })?;
+    let path = std::fs::canonicalize(root.join(rel)).map_err(|_| Unresolved::NotFound)?;
     if !path.starts_with(&root) {
         return Err(Unresolved::Outside);
     }
-    let meta = tokio::fs::metadata(&path)
-        .await
-        .map_err(|_| Unresolved::NotFound)?;
+    let meta = std::fs::metadata(&path).map_err(|_| Unresolved::NotFound)?;
     if !meta.is_file() {
         return Err(Unresolved::NotFound);
     }

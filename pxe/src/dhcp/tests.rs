@@ -1,6 +1,6 @@
 //! Tests of the DHCP request handler without sockets: proxy and full exchanges (PXE ROMs,
 //! UEFI HTTP Boot, iPXE), where replies go, lease storage through the planner, and fuzzing
-//! of the whole handler.
+//! of the whole handler; and, with sockets, the bound server's receive buffers.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -917,4 +917,17 @@ proptest! {
             }
         });
     }
+}
+
+#[tokio::test]
+async fn both_request_sockets_get_a_larger_receive_buffer() {
+    let mut o = Options::new(Mode::Proxy, BOOT);
+    o.listen = Ipv4Addr::LOCALHOST;
+    o.ports.server = 0;
+    o.ports.proxy = 0;
+    let server = Server::bind(o, Arc::new(MemPlanner::new(BASE)))
+        .await
+        .unwrap();
+    crate::udp::assert_enlarged(&server.server);
+    crate::udp::assert_enlarged(server.proxy.as_ref().expect("proxy mode binds 4011"));
 }
