@@ -1,10 +1,14 @@
 //! Replicas of the real binary on one PostgreSQL database (docs/scale-out.md), in a
 //! throwaway cluster this test process starts, with leases shortened to 3 s: three
-//! replicas share the work; SIGKILL of the replica driving running workflows, and SIGSTOP
-//! of one past its lease, leave every workflow ending as it would have, taken over by the
-//! others, and the stopped one writes nothing once it wakes; runs of one node through two
-//! replicas at once get one 201 and one 409; a callback posted to a replica that does not
-//! drive the waiting task completes it; a database restart loses nothing.
+//! replicas share the work; a token made through one works on another and one revoked
+//! through another is refused everywhere; runs of one node through two replicas at once get
+//! one 201 and one 409; SIGKILL of the replica driving running workflows, and SIGSTOP of one
+//! past its lease, leave every workflow ending as it would have, taken over by the others,
+//! and the stopped one writes nothing once it wakes; a callback posted to a replica that
+//! does not drive the waiting task completes it; gRPC `Watch` on a replica that does not
+//! drive a workflow sees its every transition in order; a webhook registered and deleted
+//! through replicas that do not lead is delivered once per event by the one that does; a
+//! database restart loses nothing.
 
 mod support;
 
@@ -12,8 +16,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use metalgraph::api::grpc::pb;
 use metalgraph_engine::ownership::partition_of;
 use metalgraph_testkit::postgres;
+use pb::workflows_client::WorkflowsClient;
 use serde_json::json;
 use support::{Api, Launch, Server, describe_event};
 
@@ -34,15 +40,19 @@ tasks:
   - {label: call, taskName: Task.Wait.Notification}
 "#;
 
-/// One replica: its data directory (replica id, secret key, token, TLS) and its process.
+/// One replica: its data directory (replica id, secret key, token, TLS), its process and
+/// its gRPC port.
 struct Replica {
     dir: PathBuf,
     server: Option<Server>,
+    grpc: u16,
 }
 
 impl Replica {
     fn start(dir: &Path, url: &str) -> Replica {
         std::fs::create_dir_all(dir).unwrap();
+        let grpc = metalgraph_testkit::free_tcp_port();
+        let grpc_listen = format!("127.0.0.1:{grpc}");
         let ttl = TTL_MS.to_string();
         let renew = (TTL_MS / 3).to_string();
         let scan = (TTL_MS / 6).to_string();
@@ -55,7 +65,7 @@ impl Replica {
                     "--node-listen",
                     "127.0.0.1:0",
                     "--grpc-listen",
-                    "127.0.0.1:0",
+                    &grpc_listen,
                 ]
                 .map(str::to_owned)
                 .to_vec(),
@@ -72,6 +82,7 @@ impl Replica {
         Replica {
             dir: dir.to_owned(),
             server: Some(server),
+            grpc,
         }
     }
 
@@ -351,6 +362,63 @@ async fn replicas_share_the_work_and_survive_kill_stop_and_a_database_restart() 
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     let wf = api0.wait(&id, LIMIT).await;
     assert_eq!(wf["status"], "succeeded", "{wf:#}");
+
+    // gRPC Watch on a replica that does not drive a workflow sees its every transition,
+    // in order.
+    let node = "demo-node-04";
+    let (driving, _) = driver(pg, &schema, &replicas, node);
+    let watcher = replicas
+        .iter()
+        .enumerate()
+        .find(|(i, _)| *i != driving)
+        .map(|(_, r)| r)
+        .unwrap();
+    let mut watch = WorkflowsClient::new(watcher.server().grpc(watcher.grpc).await)
+        .watch(pb::WatchRequest {
+            workflow_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = replicas[driving]
+        .api()
+        .run("Nap", Some(node), json!({}))
+        .await;
+    let mut seen = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(LIMIT, watch.message())
+            .await
+            .expect("events keep coming")
+            .unwrap()
+            .expect("the stream stays open");
+        match ev.event.unwrap() {
+            pb::watch_event::Event::Workflow(w) if w.workflow_id == id => {
+                let status = pb::WorkflowStatus::try_from(w.status).unwrap();
+                seen.push(format!("wf:{}", status.as_str_name()));
+                if status == pb::WorkflowStatus::Succeeded {
+                    break;
+                }
+            }
+            pb::watch_event::Event::Task(t) if t.workflow_id == id => seen.push(format!(
+                "{}:{}",
+                t.label,
+                pb::TaskState::try_from(t.state).unwrap().as_str_name()
+            )),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "wf:WORKFLOW_STATUS_PENDING",
+            "wf:WORKFLOW_STATUS_RUNNING",
+            "first:TASK_STATE_RUNNING",
+            "first:TASK_STATE_SUCCEEDED",
+            "second:TASK_STATE_RUNNING",
+            "second:TASK_STATE_SUCCEEDED",
+            "wf:WORKFLOW_STATUS_SUCCEEDED"
+        ]
+    );
 
     // A webhook registered through a replica that does not lead is delivered once per
     // event by the one that does, and deleting it through another stops its deliveries.
