@@ -192,12 +192,18 @@ fn driver(
     (i, other)
 }
 
-/// Waits until every partition is held by one of `live`.
+/// Waits until every partition is held by one of `live`, none above its share.
 async fn held_by(pg: &metalgraph_testkit::Postgres, schema: &str, live: &[String]) {
     let deadline = Instant::now() + LIMIT;
+    let share = 65usize.div_ceil(live.len());
     loop {
         let o = owners(pg, schema);
-        if o.len() == 65 && o.values().all(|id| live.contains(id)) {
+        let most = live
+            .iter()
+            .map(|id| o.values().filter(|v| *v == id).count())
+            .max()
+            .unwrap_or(0);
+        if o.len() == 65 && o.values().all(|id| live.contains(id)) && most <= share {
             return;
         }
         assert!(Instant::now() < deadline, "partitions never settled: {o:?}");
@@ -223,6 +229,17 @@ async fn replicas_share_the_work_and_survive_kill_stop_and_a_database_restart() 
     }
     let ids: Vec<String> = replicas.iter().map(Replica::id).collect();
     held_by(pg, &schema, &ids).await;
+    // Each replica's health names it and its share; one of them leads.
+    let mut leading = 0;
+    for r in &replicas {
+        let (code, health) = r.api().get("/api/2.0/health").await;
+        assert_eq!(code, 200, "{health}");
+        assert_eq!(health["replica"]["id"], r.id().as_str(), "{health}");
+        let share = health["replica"]["partitions"].as_u64().unwrap();
+        assert!((1..=22).contains(&share), "{health}");
+        leading += usize::from(health["replica"]["leads"] == true);
+    }
+    assert_eq!(leading, 1);
     let api0 = replicas[0].api();
     let (code, body) = api0.put_yaml("/api/2.0/workflows/graphs", NAP).await;
     assert_eq!(code, 201, "{body}");

@@ -19,6 +19,7 @@ use metalgraph_engine::definitions::{self, Source};
 use metalgraph_engine::job::json_kind;
 use metalgraph_engine::model::{Definition, GraphDefinition, RunOptions, TaskDefinition};
 use metalgraph_engine::nodes::{Node, NodeFilter, Obm};
+use metalgraph_engine::ownership::Ownership;
 use metalgraph_engine::template::{self, Renderer};
 use metalgraph_engine::text;
 use metalgraph_engine::{ListFilter, Page, RunRequest, WorkflowStatus, WorkflowView};
@@ -219,9 +220,26 @@ struct Health {
     /// Always `ok`: a failing engine answers 503 instead.
     #[schema(example = "ok")]
     status: &'static str,
-    /// The store backend (`sled`, `file`, `mem`).
+    /// The store backend (`sled`, `file`, `postgres`, `mem`).
     #[schema(example = "sled")]
     store: &'static str,
+    /// With replicas on PostgreSQL: this replica and its share of the work.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replica: Option<ReplicaHealth>,
+}
+
+/// A replica's part in `GET /health` (docs/scale-out.md).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct ReplicaHealth {
+    /// The replica's id (its data directory's `replica-id`).
+    #[schema(example = "3f2a9c41d07b5e68")]
+    id: String,
+    /// How many of the 64 workflow partitions it drives now.
+    #[schema(example = 22)]
+    partitions: usize,
+    /// Whether it holds the sequencer, and so runs batches, retention and webhooks.
+    leads: bool,
 }
 
 /// Whether the engine schedules and its store works.
@@ -242,6 +260,18 @@ async fn health(State(s): State<AppState>) -> Result<Json<Health>> {
         Ok(()) => Ok(Json(Health {
             status: "ok",
             store,
+            replica: match s.engine.ownership() {
+                Ownership::Sole => None,
+                Ownership::Leased(leases) => Some(ReplicaHealth {
+                    id: leases.me().to_owned(),
+                    partitions: leases
+                        .partitions()
+                        .iter()
+                        .filter(|p| **p < metalgraph_engine::ownership::PARTITIONS)
+                        .count(),
+                    leads: s.engine.leads(),
+                }),
+            },
         })),
         Err(why) => Err(ApiError::unavailable(format!("{why} (store {store})"))),
     }
