@@ -26,6 +26,11 @@ const GRAPHS: &str = r#"
 - injectableName: Graph.Call
   tasks:
     - {label: call, taskName: Task.WaitNode}
+- injectableName: Graph.Parent
+  tasks:
+    - {label: before, taskName: Task.Noop}
+    - {label: sub, taskName: Task.Graph.Run, optionOverrides: {graphName: Graph.Nap}, waitOn: {before: succeeded}}
+    - {label: after, taskName: Task.Noop, waitOn: {sub: succeeded}}
 "#;
 
 fn timings() -> LeaseTimings {
@@ -138,10 +143,24 @@ async fn runs_through_any_replica_finish_and_every_replica_sees_every_event_in_o
         let v = wait_for(&b.engine, id, Duration::from_secs(20)).await;
         assert_eq!(v.status, WorkflowStatus::Succeeded, "{v:#?}");
     }
+    // A subgraph, run through the other replica than its parent's, is driven with its
+    // parent and the parent sees it end.
+    let parents: Vec<String> = {
+        let mut ids = Vec::new();
+        for via in [&a, &b, &a, &b] {
+            ids.push(via.run("Graph.Parent", json!({}), None).await.instance_id);
+        }
+        ids
+    };
+    for id in &parents {
+        let v = wait_for(&a.engine, id, Duration::from_secs(20)).await;
+        assert_eq!(v.status, WorkflowStatus::Succeeded, "{v:#?}");
+    }
     // Both replicas drove some of them.
     let drove_a: usize = a.probe.succeeded.lock().unwrap().len();
     let drove_b: usize = b.probe.succeeded.lock().unwrap().len();
-    assert_eq!(drove_a + drove_b, 3 * wfs.len());
+    // Three tasks of each nap, and of each parent two and its child's three.
+    assert_eq!(drove_a + drove_b, 3 * wfs.len() + 5 * parents.len());
     assert!(
         drove_a > 0 && drove_b > 0,
         "a drove {drove_a} tasks, b {drove_b}"
