@@ -45,6 +45,8 @@ mod rack;
 #[allow(dead_code)]
 #[path = "../benches/harness/recovery.rs"]
 mod recovery;
+#[path = "../benches/harness/replicas.rs"]
+mod replicas;
 #[allow(dead_code)]
 #[path = "../benches/harness/report.rs"]
 mod report;
@@ -76,11 +78,13 @@ fn the_harness_runs_every_scenario_at_tiny_sizes() {
         // Run in this process: the test binary is not the harness, so it cannot re-execute
         // itself as one. The full harness isolates each scenario in a process.
         isolate: None,
+        replicas: Vec::new(),
     };
     let report = suite::run(&plan);
     println!("{}", report::markdown(&report));
 
     assert!(report.problems().is_empty(), "{:#?}", report.problems());
+    assert!(report.replicas.is_empty());
     for b in &report.backends {
         let fsync = b.fsync.done().expect("the fsync floor was measured");
         assert!(fsync.median > std::time::Duration::ZERO);
@@ -193,6 +197,80 @@ fn the_harness_runs_every_scenario_at_tiny_sizes() {
         Outcome::Skipped(why) => println!("note: rack power-on skipped: {why}"),
         Outcome::Failed(e) => panic!("the rack power-on scenario failed: {e}"),
     }
+}
+
+/// PostgreSQL, alone and with one and two replicas in the process (`--replicas`), at the
+/// same tiny sizes: the one-process chain and fan-out beside the replicas', every
+/// partition spread before the run, every workflow succeeded, and the table rendered.
+#[test]
+fn chain_and_fan_out_run_on_postgres_replicas_at_tiny_sizes() {
+    let dir = tempfile::Builder::new()
+        .prefix("bench-smoke-replicas-")
+        .tempdir_in(suite::default_dir())
+        .expect("a scratch directory");
+    let plan = Plan {
+        sizes: Sizes::smoke(),
+        backends: vec![Backend::Postgres],
+        scenarios: vec![Scenario::Chain, Scenario::FanOut],
+        dir: dir.path().to_owned(),
+        isolate: None,
+        replicas: vec![1, 2],
+    };
+    let report = suite::run(&plan);
+    let text = report::markdown(&report);
+    println!("{text}");
+
+    assert!(report.problems().is_empty(), "{:#?}", report.problems());
+    let pg = &report.backends[0];
+    assert_eq!(pg.backend, "postgres");
+    assert_eq!(
+        pg.fanout
+            .done()
+            .expect("the one-process fan-out ran")
+            .succeeded,
+        50
+    );
+    let counts: Vec<usize> = report.replicas.iter().map(|r| r.replicas).collect();
+    assert_eq!(counts, [1, 2]);
+    let leased = metalgraph_engine::ownership::PARTITIONS as usize + 1;
+    for r in &report.replicas {
+        let n = r.replicas;
+        let chain = r.chain.done().expect("the chain on replicas ran");
+        assert_eq!((chain.replicas, chain.tasks), (n, 20));
+        assert!(chain.owner < n, "{chain:?}");
+        assert!(!chain.moved, "partitions moved during the chain: {chain:?}");
+        assert!(chain.per_task > std::time::Duration::ZERO);
+        assert!(
+            chain.seen + std::time::Duration::from_millis(2) >= chain.wall,
+            "the end event came after the finishing commit: {chain:?}"
+        );
+        assert!(
+            chain.store.commits as usize >= chain.tasks,
+            "every transition is committed: {chain:?}"
+        );
+
+        let fanout = r.fanout.done().expect("the fan-out on replicas ran");
+        assert_eq!((fanout.succeeded, fanout.lost, fanout.tasks), (50, 0, 150));
+        assert!(
+            !fanout.moved,
+            "partitions moved during the fan-out: {fanout:?}"
+        );
+        assert!(fanout.committed_wall <= fanout.wall + std::time::Duration::from_millis(2));
+        for shares in [&chain.shares, &fanout.shares] {
+            assert_eq!(shares.len(), n);
+            assert_eq!(shares.iter().map(|s| s.partitions).sum::<usize>(), leased);
+            assert!(shares.iter().all(|s| s.partitions <= leased.div_ceil(n)));
+            assert_eq!(shares.iter().filter(|s| s.sequencer).count(), 1);
+        }
+        // Runs went round-robin: every replica created some, so every one committed.
+        assert!(
+            fanout.shares.iter().all(|s| s.store.commits > 0),
+            "{:?}",
+            fanout.shares
+        );
+    }
+    assert!(text.contains("### `postgres` with replicas"), "{text}");
+    assert!(text.contains("| 1 replica | 2 replicas |"), "{text}");
 }
 
 #[test]

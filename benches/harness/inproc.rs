@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use metalgraph_engine::nodes::{Node, Obm, ObmConfig};
 use metalgraph_engine::{
-    Engine, EngineOptions, Event, Library, RunRequest, TaskState, WorkflowStatus, keys,
+    Engine, EngineOptions, Event, Library, Numbered, RunRequest, TaskState, WorkflowStatus, keys,
 };
 use metalgraph_store::{Backend, Batch, Store};
+use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::graphs;
@@ -119,7 +121,7 @@ pub fn chain(
 
 /// Waits for workflow `id` to end, by its terminal event or, if the event channel lagged,
 /// by reading its state.
-async fn wait_for(
+pub async fn wait_for(
     engine: &Engine,
     events: &mut tokio::sync::broadcast::Receiver<metalgraph_engine::Numbered>,
     id: &str,
@@ -148,7 +150,7 @@ async fn wait_for(
 }
 
 /// Fails unless workflow `id` exists, succeeded, and has `tasks` tasks that all succeeded.
-async fn check_succeeded(engine: &Engine, id: &str, tasks: usize) -> anyhow::Result<()> {
+pub async fn check_succeeded(engine: &Engine, id: &str, tasks: usize) -> anyhow::Result<()> {
     let view = engine
         .get(id)
         .await?
@@ -235,7 +237,7 @@ fn sim_node(i: usize) -> Node {
 
 /// Registers `count` simulated nodes: the first `sample` one commit each through
 /// `Nodes::create` (the API's path), the rest written in batches of 1,000 records.
-async fn load_nodes(
+pub async fn load_nodes(
     engine: &Engine,
     store: Arc<dyn Store>,
     count: usize,
@@ -281,95 +283,24 @@ pub fn fan_out(
 
         let peak_is_scenario_only = reset_peak_rss();
         let rss_before = rss().map(|(now, _)| now);
-        let mut events = running.engine.subscribe();
+        let events = running.engine.subscribe();
         let before = running.meter.snapshot();
         let start = Instant::now();
-
-        let next = Arc::new(AtomicUsize::new(0));
-        let mut clients = tokio::task::JoinSet::new();
-        for _ in 0..FAN_OUT_CLIENTS.min(workflows.max(1)) {
-            let engine = running.engine.clone();
-            let next = next.clone();
-            clients.spawn(async move {
-                let mut ids = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= workflows {
-                        return Ok::<_, anyhow::Error>(ids);
-                    }
-                    let view = engine
-                        .run(RunRequest {
-                            graph: graphs::FAN_OUT.into(),
-                            node: Some(node_id(i)),
-                            ..RunRequest::default()
-                        })
-                        .await
-                        .with_context(|| format!("running the fan-out graph on {}", node_id(i)))?;
-                    ids.push(view.instance_id);
-                }
-            });
-        }
-
-        let store = running.store.clone();
-        let watch = async move {
-            let mut ids = Vec::with_capacity(workflows);
-            let mut accept_wall = None;
-            let mut ended = 0usize;
-            let mut polled = false;
-            loop {
-                if accept_wall.is_some() && (ended >= workflows || polled) {
-                    if !polled {
-                        break;
-                    }
-                    let store = store.clone();
-                    let active = tokio::task::spawn_blocking(move || {
-                        store.scan_prefix(keys::ACTIVE, b"").map(|v| v.len())
-                    })
-                    .await??;
-                    if active == 0 {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-                tokio::select! {
-                    joined = clients.join_next(), if accept_wall.is_none() => match joined {
-                        Some(r) => ids.extend(r??),
-                        None => accept_wall = Some(start.elapsed()),
-                    },
-                    ev = events.recv(), if !polled => match ev {
-                        Ok((_, Event::Workflow { graph, status, .. }))
-                            if graph == graphs::FAN_OUT && status.is_terminal() => ended += 1,
-                        Ok(_) => {}
-                        Err(RecvError::Lagged(_)) => polled = true,
-                        Err(RecvError::Closed) => bail!("the engine stopped during the fan-out"),
-                    },
-                }
-            }
-            Ok::<_, anyhow::Error>((ids, accept_wall.unwrap_or_default(), polled))
-        };
-        let (ids, accept_wall, polled) =
-            tokio::time::timeout(limit, watch).await.with_context(|| {
-                format!("the fan-out of {workflows} workflows did not finish within {limit:?}")
-            })??;
+        let clients = submit(std::slice::from_ref(&running.engine), workflows);
+        let (ids, accept_wall, polled) = tokio::time::timeout(
+            limit,
+            watch(clients, events, running.store.clone(), workflows, start),
+        )
+        .await
+        .with_context(|| {
+            format!("the fan-out of {workflows} workflows did not finish within {limit:?}")
+        })??;
         let wall = start.elapsed();
         let peak_rss = rss().map(|(_, peak)| peak);
         let store_stats = running.meter.snapshot().since(&before);
 
         let tasks_per_workflow = width + 2;
-        let (succeeded, lost) = {
-            let engine = &running.engine;
-            let mut succeeded = 0;
-            let mut lost = 0;
-            for id in &ids {
-                match check_succeeded(engine, id, tasks_per_workflow).await {
-                    Ok(()) => succeeded += 1,
-                    Err(_) if engine.get(id).await.ok().flatten().is_none() => lost += 1,
-                    Err(_) => {}
-                }
-            }
-            (succeeded, lost + workflows.saturating_sub(ids.len()))
-        };
+        let (succeeded, lost) = tally(&running.engine, &ids, workflows, tasks_per_workflow).await;
         running.shutdown().await?;
         let tasks = workflows * tasks_per_workflow;
         Ok(FanOutResult {
@@ -391,4 +322,104 @@ pub fn fan_out(
             store: store_stats,
         })
     })
+}
+
+/// Submits `workflows` runs of the fan-out graph, run `i` on simulated node `i` through
+/// `engines[i % engines.len()]` (round-robin when there are several replicas), from
+/// [`FAN_OUT_CLIENTS`] concurrent clients. Each client returns the ids it created.
+pub fn submit(engines: &[Engine], workflows: usize) -> JoinSet<anyhow::Result<Vec<String>>> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let engines: Arc<[Engine]> = engines.into();
+    let mut clients = JoinSet::new();
+    for _ in 0..FAN_OUT_CLIENTS.min(workflows.max(1)) {
+        let engines = engines.clone();
+        let next = next.clone();
+        clients.spawn(async move {
+            let mut ids = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= workflows {
+                    return Ok(ids);
+                }
+                let view = engines[i % engines.len()]
+                    .run(RunRequest {
+                        graph: graphs::FAN_OUT.into(),
+                        node: Some(node_id(i)),
+                        ..RunRequest::default()
+                    })
+                    .await
+                    .with_context(|| format!("running the fan-out graph on {}", node_id(i)))?;
+                ids.push(view.instance_id);
+            }
+        });
+    }
+    clients
+}
+
+/// Collects the `clients`' workflow ids and waits until `workflows` fan-out workflows have
+/// ended by their terminal events in `events`, or, if the stream lagged, until `store`'s
+/// `active` index is empty. Returns the ids, when the last run was accepted (since
+/// `start`), and whether the end was found by polling.
+pub async fn watch(
+    mut clients: JoinSet<anyhow::Result<Vec<String>>>,
+    mut events: broadcast::Receiver<Numbered>,
+    store: Arc<dyn Store>,
+    workflows: usize,
+    start: Instant,
+) -> anyhow::Result<(Vec<String>, Duration, bool)> {
+    let mut ids = Vec::with_capacity(workflows);
+    let mut accept_wall = None;
+    let mut ended = 0usize;
+    let mut polled = false;
+    loop {
+        if accept_wall.is_some() && (ended >= workflows || polled) {
+            if !polled {
+                break;
+            }
+            let store = store.clone();
+            let active = tokio::task::spawn_blocking(move || {
+                store.scan_prefix(keys::ACTIVE, b"").map(|v| v.len())
+            })
+            .await??;
+            if active == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        tokio::select! {
+            joined = clients.join_next(), if accept_wall.is_none() => match joined {
+                Some(r) => ids.extend(r??),
+                None => accept_wall = Some(start.elapsed()),
+            },
+            ev = events.recv(), if !polled => match ev {
+                Ok((_, Event::Workflow { graph, status, .. }))
+                    if graph == graphs::FAN_OUT && status.is_terminal() => ended += 1,
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => polled = true,
+                Err(RecvError::Closed) => bail!("the engine stopped during the fan-out"),
+            },
+        }
+    }
+    Ok((ids, accept_wall.unwrap_or_default(), polled))
+}
+
+/// Reads every workflow of `ids` back: how many succeeded with all `tasks` tasks
+/// succeeded, and how many were lost (unreadable, or of `workflows` never created).
+pub async fn tally(
+    engine: &Engine,
+    ids: &[String],
+    workflows: usize,
+    tasks: usize,
+) -> (usize, usize) {
+    let mut succeeded = 0;
+    let mut lost = 0;
+    for id in ids {
+        match check_succeeded(engine, id, tasks).await {
+            Ok(()) => succeeded += 1,
+            Err(_) if engine.get(id).await.ok().flatten().is_none() => lost += 1,
+            Err(_) => {}
+        }
+    }
+    (succeeded, lost + workflows.saturating_sub(ids.len()))
 }

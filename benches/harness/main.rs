@@ -3,9 +3,11 @@
 //! and the real binary, prints a Markdown report on stdout, and writes it with the raw
 //! figures (JSON) under `target/tmp/`. See BENCHMARKS.md for what each figure means.
 //!
-//! Flags (after `--`): `--quick` (smaller sizes), `--smoke` (the CI smoke test's sizes), `--backends sled,file`,
-//! `--only chain,fanout,recovery,api,peer,history,boot-files,dhcp,rack`, `--dir DIR` (where data
-//! directories go; its disk is what is measured), and size overrides `--chain N`, `--fanout N`,
+//! Flags (after `--`): `--quick` (smaller sizes), `--smoke` (the CI smoke test's sizes),
+//! `--backends sled,file,postgres`, `--replicas 1,2,3` (chain and fan-out on PostgreSQL with
+//! that many replicas in one process as well; needs postgres among the backends; none by
+//! default), `--only chain,fanout,recovery,api,peer,history,boot-files,dhcp,rack`, `--dir DIR`
+//! (where data directories go; its disk is what is measured), and size overrides `--chain N`, `--fanout N`,
 //! `--recovery N`, `--api-secs N`, `--peer-chain N`, `--peer-flows N`, `--boot-rounds N`,
 //! `--dhcp-rounds N`, `--dhcp-secs N`, `--rack N` (machines), `--rack-kernel-mib N`,
 //! `--rack-initrd-mib N`, `--rack-rounds N`, `--rack-tftp-transfers N` (0: none).
@@ -23,6 +25,7 @@ mod netns;
 mod peer;
 mod rack;
 mod recovery;
+mod replicas;
 mod report;
 mod server;
 mod suite;
@@ -47,6 +50,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<(Plan, bool)> {
     let mut backends = vec![Backend::Sled, Backend::File];
     let mut scenarios = Scenario::ALL.to_vec();
     let mut dir = None;
+    let mut replicas = Vec::new();
     let mut keep = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -74,6 +78,12 @@ fn parse_args(args: &[String]) -> anyhow::Result<(Plan, bool)> {
                 scenarios = value()?
                     .split(',')
                     .map(|s| Scenario::parse(s).with_context(|| format!("unknown scenario {s:?}")))
+                    .collect::<anyhow::Result<_>>()?;
+            }
+            "--replicas" => {
+                replicas = value()?
+                    .split(',')
+                    .map(|r| number(r.to_owned()))
                     .collect::<anyhow::Result<_>>()?;
             }
             "--dir" => dir = Some(PathBuf::from(value()?)),
@@ -106,6 +116,14 @@ fn parse_args(args: &[String]) -> anyhow::Result<(Plan, bool)> {
             other => bail!("unknown argument {other:?}\n{HELP}"),
         }
     }
+    // More replicas than leased partitions (64 and the sequencer's) would hold nothing.
+    let most = metalgraph_engine::ownership::PARTITIONS as usize + 1;
+    if let Some(r) = replicas.iter().find(|r| !(1..=most).contains(*r)) {
+        bail!("--replicas {r}: each count must be from 1 to {most}");
+    }
+    if !replicas.is_empty() && !backends.contains(&Backend::Postgres) {
+        bail!("--replicas runs chain and fan-out on PostgreSQL: add postgres to --backends");
+    }
     let base = dir.unwrap_or_else(suite::default_dir);
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -117,12 +135,13 @@ fn parse_args(args: &[String]) -> anyhow::Result<(Plan, bool)> {
         scenarios,
         dir: base.join(format!("metalgraph-bench-{stamp}")),
         isolate: std::env::current_exe().ok(),
+        replicas,
     };
     Ok((plan, keep))
 }
 
-const HELP: &str = "usage: cargo bench --bench harness -- [--quick | --smoke] [--backends sled,file] \
-[--only chain,fanout,recovery,api,peer,history,boot-files,dhcp,rack] [--dir DIR] [--keep] [--chain N] [--fanout N] \
+const HELP: &str = "usage: cargo bench --bench harness -- [--quick | --smoke] [--backends sled,file,postgres] \
+[--replicas 1,2,3 (with postgres; default none)] [--only chain,fanout,recovery,api,peer,history,boot-files,dhcp,rack] [--dir DIR] [--keep] [--chain N] [--fanout N] \
 [--recovery N] [--api-secs N] [--peer-chain N] [--peer-flows N] [--history N] [--history-nodes N] [--boot-rounds N] \
 [--dhcp-rounds N] [--dhcp-secs N] [--rack N] [--rack-kernel-mib N] [--rack-initrd-mib N] [--rack-rounds N] \
 [--rack-tftp-transfers N]";

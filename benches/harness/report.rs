@@ -8,8 +8,10 @@ use std::time::Duration;
 use crate::boot::{self, BootResult, Protocol};
 use crate::dhcp::{DhcpResult, Step};
 use crate::history::{HistoryResult, Latency};
+use crate::inproc::FanOutResult;
 use crate::peer::PeerResult;
 use crate::rack::{RackResult, Step as RackStep};
+use crate::replicas::{ReplicaFanOutResult, Share};
 use crate::suite::{BackendReport, Outcome, Report};
 use crate::util::{fmt_count, fmt_dur, fmt_mib, sig3};
 
@@ -57,6 +59,10 @@ pub fn markdown(r: &Report) -> String {
     for b in &r.backends {
         out.push('\n');
         backend_table(&mut out, b, r.peer.done());
+    }
+    if !r.replicas.is_empty() {
+        out.push('\n');
+        replicas_table(&mut out, r);
     }
     section(&mut out, "Boot files", &r.boot, boot_table);
     section(&mut out, "DHCP", &r.dhcp, dhcp_table);
@@ -374,6 +380,214 @@ fn backend_table(out: &mut String, b: &BackendReport, peer: Option<&PeerResult>)
         Outcome::Done(h) => history_rows(out, h),
         other => row(out, "history", &not_done(other), "", ""),
     }
+}
+
+/// PostgreSQL with replicas: one column per number of replicas, beside sled's and
+/// PostgreSQL's one-process figures from the same run where they ran.
+fn replicas_table(out: &mut String, r: &Report) {
+    let _ = writeln!(out, "### `postgres` with replicas\n");
+    let _ = writeln!(
+        out,
+        "Each replica is an engine in this one process with a PostgreSQL store of its own \
+         (its own connection pool) on the same schema, holding partitions under leases \
+         (default timings), spread before the run starts. The chain is submitted through \
+         replica 0 and driven by the owner of its partition, one replica whatever their \
+         number; its time per task runs from the request to the commit that finished it. \
+         Fan-out runs go round-robin through the replicas; the wall ends when replica 0's \
+         event stream has shown every workflow's end (events pass through the sequencer).\n"
+    );
+    let one = |name: &str| r.backends.iter().find(|b| b.backend == name);
+    let (sled, pg) = (one("sled"), one("postgres"));
+    let mut head = String::from("| figure | sled, one process | postgres, one process |");
+    let mut rule = String::from("|---|---|---|");
+    for rep in &r.replicas {
+        let _ = write!(
+            head,
+            " {} replica{} |",
+            rep.replicas,
+            if rep.replicas == 1 { "" } else { "s" }
+        );
+        rule.push_str("---|");
+    }
+    let _ = writeln!(out, "{head}\n{rule}");
+    let line = |out: &mut String, figure: &str, sole: [String; 2], each: Vec<String>| {
+        let _ = writeln!(
+            out,
+            "| {figure} | {} | {} | {} |",
+            sole[0],
+            sole[1],
+            each.join(" | ")
+        );
+    };
+    let sole = |f: &dyn Fn(&BackendReport) -> String| -> [String; 2] {
+        [
+            sled.map(f).unwrap_or_default(),
+            pg.map(f).unwrap_or_default(),
+        ]
+    };
+
+    let chain_n = r
+        .replicas
+        .iter()
+        .find_map(|x| x.chain.done().map(|c| c.tasks));
+    if let Some(n) = chain_n {
+        line(
+            out,
+            &format!(
+                "chain: {} sequential `noop` tasks, time per task",
+                fmt_count(n as u64)
+            ),
+            sole(&|b| {
+                b.chain
+                    .done()
+                    .map(|c| format!("**{}**", fmt_dur(c.per_task)))
+                    .unwrap_or_else(|| not_done(&b.chain))
+            }),
+            r.replicas
+                .iter()
+                .map(|x| match &x.chain {
+                    Outcome::Done(c) => format!(
+                        "**{}** (driven by replica {}; its end event seen {} after the \
+                         commit; {} commits per task, all replicas){}",
+                        fmt_dur(c.per_task),
+                        c.owner,
+                        fmt_dur(c.seen.saturating_sub(c.wall)),
+                        sig3(c.store.commits as f64 / c.tasks.max(1) as f64),
+                        if c.moved {
+                            "; partitions moved during the run"
+                        } else {
+                            ""
+                        }
+                    ),
+                    other => not_done(other),
+                })
+                .collect(),
+        );
+    }
+    // A fan-out figure for the one-process columns and for each replica count.
+    let sole_fan = |f: &dyn Fn(&FanOutResult) -> String| {
+        sole(&|b: &BackendReport| match &b.fanout {
+            Outcome::Done(x) => f(x),
+            other => not_done(other),
+        })
+    };
+    let each_fan = |f: &dyn Fn(&ReplicaFanOutResult) -> String| -> Vec<String> {
+        r.replicas
+            .iter()
+            .map(|x| match &x.fanout {
+                Outcome::Done(x) => f(x),
+                other => not_done(other),
+            })
+            .collect()
+    };
+    let rate = |per_sec: f64, wall: Duration, tasks: usize| {
+        format!(
+            "**{}** ({} per task)",
+            fmt_count(per_sec.round() as u64),
+            fmt_dur(wall.div_f64(tasks.max(1) as f64))
+        )
+    };
+    if let Some(f0) = r.replicas.iter().find_map(|x| x.fanout.done()) {
+        line(
+            out,
+            &format!(
+                "fan-out: {} workflows × {} tasks, tasks per second",
+                fmt_count(f0.workflows as u64),
+                f0.tasks_per_workflow
+            ),
+            sole_fan(&|f| rate(f.tasks_per_sec, f.wall, f.tasks)),
+            each_fan(&|f| rate(f.tasks_per_sec, f.wall, f.tasks)),
+        );
+        line(
+            out,
+            "fan-out: wall (last finishing commit; all runs accepted after)",
+            sole_fan(&|f| {
+                format!(
+                    "{} (accepted after {})",
+                    fmt_dur(f.wall),
+                    fmt_dur(f.accept_wall)
+                )
+            }),
+            each_fan(&|f| {
+                format!(
+                    "{} ({}; accepted after {})",
+                    fmt_dur(f.wall),
+                    fmt_dur(f.committed_wall),
+                    fmt_dur(f.accept_wall)
+                )
+            }),
+        );
+        line(
+            out,
+            "fan-out: commits per replica (partitions held; S: the sequencer's)",
+            sole_fan(&|f| fmt_count(f.store.commits)),
+            each_fan(&|f| shares(&f.shares, f.moved)),
+        );
+        let ended = |succeeded: usize, lost: usize, polled: bool| {
+            format!(
+                "{} / {lost}{}",
+                fmt_count(succeeded as u64),
+                if polled {
+                    " (end found by polling: events lagged)"
+                } else {
+                    ""
+                }
+            )
+        };
+        line(
+            out,
+            "fan-out: workflows succeeded / lost",
+            sole_fan(&|f| ended(f.succeeded, f.lost, f.polled)),
+            each_fan(&|f| ended(f.succeeded, f.lost, f.polled)),
+        );
+        let peak = |p: Option<u64>| p.map(fmt_mib).unwrap_or_default();
+        line(
+            out,
+            "fan-out: peak RSS of the process (all replicas in it)",
+            sole_fan(&|f| peak(f.peak_rss)),
+            each_fan(&|f| peak(f.peak_rss)),
+        );
+    }
+    line(
+        out,
+        "setup (not in the figures): partitions spread after (chain / fan-out)",
+        [String::new(), String::new()],
+        r.replicas
+            .iter()
+            .map(|x| {
+                let settle = |d: Option<Duration>| d.map(fmt_dur).unwrap_or_else(|| "–".into());
+                format!(
+                    "{} / {}",
+                    settle(x.chain.done().map(|c| c.settle)),
+                    settle(x.fanout.done().map(|f| f.settle))
+                )
+            })
+            .collect(),
+    );
+}
+
+/// Each replica's commits, with its partitions: `12,345 (22 S)`.
+fn shares(shares: &[Share], moved: bool) -> String {
+    let each: Vec<String> = shares
+        .iter()
+        .map(|s| {
+            format!(
+                "{} ({}{})",
+                fmt_count(s.store.commits),
+                s.partitions,
+                if s.sequencer { " S" } else { "" }
+            )
+        })
+        .collect();
+    format!(
+        "{}{}",
+        each.join(" / "),
+        if moved {
+            "; partitions moved during the run"
+        } else {
+            ""
+        }
+    )
 }
 
 /// The history scenario: each figure on the large store, with the baseline's and their

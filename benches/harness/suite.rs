@@ -17,6 +17,7 @@ use crate::machine::Machine;
 use crate::peer::{self, PeerResult};
 use crate::rack::{self, RackResult, RackSizes};
 use crate::recovery::{self, RecoveryResult};
+use crate::replicas::{self, ReplicaChainResult, ReplicaFanOutResult};
 use crate::server::backend_name;
 
 /// How big each scenario is.
@@ -187,6 +188,9 @@ pub struct Plan {
     /// process of its own, so that one scenario's heap and threads never show in the next
     /// one's figures (peak memory above all). `None` runs them in this process.
     pub isolate: Option<PathBuf>,
+    /// With PostgreSQL among the backends: the numbers of replicas to run chain and
+    /// fan-out on besides the one process (`--replicas 1,2,3`); empty for none.
+    pub replicas: Vec<usize>,
 }
 
 /// A scenario's outcome.
@@ -226,12 +230,22 @@ pub struct BackendReport {
     pub history: Outcome<HistoryResult>,
 }
 
+/// Chain and fan-out on PostgreSQL with some number of replicas in one process.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplicaReport {
+    pub replicas: usize,
+    pub chain: Outcome<ReplicaChainResult>,
+    pub fanout: Outcome<ReplicaFanOutResult>,
+}
+
 /// Everything one run measured.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
     pub machine: Machine,
     pub sizes: Sizes,
     pub backends: Vec<BackendReport>,
+    /// PostgreSQL with 1, 2, 3, ... replicas (`--replicas`), in that order.
+    pub replicas: Vec<ReplicaReport>,
     pub peer: Outcome<PeerResult>,
     pub boot: Outcome<BootResult>,
     pub dhcp: Outcome<DhcpResult>,
@@ -257,6 +271,17 @@ impl Report {
             failed(format!("{name} recovery"), failed_of(&b.recovery));
             failed(format!("{name} API"), failed_of(&b.api));
             failed(format!("{name} history"), failed_of(&b.history));
+        }
+        for r in &self.replicas {
+            let n = r.replicas;
+            failed(
+                format!("postgres chain on {n} replicas"),
+                failed_of(&r.chain),
+            );
+            failed(
+                format!("postgres fan-out on {n} replicas"),
+                failed_of(&r.fanout),
+            );
         }
         failed("TaskFlow peer".into(), failed_of(&self.peer));
         failed("boot files".into(), failed_of(&self.boot));
@@ -302,6 +327,16 @@ impl Report {
                 }
             }
         }
+        for r in &self.replicas {
+            if let Some(f) = r.fanout.done()
+                && (f.lost > 0 || f.succeeded != f.workflows)
+            {
+                out.push(format!(
+                    "postgres fan-out on {} replicas: {} of {} workflows succeeded, {} lost",
+                    r.replicas, f.succeeded, f.workflows, f.lost
+                ));
+            }
+        }
         if self.machine.fsync_is_fake() {
             out.push(format!(
                 "the data directory is on {}, where fsync does nothing; pass --dir on a real disk",
@@ -333,6 +368,7 @@ pub fn run(plan: &Plan) -> Report {
     let _ = std::fs::create_dir_all(&plan.dir);
     let machine = Machine::describe(&plan.dir);
     let mut backends = Vec::new();
+    let mut replica_runs = Vec::new();
     // Scenarios that are not per backend (the peer, boot files) alone need no backend pass.
     let backend_list: &[Backend] = if plan.scenarios.iter().any(|s| s.per_backend()) {
         &plan.backends
@@ -356,7 +392,16 @@ pub fn run(plan: &Plan) -> Report {
             say(&format!("[{name}] chain of {} tasks", sizes.chain));
             let dir = root.join("chain");
             timed(|| match &plan.isolate {
-                Some(exe) => in_child(exe, "chain", backend, &dir, sizes.chain, 0, sizes.limit),
+                Some(exe) => in_child(
+                    exe,
+                    "chain",
+                    backend,
+                    &dir,
+                    sizes.chain,
+                    0,
+                    sizes.limit,
+                    None,
+                ),
                 None => inproc::chain(backend, &dir, sizes.chain, sizes.limit),
             })
         } else {
@@ -371,12 +416,17 @@ pub fn run(plan: &Plan) -> Report {
             let dir = root.join("fanout");
             let (n, width) = (sizes.fanout_workflows, sizes.fanout_width);
             timed(|| match &plan.isolate {
-                Some(exe) => in_child(exe, "fanout", backend, &dir, n, width, sizes.limit),
+                Some(exe) => in_child(exe, "fanout", backend, &dir, n, width, sizes.limit, None),
                 None => inproc::fan_out(backend, &dir, n, width, sizes.limit),
             })
         } else {
             not_selected()
         };
+        if backend == Backend::Postgres {
+            for &r in &plan.replicas {
+                replica_runs.push(run_replicas(plan, &root, r));
+            }
+        }
         let recovery = if wants(Scenario::Recovery) {
             say(&format!(
                 "[{name}] recovery of {} workflows after SIGKILL",
@@ -437,6 +487,11 @@ pub fn run(plan: &Plan) -> Report {
         // The stores are large; only the logs are worth keeping.
         for sub in ["chain", "fanout", "recovery", "api", "history"] {
             let _ = std::fs::remove_dir_all(root.join(sub));
+        }
+        for &r in &plan.replicas {
+            for sub in ["chain", "fanout"] {
+                let _ = std::fs::remove_dir_all(root.join(format!("{sub}-{r}-replicas")));
+            }
         }
         backends.push(BackendReport {
             backend: name,
@@ -578,11 +633,70 @@ pub fn run(plan: &Plan) -> Report {
         machine,
         sizes: sizes.clone(),
         backends,
+        replicas: replica_runs,
         peer,
         boot,
         dhcp,
         rack,
         total: start.elapsed(),
+    }
+}
+
+/// Chain and fan-out (those selected) on `n` PostgreSQL replicas, each scenario on a fresh
+/// schema under `root`.
+fn run_replicas(plan: &Plan, root: &Path, n: usize) -> ReplicaReport {
+    let sizes = &plan.sizes;
+    let wants = |s: Scenario| plan.scenarios.contains(&s);
+    let chain = if wants(Scenario::Chain) {
+        say(&format!(
+            "[postgres] chain of {} tasks on {n} replicas",
+            sizes.chain
+        ));
+        let dir = root.join(format!("chain-{n}-replicas"));
+        timed(|| match &plan.isolate {
+            Some(exe) => in_child(
+                exe,
+                "replica-chain",
+                Backend::Postgres,
+                &dir,
+                sizes.chain,
+                0,
+                sizes.limit,
+                Some(n),
+            ),
+            None => replicas::chain(&dir, n, sizes.chain, sizes.limit),
+        })
+    } else {
+        not_selected()
+    };
+    let fanout = if wants(Scenario::FanOut) {
+        say(&format!(
+            "[postgres] fan-out: {} workflows of {} tasks on {n} replicas",
+            sizes.fanout_workflows,
+            sizes.fanout_width + 2
+        ));
+        let dir = root.join(format!("fanout-{n}-replicas"));
+        let (w, width) = (sizes.fanout_workflows, sizes.fanout_width);
+        timed(|| match &plan.isolate {
+            Some(exe) => in_child(
+                exe,
+                "replica-fanout",
+                Backend::Postgres,
+                &dir,
+                w,
+                width,
+                sizes.limit,
+                Some(n),
+            ),
+            None => replicas::fan_out(&dir, n, w, width, sizes.limit),
+        })
+    } else {
+        not_selected()
+    };
+    ReplicaReport {
+        replicas: n,
+        chain,
+        fanout,
     }
 }
 
@@ -605,10 +719,12 @@ fn timed<T>(f: impl FnOnce() -> anyhow::Result<T>) -> Outcome<T> {
 }
 
 /// The flag that makes the harness run one in-process scenario and print its result as
-/// JSON: `--child chain|fanout BACKEND DIR N WIDTH LIMIT_SECS`.
+/// JSON: `--child chain|fanout BACKEND DIR N WIDTH LIMIT_SECS`, or
+/// `--child replica-chain|replica-fanout postgres DIR N WIDTH LIMIT_SECS REPLICAS`.
 pub const CHILD_FLAG: &str = "--child";
 
 /// Runs one in-process scenario in a child process (`exe --child ...`) and reads its result.
+#[allow(clippy::too_many_arguments)]
 fn in_child<T: serde::de::DeserializeOwned>(
     exe: &Path,
     scenario: &str,
@@ -617,6 +733,7 @@ fn in_child<T: serde::de::DeserializeOwned>(
     n: usize,
     width: usize,
     limit: Duration,
+    replicas: Option<usize>,
 ) -> anyhow::Result<T> {
     use anyhow::Context as _;
     let out = std::process::Command::new(exe)
@@ -627,6 +744,7 @@ fn in_child<T: serde::de::DeserializeOwned>(
         .arg(n.to_string())
         .arg(width.to_string())
         .arg(limit.as_secs().to_string())
+        .args(replicas.map(|r| r.to_string()))
         .stderr(std::process::Stdio::inherit())
         .output()
         .with_context(|| format!("cannot run {}", exe.display()))?;
@@ -646,18 +764,43 @@ fn in_child<T: serde::de::DeserializeOwned>(
 /// [`CHILD_FLAG`]) and returns its result as JSON.
 pub fn run_child(args: &[String]) -> anyhow::Result<String> {
     use anyhow::Context as _;
-    let [scenario, backend, dir, n, width, limit] = args else {
-        anyhow::bail!("{CHILD_FLAG} wants: chain|fanout BACKEND DIR N WIDTH LIMIT_SECS");
+    let (scenario, backend, dir, n, width, limit, count) = match args {
+        [scenario, backend, dir, n, width, limit] => {
+            (scenario, backend, dir, n, width, limit, None)
+        }
+        [scenario, backend, dir, n, width, limit, count] => (
+            scenario,
+            backend,
+            dir,
+            n,
+            width,
+            limit,
+            Some(count.parse::<usize>().context("REPLICAS")?),
+        ),
+        _ => anyhow::bail!(
+            "{CHILD_FLAG} wants: chain|fanout BACKEND DIR N WIDTH LIMIT_SECS, or \
+             replica-chain|replica-fanout postgres DIR N WIDTH LIMIT_SECS REPLICAS"
+        ),
     };
     let backend: Backend = backend.parse().map_err(anyhow::Error::msg)?;
     let dir = Path::new(dir);
     let n: usize = n.parse().context("N")?;
     let width: usize = width.parse().context("WIDTH")?;
     let limit = Duration::from_secs(limit.parse().context("LIMIT_SECS")?);
-    Ok(match scenario.as_str() {
-        "chain" => serde_json::to_string(&inproc::chain(backend, dir, n, limit)?)?,
-        "fanout" => serde_json::to_string(&inproc::fan_out(backend, dir, n, width, limit)?)?,
-        other => anyhow::bail!("unknown child scenario {other:?}"),
+    Ok(match (scenario.as_str(), count) {
+        ("chain", None) => serde_json::to_string(&inproc::chain(backend, dir, n, limit)?)?,
+        ("fanout", None) => {
+            serde_json::to_string(&inproc::fan_out(backend, dir, n, width, limit)?)?
+        }
+        ("replica-chain", Some(r)) if backend == Backend::Postgres => {
+            serde_json::to_string(&replicas::chain(dir, r, n, limit)?)?
+        }
+        ("replica-fanout", Some(r)) if backend == Backend::Postgres => {
+            serde_json::to_string(&replicas::fan_out(dir, r, n, width, limit)?)?
+        }
+        (other, r) => {
+            anyhow::bail!("unknown child scenario {other:?} on {backend:?} ({r:?} replicas)")
+        }
     })
 }
 
