@@ -22,8 +22,9 @@
 //! answer on a channel, and never starts a runtime on the caller's thread.
 //!
 //! The schema is created and migrated when the store opens, under an advisory lock so that
-//! replicas starting together migrate once. Connections are pooled; one that fails is
-//! dropped and a new one is made on the next call, so the store reconnects by itself after
+//! replicas starting together migrate once. Connections are pooled, at most
+//! [`POOL_SIZE`] of them (further calls wait for one); one that fails is dropped and a new
+//! one is made on the next call, so the store reconnects by itself after
 //! the database restarts (the call that met the failure reports it).
 //!
 //! SQL used: one table with a primary key, `INSERT ... ON CONFLICT DO UPDATE`, `unnest`
@@ -63,8 +64,9 @@ const MIGRATIONS: &[&str] = &[
 /// The advisory lock (an arbitrary constant) that serialises migrations.
 const MIGRATION_LOCK: i64 = 0x6d67_7261_7068_0001;
 
-/// How many idle connections the pool keeps.
-const POOL_IDLE: usize = 16;
+/// The most connections a store opens: calls beyond that many at once wait for one to be
+/// free, rather than each opening (and the server forking) a connection of its own.
+const POOL_SIZE: usize = 16;
 
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -99,6 +101,8 @@ struct Shared {
     config: Config,
     tls: MakeRustlsConnect,
     idle: Mutex<Vec<Client>>,
+    /// One permit per connection in use: at most [`POOL_SIZE`] are open.
+    permits: tokio::sync::Semaphore,
     /// What messages call the database: host and database name, never a password.
     name: String,
 }
@@ -300,6 +304,7 @@ impl PgStore {
                 config,
                 tls,
                 idle: Mutex::new(Vec::new()),
+                permits: tokio::sync::Semaphore::new(POOL_SIZE),
                 name,
             }),
             runtime: Some(runtime),
@@ -354,6 +359,12 @@ impl Shared {
         let mut pause = Duration::from_millis(50);
         let mut warned = false;
         loop {
+            // Never closed, so acquiring only waits.
+            let _permit = self
+                .permits
+                .acquire()
+                .await
+                .map_err(|_| Error::Io("the PostgreSQL store is closed".into()))?;
             let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let client = match pooled {
                 Some(c) if !c.is_closed() => Ok(c),
@@ -369,10 +380,11 @@ impl Shared {
                         Err(f) => matches!(f.error, Error::Conflict { .. }),
                     };
                     if reusable && !client.is_closed() {
-                        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                        if idle.len() < POOL_IDLE {
-                            idle.push(client);
-                        }
+                        // Below POOL_SIZE: only permit holders put connections back.
+                        self.idle
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(client);
                     }
                     out
                 }
