@@ -551,6 +551,12 @@ async fn an_empty_patch_changes_nothing() {
     let (status, after) = send(&h.app, "PATCH", &uri, None, Body::empty()).await;
     assert_eq!(status, StatusCode::OK, "{after}");
     assert_eq!(after["name"], "n1");
+    // A body that says null is not an empty one: the document says the body is a mapping.
+    for (ct, doc) in [("application/json", "null"), ("application/yaml", "~\n")] {
+        let (status, body) = send(&h.app, "PATCH", &uri, Some(ct), doc.to_owned()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{ct}: {body}");
+        assert!(error_of(&body, "bad_request").contains("null"), "{body}");
+    }
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use super::{ApiError, AppState};
 /// A request body parsed as JSON or YAML, chosen by its `Content-Type`
 /// (`application/json`, `application/yaml`, `application/x-yaml`, `text/yaml`). An empty
 /// body is `Value::Null` whatever its type, so that endpoints whose body is optional accept
-/// a bare request.
+/// a bare request; a body that parses to null (`null`, `~`) is a 400.
 #[derive(Debug)]
 pub struct Body(pub Value);
 
@@ -81,7 +81,14 @@ impl FromRequest<AppState> for Body {
         })
         .await
         .map_err(|e| ApiError::internal(format_args!("parsing a body did not complete: {e}")))?;
-        parsed.map(Body).map_err(ApiError::bad_request)
+        match parsed.map_err(ApiError::bad_request)? {
+            // Only an empty body means "nothing"; a document that says null is not a body
+            // any endpoint takes.
+            Value::Null => Err(ApiError::bad_request(
+                "the request body is null; send a mapping, or no body at all",
+            )),
+            value => Ok(Body(value)),
+        }
     }
 }
 
