@@ -702,7 +702,7 @@ impl Engine {
     /// Asks the scheduler to cancel a workflow and returns once the request is committed,
     /// without waiting for the workflow's end ([`Self::cancel`] waits).
     pub(crate) async fn request_cancel(&self, id: &str) -> Result<(), Error> {
-        let current = self.get(id).await?.ok_or_else(|| Error::NotFound {
+        let (current, _) = self.load(id).await?.ok_or_else(|| Error::NotFound {
             kind: "workflow",
             id: id.to_owned(),
         })?;
@@ -715,8 +715,7 @@ impl Engine {
         let wf = id.to_owned();
         if let Ownership::Leased(_) = &self.inner.ownership {
             // Through the owner's inbox, wherever it runs: accepted once committed.
-            let rec = self.load(id).await?.map(|(rec, _)| rec);
-            let p = rec.map_or_else(|| crate::ownership::partition_of(id), |r| r.partition());
+            let p = current.partition();
             let (store, clock) = (self.inner.store.clone(), self.inner.clock.clone());
             blocking(move || {
                 let mut batch = Batch::new();
@@ -890,10 +889,10 @@ impl Engine {
         Ok(w.label)
     }
 
-    /// [`Self::notify`] for a task this replica does not drive: found in the store among
-    /// the running tasks of `node`'s unfinished workflows (which are in the node's
-    /// partition), and delivered to the partition's owner through its inbox. Answers once
-    /// the request is committed; `not_found` when no running task has that token.
+    /// [`Self::notify`] for a task this replica does not drive: the task its owner
+    /// published as waiting on `node` (see [`Self::waiting_task`]), when the token is its,
+    /// delivered to the partition's owner through its inbox. Answers once the request is
+    /// committed; `not_found` otherwise, as the owner would answer.
     async fn notify_owner(
         &self,
         node: Option<&str>,
@@ -904,48 +903,28 @@ impl Engine {
         let Some(node) = node else {
             return Err(not_found);
         };
+        let Some((w, partition)) = self.published_waiter(node).await else {
+            return Err(not_found);
+        };
+        if !crate::notify::same_secret(&w.token, token) {
+            return Err(not_found);
+        }
+        let request = inbox::Request::Notify {
+            wf: w.workflow_id.clone(),
+            task_id: w.task_id.clone(),
+            token: w.token.clone(),
+            body,
+        };
         let (store, clock) = (self.inner.store.clone(), self.inner.clock.clone());
-        let (node, token) = (node.to_owned(), token.to_owned());
-        let found = blocking(move || {
-            let p = crate::ownership::partition_of(&node);
-            for (k, v) in store.scan_prefix(keys::ACTIVE, b"")? {
-                if v != p.to_string().as_bytes() {
-                    continue;
-                }
-                let id = String::from_utf8_lossy(&k);
-                let Some((rec, tasks)) = load_records(store.as_ref(), &id)? else {
-                    continue;
-                };
-                if rec.node.as_deref() != Some(node.as_str()) {
-                    continue;
-                }
-                let waiting = tasks.iter().enumerate().find(|(_, t)| {
-                    t.state == TaskState::Running && crate::notify::same_secret(&t.token, &token)
-                });
-                if let Some((idx, t)) = waiting {
-                    let request = inbox::Request::Notify {
-                        wf: rec.id.clone(),
-                        task_id: t.id.clone(),
-                        token: token.clone(),
-                        body,
-                    };
-                    let mut batch = Batch::new();
-                    inbox::put(&mut batch, rec.partition(), clock.now_ms(), &request);
-                    store.commit(batch)?;
-                    return Ok(Some((rec.id, rec.plan.tasks[idx].label.clone())));
-                }
-            }
-            Ok::<_, Error>(None)
+        blocking(move || {
+            let mut batch = Batch::new();
+            inbox::put(&mut batch, partition, clock.now_ms(), &request);
+            store.commit(batch).map_err(Error::from)
         })
         .await?;
-        match found {
-            Some((wf, label)) => {
-                self.inner.wake.inbox.notify_one();
-                info!(workflow_id = %wf, label = %label, "node notification committed for the partition's owner");
-                Ok(label)
-            }
-            None => Err(not_found),
-        }
+        self.inner.wake.inbox.notify_one();
+        info!(workflow_id = %w.workflow_id, label = %w.label, "node notification committed for the partition's owner");
+        Ok(w.label)
     }
 
     /// With replicas, publishes `w` under its node for the others (see [`Self::waiting_task`])
@@ -971,9 +950,9 @@ impl Engine {
         }))
     }
 
-    /// The task waiting on `node` that another replica published, if its record still says
-    /// it runs with that token.
-    async fn published_waiter(&self, node: &str) -> Option<Waiter> {
+    /// The task waiting on `node` that another replica published, with its workflow's
+    /// partition, if its record still says it runs with that token.
+    async fn published_waiter(&self, node: &str) -> Option<(Waiter, u32)> {
         let (store, node) = (self.inner.store.clone(), node.to_owned());
         blocking(move || {
             let Some(raw) = store.get(keys::WAITING, node.as_bytes())? else {
@@ -982,7 +961,7 @@ impl Engine {
             let w: Waiter = serde_json::from_slice(&raw).map_err(|e| {
                 Error::Store(format!("the waiting task of {node} is unreadable: {e}"))
             })?;
-            let Some((_, tasks)) = load_records(store.as_ref(), &w.workflow_id)? else {
+            let Some((rec, tasks)) = load_records(store.as_ref(), &w.workflow_id)? else {
                 return Ok(None);
             };
             let running = tasks.iter().any(|t| {
@@ -990,7 +969,7 @@ impl Engine {
                     && t.state == TaskState::Running
                     && crate::notify::same_secret(&t.token, &w.token)
             });
-            Ok::<_, Error>(running.then_some(w))
+            Ok::<_, Error>(running.then(|| (w, rec.partition())))
         })
         .await
         .unwrap_or_else(|e| {
@@ -1019,7 +998,7 @@ impl Engine {
             Some(w) => w,
             None => match &self.inner.ownership {
                 Ownership::Sole => return None,
-                Ownership::Leased(_) => self.published_waiter(node).await?,
+                Ownership::Leased(_) => self.published_waiter(node).await?.0,
             },
         };
         let cap = self

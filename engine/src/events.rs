@@ -45,11 +45,7 @@ impl EventLog {
         };
         let mut recent = VecDeque::new();
         for (k, v) in store.scan_prefix(keys::EVENTS, b"")? {
-            let n = decode_key(&k)
-                .ok_or_else(|| Error::Store(format!("event key {k:?} is not a number")))?;
-            let ev: Event = serde_json::from_slice(&v)
-                .map_err(|e| Error::Store(format!("event {n} is unreadable: {e}")))?;
-            recent.push_back((n, ev));
+            recent.push_back(decode(&k, &v)?);
         }
         // Keys are big-endian, so every backend returns them in order; sorting anyway
         // keeps the log's order independent of that.
@@ -154,8 +150,19 @@ impl EventFilter {
     }
 }
 
-fn decode_key(k: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(k.try_into().ok()?))
+/// An event's number, from its key in the log.
+pub(crate) fn number(k: &[u8]) -> Result<u64, Error> {
+    k.try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| Error::Store(format!("event key {k:?} is not a number")))
+}
+
+/// An event as stored in the log, with its number.
+pub(crate) fn decode(k: &[u8], v: &[u8]) -> Result<Numbered, Error> {
+    let n = number(k)?;
+    let ev: Event = serde_json::from_slice(v)
+        .map_err(|e| Error::Store(format!("event {n} is unreadable: {e}")))?;
+    Ok((n, ev))
 }
 
 #[cfg(test)]

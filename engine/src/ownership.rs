@@ -388,8 +388,9 @@ impl Leases {
             }
             return Ok(());
         }
-        let free: Vec<(u32, Option<Stored>)> = (0..LEASED)
-            .filter(|p| !self.held().contains_key(p))
+        let held: Vec<u32> = self.partitions();
+        let mut free: Vec<(u32, Option<Stored>)> = (0..LEASED)
+            .filter(|p| !held.contains(p))
             .filter_map(|p| match leases.remove(&p) {
                 None => Some((p, None)),
                 // Run out, or this replica's own from before a restart (it keeps its id).
@@ -400,7 +401,6 @@ impl Leases {
             })
             .take(share - holding)
             .collect();
-        let mut free = free;
         while !free.is_empty() {
             let mut batch = Batch::new();
             let mut taken = Vec::new();

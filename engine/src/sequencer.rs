@@ -70,14 +70,8 @@ fn parse_seq(k: &[u8]) -> Result<u64, Error> {
 /// The number of the log's last event (0 when it is empty).
 fn last_numbered(store: &dyn Store) -> Result<u64, Error> {
     let last = store.scan(keys::EVENTS, Scan::prefix(b"", 1).reverse())?;
-    Ok(match last.first() {
-        Some((k, _)) => u64::from_be_bytes(
-            k.as_slice()
-                .try_into()
-                .map_err(|_| Error::Store(format!("event key {k:?} is not a number")))?,
-        ),
-        None => 0,
-    })
+    last.first()
+        .map_or(Ok(0), |(k, _)| crate::events::number(k))
 }
 
 /// The sequencer's state while its replica holds [`SEQUENCER`].
@@ -184,14 +178,18 @@ pub(crate) async fn sequence(
                 false
             }
         };
-        if more {
-            continue;
+        if !more && !pause(&stopped, &wake, SEQUENCE_EVERY).await {
+            return;
         }
-        tokio::select! {
-            () = stopped.cancelled() => return,
-            () = wake.notified() => {}
-            () = tokio::time::sleep(SEQUENCE_EVERY) => {}
-        }
+    }
+}
+
+/// Waits until woken or `every` has passed; false once `stopped`.
+async fn pause(stopped: &CancellationToken, wake: &Notify, every: Duration) -> bool {
+    tokio::select! {
+        () = stopped.cancelled() => false,
+        () = wake.notified() => true,
+        () = tokio::time::sleep(every) => true,
     }
 }
 
@@ -209,16 +207,8 @@ pub(crate) async fn follow(
         let read = blocking(move || {
             let after = last.to_be_bytes();
             let rows = store2.scan(keys::EVENTS, Scan::prefix(b"", PAGE).after(Some(&after)))?;
-            rows.into_iter()
-                .map(|(k, v)| {
-                    let n =
-                        u64::from_be_bytes(k.as_slice().try_into().map_err(|_| {
-                            Error::Store(format!("event key {k:?} is not a number"))
-                        })?);
-                    let ev: Event = serde_json::from_slice(&v)
-                        .map_err(|e| Error::Store(format!("event {n} is unreadable: {e}")))?;
-                    Ok((n, ev))
-                })
+            rows.iter()
+                .map(|(k, v)| crate::events::decode(k, v))
                 .collect::<Result<Vec<_>, Error>>()
         })
         .await;
@@ -236,13 +226,8 @@ pub(crate) async fn follow(
                 false
             }
         };
-        if full {
-            continue;
-        }
-        tokio::select! {
-            () = stopped.cancelled() => return,
-            () = wake.notified() => {}
-            () = tokio::time::sleep(FOLLOW_EVERY) => {}
+        if !full && !pause(&stopped, &wake, FOLLOW_EVERY).await {
+            return;
         }
     }
 }
