@@ -4,7 +4,8 @@
 //! # Layout
 //!
 //! The store directory holds:
-//! - `journal.log`: one record per committed batch, appended in commit order;
+//! - `journal.log`: one record per commit (a batch, or the batches committed together),
+//!   appended in commit order;
 //! - `snapshot`: the whole state as of the last compaction, in records of the same form;
 //! - `snapshot.tmp`: a snapshot being written; present only if a compaction was cut short,
 //!   and deleted on open.
@@ -39,7 +40,11 @@
 //! A commit, holding the writer lock, checks its preconditions against the in-memory state,
 //! appends its record to the journal with one write, calls `fdatasync`, and only then applies
 //! the ops in memory. So when `commit` returns `Ok` the record is on disk, and no reader
-//! has seen a batch that is not. Since appends are serialised and each waits for its
+//! has seen a batch that is not. Commits that arrive while one is being written are
+//! written together (`group.rs`): each batch's preconditions are checked against the state
+//! the earlier batches of the group leave, and the ops of those that pass form one record,
+//! so one `fdatasync` covers them all and they survive a crash together or not at all
+//! (none of them was acknowledged before the sync). Since appends are serialised and each waits for its
 //! `fdatasync`, only the last record of the journal can be incomplete after a crash.
 //!
 //! On open, the snapshot is loaded and the journal replayed over it. The first record that
@@ -76,6 +81,7 @@
 //! place is moved to the new snapshot; readers keep the old snapshot's file open until then,
 //! so a read never meets a file that no longer holds its value.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::ops::Range;
@@ -83,6 +89,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError, RwLock};
 
+use crate::group::Group;
 use crate::mem::{Keyspaces, validate};
 use crate::{Batch, Bytes, Error, Op, Result, Scan, Store, check_keyspace};
 
@@ -234,6 +241,8 @@ pub struct FileStore {
     state: RwLock<State>,
     /// Serialises commits and compactions; owns the journal file.
     writer: Mutex<Writer>,
+    /// Commits that arrive together share one append and one `fdatasync`.
+    group: Group,
     /// Journal size, in bytes, past which a commit compacts.
     compact_threshold: u64,
     /// An exclusive advisory lock on `LOCK`, held while the store is open, so that two
@@ -246,6 +255,9 @@ struct Writer {
     journal: File,
     /// The journal's length: where the next record starts.
     len: u64,
+    /// The snapshot's length (0 without one): the journal compacts once it is longer than
+    /// this and the threshold.
+    snapshot_len: u64,
     /// Why commits are refused, after a journal write or sync failed.
     poisoned: Option<String>,
 }
@@ -310,7 +322,7 @@ impl FileStore {
 
         let mut index = Keyspaces::default();
         let snapshot = dir.join(SNAPSHOT);
-        let snapshot_file = match File::open(&snapshot) {
+        let (snapshot_file, snapshot_len) = match File::open(&snapshot) {
             Ok(file) => {
                 let (end, damage) = replay(&file, &snapshot, Which::Snapshot, &mut index)?;
                 // The snapshot is complete whenever it exists (it is only ever renamed into
@@ -322,9 +334,9 @@ impl FileStore {
                         damage.map(|d| format!(": {d}")).unwrap_or_default()
                     )));
                 }
-                Some(file)
+                (Some(file), end)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, 0),
             Err(e) => return Err(io_error(&snapshot, "reading", &e)),
         };
 
@@ -372,14 +384,19 @@ impl FileStore {
             writer: Mutex::new(Writer {
                 journal,
                 len: end,
+                snapshot_len,
                 poisoned: None,
             }),
+            group: Group::default(),
             compact_threshold: DEFAULT_COMPACT_THRESHOLD,
         })
     }
 
     /// Sets the journal size, in bytes, past which a commit compacts the store (64 MiB
-    /// unless set).
+    /// unless set). The journal also grows to the snapshot's size before it compacts, so
+    /// that each compaction, which rewrites the whole state, follows at least as many bytes
+    /// of commits: the cost of compacting stays proportional to what is written, and the
+    /// files on disk within twice the state plus the threshold.
     pub fn with_compact_threshold(mut self, bytes: u64) -> Self {
         self.compact_threshold = bytes;
         self
@@ -427,6 +444,10 @@ impl FileStore {
         // Until here readers used the old snapshot's file, which stays open; if the new one
         // cannot be opened they still do, and the journal is kept, so nothing is lost.
         let file = File::open(&snapshot).map_err(|e| io_error(&snapshot, "opening", &e))?;
+        writer.snapshot_len = file
+            .metadata()
+            .map_err(|e| io_error(&snapshot, "reading", &e))?
+            .len();
         {
             let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
             // The writer lock is held, so the index has not changed since the snapshot was
@@ -520,6 +541,96 @@ impl FileStore {
         Ok(places)
     }
 
+    /// Commits a group of batches (see `group.rs`): each checked, in order, against the
+    /// state the earlier ones of the group leave; the ops of those that pass appended as one
+    /// record with one write and one `fdatasync`; then all applied in memory. One record,
+    /// so that a crash during the write leaves a torn tail and nothing behind it.
+    fn write_group(&self, batches: Vec<Batch>) -> Vec<Result<()>> {
+        // The state changes only under the writer lock, so the preconditions checked here
+        // still hold when the ops are applied below.
+        let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(reason) = &writer.poisoned {
+            return batches
+                .iter()
+                .map(|_| Err(Error::Io(reason.clone())))
+                .collect();
+        }
+        let mut results = Vec::with_capacity(batches.len());
+        let mut payload = Vec::new();
+        // For each batch written, each op's value text in the payload (empty for a delete).
+        let mut written: Vec<Option<Vec<Range<usize>>>> = Vec::with_capacity(batches.len());
+        {
+            let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+            // What the group's earlier batches wrote: `None` for a delete.
+            let mut group: HashMap<(&str, &[u8]), Option<&[u8]>> = HashMap::new();
+            for batch in &batches {
+                let checked = validate(batch).and_then(|()| {
+                    check(batch, |keyspace, key| match group.get(&(keyspace, key)) {
+                        Some(v) => Ok(v.map(<[u8]>::to_vec)),
+                        None => state.get(keyspace, key),
+                    })
+                });
+                if checked.is_err() || batch.ops.is_empty() {
+                    results.push(checked);
+                    written.push(None);
+                    continue;
+                }
+                for op in &batch.ops {
+                    let (keyspace, key, value) = op.effect();
+                    group.insert((keyspace, key), value);
+                }
+                written.push(Some(encode(batch, &mut payload)));
+                results.push(Ok(()));
+            }
+        }
+        if payload.is_empty() {
+            return results;
+        }
+        let record = frame(&payload);
+        let payload_at = writer.len + (record.len() - payload.len()) as u64;
+        if let Err(e) = self.append(&mut writer, &record) {
+            for (result, w) in results.iter_mut().zip(&written) {
+                if w.is_some() {
+                    *result = Err(e.clone());
+                }
+            }
+            return results;
+        }
+
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        for (batch, w) in batches.into_iter().zip(written) {
+            let Some(texts) = w else {
+                continue;
+            };
+            for (op, text) in batch.ops.into_iter().zip(texts) {
+                let entry = match op {
+                    Op::Put {
+                        keyspace,
+                        key,
+                        value,
+                    } => Entry::Put {
+                        keyspace,
+                        key,
+                        value: Some(value),
+                        text,
+                    },
+                    Op::Delete { keyspace, key } => Entry::Delete { keyspace, key },
+                };
+                apply(&mut state.index, entry, Which::Journal, payload_at);
+            }
+        }
+        drop(state);
+
+        if writer.len > self.compact_threshold.max(writer.snapshot_len) {
+            // The batches are durable already, so a failed compaction must not turn these
+            // commits into errors; the next commit over the threshold tries again.
+            if let Err(e) = self.compact_locked(&mut writer) {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "compaction failed");
+            }
+        }
+        results
+    }
+
     /// Appends one record to the journal and waits for it to reach the disk.
     fn append(&self, writer: &mut Writer, record: &[u8]) -> Result<()> {
         let path = self.dir.join(JOURNAL);
@@ -560,77 +671,48 @@ impl Store for FileStore {
     }
 
     fn commit(&self, batch: Batch) -> Result<()> {
-        validate(&batch)?;
-        // The state changes only under the writer lock, so the preconditions checked here
-        // still hold when the ops are applied below.
-        let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(reason) = &writer.poisoned {
-            return Err(Error::Io(reason.clone()));
-        }
-        {
-            let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
-            state.index.check_with(&batch, |slot| state.value(slot))?;
-        }
-        if batch.ops.is_empty() {
-            return Ok(());
-        }
-
-        let mut payload = Vec::new();
-        // Each op's value text in the payload (empty for a delete).
-        let mut texts = Vec::with_capacity(batch.ops.len());
-        for op in &batch.ops {
-            match op {
-                Op::Put {
-                    keyspace,
-                    key,
-                    value,
-                } => texts.push(encode_put(&mut payload, keyspace, key, value)),
-                Op::Delete { keyspace, key } => {
-                    payload.extend_from_slice(b"del ");
-                    quote(&mut payload, keyspace.as_bytes());
-                    payload.push(b' ');
-                    quote(&mut payload, key);
-                    payload.push(b'\n');
-                    texts.push(0..0);
-                }
-            }
-        }
-        let record = frame(&payload);
-        let payload_at = writer.len + (record.len() - payload.len()) as u64;
-        self.append(&mut writer, &record)?;
-
-        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
-        for (op, text) in batch.ops.into_iter().zip(texts) {
-            let entry = match op {
-                Op::Put {
-                    keyspace,
-                    key,
-                    value,
-                } => Entry::Put {
-                    keyspace,
-                    key,
-                    value: Some(value),
-                    text,
-                },
-                Op::Delete { keyspace, key } => Entry::Delete { keyspace, key },
-            };
-            apply(&mut state.index, entry, Which::Journal, payload_at);
-        }
-        drop(state);
-
-        if writer.len > self.compact_threshold {
-            // The batch is durable already, so a failed compaction must not turn this
-            // commit into an error; the next commit over the threshold tries again.
-            if let Err(e) = self.compact_locked(&mut writer) {
-                tracing::warn!(dir = %self.dir.display(), error = %e, "compaction failed");
-            }
-        }
-        Ok(())
+        self.group
+            .commit(batch, |batches| self.write_group(batches))
     }
 
     fn backend(&self) -> &'static str {
         "file"
     }
+}
+
+/// Appends a batch's ops to a journal payload; returns each op's value text in it (empty
+/// for a delete).
+fn encode(batch: &Batch, payload: &mut Vec<u8>) -> Vec<Range<usize>> {
+    let mut texts = Vec::with_capacity(batch.ops.len());
+    for op in &batch.ops {
+        match op {
+            Op::Put {
+                keyspace,
+                key,
+                value,
+            } => texts.push(encode_put(payload, keyspace, key, value)),
+            Op::Delete { keyspace, key } => {
+                payload.extend_from_slice(b"del ");
+                quote(payload, keyspace.as_bytes());
+                payload.push(b' ');
+                quote(payload, key);
+                payload.push(b'\n');
+                texts.push(0..0);
+            }
+        }
+    }
+    texts
+}
+
+/// Checks every precondition of `batch`, in order, against the values `current` gives.
+fn check(batch: &Batch, current: impl Fn(&str, &[u8]) -> Result<Option<Bytes>>) -> Result<()> {
+    for (index, precondition) in batch.preconditions.iter().enumerate() {
+        let (keyspace, key) = precondition.target();
+        if !precondition.holds(current(keyspace, key)?.as_deref()) {
+            return Err(precondition.conflict(index));
+        }
+    }
+    Ok(())
 }
 
 fn io_error(path: &Path, doing: &str, e: &dyn std::fmt::Display) -> Error {
@@ -796,14 +878,18 @@ fn encode_put(out: &mut Vec<u8>, keyspace: &str, key: &[u8], value: &[u8]) -> Ra
 /// and everything else as `%XX`. The token never contains a space or a newline.
 fn quote(out: &mut Vec<u8>, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let plain = |b: u8| b.is_ascii_graphic() && b != b'"' && b != b'%';
+    out.reserve(bytes.len() + 2);
     out.push(b'"');
-    for &b in bytes {
-        if b.is_ascii_graphic() && b != b'"' && b != b'%' {
-            out.push(b);
-        } else {
-            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
-        }
+    let mut rest = bytes;
+    // Runs of bytes that stand for themselves are copied whole.
+    while let Some(i) = rest.iter().position(|&b| !plain(b)) {
+        out.extend_from_slice(&rest[..i]);
+        let b = rest[i];
+        out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+        rest = &rest[i + 1..];
     }
+    out.extend_from_slice(rest);
     out.push(b'"');
 }
 
@@ -910,30 +996,7 @@ fn decode_entries(payload: &[u8]) -> Result<Vec<Entry>, String> {
 
 /// CRC-32 (IEEE 802.3, reflected, as in zlib and gzip).
 fn crc32(bytes: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut table = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut bit = 0;
-            while bit < 8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-                bit += 1;
-            }
-            table[i] = c;
-            i += 1;
-        }
-        table
-    };
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc = TABLE[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
-    }
-    !crc
+    crc32fast::hash(bytes)
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 //! Every backend passes the same conformance suite (`tests/conformance.rs`).
 
 mod file;
+mod group;
 mod mem;
 mod postgres;
 mod sled_store;
@@ -33,7 +34,7 @@ pub use sled_store::SledStore;
 pub type Bytes = Vec<u8>;
 
 /// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// A precondition of a [`Batch`] did not hold; nothing in the batch was applied.
     /// Carries the index of the first failing precondition in `Batch::preconditions`.
@@ -65,6 +66,20 @@ pub enum Op {
     },
     /// Remove `keyspace/key`; removing an absent key is not an error.
     Delete { keyspace: String, key: Bytes },
+}
+
+impl Op {
+    /// The key the op writes and the value it leaves there (`None` for a delete).
+    pub fn effect(&self) -> (&str, &[u8], Option<&[u8]>) {
+        match self {
+            Op::Put {
+                keyspace,
+                key,
+                value,
+            } => (keyspace, key, Some(value)),
+            Op::Delete { keyspace, key } => (keyspace, key, None),
+        }
+    }
 }
 
 /// A condition that must hold, against the state before the batch, for a batch to apply.

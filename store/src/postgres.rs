@@ -176,14 +176,8 @@ impl Prepared {
         let mut last: std::collections::BTreeMap<(&str, &[u8]), Option<&[u8]>> =
             std::collections::BTreeMap::new();
         for op in &batch.ops {
-            match op {
-                Op::Put {
-                    keyspace,
-                    key,
-                    value,
-                } => last.insert((keyspace, key), Some(value)),
-                Op::Delete { keyspace, key } => last.insert((keyspace, key), None),
-            };
+            let (keyspace, key, value) = op.effect();
+            last.insert((keyspace, key), value);
         }
         let mut puts = (Vec::new(), Vec::new(), Vec::new());
         let mut deletes = (Vec::new(), Vec::new());

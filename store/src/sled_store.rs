@@ -27,6 +27,10 @@
 //! those with no sync at all) together with their directory. sled's log is shared by all
 //! trees, so one flush and one sync cover the whole batch. Both happen while the gate is
 //! still held so that no reader sees a batch before it is durable.
+//!
+//! Commits that arrive while one is being flushed are committed together (`group.rs`):
+//! each batch in its own transaction, checked against the state the earlier ones left,
+//! then one flush and one sync for the group, still under the gate.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -34,6 +38,7 @@ use std::sync::{PoisonError, RwLock};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
+use crate::group::Group;
 use crate::mem::validate;
 use crate::{Batch, Bytes, Error, Op, Result, Scan, Store, check_keyspace};
 
@@ -54,6 +59,8 @@ pub struct SledStore {
     gate: RwLock<()>,
     /// What makes a flushed commit durable (see the module docs).
     sync: Syncer,
+    /// Commits that arrive together share one flush.
+    group: Group,
 }
 
 /// Syncs what `Db::flush` leaves unsynced: sled's log file and its blob files.
@@ -170,6 +177,7 @@ impl SledStore {
             trees: RwLock::new(HashMap::new()),
             gate: RwLock::new(()),
             sync,
+            group: Group::default(),
         };
         // Opening every existing keyspace tree now means a missing cache entry really
         // means "no such keyspace", so reads never have to create trees.
@@ -227,6 +235,69 @@ impl SledStore {
             "{doing} keyspace {keyspace:?} in sled database {}: {e}",
             self.path.display()
         ))
+    }
+
+    /// Commits a group of batches (see `group.rs`): each in a transaction of its own,
+    /// checked against the state the earlier ones left, then one flush for all. Readers
+    /// wait at the gate until the group is durable, so none sees a batch that is not.
+    fn write_group(&self, batches: Vec<Batch>) -> Vec<Result<()>> {
+        let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        let mut results: Vec<Result<()>> = batches
+            .iter()
+            .map(|batch| validate(batch).and_then(|()| self.apply(batch)))
+            .collect();
+        let wrote = |i: usize| results[i].is_ok() && !batches[i].ops.is_empty();
+        if !(0..batches.len()).any(wrote) {
+            return results;
+        }
+        // sled has no way to take a committed transaction back, so if the flush fails the
+        // batches stay applied in memory and may or may not survive a crash. The error says
+        // so; the caller should treat the store as failed.
+        if let Err(e) = self.flush() {
+            let e = Error::Io(format!(
+                "flushing sled database {} after a commit (the batch is applied but may not \
+                 be durable): {e}",
+                self.path.display()
+            ));
+            for (result, batch) in results.iter_mut().zip(&batches) {
+                if result.is_ok() && !batch.ops.is_empty() {
+                    *result = Err(e.clone());
+                }
+            }
+        }
+        results
+    }
+
+    /// Checks a batch's preconditions and applies it in memory (not yet durable), under
+    /// the gate.
+    fn apply(&self, batch: &Batch) -> Result<()> {
+        // The transaction spans the trees the ops write (created if new) and the trees of
+        // preconditioned keyspaces that already exist. Each gets a slot in `trees`.
+        let mut trees = Vec::new();
+        let mut slot: HashMap<&str, usize> = HashMap::new();
+        for op in &batch.ops {
+            let (Op::Put { keyspace, .. } | Op::Delete { keyspace, .. }) = op;
+            if !slot.contains_key(keyspace.as_str()) {
+                slot.insert(keyspace, trees.len());
+                trees.push(self.tree_for_write(keyspace)?);
+            }
+        }
+        for precondition in &batch.preconditions {
+            let keyspace = precondition.target().0;
+            if slot.contains_key(keyspace) {
+                continue;
+            }
+            if let Some(tree) = self.tree(keyspace) {
+                slot.insert(keyspace, trees.len());
+                trees.push(tree);
+            }
+        }
+        if trees.is_empty() {
+            // Nothing to write and no tree to read: every precondition names a keyspace
+            // that holds no keys.
+            return crate::mem::Keyspaces::default().check(batch);
+        }
+        self.transact(batch, &trees, &slot)
     }
 
     /// Runs the transaction of a batch whose trees are `trees`, indexed by `slot`.
@@ -329,50 +400,8 @@ impl Store for SledStore {
     }
 
     fn commit(&self, batch: Batch) -> Result<()> {
-        validate(&batch)?;
-        let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
-
-        // The transaction spans the trees the ops write (created if new) and the trees of
-        // preconditioned keyspaces that already exist. Each gets a slot in `trees`.
-        let mut trees = Vec::new();
-        let mut slot: HashMap<&str, usize> = HashMap::new();
-        for op in &batch.ops {
-            let (Op::Put { keyspace, .. } | Op::Delete { keyspace, .. }) = op;
-            if !slot.contains_key(keyspace.as_str()) {
-                slot.insert(keyspace, trees.len());
-                trees.push(self.tree_for_write(keyspace)?);
-            }
-        }
-        for precondition in &batch.preconditions {
-            let keyspace = precondition.target().0;
-            if slot.contains_key(keyspace) {
-                continue;
-            }
-            if let Some(tree) = self.tree(keyspace) {
-                slot.insert(keyspace, trees.len());
-                trees.push(tree);
-            }
-        }
-
-        if trees.is_empty() {
-            // Nothing to write and no tree to read: every precondition names a keyspace
-            // that holds no keys.
-            return crate::mem::Keyspaces::default().check(&batch);
-        }
-        self.transact(&batch, &trees, &slot)?;
-        if batch.ops.is_empty() {
-            return Ok(());
-        }
-        // sled has no way to take a committed transaction back, so if the flush fails the
-        // batch stays applied in memory and may or may not survive a crash. The error says
-        // so; the caller should treat the store as failed.
-        self.flush().map_err(|e| {
-            Error::Io(format!(
-                "flushing sled database {} after a commit (the batch is applied but may not \
-                 be durable): {e}",
-                self.path.display()
-            ))
-        })
+        self.group
+            .commit(batch, |batches| self.write_group(batches))
     }
 
     fn close(&self) -> Result<()> {

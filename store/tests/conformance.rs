@@ -455,6 +455,61 @@ fn concurrent_cas_increments(open: Open) {
     );
 }
 
+/// Many threads commit at once (the durable backends group such commits): each batch keeps
+/// its own precondition and atomicity. Every thread tries to take the same locks; exactly
+/// one takes each, its row is written with it, and each loser is answered with its own
+/// conflict and wrote nothing.
+fn concurrent_commits_keep_their_own_preconditions(open: Open) {
+    const THREADS: usize = 12;
+    const LOCKS: usize = 20;
+    let mut h = Harness::new(open);
+    let s = h.store();
+    let won: Vec<Vec<usize>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                scope.spawn(move || {
+                    let mut won = Vec::new();
+                    for i in 0..LOCKS {
+                        let mut batch = Batch::new();
+                        batch
+                            .require_absent("locks", format!("lock-{i:02}"))
+                            .put("locks", format!("lock-{i:02}"), t.to_string())
+                            .put("rows", format!("{i:02}-{t:02}"), b"won")
+                            .put("mine", format!("{t:02}-{i:02}"), b"tried");
+                        match s.commit(batch) {
+                            Ok(()) => won.push(i),
+                            Err(Error::Conflict { index: 0, .. }) => {}
+                            Err(e) => panic!("thread {t}, lock {i}: {e}"),
+                        }
+                    }
+                    won
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let check = |s: &dyn Store| {
+        for i in 0..LOCKS {
+            let winners: Vec<usize> = (0..THREADS).filter(|t| won[*t].contains(&i)).collect();
+            assert_eq!(winners.len(), 1, "lock {i} taken by {winners:?}");
+            let t = winners[0];
+            assert_eq!(
+                get(s, "locks", format!("lock-{i:02}").as_bytes()),
+                Some(t.to_string().into_bytes())
+            );
+            let rows = scan(s, "rows", format!("{i:02}-").as_bytes());
+            assert_eq!(rows, vec![kv(format!("{i:02}-{t:02}").as_bytes(), b"won")]);
+        }
+        let mine = scan(s, "mine", b"");
+        assert_eq!(mine.len(), LOCKS, "one row per lock, the winner's");
+    };
+    check(s);
+    if h.dir.path().read_dir().unwrap().next().is_some() {
+        h.reopen();
+        check(h.store());
+    }
+}
+
 /// A reader scanning while a writer rewrites many keys in one batch sees every key from
 /// the same batch. (sled alone fails this: its iterators lock per step, not per scan.)
 fn readers_never_see_part_of_a_batch(open: Open) {
@@ -790,6 +845,7 @@ macro_rules! semantics {
             later_op_wins,
             empty_and_precondition_only_batches,
             concurrent_cas_increments,
+            concurrent_commits_keep_their_own_preconditions,
             readers_never_see_part_of_a_batch,
             the_clock_reads_the_time,
         );
@@ -1140,6 +1196,43 @@ mod file_journal {
         assert!(dir.path().join("snapshot").exists());
         let store = FileStore::open(dir.path()).unwrap();
         assert_eq!(dump(&store), expected);
+    }
+
+    /// Past its threshold the journal still grows to the snapshot's size before it
+    /// compacts, so a compaction (which rewrites the whole state) follows as many bytes of
+    /// commits as it writes.
+    #[test]
+    fn the_journal_grows_to_the_snapshots_size_before_it_compacts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path())
+            .unwrap()
+            .with_compact_threshold(4096);
+        let mut batch = Batch::new();
+        for i in 0..64 {
+            batch.put("big", format!("k{i}"), vec![b'v'; 1024]);
+        }
+        store.commit(batch).unwrap();
+        store.compact().unwrap();
+        let snapshot = fs::metadata(dir.path().join("snapshot")).unwrap().len();
+        assert!(snapshot > 64 * 1024, "{snapshot}");
+        let mut peak = 0;
+        let mut compacted = false;
+        for i in 0..200u32 {
+            let mut batch = Batch::new();
+            batch.put("small", b"k".to_vec(), vec![b'0' + (i % 10) as u8; 1024]);
+            store.commit(batch).unwrap();
+            let len = journal_len(dir.path());
+            if len < peak {
+                compacted = true;
+                break;
+            }
+            peak = len;
+        }
+        assert!(compacted, "the journal never compacted (at {peak} bytes)");
+        assert!(
+            peak > snapshot - 2048 && peak <= snapshot + 2048,
+            "compacted at {peak} bytes, the snapshot is {snapshot}"
+        );
     }
 }
 
