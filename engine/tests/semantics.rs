@@ -484,3 +484,81 @@ async fn a_caller_giving_up_mid_create_never_strands_a_workflow() {
     }
     h.stop().await;
 }
+
+/// A job that, when it starts, reads its workflow back from the store and fails unless its
+/// task is recorded running with this very attempt.
+struct SelfCheck(Arc<std::sync::OnceLock<metalgraph_engine::Engine>>);
+
+impl metalgraph_engine::Job for SelfCheck {
+    fn name(&self) -> &'static str {
+        "self-check"
+    }
+    fn schema(&self) -> &metalgraph_engine::OptionSchema {
+        static SCHEMA: std::sync::OnceLock<metalgraph_engine::OptionSchema> =
+            std::sync::OnceLock::new();
+        SCHEMA.get_or_init(metalgraph_engine::OptionSchema::new)
+    }
+    fn run(
+        &self,
+        ctx: metalgraph_engine::job::JobContext,
+    ) -> metalgraph_engine::job::BoxFuture<'static, metalgraph_engine::JobResult> {
+        let engine = self.0.get().expect("the engine is set").clone();
+        Box::pin(async move {
+            let stored = engine
+                .get(&ctx.workflow_id)
+                .await
+                .map_err(|e| metalgraph_engine::JobError::new(e.to_string()))?
+                .ok_or_else(|| metalgraph_engine::JobError::new("workflow not stored"))?;
+            let task = stored
+                .tasks
+                .iter()
+                .find(|t| t.label == ctx.label)
+                .expect("the task is in its workflow");
+            if task.state != metalgraph_engine::TaskState::Running || task.attempts != ctx.attempt {
+                return Err(metalgraph_engine::JobError::new(format!(
+                    "started while the store holds {} after {} attempts",
+                    task.state, task.attempts
+                )));
+            }
+            Ok(json!({}))
+        })
+    }
+}
+
+/// The scheduler commits one step while it applies the messages of the next: however the
+/// two overlap, a job starts only once the commit that records its task running is done.
+/// Commits here take 30 ms, so jobs end, and their successors are decided, while the step
+/// that started their siblings is still being written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_starts_only_once_its_start_is_committed() {
+    let tasks = "- {injectableName: Task.SelfCheck, implementsTask: self-check}";
+    let g = "{injectableName: G, tasks: [
+        {label: a, taskName: Task.SelfCheck},
+        {label: b, taskName: Task.SelfCheck, waitOn: {a: succeeded}},
+        {label: c, taskName: Task.SelfCheck, waitOn: {a: succeeded}},
+        {label: d, taskName: Task.SelfCheck, waitOn: {b: succeeded, c: succeeded}}]}";
+    let engine = Arc::new(std::sync::OnceLock::new());
+    let h = start(Arc::new(SlowStore(MemStore::new())), &[tasks, g], |o| {
+        o.jobs.register(SelfCheck(engine.clone()));
+    });
+    engine.set(h.engine.clone()).ok().expect("set once");
+    let runs: Vec<_> = (0..8)
+        .map(|_| {
+            let e = h.engine.clone();
+            tokio::spawn(async move {
+                e.run(RunRequest {
+                    graph: "G".into(),
+                    node: None,
+                    options: Default::default(),
+                })
+                .await
+            })
+        })
+        .collect();
+    for run in runs {
+        let id = run.await.unwrap().unwrap().instance_id;
+        let end = wait_for(&h.engine, &id, Duration::from_secs(20)).await;
+        assert_eq!(end.status, WorkflowStatus::Succeeded, "{end:#?}");
+    }
+    h.stop().await;
+}

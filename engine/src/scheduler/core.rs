@@ -411,6 +411,13 @@ impl Core {
         step
     }
 
+    /// Drops what the messages since the last step decided, without numbering its events,
+    /// and returns its effects (whose replies the runtime answers): the state it was decided
+    /// on is being dropped too (see `Runtime::fenced_out`).
+    pub fn discard_step(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.step).effects
+    }
+
     /// Continues the event log's numbering after `last` (the last event committed before
     /// this core started).
     pub fn continue_events_after(&mut self, last: u64) {

@@ -74,6 +74,18 @@ pub(crate) struct Runtime {
     inbox: Option<Arc<tokio::sync::Notify>>,
     /// A fenced commit failed: the partitions still held are to be loaded again.
     reload: bool,
+    /// The step being committed, if any. Messages that arrive meanwhile are applied to the
+    /// core and committed as the next step once this one is durable, so the core's work
+    /// overlaps the store's write and sync.
+    in_flight: Option<InFlight>,
+}
+
+/// A step whose batch is being committed, and what to do once it is.
+struct InFlight {
+    commit: tokio::task::JoinHandle<Result<(), metalgraph_store::Error>>,
+    effects: Vec<Effect>,
+    /// The batch staged events (a replica's), for the sequencer to number.
+    staged: bool,
 }
 
 impl Runtime {
@@ -107,6 +119,7 @@ impl Runtime {
             ticks: None,
             inbox: None,
             reload: false,
+            in_flight: None,
         }
     }
 
@@ -153,11 +166,16 @@ impl Runtime {
             }
             tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => return Ok(()),
+                _ = self.shutdown.cancelled() => return self.settle().await,
                 Some(tick) = next_tick(&mut self.ticks) => self.on_tick(tick).await?,
                 () = inbox_due(&self.inbox, &mut inbox_every) => self.read_inbox().await?,
+                committed = committed(&mut self.in_flight), if self.in_flight.is_some() => {
+                    let done = self.in_flight.take().expect("a commit is in flight");
+                    self.finish(done, committed)?;
+                    self.begin(Batch::new(), BTreeSet::new());
+                }
                 msg = self.rx.recv() => {
-                    let Some(msg) = msg else { return Ok(()) };
+                    let Some(msg) = msg else { return self.settle().await };
                     self.apply(msg);
                     let mut n = 1;
                     while n < MAX_GROUP {
@@ -166,7 +184,9 @@ impl Runtime {
                             Err(_) => break,
                         }
                     }
-                    self.flush(Batch::new(), BTreeSet::new()).await?;
+                    if self.in_flight.is_none() {
+                        self.begin(Batch::new(), BTreeSet::new());
+                    }
                     // Finished jobs stay in the set until reaped; under steady load the
                     // `join_next` branch below rarely wins, so reap them here.
                     while self.joins.try_join_next().is_some() {}
@@ -244,12 +264,33 @@ impl Runtime {
         self.core.apply(msg, self.clock.now_ms());
     }
 
-    /// Commits the core's step (with `extra` writes, of workflows in `partitions`), then
-    /// performs its effects. A failed commit answers waiting callers with the error and
-    /// stops the scheduler; a replica's commit refused by a fence (another replica took a
-    /// partition over) drops its workflows instead and loads the partitions it still
-    /// holds again.
+    /// Commits the core's step (with `extra` writes, of workflows in `partitions`) after the
+    /// step in flight, if any, then performs its effects. A failed commit answers waiting
+    /// callers with the error and stops the scheduler; a replica's commit refused by a
+    /// fence (another replica took a partition over) drops its workflows instead and loads
+    /// the partitions it still holds again.
     async fn flush(&mut self, extra: Batch, partitions: BTreeSet<u32>) -> Result<(), Error> {
+        self.settle().await?;
+        self.begin(extra, partitions);
+        self.settle().await
+    }
+
+    /// Waits for the step in flight, if any, and performs its effects.
+    async fn settle(&mut self) -> Result<(), Error> {
+        match self.in_flight.take() {
+            Some(mut done) => {
+                let committed = committed_of(&mut done.commit).await;
+                self.finish(done, committed)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Takes the core's step (with `extra` writes, of workflows in `partitions`) and starts
+    /// committing it; a step that writes nothing has its effects performed at once. Called
+    /// only when no step is in flight, so steps are committed in order.
+    fn begin(&mut self, extra: Batch, partitions: BTreeSet<u32>) {
+        debug_assert!(self.in_flight.is_none());
         let Step {
             mut batch,
             effects,
@@ -264,44 +305,62 @@ impl Runtime {
         }
         if !held {
             self.fenced_out(effects, None);
-            return Ok(());
+            return;
+        }
+        if batch.is_empty() {
+            self.perform_all(effects);
+            return;
         }
         let staged = self.leased()
             && batch.ops.iter().any(|op| {
                 matches!(op, metalgraph_store::Op::Put { keyspace, .. } if keyspace == keys::EVENT_STAGE)
             });
-        if !batch.is_empty() {
-            let store = self.store.clone();
-            let committed = blocking(move || Ok::<_, Error>(store.commit(batch))).await?;
-            match committed {
-                Ok(()) => {}
-                Err(metalgraph_store::Error::Conflict { keyspace, key, .. })
-                    if Ownership::fenced_partition(&keyspace, &key).is_some() =>
-                {
-                    self.fenced_out(effects, Ownership::fenced_partition(&keyspace, &key));
-                    return Ok(());
-                }
-                Err(e) => {
-                    let e = Error::from(e);
-                    for eff in effects {
-                        if let Effect::Reply(tx, _) = eff {
-                            let _ = tx.send(Err(Error::Store(e.to_string())));
-                        }
+        let store = self.store.clone();
+        self.in_flight = Some(InFlight {
+            commit: tokio::task::spawn_blocking(move || store.commit(batch)),
+            effects,
+            staged,
+        });
+    }
+
+    /// Acts on the end of a step's commit: performs its effects once it is durable.
+    fn finish(
+        &mut self,
+        done: InFlight,
+        committed: Result<(), metalgraph_store::Error>,
+    ) -> Result<(), Error> {
+        match committed {
+            Ok(()) => {}
+            Err(metalgraph_store::Error::Conflict { keyspace, key, .. })
+                if Ownership::fenced_partition(&keyspace, &key).is_some() =>
+            {
+                self.fenced_out(done.effects, Ownership::fenced_partition(&keyspace, &key));
+                return Ok(());
+            }
+            Err(e) => {
+                let e = Error::from(e);
+                for eff in done.effects {
+                    if let Effect::Reply(tx, _) = eff {
+                        let _ = tx.send(Err(Error::Store(e.to_string())));
                     }
-                    return Err(e);
                 }
+                return Err(e);
             }
         }
-        if staged {
+        if done.staged {
             self.engine.staged();
         }
+        self.perform_all(done.effects);
+        Ok(())
+    }
+
+    fn perform_all(&mut self, effects: Vec<Effect>) {
         for eff in effects {
             self.perform(eff);
         }
         let m = metrics::metrics();
         m.workflows_active.set(self.core.active() as i64);
         m.job_slots_in_use.set(self.core.slots_in_use() as i64);
-        Ok(())
     }
 
     /// A commit was refused by a fence (partition `lost`, when known), or would have
@@ -316,7 +375,10 @@ impl Runtime {
             partition = ?lost,
             "another replica has taken over a partition this one drove; reloading the partitions still held"
         );
-        for eff in effects {
+        // What the core decided since (messages applied while the step was committed) was
+        // decided on that state too: it goes the same way.
+        let pending = self.core.discard_step();
+        for eff in effects.into_iter().chain(pending) {
             if let Effect::Reply(tx, _) = eff {
                 let _ = tx.send(Err(Error::Unavailable(
                     "the workflow's partition changed owner; try again".into(),
@@ -606,6 +668,24 @@ impl Runtime {
             outcome,
         });
     }
+}
+
+/// The end of the commit in flight (called only when there is one).
+async fn committed(in_flight: &mut Option<InFlight>) -> Result<(), metalgraph_store::Error> {
+    match in_flight {
+        Some(done) => committed_of(&mut done.commit).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn committed_of(
+    commit: &mut tokio::task::JoinHandle<Result<(), metalgraph_store::Error>>,
+) -> Result<(), metalgraph_store::Error> {
+    commit.await.unwrap_or_else(|e| {
+        Err(metalgraph_store::Error::Io(format!(
+            "the commit did not complete: {e}"
+        )))
+    })
 }
 
 /// The next lease round of a replica's scheduler; never, for one process's.
