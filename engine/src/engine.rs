@@ -575,7 +575,7 @@ impl Engine {
                 plan.mark_run_options_as_data(&req.options);
             }
             if let Some(node) = &req.node
-                && inner.nodes.get_blocking(node)?.is_none()
+                && inner.nodes.current_blocking(node)?.is_none()
             {
                 return Err(Error::NotFound {
                     kind: "node",

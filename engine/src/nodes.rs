@@ -606,21 +606,42 @@ impl Nodes {
     /// A node as last committed, from memory when it is there, else from the store (then
     /// remembered).
     pub async fn current(&self, id: &str) -> Result<Option<Node>, crate::Error> {
-        let generation = {
-            let c = self.cache();
-            if let Some(n) = c.nodes.get(id) {
-                return Ok(Some(n.clone()));
-            }
-            c.generation
+        let generation = match self.cached(id) {
+            Ok(n) => return Ok(Some(n)),
+            Err(generation) => generation,
         };
         let node = self.get(id).await?;
-        if let Some(n) = &node {
+        self.remember(id, &node, generation);
+        Ok(node)
+    }
+
+    /// [`Nodes::current`], blocking: a workflow's creation reads its node with it, so that
+    /// its jobs find the node in memory.
+    pub(crate) fn current_blocking(&self, id: &str) -> Result<Option<Node>, Error> {
+        let generation = match self.cached(id) {
+            Ok(n) => return Ok(Some(n)),
+            Err(generation) => generation,
+        };
+        let node = self.get_blocking(id)?;
+        self.remember(id, &node, generation);
+        Ok(node)
+    }
+
+    /// Node `id` from memory, or the cache's generation before it is read from the store.
+    fn cached(&self, id: &str) -> Result<Node, u64> {
+        let c = self.cache();
+        c.nodes.get(id).cloned().ok_or(c.generation)
+    }
+
+    /// Remembers a node read from the store, unless a write happened since the read began
+    /// (`generation`) or the cache is full.
+    fn remember(&self, id: &str, node: &Option<Node>, generation: u64) {
+        if let Some(n) = node {
             let mut c = self.cache();
             if c.generation == generation && c.nodes.len() < self.capacity {
                 c.nodes.insert(id.to_owned(), n.clone());
             }
         }
-        Ok(node)
     }
 
     fn read(&self, id: &str) -> Result<Option<(Node, Vec<u8>)>, Error> {

@@ -541,7 +541,10 @@ async fn a_job_starts_only_once_its_start_is_committed() {
     let h = start(Arc::new(SlowStore(MemStore::new())), &[tasks, g], |o| {
         o.jobs.register(SelfCheck(engine.clone()));
     });
-    assert!(engine.set(h.engine.clone()).is_ok(), "the engine is set once");
+    assert!(
+        engine.set(h.engine.clone()).is_ok(),
+        "the engine is set once"
+    );
     let runs: Vec<_> = (0..8)
         .map(|_| {
             let e = h.engine.clone();

@@ -586,9 +586,9 @@ impl FileStore {
         if payload.is_empty() {
             return results;
         }
-        let record = frame(&payload);
-        let payload_at = writer.len + (record.len() - payload.len()) as u64;
-        if let Err(e) = self.append(&mut writer, &record) {
+        let header = header(&payload);
+        let payload_at = writer.len + header.len() as u64;
+        if let Err(e) = self.append(&mut writer, &[&header, &payload]) {
             for (result, w) in results.iter_mut().zip(&written) {
                 if w.is_some() {
                     *result = Err(e.clone());
@@ -631,12 +631,13 @@ impl FileStore {
         results
     }
 
-    /// Appends one record to the journal and waits for it to reach the disk.
-    fn append(&self, writer: &mut Writer, record: &[u8]) -> Result<()> {
+    /// Appends one record (its header and payload) to the journal and waits for it to
+    /// reach the disk.
+    fn append(&self, writer: &mut Writer, record: &[&[u8]]) -> Result<()> {
         let path = self.dir.join(JOURNAL);
-        let written = writer
-            .journal
-            .write_all(record)
+        let written = record
+            .iter()
+            .try_for_each(|part| writer.journal.write_all(part))
             .and_then(|()| writer.journal.sync_data());
         if let Err(e) = written {
             // Best effort: take a partial record back off the end, so that the failed
@@ -646,7 +647,7 @@ impl FileStore {
             writer.poisoned = Some(format!("refusing commits until reopened: {err}"));
             return Err(err);
         }
-        writer.len += record.len() as u64;
+        writer.len += record.iter().map(|part| part.len() as u64).sum::<u64>();
         Ok(())
     }
 }
@@ -854,9 +855,14 @@ fn next_good_record(data: &[u8], pos: usize) -> Option<usize> {
 
 /// Wraps a payload in a record: its header line, then the payload.
 fn frame(payload: &[u8]) -> Vec<u8> {
-    let mut record = format!("batch {} {:08x}\n", payload.len(), crc32(payload)).into_bytes();
+    let mut record = header(payload);
     record.extend_from_slice(payload);
     record
+}
+
+/// The header line of a record of `payload`.
+fn header(payload: &[u8]) -> Vec<u8> {
+    format!("batch {} {:08x}\n", payload.len(), crc32(payload)).into_bytes()
 }
 
 /// Writes a put line; returns where the value's escaped text is in `out` (between its

@@ -19,7 +19,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, error, info, warn};
 
 pub use self::core::{Core, Effect, Msg, Outcome, Reply, StartJob, Step};
@@ -638,17 +637,15 @@ impl Runtime {
             );
             debug!(workflow_id = %wf, label = %run.start.label, attempt, "job started");
             let started = Instant::now();
-            // The job runs on a task of its own, so that a panic inside it is caught here and
-            // becomes the task's failure instead of stranding the workflow.
-            let handle = AbortOnDropHandle::new(tokio::spawn(run.run()));
-            let (outcome, panicked) = match handle.await {
+            // A panic inside the job is caught here and becomes the task's failure instead
+            // of stranding the workflow.
+            let (outcome, panicked) = match catch_unwind(run.run()).await {
                 Ok(outcome) => (outcome, false),
-                Err(e) if e.is_panic() => {
-                    let why = panic_message(e.into_panic());
+                Err(p) => {
+                    let why = panic_message(p);
                     error!(workflow_id = %wf, job = name, panic = %why, "job panicked");
                     (Outcome::Failed(format!("job {name} panicked: {why}")), true)
                 }
-                Err(_) => (Outcome::Cancelled, false),
             };
             count_attempt(name, &outcome, panicked, started.elapsed());
             let _ = tx.send(Msg::JobDone {
@@ -944,6 +941,21 @@ pub fn option_vars(
     }
     vars["task"] = task;
     vars
+}
+
+/// Runs `fut` to its end; a panic while it is polled ends it with the panic's payload.
+async fn catch_unwind<T>(
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, Box<dyn std::any::Any + Send>> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(p) => std::task::Poll::Ready(Err(p)),
+        }
+    })
+    .await
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
