@@ -420,7 +420,8 @@ pub fn open(backend: Backend, dir: &std::path::Path) -> Result<std::sync::Arc<dy
 /// How a store is opened.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
-    /// sled's page cache, in bytes (the file store keeps everything in memory).
+    /// sled's page cache, in bytes (the file store has none: it keeps its keys in memory
+    /// and reads values from its files, through the kernel's page cache).
     pub sled_cache_bytes: u64,
     /// The database of the PostgreSQL backend.
     pub database: Option<PgOptions>,
