@@ -394,7 +394,7 @@ pub fn resolve_for(
         },
     };
 
-    let mut planned = Vec::new();
+    let mut planned = Vec::with_capacity(graph.tasks.len());
     let mut edges = Vec::new();
     for t in &graph.tasks {
         match resolve_task(graph, t, lookup, jobs, run, node, &labels) {
