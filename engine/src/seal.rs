@@ -137,12 +137,18 @@ impl Sealer {
     fn seal_raw(&self, plain: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; aead::NONCE_LEN];
         self.rng.fill(&mut nonce).expect("random numbers");
-        let mut buf = plain.to_vec();
-        self.key
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut buf)
+        let mut out = Vec::with_capacity(aead::NONCE_LEN + plain.len() + aead::MAX_TAG_LEN);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(plain);
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::empty(),
+                &mut out[aead::NONCE_LEN..],
+            )
             .expect("sealing cannot fail for a value this size");
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&buf);
+        out.extend_from_slice(tag.as_ref());
         out
     }
 
@@ -154,27 +160,30 @@ impl Sealer {
         let (nonce, ciphertext) = sealed.split_at(aead::NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
         let mut buf = ciphertext.to_vec();
-        let plain = self.key.open_in_place(nonce, Aad::empty(), &mut buf).ok()?;
-        Some(plain.to_vec())
+        let len = self
+            .key
+            .open_in_place(nonce, Aad::empty(), &mut buf)
+            .ok()?
+            .len();
+        buf.truncate(len);
+        Some(buf)
     }
 
     /// Seals bytes into the form a store keeps: the magic, then base64url of
     /// [`Sealer::seal_raw`].
     fn seal_bytes(&self, plain: &[u8]) -> Vec<u8> {
         use base64::Engine as _;
-        let mut out = STORED_MAGIC.to_vec();
-        out.extend_from_slice(
-            base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .encode(self.seal_raw(plain))
-                .as_bytes(),
-        );
-        out
+        let sealed = self.seal_raw(plain);
+        let mut out = String::with_capacity(STORED_MAGIC.len() + sealed.len() * 4 / 3 + 4);
+        out.push_str(STORED_MAGIC);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(&sealed, &mut out);
+        out.into_bytes()
     }
 
     /// Opens what [`Sealer::seal_bytes`] made; other bytes are returned as they are.
     fn open_bytes(&self, stored: Vec<u8>) -> Result<Vec<u8>, String> {
         use base64::Engine as _;
-        let Some(rest) = stored.strip_prefix(STORED_MAGIC) else {
+        let Some(rest) = stored.strip_prefix(STORED_MAGIC.as_bytes()) else {
             return Ok(stored);
         };
         base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -233,7 +242,7 @@ fn check_key_once(store: &dyn Store, sealer: &Sealer) -> Result<(), Option<Strin
 /// What a value sealed by [`SealedStore`] starts with (then base64url of
 /// [`Sealer::seal_raw`]): no JSON document starts with a `~`. Printable, so the file store's
 /// text journal keeps it at a third above the raw size rather than escaping every byte.
-const STORED_MAGIC: &[u8] = b"~mgs1:";
+const STORED_MAGIC: &str = "~mgs1:";
 
 /// The keyspaces whose values [`SealedStore`] seals whole: workflow records hold the run
 /// options (passwords and tokens a graph was given), task records hold outputs and
@@ -382,7 +391,7 @@ pub fn rekey(
     }
     let mut rewritten = 0;
     let reseal_bytes = |key: &[u8], v: &[u8]| -> Result<Option<Vec<u8>>, String> {
-        if !v.starts_with(STORED_MAGIC) || new.open_bytes(v.to_vec()).is_ok() {
+        if !v.starts_with(STORED_MAGIC.as_bytes()) || new.open_bytes(v.to_vec()).is_ok() {
             return Ok(None);
         }
         let plain = old.open_bytes(v.to_vec()).map_err(|_| {
@@ -598,7 +607,7 @@ mod tests {
         batch.put(keys::NODE_LOCKS, b"n1".to_vec(), b"w1".to_vec());
         store.commit(batch).unwrap();
         let stored = raw.get(keys::WORKFLOWS, b"w1").unwrap().unwrap();
-        assert!(stored.starts_with(STORED_MAGIC));
+        assert!(stored.starts_with(STORED_MAGIC.as_bytes()));
         assert!(!stored.windows(9).any(|w| w == b"Wf-s3cret"));
         assert_eq!(
             store.get(keys::WORKFLOWS, b"w1").unwrap(),
