@@ -261,7 +261,7 @@ pub struct PlannedTask {
 impl Plan {
     /// Marks every option the run options set as data (see [`PlannedTask::data`]).
     pub fn mark_run_options_as_data(&mut self, run: &RunOptions) {
-        for t in &mut self.tasks {
+        for t in Arc::make_mut(&mut self.tasks) {
             let layers = ["defaults", t.label.as_str()];
             let given: Vec<String> = layers
                 .iter()
@@ -282,7 +282,9 @@ impl Plan {
 #[serde(rename_all = "camelCase")]
 pub struct Plan {
     pub graph: String,
-    pub tasks: Vec<PlannedTask>,
+    /// Shared between the plans of runs that resolve to the same tasks (see
+    /// `Definitions::plan_blocking`); changed only through `Arc::make_mut`.
+    pub tasks: Arc<Vec<PlannedTask>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
 }
@@ -425,7 +427,7 @@ pub fn resolve_for(
     if problems.is_empty() {
         Ok(Plan {
             graph: g.to_owned(),
-            tasks: planned,
+            tasks: Arc::new(planned),
             timeout_ms: graph_timeout_ms,
         })
     } else {
@@ -1020,6 +1022,9 @@ pub struct Definitions {
     jobs: Arc<JobRegistry>,
     /// The most tasks a graph may have (see [`DEFAULT_MAX_TASKS_PER_GRAPH`]).
     max_tasks: usize,
+    /// The tasks of the last plan made of each graph, which the next plan that resolves to
+    /// the same tasks shares (see [`Definitions::plan_blocking`]).
+    plans: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<Vec<PlannedTask>>>>>,
 }
 
 impl std::fmt::Debug for Definitions {
@@ -1050,6 +1055,7 @@ impl Definitions {
             library: Arc::new(library),
             jobs,
             max_tasks: DEFAULT_MAX_TASKS_PER_GRAPH,
+            plans: Default::default(),
         }
     }
 
@@ -1324,7 +1330,23 @@ impl Definitions {
         let plan = resolve(&graph, &lookup, &self.jobs, None).map_err(Error::Invalid)?;
         self.check_subgraph_cycle(&graph, &plan)
             .map_err(Error::Invalid)?;
-        resolve_for(&graph, &lookup, &self.jobs, Some(run), node).map_err(Error::BadOptions)
+        let mut plan =
+            resolve_for(&graph, &lookup, &self.jobs, Some(run), node).map_err(Error::BadOptions)?;
+        self.share(&mut plan);
+        Ok(plan)
+    }
+
+    /// Makes `plan` share its tasks with the last plan of its graph when they are equal, so
+    /// that the runs of a graph in memory at once (every unfinished workflow is) hold one
+    /// copy of its tasks, not one each; else remembers its tasks for the next plan.
+    fn share(&self, plan: &mut Plan) {
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        match plans.get(&plan.graph) {
+            Some(last) if last == &plan.tasks => plan.tasks = last.clone(),
+            _ => {
+                plans.insert(plan.graph.clone(), plan.tasks.clone());
+            }
+        }
     }
 }
 

@@ -124,6 +124,7 @@ mod tests {
     use crate::definitions::PlannedTask;
     use crate::model::{WaitOn, WaitState};
     use serde_json::json;
+    use std::sync::Arc;
 
     fn task(label: &str, waits: &[(&str, WaitState)]) -> PlannedTask {
         PlannedTask {
@@ -151,7 +152,7 @@ mod tests {
     fn plan(tasks: Vec<PlannedTask>) -> Plan {
         Plan {
             graph: "G".into(),
-            tasks,
+            tasks: tasks.into(),
             timeout_ms: None,
         }
     }
@@ -241,17 +242,19 @@ mod tests {
         let states = [Succeeded, Succeeded, Failed, Skipped, Skipped];
         // `b` now runs another task: it and what follows it run again.
         let mut changed = chain();
-        changed.tasks[1].task_name = "Task.Other".into();
+        Arc::make_mut(&mut changed.tasks)[1].task_name = "Task.Other".into();
         assert_eq!(taken(chain(), &states, &changed), ["a"]);
         // `b` now waits on a new task `x`: it runs again.
         let mut changed = chain();
-        changed.tasks.push(task("x", &[]));
-        changed.tasks[1] = task("b", &[("a", Ok_), ("x", Ok_)]);
+        let tasks = Arc::make_mut(&mut changed.tasks);
+        tasks.push(task("x", &[]));
+        tasks[1] = task("b", &[("a", Ok_), ("x", Ok_)]);
         assert_eq!(taken(chain(), &states, &changed), ["a"]);
         // `a` is gone: `b` waits on nothing now, which is another wait.
         let mut changed = chain();
-        changed.tasks.remove(0);
-        changed.tasks[0] = task("b", &[]);
+        let tasks = Arc::make_mut(&mut changed.tasks);
+        tasks.remove(0);
+        tasks[0] = task("b", &[]);
         assert_eq!(taken(chain(), &states, &changed), Vec::<String>::new());
     }
 

@@ -290,7 +290,7 @@ impl WorkflowView {
         let mut options = rec.options.clone();
         // Options a job declares secret, in the run layer that sets them for its task.
         for (layer, values) in options.iter_mut() {
-            for t in &rec.plan.tasks {
+            for t in rec.plan.tasks.iter() {
                 if layer != "defaults" && *layer != t.label {
                     continue;
                 }

@@ -202,15 +202,43 @@ struct Wf {
     in_ring: bool,
     /// Running tasks found at recovery, to be started again keeping their deadline.
     restart: Vec<bool>,
+    /// Its plan's shape, shared with the workflows whose plan shares its tasks.
+    shape: Arc<Shape>,
+}
+
+/// What the core derives from a plan's tasks to find its way around them quickly.
+struct Shape {
     /// Task index by label, so that readiness checks do not search the plan.
     index: HashMap<String, usize>,
     /// The tasks that wait on each task, so that a task's end rechecks only them.
     dependents: Vec<Vec<usize>>,
 }
 
+impl Shape {
+    fn of(tasks: &[crate::definitions::PlannedTask]) -> Shape {
+        let index: HashMap<String, usize> = tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.label.clone(), i))
+            .collect();
+        let mut dependents = vec![Vec::new(); tasks.len()];
+        for (i, t) in tasks.iter().enumerate() {
+            for label in t.wait_on.labels() {
+                if let Some(&dep) = index.get(label)
+                    && !dependents[dep].contains(&i)
+                {
+                    dependents[dep].push(i);
+                }
+            }
+        }
+        Shape { index, dependents }
+    }
+}
+
 impl Wf {
     fn state_of(&self, label: &str) -> TaskState {
-        self.index
+        self.shape
+            .index
             .get(label)
             .map(|&i| self.tasks[i].state)
             .unwrap_or(TaskState::Pending)
@@ -267,6 +295,9 @@ pub struct Core {
     running_slots: usize,
     events: EventMode,
     step: Step,
+    /// The shape of the last plan loaded of each graph, with the tasks it was made of: a
+    /// workflow whose plan shares those tasks shares it (see `Definitions::plan_blocking`).
+    shapes: HashMap<String, (Arc<Vec<crate::definitions::PlannedTask>>, Arc<Shape>)>,
 }
 
 impl Core {
@@ -281,6 +312,7 @@ impl Core {
             running_slots: 0,
             events: EventMode::Numbered(0),
             step: Step::default(),
+            shapes: HashMap::new(),
         }
     }
 
@@ -506,32 +538,28 @@ impl Core {
         (t.state == TaskState::Running && w.running.contains(&idx)).then_some((idx, t.attempts, t))
     }
 
+    /// The shape of `rec`'s plan: the one made of the same tasks when there is one.
+    fn shape_of(&mut self, rec: &WorkflowRecord) -> Arc<Shape> {
+        match self.shapes.get(&rec.plan.graph) {
+            Some((tasks, shape)) if Arc::ptr_eq(tasks, &rec.plan.tasks) => shape.clone(),
+            _ => {
+                let shape = Arc::new(Shape::of(&rec.plan.tasks));
+                let entry = (rec.plan.tasks.clone(), shape.clone());
+                self.shapes.insert(rec.plan.graph.clone(), entry);
+                shape
+            }
+        }
+    }
+
     fn load(&mut self, rec: WorkflowRecord, tasks: Vec<TaskRecord>, recovering: bool, now: u64) {
         let id = rec.id.clone();
         if self.wfs.contains_key(&id) {
             return; // Loaded already (a replica may find it both in its inbox and its index).
         }
         let n = tasks.len();
-        let index: HashMap<String, usize> = rec
-            .plan
-            .tasks
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.label.clone(), i))
-            .collect();
-        let mut dependents = vec![Vec::new(); n];
-        for (i, t) in rec.plan.tasks.iter().enumerate() {
-            for label in t.wait_on.labels() {
-                if let Some(&dep) = index.get(label)
-                    && !dependents[dep].contains(&i)
-                {
-                    dependents[dep].push(i);
-                }
-            }
-        }
+        let shape = self.shape_of(&rec);
         let mut w = Wf {
-            index,
-            dependents,
+            shape,
             rec,
             tasks,
             running: HashSet::new(),
@@ -615,7 +643,7 @@ impl Core {
             return;
         };
         let mut look: Vec<usize> = match from {
-            Some(i) if w.rec.stop.is_none() => w.dependents[i].clone(),
+            Some(i) if w.rec.stop.is_none() => w.shape.dependents[i].clone(),
             _ => (0..w.tasks.len()).collect(),
         };
         while !look.is_empty() {
@@ -652,7 +680,7 @@ impl Core {
             }
             look = skipped
                 .iter()
-                .flat_map(|&i| w.dependents[i].iter().copied())
+                .flat_map(|&i| w.shape.dependents[i].iter().copied())
                 .collect();
         }
         if w.tasks.iter().all(|t| t.state.is_terminal()) {
