@@ -44,8 +44,9 @@
 //! written together (`group.rs`): each batch's preconditions are checked against the state
 //! the earlier batches of the group leave, and the ops of those that pass form one record,
 //! so one `fdatasync` covers them all and they survive a crash together or not at all
-//! (none of them was acknowledged before the sync). Since appends are serialised and each waits for its
-//! `fdatasync`, only the last record of the journal can be incomplete after a crash.
+//! (none of them was acknowledged before the sync). Since appends are serialised and each
+//! waits for its `fdatasync`, only the last record of the journal can be incomplete after a
+//! crash.
 //!
 //! On open, the snapshot is loaded and the journal replayed over it. The first record that
 //! is incomplete or fails its checksum ends the replay. If no valid record follows it, it is
@@ -90,7 +91,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError, RwLock};
 
 use crate::group::Group;
-use crate::mem::{Keyspaces, validate};
+use crate::mem::{Keyspaces, check, validate};
 use crate::{Batch, Bytes, Error, Op, Result, Scan, Store, check_keyspace};
 
 const JOURNAL: &str = "journal.log";
@@ -703,17 +704,6 @@ fn encode(batch: &Batch, payload: &mut Vec<u8>) -> Vec<Range<usize>> {
         }
     }
     texts
-}
-
-/// Checks every precondition of `batch`, in order, against the values `current` gives.
-fn check(batch: &Batch, current: impl Fn(&str, &[u8]) -> Result<Option<Bytes>>) -> Result<()> {
-    for (index, precondition) in batch.preconditions.iter().enumerate() {
-        let (keyspace, key) = precondition.target();
-        if !precondition.holds(current(keyspace, key)?.as_deref()) {
-            return Err(precondition.conflict(index));
-        }
-    }
-    Ok(())
 }
 
 fn io_error(path: &Path, doing: &str, e: &dyn std::fmt::Display) -> Error {

@@ -59,26 +59,6 @@ impl<V: Clone> Keyspaces<V> {
         }
     }
 
-    /// Checks every precondition of `batch` against this state, in order; `value` gives
-    /// the bytes an entry stands for.
-    pub(crate) fn check_with(
-        &self,
-        batch: &Batch,
-        value: impl Fn(&V) -> Result<Bytes>,
-    ) -> Result<()> {
-        for (index, precondition) in batch.preconditions.iter().enumerate() {
-            let (keyspace, key) = precondition.target();
-            let current = match self.get(keyspace, key) {
-                Some(v) => Some(value(v)?),
-                None => None,
-            };
-            if !precondition.holds(current.as_deref()) {
-                return Err(precondition.conflict(index));
-            }
-        }
-        Ok(())
-    }
-
     pub(crate) fn insert(&mut self, keyspace: String, key: Bytes, value: V) {
         self.map.entry(keyspace).or_default().insert(key, value);
     }
@@ -113,7 +93,7 @@ impl<V: Clone> Keyspaces<V> {
 impl Keyspaces<Bytes> {
     /// Checks every precondition of `batch` against this state, in order.
     pub(crate) fn check(&self, batch: &Batch) -> Result<()> {
-        self.check_with(batch, |v| Ok(v.clone()))
+        check(batch, |keyspace, key| Ok(self.get(keyspace, key).cloned()))
     }
 
     /// Applies one op. Ops of a batch are applied in order, so a later op on a key wins.
@@ -131,6 +111,20 @@ impl Keyspaces<Bytes> {
 
 /// Rejects a batch naming an invalid keyspace before anything else is looked at, so that a
 /// malformed batch is reported as such rather than as a conflict.
+/// Checks every precondition of `batch`, in order, against the values `current` gives.
+pub(crate) fn check(
+    batch: &Batch,
+    current: impl Fn(&str, &[u8]) -> Result<Option<Bytes>>,
+) -> Result<()> {
+    for (index, precondition) in batch.preconditions.iter().enumerate() {
+        let (keyspace, key) = precondition.target();
+        if !precondition.holds(current(keyspace, key)?.as_deref()) {
+            return Err(precondition.conflict(index));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn validate(batch: &Batch) -> Result<()> {
     for precondition in &batch.preconditions {
         check_keyspace(precondition.target().0)?;

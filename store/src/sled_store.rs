@@ -246,8 +246,13 @@ impl SledStore {
             .iter()
             .map(|batch| validate(batch).and_then(|()| self.apply(batch)))
             .collect();
-        let wrote = |i: usize| results[i].is_ok() && !batches[i].ops.is_empty();
-        if !(0..batches.len()).any(wrote) {
+        // Which batches wrote something, and so wait for the flush.
+        let wrote: Vec<bool> = results
+            .iter()
+            .zip(&batches)
+            .map(|(result, batch)| result.is_ok() && !batch.ops.is_empty())
+            .collect();
+        if !wrote.contains(&true) {
             return results;
         }
         // sled has no way to take a committed transaction back, so if the flush fails the
@@ -259,8 +264,8 @@ impl SledStore {
                  be durable): {e}",
                 self.path.display()
             ));
-            for (result, batch) in results.iter_mut().zip(&batches) {
-                if result.is_ok() && !batch.ops.is_empty() {
+            for (result, wrote) in results.iter_mut().zip(wrote) {
+                if wrote {
                     *result = Err(e.clone());
                 }
             }
