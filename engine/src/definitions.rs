@@ -282,8 +282,8 @@ impl Plan {
 #[serde(rename_all = "camelCase")]
 pub struct Plan {
     pub graph: String,
-    /// Shared between the plans of runs that resolve to the same tasks (see
-    /// `Definitions::plan_blocking`); changed only through `Arc::make_mut`.
+    /// Shared between the workflows in memory whose plans resolve to the same tasks (see
+    /// the scheduler core's `share_plan`); changed only through `Arc::make_mut`.
     pub tasks: Arc<Vec<PlannedTask>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
@@ -1022,9 +1022,6 @@ pub struct Definitions {
     jobs: Arc<JobRegistry>,
     /// The most tasks a graph may have (see [`DEFAULT_MAX_TASKS_PER_GRAPH`]).
     max_tasks: usize,
-    /// The tasks of the last plan made of each graph, which the next plan that resolves to
-    /// the same tasks shares (see [`Definitions::plan_blocking`]).
-    plans: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<Vec<PlannedTask>>>>>,
 }
 
 impl std::fmt::Debug for Definitions {
@@ -1055,7 +1052,6 @@ impl Definitions {
             library: Arc::new(library),
             jobs,
             max_tasks: DEFAULT_MAX_TASKS_PER_GRAPH,
-            plans: Default::default(),
         }
     }
 
@@ -1330,23 +1326,7 @@ impl Definitions {
         let plan = resolve(&graph, &lookup, &self.jobs, None).map_err(Error::Invalid)?;
         self.check_subgraph_cycle(&graph, &plan)
             .map_err(Error::Invalid)?;
-        let mut plan =
-            resolve_for(&graph, &lookup, &self.jobs, Some(run), node).map_err(Error::BadOptions)?;
-        self.share(&mut plan);
-        Ok(plan)
-    }
-
-    /// Makes `plan` share its tasks with the last plan of its graph when they are equal, so
-    /// that the runs of a graph in memory at once (every unfinished workflow is) hold one
-    /// copy of its tasks, not one each; else remembers its tasks for the next plan.
-    fn share(&self, plan: &mut Plan) {
-        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
-        match plans.get(&plan.graph) {
-            Some(last) if last == &plan.tasks => plan.tasks = last.clone(),
-            _ => {
-                plans.insert(plan.graph.clone(), plan.tasks.clone());
-            }
-        }
+        resolve_for(&graph, &lookup, &self.jobs, Some(run), node).map_err(Error::BadOptions)
     }
 }
 

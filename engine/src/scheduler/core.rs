@@ -295,8 +295,8 @@ pub struct Core {
     running_slots: usize,
     events: EventMode,
     step: Step,
-    /// The shape of the last plan loaded of each graph, with the tasks it was made of: a
-    /// workflow whose plan shares those tasks shares it (see `Definitions::plan_blocking`).
+    /// The tasks of the last plan loaded of each graph and their shape, which the next
+    /// workflow of the graph shares when its tasks are equal (see `share_plan`).
     shapes: HashMap<String, (Arc<Vec<crate::definitions::PlannedTask>>, Arc<Shape>)>,
 }
 
@@ -538,26 +538,37 @@ impl Core {
         (t.state == TaskState::Running && w.running.contains(&idx)).then_some((idx, t.attempts, t))
     }
 
-    /// The shape of `rec`'s plan: the one made of the same tasks when there is one.
-    fn shape_of(&mut self, rec: &WorkflowRecord) -> Arc<Shape> {
-        match self.shapes.get(&rec.plan.graph) {
-            Some((tasks, shape)) if Arc::ptr_eq(tasks, &rec.plan.tasks) => shape.clone(),
-            _ => {
-                let shape = Arc::new(Shape::of(&rec.plan.tasks));
-                let entry = (rec.plan.tasks.clone(), shape.clone());
-                self.shapes.insert(rec.plan.graph.clone(), entry);
-                shape
-            }
+    /// Makes `rec`'s plan share its tasks with the last plan of its graph loaded when they
+    /// are equal, and gives their shape; else remembers them for the next plan. Every
+    /// unfinished workflow is in memory, however it got there (created, recovered, taken
+    /// over by a replica), so the runs of a graph hold one copy of its tasks, not one each.
+    /// A change to a shared plan goes through `Arc::make_mut`.
+    fn share_plan(&mut self, rec: &mut WorkflowRecord) -> Arc<Shape> {
+        if let Some((tasks, shape)) = self.shapes.get(&rec.plan.graph)
+            && (Arc::ptr_eq(tasks, &rec.plan.tasks) || **tasks == *rec.plan.tasks)
+        {
+            rec.plan.tasks = tasks.clone();
+            return shape.clone();
         }
+        let shape = Arc::new(Shape::of(&rec.plan.tasks));
+        let entry = (rec.plan.tasks.clone(), shape.clone());
+        self.shapes.insert(rec.plan.graph.clone(), entry);
+        shape
     }
 
-    fn load(&mut self, rec: WorkflowRecord, tasks: Vec<TaskRecord>, recovering: bool, now: u64) {
+    fn load(
+        &mut self,
+        mut rec: WorkflowRecord,
+        tasks: Vec<TaskRecord>,
+        recovering: bool,
+        now: u64,
+    ) {
         let id = rec.id.clone();
         if self.wfs.contains_key(&id) {
             return; // Loaded already (a replica may find it both in its inbox and its index).
         }
         let n = tasks.len();
-        let shape = self.shape_of(&rec);
+        let shape = self.share_plan(&mut rec);
         let mut w = Wf {
             shape,
             rec,
@@ -989,5 +1000,98 @@ fn task_event(rec: &WorkflowRecord, idx: usize, t: &TaskRecord) -> Event {
         state: t.state,
         attempts: t.attempts,
         error: t.error.as_deref().map(crate::workflow::scrub),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A job that never ends, so that the workflows it runs in stay in memory.
+    struct Hold(crate::job::OptionSchema);
+
+    impl crate::job::Job for Hold {
+        fn name(&self) -> &'static str {
+            "hold"
+        }
+        fn schema(&self) -> &crate::job::OptionSchema {
+            &self.0
+        }
+        fn run(
+            &self,
+            _: crate::job::JobContext,
+        ) -> crate::job::BoxFuture<'static, crate::job::JobResult> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    /// Workflow `id` of graph G, its one task's options `{"level": level}`, as a fresh plan
+    /// deserialised from its own JSON (so sharing nothing with any other).
+    fn loading(id: &str, level: &str, recovering: bool) -> Msg {
+        let rec: WorkflowRecord = serde_json::from_value(json!({
+            "id": id, "status": "running", "createdAt": 1,
+            "plan": {"graph": "G", "tasks": [{
+                "label": "a", "taskName": "Task.Hold", "job": "hold",
+                "options": {"level": level}, "waitOn": {},
+            }]},
+        }))
+        .unwrap();
+        let tasks = vec![TaskRecord::new(format!("{id}-a"), "t".into())];
+        Msg::Load {
+            rec: Box::new(rec),
+            tasks,
+            recovering,
+        }
+    }
+
+    /// Workflows loaded into the core share one copy of their planned tasks while those are
+    /// equal, whether they were just created or recovered from the store; a workflow whose
+    /// tasks differ keeps its own.
+    #[test]
+    fn loaded_workflows_share_equal_planned_tasks() {
+        let mut jobs = crate::job::JobRegistry::new();
+        jobs.register(Hold(Default::default()));
+        let mut core = Core::new(Arc::new(jobs), 8);
+        core.apply(loading("one", "taskdef", false), 1);
+        core.apply(loading("two", "taskdef", true), 1);
+        core.apply(loading("own", "mine", false), 1);
+        core.apply(loading("three", "taskdef", false), 1);
+        let tasks = |core: &Core, id: &str| core.wfs[id].rec.plan.tasks.clone();
+        assert!(Arc::ptr_eq(&tasks(&core, "one"), &tasks(&core, "two")));
+        assert!(!Arc::ptr_eq(&tasks(&core, "one"), &tasks(&core, "own")));
+        assert_eq!(tasks(&core, "own")[0].options["level"], "mine");
+        assert_eq!(tasks(&core, "one")[0].options["level"], "taskdef");
+        // The last plan loaded is the one shared next.
+        assert!(!Arc::ptr_eq(&tasks(&core, "one"), &tasks(&core, "three")));
+        core.apply(loading("four", "taskdef", true), 1);
+        assert!(Arc::ptr_eq(&tasks(&core, "three"), &tasks(&core, "four")));
+        assert!(Arc::ptr_eq(
+            &core.wfs["four"].shape,
+            &core.wfs["three"].shape
+        ));
+        // Every task of every workflow was started with its own options.
+        let mut started: Vec<_> = core
+            .step(1)
+            .effects
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Start(s) => Some((s.wf.clone(), s.options["level"].clone())),
+                _ => None,
+            })
+            .collect();
+        started.sort_by(|a, b| a.0.cmp(&b.0));
+        let expected = [
+            ("four", "taskdef"),
+            ("one", "taskdef"),
+            ("own", "mine"),
+            ("three", "taskdef"),
+            ("two", "taskdef"),
+        ];
+        let expected: Vec<_> = expected
+            .iter()
+            .map(|(w, l)| (w.to_string(), json!(l)))
+            .collect();
+        assert_eq!(started, expected);
     }
 }
