@@ -27,15 +27,12 @@ pub async fn run(engine: Engine, site: Arc<ConfigMediaSite>, shutdown: Cancellat
             _ = shutdown.cancelled() => return,
             event = events.recv() => event,
         };
-        match event {
-            Ok((
-                _,
-                Event::Workflow {
-                    workflow_id,
-                    status,
-                    ..
-                },
-            )) if status.is_terminal() => remove(&site, workflow_id).await,
+        match event.as_ref().map(|(_, ev)| &**ev) {
+            Ok(Event::Workflow {
+                workflow_id,
+                status,
+                ..
+            }) if status.is_terminal() => remove(&site, workflow_id.clone()).await,
             Ok(_) => {}
             Err(RecvError::Lagged(missed)) => {
                 info!(

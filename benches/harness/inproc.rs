@@ -127,15 +127,12 @@ pub async fn wait_for(
     id: &str,
 ) -> anyhow::Result<WorkflowStatus> {
     loop {
-        match events.recv().await {
-            Ok((
-                _,
-                Event::Workflow {
-                    workflow_id,
-                    status,
-                    ..
-                },
-            )) if workflow_id == id && status.is_terminal() => return Ok(status),
+        match events.recv().await.as_ref().map(|(_, ev)| &**ev) {
+            Ok(Event::Workflow {
+                workflow_id,
+                status,
+                ..
+            }) if workflow_id == id && status.is_terminal() => return Ok(*status),
             Ok(_) => {}
             Err(RecvError::Lagged(_)) => {
                 if let Some(v) = engine.get(id).await?
@@ -392,8 +389,8 @@ pub async fn watch(
                 Some(r) => ids.extend(r??),
                 None => accept_wall = Some(start.elapsed()),
             },
-            ev = events.recv(), if !polled => match ev {
-                Ok((_, Event::Workflow { graph, status, .. }))
+            ev = events.recv(), if !polled => match ev.as_ref().map(|(_, ev)| &**ev) {
+                Ok(Event::Workflow { graph, status, .. })
                     if graph == graphs::FAN_OUT && status.is_terminal() => ended += 1,
                 Ok(_) => {}
                 Err(RecvError::Lagged(_)) => polled = true,

@@ -198,7 +198,7 @@ pub(crate) struct Wake {
 impl Inner {
     /// Retains a committed event and sends it to every subscriber, under the log's lock so
     /// that a stream that reads the retained events and then subscribes misses none.
-    fn publish(&self, n: u64, ev: Event) {
+    fn publish(&self, n: u64, ev: Arc<Event>) {
         let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
         log.push(n, ev.clone());
         let _ = self.events.send((n, ev));
@@ -409,7 +409,7 @@ impl Engine {
         self.inner.events.subscribe()
     }
 
-    pub(crate) fn publish(&self, n: u64, ev: Event) {
+    pub(crate) fn publish(&self, n: u64, ev: Arc<Event>) {
         self.inner.publish(n, ev);
     }
 
@@ -747,15 +747,12 @@ impl Engine {
                 return Ok(view);
             }
             loop {
-                match events.recv().await {
-                    Ok((
-                        _,
-                        Event::Workflow {
-                            workflow_id,
-                            status,
-                            ..
-                        },
-                    )) if workflow_id == id && status.is_terminal() => break,
+                match events.recv().await.as_ref().map(|(_, ev)| &**ev) {
+                    Ok(Event::Workflow {
+                        workflow_id,
+                        status,
+                        ..
+                    }) if workflow_id == id && status.is_terminal() => break,
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => break,
                     Err(broadcast::error::RecvError::Closed) => {

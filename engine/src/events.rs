@@ -7,6 +7,7 @@
 //! read from here; the log's id tells one store's numbering from another's.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use metalgraph_store::{Batch, Store};
 
@@ -17,8 +18,9 @@ use crate::workflow::Event;
 /// How many of the latest events are retained.
 pub const EVENT_RETENTION: u64 = 65_536;
 
-/// An event with its number in the log.
-pub type Numbered = (u64, Event);
+/// An event with its number in the log. One allocation of each event is shared by the
+/// retained log, the broadcast channel and every subscriber.
+pub type Numbered = (u64, Arc<Event>);
 
 /// The key under which the log's id is kept in the `meta` keyspace.
 const LOG_ID_KEY: &[u8] = b"event_log";
@@ -55,7 +57,7 @@ impl EventLog {
     }
 
     /// Retains a committed event.
-    pub(crate) fn push(&mut self, n: u64, ev: Event) {
+    pub(crate) fn push(&mut self, n: u64, ev: Arc<Event>) {
         self.last = n;
         self.recent.push_back((n, ev));
         while self
@@ -162,7 +164,7 @@ pub(crate) fn decode(k: &[u8], v: &[u8]) -> Result<Numbered, Error> {
     let n = number(k)?;
     let ev: Event = serde_json::from_slice(v)
         .map_err(|e| Error::Store(format!("event {n} is unreadable: {e}")))?;
-    Ok((n, ev))
+    Ok((n, Arc::new(ev)))
 }
 
 #[cfg(test)]
@@ -184,7 +186,7 @@ mod tests {
     fn since_returns_what_follows_and_retention_drops_the_oldest() {
         let mut log = EventLog::default();
         for n in 1..=EVENT_RETENTION + 3 {
-            log.push(n, ev(n));
+            log.push(n, Arc::new(ev(n)));
         }
         assert_eq!(log.recent.len() as u64, EVENT_RETENTION);
         assert_eq!(log.recent.front().unwrap().0, 4);

@@ -144,9 +144,9 @@ pub(crate) async fn run_subgraph(
         // other workflows' events are skipped without reading anything.
         loop {
             tokio::select! {
-                ev = events.recv() => match ev {
-                    Ok((_, Event::Workflow { workflow_id, status, .. }))
-                        if workflow_id == child_id && status.is_terminal() => break,
+                ev = events.recv() => match ev.as_ref().map(|(_, ev)| &**ev) {
+                    Ok(Event::Workflow { workflow_id, status, .. })
+                        if *workflow_id == child_id && status.is_terminal() => break,
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => break,
                     Err(broadcast::error::RecvError::Closed) => {

@@ -115,9 +115,11 @@ fn count_successes(
             label,
             state: TaskState::Succeeded,
             ..
-        } = ev
+        } = &*ev
         {
-            *seen.entry((workflow_id, label)).or_default() += 1;
+            *seen
+                .entry((workflow_id.clone(), label.clone()))
+                .or_default() += 1;
         }
     }
 }

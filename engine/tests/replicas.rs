@@ -181,7 +181,7 @@ async fn runs_through_any_replica_finish_and_every_replica_sees_every_event_in_o
                 assert_eq!(n, last + 1, "event numbers have no gaps");
             }
             last = Some(n);
-            let step = match &ev {
+            let step = match &*ev {
                 Event::Workflow { status, .. } => {
                     if status.is_terminal() {
                         ended += 1;

@@ -125,12 +125,12 @@ async fn a_rerun_runs_the_failed_task_onwards_with_the_earlier_outputs() {
             .await
             .unwrap_or_else(|_| panic!("the rerun's events stopped at {seen:?}"))
             .expect("the rerun's events");
-        match ev {
+        match &*ev {
             Event::Workflow {
                 workflow_id,
                 status,
                 ..
-            } if workflow_id == rerun.instance_id => {
+            } if *workflow_id == rerun.instance_id => {
                 seen.push(format!("wf:{status}"));
                 if status.is_terminal() {
                     break;
@@ -141,7 +141,7 @@ async fn a_rerun_runs_the_failed_task_onwards_with_the_earlier_outputs() {
                 label,
                 state,
                 ..
-            } if workflow_id == rerun.instance_id => seen.push(format!("{label}:{state}")),
+            } if *workflow_id == rerun.instance_id => seen.push(format!("{label}:{state}")),
             _ => {}
         }
     }

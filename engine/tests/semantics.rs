@@ -404,14 +404,16 @@ tasks:
     let mut rx = h.engine.subscribe();
     let v = h.run("G", json!({}), None).await;
     let mut seen = Vec::new();
+    let mut received = Vec::new();
     loop {
-        let (_, ev) = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+        let (n, ev) = tokio::time::timeout(Duration::from_secs(60), rx.recv())
             .await
             .expect("events keep coming")
             .unwrap();
+        received.push((n, ev.clone()));
         assert_eq!(ev.workflow_id(), v.instance_id);
-        let done = matches!(&ev, metalgraph_engine::Event::Workflow { status, .. } if status.is_terminal());
-        seen.push(match ev {
+        let done = matches!(&*ev, metalgraph_engine::Event::Workflow { status, .. } if status.is_terminal());
+        seen.push(match &*ev {
             metalgraph_engine::Event::Workflow { status, .. } => format!("wf:{status}"),
             metalgraph_engine::Event::Task { label, state, .. } => format!("{label}:{state}"),
         });
@@ -423,6 +425,13 @@ tasks:
         seen.join(" "),
         "wf:pending wf:running a:running a:succeeded b:running b:succeeded wf:succeeded"
     );
+    // The retained log and every subscriber hold one allocation of each event, not a copy.
+    let (retained, _) = h.engine.events_since(None, usize::MAX).await;
+    assert_eq!(retained.len(), received.len());
+    for ((n, ev), (m, kept)) in received.iter().zip(&retained) {
+        assert_eq!(n, m);
+        assert!(Arc::ptr_eq(ev, kept), "event {n} was copied");
+    }
     h.stop().await;
 }
 

@@ -905,7 +905,7 @@ impl WorkflowsRpc for GrpcApi {
                     continue;
                 }
                 let end = !id.is_empty()
-                    && matches!(&ev, Event::Workflow { status, .. } if status.is_terminal());
+                    && matches!(&*ev, Event::Workflow { status, .. } if status.is_terminal());
                 if tx.send(Ok(event_to_pb(&ev))).await.is_err() || end {
                     return;
                 }

@@ -584,7 +584,7 @@ impl Runtime {
                 count_event(&ev);
                 // A replica's events are staged: they are published once numbered.
                 if !self.leased() {
-                    self.engine.publish(n, ev);
+                    self.engine.publish(n, Arc::new(ev));
                 }
             }
             Effect::Reply(tx, r) => {
