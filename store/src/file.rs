@@ -82,7 +82,6 @@
 //! place is moved to the new snapshot; readers keep the old snapshot's file open until then,
 //! so a read never meets a file that no longer holds its value.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::ops::Range;
@@ -91,7 +90,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError, RwLock};
 
 use crate::group::Group;
-use crate::mem::{Keyspaces, check, validate};
+use crate::mem::{Keyspaces, check_group};
 use crate::{Batch, Bytes, Error, Op, Result, Scan, Store, check_keyspace};
 
 const JOURNAL: &str = "journal.log";
@@ -556,34 +555,19 @@ impl FileStore {
                 .map(|_| Err(Error::Io(reason.clone())))
                 .collect();
         }
-        let mut results = Vec::with_capacity(batches.len());
         let mut payload = Vec::new();
-        // For each batch written, each op's value text in the payload (empty for a delete).
-        let mut written: Vec<Option<Vec<Range<usize>>>> = Vec::with_capacity(batches.len());
-        {
+        let mut results = {
             let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
-            // What the group's earlier batches wrote: `None` for a delete.
-            let mut group: HashMap<(&str, &[u8]), Option<&[u8]>> = HashMap::new();
-            for batch in &batches {
-                let checked = validate(batch).and_then(|()| {
-                    check(batch, |keyspace, key| match group.get(&(keyspace, key)) {
-                        Some(v) => Ok(v.map(<[u8]>::to_vec)),
-                        None => state.get(keyspace, key),
-                    })
-                });
-                if checked.is_err() || batch.ops.is_empty() {
-                    results.push(checked);
-                    written.push(None);
-                    continue;
-                }
-                for op in &batch.ops {
-                    let (keyspace, key, value) = op.effect();
-                    group.insert((keyspace, key), value);
-                }
-                written.push(Some(encode(batch, &mut payload)));
-                results.push(Ok(()));
-            }
-        }
+            check_group(&batches, |keyspace, key| state.get(keyspace, key))
+        };
+        // For each batch written, each op's value text in the payload (empty for a delete).
+        let written: Vec<Option<Vec<Range<usize>>>> = results
+            .iter()
+            .zip(&batches)
+            .map(|(result, batch)| {
+                (result.is_ok() && !batch.ops.is_empty()).then(|| encode(batch, &mut payload))
+            })
+            .collect();
         if payload.is_empty() {
             return results;
         }
@@ -684,7 +668,7 @@ impl Store for FileStore {
 
 /// Appends a batch's ops to a journal payload; returns each op's value text in it (empty
 /// for a delete).
-fn encode(batch: &Batch, payload: &mut Vec<u8>) -> Vec<Range<usize>> {
+pub(crate) fn encode(batch: &Batch, payload: &mut Vec<u8>) -> Vec<Range<usize>> {
     let mut texts = Vec::with_capacity(batch.ops.len());
     for op in &batch.ops {
         match op {
@@ -817,7 +801,7 @@ fn parse_header(line: &[u8]) -> Result<(usize, u32), String> {
 }
 
 /// Reads the record at `pos`: its payload and the offset just past it, or what is wrong.
-fn read_record(data: &[u8], pos: usize) -> Result<(&[u8], usize), String> {
+pub(crate) fn read_record(data: &[u8], pos: usize) -> Result<(&[u8], usize), String> {
     let rest = &data[pos..];
     let Some(newline) = rest.iter().take(MAX_HEADER).position(|&b| b == b'\n') else {
         return Err("no complete header line".to_owned());
@@ -837,7 +821,7 @@ fn read_record(data: &[u8], pos: usize) -> Result<(&[u8], usize), String> {
 ///
 /// Every record starts at the beginning of a line and no payload line starts with
 /// `batch `, so only line starts need to be tried.
-fn next_good_record(data: &[u8], pos: usize) -> Option<usize> {
+pub(crate) fn next_good_record(data: &[u8], pos: usize) -> Option<usize> {
     (pos + 1..data.len())
         .filter(|&i| data[i - 1] == b'\n' && data[i..].starts_with(b"batch "))
         .find(|&i| read_record(data, i).is_ok())
@@ -851,7 +835,7 @@ fn frame(payload: &[u8]) -> Vec<u8> {
 }
 
 /// The header line of a record of `payload`.
-fn header(payload: &[u8]) -> Vec<u8> {
+pub(crate) fn header(payload: &[u8]) -> Vec<u8> {
     format!("batch {} {:08x}\n", payload.len(), crc32(payload)).into_bytes()
 }
 
@@ -925,8 +909,8 @@ fn decode_keyspace(token: &str) -> Result<String, String> {
     Ok(name)
 }
 
-#[cfg(test)]
-fn decode_payload(payload: &[u8]) -> Result<Vec<Op>, String> {
+/// The ops of a payload, each value unescaped.
+pub(crate) fn decode_payload(payload: &[u8]) -> Result<Vec<Op>, String> {
     decode_entries(payload)?
         .into_iter()
         .map(|entry| match entry {

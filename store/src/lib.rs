@@ -21,6 +21,7 @@ mod group;
 mod mem;
 mod postgres;
 mod sled_store;
+mod wal;
 
 use std::fmt;
 use std::ops::Bound;

@@ -4,7 +4,7 @@
 //! map of keyspaces behind one lock. It is not durable. The engine's unit tests use it, and
 //! the conformance suite holds every other backend to the same answers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{PoisonError, RwLock};
 
 use crate::{Batch, Bytes, Op, Result, Scan, Store, check_keyspace};
@@ -123,6 +123,33 @@ pub(crate) fn check(
         }
     }
     Ok(())
+}
+
+/// Checks a group of batches committed together: each is validated and its preconditions
+/// checked against the state the earlier accepted batches of the group leave, `current`
+/// reading the state before the group. `Ok` for each batch accepted.
+pub(crate) fn check_group(
+    batches: &[Batch],
+    current: impl Fn(&str, &[u8]) -> Result<Option<Bytes>>,
+) -> Vec<Result<()>> {
+    // What the group's earlier batches wrote: `None` for a delete.
+    let mut group: HashMap<(&str, &[u8]), Option<&[u8]>> = HashMap::new();
+    batches
+        .iter()
+        .map(|batch| {
+            validate(batch).and_then(|()| {
+                check(batch, |keyspace, key| match group.get(&(keyspace, key)) {
+                    Some(v) => Ok(v.map(<[u8]>::to_vec)),
+                    None => current(keyspace, key),
+                })
+            })?;
+            for op in &batch.ops {
+                let (keyspace, key, value) = op.effect();
+                group.insert((keyspace, key), value);
+            }
+            Ok(())
+        })
+        .collect()
 }
 
 pub(crate) fn validate(batch: &Batch) -> Result<()> {

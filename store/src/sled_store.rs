@@ -9,37 +9,40 @@
 //!
 //! # Atomicity and durability
 //!
-//! A commit runs as one sled transaction over every tree the batch touches. sled stages
-//! the writes of all trees of a transaction and seals them into its log as a single batch,
-//! so after a crash either all of them are recovered or none. Preconditions are read inside
-//! the same transaction, and a failing one aborts it, so nothing is written.
+//! A commit is made durable by a journal of our own, `metalgraph.wal` in the database
+//! directory (`wal.rs`), not by sled: making sled's log durable takes `Db::flush`, which
+//! writes the log and waits for it with `sync_file_range` (that neither flushes the disk's
+//! write cache nor records the file's new length, so it survives a process crash, not a
+//! power loss), and then an `fdatasync` of the log — two trips to the device where the
+//! journal needs one.
 //!
-//! sled lets a plain read observe a transaction half-applied (an iterator takes sled's
-//! concurrency lock per step, not per scan), so the store adds its own `gate`: commits hold
-//! it exclusively, reads share it. The gate also serialises commits, which is what makes
-//! the check of preconditions for keyspaces that have no tree yet race-free.
+//! So a commit, holding the store's `gate` exclusively: checks each batch's preconditions
+//! against sled and the batches before it in its group (`group.rs`: commits that arrive
+//! while one is being written are written together); appends the ops of those that pass
+//! to the journal as one record and calls `fdatasync`; then applies them to sled's trees,
+//! plain inserts and removes. Only then does it release the gate, so no reader sees a batch
+//! before it is durable, or half of one. A crash before the record is complete loses a
+//! group none of whose commits returned; a crash after it loses at most sled's copy of
+//! them, which the journal still holds.
 //!
-//! `commit` returns only after `Db::flush` and an `fdatasync` of sled's log. `Db::flush`
-//! writes the log and, on Linux, waits for it with `sync_file_range`, which neither flushes
-//! the disk's write cache nor records the file's new length: on its own it survives a
-//! process crash, not a power loss. So the store then calls `fdatasync` on the log file
-//! (`<dir>/db`) itself, and syncs any blob file sled wrote for a large value (sled writes
-//! those with no sync at all) together with their directory. sled's log is shared by all
-//! trees, so one flush and one sync cover the whole batch. Both happen while the gate is
-//! still held so that no reader sees a batch before it is durable.
+//! Opening applies every record of the journal to sled again (each op sets or removes an
+//! absolute value, so applying one that sled already holds changes nothing), then
+//! checkpoints. A checkpoint, also run when the journal passes 32 MiB and on `close`, makes
+//! sled's state durable (`Db::flush`, `fdatasync` of sled's log, and a sync of any blob
+//! file sled wrote for a large value, with their directory: sled writes those with no sync
+//! at all) and only then empties the journal.
 //!
-//! Commits that arrive while one is being flushed are committed together (`group.rs`):
-//! each batch in its own transaction, checked against the state the earlier ones left,
-//! then one flush and one sync for the group, still under the gate.
+//! If a journal write or `fdatasync` fails, or applying a journalled group to sled does,
+//! the store refuses every later commit until it is reopened.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Mutex, PoisonError, RwLock};
 
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-
+use crate::file::encode;
 use crate::group::Group;
-use crate::mem::validate;
+use crate::mem::check_group;
+use crate::wal::Wal;
 use crate::{Batch, Bytes, Error, Op, Result, Scan, Store, check_keyspace};
 
 /// How long an open waits for sled's directory lock to be released.
@@ -57,11 +60,22 @@ pub struct SledStore {
     trees: RwLock<HashMap<String, sled::Tree>>,
     /// Makes commits atomic with respect to reads: commits take it exclusively.
     gate: RwLock<()>,
-    /// What makes a flushed commit durable (see the module docs).
+    /// What makes sled's flushed state durable at a checkpoint (see the module docs).
     sync: Syncer,
-    /// Commits that arrive together share one flush.
+    /// Commits that arrive together share one journal record and sync.
     group: Group,
+    /// The journal that makes a commit durable before sled's own flush (module docs).
+    wal: Mutex<Wal>,
+    /// How long the journal may grow before sled is flushed and the journal emptied.
+    checkpoint_bytes: u64,
 }
+
+/// The journal's file in the database directory, beside sled's own files.
+const WAL: &str = "metalgraph.wal";
+
+/// How long the journal grows before a checkpoint: big enough that the cost of sled's
+/// flush is shared by many commits, small enough to be read back quickly on open.
+const CHECKPOINT_BYTES: u64 = 32 * 1024 * 1024;
 
 /// Syncs what `Db::flush` leaves unsynced: sled's log file and its blob files.
 struct Syncer {
@@ -171,6 +185,7 @@ impl SledStore {
                 dir.display()
             ))
         })?;
+        let (wal, journalled) = Wal::open(&dir.join(WAL))?;
         let store = SledStore {
             db,
             path: dir.to_owned(),
@@ -178,6 +193,8 @@ impl SledStore {
             gate: RwLock::new(()),
             sync,
             group: Group::default(),
+            wal: Mutex::new(wal),
+            checkpoint_bytes: CHECKPOINT_BYTES,
         };
         // Opening every existing keyspace tree now means a missing cache entry really
         // means "no such keyspace", so reads never have to create trees.
@@ -196,6 +213,16 @@ impl SledStore {
             trees.insert(keyspace, tree);
         }
         *store.trees.write().unwrap_or_else(PoisonError::into_inner) = trees;
+        // Commits the journal holds may be missing from sled (a crash before its flush):
+        // applied again (each op sets an absolute value, so this is harmless for those sled
+        // has), then made durable in sled.
+        if !journalled.is_empty() {
+            for ops in &journalled {
+                store.apply(ops.iter())?;
+            }
+            let mut wal = store.wal.lock().unwrap_or_else(PoisonError::into_inner);
+            store.checkpoint(&mut wal)?;
+        }
         Ok(store)
     }
 
@@ -230,6 +257,18 @@ impl SledStore {
             .map_err(|e| format!("syncing its files: {e}"))
     }
 
+    /// Makes sled's state durable and empties the journal, which it then holds. Under the
+    /// gate (or before the store is shared).
+    fn checkpoint(&self, wal: &mut Wal) -> Result<()> {
+        self.flush().map_err(|e| {
+            Error::Io(format!(
+                "flushing sled database {}: {e}",
+                self.path.display()
+            ))
+        })?;
+        wal.clear()
+    }
+
     fn io_error(&self, keyspace: &str, doing: &str, e: &dyn std::fmt::Display) -> Error {
         Error::Io(format!(
             "{doing} keyspace {keyspace:?} in sled database {}: {e}",
@@ -237,127 +276,8 @@ impl SledStore {
         ))
     }
 
-    /// Commits a group of batches (see `group.rs`): each in a transaction of its own,
-    /// checked against the state the earlier ones left, then one flush for all. Readers
-    /// wait at the gate until the group is durable, so none sees a batch that is not.
-    fn write_group(&self, batches: Vec<Batch>) -> Vec<Result<()>> {
-        let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
-        let mut results: Vec<Result<()>> = batches
-            .iter()
-            .map(|batch| validate(batch).and_then(|()| self.apply(batch)))
-            .collect();
-        // Which batches wrote something, and so wait for the flush.
-        let wrote: Vec<bool> = results
-            .iter()
-            .zip(&batches)
-            .map(|(result, batch)| result.is_ok() && !batch.ops.is_empty())
-            .collect();
-        if !wrote.contains(&true) {
-            return results;
-        }
-        // sled has no way to take a committed transaction back, so if the flush fails the
-        // batches stay applied in memory and may or may not survive a crash. The error says
-        // so; the caller should treat the store as failed.
-        if let Err(e) = self.flush() {
-            let e = Error::Io(format!(
-                "flushing sled database {} after a commit (the batch is applied but may not \
-                 be durable): {e}",
-                self.path.display()
-            ));
-            for (result, wrote) in results.iter_mut().zip(wrote) {
-                if wrote {
-                    *result = Err(e.clone());
-                }
-            }
-        }
-        results
-    }
-
-    /// Checks a batch's preconditions and applies it in memory (not yet durable), under
-    /// the gate.
-    fn apply(&self, batch: &Batch) -> Result<()> {
-        // The transaction spans the trees the ops write (created if new) and the trees of
-        // preconditioned keyspaces that already exist. Each gets a slot in `trees`.
-        let mut trees = Vec::new();
-        let mut slot: HashMap<&str, usize> = HashMap::new();
-        for op in &batch.ops {
-            let (Op::Put { keyspace, .. } | Op::Delete { keyspace, .. }) = op;
-            if !slot.contains_key(keyspace.as_str()) {
-                slot.insert(keyspace, trees.len());
-                trees.push(self.tree_for_write(keyspace)?);
-            }
-        }
-        for precondition in &batch.preconditions {
-            let keyspace = precondition.target().0;
-            if slot.contains_key(keyspace) {
-                continue;
-            }
-            if let Some(tree) = self.tree(keyspace) {
-                slot.insert(keyspace, trees.len());
-                trees.push(tree);
-            }
-        }
-        if trees.is_empty() {
-            // Nothing to write and no tree to read: every precondition names a keyspace
-            // that holds no keys.
-            return crate::mem::Keyspaces::default().check(batch);
-        }
-        self.transact(batch, &trees, &slot)
-    }
-
-    /// Runs the transaction of a batch whose trees are `trees`, indexed by `slot`.
-    fn transact(
-        &self,
-        batch: &Batch,
-        trees: &[sled::Tree],
-        slot: &HashMap<&str, usize>,
-    ) -> Result<()> {
-        let result: Result<(), TransactionError<Error>> = trees.transaction(|view| {
-            for (index, precondition) in batch.preconditions.iter().enumerate() {
-                let (keyspace, key) = precondition.target();
-                // A keyspace without a tree holds no keys; the gate stops a concurrent
-                // commit from creating it in the meantime.
-                let current = match slot.get(keyspace) {
-                    Some(&i) => view[i].get(key)?,
-                    None => None,
-                };
-                if !precondition.holds(current.as_deref()) {
-                    return Err(ConflictableTransactionError::Abort(
-                        precondition.conflict(index),
-                    ));
-                }
-            }
-            for op in &batch.ops {
-                match op {
-                    Op::Put {
-                        keyspace,
-                        key,
-                        value,
-                    } => {
-                        view[slot[keyspace.as_str()]].insert(key.as_slice(), value.as_slice())?;
-                    }
-                    Op::Delete { keyspace, key } => {
-                        view[slot[keyspace.as_str()]].remove(key.as_slice())?;
-                    }
-                }
-            }
-            Ok(())
-        });
-        match result {
-            Ok(()) => Ok(()),
-            Err(TransactionError::Abort(conflict)) => Err(conflict),
-            Err(TransactionError::Storage(e)) => Err(Error::Io(format!(
-                "committing a batch to sled database {}: {e}",
-                self.path.display()
-            ))),
-        }
-    }
-}
-
-impl Store for SledStore {
-    fn get(&self, keyspace: &str, key: &[u8]) -> Result<Option<Bytes>> {
-        check_keyspace(keyspace)?;
-        let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+    /// A key's value, without the gate (the caller holds it, either way).
+    fn read(&self, keyspace: &str, key: &[u8]) -> Result<Option<Bytes>> {
         let Some(tree) = self.tree(keyspace) else {
             return Ok(None);
         };
@@ -365,6 +285,101 @@ impl Store for SledStore {
             .get(key)
             .map_err(|e| self.io_error(keyspace, "reading", &e))?;
         Ok(value.map(|v| v.to_vec()))
+    }
+
+    /// Commits a group of batches (see `group.rs`): each checked against the state the
+    /// earlier ones leave, the ops of those that pass appended to the journal as one record
+    /// and synced, then applied to sled in one transaction. Readers wait at the gate until
+    /// the group is applied, so none sees a batch that is not durable.
+    fn write_group(&self, batches: Vec<Batch>) -> Vec<Result<()>> {
+        let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        let mut wal = self.wal.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(reason) = wal.poisoned() {
+            let e = Error::Io(reason.to_owned());
+            return batches.iter().map(|_| Err(e.clone())).collect();
+        }
+        let mut results = check_group(&batches, |keyspace, key| self.read(keyspace, key));
+        let mut payload = Vec::new();
+        let written: Vec<bool> = results
+            .iter()
+            .zip(&batches)
+            .map(|(result, batch)| {
+                let write = result.is_ok() && !batch.ops.is_empty();
+                if write {
+                    encode(batch, &mut payload);
+                }
+                write
+            })
+            .collect();
+        if payload.is_empty() {
+            return results;
+        }
+        let mut fail = |e: Error| {
+            for (result, written) in results.iter_mut().zip(&written) {
+                if *written {
+                    *result = Err(e.clone());
+                }
+            }
+        };
+        if let Err(e) = wal.append(&payload) {
+            fail(e);
+            return results;
+        }
+        let ops = batches
+            .iter()
+            .zip(&written)
+            .filter(|(_, written)| **written)
+            .flat_map(|(batch, _)| &batch.ops);
+        if let Err(e) = self.apply(ops) {
+            // Durable in the journal, so the next open applies it; until then sled does
+            // not hold it, and nothing more may be built on top.
+            let e = Error::Io(format!(
+                "applying a journalled commit to sled database {} (it is durable and is \
+                 applied when the store is reopened): {e}",
+                self.path.display()
+            ));
+            wal.poison(format!("refusing commits until reopened: {e}"));
+            fail(e);
+            return results;
+        }
+        if wal.len() > self.checkpoint_bytes
+            && let Err(e) = self.checkpoint(&mut wal)
+        {
+            // The group is durable in the journal already, so a failed checkpoint does not
+            // fail it; the next commit over the threshold tries again.
+            tracing::warn!(dir = %self.path.display(), error = %e, "sled checkpoint failed");
+        }
+        results
+    }
+
+    /// Applies ops in order, to the trees they write (created if new). Not as a sled
+    /// transaction: the journal holds them, so a crash part way through is mended by
+    /// applying them again on open, and readers wait at the gate until all are applied.
+    fn apply<'a>(&self, ops: impl Iterator<Item = &'a Op>) -> Result<()> {
+        let mut trees: HashMap<&str, sled::Tree> = HashMap::new();
+        for op in ops {
+            let (Op::Put { keyspace, .. } | Op::Delete { keyspace, .. }) = op;
+            let tree = match trees.get(keyspace.as_str()) {
+                Some(tree) => tree,
+                None => trees
+                    .entry(keyspace)
+                    .or_insert(self.tree_for_write(keyspace)?),
+            };
+            let applied = match op {
+                Op::Put { key, value, .. } => tree.insert(key.as_slice(), value.as_slice()),
+                Op::Delete { key, .. } => tree.remove(key.as_slice()),
+            };
+            applied.map_err(|e| self.io_error(keyspace, "writing", &e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Store for SledStore {
+    fn get(&self, keyspace: &str, key: &[u8]) -> Result<Option<Bytes>> {
+        check_keyspace(keyspace)?;
+        let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        self.read(keyspace, key)
     }
 
     fn scan_prefix(&self, keyspace: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>> {
@@ -410,12 +425,13 @@ impl Store for SledStore {
     }
 
     fn close(&self) -> Result<()> {
-        self.flush().map_err(|e| {
-            Error::Io(format!(
-                "flushing sled database {}: {e}",
-                self.path.display()
-            ))
-        })
+        let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        let mut wal = self.wal.lock().unwrap_or_else(PoisonError::into_inner);
+        if wal.poisoned().is_some() {
+            // sled lacks what the journal holds: the journal stays for the next open.
+            return Ok(());
+        }
+        self.checkpoint(&mut wal)
     }
 
     fn backend(&self) -> &'static str {
@@ -428,19 +444,123 @@ mod tests {
     use super::*;
 
     /// sled keeps a value larger than a quarter of a log segment (512 KiB) in a file of
-    /// its own, written without a sync; the commit must sync it before returning.
+    /// its own, written without a sync; the checkpoint must sync it.
     #[test]
-    fn a_commit_syncs_the_blob_files_of_large_values() {
+    fn a_checkpoint_syncs_the_blob_files_of_large_values() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path()).unwrap();
         let mut batch = Batch::new();
         batch.put("big", b"k".to_vec(), vec![7u8; 300 * 1024]);
         store.commit(batch).unwrap();
+        store.close().unwrap();
         let on_disk: std::collections::HashSet<_> = std::fs::read_dir(dir.path().join("blobs"))
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
         assert!(!on_disk.is_empty(), "sled wrote no blob file");
         assert_eq!(*store.sync.synced.lock().unwrap(), on_disk);
+    }
+
+    /// What a crash leaves of a store that is still open: its files as they are now.
+    fn files_now(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                files_now(&entry.path(), &to.join(entry.file_name()));
+            } else {
+                std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+            }
+        }
+    }
+
+    fn put(store: &SledStore, key: &str, value: &str) {
+        let mut batch = Batch::new();
+        batch.put("ks", key.as_bytes().to_vec(), value.as_bytes().to_vec());
+        store.commit(batch).unwrap();
+    }
+
+    fn get(store: &SledStore, key: &str) -> Option<String> {
+        let value = store.get("ks", key.as_bytes()).unwrap()?;
+        Some(String::from_utf8(value).unwrap())
+    }
+
+    /// A commit is durable once it is in the journal, before sled makes it durable: a power
+    /// loss that drops everything sled wrote after its last checkpoint (its files as they
+    /// were then) but keeps the synced journal reopens with the commit, and the reopen
+    /// makes sled hold it.
+    #[test]
+    fn a_commit_survives_losing_what_sled_wrote_after_its_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        put(&store, "x", "0");
+        store.close().unwrap();
+        let lost = tempfile::tempdir().unwrap();
+        files_now(dir.path(), lost.path());
+        put(&store, "a", "1");
+        put(&store, "b", "2");
+        assert!(store.wal.lock().unwrap().len() > 0);
+        std::fs::copy(dir.path().join(WAL), lost.path().join(WAL)).unwrap();
+
+        let reopened = SledStore::open(lost.path()).unwrap();
+        assert_eq!(get(&reopened, "x").as_deref(), Some("0"));
+        assert_eq!(get(&reopened, "a").as_deref(), Some("1"));
+        assert_eq!(get(&reopened, "b").as_deref(), Some("2"));
+        // Applied and flushed into sled, the journal is empty again.
+        assert_eq!(reopened.wal.lock().unwrap().len(), 0);
+        drop(reopened);
+        std::fs::remove_file(lost.path().join(WAL)).unwrap();
+        let reopened = SledStore::open(lost.path()).unwrap();
+        assert_eq!(get(&reopened, "b").as_deref(), Some("2"));
+    }
+
+    /// A record torn by a crash mid-write (its commit never returned) is cut off; a damaged
+    /// record with a good one after it fails the open, naming the journal.
+    #[test]
+    fn a_torn_journal_tail_is_dropped_and_damage_before_good_data_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        put(&store, "a", "1");
+        let crashed = tempfile::tempdir().unwrap();
+        files_now(dir.path(), crashed.path());
+        let wal = crashed.path().join(WAL);
+        let good = std::fs::read(&wal).unwrap();
+        let mut torn = good.clone();
+        torn.extend_from_slice(b"batch 400 0badf00d\nput \"ks\" \"c\" \"3");
+        std::fs::write(&wal, &torn).unwrap();
+        let reopened = SledStore::open(crashed.path()).unwrap();
+        assert_eq!(get(&reopened, "a").as_deref(), Some("1"));
+        assert_eq!(get(&reopened, "c"), None);
+        drop(reopened);
+
+        let damaged = tempfile::tempdir().unwrap();
+        files_now(dir.path(), damaged.path());
+        let mut bad = good.clone();
+        let last = bad.len() - 2;
+        bad[last] ^= 0x20;
+        bad.extend_from_slice(&good);
+        std::fs::write(damaged.path().join(WAL), &bad).unwrap();
+        let err = SledStore::open(damaged.path()).unwrap_err().to_string();
+        assert!(
+            err.contains(WAL) && err.contains("refusing to drop committed data"),
+            "{err}"
+        );
+    }
+
+    /// Past its threshold the journal is emptied once sled holds its commits durably.
+    #[test]
+    fn the_journal_is_emptied_once_sled_holds_its_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SledStore::open(dir.path()).unwrap();
+        store.checkpoint_bytes = 10;
+        put(&store, "a", "1");
+        assert_eq!(store.wal.lock().unwrap().len(), 0, "a checkpoint ran");
+        put(&store, "b", "2");
+        let crashed = tempfile::tempdir().unwrap();
+        files_now(dir.path(), crashed.path());
+        std::fs::remove_file(crashed.path().join(WAL)).unwrap();
+        let reopened = SledStore::open(crashed.path()).unwrap();
+        assert_eq!(get(&reopened, "a").as_deref(), Some("1"));
+        assert_eq!(get(&reopened, "b").as_deref(), Some("2"));
     }
 }
