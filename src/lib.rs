@@ -19,10 +19,11 @@ pub mod tls;
 pub mod validate;
 
 /// jemalloc is the allocator of everything built on this crate: the binary, the benchmark
-/// harness that runs the engine in-process, the tests. glibc's malloc gives each of the
-/// engine's many threads (tokio's workers and blocking pool) an arena of its own, up to
-/// eight per core; memory freed in one arena is not reused by the others, and in the
-/// fan-out benchmark that held 20-40 % of the process's memory and cost sled's commit path
-/// a fifth of its cycles (BENCHMARKS.md, "Fan-out, chain and a million workflows").
+/// harness that runs the engine in-process, this crate's tests (not the engine's or the
+/// store's own). glibc's malloc gives each of the engine's many threads (tokio's workers
+/// and blocking pool) an arena of its own, up to eight per core; memory freed in one arena
+/// is not reused by the others, and in the fan-out benchmark that held 20-40 % of the
+/// process's memory and cost sled's commit path a fifth of its cycles (BENCHMARKS.md,
+/// "Fan-out, chain and a million workflows").
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

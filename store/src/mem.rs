@@ -109,8 +109,6 @@ impl Keyspaces<Bytes> {
     }
 }
 
-/// Rejects a batch naming an invalid keyspace before anything else is looked at, so that a
-/// malformed batch is reported as such rather than as a conflict.
 /// Checks every precondition of `batch`, in order, against the values `current` gives.
 pub(crate) fn check(
     batch: &Batch,
@@ -152,6 +150,8 @@ pub(crate) fn check_group(
         .collect()
 }
 
+/// Rejects a batch naming an invalid keyspace before anything else is looked at, so that a
+/// malformed batch is reported as such rather than as a conflict.
 pub(crate) fn validate(batch: &Batch) -> Result<()> {
     for precondition in &batch.preconditions {
         check_keyspace(precondition.target().0)?;

@@ -32,8 +32,21 @@
 //! file sled wrote for a large value, with their directory: sled writes those with no sync
 //! at all) and only then empties the journal.
 //!
-//! If a journal write or `fdatasync` fails, or applying a journalled group to sled does,
-//! the store refuses every later commit until it is reopened.
+//! If a journal write or `fdatasync` fails, the store refuses every later commit until it
+//! is reopened. If applying a journalled group to sled fails, or a commit panics, sled may
+//! hold part of a group, so reads are refused too.
+//!
+//! What this relies on from sled between checkpoints: sled still writes its log by itself
+//! when an I/O buffer fills, waiting only with `sync_file_range`, counts what it wrote as
+//! stable, and may then reuse a log segment whose pages it rewrote elsewhere. After a
+//! process crash or a SIGKILL that is harmless (the kernel holds every write). After a
+//! power loss on a disk with a volatile write cache that reorders writes, a reused
+//! segment could reach the platter before the rewrite it depends on, and sled could then
+//! recover a tree node older than the last checkpoint; the journal restores every key
+//! committed since the checkpoint, not the others in that node. sled's own design takes
+//! `sync_file_range` as stable; before the journal, a commit's `fdatasync` narrowed the
+//! window to one commit, and now it is one checkpoint (32 MiB of journal). Disks with
+//! power-loss protection, or `--store file`, do not have this window.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -56,7 +69,7 @@ pub struct SledStore {
     db: sled::Db,
     /// The database directory, named in error messages.
     path: PathBuf,
-    /// Trees already opened, by keyspace name. Only commits add to it, under `gate`.
+    /// Trees already opened, by keyspace name. Only writes add to it, under `gate`.
     trees: RwLock<HashMap<String, sled::Tree>>,
     /// Makes commits atomic with respect to reads: commits take it exclusively.
     gate: RwLock<()>,
@@ -68,6 +81,10 @@ pub struct SledStore {
     wal: Mutex<Wal>,
     /// How long the journal may grow before sled is flushed and the journal emptied.
     checkpoint_bytes: u64,
+    /// Set when sled may hold part of a journalled group (applying it failed, or a commit
+    /// panicked): reads fail too, naming why, until the store is reopened and the journal
+    /// applied whole.
+    failed: std::sync::OnceLock<String>,
 }
 
 /// The journal's file in the database directory, beside sled's own files.
@@ -83,7 +100,7 @@ struct Syncer {
     log: std::fs::File,
     /// sled's directory of values too large for the log, `<dir>/blobs`.
     blobs: PathBuf,
-    /// The blob files already synced. Only commits touch it, under the gate.
+    /// The blob files already synced. Only checkpoints touch it, under the gate.
     synced: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
 }
 
@@ -154,7 +171,7 @@ impl SledStore {
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Io(format!("creating sled directory {}: {e}", dir.display())))?;
-        // No background flusher: every commit flushes itself.
+        // No background flusher: checkpoints flush (see the module docs).
         let config = sled::Config::new()
             .path(dir)
             .flush_every_ms(None)
@@ -195,6 +212,7 @@ impl SledStore {
             group: Group::default(),
             wal: Mutex::new(wal),
             checkpoint_bytes: CHECKPOINT_BYTES,
+            failed: std::sync::OnceLock::new(),
         };
         // Opening every existing keyspace tree now means a missing cache entry really
         // means "no such keyspace", so reads never have to create trees.
@@ -276,6 +294,34 @@ impl SledStore {
         ))
     }
 
+    /// The journal, refusing commits if a commit panicked while holding it: sled may then
+    /// hold part of a group, which only a reopen mends.
+    fn journal(&self) -> std::sync::MutexGuard<'_, Wal> {
+        self.wal.lock().unwrap_or_else(|poisoned| {
+            let mut wal = poisoned.into_inner();
+            let why = "a commit panicked while applying its group to sled";
+            self.fail(why);
+            wal.poison(format!("refusing commits until reopened: {why}"));
+            wal
+        })
+    }
+
+    /// Marks sled as possibly holding part of a group (see `failed`).
+    fn fail(&self, why: &str) {
+        let _ = self.failed.set(format!(
+            "sled database {} may hold part of a commit ({why}); reopen the store",
+            self.path.display()
+        ));
+    }
+
+    /// Refuses reads once sled may hold part of a group (see `failed`).
+    fn readable(&self) -> Result<()> {
+        match self.failed.get() {
+            Some(why) => Err(Error::Io(why.clone())),
+            None => Ok(()),
+        }
+    }
+
     /// A key's value, without the gate (the caller holds it, either way).
     fn read(&self, keyspace: &str, key: &[u8]) -> Result<Option<Bytes>> {
         let Some(tree) = self.tree(keyspace) else {
@@ -289,11 +335,11 @@ impl SledStore {
 
     /// Commits a group of batches (see `group.rs`): each checked against the state the
     /// earlier ones leave, the ops of those that pass appended to the journal as one record
-    /// and synced, then applied to sled in one transaction. Readers wait at the gate until
+    /// and synced, then applied to sled's trees. Readers wait at the gate until
     /// the group is applied, so none sees a batch that is not durable.
     fn write_group(&self, batches: Vec<Batch>) -> Vec<Result<()>> {
         let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
-        let mut wal = self.wal.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut wal = self.journal();
         if let Some(reason) = wal.poisoned() {
             let e = Error::Io(reason.to_owned());
             return batches.iter().map(|_| Err(e.clone())).collect();
@@ -338,6 +384,7 @@ impl SledStore {
                  applied when the store is reopened): {e}",
                 self.path.display()
             ));
+            self.fail(&e.to_string());
             wal.poison(format!("refusing commits until reopened: {e}"));
             fail(e);
             return results;
@@ -379,12 +426,14 @@ impl Store for SledStore {
     fn get(&self, keyspace: &str, key: &[u8]) -> Result<Option<Bytes>> {
         check_keyspace(keyspace)?;
         let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        self.readable()?;
         self.read(keyspace, key)
     }
 
     fn scan_prefix(&self, keyspace: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>> {
         check_keyspace(keyspace)?;
         let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        self.readable()?;
         let Some(tree) = self.tree(keyspace) else {
             return Ok(Vec::new());
         };
@@ -400,6 +449,7 @@ impl Store for SledStore {
     fn scan(&self, keyspace: &str, scan: Scan<'_>) -> Result<Vec<(Bytes, Bytes)>> {
         check_keyspace(keyspace)?;
         let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        self.readable()?;
         let (Some(tree), Some(range)) = (self.tree(keyspace), scan.bounds()) else {
             return Ok(Vec::new());
         };
@@ -426,10 +476,13 @@ impl Store for SledStore {
 
     fn close(&self) -> Result<()> {
         let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
-        let mut wal = self.wal.lock().unwrap_or_else(PoisonError::into_inner);
-        if wal.poisoned().is_some() {
-            // sled lacks what the journal holds: the journal stays for the next open.
-            return Ok(());
+        let mut wal = self.journal();
+        if let Some(reason) = wal.poisoned() {
+            // sled may lack what the journal holds: the journal stays for the next open.
+            return Err(Error::Io(format!(
+                "closing sled database {} without a checkpoint: {reason}",
+                self.path.display()
+            )));
         }
         self.checkpoint(&mut wal)
     }
@@ -545,6 +598,35 @@ mod tests {
             err.contains(WAL) && err.contains("refusing to drop committed data"),
             "{err}"
         );
+    }
+
+    /// A commit that panicked while it held the journal may have left sled holding part of
+    /// its group: later commits and reads are refused, naming why, until the store is
+    /// reopened (which applies the journal whole).
+    #[test]
+    fn a_commit_that_panicked_stops_later_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        put(&store, "a", "1");
+        std::thread::scope(|s| {
+            let panicked = s.spawn(|| {
+                let _journal = store.wal.lock().unwrap();
+                panic!("a commit fails half way");
+            });
+            assert!(panicked.join().is_err());
+        });
+        let mut batch = Batch::new();
+        batch.put("ks", b"b".to_vec(), b"2".to_vec());
+        let err = store.commit(batch).unwrap_err().to_string();
+        assert!(err.contains("a commit panicked"), "{err}");
+        // Reads fail too: sled may hold part of the group that panicked.
+        let err = store.get("ks", b"a").unwrap_err().to_string();
+        assert!(err.contains("reopen the store"), "{err}");
+        assert!(store.close().is_err());
+        drop(store);
+        let reopened = SledStore::open(dir.path()).unwrap();
+        put(&reopened, "b", "2");
+        assert_eq!(get(&reopened, "b").as_deref(), Some("2"));
     }
 
     /// Past its threshold the journal is emptied once sled holds its commits durably.

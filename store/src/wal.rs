@@ -26,8 +26,9 @@ pub(crate) struct Wal {
     file: File,
     path: PathBuf,
     len: u64,
-    /// Why commits are refused: a write or sync failed, after which the kernel may have
-    /// dropped what it had not written, so nothing can safely be appended behind it.
+    /// Why commits are refused: a write or sync failed (after which the kernel may have
+    /// dropped what it had not written, so nothing can safely be appended behind it), or
+    /// the store could not apply what the journal holds.
     poisoned: Option<String>,
 }
 
@@ -38,15 +39,15 @@ impl Wal {
         let io = |doing: &str, e: std::io::Error| {
             Error::Io(format!("{doing} journal {}: {e}", path.display()))
         };
-        let existed = path.exists();
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
             .open(path)
             .map_err(|e| io("opening", e))?;
-        if !existed && let Some(dir) = path.parent() {
-            // The new file's directory entry.
+        if let Some(dir) = path.parent() {
+            // The file's directory entry, whether made now or by an open that crashed
+            // before it synced it.
             File::open(dir)
                 .and_then(|d| d.sync_all())
                 .map_err(|e| io("syncing the directory of", e))?;
@@ -77,6 +78,12 @@ impl Wal {
                         )));
                     }
                     // A torn tail: cut off, so that later records do not follow it.
+                    tracing::warn!(
+                        journal = %path.display(),
+                        offset = pos,
+                        damage = %damage,
+                        "dropping the torn last record of the journal (its commit never returned)"
+                    );
                     file.set_len(pos as u64)
                         .and_then(|()| file.sync_data())
                         .map_err(|e| io("truncating the torn tail of", e))?;
@@ -111,8 +118,9 @@ impl Wal {
             .and_then(|()| self.file.write_all(payload))
             .and_then(|()| self.file.sync_data());
         if let Err(e) = written {
-            // Best effort: take a partial record back off the end, so that the failed
-            // commit is not found on reopen. Refused from here on either way.
+            // Best effort: take a partial record back off the end. Whether the failed
+            // commit is found on reopen is unknown (the record may have reached the disk);
+            // its caller was told it failed. Refused from here on either way.
             let _ = self.file.set_len(self.len);
             let err = Error::Io(format!("appending to journal {}: {e}", self.path.display()));
             self.poisoned = Some(format!("refusing commits until reopened: {err}"));
@@ -124,12 +132,11 @@ impl Wal {
 
     /// Empties the journal, once the state it holds is durable elsewhere.
     pub(crate) fn clear(&mut self) -> Result<()> {
-        self.file
-            .set_len(0)
-            .and_then(|()| self.file.sync_data())
-            .map_err(|e| Error::Io(format!("emptying journal {}: {e}", self.path.display())))?;
+        let io =
+            |e: std::io::Error| Error::Io(format!("emptying journal {}: {e}", self.path.display()));
+        self.file.set_len(0).map_err(io)?;
         self.len = 0;
-        Ok(())
+        self.file.sync_data().map_err(io)
     }
 
     /// Refuses every later append, with `reason`.
