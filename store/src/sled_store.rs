@@ -36,17 +36,26 @@
 //! is reopened. If applying a journalled group to sled fails, or a commit panics, sled may
 //! hold part of a group, so reads are refused too.
 //!
-//! What this relies on from sled between checkpoints: sled still writes its log by itself
-//! when an I/O buffer fills, waiting only with `sync_file_range`, counts what it wrote as
-//! stable, and may then reuse a log segment whose pages it rewrote elsewhere. After a
-//! process crash or a SIGKILL that is harmless (the kernel holds every write). After a
-//! power loss on a disk with a volatile write cache that reorders writes, a reused
-//! segment could reach the platter before the rewrite it depends on, and sled could then
-//! recover a tree node older than the last checkpoint; the journal restores every key
-//! committed since the checkpoint, not the others in that node. sled's own design takes
-//! `sync_file_range` as stable; before the journal, a commit's `fdatasync` narrowed the
-//! window to one commit, and now it is one checkpoint (32 MiB of journal). Disks with
-//! power-loss protection, or `--store file`, do not have this window.
+//! Between checkpoints sled still writes its log by itself when an I/O buffer fills,
+//! waiting with `sync_file_range`, counts what it wrote as stable, and may then reuse a log
+//! segment whose live pages it rewrote elsewhere. That rewrite must be durable before the
+//! reuse is, or a power loss could take sled's older data back (data the journal, which
+//! holds only what was committed since the checkpoint, cannot restore). Two things see to
+//! it, as a per-commit `fdatasync` of sled's log did before the journal:
+//! - the data: what `sync_file_range` waited for is in the device's cache, and the next
+//!   commit's journal `fdatasync` ends with a flush of that cache, which covers every write
+//!   the device completed (the journal lives beside sled's log, on the same device);
+//! - the length: when sled grew its log past its end (`sync_file_range` does not make the
+//!   new length durable), the next commit syncs sled's log too (`Syncer::keep_length`, a
+//!   length compared per commit; sled grows it a segment at a time, so rarely).
+//!
+//! This is weaker than a flush of sled per commit in one way: sled writes its buffers on
+//! its own threads, so a write it makes after a commit's journal sync is made durable only
+//! by the next commit's. A power loss on a disk with a volatile write cache that reorders
+//! writes, striking after sled has rewritten pages and reused the space they came from
+//! with no commit in between, could take those pages back to an older state. Making that
+//! impossible means waiting for sled's flush in every commit, a second trip to the device
+//! (what the journal replaced).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -102,6 +111,8 @@ struct Syncer {
     blobs: PathBuf,
     /// The blob files already synced. Only checkpoints touch it, under the gate.
     synced: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
+    /// The log's length when it was last synced.
+    synced_len: std::sync::atomic::AtomicU64,
 }
 
 impl Syncer {
@@ -109,16 +120,34 @@ impl Syncer {
         let log = std::fs::File::open(dir.join("db"))?;
         // The log's own directory entry, made when the database was created.
         std::fs::File::open(dir)?.sync_all()?;
+        log.sync_data()?;
         Ok(Syncer {
+            synced_len: log.metadata()?.len().into(),
             log,
             blobs: dir.join("blobs"),
             synced: Default::default(),
         })
     }
 
+    /// Syncs sled's log when its length changed since it was last synced (see the module
+    /// docs): sled grows the file by itself when it writes a full buffer past its end, and
+    /// `sync_file_range` does not make the new length durable.
+    fn keep_length(&self) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let len = self.log.metadata()?.len();
+        if len != self.synced_len.load(Relaxed) {
+            self.log.sync_data()?;
+            self.synced_len.store(len, Relaxed);
+        }
+        Ok(())
+    }
+
     /// Makes everything `Db::flush` wrote durable.
     fn sync(&self) -> std::io::Result<()> {
+        let len = self.log.metadata()?.len();
         self.log.sync_data()?;
+        self.synced_len
+            .store(len, std::sync::atomic::Ordering::Relaxed);
         // The blob directory is empty unless a value was larger than a quarter of a log
         // segment, so listing it costs little.
         let entries = match std::fs::read_dir(&self.blobs) {
@@ -376,7 +405,15 @@ impl SledStore {
             .zip(&written)
             .filter(|(_, written)| **written)
             .flat_map(|(batch, _)| &batch.ops);
-        if let Err(e) = self.apply(ops) {
+        let applied = self.apply(ops).and_then(|()| {
+            self.sync.keep_length().map_err(|e| {
+                Error::Io(format!(
+                    "syncing the log of sled database {}: {e}",
+                    self.path.display()
+                ))
+            })
+        });
+        if let Err(e) = applied {
             // Durable in the journal, so the next open applies it; until then sled does
             // not hold it, and nothing more may be built on top.
             let e = Error::Io(format!(
@@ -598,6 +635,43 @@ mod tests {
             err.contains(WAL) && err.contains("refusing to drop committed data"),
             "{err}"
         );
+    }
+
+    /// When sled has grown its log by itself (on its own threads, after the commits that
+    /// filled its buffers), the next commit makes the new length durable.
+    #[test]
+    fn the_log_length_sled_grows_is_synced_by_the_next_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("db");
+        let store = SledStore::open(dir.path()).unwrap();
+        let before = std::fs::metadata(&log).unwrap().len();
+        for round in 0..8u32 {
+            let mut batch = Batch::new();
+            for i in 0..500u32 {
+                batch.put("ks", format!("{round}-{i}").into_bytes(), vec![b'v'; 1024]);
+            }
+            store.commit(batch).unwrap();
+        }
+        // Until sled's own writes have settled.
+        let mut len = std::fs::metadata(&log).unwrap().len();
+        for _ in 0..100 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let now = std::fs::metadata(&log).unwrap().len();
+            if now == len {
+                break;
+            }
+            len = now;
+        }
+        assert!(
+            len > before,
+            "sled did not grow its log ({before} -> {len})"
+        );
+        put(&store, "last", "1");
+        let synced = store
+            .sync
+            .synced_len
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(synced, std::fs::metadata(&log).unwrap().len());
     }
 
     /// A commit that panicked while it held the journal may have left sled holding part of
