@@ -40,6 +40,9 @@ apt_install() {
 }
 
 need_apt=""
+# The build itself: jemalloc's sources (tikv-jemalloc-sys) are built with make; ring's with cc.
+command -v make >/dev/null 2>&1 || need_apt="$need_apt make"
+command -v cc >/dev/null 2>&1 || need_apt="$need_apt gcc"
 command -v ipmi_sim >/dev/null 2>&1 || need_apt="$need_apt openipmi"
 command -v ipmitool >/dev/null 2>&1 || need_apt="$need_apt ipmitool"
 [ -x /usr/bin/chromium ] || need_apt="$need_apt chromium"
