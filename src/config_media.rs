@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use metalgraph_engine::{Engine, Event};
+use metalgraph_engine::Engine;
 use metalgraph_tasks::ConfigMediaSite;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
@@ -27,12 +27,8 @@ pub async fn run(engine: Engine, site: Arc<ConfigMediaSite>, shutdown: Cancellat
             _ = shutdown.cancelled() => return,
             event = events.recv() => event,
         };
-        match event.as_ref().map(|(_, ev)| &**ev) {
-            Ok(Event::Workflow {
-                workflow_id,
-                status,
-                ..
-            }) if status.is_terminal() => remove(&site, workflow_id.clone()).await,
+        match event {
+            Ok((_, ev)) if ev.ended().is_some() => remove(&site, ev.workflow_id().to_owned()).await,
             Ok(_) => {}
             Err(RecvError::Lagged(missed)) => {
                 info!(

@@ -127,13 +127,12 @@ pub async fn wait_for(
     id: &str,
 ) -> anyhow::Result<WorkflowStatus> {
     loop {
-        match events.recv().await.as_ref().map(|(_, ev)| &**ev) {
-            Ok(Event::Workflow {
-                workflow_id,
-                status,
-                ..
-            }) if workflow_id == id && status.is_terminal() => return Ok(*status),
-            Ok(_) => {}
+        match events.recv().await {
+            Ok((_, ev)) => {
+                if let Some(status) = ev.ended().filter(|_| ev.workflow_id() == id) {
+                    return Ok(status);
+                }
+            }
             Err(RecvError::Lagged(_)) => {
                 if let Some(v) = engine.get(id).await?
                     && v.status.is_terminal()

@@ -747,12 +747,8 @@ impl Engine {
                 return Ok(view);
             }
             loop {
-                match events.recv().await.as_ref().map(|(_, ev)| &**ev) {
-                    Ok(Event::Workflow {
-                        workflow_id,
-                        status,
-                        ..
-                    }) if workflow_id == id && status.is_terminal() => break,
+                match events.recv().await {
+                    Ok((_, ev)) if ev.workflow_id() == id && ev.ended().is_some() => break,
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => break,
                     Err(broadcast::error::RecvError::Closed) => {

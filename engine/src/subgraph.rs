@@ -12,7 +12,7 @@ use crate::engine::{Engine, Origin, RunRequest};
 use crate::error::Error;
 use crate::job::{BoxFuture, Job, JobContext, JobError, JobResult, OptionKind, OptionSchema};
 use crate::model::{RunOptions, WorkflowStatus};
-use crate::workflow::{Event, ParentRef};
+use crate::workflow::ParentRef;
 
 /// `graph.run`: runs another graph as a subgraph; its outcome is the task's outcome.
 pub struct GraphRunJob {
@@ -144,9 +144,8 @@ pub(crate) async fn run_subgraph(
         // other workflows' events are skipped without reading anything.
         loop {
             tokio::select! {
-                ev = events.recv() => match ev.as_ref().map(|(_, ev)| &**ev) {
-                    Ok(Event::Workflow { workflow_id, status, .. })
-                        if *workflow_id == child_id && status.is_terminal() => break,
+                ev = events.recv() => match ev {
+                    Ok((_, ev)) if ev.workflow_id() == child_id && ev.ended().is_some() => break,
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => break,
                     Err(broadcast::error::RecvError::Closed) => {

@@ -381,6 +381,14 @@ impl Event {
             Event::Workflow { workflow_id, .. } | Event::Task { workflow_id, .. } => workflow_id,
         }
     }
+
+    /// The workflow's final status, when this event reports its end.
+    pub fn ended(&self) -> Option<WorkflowStatus> {
+        match self {
+            Event::Workflow { status, .. } if status.is_terminal() => Some(*status),
+            _ => None,
+        }
+    }
 }
 
 /// Reads a workflow's records as last committed (blocking: call it off the async runtime).

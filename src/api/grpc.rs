@@ -904,8 +904,7 @@ impl WorkflowsRpc for GrpcApi {
                 if !id.is_empty() && ev.workflow_id() != id {
                     continue;
                 }
-                let end = !id.is_empty()
-                    && matches!(&*ev, Event::Workflow { status, .. } if status.is_terminal());
+                let end = !id.is_empty() && ev.ended().is_some();
                 if tx.send(Ok(event_to_pb(&ev))).await.is_err() || end {
                     return;
                 }

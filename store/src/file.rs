@@ -225,6 +225,19 @@ fn apply(index: &mut Keyspaces<Slot>, entry: Entry, file: Which, payload_at: u64
     }
 }
 
+/// A `replay` callback that places each entry of a record in `index`, its values in `file`.
+fn into_index(
+    index: &mut Keyspaces<Slot>,
+    file: Which,
+) -> impl FnMut(&[u8], u64) -> Result<(), String> + '_ {
+    move |payload, payload_at| {
+        for entry in decode_entries(payload)? {
+            apply(index, entry, file, payload_at);
+        }
+        Ok(())
+    }
+}
+
 /// What a [`FileStore`] keeps in memory ([`FileStore::memory`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Memory {
@@ -324,7 +337,8 @@ impl FileStore {
         let snapshot = dir.join(SNAPSHOT);
         let (snapshot_file, snapshot_len) = match File::open(&snapshot) {
             Ok(file) => {
-                let (end, damage) = replay(&file, &snapshot, Which::Snapshot, &mut index)?;
+                let (end, damage) =
+                    replay(&file, &snapshot, into_index(&mut index, Which::Snapshot))?;
                 // The snapshot is complete whenever it exists (it is only ever renamed into
                 // place whole), so any damage in it is corruption, never a torn tail.
                 if damage.is_some() {
@@ -341,34 +355,7 @@ impl FileStore {
         };
 
         let path = dir.join(JOURNAL);
-        let existed = path.exists();
-        let journal = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&path)
-            .map_err(|e| io_error(&path, "opening", &e))?;
-        if !existed {
-            sync_dir(dir)?;
-        }
-        let (end, damage) = replay(&journal, &path, Which::Journal, &mut index)?;
-        if let Some(reason) = damage {
-            let size = journal
-                .metadata()
-                .map_err(|e| io_error(&path, "reading", &e))?
-                .len();
-            tracing::warn!(
-                path = %path.display(),
-                offset = end,
-                discarded = size - end,
-                reason,
-                "discarding the torn tail of the journal"
-            );
-            journal
-                .set_len(end)
-                .and_then(|()| journal.sync_all())
-                .map_err(|e| io_error(&path, "truncating the torn tail of", &e))?;
-        }
+        let (journal, end) = open_journal(&path, into_index(&mut index, Which::Journal))?;
         let reader = journal
             .try_clone()
             .map_err(|e| io_error(&path, "opening", &e))?;
@@ -701,17 +688,55 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| io_error(dir, "syncing directory", &e))
 }
 
-/// Replays the records of `file` (at `path`) into `index`, a record at a time; the values
-/// it holds are placed in it as `which`.
+/// Opens (creating) the journal at `path`, syncs its directory entry (made now, or by an
+/// open that crashed before syncing it), and replays its records through `each` (see
+/// [`replay`]). A damaged last record is a torn tail, whose commit never returned: it is
+/// cut off, so that later records do not follow it. Returns the file, opened for appending,
+/// and its length.
+pub(crate) fn open_journal(
+    path: &Path,
+    each: impl FnMut(&[u8], u64) -> Result<(), String>,
+) -> Result<(File, u64)> {
+    let journal = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|e| io_error(path, "opening", &e))?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir)?;
+    }
+    let (end, damage) = replay(&journal, path, each)?;
+    if let Some(reason) = damage {
+        let size = journal
+            .metadata()
+            .map_err(|e| io_error(path, "reading", &e))?
+            .len();
+        tracing::warn!(
+            path = %path.display(),
+            offset = end,
+            discarded = size - end,
+            reason,
+            "discarding the torn tail of the journal"
+        );
+        journal
+            .set_len(end)
+            .and_then(|()| journal.sync_all())
+            .map_err(|e| io_error(path, "truncating the torn tail of", &e))?;
+    }
+    Ok((journal, end))
+}
+
+/// Replays the records of `file` (at `path`) a record at a time: `each` gets a record's
+/// payload and the payload's offset in the file.
 ///
 /// Returns the offset just past the last good record and, if it stopped short of the end,
 /// what was wrong with the record there. Fails if a good record follows a bad one, or if a
-/// record with a good checksum does not parse (which no torn write can produce).
+/// record with a good checksum does not parse (`each` fails: no torn write can do that).
 fn replay(
     file: &File,
     path: &Path,
-    which: Which,
-    index: &mut Keyspaces<Slot>,
+    mut each: impl FnMut(&[u8], u64) -> Result<(), String>,
 ) -> Result<(u64, Option<String>)> {
     let total = file
         .metadata()
@@ -724,12 +749,9 @@ fn replay(
         match next_record(&mut reader, total - pos, &mut header, &mut payload) {
             Ok(header_len) => {
                 let payload_at = pos + header_len as u64;
-                let ops = decode_entries(&payload).map_err(|why| {
+                each(&payload, payload_at).map_err(|why| {
                     Error::Io(format!("{}: record at offset {pos}: {why}", path.display()))
                 })?;
-                for entry in ops {
-                    apply(index, entry, which, payload_at);
-                }
                 pos = payload_at + payload.len() as u64;
             }
             Err(damage) => {
@@ -801,7 +823,7 @@ fn parse_header(line: &[u8]) -> Result<(usize, u32), String> {
 }
 
 /// Reads the record at `pos`: its payload and the offset just past it, or what is wrong.
-pub(crate) fn read_record(data: &[u8], pos: usize) -> Result<(&[u8], usize), String> {
+fn read_record(data: &[u8], pos: usize) -> Result<(&[u8], usize), String> {
     let rest = &data[pos..];
     let Some(newline) = rest.iter().take(MAX_HEADER).position(|&b| b == b'\n') else {
         return Err("no complete header line".to_owned());
@@ -821,7 +843,7 @@ pub(crate) fn read_record(data: &[u8], pos: usize) -> Result<(&[u8], usize), Str
 ///
 /// Every record starts at the beginning of a line and no payload line starts with
 /// `batch `, so only line starts need to be tried.
-pub(crate) fn next_good_record(data: &[u8], pos: usize) -> Option<usize> {
+fn next_good_record(data: &[u8], pos: usize) -> Option<usize> {
     (pos + 1..data.len())
         .filter(|&i| data[i - 1] == b'\n' && data[i..].starts_with(b"batch "))
         .find(|&i| read_record(data, i).is_ok())

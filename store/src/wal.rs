@@ -14,11 +14,11 @@
 //! absolute value, so applying a record to a state that already holds it changes nothing:
 //! a crash between making the state durable and emptying the journal is harmless.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::file::{decode_payload, header, next_good_record, read_record};
+use crate::file::{decode_payload, header, open_journal};
 use crate::{Error, Op, Result};
 
 /// An open journal, appended to at its end.
@@ -34,67 +34,17 @@ pub(crate) struct Wal {
 
 impl Wal {
     /// Opens (creating) the journal at `path`: the journal and the ops of each of its
-    /// complete records, in order.
+    /// complete records, in order (`file::open_journal`, as the file store opens its own).
     pub(crate) fn open(path: &Path) -> Result<(Wal, Vec<Vec<Op>>)> {
-        let io = |doing: &str, e: std::io::Error| {
-            Error::Io(format!("{doing} journal {}: {e}", path.display()))
-        };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(|e| io("opening", e))?;
-        if let Some(dir) = path.parent() {
-            // The file's directory entry, whether made now or by an open that crashed
-            // before it synced it.
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io("syncing the directory of", e))?;
-        }
-        let mut data = Vec::new();
-        file.read_to_end(&mut data).map_err(|e| io("reading", e))?;
         let mut records = Vec::new();
-        let mut pos = 0;
-        while pos < data.len() {
-            match read_record(&data, pos) {
-                Ok((payload, next)) => {
-                    let ops = decode_payload(payload).map_err(|why| {
-                        Error::Io(format!(
-                            "journal {}: record at offset {pos}: {why}",
-                            path.display()
-                        ))
-                    })?;
-                    records.push(ops);
-                    pos = next;
-                }
-                Err(damage) => {
-                    if let Some(good) = next_good_record(&data, pos) {
-                        return Err(Error::Io(format!(
-                            "journal {}: corrupt record at offset {pos} ({damage}) followed \
-                             by a valid record at offset {good}; refusing to drop committed \
-                             data",
-                            path.display()
-                        )));
-                    }
-                    // A torn tail: cut off, so that later records do not follow it.
-                    tracing::warn!(
-                        journal = %path.display(),
-                        offset = pos,
-                        damage = %damage,
-                        "dropping the torn last record of the journal (its commit never returned)"
-                    );
-                    file.set_len(pos as u64)
-                        .and_then(|()| file.sync_data())
-                        .map_err(|e| io("truncating the torn tail of", e))?;
-                    break;
-                }
-            }
-        }
+        let (file, len) = open_journal(path, |payload, _| {
+            records.push(decode_payload(payload)?);
+            Ok(())
+        })?;
         let wal = Wal {
             file,
             path: path.to_owned(),
-            len: pos as u64,
+            len,
             poisoned: None,
         };
         Ok((wal, records))
