@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use metalgraph_engine::clock::{Clock, SystemClock, TokioClock};
 use metalgraph_engine::job::{BoxFuture, JobContext, OptionSpec};
 use metalgraph_engine::{
     Engine, EngineOptions, GraphRunJob, Job, JobError, JobRegistry, JobResult, Library, OptionKind,
@@ -204,6 +205,10 @@ pub fn start_with_probe(
 ) -> Harness {
     let mut opts = EngineOptions::new(store, jobs(&probe), library(graphs));
     opts.cancel_grace = Duration::from_millis(200);
+    // Tests that pause tokio's time need the engine to read the same time: the system
+    // clock keeps moving while tokio's stands still, so a timer set from it could fire
+    // early by however long the test's machine took between two readings.
+    opts.clock = TokioClock::new(SystemClock.now_ms());
     tweak(&mut opts);
     let shutdown = CancellationToken::new();
     let (engine, handle) = Engine::start(opts, shutdown.clone());
