@@ -5,7 +5,9 @@
 //!
 //! The store directory holds:
 //! - `journal.log`: one record per commit (a batch, or the batches committed together),
-//!   appended in commit order;
+//!   in commit order, then up to a MiB of empty lines: space written ahead of the records,
+//!   so that a commit's `fdatasync` need not record a new file length (`wal.rs`, which
+//!   writes and reads the journal);
 //! - `snapshot`: the whole state as of the last compaction, in records of the same form;
 //! - `snapshot.tmp`: a snapshot being written; present only if a compaction was cut short,
 //!   and deleted on open.
@@ -38,20 +40,21 @@
 //! # Durability
 //!
 //! A commit, holding the writer lock, checks its preconditions against the in-memory state,
-//! appends its record to the journal with one write, calls `fdatasync`, and only then applies
+//! writes its record after the journal's last one, calls `fdatasync`, and only then applies
 //! the ops in memory. So when `commit` returns `Ok` the record is on disk, and no reader
 //! has seen a batch that is not. Commits that arrive while one is being written are
 //! written together (`group.rs`): each batch's preconditions are checked against the state
 //! the earlier batches of the group leave, and the ops of those that pass form one record,
 //! so one `fdatasync` covers them all and they survive a crash together or not at all
-//! (none of them was acknowledged before the sync). Since appends are serialised and each
+//! (none of them was acknowledged before the sync). Since records are written in turn and each
 //! waits for its `fdatasync`, only the last record of the journal can be incomplete after a
 //! crash.
 //!
-//! On open, the snapshot is loaded and the journal replayed over it. The first record that
-//! is incomplete or fails its checksum ends the replay. If no valid record follows it, it is
-//! a torn tail: the commit that wrote it never returned `Ok`, so it is discarded, and the
-//! file is truncated to the last good record so that later appends start clean. If a valid
+//! On open, the snapshot is loaded and the journal replayed over it, up to the empty lines
+//! written ahead. The first record that is incomplete or fails its checksum ends the
+//! replay. If no valid record follows it, it is a torn tail: the commit that wrote it never
+//! returned `Ok`, so it is discarded, and the file is truncated to the last good record so
+//! that later records start clean. If a valid
 //! record does follow, committed data lies beyond the damage; open fails with
 //! [`Error::Io`] naming the file and offset rather than silently dropping it. (A last record
 //! damaged after its commit returned cannot be told apart from a torn one, and is dropped.)
@@ -82,7 +85,7 @@
 //! place is moved to the new snapshot; readers keep the old snapshot's file open until then,
 //! so a read never meets a file that no longer holds its value.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
@@ -91,6 +94,7 @@ use std::sync::{Mutex, PoisonError, RwLock};
 
 use crate::group::Group;
 use crate::mem::{Keyspaces, check_group};
+use crate::wal::{FILL, Wal};
 use crate::{Batch, Bytes, Error, Op, Result, Scan, Store, check_keyspace};
 
 const JOURNAL: &str = "journal.log";
@@ -264,15 +268,11 @@ pub struct FileStore {
 }
 
 struct Writer {
-    /// The journal, opened for appending.
-    journal: File,
-    /// The journal's length: where the next record starts.
-    len: u64,
+    /// The journal, written by commits and emptied by compaction.
+    journal: Wal,
     /// The snapshot's length (0 without one): the journal compacts once it is longer than
     /// this and the threshold.
     snapshot_len: u64,
-    /// Why commits are refused, after a journal write or sync failed.
-    poisoned: Option<String>,
 }
 
 impl std::fmt::Debug for FileStore {
@@ -355,10 +355,8 @@ impl FileStore {
         };
 
         let path = dir.join(JOURNAL);
-        let (journal, end) = open_journal(&path, into_index(&mut index, Which::Journal))?;
-        let reader = journal
-            .try_clone()
-            .map_err(|e| io_error(&path, "opening", &e))?;
+        let journal = Wal::open(&path, into_index(&mut index, Which::Journal))?;
+        let reader = journal.reader()?;
 
         Ok(FileStore {
             _lock: lock,
@@ -370,9 +368,7 @@ impl FileStore {
             }),
             writer: Mutex::new(Writer {
                 journal,
-                len: end,
                 snapshot_len,
-                poisoned: None,
             }),
             group: Group::default(),
             compact_threshold: DEFAULT_COMPACT_THRESHOLD,
@@ -412,8 +408,8 @@ impl FileStore {
     }
 
     fn compact_locked(&self, writer: &mut Writer) -> Result<()> {
-        if let Some(reason) = &writer.poisoned {
-            return Err(Error::Io(reason.clone()));
+        if let Some(reason) = writer.journal.poisoned() {
+            return Err(Error::Io(reason.to_owned()));
         }
         let tmp = self.dir.join(SNAPSHOT_TMP);
         let places = match self.write_snapshot(&tmp) {
@@ -445,20 +441,10 @@ impl FileStore {
             state.snapshot = Some(file);
         }
 
-        let path = self.dir.join(JOURNAL);
-        if let Err(e) = writer
-            .journal
-            .set_len(0)
-            .and_then(|()| writer.journal.sync_all())
-        {
-            // The journal may be empty or not; either reopens correctly over the new
-            // snapshot, but appending after a failed sync is not safe.
-            let err = io_error(&path, "emptying", &e);
-            writer.poisoned = Some(format!("refusing commits until reopened: {err}"));
-            return Err(err);
-        }
-        tracing::debug!(journal = %path.display(), compacted_bytes = writer.len, "compacted the store");
-        writer.len = 0;
+        let compacted_bytes = writer.journal.len();
+        // A journal that may or may not be empty reopens correctly over the new snapshot.
+        writer.journal.clear()?;
+        tracing::debug!(dir = %self.dir.display(), compacted_bytes, "compacted the store");
         Ok(())
     }
 
@@ -536,10 +522,10 @@ impl FileStore {
         // The state changes only under the writer lock, so the preconditions checked here
         // still hold when the ops are applied below.
         let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(reason) = &writer.poisoned {
+        if let Some(reason) = writer.journal.poisoned() {
             return batches
                 .iter()
-                .map(|_| Err(Error::Io(reason.clone())))
+                .map(|_| Err(Error::Io(reason.to_owned())))
                 .collect();
         }
         let mut payload = Vec::new();
@@ -558,16 +544,17 @@ impl FileStore {
         if payload.is_empty() {
             return results;
         }
-        let header = header(&payload);
-        let payload_at = writer.len + header.len() as u64;
-        if let Err(e) = self.append(&mut writer, &[&header, &payload]) {
-            for (result, w) in results.iter_mut().zip(&written) {
-                if w.is_some() {
-                    *result = Err(e.clone());
+        let payload_at = match writer.journal.append(&payload) {
+            Ok(at) => at,
+            Err(e) => {
+                for (result, w) in results.iter_mut().zip(&written) {
+                    if w.is_some() {
+                        *result = Err(e.clone());
+                    }
                 }
+                return results;
             }
-            return results;
-        }
+        };
 
         let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
         for (batch, w) in batches.into_iter().zip(written) {
@@ -593,7 +580,7 @@ impl FileStore {
         }
         drop(state);
 
-        if writer.len > self.compact_threshold.max(writer.snapshot_len) {
+        if writer.journal.len() > self.compact_threshold.max(writer.snapshot_len) {
             // The batches are durable already, so a failed compaction must not turn these
             // commits into errors; the next commit over the threshold tries again.
             if let Err(e) = self.compact_locked(&mut writer) {
@@ -601,26 +588,6 @@ impl FileStore {
             }
         }
         results
-    }
-
-    /// Appends one record (its header and payload) to the journal and waits for it to
-    /// reach the disk.
-    fn append(&self, writer: &mut Writer, record: &[&[u8]]) -> Result<()> {
-        let path = self.dir.join(JOURNAL);
-        let written = record
-            .iter()
-            .try_for_each(|part| writer.journal.write_all(part))
-            .and_then(|()| writer.journal.sync_data());
-        if let Err(e) = written {
-            // Best effort: take a partial record back off the end, so that the failed
-            // commit is not found on reopen. The store is poisoned either way.
-            let _ = writer.journal.set_len(writer.len);
-            let err = io_error(&path, "appending to", &e);
-            writer.poisoned = Some(format!("refusing commits until reopened: {err}"));
-            return Err(err);
-        }
-        writer.len += record.iter().map(|part| part.len() as u64).sum::<u64>();
-        Ok(())
     }
 }
 
@@ -682,58 +649,20 @@ fn io_error(path: &Path, doing: &str, e: &dyn std::fmt::Display) -> Error {
 }
 
 /// Fsyncs a directory, so that files created or renamed in it survive a crash.
-fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io_error(dir, "syncing directory", &e))
 }
 
-/// Opens (creating) the journal at `path`, syncs its directory entry (made now, or by an
-/// open that crashed before syncing it), and replays its records through `each` (see
-/// [`replay`]). A damaged last record is a torn tail, whose commit never returned: it is
-/// cut off, so that later records do not follow it. Returns the file, opened for appending,
-/// and its length.
-pub(crate) fn open_journal(
-    path: &Path,
-    each: impl FnMut(&[u8], u64) -> Result<(), String>,
-) -> Result<(File, u64)> {
-    let journal = OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .open(path)
-        .map_err(|e| io_error(path, "opening", &e))?;
-    if let Some(dir) = path.parent() {
-        sync_dir(dir)?;
-    }
-    let (end, damage) = replay(&journal, path, each)?;
-    if let Some(reason) = damage {
-        let size = journal
-            .metadata()
-            .map_err(|e| io_error(path, "reading", &e))?
-            .len();
-        tracing::warn!(
-            path = %path.display(),
-            offset = end,
-            discarded = size - end,
-            reason,
-            "discarding the torn tail of the journal"
-        );
-        journal
-            .set_len(end)
-            .and_then(|()| journal.sync_all())
-            .map_err(|e| io_error(path, "truncating the torn tail of", &e))?;
-    }
-    Ok((journal, end))
-}
-
 /// Replays the records of `file` (at `path`) a record at a time: `each` gets a record's
 /// payload and the payload's offset in the file.
 ///
-/// Returns the offset just past the last good record and, if it stopped short of the end,
-/// what was wrong with the record there. Fails if a good record follows a bad one, or if a
-/// record with a good checksum does not parse (`each` fails: no torn write can do that).
-fn replay(
+/// Returns the offset just past the last good record and, if it stopped short of the end
+/// before anything but the journal's fill (`wal.rs`), what was wrong with the record
+/// there. Fails if a good record follows a bad one, or if a record with a good checksum
+/// does not parse (`each` fails: no torn write can do that).
+pub(crate) fn replay(
     file: &File,
     path: &Path,
     mut each: impl FnMut(&[u8], u64) -> Result<(), String>,
@@ -760,6 +689,9 @@ fn replay(
                 let mut rest = vec![0; (total - pos) as usize];
                 file.read_exact_at(&mut rest, pos)
                     .map_err(|e| io_error(path, "reading", &e))?;
+                if rest.iter().all(|&b| b == FILL) {
+                    return Ok((pos, None));
+                }
                 if let Some(good) = next_good_record(&rest, 0) {
                     return Err(Error::Io(format!(
                         "{}: corrupt record at offset {pos} ({damage}) followed by a valid \

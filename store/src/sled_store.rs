@@ -61,7 +61,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError, RwLock};
 
-use crate::file::encode;
+use crate::file::{decode_payload, encode};
 use crate::group::Group;
 use crate::mem::check_group;
 use crate::wal::Wal;
@@ -231,7 +231,11 @@ impl SledStore {
                 dir.display()
             ))
         })?;
-        let (wal, journalled) = Wal::open(&dir.join(WAL))?;
+        let mut journalled = Vec::new();
+        let wal = Wal::open(&dir.join(WAL), |payload, _| {
+            journalled.push(decode_payload(payload)?);
+            Ok(())
+        })?;
         let store = SledStore {
             db,
             path: dir.to_owned(),

@@ -931,8 +931,22 @@ mod file_journal {
         dir.join("journal.log")
     }
 
+    fn file_len(path: &Path) -> u64 {
+        fs::metadata(path).unwrap().len()
+    }
+
+    /// The journal's records, without the empty lines written ahead of them: every record
+    /// ends with an op line, which is never empty.
+    fn records(dir: &Path) -> Vec<u8> {
+        let mut data = fs::read(journal(dir)).unwrap();
+        let end = data.iter().rposition(|&b| b != b'\n').map_or(0, |i| i + 2);
+        data.truncate(end);
+        data
+    }
+
+    /// Where the journal's records end.
     fn journal_len(dir: &Path) -> u64 {
-        fs::metadata(journal(dir)).unwrap().len()
+        records(dir).len() as u64
     }
 
     /// Commits three batches and returns the journal offset where each record starts.
@@ -977,31 +991,83 @@ mod file_journal {
             .put("other", b"binary \xff", b"\x00\x01");
         store.commit(last).unwrap();
         drop(store);
-        let full = fs::read(journal(source.path())).unwrap();
+        let with_fill = fs::read(journal(source.path())).unwrap();
+        let full = records(source.path());
         assert!(full.len() as u64 > start);
+        assert!(with_fill.len() > full.len(), "the journal is written ahead");
 
         for cut in start..full.len() as u64 {
-            let dir = tempfile::tempdir().unwrap();
-            fs::write(journal(dir.path()), &full[..cut as usize]).unwrap();
-            let store = FileStore::open(dir.path()).unwrap();
-            assert_eq!(dump(&store), before, "cut at {cut}");
-            assert_eq!(
-                journal_len(dir.path()),
-                start,
-                "the torn tail is truncated (cut at {cut})"
-            );
-            put(&store, "other", b"after", b"reopen");
-            let mut expected = dump(&store);
-            drop(store);
-            let store = FileStore::open(dir.path()).unwrap();
-            assert_eq!(
-                dump(&store),
-                expected,
-                "a commit after the cut at {cut} survives"
-            );
-            expected.retain(|(ks, k, _)| !(ks == "other" && k == b"after"));
-            assert_eq!(expected, before);
+            // The record cut short at the end of the file, or over the journal's fill
+            // (the rest of the record never reached the disk, the fill before it did;
+            // a record whose missing rest is only its last newline is whole).
+            let mut over_fill = with_fill.clone();
+            over_fill[cut as usize..full.len()].fill(b'\n');
+            let over_fill = (over_fill != with_fill).then_some((&over_fill[..], "over the fill"));
+            for (torn, what) in [(&full[..cut as usize], "at the end")]
+                .into_iter()
+                .chain(over_fill)
+            {
+                let dir = tempfile::tempdir().unwrap();
+                fs::write(journal(dir.path()), torn).unwrap();
+                let store = FileStore::open(dir.path()).unwrap();
+                assert_eq!(dump(&store), before, "cut at {cut} {what}");
+                assert_eq!(
+                    journal_len(dir.path()),
+                    start,
+                    "the torn tail is cut off (cut at {cut} {what})"
+                );
+                if cut > start {
+                    assert_eq!(
+                        file_len(&journal(dir.path())),
+                        start,
+                        "with whatever followed it (cut at {cut} {what})"
+                    );
+                }
+                put(&store, "other", b"after", b"reopen");
+                let mut expected = dump(&store);
+                drop(store);
+                let store = FileStore::open(dir.path()).unwrap();
+                assert_eq!(
+                    dump(&store),
+                    expected,
+                    "a commit after the cut at {cut} {what} survives"
+                );
+                expected.retain(|(ks, k, _)| !(ks == "other" && k == b"after"));
+                assert_eq!(expected, before);
+            }
         }
+    }
+
+    #[test]
+    fn records_are_written_over_space_written_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        three_commits(&store, dir.path());
+        let size = file_len(&journal(dir.path()));
+        assert!(
+            size > journal_len(dir.path()) + 4096,
+            "the first commit wrote ahead ({size} bytes)"
+        );
+        put(&store, "other", b"x", b"one more");
+        assert_eq!(
+            file_len(&journal(dir.path())),
+            size,
+            "written over the fill"
+        );
+        let expected = dump(&store);
+        let end = journal_len(dir.path());
+        drop(store);
+        // Reopening ends the replay at the fill and keeps it.
+        let store = FileStore::open(dir.path()).unwrap();
+        assert_eq!(dump(&store), expected);
+        assert_eq!(file_len(&journal(dir.path())), size);
+        put(&store, "other", b"y", b"after reopening");
+        assert!(journal_len(dir.path()) > end);
+        assert_eq!(file_len(&journal(dir.path())), size);
+        let expected = dump(&store);
+        drop(store);
+        let store = FileStore::open(dir.path()).unwrap();
+        assert_eq!(dump(&store), expected);
     }
 
     #[test]
@@ -1025,13 +1091,14 @@ mod file_journal {
         three_commits(&store, dir.path());
         let before = dump(&store);
         drop(store);
+        // Zeros where the file grew but its data never reached the disk.
         let mut data = fs::read(journal(dir.path())).unwrap();
-        let len = data.len() as u64;
+        let len = journal_len(dir.path());
         data.extend_from_slice(&[0; 4096]);
         fs::write(journal(dir.path()), data).unwrap();
         let store = FileStore::open(dir.path()).unwrap();
         assert_eq!(dump(&store), before);
-        assert_eq!(journal_len(dir.path()), len);
+        assert_eq!(file_len(&journal(dir.path())), len);
     }
 
     #[test]
@@ -1076,7 +1143,10 @@ mod file_journal {
             .delete("locks", b"node-17");
         store.commit(batch).unwrap();
         let text = fs::read_to_string(journal(dir.path())).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
+        // The record, then the empty lines written ahead of the next ones.
+        let lines: Vec<&str> = text.lines().take_while(|l| !l.is_empty()).collect();
+        assert!(text.ends_with("\n\n\n"), "{text}");
+        assert!(text.lines().skip(3).all(str::is_empty), "{text}");
         assert_eq!(lines.len(), 3, "{text}");
         assert!(lines[0].starts_with("batch "), "{text}");
         assert_eq!(
