@@ -40,6 +40,10 @@ pub(crate) const FILL: u8 = b'\n';
 /// How far ahead of its records the journal is filled, each time it runs out.
 const FILL_AHEAD: u64 = 1024 * 1024;
 
+/// The fill is written from this, a piece at a time, rather than from a buffer allocated
+/// per write.
+static FILL_PIECE: [u8; 64 * 1024] = [FILL; 64 * 1024];
+
 /// An open journal, written at the end of its records.
 pub(crate) struct Wal {
     file: File,
@@ -127,9 +131,7 @@ impl Wal {
             .write_all_at(&header, self.len)
             .and_then(|()| self.file.write_all_at(payload, at))
             .and_then(|()| match fill_to {
-                Some(to) => self
-                    .file
-                    .write_all_at(&vec![FILL; (to - end) as usize], end),
+                Some(to) => fill(&self.file, end, to),
                 None => Ok(()),
             })
             .and_then(|()| self.file.sync_data());
@@ -176,4 +178,15 @@ impl Wal {
     pub(crate) fn poisoned(&self) -> Option<&str> {
         self.poisoned.as_deref()
     }
+}
+
+/// Writes the fill over `from..to` of `file`.
+fn fill(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    let mut at = from;
+    while at < to {
+        let piece = (to - at).min(FILL_PIECE.len() as u64) as usize;
+        file.write_all_at(&FILL_PIECE[..piece], at)?;
+        at += piece as u64;
+    }
+    Ok(())
 }
