@@ -414,11 +414,9 @@ impl Engine {
     }
 
     /// Installs the event log read from the store (recovery does, before it loads any
-    /// workflow); returns the number of its last event.
-    pub(crate) fn restore_events(&self, log: EventLog) -> u64 {
-        let mut mine = self.inner.log.lock().unwrap_or_else(|p| p.into_inner());
-        *mine = log;
-        mine.last
+    /// workflow).
+    pub(crate) fn restore_events(&self, log: EventLog) {
+        *self.inner.log.lock().unwrap_or_else(|p| p.into_inner()) = log;
     }
 
     /// The id of the store's event log: event numbers are this log's, so streams carry it

@@ -22,6 +22,7 @@ use tracing::warn;
 
 use crate::engine::Engine;
 use crate::error::{Error, blocking};
+use crate::events::Pages;
 use crate::keys;
 pub use crate::ownership::SEQUENCER;
 use crate::ownership::{Ownership, PARTITIONS};
@@ -67,18 +68,11 @@ fn parse_seq(k: &[u8]) -> Result<u64, Error> {
         .ok_or_else(|| Error::Store(format!("staged event key {k:?} is malformed")))
 }
 
-/// The number of the log's last event (0 when it is empty).
-fn last_numbered(store: &dyn Store) -> Result<u64, Error> {
-    let last = store.scan(keys::EVENTS, Scan::prefix(b"", 1).reverse())?;
-    last.first()
-        .map_or(Ok(0), |(k, _)| crate::events::number(k))
-}
-
 /// The sequencer's state while its replica holds [`SEQUENCER`].
 #[derive(Default)]
 struct Sequencer {
-    /// The log's last event number, read when the partition was taken.
-    last: Option<u64>,
+    /// The log's pages in the store, read when the partition was taken.
+    pages: Option<Pages>,
     /// The partition whose staged events come first in the next page, so that a busy
     /// partition cannot hold the others back.
     next: u32,
@@ -88,12 +82,12 @@ impl Sequencer {
     /// Numbers one page of staged events (blocking). Returns how many it numbered.
     fn page(&mut self, store: &dyn Store, own: &Ownership) -> Result<usize, Error> {
         if !own.owns(SEQUENCER) {
-            self.last = None;
+            self.pages = None;
             return Ok(0);
         }
-        let mut last = match self.last {
-            Some(last) => last,
-            None => last_numbered(store)?,
+        let mut pages = match self.pages.take() {
+            Some(pages) => pages,
+            None => Pages::load(store)?,
         };
         // From partition `next` to the end, then from the start.
         let from = format!("{:03}", self.next);
@@ -110,23 +104,22 @@ impl Sequencer {
             );
         }
         if staged.is_empty() {
-            self.last = Some(last);
+            self.pages = Some(pages);
             return Ok(0);
         }
         let mut batch = Batch::new();
         if !own.fence(SEQUENCER, &mut batch) {
-            self.last = None;
             return Ok(0);
         }
-        for (k, v) in &staged {
-            last += 1;
-            crate::events::record_raw(&mut batch, last, v.clone());
+        for (k, _) in &staged {
             batch.delete(keys::EVENT_STAGE, k.clone());
         }
         let n = staged.len();
+        let events: Vec<Vec<u8>> = staged.iter().map(|(_, v)| v.clone()).collect();
+        pages.record(&mut batch, &events);
         match store.commit(batch) {
             Ok(()) => {
-                self.last = Some(last);
+                self.pages = Some(pages);
                 let after: u32 = std::str::from_utf8(&staged[n - 1].0[..3])
                     .ok()
                     .and_then(|p| p.parse().ok())
@@ -135,7 +128,7 @@ impl Sequencer {
                 Ok(n)
             }
             Err(e) => {
-                self.last = None;
+                // Read again next time: the page may or may not have been written.
                 if let (StoreError::Conflict { .. }, Ownership::Leased(l)) = (&e, own) {
                     l.lost(SEQUENCER);
                     return Ok(0);
@@ -206,16 +199,19 @@ pub(crate) async fn follow(
         let store2 = store.clone();
         let read = blocking(move || {
             let after = last.to_be_bytes();
+            // Pages are written whole and numbered on from the last, so the events after
+            // `last` start a page.
             let rows = store2.scan(keys::EVENTS, Scan::prefix(b"", PAGE).after(Some(&after)))?;
-            rows.iter()
+            let pages = rows
+                .iter()
                 .map(|(k, v)| crate::events::decode(k, v))
-                .collect::<Result<Vec<_>, Error>>()
+                .collect::<Result<Vec<_>, Error>>()?;
+            Ok::<_, Error>((rows.len() == PAGE, pages))
         })
         .await;
         let full = match read {
-            Ok(events) => {
-                let full = events.len() == PAGE;
-                for (n, ev) in events {
+            Ok((full, pages)) => {
+                for (n, ev) in pages.into_iter().flatten() {
                     last = n;
                     engine.publish(n, ev);
                 }
@@ -254,13 +250,8 @@ mod tests {
             .scan_prefix(keys::EVENTS, b"")
             .unwrap()
             .into_iter()
-            .map(|(k, v)| {
-                let ev: Event = serde_json::from_slice(&v).unwrap();
-                (
-                    u64::from_be_bytes(k.try_into().unwrap()),
-                    ev.workflow_id().to_owned(),
-                )
-            })
+            .flat_map(|(k, v)| crate::events::decode(&k, &v).unwrap())
+            .map(|(n, ev)| (n, ev.workflow_id().to_owned()))
             .collect()
     }
 
@@ -268,7 +259,12 @@ mod tests {
     fn staged_events_are_numbered_after_the_log_in_partition_order() {
         let store: Arc<dyn Store> = Arc::new(MemStore::new());
         let mut b = Batch::new();
-        crate::events::record(&mut b, 1, &ev("old"));
+        // An event as logs before pages hold it: one per key.
+        b.put(
+            keys::EVENTS,
+            1u64.to_be_bytes().to_vec(),
+            serde_json::to_vec(&ev("old")).unwrap(),
+        );
         stage(&mut b, 5, 1, &ev("p5-a"));
         stage(&mut b, 5, 2, &ev("p5-b"));
         stage(&mut b, 2, 7, &ev("p2"));

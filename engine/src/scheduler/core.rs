@@ -179,9 +179,9 @@ impl Step {
 /// How a step's events reach the event log.
 #[derive(Debug)]
 enum EventMode {
-    /// Numbered here and written to the log in the step's batch (one process owns the
-    /// store): the number of the last event numbered.
-    Numbered(u64),
+    /// Numbered here and written to the log in the step's batch, as one page (one process
+    /// owns the store): the log's pages in the store.
+    Numbered(crate::events::Pages),
     /// Written to the staging area, per partition in order, for the replica that holds the
     /// sequencer to number (see `crate::sequencer`): the next sequence number of each
     /// partition.
@@ -310,7 +310,7 @@ impl Core {
             ring: VecDeque::new(),
             queued_free: 0,
             running_slots: 0,
-            events: EventMode::Numbered(0),
+            events: EventMode::Numbered(Default::default()),
             step: Step::default(),
             shapes: HashMap::new(),
         }
@@ -417,15 +417,15 @@ impl Core {
     pub fn step(&mut self, now: u64) -> Step {
         self.start_queued(now);
         let mut step = std::mem::take(&mut self.step);
+        let mut page = Vec::new();
         for eff in &mut step.effects {
             let Effect::Event(n, ev) = eff else {
                 continue;
             };
             match &mut self.events {
-                EventMode::Numbered(last) => {
-                    *last += 1;
-                    *n = *last;
-                    crate::events::record(&mut step.batch, *n, ev);
+                EventMode::Numbered(pages) => {
+                    *n = pages.last() + 1 + page.len() as u64;
+                    page.push(serde_json::to_vec(ev).expect("an event serializes"));
                 }
                 EventMode::Staged(next) => {
                     let p = step
@@ -440,6 +440,9 @@ impl Core {
                 }
             }
         }
+        if let EventMode::Numbered(pages) = &mut self.events {
+            pages.record(&mut step.batch, &page);
+        }
         step
     }
 
@@ -450,10 +453,10 @@ impl Core {
         std::mem::take(&mut self.step).effects
     }
 
-    /// Continues the event log's numbering after `last` (the last event committed before
-    /// this core started).
-    pub fn continue_events_after(&mut self, last: u64) {
-        self.events = EventMode::Numbered(last);
+    /// Continues the event log after its `pages` in the store (those committed before this
+    /// core started).
+    pub(crate) fn continue_events(&mut self, pages: crate::events::Pages) {
+        self.events = EventMode::Numbered(pages);
     }
 
     /// Stages events for a sequencer instead of numbering them (replicas share the store).

@@ -203,7 +203,7 @@ impl Runtime {
         let mut extra = Batch::new();
         let node_store = self.engine.nodes().clone();
         let own = self.ownership.clone();
-        let (log, loaded, missing, extra) = blocking(move || {
+        let ((log, pages), loaded, missing, extra) = blocking(move || {
             let log = EventLog::load(store.as_ref(), &mut extra)?;
             let indexed = crate::history::build_index(store.as_ref())?;
             let (nodes, sealed) = node_store.migrate_blocking()?;
@@ -219,9 +219,9 @@ impl Runtime {
             Ok::<_, Error>((log, loaded, missing, extra))
         })
         .await?;
-        let last = self.engine.restore_events(log);
+        self.engine.restore_events(log);
         if !self.leased() {
-            self.core.continue_events_after(last);
+            self.core.continue_events(pages);
         }
         let now = self.clock.now_ms();
         let mut extra = extra;
