@@ -171,7 +171,7 @@ mod tests {
                 t.attempts = 1;
                 t.started_at = Some(10 + i as u64);
                 if *s == TaskState::Succeeded {
-                    t.output = Some(json!({"i": i}));
+                    t.output = Some(Box::new(json!({"i": i})));
                 }
                 t
             })

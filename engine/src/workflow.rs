@@ -94,8 +94,10 @@ pub struct TaskRecord {
     pub failures: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Boxed, as is `checkpoint`: a `Value` (an ordered map) is several times the size of
+    /// a pointer, and most tasks in memory have neither.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output: Option<Value>,
+    pub output: Option<Box<Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -112,7 +114,7 @@ pub struct TaskRecord {
     /// What the current attempt's job recorded before a step that must not be repeated
     /// (see `JobServices::checkpoint`); kept across restarts, cleared for a retry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub checkpoint: Option<Value>,
+    pub checkpoint: Option<Box<Value>>,
 }
 
 impl TaskRecord {
@@ -194,7 +196,7 @@ pub fn context_of(plan: &Plan, tasks: &[TaskRecord]) -> Map<String, Value> {
     plan.tasks
         .iter()
         .zip(tasks)
-        .filter_map(|(p, t)| t.output.clone().map(|o| (p.label.clone(), o)))
+        .filter_map(|(p, t)| t.output.clone().map(|o| (p.label.clone(), *o)))
         .collect()
 }
 

@@ -481,7 +481,7 @@ fn a_notification_is_answered_after_the_commit_that_ends_the_task() {
     }
     let t = sim.task(&id, 0);
     assert_eq!(t.state, TaskState::Succeeded);
-    assert_eq!(t.output, Some(json!({"installed": true})));
+    assert_eq!(t.output.as_deref(), Some(&json!({"installed": true})));
     let (tx, r) = reply.expect("an answer");
     assert!(r.is_ok());
     tx.send(r).unwrap();
@@ -536,8 +536,8 @@ fn checkpoints_belong_to_one_attempt_and_a_retry_starts_without_one() {
     );
     assert!(checkpoint(&mut sim, s.attempt));
     assert_eq!(
-        sim.task(&id, 0).checkpoint,
-        Some(json!({"issued": "reset"}))
+        sim.task(&id, 0).checkpoint.as_deref(),
+        Some(&json!({"issued": "reset"}))
     );
     // The attempt fails: the retry starts afresh, without the checkpoint.
     sim.core.apply(
@@ -661,7 +661,7 @@ tasks:
         for (i, v) in [(0, "x"), (1, "y")] {
             tasks[i].state = TaskState::Succeeded;
             tasks[i].attempts = 1;
-            tasks[i].output = Some(json!({"v": v}));
+            tasks[i].output = Some(Box::new(json!({"v": v})));
         }
     });
     sim.run_until_finished(&id);

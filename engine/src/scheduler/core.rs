@@ -399,7 +399,7 @@ impl Core {
                 let res = match self.running_task(&wf, &task_id) {
                     Some((idx, current, _)) if current == attempt => {
                         let w = self.wfs.get_mut(&wf).expect("the task was just found");
-                        w.tasks[idx].checkpoint = Some(value);
+                        w.tasks[idx].checkpoint = Some(Box::new(value));
                         self.step.write_task(&w.rec, idx, &w.tasks[idx]);
                         Ok(())
                     }
@@ -894,7 +894,7 @@ impl Core {
             data: planned.data.clone(),
             dialect: planned.dialect,
             context,
-            checkpoint: t.checkpoint.clone(),
+            checkpoint: t.checkpoint.as_deref().cloned(),
         })));
     }
 
@@ -915,7 +915,7 @@ impl Core {
         let t = &mut w.tasks[idx];
         let (state, error) = match outcome {
             Outcome::Succeeded(v) => {
-                t.output = Some(v);
+                t.output = Some(Box::new(v));
                 (TaskState::Succeeded, None)
             }
             Outcome::Cancelled => (TaskState::Cancelled, Some("cancelled".to_owned())),
