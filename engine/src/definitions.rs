@@ -238,11 +238,13 @@ pub struct PlannedTask {
     /// Merged options, not yet rendered.
     pub options: Map<String, Value>,
     pub wait_on: WaitOn,
-    #[serde(default)]
+    // Defaults are left out of the stored plan (every workflow record holds one; this is a
+    // fifth of a ten-task plan's bytes); records that have them read the same.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ignore_failure: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub retries: u32,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub backoff_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
@@ -256,6 +258,10 @@ pub struct PlannedTask {
     /// The template language of the options (see [`Dialect`]).
     #[serde(default, skip_serializing_if = "Dialect::is_jinja")]
     pub dialect: Dialect,
+}
+
+fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
 }
 
 impl Plan {
@@ -1415,5 +1421,51 @@ impl Definitions {
                 .map_err(crate::Error::from)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_task_plan_leaves_defaults_out_and_reads_back_the_same() {
+        let mut t = PlannedTask {
+            label: "a".into(),
+            task_name: "Task.Noop".into(),
+            job: "noop".into(),
+            options: Default::default(),
+            wait_on: WaitOn::default(),
+            ignore_failure: false,
+            retries: 0,
+            backoff_ms: 0,
+            timeout_ms: None,
+            data: Vec::new(),
+            secrets: Vec::new(),
+            dialect: Default::default(),
+        };
+        let stored = serde_json::to_value(&t).unwrap();
+        for key in ["ignoreFailure", "retries", "backoffMs"] {
+            assert!(stored.get(key).is_none(), "{key} in {stored}");
+        }
+        assert_eq!(serde_json::from_value::<PlannedTask>(stored).unwrap(), t);
+        // As records written with every field read.
+        let mut full = serde_json::to_value(&t).unwrap();
+        full["ignoreFailure"] = false.into();
+        full["retries"] = 0.into();
+        full["backoffMs"] = 0.into();
+        assert_eq!(serde_json::from_value::<PlannedTask>(full).unwrap(), t);
+
+        (t.ignore_failure, t.retries, t.backoff_ms) = (true, 3, 500);
+        let stored = serde_json::to_value(&t).unwrap();
+        assert_eq!(
+            (
+                &stored["ignoreFailure"],
+                &stored["retries"],
+                &stored["backoffMs"]
+            ),
+            (&true.into(), &3.into(), &500.into())
+        );
+        assert_eq!(serde_json::from_value::<PlannedTask>(stored).unwrap(), t);
     }
 }
