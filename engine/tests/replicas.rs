@@ -429,3 +429,65 @@ async fn a_replica_that_stalled_past_its_lease_writes_nothing_after_the_takeover
     a.stop().await;
     b.stop().await;
 }
+
+/// A workflow created while its partition's owner cannot commit is loaded by the replica
+/// that takes the partition over; it must still be announced (its `pending` event), before
+/// anything else it does, as any other workflow is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_created_just_before_its_partition_moves_is_announced_by_the_new_owner() {
+    let shared: Arc<dyn Store> = Arc::new(MemStore::new());
+    let stalling = Arc::new(Stalling {
+        inner: shared.clone(),
+        stalled: AtomicBool::new(false),
+        refused: Default::default(),
+    });
+    let a_store: Arc<dyn Store> = stalling.clone();
+    let a = replica(&a_store, "a");
+    let ids = nodes(&a, 1).await;
+    settled(&[&leases_of(&a)]).await;
+    // a holds every partition and can no longer commit: the run's creation below (through
+    // b, which holds none yet) stays in a's inbox until b takes a's partitions over.
+    stalling.stalled.store(true, Ordering::SeqCst);
+    // Commits held up forever would keep the runtime from stopping after a failed assert.
+    struct Unstall(Arc<Stalling>);
+    impl Drop for Unstall {
+        fn drop(&mut self) {
+            self.0.stalled.store(false, Ordering::SeqCst);
+        }
+    }
+    let unstall = Unstall(stalling.clone());
+    let b = replica(&shared, "b");
+    let mut watch = b.engine.subscribe();
+    let id = b
+        .run(
+            "Graph.Nap",
+            json!({"nap": {"duration": "50ms"}}),
+            Some(&ids[0]),
+        )
+        .await
+        .instance_id;
+    let v = wait_for(&b.engine, &id, Duration::from_secs(20)).await;
+    assert_eq!(v.status, WorkflowStatus::Succeeded, "{v:#?}");
+    let mut seen = Vec::new();
+    while !seen.iter().any(|s| s == "workflow:succeeded") {
+        let (_, ev) = tokio::time::timeout(Duration::from_secs(10), watch.recv())
+            .await
+            .expect("events keep coming")
+            .expect("no lag");
+        if ev.workflow_id() != id {
+            continue;
+        }
+        seen.push(match &*ev {
+            Event::Workflow { status, .. } => format!("workflow:{status}"),
+            Event::Task { label, state, .. } => format!("{label}:{state}"),
+        });
+    }
+    assert_eq!(
+        seen[..2],
+        ["workflow:pending", "workflow:running"],
+        "{seen:?}"
+    );
+    drop(unstall);
+    a.stop().await;
+    b.stop().await;
+}

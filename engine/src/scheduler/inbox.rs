@@ -47,8 +47,32 @@ pub(crate) fn read(
     store: &dyn Store,
     owned: impl Fn(u32) -> bool,
 ) -> Result<Vec<(Vec<u8>, u32, Request)>, Error> {
+    decode_owned(store.scan(keys::INBOX, Scan::prefix(b"", PAGE))?, owned)
+}
+
+/// The workflows of the partitions `owned` accepts whose creation's [`Request::Load`] is
+/// still in the inbox (blocking): no owner has committed a step of theirs yet, so loading
+/// them is [`read`]'s to do, which announces them with their `pending` event. A partition's
+/// new owner leaves them to it when it loads the partition's unfinished workflows.
+pub(crate) fn unapplied_loads(
+    store: &dyn Store,
+    owned: impl Fn(u32) -> bool,
+) -> Result<std::collections::HashSet<String>, Error> {
+    Ok(decode_owned(store.scan_prefix(keys::INBOX, b"")?, owned)?
+        .into_iter()
+        .filter_map(|(_, _, request)| match request {
+            Request::Load(id) => Some(id),
+            _ => None,
+        })
+        .collect())
+}
+
+fn decode_owned(
+    entries: Vec<(Vec<u8>, Vec<u8>)>,
+    owned: impl Fn(u32) -> bool,
+) -> Result<Vec<(Vec<u8>, u32, Request)>, Error> {
     let mut out = Vec::new();
-    for (k, v) in store.scan(keys::INBOX, Scan::prefix(b"", PAGE))? {
+    for (k, v) in entries {
         let p = std::str::from_utf8(&k)
             .ok()
             .and_then(|k| k.get(..3))

@@ -458,7 +458,9 @@ impl Runtime {
             workflows = n,
             "loaded the unfinished workflows of the partitions taken"
         );
-        self.flush(Batch::new(), BTreeSet::new()).await
+        self.flush(Batch::new(), BTreeSet::new()).await?;
+        // Their workflows still in the inbox are loaded from there.
+        self.read_inbox().await
     }
 
     /// Applies the requests in the inbox of the partitions held: loads new workflows,
@@ -708,7 +710,10 @@ async fn inbox_due(wake: &Option<Arc<tokio::sync::Notify>>, every: &mut tokio::t
 }
 
 /// The records of the unfinished workflows the `active` index names in the partitions
-/// `want` accepts (blocking), and the ids it names that have no record.
+/// `want` accepts (blocking), and the ids it names that have no record. Workflows whose
+/// creation is still in the inbox are left to the inbox's reading (`inbox::unapplied_loads`):
+/// loaded from here, as a partition's new owner would, they would never get their
+/// `pending` event.
 #[allow(clippy::type_complexity)]
 fn load_active(
     store: &dyn Store,
@@ -716,8 +721,12 @@ fn load_active(
 ) -> Result<(Vec<(WorkflowRecord, Vec<TaskRecord>)>, Vec<String>), Error> {
     let mut loaded = Vec::new();
     let mut missing = Vec::new();
+    let fresh = inbox::unapplied_loads(store, &want)?;
     for (k, v) in store.scan_prefix(keys::ACTIVE, b"")? {
         let id = String::from_utf8_lossy(&k).into_owned();
+        if fresh.contains(&id) {
+            continue;
+        }
         // Entries written before partitions hold nothing: their record says.
         let p = std::str::from_utf8(&v)
             .ok()
