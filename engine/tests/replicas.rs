@@ -387,8 +387,8 @@ impl Store for Stalling {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_that_stalled_past_its_lease_writes_nothing_after_the_takeover() {
+/// A shared store, and replica `a` on it through a [`Stalling`] view.
+fn stalling_replica() -> (Arc<dyn Store>, Arc<Stalling>, Harness) {
     let shared: Arc<dyn Store> = Arc::new(MemStore::new());
     let stalling = Arc::new(Stalling {
         inner: shared.clone(),
@@ -397,6 +397,12 @@ async fn a_replica_that_stalled_past_its_lease_writes_nothing_after_the_takeover
     });
     let a_store: Arc<dyn Store> = stalling.clone();
     let a = replica(&a_store, "a");
+    (shared, stalling, a)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_stalled_past_its_lease_writes_nothing_after_the_takeover() {
+    let (shared, stalling, a) = stalling_replica();
     let ids = nodes(&a, 6).await;
     settled(&[&leases_of(&a)]).await;
     let wfs = naps(&a, &ids, "400ms").await;
@@ -435,14 +441,7 @@ async fn a_replica_that_stalled_past_its_lease_writes_nothing_after_the_takeover
 /// anything else it does, as any other workflow is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workflow_created_just_before_its_partition_moves_is_announced_by_the_new_owner() {
-    let shared: Arc<dyn Store> = Arc::new(MemStore::new());
-    let stalling = Arc::new(Stalling {
-        inner: shared.clone(),
-        stalled: AtomicBool::new(false),
-        refused: Default::default(),
-    });
-    let a_store: Arc<dyn Store> = stalling.clone();
-    let a = replica(&a_store, "a");
+    let (shared, stalling, a) = stalling_replica();
     let ids = nodes(&a, 1).await;
     settled(&[&leases_of(&a)]).await;
     // a holds every partition and can no longer commit: the run's creation below (through
