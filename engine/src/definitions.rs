@@ -1425,13 +1425,11 @@ impl Definitions {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_stored_task_plan_leaves_defaults_out_and_reads_back_the_same() {
-        let mut t = PlannedTask {
-            label: "a".into(),
+impl PlannedTask {
+    /// A `noop` task labelled `label`, waiting on nothing, every other field its default.
+    pub(crate) fn noop(label: &str) -> PlannedTask {
+        PlannedTask {
+            label: label.into(),
             task_name: "Task.Noop".into(),
             job: "noop".into(),
             options: Default::default(),
@@ -1443,7 +1441,17 @@ mod tests {
             data: Vec::new(),
             secrets: Vec::new(),
             dialect: Default::default(),
-        };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_task_plan_leaves_defaults_out_and_reads_back_the_same() {
+        let mut t = PlannedTask::noop("a");
         let stored = serde_json::to_value(&t).unwrap();
         for key in ["ignoreFailure", "retries", "backoffMs"] {
             assert!(stored.get(key).is_none(), "{key} in {stored}");

@@ -66,9 +66,7 @@ impl EventLog {
         };
         let mut stored = Pages::default();
         for page in pages {
-            if let (Some((first, _)), Some((last, _))) = (page.first(), page.last()) {
-                stored.0.push_back((*first, *last));
-            }
+            stored.0.extend(bounds(&page));
             for (n, ev) in page {
                 log.push(n, ev);
             }
@@ -132,11 +130,8 @@ impl Pages {
             .collect::<Result<Vec<_>, _>>()?;
         firsts.sort_unstable();
         let mut pages: VecDeque<(u64, u64)> = firsts.windows(2).map(|w| (w[0], w[1] - 1)).collect();
-        if let Some((k, v)) = keys.iter().max_by_key(|(k, _)| k.clone()) {
-            let page = decode(k, v)?;
-            if let (Some((first, _)), Some((last, _))) = (page.first(), page.last()) {
-                pages.push_back((*first, *last));
-            }
+        if let Some((k, v)) = keys.iter().max_by(|(a, _), (b, _)| a.cmp(b)) {
+            pages.extend(bounds(&decode(k, v)?));
         }
         Ok(Pages(pages))
     }
@@ -220,6 +215,11 @@ pub(crate) fn number(k: &[u8]) -> Result<u64, Error> {
     k.try_into()
         .map(u64::from_be_bytes)
         .map_err(|_| Error::Store(format!("event key {k:?} is not a number")))
+}
+
+/// The first and last numbers of a page's events (none for an empty page).
+fn bounds(page: &[Numbered]) -> Option<(u64, u64)> {
+    Some((page.first()?.0, page.last()?.0))
 }
 
 /// The events of a page of the log, numbered.

@@ -128,10 +128,6 @@ mod tests {
 
     fn task(label: &str, waits: &[(&str, WaitState)]) -> PlannedTask {
         PlannedTask {
-            label: label.into(),
-            task_name: "Task.Noop".into(),
-            job: "noop".into(),
-            options: Default::default(),
             wait_on: WaitOn {
                 all: waits
                     .iter()
@@ -139,13 +135,7 @@ mod tests {
                     .collect(),
                 any: Vec::new(),
             },
-            ignore_failure: false,
-            retries: 0,
-            backoff_ms: 0,
-            timeout_ms: None,
-            data: Vec::new(),
-            secrets: Vec::new(),
-            dialect: Default::default(),
+            ..PlannedTask::noop(label)
         }
     }
 

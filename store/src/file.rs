@@ -644,7 +644,7 @@ pub(crate) fn encode(batch: &Batch, payload: &mut Vec<u8>) -> Vec<Range<usize>> 
     texts
 }
 
-fn io_error(path: &Path, doing: &str, e: &dyn std::fmt::Display) -> Error {
+pub(crate) fn io_error(path: &Path, doing: &str, e: &dyn std::fmt::Display) -> Error {
     Error::Io(format!("{doing} {}: {e}", path.display()))
 }
 

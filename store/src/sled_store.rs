@@ -133,21 +133,24 @@ impl Syncer {
     /// docs): sled grows the file by itself when it writes a full buffer past its end, and
     /// `sync_file_range` does not make the new length durable.
     fn keep_length(&self) -> std::io::Result<()> {
-        use std::sync::atomic::Ordering::Relaxed;
         let len = self.log.metadata()?.len();
-        if len != self.synced_len.load(Relaxed) {
-            self.log.sync_data()?;
-            self.synced_len.store(len, Relaxed);
+        if len != self.synced_len.load(std::sync::atomic::Ordering::Relaxed) {
+            self.sync_log(len)?;
         }
+        Ok(())
+    }
+
+    /// Syncs sled's log, `len` bytes long.
+    fn sync_log(&self, len: u64) -> std::io::Result<()> {
+        self.log.sync_data()?;
+        self.synced_len
+            .store(len, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
     /// Makes everything `Db::flush` wrote durable.
     fn sync(&self) -> std::io::Result<()> {
-        let len = self.log.metadata()?.len();
-        self.log.sync_data()?;
-        self.synced_len
-            .store(len, std::sync::atomic::Ordering::Relaxed);
+        self.sync_log(self.log.metadata()?.len())?;
         // The blob directory is empty unless a value was larger than a quarter of a log
         // segment, so listing it costs little.
         let entries = match std::fs::read_dir(&self.blobs) {

@@ -31,7 +31,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::file::{header, replay, sync_dir};
+use crate::file::{header, io_error, replay, sync_dir};
 use crate::{Error, Result};
 
 /// What the journal is filled with ahead of its records.
@@ -68,20 +68,21 @@ impl Wal {
         path: &Path,
         each: impl FnMut(&[u8], u64) -> Result<(), String>,
     ) -> Result<Wal> {
-        let io =
-            |doing: &str, e: std::io::Error| Error::Io(format!("{doing} {}: {e}", path.display()));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(path)
-            .map_err(|e| io("opening", e))?;
+            .map_err(|e| io_error(path, "opening", &e))?;
         if let Some(dir) = path.parent() {
             sync_dir(dir)?;
         }
         let (len, damage) = replay(&file, path, each)?;
-        let mut filled = file.metadata().map_err(|e| io("reading", e))?.len();
+        let mut filled = file
+            .metadata()
+            .map_err(|e| io_error(path, "reading", &e))?
+            .len();
         if let Some(reason) = damage {
             tracing::warn!(
                 path = %path.display(),
@@ -92,7 +93,7 @@ impl Wal {
             );
             file.set_len(len)
                 .and_then(|()| file.sync_all())
-                .map_err(|e| io("truncating the torn tail of", e))?;
+                .map_err(|e| io_error(path, "truncating the torn tail of", &e))?;
             filled = len;
         }
         Ok(Wal {
@@ -113,7 +114,7 @@ impl Wal {
     pub(crate) fn reader(&self) -> Result<File> {
         self.file
             .try_clone()
-            .map_err(|e| Error::Io(format!("opening {}: {e}", self.path.display())))
+            .map_err(|e| io_error(&self.path, "opening", &e))
     }
 
     /// Writes a record of `payload` (ops encoded as the file store encodes them) after the
@@ -141,7 +142,7 @@ impl Wal {
             // caller was told it failed. Refused from here on either way.
             let _ = self.file.set_len(self.len);
             self.filled = self.len;
-            let err = Error::Io(format!("writing to journal {}: {e}", self.path.display()));
+            let err = io_error(&self.path, "writing to journal", &e);
             self.poisoned = Some(format!("refusing commits until reopened: {err}"));
             return Err(err);
         }
@@ -160,7 +161,7 @@ impl Wal {
             return Err(Error::Io(reason.clone()));
         }
         if let Err(e) = self.file.set_len(0).and_then(|()| self.file.sync_all()) {
-            let err = Error::Io(format!("emptying journal {}: {e}", self.path.display()));
+            let err = io_error(&self.path, "emptying journal", &e);
             self.poisoned = Some(format!("refusing commits until reopened: {err}"));
             return Err(err);
         }

@@ -721,8 +721,11 @@ fn load_active(
 ) -> Result<(Vec<(WorkflowRecord, Vec<TaskRecord>)>, Vec<String>), Error> {
     let mut loaded = Vec::new();
     let mut missing = Vec::new();
+    let active = store.scan_prefix(keys::ACTIVE, b"")?;
+    // The inbox is read after the index: a workflow created in between is not in the
+    // index read, and one in it whose creation is still in the inbox is left there.
     let fresh = inbox::unapplied_loads(store, &want)?;
-    for (k, v) in store.scan_prefix(keys::ACTIVE, b"")? {
+    for (k, v) in active {
         let id = String::from_utf8_lossy(&k).into_owned();
         if fresh.contains(&id) {
             continue;
