@@ -289,10 +289,16 @@ impl Plan {
 pub struct Plan {
     pub graph: String,
     /// Shared between the workflows in memory whose plans resolve to the same tasks (see
-    /// the scheduler core's `share_plan`); changed only through `Arc::make_mut`.
+    /// the scheduler core's `share_plan`); changed only through `Arc::make_mut`. Empty in a
+    /// workflow record read from the store until its plan record is read (`plans.rs`).
+    #[serde(default)]
     pub tasks: Arc<Vec<PlannedTask>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// The id of the plan's record when it is stored apart from its workflow's (see
+    /// `plans.rs`); a workflow record then holds the graph and this id alone.
+    #[serde(default, skip_serializing)]
+    pub id: Option<String>,
 }
 
 /// The longest backoff between retries.
@@ -435,6 +441,7 @@ pub fn resolve_for(
             graph: g.to_owned(),
             tasks: Arc::new(planned),
             timeout_ms: graph_timeout_ms,
+            id: None,
         })
     } else {
         Err(Problems(problems))

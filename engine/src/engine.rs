@@ -179,6 +179,8 @@ struct Inner {
     sealer: Option<Arc<Sealer>>,
     /// Where the next retention sweep goes on.
     sweep: Mutex<SweepState>,
+    /// The plan each graph last stored, which workflows with an equal plan share.
+    plans: crate::plans::Shared,
     batches: Batches,
     ownership: Ownership,
     wake: Wake,
@@ -261,6 +263,7 @@ impl Engine {
             retention: opts.retention,
             sealer: opts.sealer.clone(),
             sweep: Mutex::new(SweepState::default()),
+            plans: Default::default(),
             batches: Batches::new(opts.store.clone()),
             ownership: opts.ownership.clone(),
             wake: Wake::default(),
@@ -617,16 +620,21 @@ impl Engine {
                 partition: Some(partition),
             };
             let mut tasks: Vec<TaskRecord> = (0..rec.plan.tasks.len())
-                .map(|i| TaskRecord::new(format!("{id}.{i}"), crate::new_token()))
+                .map(|i| TaskRecord::new(TaskRecord::id_of(&id, i), crate::new_token()))
                 .collect();
             if let Origin::Rerun(old) = &origin {
                 let (old, old_tasks) = old.as_ref();
                 rec.rerun_of = Some(old.id.clone());
                 crate::rerun::take_over(old, old_tasks, &rec.plan, &mut tasks);
             }
+            // A plan shared with earlier workflows may be being removed (`plans.rs`): then
+            // the commit is refused and tried again with a record of its own.
+            let mut share = true;
+            let leased = matches!(inner.ownership, Ownership::Leased(_));
+            loop {
             let mut batch = Batch::new();
             // Precondition 0: the node lock (top-level workflows) or the child slot; then
-            // that the id is new.
+            // that the id is new; then, when the plan is shared, that its record stays.
             match (&parent, &req.node) {
                 (None, Some(node)) => {
                     batch.require_absent(keys::NODE_LOCKS, node.as_bytes());
@@ -639,6 +647,7 @@ impl Engine {
                 (None, None) => {}
             }
             batch.require_absent(keys::WORKFLOWS, id.as_bytes());
+            let shared = inner.plans.write(&mut batch, &id, &mut rec.plan, share);
             write_workflow(&mut batch, &rec);
             crate::history::index(&mut batch, &rec);
             for (i, t) in tasks.iter().enumerate() {
@@ -649,14 +658,20 @@ impl Engine {
                 id.as_bytes(),
                 partition.to_string().into_bytes(),
             );
-            let leased = matches!(inner.ownership, Ownership::Leased(_));
             if leased {
                 // The owner of the partition, this replica or another, loads it from there.
                 let load = inbox::Request::Load(id.clone());
                 inbox::put(&mut batch, partition, now, &load);
             }
             match inner.store.commit(batch) {
-                Ok(()) => {}
+                Ok(()) => {
+                    inner.plans.stored(&rec.plan);
+                    break;
+                }
+                Err(metalgraph_store::Error::Conflict { index, .. }) if Some(index) == shared => {
+                    share = false;
+                    continue;
+                }
                 Err(metalgraph_store::Error::Conflict { index, .. })
                     if index == usize::from(!matches!((&parent, &req.node), (None, None))) =>
                 {
@@ -675,6 +690,7 @@ impl Engine {
                     });
                 }
                 Err(e) => return Err(e.into()),
+            }
             }
             let view = WorkflowView::build(&rec, &tasks);
             info!(workflow_id = %rec.id, graph = %rec.plan.graph, node = ?rec.node, "workflow created");
@@ -829,6 +845,7 @@ impl Engine {
         info!(
             removed = done.removed,
             scanned = done.scanned,
+            plans = done.plans,
             more = done.more,
             took_ms = started.elapsed().as_millis() as u64,
             "retention sweep"

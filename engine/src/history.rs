@@ -190,6 +190,7 @@ pub(crate) fn delete(store: &dyn Store, id: &str) -> Result<Vec<String>, Error> 
         batch.require_absent(keys::ACTIVE, p.workflow_id.as_bytes());
     }
     batch.delete(keys::WORKFLOWS, id.as_bytes());
+    crate::plans::unref(&mut batch, id, &rec.plan);
     unindex(&mut batch, &rec);
     for i in 0..tasks.len() {
         batch.delete(keys::TASKS, keys::task_key(id, i));

@@ -4,7 +4,10 @@
 //! |---|---|---|
 //! | `graphs` | injectable name | a user's graph definition (JSON) |
 //! | `taskdefs` | injectable name | a user's task definition (JSON) |
-//! | `workflows` | workflow id | the workflow record with its plan (JSON) |
+//! | `workflows` | workflow id | the workflow record (JSON), with its plan or the id of its plan's record |
+//! | `plans` | plan id | a plan that workflow records refer to (JSON), see `plans.rs` |
+//! | `plan_state` | plan id | `live`, or `retiring` while it is being removed |
+//! | `plan_refs` | `{plan id}/{workflow id}` | empty: a workflow that refers to the plan |
 //! | `tasks` | `{workflow id}/{index:05}` | one task's record (JSON) |
 //! | `active` | workflow id | the workflow's partition (decimal; empty in records written before partitions): the index of unfinished workflows, read on start |
 //! | `node_locks` | node id | the id of the workflow running on the node |
@@ -50,6 +53,9 @@ pub const BATCHES_ACTIVE: &str = "batches_active";
 pub const EVENT_STAGE: &str = "event_stage";
 pub const INBOX: &str = "inbox";
 pub const WAITING: &str = "waiting";
+pub const PLANS: &str = "plans";
+pub const PLAN_STATE: &str = "plan_state";
+pub const PLAN_REFS: &str = "plan_refs";
 
 /// The key of task `index` of workflow `id`.
 pub fn task_key(id: &str, index: usize) -> Vec<u8> {

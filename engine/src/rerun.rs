@@ -144,6 +144,7 @@ mod tests {
             graph: "G".into(),
             tasks: tasks.into(),
             timeout_ms: None,
+            id: None,
         }
     }
 

@@ -6,7 +6,8 @@
 //!
 //! A sweep reads the workflow index (`history.rs`) in pages and removes at most
 //! [`SWEEP_BATCH`] workflows, so that it never holds the store long; a sweep that hit the
-//! bound is followed at once by another.
+//! bound is followed at once by another. Each sweep also looks at a bounded number of plan
+//! records and removes those no workflow refers to any more (`plans.rs`).
 
 use std::time::Duration;
 
@@ -51,6 +52,8 @@ pub struct Sweep {
     pub removed: usize,
     /// Index entries read.
     pub scanned: usize,
+    /// Plan records removed: those no workflow refers to any more (see `plans.rs`).
+    pub plans: usize,
     /// The sweep stopped at its bound: more may be due.
     pub more: bool,
 }
@@ -59,6 +62,8 @@ pub struct Sweep {
 #[derive(Debug, Default)]
 pub(crate) struct SweepState {
     next_node: Option<Vec<u8>>,
+    /// The plan record after which the next sweep's walk of plans goes on.
+    next_plan: Option<Vec<u8>>,
 }
 
 /// One sweep at `now_ms` (blocking).
@@ -78,6 +83,7 @@ pub(crate) fn sweep(
     {
         by_node_count(store, keep, state, &mut out)?;
     }
+    out.plans = crate::plans::sweep(store, &mut state.next_plan)?;
     Ok(out)
 }
 

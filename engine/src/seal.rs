@@ -245,10 +245,17 @@ fn check_key_once(store: &dyn Store, sealer: &Sealer) -> Result<(), Option<Strin
 const STORED_MAGIC: &str = "~mgs1:";
 
 /// The keyspaces whose values [`SealedStore`] seals whole: workflow records hold the run
-/// options (passwords and tokens a graph was given), task records hold outputs and
+/// options (passwords and tokens a graph was given), plans hold them merged into their
+/// tasks' options, task records hold outputs and
 /// checkpoints, requests for a partition's owner may hold a node's callback and its task's
 /// token, and a published waiting task holds its token.
-pub const SEALED_KEYSPACES: [&str; 4] = [keys::WORKFLOWS, keys::TASKS, keys::INBOX, keys::WAITING];
+pub const SEALED_KEYSPACES: [&str; 5] = [
+    keys::WORKFLOWS,
+    keys::PLANS,
+    keys::TASKS,
+    keys::INBOX,
+    keys::WAITING,
+];
 
 /// A store that seals the values of [`SEALED_KEYSPACES`] whole before they reach `inner`,
 /// and opens them when they are read; every other keyspace passes through. Records written

@@ -491,3 +491,87 @@ async fn nodes_page_by_id_and_filter_by_tag_type_and_endpoint_from_the_index() {
     assert_eq!(node_ids(&h, switches).await, every(&|i| i % 5 == 0));
     h.stop().await;
 }
+
+/// The keys of a keyspace.
+fn keys_in(store: &dyn Store, keyspace: &str) -> Vec<String> {
+    store
+        .scan_prefix(keyspace, b"")
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| String::from_utf8(k).unwrap())
+        .collect()
+}
+
+/// The id of the plan record workflow `id`'s record refers to.
+fn plan_id_of(store: &dyn Store, id: &str) -> String {
+    let raw = store.get(keys::WORKFLOWS, id.as_bytes()).unwrap().unwrap();
+    let rec: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    assert!(rec["plan"].get("tasks").is_none(), "{rec}");
+    rec["plan"]["id"].as_str().expect("a plan id").to_owned()
+}
+
+#[tokio::test(start_paused = true)]
+async fn equal_plans_share_a_record_which_goes_with_the_last_workflow_referring_to_it() {
+    const DAY: Duration = Duration::from_secs(86_400);
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let h = start(store.clone(), &GRAPHS, |o| {
+        o.clock = TokioClock::new(1_800_000_000_000);
+        o.retention = Some(Retention {
+            max_age: Some(30 * DAY),
+            keep_per_node: None,
+            interval: Duration::from_secs(365 * 86_400),
+        });
+    });
+    let finished = async |options: serde_json::Value| {
+        let id = h.run("G", options, None).await.instance_id;
+        assert_eq!(h.wait(&id).await.status, WorkflowStatus::Succeeded);
+        id
+    };
+    let same: Vec<String> = vec![finished(json!({})).await, finished(json!({})).await];
+    let other = finished(json!({"a": {"note": "x"}})).await;
+    let shared = plan_id_of(store.as_ref(), &same[0]);
+    assert_eq!(plan_id_of(store.as_ref(), &same[1]), shared);
+    let own = plan_id_of(store.as_ref(), &other);
+    assert_ne!(own, shared, "other options, another plan");
+    assert_eq!(keys_in(store.as_ref(), keys::PLANS).len(), 2);
+    // Read back whole, each with its own options.
+    let view = h.engine.get(&same[1]).await.unwrap().unwrap();
+    assert_eq!(view.tasks.len(), 1);
+    assert_eq!(view.tasks[0].label, "a");
+
+    // Referred to: nothing goes.
+    let sweep = h.engine.sweep_history().await.unwrap();
+    assert_eq!((sweep.removed, sweep.plans), (0, 0), "{sweep:?}");
+    // A day later one more shares the plan (the other options' plan was stored after it);
+    // a month on, the first three are past the age and go, and so does the plan only they
+    // referred to.
+    tokio::time::advance(DAY).await;
+    let young = finished(json!({})).await;
+    assert_eq!(plan_id_of(store.as_ref(), &young), shared);
+    tokio::time::advance(30 * DAY).await;
+    let sweep = h.engine.sweep_history().await.unwrap();
+    assert_eq!((sweep.removed, sweep.plans), (3, 1), "{sweep:?}");
+    assert_eq!(
+        keys_in(store.as_ref(), keys::PLANS),
+        std::slice::from_ref(&shared)
+    );
+    assert!(h.engine.get(&other).await.unwrap().is_none());
+    assert_eq!(
+        keys_in(store.as_ref(), keys::PLAN_REFS),
+        [format!("{shared}/{young}")]
+    );
+    tokio::time::advance(DAY).await;
+    let sweep = h.engine.sweep_history().await.unwrap();
+    assert_eq!((sweep.removed, sweep.plans), (1, 1), "{sweep:?}");
+    for keyspace in [keys::PLANS, keys::PLAN_STATE, keys::PLAN_REFS] {
+        assert!(keys_in(store.as_ref(), keyspace).is_empty(), "{keyspace}");
+    }
+
+    // The engine still holds the removed plan as the graph's last: a new workflow that
+    // shares it is refused by the store and committed with a record of its own.
+    let again = finished(json!({})).await;
+    let fresh = plan_id_of(store.as_ref(), &again);
+    assert_ne!(fresh, shared);
+    assert_eq!(keys_in(store.as_ref(), keys::PLANS), [fresh]);
+    h.stop().await;
+}
