@@ -199,27 +199,22 @@ fn seed(
         .as_millis() as u64;
     let span = 29 * 86_400_000u64;
     let (rec, tasks) = template;
+    // The workflows share one plan record, as the engine's would.
+    let plans = metalgraph_engine::plans::Shared::default();
     for i in 0..workflows {
         let mut w = rec.clone();
         w.id = workflow_id(i);
         w.node = Some(node_id(i % nodes));
         w.created_at = now - span + (i as u64 * span) / workflows as u64;
         w.finished_at = Some(w.created_at + 1000);
-        batch.put(
-            keys::WORKFLOWS,
-            w.id.as_bytes().to_vec(),
-            serde_json::to_vec(&w)?,
-        );
+        plans.write(&mut batch, &w.id, &mut w.plan, true);
+        metalgraph_engine::workflow::write_workflow(&mut batch, &w);
         for (j, t) in tasks.iter().enumerate() {
-            let mut t = t.clone();
-            t.id = format!("{}.{j}", w.id);
-            batch.put(
-                keys::TASKS,
-                keys::task_key(&w.id, j),
-                serde_json::to_vec(&t)?,
-            );
+            metalgraph_engine::workflow::write_task(&mut batch, &w.id, j, t);
         }
-        flush(&mut batch, false)?;
+        // The plan's record is committed before a workflow shares it.
+        flush(&mut batch, i == 0)?;
+        plans.stored(&w.plan);
     }
     flush(&mut batch, true)?;
     metalgraph_engine::history::build_indexes(&store)?;

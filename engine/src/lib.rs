@@ -20,7 +20,7 @@ pub mod model;
 pub mod nodes;
 mod notify;
 pub mod ownership;
-mod plans;
+pub mod plans;
 mod rerun;
 pub mod retention;
 pub mod scheduler;

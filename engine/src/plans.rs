@@ -51,9 +51,10 @@ pub(crate) const PLANS_PER_SWEEP: usize = 1000;
 const SHARED_PER_GRAPH: usize = 8;
 
 /// The plans each graph last stored in this process (the most recently used first, at most
-/// [`SHARED_PER_GRAPH`]), for workflows created with an equal one.
+/// [`SHARED_PER_GRAPH`]), for workflows created with an equal one. Public for tools that
+/// write workflow records directly, as the engine does.
 #[derive(Default)]
-pub(crate) struct Shared(Mutex<HashMap<String, Vec<Stored>>>);
+pub struct Shared(Mutex<HashMap<String, Vec<Stored>>>);
 
 /// A plan's tasks and timeout, and the id of its record.
 struct Stored {
@@ -66,7 +67,7 @@ impl Shared {
     /// Adds to `batch` what stores `plan` for workflow `wf`, and sets `plan.id`: when `share`,
     /// a reference to the record of an equal plan stored before, requiring it `live` (the
     /// index of that precondition is returned); else a new record.
-    pub(crate) fn write(
+    pub fn write(
         &self,
         batch: &mut Batch,
         wf: &str,
@@ -110,7 +111,7 @@ impl Shared {
 
     /// Records that `plan`'s record is committed: later workflows of its graph with an
     /// equal plan share it.
-    pub(crate) fn stored(&self, plan: &Plan) {
+    pub fn stored(&self, plan: &Plan) {
         let Some(id) = &plan.id else { return };
         let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let recent = map.entry(plan.graph.clone()).or_default();

@@ -446,7 +446,7 @@ pub(crate) fn load_records(
 }
 
 /// Adds a workflow record to a batch.
-pub(crate) fn write_workflow(batch: &mut Batch, rec: &WorkflowRecord) {
+pub fn write_workflow(batch: &mut Batch, rec: &WorkflowRecord) {
     batch.put(
         keys::WORKFLOWS,
         rec.id.as_bytes(),
@@ -455,7 +455,7 @@ pub(crate) fn write_workflow(batch: &mut Batch, rec: &WorkflowRecord) {
 }
 
 /// Adds task `idx` of workflow `wf` to a batch.
-pub(crate) fn write_task(batch: &mut Batch, wf: &str, idx: usize, t: &TaskRecord) {
+pub fn write_task(batch: &mut Batch, wf: &str, idx: usize, t: &TaskRecord) {
     batch.put(
         keys::TASKS,
         keys::task_key(wf, idx),
