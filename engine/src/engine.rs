@@ -39,7 +39,7 @@ use crate::scheduler::{Msg, Runtime};
 use crate::seal::Sealer;
 use crate::workflow::{
     Event, ParentRef, TaskRecord, WorkflowRecord, WorkflowView, context_of, load_records,
-    write_task, write_workflow,
+    write_created_task, write_workflow,
 };
 
 /// Base URLs templates can render (`api.base`, `api.nodeBase`).
@@ -620,7 +620,7 @@ impl Engine {
                 partition: Some(partition),
             };
             let mut tasks: Vec<TaskRecord> = (0..rec.plan.tasks.len())
-                .map(|i| TaskRecord::new(TaskRecord::id_of(&id, i), crate::new_token()))
+                .map(|i| TaskRecord::created(&id, i))
                 .collect();
             if let Origin::Rerun(old) = &origin {
                 let (old, old_tasks) = old.as_ref();
@@ -651,7 +651,7 @@ impl Engine {
             write_workflow(&mut batch, &rec);
             crate::history::index(&mut batch, &rec);
             for (i, t) in tasks.iter().enumerate() {
-                write_task(&mut batch, &id, i, t);
+                write_created_task(&mut batch, &id, i, t);
             }
             batch.put(
                 keys::ACTIVE,

@@ -149,10 +149,27 @@ pub(crate) fn serialize_in_record<S: Serializer>(plan: &Plan, s: S) -> Result<S:
     }
 }
 
+/// How many plans [`READ`] keeps.
+const READ_PLANS: usize = 256;
+
+/// Plans read lately, by id, with their tasks and timeout: a page of a hundred workflows of
+/// one plan reads and parses it once, and the workflows loaded share one copy. A plan
+/// record never changes and its id is random, so an id names one plan in any store.
+static READ: std::sync::LazyLock<Mutex<HashMap<String, Read>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// A plan's tasks and timeout, as [`READ`] keeps them.
+type Read = (Arc<Vec<PlannedTask>>, Option<u64>);
+
 /// Reads the tasks and timeout of a plan stored apart into `plan` (blocking); a plan held
 /// inline is left as it is.
 pub(crate) fn resolve(store: &dyn Store, workflow: &str, plan: &mut Plan) -> Result<(), Error> {
     let Some(id) = &plan.id else { return Ok(()) };
+    let read = |map: &HashMap<_, _>| map.get(id).cloned();
+    if let Some((tasks, timeout_ms)) = read(&READ.lock().unwrap_or_else(PoisonError::into_inner)) {
+        (plan.tasks, plan.timeout_ms) = (tasks, timeout_ms);
+        return Ok(());
+    }
     let raw = store.get(keys::PLANS, id.as_bytes())?.ok_or_else(|| {
         Error::Store(format!(
             "workflow {workflow} refers to plan {id}, which is missing"
@@ -165,6 +182,11 @@ pub(crate) fn resolve(store: &dyn Store, workflow: &str, plan: &mut Plan) -> Res
     })?;
     plan.tasks = stored.tasks;
     plan.timeout_ms = stored.timeout_ms;
+    let mut map = READ.lock().unwrap_or_else(PoisonError::into_inner);
+    if map.len() >= READ_PLANS {
+        map.clear();
+    }
+    map.insert(id.clone(), (plan.tasks.clone(), plan.timeout_ms));
     Ok(())
 }
 
@@ -321,10 +343,14 @@ mod tests {
         serialize_in_record(&a, &mut serde_json::Serializer::new(&mut out)).unwrap();
         let stored: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(stored, serde_json::json!({"graph": "G", "id": ida}));
-        let mut read: Plan = serde_json::from_value(stored).unwrap();
+        let mut read: Plan = serde_json::from_value(stored.clone()).unwrap();
         assert!(read.tasks.is_empty());
         resolve(&store, "w1", &mut read).unwrap();
         assert_eq!(read, a);
+        // Read again, it is not parsed again: the two share one copy.
+        let mut again: Plan = serde_json::from_value(stored).unwrap();
+        resolve(&store, "w2", &mut again).unwrap();
+        assert!(Arc::ptr_eq(&again.tasks, &read.tasks));
 
         // A plan held inline (records written before) reads as it is.
         let mut out = Vec::new();
