@@ -39,7 +39,7 @@ use crate::scheduler::{Msg, Runtime};
 use crate::seal::Sealer;
 use crate::workflow::{
     Event, ParentRef, TaskRecord, WorkflowRecord, WorkflowView, context_of, load_records,
-    write_created_task, write_workflow,
+    write_task, write_workflow,
 };
 
 /// Base URLs templates can render (`api.base`, `api.nodeBase`).
@@ -651,7 +651,7 @@ impl Engine {
             write_workflow(&mut batch, &rec);
             crate::history::index(&mut batch, &rec);
             for (i, t) in tasks.iter().enumerate() {
-                write_created_task(&mut batch, &id, i, t);
+                write_task(&mut batch, &id, i, t);
             }
             batch.put(
                 keys::ACTIVE,

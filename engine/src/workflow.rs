@@ -440,12 +440,13 @@ pub(crate) fn load_records(
         t.id = TaskRecord::id_of(id, index);
         tasks[index] = Some(t);
     }
-    // A task with no record has not started (see `write_created_task`).
     let tasks = tasks
         .into_iter()
         .enumerate()
-        .map(|(i, t)| t.unwrap_or_else(|| TaskRecord::created(id, i)))
-        .collect();
+        .map(|(i, t)| {
+            t.ok_or_else(|| Error::Store(format!("workflow {id} has no record of task {i}")))
+        })
+        .collect::<Result<_, _>>()?;
     Ok(Some((rec, tasks)))
 }
 
@@ -456,22 +457,6 @@ pub fn write_workflow(batch: &mut Batch, rec: &WorkflowRecord) {
         rec.id.as_bytes(),
         serde_json::to_vec(rec).unwrap_or_default(),
     );
-}
-
-/// Adds task `idx` of a workflow being created to a batch, unless it is as
-/// [`TaskRecord::created`] makes it: a task that has not started has nothing to keep but its
-/// token, which nothing has seen yet, so it is written when it first changes, and a
-/// workflow's creation writes no task record at all unless a rerun took tasks over (a
-/// quarter of the fan-out benchmark's store ops, and of the values sled holds for them).
-/// Reading gives a task without a record a new token.
-pub fn write_created_task(batch: &mut Batch, wf: &str, idx: usize, t: &TaskRecord) {
-    let fresh = TaskRecord {
-        token: t.token.clone(),
-        ..TaskRecord::created(wf, idx)
-    };
-    if *t != fresh {
-        write_task(batch, wf, idx, t);
-    }
 }
 
 /// Adds task `idx` of workflow `wf` to a batch.
@@ -493,7 +478,7 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn a_stored_task_record_leaves_out_its_id_and_zero_counts_and_one_not_started_is_not_stored() {
+    fn a_stored_task_record_leaves_out_its_id_and_zero_counts_and_reads_back_whole() {
         let store = metalgraph_store::MemStore::new();
         let rec: WorkflowRecord = serde_json::from_value(json!({
             "id": "w", "status": "running", "createdAt": 1,
@@ -507,27 +492,9 @@ mod tests {
             TaskRecord::new(TaskRecord::id_of("w", 0), "t0".into()),
             TaskRecord::new(TaskRecord::id_of("w", 1), "t1".into()),
         ];
-        // Created: nothing to write for a task that has not started.
-        let mut batch = Batch::new();
-        write_workflow(&mut batch, &rec);
-        for (i, t) in tasks.iter().enumerate() {
-            write_created_task(&mut batch, "w", i, t);
-        }
-        assert_eq!(batch.ops.len(), 1);
-        store.commit(batch).unwrap();
-        let (_, read) = load_records(&store, "w").unwrap().unwrap();
-        assert_eq!(read.len(), 2);
-        for (i, t) in read.iter().enumerate() {
-            let fresh = TaskRecord {
-                token: t.token.clone(),
-                ..TaskRecord::new(TaskRecord::id_of("w", i), String::new())
-            };
-            assert_eq!(*t, fresh);
-            assert_eq!(t.token.len(), 32, "a new token");
-        }
-
         tasks[1].attempts = 2;
         let mut batch = Batch::new();
+        write_workflow(&mut batch, &rec);
         for (i, t) in tasks.iter().enumerate() {
             write_task(&mut batch, "w", i, t);
         }
@@ -563,6 +530,14 @@ mod tests {
             err.contains("w/00002 that is none of its 2 planned tasks'"),
             "{err}"
         );
+        // One missing is named too (a task's token is rendered into other tasks' options
+        // before it starts, so every task has a record from its workflow's creation).
+        let mut batch = Batch::new();
+        batch.delete(keys::TASKS, keys::task_key("w", 2));
+        batch.delete(keys::TASKS, keys::task_key("w", 1));
+        store.commit(batch).unwrap();
+        let err = load_records(&store, "w").unwrap_err().to_string();
+        assert!(err.contains("no record of task 1"), "{err}");
     }
 
     #[test]
