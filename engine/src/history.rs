@@ -158,10 +158,19 @@ pub(crate) fn unindex(batch: &mut Batch, rec: &WorkflowRecord) {
     }
 }
 
-/// Deletes a finished workflow: its record, its tasks, its index keys and its children
-/// links (blocking). A subgraph cannot be deleted while its parent is unfinished: the parent
-/// may still read it. Returns the ids of its subgraphs, which are left in place.
-pub(crate) fn delete(store: &dyn Store, id: &str) -> Result<Vec<String>, Error> {
+/// What [`delete`] did besides removing the workflow.
+pub(crate) struct Deleted {
+    /// The ids of its subgraphs, which are left in place.
+    pub(crate) children: Vec<String>,
+    /// Whether its plan's record went with it (no other workflow referred to it).
+    pub(crate) plan: bool,
+}
+
+/// Deletes a finished workflow: its record, its tasks, its index keys, its children links
+/// and its reference to its plan, then the plan's record if no other workflow refers to it
+/// (blocking). A subgraph cannot be deleted while its parent is unfinished: the parent may
+/// still read it.
+pub(crate) fn delete(store: &dyn Store, id: &str) -> Result<Deleted, Error> {
     let Some((rec, tasks)) = load_records(store, id)? else {
         return Err(Error::NotFound {
             kind: "workflow",
@@ -202,7 +211,10 @@ pub(crate) fn delete(store: &dyn Store, id: &str) -> Result<Vec<String>, Error> 
         batch.delete(keys::CHILDREN, k);
     }
     match store.commit(batch) {
-        Ok(()) => Ok(children),
+        Ok(()) => {
+            let plan = crate::plans::remove_unused(store, &rec.plan);
+            Ok(Deleted { children, plan })
+        }
         Err(metalgraph_store::Error::Conflict { index: 1, .. }) => Err(parent_busy(
             rec.parent.as_ref().expect("precondition 1 is the parent"),
         )),

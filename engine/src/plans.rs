@@ -20,11 +20,14 @@
 //! - `plan_state/<id>` is `live` while workflows may share the plan: a creation that
 //!   shares it requires that (a precondition) and adds `plan_refs/<id>/<workflow id>`,
 //!   which the workflow's removal deletes.
-//! - Retention's sweep walks `plan_state` a bounded number of plans at a time ([`sweep`]).
-//!   A plan that no workflow refers to is marked `retiring` first (requiring `live`), so
-//!   that no creation can share it from then on; its references are read again; with none
-//!   the plan goes (requiring `retiring`), else it is marked `live` again. A crash between
-//!   the steps leaves a `retiring` plan, which the next walk finishes the same way.
+//! - After a workflow's removal (by retention or through the API), its plan goes too if no
+//!   other workflow refers to it ([`remove_unused`]): it is marked `retiring` first
+//!   (requiring `live`), so that no creation can share it from then on; its references are
+//!   read again; with none the plan goes (requiring `retiring`), else it is marked `live`
+//!   again.
+//! - A crash between those steps, or between the removal and them, leaves a plan that no
+//!   workflow refers to; retention's sweep walks `plan_state` a bounded number of plans at a
+//!   time ([`sweep`]) and finishes such removals the same way.
 //! - A creation refused because the plan it shared is retiring or gone is committed again
 //!   with a plan record of its own, which later workflows of the graph share.
 
@@ -220,6 +223,26 @@ pub(crate) fn sweep(store: &dyn Store, next: &mut Option<Vec<u8>>) -> Result<usi
         }
     }
     Ok(removed)
+}
+
+/// Removes `plan`'s record if it is stored apart and no workflow refers to it any more
+/// (blocking; after a workflow's removal): true when it went. A failure leaves it to the
+/// next sweep's walk, with a warning: the workflow's removal has been committed already.
+pub(crate) fn remove_unused(store: &dyn Store, plan: &Plan) -> bool {
+    let Some(id) = &plan.id else { return false };
+    let removed = (|| {
+        if referred(store, id)? {
+            return Ok(false);
+        }
+        match store.get(keys::PLAN_STATE, id.as_bytes())? {
+            Some(state) => retire(store, id, &state),
+            None => Ok(false),
+        }
+    })();
+    removed.unwrap_or_else(|e: Error| {
+        tracing::warn!(plan = %id, error = %e, "a plan no workflow refers to is left to the next sweep");
+        false
+    })
 }
 
 /// Whether any workflow refers to plan `id`.

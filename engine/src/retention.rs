@@ -52,7 +52,8 @@ pub struct Sweep {
     pub removed: usize,
     /// Index entries read.
     pub scanned: usize,
-    /// Plan records removed: those no workflow refers to any more (see `plans.rs`).
+    /// Plan records removed: those no workflow refers to any more, with the last workflow
+    /// that did or by the walk that finishes removals cut short (see `plans.rs`).
     pub plans: usize,
     /// The sweep stopped at its bound: more may be due.
     pub more: bool,
@@ -83,7 +84,7 @@ pub(crate) fn sweep(
     {
         by_node_count(store, keep, state, &mut out)?;
     }
-    out.plans = crate::plans::sweep(store, &mut state.next_plan)?;
+    out.plans += crate::plans::sweep(store, &mut state.next_plan)?;
     Ok(out)
 }
 
@@ -212,7 +213,10 @@ fn remove(store: &dyn Store, rec: &WorkflowRecord, out: &mut Sweep) -> Result<bo
         return Ok(false);
     }
     let children = match crate::history::delete(store, &rec.id) {
-        Ok(children) => children,
+        Ok(deleted) => {
+            out.plans += usize::from(deleted.plan);
+            deleted.children
+        }
         Err(Error::Conflict(_) | Error::NotFound { .. }) => return Ok(false),
         Err(e) => return Err(e),
     };

@@ -573,5 +573,10 @@ async fn equal_plans_share_a_record_which_goes_with_the_last_workflow_referring_
     let fresh = plan_id_of(store.as_ref(), &again);
     assert_ne!(fresh, shared);
     assert_eq!(keys_in(store.as_ref(), keys::PLANS), [fresh]);
+    // Deleted through the API, the workflow takes its plan with it, sweep or none.
+    h.engine.delete(&again).await.unwrap();
+    for keyspace in [keys::PLANS, keys::PLAN_STATE, keys::PLAN_REFS] {
+        assert!(keys_in(store.as_ref(), keyspace).is_empty(), "{keyspace}");
+    }
     h.stop().await;
 }
