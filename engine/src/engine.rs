@@ -179,7 +179,7 @@ struct Inner {
     sealer: Option<Arc<Sealer>>,
     /// Where the next retention sweep goes on.
     sweep: Mutex<SweepState>,
-    /// The plan each graph last stored, which workflows with an equal plan share.
+    /// The plans each graph stored lately, which workflows with an equal plan share.
     plans: crate::plans::Shared,
     batches: Batches,
     ownership: Ownership,
@@ -632,65 +632,65 @@ impl Engine {
             let mut share = true;
             let leased = matches!(inner.ownership, Ownership::Leased(_));
             loop {
-            let mut batch = Batch::new();
-            // Precondition 0: the node lock (top-level workflows) or the child slot; then
-            // that the id is new; then, when the plan is shared, that its record stays.
-            match (&parent, &req.node) {
-                (None, Some(node)) => {
-                    batch.require_absent(keys::NODE_LOCKS, node.as_bytes());
-                    batch.put(keys::NODE_LOCKS, node.as_bytes(), id.as_bytes().to_vec());
+                let mut batch = Batch::new();
+                // Precondition 0: the node lock (top-level workflows) or the child slot; then
+                // that the id is new; then, when the plan is shared, that its record stays.
+                match (&parent, &req.node) {
+                    (None, Some(node)) => {
+                        batch.require_absent(keys::NODE_LOCKS, node.as_bytes());
+                        batch.put(keys::NODE_LOCKS, node.as_bytes(), id.as_bytes().to_vec());
+                    }
+                    (Some((_, child_key)), _) => {
+                        batch.require_absent(keys::CHILDREN, child_key.as_bytes());
+                        batch.put(keys::CHILDREN, child_key.as_bytes(), id.as_bytes().to_vec());
+                    }
+                    (None, None) => {}
                 }
-                (Some((_, child_key)), _) => {
-                    batch.require_absent(keys::CHILDREN, child_key.as_bytes());
-                    batch.put(keys::CHILDREN, child_key.as_bytes(), id.as_bytes().to_vec());
+                batch.require_absent(keys::WORKFLOWS, id.as_bytes());
+                let shared = inner.plans.write(&mut batch, &id, &mut rec.plan, share);
+                write_workflow(&mut batch, &rec);
+                crate::history::index(&mut batch, &rec);
+                for (i, t) in tasks.iter().enumerate() {
+                    write_task(&mut batch, &id, i, t);
                 }
-                (None, None) => {}
-            }
-            batch.require_absent(keys::WORKFLOWS, id.as_bytes());
-            let shared = inner.plans.write(&mut batch, &id, &mut rec.plan, share);
-            write_workflow(&mut batch, &rec);
-            crate::history::index(&mut batch, &rec);
-            for (i, t) in tasks.iter().enumerate() {
-                write_task(&mut batch, &id, i, t);
-            }
-            batch.put(
-                keys::ACTIVE,
-                id.as_bytes(),
-                partition.to_string().into_bytes(),
-            );
-            if leased {
-                // The owner of the partition, this replica or another, loads it from there.
-                let load = inbox::Request::Load(id.clone());
-                inbox::put(&mut batch, partition, now, &load);
-            }
-            match inner.store.commit(batch) {
-                Ok(()) => {
-                    inner.plans.stored(&rec.plan);
-                    break;
+                batch.put(
+                    keys::ACTIVE,
+                    id.as_bytes(),
+                    partition.to_string().into_bytes(),
+                );
+                if leased {
+                    // The owner of the partition, this replica or another, loads it from there.
+                    let load = inbox::Request::Load(id.clone());
+                    inbox::put(&mut batch, partition, now, &load);
                 }
-                Err(metalgraph_store::Error::Conflict { index, .. }) if Some(index) == shared => {
-                    share = false;
-                    continue;
+                match inner.store.commit(batch) {
+                    Ok(()) => {
+                        inner.plans.stored(&rec.plan);
+                        break;
+                    }
+                    Err(metalgraph_store::Error::Conflict { index, .. }) if Some(index) == shared => {
+                        share = false;
+                        continue;
+                    }
+                    Err(metalgraph_store::Error::Conflict { index, .. })
+                        if index == usize::from(!matches!((&parent, &req.node), (None, None))) =>
+                    {
+                        return Err(Error::AlreadyExists(format!("workflow {id} already exists")));
+                    }
+                    Err(metalgraph_store::Error::Conflict { .. }) => {
+                        return Err(match (&parent, &req.node) {
+                            (None, Some(node)) => Error::NodeBusy {
+                                node: node.clone(),
+                                workflow: inner
+                                    .nodes
+                                    .active_workflow_blocking(node)?
+                                    .unwrap_or_default(),
+                            },
+                            _ => Error::Conflict("a subgraph for this task already exists".into()),
+                        });
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                Err(metalgraph_store::Error::Conflict { index, .. })
-                    if index == usize::from(!matches!((&parent, &req.node), (None, None))) =>
-                {
-                    return Err(Error::AlreadyExists(format!("workflow {id} already exists")));
-                }
-                Err(metalgraph_store::Error::Conflict { .. }) => {
-                    return Err(match (&parent, &req.node) {
-                        (None, Some(node)) => Error::NodeBusy {
-                            node: node.clone(),
-                            workflow: inner
-                                .nodes
-                                .active_workflow_blocking(node)?
-                                .unwrap_or_default(),
-                        },
-                        _ => Error::Conflict("a subgraph for this task already exists".into()),
-                    });
-                }
-                Err(e) => return Err(e.into()),
-            }
             }
             let view = WorkflowView::build(&rec, &tasks);
             info!(workflow_id = %rec.id, graph = %rec.plan.graph, node = ?rec.node, "workflow created");

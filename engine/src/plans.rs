@@ -77,17 +77,8 @@ impl Shared {
         plan: &mut Plan,
         share: bool,
     ) -> Option<usize> {
-        let shared = share.then(|| {
-            let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-            map.get(&plan.graph)?
-                .iter()
-                .find(|s| {
-                    s.timeout_ms == plan.timeout_ms
-                        && (Arc::ptr_eq(&s.tasks, &plan.tasks) || *s.tasks == *plan.tasks)
-                })
-                .map(|s| (s.tasks.clone(), s.id.clone()))
-        });
-        let precondition = match shared.flatten() {
+        let shared = if share { self.find(plan) } else { None };
+        let precondition = match shared {
             Some((tasks, id)) => {
                 plan.tasks = tasks;
                 let index = batch.preconditions.len();
@@ -110,6 +101,18 @@ impl Shared {
         let id = plan.id.as_deref().expect("set above");
         batch.put(keys::PLAN_REFS, ref_key(id, wf), Vec::new());
         precondition
+    }
+
+    /// The tasks and record id of a stored plan equal to `plan`, if one is kept.
+    fn find(&self, plan: &Plan) -> Option<(Arc<Vec<PlannedTask>>, String)> {
+        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(&plan.graph)?
+            .iter()
+            .find(|s| {
+                s.timeout_ms == plan.timeout_ms
+                    && (Arc::ptr_eq(&s.tasks, &plan.tasks) || *s.tasks == *plan.tasks)
+            })
+            .map(|s| (s.tasks.clone(), s.id.clone()))
     }
 
     /// Records that `plan`'s record is committed: later workflows of its graph with an
