@@ -39,7 +39,7 @@ use crate::scheduler::{Msg, Runtime};
 use crate::seal::Sealer;
 use crate::workflow::{
     Event, ParentRef, TaskRecord, WorkflowRecord, WorkflowView, context_of, load_records,
-    write_task, write_workflow,
+    write_created_task, write_workflow,
 };
 
 /// Base URLs templates can render (`api.base`, `api.nodeBase`).
@@ -618,9 +618,11 @@ impl Engine {
                 error: None,
                 rerun_of: None,
                 partition: Some(partition),
+                task_key: Some(crate::new_token()),
             };
+            let key = rec.task_key.as_deref().unwrap_or_default();
             let mut tasks: Vec<TaskRecord> = (0..rec.plan.tasks.len())
-                .map(|i| TaskRecord::created(&id, i))
+                .map(|i| TaskRecord::created(&id, key, i))
                 .collect();
             if let Origin::Rerun(old) = &origin {
                 let (old, old_tasks) = old.as_ref();
@@ -651,7 +653,7 @@ impl Engine {
                 write_workflow(&mut batch, &rec);
                 crate::history::index(&mut batch, &rec);
                 for (i, t) in tasks.iter().enumerate() {
-                    write_task(&mut batch, &id, i, t);
+                    write_created_task(&mut batch, &rec, i, t);
                 }
                 batch.put(
                     keys::ACTIVE,

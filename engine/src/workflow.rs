@@ -2,6 +2,9 @@
 //!
 //! A workflow is one record (its plan, status and stop reason) plus one record per task
 //! (state, attempts, deadline, output), so that a transition rewrites only what changed.
+//! A task that has not started has no record yet: all it has is its callback token, which
+//! is derived from a key in its workflow's record ([`TaskRecord::created`]), so the token
+//! is the same on every read, from the workflow's creation on.
 
 use metalgraph_store::{Batch, Store};
 use serde::{Deserialize, Serialize};
@@ -71,6 +74,11 @@ pub struct WorkflowRecord {
     /// its parent's, else its id's. Absent in records written before partitions existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition: Option<u32>,
+    /// The key its tasks' callback tokens are derived from ([`TaskRecord::created`]).
+    /// Secret, as the tokens are (workflow records are sealed). Absent in records written
+    /// before, whose every task has a record holding its token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_key: Option<String>,
 }
 
 impl WorkflowRecord {
@@ -128,10 +136,16 @@ impl TaskRecord {
         format!("{wf}.{index}")
     }
 
-    /// Task `index` of workflow `wf` as its workflow's creation makes it: pending, with a new
-    /// token.
-    pub fn created(wf: &str, index: usize) -> Self {
-        Self::new(Self::id_of(wf, index), crate::new_token())
+    /// Task `index` of workflow `wf` as its workflow's creation makes it: pending, with
+    /// the token derived from the workflow's `task_key` (HMAC-SHA256 of the index, 128
+    /// bits). This is also what reading gives a task that has no record.
+    pub fn created(wf: &str, task_key: &str, index: usize) -> Self {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, task_key.as_bytes());
+        let tag = ring::hmac::sign(&key, index.to_string().as_bytes());
+        Self::new(
+            Self::id_of(wf, index),
+            crate::seal::to_hex(&tag.as_ref()[..16]),
+        )
     }
 
     pub fn new(id: String, token: String) -> Self {
@@ -440,11 +454,17 @@ pub(crate) fn load_records(
         t.id = TaskRecord::id_of(id, index);
         tasks[index] = Some(t);
     }
+    // A task with no record has not started (see `write_created_task`); before task keys,
+    // every task had one.
     let tasks = tasks
         .into_iter()
         .enumerate()
-        .map(|(i, t)| {
-            t.ok_or_else(|| Error::Store(format!("workflow {id} has no record of task {i}")))
+        .map(|(i, t)| match (t, &rec.task_key) {
+            (Some(t), _) => Ok(t),
+            (None, Some(key)) => Ok(TaskRecord::created(id, key, i)),
+            (None, None) => Err(Error::Store(format!(
+                "workflow {id} has no record of task {i}"
+            ))),
         })
         .collect::<Result<_, _>>()?;
     Ok(Some((rec, tasks)))
@@ -457,6 +477,20 @@ pub fn write_workflow(batch: &mut Batch, rec: &WorkflowRecord) {
         rec.id.as_bytes(),
         serde_json::to_vec(rec).unwrap_or_default(),
     );
+}
+
+/// Adds task `idx` of a workflow being created to a batch, unless it is as
+/// [`TaskRecord::created`] makes it, which is what reading gives it without a record. So a
+/// workflow's creation writes no task record unless a rerun took tasks over (a quarter of
+/// the fan-out benchmark's store ops); a task's record is written when it first changes.
+pub fn write_created_task(batch: &mut Batch, rec: &WorkflowRecord, idx: usize, t: &TaskRecord) {
+    let fresh = rec
+        .task_key
+        .as_deref()
+        .is_some_and(|key| *t == TaskRecord::created(&rec.id, key, idx));
+    if !fresh {
+        write_task(batch, &rec.id, idx, t);
+    }
 }
 
 /// Adds task `idx` of workflow `wf` to a batch.
@@ -530,14 +564,74 @@ mod tests {
             err.contains("w/00002 that is none of its 2 planned tasks'"),
             "{err}"
         );
-        // One missing is named too (a task's token is rendered into other tasks' options
-        // before it starts, so every task has a record from its workflow's creation).
+        // One missing is named too when its workflow has no task key (written before task
+        // keys, when every task had a record from its workflow's creation).
         let mut batch = Batch::new();
         batch.delete(keys::TASKS, keys::task_key("w", 2));
         batch.delete(keys::TASKS, keys::task_key("w", 1));
         store.commit(batch).unwrap();
         let err = load_records(&store, "w").unwrap_err().to_string();
         assert!(err.contains("no record of task 1"), "{err}");
+    }
+
+    #[test]
+    fn a_task_that_has_not_started_has_no_record_and_reads_with_the_token_it_was_created_with() {
+        let store = metalgraph_store::MemStore::new();
+        let mut rec: WorkflowRecord = serde_json::from_value(json!({
+            "id": "w", "status": "running", "createdAt": 1, "taskKey": "k1",
+            "plan": {"graph": "G", "tasks": [
+                {"label": "a", "taskName": "Task.Noop", "job": "noop", "options": {}, "waitOn": {}},
+                {"label": "b", "taskName": "Task.Noop", "job": "noop", "options": {}, "waitOn": {}},
+            ]},
+        }))
+        .unwrap();
+        let mut tasks: Vec<TaskRecord> =
+            (0..2).map(|i| TaskRecord::created("w", "k1", i)).collect();
+        // 128 bits as hex, one per task, one per key: nothing else to tell them apart.
+        assert_eq!(tasks[0].token.len(), 32);
+        assert_ne!(tasks[0].token, tasks[1].token);
+        assert_ne!(tasks[0].token, TaskRecord::created("w", "k2", 0).token);
+        assert_eq!(
+            tasks[1],
+            TaskRecord::created("w", "k1", 1),
+            "derived, not drawn"
+        );
+
+        // Task 0 was taken over by a rerun: only it has a record.
+        tasks[0].state = TaskState::Succeeded;
+        let mut batch = Batch::new();
+        write_workflow(&mut batch, &rec);
+        for (i, t) in tasks.iter().enumerate() {
+            write_created_task(&mut batch, &rec, i, t);
+        }
+        assert_eq!(
+            batch.ops.len(),
+            2,
+            "the workflow and task 0: {:?}",
+            batch.ops
+        );
+        store.commit(batch).unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                load_records(&store, "w").unwrap().unwrap(),
+                (rec.clone(), tasks.clone())
+            );
+        }
+        assert!(
+            store
+                .get(keys::TASKS, &keys::task_key("w", 1))
+                .unwrap()
+                .is_none(),
+            "pending task 1 has no record"
+        );
+
+        // Without a task key every task is written.
+        rec.task_key = None;
+        let mut batch = Batch::new();
+        for (i, t) in tasks.iter().enumerate() {
+            write_created_task(&mut batch, &rec, i, t);
+        }
+        assert_eq!(batch.ops.len(), 2);
     }
 
     #[test]

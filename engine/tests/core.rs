@@ -96,6 +96,7 @@ impl Sim {
             error: None,
             rerun_of: None,
             partition: None,
+            task_key: None,
         };
         let mut tasks: Vec<TaskRecord> = (0..rec.plan.tasks.len())
             .map(|i| TaskRecord::new(format!("{id}.{i}"), format!("token-{i}")))
