@@ -8,7 +8,7 @@
 //! | `plans` | plan id | a plan that workflow records refer to (JSON), see `plans.rs` |
 //! | `plan_state` | plan id | `live`, or `retiring` while it is being removed |
 //! | `plan_refs` | `{plan id}/{workflow id}` | empty: a workflow that refers to the plan |
-//! | `tasks` | `{workflow id}/{index:05}` | one task's record (JSON) |
+//! | `tasks` | `{workflow id}/{index:05}` | one task's record (JSON); none for a task that has not started (its token derives from the workflow's task key) |
 //! | `active` | workflow id | the workflow's partition (decimal; empty in records written before partitions): the index of unfinished workflows, read on start |
 //! | `node_locks` | node id | the id of the workflow running on the node |
 //! | `children` | `{task id}/{retry}` | the id of the subgraph workflow a `graph.run` task started |
