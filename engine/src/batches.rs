@@ -441,7 +441,7 @@ impl Engine {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = batches.inner.wake.notified() => {}
-                _ = events.recv() => {}
+                _ = workflow_ended(&mut events) => {}
                 _ = tokio::time::sleep(TICK) => {}
             }
         }
@@ -598,5 +598,74 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+/// Waits until the engine reports a workflow's end (what moves a batch on), or events were
+/// missed (the receiver lagged), then takes the events queued by then: a burst of ends makes
+/// one pass over the batches, and task events make none (a fan-out's hundreds of thousands
+/// each made one, a scan of the store).
+async fn workflow_ended(events: &mut tokio::sync::broadcast::Receiver<crate::events::Numbered>) {
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+    loop {
+        match events.recv().await {
+            Ok((_, ev)) if ev.ended().is_none() => continue,
+            Ok(_) | Err(RecvError::Lagged(_)) => break,
+            // The engine is going away: the tick and the stop remain.
+            Err(RecvError::Closed) => std::future::pending().await,
+        }
+    }
+    while matches!(events.try_recv(), Ok(_) | Err(TryRecvError::Lagged(_))) {}
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::TaskState;
+    use crate::workflow::Event;
+
+    fn task_event() -> Arc<Event> {
+        Arc::new(Event::Task {
+            workflow_id: "w".into(),
+            graph: "G".into(),
+            node: None,
+            label: "a".into(),
+            index: 0,
+            state: TaskState::Succeeded,
+            attempts: 1,
+            error: None,
+        })
+    }
+
+    fn workflow_event(status: WorkflowStatus) -> Arc<Event> {
+        Arc::new(Event::Workflow {
+            workflow_id: "w".into(),
+            graph: "G".into(),
+            node: None,
+            status,
+            error: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn the_batch_runner_wakes_for_a_workflow_end_and_not_for_task_events() {
+        let (tx, mut rx) = tokio::sync::broadcast::channel(16);
+        tx.send((1, task_event())).unwrap();
+        tx.send((2, workflow_event(WorkflowStatus::Running)))
+            .unwrap();
+        let wait = tokio::time::timeout(Duration::from_millis(50), workflow_ended(&mut rx));
+        assert!(wait.await.is_err(), "woke without a workflow's end");
+
+        // An end wakes it, and what was queued with it is taken too.
+        tx.send((3, workflow_event(WorkflowStatus::Succeeded)))
+            .unwrap();
+        tx.send((4, task_event())).unwrap();
+        workflow_ended(&mut rx).await;
+        assert!(rx.try_recv().is_err(), "the queue was left full");
+
+        // Events missed (the receiver lagged) wake it as an end would.
+        for n in 0..20 {
+            tx.send((n, task_event())).unwrap();
+        }
+        let wait = tokio::time::timeout(Duration::from_secs(5), workflow_ended(&mut rx));
+        assert!(wait.await.is_ok(), "a lag did not wake it");
     }
 }

@@ -38,8 +38,8 @@ use crate::scheduler::inbox;
 use crate::scheduler::{Msg, Runtime};
 use crate::seal::Sealer;
 use crate::workflow::{
-    Event, ParentRef, TaskRecord, WorkflowRecord, WorkflowView, context_of, load_records,
-    write_created_task, write_workflow,
+    Event, ParentRef, TaskRecord, TaskTokens, WorkflowRecord, WorkflowView, context_of,
+    load_records, write_created_task, write_workflow,
 };
 
 /// Base URLs templates can render (`api.base`, `api.nodeBase`).
@@ -620,9 +620,9 @@ impl Engine {
                 partition: Some(partition),
                 task_key: Some(crate::new_token()),
             };
-            let key = rec.task_key.as_deref().unwrap_or_default();
+            let tokens = TaskTokens::new(rec.task_key.as_deref().unwrap_or_default());
             let mut tasks: Vec<TaskRecord> = (0..rec.plan.tasks.len())
-                .map(|i| TaskRecord::created(&id, key, i))
+                .map(|i| TaskRecord::created(&id, &tokens, i))
                 .collect();
             if let Origin::Rerun(old) = &origin {
                 let (old, old_tasks) = old.as_ref();

@@ -90,6 +90,25 @@ impl WorkflowRecord {
     }
 }
 
+/// The callback tokens of a workflow's tasks, derived from its task key: task `i`'s is
+/// HMAC-SHA256 of `i` (in decimal) under the key, cut to 128 bits, as 32 hex digits.
+pub struct TaskTokens(ring::hmac::Key);
+
+impl TaskTokens {
+    pub fn new(task_key: &str) -> Self {
+        TaskTokens(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            task_key.as_bytes(),
+        ))
+    }
+
+    /// Task `index`'s token.
+    pub fn token(&self, index: usize) -> String {
+        let tag = ring::hmac::sign(&self.0, index.to_string().as_bytes());
+        crate::seal::to_hex(&tag.as_ref()[..16])
+    }
+}
+
 /// A task as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -137,15 +156,21 @@ impl TaskRecord {
     }
 
     /// Task `index` of workflow `wf` as its workflow's creation makes it: pending, with
-    /// the token derived from the workflow's `task_key` (HMAC-SHA256 of the index, 128
-    /// bits). This is also what reading gives a task that has no record.
-    pub fn created(wf: &str, task_key: &str, index: usize) -> Self {
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, task_key.as_bytes());
-        let tag = ring::hmac::sign(&key, index.to_string().as_bytes());
-        Self::new(
-            Self::id_of(wf, index),
-            crate::seal::to_hex(&tag.as_ref()[..16]),
-        )
+    /// its token derived from the workflow's `task_key` ([`TaskTokens`]). This is also what
+    /// reading gives a task that has no record.
+    pub fn created(wf: &str, tokens: &TaskTokens, index: usize) -> Self {
+        Self::new(Self::id_of(wf, index), tokens.token(index))
+    }
+
+    /// Whether this is a task as its workflow's creation made it, whatever its token: then
+    /// it needs no record while the workflow has a task key.
+    fn is_as_created(&self) -> bool {
+        *self
+            == TaskRecord {
+                id: self.id.clone(),
+                token: self.token.clone(),
+                ..TaskRecord::new(String::new(), String::new())
+            }
     }
 
     pub fn new(id: String, token: String) -> Self {
@@ -456,12 +481,16 @@ pub(crate) fn load_records(
     }
     // A task with no record has not started (see `write_created_task`); before task keys,
     // every task had one.
+    let mut derive = rec.task_key.as_deref().map(|key| {
+        let mut tokens = None;
+        move |i| TaskRecord::created(id, tokens.get_or_insert_with(|| TaskTokens::new(key)), i)
+    });
     let tasks = tasks
         .into_iter()
         .enumerate()
-        .map(|(i, t)| match (t, &rec.task_key) {
+        .map(|(i, t)| match (t, &mut derive) {
             (Some(t), _) => Ok(t),
-            (None, Some(key)) => Ok(TaskRecord::created(id, key, i)),
+            (None, Some(derive)) => Ok(derive(i)),
             (None, None) => Err(Error::Store(format!(
                 "workflow {id} has no record of task {i}"
             ))),
@@ -483,12 +512,9 @@ pub fn write_workflow(batch: &mut Batch, rec: &WorkflowRecord) {
 /// [`TaskRecord::created`] makes it, which is what reading gives it without a record. So a
 /// workflow's creation writes no task record unless a rerun took tasks over (a quarter of
 /// the fan-out benchmark's store ops); a task's record is written when it first changes.
+/// The task's token must be the one its workflow's task key derives, as at creation.
 pub fn write_created_task(batch: &mut Batch, rec: &WorkflowRecord, idx: usize, t: &TaskRecord) {
-    let fresh = rec
-        .task_key
-        .as_deref()
-        .is_some_and(|key| *t == TaskRecord::created(&rec.id, key, idx));
-    if !fresh {
+    if rec.task_key.is_none() || !t.is_as_created() {
         write_task(batch, &rec.id, idx, t);
     }
 }
@@ -585,17 +611,20 @@ mod tests {
             ]},
         }))
         .unwrap();
-        let mut tasks: Vec<TaskRecord> =
-            (0..2).map(|i| TaskRecord::created("w", "k1", i)).collect();
+        let tokens = TaskTokens::new("k1");
+        let mut tasks: Vec<TaskRecord> = (0..2)
+            .map(|i| TaskRecord::created("w", &tokens, i))
+            .collect();
         // 128 bits as hex, one per task, one per key: nothing else to tell them apart.
         assert_eq!(tasks[0].token.len(), 32);
         assert_ne!(tasks[0].token, tasks[1].token);
-        assert_ne!(tasks[0].token, TaskRecord::created("w", "k2", 0).token);
+        assert_ne!(tasks[0].token, TaskTokens::new("k2").token(0));
         assert_eq!(
-            tasks[1],
-            TaskRecord::created("w", "k1", 1),
+            tasks[1].token,
+            TaskTokens::new("k1").token(1),
             "derived, not drawn"
         );
+        assert!(tasks[1].is_as_created());
 
         // Task 0 was taken over by a rerun: only it has a record.
         tasks[0].state = TaskState::Succeeded;

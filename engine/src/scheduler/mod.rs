@@ -814,8 +814,10 @@ impl JobRun {
                 Err(e) => return Outcome::Failed(format!("node {id} could not be read: {e}")),
             },
         };
+        // Only templates show the capability (`task.cap`): without any, none is computed.
         let cap = node
             .as_ref()
+            .filter(|_| s.context.is_some())
             .map(|n| self.engine.caps().cap(&n.id, &s.wf, &s.task_id, &s.token));
         let rendered = render(&self.job, &self.renderer, &self.api, &s, &node, cap).await;
         // Cancelled while the node was read or the options rendered: the job never starts,
